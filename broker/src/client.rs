@@ -1,0 +1,88 @@
+//! Connecting to a broker as a parent (used by `bubblectl`, tests and the
+//! benchmark).
+
+use std::path::{Path, PathBuf};
+
+use bubble_proto::v1::broker_client::BrokerClient;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Largest message a client accepts (payload limit plus framing).
+const CLIENT_MAX_MESSAGE: usize = 64 << 20;
+
+/// Errors while connecting to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The broker could not be reached.
+    #[error("cannot connect to the broker at {target}: {detail}")]
+    Connect {
+        /// Socket path or URL.
+        target: String,
+        /// Cause.
+        detail: String,
+    },
+    /// TLS material could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn limits(c: BrokerClient<Channel>) -> BrokerClient<Channel> {
+    c.max_decoding_message_size(CLIENT_MAX_MESSAGE)
+        .max_encoding_message_size(CLIENT_MAX_MESSAGE)
+}
+
+/// Connects over the broker's Unix socket.
+pub async fn connect_unix(path: &Path) -> Result<BrokerClient<Channel>, ConnectError> {
+    let p = path.to_path_buf();
+    let channel = Endpoint::from_static("http://bubbled.local")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(p).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        }))
+        .await
+        .map_err(|e| ConnectError::Connect {
+            target: path.display().to_string(),
+            detail: format!("{e}: {:?}", std::error::Error::source(&e)),
+        })?;
+    Ok(limits(BrokerClient::new(channel)))
+}
+
+/// Connects over TCP with mutual TLS as the parent whose certificate and key
+/// are `cert` and `key`; `ca` is the CA that signed the server certificate.
+pub async fn connect_tls(
+    url: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<BrokerClient<Channel>, ConnectError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| ConnectError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        .domain_name("localhost");
+    let err = |e: tonic::transport::Error| ConnectError::Connect {
+        target: url.to_string(),
+        detail: format!("{e}: {:?}", std::error::Error::source(&e)),
+    };
+    let channel = Endpoint::from_shared(url.to_string())
+        .map_err(err)?
+        .tls_config(tls)
+        .map_err(err)?
+        .connect()
+        .await
+        .map_err(err)?;
+    Ok(limits(BrokerClient::new(channel)))
+}

@@ -1,0 +1,441 @@
+//! `bubblectl`: the command-line client of `bubbled`.
+//!
+//! Tables for people, `--json` for scripts. Exit codes: 0 success, 1 usage,
+//! I/O or broker error (the gRPC status is printed).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bubble_proto::v1 as pb;
+use bubble_proto::v1::broker_client::BrokerClient;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::client;
+
+/// Command-line options of `bubblectl`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bubblectl",
+    version,
+    about = "Manage bubbles (child KVM VMs) through bubbled"
+)]
+pub struct Opts {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How to reach the broker.
+#[derive(Debug, Args)]
+struct Conn {
+    /// Broker Unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "BUBBLED_SOCKET",
+        default_value = "/var/lib/bubbled/bubbled.sock"
+    )]
+    socket: PathBuf,
+    /// Use mutual TLS to this URL instead (e.g. https://localhost:7443).
+    #[arg(long, global = true, env = "BUBBLED_ENDPOINT")]
+    endpoint: Option<String>,
+    /// PKI directory (from `bubblectl pki init`) for --endpoint.
+    #[arg(long, global = true, env = "BUBBLED_PKI")]
+    pki: Option<PathBuf>,
+    /// Parent name whose certificate to present with --endpoint.
+    #[arg(long, global = true, env = "BUBBLED_PARENT")]
+    parent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a bubble and wait until it is READY.
+    Create {
+        /// Guest memory in MiB (4-4096).
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u32,
+        /// Idempotency key: retrying with the same key never makes two bubbles.
+        #[arg(long, default_value = "")]
+        request_id: String,
+        /// Guest image ("shim").
+        #[arg(long, default_value = "shim")]
+        image: String,
+    },
+    /// List your bubbles.
+    List {
+        /// Include deleted bubbles.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one bubble.
+    Describe {
+        /// Bubble id.
+        bubble: String,
+    },
+    /// Call an operation in a bubble.
+    Call {
+        /// Bubble id.
+        bubble: String,
+        /// Operation ("echo", "sha256").
+        op: String,
+        /// Input as text.
+        #[arg(long, conflicts_with_all = ["input_hex", "input_file"])]
+        input: Option<String>,
+        /// Input as hex.
+        #[arg(long, conflicts_with = "input_file")]
+        input_hex: Option<String>,
+        /// Input from a file.
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// Deadline in milliseconds (0: broker default).
+        #[arg(long, default_value_t = 0)]
+        deadline_ms: u32,
+    },
+    /// Delete a bubble.
+    Delete {
+        /// Bubble id.
+        bubble: String,
+    },
+    /// Stream state changes of your bubbles until interrupted.
+    Watch {
+        /// Only this bubble.
+        bubble: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Development PKI for mutual TLS.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Run the demo: a broker on embedded defaults in a temp dir, a few
+    /// bubbles created, called and deleted, and a timing table.
+    Demo {
+        /// Number of bubbles.
+        #[arg(long, default_value_t = 4)]
+        bubbles: usize,
+        /// Calls per bubble.
+        #[arg(long, default_value_t = 200)]
+        calls: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCmd {
+    /// Create a CA, a server certificate and parent certificates.
+    Init {
+        /// Output directory.
+        dir: PathBuf,
+        /// Parent names (each gets parents/NAME.pem and .key).
+        #[arg(long, value_delimiter = ',', default_value = "parent-a,parent-b")]
+        parents: Vec<String>,
+    },
+    /// Issue a certificate for one more parent.
+    AddParent {
+        /// PKI directory.
+        dir: PathBuf,
+        /// Parent name.
+        name: String,
+    },
+}
+
+/// Entry point of the `bubblectl` binary.
+pub fn main() -> ExitCode {
+    let opts = Opts::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bubblectl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bubblectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(c: &Conn) -> anyhow::Result<BrokerClient<Channel>> {
+    match &c.endpoint {
+        Some(url) => {
+            let pki = c.pki.as_ref().context("--endpoint needs --pki DIR")?;
+            let parent = c
+                .parent
+                .as_ref()
+                .context("--endpoint needs --parent NAME")?;
+            let (cert, key) = crate::pki::parent_files(pki, parent);
+            Ok(client::connect_tls(url, &pki.join("ca.pem"), &cert, &key).await?)
+        }
+        None => Ok(client::connect_unix(&c.socket).await?),
+    }
+}
+
+/// Name of a proto state for people.
+pub fn state_label(state: i32) -> &'static str {
+    match pb::BubbleState::try_from(state) {
+        Ok(pb::BubbleState::Booting) => "BOOTING",
+        Ok(pb::BubbleState::Ready) => "READY",
+        Ok(pb::BubbleState::Busy) => "BUSY",
+        Ok(pb::BubbleState::Suspended) => "SUSPENDED",
+        Ok(pb::BubbleState::Failed) => "FAILED",
+        Ok(pb::BubbleState::Deleted) => "DELETED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn bubble_json(b: &pb::Bubble) -> serde_json::Value {
+    json!({
+        "bubble_id": b.bubble_id, "owner": b.owner, "state": state_label(b.state),
+        "failure_reason": b.failure_reason, "memory_mib": b.memory_mib, "vcpus": b.vcpus,
+        "image": b.image, "client_request_id": b.client_request_id,
+        "created_at_ms": b.created_at_ms, "boot_us": b.boot_us, "vmm_pid": b.vmm_pid,
+        "calls": b.calls,
+    })
+}
+
+fn print_table(bubbles: &[pb::Bubble]) {
+    println!(
+        "{:<34}  {:<9}  {:>7}  {:>9}  {:>7}  {:>7}  REASON",
+        "BUBBLE", "STATE", "MEM_MIB", "BOOT_MS", "CALLS", "PID"
+    );
+    for b in bubbles {
+        println!(
+            "{:<34}  {:<9}  {:>7}  {:>9.2}  {:>7}  {:>7}  {}",
+            b.bubble_id,
+            state_label(b.state),
+            b.memory_mib,
+            b.boot_us as f64 / 1000.0,
+            b.calls,
+            b.vmm_pid,
+            b.failure_reason
+        );
+    }
+}
+
+fn print_bubble(b: &pb::Bubble, json_out: bool) {
+    if json_out {
+        println!("{}", bubble_json(b));
+    } else {
+        print_table(std::slice::from_ref(b));
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn printable(b: &[u8]) -> Option<&str> {
+    std::str::from_utf8(b)
+        .ok()
+        .filter(|s| s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
+    let s = s.trim();
+    anyhow::ensure!(
+        s.len().is_multiple_of(2),
+        "hex input has an odd number of digits"
+    );
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            s.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .context("hex input has a non-hex digit")
+        })
+        .collect()
+}
+
+async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
+    let j = opts.json;
+    match opts.cmd {
+        Cmd::Pki(PkiCmd::Init { dir, parents }) => {
+            crate::pki::init(&dir, &parents)?;
+            if j {
+                println!("{}", json!({"dir": dir, "parents": parents}));
+            } else {
+                println!(
+                    "PKI written to {} (parents: {})",
+                    dir.display(),
+                    parents.join(", ")
+                );
+            }
+        }
+        Cmd::Pki(PkiCmd::AddParent { dir, name }) => {
+            crate::pki::add_parent(&dir, &name)?;
+            println!("issued parents/{name}.pem in {}", dir.display());
+        }
+        Cmd::Demo { bubbles, calls } => {
+            crate::demo::run(bubbles, calls).await?;
+        }
+        Cmd::Create {
+            memory_mib,
+            request_id,
+            image,
+        } => {
+            let mut c = connect(&opts.conn).await?;
+            let b = c
+                .create_bubble(pb::CreateBubbleRequest {
+                    client_request_id: request_id,
+                    memory_mib,
+                    vcpus: 1,
+                    image,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+            if b.state == pb::BubbleState::Failed as i32 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::List { all } => {
+            let mut c = connect(&opts.conn).await?;
+            let r = c
+                .list_bubbles(pb::ListBubblesRequest {
+                    include_deleted: all,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                let v: Vec<_> = r.bubbles.iter().map(bubble_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                print_table(&r.bubbles);
+            }
+        }
+        Cmd::Describe { bubble } => {
+            let mut c = connect(&opts.conn).await?;
+            let b = c
+                .describe_bubble(pb::BubbleRef { bubble_id: bubble })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+        }
+        Cmd::Call {
+            bubble,
+            op,
+            input,
+            input_hex,
+            input_file,
+            deadline_ms,
+        } => {
+            let input = match (input, input_hex, input_file) {
+                (Some(s), _, _) => s.into_bytes(),
+                (_, Some(h), _) => unhex(&h)?,
+                (_, _, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
+                _ => Vec::new(),
+            };
+            let mut c = connect(&opts.conn).await?;
+            let r = c
+                .call(pb::CallRequest {
+                    bubble_id: bubble,
+                    op,
+                    input,
+                    deadline_ms,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!(
+                    "{}",
+                    json!({"output_hex": hex(&r.output), "output_len": r.output.len(), "vmm_us": r.vmm_us})
+                );
+            } else {
+                match printable(&r.output) {
+                    Some(s) => println!("{s}"),
+                    None => println!("{}", hex(&r.output)),
+                }
+            }
+        }
+        Cmd::Delete { bubble } => {
+            let mut c = connect(&opts.conn).await?;
+            let b = c
+                .delete_bubble(pb::BubbleRef { bubble_id: bubble })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+        }
+        Cmd::Watch { bubble, count } => {
+            let mut c = connect(&opts.conn).await?;
+            let mut s = c
+                .watch_events(pb::WatchEventsRequest {
+                    bubble_id: bubble.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut seen = 0u64;
+            while let Some(ev) = s.message().await.map_err(status_err)? {
+                if j {
+                    println!(
+                        "{}",
+                        json!({"bubble_id": ev.bubble_id, "state": state_label(ev.state), "reason": ev.reason, "at_ms": ev.at_ms})
+                    );
+                } else {
+                    println!(
+                        "{}  {:<34}  {:<9}  {}",
+                        ev.at_ms,
+                        ev.bubble_id,
+                        state_label(ev.state),
+                        ev.reason
+                    );
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip_and_errors() {
+        assert_eq!(unhex("00ff10").unwrap(), vec![0, 255, 16]);
+        assert!(unhex("0").is_err());
+        assert!(unhex("zz").is_err());
+        assert_eq!(hex(&[1, 0xab]), "01ab");
+    }
+
+    #[test]
+    fn cli_parses() {
+        Opts::try_parse_from(["bubblectl", "--json", "create", "--memory-mib", "16"]).unwrap();
+        Opts::try_parse_from(["bubblectl", "call", "b-1", "echo", "--input", "hi"]).unwrap();
+        assert!(Opts::try_parse_from([
+            "bubblectl",
+            "call",
+            "b-1",
+            "echo",
+            "--input",
+            "a",
+            "--input-hex",
+            "00"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The `bubbled` daemon: argument parsing, logging, listeners, signals.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{error, info};
+
+use crate::config::{BrokerConfig, DEFAULT_MAX_PAYLOAD};
+use crate::server::{self, TlsFiles};
+use crate::service::Broker;
+
+/// Command-line options of `bubbled`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bubbled",
+    version,
+    about = "Broker for bubbles: small child KVM VMs that only their parent can talk to"
+)]
+pub struct Opts {
+    /// Data directory (registry, bubble runtime files, PKI).
+    #[arg(long, env = "BUBBLED_DATA_DIR", default_value = "/var/lib/bubbled")]
+    pub data_dir: PathBuf,
+    /// Unix socket to serve on [default: DATA_DIR/bubbled.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Also serve gRPC with mutual TLS on this TCP address (e.g. 127.0.0.1:7443).
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    /// PKI directory made by `bubblectl pki init` [default: DATA_DIR/pki].
+    #[arg(long)]
+    pub pki: Option<PathBuf>,
+    /// Maximum call payload in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
+    pub max_payload: usize,
+    /// Allow `test:<kind>` (hostile) guest images; for tests only.
+    #[arg(long)]
+    pub allow_test_images: bool,
+    /// Stop every bubble when the broker exits (default: leave them running
+    /// so that a restarted broker re-adopts them).
+    #[arg(long)]
+    pub stop_bubbles_on_exit: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Sets up `tracing` on stderr (`RUST_LOG` filters, default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+/// Entry point of the `bubbled` binary.
+pub fn main() -> ExitCode {
+    let opts = Opts::parse();
+    init_logging(opts.log_json);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bubbled: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("bubbled: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Runs the broker until SIGTERM or SIGINT.
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        anyhow::bail!("/dev/kvm is missing: bubbled needs KVM to run bubbles");
+    }
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    let mut cfg = BrokerConfig::new(opts.data_dir.clone()).context("locating own binary")?;
+    cfg.max_payload = opts.max_payload;
+    cfg.allow_test_images = opts.allow_test_images;
+    let broker = Broker::open(cfg).await.context("opening the registry")?;
+    let socket = opts
+        .socket
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("bubbled.sock"));
+    let unix = server::bind_unix(&socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let b = broker.clone();
+        let s = stop(stop_rx.clone());
+        tasks.spawn(async move {
+            server::serve_unix(b, unix, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    info!(socket = %socket.display(), "serving on Unix socket");
+    let mut tls_addr = None;
+    if let Some(addr) = opts.tls_listen {
+        let pki = opts
+            .pki
+            .clone()
+            .unwrap_or_else(|| opts.data_dir.join("pki"));
+        let files = TlsFiles::in_pki_dir(&pki);
+        let listener = server::bind_tcp(addr).await?;
+        let local = listener.local_addr()?;
+        let b = broker.clone();
+        let s = stop(stop_rx.clone());
+        tasks.spawn(async move {
+            server::serve_tls(b, listener, &files, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        info!(addr = %local, pki = %pki.display(), "serving with mutual TLS");
+        tls_addr = Some(local);
+    }
+    // Tell whoever started us (tests, the demo) that we are serving.
+    match tls_addr {
+        Some(a) => println!("bubbled ready socket={} tls={a}", socket.display()),
+        None => println!("bubbled ready socket={}", socket.display()),
+    }
+    tokio::select! {
+        _ = shutdown_signal() => info!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            r.context("listener task")??;
+        }
+    }
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    if opts.stop_bubbles_on_exit {
+        broker.shutdown_all().await;
+    }
+    Ok(())
+}

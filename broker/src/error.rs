@@ -1,0 +1,76 @@
+//! Broker errors and their gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::registry::RegistryError;
+
+/// Everything a broker operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A request field is invalid; the message names the field.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// Field name as in the proto.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The bubble does not exist or belongs to another parent (same error
+    /// for both so that ids cannot be probed).
+    #[error("bubble {0} is not accessible to this parent")]
+    NotAccessible(String),
+    /// The bubble is in a state that does not allow the operation.
+    #[error("bubble {id} is {state}{detail}")]
+    WrongState {
+        /// Bubble id.
+        id: String,
+        /// Its state name.
+        state: &'static str,
+        /// Failure reason, if any, prefixed with ": ".
+        detail: String,
+    },
+    /// The guest rejected the call (unknown op, bad input).
+    #[error("guest rejected the call: {0}")]
+    GuestRejected(String),
+    /// The call ran past its deadline; the bubble was stopped.
+    #[error("call deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// The bubble died during the operation.
+    #[error("bubble failed: {0}")]
+    BubbleFailed(String),
+    /// The output exceeds the configured payload limit.
+    #[error("output of {0} bytes exceeds the payload limit of {1} bytes")]
+    OutputTooLarge(usize, usize),
+    /// The bubble could not be started.
+    #[error("bubble could not be started: {0}")]
+    Spawn(String),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        let code = match &e {
+            BrokerError::InvalidArgument { .. } | BrokerError::GuestRejected(_) => {
+                Code::InvalidArgument
+            }
+            BrokerError::NotAccessible(_) => Code::PermissionDenied,
+            BrokerError::WrongState { .. } => Code::FailedPrecondition,
+            BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            BrokerError::BubbleFailed(_) => Code::Aborted,
+            BrokerError::OutputTooLarge(..) => Code::ResourceExhausted,
+            BrokerError::Spawn(_) => Code::Unavailable,
+            BrokerError::Registry(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Shorthand for an invalid-argument error.
+pub fn invalid(field: &'static str, reason: impl Into<String>) -> BrokerError {
+    BrokerError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,34 @@
+//! `bubbled`: the broker that creates, calls and deletes bubbles (child KVM
+//! VMs that only their parent can talk to), and `bubblectl`, its CLI.
+//!
+//! One VMM process runs per bubble; the broker spawns it by re-executing its
+//! own binary with [`VMM_SUBCOMMAND`], so every binary that may start a
+//! broker calls [`vmm_entry_if_requested`] first thing in `main`.
+
+pub mod client;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod demo;
+pub mod error;
+pub mod identity;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod vmm;
+
+/// First argument that turns any broker-capable binary into a VMM process.
+pub const VMM_SUBCOMMAND: &str = "__vmm";
+
+/// Runs the VMM process and exits if this process was spawned as one.
+pub fn vmm_entry_if_requested() {
+    let mut args = std::env::args();
+    let _program = args.next();
+    let mut rest = args.peekable();
+    if rest.peek().map(String::as_str) == Some(VMM_SUBCOMMAND) {
+        rest.next();
+        let code = bubble_vmm::process::run_from_args(rest);
+        std::process::exit(code);
+    }
+}

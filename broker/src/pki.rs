@@ -1,0 +1,192 @@
+//! A development PKI for mutual TLS: one CA that signs both the broker's
+//! server certificate and the parents' client certificates.
+//!
+//! `bubblectl pki init DIR` writes `ca.pem`, `ca.key`, `server.pem`,
+//! `server.key` and `parents/<name>.pem|.key`; private keys are mode 0600.
+//! The parent id the broker sees is `cert:<name>` (the certificate's CN).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// Common name of the development CA.
+const CA_CN: &str = "bubbled development CA";
+
+/// Errors while creating PKI files.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Gen(#[from] rcgen::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A parent name is not usable as a certificate CN.
+    #[error("parent name {0:?} must be 1-64 characters of A-Z a-z 0-9 - _ .")]
+    BadName(String),
+    /// `init` would overwrite an existing CA.
+    #[error("{0} already holds a CA; use another directory or `pki add-parent`")]
+    Exists(PathBuf),
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_CN);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+fn leaf_params(cn: &str, sans: Vec<String>, server: bool) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    Ok(p)
+}
+
+fn validate_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadName(name.to_string()))
+    }
+}
+
+fn load_ca(dir: &Path) -> Result<KeyPair, PkiError> {
+    let path = dir.join("ca.key");
+    let pem = fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })?;
+    Ok(KeyPair::from_pem(&pem)?)
+}
+
+/// Creates the CA, the server certificate (for `localhost` and 127.0.0.1)
+/// and one client certificate per parent name.
+pub fn init(dir: &Path, parents: &[String]) -> Result<(), PkiError> {
+    if dir.join("ca.key").exists() {
+        return Err(PkiError::Exists(dir.to_path_buf()));
+    }
+    for p in parents {
+        validate_name(p)?;
+    }
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params().self_signed(&ca_key)?;
+    write_file(
+        &dir.join("ca.key"),
+        ca_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
+    let issuer = Issuer::new(ca_params(), &ca_key);
+    let server_key = KeyPair::generate()?;
+    let server = leaf_params(
+        "bubbled",
+        vec!["localhost".into(), "127.0.0.1".into()],
+        true,
+    )?
+    .signed_by(&server_key, &issuer)?;
+    write_file(
+        &dir.join("server.key"),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(&dir.join("server.pem"), server.pem().as_bytes(), 0o644)?;
+    for p in parents {
+        add_parent_with(dir, p, &issuer)?;
+    }
+    Ok(())
+}
+
+/// Issues a client certificate for one more parent with an existing CA.
+pub fn add_parent(dir: &Path, name: &str) -> Result<(), PkiError> {
+    validate_name(name)?;
+    let ca_key = load_ca(dir)?;
+    let issuer = Issuer::new(ca_params(), &ca_key);
+    add_parent_with(dir, name, &issuer)
+}
+
+fn add_parent_with(dir: &Path, name: &str, issuer: &Issuer<'_, &KeyPair>) -> Result<(), PkiError> {
+    let key = KeyPair::generate()?;
+    let cert = leaf_params(name, vec![], false)?.signed_by(&key, issuer)?;
+    let (c, k) = parent_files(dir, name);
+    write_file(&k, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&c, cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Paths of a parent's certificate and key inside a PKI directory.
+pub fn parent_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let d = dir.join("parents");
+    (d.join(format!("{name}.pem")), d.join(format!("{name}.key")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_private_keys_0600_and_refuses_to_overwrite() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &["alice".into()]).unwrap();
+        for k in ["ca.key", "server.key", "parents/alice.key"] {
+            let mode = fs::metadata(d.path().join(k)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{k}");
+        }
+        assert!(matches!(init(d.path(), &[]), Err(PkiError::Exists(_))));
+        add_parent(d.path(), "bob").unwrap();
+        let pem = fs::read(parent_files(d.path(), "bob").0).unwrap();
+        let der = rustls_pem(&pem);
+        assert_eq!(crate::identity::cert_parent(&der).unwrap(), "cert:bob");
+        assert!(matches!(
+            add_parent(d.path(), "no/slash"),
+            Err(PkiError::BadName(_))
+        ));
+    }
+
+    fn rustls_pem(pem: &[u8]) -> Vec<u8> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem).unwrap();
+        p.contents
+    }
+}

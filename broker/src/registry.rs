@@ -1,0 +1,241 @@
+//! The broker's registry of bubbles, persisted in an embedded `redb` database.
+//!
+//! Every state change is written before it is acted on or reported, so a
+//! restarted broker finds every bubble it ever made: running ones are
+//! re-adopted, the others are marked FAILED with a reason
+//! (see [`crate::service::Broker::reconcile`]).
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Bubble records keyed by bubble id; values are JSON-encoded [`BubbleRecord`]s.
+const BUBBLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bubbles_v1");
+/// Idempotency index: `owner \0 client_request_id` → bubble id.
+const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("create_requests_v1");
+
+/// Errors from the registry database.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The database could not be opened, read or written.
+    #[error("registry database: {0}")]
+    Db(String),
+    /// A stored record could not be decoded.
+    #[error("registry record for {id} is corrupt: {detail}")]
+    Corrupt {
+        /// The bubble id of the corrupt record.
+        id: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RegistryError {
+            fn from(e: $t) -> Self { RegistryError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Lifecycle state of a bubble as stored in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// The VMM process is starting the guest.
+    Booting,
+    /// The guest answered READY and takes calls.
+    Ready,
+    /// A call is in progress.
+    Busy,
+    /// Frozen to the store (no VM runs).
+    Suspended,
+    /// The bubble died; see `failure_reason`.
+    Failed,
+    /// Deleted by its owner; kept as a tombstone.
+    Deleted,
+}
+
+impl State {
+    /// Whether a VMM process is expected to run for a bubble in this state.
+    pub fn expects_vmm(self) -> bool {
+        matches!(self, State::Booting | State::Ready | State::Busy)
+    }
+}
+
+/// One bubble as stored in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BubbleRecord {
+    /// Bubble id (`b-` + 32 hex digits).
+    pub id: String,
+    /// Parent identity that owns the bubble.
+    pub owner: String,
+    /// The owner's idempotency key for the create.
+    pub client_request_id: String,
+    /// Current state.
+    pub state: State,
+    /// Why the bubble failed (empty unless FAILED).
+    pub failure_reason: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest image name.
+    pub image: String,
+    /// Creation time, Unix milliseconds.
+    pub created_at_ms: u64,
+    /// Guest boot time in microseconds (0 until READY).
+    pub boot_us: u64,
+    /// Pid of the VMM process (0 when none).
+    pub vmm_pid: u32,
+    /// Completed calls.
+    pub calls: u64,
+}
+
+/// Handle to the registry database.
+pub struct Registry {
+    db: Database,
+}
+
+fn request_key(owner: &str, client_request_id: &str) -> String {
+    format!("{owner}\0{client_request_id}")
+}
+
+impl Registry {
+    /// Opens (or creates) the registry at `path`.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(BUBBLES)?;
+            txn.open_table(REQUESTS)?;
+        }
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Inserts a new record and its idempotency key atomically.
+    ///
+    /// Returns the existing record instead if the owner already used the key.
+    pub fn insert_new(&self, rec: &BubbleRecord) -> Result<Option<BubbleRecord>, RegistryError> {
+        let txn = self.db.begin_write()?;
+        let existing;
+        {
+            let mut reqs = txn.open_table(REQUESTS)?;
+            let key = request_key(&rec.owner, &rec.client_request_id);
+            let prior = reqs.get(key.as_str())?.map(|v| v.value().to_string());
+            match prior {
+                Some(id) => {
+                    let bubbles = txn.open_table(BUBBLES)?;
+                    let got = bubbles.get(id.as_str())?.map(|v| v.value().to_vec());
+                    existing = match got {
+                        Some(bytes) => Some(decode(&id, &bytes)?),
+                        None => None,
+                    };
+                }
+                None => {
+                    existing = None;
+                    reqs.insert(key.as_str(), rec.id.as_str())?;
+                    let mut bubbles = txn.open_table(BUBBLES)?;
+                    bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(existing)
+    }
+
+    /// Writes (replaces) a record.
+    pub fn put(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut bubbles = txn.open_table(BUBBLES)?;
+            bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Reads one record.
+    pub fn get(&self, id: &str) -> Result<Option<BubbleRecord>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let bubbles = txn.open_table(BUBBLES)?;
+        let got = bubbles.get(id)?.map(|v| v.value().to_vec());
+        got.map(|bytes| decode(id, &bytes)).transpose()
+    }
+
+    /// Reads every record.
+    pub fn all(&self) -> Result<Vec<BubbleRecord>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let bubbles = txn.open_table(BUBBLES)?;
+        let mut out = Vec::new();
+        for entry in bubbles.iter()? {
+            let (k, v) = entry?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn encode(rec: &BubbleRecord) -> Vec<u8> {
+    // Serializing a plain struct of strings and integers cannot fail.
+    serde_json::to_vec(rec).unwrap_or_default()
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<BubbleRecord, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        id: id.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, owner: &str, req: &str) -> BubbleRecord {
+        BubbleRecord {
+            id: id.into(),
+            owner: owner.into(),
+            client_request_id: req.into(),
+            state: State::Booting,
+            failure_reason: String::new(),
+            memory_mib: 16,
+            vcpus: 1,
+            image: "shim".into(),
+            created_at_ms: 1,
+            boot_us: 0,
+            vmm_pid: 0,
+            calls: 0,
+        }
+    }
+
+    #[test]
+    fn insert_is_idempotent_per_owner_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        {
+            let r = Registry::open(&path).unwrap();
+            assert!(r.insert_new(&rec("b1", "alice", "k")).unwrap().is_none());
+            let again = r.insert_new(&rec("b2", "alice", "k")).unwrap().unwrap();
+            assert_eq!(again.id, "b1");
+            // Same key, other owner: a different bubble.
+            assert!(r.insert_new(&rec("b3", "bob", "k")).unwrap().is_none());
+            let mut b1 = r.get("b1").unwrap().unwrap();
+            b1.state = State::Ready;
+            r.put(&b1).unwrap();
+        }
+        let r = Registry::open(&path).unwrap();
+        let all = r.all().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(r.get("b1").unwrap().unwrap().state, State::Ready);
+        assert!(r.get("b2").unwrap().is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! The broker's side of a bubble's VMM process: spawning, re-adoption,
+//! calls and notices, on top of `bubble_vmm`'s control client.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bubble_vmm::client as vc;
+use tokio::sync::mpsc;
+
+use crate::config::BrokerConfig;
+
+/// Guest image a bubble boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSpec {
+    /// The measured guest shim.
+    Shim,
+    /// A hostile test guest (only with `allow_test_images`).
+    Test(vc::HostileKind),
+}
+
+impl ImageSpec {
+    /// Parses the `image` field of a create request.
+    pub fn parse(s: &str, allow_test: bool) -> Result<Self, String> {
+        match s {
+            "" | "shim" => Ok(ImageSpec::Shim),
+            t if t.starts_with("test:") => {
+                if !allow_test {
+                    return Err("test images are disabled on this broker".into());
+                }
+                let kind = &t["test:".len()..];
+                vc::HostileKind::from_name(kind)
+                    .map(ImageSpec::Test)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown test image {kind:?} (known: {})",
+                            vc::HostileKind::ALL
+                                .iter()
+                                .map(|k| k.name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })
+            }
+            other => Err(format!("unknown image {other:?} (known: shim)")),
+        }
+    }
+
+    /// The name stored in the registry.
+    pub fn name(&self) -> String {
+        match self {
+            ImageSpec::Shim => "shim".into(),
+            ImageSpec::Test(k) => format!("test:{}", k.name()),
+        }
+    }
+}
+
+/// Something a VMM reported on its own.
+#[derive(Clone, Debug)]
+pub enum VmmNotice {
+    /// A (rate-limited) guest log line.
+    Log(String),
+    /// The guest failed; the VMM stopped it.
+    Failed(String),
+    /// The VMM process or its connection is gone.
+    Gone(String),
+}
+
+/// How a call failed.
+#[derive(Clone, Debug)]
+pub enum CallFailure {
+    /// The guest refused the request; the bubble is fine.
+    Rejected(String),
+    /// The guest overran the deadline and was stopped.
+    Deadline(String),
+    /// The bubble died.
+    Failed(String),
+}
+
+/// A running VMM process.
+pub struct Vmm {
+    client: vc::VmmClient,
+}
+
+impl Vmm {
+    /// Spawns a VMM process for bubble `id` with its files in `dir`.
+    pub async fn spawn(
+        cfg: &BrokerConfig,
+        dir: &Path,
+        id: &str,
+        memory_mib: u32,
+        image: &ImageSpec,
+    ) -> Result<Self, String> {
+        let spawn = vc::SpawnConfig {
+            bubble_id: id.to_string(),
+            memory_mib,
+            vcpus: 1,
+            image: match image {
+                ImageSpec::Shim => vc::GuestImage::Shim,
+                ImageSpec::Test(k) => vc::GuestImage::Hostile(*k),
+            },
+            dir: dir.to_path_buf(),
+            program: cfg.vmm_program.clone(),
+            program_args_prefix: cfg.vmm_args_prefix.clone(),
+            max_payload: cfg.max_payload,
+        };
+        let client = vc::spawn(&spawn).await.map_err(|e| e.to_string())?;
+        Ok(Self { client })
+    }
+
+    /// Reconnects to a running VMM after a broker restart; returns whether
+    /// its guest is READY.
+    pub async fn adopt(dir: &Path, id: &str) -> Result<(Self, bool), String> {
+        let client = vc::VmmClient::connect(&vc::socket_path(dir), id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let st = client.status().await.map_err(|e| e.to_string())?;
+        Ok((Self { client }, st.ready))
+    }
+
+    /// Waits for the guest's READY; returns the boot time in µs.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u64, String> {
+        self.client
+            .wait_ready(timeout)
+            .await
+            .map(|r| r.boot_us)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Calls `op` in the guest.
+    pub async fn call(
+        &self,
+        op: &str,
+        input: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CallFailure> {
+        self.client
+            .call(op, input, deadline)
+            .await
+            .map_err(|e| match e {
+                vc::CallError::Guest(m) => CallFailure::Rejected(m),
+                vc::CallError::DeadlineExceeded(m) => CallFailure::Deadline(m),
+                other => CallFailure::Failed(other.to_string()),
+            })
+    }
+
+    /// Pid of the VMM process.
+    pub fn pid(&self) -> u32 {
+        self.client.pid()
+    }
+
+    /// Notices the VMM sends on its own (logs, failure, exit).
+    pub fn notices(&self) -> mpsc::UnboundedReceiver<VmmNotice> {
+        let mut ev = self.client.events();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let n = match ev.recv().await {
+                    Ok(vc::VmmEvent::Log(l)) => VmmNotice::Log(l),
+                    Ok(vc::VmmEvent::Failed(r)) => VmmNotice::Failed(r),
+                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        VmmNotice::Gone("VMM connection closed".into())
+                    }
+                };
+                let end = !matches!(n, VmmNotice::Log(_));
+                if tx.send(n).is_err() || end {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Stops the VMM process (gracefully, then by force).
+    pub async fn shutdown(&self) {
+        self.client.shutdown(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,196 @@
+//! Harness for end-to-end tests: starts a real `bubbled` process on a temp
+//! data dir and connects to it as one or more parents.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bubble_proto::v1 as pb;
+use bubble_proto::v1::broker_client::BrokerClient;
+use tonic::transport::Channel;
+
+/// A gRPC client of the broker.
+pub type Client = BrokerClient<Channel>;
+
+/// A running `bubbled` process owned by a test.
+pub struct BrokerProc {
+    child: Option<Child>,
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Unix socket.
+    pub socket: PathBuf,
+    /// mTLS address, when started with TLS.
+    pub tls: Option<SocketAddr>,
+}
+
+/// Path of the broker binary built for the tests.
+pub fn broker_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bubbled-e2e")
+}
+
+/// Path of the CLI binary built for the tests.
+pub fn ctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bubblectl-e2e")
+}
+
+impl BrokerProc {
+    /// Starts a broker on `dir` (allowing test images, small payload limit
+    /// untouched) and waits until it serves.
+    pub fn start(dir: &Path, tls: bool) -> Self {
+        let socket = dir.join("bubbled.sock");
+        let mut cmd = Command::new(broker_bin());
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .arg("--allow-test-images")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("broker.log"))
+                    .expect("broker log"),
+            ));
+        if tls {
+            let pki = dir.join("pki");
+            if !pki.join("ca.pem").exists() {
+                bubbled::pki::init(&pki, &["parent-a".into(), "parent-b".into()]).expect("pki");
+            }
+            cmd.arg("--tls-listen").arg("127.0.0.1:0");
+        }
+        let mut child = cmd.spawn().expect("spawn bubbled");
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).expect("ready line");
+        assert!(
+            line.starts_with("bubbled ready"),
+            "broker did not start: {line:?}; log:\n{}",
+            std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default()
+        );
+        let tls = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tls="))
+            .map(|a| a.parse().expect("tls addr"));
+        Self {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket,
+            tls,
+        }
+    }
+
+    /// Connects over the Unix socket (parent `uid:<uid>`).
+    pub async fn client(&self) -> Client {
+        bubbled::client::connect_unix(&self.socket)
+            .await
+            .expect("connect unix")
+    }
+
+    /// Connects with mutual TLS as parent `name`.
+    pub async fn tls_client(&self, name: &str) -> Client {
+        let pki = self.dir.join("pki");
+        let (cert, key) = bubbled::pki::parent_files(&pki, name);
+        let url = format!("https://localhost:{}", self.tls.expect("tls").port());
+        bubbled::client::connect_tls(&url, &pki.join("ca.pem"), &cert, &key)
+            .await
+            .expect("connect tls")
+    }
+
+    /// Kills the broker with SIGKILL (its bubbles keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        self.kill();
+        kill_vmms_under(&self.dir);
+    }
+}
+
+/// Pids of processes whose command line mentions `dir` (VMMs of a broker).
+pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Marker in a VMM process's command line.
+pub const VMM_MARK: &str = "__vmm";
+
+/// Kills every VMM process started for `dir`.
+pub fn kill_vmms_under(dir: &Path) {
+    for pid in vmm_pids_under(dir) {
+        // SAFETY: sending a signal to a pid has no memory-safety effects.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A create request for a shim bubble.
+pub fn create_req(memory_mib: u32) -> pb::CreateBubbleRequest {
+    pb::CreateBubbleRequest {
+        client_request_id: String::new(),
+        memory_mib,
+        vcpus: 1,
+        image: String::new(),
+    }
+}
+
+/// A call request.
+pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
+    pb::CallRequest {
+        bubble_id: id.to_string(),
+        op: op.to_string(),
+        input: input.to_vec(),
+        deadline_ms: 0,
+    }
+}
+
+/// Polls DescribeBubble until `pred` holds or `timeout` passes.
+pub async fn wait_for(
+    c: &mut Client,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&pb::Bubble) -> bool,
+) -> pb::Bubble {
+    let end = Instant::now() + timeout;
+    loop {
+        let b = c
+            .describe_bubble(pb::BubbleRef {
+                bubble_id: id.to_string(),
+            })
+            .await
+            .expect("describe")
+            .into_inner();
+        if pred(&b) || Instant::now() > end {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
