@@ -144,6 +144,7 @@ async fn through_broker(
     }));
     let mut c = client::connect_unix(&sock).await?;
     let create = pb::CreateBubbleRequest {
+        idle: None,
         client_request_id: String::new(),
         memory_mib: 64,
         vcpus: 1,

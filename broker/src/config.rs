@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
+
+use crate::registry::{IdleAction, IdleRule};
+
 /// Smallest guest memory a bubble may have, MiB.
 pub const MIN_MEMORY_MIB: u32 = 4;
 /// Largest guest memory a bubble may have, MiB.
@@ -31,6 +35,149 @@ pub struct BrokerConfig {
     pub vmm_args_prefix: Vec<String>,
     /// Time allowed from spawn to READY.
     pub boot_timeout: Duration,
+    /// Per-parent and host-wide limits.
+    pub quota: Quota,
+    /// Warm pools.
+    pub pools: Vec<PoolProfile>,
+    /// How often idle policies are checked and counters flushed.
+    pub idle_check_interval: Duration,
+}
+
+/// Per-parent quotas and host admission control.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quota {
+    /// Most live bubbles one parent may have.
+    pub max_bubbles_per_parent: u32,
+    /// Most guest memory (MiB) one parent's live bubbles may total.
+    pub max_memory_mib_per_parent: u64,
+    /// Bubble memory (including pools) may total at most this ratio of the
+    /// host's RAM; guest memory is reserved lazily, so > 1 overcommits.
+    pub host_overcommit_ratio: f64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            max_bubbles_per_parent: 256,
+            max_memory_mib_per_parent: 64 * 1024,
+            host_overcommit_ratio: 4.0,
+        }
+    }
+}
+
+/// A warm pool: pre-booted READY bubbles of one shape, without an owner.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolProfile {
+    /// Profile name used by AttachBubble.
+    pub name: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Number of READY bubbles to keep.
+    pub size: u32,
+    /// Guest image.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Default idle policy of bubbles handed out from this pool.
+    #[serde(default)]
+    pub idle_timeout_s: u32,
+    /// Idle action (`stay`, `suspend`, `delete`).
+    #[serde(default)]
+    pub idle_action: IdleActionName,
+}
+
+fn default_image() -> String {
+    "shim".into()
+}
+
+/// Idle action as written in the config file.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleActionName {
+    /// Keep the bubble.
+    #[default]
+    Stay,
+    /// Suspend it.
+    Suspend,
+    /// Delete it.
+    Delete,
+}
+
+impl PoolProfile {
+    /// The profile's default idle rule.
+    pub fn idle_rule(&self) -> IdleRule {
+        IdleRule {
+            timeout_s: self.idle_timeout_s,
+            action: match self.idle_action {
+                IdleActionName::Stay => IdleAction::Stay,
+                IdleActionName::Suspend => IdleAction::Suspend,
+                IdleActionName::Delete => IdleAction::Delete,
+            },
+        }
+    }
+}
+
+/// The TOML configuration file of `bubbled` (every key optional; flags
+/// given on the command line win).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// mTLS listen address.
+    pub tls_listen: Option<std::net::SocketAddr>,
+    /// Admin (metrics) listen address.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// PKI directory.
+    pub pki: Option<PathBuf>,
+    /// Maximum call payload, bytes.
+    pub max_payload: Option<usize>,
+    /// Quotas.
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// Warm pools.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolProfile>,
+    /// Suspend every bubble on SIGTERM instead of leaving it running.
+    pub suspend_on_shutdown: Option<bool>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let cfg: FileConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for p in &cfg.pools {
+            if p.name.is_empty() || p.name.len() > 64 {
+                return Err(format!("pool name {:?}: must be 1-64 characters", p.name));
+            }
+            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&p.memory_mib) {
+                return Err(format!(
+                    "pool {}: memory_mib must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
+                    p.name
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Total RAM of this host in MiB (from /proc/meminfo).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
 }
 
 impl BrokerConfig {
@@ -44,6 +191,9 @@ impl BrokerConfig {
             vmm_program: std::env::current_exe()?,
             vmm_args_prefix: vec![crate::VMM_SUBCOMMAND.to_string()],
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            quota: Quota::default(),
+            pools: Vec::new(),
+            idle_check_interval: Duration::from_secs(1),
         })
     }
 

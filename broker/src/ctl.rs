@@ -289,6 +289,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             let mut c = connect(&opts.conn).await?;
             let b = c
                 .create_bubble(pb::CreateBubbleRequest {
+                    idle: None,
                     client_request_id: request_id,
                     memory_mib,
                     vcpus: 1,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::{error, info};
 
-use crate::config::{BrokerConfig, DEFAULT_MAX_PAYLOAD};
+use crate::config::{BrokerConfig, FileConfig, DEFAULT_MAX_PAYLOAD};
 use crate::server::{self, TlsFiles};
 use crate::service::Broker;
 
@@ -20,21 +20,28 @@ use crate::service::Broker;
     about = "Broker for bubbles: small child KVM VMs that only their parent can talk to"
 )]
 pub struct Opts {
-    /// Data directory (registry, bubble runtime files, PKI).
-    #[arg(long, env = "BUBBLED_DATA_DIR", default_value = "/var/lib/bubbled")]
-    pub data_dir: PathBuf,
+    /// TOML configuration file (flags win over it).
+    #[arg(long, env = "BUBBLED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (registry, bubble runtime files, PKI)
+    /// [default: /var/lib/bubbled].
+    #[arg(long, env = "BUBBLED_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Unix socket to serve on [default: DATA_DIR/bubbled.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Also serve gRPC with mutual TLS on this TCP address (e.g. 127.0.0.1:7443).
     #[arg(long)]
     pub tls_listen: Option<SocketAddr>,
+    /// Serve Prometheus /metrics and /healthz on this TCP address.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
     /// PKI directory made by `bubblectl pki init` [default: DATA_DIR/pki].
     #[arg(long)]
     pub pki: Option<PathBuf>,
-    /// Maximum call payload in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
-    pub max_payload: usize,
+    /// Maximum call payload in bytes [default: 1 MiB].
+    #[arg(long)]
+    pub max_payload: Option<usize>,
     /// Allow `test:<kind>` (hostile) guest images; for tests only.
     #[arg(long)]
     pub allow_test_images: bool,
@@ -99,16 +106,33 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if !std::path::Path::new("/dev/kvm").exists() {
         anyhow::bail!("/dev/kvm is missing: bubbled needs KVM to run bubbles");
     }
-    std::fs::create_dir_all(&opts.data_dir)
-        .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
-    let mut cfg = BrokerConfig::new(opts.data_dir.clone()).context("locating own binary")?;
-    cfg.max_payload = opts.max_payload;
+    let file = match &opts.config {
+        Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = opts
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/bubbled"));
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let mut cfg = BrokerConfig::new(data_dir.clone()).context("locating own binary")?;
+    cfg.max_payload = opts
+        .max_payload
+        .or(file.max_payload)
+        .unwrap_or(DEFAULT_MAX_PAYLOAD);
     cfg.allow_test_images = opts.allow_test_images;
+    if let Some(q) = file.quota.clone() {
+        cfg.quota = q;
+    }
+    cfg.pools = file.pools.clone();
     let broker = Broker::open(cfg).await.context("opening the registry")?;
     let socket = opts
         .socket
         .clone()
-        .unwrap_or_else(|| opts.data_dir.join("bubbled.sock"));
+        .or(file.socket.clone())
+        .unwrap_or_else(|| data_dir.join("bubbled.sock"));
     let unix = server::bind_unix(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -126,11 +150,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     }
     info!(socket = %socket.display(), "serving on Unix socket");
     let mut tls_addr = None;
-    if let Some(addr) = opts.tls_listen {
+    if let Some(addr) = opts.tls_listen.or(file.tls_listen) {
         let pki = opts
             .pki
             .clone()
-            .unwrap_or_else(|| opts.data_dir.join("pki"));
+            .or(file.pki.clone())
+            .unwrap_or_else(|| data_dir.join("pki"));
         let files = TlsFiles::in_pki_dir(&pki);
         let listener = server::bind_tcp(addr).await?;
         let local = listener.local_addr()?;
@@ -144,19 +169,40 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         info!(addr = %local, pki = %pki.display(), "serving with mutual TLS");
         tls_addr = Some(local);
     }
-    // Tell whoever started us (tests, the demo) that we are serving.
-    match tls_addr {
-        Some(a) => println!("bubbled ready socket={} tls={a}", socket.display()),
-        None => println!("bubbled ready socket={}", socket.display()),
+    let mut admin_addr = None;
+    if let Some(addr) = opts.admin_listen.or(file.admin_listen) {
+        let listener = server::bind_tcp(addr).await?;
+        admin_addr = Some(listener.local_addr()?);
+        let b = broker.clone();
+        let s = stop(stop_rx.clone());
+        tasks.spawn(async move {
+            crate::admin::serve(b, listener, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        info!(addr = ?admin_addr, "serving /metrics and /healthz");
     }
+    // Tell whoever started us (tests, the demo) that we are serving.
+    let mut ready = format!("bubbled ready socket={}", socket.display());
+    if let Some(a) = tls_addr {
+        ready.push_str(&format!(" tls={a}"));
+    }
+    if let Some(a) = admin_addr {
+        ready.push_str(&format!(" admin={a}"));
+    }
+    println!("{ready}");
     tokio::select! {
         _ = shutdown_signal() => info!("shutting down"),
         Some(r) = tasks.join_next() => {
             r.context("listener task")??;
         }
     }
+    // Stop accepting; the servers finish the calls in flight before they
+    // return (graceful shutdown).
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    broker.flush_counters();
+    info!("all in-flight requests finished");
     if opts.stop_bubbles_on_exit {
         broker.shutdown_all().await;
     }

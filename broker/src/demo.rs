@@ -54,6 +54,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         let b = c
             .create_bubble(pb::CreateBubbleRequest {
+                idle: None,
                 client_request_id: format!("demo-{i}"),
                 memory_mib: 64,
                 vcpus: 1,

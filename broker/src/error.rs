@@ -41,6 +41,10 @@ pub enum BrokerError {
     /// The output exceeds the configured payload limit.
     #[error("output of {0} bytes exceeds the payload limit of {1} bytes")]
     OutputTooLarge(usize, usize),
+    /// A quota or host admission limit refuses the request; the message
+    /// carries the numbers.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     /// The bubble could not be started.
     #[error("bubble could not be started: {0}")]
     Spawn(String),
@@ -59,7 +63,7 @@ impl From<BrokerError> for Status {
             BrokerError::WrongState { .. } => Code::FailedPrecondition,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
-            BrokerError::OutputTooLarge(..) => Code::ResourceExhausted,
+            BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
         };

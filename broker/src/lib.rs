@@ -5,6 +5,7 @@
 //! own binary with [`VMM_SUBCOMMAND`], so every binary that may start a
 //! broker calls [`vmm_entry_if_requested`] first thing in `main`.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod ctl;
@@ -12,10 +13,12 @@ pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod pki;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod usage;
 pub mod vmm;
 
 /// First argument that turns any broker-capable binary into a VMM process.

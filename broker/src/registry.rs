@@ -71,11 +71,11 @@ impl State {
 }
 
 /// One bubble as stored in the registry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BubbleRecord {
     /// Bubble id (`b-` + 32 hex digits).
     pub id: String,
-    /// Parent identity that owns the bubble.
+    /// Parent identity that owns the bubble (empty while in the warm pool).
     pub owner: String,
     /// The owner's idempotency key for the create.
     pub client_request_id: String,
@@ -97,6 +97,72 @@ pub struct BubbleRecord {
     pub vmm_pid: u32,
     /// Completed calls.
     pub calls: u64,
+    /// Warm-pool profile the bubble was booted for (empty: direct create).
+    #[serde(default)]
+    pub profile: String,
+    /// Idle policy.
+    #[serde(default)]
+    pub idle: IdleRule,
+    /// Last call or attach, Unix milliseconds (drives the idle policy).
+    #[serde(default)]
+    pub last_active_ms: u64,
+    /// Metering counters.
+    #[serde(default)]
+    pub usage: Meter,
+}
+
+/// What happens to an idle bubble.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdleAction {
+    /// Nothing.
+    #[default]
+    Stay,
+    /// Suspend it to the store.
+    Suspend,
+    /// Delete it.
+    Delete,
+}
+
+/// A bubble's idle policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleRule {
+    /// Seconds without calls before `action` (0: never).
+    pub timeout_s: u32,
+    /// The action.
+    pub action: IdleAction,
+}
+
+/// Metering counters of one bubble.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meter {
+    /// Bytes of call input.
+    pub bytes_in: u64,
+    /// Bytes of call output.
+    pub bytes_out: u64,
+    /// vCPU time last reported by the VMM, µs.
+    pub vcpu_us: u64,
+    /// Memory-seconds accumulated over finished running periods.
+    pub memory_mib_seconds: f64,
+    /// Start of the current running period (Unix ms; 0 when not running).
+    pub running_since_ms: u64,
+}
+
+impl Meter {
+    /// Memory-seconds up to `now_ms` for a bubble of `memory_mib`.
+    pub fn memory_mib_seconds_at(&self, memory_mib: u32, now_ms: u64) -> f64 {
+        let running = if self.running_since_ms > 0 {
+            now_ms.saturating_sub(self.running_since_ms) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        self.memory_mib_seconds + running * f64::from(memory_mib)
+    }
+
+    /// Closes the current running period at `now_ms`.
+    pub fn stop_running(&mut self, memory_mib: u32, now_ms: u64) {
+        self.memory_mib_seconds = self.memory_mib_seconds_at(memory_mib, now_ms);
+        self.running_since_ms = 0;
+    }
 }
 
 /// Handle to the registry database.
@@ -152,6 +218,37 @@ impl Registry {
         Ok(existing)
     }
 
+    /// The bubble id an owner's idempotency key maps to, if any.
+    pub fn request(
+        &self,
+        owner: &str,
+        client_request_id: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        if client_request_id.is_empty() {
+            return Ok(None);
+        }
+        let txn = self.db.begin_read()?;
+        let reqs = txn.open_table(REQUESTS)?;
+        let key = request_key(owner, client_request_id);
+        let got = reqs.get(key.as_str())?.map(|v| v.value().to_string());
+        Ok(got)
+    }
+
+    /// Writes a record that just got its owner (warm-pool attach) together
+    /// with the owner's idempotency key, in one transaction.
+    pub fn assign(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut reqs = txn.open_table(REQUESTS)?;
+            let key = request_key(&rec.owner, &rec.client_request_id);
+            reqs.insert(key.as_str(), rec.id.as_str())?;
+            let mut bubbles = txn.open_table(BUBBLES)?;
+            bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Writes (replaces) a record.
     pub fn put(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
         let txn = self.db.begin_write()?;
@@ -169,6 +266,22 @@ impl Registry {
         let bubbles = txn.open_table(BUBBLES)?;
         let got = bubbles.get(id)?.map(|v| v.value().to_vec());
         got.map(|bytes| decode(id, &bytes)).transpose()
+    }
+
+    /// Writes several records in one transaction.
+    pub fn put_many<'a>(
+        &self,
+        recs: impl IntoIterator<Item = &'a BubbleRecord>,
+    ) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut bubbles = txn.open_table(BUBBLES)?;
+            for rec in recs {
+                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Reads every record.
@@ -214,6 +327,10 @@ mod tests {
             boot_us: 0,
             vmm_pid: 0,
             calls: 0,
+            profile: String::new(),
+            idle: IdleRule::default(),
+            last_active_ms: 0,
+            usage: Meter::default(),
         }
     }
 

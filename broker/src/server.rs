@@ -52,6 +52,14 @@ impl TlsFiles {
     }
 }
 
+/// The standard gRPC health service, reporting `bubble.v1.Broker` as serving.
+async fn health(
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<BrokerServer<BrokerService>>().await;
+    service
+}
+
 fn service(broker: &Arc<Broker>) -> BrokerServer<BrokerService> {
     let limit = broker.config().max_payload + FRAMING_ALLOWANCE;
     BrokerServer::new(BrokerService::new(broker.clone()))
@@ -82,6 +90,7 @@ pub async fn serve_unix(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
+        .add_service(health().await)
         .add_service(service(&broker))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
@@ -117,6 +126,7 @@ pub async fn serve_tls(
     Server::builder()
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
+        .add_service(health().await)
         .add_service(service(&broker))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

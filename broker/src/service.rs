@@ -13,10 +13,12 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::config::{self, BrokerConfig};
+use crate::config::{self, BrokerConfig, PoolProfile};
 use crate::error::{invalid, BrokerError};
 use crate::identity::parent_of;
-use crate::registry::{BubbleRecord, Registry, State};
+use crate::metrics::Metrics;
+use crate::registry::{BubbleRecord, IdleAction, IdleRule, Registry, State};
+use crate::usage::UsageSigner;
 use crate::vmm::{CallFailure, ImageSpec, Vmm, VmmNotice};
 
 /// Capacity of the event broadcast channel; slow watchers skip events.
@@ -47,6 +49,16 @@ pub struct Broker {
     records: Mutex<HashMap<String, BubbleRecord>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     events: broadcast::Sender<Event>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Wakes pool refillers (after an attach) and attach waiters (after a
+    /// pooled bubble becomes READY).
+    pool_changed: Arc<tokio::sync::Notify>,
+    /// Records whose counters changed since the last flush.
+    dirty: Mutex<std::collections::HashSet<String>>,
+    /// Host-wide cap on total bubble memory, MiB.
+    host_limit_mib: u64,
+    usage_signer: UsageSigner,
 }
 
 fn now_ms() -> u64 {
@@ -93,7 +105,55 @@ fn to_pb(r: &BubbleRecord) -> pb::Bubble {
         boot_us: r.boot_us,
         vmm_pid: r.vmm_pid,
         calls: r.calls,
+        profile: r.profile.clone(),
+        idle: Some(idle_to_pb(r.idle)),
     }
+}
+
+fn idle_to_pb(i: IdleRule) -> pb::IdlePolicy {
+    pb::IdlePolicy {
+        idle_timeout_s: i.timeout_s,
+        action: match i.action {
+            IdleAction::Stay => pb::IdleAction::Stay,
+            IdleAction::Suspend => pb::IdleAction::Suspend,
+            IdleAction::Delete => pb::IdleAction::Delete,
+        } as i32,
+    }
+}
+
+/// Validates an idle policy from a request (`None`: use `default`).
+fn idle_from_pb(p: Option<&pb::IdlePolicy>, default: IdleRule) -> Result<IdleRule, BrokerError> {
+    let Some(p) = p else { return Ok(default) };
+    let action =
+        match pb::IdleAction::try_from(p.action) {
+            Ok(pb::IdleAction::Unspecified | pb::IdleAction::Stay) => IdleAction::Stay,
+            Ok(pb::IdleAction::Delete) => IdleAction::Delete,
+            Ok(pb::IdleAction::Suspend) => return Err(invalid(
+                "idle.action",
+                "SUSPEND is not available on this broker yet (suspend/restore is not implemented)",
+            )),
+            Err(_) => {
+                return Err(invalid(
+                    "idle.action",
+                    format!("unknown value {}", p.action),
+                ))
+            }
+        };
+    if action != IdleAction::Stay && p.idle_timeout_s == 0 {
+        return Err(invalid(
+            "idle.idle_timeout_s",
+            "must be > 0 when an idle action is set",
+        ));
+    }
+    Ok(IdleRule {
+        timeout_s: p.idle_timeout_s,
+        action,
+    })
+}
+
+/// Whether a record holds resources (counts against quotas).
+fn is_live(r: &BubbleRecord) -> bool {
+    r.state.expects_vmm() || r.state == State::Suspended
 }
 
 /// Checks a bubble id's shape (`b-` + 32 lowercase hex digits).
@@ -143,8 +203,9 @@ fn validate_op(op: &str) -> Result<(), BrokerError> {
 }
 
 impl Broker {
-    /// Opens the registry in `cfg.data_dir` and reconciles it with the VMM
-    /// processes that still run (see [`Broker::reconcile`]).
+    /// Opens the registry in `cfg.data_dir`, reconciles it with the VMM
+    /// processes that still run (see [`Broker::reconcile`]) and starts the
+    /// warm-pool refillers and the idle-policy ticker.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
@@ -154,15 +215,28 @@ impl Broker {
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect();
+        let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
+            .map_err(BrokerError::Spawn)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let host_limit_mib =
+            (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
         let broker = Arc::new(Self {
             cfg,
             registry,
             records: Mutex::new(records),
             live: Mutex::new(HashMap::new()),
             events,
+            metrics: Metrics::new(),
+            pool_changed: Arc::new(tokio::sync::Notify::new()),
+            dirty: Mutex::new(Default::default()),
+            host_limit_mib,
+            usage_signer,
         });
         broker.reconcile().await?;
+        for p in broker.cfg.pools.clone() {
+            tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
+        }
+        tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
         Ok(broker)
     }
 
@@ -245,7 +319,7 @@ impl Broker {
     fn owned(&self, parent: &str, id: &str) -> Result<BubbleRecord, BrokerError> {
         validate_bubble_id(id)?;
         match self.record(id) {
-            Some(r) if r.owner == parent => Ok(r),
+            Some(r) if !r.owner.is_empty() && r.owner == parent => Ok(r),
             _ => Err(BrokerError::NotAccessible(id.to_string())),
         }
     }
@@ -259,7 +333,8 @@ impl Broker {
         reason: &str,
         update: impl FnOnce(&mut BubbleRecord),
     ) -> Result<BubbleRecord, BrokerError> {
-        let rec = {
+        let now = now_ms();
+        let (rec, changed) = {
             let mut m = self
                 .records
                 .lock()
@@ -273,37 +348,50 @@ impl Broker {
             {
                 return Ok(r.clone());
             }
+            let changed = r.state != state;
+            if changed && state == State::Ready && r.usage.running_since_ms == 0 {
+                r.usage.running_since_ms = now;
+            }
+            if matches!(state, State::Failed | State::Deleted | State::Suspended) {
+                r.usage.stop_running(r.memory_mib, now);
+            }
             r.state = state;
             if state == State::Failed {
                 r.failure_reason = reason.to_string();
             }
             update(r);
-            r.clone()
+            (r.clone(), changed)
         };
-        if !matches!(state, State::Busy) {
+        if !matches!(state, State::Busy) && (changed || state != State::Ready) {
             self.registry.put(&rec)?;
+        } else if let Ok(mut d) = self.dirty.lock() {
+            d.insert(id.to_string());
         }
-        let _ = self.events.send(Event {
-            owner: rec.owner.clone(),
-            event: pb::BubbleEvent {
-                bubble_id: id.to_string(),
-                state: state_to_pb(state) as i32,
-                reason: reason.to_string(),
-                at_ms: now_ms(),
-            },
-        });
+        if changed {
+            let _ = self.events.send(Event {
+                owner: rec.owner.clone(),
+                event: pb::BubbleEvent {
+                    bubble_id: id.to_string(),
+                    state: state_to_pb(state) as i32,
+                    reason: reason.to_string(),
+                    at_ms: now,
+                },
+            });
+        }
         Ok(rec)
     }
 
     /// Marks a bubble FAILED and stops its VMM process if one runs.
     fn fail(self: &Arc<Self>, id: &str, reason: &str) {
         warn!(bubble = %id, reason, "bubble failed");
+        self.metrics.failed(reason);
         if let Err(e) = self.transition(id, State::Failed, reason, |r| r.vmm_pid = 0) {
             warn!(bubble = %id, error = %e, "could not record failure");
         }
         if let Some(live) = self.live_remove(id) {
             tokio::spawn(async move { live.vmm.shutdown().await });
         }
+        self.pool_changed.notify_waiters();
     }
 
     /// Follows a VMM's notices: a guest failure or a vanished process fails
@@ -335,12 +423,55 @@ impl Broker {
         });
     }
 
+    /// Refuses a new bubble of `memory_mib` for `parent` (empty: the pool)
+    /// if it would break a quota or host admission. Call with the record
+    /// table locked so that concurrent creates cannot both pass.
+    fn admit(
+        &self,
+        records: &HashMap<String, BubbleRecord>,
+        parent: &str,
+        memory_mib: u32,
+    ) -> Result<(), BrokerError> {
+        let q = &self.cfg.quota;
+        let (mut count, mut mem, mut host) = (0u64, 0u64, 0u64);
+        for r in records.values().filter(|r| is_live(r)) {
+            host += u64::from(r.memory_mib);
+            if !parent.is_empty() && r.owner == parent {
+                count += 1;
+                mem += u64::from(r.memory_mib);
+            }
+        }
+        let want = u64::from(memory_mib);
+        if !parent.is_empty() {
+            if count + 1 > u64::from(q.max_bubbles_per_parent) {
+                return Err(BrokerError::Quota(format!(
+                    "parent {parent} has {count} of {} bubbles",
+                    q.max_bubbles_per_parent
+                )));
+            }
+            if mem + want > q.max_memory_mib_per_parent {
+                return Err(BrokerError::Quota(format!(
+                    "parent {parent} uses {mem} MiB; {want} MiB more exceeds its {} MiB",
+                    q.max_memory_mib_per_parent
+                )));
+            }
+        }
+        if host + want > self.host_limit_mib {
+            return Err(BrokerError::Quota(format!(
+                "host admission: bubbles use {host} MiB; {want} MiB more exceeds {} MiB ({} x host RAM)",
+                self.host_limit_mib, q.host_overcommit_ratio
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates a bubble for `parent` and waits until it is READY or FAILED.
     pub async fn create(
         self: &Arc<Self>,
         parent: &str,
         req: pb::CreateBubbleRequest,
     ) -> Result<BubbleRecord, BrokerError> {
+        let started = Instant::now();
         validate_request_id(&req.client_request_id)?;
         if !(config::MIN_MEMORY_MIB..=config::MAX_MEMORY_MIB).contains(&req.memory_mib) {
             return Err(invalid(
@@ -364,35 +495,96 @@ impl Broker {
         };
         let image = ImageSpec::parse(&req.image, self.cfg.allow_test_images)
             .map_err(|reason| invalid("image", reason))?;
-        let client_request_id = if req.client_request_id.is_empty() {
-            uuid::Uuid::new_v4().simple().to_string()
-        } else {
-            req.client_request_id.clone()
-        };
-        let id = format!("b-{}", uuid::Uuid::new_v4().simple());
-        let rec = BubbleRecord {
-            id: id.clone(),
-            owner: parent.to_string(),
-            client_request_id,
+        let idle = idle_from_pb(req.idle.as_ref(), IdleRule::default())?;
+        let rec = self.new_record(
+            parent,
+            &req.client_request_id,
+            req.memory_mib,
+            vcpus,
+            &image,
+            "",
+            idle,
+        );
+        let r = self.start(rec, image).await;
+        self.metrics
+            .create_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_record(
+        &self,
+        owner: &str,
+        client_request_id: &str,
+        memory_mib: u32,
+        vcpus: u32,
+        image: &ImageSpec,
+        profile: &str,
+        idle: IdleRule,
+    ) -> BubbleRecord {
+        BubbleRecord {
+            id: format!("b-{}", uuid::Uuid::new_v4().simple()),
+            owner: owner.to_string(),
+            client_request_id: if client_request_id.is_empty() {
+                uuid::Uuid::new_v4().simple().to_string()
+            } else {
+                client_request_id.to_string()
+            },
             state: State::Booting,
             failure_reason: String::new(),
-            memory_mib: req.memory_mib,
+            memory_mib,
             vcpus,
             image: image.name(),
             created_at_ms: now_ms(),
             boot_us: 0,
             vmm_pid: 0,
             calls: 0,
-        };
-        if let Some(existing) = self.registry.insert_new(&rec)? {
-            // A retried create: hand back the bubble of the first attempt,
-            // waiting for it if that attempt is still booting.
-            return self.await_settled(&existing.id).await;
+            profile: profile.to_string(),
+            idle,
+            last_active_ms: now_ms(),
+            usage: Default::default(),
         }
-        if let Ok(mut m) = self.records.lock() {
-            m.insert(id.clone(), rec.clone());
+    }
+
+    /// Admits, records and boots a new bubble (idempotent per owner and
+    /// client request id).
+    async fn start(
+        self: &Arc<Self>,
+        rec: BubbleRecord,
+        image: ImageSpec,
+    ) -> Result<BubbleRecord, BrokerError> {
+        if !rec.owner.is_empty() {
+            if let Some(existing) = self.registry.request(&rec.owner, &rec.client_request_id)? {
+                return self.await_settled(&existing).await;
+            }
         }
-        let span = info_span!("create", bubble = %id, parent = %parent);
+        {
+            let mut m = self
+                .records
+                .lock()
+                .map_err(|_| BrokerError::Spawn("record table poisoned".into()))?;
+            self.admit(&m, &rec.owner, rec.memory_mib)?;
+            m.insert(rec.id.clone(), rec.clone());
+        }
+        match self.registry.insert_new(&rec) {
+            Ok(None) => {}
+            Ok(Some(existing)) => {
+                // A concurrent retry won the race: hand back its bubble.
+                if let Ok(mut m) = self.records.lock() {
+                    m.remove(&rec.id);
+                }
+                return self.await_settled(&existing.id).await;
+            }
+            Err(e) => {
+                if let Ok(mut m) = self.records.lock() {
+                    m.remove(&rec.id);
+                }
+                return Err(e.into());
+            }
+        }
+        let span =
+            info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
         self.boot(rec, image).instrument(span).await
     }
 
@@ -446,6 +638,9 @@ impl Broker {
                     r.vmm_pid = pid;
                 })?;
                 info!(boot_us, pid, "bubble ready");
+                if r.owner.is_empty() {
+                    self.pool_changed.notify_waiters();
+                }
                 Ok(r)
             }
             Err(reason) => {
@@ -453,6 +648,200 @@ impl Broker {
                 Ok(self.record(&id).unwrap_or(rec))
             }
         }
+    }
+
+    fn profile(&self, name: &str) -> Option<&PoolProfile> {
+        self.cfg.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Ready and booting pooled bubbles of a profile.
+    fn pool_counts(&self, profile: &str) -> (usize, usize) {
+        self.records
+            .lock()
+            .map(|m| {
+                let pooled = m
+                    .values()
+                    .filter(|r| r.owner.is_empty() && r.profile == profile);
+                let mut ready = 0;
+                let mut booting = 0;
+                for r in pooled {
+                    match r.state {
+                        State::Ready => ready += 1,
+                        State::Booting => booting += 1,
+                        _ => {}
+                    }
+                }
+                (ready, booting)
+            })
+            .unwrap_or((0, 0))
+    }
+
+    /// Keeps one profile's pool at its size.
+    async fn refill_loop(broker: std::sync::Weak<Self>, p: PoolProfile) {
+        let image = match ImageSpec::parse(&p.image, true) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(profile = %p.name, error = %e, "pool disabled: bad image");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(b) = broker.upgrade() else { return };
+            let (ready, booting) = b.pool_counts(&p.name);
+            if ready + booting < p.size as usize {
+                let rec = b.new_record("", "", p.memory_mib, 1, &image, &p.name, p.idle_rule());
+                match b.start(rec, image.clone()).await {
+                    Ok(r) if r.state == State::Ready => backoff = Duration::from_millis(100),
+                    Ok(r) => {
+                        warn!(profile = %p.name, reason = %r.failure_reason, "pool bubble failed");
+                        drop(b);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        warn!(profile = %p.name, error = %e, "pool refill refused");
+                        drop(b);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                continue;
+            }
+            let notify = b.pool_changed.clone();
+            drop(b);
+            let notified = notify.notified();
+            tokio::select! {
+                _ = notified => {},
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+            }
+        }
+    }
+
+    /// Hands `parent` a READY bubble from a warm pool.
+    pub async fn attach(
+        self: &Arc<Self>,
+        parent: &str,
+        req: pb::AttachBubbleRequest,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let started = Instant::now();
+        validate_request_id(&req.client_request_id)?;
+        let profile = self
+            .profile(&req.profile)
+            .cloned()
+            .ok_or_else(|| invalid("profile", format!("no warm pool named {:?}", req.profile)))?;
+        let idle = idle_from_pb(req.idle.as_ref(), profile.idle_rule())?;
+        if !req.client_request_id.is_empty() {
+            if let Some(existing) = self.registry.request(parent, &req.client_request_id)? {
+                return self.await_settled(&existing).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(u64::from(req.wait_ms));
+        loop {
+            let notified = self.pool_changed.notified();
+            if let Some(r) = self.take_pooled(parent, &profile, idle, &req.client_request_id)? {
+                self.pool_changed.notify_waiters();
+                self.metrics
+                    .attach_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                info!(bubble = %r.id, parent = %parent, profile = %profile.name, "attached from pool");
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        }
+        // Miss: boot one for this parent.
+        self.metrics.pool_misses.inc();
+        let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
+        let mut rec = self.new_record(
+            parent,
+            &req.client_request_id,
+            profile.memory_mib,
+            1,
+            &image,
+            &profile.name,
+            idle,
+        );
+        rec.profile = profile.name.clone();
+        let r = self.start(rec, image).await;
+        self.metrics
+            .attach_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Assigns the oldest READY pooled bubble of `profile` to `parent`.
+    fn take_pooled(
+        &self,
+        parent: &str,
+        profile: &PoolProfile,
+        idle: IdleRule,
+        client_request_id: &str,
+    ) -> Result<Option<BubbleRecord>, BrokerError> {
+        let rec = {
+            let mut m = self
+                .records
+                .lock()
+                .map_err(|_| BrokerError::Spawn("record table poisoned".into()))?;
+            let Some(id) = m
+                .values()
+                .filter(|r| {
+                    r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+                })
+                .min_by_key(|r| (r.created_at_ms, r.id.clone()))
+                .map(|r| r.id.clone())
+            else {
+                return Ok(None);
+            };
+            // The pooled bubble already counts for the host; check the parent.
+            self.admit_parent_only(&m, parent, profile.memory_mib)?;
+            let Some(r) = m.get_mut(&id) else {
+                return Ok(None);
+            };
+            r.owner = parent.to_string();
+            r.client_request_id = if client_request_id.is_empty() {
+                uuid::Uuid::new_v4().simple().to_string()
+            } else {
+                client_request_id.to_string()
+            };
+            r.idle = idle;
+            r.last_active_ms = now_ms();
+            r.clone()
+        };
+        // Persist the new owner before anyone sees the bubble: after a crash
+        // it must never go back to the pool.
+        self.registry.assign(&rec)?;
+        Ok(Some(rec))
+    }
+
+    fn admit_parent_only(
+        &self,
+        records: &HashMap<String, BubbleRecord>,
+        parent: &str,
+        memory_mib: u32,
+    ) -> Result<(), BrokerError> {
+        let q = &self.cfg.quota;
+        let mine: Vec<&BubbleRecord> = records
+            .values()
+            .filter(|r| is_live(r) && r.owner == parent)
+            .collect();
+        let count = mine.len() as u64;
+        let mem: u64 = mine.iter().map(|r| u64::from(r.memory_mib)).sum();
+        if count + 1 > u64::from(q.max_bubbles_per_parent) {
+            return Err(BrokerError::Quota(format!(
+                "parent {parent} has {count} of {} bubbles",
+                q.max_bubbles_per_parent
+            )));
+        }
+        if mem + u64::from(memory_mib) > q.max_memory_mib_per_parent {
+            return Err(BrokerError::Quota(format!(
+                "parent {parent} uses {mem} MiB; {memory_mib} MiB more exceeds its {} MiB",
+                q.max_memory_mib_per_parent
+            )));
+        }
+        Ok(())
     }
 
     /// Describes one of `parent`'s bubbles.
@@ -482,6 +871,7 @@ impl Broker {
         parent: &str,
         req: pb::CallRequest,
     ) -> Result<(Vec<u8>, u64), BrokerError> {
+        let started = Instant::now();
         let rec = self.owned(parent, &req.bubble_id)?;
         validate_op(&req.op)?;
         if req.input.len() > self.cfg.max_payload {
@@ -525,20 +915,28 @@ impl Broker {
         };
         let _guard = live.call_lock.lock().await;
         self.transition(&id, State::Busy, "", |_| {})?;
-        let started = Instant::now();
+        let vmm_started = Instant::now();
         let result = live.vmm.call(&req.op, &req.input, deadline).await;
-        let vmm_us = started.elapsed().as_micros() as u64;
-        match result {
+        let vmm_us = vmm_started.elapsed().as_micros() as u64;
+        let bytes_in = req.input.len() as u64;
+        let count = |r: &mut BubbleRecord, out: u64| {
+            r.calls += 1;
+            r.usage.bytes_in += bytes_in;
+            r.usage.bytes_out += out;
+            r.last_active_ms = now_ms();
+        };
+        let r = match result {
             Ok(out) if out.len() > self.cfg.max_payload => {
-                self.transition(&id, State::Ready, "", |r| r.calls += 1)?;
+                self.transition(&id, State::Ready, "", |r| count(r, 0))?;
                 Err(BrokerError::OutputTooLarge(out.len(), self.cfg.max_payload))
             }
             Ok(out) => {
-                self.transition(&id, State::Ready, "", |r| r.calls += 1)?;
+                let n = out.len() as u64;
+                self.transition(&id, State::Ready, "", |r| count(r, n))?;
                 Ok((out, vmm_us))
             }
             Err(CallFailure::Rejected(msg)) => {
-                self.transition(&id, State::Ready, "", |r| r.calls += 1)?;
+                self.transition(&id, State::Ready, "", |r| count(r, 0))?;
                 Err(BrokerError::GuestRejected(msg))
             }
             Err(CallFailure::Deadline(msg)) => {
@@ -549,7 +947,11 @@ impl Broker {
                 self.fail(&id, &msg);
                 Err(BrokerError::BubbleFailed(msg))
             }
-        }
+        };
+        self.metrics
+            .call_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
     }
 
     /// Deletes one of `parent`'s bubbles: stops its VMM and removes its files.
@@ -559,22 +961,161 @@ impl Broker {
         id: &str,
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = self.owned(parent, id)?;
+        self.destroy(&rec).await
+    }
+
+    /// Stops a bubble's VMM, removes its files and records it DELETED.
+    async fn destroy(self: &Arc<Self>, rec: &BubbleRecord) -> Result<BubbleRecord, BrokerError> {
+        let id = &rec.id;
         if rec.state == State::Deleted {
-            return Ok(rec);
+            return Ok(rec.clone());
         }
+        let mut vcpu_us = None;
         if let Some(live) = self.live_remove(id) {
             // Wait for a running call to finish or fail first.
             let _guard = live.call_lock.lock().await;
+            vcpu_us = live.vmm.vcpu_us().await;
             live.vmm.shutdown().await;
         }
         let _ = std::fs::remove_dir_all(self.cfg.bubble_dir(id));
-        info!(bubble = %id, parent = %parent, "bubble deleted");
-        self.transition(id, State::Deleted, "", |r| r.vmm_pid = 0)
+        info!(bubble = %id, parent = %rec.owner, "bubble deleted");
+        let r = self.transition(id, State::Deleted, "", |r| {
+            r.vmm_pid = 0;
+            if let Some(v) = vcpu_us {
+                r.usage.vcpu_us = v;
+            }
+        });
+        self.pool_changed.notify_waiters();
+        r
+    }
+
+    /// Usage of one of `parent`'s bubbles, signed by the broker.
+    pub async fn usage(&self, parent: &str, id: &str) -> Result<pb::UsageReport, BrokerError> {
+        let rec = self.owned(parent, id)?;
+        let mut vcpu_us = rec.usage.vcpu_us;
+        if let Some(live) = self.live_get(id) {
+            if let Some(v) = live.vmm.vcpu_us().await {
+                vcpu_us = v;
+                if let Ok(mut m) = self.records.lock() {
+                    if let Some(r) = m.get_mut(id) {
+                        r.usage.vcpu_us = v;
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        let usage = pb::Usage {
+            bubble_id: rec.id.clone(),
+            owner: rec.owner.clone(),
+            vcpu_us,
+            memory_mib_seconds: rec.usage.memory_mib_seconds_at(rec.memory_mib, now),
+            calls: rec.calls,
+            bytes_in: rec.usage.bytes_in,
+            bytes_out: rec.usage.bytes_out,
+            from_ms: rec.created_at_ms,
+            to_ms: now,
+        };
+        Ok(self.usage_signer.sign(usage))
+    }
+
+    /// Applies idle policies and flushes metering counters.
+    async fn maintenance_loop(broker: std::sync::Weak<Self>) {
+        let mut last_flush = Instant::now();
+        loop {
+            let interval = match broker.upgrade() {
+                Some(b) => b.cfg.idle_check_interval,
+                None => return,
+            };
+            tokio::time::sleep(interval).await;
+            let Some(b) = broker.upgrade() else { return };
+            let now = now_ms();
+            let idle: Vec<BubbleRecord> = b
+                .records
+                .lock()
+                .map(|m| {
+                    m.values()
+                        .filter(|r| {
+                            !r.owner.is_empty()
+                                && r.state == State::Ready
+                                && r.idle.action != IdleAction::Stay
+                                && r.idle.timeout_s > 0
+                                && now.saturating_sub(r.last_active_ms)
+                                    >= u64::from(r.idle.timeout_s) * 1000
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            for r in idle {
+                match r.idle.action {
+                    IdleAction::Delete => {
+                        info!(bubble = %r.id, parent = %r.owner, idle_s = r.idle.timeout_s, "idle: deleting");
+                        if let Err(e) = b.destroy(&r).await {
+                            warn!(bubble = %r.id, error = %e, "idle delete failed");
+                        }
+                    }
+                    IdleAction::Suspend | IdleAction::Stay => {}
+                }
+            }
+            if last_flush.elapsed() >= Duration::from_secs(5) {
+                b.flush_counters();
+                last_flush = Instant::now();
+            }
+        }
+    }
+
+    /// Persists records whose counters changed since the last flush.
+    pub fn flush_counters(&self) {
+        let ids: Vec<String> = self
+            .dirty
+            .lock()
+            .map(|mut d| d.drain().collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        let recs: Vec<BubbleRecord> = self
+            .records
+            .lock()
+            .map(|m| ids.iter().filter_map(|id| m.get(id).cloned()).collect())
+            .unwrap_or_default();
+        if let Err(e) = self.registry.put_many(&recs) {
+            warn!(error = %e, "flushing counters failed");
+        }
+    }
+
+    /// Updates the scrape-time gauges and renders all metrics.
+    pub fn scrape(&self) -> String {
+        let mut by_state: HashMap<&'static str, i64> = HashMap::new();
+        let mut pools: HashMap<String, i64> =
+            self.cfg.pools.iter().map(|p| (p.name.clone(), 0)).collect();
+        if let Ok(m) = self.records.lock() {
+            for r in m.values() {
+                *by_state.entry(state_name(r.state)).or_default() += 1;
+                if r.owner.is_empty() && r.state == State::Ready {
+                    *pools.entry(r.profile.clone()).or_default() += 1;
+                }
+            }
+        }
+        for s in ["BOOTING", "READY", "BUSY", "SUSPENDED", "FAILED", "DELETED"] {
+            self.metrics
+                .bubbles
+                .get_or_create(&crate::metrics::StateLabel { state: s.into() })
+                .set(by_state.get(s).copied().unwrap_or(0));
+        }
+        for (p, n) in pools {
+            self.metrics
+                .pool_depth
+                .get_or_create(&crate::metrics::ProfileLabel { profile: p })
+                .set(n);
+        }
+        self.metrics.encode()
     }
 
     /// Stops every VMM (used by tests and the demo; a production broker
     /// leaves them running so a restarted broker re-adopts them).
     pub async fn shutdown_all(&self) {
+        self.flush_counters();
         let all: Vec<Arc<Live>> = self
             .live
             .lock()
@@ -658,6 +1199,27 @@ impl BrokerApi for BrokerService {
             .delete(&parent, &request.get_ref().bubble_id)
             .await?;
         Ok(Response::new(to_pb(&rec)))
+    }
+
+    async fn attach_bubble(
+        &self,
+        request: Request<pb::AttachBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let rec = self.broker.attach(&parent, request.into_inner()).await?;
+        Ok(Response::new(to_pb(&rec)))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::UsageReport>, Status> {
+        let parent = parent_of(&request)?;
+        let r = self
+            .broker
+            .usage(&parent, &request.get_ref().bubble_id)
+            .await?;
+        Ok(Response::new(r))
     }
 
     type WatchEventsStream = EventStream;

@@ -143,6 +143,11 @@ impl Vmm {
             })
     }
 
+    /// vCPU time the guest has run, µs (None if the VMM does not answer).
+    pub async fn vcpu_us(&self) -> Option<u64> {
+        self.client.status().await.ok().map(|s| s.vcpu_us)
+    }
+
     /// Pid of the VMM process.
     pub fn pid(&self) -> u32 {
         self.client.pid()

@@ -155,6 +155,7 @@ pub fn kill_vmms_under(dir: &Path) {
 /// A create request for a shim bubble.
 pub fn create_req(memory_mib: u32) -> pb::CreateBubbleRequest {
     pb::CreateBubbleRequest {
+        idle: None,
         client_request_id: String::new(),
         memory_mib,
         vcpus: 1,

@@ -1,0 +1,41 @@
+//! The admin HTTP endpoint: Prometheus `/metrics` and a liveness `/healthz`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::service::Broker;
+
+async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        b.scrape(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(broker);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

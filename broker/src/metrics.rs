@@ -1,0 +1,152 @@
+//! Prometheus metrics of the broker, served on the admin address.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label of a per-state gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// BOOTING, READY, ...
+    pub state: String,
+}
+
+/// Label of a per-profile gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabel {
+    /// Warm-pool profile.
+    pub profile: String,
+}
+
+/// Label of the failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Failure category (see [`failure_category`]).
+    pub reason: String,
+}
+
+/// All broker metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Bubbles by state (set at scrape time).
+    pub bubbles: Family<StateLabel, Gauge>,
+    /// Ready bubbles waiting in each warm pool (set at scrape time).
+    pub pool_depth: Family<ProfileLabel, Gauge>,
+    /// CreateBubble latency, seconds.
+    pub create_seconds: Histogram,
+    /// AttachBubble latency, seconds.
+    pub attach_seconds: Histogram,
+    /// Call latency through the broker, seconds.
+    pub call_seconds: Histogram,
+    /// Bubble failures by category.
+    pub failures: Family<ReasonLabel, Counter>,
+    /// Warm-pool misses (attach had to boot a bubble).
+    pub pool_misses: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("bubbled");
+        let bubbles = Family::<StateLabel, Gauge>::default();
+        let pool_depth = Family::<ProfileLabel, Gauge>::default();
+        // 10 µs .. ~40 s.
+        let h = || Histogram::new(exponential_buckets(1e-5, 2.0, 22));
+        let create_seconds = h();
+        let attach_seconds = h();
+        let call_seconds = h();
+        let failures = Family::<ReasonLabel, Counter>::default();
+        let pool_misses = Counter::default();
+        registry.register("bubbles", "Bubbles by state", bubbles.clone());
+        registry.register(
+            "pool_depth",
+            "Ready bubbles in each warm pool",
+            pool_depth.clone(),
+        );
+        registry.register(
+            "create_seconds",
+            "CreateBubble latency",
+            create_seconds.clone(),
+        );
+        registry.register(
+            "attach_seconds",
+            "AttachBubble latency",
+            attach_seconds.clone(),
+        );
+        registry.register(
+            "call_seconds",
+            "Call latency through the broker",
+            call_seconds.clone(),
+        );
+        registry.register("failures", "Bubble failures by reason", failures.clone());
+        registry.register(
+            "pool_misses",
+            "Attaches that found the pool empty",
+            pool_misses.clone(),
+        );
+        Self {
+            registry,
+            bubbles,
+            pool_depth,
+            create_seconds,
+            attach_seconds,
+            call_seconds,
+            failures,
+            pool_misses,
+        }
+    }
+
+    /// Counts a failure under its category.
+    pub fn failed(&self, reason: &str) {
+        self.failures
+            .get_or_create(&ReasonLabel {
+                reason: failure_category(reason).to_string(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Maps a free-text failure reason to a small, fixed set of label values.
+pub fn failure_category(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("deadline") {
+        "deadline"
+    } else if r.contains("triple fault") || r.contains("shutdown") {
+        "triple_fault"
+    } else if r.contains("flood") {
+        "exit_flood"
+    } else if r.contains("broker restart") {
+        "lost_on_restart"
+    } else if r.contains("abi")
+        || r.contains("mailbox")
+        || r.contains("message")
+        || r.contains("length")
+    {
+        "guest_protocol"
+    } else if r.contains("panic") {
+        "guest_panic"
+    } else if r.contains("did not start") || r.contains("boot") || r.contains("ready") {
+        "boot"
+    } else if r.contains("exited") || r.contains("closed") || r.contains("gone") {
+        "vmm_exited"
+    } else {
+        "other"
+    }
+}
