@@ -64,13 +64,21 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-const ALL: &[&str] = &["raw_kvm_floor", "raw_exit_rtt", "create_to_ready", "call_echo_64b"];
+const ALL: &[&str] = &[
+    "raw_kvm_floor",
+    "raw_exit_rtt",
+    "create_to_ready",
+    "call_echo_64b",
+];
 
 fn main() -> anyhow::Result<()> {
     bubbled::vmm_entry_if_requested();
     let opts = Opts::parse();
     for m in &opts.only {
-        anyhow::ensure!(ALL.contains(&m.as_str()), "unknown metric {m:?}; known: {ALL:?}");
+        anyhow::ensure!(
+            ALL.contains(&m.as_str()),
+            "unknown metric {m:?}; known: {ALL:?}"
+        );
     }
     let want = |m: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == m);
     let mut results: BTreeMap<&str, Stat> = BTreeMap::new();
@@ -117,8 +125,11 @@ fn main() -> anyhow::Result<()> {
             }
             obj.insert(k.to_string(), Value::Object(m));
         }
-        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(obj))? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&Value::Object(obj))? + "\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -156,8 +167,15 @@ async fn through_broker(
             let t = Instant::now();
             let b = c.create_bubble(create.clone()).await?.into_inner();
             v.push(t.elapsed());
-            anyhow::ensure!(b.state == pb::BubbleState::Ready as i32, "{}", b.failure_reason);
-            c.delete_bubble(pb::BubbleRef { bubble_id: b.bubble_id }).await?;
+            anyhow::ensure!(
+                b.state == pb::BubbleState::Ready as i32,
+                "{}",
+                b.failure_reason
+            );
+            c.delete_bubble(pb::BubbleRef {
+                bubble_id: b.bubble_id,
+            })
+            .await?;
         }
         results.insert("create_to_ready", stat(v));
     }
@@ -180,7 +198,10 @@ async fn through_broker(
             anyhow::ensure!(r.output.len() == 64);
         }
         results.insert("call_echo_64b", stat(v));
-        c.delete_bubble(pb::BubbleRef { bubble_id: b.bubble_id }).await?;
+        c.delete_bubble(pb::BubbleRef {
+            bubble_id: b.bubble_id,
+        })
+        .await?;
     }
     let _ = stop_tx.send(());
     let _ = srv.await;
@@ -189,7 +210,10 @@ async fn through_broker(
 }
 
 fn print_results(results: &BTreeMap<&str, Stat>) {
-    println!("{:<18} {:>7} {:>11} {:>11}  ratio", "metric", "n", "p50 (µs)", "p99 (µs)");
+    println!(
+        "{:<18} {:>7} {:>11} {:>11}  ratio",
+        "metric", "n", "p50 (µs)", "p99 (µs)"
+    );
     let floor = results.get("raw_kvm_floor").map(|s| s.p50);
     let rtt = results.get("raw_exit_rtt").map(|s| s.p50);
     for (k, s) in results {
@@ -198,12 +222,18 @@ fn print_results(results: &BTreeMap<&str, Stat>) {
                 "{:.2} × raw_kvm_floor (target ≤ 3)",
                 s.p50.as_secs_f64() / f.as_secs_f64()
             ),
-            ("call_echo_64b", _, Some(r)) => format!(
-                "raw_exit_rtt + {:.1} µs (target ≤ +150)",
-                us(s.p50) - us(r)
-            ),
+            ("call_echo_64b", _, Some(r)) => {
+                format!("raw_exit_rtt + {:.1} µs (target ≤ +150)", us(s.p50) - us(r))
+            }
             _ => String::new(),
         };
-        println!("{:<18} {:>7} {:>11.1} {:>11.1}  {}", k, s.n, us(s.p50), us(s.p99), ratio);
+        println!(
+            "{:<18} {:>7} {:>11.1} {:>11.1}  {}",
+            k,
+            s.n,
+            us(s.p50),
+            us(s.p99),
+            ratio
+        );
     }
 }

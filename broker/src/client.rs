@@ -7,6 +7,9 @@ use bubble_proto::v1::broker_client::BrokerClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// A gRPC client of the broker.
+pub type Client = BrokerClient<Channel>;
+
 /// Largest message a client accepts (payload limit plus framing).
 const CLIENT_MAX_MESSAGE: usize = 64 << 20;
 

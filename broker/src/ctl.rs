@@ -68,6 +68,46 @@ enum Cmd {
         #[arg(long, default_value = "shim")]
         image: String,
     },
+    /// Take a pre-booted bubble from a warm pool.
+    Attach {
+        /// Warm-pool profile.
+        profile: String,
+        /// On a miss, wait up to this long for the pool before booting one.
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u32,
+        /// Idempotency key.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Show a bubble's metered usage, signed by the broker.
+    Usage {
+        /// Bubble id.
+        bubble: String,
+        /// Require the report to be signed by this broker key (hex).
+        #[arg(long)]
+        broker_key: Option<String>,
+    },
+    /// Run a bounded load test against a broker over mutual TLS.
+    Load {
+        /// Parents (each gets a certificate load-<i> in --pki).
+        #[arg(long, default_value_t = 8)]
+        parents: usize,
+        /// Churn rounds per parent (create or attach, calls, delete).
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Calls per churn round.
+        #[arg(long, default_value_t = 5)]
+        calls_per_round: usize,
+        /// Steady calls per parent on one long-lived bubble.
+        #[arg(long, default_value_t = 200)]
+        steady_calls: usize,
+        /// Attach from this warm-pool profile instead of creating.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Guest memory of created bubbles.
+        #[arg(long, default_value_t = 16)]
+        memory_mib: u32,
+    },
     /// List your bubbles.
     List {
         /// Include deleted bubbles.
@@ -300,6 +340,104 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_bubble(&b, j);
             if b.state == pb::BubbleState::Failed as i32 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Attach {
+            profile,
+            wait_ms,
+            request_id,
+        } => {
+            let mut c = connect(&opts.conn).await?;
+            let b = c
+                .attach_bubble(pb::AttachBubbleRequest {
+                    profile,
+                    wait_ms,
+                    idle: None,
+                    client_request_id: request_id,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+        }
+        Cmd::Usage { bubble, broker_key } => {
+            let mut c = connect(&opts.conn).await?;
+            let r = c
+                .get_usage(pb::BubbleRef { bubble_id: bubble })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let key: [u8; 32] = match &broker_key {
+                Some(h) => unhex(h)?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("--broker-key must be 32 bytes of hex"))?,
+                None => r
+                    .broker_public_key
+                    .clone()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("report carries a malformed broker key"))?,
+            };
+            crate::usage::verify(&r, &key)
+                .map_err(|e| anyhow::anyhow!("usage report does not verify: {e}"))?;
+            let u = r.usage.unwrap_or_default();
+            if j {
+                let mut v: serde_json::Value = serde_json::from_slice(&r.signed_json)?;
+                v["signature_hex"] = json!(hex(&r.signature));
+                v["broker_key_hex"] = json!(hex(&key));
+                v["signature_valid"] = json!(true);
+                println!("{v}");
+            } else {
+                println!("bubble           {}", u.bubble_id);
+                println!("vcpu time        {:.3} ms", u.vcpu_us as f64 / 1e3);
+                println!("memory           {:.1} MiB-seconds", u.memory_mib_seconds);
+                println!("calls            {}", u.calls);
+                println!("bytes in / out   {} / {}", u.bytes_in, u.bytes_out);
+                println!(
+                    "signature        valid (broker key {}{})",
+                    hex(&key),
+                    if broker_key.is_some() {
+                        ", pinned"
+                    } else {
+                        ", as reported: pin it with --broker-key"
+                    }
+                );
+            }
+        }
+        Cmd::Load {
+            parents,
+            rounds,
+            calls_per_round,
+            steady_calls,
+            profile,
+            memory_mib,
+        } => {
+            let endpoint = opts
+                .conn
+                .endpoint
+                .clone()
+                .context("load needs --endpoint (mutual TLS, one certificate per parent)")?;
+            let pki = opts.conn.pki.clone().context("load needs --pki DIR")?;
+            let spec = crate::load::LoadSpec {
+                endpoint,
+                pki,
+                parents,
+                rounds,
+                calls_per_round,
+                steady_calls,
+                profile,
+                memory_mib,
+            };
+            eprintln!(
+                "load: {parents} parents x ({rounds} churn rounds + {steady_calls} steady calls)..."
+            );
+            let rep = crate::load::run(spec).await.map_err(anyhow::Error::msg)?;
+            if j {
+                println!("{}", rep.to_json());
+            } else {
+                rep.print();
+            }
+            if rep.error_count() > 0 {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod load;
 pub mod metrics;
 pub mod pki;
 pub mod registry;

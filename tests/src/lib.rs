@@ -23,22 +23,62 @@ pub struct BrokerProc {
     pub socket: PathBuf,
     /// mTLS address, when started with TLS.
     pub tls: Option<SocketAddr>,
+    /// Admin (metrics) address, when started with one.
+    pub admin: Option<SocketAddr>,
+}
+
+/// How to start a test broker.
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    /// Also serve mutual TLS (a PKI with parent-a and parent-b is made).
+    pub tls: bool,
+    /// Serve /metrics on a loopback port.
+    pub admin: bool,
+    /// TOML configuration written to DATA_DIR/bubbled.toml.
+    pub config: Option<String>,
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+}
+
+/// Path of a binary of this package, next to the test executable's
+/// `deps/` directory (where cargo puts `CARGO_BIN_EXE_*`).
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built", p.display());
+    p
 }
 
 /// Path of the broker binary built for the tests.
-pub fn broker_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bubbled-e2e")
+pub fn broker_bin() -> PathBuf {
+    sibling_bin("bubbled-e2e")
 }
 
 /// Path of the CLI binary built for the tests.
-pub fn ctl_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bubblectl-e2e")
+pub fn ctl_bin() -> PathBuf {
+    sibling_bin("bubblectl-e2e")
 }
 
 impl BrokerProc {
     /// Starts a broker on `dir` (allowing test images, small payload limit
     /// untouched) and waits until it serves.
     pub fn start(dir: &Path, tls: bool) -> Self {
+        Self::start_with(
+            dir,
+            Opts {
+                tls,
+                ..Opts::default()
+            },
+        )
+    }
+
+    /// Starts a broker with options and waits until it serves.
+    pub fn start_with(dir: &Path, opts: Opts) -> Self {
+        let tls = opts.tls;
         let socket = dir.join("bubbled.sock");
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--data-dir")
@@ -60,10 +100,21 @@ impl BrokerProc {
             }
             cmd.arg("--tls-listen").arg("127.0.0.1:0");
         }
+        if opts.admin {
+            cmd.arg("--admin-listen").arg("127.0.0.1:0");
+        }
+        if let Some(toml) = &opts.config {
+            let p = dir.join("bubbled.toml");
+            std::fs::write(&p, toml).expect("write config");
+            cmd.arg("--config").arg(p);
+        }
+        cmd.args(&opts.args);
         let mut child = cmd.spawn().expect("spawn bubbled");
         let out = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).expect("ready line");
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("ready line");
         assert!(
             line.starts_with("bubbled ready"),
             "broker did not start: {line:?}; log:\n{}",
@@ -73,11 +124,16 @@ impl BrokerProc {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("tls="))
             .map(|a| a.parse().expect("tls addr"));
+        let admin = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .map(|a| a.parse().expect("admin addr"));
         Self {
             child: Some(child),
             dir: dir.to_path_buf(),
             socket,
             tls,
+            admin,
         }
     }
 
@@ -96,6 +152,36 @@ impl BrokerProc {
         bubbled::client::connect_tls(&url, &pki.join("ca.pem"), &cert, &key)
             .await
             .expect("connect tls")
+    }
+
+    /// Pid of the broker process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits for the broker to exit; returns its status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child has no memory-safety effects.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().ok()
+    }
+
+    /// Fetches `path` from the admin endpoint with a minimal HTTP/1.1 GET.
+    pub fn admin_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(self.admin.expect("admin")).expect("connect admin");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
     }
 
     /// Kills the broker with SIGKILL (its bubbles keep running).

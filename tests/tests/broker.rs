@@ -25,18 +25,30 @@ async fn boot_call_describe_list_delete() {
     assert!(b.vmm_pid > 0);
 
     let input = b"the parent says hello".to_vec();
-    let r = c.call(call_req(&b.bubble_id, "echo", &input)).await.unwrap();
+    let r = c
+        .call(call_req(&b.bubble_id, "echo", &input))
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().output, input);
-    let r = c.call(call_req(&b.bubble_id, "sha256", &input)).await.unwrap();
+    let r = c
+        .call(call_req(&b.bubble_id, "sha256", &input))
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().output, Sha256::digest(&input).to_vec());
     // Empty and maximum-size inputs.
     let r = c.call(call_req(&b.bubble_id, "echo", b"")).await.unwrap();
     assert!(r.into_inner().output.is_empty());
     let big: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
-    let r = c.call(call_req(&b.bubble_id, "sha256", &big)).await.unwrap();
+    let r = c
+        .call(call_req(&b.bubble_id, "sha256", &big))
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().output, Sha256::digest(&big).to_vec());
     // Unknown op: the guest refuses, the bubble stays READY.
-    let e = c.call(call_req(&b.bubble_id, "nope", b"")).await.unwrap_err();
+    let e = c
+        .call(call_req(&b.bubble_id, "nope", b""))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     let d = c
@@ -63,7 +75,10 @@ async fn boot_call_describe_list_delete() {
         .unwrap()
         .into_inner();
     assert_eq!(del.state, DELETED);
-    let e = c.call(call_req(&b.bubble_id, "echo", b"x")).await.unwrap_err();
+    let e = c
+        .call(call_req(&b.bubble_id, "echo", b"x"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     // Its VMM process is gone.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -77,10 +92,8 @@ async fn retried_create_makes_one_bubble() {
     let mut c = broker.client().await;
     let mut req = create_req(8);
     req.client_request_id = "order-42:create".into();
-    let (a, b) = tokio::join!(
-        c.clone().create_bubble(req.clone()),
-        c.clone().create_bubble(req.clone())
-    );
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (a, b) = tokio::join!(c1.create_bubble(req.clone()), c2.create_bubble(req.clone()));
     let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
     assert_eq!(a.bubble_id, b.bubble_id);
     let again = c.create_bubble(req).await.unwrap().into_inner();

@@ -1,0 +1,359 @@
+//! End to end on real KVM: warm pool and attach, idle policy, quotas,
+//! metering, metrics, graceful shutdown and a bounded load run.
+
+use std::time::{Duration, Instant};
+
+use bubble_e2e_tests::*;
+use bubble_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+const READY: i32 = pb::BubbleState::Ready as i32;
+const DELETED: i32 = pb::BubbleState::Deleted as i32;
+
+fn attach_req(profile: &str) -> pb::AttachBubbleRequest {
+    pb::AttachBubbleRequest {
+        profile: profile.into(),
+        wait_ms: 0,
+        idle: None,
+        client_request_id: String::new(),
+    }
+}
+
+/// Value of the first metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn wait_pool(broker: &BrokerProc, profile: &str, depth: f64) -> f64 {
+    let key = format!("bubbled_pool_depth{{profile=\"{profile}\"}}");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = broker.admin_get("/metrics");
+        let d = metric(&m, &key).unwrap_or(-1.0);
+        if d >= depth || Instant::now() > end {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_attach_refill_and_no_reuse_across_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            tls: true,
+            admin: true,
+            config: Some("[[pool]]\nname = \"small\"\nmemory_mib = 8\nsize = 2\n".into()),
+            ..Opts::default()
+        },
+    );
+    assert_eq!(wait_pool(&broker, "small", 2.0).await, 2.0);
+    let mut a = broker.tls_client("parent-a").await;
+    let mut b = broker.tls_client("parent-b").await;
+
+    let got = a
+        .attach_bubble(attach_req("small"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, READY);
+    assert_eq!(got.owner, "cert:parent-a");
+    assert_eq!(got.profile, "small");
+    let out = a
+        .call(call_req(&got.bubble_id, "echo", b"pooled"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"pooled");
+    // The pool refills in the background.
+    assert_eq!(wait_pool(&broker, "small", 2.0).await, 2.0);
+
+    // A's bubble is never handed to B, neither while A holds it nor after
+    // A deletes it.
+    let mut seen = vec![got.bubble_id.clone()];
+    a.delete_bubble(pb::BubbleRef {
+        bubble_id: got.bubble_id.clone(),
+    })
+    .await
+    .unwrap();
+    for _ in 0..4 {
+        let x = b
+            .attach_bubble(attach_req("small"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(x.owner, "cert:parent-b");
+        assert!(
+            !seen.contains(&x.bubble_id),
+            "bubble {} reused",
+            x.bubble_id
+        );
+        seen.push(x.bubble_id);
+    }
+    let e = b.attach_bubble(attach_req("nope")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("profile"));
+    let m = broker.admin_get("/metrics");
+    assert!(metric(&m, "bubbled_attach_seconds_count").unwrap() >= 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_bubbles_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut req = create_req(8);
+    req.idle = Some(pb::IdlePolicy {
+        idle_timeout_s: 1,
+        action: pb::IdleAction::Delete as i32,
+    });
+    let idle = c.create_bubble(req).await.unwrap().into_inner();
+    let busy = c.create_bubble(create_req(8)).await.unwrap().into_inner();
+    let b = wait_for(&mut c, &idle.bubble_id, Duration::from_secs(10), |b| {
+        b.state == DELETED
+    })
+    .await;
+    assert_eq!(b.state, DELETED);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(vmm_pids_under(dir.path()).len(), 1);
+    let b = wait_for(&mut c, &busy.bubble_id, Duration::from_millis(10), |_| true).await;
+    assert_eq!(b.state, READY);
+    // An idle action without a timeout is refused.
+    let mut req = create_req(8);
+    req.idle = Some(pb::IdlePolicy {
+        idle_timeout_s: 0,
+        action: pb::IdleAction::Delete as i32,
+    });
+    let e = c.create_bubble(req).await.unwrap_err();
+    assert!(
+        e.message().starts_with("idle.idle_timeout_s"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refuse_with_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some(
+                "[quota]\nmax_bubbles_per_parent = 2\nmax_memory_mib_per_parent = 24\n".into(),
+            ),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let first = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let e = c.create_bubble(create_req(16)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("16 MiB") && e.message().contains("24 MiB"),
+        "{}",
+        e.message()
+    );
+    c.create_bubble(create_req(8)).await.unwrap();
+    let e = c.create_bubble(create_req(4)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("2 of 2 bubbles"), "{}", e.message());
+    // Deleting frees quota.
+    c.delete_bubble(pb::BubbleRef {
+        bubble_id: first.bubble_id,
+    })
+    .await
+    .unwrap();
+    c.create_bubble(create_req(16)).await.unwrap();
+}
+
+/// User+system CPU time of a process, µs (from /proc; 10 ms ticks).
+fn proc_cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    ticks * 1_000_000 / hz
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_matches_independent_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(32)).await.unwrap().into_inner();
+    let ready_at = Instant::now();
+    let input: Vec<u8> = (0..1u32 << 20).map(|i| i as u8).collect();
+    let mut out_bytes = 0u64;
+    // Keep the guest busy for a while so CPU time is well above /proc's
+    // 10 ms resolution.
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_millis(1500) {
+        let out = c
+            .call(call_req(&b.bubble_id, "sha256", &input))
+            .await
+            .unwrap()
+            .into_inner()
+            .output;
+        assert_eq!(out, Sha256::digest(&input).to_vec());
+        out_bytes += out.len() as u64;
+        n += 1;
+    }
+    let r = c
+        .get_usage(pb::BubbleRef {
+            bubble_id: b.bubble_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let wall = ready_at.elapsed().as_secs_f64();
+    let proc_us = proc_cpu_us(b.vmm_pid);
+    let key: [u8; 32] = r.broker_public_key.clone().try_into().unwrap();
+    bubbled::usage::verify(&r, &key).unwrap();
+    let u = r.usage.unwrap();
+    assert_eq!(u.calls, n);
+    assert_eq!(u.bytes_in, n * (1 << 20));
+    assert_eq!(u.bytes_out, out_bytes);
+    let expect_mem = 32.0 * wall;
+    assert!(
+        (u.memory_mib_seconds - expect_mem).abs() <= 0.1 * expect_mem,
+        "memory {} vs {expect_mem}",
+        u.memory_mib_seconds
+    );
+    // The VMM's vCPU run time is part of the process's CPU time; the rest
+    // (exit handling, control socket) is small for this compute-bound load.
+    assert!(
+        (u.vcpu_us as f64 - proc_us as f64).abs() <= 0.1 * proc_us as f64,
+        "vcpu {} µs vs /proc {} µs",
+        u.vcpu_us,
+        proc_us
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_scrapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            admin: true,
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(8)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        c.call(call_req(&b.bubble_id, "echo", b"m")).await.unwrap();
+    }
+    let resp = broker.admin_get("/metrics");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(metric(&resp, "bubbled_bubbles{state=\"READY\"}"), Some(1.0));
+    assert_eq!(metric(&resp, "bubbled_call_seconds_count"), Some(3.0));
+    assert_eq!(metric(&resp, "bubbled_create_seconds_count"), Some(1.0));
+    assert!(resp.contains("# EOF"));
+    assert!(broker.admin_get("/healthz").contains("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_calls_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), false);
+    let c = broker.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut c = c.clone();
+        ids.push(
+            c.create_bubble(create_req(8))
+                .await
+                .unwrap()
+                .into_inner()
+                .bubble_id,
+        );
+    }
+    let input: Vec<u8> = vec![7u8; 1 << 20];
+    let mut calls = Vec::new();
+    for i in 0..12 {
+        let mut c = c.clone();
+        let req = call_req(&ids[i % 3], "sha256", &input);
+        calls.push(tokio::spawn(async move { c.call(req).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = broker.terminate();
+        (s, broker)
+    });
+    let expect = Sha256::digest(&input).to_vec();
+    for t in calls {
+        let r = t.await.unwrap().expect("a call in flight was lost");
+        assert_eq!(r.into_inner().output, expect);
+    }
+    let (s, _broker) = status.await.unwrap();
+    assert!(s.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_load_has_no_errors_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            tls: true,
+            config: Some("[[pool]]\nname = \"load\"\nmemory_mib = 8\nsize = 2\n".into()),
+            ..Opts::default()
+        },
+    );
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", broker.pid()))
+            .unwrap()
+            .count()
+    };
+    // Let the pool fill, then take the baseline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fds_before = fds();
+    let url = format!("https://localhost:{}", broker.tls.unwrap().port());
+    let out = std::process::Command::new(ctl_bin())
+        .args(["--endpoint", &url, "--pki"])
+        .arg(dir.path().join("pki"))
+        .args([
+            "--json",
+            "load",
+            "--parents",
+            "8",
+            "--rounds",
+            "2",
+            "--calls-per-round",
+            "3",
+            "--steady-calls",
+            "40",
+            "--profile",
+            "load",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "load failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["errors"], 0, "{rep}");
+    assert!(rep["ops"].as_u64().unwrap() >= 8 * (2 * 5 + 42));
+    // Only the pool's bubbles remain; the broker's fds are back to baseline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(vmm_pids_under(dir.path()).len(), 2);
+    let fds_after = fds();
+    assert!(
+        fds_after <= fds_before + 2,
+        "fds {fds_before} -> {fds_after}"
+    );
+}
