@@ -186,6 +186,7 @@ async fn through_broker(
             op: "echo".into(),
             input: vec![0xa5; 64],
             deadline_ms: 0,
+            ..Default::default()
         };
         for _ in 0..200 {
             c.call(req.clone()).await?;

@@ -489,6 +489,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                     op,
                     input,
                     deadline_ms,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_err)?

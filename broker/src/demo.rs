@@ -89,6 +89,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
                     op: "echo".into(),
                     input: payload.clone(),
                     deadline_ms: 0,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -103,6 +104,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
                 op: "sha256".into(),
                 input: input.clone(),
                 deadline_ms: 0,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -177,6 +177,7 @@ async fn call(c: &mut Client, id: &str, rep: &Shared, op: &'static str) {
         op: "echo".into(),
         input: vec![0x42; 64],
         deadline_ms: 0,
+        ..Default::default()
     };
     let out = timed(rep, op, async { c.call(req).await.map(|r| r.into_inner()) }).await;
     if let Some(o) = out {

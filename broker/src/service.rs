@@ -1185,8 +1185,17 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
+        if req.sign || !req.seal_to.is_empty() {
+            return Err(Status::unimplemented(
+                "signed and sealed call results are not available on this broker yet",
+            ));
+        }
         let (output, vmm_us) = self.broker.call(&parent, req).instrument(span).await?;
-        Ok(Response::new(pb::CallResponse { output, vmm_us }))
+        Ok(Response::new(pb::CallResponse {
+            output,
+            vmm_us,
+            ..Default::default()
+        }))
     }
 
     async fn delete_bubble(
@@ -1220,6 +1229,28 @@ impl BrokerApi for BrokerService {
             .usage(&parent, &request.get_ref().bubble_id)
             .await?;
         Ok(Response::new(r))
+    }
+
+    async fn get_attestation(
+        &self,
+        request: Request<pb::GetAttestationRequest>,
+    ) -> Result<Response<pb::Attestation>, Status> {
+        let parent = parent_of(&request)?;
+        self.broker.owned(&parent, &request.get_ref().bubble_id)?;
+        Err(Status::unimplemented(
+            "attestation is not available on this broker yet",
+        ))
+    }
+
+    async fn provision_credential(
+        &self,
+        request: Request<pb::ProvisionCredentialRequest>,
+    ) -> Result<Response<pb::ProvisionCredentialResponse>, Status> {
+        let parent = parent_of(&request)?;
+        self.broker.owned(&parent, &request.get_ref().bubble_id)?;
+        Err(Status::unimplemented(
+            "credential provisioning is not available on this broker yet",
+        ))
     }
 
     type WatchEventsStream = EventStream;

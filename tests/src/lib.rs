@@ -256,6 +256,7 @@ pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
         op: op.to_string(),
         input: input.to_vec(),
         deadline_ms: 0,
+        ..Default::default()
     }
 }
 
