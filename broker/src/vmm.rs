@@ -114,6 +114,10 @@ impl Vmm {
             .await
             .map_err(|e| e.to_string())?;
         let st = client.status().await.map_err(|e| e.to_string())?;
+        if let Some(reason) = st.failed {
+            client.kill();
+            return Err(format!("the bubble had failed: {reason}"));
+        }
         Ok((Self { client }, st.ready))
     }
 
@@ -137,7 +141,7 @@ impl Vmm {
             .call(op, input, deadline)
             .await
             .map_err(|e| match e {
-                vc::CallError::Guest(m) => CallFailure::Rejected(m),
+                vc::CallError::Guest(m) | vc::CallError::BadRequest(m) => CallFailure::Rejected(m),
                 vc::CallError::DeadlineExceeded(m) => CallFailure::Deadline(m),
                 other => CallFailure::Failed(other.to_string()),
             })

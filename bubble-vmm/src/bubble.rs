@@ -1,0 +1,162 @@
+//! A booted guest speaking ABI v1: READY, CALL/REPLY, LOG, PANIC, with the
+//! checks that keep a misbehaving guest from hurting anything but itself.
+
+use std::time::{Duration, Instant};
+
+use crate::abi::{self, MsgType};
+use crate::transport::{self, GuestMessage, TransportError};
+use crate::vm::{Vm, VmError};
+
+/// Most LOG lines passed on per second; the rest are counted and dropped.
+pub const LOG_LINES_PER_SEC: u32 = 100;
+/// More doorbells than this within one second without a reply is a flood.
+pub const FLOOD_EXITS_PER_SEC: u32 = 2000;
+
+/// Why a bubble died. Each is final: the VMM stops the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BubbleError {
+    /// The VM failed (triple fault, unexpected access, KVM error).
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest broke the ABI.
+    #[error("guest broke the ABI: {0}")]
+    Protocol(String),
+    /// The guest panicked.
+    #[error("guest panicked: {0}")]
+    Panic(String),
+    /// The guest rang the doorbell too often without answering.
+    #[error("exit flood: more than {FLOOD_EXITS_PER_SEC} doorbell exits within one second without an answer")]
+    Flood,
+}
+
+/// Result of a call that the guest answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The output.
+    Output(Vec<u8>),
+    /// The guest refused the request: (ABI error code, text).
+    Rejected(u16, String),
+}
+
+/// A guest on a VM.
+pub struct Bubble {
+    vm: Vm,
+    seq: u64,
+    log_window: Instant,
+    logs_in_window: u32,
+    exits_in_window: u32,
+    /// LOG lines dropped by the rate limit.
+    pub logs_dropped: u64,
+}
+
+impl Bubble {
+    /// Wraps a prepared VM (not yet run).
+    pub fn new(vm: Vm) -> Self {
+        Self {
+            vm,
+            seq: 0,
+            log_window: Instant::now(),
+            logs_in_window: 0,
+            exits_in_window: 0,
+            logs_dropped: 0,
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Time spent running the guest.
+    pub fn run_time(&self) -> Duration {
+        self.vm.run_time()
+    }
+
+    /// Runs until the guest's next non-LOG message; LOG lines go to `log`.
+    fn next_message(&mut self, log: &mut dyn FnMut(&str)) -> Result<GuestMessage, BubbleError> {
+        loop {
+            self.vm.run_to_doorbell()?;
+            if self.log_window.elapsed() >= Duration::from_secs(1) {
+                self.log_window = Instant::now();
+                self.logs_in_window = 0;
+                self.exits_in_window = 0;
+            }
+            self.exits_in_window += 1;
+            if self.exits_in_window > FLOOD_EXITS_PER_SEC {
+                return Err(BubbleError::Flood);
+            }
+            let msg = transport::read_message(&self.vm).map_err(|e| match e {
+                TransportError::Vm(v) => BubbleError::Vm(v),
+                other => BubbleError::Protocol(other.to_string()),
+            })?;
+            match msg.header.msg_type {
+                MsgType::Log => {
+                    let text = abi::decode_text(&msg.payload)
+                        .map_err(|e| BubbleError::Protocol(format!("LOG: {e}")))?;
+                    if self.logs_in_window < LOG_LINES_PER_SEC {
+                        self.logs_in_window += 1;
+                        log(text);
+                    } else {
+                        self.logs_dropped += 1;
+                    }
+                }
+                MsgType::Panic => {
+                    let text = String::from_utf8_lossy(
+                        &msg.payload[..msg.payload.len().min(abi::MAX_TEXT_LEN)],
+                    )
+                    .into_owned();
+                    return Err(BubbleError::Panic(text));
+                }
+                _ => {
+                    self.exits_in_window = 0;
+                    return Ok(msg);
+                }
+            }
+        }
+    }
+
+    /// Runs the guest until READY; returns its greeting.
+    pub fn boot(&mut self, log: &mut dyn FnMut(&str)) -> Result<String, BubbleError> {
+        let m = self.next_message(log)?;
+        if m.header.msg_type != MsgType::Ready {
+            return Err(BubbleError::Protocol(format!(
+                "expected READY at boot, got {:?}",
+                m.header.msg_type
+            )));
+        }
+        abi::decode_text(&m.payload)
+            .map(str::to_string)
+            .map_err(|e| BubbleError::Protocol(format!("READY: {e}")))
+    }
+
+    /// Payload capacity of the mailbox.
+    pub fn capacity(&self) -> usize {
+        transport::capacity(self.vm.layout())
+    }
+
+    /// Sends a CALL and runs the guest until it answers.
+    pub fn call(
+        &mut self,
+        op: &str,
+        input: &[u8],
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Answer, BubbleError> {
+        self.seq += 1;
+        transport::write_call(&self.vm, self.seq, op, input).map_err(|e| match e {
+            TransportError::Vm(v) => BubbleError::Vm(v),
+            other => BubbleError::Protocol(other.to_string()),
+        })?;
+        let m = self.next_message(log)?;
+        match m.header.msg_type {
+            MsgType::Reply => Ok(Answer::Output(m.payload)),
+            MsgType::ErrorReply => {
+                let (code, text) = abi::decode_error(&m.payload)
+                    .map_err(|e| BubbleError::Protocol(format!("ERROR_REPLY: {e}")))?;
+                Ok(Answer::Rejected(code, text.to_string()))
+            }
+            other => Err(BubbleError::Protocol(format!(
+                "expected REPLY or ERROR_REPLY, got {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The broker's async client of a VMM process: spawn, (re)connect, calls,
+//! events, shutdown.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::control::{self, kind, CallErrKind, Frame, Status};
+pub use crate::images::{GuestImage, HostileKind};
+use crate::process::VmmArgs;
+
+/// How to start a VMM process.
+#[derive(Clone, Debug)]
+pub struct SpawnConfig {
+    /// Bubble id.
+    pub bubble_id: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs (only 1).
+    pub vcpus: u32,
+    /// Guest image.
+    pub image: GuestImage,
+    /// Directory for the socket and log (created 0700).
+    pub dir: PathBuf,
+    /// Program to run.
+    pub program: PathBuf,
+    /// Arguments before the VMM's own (e.g. `["__vmm"]`).
+    pub program_args_prefix: Vec<String>,
+    /// Maximum call payload.
+    pub max_payload: usize,
+}
+
+/// Errors talking to a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The process could not be started.
+    #[error("cannot start the VMM process: {0}")]
+    Spawn(String),
+    /// The socket could not be reached.
+    #[error("cannot reach the VMM at {path}: {detail}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The VMM runs another bubble or spoke out of protocol.
+    #[error("VMM protocol: {0}")]
+    Protocol(String),
+    /// The VMM is gone.
+    #[error("VMM connection closed")]
+    Closed,
+    /// Waiting timed out.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The bubble failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Errors of a call.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The guest refused the request (unknown op, bad input); the bubble is fine.
+    #[error("{0}")]
+    Guest(String),
+    /// The request could not be delivered (too large for the mailbox).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The guest overran the deadline; the VMM stopped it.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The bubble died.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Something the VMM reported on its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmEvent {
+    /// The guest is READY.
+    Ready {
+        /// Boot time, µs.
+        boot_us: u64,
+    },
+    /// A guest log line.
+    Log(String),
+    /// The bubble failed.
+    Failed(String),
+    /// The connection (and usually the process) ended.
+    Exited(String),
+}
+
+/// Readiness as seen by the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Readiness {
+    Booting,
+    Ready(u64),
+    Failed(String),
+}
+
+/// Boot information once READY.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadyInfo {
+    /// Boot time (VM creation to READY), µs.
+    pub boot_us: u64,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+/// A connection to one VMM process.
+pub struct VmmClient {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<VmmEvent>,
+    readiness: watch::Receiver<Readiness>,
+    pid: u32,
+}
+
+/// Path of the control socket in a bubble directory.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("vmm.sock")
+}
+
+/// Spawns a VMM process and connects to it (READY comes later: see
+/// [`VmmClient::wait_ready`]).
+pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if cfg.vcpus != 1 {
+        return Err(VmmError::Spawn("only 1 vCPU is supported".into()));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.dir)
+        .map_err(|e| VmmError::Spawn(format!("{}: {e}", cfg.dir.display())))?;
+    let sock = socket_path(&cfg.dir);
+    let _ = std::fs::remove_file(&sock);
+    let log_path = cfg.dir.join("vmm.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| VmmError::Spawn(format!("{}: {e}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| VmmError::Spawn(e.to_string()))?;
+    let args = VmmArgs {
+        bubble_id: cfg.bubble_id.clone(),
+        memory_mib: cfg.memory_mib,
+        image: cfg.image.clone(),
+        socket: sock.clone(),
+        max_payload: cfg.max_payload,
+        boot_timeout: Duration::from_secs(20),
+    };
+    let mut cmd = tokio::process::Command::new(&cfg.program);
+    cmd.args(&cfg.program_args_prefix)
+        .args(args.to_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(false);
+    // SAFETY: setsid is async-signal-safe; it detaches the VMM from the
+    // broker's session so that it survives a broker restart.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
+    let pid = child.id().unwrap_or(0);
+    // Wait for the socket.
+    let start = std::time::Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock).await {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Ok(Some(st)) = child.try_wait() {
+                    let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    return Err(VmmError::Spawn(format!(
+                        "VMM exited ({st}) before listening: {}",
+                        tail.lines().last().unwrap_or("")
+                    )));
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.start_kill();
+                    return Err(VmmError::Connect {
+                        path: sock.display().to_string(),
+                        detail: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+    };
+    // Reap the child when it exits (it stays our child while we live).
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    VmmClient::handshake(stream, &cfg.bubble_id, pid).await
+}
+
+impl VmmClient {
+    /// Connects to a running VMM (after a broker restart) and checks that it
+    /// runs `expected_bubble_id`.
+    pub async fn connect(socket: &Path, expected_bubble_id: &str) -> Result<Self, VmmError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| VmmError::Connect {
+                path: socket.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        Self::handshake(stream, expected_bubble_id, 0).await
+    }
+
+    async fn handshake(stream: UnixStream, bubble_id: &str, pid: u32) -> Result<Self, VmmError> {
+        let (mut rd, wr) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let (events, _) = broadcast::channel(256);
+        let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
+        {
+            let (pending, events) = (pending.clone(), events.clone());
+            tokio::spawn(async move {
+                let reason = loop {
+                    let mut l = [0u8; 4];
+                    if rd.read_exact(&mut l).await.is_err() {
+                        break "VMM connection closed".to_string();
+                    }
+                    let len = match Frame::check_len(u32::from_le_bytes(l)) {
+                        Ok(n) => n,
+                        Err(e) => break format!("VMM sent a bad frame: {e}"),
+                    };
+                    let mut buf = vec![0u8; len];
+                    if rd.read_exact(&mut buf).await.is_err() {
+                        break "VMM connection closed".to_string();
+                    }
+                    let Ok(f) = Frame::decode(&buf) else {
+                        break "VMM sent a bad frame".to_string();
+                    };
+                    match f.kind {
+                        kind::EV_READY => {
+                            let us = f
+                                .body
+                                .get(..8)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_le_bytes)
+                                .unwrap_or(0);
+                            let _ = ready_tx.send(Readiness::Ready(us));
+                            let _ = events.send(VmmEvent::Ready { boot_us: us });
+                        }
+                        kind::EV_LOG => {
+                            let _ =
+                                events.send(VmmEvent::Log(String::from_utf8_lossy(&f.body).into()));
+                        }
+                        kind::EV_FAILED => {
+                            let r = String::from_utf8_lossy(&f.body).into_owned();
+                            let _ = ready_tx.send(Readiness::Failed(r.clone()));
+                            let _ = events.send(VmmEvent::Failed(r));
+                        }
+                        _ => {
+                            if f.kind == kind::STATUS_OK {
+                                if let Some(st) = Status::decode(&f.body) {
+                                    if let Some(r) = st.failed {
+                                        let _ = ready_tx.send(Readiness::Failed(r));
+                                    } else if st.ready {
+                                        ready_tx.send_if_modified(|v| {
+                                            if *v == Readiness::Booting {
+                                                *v = Readiness::Ready(st.boot_us);
+                                                true
+                                            } else {
+                                                false
+                                            }
+                                        });
+                                    }
+                                }
+                            }
+                            let tx = pending.lock().ok().and_then(|mut p| p.remove(&f.id));
+                            if let Some(tx) = tx {
+                                let _ = tx.send(f);
+                            }
+                        }
+                    }
+                };
+                if let Ok(mut p) = pending.lock() {
+                    p.clear();
+                }
+                ready_tx.send_if_modified(|v| {
+                    if *v == Readiness::Booting {
+                        *v = Readiness::Failed(reason.clone());
+                        true
+                    } else {
+                        false
+                    }
+                });
+                let _ = events.send(VmmEvent::Exited(reason));
+            });
+        }
+        let mut c = VmmClient {
+            writer: tokio::sync::Mutex::new(wr),
+            pending,
+            next_id: AtomicU64::new(1),
+            events,
+            readiness: ready_rx,
+            pid,
+        };
+        let f = c
+            .request(
+                kind::HELLO,
+                bubble_id.as_bytes().to_vec(),
+                Duration::from_secs(5),
+            )
+            .await?;
+        if f.kind != kind::STATUS_OK {
+            return Err(VmmError::Protocol(
+                String::from_utf8_lossy(&f.body).into_owned(),
+            ));
+        }
+        let st = Status::decode(&f.body).ok_or_else(|| VmmError::Protocol("bad status".into()))?;
+        if st.bubble_id != bubble_id {
+            return Err(VmmError::Protocol("VMM runs another bubble".into()));
+        }
+        if c.pid == 0 {
+            c.pid = st.pid;
+        }
+        Ok(c)
+    }
+
+    async fn request(&self, k: u8, body: Vec<u8>, timeout: Duration) -> Result<Frame, VmmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, tx);
+        }
+        let bytes = Frame { kind: k, id, body }.encode();
+        {
+            let mut w = self.writer.lock().await;
+            if w.write_all(&bytes).await.is_err() {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&id);
+                }
+                return Err(VmmError::Closed);
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(_)) => Err(VmmError::Closed),
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&id);
+                }
+                Err(VmmError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Pid of the VMM process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Subscribes to the VMM's events.
+    pub fn events(&self) -> broadcast::Receiver<VmmEvent> {
+        self.events.subscribe()
+    }
+
+    /// The VMM's status.
+    pub async fn status(&self) -> Result<Status, VmmError> {
+        let f = self
+            .request(kind::STATUS, Vec::new(), Duration::from_secs(5))
+            .await?;
+        Status::decode(&f.body).ok_or_else(|| VmmError::Protocol("bad status".into()))
+    }
+
+    /// Waits until the guest is READY.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<ReadyInfo, VmmError> {
+        let mut rx = self.readiness.clone();
+        let r = tokio::time::timeout(timeout, rx.wait_for(|r| *r != Readiness::Booting)).await;
+        match r {
+            Ok(Ok(v)) => match &*v {
+                Readiness::Ready(us) => Ok(ReadyInfo { boot_us: *us }),
+                Readiness::Failed(reason) => Err(VmmError::Failed(reason.clone())),
+                Readiness::Booting => Err(VmmError::Closed),
+            },
+            Ok(Err(_)) => Err(VmmError::Closed),
+            Err(_) => Err(VmmError::Timeout(timeout)),
+        }
+    }
+
+    /// Calls `op` in the guest; the VMM stops the guest if it overruns
+    /// `deadline`.
+    pub async fn call(
+        &self,
+        op: &str,
+        input: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let ms = deadline.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let body = control::encode_call(ms, op, input);
+        // The VMM enforces the deadline; allow it time to report.
+        let f = self
+            .request(kind::CALL, body, deadline + Duration::from_secs(5))
+            .await
+            .map_err(|e| CallError::Failed(format!("VMM did not answer: {e}")))?;
+        match f.kind {
+            kind::CALL_OK => Ok(f.body),
+            kind::CALL_ERR => {
+                let text =
+                    String::from_utf8_lossy(f.body.get(1..).unwrap_or_default()).into_owned();
+                match f.body.first().copied().and_then(CallErrKind::from_u8) {
+                    Some(CallErrKind::Rejected) => Err(CallError::Guest(text)),
+                    Some(CallErrKind::BadRequest) => Err(CallError::BadRequest(text)),
+                    Some(CallErrKind::Deadline) => Err(CallError::DeadlineExceeded(text)),
+                    _ => Err(CallError::Failed(text)),
+                }
+            }
+            _ => Err(CallError::Failed(
+                String::from_utf8_lossy(&f.body).into_owned(),
+            )),
+        }
+    }
+
+    /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        match self.request(kind::SHUTDOWN, Vec::new(), grace).await {
+            // It acknowledged and exits by itself.
+            Ok(f) if f.kind == kind::SHUTDOWN_OK => {}
+            _ => self.kill(),
+        }
+    }
+
+    /// Kills the VMM process (if it still runs).
+    pub fn kill(&self) {
+        if self.pid > 0 {
+            // SAFETY: signalling a pid has no memory-safety effects. The pid
+            // is the VMM's; after a clean shutdown it may be gone (ESRCH).
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Control protocol between the broker and a VMM process, over the bubble's
+//! Unix socket.
+//!
+//! A frame is `[len u32 LE][kind u8][id u64 LE][body]`, where `len` counts
+//! kind, id and body and is at most [`MAX_FRAME`]. Requests carry an id
+//! chosen by the broker; the answer carries the same id. Events from the
+//! VMM carry id 0.
+//!
+//! | kind | direction | body |
+//! |------|-----------|------|
+//! | `HELLO` 0x01 | broker → VMM | expected bubble id (UTF-8) |
+//! | `STATUS` 0x02 | broker → VMM | empty |
+//! | `CALL` 0x03 | broker → VMM | `[deadline_ms u32][op_len u8][op][input]` |
+//! | `SHUTDOWN` 0x04 | broker → VMM | empty |
+//! | `STATUS_OK` 0x81 | VMM → broker | [`Status`] |
+//! | `CALL_OK` 0x82 | VMM → broker | output |
+//! | `CALL_ERR` 0x83 | VMM → broker | `[kind u8][text]` (see [`CallErrKind`]) |
+//! | `SHUTDOWN_OK` 0x84 | VMM → broker | empty |
+//! | `ERROR` 0x85 | VMM → broker | text (bad request) |
+//! | `EV_READY` 0xA1 | VMM → broker | `[boot_us u64]` |
+//! | `EV_LOG` 0xA2 | VMM → broker | text |
+//! | `EV_FAILED` 0xA3 | VMM → broker | text |
+
+use std::io::{self, Read, Write};
+
+/// Largest frame (64 MiB covers any payload limit the broker allows).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// Frame kinds.
+pub mod kind {
+    /// Hello (identify the bubble).
+    pub const HELLO: u8 = 0x01;
+    /// Status request.
+    pub const STATUS: u8 = 0x02;
+    /// Call request.
+    pub const CALL: u8 = 0x03;
+    /// Shutdown request.
+    pub const SHUTDOWN: u8 = 0x04;
+    /// Status answer.
+    pub const STATUS_OK: u8 = 0x81;
+    /// Call output.
+    pub const CALL_OK: u8 = 0x82;
+    /// Call failure.
+    pub const CALL_ERR: u8 = 0x83;
+    /// Shutdown acknowledged.
+    pub const SHUTDOWN_OK: u8 = 0x84;
+    /// Malformed request.
+    pub const ERROR: u8 = 0x85;
+    /// Event: guest READY.
+    pub const EV_READY: u8 = 0xA1;
+    /// Event: guest log line.
+    pub const EV_LOG: u8 = 0xA2;
+    /// Event: bubble failed.
+    pub const EV_FAILED: u8 = 0xA3;
+}
+
+/// One frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Kind (see [`kind`]).
+    pub kind: u8,
+    /// Request id (0 for events).
+    pub id: u64,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    /// Encodes the frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let len = 1 + 8 + self.body.len();
+        let mut v = Vec::with_capacity(4 + len);
+        v.extend((len as u32).to_le_bytes());
+        v.push(self.kind);
+        v.extend(self.id.to_le_bytes());
+        v.extend(&self.body);
+        v
+    }
+
+    /// Decodes a frame's content (after the length prefix).
+    pub fn decode(buf: &[u8]) -> io::Result<Self> {
+        if buf.len() < 9 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "short frame"));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&buf[1..9]);
+        Ok(Frame {
+            kind: buf[0],
+            id: u64::from_le_bytes(id),
+            body: buf[9..].to_vec(),
+        })
+    }
+
+    /// Checks a length prefix.
+    pub fn check_len(len: u32) -> io::Result<usize> {
+        let len = len as usize;
+        if !(9..=MAX_FRAME).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame length {len} out of range"),
+            ));
+        }
+        Ok(len)
+    }
+
+    /// Reads one frame from a blocking stream.
+    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
+        let mut l = [0u8; 4];
+        r.read_exact(&mut l)?;
+        let len = Self::check_len(u32::from_le_bytes(l))?;
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf)?;
+        Self::decode(&buf)
+    }
+
+    /// Writes the frame to a blocking stream.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        w.write_all(&self.encode())
+    }
+}
+
+/// Why a call failed, in a `CALL_ERR` body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CallErrKind {
+    /// The guest refused the request; the bubble is fine.
+    Rejected = 1,
+    /// The guest overran the deadline and was stopped.
+    Deadline = 2,
+    /// The bubble is dead (reason in the text).
+    Failed = 3,
+    /// The request was malformed or too large; the bubble is fine.
+    BadRequest = 4,
+}
+
+impl CallErrKind {
+    /// Decodes the kind byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => CallErrKind::Rejected,
+            2 => CallErrKind::Deadline,
+            3 => CallErrKind::Failed,
+            4 => CallErrKind::BadRequest,
+            _ => return None,
+        })
+    }
+}
+
+/// The VMM's state, in a `STATUS_OK` body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Bubble id the VMM runs.
+    pub bubble_id: String,
+    /// Guest answered READY.
+    pub ready: bool,
+    /// Failure reason, if the bubble died.
+    pub failed: Option<String>,
+    /// Boot time (VM creation to READY), µs.
+    pub boot_us: u64,
+    /// Time the vCPU spent in KVM_RUN, µs.
+    pub vcpu_us: u64,
+    /// VMM process id.
+    pub pid: u32,
+    /// Guest ABI version.
+    pub abi_version: u16,
+}
+
+impl Status {
+    /// Encodes the status.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.push(u8::from(self.ready));
+        v.push(u8::from(self.failed.is_some()));
+        v.extend(self.boot_us.to_le_bytes());
+        v.extend(self.vcpu_us.to_le_bytes());
+        v.extend(self.pid.to_le_bytes());
+        v.extend(self.abi_version.to_le_bytes());
+        v.extend((self.bubble_id.len() as u16).to_le_bytes());
+        v.extend(self.bubble_id.as_bytes());
+        if let Some(r) = &self.failed {
+            v.extend(r.as_bytes());
+        }
+        v
+    }
+
+    /// Decodes a status body.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let ready = *b.first()? != 0;
+        let failed = *b.get(1)? != 0;
+        let boot_us = u64::from_le_bytes(b.get(2..10)?.try_into().ok()?);
+        let vcpu_us = u64::from_le_bytes(b.get(10..18)?.try_into().ok()?);
+        let pid = u32::from_le_bytes(b.get(18..22)?.try_into().ok()?);
+        let abi_version = u16::from_le_bytes(b.get(22..24)?.try_into().ok()?);
+        let n = u16::from_le_bytes(b.get(24..26)?.try_into().ok()?) as usize;
+        let bubble_id = std::str::from_utf8(b.get(26..26 + n)?).ok()?.to_string();
+        let rest = String::from_utf8_lossy(b.get(26 + n..)?).into_owned();
+        Some(Status {
+            bubble_id,
+            ready,
+            failed: failed.then_some(rest),
+            boot_us,
+            vcpu_us,
+            pid,
+            abi_version,
+        })
+    }
+}
+
+/// Encodes a CALL body.
+pub fn encode_call(deadline_ms: u32, op: &str, input: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + op.len() + input.len());
+    v.extend(deadline_ms.to_le_bytes());
+    v.push(op.len().min(255) as u8);
+    v.extend(&op.as_bytes()[..op.len().min(255)]);
+    v.extend(input);
+    v
+}
+
+/// Decodes a CALL body into (deadline_ms, op, input).
+pub fn decode_call(b: &[u8]) -> Option<(u32, &str, &[u8])> {
+    let d = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
+    let n = *b.get(4)? as usize;
+    let op = std::str::from_utf8(b.get(5..5 + n)?).ok()?;
+    Some((d, op, &b[5 + n..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_and_bodies_round_trip() {
+        let f = Frame {
+            kind: kind::CALL,
+            id: 7,
+            body: encode_call(250, "sha256", b"abc"),
+        };
+        let enc = f.encode();
+        let back = Frame::read_from(&mut &enc[..]).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(decode_call(&back.body), Some((250, "sha256", &b"abc"[..])));
+        let s = Status {
+            bubble_id: "b-1".into(),
+            ready: true,
+            failed: Some("boom".into()),
+            boot_us: 5,
+            vcpu_us: 6,
+            pid: 7,
+            abi_version: 1,
+        };
+        assert_eq!(Status::decode(&s.encode()), Some(s));
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected() {
+        assert!(Frame::read_from(&mut &[0u8, 0, 0, 0][..]).is_err());
+        assert!(Frame::read_from(&mut &[0xffu8, 0xff, 0xff, 0xff][..]).is_err());
+        assert!(Frame::read_from(&mut &[20u8, 0, 0, 0, 1][..]).is_err());
+        for n in 0..40 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37) as u8).collect();
+            let _ = Status::decode(&junk);
+            let _ = decode_call(&junk);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! `bubble-vmm`: one KVM VM per bubble.
+//!
+//! - [`layout`]: guest memory layout, initial pages and vCPU state
+//!   (deterministic, so the launch measurement can be computed offline);
+//! - [`vm`]: the KVM VM with its single vCPU entered at CPL 3;
+//! - [`abi`] (messages) and [`transport`] (doorbell + mailbox): guest ABI v1;
+//! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
+//! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
+//!   control protocol and the broker's async client;
+//! - [`images`]: the guest shim and hostile test guests;
+//! - [`floor`]: raw KVM performance floors for the benchmark.
+
+pub mod abi;
+pub mod bubble;
+pub mod client;
+pub mod control;
+pub mod floor;
+pub mod images;
+pub mod layout;
+pub mod process;
+pub mod transport;
+pub mod vm;

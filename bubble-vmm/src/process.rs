@@ -1,0 +1,467 @@
+//! The VMM process: one per bubble. It creates the VM, boots the guest,
+//! and serves the control protocol ([`crate::control`]) on the bubble's
+//! Unix socket, one connection at a time, so that a restarted broker can
+//! reconnect to a running bubble.
+//!
+//! Threads: the main thread accepts connections and reads requests; the
+//! vCPU thread owns the VM and runs calls; a watchdog thread stops the vCPU
+//! (signal + `immediate_exit`) when a call or the boot overruns its
+//! deadline. Any guest misbehaviour fails the bubble: the VMM reports the
+//! reason, then exits, freeing guest memory.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::abi::ABI_VERSION;
+use crate::bubble::{Answer, Bubble, BubbleError};
+use crate::control::{self, kind, CallErrKind, Frame, Status};
+use crate::images::{self, GuestImage};
+use crate::layout::Layout;
+use crate::vm::{self, Kicker, Vm, VmError};
+
+/// Options of a VMM process.
+#[derive(Clone, Debug)]
+pub struct VmmArgs {
+    /// Bubble id.
+    pub bubble_id: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Guest image.
+    pub image: GuestImage,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Maximum call payload, bytes.
+    pub max_payload: usize,
+    /// Time allowed from VM creation to READY.
+    pub boot_timeout: Duration,
+}
+
+/// Default deadline when a CALL carries none.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a failed VMM lingers to deliver its failure before exiting.
+const FAILED_LINGER: Duration = Duration::from_secs(2);
+
+impl VmmArgs {
+    /// Parses `--bubble-id ID --memory-mib N --image IMG --socket PATH
+    /// [--max-payload N] [--boot-timeout-ms N]`.
+    pub fn parse(args: impl Iterator<Item = String>) -> Result<Self, String> {
+        let mut a = VmmArgs {
+            bubble_id: String::new(),
+            memory_mib: 0,
+            image: GuestImage::Shim,
+            socket: PathBuf::new(),
+            max_payload: 1 << 20,
+            boot_timeout: Duration::from_secs(20),
+        };
+        let mut it = args;
+        while let Some(k) = it.next() {
+            let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
+            match k.as_str() {
+                "--bubble-id" => a.bubble_id = v,
+                "--memory-mib" => a.memory_mib = v.parse().map_err(|_| "bad --memory-mib")?,
+                "--image" => a.image = GuestImage::from_arg(&v).ok_or("bad --image")?,
+                "--socket" => a.socket = v.into(),
+                "--max-payload" => a.max_payload = v.parse().map_err(|_| "bad --max-payload")?,
+                "--boot-timeout-ms" => {
+                    a.boot_timeout =
+                        Duration::from_millis(v.parse().map_err(|_| "bad --boot-timeout-ms")?)
+                }
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        if a.bubble_id.is_empty() || a.socket.as_os_str().is_empty() || a.memory_mib == 0 {
+            return Err("--bubble-id, --memory-mib and --socket are required".into());
+        }
+        Ok(a)
+    }
+
+    /// The arguments that [`VmmArgs::parse`] reads back.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--bubble-id".into(),
+            self.bubble_id.clone(),
+            "--memory-mib".into(),
+            self.memory_mib.to_string(),
+            "--image".into(),
+            self.image.to_arg(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--max-payload".into(),
+            self.max_payload.to_string(),
+            "--boot-timeout-ms".into(),
+            self.boot_timeout.as_millis().to_string(),
+        ]
+    }
+}
+
+/// Builds the VM for an image.
+pub fn build_vm(image: &GuestImage, mem: u64, max_payload: u64) -> Result<Vm, VmError> {
+    match image {
+        GuestImage::Shim => Vm::new(images::SHIM_ELF, mem, max_payload),
+        GuestImage::Elf(p) => {
+            let elf = std::fs::read(p)
+                .map_err(|e| VmError::Memory(format!("reading {}: {e}", p.display())))?;
+            Vm::new(&elf, mem, max_payload)
+        }
+        GuestImage::Hostile(k) => {
+            // Plan with a placeholder size first: the code's length does not
+            // depend on the layout, only its constants do.
+            let probe = Layout::new(mem, crate::layout::IMAGE_BASE + 4096, max_payload)?;
+            Vm::with_code(&images::hostile_code(*k, &probe), mem, max_payload)
+        }
+    }
+}
+
+/// State shared by the VMM's threads.
+struct Shared {
+    status: Mutex<Status>,
+    /// Writer of the current broker connection.
+    conn: Mutex<Option<UnixStream>>,
+}
+
+impl Shared {
+    fn send(&self, f: &Frame) {
+        if let Ok(mut c) = self.conn.lock() {
+            if let Some(s) = c.as_mut() {
+                if f.write_to(s).is_err() {
+                    *c = None;
+                }
+            }
+        }
+    }
+
+    fn event(&self, k: u8, body: Vec<u8>) {
+        self.send(&Frame {
+            kind: k,
+            id: 0,
+            body,
+        });
+    }
+
+    fn fail(&self, reason: &str) {
+        eprintln!("bubble failed: {reason}");
+        if let Ok(mut s) = self.status.lock() {
+            if s.failed.is_none() {
+                s.failed = Some(reason.to_string());
+            }
+        }
+        self.event(kind::EV_FAILED, reason.as_bytes().to_vec());
+    }
+}
+
+/// Arms a deadline; when it passes, kicks the vCPU until disarmed.
+struct Watchdog {
+    state: Mutex<(Option<Instant>, u64)>,
+    cv: Condvar,
+    fired: AtomicBool,
+}
+
+impl Watchdog {
+    fn arm(&self, d: Duration) {
+        self.fired.store(false, Ordering::SeqCst);
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = Some(Instant::now() + d);
+            s.1 += 1;
+        }
+        self.cv.notify_all();
+    }
+
+    fn disarm(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = None;
+            s.1 += 1;
+        }
+        self.cv.notify_all();
+    }
+
+    fn run(self: Arc<Self>, kicker: Kicker, thread: libc::pthread_t) {
+        let Ok(mut g) = self.state.lock() else { return };
+        loop {
+            match g.0 {
+                None => {
+                    g = match self.cv.wait(g) {
+                        Ok(g) => g,
+                        Err(_) => return,
+                    }
+                }
+                Some(at) => {
+                    let now = Instant::now();
+                    if now < at {
+                        g = match self.cv.wait_timeout(g, at - now) {
+                            Ok((g, _)) => g,
+                            Err(_) => return,
+                        };
+                        continue;
+                    }
+                    // Overrun: kick until the vCPU thread disarms us.
+                    self.fired.store(true, Ordering::SeqCst);
+                    kicker.kick(thread);
+                    g = match self.cv.wait_timeout(g, Duration::from_millis(2)) {
+                        Ok((g, _)) => g,
+                        Err(_) => return,
+                    };
+                }
+            }
+        }
+    }
+}
+
+struct Job {
+    op: String,
+    input: Vec<u8>,
+    deadline: Duration,
+    reply: mpsc::Sender<(CallErrKindOrOk, Vec<u8>)>,
+}
+
+/// `None` = success.
+type CallErrKindOrOk = Option<CallErrKind>;
+
+fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
+    let started = Instant::now();
+    let mut vm = match build_vm(
+        &args.image,
+        u64::from(args.memory_mib) << 20,
+        args.max_payload as u64,
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            shared.fail(&format!("VM setup failed: {e}"));
+            linger_and_exit();
+        }
+    };
+    let dog = Arc::new(Watchdog {
+        state: Mutex::new((None, 0)),
+        cv: Condvar::new(),
+        fired: AtomicBool::new(false),
+    });
+    {
+        let kicker = vm.kicker();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let d = dog.clone();
+        std::thread::spawn(move || d.run(kicker, me));
+    }
+    let mut bubble = Bubble::new(vm);
+    let sh = shared.clone();
+    let mut log = move |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec());
+    dog.arm(args.boot_timeout);
+    let booted = bubble.boot(&mut log);
+    dog.disarm();
+    match booted {
+        Ok(_) => {
+            let boot_us = started.elapsed().as_micros() as u64;
+            if let Ok(mut s) = shared.status.lock() {
+                s.ready = true;
+                s.boot_us = boot_us;
+                s.vcpu_us = bubble.run_time().as_micros() as u64;
+            }
+            shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+        }
+        Err(e) => {
+            let reason = match e {
+                BubbleError::Vm(VmError::Interrupted) if dog.fired.load(Ordering::SeqCst) => {
+                    format!(
+                        "guest did not boot within {} ms",
+                        args.boot_timeout.as_millis()
+                    )
+                }
+                e => format!("boot failed: {e}"),
+            };
+            shared.fail(&reason);
+            linger_and_exit();
+        }
+    }
+    let cap = bubble.capacity();
+    for job in jobs {
+        if 1 + job.op.len() + job.input.len() > cap {
+            let _ = job.reply.send((
+                Some(CallErrKind::BadRequest),
+                format!("request does not fit the mailbox ({cap} bytes)").into_bytes(),
+            ));
+            continue;
+        }
+        dog.arm(job.deadline);
+        let r = bubble.call(&job.op, &job.input, &mut log);
+        dog.disarm();
+        if let Ok(mut s) = shared.status.lock() {
+            s.vcpu_us = bubble.run_time().as_micros() as u64;
+        }
+        match r {
+            Ok(Answer::Output(out)) => {
+                let _ = job.reply.send((None, out));
+            }
+            Ok(Answer::Rejected(code, text)) => {
+                let _ = job.reply.send((
+                    Some(CallErrKind::Rejected),
+                    format!("{text} (code {code})").into_bytes(),
+                ));
+            }
+            Err(BubbleError::Vm(VmError::Interrupted)) if dog.fired.load(Ordering::SeqCst) => {
+                let reason = format!(
+                    "call deadline exceeded: guest did not answer {:?} within {} ms",
+                    job.op,
+                    job.deadline.as_millis()
+                );
+                shared.fail(&reason);
+                let _ = job
+                    .reply
+                    .send((Some(CallErrKind::Deadline), reason.into_bytes()));
+                linger_and_exit();
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                shared.fail(&reason);
+                let _ = job
+                    .reply
+                    .send((Some(CallErrKind::Failed), reason.into_bytes()));
+                linger_and_exit();
+            }
+        }
+    }
+}
+
+fn linger_and_exit() -> ! {
+    std::thread::sleep(FAILED_LINGER);
+    std::process::exit(3);
+}
+
+fn serve(
+    stream: UnixStream,
+    shared: &Arc<Shared>,
+    jobs: &mpsc::Sender<Job>,
+    bubble_id: &str,
+) -> io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    if let Ok(mut c) = shared.conn.lock() {
+        *c = Some(stream);
+    }
+    loop {
+        let f = Frame::read_from(&mut reader)?;
+        let reply = |k: u8, body: Vec<u8>| {
+            shared.send(&Frame {
+                kind: k,
+                id: f.id,
+                body,
+            })
+        };
+        match f.kind {
+            kind::HELLO | kind::STATUS => {
+                if f.kind == kind::HELLO && f.body != bubble_id.as_bytes() {
+                    reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
+                    return Ok(());
+                }
+                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                reply(kind::STATUS_OK, st.encode());
+            }
+            kind::CALL => {
+                let Some((deadline_ms, op, input)) = control::decode_call(&f.body) else {
+                    reply(kind::ERROR, b"malformed CALL".to_vec());
+                    continue;
+                };
+                let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
+                if let Some(r) = failed {
+                    let mut b = vec![CallErrKind::Failed as u8];
+                    b.extend(r.as_bytes());
+                    reply(kind::CALL_ERR, b);
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel();
+                let deadline = match deadline_ms {
+                    0 => DEFAULT_DEADLINE,
+                    ms => Duration::from_millis(u64::from(ms)),
+                };
+                let job = Job {
+                    op: op.to_string(),
+                    input: input.to_vec(),
+                    deadline,
+                    reply: tx,
+                };
+                let (k, body) = if jobs.send(job).is_err() {
+                    (Some(CallErrKind::Failed), b"vCPU thread is gone".to_vec())
+                } else {
+                    rx.recv()
+                        .unwrap_or((Some(CallErrKind::Failed), b"vCPU thread is gone".to_vec()))
+                };
+                match k {
+                    None => reply(kind::CALL_OK, body),
+                    Some(k) => {
+                        let mut b = vec![k as u8];
+                        b.extend(body);
+                        reply(kind::CALL_ERR, b);
+                    }
+                }
+            }
+            kind::SHUTDOWN => {
+                reply(kind::SHUTDOWN_OK, Vec::new());
+                std::process::exit(0);
+            }
+            _ => reply(kind::ERROR, b"unknown request".to_vec()),
+        }
+    }
+}
+
+/// The VMM process's main; returns the exit code.
+pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
+    let args = match VmmArgs::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bubble-vmm: {e}");
+            return 2;
+        }
+    };
+    vm::install_kick_handler();
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = match UnixListener::bind(&args.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "bubble-vmm: cannot listen on {}: {e}",
+                args.socket.display()
+            );
+            return 2;
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600));
+    }
+    let shared = Arc::new(Shared {
+        status: Mutex::new(Status {
+            bubble_id: args.bubble_id.clone(),
+            pid: std::process::id(),
+            abi_version: ABI_VERSION,
+            ..Status::default()
+        }),
+        conn: Mutex::new(None),
+    });
+    let (tx, rx) = mpsc::channel();
+    {
+        let (a, s) = (args.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || vcpu_thread(a, s, rx))
+            .map_err(|e| eprintln!("bubble-vmm: cannot start the vCPU thread: {e}"))
+            .ok();
+    }
+    for conn in listener.incoming() {
+        match conn {
+            Ok(s) => {
+                if let Err(e) = serve(s, &shared, &tx, &args.bubble_id) {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        eprintln!("bubble-vmm: connection ended: {e}");
+                    }
+                }
+                if let Ok(mut c) = shared.conn.lock() {
+                    *c = None;
+                }
+            }
+            Err(e) => eprintln!("bubble-vmm: accept: {e}"),
+        }
+    }
+    0
+}

@@ -1,0 +1,101 @@
+//! Guest ABI v1 *transport*: how messages travel between a bubble and its
+//! VMM on a plain KVM host.
+//!
+//! - **Doorbell**: a 32-bit write to [`layout::DOORBELL_GPA`], an address
+//!   with no memory slot, so the access exits to the VMM (KVM_EXIT_MMIO) at
+//!   any CPL on every KVM backend. One doorbell = one exit: it publishes the
+//!   guest's message and, because the vCPU stays stopped until the VMM has
+//!   placed the next request, also waits for it.
+//! - **Mailbox**: pages at the top of guest RAM ([`Layout::mailbox_gpa`]),
+//!   holding one [`abi::Header`] and its payload in either direction.
+//!
+//! On SEV-SNP the doorbell becomes a VMGEXIT through the GHCB and the
+//! mailbox pages are shared (C-bit clear); the messages in [`crate::abi`]
+//! stay as they are.
+
+use crate::abi::{self, AbiError, Header, MsgType, HEADER_LEN};
+use crate::layout::{self, Layout};
+use crate::vm::{Vm, VmError};
+
+/// A doorbell ring: the 32-bit value the guest wrote (its sequence number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Doorbell(pub u32);
+
+/// Recognizes a doorbell write; anything else is not part of the ABI.
+pub fn doorbell_write(addr: u64, data: &[u8]) -> Option<Doorbell> {
+    if addr != layout::DOORBELL_GPA || data.len() != 4 {
+        return None;
+    }
+    Some(Doorbell(u32::from_le_bytes([
+        data[0], data[1], data[2], data[3],
+    ])))
+}
+
+/// Errors reading or writing the mailbox.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The guest's message is malformed.
+    #[error("guest message rejected: {0}")]
+    Abi(AbiError),
+    /// The host's message does not fit the mailbox.
+    #[error("request of {len} bytes does not fit the mailbox ({cap} bytes)")]
+    TooLarge {
+        /// Encoded length.
+        len: usize,
+        /// Mailbox payload capacity.
+        cap: usize,
+    },
+    /// Guest memory access failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// A message read from the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestMessage {
+    /// Its header.
+    pub header: Header,
+    /// Its payload (`header.length` bytes, copied out of guest memory).
+    pub payload: Vec<u8>,
+}
+
+/// Payload capacity of a layout's mailbox.
+pub fn capacity(l: &Layout) -> usize {
+    (l.mailbox_size as usize).saturating_sub(HEADER_LEN)
+}
+
+/// Reads and validates the guest's message from the mailbox.
+pub fn read_message(vm: &Vm) -> Result<GuestMessage, TransportError> {
+    let l = *vm.layout();
+    let mut h = [0u8; HEADER_LEN];
+    vm.read(l.mailbox_gpa, &mut h)?;
+    let header = Header::decode(&h, capacity(&l) as u64).map_err(TransportError::Abi)?;
+    if header.msg_type == MsgType::Call {
+        return Err(TransportError::Abi(AbiError::UnknownType(
+            MsgType::Call as u16,
+        )));
+    }
+    let mut payload = vec![0u8; header.length as usize];
+    vm.read(l.mailbox_gpa + HEADER_LEN as u64, &mut payload)?;
+    Ok(GuestMessage { header, payload })
+}
+
+/// Writes a CALL request into the mailbox.
+pub fn write_call(vm: &Vm, seq: u64, op: &str, input: &[u8]) -> Result<(), TransportError> {
+    let l = *vm.layout();
+    let cap = capacity(&l);
+    let len = 1 + op.len() + input.len();
+    if len > cap {
+        return Err(TransportError::TooLarge { len, cap });
+    }
+    let mut buf = vec![0u8; len];
+    abi::encode_call(op, input, &mut buf).ok_or(TransportError::TooLarge { len, cap })?;
+    vm.write(l.mailbox_gpa + HEADER_LEN as u64, &buf)?;
+    let h = Header {
+        msg_type: MsgType::Call,
+        length: len as u32,
+        seq,
+    };
+    vm.write(l.mailbox_gpa, &h.encode())?;
+    Ok(())
+}

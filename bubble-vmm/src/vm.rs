@@ -1,0 +1,340 @@
+//! One KVM VM with one vCPU entered at CPL 3 in long mode.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_dtable, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{self, Image, InitialVcpu, Layout};
+use crate::transport::{self, Doorbell};
+
+/// Errors creating or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The image or layout is invalid.
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    #[error("guest triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}")]
+    TripleFault {
+        /// Guest RIP when it happened.
+        rip: u64,
+    },
+    /// The guest touched an address or port it must not.
+    #[error("guest accessed {what} at {addr:#x}, which is not part of the bubble ABI")]
+    UnexpectedAccess {
+        /// MMIO read/write or port I/O.
+        what: &'static str,
+        /// Address or port.
+        addr: u64,
+    },
+    /// KVM reported an exit the VMM does not handle.
+    #[error("unexpected VM exit: {0}")]
+    UnexpectedExit(String),
+    /// The run was interrupted on request (deadline).
+    #[error("vCPU interrupted")]
+    Interrupted,
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A bubble's VM: guest memory, the VM and its single vCPU.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap<()>,
+    layout: Layout,
+    /// Time spent inside KVM_RUN.
+    run_time: Duration,
+}
+
+/// Lets another thread stop a running vCPU (see [`Vm::kicker`]).
+#[derive(Clone)]
+pub struct Kicker {
+    immediate_exit: Arc<AtomicPtr<u8>>,
+}
+
+impl Kicker {
+    /// Asks the vCPU to leave KVM_RUN: sets `immediate_exit` (so a vCPU
+    /// about to enter returns at once) and signals the vCPU thread (so a
+    /// running one exits with EINTR).
+    pub fn kick(&self, thread: libc::pthread_t) {
+        let p = self.immediate_exit.load(Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` points into the vCPU's mmapped kvm_run structure,
+            // which lives as long as the Vm (the kicker is only used while
+            // the vCPU thread owns the Vm); a byte store is what KVM expects.
+            unsafe { std::ptr::write_volatile(p, 1) };
+        }
+        // SAFETY: signalling a live thread of this process; the handler is
+        // a no-op installed by `install_kick_handler`.
+        unsafe {
+            libc::pthread_kill(thread, kick_signal());
+        }
+    }
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Installs a no-op handler (without SA_RESTART) for [`kick_signal`], so the
+/// signal interrupts KVM_RUN with EINTR instead of killing the process.
+pub fn install_kick_handler() {
+    // SAFETY: sigaction with a valid, async-signal-safe handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop_handler as *const () as usize;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+    }
+}
+
+fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 3,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Vm {
+    /// Creates the VM, loads `elf` and prepares the vCPU at its entry point.
+    pub fn new(elf: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
+        let image = Image::parse(elf)?;
+        let layout = Layout::new(mem_size, image.end(), max_payload)?;
+        let mut vm = Self::bare(&layout)?;
+        for p in layout::boot_pages(&layout) {
+            vm.mem
+                .write_slice(&p.data, GuestAddress(p.gpa))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        }
+        let loaded = Elf::load(&vm.mem, None, &mut Cursor::new(elf), None)
+            .map_err(|e| VmError::Memory(format!("loading the image: {e}")))?;
+        vm.setup_vcpu(&layout::initial_vcpu(loaded.kernel_load.0))?;
+        Ok(vm)
+    }
+
+    /// A VM running raw machine code at [`layout::IMAGE_BASE`] (floors and
+    /// hostile test guests).
+    pub fn with_code(code: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
+        let layout = Layout::new(
+            mem_size,
+            layout::IMAGE_BASE + code.len() as u64,
+            max_payload,
+        )?;
+        let mut vm = Self::bare(&layout)?;
+        for p in layout::boot_pages(&layout) {
+            vm.mem
+                .write_slice(&p.data, GuestAddress(p.gpa))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        }
+        vm.mem
+            .write_slice(code, GuestAddress(layout::IMAGE_BASE))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        vm.setup_vcpu(&layout::initial_vcpu(layout::IMAGE_BASE))?;
+        Ok(vm)
+    }
+
+    fn bare(layout: &Layout) -> Result<Self, VmError> {
+        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+        // Anonymous, MAP_NORESERVE: untouched guest pages cost no host memory.
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)])
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // Vm keeps alive for as long as the VM exists.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("set memory region"))?;
+        }
+        let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
+        let cpuid = kvm_fd
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("get supported CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+        Ok(Self {
+            _kvm: kvm_fd,
+            _vm: vm,
+            vcpu,
+            mem,
+            layout: *layout,
+            run_time: Duration::ZERO,
+        })
+    }
+
+    fn setup_vcpu(&mut self, s0: &InitialVcpu) -> Result<(), VmError> {
+        let mut s = self.vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        s.cr0 = s0.cr0;
+        s.cr3 = s0.cr3;
+        s.cr4 = s0.cr4;
+        s.efer = s0.efer;
+        s.cs = seg(s0.cs, 0xb, 1, 0);
+        let d = seg(s0.ds, 0x3, 0, 1);
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
+        s.gdt = kvm_dtable {
+            base: s0.gdt_base,
+            limit: s0.gdt_limit,
+            padding: [0; 3],
+        };
+        s.idt = kvm_dtable {
+            base: 0,
+            limit: 0,
+            padding: [0; 3],
+        };
+        s.tr = kvm_segment {
+            base: layout::TSS,
+            limit: layout::TSS_LIMIT,
+            selector: s0.tr,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 0,
+            l: 0,
+            g: 0,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        self.vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
+        let mut f = self.vcpu.get_fpu().map_err(kvm("get fpu"))?;
+        f.fcw = s0.fcw;
+        f.mxcsr = s0.mxcsr;
+        self.vcpu.set_fpu(&f).map_err(kvm("set fpu"))?;
+        let mut r = self.vcpu.get_regs().map_err(kvm("get regs"))?;
+        r.rip = s0.rip;
+        r.rsp = s0.rsp;
+        r.rflags = s0.rflags;
+        self.vcpu.set_regs(&r).map_err(kvm("set regs"))?;
+        Ok(())
+    }
+
+    /// The memory layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Total time the vCPU spent in KVM_RUN.
+    pub fn run_time(&self) -> Duration {
+        self.run_time
+    }
+
+    /// A handle another thread can use to stop the vCPU.
+    pub fn kicker(&mut self) -> Kicker {
+        let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        Kicker {
+            immediate_exit: Arc::new(AtomicPtr::new(p)),
+        }
+    }
+
+    /// Runs the vCPU until the guest rings the doorbell.
+    ///
+    /// Returns [`VmError::Interrupted`] when kicked; any exit other than a
+    /// doorbell write ends the bubble with a precise error.
+    pub fn run_to_doorbell(&mut self) -> Result<Doorbell, VmError> {
+        let t = Instant::now();
+        let r = self.run_inner();
+        self.run_time += t.elapsed();
+        r
+    }
+
+    fn run_inner(&mut self) -> Result<Doorbell, VmError> {
+        loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    return transport::doorbell_write(addr, data).ok_or(VmError::UnexpectedAccess {
+                        what: "MMIO write",
+                        addr,
+                    })
+                }
+                Ok(VcpuExit::MmioRead(addr, _)) => {
+                    return Err(VmError::UnexpectedAccess {
+                        what: "MMIO read",
+                        addr,
+                    })
+                }
+                Ok(VcpuExit::IoIn(port, _)) | Ok(VcpuExit::IoOut(port, _)) => {
+                    return Err(VmError::UnexpectedAccess {
+                        what: "port I/O",
+                        addr: u64::from(port),
+                    })
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(VmError::TripleFault { rip });
+                }
+                Ok(VcpuExit::Intr) => continue,
+                Ok(other) => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    let ie = &mut self.vcpu.get_kvm_run().immediate_exit;
+                    *ie = 0;
+                    return Err(VmError::Interrupted);
+                }
+                Err(e) => return Err(kvm("run vCPU")(e)),
+            }
+        }
+    }
+
+    /// Reads guest memory (bounds-checked against guest RAM).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| VmError::Memory(e.to_string()))
+    }
+
+    /// Writes guest memory (bounds-checked against guest RAM).
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), VmError> {
+        self.mem
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|e| VmError::Memory(e.to_string()))
+    }
+}

@@ -1,0 +1,195 @@
+//! The bubble guest shim: a bare-metal `no_std` program entered by the VMM
+//! in 64-bit mode at CPL 3, with identity-mapped memory and no interrupts.
+//!
+//! It speaks guest ABI v1 (`bubble-vmm/src/abi.rs`, compiled into this
+//! binary): it announces READY, then answers each CALL with one doorbell
+//! access that both publishes the answer and waits for the next request.
+//! Built-in ops: `echo` and `sha256`, computed here, inside the guest.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[path = "../../bubble-vmm/src/abi.rs"]
+#[allow(dead_code)]
+mod abi;
+mod mem;
+
+use core::fmt::Write as _;
+use core::panic::PanicInfo;
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use abi::{BootInfo, Header, MsgType, HEADER_LEN};
+use sha2::{Digest, Sha256};
+
+/// The guest's view of its mailbox.
+struct Mailbox {
+    base: *mut u8,
+    size: usize,
+    doorbell: *mut u32,
+    seq: u64,
+}
+
+impl Mailbox {
+    fn capacity(&self) -> usize {
+        self.size - HEADER_LEN
+    }
+
+    fn payload(&mut self) -> &mut [u8] {
+        // SAFETY: the VMM reserved [base, base+size) for the mailbox; the
+        // guest is single-threaded and the host only writes it while the
+        // vCPU is stopped in a doorbell exit.
+        unsafe { core::slice::from_raw_parts_mut(self.base.add(HEADER_LEN), self.capacity()) }
+    }
+
+    fn header(&self) -> Option<Header> {
+        let mut h = [0u8; HEADER_LEN];
+        for (i, b) in h.iter_mut().enumerate() {
+            // SAFETY: within the mailbox; volatile because the host wrote it.
+            *b = unsafe { core::ptr::read_volatile(self.base.add(i)) };
+        }
+        Header::decode(&h, self.capacity() as u64).ok()
+    }
+
+    /// Publishes a message whose payload is already in place, then rings
+    /// the doorbell; returns when the host has placed the next request.
+    fn send(&mut self, msg_type: MsgType, len: usize) {
+        self.seq += 1;
+        let h = Header {
+            msg_type,
+            length: len as u32,
+            seq: self.seq,
+        }
+        .encode();
+        for (i, b) in h.iter().enumerate() {
+            // SAFETY: within the mailbox.
+            unsafe { core::ptr::write_volatile(self.base.add(i), *b) };
+        }
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: the doorbell is an identity-mapped, unbacked guest-physical
+        // address: the access exits to the VMM, which resumes us afterwards.
+        unsafe { core::ptr::write_volatile(self.doorbell, self.seq as u32) };
+        compiler_fence(Ordering::SeqCst);
+    }
+
+    fn send_bytes(&mut self, msg_type: MsgType, data: &[u8]) {
+        let n = data.len().min(self.capacity());
+        self.payload()[..n].copy_from_slice(&data[..n]);
+        self.send(msg_type, n);
+    }
+
+    fn send_error(&mut self, code: u16, text: &str) {
+        let t = text.as_bytes();
+        let n = t.len().min(abi::MAX_TEXT_LEN);
+        let p = self.payload();
+        p[..2].copy_from_slice(&code.to_le_bytes());
+        p[2..2 + n].copy_from_slice(&t[..n]);
+        self.send(MsgType::ErrorReply, 2 + n);
+    }
+}
+
+static mut MAILBOX: Option<Mailbox> = None;
+
+fn boot_info() -> BootInfo {
+    let mut b = [0u8; abi::BOOT_INFO_LEN];
+    for (i, x) in b.iter_mut().enumerate() {
+        // SAFETY: the VMM writes the boot information page before entry.
+        *x = unsafe { core::ptr::read_volatile((abi::BOOT_INFO_GPA as *const u8).add(i)) };
+    }
+    match BootInfo::decode(&b) {
+        Ok(i) => i,
+        // Nothing to report to without a mailbox: fault, which the VMM sees
+        // as a triple fault.
+        Err(_) => fault(),
+    }
+}
+
+fn fault() -> ! {
+    // SAFETY: ud2 raises #UD; with no IDT the VMM sees a triple fault.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+/// Entry point: the VMM sets RSP and jumps here at CPL 3.
+#[no_mangle]
+#[link_section = ".text._start"]
+pub extern "C" fn _start() -> ! {
+    let info = boot_info();
+    mem::init_heap(info.heap_start as usize, info.heap_end as usize);
+    let mb = Mailbox {
+        base: info.mailbox_gpa as *mut u8,
+        size: info.mailbox_size as usize,
+        doorbell: info.doorbell_gpa as *mut u32,
+        seq: 0,
+    };
+    // SAFETY: single-threaded; set once before any use.
+    let mb = unsafe {
+        MAILBOX = Some(mb);
+        (*core::ptr::addr_of_mut!(MAILBOX)).as_mut().unwrap_unchecked()
+    };
+    mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 1");
+    loop {
+        serve(mb);
+    }
+}
+
+/// Handles the request in the mailbox and answers it (which waits for the
+/// next request).
+fn serve(mb: &mut Mailbox) {
+    let Some(h) = mb.header() else {
+        mb.send_error(abi::code::BAD_INPUT, "malformed request header");
+        return;
+    };
+    if h.msg_type != MsgType::Call {
+        mb.send_error(abi::code::BAD_INPUT, "expected a CALL");
+        return;
+    }
+    let len = h.length as usize;
+    let payload = mb.payload();
+    let (op_len, input_len) = match abi::decode_call(&payload[..len]) {
+        Ok((op, input)) => (op.len(), input.len()),
+        Err(_) => {
+            mb.send_error(abi::code::BAD_INPUT, "malformed CALL payload");
+            return;
+        }
+    };
+    let start = 1 + op_len;
+    let mut op_buf = [0u8; abi::MAX_OP_LEN];
+    op_buf[..op_len].copy_from_slice(&payload[1..start]);
+    let op = &op_buf[..op_len];
+    match op {
+        b"echo" => {
+            payload.copy_within(start..start + input_len, 0);
+            mb.send(MsgType::Reply, input_len);
+        }
+        b"sha256" => {
+            let d = Sha256::digest(&payload[start..start + input_len]);
+            payload[..32].copy_from_slice(&d);
+            mb.send(MsgType::Reply, 32);
+        }
+        _ => {
+            let mut msg = mem::FixedBuf::<128>::new();
+            let _ = write!(
+                msg,
+                "unknown op {:?} (known: echo, sha256)",
+                core::str::from_utf8(op).unwrap_or("?")
+            );
+            mb.send_error(abi::code::UNKNOWN_OP, msg.as_str());
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    let mut msg = mem::FixedBuf::<512>::new();
+    let _ = write!(msg, "{}", info.message());
+    if let Some(l) = info.location() {
+        let _ = write!(msg, " at {}:{}", l.file(), l.line());
+    }
+    // SAFETY: single-threaded; MAILBOX is set before anything can panic
+    // except boot_info, which faults instead.
+    if let Some(mb) = unsafe { (*core::ptr::addr_of_mut!(MAILBOX)).as_mut() } {
+        mb.send_bytes(MsgType::Panic, msg.as_str().as_bytes());
+    }
+    fault()
+}
