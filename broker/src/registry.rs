@@ -310,10 +310,15 @@ fn decode(id: &str, bytes: &[u8]) -> Result<BubbleRecord, RegistryError> {
 }
 
 #[cfg(test)]
+fn tests_rec() -> BubbleRecord {
+    tests::rec("b1", "o", "k")
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rec(id: &str, owner: &str, req: &str) -> BubbleRecord {
+    pub(super) fn rec(id: &str, owner: &str, req: &str) -> BubbleRecord {
         BubbleRecord {
             id: id.into(),
             owner: owner.into(),
@@ -354,5 +359,20 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(r.get("b1").unwrap().unwrap().state, State::Ready);
         assert!(r.get("b2").unwrap().is_none());
+    }
+}
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn put_cost() {
+        let d = tempfile::tempdir().unwrap();
+        let r = super::Registry::open(&d.path().join("r")).unwrap();
+        let rec = super::tests_rec();
+        let t = std::time::Instant::now();
+        for _ in 0..100 {
+            r.put(&rec).unwrap();
+        }
+        eprintln!("put: {:?}", t.elapsed() / 100);
     }
 }

@@ -334,7 +334,7 @@ impl Broker {
         update: impl FnOnce(&mut BubbleRecord),
     ) -> Result<BubbleRecord, BrokerError> {
         let now = now_ms();
-        let (rec, changed) = {
+        let (rec, changed, prev) = {
             let mut m = self
                 .records
                 .lock()
@@ -348,6 +348,7 @@ impl Broker {
             {
                 return Ok(r.clone());
             }
+            let prev = r.state;
             let changed = r.state != state;
             if changed && state == State::Ready && r.usage.running_since_ms == 0 {
                 r.usage.running_since_ms = now;
@@ -360,12 +361,21 @@ impl Broker {
                 r.failure_reason = reason.to_string();
             }
             update(r);
-            (r.clone(), changed)
+            (r.clone(), changed, prev)
         };
-        if !matches!(state, State::Busy) && (changed || state != State::Ready) {
+        // READY <-> BUSY flips with every call: kept in memory (and flushed
+        // with the counters); every other change is persisted before it is
+        // reported.
+        let transient = matches!(
+            (prev, state),
+            (State::Ready | State::Busy, State::Ready | State::Busy)
+        );
+        if transient {
+            if let Ok(mut d) = self.dirty.lock() {
+                d.insert(id.to_string());
+            }
+        } else {
             self.registry.put(&rec)?;
-        } else if let Ok(mut d) = self.dirty.lock() {
-            d.insert(id.to_string());
         }
         if changed {
             let _ = self.events.send(Event {

@@ -165,14 +165,11 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         .stdout(log)
         .stderr(log2)
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe; it detaches the VMM from the
-    // broker's session so that it survives a broker restart.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // Its own process group: signals to the broker's group (Ctrl-C, a
+    // service manager stopping the broker) do not reach the bubble, which
+    // survives a broker restart. Unlike setsid in a pre_exec hook this
+    // keeps the fast posix_spawn path.
+    cmd.process_group(0);
     let mut child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
     let pid = child.id().unwrap_or(0);
     // Wait for the socket.
@@ -195,7 +192,7 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
                         detail: e.to_string(),
                     });
                 }
-                tokio::time::sleep(Duration::from_micros(200)).await;
+                tokio::time::sleep(Duration::from_micros(50)).await;
             }
         }
     };

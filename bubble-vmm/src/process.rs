@@ -211,17 +211,7 @@ impl Watchdog {
     }
 }
 
-struct Job {
-    op: String,
-    input: Vec<u8>,
-    deadline: Duration,
-    reply: mpsc::Sender<(CallErrKindOrOk, Vec<u8>)>,
-}
-
-/// `None` = success.
-type CallErrKindOrOk = Option<CallErrKind>;
-
-fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
+fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStream>) {
     let started = Instant::now();
     let mut vm = match build_vm(
         &args.image,
@@ -230,8 +220,8 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
     ) {
         Ok(vm) => vm,
         Err(e) => {
-            shared.fail(&format!("VM setup failed: {e}"));
-            linger_and_exit();
+            fail_then_exit(&shared, &format!("VM setup failed: {e}"));
+            return serve_all(conns, None, &args.bubble_id, &shared);
         }
     };
     let dog = Arc::new(Watchdog {
@@ -246,25 +236,30 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
         let d = dog.clone();
         std::thread::spawn(move || d.run(kicker, me));
     }
-    let mut bubble = Bubble::new(vm);
+    let mut guest = Guest {
+        bubble: Bubble::new(vm),
+        dog,
+        shared: shared.clone(),
+    };
+    guest.dog.arm(args.boot_timeout);
     let sh = shared.clone();
-    let mut log = move |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec());
-    dog.arm(args.boot_timeout);
-    let booted = bubble.boot(&mut log);
-    dog.disarm();
+    let booted = guest
+        .bubble
+        .boot(&mut |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec()));
+    guest.dog.disarm();
     match booted {
         Ok(_) => {
             let boot_us = started.elapsed().as_micros() as u64;
             if let Ok(mut s) = shared.status.lock() {
                 s.ready = true;
                 s.boot_us = boot_us;
-                s.vcpu_us = bubble.run_time().as_micros() as u64;
+                s.vcpu_us = guest.bubble.run_time().as_micros() as u64;
             }
             shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
         }
         Err(e) => {
             let reason = match e {
-                BubbleError::Vm(VmError::Interrupted) if dog.fired.load(Ordering::SeqCst) => {
+                BubbleError::Vm(VmError::Interrupted) if guest.dog.fired.load(Ordering::SeqCst) => {
                     format!(
                         "guest did not boot within {} ms",
                         args.boot_timeout.as_millis()
@@ -272,71 +267,107 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
                 }
                 e => format!("boot failed: {e}"),
             };
-            shared.fail(&reason);
-            linger_and_exit();
+            fail_then_exit(&shared, &reason);
+            return serve_all(conns, None, &args.bubble_id, &shared);
         }
     }
-    let cap = bubble.capacity();
-    for job in jobs {
-        if 1 + job.op.len() + job.input.len() > cap {
-            let _ = job.reply.send((
-                Some(CallErrKind::BadRequest),
-                format!("request does not fit the mailbox ({cap} bytes)").into_bytes(),
-            ));
-            continue;
+    serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// Serves broker connections one at a time, on the vCPU thread: a call
+/// runs the guest right here, without a thread hand-off. Without a guest
+/// (it failed), status requests report the failure until the VMM exits.
+fn serve_all(
+    conns: mpsc::Receiver<UnixStream>,
+    mut guest: Option<&mut Guest>,
+    bubble_id: &str,
+    shared: &Arc<Shared>,
+) {
+    for conn in conns {
+        if let Err(e) = serve(conn, guest.as_deref_mut(), bubble_id, shared) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                eprintln!("bubble-vmm: connection ended: {e}");
+            }
         }
-        dog.arm(job.deadline);
-        let r = bubble.call(&job.op, &job.input, &mut log);
-        dog.disarm();
-        if let Ok(mut s) = shared.status.lock() {
-            s.vcpu_us = bubble.run_time().as_micros() as u64;
-        }
-        match r {
-            Ok(Answer::Output(out)) => {
-                let _ = job.reply.send((None, out));
-            }
-            Ok(Answer::Rejected(code, text)) => {
-                let _ = job.reply.send((
-                    Some(CallErrKind::Rejected),
-                    format!("{text} (code {code})").into_bytes(),
-                ));
-            }
-            Err(BubbleError::Vm(VmError::Interrupted)) if dog.fired.load(Ordering::SeqCst) => {
-                let reason = format!(
-                    "call deadline exceeded: guest did not answer {:?} within {} ms",
-                    job.op,
-                    job.deadline.as_millis()
-                );
-                shared.fail(&reason);
-                let _ = job
-                    .reply
-                    .send((Some(CallErrKind::Deadline), reason.into_bytes()));
-                linger_and_exit();
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                shared.fail(&reason);
-                let _ = job
-                    .reply
-                    .send((Some(CallErrKind::Failed), reason.into_bytes()));
-                linger_and_exit();
-            }
+        if let Ok(mut c) = shared.conn.lock() {
+            *c = None;
         }
     }
 }
 
-fn linger_and_exit() -> ! {
-    std::thread::sleep(FAILED_LINGER);
-    std::process::exit(3);
+/// Records the failure and ends the process after a short grace period in
+/// which the broker can still learn why.
+fn fail_then_exit(shared: &Shared, reason: &str) {
+    shared.fail(reason);
+    std::thread::spawn(|| {
+        std::thread::sleep(FAILED_LINGER);
+        std::process::exit(3);
+    });
+}
+
+/// The booted guest and what guards it.
+struct Guest {
+    bubble: Bubble,
+    dog: Arc<Watchdog>,
+    shared: Arc<Shared>,
+}
+
+impl Guest {
+    /// Runs one call; a fatal outcome fails the bubble and ends the process
+    /// after the answer is sent.
+    fn call(
+        &mut self,
+        op: &str,
+        input: &[u8],
+        deadline: Duration,
+    ) -> (Option<CallErrKind>, Vec<u8>, bool) {
+        let cap = self.bubble.capacity();
+        if 1 + op.len() + input.len() > cap {
+            return (
+                Some(CallErrKind::BadRequest),
+                format!("request does not fit the mailbox ({cap} bytes)").into_bytes(),
+                false,
+            );
+        }
+        let sh = self.shared.clone();
+        let mut log = move |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec());
+        self.dog.arm(deadline);
+        let r = self.bubble.call(op, input, &mut log);
+        self.dog.disarm();
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.vcpu_us = self.bubble.run_time().as_micros() as u64;
+        }
+        match r {
+            Ok(Answer::Output(out)) => (None, out, false),
+            Ok(Answer::Rejected(code, text)) => (
+                Some(CallErrKind::Rejected),
+                format!("{text} (code {code})").into_bytes(),
+                false,
+            ),
+            Err(BubbleError::Vm(VmError::Interrupted)) if self.dog.fired.load(Ordering::SeqCst) => {
+                let reason = format!(
+                    "call deadline exceeded: guest did not answer {op:?} within {} ms",
+                    deadline.as_millis()
+                );
+                fail_then_exit(&self.shared, &reason);
+                (Some(CallErrKind::Deadline), reason.into_bytes(), true)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                fail_then_exit(&self.shared, &reason);
+                (Some(CallErrKind::Failed), reason.into_bytes(), true)
+            }
+        }
+    }
 }
 
 fn serve(
     stream: UnixStream,
-    shared: &Arc<Shared>,
-    jobs: &mpsc::Sender<Job>,
+    mut guest: Option<&mut Guest>,
     bubble_id: &str,
+    shared: &Arc<Shared>,
 ) -> io::Result<()> {
-    let mut reader = stream.try_clone()?;
+    let mut reader = io::BufReader::new(stream.try_clone()?);
     if let Ok(mut c) = shared.conn.lock() {
         *c = Some(stream);
     }
@@ -363,29 +394,25 @@ fn serve(
                     reply(kind::ERROR, b"malformed CALL".to_vec());
                     continue;
                 };
-                let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
-                if let Some(r) = failed {
-                    let mut b = vec![CallErrKind::Failed as u8];
-                    b.extend(r.as_bytes());
-                    reply(kind::CALL_ERR, b);
-                    continue;
-                }
-                let (tx, rx) = mpsc::channel();
                 let deadline = match deadline_ms {
                     0 => DEFAULT_DEADLINE,
                     ms => Duration::from_millis(u64::from(ms)),
                 };
-                let job = Job {
-                    op: op.to_string(),
-                    input: input.to_vec(),
-                    deadline,
-                    reply: tx,
-                };
-                let (k, body) = if jobs.send(job).is_err() {
-                    (Some(CallErrKind::Failed), b"vCPU thread is gone".to_vec())
-                } else {
-                    rx.recv()
-                        .unwrap_or((Some(CallErrKind::Failed), b"vCPU thread is gone".to_vec()))
+                let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
+                let (k, body) = match (failed, guest.as_deref_mut()) {
+                    (None, Some(g)) => {
+                        let (k, body, fatal) = g.call(op, input, deadline);
+                        if fatal {
+                            guest = None;
+                        }
+                        (k, body)
+                    }
+                    (reason, _) => (
+                        Some(CallErrKind::Failed),
+                        reason
+                            .unwrap_or_else(|| "the bubble has no guest".into())
+                            .into_bytes(),
+                    ),
                 };
                 match k {
                     None => reply(kind::CALL_OK, body),
@@ -442,22 +469,19 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     let (tx, rx) = mpsc::channel();
     {
         let (a, s) = (args.clone(), shared.clone());
-        std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || vcpu_thread(a, s, rx))
-            .map_err(|e| eprintln!("bubble-vmm: cannot start the vCPU thread: {e}"))
-            .ok();
+        {
+            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
+            return 2;
+        }
     }
     for conn in listener.incoming() {
         match conn {
             Ok(s) => {
-                if let Err(e) = serve(s, &shared, &tx, &args.bubble_id) {
-                    if e.kind() != io::ErrorKind::UnexpectedEof {
-                        eprintln!("bubble-vmm: connection ended: {e}");
-                    }
-                }
-                if let Ok(mut c) = shared.conn.lock() {
-                    *c = None;
+                if tx.send(s).is_err() {
+                    return 3;
                 }
             }
             Err(e) => eprintln!("bubble-vmm: accept: {e}"),
