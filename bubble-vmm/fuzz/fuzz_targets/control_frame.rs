@@ -1,0 +1,12 @@
+//! Control-protocol frames and bodies.
+#![no_main]
+
+use bubble_vmm::control::{self, Frame, Status};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = Frame::read_from(&mut &data[..]);
+    let _ = Frame::decode(data);
+    let _ = Status::decode(data);
+    let _ = control::decode_call(data);
+});
