@@ -1,0 +1,62 @@
+//! Key material and cryptographic formats of bubbled, shared by the host
+//! (broker, client library) and the bare-metal guest shim.
+//!
+//! The crate is `#![no_std]` + `alloc`. Nothing in it draws randomness by
+//! itself: every function that needs randomness takes an
+//! `RngCore + CryptoRng` (the guest passes its RDRAND-backed RNG). The
+//! default `std` feature adds host conveniences: `OsRng`-based wrappers and
+//! [`Kek::load_or_create`].
+//!
+//! Contents:
+//! - [`SecretBytes`] and the key types: zeroized on drop, redacted `Debug`;
+//! - [`hpke`]: RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
+//!   AES-256-GCM (also AES-128-GCM and ChaCha20-Poly1305), and the
+//!   [`SealedBox`] wire format used to provision credentials;
+//! - [`sign`]: Ed25519 signatures over canonical [`ResultStatement`]s, and
+//!   results sealed to a parent's X25519 key;
+//! - [`report_data`]: the canonical REPORT_DATA binding of the nonce and the
+//!   bubble's public keys;
+//! - [`envelope`]: chunked AES-256-GCM encryption of frozen bubbles under a
+//!   per-snapshot data key wrapped by a key-encryption key.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+mod aead;
+pub mod binding;
+pub mod envelope;
+mod error;
+mod fmt_util;
+pub mod hpke;
+pub mod secret;
+pub mod sign;
+
+pub use binding::{report_data, REPORT_DATA_DOMAIN};
+pub use envelope::{
+    decrypt_chunk, encrypt_chunk_with_rng, unwrap_key, wrap_key_with_rng, DataKey, Kek,
+    CHUNK_OVERHEAD, WRAPPED_KEY_LEN,
+};
+#[cfg(feature = "std")]
+pub use envelope::{encrypt_chunk, wrap_key, KekFileError};
+pub use error::Error;
+pub use hpke::{
+    credential_aad, open_credential, seal_credential, seal_credential_with, AeadId, KemKeyPair,
+    SealedBox, INFO_CREDENTIAL,
+};
+pub use secret::SecretBytes;
+pub use sign::{
+    open_result, produce_result, result_aad, seal_result, sha256, verify_and_open_result,
+    verify_result, ResultStatement, SignedResult, SigningKeyPair, INFO_RESULT,
+    RESULT_SIGNATURE_DOMAIN,
+};
+
+/// The `RngCore + CryptoRng` traits every randomized function takes.
+pub use rand_core::{CryptoRng, RngCore};
+
+/// The operating system's RNG (host only).
+#[cfg(feature = "std")]
+pub use rand_core::OsRng;
