@@ -34,6 +34,8 @@ mod fmt_util;
 pub mod hpke;
 pub mod secret;
 pub mod sign;
+#[cfg(test)]
+mod test_util;
 
 pub use binding::{report_data, REPORT_DATA_DOMAIN};
 pub use envelope::{
