@@ -41,6 +41,9 @@ pub struct BrokerConfig {
     pub pools: Vec<PoolProfile>,
     /// How often idle policies are checked and counters flushed.
     pub idle_check_interval: Duration,
+    /// VMM processes kept started ahead of need (they create their VM only
+    /// when given a bubble).
+    pub spare_vmms: usize,
 }
 
 /// Per-parent quotas and host admission control.
@@ -141,8 +144,8 @@ pub struct FileConfig {
     /// Warm pools.
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolProfile>,
-    /// Suspend every bubble on SIGTERM instead of leaving it running.
-    pub suspend_on_shutdown: Option<bool>,
+    /// VMM processes kept started ahead of need.
+    pub spare_vmms: Option<usize>,
 }
 
 impl FileConfig {
@@ -194,6 +197,7 @@ impl BrokerConfig {
             quota: Quota::default(),
             pools: Vec::new(),
             idle_check_interval: Duration::from_secs(1),
+            spare_vmms: 2,
         })
     }
 

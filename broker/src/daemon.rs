@@ -127,6 +127,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         cfg.quota = q;
     }
     cfg.pools = file.pools.clone();
+    if let Some(n) = file.spare_vmms {
+        cfg.spare_vmms = n;
+    }
     let broker = Broker::open(cfg).await.context("opening the registry")?;
     let socket = opts
         .socket

@@ -59,6 +59,7 @@ pub struct Broker {
     /// Host-wide cap on total bubble memory, MiB.
     host_limit_mib: u64,
     usage_signer: UsageSigner,
+    spawner: Arc<bubble_vmm::client::Spawner>,
 }
 
 fn now_ms() -> u64 {
@@ -220,7 +221,15 @@ impl Broker {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let host_limit_mib =
             (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
+        let spawner = bubble_vmm::client::Spawner::new(
+            cfg.vmm_program.clone(),
+            cfg.vmm_args_prefix.clone(),
+            cfg.data_dir.join("spares"),
+            cfg.spare_vmms,
+        );
+        spawner.refill();
         let broker = Arc::new(Self {
+            spawner,
             cfg,
             registry,
             records: Mutex::new(records),
@@ -627,13 +636,14 @@ impl Broker {
             },
         });
         let dir = self.cfg.bubble_dir(&id);
-        let vmm = match Vmm::spawn(&self.cfg, &dir, &id, rec.memory_mib, &image).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.fail(&id, &format!("VMM did not start: {e}"));
-                return Err(BrokerError::Spawn(e));
-            }
-        };
+        let vmm =
+            match Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.fail(&id, &format!("VMM did not start: {e}"));
+                    return Err(BrokerError::Spawn(e));
+                }
+            };
         let pid = vmm.pid();
         let live = Arc::new(Live {
             vmm,

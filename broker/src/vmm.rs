@@ -84,6 +84,7 @@ pub struct Vmm {
 impl Vmm {
     /// Spawns a VMM process for bubble `id` with its files in `dir`.
     pub async fn spawn(
+        spawner: &std::sync::Arc<vc::Spawner>,
         cfg: &BrokerConfig,
         dir: &Path,
         id: &str,
@@ -103,7 +104,7 @@ impl Vmm {
             program_args_prefix: cfg.vmm_args_prefix.clone(),
             max_payload: cfg.max_payload,
         };
-        let client = vc::spawn(&spawn).await.map_err(|e| e.to_string())?;
+        let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
     }
 

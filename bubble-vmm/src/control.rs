@@ -12,6 +12,7 @@
 //! | `STATUS` 0x02 | broker → VMM | empty |
 //! | `CALL` 0x03 | broker → VMM | `[deadline_ms u32][op_len u8][op][input]` |
 //! | `SHUTDOWN` 0x04 | broker → VMM | empty |
+//! | `CONFIGURE` 0x05 | broker → spare VMM | its arguments, NUL-separated (first frame only) |
 //! | `STATUS_OK` 0x81 | VMM → broker | [`Status`] |
 //! | `CALL_OK` 0x82 | VMM → broker | output |
 //! | `CALL_ERR` 0x83 | VMM → broker | `[kind u8][text]` (see [`CallErrKind`]) |
@@ -36,6 +37,8 @@ pub mod kind {
     pub const CALL: u8 = 0x03;
     /// Shutdown request.
     pub const SHUTDOWN: u8 = 0x04;
+    /// Configure a spare VMM (body: its arguments, NUL-separated).
+    pub const CONFIGURE: u8 = 0x05;
     /// Status answer.
     pub const STATUS_OK: u8 = 0x81;
     /// Call output.

@@ -432,13 +432,88 @@ fn serve(
     }
 }
 
+/// Spare mode (`--spare --socket PATH`): a VMM process started ahead of
+/// need, so that creating a bubble does not wait for a process to start.
+/// It waits for one connection carrying a `CONFIGURE` frame (the normal
+/// arguments), then becomes that bubble's VMM: the VM is created only then,
+/// cold, as for any bubble. An unused spare exits when its broker goes away.
+fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
+    let [flag, path] = args else {
+        return Err("usage: --spare --socket PATH".into());
+    };
+    if flag != "--socket" {
+        return Err("usage: --spare --socket PATH".into());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("listen on {path}: {e}"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    // Exit if the broker that started us dies before using us.
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let configured = Arc::new(AtomicBool::new(false));
+    {
+        let (configured, path) = (configured.clone(), path.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if configured.load(Ordering::SeqCst) {
+                return;
+            }
+            // SAFETY: as above.
+            if unsafe { libc::getppid() } != parent {
+                let _ = std::fs::remove_file(&path);
+                std::process::exit(0);
+            }
+        });
+    }
+    let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let f = Frame::read_from(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    if f.kind != kind::CONFIGURE {
+        return Err(format!("expected CONFIGURE, got frame kind {:#x}", f.kind));
+    }
+    configured.store(true, Ordering::SeqCst);
+    drop(listener);
+    let _ = std::fs::remove_file(path);
+    let text = String::from_utf8(f.body).map_err(|_| "CONFIGURE is not UTF-8")?;
+    let a = VmmArgs::parse(text.split('\0').map(str::to_string))?;
+    // From now on this process is the bubble's: log next to its socket.
+    if let Some(dir) = a.socket.parent() {
+        if let Ok(log) = std::fs::File::create(dir.join("vmm.log")) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 onto our own stdout/stderr descriptors.
+            unsafe {
+                libc::dup2(log.as_raw_fd(), 1);
+                libc::dup2(log.as_raw_fd(), 2);
+            }
+        }
+    }
+    Ok((a, conn))
+}
+
 /// The VMM process's main; returns the exit code.
 pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
-    let args = match VmmArgs::parse(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bubble-vmm: {e}");
-            return 2;
+    let args: Vec<String> = args.collect();
+    let mut first_conn = None;
+    let args = if args.first().map(String::as_str) == Some("--spare") {
+        match wait_as_spare(&args[1..]) {
+            Ok((a, conn)) => {
+                first_conn = Some(conn);
+                a
+            }
+            Err(e) => {
+                eprintln!("bubble-vmm: spare: {e}");
+                return 2;
+            }
+        }
+    } else {
+        match VmmArgs::parse(args.into_iter()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("bubble-vmm: {e}");
+                return 2;
+            }
         }
     };
     vm::install_kick_handler();
@@ -475,6 +550,11 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
             return 2;
+        }
+    }
+    if let Some(c) = first_conn {
+        if tx.send(c).is_err() {
+            return 3;
         }
     }
     for conn in listener.incoming() {

@@ -4,7 +4,8 @@
 //! It speaks guest ABI v1 (`bubble-vmm/src/abi.rs`, compiled into this
 //! binary): it announces READY, then answers each CALL with one doorbell
 //! access that both publishes the answer and waits for the next request.
-//! Built-in ops: `echo` and `sha256`, computed here, inside the guest.
+//! Built-in ops: `echo`, `sha256` and `sha256_chain`, computed here, inside
+//! the guest.
 
 #![no_std]
 #![no_main]
@@ -167,11 +168,27 @@ fn serve(mb: &mut Mailbox) {
             payload[..32].copy_from_slice(&d);
             mb.send(MsgType::Reply, 32);
         }
+        b"sha256_chain" => {
+            // [rounds u32 LE][data]: SHA-256 of the data, then of the digest,
+            // `rounds` times in all: much guest work for little I/O.
+            let input = &payload[start..start + input_len];
+            let Some(r) = input.get(..4) else {
+                mb.send_error(abi::code::BAD_INPUT, "sha256_chain needs [rounds u32 LE][data]");
+                return;
+            };
+            let rounds = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+            let mut d = Sha256::digest(&input[4..]);
+            for _ in 1..rounds {
+                d = Sha256::digest(d);
+            }
+            payload[..32].copy_from_slice(&d);
+            mb.send(MsgType::Reply, 32);
+        }
         _ => {
             let mut msg = mem::FixedBuf::<128>::new();
             let _ = write!(
                 msg,
-                "unknown op {:?} (known: echo, sha256)",
+                "unknown op {:?} (known: echo, sha256, sha256_chain)",
                 core::str::from_utf8(op).unwrap_or("?")
             );
             mb.send_error(abi::code::UNKNOWN_OP, msg.as_str());

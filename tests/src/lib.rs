@@ -217,7 +217,35 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
         }
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) {
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && !is_idle_spare(&cmd) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a VMM command line is an idle spare (its spare socket still
+/// exists; a spare removes it when it is given a bubble).
+fn is_idle_spare(cmdline: &str) -> bool {
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    args.iter().position(|a| *a == "--spare").is_some_and(|i| {
+        args.get(i + 2)
+            .is_some_and(|sock| std::path::Path::new(sock).exists())
+    })
+}
+
+/// Pids of idle spare VMMs of a broker on `dir`.
+pub fn spare_pids_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && is_idle_spare(&cmd) {
                 out.push(pid);
             }
         }
@@ -228,9 +256,9 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
 /// Marker in a VMM process's command line.
 pub const VMM_MARK: &str = "__vmm";
 
-/// Kills every VMM process started for `dir`.
+/// Kills every VMM process started for `dir` (spares included).
 pub fn kill_vmms_under(dir: &Path) {
-    for pid in vmm_pids_under(dir) {
+    for pid in vmm_pids_under(dir).into_iter().chain(spare_pids_under(dir)) {
         // SAFETY: sending a signal to a pid has no memory-safety effects.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
