@@ -271,3 +271,300 @@ pub fn verify_and_open_result(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{h32, TestRng};
+    use alloc::format;
+    use alloc::vec;
+
+    fn stmt<'a>(output: &'a [u8]) -> ResultStatement<'a> {
+        ResultStatement {
+            bubble_id: "bub-1",
+            call_id: 42,
+            input_sha256: sha256(b"input"),
+            sealed: false,
+            output,
+        }
+    }
+
+    #[test]
+    fn rfc8032_test1_key_and_signature() {
+        // RFC 8032 §7.1 TEST 1 (empty message) through our key type.
+        let kp = SigningKeyPair::from_secret_bytes(&h32(
+            "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        ));
+        assert_eq!(
+            hex::encode(kp.public_key()),
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+        );
+        let sig = kp.0.sign(b"").to_bytes();
+        assert_eq!(
+            hex::encode(sig),
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155\
+             5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+        );
+    }
+
+    #[test]
+    fn canonical_encoding_layout() {
+        let s = ResultStatement {
+            bubble_id: "ab",
+            call_id: 0x0102,
+            input_sha256: [0xee; 32],
+            sealed: true,
+            output: b"xyz",
+        };
+        let mut want = b"bubble-v1 result".to_vec();
+        want.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(b"ab");
+        want.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[0xee; 32]);
+        want.push(1);
+        want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(b"xyz");
+        assert_eq!(s.encode(), want);
+    }
+
+    #[test]
+    fn sign_verify_and_every_field_matters() {
+        let mut rng = TestRng::new(10);
+        let kp = SigningKeyPair::generate(&mut rng);
+        let pk = kp.public_key();
+        let s = stmt(b"output");
+        let sig = kp.sign_result(&s);
+        verify_result(&pk, &s, &sig).unwrap();
+
+        let variants = [
+            ResultStatement {
+                bubble_id: "bub-2",
+                ..s
+            },
+            ResultStatement { call_id: 43, ..s },
+            ResultStatement {
+                input_sha256: sha256(b"inpuT"),
+                ..s
+            },
+            ResultStatement { sealed: true, ..s },
+            ResultStatement {
+                output: b"outpuT",
+                ..s
+            },
+            ResultStatement { output: b"", ..s },
+        ];
+        for v in &variants {
+            assert_eq!(
+                verify_result(&pk, v, &sig).unwrap_err(),
+                Error::BadSignature
+            );
+        }
+        let other = SigningKeyPair::generate(&mut rng);
+        assert_eq!(
+            verify_result(&other.public_key(), &s, &sig).unwrap_err(),
+            Error::BadSignature
+        );
+    }
+
+    #[test]
+    fn length_prefixes_prevent_field_shifting() {
+        let mut rng = TestRng::new(11);
+        let kp = SigningKeyPair::generate(&mut rng);
+        let a = ResultStatement {
+            bubble_id: "ab",
+            ..stmt(b"")
+        };
+        let b = ResultStatement {
+            bubble_id: "a",
+            ..stmt(b"")
+        };
+        assert_ne!(a.encode(), b.encode());
+        let sig = kp.sign_result(&a);
+        assert!(verify_result(&kp.public_key(), &b, &sig).is_err());
+    }
+
+    #[test]
+    fn every_signature_bit_flip_and_bad_lengths_are_rejected() {
+        let mut rng = TestRng::new(12);
+        let kp = SigningKeyPair::generate(&mut rng);
+        let pk = kp.public_key();
+        let s = stmt(b"out");
+        let sig = kp.sign_result(&s);
+        for byte in 0..SIGNATURE_LEN {
+            for bit in 0..8 {
+                let mut t = sig;
+                t[byte] ^= 1 << bit;
+                assert!(verify_result(&pk, &s, &t).is_err(), "{byte}/{bit}");
+            }
+        }
+        for n in [0usize, 1, 63, 65, 128] {
+            let mut v = vec![0u8; n];
+            v[..n.min(64)].copy_from_slice(&sig[..n.min(64)]);
+            assert_eq!(
+                verify_result(&pk, &s, &v).unwrap_err(),
+                Error::InvalidLength {
+                    what: "signature",
+                    got: n,
+                    expected: 64
+                }
+            );
+        }
+        // A public key that is not a curve point, and a small-order one.
+        let mut not_a_point = [0xffu8; 32];
+        not_a_point[31] = 0x7f;
+        assert!(verify_result(&not_a_point, &s, &sig).is_err());
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(verify_result(&identity, &s, &sig).is_err());
+    }
+
+    #[test]
+    fn key_serialization_and_debug() {
+        let mut rng = TestRng::new(13);
+        let kp = SigningKeyPair::generate(&mut rng);
+        let seed = kp.secret_bytes();
+        let again = SigningKeyPair::from_secret_bytes(&seed);
+        assert_eq!(again.public_key(), kp.public_key());
+        let d = format!("{kp:?}");
+        assert!(d.contains(&hex::encode(kp.public_key())));
+        assert!(d.contains("REDACTED"));
+        assert!(!d.contains(&hex::encode(*seed)), "{d}");
+        assert!(!d.contains(&format!("{:?}", &seed[..4])), "{d}");
+    }
+
+    #[test]
+    fn produce_and_verify_plain_result() {
+        let mut rng = TestRng::new(14);
+        let signer = SigningKeyPair::generate(&mut rng);
+        let pk = signer.public_key();
+        let r = produce_result(&mut rng, &signer, "bub-1", 7, b"in", b"out", None).unwrap();
+        assert!(!r.sealed);
+        assert_eq!(r.output, b"out");
+        let out =
+            verify_and_open_result(&pk, "bub-1", 7, b"in", &r.output, &r.signature, None).unwrap();
+        assert_eq!(out.expose(), b"out");
+        // Wrong input, call id, bubble, or a claim that it was sealed.
+        assert!(
+            verify_and_open_result(&pk, "bub-1", 7, b"iN", &r.output, &r.signature, None).is_err()
+        );
+        assert!(
+            verify_and_open_result(&pk, "bub-1", 8, b"in", &r.output, &r.signature, None).is_err()
+        );
+        assert!(
+            verify_and_open_result(&pk, "bub-2", 7, b"in", &r.output, &r.signature, None).is_err()
+        );
+        let parent = KemKeyPair::generate(&mut rng);
+        assert_eq!(
+            verify_and_open_result(
+                &pk,
+                "bub-1",
+                7,
+                b"in",
+                &r.output,
+                &r.signature,
+                Some(&parent)
+            )
+            .unwrap_err(),
+            Error::BadSignature
+        );
+        let d = format!("{r:?}");
+        assert!(d.contains("output_len: 3"));
+    }
+
+    #[test]
+    fn produce_and_verify_sealed_result() {
+        let mut rng = TestRng::new(15);
+        let signer = SigningKeyPair::generate(&mut rng);
+        let pk = signer.public_key();
+        let parent = KemKeyPair::generate(&mut rng);
+        let secret_out = b"tok_4242424242424242";
+        let r = produce_result(
+            &mut rng,
+            &signer,
+            "bub-1",
+            9,
+            b"card",
+            secret_out,
+            Some(&parent.public_key()),
+        )
+        .unwrap();
+        assert!(r.sealed);
+        assert!(!r.output.windows(secret_out.len()).any(|w| w == secret_out));
+        let out = verify_and_open_result(
+            &pk,
+            "bub-1",
+            9,
+            b"card",
+            &r.output,
+            &r.signature,
+            Some(&parent),
+        )
+        .unwrap();
+        assert_eq!(out.expose(), secret_out);
+
+        // Not asking to open a sealed result: the sealed flag mismatches.
+        assert_eq!(
+            verify_and_open_result(&pk, "bub-1", 9, b"card", &r.output, &r.signature, None)
+                .unwrap_err(),
+            Error::BadSignature
+        );
+        // Another parent's key: signature is fine, opening fails.
+        let other = KemKeyPair::generate(&mut rng);
+        assert_eq!(
+            verify_and_open_result(
+                &pk,
+                "bub-1",
+                9,
+                b"card",
+                &r.output,
+                &r.signature,
+                Some(&other)
+            )
+            .unwrap_err(),
+            Error::OpenFailed
+        );
+        // Any bit flip of the sealed output breaks the signature.
+        for byte in 0..r.output.len() {
+            let mut t = r.output.clone();
+            t[byte] ^= 0x10;
+            assert_eq!(
+                verify_and_open_result(&pk, "bub-1", 9, b"card", &t, &r.signature, Some(&parent))
+                    .unwrap_err(),
+                Error::BadSignature
+            );
+        }
+    }
+
+    #[test]
+    fn sealed_output_is_bound_to_call() {
+        let mut rng = TestRng::new(16);
+        let parent = KemKeyPair::generate(&mut rng);
+        let ih = sha256(b"in");
+        let sealed = seal_result(&mut rng, &parent.public_key(), "bub-1", 1, &ih, b"r").unwrap();
+        assert_eq!(
+            open_result(&parent, "bub-1", 1, &ih, &sealed)
+                .unwrap()
+                .expose(),
+            b"r"
+        );
+        assert!(open_result(&parent, "bub-1", 2, &ih, &sealed).is_err());
+        assert!(open_result(&parent, "bub-2", 1, &ih, &sealed).is_err());
+        assert!(open_result(&parent, "bub-1", 1, &sha256(b"x"), &sealed).is_err());
+        // A result box is not a credential box (different info).
+        assert!(open_credential(
+            &parent,
+            &sealed,
+            crate::hpke::INFO_CREDENTIAL,
+            &result_aad("bub-1", 1, &ih)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn sha256_known_answer() {
+        assert_eq!(
+            hex::encode(sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
