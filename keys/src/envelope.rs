@@ -293,3 +293,296 @@ pub fn unwrap_key(
 mod file;
 #[cfg(feature = "std")]
 pub use file::KekFileError;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TestRng;
+    use alloc::format;
+    use alloc::vec;
+
+    const SNAP: [u8; 16] = [0xab; 16];
+
+    fn dk(seed: u64) -> DataKey {
+        DataKey::generate(&mut TestRng::new(seed))
+    }
+
+    #[test]
+    fn chunk_round_trip_and_sizes() {
+        let mut rng = TestRng::new(20);
+        let k = dk(1);
+        for len in [0usize, 1, 4095, 4096, 65_536] {
+            let pt: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let c = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 5, &pt);
+            assert_eq!(c.len(), len + CHUNK_OVERHEAD);
+            if len >= 64 {
+                assert!(!c.windows(64).any(|w| w == &pt[..64]));
+            }
+            let back = decrypt_chunk(&k, &SNAP, 5, &c).unwrap();
+            assert_eq!(back.expose(), &pt[..]);
+        }
+    }
+
+    #[test]
+    fn nonces_are_random() {
+        let mut rng = TestRng::new(21);
+        let k = dk(1);
+        let a = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 0, b"same");
+        let b = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 0, b"same");
+        assert_ne!(a[..NONCE_LEN], b[..NONCE_LEN]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn wrong_index_snapshot_or_key_is_rejected() {
+        let mut rng = TestRng::new(22);
+        let k = dk(1);
+        let c = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 7, b"page");
+        assert_eq!(
+            decrypt_chunk(&k, &SNAP, 8, &c).unwrap_err(),
+            Error::ChunkAuthentication { index: 8 }
+        );
+        assert_eq!(
+            decrypt_chunk(&k, &SNAP, u64::MAX, &c).unwrap_err(),
+            Error::ChunkAuthentication { index: u64::MAX }
+        );
+        let mut other_snap = SNAP;
+        other_snap[15] ^= 1;
+        assert!(matches!(
+            decrypt_chunk(&k, &other_snap, 7, &c),
+            Err(Error::ChunkAuthentication { .. })
+        ));
+        assert!(matches!(
+            decrypt_chunk(&dk(2), &SNAP, 7, &c),
+            Err(Error::ChunkAuthentication { .. })
+        ));
+        // Two chunks swapped in the store.
+        let c0 = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 0, b"zero");
+        let c1 = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 1, b"one!");
+        assert!(decrypt_chunk(&k, &SNAP, 0, &c1).is_err());
+        assert!(decrypt_chunk(&k, &SNAP, 1, &c0).is_err());
+    }
+
+    #[test]
+    fn every_bit_flip_of_a_chunk_is_rejected() {
+        let mut rng = TestRng::new(23);
+        let k = dk(1);
+        let c = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 3, b"guest memory page bytes");
+        for byte in 0..c.len() {
+            for bit in 0..8 {
+                let mut t = c.clone();
+                t[byte] ^= 1 << bit;
+                assert_eq!(
+                    decrypt_chunk(&k, &SNAP, 3, &t).unwrap_err(),
+                    Error::ChunkAuthentication { index: 3 },
+                    "{byte}/{bit}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_and_extended_chunks_are_rejected() {
+        let mut rng = TestRng::new(24);
+        let k = dk(1);
+        let c = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 0, b"0123456789");
+        for n in 0..c.len() {
+            let err = decrypt_chunk(&k, &SNAP, 0, &c[..n]).unwrap_err();
+            if n < CHUNK_OVERHEAD {
+                assert_eq!(
+                    err,
+                    Error::Truncated {
+                        what: "chunk",
+                        got: n,
+                        need: CHUNK_OVERHEAD
+                    }
+                );
+            } else {
+                assert_eq!(err, Error::ChunkAuthentication { index: 0 });
+            }
+        }
+        let mut longer = c.clone();
+        longer.push(0);
+        assert!(decrypt_chunk(&k, &SNAP, 0, &longer).is_err());
+        // An empty-plaintext chunk is exactly the overhead and valid.
+        let e = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 1, b"");
+        assert_eq!(e.len(), CHUNK_OVERHEAD);
+        assert!(decrypt_chunk(&k, &SNAP, 1, &e).unwrap().is_empty());
+    }
+
+    #[test]
+    fn wrap_round_trip_and_binding() {
+        let mut rng = TestRng::new(25);
+        let kek = Kek::generate(&mut rng);
+        let k = DataKey::generate(&mut rng);
+        let w = wrap_key_with_rng(&mut rng, &kek, &k, &SNAP);
+        assert_eq!(w.len(), WRAPPED_KEY_LEN);
+        assert_eq!(w[0], WRAPPED_KEY_VERSION);
+        assert!(!w.windows(32).any(|x| x == &k.0[..]));
+        let back = unwrap_key(&kek, &w, &SNAP).unwrap();
+        assert_eq!(*back.0, *k.0);
+        // The unwrapped key decrypts what the original encrypted.
+        let c = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 0, b"x");
+        assert_eq!(decrypt_chunk(&back, &SNAP, 0, &c).unwrap().expose(), b"x");
+
+        let mut other_snap = SNAP;
+        other_snap[0] ^= 0x80;
+        assert_eq!(
+            unwrap_key(&kek, &w, &other_snap).unwrap_err(),
+            Error::UnwrapFailed
+        );
+        let other_kek = Kek::generate(&mut rng);
+        assert_eq!(
+            unwrap_key(&other_kek, &w, &SNAP).unwrap_err(),
+            Error::UnwrapFailed
+        );
+        // Fresh nonce per wrap.
+        let w2 = wrap_key_with_rng(&mut rng, &kek, &k, &SNAP);
+        assert_ne!(w, w2);
+    }
+
+    #[test]
+    fn every_bit_flip_and_bad_length_of_a_wrapped_key_is_rejected() {
+        let mut rng = TestRng::new(26);
+        let kek = Kek::generate(&mut rng);
+        let k = DataKey::generate(&mut rng);
+        let w = wrap_key_with_rng(&mut rng, &kek, &k, &SNAP);
+        for byte in 0..w.len() {
+            for bit in 0..8 {
+                let mut t = w;
+                t[byte] ^= 1 << bit;
+                let err = unwrap_key(&kek, &t, &SNAP).unwrap_err();
+                if byte == 0 {
+                    assert!(matches!(err, Error::UnsupportedVersion { .. }));
+                } else {
+                    assert_eq!(err, Error::UnwrapFailed);
+                }
+            }
+        }
+        for n in [0usize, 1, 28, WRAPPED_KEY_LEN - 1, WRAPPED_KEY_LEN + 1] {
+            let mut v = vec![0u8; n];
+            let m = n.min(WRAPPED_KEY_LEN);
+            v[..m].copy_from_slice(&w[..m]);
+            assert_eq!(
+                unwrap_key(&kek, &v, &SNAP).unwrap_err(),
+                Error::InvalidLength {
+                    what: "wrapped key",
+                    got: n,
+                    expected: WRAPPED_KEY_LEN
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn kek_from_parent_bytes_and_key_id() {
+        let bytes = [7u8; 32];
+        let a = Kek::from_slice(&bytes).unwrap();
+        let b = Kek::from_bytes(bytes);
+        assert_eq!(a.key_id(), b.key_id());
+        assert_ne!(a.key_id(), Kek::from_bytes([8u8; 32]).key_id());
+        for n in [0usize, 16, 31, 33, 64] {
+            assert_eq!(
+                Kek::from_slice(&vec![1u8; n]).unwrap_err(),
+                Error::InvalidLength {
+                    what: "KEK",
+                    got: n,
+                    expected: 32
+                }
+            );
+        }
+        // A KEK from bytes wraps and unwraps like a generated one.
+        let mut rng = TestRng::new(27);
+        let k = DataKey::from_bytes([9u8; 32]);
+        let w = wrap_key_with_rng(&mut rng, &a, &k, &SNAP);
+        assert_eq!(*unwrap_key(&b, &w, &SNAP).unwrap().0, [9u8; 32]);
+    }
+
+    #[test]
+    fn debug_never_leaks() {
+        let secret = [0x5au8; 32];
+        let kek = Kek::from_bytes(secret);
+        let k = DataKey::from_bytes(secret);
+        for d in [format!("{kek:?}"), format!("{k:?}")] {
+            assert!(d.contains("REDACTED"), "{d}");
+            assert!(!d.contains("5a5a"), "{d}");
+            assert!(!d.contains("90"), "{d}");
+        }
+    }
+
+    #[cfg(feature = "std")]
+    mod files {
+        use super::super::*;
+        use super::SNAP;
+        use alloc::format;
+        use alloc::vec::Vec;
+        use std::fs;
+        use std::os::unix::fs::PermissionsExt;
+
+        #[test]
+        fn load_or_create_makes_a_0600_file_and_reloads_it() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kek");
+            let a = Kek::load_or_create(&path).unwrap();
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            assert_eq!(meta.len(), 32);
+            assert_eq!(fs::read(&path).unwrap(), a.0.to_vec());
+            let b = Kek::load_or_create(&path).unwrap();
+            assert_eq!(a.key_id(), b.key_id());
+            // No temporary files are left behind.
+            let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(names.len(), 1);
+            // The sealed data survives a "restart" (reload from file).
+            let k = DataKey::generate(&mut rand_core::OsRng);
+            let w = wrap_key(&a, &k, &SNAP);
+            let c = encrypt_chunk(&k, &SNAP, 0, b"frozen");
+            let k2 = unwrap_key(&Kek::load(&path).unwrap(), &w, &SNAP).unwrap();
+            assert_eq!(
+                decrypt_chunk(&k2, &SNAP, 0, &c).unwrap().expose(),
+                b"frozen"
+            );
+        }
+
+        #[test]
+        fn loose_permissions_wrong_length_and_dirs_are_refused() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kek");
+            fs::write(&path, [1u8; 32]).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(
+                Kek::load_or_create(&path),
+                Err(KekFileError::Permissions { mode: 0o644, .. })
+            ));
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(Kek::load(&path).is_ok());
+            assert_eq!(Kek::load(&path).unwrap().0[..], [1u8; 32]);
+
+            fs::write(&path, [1u8; 31]).unwrap();
+            assert!(matches!(
+                Kek::load_or_create(&path),
+                Err(KekFileError::Length { len: 31, .. })
+            ));
+            fs::write(&path, [1u8; 33]).unwrap();
+            assert!(matches!(
+                Kek::load(&path),
+                Err(KekFileError::Length { len: 33, .. })
+            ));
+
+            let sub = dir.path().join("subdir");
+            fs::create_dir(&sub).unwrap();
+            fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+            assert!(matches!(
+                Kek::load_or_create(&sub),
+                Err(KekFileError::NotAFile { .. })
+            ));
+
+            let missing_dir = dir.path().join("nope").join("kek");
+            let err = Kek::load_or_create(&missing_dir).unwrap_err();
+            assert!(matches!(err, KekFileError::Io { .. }));
+            // Errors name the file but never contain key bytes.
+            let msg = format!("{err}");
+            assert!(msg.contains("nope"), "{msg}");
+        }
+    }
+}
