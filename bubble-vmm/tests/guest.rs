@@ -88,3 +88,91 @@ fn hostile_guests_fail_precisely() {
         let _ = b.vm();
     }
 }
+
+fn field(v: &mut Vec<u8>, b: &[u8]) {
+    v.push(b.len() as u8);
+    v.extend_from_slice(b);
+}
+
+#[test]
+fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
+    use bubble_keys::{KemKeyPair, OsRng};
+    use hmac::{Hmac, Mac};
+    let (mut b, r) = boot(GuestImage::Shim, 16);
+    r.unwrap();
+    let mut nolog = |_: &str| {};
+    let out = |a: Answer| match a {
+        Answer::Output(o) => o,
+        other => panic!("{other:?}"),
+    };
+    let keys = out(b.call("keys", b"", &mut nolog).unwrap());
+    assert_eq!(keys.len(), 64);
+    let kem: [u8; 32] = keys[..32].try_into().unwrap();
+    let sig: [u8; 32] = keys[32..].try_into().unwrap();
+    assert_ne!(kem, [0u8; 32]);
+    // Attestation binding.
+    let nonce = [7u8; 32];
+    let a = out(b.call("attest", &nonce, &mut nolog).unwrap());
+    assert_eq!(&a[..64], &keys[..]);
+    assert_eq!(
+        &a[64..128],
+        &bubble_keys::report_data(&nonce, &kem, &sig)[..]
+    );
+    assert!(matches!(
+        b.call("attest", b"short", &mut nolog).unwrap(),
+        Answer::Rejected(..)
+    ));
+    // Provision a credential sealed to the bubble, then use it.
+    let secret = b"gateway signing key material 0123456789";
+    let aad = bubble_keys::credential_aad("b-test", "tok");
+    let sealed =
+        bubble_keys::seal_credential(&mut OsRng, &kem, bubble_keys::INFO_CREDENTIAL, &aad, secret)
+            .unwrap()
+            .encode();
+    let mut req = Vec::new();
+    field(&mut req, b"b-test");
+    field(&mut req, b"tok");
+    req.extend(&sealed);
+    assert_eq!(
+        out(b.call("provision", &req, &mut nolog).unwrap()),
+        Vec::<u8>::new()
+    );
+    // Wrong bubble id in the AAD: refused.
+    let mut bad = Vec::new();
+    field(&mut bad, b"b-other");
+    field(&mut bad, b"tok2");
+    bad.extend(&sealed);
+    assert!(matches!(
+        b.call("provision", &bad, &mut nolog).unwrap(),
+        Answer::Rejected(..)
+    ));
+    let mut h = Vec::new();
+    field(&mut h, b"tok");
+    h.extend(b"4111111111111111");
+    let mac = out(b.call("hmac", &h, &mut nolog).unwrap());
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(b"4111111111111111");
+    assert_eq!(mac, m.finalize().into_bytes().to_vec());
+    // Signed, and signed + sealed results.
+    let parent = KemKeyPair::generate(&mut OsRng);
+    for seal in [None, Some(parent.public_key())] {
+        let mut s = Vec::new();
+        field(&mut s, b"b-test");
+        field(&mut s, seal.as_ref().map(|k| &k[..]).unwrap_or(&[]));
+        s.extend(b"hello");
+        let r = out(b.call("sign:echo", &s, &mut nolog).unwrap());
+        let call_id = u64::from_le_bytes(r[..8].try_into().unwrap());
+        assert_eq!(r[8], u8::from(seal.is_some()));
+        let plain = bubble_keys::verify_and_open_result(
+            &sig,
+            "b-test",
+            call_id,
+            b"hello",
+            &r[73..],
+            &r[9..73],
+            seal.map(|_| &parent),
+        )
+        .unwrap();
+        assert_eq!(plain.expose(), b"hello");
+    }
+}

@@ -4,8 +4,10 @@
 //! It speaks guest ABI v1 (`bubble-vmm/src/abi.rs`, compiled into this
 //! binary): it announces READY, then answers each CALL with one doorbell
 //! access that both publishes the answer and waits for the next request.
-//! Built-in ops: `echo`, `sha256` and `sha256_chain`, computed here, inside
-//! the guest.
+//! Built-in ops, computed here, inside the guest: `echo`, `sha256`,
+//! `sha256_chain`; with the bubble's own keys (made at boot from RDRAND):
+//! `keys`, `attest`, `provision`, `hmac`; and `sign:<op>` for results
+//! signed (and optionally sealed) by the bubble.
 
 #![no_std]
 #![no_main]
@@ -15,7 +17,9 @@ extern crate alloc;
 #[path = "../../bubble-vmm/src/abi.rs"]
 #[allow(dead_code)]
 mod abi;
+mod keys;
 mod mem;
+mod rng;
 
 use core::fmt::Write as _;
 use core::panic::PanicInfo;
@@ -92,6 +96,102 @@ impl Mailbox {
 
 static mut MAILBOX: Option<Mailbox> = None;
 
+/// Splits `[len u8][bytes]` off the front of `b`.
+fn take_field(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = *b.first()? as usize;
+    let f = b.get(1..1 + n)?;
+    Some((f, &b[1 + n..]))
+}
+
+fn take_str(b: &[u8]) -> Option<(&str, &[u8])> {
+    let (f, rest) = take_field(b)?;
+    Some((core::str::from_utf8(f).ok()?, rest))
+}
+
+const BAD: u16 = abi::code::BAD_INPUT;
+
+/// Runs an op that produces a fresh output (everything but the in-place
+/// fast paths of unsigned `echo` and `sha256`).
+fn run_op(
+    keys: &mut keys::Keys,
+    op: &[u8],
+    input: &[u8],
+) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+    match op {
+        b"echo" => Ok(input.to_vec()),
+        b"sha256" => Ok(Sha256::digest(input).to_vec()),
+        b"sha256_chain" => sha256_chain(input).map(|d| d.to_vec()),
+        b"keys" => {
+            let mut v = alloc::vec::Vec::with_capacity(64);
+            v.extend_from_slice(&keys.kem_public());
+            v.extend_from_slice(&keys.sig_public());
+            Ok(v)
+        }
+        b"attest" => {
+            // The nonce from the verifier; REPORT_DATA binds it and our keys.
+            if !(16..=64).contains(&input.len()) {
+                return Err((BAD, "attest needs a nonce of 16 to 64 bytes"));
+            }
+            let (kem, sig) = (keys.kem_public(), keys.sig_public());
+            let rd = bubble_keys::report_data(input, &kem, &sig);
+            let mut v = alloc::vec::Vec::with_capacity(32 + 32 + 64 + 48);
+            v.extend_from_slice(&kem);
+            v.extend_from_slice(&sig);
+            v.extend_from_slice(&rd);
+            v.extend_from_slice(&[0u8; 48]); // portions digest: none loaded
+            Ok(v)
+        }
+        b"provision" => {
+            let (id, rest) = take_str(input).ok_or((BAD, "provision needs [id][name][sealed]"))?;
+            let (name, sealed) = take_str(rest).ok_or((BAD, "provision needs [id][name][sealed]"))?;
+            keys.provision(id, name, sealed)?;
+            Ok(alloc::vec::Vec::new())
+        }
+        b"hmac" => {
+            let (name, data) = take_str(input).ok_or((BAD, "hmac needs [name][data]"))?;
+            keys.hmac(name, data).map(|m| m.to_vec())
+        }
+        _ => Err((abi::code::UNKNOWN_OP, "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, sign:<op>)")),
+    }
+}
+
+fn sha256_chain(input: &[u8]) -> Result<[u8; 32], keys::OpError> {
+    // [rounds u32 LE][data]: SHA-256 of the data, then of the digest,
+    // `rounds` times in all: much guest work for little I/O.
+    let r = input
+        .get(..4)
+        .ok_or((BAD, "sha256_chain needs [rounds u32 LE][data]"))?;
+    let rounds = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+    let mut d = Sha256::digest(&input[4..]);
+    for _ in 1..rounds {
+        d = Sha256::digest(d);
+    }
+    Ok(d.into())
+}
+
+/// `sign:<op>`: input `[id_len u8][bubble id][seal_len u8][seal_to (0 or 32)][op input]`.
+fn run_signed(
+    keys: &mut keys::Keys,
+    op: &[u8],
+    input: &[u8],
+) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+    let (id, rest) = take_str(input).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
+    let (seal, inner) = take_field(rest).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
+    let seal_to: Option<[u8; 32]> = match seal.len() {
+        0 => None,
+        32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(seal);
+            Some(k)
+        }
+        _ => return Err((BAD, "seal_to must be 32 bytes")),
+    };
+    let out = run_op(keys, op, inner)?;
+    keys.sign_result(id, inner, &out, seal_to.as_ref())
+}
+
+static mut KEYS: Option<keys::Keys> = None;
+
 fn boot_info() -> BootInfo {
     let mut b = [0u8; abi::BOOT_INFO_LEN];
     for (i, x) in b.iter_mut().enumerate() {
@@ -117,6 +217,10 @@ fn fault() -> ! {
 pub extern "C" fn _start() -> ! {
     let info = boot_info();
     mem::init_heap(info.heap_start as usize, info.heap_end as usize);
+    // SAFETY: single-threaded; set once before use.
+    unsafe {
+        KEYS = keys::Keys::generate();
+    }
     let mb = Mailbox {
         base: info.mailbox_gpa as *mut u8,
         size: info.mailbox_size as usize,
@@ -126,7 +230,9 @@ pub extern "C" fn _start() -> ! {
     // SAFETY: single-threaded; set once before any use.
     let mb = unsafe {
         MAILBOX = Some(mb);
-        (*core::ptr::addr_of_mut!(MAILBOX)).as_mut().unwrap_unchecked()
+        (*core::ptr::addr_of_mut!(MAILBOX))
+            .as_mut()
+            .unwrap_unchecked()
     };
     mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 1");
     loop {
@@ -168,30 +274,30 @@ fn serve(mb: &mut Mailbox) {
             payload[..32].copy_from_slice(&d);
             mb.send(MsgType::Reply, 32);
         }
-        b"sha256_chain" => {
-            // [rounds u32 LE][data]: SHA-256 of the data, then of the digest,
-            // `rounds` times in all: much guest work for little I/O.
-            let input = &payload[start..start + input_len];
-            let Some(r) = input.get(..4) else {
-                mb.send_error(abi::code::BAD_INPUT, "sha256_chain needs [rounds u32 LE][data]");
+        _ => {
+            // SAFETY: single-threaded; KEYS is only touched here.
+            let Some(keys) = (unsafe { (*core::ptr::addr_of_mut!(KEYS)).as_mut() }) else {
+                mb.send_error(abi::code::INTERNAL, "no RDRAND: this bubble has no keys");
                 return;
             };
-            let rounds = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
-            let mut d = Sha256::digest(&input[4..]);
-            for _ in 1..rounds {
-                d = Sha256::digest(d);
+            let input = &payload[start..start + input_len];
+            let r = match op.strip_prefix(b"sign:") {
+                Some(inner) => run_signed(keys, inner, input),
+                None => run_op(keys, op, input),
+            };
+            match r {
+                Ok(out) if out.len() <= mb.capacity() => {
+                    let n = out.len();
+                    mb.payload()[..n].copy_from_slice(&out);
+                    mb.send(MsgType::Reply, n);
+                }
+                Ok(_) => mb.send_error(abi::code::TOO_LARGE, "output does not fit the mailbox"),
+                Err((code, text)) => {
+                    let mut msg = mem::FixedBuf::<160>::new();
+                    let _ = write!(msg, "{}: {}", core::str::from_utf8(op).unwrap_or("?"), text);
+                    mb.send_error(code, msg.as_str());
+                }
             }
-            payload[..32].copy_from_slice(&d);
-            mb.send(MsgType::Reply, 32);
-        }
-        _ => {
-            let mut msg = mem::FixedBuf::<128>::new();
-            let _ = write!(
-                msg,
-                "unknown op {:?} (known: echo, sha256, sha256_chain)",
-                core::str::from_utf8(op).unwrap_or("?")
-            );
-            mb.send_error(abi::code::UNKNOWN_OP, msg.as_str());
         }
     }
 }
