@@ -152,6 +152,20 @@ fn idle_from_pb(p: Option<&pb::IdlePolicy>, default: IdleRule) -> Result<IdleRul
     })
 }
 
+/// What a bubble answers to `attest`: its public keys and the REPORT_DATA
+/// it asks the PSP to sign.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestBinding {
+    /// X25519 HPKE public key.
+    pub kem_pk: [u8; 32],
+    /// Ed25519 public key.
+    pub sig_pk: [u8; 32],
+    /// REPORT_DATA computed inside the bubble.
+    pub report_data: [u8; 64],
+    /// Digest of the loaded portions.
+    pub portions_digest: [u8; 48],
+}
+
 /// Whether a record holds resources (counts against quotas).
 fn is_live(r: &BubbleRecord) -> bool {
     r.state.expects_vmm() || r.state == State::Suspended
@@ -890,8 +904,7 @@ impl Broker {
         self: &Arc<Self>,
         parent: &str,
         req: pb::CallRequest,
-    ) -> Result<(Vec<u8>, u64), BrokerError> {
-        let started = Instant::now();
+    ) -> Result<pb::CallResponse, BrokerError> {
         let rec = self.owned(parent, &req.bubble_id)?;
         validate_op(&req.op)?;
         if req.input.len() > self.cfg.max_payload {
@@ -918,6 +931,115 @@ impl Broker {
                 ),
             ));
         }
+        if !req.seal_to.is_empty() && req.seal_to.len() != 32 {
+            return Err(invalid("seal_to", "must be an X25519 public key of 32 bytes"));
+        }
+        if !req.sign && req.seal_to.is_empty() {
+            let (output, vmm_us) = self.invoke(rec, &req.op, &req.input, deadline).await?;
+            return Ok(pb::CallResponse {
+                output,
+                vmm_us,
+                ..Default::default()
+            });
+        }
+        // Signed (and maybe sealed) inside the bubble: `sign:<op>` with
+        // `[id][seal_to][input]`; the answer is
+        // `[call_id u64][sealed u8][signature 64][output]`.
+        let mut input = Vec::with_capacity(2 + rec.id.len() + 32 + req.input.len());
+        input.push(rec.id.len() as u8);
+        input.extend(rec.id.as_bytes());
+        input.push(req.seal_to.len() as u8);
+        input.extend(&req.seal_to);
+        input.extend(&req.input);
+        let op = format!("sign:{}", req.op);
+        let (raw, vmm_us) = self.invoke(rec, &op, &input, deadline).await?;
+        if raw.len() < 73 {
+            return Err(BrokerError::GuestRejected(
+                "the bubble returned a malformed signed result".into(),
+            ));
+        }
+        let mut call_id = [0u8; 8];
+        call_id.copy_from_slice(&raw[..8]);
+        Ok(pb::CallResponse {
+            output: raw[73..].to_vec(),
+            vmm_us,
+            call_id: u64::from_le_bytes(call_id),
+            signature: raw[9..73].to_vec(),
+        })
+    }
+
+    /// Relays a sealed credential into one of `parent`'s bubbles.
+    pub async fn provision(
+        self: &Arc<Self>,
+        parent: &str,
+        req: pb::ProvisionCredentialRequest,
+    ) -> Result<(), BrokerError> {
+        let rec = self.owned(parent, &req.bubble_id)?;
+        let name_ok = !req.name.is_empty()
+            && req.name.len() <= 64
+            && req
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return Err(invalid("name", "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        if req.sealed.is_empty() || req.sealed.len() > 64 * 1024 {
+            return Err(invalid("sealed", "must be a sealed box of 1 byte to 64 KiB"));
+        }
+        let mut input = Vec::with_capacity(2 + rec.id.len() + req.name.len() + req.sealed.len());
+        input.push(rec.id.len() as u8);
+        input.extend(rec.id.as_bytes());
+        input.push(req.name.len() as u8);
+        input.extend(req.name.as_bytes());
+        input.extend(&req.sealed);
+        self.invoke(rec, "provision", &input, config::DEFAULT_CALL_DEADLINE)
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks one of `parent`'s bubbles for its public keys and the
+    /// REPORT_DATA binding `nonce` to them.
+    pub async fn attest_binding(
+        self: &Arc<Self>,
+        parent: &str,
+        bubble_id: &str,
+        nonce: &[u8],
+    ) -> Result<(BubbleRecord, GuestBinding), BrokerError> {
+        let rec = self.owned(parent, bubble_id)?;
+        if !(16..=64).contains(&nonce.len()) {
+            return Err(invalid("nonce", "must be 16 to 64 bytes"));
+        }
+        let (out, _) = self
+            .invoke(rec.clone(), "attest", nonce, config::DEFAULT_CALL_DEADLINE)
+            .await?;
+        if out.len() != 32 + 32 + 64 + 48 {
+            return Err(BrokerError::GuestRejected(
+                "the bubble returned a malformed attestation binding".into(),
+            ));
+        }
+        let mut b = GuestBinding {
+            kem_pk: [0; 32],
+            sig_pk: [0; 32],
+            report_data: [0; 64],
+            portions_digest: [0; 48],
+        };
+        b.kem_pk.copy_from_slice(&out[..32]);
+        b.sig_pk.copy_from_slice(&out[32..64]);
+        b.report_data.copy_from_slice(&out[64..128]);
+        b.portions_digest.copy_from_slice(&out[128..]);
+        Ok((rec, b))
+    }
+
+    /// Runs `op` in a bubble whose ownership and request were checked.
+    async fn invoke(
+        self: &Arc<Self>,
+        rec: BubbleRecord,
+        op: &str,
+        input: &[u8],
+        deadline: Duration,
+    ) -> Result<(Vec<u8>, u64), BrokerError> {
+        let started = Instant::now();
         let id = rec.id;
         let live = match (rec.state, self.live_get(&id)) {
             (State::Ready | State::Busy, Some(l)) => l,
@@ -936,9 +1058,9 @@ impl Broker {
         let _guard = live.call_lock.lock().await;
         self.transition(&id, State::Busy, "", |_| {})?;
         let vmm_started = Instant::now();
-        let result = live.vmm.call(&req.op, &req.input, deadline).await;
+        let result = live.vmm.call(op, input, deadline).await;
         let vmm_us = vmm_started.elapsed().as_micros() as u64;
-        let bytes_in = req.input.len() as u64;
+        let bytes_in = input.len() as u64;
         let count = |r: &mut BubbleRecord, out: u64| {
             r.calls += 1;
             r.usage.bytes_in += bytes_in;
@@ -1205,17 +1327,8 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
-        if req.sign || !req.seal_to.is_empty() {
-            return Err(Status::unimplemented(
-                "signed and sealed call results are not available on this broker yet",
-            ));
-        }
-        let (output, vmm_us) = self.broker.call(&parent, req).instrument(span).await?;
-        Ok(Response::new(pb::CallResponse {
-            output,
-            vmm_us,
-            ..Default::default()
-        }))
+        let r = self.broker.call(&parent, req).instrument(span).await?;
+        Ok(Response::new(r))
     }
 
     async fn delete_bubble(
@@ -1267,10 +1380,10 @@ impl BrokerApi for BrokerService {
         request: Request<pb::ProvisionCredentialRequest>,
     ) -> Result<Response<pb::ProvisionCredentialResponse>, Status> {
         let parent = parent_of(&request)?;
-        self.broker.owned(&parent, &request.get_ref().bubble_id)?;
-        Err(Status::unimplemented(
-            "credential provisioning is not available on this broker yet",
-        ))
+        let req = request.into_inner();
+        let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
+        self.broker.provision(&parent, req).instrument(span).await?;
+        Ok(Response::new(pb::ProvisionCredentialResponse {}))
     }
 
     type WatchEventsStream = EventStream;
