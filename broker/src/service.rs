@@ -932,7 +932,10 @@ impl Broker {
             ));
         }
         if !req.seal_to.is_empty() && req.seal_to.len() != 32 {
-            return Err(invalid("seal_to", "must be an X25519 public key of 32 bytes"));
+            return Err(invalid(
+                "seal_to",
+                "must be an X25519 public key of 32 bytes",
+            ));
         }
         if !req.sign && req.seal_to.is_empty() {
             let (output, vmm_us) = self.invoke(rec, &req.op, &req.input, deadline).await?;
@@ -982,10 +985,16 @@ impl Broker {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !name_ok {
-            return Err(invalid("name", "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"));
+            return Err(invalid(
+                "name",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
         }
         if req.sealed.is_empty() || req.sealed.len() > 64 * 1024 {
-            return Err(invalid("sealed", "must be a sealed box of 1 byte to 64 KiB"));
+            return Err(invalid(
+                "sealed",
+                "must be a sealed box of 1 byte to 64 KiB",
+            ));
         }
         let mut input = Vec::with_capacity(2 + rec.id.len() + req.name.len() + req.sealed.len());
         input.push(rec.id.len() as u8);

@@ -1,0 +1,279 @@
+//! Parent-side library for bubbles.
+//!
+//! A parent connects to its host's `bubbled`, creates (or attaches) a
+//! bubble, learns the bubble's public keys from a verified attestation,
+//! seals credentials to the bubble (HPKE, RFC 9180 base mode; the broker
+//! relays only ciphertext), and calls it, verifying each result's Ed25519
+//! signature and optionally opening results sealed to the parent's own key.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bubble_client::ClientError> {
+//! use bubble_client::Parent;
+//! let parent = Parent::connect_unix("/var/lib/bubbled/bubbled.sock".as_ref()).await?;
+//! let mut bubble = parent.create(64).await?;
+//! let keys = bubble.fetch_keys_unverified().await?; // or attest() with a policy
+//! bubble.trust_keys(keys);
+//! bubble.provision("tokenization_key", b"secret bytes").await?;
+//! let token = bubble.call_verified("hmac", b"\x10tokenization_key4111111111111111").await?;
+//! # let _ = token; Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
+use bubble_proto::v1 as pb;
+use bubbled::client::Client;
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] bubbled::client::ConnectError),
+    /// The broker refused the request.
+    #[error("broker: {code:?}: {message}")]
+    Status {
+        /// gRPC code.
+        code: tonic::Code,
+        /// Message.
+        message: String,
+    },
+    /// The bubble's keys are not known (attest first).
+    #[error("the bubble's keys are not trusted yet: attest it first")]
+    NotAttested,
+    /// A result's signature or sealing did not verify.
+    #[error("result does not verify: {0}")]
+    BadResult(String),
+    /// Sealing failed.
+    #[error("sealing failed: {0}")]
+    Seal(String),
+    /// The bubble answered something malformed.
+    #[error("malformed answer: {0}")]
+    Malformed(&'static str),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// A bubble's public keys, as bound by its attestation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BubbleKeys {
+    /// X25519 HPKE public key (credentials are sealed to it).
+    pub kem_pk: [u8; 32],
+    /// Ed25519 public key (results are signed with it).
+    pub sig_pk: [u8; 32],
+}
+
+/// A parent's connection to its broker.
+#[derive(Clone)]
+pub struct Parent {
+    client: Client,
+}
+
+impl Parent {
+    /// Connects over the broker's Unix socket.
+    pub async fn connect_unix(path: &Path) -> Result<Self, ClientError> {
+        Ok(Self {
+            client: bubbled::client::connect_unix(path).await?,
+        })
+    }
+
+    /// Connects with mutual TLS.
+    pub async fn connect_tls(
+        url: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            client: bubbled::client::connect_tls(url, ca, cert, key).await?,
+        })
+    }
+
+    /// Wraps an existing gRPC client.
+    pub fn from_client(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// The raw gRPC client.
+    pub fn grpc(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Creates a bubble with `memory_mib` of memory.
+    pub async fn create(&self, memory_mib: u32) -> Result<Bubble, ClientError> {
+        let b = self
+            .client
+            .clone()
+            .create_bubble(pb::CreateBubbleRequest {
+                memory_mib,
+                vcpus: 1,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        if b.state != pb::BubbleState::Ready as i32 {
+            return Err(ClientError::Status {
+                code: tonic::Code::Unavailable,
+                message: format!("bubble did not become ready: {}", b.failure_reason),
+            });
+        }
+        Ok(self.bubble(&b.bubble_id))
+    }
+
+    /// A handle to an existing bubble (keys not yet trusted).
+    pub fn bubble(&self, id: &str) -> Bubble {
+        Bubble {
+            client: self.client.clone(),
+            id: id.to_string(),
+            keys: None,
+        }
+    }
+}
+
+/// One of the parent's bubbles.
+pub struct Bubble {
+    client: Client,
+    id: String,
+    keys: Option<BubbleKeys>,
+}
+
+impl Bubble {
+    /// The bubble id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The trusted keys, once attested.
+    pub fn keys(&self) -> Option<BubbleKeys> {
+        self.keys
+    }
+
+    /// Trusts `keys` for sealing and verification. Use keys that a verified
+    /// attestation report binds (see the attestation module); keys from
+    /// [`Bubble::fetch_keys_unverified`] are only as trustworthy as the host.
+    pub fn trust_keys(&mut self, keys: BubbleKeys) {
+        self.keys = Some(keys);
+    }
+
+    /// Asks the bubble for its public keys without attestation (the host
+    /// could substitute them: for tests and trusted hosts only).
+    pub async fn fetch_keys_unverified(&self) -> Result<BubbleKeys, ClientError> {
+        let out = self.call("keys", b"").await?;
+        if out.len() != 64 {
+            return Err(ClientError::Malformed("keys answer is not 64 bytes"));
+        }
+        let mut k = BubbleKeys {
+            kem_pk: [0; 32],
+            sig_pk: [0; 32],
+        };
+        k.kem_pk.copy_from_slice(&out[..32]);
+        k.sig_pk.copy_from_slice(&out[32..]);
+        Ok(k)
+    }
+
+    /// Seals `secret` to the bubble (AAD binds bubble id and `name`) and
+    /// provisions it; the broker only ever sees the ciphertext.
+    pub async fn provision(&self, name: &str, secret: &[u8]) -> Result<(), ClientError> {
+        let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        let aad = bubble_keys::credential_aad(&self.id, name);
+        let sealed = bubble_keys::seal_credential(
+            &mut OsRng,
+            &keys.kem_pk,
+            bubble_keys::INFO_CREDENTIAL,
+            &aad,
+            secret,
+        )
+        .map_err(|e| ClientError::Seal(e.to_string()))?;
+        self.client
+            .clone()
+            .provision_credential(pb::ProvisionCredentialRequest {
+                bubble_id: self.id.clone(),
+                name: name.to_string(),
+                sealed: sealed.encode(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Calls `op` (unsigned).
+    pub async fn call(&self, op: &str, input: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let r = self
+            .client
+            .clone()
+            .call(pb::CallRequest {
+                bubble_id: self.id.clone(),
+                op: op.to_string(),
+                input: input.to_vec(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(r.output)
+    }
+
+    /// Calls `op` and verifies the bubble's signature over (bubble id, call
+    /// id, SHA-256 of the input, output) with the attested key.
+    pub async fn call_verified(&self, op: &str, input: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.call_signed(op, input, None)
+            .await
+            .map(|s| s.expose().to_vec())
+    }
+
+    /// Calls `op`, asking the bubble to seal the output to a fresh parent
+    /// key, and verifies and opens the result; the broker sees only
+    /// ciphertext.
+    pub async fn call_sealed(&self, op: &str, input: &[u8]) -> Result<SecretBytes, ClientError> {
+        let kp = KemKeyPair::generate(&mut OsRng);
+        self.call_signed(op, input, Some(&kp)).await
+    }
+
+    async fn call_signed(
+        &self,
+        op: &str,
+        input: &[u8],
+        open_with: Option<&KemKeyPair>,
+    ) -> Result<SecretBytes, ClientError> {
+        let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        let r = self
+            .client
+            .clone()
+            .call(pb::CallRequest {
+                bubble_id: self.id.clone(),
+                op: op.to_string(),
+                input: input.to_vec(),
+                sign: true,
+                seal_to: open_with
+                    .map(|k| k.public_key().to_vec())
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        bubble_keys::verify_and_open_result(
+            &keys.sig_pk,
+            &self.id,
+            r.call_id,
+            input,
+            &r.output,
+            &r.signature,
+            open_with,
+        )
+        .map_err(|e| ClientError::BadResult(e.to_string()))
+    }
+
+    /// Deletes the bubble.
+    pub async fn delete(self) -> Result<(), ClientError> {
+        self.client
+            .clone()
+            .delete_bubble(pb::BubbleRef { bubble_id: self.id })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! End to end on real KVM: credentials sealed to a bubble, used inside it,
+//! and never visible to the host in plaintext; signed and sealed results.
+
+use std::sync::{Arc, Mutex};
+
+use bubble_client::{ClientError, Parent};
+use bubble_e2e_tests::*;
+use hmac::{Hmac, Mac};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A Unix-socket proxy in front of the broker that records every byte of
+/// the gRPC traffic in both directions.
+async fn recording_proxy(
+    broker_sock: std::path::PathBuf,
+    at: std::path::PathBuf,
+) -> Arc<Mutex<Vec<u8>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let l = tokio::net::UnixListener::bind(&at).unwrap();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((c, _)) = l.accept().await else { return };
+            let b = tokio::net::UnixStream::connect(&broker_sock).await.unwrap();
+            let (mut cr, mut cw) = c.into_split();
+            let (mut br, mut bw) = b.into_split();
+            let (up, down) = (s2.clone(), s2.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    up.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = br.read(&mut buf).await {
+                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    down.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    seen
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_is_used_inside_and_never_seen_by_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let proxy_sock = dir.path().join("proxy.sock");
+    let traffic = recording_proxy(broker.socket.clone(), proxy_sock.clone()).await;
+    let parent = Parent::connect_unix(&proxy_sock).await.unwrap();
+
+    let mut bubble = parent.create(16).await.unwrap();
+    // Before keys are trusted nothing can be sealed or verified.
+    assert!(matches!(
+        bubble.provision("tokenization_key", b"x").await,
+        Err(ClientError::NotAttested)
+    ));
+    let keys = bubble.fetch_keys_unverified().await.unwrap();
+    bubble.trust_keys(keys);
+
+    let secret = b"tok-key:7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e";
+    bubble.provision("tokenization_key", secret).await.unwrap();
+
+    let pan = b"4111111111111111";
+    let mut input = vec![b"tokenization_key".len() as u8];
+    input.extend(b"tokenization_key");
+    input.extend(pan);
+    let token = bubble.call_verified("hmac", &input).await.unwrap();
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(pan);
+    assert_eq!(token, m.finalize().into_bytes().to_vec());
+
+    // Sealed to the parent: the broker relays only ciphertext.
+    let sealed_token = bubble.call_sealed("hmac", &input).await.unwrap();
+    assert_eq!(sealed_token.expose(), &token[..]);
+
+    // An unknown credential is refused without hurting the bubble.
+    let mut other = vec![5u8];
+    other.extend(b"other");
+    other.extend(pan);
+    assert!(bubble.call("hmac", &other).await.is_err());
+    assert_eq!(bubble.call("echo", b"alive").await.unwrap(), b"alive");
+
+    // A result signed by another key does not verify.
+    let mut forged = bubble_client::Parent::bubble(&parent, bubble.id());
+    forged.trust_keys(bubble_client::BubbleKeys {
+        kem_pk: keys.kem_pk,
+        sig_pk: bubble_keys::SigningKeyPair::generate(&mut bubble_keys::OsRng).public_key(),
+    });
+    assert!(matches!(
+        forged.call_verified("echo", b"x").await,
+        Err(ClientError::BadResult(_))
+    ));
+
+    // The plaintext is nowhere on the host side: not in the gRPC traffic,
+    // the registry, the broker's or the VMM's logs, or any file of the
+    // broker's data directory.
+    let t = traffic.lock().unwrap().clone();
+    assert!(t.len() > 1000, "the proxy saw the traffic");
+    assert!(
+        !contains(&t, secret),
+        "plaintext credential in gRPC traffic"
+    );
+    for f in files_under(dir.path()) {
+        if f.extension().is_some_and(|e| e == "sock") {
+            continue;
+        }
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !contains(&bytes, secret),
+            "plaintext credential in {}",
+            f.display()
+        );
+    }
+    bubble.delete().await.unwrap();
+}
