@@ -18,6 +18,8 @@
 //! AAD     = "bubble-v1 key wrap" || version || snapshot_id
 //! ```
 //!
+//! [`ChunkCipher`] prepares a data key once for many chunks.
+//!
 //! Random 96-bit nonces are safe here: each data key encrypts one snapshot
 //! (far fewer than 2^32 chunks), and each KEK wraps one key per snapshot.
 

@@ -18,6 +18,34 @@
 //!   bubble's public keys;
 //! - [`envelope`]: chunked AES-256-GCM encryption of frozen bubbles under a
 //!   per-snapshot data key wrapped by a key-encryption key.
+//!
+//! # Example: provisioning a credential and returning a signed result
+//! ```
+//! use bubble_keys::*;
+//! # fn main() -> Result<(), Error> {
+//! let mut rng = OsRng; // in the guest: the RDRAND-backed RNG
+//! // Inside the bubble, at boot:
+//! let kem = KemKeyPair::generate(&mut rng);
+//! let signer = SigningKeyPair::generate(&mut rng);
+//! let rd = report_data(b"verifier nonce 16", &kem.public_key(), &signer.public_key());
+//! # let _ = rd;
+//! // Parent (after verifying the report): seal a credential to the bubble.
+//! let aad = credential_aad("bub-1", "gateway-key");
+//! let wire = seal_credential(&mut rng, &kem.public_key(), INFO_CREDENTIAL, &aad, b"sk_live_x")?
+//!     .encode();
+//! // Bubble: open it (the broker only relayed `wire`).
+//! let cred = open_credential(&kem, &SealedBox::decode(&wire)?, INFO_CREDENTIAL, &aad)?;
+//! assert_eq!(cred.expose(), b"sk_live_x");
+//! // Bubble: answer a call, sealed to the parent's key and signed.
+//! let parent = KemKeyPair::generate(&mut rng);
+//! let r = produce_result(&mut rng, &signer, "bub-1", 1, b"in", b"out", Some(&parent.public_key()))?;
+//! // Parent: verify and open.
+//! let out = verify_and_open_result(
+//!     &signer.public_key(), "bub-1", r.call_id, b"in", &r.output, &r.signature, Some(&parent))?;
+//! assert_eq!(out.expose(), b"out");
+//! # Ok(())
+//! # }
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -56,6 +84,8 @@ pub use sign::{
     RESULT_SIGNATURE_DOMAIN,
 };
 
+/// The rand_core (0.6) crate, for implementing an RNG (e.g. RDRAND).
+pub use rand_core;
 /// The `RngCore + CryptoRng` traits every randomized function takes.
 pub use rand_core::{CryptoRng, RngCore};
 
