@@ -68,7 +68,7 @@ mod test_util;
 pub use binding::{report_data, REPORT_DATA_DOMAIN};
 pub use envelope::{
     decrypt_chunk, decrypt_chunk_into, encrypt_chunk_with_rng, unwrap_key, wrap_key_with_rng,
-    ChunkCipher, DataKey, Kek, CHUNK_OVERHEAD, WRAPPED_KEY_LEN,
+    ChunkCipher, DataKey, Kek, CHUNK_OVERHEAD, SNAPSHOT_ID_LEN, WRAPPED_KEY_LEN,
 };
 #[cfg(feature = "std")]
 pub use envelope::{encrypt_chunk, wrap_key, KekFileError};
