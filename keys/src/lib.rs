@@ -21,8 +21,11 @@
 //!
 //! # Example: provisioning a credential and returning a signed result
 //! ```
+//! # #[cfg(not(feature = "std"))]
+//! # fn main() {}
+//! # #[cfg(feature = "std")]
+//! # fn main() -> Result<(), bubble_keys::Error> {
 //! use bubble_keys::*;
-//! # fn main() -> Result<(), Error> {
 //! let mut rng = OsRng; // in the guest: the RDRAND-backed RNG
 //! // Inside the bubble, at boot:
 //! let kem = KemKeyPair::generate(&mut rng);
