@@ -156,6 +156,7 @@ async fn through_broker(
     let mut c = client::connect_unix(&sock).await?;
     let create = pb::CreateBubbleRequest {
         idle: None,
+        policy: None,
         client_request_id: String::new(),
         memory_mib: 64,
         vcpus: 1,

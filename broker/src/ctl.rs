@@ -330,6 +330,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             let b = c
                 .create_bubble(pb::CreateBubbleRequest {
                     idle: None,
+                    policy: None,
                     client_request_id: request_id,
                     memory_mib,
                     vcpus: 1,

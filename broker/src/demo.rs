@@ -55,6 +55,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
         let b = c
             .create_bubble(pb::CreateBubbleRequest {
                 idle: None,
+                policy: None,
                 client_request_id: format!("demo-{i}"),
                 memory_mib: 64,
                 vcpus: 1,

@@ -32,6 +32,21 @@ pub enum BrokerError {
     /// The guest rejected the call (unknown op, bad input).
     #[error("guest rejected the call: {0}")]
     GuestRejected(String),
+    /// A policy or credential grant refused the call inside the bubble.
+    #[error("denied inside the bubble: {0}")]
+    GuestDenied(String),
+    /// A resource limit of the bubble's policy stopped the call.
+    #[error("limit reached inside the bubble: {0}")]
+    GuestLimit(String),
+    /// The portion trapped (the bubble stays usable).
+    #[error("portion trapped: {0}")]
+    GuestTrap(String),
+    /// The portion refused the request, or the bubble's state forbids it.
+    #[error("refused inside the bubble: {0}")]
+    GuestRefused(String),
+    /// The guest failed internally.
+    #[error("guest internal error: {0}")]
+    GuestInternal(String),
     /// The call ran past its deadline; the bubble was stopped.
     #[error("call deadline exceeded: {0}")]
     DeadlineExceeded(String),
@@ -59,7 +74,11 @@ impl From<BrokerError> for Status {
             BrokerError::InvalidArgument { .. } | BrokerError::GuestRejected(_) => {
                 Code::InvalidArgument
             }
-            BrokerError::NotAccessible(_) => Code::PermissionDenied,
+            BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) => Code::PermissionDenied,
+            BrokerError::GuestLimit(_) => Code::ResourceExhausted,
+            BrokerError::GuestTrap(_) => Code::Aborted,
+            BrokerError::GuestRefused(_) => Code::FailedPrecondition,
+            BrokerError::GuestInternal(_) => Code::Internal,
             BrokerError::WrongState { .. } => Code::FailedPrecondition,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
@@ -68,6 +87,23 @@ impl From<BrokerError> for Status {
             BrokerError::Registry(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl BrokerError {
+    /// Maps a guest ABI error code to the broker error (and so the gRPC code).
+    pub fn from_guest(code: u16, msg: String) -> Self {
+        use bubble_vmm::abi::code as c;
+        match code {
+            c::DENIED => BrokerError::GuestDenied(msg),
+            c::FUEL | c::MEMORY_LIMIT | c::OUTPUT_LIMIT | c::TOO_LARGE => {
+                BrokerError::GuestLimit(msg)
+            }
+            c::TRAP => BrokerError::GuestTrap(msg),
+            c::PORTION_REFUSED | c::STATE => BrokerError::GuestRefused(msg),
+            c::INTERNAL => BrokerError::GuestInternal(msg),
+            _ => BrokerError::GuestRejected(msg),
+        }
     }
 }
 

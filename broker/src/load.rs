@@ -158,6 +158,7 @@ async fn new_bubble(c: &mut Client, spec: &LoadSpec, rep: &Shared) -> Option<pb:
         None => {
             let req = pb::CreateBubbleRequest {
                 idle: None,
+                policy: None,
                 client_request_id: String::new(),
                 memory_mib: spec.memory_mib,
                 vcpus: 1,

@@ -109,6 +109,61 @@ pub struct BubbleRecord {
     /// Metering counters.
     #[serde(default)]
     pub usage: Meter,
+    /// Security policy for portions.
+    #[serde(default)]
+    pub policy: PortionPolicy,
+    /// Portions loaded, in order: (name, SHA-384 of the module, hex).
+    #[serde(default)]
+    pub portions: Vec<(String, String)>,
+}
+
+/// A bubble's security policy for code portions (see the proto).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortionPolicy {
+    /// Fuel per call.
+    pub fuel_per_call: u64,
+    /// Linear-memory limit, bytes.
+    pub memory_limit_bytes: u32,
+    /// Wall-clock deadline per portion call, ms.
+    pub call_deadline_ms: u32,
+    /// Largest output, bytes.
+    pub max_output_bytes: u32,
+    /// (portion, credentials it may use).
+    pub grants: Vec<(String, Vec<String>)>,
+}
+
+impl Default for PortionPolicy {
+    fn default() -> Self {
+        Self {
+            fuel_per_call: 10_000_000,
+            memory_limit_bytes: 1 << 20,
+            call_deadline_ms: 10_000,
+            max_output_bytes: 64 << 10,
+            grants: Vec::new(),
+        }
+    }
+}
+
+impl PortionPolicy {
+    /// The bytes the guest's `set_policy` op takes (and whose SHA-256 the
+    /// attestation binds).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(self.fuel_per_call.to_le_bytes());
+        v.extend(self.memory_limit_bytes.to_le_bytes());
+        v.extend(self.max_output_bytes.to_le_bytes());
+        v.extend((self.grants.len() as u16).to_le_bytes());
+        for (p, creds) in &self.grants {
+            v.push(p.len() as u8);
+            v.extend(p.as_bytes());
+            v.push(creds.len() as u8);
+            for c in creds {
+                v.push(c.len() as u8);
+                v.extend(c.as_bytes());
+            }
+        }
+        v
+    }
 }
 
 /// What happens to an idle bubble.
@@ -336,6 +391,8 @@ mod tests {
             idle: IdleRule::default(),
             last_active_ms: 0,
             usage: Meter::default(),
+            policy: PortionPolicy::default(),
+            portions: Vec::new(),
         }
     }
 

@@ -17,7 +17,7 @@ use crate::config::{self, BrokerConfig, PoolProfile};
 use crate::error::{invalid, BrokerError};
 use crate::identity::parent_of;
 use crate::metrics::Metrics;
-use crate::registry::{BubbleRecord, IdleAction, IdleRule, Registry, State};
+use crate::registry::{BubbleRecord, IdleAction, IdleRule, PortionPolicy, Registry, State};
 use crate::usage::UsageSigner;
 use crate::vmm::{CallFailure, ImageSpec, Vmm, VmmNotice};
 
@@ -164,6 +164,68 @@ pub struct GuestBinding {
     pub report_data: [u8; 64],
     /// Digest of the loaded portions.
     pub portions_digest: [u8; 48],
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Validates a requested security policy (`None`: the default).
+fn policy_from_pb(
+    p: Option<&pb::SecurityPolicy>,
+    max_payload: usize,
+) -> Result<PortionPolicy, BrokerError> {
+    let mut out = PortionPolicy::default();
+    let Some(p) = p else { return Ok(out) };
+    if p.fuel_per_call > 0 {
+        out.fuel_per_call = p.fuel_per_call;
+    }
+    if p.memory_limit_bytes > 0 {
+        if p.memory_limit_bytes > 64 << 20 {
+            return Err(invalid("policy.memory_limit_bytes", "at most 64 MiB"));
+        }
+        out.memory_limit_bytes = p.memory_limit_bytes;
+    }
+    if p.call_deadline_ms > 0 {
+        if u128::from(p.call_deadline_ms) > config::MAX_CALL_DEADLINE.as_millis() {
+            return Err(invalid(
+                "policy.call_deadline_ms",
+                format!("at most {} ms", config::MAX_CALL_DEADLINE.as_millis()),
+            ));
+        }
+        out.call_deadline_ms = p.call_deadline_ms;
+    }
+    if p.max_output_bytes > 0 {
+        if p.max_output_bytes as usize > max_payload {
+            return Err(invalid(
+                "policy.max_output_bytes",
+                format!("at most the payload limit of {max_payload} bytes"),
+            ));
+        }
+        out.max_output_bytes = p.max_output_bytes;
+    }
+    if p.grants.len() > 16 {
+        return Err(invalid("policy.grants", "at most 16 grants"));
+    }
+    for g in &p.grants {
+        if !valid_name(&g.portion) {
+            return Err(invalid(
+                "policy.grants.portion",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        if g.credentials.len() > 16 || !g.credentials.iter().all(|c| valid_name(c)) {
+            return Err(invalid(
+                "policy.grants.credentials",
+                "at most 16 names of 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        out.grants.push((g.portion.clone(), g.credentials.clone()));
+    }
+    Ok(out)
 }
 
 /// Whether a record holds resources (counts against quotas).
@@ -529,7 +591,8 @@ impl Broker {
         let image = ImageSpec::parse(&req.image, self.cfg.allow_test_images)
             .map_err(|reason| invalid("image", reason))?;
         let idle = idle_from_pb(req.idle.as_ref(), IdleRule::default())?;
-        let rec = self.new_record(
+        let policy = policy_from_pb(req.policy.as_ref(), self.cfg.max_payload)?;
+        let mut rec = self.new_record(
             parent,
             &req.client_request_id,
             req.memory_mib,
@@ -538,6 +601,7 @@ impl Broker {
             "",
             idle,
         );
+        rec.policy = policy;
         let r = self.start(rec, image).await;
         self.metrics
             .create_seconds
@@ -577,6 +641,8 @@ impl Broker {
             idle,
             last_active_ms: now_ms(),
             usage: Default::default(),
+            policy: PortionPolicy::default(),
+            portions: Vec::new(),
         }
     }
 
@@ -666,6 +732,22 @@ impl Broker {
         self.live_insert(&id, live.clone());
         match live.vmm.wait_ready(self.cfg.boot_timeout).await {
             Ok(boot_us) => {
+                if rec.policy != PortionPolicy::default() {
+                    // Fix the security policy before anyone can load a portion.
+                    let set = live
+                        .vmm
+                        .call(
+                            "set_policy",
+                            &rec.policy.encode(),
+                            config::DEFAULT_CALL_DEADLINE,
+                        )
+                        .await;
+                    if let Err(e) = set {
+                        let reason = format!("could not apply the security policy: {e:?}");
+                        self.fail(&id, &reason);
+                        return Ok(self.record(&id).unwrap_or(rec));
+                    }
+                }
                 self.watch_vmm(id.clone(), live);
                 let r = self.transition(&id, State::Ready, "", |r| {
                     r.boot_us = boot_us;
@@ -937,8 +1019,33 @@ impl Broker {
                 "must be an X25519 public key of 32 bytes",
             ));
         }
+        // A portion call runs function `op` of portion `portion`, under the
+        // policy's deadline unless the caller asks for a shorter one.
+        let (op, call_input, deadline) = if req.portion.is_empty() {
+            (req.op.clone(), req.input.clone(), deadline)
+        } else {
+            if !valid_name(&req.portion) {
+                return Err(invalid(
+                    "portion",
+                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                ));
+            }
+            let mut v = Vec::with_capacity(2 + req.portion.len() + req.op.len() + req.input.len());
+            v.push(req.portion.len() as u8);
+            v.extend(req.portion.as_bytes());
+            v.push(req.op.len() as u8);
+            v.extend(req.op.as_bytes());
+            v.extend(&req.input);
+            let cap = Duration::from_millis(u64::from(rec.policy.call_deadline_ms));
+            let d = if req.deadline_ms == 0 {
+                cap
+            } else {
+                deadline.min(cap)
+            };
+            ("portion".to_string(), v, d)
+        };
         if !req.sign && req.seal_to.is_empty() {
-            let (output, vmm_us) = self.invoke(rec, &req.op, &req.input, deadline).await?;
+            let (output, vmm_us) = self.invoke(rec, &op, &call_input, deadline).await?;
             return Ok(pb::CallResponse {
                 output,
                 vmm_us,
@@ -948,13 +1055,13 @@ impl Broker {
         // Signed (and maybe sealed) inside the bubble: `sign:<op>` with
         // `[id][seal_to][input]`; the answer is
         // `[call_id u64][sealed u8][signature 64][output]`.
-        let mut input = Vec::with_capacity(2 + rec.id.len() + 32 + req.input.len());
+        let mut input = Vec::with_capacity(2 + rec.id.len() + 32 + call_input.len());
         input.push(rec.id.len() as u8);
         input.extend(rec.id.as_bytes());
         input.push(req.seal_to.len() as u8);
         input.extend(&req.seal_to);
-        input.extend(&req.input);
-        let op = format!("sign:{}", req.op);
+        input.extend(&call_input);
+        let op = format!("sign:{op}");
         let (raw, vmm_us) = self.invoke(rec, &op, &input, deadline).await?;
         if raw.len() < 73 {
             return Err(BrokerError::GuestRejected(
@@ -1005,6 +1112,58 @@ impl Broker {
         self.invoke(rec, "provision", &input, config::DEFAULT_CALL_DEADLINE)
             .await
             .map(|_| ())
+    }
+
+    /// Loads a WebAssembly portion into one of `parent`'s bubbles.
+    pub async fn load_portion(
+        self: &Arc<Self>,
+        parent: &str,
+        req: pb::LoadPortionRequest,
+    ) -> Result<pb::LoadPortionResponse, BrokerError> {
+        use sha2::Digest;
+        let rec = self.owned(parent, &req.bubble_id)?;
+        if !valid_name(&req.name) {
+            return Err(invalid(
+                "name",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        if req.module.is_empty() || req.module.len() + 66 > self.cfg.max_payload {
+            return Err(invalid(
+                "module",
+                format!(
+                    "must be 1 byte to the payload limit ({} bytes)",
+                    self.cfg.max_payload
+                ),
+            ));
+        }
+        let mut input = Vec::with_capacity(1 + req.name.len() + req.module.len());
+        input.push(req.name.len() as u8);
+        input.extend(req.name.as_bytes());
+        input.extend(&req.module);
+        let id = rec.id.clone();
+        let (digest, _) = self
+            .invoke(rec, "load_portion", &input, config::DEFAULT_CALL_DEADLINE)
+            .await?;
+        if digest.len() != 48 {
+            return Err(BrokerError::GuestRejected(
+                "malformed portions digest".into(),
+            ));
+        }
+        let module_sha384 = sha2::Sha384::digest(&req.module).to_vec();
+        let hex: String = module_sha384.iter().map(|b| format!("{b:02x}")).collect();
+        let name = req.name.clone();
+        if let Ok(mut m) = self.records.lock() {
+            if let Some(r) = m.get_mut(&id) {
+                r.portions.push((name, hex));
+                let _ = self.registry.put(r);
+            }
+        }
+        info!(bubble = %id, parent = %parent, portion = %req.name, "portion loaded");
+        Ok(pb::LoadPortionResponse {
+            portions_digest: digest,
+            module_sha384,
+        })
     }
 
     /// Asks one of `parent`'s bubbles for its public keys and the
@@ -1086,9 +1245,9 @@ impl Broker {
                 self.transition(&id, State::Ready, "", |r| count(r, n))?;
                 Ok((out, vmm_us))
             }
-            Err(CallFailure::Rejected(msg)) => {
+            Err(CallFailure::Rejected(code, msg)) => {
                 self.transition(&id, State::Ready, "", |r| count(r, 0))?;
-                Err(BrokerError::GuestRejected(msg))
+                Err(BrokerError::from_guest(code, msg))
             }
             Err(CallFailure::Deadline(msg)) => {
                 self.fail(&id, &format!("call deadline exceeded: {msg}"));
@@ -1393,6 +1552,21 @@ impl BrokerApi for BrokerService {
         let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
         self.broker.provision(&parent, req).instrument(span).await?;
         Ok(Response::new(pb::ProvisionCredentialResponse {}))
+    }
+
+    async fn load_portion(
+        &self,
+        request: Request<pb::LoadPortionRequest>,
+    ) -> Result<Response<pb::LoadPortionResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("load_portion", bubble = %req.bubble_id, parent = %parent, portion = %req.name);
+        let r = self
+            .broker
+            .load_portion(&parent, req)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(r))
     }
 
     type WatchEventsStream = EventStream;

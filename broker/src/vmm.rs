@@ -68,8 +68,8 @@ pub enum VmmNotice {
 /// How a call failed.
 #[derive(Clone, Debug)]
 pub enum CallFailure {
-    /// The guest refused the request; the bubble is fine.
-    Rejected(String),
+    /// The guest refused the request (ABI error code, text); the bubble is fine.
+    Rejected(u16, String),
     /// The guest overran the deadline and was stopped.
     Deadline(String),
     /// The bubble died.
@@ -142,7 +142,10 @@ impl Vmm {
             .call(op, input, deadline)
             .await
             .map_err(|e| match e {
-                vc::CallError::Guest(m) | vc::CallError::BadRequest(m) => CallFailure::Rejected(m),
+                vc::CallError::Guest(code, m) => CallFailure::Rejected(code, m),
+                vc::CallError::BadRequest(m) => {
+                    CallFailure::Rejected(bubble_vmm::abi::code::TOO_LARGE, m)
+                }
                 vc::CallError::DeadlineExceeded(m) => CallFailure::Deadline(m),
                 other => CallFailure::Failed(other.to_string()),
             })

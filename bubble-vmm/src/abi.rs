@@ -73,6 +73,20 @@ pub mod code {
     pub const INTERNAL: u16 = 3;
     /// The output would not fit the mailbox.
     pub const TOO_LARGE: u16 = 4;
+    /// A portion used a credential its policy does not grant.
+    pub const DENIED: u16 = 5;
+    /// A portion call ran out of fuel.
+    pub const FUEL: u16 = 6;
+    /// A portion exceeded its linear-memory limit.
+    pub const MEMORY_LIMIT: u16 = 7;
+    /// A portion's output exceeded the policy's limit.
+    pub const OUTPUT_LIMIT: u16 = 8;
+    /// A portion trapped.
+    pub const TRAP: u16 = 9;
+    /// A portion returned a non-zero status (refused the request).
+    pub const PORTION_REFUSED: u16 = 10;
+    /// The operation is not allowed in the bubble's current state.
+    pub const STATE: u16 = 11;
 }
 
 /// Why guest bytes were rejected.

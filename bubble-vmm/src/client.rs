@@ -68,9 +68,10 @@ pub enum VmmError {
 /// Errors of a call.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The guest refused the request (unknown op, bad input); the bubble is fine.
-    #[error("{0}")]
-    Guest(String),
+    /// The guest refused the request (ABI error code, text); the bubble is
+    /// fine. Codes: [`crate::abi::code`].
+    #[error("{1} (code {0})")]
+    Guest(u16, String),
     /// The request could not be delivered (too large for the mailbox).
     #[error("{0}")]
     BadRequest(String),
@@ -551,7 +552,16 @@ impl VmmClient {
                 let text =
                     String::from_utf8_lossy(f.body.get(1..).unwrap_or_default()).into_owned();
                 match f.body.first().copied().and_then(CallErrKind::from_u8) {
-                    Some(CallErrKind::Rejected) => Err(CallError::Guest(text)),
+                    Some(CallErrKind::Rejected) => {
+                        let b = f.body.get(1..).unwrap_or_default();
+                        let code = b
+                            .get(..2)
+                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                            .unwrap_or(0);
+                        let text =
+                            String::from_utf8_lossy(b.get(2..).unwrap_or_default()).into_owned();
+                        Err(CallError::Guest(code, text))
+                    }
                     Some(CallErrKind::BadRequest) => Err(CallError::BadRequest(text)),
                     Some(CallErrKind::Deadline) => Err(CallError::DeadlineExceeded(text)),
                     _ => Err(CallError::Failed(text)),

@@ -15,7 +15,7 @@
 //! | `CONFIGURE` 0x05 | broker → spare VMM | its arguments, NUL-separated (first frame only) |
 //! | `STATUS_OK` 0x81 | VMM → broker | [`Status`] |
 //! | `CALL_OK` 0x82 | VMM → broker | output |
-//! | `CALL_ERR` 0x83 | VMM → broker | `[kind u8][text]` (see [`CallErrKind`]) |
+//! | `CALL_ERR` 0x83 | VMM → broker | `[kind u8][text]` (see [`CallErrKind`]); for `Rejected`, `[kind][guest code u16 LE][text]` |
 //! | `SHUTDOWN_OK` 0x84 | VMM → broker | empty |
 //! | `ERROR` 0x85 | VMM → broker | text (bad request) |
 //! | `EV_READY` 0xA1 | VMM → broker | `[boot_us u64]` |

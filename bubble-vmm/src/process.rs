@@ -339,11 +339,12 @@ impl Guest {
         }
         match r {
             Ok(Answer::Output(out)) => (None, out, false),
-            Ok(Answer::Rejected(code, text)) => (
-                Some(CallErrKind::Rejected),
-                format!("{text} (code {code})").into_bytes(),
-                false,
-            ),
+            Ok(Answer::Rejected(code, text)) => {
+                // Body: [guest error code u16 LE][text].
+                let mut b = code.to_le_bytes().to_vec();
+                b.extend(text.as_bytes());
+                (Some(CallErrKind::Rejected), b, false)
+            }
             Err(BubbleError::Vm(VmError::Interrupted)) if self.dog.fired.load(Ordering::SeqCst) => {
                 let reason = format!(
                     "call deadline exceeded: guest did not answer {op:?} within {} ms",

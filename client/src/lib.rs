@@ -226,6 +226,40 @@ impl Bubble {
             .map(|s| s.expose().to_vec())
     }
 
+    /// Calls `function` of a loaded portion and verifies the bubble's
+    /// signature over the result.
+    pub async fn call_verified_portion(
+        &self,
+        portion: &str,
+        function: &str,
+        input: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        self.call_signed_req(portion, function, input, None)
+            .await
+            .map(|s| s.expose().to_vec())
+    }
+
+    /// A typed handle on a loaded portion: `bubble.portion("payments").call("tokenize", pan)`.
+    pub fn portion<'a>(&'a self, name: &'a str) -> PortionHandle<'a> {
+        PortionHandle { bubble: self, name }
+    }
+
+    /// Loads a WebAssembly module as portion `name`; returns the bubble's
+    /// new portions digest.
+    pub async fn load_portion(&self, name: &str, module: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let r = self
+            .client
+            .clone()
+            .load_portion(pb::LoadPortionRequest {
+                bubble_id: self.id.clone(),
+                name: name.to_string(),
+                module: module.to_vec(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.portions_digest)
+    }
+
     /// Calls `op`, asking the bubble to seal the output to a fresh parent
     /// key, and verifies and opens the result; the broker sees only
     /// ciphertext.
@@ -236,6 +270,16 @@ impl Bubble {
 
     async fn call_signed(
         &self,
+        op: &str,
+        input: &[u8],
+        open_with: Option<&KemKeyPair>,
+    ) -> Result<SecretBytes, ClientError> {
+        self.call_signed_req("", op, input, open_with).await
+    }
+
+    async fn call_signed_req(
+        &self,
+        portion: &str,
         op: &str,
         input: &[u8],
         open_with: Option<&KemKeyPair>,
@@ -252,15 +296,30 @@ impl Bubble {
                 seal_to: open_with
                     .map(|k| k.public_key().to_vec())
                     .unwrap_or_default(),
+                portion: portion.to_string(),
                 ..Default::default()
             })
             .await?
             .into_inner();
+        // For a portion call the bubble signs over the exact request it
+        // ran, `[len][portion][len][function][input]`, which binds the
+        // portion and function too.
+        let signed_input = if portion.is_empty() {
+            input.to_vec()
+        } else {
+            let mut v = Vec::with_capacity(2 + portion.len() + op.len() + input.len());
+            v.push(portion.len() as u8);
+            v.extend(portion.as_bytes());
+            v.push(op.len() as u8);
+            v.extend(op.as_bytes());
+            v.extend(input);
+            v
+        };
         bubble_keys::verify_and_open_result(
             &keys.sig_pk,
             &self.id,
             r.call_id,
-            input,
+            &signed_input,
             &r.output,
             &r.signature,
             open_with,
@@ -275,5 +334,35 @@ impl Bubble {
             .delete_bubble(pb::BubbleRef { bubble_id: self.id })
             .await?;
         Ok(())
+    }
+}
+
+/// A loaded portion of a bubble: the parent's typed view of the
+/// credential-bearing half of its program.
+pub struct PortionHandle<'a> {
+    bubble: &'a Bubble,
+    name: &'a str,
+}
+
+impl PortionHandle<'_> {
+    /// Calls `function` with `input`; the result is signed by the bubble
+    /// and verified with its attested key before it is returned.
+    pub async fn call(&self, function: &str, input: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.bubble
+            .call_verified_portion(self.name, function, input)
+            .await
+    }
+
+    /// Like [`PortionHandle::call`], with the output sealed to a fresh
+    /// parent key inside the bubble.
+    pub async fn call_sealed(
+        &self,
+        function: &str,
+        input: &[u8],
+    ) -> Result<SecretBytes, ClientError> {
+        let kp = KemKeyPair::generate(&mut OsRng);
+        self.bubble
+            .call_signed_req(self.name, function, input, Some(&kp))
+            .await
     }
 }

@@ -9,6 +9,11 @@
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use bubble_keys::RngCore;
 
 use bubble_keys::{KemKeyPair, SealedBox, SecretBytes, SigningKeyPair};
 use hmac::{Hmac, Mac};
@@ -20,6 +25,93 @@ use crate::rng::RdRand;
 pub const MAX_CREDENTIALS: usize = 64;
 /// Longest credential (bytes of plaintext).
 pub const MAX_CREDENTIAL_LEN: usize = 4096;
+
+/// The bubble's keys, reachable from ops and from portion host functions.
+/// The guest is single-threaded; the `RefCell` turns any re-entrant misuse
+/// into a panic (a failed bubble) rather than aliasing.
+pub struct Global(RefCell<Option<Keys>>);
+
+// SAFETY: one vCPU, no interrupts: never accessed concurrently.
+unsafe impl Sync for Global {}
+
+/// The global keys.
+pub static KEYS: Global = Global(RefCell::new(None));
+
+impl Global {
+    /// Installs the keys (at boot).
+    pub fn set(&self, k: Option<Keys>) {
+        *self.0.borrow_mut() = k;
+    }
+
+    /// Runs `f` with the keys, if there are any.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Keys) -> R) -> Option<R> {
+        self.0.borrow_mut().as_mut().map(f)
+    }
+}
+
+/// Runs `f` on the bytes of credential `name` (never returned to callers).
+pub fn with_credential<R>(name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    KEYS.with(|k| k.creds.get(name).map(|c| f(c.expose())))
+        .flatten()
+}
+
+/// Fills `buf` from RDRAND.
+pub fn fill_random(buf: &mut [u8]) {
+    if KEYS.with(|k| k.rng.fill_bytes(buf)).is_none() {
+        buf.fill(0);
+    }
+}
+
+/// HMAC-SHA256 under `key`.
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(m) => m,
+        // HMAC takes keys of any length.
+        Err(_) => return [0u8; 32],
+    };
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Ed25519 signature with a 32-byte seed credential.
+pub fn ed25519_sign(seed: &[u8], msg: &[u8]) -> Option<[u8; 64]> {
+    use ed25519_dalek::Signer;
+    let seed: &[u8; 32] = seed.try_into().ok()?;
+    let sk = ed25519_dalek::SigningKey::from_bytes(seed);
+    Some(sk.sign(msg).to_bytes())
+}
+
+/// Ed25519 public key of a 32-byte seed credential.
+pub fn ed25519_public(seed: &[u8]) -> Option<[u8; 32]> {
+    let seed: &[u8; 32] = seed.try_into().ok()?;
+    Some(
+        ed25519_dalek::SigningKey::from_bytes(seed)
+            .verifying_key()
+            .to_bytes(),
+    )
+}
+
+/// AES-256-GCM seal with a random nonce: `nonce ‖ ciphertext ‖ tag`.
+pub fn aead_seal(key: &[u8], aad: &[u8], pt: &[u8]) -> Option<Vec<u8>> {
+    let c = Aes256Gcm::new_from_slice(key).ok()?;
+    let mut n = [0u8; 12];
+    fill_random(&mut n);
+    let ct = c
+        .encrypt(Nonce::from_slice(&n), Payload { msg: pt, aad })
+        .ok()?;
+    let mut out = Vec::with_capacity(12 + ct.len());
+    out.extend_from_slice(&n);
+    out.extend_from_slice(&ct);
+    Some(out)
+}
+
+/// AES-256-GCM open of `nonce ‖ ciphertext ‖ tag`.
+pub fn aead_open(key: &[u8], aad: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    let c = Aes256Gcm::new_from_slice(key).ok()?;
+    let (n, ct) = (data.get(..12)?, data.get(12..)?);
+    c.decrypt(Nonce::from_slice(n), Payload { msg: ct, aad })
+        .ok()
+}
 
 /// Keys and credentials of this bubble.
 pub struct Keys {
@@ -87,10 +179,7 @@ impl Keys {
             .creds
             .get(name)
             .ok_or((crate::abi::code::BAD_INPUT, "no such credential"))?;
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose())
-            .map_err(|_| (crate::abi::code::INTERNAL, "bad key length"))?;
-        mac.update(data);
-        Ok(mac.finalize().into_bytes().into())
+        Ok(hmac_sha256(key.expose(), data))
     }
 
     /// Signs (and optionally seals) a call's result; returns

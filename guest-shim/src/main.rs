@@ -19,6 +19,7 @@ extern crate alloc;
 mod abi;
 mod keys;
 mod mem;
+mod portions;
 mod rng;
 
 use core::fmt::Write as _;
@@ -96,6 +97,21 @@ impl Mailbox {
 
 static mut MAILBOX: Option<Mailbox> = None;
 
+/// Log lines produced while serving a request; sent before its answer.
+struct PendingLogs(core::cell::RefCell<alloc::vec::Vec<alloc::string::String>>);
+
+// SAFETY: one vCPU, no interrupts: never accessed concurrently.
+unsafe impl Sync for PendingLogs {}
+
+static PENDING_LOGS: PendingLogs = PendingLogs(core::cell::RefCell::new(alloc::vec::Vec::new()));
+
+fn log_line(text: &str) {
+    PENDING_LOGS
+        .0
+        .borrow_mut()
+        .push(alloc::string::String::from(text));
+}
+
 /// Splits `[len u8][bytes]` off the front of `b`.
 fn take_field(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let n = *b.first()? as usize;
@@ -112,46 +128,91 @@ const BAD: u16 = abi::code::BAD_INPUT;
 
 /// Runs an op that produces a fresh output (everything but the in-place
 /// fast paths of unsigned `echo` and `sha256`).
-fn run_op(
-    keys: &mut keys::Keys,
-    op: &[u8],
-    input: &[u8],
-) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+    const NO_KEYS: keys::OpError = (abi::code::INTERNAL, "no RDRAND: this bubble has no keys");
     match op {
         b"echo" => Ok(input.to_vec()),
         b"sha256" => Ok(Sha256::digest(input).to_vec()),
         b"sha256_chain" => sha256_chain(input).map(|d| d.to_vec()),
-        b"keys" => {
-            let mut v = alloc::vec::Vec::with_capacity(64);
-            v.extend_from_slice(&keys.kem_public());
-            v.extend_from_slice(&keys.sig_public());
-            Ok(v)
-        }
+        b"keys" => keys::KEYS
+            .with(|k| {
+                let mut v = alloc::vec::Vec::with_capacity(64);
+                v.extend_from_slice(&k.kem_public());
+                v.extend_from_slice(&k.sig_public());
+                v
+            })
+            .ok_or(NO_KEYS),
         b"attest" => {
             // The nonce from the verifier; REPORT_DATA binds it and our keys.
             if !(16..=64).contains(&input.len()) {
                 return Err((BAD, "attest needs a nonce of 16 to 64 bytes"));
             }
-            let (kem, sig) = (keys.kem_public(), keys.sig_public());
-            let rd = bubble_keys::report_data(input, &kem, &sig);
-            let mut v = alloc::vec::Vec::with_capacity(32 + 32 + 64 + 48);
+            let (kem, sig) = keys::KEYS
+                .with(|k| (k.kem_public(), k.sig_public()))
+                .ok_or(NO_KEYS)?;
+            let portions_digest = portions().map(|p| p.digest).unwrap_or([0u8; 48]);
+            // SAFETY: single-threaded read.
+            let policy_digest = unsafe { *core::ptr::addr_of!(POLICY_DIGEST) };
+            // The binding covers the nonce, the loaded portions and the
+            // policy: nonce' = nonce ‖ portions_digest ‖ policy_digest.
+            let mut bound = alloc::vec::Vec::with_capacity(input.len() + 80);
+            bound.extend_from_slice(input);
+            bound.extend_from_slice(&portions_digest);
+            bound.extend_from_slice(&policy_digest);
+            let rd = bubble_keys::report_data(&bound, &kem, &sig);
+            let mut v = alloc::vec::Vec::with_capacity(32 + 32 + 64 + 48 + 32);
             v.extend_from_slice(&kem);
             v.extend_from_slice(&sig);
             v.extend_from_slice(&rd);
-            v.extend_from_slice(&[0u8; 48]); // portions digest: none loaded
+            v.extend_from_slice(&portions_digest);
+            v.extend_from_slice(&policy_digest);
             Ok(v)
         }
         b"provision" => {
             let (id, rest) = take_str(input).ok_or((BAD, "provision needs [id][name][sealed]"))?;
             let (name, sealed) = take_str(rest).ok_or((BAD, "provision needs [id][name][sealed]"))?;
-            keys.provision(id, name, sealed)?;
+            keys::KEYS.with(|k| k.provision(id, name, sealed)).ok_or(NO_KEYS)??;
             Ok(alloc::vec::Vec::new())
         }
         b"hmac" => {
             let (name, data) = take_str(input).ok_or((BAD, "hmac needs [name][data]"))?;
-            keys.hmac(name, data).map(|m| m.to_vec())
+            // Credentials granted to portions are theirs alone.
+            if portions().is_some_and(|p| p.policy.grants.values().any(|g| g.iter().any(|c| c == name))) {
+                return Err((abi::code::DENIED, "credential is reserved to a portion by the policy"));
+            }
+            keys::KEYS.with(|k| k.hmac(name, data)).ok_or(NO_KEYS)?.map(|m| m.to_vec())
         }
-        _ => Err((abi::code::UNKNOWN_OP, "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, sign:<op>)")),
+        b"set_policy" => {
+            let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
+            if p.policy_set || p.digest != [0u8; 48] {
+                return Err((abi::code::STATE, "the policy is set once, before any portion is loaded"));
+            }
+            p.policy = portions::Policy::decode(input).ok_or((BAD, "malformed policy"))?;
+            p.policy_set = true;
+            let d: [u8; 32] = Sha256::digest(input).into();
+            // SAFETY: single-threaded write.
+            unsafe { *core::ptr::addr_of_mut!(POLICY_DIGEST) = d };
+            Ok(d.to_vec())
+        }
+        b"load_portion" => {
+            let (name, module) = take_str(input).ok_or((BAD, "load_portion needs [name][module]"))?;
+            let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
+            p.load(name, module).map(|d| d.to_vec())
+        }
+        b"portion" => {
+            let (name, rest) = take_str(input).ok_or((BAD, "portion call needs [portion][function][input]"))?;
+            let (function, data) = take_str(rest).ok_or((BAD, "portion call needs [portion][function][input]"))?;
+            let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
+            let (out, logs) = p.call(name, function, data)?;
+            for l in logs {
+                log_line(&l);
+            }
+            Ok(out)
+        }
+        _ => Err((
+            abi::code::UNKNOWN_OP,
+            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion, sign:<op>)",
+        )),
     }
 }
 
@@ -170,11 +231,7 @@ fn sha256_chain(input: &[u8]) -> Result<[u8; 32], keys::OpError> {
 }
 
 /// `sign:<op>`: input `[id_len u8][bubble id][seal_len u8][seal_to (0 or 32)][op input]`.
-fn run_signed(
-    keys: &mut keys::Keys,
-    op: &[u8],
-    input: &[u8],
-) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+fn run_signed(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
     let (id, rest) = take_str(input).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
     let (seal, inner) = take_field(rest).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
     let seal_to: Option<[u8; 32]> = match seal.len() {
@@ -186,11 +243,23 @@ fn run_signed(
         }
         _ => return Err((BAD, "seal_to must be 32 bytes")),
     };
-    let out = run_op(keys, op, inner)?;
-    keys.sign_result(id, inner, &out, seal_to.as_ref())
+    let out = run_op(op, inner)?;
+    keys::KEYS
+        .with(|k| k.sign_result(id, inner, &out, seal_to.as_ref()))
+        .ok_or((abi::code::INTERNAL, "no RDRAND: this bubble has no keys"))?
 }
 
-static mut KEYS: Option<keys::Keys> = None;
+static mut PORTIONS: Option<portions::Portions> = None;
+
+fn portions() -> Option<&'static mut portions::Portions> {
+    // SAFETY: single-threaded; only the request loop touches PORTIONS, and
+    // host functions never do.
+    unsafe { (*core::ptr::addr_of_mut!(PORTIONS)).as_mut() }
+}
+
+/// The policy digest: SHA-256 of the policy bytes the broker set (zero
+/// when the default policy is in force).
+static mut POLICY_DIGEST: [u8; 32] = [0u8; 32];
 
 fn boot_info() -> BootInfo {
     let mut b = [0u8; abi::BOOT_INFO_LEN];
@@ -217,9 +286,10 @@ fn fault() -> ! {
 pub extern "C" fn _start() -> ! {
     let info = boot_info();
     mem::init_heap(info.heap_start as usize, info.heap_end as usize);
+    keys::KEYS.set(keys::Keys::generate());
     // SAFETY: single-threaded; set once before use.
     unsafe {
-        KEYS = keys::Keys::generate();
+        PORTIONS = portions::Portions::new();
     }
     let mb = Mailbox {
         base: info.mailbox_gpa as *mut u8,
@@ -275,16 +345,18 @@ fn serve(mb: &mut Mailbox) {
             mb.send(MsgType::Reply, 32);
         }
         _ => {
-            // SAFETY: single-threaded; KEYS is only touched here.
-            let Some(keys) = (unsafe { (*core::ptr::addr_of_mut!(KEYS)).as_mut() }) else {
-                mb.send_error(abi::code::INTERNAL, "no RDRAND: this bubble has no keys");
-                return;
-            };
-            let input = &payload[start..start + input_len];
+            // Copy the request out: the mailbox carries log lines and the
+            // answer next.
+            let input = payload[start..start + input_len].to_vec();
             let r = match op.strip_prefix(b"sign:") {
-                Some(inner) => run_signed(keys, inner, input),
-                None => run_op(keys, op, input),
+                Some(inner) => run_signed(inner, &input),
+                None => run_op(op, &input),
             };
+            let logs = core::mem::take(&mut *PENDING_LOGS.0.borrow_mut());
+            for l in logs {
+                let n = l.len().min(abi::MAX_TEXT_LEN);
+                mb.send_bytes(MsgType::Log, &l.as_bytes()[..n]);
+            }
             match r {
                 Ok(out) if out.len() <= mb.capacity() => {
                     let n = out.len();

@@ -270,6 +270,7 @@ pub fn kill_vmms_under(dir: &Path) {
 pub fn create_req(memory_mib: u32) -> pb::CreateBubbleRequest {
     pb::CreateBubbleRequest {
         idle: None,
+        policy: None,
         client_request_id: String::new(),
         memory_mib,
         vcpus: 1,
