@@ -164,6 +164,8 @@ pub struct GuestBinding {
     pub report_data: [u8; 64],
     /// Digest of the loaded portions.
     pub portions_digest: [u8; 48],
+    /// SHA-256 of the security policy (zero: default).
+    pub policy_digest: [u8; 32],
 }
 
 fn valid_name(s: &str) -> bool {
@@ -1181,7 +1183,7 @@ impl Broker {
         let (out, _) = self
             .invoke(rec.clone(), "attest", nonce, config::DEFAULT_CALL_DEADLINE)
             .await?;
-        if out.len() != 32 + 32 + 64 + 48 {
+        if out.len() != 32 + 32 + 64 + 48 + 32 {
             return Err(BrokerError::GuestRejected(
                 "the bubble returned a malformed attestation binding".into(),
             ));
@@ -1191,11 +1193,13 @@ impl Broker {
             sig_pk: [0; 32],
             report_data: [0; 64],
             portions_digest: [0; 48],
+            policy_digest: [0; 32],
         };
         b.kem_pk.copy_from_slice(&out[..32]);
         b.sig_pk.copy_from_slice(&out[32..64]);
         b.report_data.copy_from_slice(&out[64..128]);
-        b.portions_digest.copy_from_slice(&out[128..]);
+        b.portions_digest.copy_from_slice(&out[128..176]);
+        b.policy_digest.copy_from_slice(&out[176..]);
         Ok((rec, b))
     }
 

@@ -114,9 +114,13 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
     let nonce = [7u8; 32];
     let a = out(b.call("attest", &nonce, &mut nolog).unwrap());
     assert_eq!(&a[..64], &keys[..]);
+    // The binding covers nonce ‖ portions digest ‖ policy digest (none yet).
+    let mut bound = nonce.to_vec();
+    bound.extend([0u8; 48 + 32]);
+    assert_eq!(a.len(), 64 + 64 + 48 + 32);
     assert_eq!(
         &a[64..128],
-        &bubble_keys::report_data(&nonce, &kem, &sig)[..]
+        &bubble_keys::report_data(&bound, &kem, &sig)[..]
     );
     assert!(matches!(
         b.call("attest", b"short", &mut nolog).unwrap(),
