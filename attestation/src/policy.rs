@@ -1,0 +1,107 @@
+//! Appraisal policy: what a verified report must also satisfy.
+//!
+//! A TOML file, every key optional:
+//!
+//! ```toml
+//! allow_sim = false              # accept reports of the simulated PSP
+//! allow_debug = false            # guest policy DEBUG bit
+//! max_vmpl = 3                   # highest VMPL accepted
+//! allow_smt = true               # guest policy SMT bit may be set
+//! allow_migration_agent = false  # guest policy MIGRATE_MA bit
+//! allowed_measurements = ["<96 hex>"]   # empty: any
+//! expected_report_data = "<128 hex>"    # exact REPORT_DATA
+//! [min_tcb]
+//! bootloader = 3
+//! tee = 0
+//! snp = 8
+//! microcode = 115
+//! ```
+
+use serde::Deserialize;
+
+use crate::report::{Report, Tcb};
+
+/// Appraisal policy (defaults: no simulation, no debug, no migration agent).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Accept reports of the simulated PSP.
+    pub allow_sim: bool,
+    /// Accept guests whose policy allows debugging.
+    pub allow_debug: bool,
+    /// Highest VMPL accepted.
+    pub max_vmpl: u32,
+    /// Accept guests whose policy allows SMT.
+    pub allow_smt: bool,
+    /// Accept guests whose policy allows a migration agent.
+    pub allow_migration_agent: bool,
+    /// Accepted measurements (hex); empty accepts any.
+    pub allowed_measurements: Vec<String>,
+    /// The exact REPORT_DATA expected (hex), if any.
+    pub expected_report_data: Option<String>,
+    /// Minimum reported TCB.
+    pub min_tcb: Option<Tcb>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allow_sim: false,
+            allow_debug: false,
+            max_vmpl: 3,
+            allow_smt: true,
+            allow_migration_agent: false,
+            allowed_measurements: Vec::new(),
+            expected_report_data: None,
+            min_tcb: None,
+        }
+    }
+}
+
+impl Policy {
+    /// Parses a TOML policy.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Every way `report` (with the TCB its VCEK certifies) breaks the
+    /// policy; empty when it is met.
+    pub fn violations(&self, report: &Report, tcb: &Tcb) -> Vec<String> {
+        let mut v = Vec::new();
+        if report.is_simulated() && !self.allow_sim {
+            v.push("report is from the SIMULATED PSP (no hardware protection); the policy does not allow simulation".into());
+        }
+        if report.debug_allowed() && !self.allow_debug {
+            v.push("guest policy allows debugging".into());
+        }
+        if report.vmpl > self.max_vmpl {
+            v.push(format!("VMPL {} is above {}", report.vmpl, self.max_vmpl));
+        }
+        if report.smt_allowed() && !self.allow_smt {
+            v.push("guest policy allows SMT".into());
+        }
+        if report.migrate_ma_allowed() && !self.allow_migration_agent {
+            v.push("guest policy allows a migration agent".into());
+        }
+        let m = hex::encode(report.measurement);
+        if !self.allowed_measurements.is_empty()
+            && !self
+                .allowed_measurements
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&m))
+        {
+            v.push(format!("measurement {m} is not an allowed measurement"));
+        }
+        if let Some(rd) = &self.expected_report_data {
+            if !rd.eq_ignore_ascii_case(&hex::encode(report.report_data)) {
+                v.push("REPORT_DATA differs from the expected value (wrong nonce or keys)".into());
+            }
+        }
+        if let Some(min) = &self.min_tcb {
+            if !tcb.at_least(min) {
+                v.push(format!("TCB {tcb:?} is below the minimum {min:?}"));
+            }
+        }
+        v
+    }
+}

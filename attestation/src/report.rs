@@ -1,0 +1,265 @@
+//! The SEV-SNP `ATTESTATION_REPORT` (1184 bytes, versions 2–5): the fields
+//! this project reads, parsed with bounds checks, plus the raw bytes.
+//!
+//! Layout (AMD SEV-SNP ABI, Table "ATTESTATION_REPORT"): the signed region
+//! is bytes `0..0x2A0`; the ECDSA P-384 signature follows as `r` and `s`,
+//! each 72 bytes little-endian.
+
+/// Size of a report.
+pub const REPORT_LEN: usize = 1184;
+/// End of the signed region.
+pub const SIGNED_LEN: usize = 0x2A0;
+/// Prefix of `chip_id` that marks a report from the simulated PSP.
+pub const SIM_CHIP_ID_PREFIX: &[u8] = b"BUBBLE-SIMULATED";
+
+/// Errors parsing a report.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    /// Wrong size.
+    #[error("report is {0} bytes; an SEV-SNP report is 1184")]
+    Length(usize),
+    /// Unsupported version.
+    #[error("report version {0} is not supported (2 to 5)")]
+    Version(u32),
+    /// Not hex and not binary of the right size.
+    #[error("report is neither 1184 raw bytes nor their hex")]
+    Encoding,
+}
+
+/// A TCB version (security version numbers of the platform's firmware).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Tcb {
+    /// PSP bootloader SVN.
+    pub bootloader: u8,
+    /// PSP OS (TEE) SVN.
+    pub tee: u8,
+    /// SNP firmware SVN.
+    pub snp: u8,
+    /// Microcode patch level.
+    pub microcode: u8,
+    /// FMC SVN (Turin only).
+    pub fmc: Option<u8>,
+}
+
+impl Tcb {
+    /// Decodes a TCB_VERSION (Turin has a different layout).
+    pub fn decode(v: u64, turin: bool) -> Self {
+        let b = v.to_le_bytes();
+        if turin {
+            Tcb {
+                fmc: Some(b[0]),
+                bootloader: b[1],
+                tee: b[2],
+                snp: b[3],
+                microcode: b[7],
+            }
+        } else {
+            Tcb {
+                fmc: None,
+                bootloader: b[0],
+                tee: b[1],
+                snp: b[6],
+                microcode: b[7],
+            }
+        }
+    }
+
+    /// Encodes a Milan/Genoa-layout TCB_VERSION.
+    pub fn encode(&self) -> u64 {
+        u64::from_le_bytes([
+            self.bootloader,
+            self.tee,
+            0,
+            0,
+            0,
+            0,
+            self.snp,
+            self.microcode,
+        ])
+    }
+
+    /// Whether every component is at least `min`'s.
+    pub fn at_least(&self, min: &Tcb) -> bool {
+        self.bootloader >= min.bootloader
+            && self.tee >= min.tee
+            && self.snp >= min.snp
+            && self.microcode >= min.microcode
+            && match (self.fmc, min.fmc) {
+                (Some(a), Some(b)) => a >= b,
+                (None, Some(_)) => false,
+                _ => true,
+            }
+    }
+}
+
+/// A parsed report (the raw bytes stay available).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The 1184 bytes.
+    pub raw: Vec<u8>,
+    /// Format version.
+    pub version: u32,
+    /// Guest SVN.
+    pub guest_svn: u32,
+    /// Guest policy bits.
+    pub policy: u64,
+    /// VMPL of the requester.
+    pub vmpl: u32,
+    /// Signature algorithm (1 = ECDSA P-384 with SHA-384).
+    pub sig_algo: u32,
+    /// Platform info bits.
+    pub platform_info: u64,
+    /// Guest-chosen data (bubbles: the nonce/key binding).
+    pub report_data: [u8; 64],
+    /// Launch measurement.
+    pub measurement: [u8; 48],
+    /// Host data.
+    pub host_data: [u8; 32],
+    /// Reported TCB (raw).
+    pub reported_tcb_raw: u64,
+    /// Chip id.
+    pub chip_id: [u8; 64],
+    /// CPUID family (version ≥ 3; 0 otherwise).
+    pub cpuid_fam: u8,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl Report {
+    /// Parses 1184 raw bytes.
+    pub fn parse(b: &[u8]) -> Result<Self, ReportError> {
+        if b.len() != REPORT_LEN {
+            return Err(ReportError::Length(b.len()));
+        }
+        let version = u32_at(b, 0);
+        if !(2..=5).contains(&version) {
+            return Err(ReportError::Version(version));
+        }
+        let mut report_data = [0u8; 64];
+        report_data.copy_from_slice(&b[0x50..0x90]);
+        let mut measurement = [0u8; 48];
+        measurement.copy_from_slice(&b[0x90..0xC0]);
+        let mut host_data = [0u8; 32];
+        host_data.copy_from_slice(&b[0xC0..0xE0]);
+        let mut chip_id = [0u8; 64];
+        chip_id.copy_from_slice(&b[0x1A0..0x1E0]);
+        Ok(Report {
+            raw: b.to_vec(),
+            version,
+            guest_svn: u32_at(b, 4),
+            policy: u64_at(b, 8),
+            vmpl: u32_at(b, 0x30),
+            sig_algo: u32_at(b, 0x34),
+            platform_info: u64_at(b, 0x40),
+            report_data,
+            measurement,
+            host_data,
+            reported_tcb_raw: u64_at(b, 0x180),
+            chip_id,
+            cpuid_fam: if version >= 3 { b[0x188] } else { 0 },
+        })
+    }
+
+    /// Parses raw bytes or hex text (whitespace ignored).
+    pub fn parse_any(b: &[u8]) -> Result<Self, ReportError> {
+        if b.len() == REPORT_LEN {
+            return Self::parse(b);
+        }
+        let text: String = std::str::from_utf8(b)
+            .map_err(|_| ReportError::Encoding)?
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        let bytes = hex::decode(text).map_err(|_| ReportError::Encoding)?;
+        Self::parse(&bytes)
+    }
+
+    /// Whether this report comes from the simulated PSP.
+    pub fn is_simulated(&self) -> bool {
+        self.chip_id.starts_with(SIM_CHIP_ID_PREFIX)
+    }
+
+    /// The signed region.
+    pub fn signed_bytes(&self) -> &[u8] {
+        &self.raw[..SIGNED_LEN]
+    }
+
+    /// The signature as a P-384 ECDSA signature (r, s big-endian).
+    pub fn signature(&self) -> Option<p384::ecdsa::Signature> {
+        let mut r = self.raw[SIGNED_LEN..SIGNED_LEN + 48].to_vec();
+        let mut s = self.raw[SIGNED_LEN + 72..SIGNED_LEN + 72 + 48].to_vec();
+        r.reverse();
+        s.reverse();
+        p384::ecdsa::Signature::from_scalars(
+            *p384::FieldBytes::from_slice(&r),
+            *p384::FieldBytes::from_slice(&s),
+        )
+        .ok()
+    }
+
+    /// Guest policy: debug allowed.
+    pub fn debug_allowed(&self) -> bool {
+        self.policy & (1 << 19) != 0
+    }
+
+    /// Guest policy: SMT allowed.
+    pub fn smt_allowed(&self) -> bool {
+        self.policy & (1 << 16) != 0
+    }
+
+    /// Guest policy: migration agent allowed.
+    pub fn migrate_ma_allowed(&self) -> bool {
+        self.policy & (1 << 18) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_sizes_versions_and_encodings_without_panics() {
+        assert_eq!(Report::parse(&[0u8; 10]), Err(ReportError::Length(10)));
+        let mut b = vec![0u8; REPORT_LEN];
+        assert_eq!(Report::parse(&b), Err(ReportError::Version(0)));
+        b[0] = 2;
+        assert!(Report::parse(&b).is_ok());
+        assert_eq!(Report::parse_any(b"zz"), Err(ReportError::Encoding));
+        for n in [0, 1, 100, 1183, 1185, 2368] {
+            let _ = Report::parse_any(&vec![b'a'; n]);
+        }
+    }
+
+    #[test]
+    fn tcb_round_trips_and_orders() {
+        let t = Tcb {
+            bootloader: 3,
+            tee: 0,
+            snp: 8,
+            microcode: 115,
+            fmc: None,
+        };
+        assert_eq!(Tcb::decode(t.encode(), false), t);
+        assert!(t.at_least(&Tcb::default()));
+        assert!(!Tcb::default().at_least(&t));
+    }
+}

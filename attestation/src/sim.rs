@@ -1,0 +1,265 @@
+//! TEE backends: the virtual PSP (`sim`) and the real AMD SP (`snp`).
+//!
+//! **The `sim` backend gives no hardware protection.** It exists so that
+//! the whole attestation flow runs on hosts without SEV-SNP (like this
+//! project's CI). Its reports have the SNP layout and are signed by a VCEK
+//! of the operator's own ARK → ASK → VCEK chain (P-384, generated at first
+//! start, private keys 0600). Every sim report says so itself: its CHIP_ID
+//! starts with `BUBBLE-SIMULATED`, and the sim VCEK's subject is
+//! `CN=bubbled SIMULATED VCEK`. Verifiers print SIMULATED and the default
+//! policy refuses such reports.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SigningKey, PKCS_ECDSA_P384_SHA384,
+};
+use sha2::{Digest, Sha384};
+
+use crate::report::{Tcb, REPORT_LEN, SIGNED_LEN, SIM_CHIP_ID_PREFIX};
+
+/// Errors of a TEE backend.
+#[derive(Debug, thiserror::Error)]
+pub enum TeeError {
+    /// The backend cannot run on this host.
+    #[error("TEE backend {0} is not available on this host: {1}")]
+    Unsupported(&'static str, String),
+    /// Key or certificate files could not be used.
+    #[error("virtual PSP files in {path}: {detail}")]
+    Files {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        detail: String,
+    },
+    /// Signing failed.
+    #[error("signing: {0}")]
+    Sign(String),
+}
+
+/// What the guest and host contribute to a report.
+#[derive(Clone, Debug)]
+pub struct ReportRequest {
+    /// Guest-chosen REPORT_DATA.
+    pub report_data: [u8; 64],
+    /// Launch measurement of the guest.
+    pub measurement: [u8; 48],
+    /// Host data bound at launch.
+    pub host_data: [u8; 32],
+}
+
+/// The certificate chain, DER.
+#[derive(Clone, Debug)]
+pub struct CertChain {
+    /// Root.
+    pub ark: Vec<u8>,
+    /// Intermediate.
+    pub ask: Vec<u8>,
+    /// Report-signing key.
+    pub vcek: Vec<u8>,
+}
+
+/// A source of attestation reports.
+pub trait TeeBackend: Send + Sync {
+    /// `"sim"` or `"snp"`.
+    fn name(&self) -> &'static str;
+    /// A signed 1184-byte report.
+    fn report(&self, req: &ReportRequest) -> Result<Vec<u8>, TeeError>;
+    /// The chain that verifies the reports.
+    fn cert_chain(&self) -> Result<CertChain, TeeError>;
+}
+
+/// The TCB the virtual PSP reports (and certifies in its VCEK).
+pub const SIM_TCB: Tcb = Tcb {
+    bootloader: 1,
+    tee: 0,
+    snp: 1,
+    microcode: 0,
+    fmc: None,
+};
+
+/// Guest policy in sim reports: SMT allowed, reserved bit 17 set, ABI 0.0;
+/// debug and migration agent not allowed.
+pub const SIM_GUEST_POLICY: u64 = (1 << 16) | (1 << 17);
+
+/// The virtual PSP.
+pub struct SimPsp {
+    vcek_key: KeyPair,
+    chain: CertChain,
+    chip_id: [u8; 64],
+}
+
+fn files_err(path: &Path, e: impl std::fmt::Display) -> TeeError {
+    TeeError::Files {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TeeError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| files_err(path, e))?;
+    f.write_all(data).map_err(|e| files_err(path, e))
+}
+
+fn der_u8(v: u8) -> Vec<u8> {
+    if v >= 0x80 {
+        vec![0x02, 0x02, 0x00, v]
+    } else {
+        vec![0x02, 0x01, v]
+    }
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "bubbled virtual PSP (SIMULATED)");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = name(cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+impl SimPsp {
+    /// Loads the chain from `dir`, or creates it there on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, TeeError> {
+        std::fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
+        let f = |n: &str| dir.join(n);
+        if !f("vcek.key").exists() {
+            Self::create(dir)?;
+        }
+        let read = |n: &str| std::fs::read(f(n)).map_err(|e| files_err(&f(n), e));
+        let key_pem = String::from_utf8(read("vcek.key")?).map_err(|e| files_err(dir, e))?;
+        let vcek_key = KeyPair::from_pem(&key_pem).map_err(|e| files_err(dir, e))?;
+        let chain = CertChain {
+            ark: read("ark.der")?,
+            ask: read("ask.der")?,
+            vcek: read("vcek.der")?,
+        };
+        let mut chip_id = [0u8; 64];
+        chip_id[..SIM_CHIP_ID_PREFIX.len()].copy_from_slice(SIM_CHIP_ID_PREFIX);
+        let h = Sha384::digest(vcek_key.public_key_raw());
+        chip_id[SIM_CHIP_ID_PREFIX.len()..].copy_from_slice(&h[..64 - SIM_CHIP_ID_PREFIX.len()]);
+        Ok(Self {
+            vcek_key,
+            chain,
+            chip_id,
+        })
+    }
+
+    fn create(dir: &Path) -> Result<(), TeeError> {
+        let e = |x: rcgen::Error| files_err(dir, x);
+        let ark_key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).map_err(e)?;
+        let ark = ca_params("bubbled SIMULATED ARK")
+            .self_signed(&ark_key)
+            .map_err(e)?;
+        let ask_key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).map_err(e)?;
+        let ark_issuer = Issuer::new(ca_params("bubbled SIMULATED ARK"), &ark_key);
+        let ask = ca_params("bubbled SIMULATED ASK")
+            .signed_by(&ask_key, &ark_issuer)
+            .map_err(e)?;
+        let vcek_key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).map_err(e)?;
+        let mut chip_id = [0u8; 64];
+        chip_id[..SIM_CHIP_ID_PREFIX.len()].copy_from_slice(SIM_CHIP_ID_PREFIX);
+        let h = Sha384::digest(vcek_key.public_key_raw());
+        chip_id[SIM_CHIP_ID_PREFIX.len()..].copy_from_slice(&h[..64 - SIM_CHIP_ID_PREFIX.len()]);
+        let mut vp = CertificateParams::default();
+        vp.distinguished_name = name("bubbled SIMULATED VCEK");
+        vp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let oid = |last: u64| vec![1, 3, 6, 1, 4, 1, 3704, 1, 3, last];
+        vp.custom_extensions = vec![
+            CustomExtension::from_oid_content(&oid(1), der_u8(SIM_TCB.bootloader)),
+            CustomExtension::from_oid_content(&oid(2), der_u8(SIM_TCB.tee)),
+            CustomExtension::from_oid_content(&oid(3), der_u8(SIM_TCB.snp)),
+            CustomExtension::from_oid_content(&oid(8), der_u8(SIM_TCB.microcode)),
+            CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 3704, 1, 4], chip_id.to_vec()),
+        ];
+        let ask_issuer = Issuer::new(ca_params("bubbled SIMULATED ASK"), &ask_key);
+        let vcek = vp.signed_by(&vcek_key, &ask_issuer).map_err(e)?;
+        // Private keys 0600; the ARK and ASK keys are kept so the operator
+        // can re-issue, but only the VCEK key is used to sign reports.
+        write_private(&dir.join("ark.key"), ark_key.serialize_pem().as_bytes())?;
+        write_private(&dir.join("ask.key"), ask_key.serialize_pem().as_bytes())?;
+        write_private(&dir.join("vcek.key"), vcek_key.serialize_pem().as_bytes())?;
+        for (n, c) in [("ark.der", &ark), ("ask.der", &ask), ("vcek.der", &vcek)] {
+            std::fs::write(dir.join(n), c.der()).map_err(|x| files_err(dir, x))?;
+        }
+        Ok(())
+    }
+}
+
+impl TeeBackend for SimPsp {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn report(&self, req: &ReportRequest) -> Result<Vec<u8>, TeeError> {
+        let mut b = vec![0u8; REPORT_LEN];
+        b[0..4].copy_from_slice(&2u32.to_le_bytes()); // version
+        b[8..16].copy_from_slice(&SIM_GUEST_POLICY.to_le_bytes());
+        b[0x34..0x38].copy_from_slice(&1u32.to_le_bytes()); // ECDSA P-384 SHA-384
+        let tcb = SIM_TCB.encode().to_le_bytes();
+        for at in [0x38, 0x180, 0x1E0, 0x1F0] {
+            b[at..at + 8].copy_from_slice(&tcb); // current, reported, committed, launch
+        }
+        b[0x50..0x90].copy_from_slice(&req.report_data);
+        b[0x90..0xC0].copy_from_slice(&req.measurement);
+        b[0xC0..0xE0].copy_from_slice(&req.host_data);
+        b[0x1A0..0x1E0].copy_from_slice(&self.chip_id);
+        let der = self
+            .vcek_key
+            .sign(&b[..SIGNED_LEN])
+            .map_err(|e| TeeError::Sign(e.to_string()))?;
+        let sig =
+            p384::ecdsa::Signature::from_der(&der).map_err(|e| TeeError::Sign(e.to_string()))?;
+        let (r, s) = sig.split_bytes();
+        let (mut r, mut s) = (r.to_vec(), s.to_vec());
+        r.reverse();
+        s.reverse();
+        b[SIGNED_LEN..SIGNED_LEN + 48].copy_from_slice(&r);
+        b[SIGNED_LEN + 72..SIGNED_LEN + 72 + 48].copy_from_slice(&s);
+        Ok(b)
+    }
+
+    fn cert_chain(&self) -> Result<CertChain, TeeError> {
+        Ok(self.chain.clone())
+    }
+}
+
+/// The real AMD secure processor, through `/dev/sev-guest` inside an SNP
+/// guest. A bubble's report must come from the SP of the bubble's own
+/// confidential VM; this host has no SEV-SNP (KVM reports no SNP VM type),
+/// so the backend refuses instead of pretending.
+pub struct SnpBackend;
+
+impl TeeBackend for SnpBackend {
+    fn name(&self) -> &'static str {
+        "snp"
+    }
+
+    fn report(&self, _req: &ReportRequest) -> Result<Vec<u8>, TeeError> {
+        Err(TeeError::Unsupported(
+            "snp",
+            "bubbles on this host are not SEV-SNP guests (no SNP VM type in KVM)".into(),
+        ))
+    }
+
+    fn cert_chain(&self) -> Result<CertChain, TeeError> {
+        Err(TeeError::Unsupported(
+            "snp",
+            "fetch the VCEK for the chip from AMD KDS on an SNP host".into(),
+        ))
+    }
+}

@@ -1,0 +1,215 @@
+//! The verifier against real AMD hardware reports (offline), mutated
+//! copies, and the simulated PSP.
+
+use std::path::{Path, PathBuf};
+
+use bubble_attestation::cli::{verify_command, VerifyArgs, EXIT_INVALID, EXIT_OK, EXIT_POLICY};
+use bubble_attestation::{Report, ReportRequest, SimPsp, TeeBackend};
+
+fn testdata(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/testdata/snp-real")
+        .join(name);
+    assert!(
+        p.exists(),
+        "missing test data {} (shared/ must sit beside the repo)",
+        p.display()
+    );
+    p
+}
+
+fn run(args: &VerifyArgs) -> (i32, String) {
+    let mut out = Vec::new();
+    let code = verify_command(args, &mut out);
+    (code, String::from_utf8(out).unwrap())
+}
+
+fn args(report: PathBuf, vcek: PathBuf) -> VerifyArgs {
+    VerifyArgs {
+        report,
+        vcek,
+        ..Default::default()
+    }
+}
+
+/// Every byte of the signed region and of the signature, one bit flipped
+/// at a time, is refused with exit code 2.
+fn mutations_are_refused(report: &[u8], vcek: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.bin");
+    let sig_end = 0x2A0 + 72 + 48; // r (48 used bytes) and s (48 used bytes) with padding between
+    let mut checked = 0;
+    for i in (0..0x2A0)
+        .chain(0x2A0..0x2A0 + 48)
+        .chain(0x2A0 + 72..sig_end)
+    {
+        let mut m = report.to_vec();
+        m[i] ^= 1 << (i % 8);
+        std::fs::write(&p, &m).unwrap();
+        let (code, out) = run(&args(p.clone(), vcek.to_path_buf()));
+        assert_eq!(
+            code, EXIT_INVALID,
+            "byte {i:#x} flipped was not refused: {out}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 700);
+}
+
+#[test]
+fn gcp_milan_report_verifies_and_every_mutation_fails() {
+    let (code, out) = run(&args(
+        testdata("gcp-milan-report.bin"),
+        testdata("gcp-milan-vcek.pem"),
+    ));
+    assert_eq!(code, EXIT_OK, "{out}");
+    assert!(
+        out.contains("AMD SEV-SNP") && out.contains("Milan"),
+        "{out}"
+    );
+    let raw = std::fs::read(testdata("gcp-milan-report.bin")).unwrap();
+    mutations_are_refused(&raw, &testdata("gcp-milan-vcek.pem"));
+}
+
+#[test]
+fn sev_crate_milan_report_verifies_from_hex_and_every_mutation_fails() {
+    let mut a = args(
+        testdata("sevcrate-milan-report.hex"),
+        testdata("sevcrate-milan-vcek.der"),
+    );
+    a.json = true;
+    let (code, out) = run(&a);
+    assert_eq!(code, EXIT_OK, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tee"], "AMD SEV-SNP");
+    assert_eq!(v["product"], "Milan");
+    let raw = Report::parse_any(&std::fs::read(testdata("sevcrate-milan-report.hex")).unwrap())
+        .unwrap()
+        .raw;
+    mutations_are_refused(&raw, &testdata("sevcrate-milan-vcek.der"));
+}
+
+#[test]
+fn wrong_vcek_or_product_is_refused() {
+    let (code, out) = run(&args(
+        testdata("gcp-milan-report.bin"),
+        testdata("sevcrate-turin-vcek.der"),
+    ));
+    assert_eq!(code, EXIT_INVALID, "{out}");
+    let (code, _) = run(&args(
+        testdata("gcp-milan-report.bin"),
+        testdata("sevcrate-milan-vcek.der"),
+    ));
+    assert_eq!(code, EXIT_INVALID);
+    let mut a = args(
+        testdata("gcp-milan-report.bin"),
+        testdata("gcp-milan-vcek.pem"),
+    );
+    a.product = Some("genoa".into());
+    assert_eq!(run(&a).0, EXIT_INVALID);
+    a.product = Some("pentium".into());
+    assert_eq!(run(&a).0, 1);
+    let a = args(
+        PathBuf::from("/nonexistent"),
+        testdata("gcp-milan-vcek.pem"),
+    );
+    assert_eq!(run(&a).0, 1);
+}
+
+#[test]
+fn policies_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("p.toml");
+    let mut a = args(
+        testdata("gcp-milan-report.bin"),
+        testdata("gcp-milan-vcek.pem"),
+    );
+    a.policy = Some(pol.clone());
+    std::fs::write(&pol, "allowed_measurements = [\"00\"]\n").unwrap();
+    let (code, out) = run(&a);
+    assert_eq!(code, EXIT_POLICY, "{out}");
+    assert!(out.contains("not an allowed measurement"));
+    std::fs::write(
+        &pol,
+        "[min_tcb]\nbootloader = 255\ntee = 0\nsnp = 0\nmicrocode = 0\n",
+    )
+    .unwrap();
+    assert_eq!(run(&a).0, EXIT_POLICY);
+    std::fs::write(&pol, "expected_report_data = \"ff\"\n").unwrap();
+    assert_eq!(run(&a).0, EXIT_POLICY);
+    std::fs::write(&pol, "no_such_key = 1\n").unwrap();
+    assert_eq!(run(&a).0, 1);
+}
+
+#[test]
+fn simulated_reports_say_so_and_need_allow_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let psp = SimPsp::load_or_create(&dir.path().join("psp")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for k in ["ark.key", "ask.key", "vcek.key"] {
+            let m = std::fs::metadata(dir.path().join("psp").join(k))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(m & 0o777, 0o600, "{k}");
+        }
+    }
+    let rd = [0x42u8; 64];
+    let report = psp
+        .report(&ReportRequest {
+            report_data: rd,
+            measurement: [7u8; 48],
+            host_data: [0u8; 32],
+        })
+        .unwrap();
+    let chain = psp.cert_chain().unwrap();
+    // Reloading keeps the same chain.
+    let again = SimPsp::load_or_create(&dir.path().join("psp")).unwrap();
+    assert_eq!(again.cert_chain().unwrap().ark, chain.ark);
+    let w = |n: &str, b: &[u8]| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let rp = w("r.bin", &report);
+    let mut a = args(rp.clone(), w("vcek.der", &chain.vcek));
+    // No trust anchor given: cannot verify.
+    assert_eq!(run(&a).0, EXIT_INVALID);
+    a.sim_ask = Some(w("ask.der", &chain.ask));
+    a.sim_ark = Some(w("ark.der", &chain.ark));
+    let (code, out) = run(&a);
+    assert_eq!(
+        code, EXIT_POLICY,
+        "default policy refuses simulation: {out}"
+    );
+    assert!(out.contains("SIMULATED"), "{out}");
+    let pol = w(
+        "p.toml",
+        format!(
+            "allow_sim = true\nexpected_report_data = \"{}\"\n",
+            hex_of(&rd)
+        )
+        .as_bytes(),
+    );
+    a.policy = Some(pol);
+    let (code, out) = run(&a);
+    assert_eq!(code, EXIT_OK, "{out}");
+    assert!(out.contains("SIMULATED"));
+    // Another operator's ARK does not anchor this chain.
+    let other = SimPsp::load_or_create(&dir.path().join("other")).unwrap();
+    a.sim_ark = Some(w("other-ark.der", &other.cert_chain().unwrap().ark));
+    assert_eq!(run(&a).0, EXIT_INVALID);
+    a.sim_ark = Some(dir.path().join("ark.der"));
+    // Mutations of a sim report are refused too.
+    for i in [0usize, 0x50, 0x90, 0x1A0, 0x29F, 0x2A0, 0x2A0 + 72] {
+        let mut m = report.clone();
+        m[i] ^= 0x80;
+        std::fs::write(&rp, &m).unwrap();
+        assert_eq!(run(&a).0, EXIT_INVALID, "byte {i:#x}");
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
