@@ -154,6 +154,21 @@ enum Cmd {
     /// Development PKI for mutual TLS.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Attestation: fetch a bubble's report, verify reports offline.
+    #[command(subcommand)]
+    Attest(AttestCmd),
+    /// Print the launch measurement a bubble booted from an image reports.
+    Measure {
+        /// Guest image: "shim" (built in) or an ELF file.
+        #[arg(long, default_value = "shim")]
+        image: String,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u32,
+        /// The broker's payload limit (sizes the mailbox).
+        #[arg(long, default_value_t = crate::config::DEFAULT_MAX_PAYLOAD)]
+        max_payload: usize,
+    },
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo {
@@ -163,6 +178,43 @@ enum Cmd {
         /// Calls per bubble.
         #[arg(long, default_value_t = 200)]
         calls: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AttestCmd {
+    /// Verify a report offline. Exit codes: 0 verified and policy met,
+    /// 1 usage or I/O error, 2 signature or chain invalid, 3 policy not met.
+    Verify {
+        /// Report (1184 raw bytes or hex).
+        #[arg(long)]
+        report: PathBuf,
+        /// VCEK certificate (PEM or DER).
+        #[arg(long)]
+        vcek: PathBuf,
+        /// AMD product (default: from the VCEK issuer).
+        #[arg(long)]
+        product: Option<String>,
+        /// Appraisal policy (TOML).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// For SIMULATED reports: the operator's ASK.
+        #[arg(long)]
+        sim_ask: Option<PathBuf>,
+        /// For SIMULATED reports: the operator's ARK to trust.
+        #[arg(long)]
+        sim_ark: Option<PathBuf>,
+    },
+    /// Fetch a bubble's report for a nonce and save report, chain and keys.
+    Get {
+        /// Bubble id.
+        bubble: String,
+        /// Nonce as hex (16-64 bytes; default: 32 random bytes).
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
 }
 
@@ -317,6 +369,106 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Pki(PkiCmd::AddParent { dir, name }) => {
             crate::pki::add_parent(&dir, &name)?;
             println!("issued parents/{name}.pem in {}", dir.display());
+        }
+        Cmd::Attest(AttestCmd::Verify {
+            report,
+            vcek,
+            product,
+            policy,
+            sim_ask,
+            sim_ark,
+        }) => {
+            let args = bubble_attestation::cli::VerifyArgs {
+                report,
+                vcek,
+                product,
+                policy,
+                sim_ask,
+                sim_ark,
+                json: j,
+            };
+            let code = bubble_attestation::cli::verify_command(&args, &mut std::io::stdout());
+            return Ok(ExitCode::from(code as u8));
+        }
+        Cmd::Attest(AttestCmd::Get { bubble, nonce, out }) => {
+            let nonce = match nonce {
+                Some(h) => unhex(&h)?,
+                None => {
+                    let mut n = vec![0u8; 32];
+                    getrandom::fill(&mut n).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+                    n
+                }
+            };
+            let mut c = connect(&opts.conn).await?;
+            let a = c
+                .get_attestation(pb::GetAttestationRequest {
+                    bubble_id: bubble.clone(),
+                    nonce: nonce.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            std::fs::create_dir_all(&out)?;
+            let w = |n: &str, b: &[u8]| std::fs::write(out.join(n), b);
+            w("report.bin", &a.report)?;
+            w("ark.der", &a.ark_der)?;
+            w("ask.der", &a.ask_der)?;
+            w("vcek.der", &a.vcek_der)?;
+            let info = json!({
+                "bubble_id": a.bubble_id, "tee": a.tee, "nonce_hex": hex(&nonce),
+                "kem_public_key_hex": hex(&a.kem_public_key), "sig_public_key_hex": hex(&a.sig_public_key),
+                "portions_digest_hex": hex(&a.portions_digest), "policy_digest_hex": hex(&a.policy_digest),
+                "portions": a.portions.iter().map(|p| json!({"name": p.name, "module_sha384_hex": hex(&p.module_sha384)})).collect::<Vec<_>>(),
+                "report_data_binding": "SHA-512(\"bubble-v1\" || u32 LE len(n) || n || kem_pk || sig_pk) with n = nonce || portions_digest || policy_digest",
+            });
+            w(
+                "bubble.json",
+                serde_json::to_string_pretty(&info)?.as_bytes(),
+            )?;
+            if j {
+                println!("{info}");
+            } else {
+                println!(
+                    "saved report.bin, ark.der, ask.der, vcek.der and bubble.json in {}",
+                    out.display()
+                );
+                if a.tee == "sim" {
+                    println!("TEE: SIMULATED (virtual PSP, no hardware protection)");
+                }
+                println!(
+                    "portions: {}",
+                    a.portions
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "verify: bubblectl attest verify --report {0}/report.bin --vcek {0}/vcek.der --sim-ask {0}/ask.der --sim-ark {0}/ark.der --policy POLICY",
+                    out.display()
+                );
+            }
+        }
+        Cmd::Measure {
+            image,
+            memory_mib,
+            max_payload,
+        } => {
+            let img = if image == "shim" {
+                bubble_vmm::images::GuestImage::Shim
+            } else {
+                bubble_vmm::images::GuestImage::Elf(image.clone().into())
+            };
+            let m = crate::attest::measurement(&img, memory_mib, max_payload)
+                .map_err(anyhow::Error::msg)?;
+            if j {
+                println!(
+                    "{}",
+                    json!({"image": image, "memory_mib": memory_mib, "max_payload": max_payload, "measurement": hex(&m)})
+                );
+            } else {
+                println!("{}", hex(&m));
+            }
         }
         Cmd::Demo { bubbles, calls } => {
             crate::demo::run(bubbles, calls).await?;

@@ -6,6 +6,7 @@
 //! broker calls [`vmm_entry_if_requested`] first thing in `main`.
 
 pub mod admin;
+pub mod attest;
 pub mod client;
 pub mod config;
 pub mod ctl;

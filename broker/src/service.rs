@@ -60,6 +60,10 @@ pub struct Broker {
     host_limit_mib: u64,
     usage_signer: UsageSigner,
     spawner: Arc<bubble_vmm::client::Spawner>,
+    /// The TEE backend (the simulated virtual PSP on this host).
+    psp: bubble_attestation::SimPsp,
+    /// Launch measurements by (image, memory).
+    measurements: Mutex<HashMap<(String, u32), [u8; 48]>>,
 }
 
 fn now_ms() -> u64 {
@@ -299,6 +303,9 @@ impl Broker {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let host_limit_mib =
             (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
+        let psp = bubble_attestation::SimPsp::load_or_create(&cfg.data_dir.join("psp"))
+            .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+        warn!("attestation backend: sim (virtual PSP; SIMULATED, no hardware protection)");
         let spawner = bubble_vmm::client::Spawner::new(
             cfg.vmm_program.clone(),
             cfg.vmm_args_prefix.clone(),
@@ -307,6 +314,8 @@ impl Broker {
         );
         spawner.refill();
         let broker = Arc::new(Self {
+            psp,
+            measurements: Mutex::new(HashMap::new()),
             spawner,
             cfg,
             registry,
@@ -1203,6 +1212,76 @@ impl Broker {
         Ok((rec, b))
     }
 
+    /// The launch measurement of a bubble (cached per image and size).
+    pub fn measurement(&self, rec: &BubbleRecord) -> Result<[u8; 48], BrokerError> {
+        let key = (rec.image.clone(), rec.memory_mib);
+        if let Some(m) = self
+            .measurements
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+        {
+            return Ok(m);
+        }
+        let image = match ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)? {
+            ImageSpec::Shim => bubble_vmm::images::GuestImage::Shim,
+            ImageSpec::Test(k) => bubble_vmm::images::GuestImage::Hostile(k),
+        };
+        let m = crate::attest::measurement(&image, rec.memory_mib, self.cfg.max_payload)
+            .map_err(BrokerError::Spawn)?;
+        if let Ok(mut c) = self.measurements.lock() {
+            c.insert(key, m);
+        }
+        Ok(m)
+    }
+
+    /// An attestation report of one of `parent`'s bubbles for `nonce`.
+    pub async fn attestation(
+        self: &Arc<Self>,
+        parent: &str,
+        bubble_id: &str,
+        nonce: &[u8],
+    ) -> Result<pb::Attestation, BrokerError> {
+        use bubble_attestation::TeeBackend;
+        let (rec, b) = self.attest_binding(parent, bubble_id, nonce).await?;
+        let measurement = self.measurement(&rec)?;
+        let report = self
+            .psp
+            .report(&bubble_attestation::ReportRequest {
+                report_data: b.report_data,
+                measurement,
+                host_data: [0u8; 32],
+            })
+            .map_err(|e| BrokerError::GuestInternal(e.to_string()))?;
+        let chain = self
+            .psp
+            .cert_chain()
+            .map_err(|e| BrokerError::GuestInternal(e.to_string()))?;
+        let portions = self
+            .record(&rec.id)
+            .map(|r| r.portions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, h)| pb::PortionRef {
+                name,
+                module_sha384: hex::decode(h).unwrap_or_default(),
+            })
+            .collect();
+        Ok(pb::Attestation {
+            bubble_id: rec.id,
+            report,
+            tee: self.psp.name().to_string(),
+            ark_der: chain.ark,
+            ask_der: chain.ask,
+            vcek_der: chain.vcek,
+            kem_public_key: b.kem_pk.to_vec(),
+            sig_public_key: b.sig_pk.to_vec(),
+            portions_digest: b.portions_digest.to_vec(),
+            policy_digest: b.policy_digest.to_vec(),
+            portions,
+        })
+    }
+
     /// Runs `op` in a bubble whose ownership and request were checked.
     async fn invoke(
         self: &Arc<Self>,
@@ -1541,10 +1620,14 @@ impl BrokerApi for BrokerService {
         request: Request<pb::GetAttestationRequest>,
     ) -> Result<Response<pb::Attestation>, Status> {
         let parent = parent_of(&request)?;
-        self.broker.owned(&parent, &request.get_ref().bubble_id)?;
-        Err(Status::unimplemented(
-            "attestation is not available on this broker yet",
-        ))
+        let req = request.into_inner();
+        let span = info_span!("attest", bubble = %req.bubble_id, parent = %parent);
+        let a = self
+            .broker
+            .attestation(&parent, &req.bubble_id, &req.nonce)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(a))
     }
 
     async fn provision_credential(

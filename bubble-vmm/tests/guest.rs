@@ -180,3 +180,18 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
         assert_eq!(plain.expose(), b"hello");
     }
 }
+
+#[test]
+fn guest_memory_at_boot_equals_the_measured_initial_pages() {
+    for image in [GuestImage::Shim, GuestImage::Hostile(HostileKind::Spin)] {
+        let (pages, vcpu) = bubble_vmm::images::initial_state(&image, 16 << 20, 1 << 20).unwrap();
+        let vm = build_vm(&image, 16 << 20, 1 << 20).unwrap();
+        for p in &pages {
+            let mut buf = vec![0u8; 4096];
+            vm.read(p.gpa, &mut buf).unwrap();
+            assert_eq!(buf, p.data, "page {:#x}", p.gpa);
+        }
+        assert_eq!(vcpu.rsp % 16, 8);
+        assert!(pages.len() >= 8);
+    }
+}

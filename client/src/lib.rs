@@ -11,8 +11,9 @@
 //! use bubble_client::Parent;
 //! let parent = Parent::connect_unix("/var/lib/bubbled/bubbled.sock".as_ref()).await?;
 //! let mut bubble = parent.create(64).await?;
-//! let keys = bubble.fetch_keys_unverified().await?; // or attest() with a policy
-//! bubble.trust_keys(keys);
+//! let policy = bubble_attestation::Policy { allow_sim: true, ..Default::default() };
+//! let operator_ark = std::fs::read("/var/lib/bubbled/psp/ark.der").unwrap();
+//! bubble.attest(&policy, Some(&operator_ark)).await?;
 //! bubble.provision("tokenization_key", b"secret bytes").await?;
 //! let token = bubble.call_verified("hmac", b"\x10tokenization_key4111111111111111").await?;
 //! # let _ = token; Ok(()) }
@@ -50,6 +51,93 @@ pub enum ClientError {
     /// The bubble answered something malformed.
     #[error("malformed answer: {0}")]
     Malformed(&'static str),
+    /// The attestation was refused (chain, signature, policy or binding).
+    #[error("attestation refused: {0}")]
+    Attestation(String),
+}
+
+/// What a verified attestation established.
+#[derive(Clone, Debug)]
+pub struct Attested {
+    /// The bubble's keys, bound by REPORT_DATA.
+    pub keys: BubbleKeys,
+    /// The launch measurement.
+    pub measurement: [u8; 48],
+    /// Whether the report came from the simulated PSP (no hardware protection).
+    pub simulated: bool,
+    /// The portions the report binds, in load order: (name, SHA-384 of module).
+    pub portions: Vec<(String, Vec<u8>)>,
+}
+
+/// Verifies an attestation for `nonce` under `policy`: chain and signature
+/// (AMD roots, or `trusted_sim_ark` for simulated reports), the policy, the
+/// REPORT_DATA binding of nonce, portions, security policy and keys, and
+/// the portions list against the bound digest.
+pub fn verify_attestation(
+    a: &pb::Attestation,
+    nonce: &[u8],
+    policy: &bubble_attestation::Policy,
+    trusted_sim_ark: Option<&[u8]>,
+) -> Result<Attested, ClientError> {
+    use sha2::{Digest, Sha384};
+    let refuse = |m: String| ClientError::Attestation(m);
+    let report = bubble_attestation::Report::parse(&a.report).map_err(|e| refuse(e.to_string()))?;
+    let verified = if report.is_simulated() {
+        let ark = trusted_sim_ark
+            .ok_or_else(|| refuse("SIMULATED report and no trusted simulation ARK given".into()))?;
+        bubble_attestation::verify_sim(&report, &a.vcek_der, &a.ask_der, ark)
+    } else {
+        bubble_attestation::verify_amd(&report, &a.vcek_der, None)
+    }
+    .map_err(|e| refuse(e.to_string()))?;
+    let problems = policy.violations(&report, &verified.tcb);
+    if !problems.is_empty() {
+        return Err(refuse(problems.join("; ")));
+    }
+    let key = |v: &[u8]| -> Result<[u8; 32], ClientError> {
+        v.try_into()
+            .map_err(|_| refuse("malformed public key".into()))
+    };
+    let keys = BubbleKeys {
+        kem_pk: key(&a.kem_public_key)?,
+        sig_pk: key(&a.sig_public_key)?,
+    };
+    if a.portions_digest.len() != 48 || a.policy_digest.len() != 32 {
+        return Err(refuse("malformed digests".into()));
+    }
+    let mut bound = nonce.to_vec();
+    bound.extend(&a.portions_digest);
+    bound.extend(&a.policy_digest);
+    if bubble_keys::report_data(&bound, &keys.kem_pk, &keys.sig_pk) != report.report_data {
+        return Err(refuse(
+            "REPORT_DATA does not bind this nonce, these portions, this policy and these keys"
+                .into(),
+        ));
+    }
+    let mut d = [0u8; 48];
+    for p in &a.portions {
+        let mut h = Sha384::new();
+        h.update(d);
+        h.update((p.name.len() as u64).to_le_bytes());
+        h.update(p.name.as_bytes());
+        h.update(&p.module_sha384);
+        d = h.finalize().into();
+    }
+    if d[..] != a.portions_digest[..] {
+        return Err(refuse(
+            "the portions list does not match the bound portions digest".into(),
+        ));
+    }
+    Ok(Attested {
+        keys,
+        measurement: report.measurement,
+        simulated: verified.simulated,
+        portions: a
+            .portions
+            .iter()
+            .map(|p| (p.name.clone(), p.module_sha384.clone()))
+            .collect(),
+    })
 }
 
 impl From<tonic::Status> for ClientError {
@@ -153,6 +241,30 @@ impl Bubble {
     /// The trusted keys, once attested.
     pub fn keys(&self) -> Option<BubbleKeys> {
         self.keys
+    }
+
+    /// Attests the bubble with a fresh nonce under `policy` and, if it
+    /// verifies, trusts the keys its report binds.
+    pub async fn attest(
+        &mut self,
+        policy: &bubble_attestation::Policy,
+        trusted_sim_ark: Option<&[u8]>,
+    ) -> Result<Attested, ClientError> {
+        use bubble_keys::RngCore;
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        let a = self
+            .client
+            .clone()
+            .get_attestation(pb::GetAttestationRequest {
+                bubble_id: self.id.clone(),
+                nonce: nonce.to_vec(),
+            })
+            .await?
+            .into_inner();
+        let att = verify_attestation(&a, &nonce, policy, trusted_sim_ark)?;
+        self.keys = Some(att.keys);
+        Ok(att)
     }
 
     /// Trusts `keys` for sealing and verification. Use keys that a verified
