@@ -234,6 +234,22 @@ fn policy_from_pb(
     Ok(out)
 }
 
+/// Raises the soft open-files limit to the hard limit: the broker holds one
+/// control socket per bubble.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 /// Whether a record holds resources (counts against quotas).
 fn is_live(r: &BubbleRecord) -> bool {
     r.state.expects_vmm() || r.state == State::Suspended
@@ -290,6 +306,7 @@ impl Broker {
     /// processes that still run (see [`Broker::reconcile`]) and starts the
     /// warm-pool refillers and the idle-policy ticker.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
+        raise_fd_limit();
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Registry::open(&cfg.registry_path())?;
@@ -867,7 +884,13 @@ impl Broker {
         loop {
             let notified = self.pool_changed.notified();
             if let Some(r) = self.take_pooled(parent, &profile, idle, &req.client_request_id)? {
-                self.pool_changed.notify_waiters();
+                // Refill in the background, after this answer has gone out:
+                // booting the replacement competes for the same cores.
+                let notify = self.pool_changed.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    notify.notify_waiters();
+                });
                 self.metrics
                     .attach_seconds
                     .observe(started.elapsed().as_secs_f64());

@@ -150,7 +150,7 @@ fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError>
             let (kem, sig) = keys::KEYS
                 .with(|k| (k.kem_public(), k.sig_public()))
                 .ok_or(NO_KEYS)?;
-            let portions_digest = portions().map(|p| p.digest).unwrap_or([0u8; 48]);
+            let portions_digest = portions_if_any().map(|p| p.digest).unwrap_or([0u8; 48]);
             // SAFETY: single-threaded read.
             let policy_digest = unsafe { *core::ptr::addr_of!(POLICY_DIGEST) };
             // The binding covers the nonce, the loaded portions and the
@@ -177,7 +177,7 @@ fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError>
         b"hmac" => {
             let (name, data) = take_str(input).ok_or((BAD, "hmac needs [name][data]"))?;
             // Credentials granted to portions are theirs alone.
-            if portions().is_some_and(|p| p.policy.grants.values().any(|g| g.iter().any(|c| c == name))) {
+            if portions_if_any().is_some_and(|p| p.policy.grants.values().any(|g| g.iter().any(|c| c == name))) {
                 return Err((abi::code::DENIED, "credential is reserved to a portion by the policy"));
             }
             keys::KEYS.with(|k| k.hmac(name, data)).ok_or(NO_KEYS)?.map(|m| m.to_vec())
@@ -251,10 +251,24 @@ fn run_signed(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpEr
 
 static mut PORTIONS: Option<portions::Portions> = None;
 
+/// The portion runtime, created on first use (not at boot: most bubbles
+/// never load a portion, and creating the engine costs boot time).
 fn portions() -> Option<&'static mut portions::Portions> {
     // SAFETY: single-threaded; only the request loop touches PORTIONS, and
     // host functions never do.
-    unsafe { (*core::ptr::addr_of_mut!(PORTIONS)).as_mut() }
+    unsafe {
+        let p = &mut *core::ptr::addr_of_mut!(PORTIONS);
+        if p.is_none() {
+            *p = portions::Portions::new();
+        }
+        p.as_mut()
+    }
+}
+
+/// The portion runtime if it exists (without creating it).
+fn portions_if_any() -> Option<&'static portions::Portions> {
+    // SAFETY: as above.
+    unsafe { (*core::ptr::addr_of!(PORTIONS)).as_ref() }
 }
 
 /// The policy digest: SHA-256 of the policy bytes the broker set (zero
@@ -287,10 +301,6 @@ pub extern "C" fn _start() -> ! {
     let info = boot_info();
     mem::init_heap(info.heap_start as usize, info.heap_end as usize);
     keys::KEYS.set(keys::Keys::generate());
-    // SAFETY: single-threaded; set once before use.
-    unsafe {
-        PORTIONS = portions::Portions::new();
-    }
     let mb = Mailbox {
         base: info.mailbox_gpa as *mut u8,
         size: info.mailbox_size as usize,
