@@ -7,7 +7,8 @@
 
 pub mod admin;
 pub mod attest;
-pub mod client;
+/// Connecting to a broker (re-exported from `bubble-client`).
+pub use bubble_client::connect as client;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

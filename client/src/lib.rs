@@ -21,16 +21,18 @@
 
 use std::path::Path;
 
+pub mod connect;
+
 use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
 use bubble_proto::v1 as pb;
-use bubbled::client::Client;
+pub use connect::{connect_tls, connect_unix, Client, ConnectError};
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The broker could not be reached.
     #[error(transparent)]
-    Connect(#[from] bubbled::client::ConnectError),
+    Connect(#[from] ConnectError),
     /// The broker refused the request.
     #[error("broker: {code:?}: {message}")]
     Status {
@@ -168,7 +170,7 @@ impl Parent {
     /// Connects over the broker's Unix socket.
     pub async fn connect_unix(path: &Path) -> Result<Self, ClientError> {
         Ok(Self {
-            client: bubbled::client::connect_unix(path).await?,
+            client: connect::connect_unix(path).await?,
         })
     }
 
@@ -180,7 +182,7 @@ impl Parent {
         key: &Path,
     ) -> Result<Self, ClientError> {
         Ok(Self {
-            client: bubbled::client::connect_tls(url, ca, cert, key).await?,
+            client: connect::connect_tls(url, ca, cert, key).await?,
         })
     }
 

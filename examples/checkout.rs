@@ -1,0 +1,91 @@
+//! A merchant's checkout split in two: this process (the parent) handles
+//! the order, and the credential-bearing half — card tokenization and
+//! gateway request signing — runs as the `payments` portion inside a bubble
+//! that only this parent can talk to. The checkout never holds either key.
+//!
+//! Run a broker (`bubbled --data-dir /tmp/b`), then:
+//!
+//! ```text
+//! cargo run -p bubble-client --example checkout -- /tmp/b
+//! ```
+//!
+//! For the demo, a "key custodian" step in this same program seals the two
+//! keys to the attested bubble; in production that is the security team or
+//! the gateway, and the checkout only relays ciphertext.
+
+use bubble_client::Parent;
+use bubble_keys::RngCore;
+use bubble_proto::v1 as pb;
+
+const PAYMENTS_WAT: &str = include_str!("payments/payments.wat");
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let data_dir = std::path::PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "/var/lib/bubbled".into()),
+    );
+    let parent = Parent::connect_unix(&data_dir.join("bubbled.sock")).await?;
+
+    // 1. A bubble whose policy lets only the payments portion use the keys.
+    let b = parent
+        .grpc()
+        .create_bubble(pb::CreateBubbleRequest {
+            memory_mib: 32,
+            vcpus: 1,
+            policy: Some(pb::SecurityPolicy {
+                grants: vec![pb::CredentialGrant {
+                    portion: "payments".into(),
+                    credentials: vec!["tokenization_key".into(), "gateway_key".into()],
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut bubble = parent.bubble(&b.bubble_id);
+
+    // 2. Attest it. This host simulates the TEE: accept that explicitly.
+    let policy = bubble_attestation::Policy {
+        allow_sim: true,
+        ..Default::default()
+    };
+    let operator_ark = std::fs::read(data_dir.join("psp/ark.der"))?;
+    let att = bubble.attest(&policy, Some(&operator_ark)).await?;
+    println!(
+        "bubble {} attested (simulated TEE: {})",
+        bubble.id(),
+        att.simulated
+    );
+
+    // 3. Key custodian: seal the keys to the attested bubble.
+    let (mut tok, mut gw) = ([0u8; 32], [0u8; 32]);
+    bubble_keys::OsRng.fill_bytes(&mut tok);
+    bubble_keys::OsRng.fill_bytes(&mut gw);
+    bubble.provision("tokenization_key", &tok).await?;
+    bubble.provision("gateway_key", &gw).await?;
+    tok.fill(0);
+    gw.fill(0);
+
+    // 4. The checkout: load the portion, tokenize, get the charge signed.
+    bubble
+        .load_portion("payments", &wat::parse_str(PAYMENTS_WAT)?)
+        .await?;
+    let payments = bubble.portion("payments");
+    let token = payments.call("tokenize", b"4111111111111111").await?;
+    println!(
+        "card token: {}",
+        token.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let mut charge = 1_999u64.to_le_bytes().to_vec();
+    charge.extend(b"order=7;amount=19.99;currency=EUR");
+    let sig = payments.call("sign_charge", &charge).await?;
+    println!(
+        "gateway signature: {} bytes, verified as signed by the bubble",
+        sig.len()
+    );
+    bubble.delete().await?;
+    Ok(())
+}
