@@ -487,6 +487,10 @@ impl Broker {
             if let Ok(mut d) = self.dirty.lock() {
                 d.insert(id.to_string());
             }
+        } else if prev == State::Booting && state == State::Ready {
+            // Re-derived by reconciliation after a crash: no need to wait
+            // for the disk on the create path.
+            self.registry.put_lazy(&rec)?;
         } else {
             self.registry.put(&rec)?;
         }

@@ -107,9 +107,19 @@ fn rd<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], LayoutError> {
 }
 
 impl Image {
+    /// The entry point and end of the loaded image, checked like
+    /// [`Image::parse`] but without copying segment data.
+    pub fn parse_bounds(elf: &[u8]) -> Result<(u64, u64), LayoutError> {
+        Self::parse_inner(elf, false).map(|i| (i.entry, i.end()))
+    }
+
     /// Parses a static x86-64 ELF executable whose segments lie within
     /// `[IMAGE_BASE, MAX_MEM)`. Bounds-checked; never panics.
     pub fn parse(elf: &[u8]) -> Result<Self, LayoutError> {
+        Self::parse_inner(elf, true)
+    }
+
+    fn parse_inner(elf: &[u8], copy: bool) -> Result<Self, LayoutError> {
         let bad = |m: &str| LayoutError::BadImage(m.to_string());
         if elf.get(0..4) != Some(b"\x7fELF") {
             return Err(bad("not an ELF file"));
@@ -149,11 +159,11 @@ impl Image {
             if gpa < IMAGE_BASE || end > MAX_MEM {
                 return Err(bad("segment outside the image area"));
             }
-            let data = off
+            let bytes = off
                 .checked_add(filesz)
                 .and_then(|e| elf.get(off..e))
-                .ok_or_else(|| bad("segment data out of bounds"))?
-                .to_vec();
+                .ok_or_else(|| bad("segment data out of bounds"))?;
+            let data = if copy { bytes.to_vec() } else { Vec::new() };
             segments.push(Segment {
                 gpa,
                 data,

@@ -469,6 +469,7 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
             }
         });
     }
+    prewarm();
     let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
     let f = Frame::read_from(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
     if f.kind != kind::CONFIGURE {
@@ -491,6 +492,20 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
         }
     }
     Ok((a, conn))
+}
+
+/// Work a spare does before it is needed: fault in the embedded guest
+/// image and the code paths that check it, so that the bubble's VM (still
+/// created only after CONFIGURE) is built without those first-touch costs.
+fn prewarm() {
+    let _ = crate::layout::Image::parse_bounds(images::SHIM_ELF);
+    let sum = images::SHIM_ELF
+        .iter()
+        .step_by(4096)
+        .fold(0u8, |a, b| a.wrapping_add(*b));
+    std::hint::black_box(sum);
+    let _ = crate::layout::Layout::new(64 << 20, crate::layout::IMAGE_BASE + 4096, 1 << 20)
+        .map(|l| crate::layout::boot_pages(&l));
 }
 
 /// The VMM process's main; returns the exit code.

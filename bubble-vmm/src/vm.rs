@@ -147,8 +147,8 @@ fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
 impl Vm {
     /// Creates the VM, loads `elf` and prepares the vCPU at its entry point.
     pub fn new(elf: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        let image = Image::parse(elf)?;
-        let layout = Layout::new(mem_size, image.end(), max_payload)?;
+        let (_entry, end) = Image::parse_bounds(elf)?;
+        let layout = Layout::new(mem_size, end, max_payload)?;
         let mut vm = Self::bare(&layout)?;
         for p in layout::boot_pages(&layout) {
             vm.mem
