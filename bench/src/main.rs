@@ -479,6 +479,9 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until the warm pool holds `depth` READY bubbles. (Waiting also
+/// for the spare VMM processes, so that nothing else runs, made attach
+/// slower on this VM: idle vCPUs wake up slowly. See docs/performance.md.)
 async fn wait_pool(broker: &Broker, depth: usize) {
     for _ in 0..2000 {
         let m = broker.scrape();

@@ -1504,6 +1504,11 @@ impl Broker {
         }
     }
 
+    /// Spare VMM processes ready, and how many are wanted.
+    pub fn spares(&self) -> (usize, usize) {
+        self.spawner.spares()
+    }
+
     /// Updates the scrape-time gauges and renders all metrics.
     pub fn scrape(&self) -> String {
         let mut by_state: HashMap<&'static str, i64> = HashMap::new();

@@ -164,6 +164,11 @@ impl Spawner {
         })
     }
 
+    /// Spares ready now, and how many are wanted.
+    pub fn spares(&self) -> (usize, usize) {
+        (self.spares.lock().map(|s| s.len()).unwrap_or(0), self.want)
+    }
+
     /// Tops the spares up in the background.
     pub fn refill(self: &Arc<Self>) {
         if self.want == 0 || self.refilling.swap(true, Ordering::SeqCst) {
