@@ -64,6 +64,8 @@ pub struct Broker {
     psp: bubble_attestation::SimPsp,
     /// Launch measurements by (image, memory).
     measurements: Mutex<HashMap<(String, u32), [u8; 48]>>,
+    /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -333,6 +335,7 @@ impl Broker {
         let broker = Arc::new(Self {
             psp,
             measurements: Mutex::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
             spawner,
             cfg,
             registry,
@@ -685,6 +688,9 @@ impl Broker {
         rec: BubbleRecord,
         image: ImageSpec,
     ) -> Result<BubbleRecord, BrokerError> {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BrokerError::Spawn("the broker is shutting down".into()));
+        }
         if !rec.owner.is_empty() {
             if let Some(existing) = self.registry.request(&rec.owner, &rec.client_request_id)? {
                 return self.await_settled(&existing).await;
@@ -836,6 +842,9 @@ impl Broker {
         let mut backoff = Duration::from_millis(100);
         loop {
             let Some(b) = broker.upgrade() else { return };
+            if b.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let (ready, booting) = b.pool_counts(&p.name);
             if ready + booting < p.size as usize {
                 let rec = b.new_record("", "", p.memory_mib, 1, &image, &p.name, p.idle_rule());
@@ -1540,6 +1549,20 @@ impl Broker {
     /// Stops every VMM (used by tests and the demo; a production broker
     /// leaves them running so a restarted broker re-adopts them).
     pub async fn shutdown_all(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Let creates already past admission register their VMMs.
+        for _ in 0..200 {
+            let booting = self
+                .records
+                .lock()
+                .map(|m| m.values().any(|r| r.state == State::Booting))
+                .unwrap_or(false);
+            if !booting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.flush_counters();
         let all: Vec<Arc<Live>> = self
             .live

@@ -256,13 +256,24 @@ pub fn spare_pids_under(dir: &Path) -> Vec<i32> {
 /// Marker in a VMM process's command line.
 pub const VMM_MARK: &str = "__vmm";
 
-/// Kills every VMM process started for `dir` (spares included).
+/// Kills every VMM process started for `dir` (spares included), until
+/// none is left (one may be starting while the broker dies).
 pub fn kill_vmms_under(dir: &Path) {
-    for pid in vmm_pids_under(dir).into_iter().chain(spare_pids_under(dir)) {
-        // SAFETY: sending a signal to a pid has no memory-safety effects.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
+    for _ in 0..50 {
+        let pids: Vec<i32> = vmm_pids_under(dir)
+            .into_iter()
+            .chain(spare_pids_under(dir))
+            .collect();
+        if pids.is_empty() {
+            return;
         }
+        for pid in pids {
+            // SAFETY: sending a signal to a pid has no memory-safety effects.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
