@@ -103,6 +103,7 @@ impl Vmm {
             program: cfg.vmm_program.clone(),
             program_args_prefix: cfg.vmm_args_prefix.clone(),
             max_payload: cfg.max_payload,
+            restore: false,
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })

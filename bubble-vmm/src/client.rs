@@ -35,6 +35,8 @@ pub struct SpawnConfig {
     pub program_args_prefix: Vec<String>,
     /// Maximum call payload.
     pub max_payload: usize,
+    /// Start in restore mode (see [`VmmClient::restore`]).
+    pub restore: bool,
 }
 
 /// Errors talking to a VMM.
@@ -245,6 +247,7 @@ impl Spawner {
             socket: socket_path(&cfg.dir),
             max_payload: cfg.max_payload,
             boot_timeout: Duration::from_secs(20),
+            restore: cfg.restore,
         };
         let body = args.to_args().join("\0").into_bytes();
         let frame = Frame {
@@ -332,6 +335,7 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         socket: sock.clone(),
         max_payload: cfg.max_payload,
         boot_timeout: Duration::from_secs(20),
+        restore: cfg.restore,
     };
     let mut cmd = tokio::process::Command::new(&cfg.program);
     cmd.args(&cfg.program_args_prefix)
@@ -573,6 +577,30 @@ impl VmmClient {
                 }
             }
             _ => Err(CallError::Failed(
+                String::from_utf8_lossy(&f.body).into_owned(),
+            )),
+        }
+    }
+
+    /// Captures the VM at a safe point (between calls): vCPU state and every
+    /// non-zero page. The VMM keeps running until [`VmmClient::shutdown`].
+    pub async fn suspend(&self, timeout: Duration) -> Result<Vec<u8>, VmmError> {
+        let f = self.request(kind::SUSPEND, Vec::new(), timeout).await?;
+        match f.kind {
+            kind::SNAPSHOT => Ok(f.body),
+            _ => Err(VmmError::Protocol(
+                String::from_utf8_lossy(&f.body).into_owned(),
+            )),
+        }
+    }
+
+    /// Sends the snapshot to a VMM started in restore mode; the guest is
+    /// READY when this returns.
+    pub async fn restore(&self, snapshot: Vec<u8>, timeout: Duration) -> Result<(), VmmError> {
+        let f = self.request(kind::RESTORE, snapshot, timeout).await?;
+        match f.kind {
+            kind::RESTORE_OK => Ok(()),
+            _ => Err(VmmError::Protocol(
                 String::from_utf8_lossy(&f.body).into_owned(),
             )),
         }

@@ -24,8 +24,10 @@
 
 use std::io::{self, Read, Write};
 
-/// Largest frame (64 MiB covers any payload limit the broker allows).
-pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame: snapshots are the largest messages (calls are bounded by
+/// the payload limit), so a bubble can be suspended with up to ~1 GiB of
+/// touched memory.
+pub const MAX_FRAME: usize = 1 << 30;
 
 /// Frame kinds.
 pub mod kind {
@@ -39,6 +41,14 @@ pub mod kind {
     pub const SHUTDOWN: u8 = 0x04;
     /// Configure a spare VMM (body: its arguments, NUL-separated).
     pub const CONFIGURE: u8 = 0x05;
+    /// Capture the VM (answer: SNAPSHOT).
+    pub const SUSPEND: u8 = 0x06;
+    /// Rebuild the VM from a snapshot (restore mode; answer: RESTORE_OK).
+    pub const RESTORE: u8 = 0x07;
+    /// The VM's snapshot: `[state_len u32][state][n u32][(gpa u64, page)*]`.
+    pub const SNAPSHOT: u8 = 0x86;
+    /// Restore done; the guest is ready.
+    pub const RESTORE_OK: u8 = 0x87;
     /// Status answer.
     pub const STATUS_OK: u8 = 0x81;
     /// Call output.

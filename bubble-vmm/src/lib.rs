@@ -18,5 +18,6 @@ pub mod floor;
 pub mod images;
 pub mod layout;
 pub mod process;
+pub mod snapshot;
 pub mod transport;
 pub mod vm;

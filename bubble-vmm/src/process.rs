@@ -39,6 +39,9 @@ pub struct VmmArgs {
     pub max_payload: usize,
     /// Time allowed from VM creation to READY.
     pub boot_timeout: Duration,
+    /// Restore a snapshot (sent as the first RESTORE request) instead of
+    /// booting the image.
+    pub restore: bool,
 }
 
 /// Default deadline when a CALL carries none.
@@ -57,6 +60,7 @@ impl VmmArgs {
             socket: PathBuf::new(),
             max_payload: 1 << 20,
             boot_timeout: Duration::from_secs(20),
+            restore: false,
         };
         let mut it = args;
         while let Some(k) = it.next() {
@@ -67,6 +71,7 @@ impl VmmArgs {
                 "--image" => a.image = GuestImage::from_arg(&v).ok_or("bad --image")?,
                 "--socket" => a.socket = v.into(),
                 "--max-payload" => a.max_payload = v.parse().map_err(|_| "bad --max-payload")?,
+                "--restore" => a.restore = v == "1",
                 "--boot-timeout-ms" => {
                     a.boot_timeout =
                         Duration::from_millis(v.parse().map_err(|_| "bad --boot-timeout-ms")?)
@@ -95,6 +100,8 @@ impl VmmArgs {
             self.max_payload.to_string(),
             "--boot-timeout-ms".into(),
             self.boot_timeout.as_millis().to_string(),
+            "--restore".into(),
+            if self.restore { "1" } else { "0" }.into(),
         ]
     }
 }
@@ -212,6 +219,9 @@ impl Watchdog {
 }
 
 fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStream>) {
+    if args.restore {
+        return restore_thread(args, shared, conns);
+    }
     let started = Instant::now();
     let mut vm = match build_vm(
         &args.image,
@@ -271,6 +281,136 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
             return serve_all(conns, None, &args.bubble_id, &shared);
         }
     }
+    serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// Splits a snapshot body: `[state_len u32][state][n u32][(gpa u64, page)*]`.
+pub fn split_snapshot(b: &[u8]) -> Option<(crate::snapshot::VmSnapshot, Vec<(u64, &[u8])>)> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let state = crate::snapshot::VmSnapshot::decode(b.get(4..4 + n)?)?;
+    let rest = b.get(4 + n..)?;
+    let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let pages = rest.get(4..)?;
+    if pages.len() != count.checked_mul(8 + 4096)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for c in pages.chunks_exact(8 + 4096) {
+        let gpa = u64::from_le_bytes(c[..8].try_into().ok()?);
+        if gpa % 4096 != 0 || gpa.checked_add(4096)? > state.mem_size {
+            return None;
+        }
+        out.push((gpa, &c[8..]));
+    }
+    Some((state, out))
+}
+
+fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
+    let state = vm.capture()?.encode();
+    let pages = vm.nonzero_pages()?;
+    let mut b = Vec::with_capacity(8 + state.len() + pages.len() * (8 + 4096));
+    b.extend((state.len() as u32).to_le_bytes());
+    b.extend(&state);
+    b.extend((pages.len() as u32).to_le_bytes());
+    let mut buf = vec![0u8; 4096];
+    for gpa in pages {
+        vm.read(gpa, &mut buf)?;
+        b.extend(gpa.to_le_bytes());
+        b.extend(&buf);
+    }
+    Ok(b)
+}
+
+/// Restore mode: wait for the snapshot on the first connection, rebuild
+/// the VM from it (no boot: the guest resumes where it stopped, in its
+/// doorbell exit), then serve as usual.
+fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStream>) {
+    let started = Instant::now();
+    let Ok(conn) = conns.recv() else { return };
+    let Ok(mut reader) = conn.try_clone() else {
+        return;
+    };
+    if let Ok(mut c) = shared.conn.lock() {
+        *c = Some(conn.try_clone().unwrap_or(conn));
+    }
+    let guest = loop {
+        let Ok(f) = Frame::read_from(&mut reader) else {
+            return;
+        };
+        let reply = |k: u8, body: Vec<u8>| {
+            shared.send(&Frame {
+                kind: k,
+                id: f.id,
+                body,
+            })
+        };
+        match f.kind {
+            kind::HELLO | kind::STATUS => {
+                if f.kind == kind::HELLO && f.body != args.bubble_id.as_bytes() {
+                    reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
+                    return;
+                }
+                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                reply(kind::STATUS_OK, st.encode());
+            }
+            kind::RESTORE => {
+                let Some((snap, pages)) = split_snapshot(&f.body) else {
+                    reply(kind::ERROR, b"malformed snapshot".to_vec());
+                    continue;
+                };
+                let built = (|| -> Result<Vm, VmError> {
+                    let vm = Vm::for_restore(&snap.layout())?;
+                    for (gpa, data) in &pages {
+                        vm.write(*gpa, data)?;
+                    }
+                    vm.restore_vcpu(&snap.vcpu)?;
+                    Ok(vm)
+                })();
+                let vm = match built {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        reply(kind::ERROR, format!("restore failed: {e}").into_bytes());
+                        fail_then_exit(&shared, &format!("restore failed: {e}"));
+                        return;
+                    }
+                };
+                let mut vm = vm;
+                let dog = Arc::new(Watchdog {
+                    state: Mutex::new((None, 0)),
+                    cv: Condvar::new(),
+                    fired: AtomicBool::new(false),
+                });
+                {
+                    let kicker = vm.kicker();
+                    // SAFETY: pthread_self has no preconditions.
+                    let me = unsafe { libc::pthread_self() };
+                    let d = dog.clone();
+                    std::thread::spawn(move || d.run(kicker, me));
+                }
+                let boot_us = started.elapsed().as_micros() as u64;
+                if let Ok(mut s) = shared.status.lock() {
+                    s.ready = true;
+                    s.boot_us = boot_us;
+                }
+                reply(kind::RESTORE_OK, Vec::new());
+                shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+                break Guest {
+                    bubble: Bubble::new(vm),
+                    dog,
+                    shared: shared.clone(),
+                };
+            }
+            _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
+        }
+    };
+    let mut guest = guest;
+    // The rest of this connection, then any later ones.
+    let (tx, rx) = mpsc::channel();
+    if let Ok(c) = reader.try_clone() {
+        let _ = tx.send(c);
+    }
+    drop(tx);
+    serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
 
@@ -427,6 +567,18 @@ fn serve(
             kind::SHUTDOWN => {
                 reply(kind::SHUTDOWN_OK, Vec::new());
                 std::process::exit(0);
+            }
+            kind::SUSPEND => {
+                // The vCPU is stopped in its doorbell exit (this thread runs
+                // it): a safe point. The VMM keeps running until the broker
+                // has stored the snapshot and sends SHUTDOWN.
+                match guest.as_deref_mut() {
+                    Some(g) => match encode_snapshot(g.bubble.vm()) {
+                        Ok(b) => reply(kind::SNAPSHOT, b),
+                        Err(e) => reply(kind::ERROR, format!("snapshot failed: {e}").into_bytes()),
+                    },
+                    None => reply(kind::ERROR, b"the bubble has no guest".to_vec()),
+                }
             }
             _ => reply(kind::ERROR, b"unknown request".to_vec()),
         }

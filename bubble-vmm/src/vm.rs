@@ -271,6 +271,30 @@ impl Vm {
         &self.layout
     }
 
+    /// The vCPU.
+    pub(crate) fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    /// Host address and length of guest memory (one region).
+    pub(crate) fn host_range(&self) -> Result<(*mut u8, usize), VmError> {
+        let region = self
+            .mem
+            .iter()
+            .next()
+            .ok_or_else(|| VmError::Memory("no guest memory".into()))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        Ok((host, region.len() as usize))
+    }
+
+    /// An empty VM for restoring a snapshot: memory of the recorded layout,
+    /// nothing loaded; the caller writes the pages and the vCPU state.
+    pub fn for_restore(layout: &Layout) -> Result<Self, VmError> {
+        Self::bare(layout)
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap<()> {
         &self.mem

@@ -1,0 +1,217 @@
+//! Capturing and restoring a bubble's VM: vCPU state and the guest pages
+//! that are not zero. The guest is captured only at a safe point: stopped
+//! in its doorbell exit, between two calls.
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_xcrs, kvm_xsave};
+
+use crate::layout::{Layout, PAGE};
+use crate::vm::{Vm, VmError};
+
+/// The vCPU's architectural state.
+pub struct VcpuSnapshot {
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers, EFER.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: kvm_fpu,
+    /// XSAVE area.
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+}
+
+/// Everything but the pages: what a restore needs to rebuild the VM.
+pub struct VmSnapshot {
+    /// Snapshot format version.
+    pub version: u32,
+    /// Memory layout (size, mailbox, heap).
+    pub mem_size: u64,
+    /// Mailbox address.
+    pub mailbox_gpa: u64,
+    /// Mailbox size.
+    pub mailbox_size: u64,
+    /// Heap start.
+    pub heap_start: u64,
+    /// Heap end.
+    pub heap_end: u64,
+    /// vCPU state.
+    pub vcpu: VcpuSnapshot,
+}
+
+/// Current snapshot format.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Plain-old-data KVM structures that travel as their bytes.
+trait Pod: Sized {}
+impl Pod for kvm_regs {}
+impl Pod for kvm_sregs {}
+impl Pod for kvm_fpu {}
+impl Pod for kvm_xsave {}
+impl Pod for kvm_xcrs {}
+
+fn pod_bytes<T: Pod>(v: &T, out: &mut Vec<u8>) {
+    let n = std::mem::size_of::<T>();
+    out.extend((n as u32).to_le_bytes());
+    // SAFETY: T is a repr(C) KVM structure of integers (no pointers, no
+    // padding-dependent invariants); reading its bytes is sound.
+    let bytes = unsafe { std::slice::from_raw_parts(v as *const T as *const u8, n) };
+    out.extend_from_slice(bytes);
+}
+
+fn pod_read<T: Pod + Default>(b: &mut &[u8]) -> Option<T> {
+    let n = std::mem::size_of::<T>();
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    if len != n {
+        return None;
+    }
+    let src = b.get(4..4 + n)?;
+    let mut v = T::default();
+    // SAFETY: `src` has exactly size_of::<T>() bytes and every bit pattern
+    // is a valid value of these integer-only KVM structures.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), &mut v as *mut T as *mut u8, n) };
+    *b = &b[4 + n..];
+    Some(v)
+}
+
+impl VmSnapshot {
+    /// Encodes the snapshot (without pages).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [
+            u64::from(self.version),
+            self.mem_size,
+            self.mailbox_gpa,
+            self.mailbox_size,
+            self.heap_start,
+            self.heap_end,
+        ] {
+            v.extend(x.to_le_bytes());
+        }
+        pod_bytes(&self.vcpu.regs, &mut v);
+        pod_bytes(&self.vcpu.sregs, &mut v);
+        pod_bytes(&self.vcpu.fpu, &mut v);
+        pod_bytes(&self.vcpu.xsave, &mut v);
+        pod_bytes(&self.vcpu.xcrs, &mut v);
+        v
+    }
+
+    /// Decodes a snapshot; checks the version and the layout.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let f = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        let version = f(0)? as u32;
+        if version != SNAPSHOT_VERSION {
+            return None;
+        }
+        let mut rest = b.get(48..)?;
+        let s = VmSnapshot {
+            version,
+            mem_size: f(1)?,
+            mailbox_gpa: f(2)?,
+            mailbox_size: f(3)?,
+            heap_start: f(4)?,
+            heap_end: f(5)?,
+            vcpu: VcpuSnapshot {
+                regs: pod_read(&mut rest)?,
+                sregs: pod_read(&mut rest)?,
+                fpu: pod_read(&mut rest)?,
+                xsave: pod_read(&mut rest)?,
+                xcrs: pod_read(&mut rest)?,
+            },
+        };
+        let l = s.layout();
+        let sane = rest.is_empty()
+            && (crate::layout::MIN_MEM..=crate::layout::MAX_MEM).contains(&l.mem_size)
+            && l.mailbox_gpa.checked_add(l.mailbox_size) == Some(l.mem_size)
+            && l.mailbox_size > crate::abi::HEADER_LEN as u64
+            && l.heap_start <= l.heap_end
+            && l.heap_end <= l.mailbox_gpa;
+        sane.then_some(s)
+    }
+
+    /// The layout recorded in the snapshot.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            mem_size: self.mem_size,
+            mailbox_gpa: self.mailbox_gpa,
+            mailbox_size: self.mailbox_size,
+            heap_start: self.heap_start,
+            heap_end: self.heap_end,
+        }
+    }
+}
+
+impl Vm {
+    /// Captures the vCPU and layout (call only while the vCPU is stopped).
+    pub fn capture(&self) -> Result<VmSnapshot, VmError> {
+        let v = self.vcpu();
+        let l = *self.layout();
+        Ok(VmSnapshot {
+            version: SNAPSHOT_VERSION,
+            mem_size: l.mem_size,
+            mailbox_gpa: l.mailbox_gpa,
+            mailbox_size: l.mailbox_size,
+            heap_start: l.heap_start,
+            heap_end: l.heap_end,
+            vcpu: VcpuSnapshot {
+                regs: v.get_regs().map_err(kvm("get regs"))?,
+                sregs: v.get_sregs().map_err(kvm("get sregs"))?,
+                fpu: v.get_fpu().map_err(kvm("get fpu"))?,
+                xsave: v.get_xsave().map_err(kvm("get xsave"))?,
+                xcrs: v.get_xcrs().map_err(kvm("get xcrs"))?,
+            },
+        })
+    }
+
+    /// Sets the vCPU state from a snapshot.
+    pub fn restore_vcpu(&self, s: &VcpuSnapshot) -> Result<(), VmError> {
+        let v = self.vcpu();
+        v.set_sregs(&s.sregs).map_err(kvm("set sregs"))?;
+        v.set_regs(&s.regs).map_err(kvm("set regs"))?;
+        v.set_fpu(&s.fpu).map_err(kvm("set fpu"))?;
+        // SAFETY: the xsave area comes from KVM_GET_XSAVE of a vCPU created
+        // with the same supported CPUID on this kind of host; KVM validates
+        // its header and rejects unsupported features.
+        unsafe { v.set_xsave(&s.xsave) }.map_err(kvm("set xsave"))?;
+        v.set_xcrs(&s.xcrs).map_err(kvm("set xcrs"))?;
+        Ok(())
+    }
+
+    /// Guest-physical addresses of the pages that are resident and not all
+    /// zero (untouched pages are never resident, so they are never read).
+    pub fn nonzero_pages(&self) -> Result<Vec<u64>, VmError> {
+        let (host, len) = self.host_range()?;
+        let pages = len / PAGE as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host..host+len` is the guest memory mapping owned by the
+        // VM; mincore writes one byte per page into `vec`, sized for it.
+        let r = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(VmError::Memory(format!(
+                "mincore: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; PAGE as usize];
+        for (i, v) in vec.iter().enumerate() {
+            if v & 1 == 0 {
+                continue;
+            }
+            let gpa = i as u64 * PAGE;
+            self.read(gpa, &mut buf)?;
+            if buf.iter().any(|b| *b != 0) {
+                out.push(gpa);
+            }
+        }
+        Ok(out)
+    }
+}
