@@ -284,8 +284,11 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
 
+/// Guest pages of a snapshot: (guest-physical address, 4096 bytes).
+pub type SnapshotPages<'a> = Vec<(u64, &'a [u8])>;
+
 /// Splits a snapshot body: `[state_len u32][state][n u32][(gpa u64, page)*]`.
-pub fn split_snapshot(b: &[u8]) -> Option<(crate::snapshot::VmSnapshot, Vec<(u64, &[u8])>)> {
+pub fn split_snapshot(b: &[u8]) -> Option<(crate::snapshot::VmSnapshot, SnapshotPages<'_>)> {
     let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
     let state = crate::snapshot::VmSnapshot::decode(b.get(4..4 + n)?)?;
     let rest = b.get(4 + n..)?;
