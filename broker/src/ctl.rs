@@ -79,6 +79,26 @@ enum Cmd {
         #[arg(long, default_value = "")]
         request_id: String,
     },
+    /// Freeze a bubble to the encrypted store.
+    Suspend {
+        /// Bubble id.
+        bubble: String,
+        /// A 32-byte key-encryption key (hex) that you keep; restore then
+        /// needs it.
+        #[arg(long)]
+        kek_hex: Option<String>,
+    },
+    /// Resume a suspended bubble from its frozen copy.
+    Restore {
+        /// Bubble id.
+        bubble: String,
+        /// The key given at suspend, if any (hex).
+        #[arg(long)]
+        kek_hex: Option<String>,
+    },
+    /// Frozen (suspended) bubbles.
+    #[command(subcommand)]
+    Frozen(FrozenCmd),
     /// Show a bubble's metered usage, signed by the broker.
     Usage {
         /// Bubble id.
@@ -179,6 +199,12 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         calls: usize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum FrozenCmd {
+    /// List your suspended bubbles.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,7 +316,7 @@ fn bubble_json(b: &pb::Bubble) -> serde_json::Value {
         "failure_reason": b.failure_reason, "memory_mib": b.memory_mib, "vcpus": b.vcpus,
         "image": b.image, "client_request_id": b.client_request_id,
         "created_at_ms": b.created_at_ms, "boot_us": b.boot_us, "vmm_pid": b.vmm_pid,
-        "calls": b.calls,
+        "calls": b.calls, "generation": b.generation,
     })
 }
 
@@ -592,6 +618,61 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             }
             if rep.error_count() > 0 {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Suspend { bubble, kek_hex } => {
+            let kek = kek_hex
+                .as_deref()
+                .map(unhex)
+                .transpose()?
+                .unwrap_or_default();
+            let mut c = connect(&opts.conn).await?;
+            eprintln!("suspending {bubble}...");
+            let b = c
+                .suspend_bubble(pb::SuspendBubbleRequest {
+                    bubble_id: bubble,
+                    kek,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+        }
+        Cmd::Restore { bubble, kek_hex } => {
+            let kek = kek_hex
+                .as_deref()
+                .map(unhex)
+                .transpose()?
+                .unwrap_or_default();
+            let mut c = connect(&opts.conn).await?;
+            eprintln!("verifying and restoring {bubble}...");
+            let b = c
+                .restore_bubble(pb::RestoreBubbleRequest {
+                    bubble_id: bubble,
+                    kek,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_bubble(&b, j);
+        }
+        Cmd::Frozen(FrozenCmd::List) => {
+            let mut c = connect(&opts.conn).await?;
+            let r = c
+                .list_bubbles(pb::ListBubblesRequest::default())
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let frozen: Vec<pb::Bubble> = r
+                .bubbles
+                .into_iter()
+                .filter(|b| b.state == pb::BubbleState::Suspended as i32)
+                .collect();
+            if j {
+                let v: Vec<_> = frozen.iter().map(bubble_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                print_table(&frozen);
             }
         }
         Cmd::List { all } => {

@@ -63,6 +63,15 @@ pub enum BrokerError {
     /// The bubble could not be started.
     #[error("bubble could not be started: {0}")]
     Spawn(String),
+    /// A frozen copy is corrupt, truncated or missing.
+    #[error("frozen bubble is damaged: {0}")]
+    DataLoss(String),
+    /// The key does not unwrap the frozen copy.
+    #[error("the key does not open this frozen bubble")]
+    WrongKey,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -85,6 +94,9 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
+            BrokerError::DataLoss(_) => Code::DataLoss,
+            BrokerError::WrongKey => Code::PermissionDenied,
+            BrokerError::Store(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }

@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod frozen;
 pub mod identity;
 pub mod load;
 pub mod metrics;

@@ -115,6 +115,21 @@ pub struct BubbleRecord {
     /// Portions loaded, in order: (name, SHA-384 of the module, hex).
     #[serde(default)]
     pub portions: Vec<(String, String)>,
+    /// Suspend generation (incremented by every suspend).
+    #[serde(default)]
+    pub generation: u64,
+    /// The frozen copy that a restore must use, while SUSPENDED.
+    #[serde(default)]
+    pub frozen: Option<FrozenRef>,
+}
+
+/// Where a suspended bubble's frozen copy is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenRef {
+    /// Its generation.
+    pub generation: u64,
+    /// Whether a parent-held key wraps its data key.
+    pub parent_key: bool,
 }
 
 /// A bubble's security policy for code portions (see the proto).
@@ -409,6 +424,8 @@ mod tests {
             usage: Meter::default(),
             policy: PortionPolicy::default(),
             portions: Vec::new(),
+            generation: 0,
+            frozen: None,
         }
     }
 

@@ -66,6 +66,10 @@ pub struct Broker {
     measurements: Mutex<HashMap<(String, u32), [u8; 48]>>,
     /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
     closing: std::sync::atomic::AtomicBool,
+    /// Encrypted store of suspended bubbles.
+    frozen: crate::frozen::FrozenStore,
+    /// The broker's key-encryption key for frozen bubbles (0600 file).
+    kek: bubble_keys::Kek,
 }
 
 fn now_ms() -> u64 {
@@ -114,6 +118,7 @@ fn to_pb(r: &BubbleRecord) -> pb::Bubble {
         calls: r.calls,
         profile: r.profile.clone(),
         idle: Some(idle_to_pb(r.idle)),
+        generation: r.generation,
     }
 }
 
@@ -131,21 +136,17 @@ fn idle_to_pb(i: IdleRule) -> pb::IdlePolicy {
 /// Validates an idle policy from a request (`None`: use `default`).
 fn idle_from_pb(p: Option<&pb::IdlePolicy>, default: IdleRule) -> Result<IdleRule, BrokerError> {
     let Some(p) = p else { return Ok(default) };
-    let action =
-        match pb::IdleAction::try_from(p.action) {
-            Ok(pb::IdleAction::Unspecified | pb::IdleAction::Stay) => IdleAction::Stay,
-            Ok(pb::IdleAction::Delete) => IdleAction::Delete,
-            Ok(pb::IdleAction::Suspend) => return Err(invalid(
+    let action = match pb::IdleAction::try_from(p.action) {
+        Ok(pb::IdleAction::Unspecified | pb::IdleAction::Stay) => IdleAction::Stay,
+        Ok(pb::IdleAction::Delete) => IdleAction::Delete,
+        Ok(pb::IdleAction::Suspend) => IdleAction::Suspend,
+        Err(_) => {
+            return Err(invalid(
                 "idle.action",
-                "SUSPEND is not available on this broker yet (suspend/restore is not implemented)",
-            )),
-            Err(_) => {
-                return Err(invalid(
-                    "idle.action",
-                    format!("unknown value {}", p.action),
-                ))
-            }
-        };
+                format!("unknown value {}", p.action),
+            ))
+        }
+    };
     if action != IdleAction::Stay && p.idle_timeout_s == 0 {
         return Err(invalid(
             "idle.idle_timeout_s",
@@ -252,6 +253,17 @@ fn raise_fd_limit() {
     }
 }
 
+/// A parent-supplied key-encryption key (empty: none).
+fn parse_kek(b: &[u8]) -> Result<Option<bubble_keys::Kek>, BrokerError> {
+    match b.len() {
+        0 => Ok(None),
+        32 => Ok(Some(
+            bubble_keys::Kek::from_slice(b).map_err(|_| invalid("kek", "must be 32 bytes"))?,
+        )),
+        _ => Err(invalid("kek", "must be 32 bytes")),
+    }
+}
+
 /// Whether a record holds resources (counts against quotas).
 fn is_live(r: &BubbleRecord) -> bool {
     r.state.expects_vmm() || r.state == State::Suspended
@@ -332,7 +344,12 @@ impl Broker {
             cfg.spare_vmms,
         );
         spawner.refill();
+        let frozen = crate::frozen::FrozenStore::local(&cfg.data_dir.join("store"))?;
+        let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
+            .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker = Arc::new(Self {
+            frozen,
+            kek,
             psp,
             measurements: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -678,6 +695,8 @@ impl Broker {
             usage: Default::default(),
             policy: PortionPolicy::default(),
             portions: Vec::new(),
+            generation: 0,
+            frozen: None,
         }
     }
 
@@ -1248,6 +1267,134 @@ impl Broker {
         Ok((rec, b))
     }
 
+    /// Freezes one of `parent`'s bubbles to the encrypted store.
+    pub async fn suspend(
+        self: &Arc<Self>,
+        parent: &str,
+        req: pb::SuspendBubbleRequest,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let rec = self.owned(parent, &req.bubble_id)?;
+        let parent_key = parse_kek(&req.kek)?;
+        let id = rec.id.clone();
+        let live = match (rec.state, self.live_get(&id)) {
+            (State::Ready | State::Busy, Some(l)) => l,
+            (state, _) => {
+                return Err(BrokerError::WrongState {
+                    id,
+                    state: state_name(state),
+                    detail: String::new(),
+                })
+            }
+        };
+        // No call runs while the VM is captured (it is at its safe point).
+        let _guard = live.call_lock.lock().await;
+        let snapshot = live
+            .vmm
+            .suspend()
+            .await
+            .map_err(|e| BrokerError::BubbleFailed(format!("snapshot: {e}")))?;
+        let generation = rec.generation + 1;
+        let header = crate::frozen::Header {
+            bubble_id: id.clone(),
+            owner: rec.owner.clone(),
+            generation,
+            memory_mib: rec.memory_mib,
+            image: rec.image.clone(),
+            total_len: 0,
+            chunks: Vec::new(),
+        };
+        let kek = parent_key.as_ref().unwrap_or(&self.kek);
+        // If storing fails (full disk, store down), the bubble keeps running.
+        self.frozen
+            .put(header, &snapshot, kek, parent_key.is_some())
+            .await?;
+        drop(snapshot);
+        let vcpu_us = live.vmm.vcpu_us().await;
+        self.live_remove(&id);
+        live.vmm.shutdown().await;
+        let r = self.transition(&id, State::Suspended, "", |r| {
+            r.generation = generation;
+            r.frozen = Some(crate::registry::FrozenRef {
+                generation,
+                parent_key: parent_key.is_some(),
+            });
+            r.vmm_pid = 0;
+            if let Some(v) = vcpu_us {
+                r.usage.vcpu_us = v;
+            }
+        })?;
+        info!(bubble = %id, parent = %parent, generation, "bubble suspended");
+        Ok(r)
+    }
+
+    /// Restores one of `parent`'s suspended bubbles: verifies its frozen
+    /// copy completely, resumes it in a new VMM, and consumes the copy.
+    pub async fn restore(
+        self: &Arc<Self>,
+        parent: &str,
+        req: pb::RestoreBubbleRequest,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let rec = self.owned(parent, &req.bubble_id)?;
+        let parent_key = parse_kek(&req.kek)?;
+        let id = rec.id.clone();
+        let frozen = match (rec.state, rec.frozen.clone()) {
+            (State::Suspended, Some(f)) => f,
+            (state, _) => {
+                return Err(BrokerError::WrongState {
+                    id,
+                    state: state_name(state),
+                    detail: ": only a SUSPENDED bubble can be restored".into(),
+                })
+            }
+        };
+        if frozen.parent_key && parent_key.is_none() {
+            return Err(BrokerError::WrongKey);
+        }
+        let kek = parent_key.as_ref().unwrap_or(&self.kek);
+        // Only the registry's current generation may run: an older copy
+        // (rollback) or an already restored one is refused.
+        let (header, snapshot) = self.frozen.get(&id, frozen.generation, kek).await?;
+        if header.owner != rec.owner || header.generation != rec.generation {
+            return Err(BrokerError::DataLoss(
+                "frozen copy does not match the registry (owner or generation)".into(),
+            ));
+        }
+        if bubble_vmm::process::split_snapshot(&snapshot).is_none() {
+            return Err(BrokerError::DataLoss("snapshot does not decode".into()));
+        }
+        let dir = self.cfg.bubble_dir(&id);
+        let image = ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)?;
+        let vmm = Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+            .await
+            .map_err(BrokerError::Spawn)?;
+        if let Err(e) = vmm.restore(snapshot).await {
+            vmm.shutdown().await;
+            return Err(BrokerError::Spawn(format!("restore: {e}")));
+        }
+        let pid = vmm.pid();
+        let live = Arc::new(Live {
+            vmm,
+            call_lock: tokio::sync::Mutex::new(()),
+        });
+        self.live_insert(&id, live.clone());
+        self.watch_vmm(id.clone(), live);
+        // Consume the frozen copy: the same generation never runs twice.
+        let r = self.transition(&id, State::Ready, "", |r| {
+            r.frozen = None;
+            r.vmm_pid = pid;
+            r.last_active_ms = now_ms();
+        })?;
+        if let Err(e) = self
+            .frozen
+            .delete(&id, frozen.generation, header.chunks.len())
+            .await
+        {
+            warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");
+        }
+        info!(bubble = %id, parent = %parent, generation = frozen.generation, "bubble restored");
+        Ok(r)
+    }
+
     /// The launch measurement of a bubble (cached per image and size).
     pub fn measurement(&self, rec: &BubbleRecord) -> Result<[u8; 48], BrokerError> {
         let key = (rec.image.clone(), rec.memory_mib);
@@ -1483,7 +1630,17 @@ impl Broker {
                             warn!(bubble = %r.id, error = %e, "idle delete failed");
                         }
                     }
-                    IdleAction::Suspend | IdleAction::Stay => {}
+                    IdleAction::Suspend => {
+                        info!(bubble = %r.id, parent = %r.owner, idle_s = r.idle.timeout_s, "idle: suspending");
+                        let req = pb::SuspendBubbleRequest {
+                            bubble_id: r.id.clone(),
+                            kek: Vec::new(),
+                        };
+                        if let Err(e) = b.suspend(&r.owner, req).await {
+                            warn!(bubble = %r.id, error = %e, "idle suspend failed");
+                        }
+                    }
+                    IdleAction::Stay => {}
                 }
             }
             if last_flush.elapsed() >= Duration::from_secs(5) {
@@ -1709,6 +1866,28 @@ impl BrokerApi for BrokerService {
             .instrument(span)
             .await?;
         Ok(Response::new(r))
+    }
+
+    async fn suspend_bubble(
+        &self,
+        request: Request<pb::SuspendBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("suspend", bubble = %req.bubble_id, parent = %parent);
+        let r = self.broker.suspend(&parent, req).instrument(span).await?;
+        Ok(Response::new(to_pb(&r)))
+    }
+
+    async fn restore_bubble(
+        &self,
+        request: Request<pb::RestoreBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("restore", bubble = %req.bubble_id, parent = %parent);
+        let r = self.broker.restore(&parent, req).instrument(span).await?;
+        Ok(Response::new(to_pb(&r)))
     }
 
     type WatchEventsStream = EventStream;

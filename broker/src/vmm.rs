@@ -109,6 +109,49 @@ impl Vmm {
         Ok(Self { client })
     }
 
+    /// Spawns a VMM in restore mode (it waits for [`Vmm::restore`]).
+    pub async fn spawn_restore(
+        spawner: &std::sync::Arc<vc::Spawner>,
+        cfg: &BrokerConfig,
+        dir: &Path,
+        id: &str,
+        memory_mib: u32,
+        image: &ImageSpec,
+    ) -> Result<Self, String> {
+        let spawn = vc::SpawnConfig {
+            bubble_id: id.to_string(),
+            memory_mib,
+            vcpus: 1,
+            image: match image {
+                ImageSpec::Shim => vc::GuestImage::Shim,
+                ImageSpec::Test(k) => vc::GuestImage::Hostile(*k),
+            },
+            dir: dir.to_path_buf(),
+            program: cfg.vmm_program.clone(),
+            program_args_prefix: cfg.vmm_args_prefix.clone(),
+            max_payload: cfg.max_payload,
+            restore: true,
+        };
+        let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
+        Ok(Self { client })
+    }
+
+    /// Captures the VM (vCPU state and non-zero pages) at a safe point.
+    pub async fn suspend(&self) -> Result<Vec<u8>, String> {
+        self.client
+            .suspend(Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends a snapshot to a VMM spawned in restore mode.
+    pub async fn restore(&self, snapshot: Vec<u8>) -> Result<(), String> {
+        self.client
+            .restore(snapshot, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Reconnects to a running VMM after a broker restart; returns whether
     /// its guest is READY.
     pub async fn adopt(dir: &Path, id: &str) -> Result<(Self, bool), String> {

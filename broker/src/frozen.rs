@@ -1,0 +1,237 @@
+//! Frozen bubbles: encrypted snapshots in an object store.
+//!
+//! Layout in the store, per bubble and generation (`frozen/<id>/g<gen>/`):
+//! - `chunk-<i>`: the VMM snapshot (vCPU state and non-zero pages) cut
+//!   into 1 MiB pieces, each AES-256-GCM under a fresh per-snapshot data
+//!   key with the snapshot id and chunk index as AAD (`bubble-keys`
+//!   envelope);
+//! - `manifest`: JSON with the format version, snapshot id, the data key
+//!   wrapped by the key-encryption key (the broker's, `DATA_DIR/kek` 0600,
+//!   or the parent's), and a header sealed under the data key as chunk
+//!   `u64::MAX` (so it is authenticated): bubble id, owner, generation,
+//!   memory, image, chunk count and the SHA-256 of every chunk.
+//!
+//! Chunks are written first and the manifest last; every object write is
+//! atomic, so a crash leaves either no manifest (the bubble is still
+//! running, the chunks are garbage) or a complete frozen bubble.
+//! See `docs/frozen-format.md`.
+
+use std::sync::Arc;
+
+use bubble_keys::{DataKey, Kek, OsRng, RngCore, SNAPSHOT_ID_LEN};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::BrokerError;
+
+/// Plaintext bytes per chunk.
+pub const CHUNK: usize = 1 << 20;
+/// Chunk index of the sealed manifest header.
+const HEADER_INDEX: u64 = u64::MAX;
+/// Manifest format version.
+const FORMAT: u32 = 1;
+
+/// The outer manifest (plaintext JSON).
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    snapshot_id: String,
+    wrapped_key: String,
+    kek: String,
+    kek_id: String,
+    header: String,
+}
+
+/// The sealed header.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Bubble id.
+    pub bubble_id: String,
+    /// Owner.
+    pub owner: String,
+    /// Generation.
+    pub generation: u64,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Guest image name.
+    pub image: String,
+    /// Snapshot length in bytes.
+    pub total_len: u64,
+    /// SHA-256 of each encrypted chunk, hex.
+    pub chunks: Vec<String>,
+}
+
+/// The store of frozen bubbles.
+#[derive(Clone)]
+pub struct FrozenStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+fn prefix(id: &str, generation: u64) -> String {
+    format!("frozen/{id}/g{generation}")
+}
+
+fn store_err(e: object_store::Error) -> BrokerError {
+    BrokerError::Store(e.to_string())
+}
+
+impl FrozenStore {
+    /// A store in a local directory.
+    pub fn local(dir: &std::path::Path) -> Result<Self, BrokerError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BrokerError::Store(format!("{}: {e}", dir.display())))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(store_err)?;
+        Ok(Self {
+            store: Arc::new(fs),
+        })
+    }
+
+    /// Encrypts and writes a snapshot; returns once the manifest (written
+    /// last) is stored.
+    pub async fn put(
+        &self,
+        header: Header,
+        snapshot: &[u8],
+        kek: &Kek,
+        parent_key: bool,
+    ) -> Result<(), BrokerError> {
+        let mut sid = [0u8; SNAPSHOT_ID_LEN];
+        OsRng.fill_bytes(&mut sid);
+        let dk = DataKey::generate(&mut OsRng);
+        let cipher = bubble_keys::envelope::ChunkCipher::new(&dk, &sid);
+        let base = prefix(&header.bubble_id, header.generation);
+        let mut header = header;
+        header.total_len = snapshot.len() as u64;
+        header.chunks.clear();
+        for (i, piece) in snapshot.chunks(CHUNK).enumerate() {
+            let ct = cipher.encrypt(i as u64, piece);
+            header.chunks.push(hex::encode(Sha256::digest(&ct)));
+            self.store
+                .put(
+                    &ObjPath::from(format!("{base}/chunk-{i}")),
+                    PutPayload::from(ct),
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        let sealed = cipher.encrypt(
+            HEADER_INDEX,
+            &serde_json::to_vec(&header).map_err(|e| BrokerError::Store(e.to_string()))?,
+        );
+        let m = Manifest {
+            format: FORMAT,
+            snapshot_id: hex::encode(sid),
+            wrapped_key: hex::encode(bubble_keys::wrap_key(kek, &dk, &sid)),
+            kek: if parent_key { "parent" } else { "broker" }.into(),
+            kek_id: hex::encode(kek.key_id()),
+            header: hex::encode(sealed),
+        };
+        self.store
+            .put(
+                &ObjPath::from(format!("{base}/manifest")),
+                PutPayload::from(
+                    serde_json::to_vec(&m).map_err(|e| BrokerError::Store(e.to_string()))?,
+                ),
+            )
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Reads and verifies a frozen bubble entirely; returns its header and
+    /// the decrypted snapshot. Nothing is started here.
+    pub async fn get(
+        &self,
+        id: &str,
+        generation: u64,
+        kek: &Kek,
+    ) -> Result<(Header, Vec<u8>), BrokerError> {
+        let base = prefix(id, generation);
+        let loss = |m: String| BrokerError::DataLoss(m);
+        let raw = match self
+            .store
+            .get(&ObjPath::from(format!("{base}/manifest")))
+            .await
+        {
+            Ok(r) => r.bytes().await.map_err(store_err)?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(loss("manifest missing".into()))
+            }
+            Err(e) => return Err(store_err(e)),
+        };
+        let m: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| loss(format!("manifest: {e}")))?;
+        if m.format != FORMAT {
+            return Err(loss(format!("unknown format {}", m.format)));
+        }
+        let sid: [u8; SNAPSHOT_ID_LEN] = hex::decode(&m.snapshot_id)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| loss("bad snapshot id".into()))?;
+        if hex::encode(kek.key_id()) != m.kek_id {
+            return Err(BrokerError::WrongKey);
+        }
+        let wrapped = hex::decode(&m.wrapped_key).map_err(|_| loss("bad wrapped key".into()))?;
+        let dk = bubble_keys::unwrap_key(kek, &wrapped, &sid).map_err(|_| BrokerError::WrongKey)?;
+        let cipher = bubble_keys::envelope::ChunkCipher::new(&dk, &sid);
+        let sealed = hex::decode(&m.header).map_err(|_| loss("bad header".into()))?;
+        let hbytes = cipher
+            .decrypt(HEADER_INDEX, &sealed)
+            .map_err(|_| loss("manifest header does not authenticate".into()))?;
+        let header: Header =
+            serde_json::from_slice(hbytes.expose()).map_err(|e| loss(format!("header: {e}")))?;
+        if header.bubble_id != id || header.generation != generation {
+            return Err(loss(
+                "manifest belongs to another bubble or generation".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(header.total_len as usize);
+        for (i, want) in header.chunks.iter().enumerate() {
+            let ct = match self
+                .store
+                .get(&ObjPath::from(format!("{base}/chunk-{i}")))
+                .await
+            {
+                Ok(r) => r.bytes().await.map_err(store_err)?,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(loss(format!("chunk {i} missing")))
+                }
+                Err(e) => return Err(store_err(e)),
+            };
+            if hex::encode(Sha256::digest(&ct)) != *want {
+                return Err(loss(format!("chunk {i} was modified")));
+            }
+            let pt = cipher
+                .decrypt(i as u64, &ct)
+                .map_err(|_| loss(format!("chunk {i} does not authenticate")))?;
+            out.extend_from_slice(pt.expose());
+        }
+        if out.len() as u64 != header.total_len {
+            return Err(loss("snapshot length differs from the manifest".into()));
+        }
+        Ok((header, out))
+    }
+
+    /// Deletes a frozen copy (after a successful restore: it is consumed).
+    pub async fn delete(
+        &self,
+        id: &str,
+        generation: u64,
+        chunks: usize,
+    ) -> Result<(), BrokerError> {
+        let base = prefix(id, generation);
+        self.store
+            .delete(&ObjPath::from(format!("{base}/manifest")))
+            .await
+            .map_err(store_err)?;
+        for i in 0..chunks {
+            let _ = self
+                .store
+                .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
+                .await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! End to end on real KVM: suspend a bubble with state to the encrypted
+//! store and restore it; parent-held keys; tampering, truncation, rollback
+//! and double restore are refused with the right errors.
+
+use std::time::Duration;
+
+use bubble_client::Parent;
+use bubble_e2e_tests::*;
+use bubble_proto::v1 as pb;
+use tonic::Code;
+
+const SUSPENDED: i32 = pb::BubbleState::Suspended as i32;
+const READY: i32 = pb::BubbleState::Ready as i32;
+
+fn hmac_input() -> Vec<u8> {
+    let mut h = vec![5u8];
+    h.extend(b"token");
+    h.extend(b"challenge");
+    h
+}
+
+fn suspend_req(id: &str, kek: &[u8]) -> pb::SuspendBubbleRequest {
+    pb::SuspendBubbleRequest {
+        bubble_id: id.into(),
+        kek: kek.to_vec(),
+    }
+}
+
+fn restore_req(id: &str, kek: &[u8]) -> pb::RestoreBubbleRequest {
+    pb::RestoreBubbleRequest {
+        bubble_id: id.into(),
+        kek: kek.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_restore_and_every_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let parent = Parent::from_client(c.clone());
+    let mut bubble = parent.create(16).await.unwrap();
+    let id = bubble.id().to_string();
+    let keys = bubble.fetch_keys_unverified().await.unwrap();
+    bubble.trust_keys(keys);
+    bubble
+        .provision("token", b"a credential that survives")
+        .await
+        .unwrap();
+    let mac = bubble.call("hmac", &hmac_input()).await.unwrap();
+
+    // Suspend: the VMM process goes away, the bubble is SUSPENDED.
+    let s = c
+        .suspend_bubble(suspend_req(&id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, SUSPENDED);
+    assert_eq!(s.generation, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(vmm_pids_under(dir.path()).is_empty());
+    let e = c.call(call_req(&id, "echo", b"x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // The plaintext credential is not in the store.
+    let store = dir.path().join("store/frozen").join(&id).join("g1");
+    for f in std::fs::read_dir(&store).unwrap().flatten() {
+        let b = std::fs::read(f.path()).unwrap();
+        assert!(!b.windows(26).any(|w| w == b"a credential that survives"));
+    }
+
+    // Restore: same keys, same credential, same answers.
+    let r = c
+        .restore_bubble(restore_req(&id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY);
+    assert_eq!(bubble.fetch_keys_unverified().await.unwrap(), keys);
+    assert_eq!(bubble.call("hmac", &hmac_input()).await.unwrap(), mac);
+    assert_eq!(bubble.call("echo", b"after").await.unwrap(), b"after");
+    // Restoring consumed the copy: a second restore is refused.
+    let e = c.restore_bubble(restore_req(&id, b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!store.join("manifest").exists());
+
+    // A parent-held key: required for restore.
+    let kek = [7u8; 32];
+    c.suspend_bubble(suspend_req(&id, &kek)).await.unwrap();
+    let e = c.restore_bubble(restore_req(&id, b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .restore_bubble(restore_req(&id, &[8u8; 32]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .restore_bubble(restore_req(&id, &[1u8; 5]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let g2 = dir.path().join("store/frozen").join(&id).join("g2");
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(&g2)
+        .unwrap()
+        .flatten()
+        .map(|f| (f.path(), std::fs::read(f.path()).unwrap()))
+        .collect();
+
+    // A tampered chunk: DATA_LOSS, nothing starts, the copy is kept.
+    let chunk = g2.join("chunk-0");
+    let orig = std::fs::read(&chunk).unwrap();
+    let mut bad = orig.clone();
+    bad[100] ^= 1;
+    std::fs::write(&chunk, &bad).unwrap();
+    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(vmm_pids_under(dir.path()).is_empty());
+    // A truncated manifest: DATA_LOSS as well.
+    std::fs::write(&chunk, &orig).unwrap();
+    let manifest = g2.join("manifest");
+    let m = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &m[..m.len() / 2]).unwrap();
+    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    std::fs::write(&manifest, &m).unwrap();
+    let d = c
+        .describe_bubble(pb::BubbleRef {
+            bubble_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.state, SUSPENDED);
+    // The intact copy restores.
+    c.restore_bubble(restore_req(&id, &kek)).await.unwrap();
+    assert_eq!(bubble.call("hmac", &hmac_input()).await.unwrap(), mac);
+
+    // Rollback: an older generation placed where the current one should be
+    // is refused.
+    c.suspend_bubble(suspend_req(&id, &kek)).await.unwrap();
+    let g3 = dir.path().join("store/frozen").join(&id).join("g3");
+    for e in std::fs::read_dir(&g3).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    for (p, b) in &saved {
+        std::fs::write(g3.join(p.file_name().unwrap()), b).unwrap();
+    }
+    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("generation"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_bubbles_are_suspended() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut req = create_req(8);
+    req.idle = Some(pb::IdlePolicy {
+        idle_timeout_s: 1,
+        action: pb::IdleAction::Suspend as i32,
+    });
+    let b = c.create_bubble(req).await.unwrap().into_inner();
+    let s = wait_for(&mut c, &b.bubble_id, Duration::from_secs(10), |b| {
+        b.state == SUSPENDED
+    })
+    .await;
+    assert_eq!(s.state, SUSPENDED);
+    let r = c
+        .restore_bubble(restore_req(&b.bubble_id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY);
+    let out = c
+        .call(call_req(&b.bubble_id, "echo", b"woke"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"woke");
+}
