@@ -75,6 +75,10 @@ const ALL: &[&str] = &[
     "tokenize_4_parents",
     "attach_warm",
     "density_1000",
+    "suspend_64m",
+    "restore_64m",
+    "suspend_512m",
+    "restore_512m",
     "create_to_ready",
     "call_echo_64b",
 ];
@@ -137,6 +141,10 @@ fn main() -> anyhow::Result<()> {
         "tokenize_4_parents",
         "attach_warm",
         "density_1000",
+        "suspend_64m",
+        "restore_64m",
+        "suspend_512m",
+        "restore_512m",
     ]
     .iter()
     .any(|m| want(m))
@@ -365,6 +373,81 @@ async fn through_broker(
         );
         results.insert("attach_warm", s);
     }
+    for (mem, touch, sname, rname) in [
+        (64u32, 3u32, "suspend_64m", "restore_64m"),
+        (512, 62, "suspend_512m", "restore_512m"),
+    ] {
+        if !(want(sname) || want(rname)) {
+            continue;
+        }
+        // A bubble with `touch` MiB of touched memory (a portion writes one
+        // byte per page of its grown linear memory).
+        let mut c2 = c.clone();
+        let b = c2
+            .create_bubble(pb::CreateBubbleRequest {
+                memory_mib: mem,
+                policy: Some(pb::SecurityPolicy {
+                    memory_limit_bytes: (touch + 2) << 20,
+                    fuel_per_call: 100_000_000,
+                    ..Default::default()
+                }),
+                ..create.clone()
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            b.state == pb::BubbleState::Ready as i32,
+            "{}",
+            b.failure_reason
+        );
+        let id = b.bubble_id.clone();
+        c2.load_portion(pb::LoadPortionRequest {
+            bubble_id: id.clone(),
+            name: "touch".into(),
+            module: wat::parse_str(TOUCH_WAT)?,
+        })
+        .await?;
+        c2.call(pb::CallRequest {
+            bubble_id: id.clone(),
+            op: "touch".into(),
+            portion: "touch".into(),
+            input: touch.to_le_bytes().to_vec(),
+            ..Default::default()
+        })
+        .await?;
+        let (mut sv, mut rv) = (Vec::new(), Vec::new());
+        let mut bytes = 0u64;
+        for _ in 0..10 {
+            let t = Instant::now();
+            c2.suspend_bubble(pb::SuspendBubbleRequest {
+                bubble_id: id.clone(),
+                kek: vec![],
+            })
+            .await?;
+            sv.push(t.elapsed());
+            bytes = dir_size(&dir.path().join("store/frozen").join(&id));
+            let t = Instant::now();
+            let r = c2
+                .restore_bubble(pb::RestoreBubbleRequest {
+                    bubble_id: id.clone(),
+                    kek: vec![],
+                })
+                .await?
+                .into_inner();
+            rv.push(t.elapsed());
+            anyhow::ensure!(r.state == pb::BubbleState::Ready as i32);
+        }
+        let mb = bytes as f64 / 1e6;
+        for (name, v) in [(sname, sv), (rname, rv)] {
+            let mut s = stat(v);
+            s.extra.insert("frozen_mb".into(), json!(round(mb)));
+            s.extra
+                .insert("mb_per_s".into(), json!(round(mb / s.p50.as_secs_f64())));
+            s.extra.insert("touched_mib".into(), json!(touch));
+            results.insert(name, s);
+        }
+        c2.delete_bubble(pb::BubbleRef { bubble_id: id }).await?;
+    }
     if want("density_1000") {
         let n = 1000usize;
         let small = pb::CreateBubbleRequest {
@@ -430,6 +513,21 @@ async fn through_broker(
 }
 
 const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");
+const TOUCH_WAT: &str = include_str!("../../examples/payments/touch.wat");
+
+/// Total size of the files under `dir` (bytes).
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        n += if p.is_dir() {
+            dir_size(&p)
+        } else {
+            e.metadata().map(|m| m.len()).unwrap_or(0)
+        };
+    }
+    n
+}
 
 /// A bubble with the payments portion and a provisioned tokenization key.
 async fn payments_bubble(
@@ -543,6 +641,16 @@ fn print_results(results: &BTreeMap<&str, Stat>) {
                 format!("raw_exit_rtt + {:.1} µs (target ≤ +300)", us(s.p50) - us(r))
             }
             ("attach_warm", _, _) => "target p50 ≤ 300 µs".to_string(),
+            ("suspend_64m" | "restore_64m" | "suspend_512m" | "restore_512m", _, _) => format!(
+                "{} MB frozen, {} MB/s{}",
+                extra(s, "frozen_mb"),
+                extra(s, "mb_per_s"),
+                if *k == "restore_64m" {
+                    " (target p50 ≤ 10 ms)"
+                } else {
+                    ""
+                }
+            ),
             ("tokenize_4_parents", _, _) => format!("{} calls/s", extra(s, "per_sec")),
             ("density_1000", _, _) => format!(
                 "PSS/bubble {} KiB, beyond guest pages {} KiB (target ≤ 1024)",
