@@ -431,6 +431,7 @@ async fn through_broker(
                 .restore_bubble(pb::RestoreBubbleRequest {
                     bubble_id: id.clone(),
                     kek: vec![],
+                    generation: 0,
                 })
                 .await?
                 .into_inner();

@@ -44,6 +44,9 @@ pub struct BrokerConfig {
     /// VMM processes kept started ahead of need (they create their VM only
     /// when given a bubble).
     pub spare_vmms: usize,
+    /// Directory of the frozen-bubble store (shared by brokers that may
+    /// restore each other's bubbles).
+    pub store_dir: PathBuf,
 }
 
 /// Per-parent quotas and host admission control.
@@ -146,6 +149,8 @@ pub struct FileConfig {
     pub pools: Vec<PoolProfile>,
     /// VMM processes kept started ahead of need.
     pub spare_vmms: Option<usize>,
+    /// Frozen-bubble store directory.
+    pub store: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -188,7 +193,6 @@ impl BrokerConfig {
     /// re-executed with `__vmm` (see [`crate::vmm_entry_if_requested`]).
     pub fn new(data_dir: PathBuf) -> std::io::Result<Self> {
         Ok(Self {
-            data_dir,
             max_payload: DEFAULT_MAX_PAYLOAD,
             allow_test_images: false,
             vmm_program: std::env::current_exe()?,
@@ -198,6 +202,8 @@ impl BrokerConfig {
             pools: Vec::new(),
             idle_check_interval: Duration::from_secs(1),
             spare_vmms: 2,
+            store_dir: data_dir.join("store"),
+            data_dir,
         })
     }
 

@@ -95,6 +95,10 @@ enum Cmd {
         /// The key given at suspend, if any (hex).
         #[arg(long)]
         kek_hex: Option<String>,
+        /// For a bubble suspended by another broker sharing the store: the
+        /// generation to restore.
+        #[arg(long, default_value_t = 0)]
+        generation: u64,
     },
     /// Frozen (suspended) bubbles.
     #[command(subcommand)]
@@ -638,7 +642,11 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_bubble(&b, j);
         }
-        Cmd::Restore { bubble, kek_hex } => {
+        Cmd::Restore {
+            bubble,
+            kek_hex,
+            generation,
+        } => {
             let kek = kek_hex
                 .as_deref()
                 .map(unhex)
@@ -650,6 +658,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                 .restore_bubble(pb::RestoreBubbleRequest {
                     bubble_id: bubble,
                     kek,
+                    generation,
                 })
                 .await
                 .map_err(status_err)?

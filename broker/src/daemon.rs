@@ -52,6 +52,10 @@ pub struct Opts {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Directory of the frozen-bubble store [default: DATA_DIR/store]; give
+    /// brokers the same directory to restore each other's bubbles.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
 }
 
 /// Sets up `tracing` on stderr (`RUST_LOG` filters, default `info`).
@@ -129,6 +133,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     cfg.pools = file.pools.clone();
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
+    }
+    if let Some(s) = opts.store.clone().or(file.store.clone()) {
+        cfg.store_dir = s;
     }
     let broker = Broker::open(cfg).await.context("opening the registry")?;
     let socket = opts

@@ -344,7 +344,7 @@ impl Broker {
             cfg.spare_vmms,
         );
         spawner.refill();
-        let frozen = crate::frozen::FrozenStore::local(&cfg.data_dir.join("store"))?;
+        let frozen = crate::frozen::FrozenStore::local(&cfg.store_dir)?;
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker = Arc::new(Self {
@@ -1334,8 +1334,18 @@ impl Broker {
         parent: &str,
         req: pb::RestoreBubbleRequest,
     ) -> Result<BubbleRecord, BrokerError> {
-        let rec = self.owned(parent, &req.bubble_id)?;
         let parent_key = parse_kek(&req.kek)?;
+        validate_bubble_id(&req.bubble_id)?;
+        let rec = match self.owned(parent, &req.bubble_id) {
+            Ok(r) => r,
+            Err(BrokerError::NotAccessible(_))
+                if req.generation > 0 && self.record(&req.bubble_id).is_none() =>
+            {
+                self.import_frozen(parent, &req, parent_key.as_ref())
+                    .await?
+            }
+            Err(e) => return Err(e),
+        };
         let id = rec.id.clone();
         let frozen = match (rec.state, rec.frozen.clone()) {
             (State::Suspended, Some(f)) => f,
@@ -1393,6 +1403,58 @@ impl Broker {
         }
         info!(bubble = %id, parent = %parent, generation = frozen.generation, "bubble restored");
         Ok(r)
+    }
+
+    /// Takes over a bubble suspended by another broker sharing the store:
+    /// the frozen copy must open with the given key and name the caller as
+    /// its owner. Unknown ids and other owners get the uniform
+    /// not-accessible error.
+    async fn import_frozen(
+        self: &Arc<Self>,
+        parent: &str,
+        req: &pb::RestoreBubbleRequest,
+        parent_key: Option<&bubble_keys::Kek>,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let kek = parent_key.unwrap_or(&self.kek);
+        let not_accessible = || BrokerError::NotAccessible(req.bubble_id.clone());
+        let (header, _) = match self.frozen.get(&req.bubble_id, req.generation, kek).await {
+            Ok(x) => x,
+            Err(BrokerError::DataLoss(m)) if m == "manifest missing" => {
+                return Err(not_accessible())
+            }
+            Err(e) => return Err(e),
+        };
+        if header.owner != parent {
+            return Err(not_accessible());
+        }
+        let image = ImageSpec::parse(&header.image, true).map_err(BrokerError::Spawn)?;
+        let mut rec = self.new_record(
+            parent,
+            &format!("import:{}:{}", req.bubble_id, req.generation),
+            header.memory_mib,
+            1,
+            &image,
+            "",
+            IdleRule::default(),
+        );
+        rec.id = req.bubble_id.clone();
+        rec.state = State::Suspended;
+        rec.generation = header.generation;
+        rec.frozen = Some(crate::registry::FrozenRef {
+            generation: header.generation,
+            parent_key: parent_key.is_some(),
+        });
+        {
+            let mut m = self
+                .records
+                .lock()
+                .map_err(|_| BrokerError::Spawn("record table poisoned".into()))?;
+            self.admit(&m, parent, rec.memory_mib)?;
+            m.insert(rec.id.clone(), rec.clone());
+        }
+        self.registry.put(&rec)?;
+        info!(bubble = %rec.id, parent = %parent, generation = rec.generation, "frozen bubble imported from the shared store");
+        Ok(rec)
     }
 
     /// The launch measurement of a bubble (cached per image and size).

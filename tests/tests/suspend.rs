@@ -30,6 +30,7 @@ fn restore_req(id: &str, kek: &[u8]) -> pb::RestoreBubbleRequest {
     pb::RestoreBubbleRequest {
         bubble_id: id.into(),
         kek: kek.to_vec(),
+        generation: 0,
     }
 }
 
@@ -178,4 +179,47 @@ async fn idle_bubbles_are_suspended() {
         .into_inner()
         .output;
     assert_eq!(out, b"woke");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_on_a_second_broker_sharing_the_store() {
+    let store = tempfile::tempdir().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let opts = || Opts {
+        args: vec![
+            "--store".into(),
+            store.path().to_string_lossy().into_owned(),
+        ],
+        ..Opts::default()
+    };
+    let a = BrokerProc::start_with(da.path(), opts());
+    let b = BrokerProc::start_with(db.path(), opts());
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let parent = Parent::from_client(ca.clone());
+    let mut bubble = parent.create(16).await.unwrap();
+    let id = bubble.id().to_string();
+    let keys = bubble.fetch_keys_unverified().await.unwrap();
+    bubble.trust_keys(keys);
+    bubble
+        .provision("token", b"moves between hosts")
+        .await
+        .unwrap();
+    let mac = bubble.call("hmac", &hmac_input()).await.unwrap();
+    let kek = [3u8; 32];
+    ca.suspend_bubble(suspend_req(&id, &kek)).await.unwrap();
+
+    // Broker B does not know the bubble: without the generation and key it
+    // is not accessible; with them it restores it.
+    let e = cb.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut req = restore_req(&id, &kek);
+    req.generation = 1;
+    let r = cb.restore_bubble(req.clone()).await.unwrap().into_inner();
+    assert_eq!(r.state, READY);
+    let on_b = Parent::from_client(cb.clone()).bubble(&id);
+    assert_eq!(on_b.call("hmac", &hmac_input()).await.unwrap(), mac);
+    // The copy was consumed: broker A cannot run the same generation.
+    let e = ca.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
 }
