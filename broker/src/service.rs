@@ -580,28 +580,14 @@ impl Broker {
         memory_mib: u32,
     ) -> Result<(), BrokerError> {
         let q = &self.cfg.quota;
-        let (mut count, mut mem, mut host) = (0u64, 0u64, 0u64);
-        for r in records.values().filter(|r| is_live(r)) {
-            host += u64::from(r.memory_mib);
-            if !parent.is_empty() && r.owner == parent {
-                count += 1;
-                mem += u64::from(r.memory_mib);
-            }
-        }
+        let host: u64 = records
+            .values()
+            .filter(|r| is_live(r))
+            .map(|r| u64::from(r.memory_mib))
+            .sum();
         let want = u64::from(memory_mib);
         if !parent.is_empty() {
-            if count + 1 > u64::from(q.max_bubbles_per_parent) {
-                return Err(BrokerError::Quota(format!(
-                    "parent {parent} has {count} of {} bubbles",
-                    q.max_bubbles_per_parent
-                )));
-            }
-            if mem + want > q.max_memory_mib_per_parent {
-                return Err(BrokerError::Quota(format!(
-                    "parent {parent} uses {mem} MiB; {want} MiB more exceeds its {} MiB",
-                    q.max_memory_mib_per_parent
-                )));
-            }
+            self.admit_parent_only(records, parent, memory_mib)?;
         }
         if host + want > self.host_limit_mib {
             return Err(BrokerError::Quota(format!(

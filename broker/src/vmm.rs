@@ -91,22 +91,7 @@ impl Vmm {
         memory_mib: u32,
         image: &ImageSpec,
     ) -> Result<Self, String> {
-        let spawn = vc::SpawnConfig {
-            bubble_id: id.to_string(),
-            memory_mib,
-            vcpus: 1,
-            image: match image {
-                ImageSpec::Shim => vc::GuestImage::Shim,
-                ImageSpec::Test(k) => vc::GuestImage::Hostile(*k),
-            },
-            dir: dir.to_path_buf(),
-            program: cfg.vmm_program.clone(),
-            program_args_prefix: cfg.vmm_args_prefix.clone(),
-            max_payload: cfg.max_payload,
-            restore: false,
-        };
-        let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
-        Ok(Self { client })
+        Self::start(spawner, cfg, dir, id, memory_mib, image, false).await
     }
 
     /// Spawns a VMM in restore mode (it waits for [`Vmm::restore`]).
@@ -117,6 +102,18 @@ impl Vmm {
         id: &str,
         memory_mib: u32,
         image: &ImageSpec,
+    ) -> Result<Self, String> {
+        Self::start(spawner, cfg, dir, id, memory_mib, image, true).await
+    }
+
+    async fn start(
+        spawner: &std::sync::Arc<vc::Spawner>,
+        cfg: &BrokerConfig,
+        dir: &Path,
+        id: &str,
+        memory_mib: u32,
+        image: &ImageSpec,
+        restore: bool,
     ) -> Result<Self, String> {
         let spawn = vc::SpawnConfig {
             bubble_id: id.to_string(),
@@ -130,7 +127,7 @@ impl Vmm {
             program: cfg.vmm_program.clone(),
             program_args_prefix: cfg.vmm_args_prefix.clone(),
             max_payload: cfg.max_payload,
-            restore: true,
+            restore,
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
