@@ -105,7 +105,14 @@ impl FrozenStore {
         let mut header = header;
         header.total_len = snapshot.len() as u64;
         header.chunks.clear();
+        // Fault injection for crash tests: a pause between chunk writes.
+        let pause = std::env::var("BUBBLED_TEST_CHUNK_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
         for (i, piece) in snapshot.chunks(CHUNK).enumerate() {
+            if let (Some(ms), true) = (pause, i > 0) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let ct = cipher.encrypt(i as u64, piece);
             header.chunks.push(hex::encode(Sha256::digest(&ct)));
             self.store

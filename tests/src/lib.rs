@@ -38,6 +38,8 @@ pub struct Opts {
     pub config: Option<String>,
     /// Extra command-line arguments.
     pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// Path of a binary of this package, next to the test executable's
@@ -109,6 +111,7 @@ impl BrokerProc {
             cmd.arg("--config").arg(p);
         }
         cmd.args(&opts.args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut child = cmd.spawn().expect("spawn bubbled");
         let out = child.stdout.take().expect("stdout");
         let mut line = String::new();

@@ -223,3 +223,111 @@ async fn restore_on_a_second_broker_sharing_the_store() {
     let e = ca.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
 }
+
+/// A bubble whose snapshot is a few MiB (a 1 MiB echo touches the mailbox).
+async fn bubble_with_state(c: &mut bubble_e2e_tests::Client) -> String {
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let big = vec![0x5au8; 1 << 20];
+    c.call(call_req(&b.bubble_id, "echo", &big)).await.unwrap();
+    b.bubble_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_suspend_and_the_bubble_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("small-store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a 1 MiB tmpfs here (needs root) to fill the disk");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(store.clone());
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            args: vec!["--store".into(), store.to_string_lossy().into_owned()],
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let id = bubble_with_state(&mut c).await;
+    let e = c.suspend_bubble(suspend_req(&id, b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let d = c
+        .describe_bubble(pb::BubbleRef {
+            bubble_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.state, READY);
+    let out = c
+        .call(call_req(&id, "echo", b"still here"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"still here");
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_chunk_writes_leaves_the_bubble_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: vec![("BUBBLED_TEST_CHUNK_PAUSE_MS".into(), "400".into())],
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let id = bubble_with_state(&mut c).await;
+    let mut c2 = c.clone();
+    let id2 = id.clone();
+    let suspending = tokio::spawn(async move { c2.suspend_bubble(suspend_req(&id2, b"")).await });
+    // Kill the broker while it writes chunks (it pauses between them).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.kill();
+    assert!(suspending.await.unwrap().is_err());
+    let g1 = dir.path().join("store/frozen").join(&id).join("g1");
+    assert!(g1.join("chunk-0").exists(), "the crash came mid-write");
+    assert!(!g1.join("manifest").exists());
+
+    // After a restart the bubble is running, consistent, and suspends fine.
+    let broker2 = BrokerProc::start(dir.path(), false);
+    let mut c = broker2.client().await;
+    let d = wait_for(&mut c, &id, Duration::from_secs(5), |b| b.state == READY).await;
+    assert_eq!(d.state, READY, "{}", d.failure_reason);
+    let out = c
+        .call(call_req(&id, "echo", b"survived"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"survived");
+    let s = c
+        .suspend_bubble(suspend_req(&id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, SUSPENDED);
+    let r = c
+        .restore_bubble(restore_req(&id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY);
+}
