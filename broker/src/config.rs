@@ -47,6 +47,8 @@ pub struct BrokerConfig {
     /// Directory of the frozen-bubble store (shared by brokers that may
     /// restore each other's bubbles).
     pub store_dir: PathBuf,
+    /// An S3-compatible store instead (`s3://bucket/prefix?endpoint=...`).
+    pub store_url: Option<String>,
 }
 
 /// Per-parent quotas and host admission control.
@@ -203,6 +205,7 @@ impl BrokerConfig {
             idle_check_interval: Duration::from_secs(1),
             spare_vmms: 2,
             store_dir: data_dir.join("store"),
+            store_url: None,
             data_dir,
         })
     }

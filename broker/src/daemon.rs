@@ -52,8 +52,9 @@ pub struct Opts {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
-    /// Directory of the frozen-bubble store [default: DATA_DIR/store]; give
-    /// brokers the same directory to restore each other's bubbles.
+    /// Frozen-bubble store: a directory [default: DATA_DIR/store] or
+    /// `s3://BUCKET/PREFIX?endpoint=URL` (credentials from AWS_* variables);
+    /// brokers sharing it can restore each other's bubbles.
     #[arg(long)]
     pub store: Option<PathBuf>,
 }
@@ -135,7 +136,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         cfg.spare_vmms = n;
     }
     if let Some(s) = opts.store.clone().or(file.store.clone()) {
-        cfg.store_dir = s;
+        let text = s.to_string_lossy().into_owned();
+        if text.starts_with("s3://") {
+            cfg.store_url = Some(text);
+        } else {
+            cfg.store_dir = s;
+        }
     }
     let broker = Broker::open(cfg).await.context("opening the registry")?;
     let socket = opts

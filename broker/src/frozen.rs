@@ -88,6 +88,47 @@ impl FrozenStore {
         })
     }
 
+    /// A store at an S3-compatible URL: `s3://BUCKET[/PREFIX][?endpoint=URL&region=R]`.
+    /// Credentials come from the usual environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, ...). A plain-http endpoint is allowed only
+    /// for loopback addresses.
+    pub fn s3(url: &str) -> Result<Self, BrokerError> {
+        use object_store::aws::AmazonS3Builder;
+        let bad = |m: &str| BrokerError::Store(format!("store URL {url:?}: {m}"));
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("must start with s3://"))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket"));
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad("malformed query"))?;
+            match k {
+                "endpoint" => {
+                    let loopback = v.starts_with("http://127.")
+                        || v.starts_with("http://localhost")
+                        || v.starts_with("http://[::1]");
+                    if v.starts_with("http://") && !loopback {
+                        return Err(bad("plain http is allowed only to loopback endpoints"));
+                    }
+                    b = b.with_endpoint(v).with_allow_http(loopback);
+                }
+                "region" => b = b.with_region(v),
+                other => return Err(bad(&format!("unknown parameter {other}"))),
+            }
+        }
+        let s3 = b.build().map_err(store_err)?;
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        };
+        Ok(Self { store })
+    }
+
     /// Encrypts and writes a snapshot; returns once the manifest (written
     /// last) is stored.
     pub async fn put(

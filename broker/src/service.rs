@@ -344,7 +344,12 @@ impl Broker {
             cfg.spare_vmms,
         );
         spawner.refill();
-        let frozen = crate::frozen::FrozenStore::local(&cfg.store_dir)?;
+        // TLS for S3 uses rustls with the ring provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let frozen = match &cfg.store_url {
+            Some(u) => crate::frozen::FrozenStore::s3(u)?,
+            None => crate::frozen::FrozenStore::local(&cfg.store_dir)?,
+        };
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker = Arc::new(Self {
