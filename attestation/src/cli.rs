@@ -59,7 +59,9 @@ pub fn describe(report: &Report, verified: Option<&Verified>) -> serde_json::Val
         "simulated": sim,
         "product": verified.and_then(|v| v.product).map(|p| p.name()).unwrap_or(if sim { "none (simulated)" } else { "unknown" }),
         "chip_id": hex::encode(report.chip_id),
-        "tcb": verified.map(|v| tcb_str(&v.tcb)),
+        "tcb": verified.map(|v| tcb_str(&v.tcb)).unwrap_or_else(|| {
+            format!("{} (reported, unverified)", tcb_str(&report.reported_tcb()))
+        }),
         "guest_policy": {
             "raw": format!("{:#x}", report.policy),
             "abi": format!("{}.{}", (report.policy >> 8) & 0xff, report.policy & 0xff),

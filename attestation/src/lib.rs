@@ -16,7 +16,30 @@ pub mod report;
 pub mod sim;
 pub mod verify;
 
+pub use measure::{launch_digest, vmsa_page, PageType, PageUpdate, VcpuState};
 pub use policy::Policy;
 pub use report::{Report, ReportError, Tcb};
 pub use sim::{CertChain, ReportRequest, SimPsp, SnpBackend, TeeBackend, TeeError};
 pub use verify::{verify_amd, verify_sim, Product, Verified, VerifyError};
+
+/// Domain separator of the REPORT_DATA binding.
+pub const REPORT_DATA_DOMAIN: &[u8] = b"bubble-v1";
+
+/// REPORT_DATA binding of a nonce and a bubble's public keys:
+/// `SHA-512("bubble-v1" ‖ u32 LE len(nonce) ‖ nonce ‖ kem_pk ‖ sig_pk)`.
+///
+/// The length prefix keeps the encoding unambiguous for variable-length
+/// nonces. This is the same function as `bubble_keys::report_data` (a test
+/// checks they agree); bubbles pass `nonce ‖ portions_digest ‖
+/// policy_digest` as `nonce` (see `docs/attestation.md`).
+pub fn report_data_binding(nonce: &[u8], kem_pk: &[u8; 32], sig_pk: &[u8; 32]) -> [u8; 64] {
+    use sha2::{Digest, Sha512};
+    let len = u32::try_from(nonce.len()).unwrap_or(u32::MAX);
+    let mut h = Sha512::new();
+    h.update(REPORT_DATA_DOMAIN);
+    h.update(len.to_le_bytes());
+    h.update(nonce);
+    h.update(kem_pk);
+    h.update(sig_pk);
+    h.finalize().into()
+}

@@ -155,7 +155,7 @@ mod tests {
             assert_eq!(hex::encode(got), want, "vector {name}");
             n += 1;
         }
-        assert!(n >= 3);
+        assert!(n >= 4);
     }
 
     /// The pages of each named vector (mirrors gen_vectors.py).
@@ -171,8 +171,17 @@ mod tests {
                 (0x100000, PageType::Normal, fill(0x5A)),
             ],
             "with_vmsa" => vec![
-                (0x1000, PageType::Normal, ramp),
+                (0x1000, PageType::Normal, ramp.clone()),
                 (VMSA_GPA, PageType::Vmsa, fill(0x11)),
+            ],
+            "all_types" => vec![
+                (0x0, PageType::Normal, ramp.clone()),
+                (0x5000, PageType::Zero, fill(0)),
+                (0x6000, PageType::Unmeasured, fill(0)),
+                (0x7000, PageType::Secrets, fill(0)),
+                (0x8000, PageType::Cpuid, fill(0)),
+                (0x7FFF_F000, PageType::Normal, fill(0xFF)),
+                (VMSA_GPA, PageType::Vmsa, ramp),
             ],
             other => panic!("unknown vector {other}"),
         }

@@ -193,6 +193,11 @@ impl Report {
         Self::parse(&bytes)
     }
 
+    /// REPORTED_TCB decoded (Turin layout when CPUID family is 0x1A).
+    pub fn reported_tcb(&self) -> Tcb {
+        Tcb::decode(self.reported_tcb_raw, self.cpuid_fam == 0x1A)
+    }
+
     /// Whether this report comes from the simulated PSP.
     pub fn is_simulated(&self) -> bool {
         self.chip_id.starts_with(SIM_CHIP_ID_PREFIX)

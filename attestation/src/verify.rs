@@ -234,6 +234,11 @@ pub fn verify_sim(
     ask_der: &[u8],
     trusted_ark_der: &[u8],
 ) -> Result<Verified, VerifyError> {
+    if !report.is_simulated() {
+        return Err(VerifyError::Mismatch(
+            "a report checked against a simulated chain must carry the SIMULATED chip id".into(),
+        ));
+    }
     let ark = parse(trusted_ark_der)?;
     let ask = parse(ask_der)?;
     let vcek = parse(vcek_der)?;
