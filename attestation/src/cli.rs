@@ -29,7 +29,7 @@ pub struct VerifyArgs {
     pub vcek: PathBuf,
     /// Product (default: from the VCEK's issuer).
     pub product: Option<String>,
-    /// Policy file (TOML).
+    /// Policy file (TOML or JSON).
     pub policy: Option<PathBuf>,
     /// For simulated reports: the ASK (PEM or DER).
     pub sim_ask: Option<PathBuf>,
@@ -167,7 +167,7 @@ pub fn verify_command(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
     let policy = match &args.policy {
         None => Policy::default(),
         Some(p) => match read(p).and_then(|b| {
-            Policy::from_toml(&String::from_utf8_lossy(&b))
+            Policy::from_text(&String::from_utf8_lossy(&b))
                 .map_err(|e| format!("{}: {e}", p.display()))
         }) {
             Ok(p) => p,

@@ -19,7 +19,7 @@ pub mod verify;
 pub use measure::{launch_digest, vmsa_page, PageType, PageUpdate, VcpuState};
 pub use policy::Policy;
 pub use report::{Report, ReportError, Tcb};
-pub use sim::{CertChain, ReportRequest, SimPsp, SnpBackend, TeeBackend, TeeError};
+pub use sim::{CertChain, ReportRequest, SimLaunch, SimPsp, SnpBackend, TeeBackend, TeeError};
 pub use verify::{verify_amd, verify_sim, Product, Verified, VerifyError};
 
 /// Domain separator of the REPORT_DATA binding.

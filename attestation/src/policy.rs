@@ -1,6 +1,6 @@
 //! Appraisal policy: what a verified report must also satisfy.
 //!
-//! A TOML file, every key optional:
+//! A TOML file (or the same keys as a JSON object), every key optional:
 //!
 //! ```toml
 //! allow_sim = false              # accept reports of the simulated PSP
@@ -17,12 +17,12 @@
 //! microcode = 115
 //! ```
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::report::{Report, Tcb};
 
 /// Appraisal policy (defaults: no simulation, no debug, no migration agent).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     /// Accept reports of the simulated PSP.
@@ -62,6 +62,20 @@ impl Policy {
     /// Parses a TOML policy.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses a JSON policy (same keys as the TOML form).
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses a policy file's text: JSON if it starts with `{`, else TOML.
+    pub fn from_text(text: &str) -> Result<Self, String> {
+        if text.trim_start().starts_with('{') {
+            Self::from_json(text)
+        } else {
+            Self::from_toml(text)
+        }
     }
 
     /// Every way `report` (with the TCB its VCEK certifies) breaks the

@@ -200,15 +200,38 @@ impl SimPsp {
     }
 }
 
-impl TeeBackend for SimPsp {
-    fn name(&self) -> &'static str {
-        "sim"
-    }
+/// Launch parameters a sim report states besides the request: in real SNP
+/// they come from the guest's launch (guest policy) and the requesting
+/// VMPL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimLaunch {
+    /// VMPL of the requester (0..=3).
+    pub vmpl: u32,
+    /// Guest policy (SNP_LAUNCH_START POLICY bits).
+    pub guest_policy: u64,
+}
 
-    fn report(&self, req: &ReportRequest) -> Result<Vec<u8>, TeeError> {
+impl Default for SimLaunch {
+    fn default() -> Self {
+        Self {
+            vmpl: 0,
+            guest_policy: SIM_GUEST_POLICY,
+        }
+    }
+}
+
+impl SimPsp {
+    /// A signed report with explicit launch parameters
+    /// ([`TeeBackend::report`] uses [`SimLaunch::default`]).
+    pub fn report_with(
+        &self,
+        req: &ReportRequest,
+        launch: &SimLaunch,
+    ) -> Result<Vec<u8>, TeeError> {
         let mut b = vec![0u8; REPORT_LEN];
         b[0..4].copy_from_slice(&2u32.to_le_bytes()); // version
-        b[8..16].copy_from_slice(&SIM_GUEST_POLICY.to_le_bytes());
+        b[8..16].copy_from_slice(&launch.guest_policy.to_le_bytes());
+        b[0x30..0x34].copy_from_slice(&launch.vmpl.to_le_bytes());
         b[0x34..0x38].copy_from_slice(&1u32.to_le_bytes()); // ECDSA P-384 SHA-384
         let tcb = SIM_TCB.encode().to_le_bytes();
         for at in [0x38, 0x180, 0x1E0, 0x1F0] {
@@ -231,6 +254,16 @@ impl TeeBackend for SimPsp {
         b[SIGNED_LEN..SIGNED_LEN + 48].copy_from_slice(&r);
         b[SIGNED_LEN + 72..SIGNED_LEN + 72 + 48].copy_from_slice(&s);
         Ok(b)
+    }
+}
+
+impl TeeBackend for SimPsp {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn report(&self, req: &ReportRequest) -> Result<Vec<u8>, TeeError> {
+        self.report_with(req, &SimLaunch::default())
     }
 
     fn cert_chain(&self) -> Result<CertChain, TeeError> {

@@ -139,6 +139,11 @@ fn policies_are_applied() {
     assert_eq!(run(&a).0, EXIT_POLICY);
     std::fs::write(&pol, "no_such_key = 1\n").unwrap();
     assert_eq!(run(&a).0, 1);
+    // JSON form of the same keys.
+    std::fs::write(&pol, r#"{"allow_debug": false, "max_vmpl": 0}"#).unwrap();
+    assert_eq!(run(&a).0, EXIT_OK);
+    std::fs::write(&pol, r#"{"allowed_measurements": ["00"]}"#).unwrap();
+    assert_eq!(run(&a).0, EXIT_POLICY);
 }
 
 #[test]
@@ -212,4 +217,100 @@ fn simulated_reports_say_so_and_need_allow_sim() {
 
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn guest_policy_and_vmpl_rules_are_enforced_on_signed_reports() {
+    use bubble_attestation::SimLaunch;
+    let dir = tempfile::tempdir().unwrap();
+    let psp = SimPsp::load_or_create(&dir.path().join("psp")).unwrap();
+    let chain = psp.cert_chain().unwrap();
+    let w = |n: &str, b: &[u8]| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let req = ReportRequest {
+        report_data: [1u8; 64],
+        measurement: [2u8; 48],
+        host_data: [3u8; 32],
+    };
+    let mut a = args(dir.path().join("r.bin"), w("vcek.der", &chain.vcek));
+    a.sim_ask = Some(w("ask.der", &chain.ask));
+    a.sim_ark = Some(w("ark.der", &chain.ark));
+    a.json = true;
+    let smt = 1u64 << 16;
+    let ma = 1u64 << 18;
+    let debug = 1u64 << 19;
+    // (launch, extra policy lines, expected code, expected problem text)
+    let cases: [(SimLaunch, &str, i32, &str); 7] = [
+        (SimLaunch::default(), "", EXIT_OK, ""),
+        (
+            SimLaunch {
+                vmpl: 0,
+                guest_policy: debug | (1 << 17),
+            },
+            "",
+            EXIT_POLICY,
+            "debugging",
+        ),
+        (
+            SimLaunch {
+                vmpl: 0,
+                guest_policy: debug | (1 << 17),
+            },
+            "allow_debug = true",
+            EXIT_OK,
+            "",
+        ),
+        (
+            SimLaunch {
+                vmpl: 2,
+                guest_policy: 1 << 17,
+            },
+            "max_vmpl = 1",
+            EXIT_POLICY,
+            "VMPL 2",
+        ),
+        (
+            SimLaunch {
+                vmpl: 0,
+                guest_policy: smt | (1 << 17),
+            },
+            "allow_smt = false",
+            EXIT_POLICY,
+            "SMT",
+        ),
+        (
+            SimLaunch {
+                vmpl: 0,
+                guest_policy: ma | (1 << 17),
+            },
+            "",
+            EXIT_POLICY,
+            "migration agent",
+        ),
+        (
+            SimLaunch {
+                vmpl: 0,
+                guest_policy: ma | (1 << 17),
+            },
+            "allow_migration_agent = true",
+            EXIT_OK,
+            "",
+        ),
+    ];
+    for (i, (launch, extra, want, text)) in cases.iter().enumerate() {
+        std::fs::write(&a.report, psp.report_with(&req, launch).unwrap()).unwrap();
+        a.policy = Some(w(
+            "p.toml",
+            format!("allow_sim = true\n{extra}\n").as_bytes(),
+        ));
+        let (code, out) = run(&a);
+        assert_eq!(code, *want, "case {i}: {out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["simulated"], true);
+        assert_eq!(v["vmpl"], launch.vmpl);
+        assert!(out.contains(text), "case {i}: {out}");
+    }
 }
