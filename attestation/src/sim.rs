@@ -141,7 +141,9 @@ impl SimPsp {
             Self::create(dir)?;
         }
         let read = |n: &str| std::fs::read(f(n)).map_err(|e| files_err(&f(n), e));
-        let key_pem = String::from_utf8(read("vcek.key")?).map_err(|e| files_err(dir, e))?;
+        let key_pem = zeroize::Zeroizing::new(
+            String::from_utf8(read("vcek.key")?).map_err(|e| files_err(dir, e))?,
+        );
         let vcek_key = KeyPair::from_pem(&key_pem).map_err(|e| files_err(dir, e))?;
         let chain = CertChain {
             ark: read("ark.der")?,
@@ -190,9 +192,14 @@ impl SimPsp {
         let vcek = vp.signed_by(&vcek_key, &ask_issuer).map_err(e)?;
         // Private keys 0600; the ARK and ASK keys are kept so the operator
         // can re-issue, but only the VCEK key is used to sign reports.
-        write_private(&dir.join("ark.key"), ark_key.serialize_pem().as_bytes())?;
-        write_private(&dir.join("ask.key"), ask_key.serialize_pem().as_bytes())?;
-        write_private(&dir.join("vcek.key"), vcek_key.serialize_pem().as_bytes())?;
+        for (n, k) in [
+            ("ark.key", &ark_key),
+            ("ask.key", &ask_key),
+            ("vcek.key", &vcek_key),
+        ] {
+            let pem = zeroize::Zeroizing::new(k.serialize_pem());
+            write_private(&dir.join(n), pem.as_bytes())?;
+        }
         for (n, c) in [("ark.der", &ark), ("ask.der", &ask), ("vcek.der", &vcek)] {
             std::fs::write(dir.join(n), c.der()).map_err(|x| files_err(dir, x))?;
         }
