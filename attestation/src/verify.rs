@@ -106,40 +106,45 @@ pub fn product_of(vcek_der: &[u8]) -> Option<Product> {
         .find(|p| issuer.contains(p.name()))
 }
 
-fn ext_u8(c: &X509Certificate<'_>, oid: &str) -> Option<u8> {
-    let e = c
-        .extensions()
+fn ext_value<'a>(c: &'a X509Certificate<'_>, oid: &str) -> Option<&'a [u8]> {
+    c.extensions()
         .iter()
-        .find(|e| e.oid.to_id_string() == oid)?;
-    // DER INTEGER: 02 len value (value may carry a leading 0).
-    let v = e.value;
-    if v.len() >= 3 && v[0] == 0x02 {
-        let n = v[1] as usize;
-        let body = v.get(2..2 + n)?;
-        return body.last().copied();
-    }
-    v.last().copied()
+        .find(|e| e.oid.to_id_string() == oid)
+        .map(|e| e.value)
 }
 
-fn ext_bytes<'a>(c: &'a X509Certificate<'_>, oid: &str) -> Option<&'a [u8]> {
-    let e = c
-        .extensions()
-        .iter()
-        .find(|e| e.oid.to_id_string() == oid)?;
-    let v = e.value;
-    // Either raw bytes or a DER OCTET STRING.
-    if v.len() >= 2 && v[0] == 0x04 && v[1] as usize == v.len() - 2 {
-        Some(&v[2..])
-    } else {
-        Some(v)
+/// A TCB component: a DER INTEGER in 0..=255 (`02 01 xx`, or `02 02 00 xx`
+/// for xx ≥ 0x80); anything else is refused.
+fn ext_u8(c: &X509Certificate<'_>, oid: &str) -> Option<u8> {
+    der_small_uint(ext_value(c, oid)?)
+}
+
+fn der_small_uint(v: &[u8]) -> Option<u8> {
+    match v {
+        [0x02, 0x01, v] if *v < 0x80 => Some(*v),
+        [0x02, 0x02, 0x00, v] if *v >= 0x80 => Some(*v),
+        _ => None,
     }
+}
+
+/// Whether an extension value is `want`, raw (as AMD issues the hwID) or
+/// wrapped in a DER OCTET STRING.
+fn ext_is(value: &[u8], want: &[u8]) -> bool {
+    value == want
+        || (want.len() < 0x80
+            && value.len() == want.len() + 2
+            && value[0] == 0x04
+            && usize::from(value[1]) == want.len()
+            && &value[2..] == want)
 }
 
 /// The TCB certified by a VCEK's extensions.
 pub fn vcek_tcb(vcek_der: &[u8], turin: bool) -> Result<Tcb, VerifyError> {
     let c = parse(vcek_der)?;
     let get = |o: &str| {
-        ext_u8(&c, o).ok_or_else(|| VerifyError::Certificate(format!("VCEK lacks extension {o}")))
+        ext_u8(&c, o).ok_or_else(|| {
+            VerifyError::Certificate(format!("VCEK lacks a valid TCB extension {o}"))
+        })
     };
     Ok(Tcb {
         bootloader: get("1.3.6.1.4.1.3704.1.3.1")?,
@@ -163,14 +168,14 @@ fn check_extensions(report: &Report, vcek_der: &[u8], turin: bool) -> Result<Tcb
         )));
     }
     let c = parse(vcek_der)?;
-    let hwid = ext_bytes(&c, "1.3.6.1.4.1.3704.1.4")
+    let hwid = ext_value(&c, "1.3.6.1.4.1.3704.1.4")
         .ok_or_else(|| VerifyError::Certificate("VCEK lacks the hardware id".into()))?;
     let want = if turin {
         &report.chip_id[..8]
     } else {
         &report.chip_id[..]
     };
-    if hwid != want {
+    if !ext_is(hwid, want) {
         return Err(VerifyError::Mismatch(
             "VCEK hardware id differs from CHIP_ID".into(),
         ));
@@ -191,12 +196,13 @@ pub fn check_signature(report: &Report, sec1: &[u8]) -> Result<(), VerifyError> 
         .map_err(|_| VerifyError::Signature("the VCEK did not sign this report".into()))
 }
 
-/// Verifies an AMD report with its VCEK (DER) against the built-in AMD roots.
-pub fn verify_amd(
-    report: &Report,
+/// Checks a VCEK (DER) against the built-in AMD ASK and ARK of `product`
+/// (or of the product its issuer names); returns the product and the
+/// VCEK's SEC1 public key.
+pub fn check_amd_chain(
     vcek_der: &[u8],
     product: Option<Product>,
-) -> Result<Verified, VerifyError> {
+) -> Result<(Product, Vec<u8>), VerifyError> {
     use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
     let product = product
         .or_else(|| product_of(vcek_der))
@@ -217,7 +223,17 @@ pub fn verify_amd(
     (&chain)
         .verify()
         .map_err(|e| VerifyError::Chain(e.to_string()))?;
-    check_signature(report, chain.vek.public_key_sec1())?;
+    Ok((product, chain.vek.public_key_sec1().to_vec()))
+}
+
+/// Verifies an AMD report with its VCEK (DER) against the built-in AMD roots.
+pub fn verify_amd(
+    report: &Report,
+    vcek_der: &[u8],
+    product: Option<Product>,
+) -> Result<Verified, VerifyError> {
+    let (product, sec1) = check_amd_chain(vcek_der, product)?;
+    check_signature(report, &sec1)?;
     let tcb = check_extensions(report, vcek_der, product == Product::Turin)?;
     Ok(Verified {
         product: Some(product),
@@ -255,4 +271,23 @@ pub fn verify_sim(
         tcb,
         simulated: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcb_integers_are_strict() {
+        let ok = der_small_uint;
+        assert_eq!(ok(&[2, 1, 0x1b]), Some(0x1b));
+        assert_eq!(ok(&[2, 2, 0, 0xde]), Some(0xde));
+        assert_eq!(ok(&[2, 2, 1, 0xde]), None);
+        assert_eq!(ok(&[2, 1, 0x80]), None);
+        assert_eq!(ok(&[4, 1, 3]), None);
+        assert!(ext_is(&[1, 2, 3], &[1, 2, 3]));
+        assert!(ext_is(&[4, 3, 1, 2, 3], &[1, 2, 3]));
+        assert!(!ext_is(&[4, 3, 1, 2, 4], &[1, 2, 3]));
+        assert!(!ext_is(&[1, 2], &[1, 2, 3]));
+    }
 }

@@ -314,3 +314,22 @@ fn guest_policy_and_vmpl_rules_are_enforced_on_signed_reports() {
         assert!(out.contains(text), "case {i}: {out}");
     }
 }
+
+#[test]
+fn turin_vcek_chains_to_the_turin_roots_and_carries_fmc() {
+    use bubble_attestation::verify::{check_amd_chain, product_of, vcek_tcb};
+    let turin = std::fs::read(testdata("sevcrate-turin-vcek.der")).unwrap();
+    assert_eq!(product_of(&turin), Some(bubble_attestation::Product::Turin));
+    let (p, key) = check_amd_chain(&turin, None).unwrap();
+    assert_eq!(p, bubble_attestation::Product::Turin);
+    assert_eq!(key.len(), 97);
+    assert!(check_amd_chain(&turin, Some(bubble_attestation::Product::Milan)).is_err());
+    assert!(check_amd_chain(&turin, Some(bubble_attestation::Product::Genoa)).is_err());
+    let t = vcek_tcb(&turin, true).unwrap();
+    assert_eq!((t.fmc, t.bootloader, t.microcode), (Some(0), 0, 9));
+    // Milan VCEKs carry no FMC component.
+    let milan = std::fs::read(testdata("sevcrate-milan-vcek.der")).unwrap();
+    assert!(vcek_tcb(&milan, true).is_err());
+    let t = vcek_tcb(&milan, false).unwrap();
+    assert_eq!((t.bootloader, t.tee, t.snp, t.microcode), (3, 0, 8, 0x73));
+}
