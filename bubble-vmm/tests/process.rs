@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use bubble_vmm::client::{spawn, CallError, GuestImage, HostileKind, SpawnConfig};
+use bubble_vmm::client::{
+    socket_path, spawn, CallError, GuestImage, HostileKind, SpawnConfig, VmmClient, VmmEvent,
+};
 
 fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> SpawnConfig {
     SpawnConfig {
@@ -43,11 +45,104 @@ async fn spawn_call_deadline() {
     .await
     .unwrap();
     s.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let mut events = s.events();
     let e = s
         .call("echo", b"x", Duration::from_millis(200))
         .await
         .unwrap_err();
     assert!(matches!(e, CallError::DeadlineExceeded(_)), "{e:?}");
+    assert!(e.to_string().contains("call deadline exceeded"), "{e}");
+    // The bubble is FAILED with that reason, in events and in its status.
+    let failed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.recv().await {
+                Ok(VmmEvent::Failed(r)) => break r,
+                Ok(_) => continue,
+                Err(e) => panic!("no FAILED event: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failed.contains("within 200 ms"), "{failed}");
+    let st = s.status().await.unwrap();
+    assert_eq!(st.failed.as_deref(), Some(failed.as_str()));
+    // Further calls are refused as failed, not run.
+    let e = s
+        .call("echo", b"x", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Failed(_)), "{e:?}");
+    s.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_limits_and_reconnection() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = spawn(&cfg(dir.path(), "b-r", GuestImage::Shim, false))
+        .await
+        .unwrap();
+    c.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let d = Duration::from_secs(5);
+    // Exactly the maximum payload passes through the guest and back.
+    let max: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.call("echo", &max, d).await.unwrap(), max);
+    // Over the maximum is refused before reaching the guest; the bubble
+    // keeps serving.
+    let over = vec![7u8; (1 << 20) + 4096];
+    let e = c.call("echo", &over, d).await.unwrap_err();
+    assert!(matches!(e, CallError::BadRequest(_)), "{e:?}");
+    // An unknown op is the guest's refusal, not a failure.
+    let e = c.call("no-such-op", b"", d).await.unwrap_err();
+    assert!(
+        matches!(e, CallError::Guest(bubble_vmm::abi::code::UNKNOWN_OP, _)),
+        "{e:?}"
+    );
+    assert_eq!(c.call("echo", b"still", d).await.unwrap(), b"still");
+    let pid = c.pid();
+    drop(c);
+
+    // Re-adoption: a new connection to the same socket, as a restarted
+    // broker would make; the wrong bubble id is refused.
+    let sock = socket_path(&dir.path().join("b-r"));
+    assert!(VmmClient::connect(&sock, "someone-else").await.is_err());
+    let c = VmmClient::connect(&sock, "b-r").await.unwrap();
+    assert_eq!(c.pid(), pid);
+    c.wait_ready(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(c.call("echo", b"again", d).await.unwrap(), b"again");
+    let st = c.status().await.unwrap();
+    assert_eq!(st.bubble_id, "b-r");
+    assert_eq!(st.abi_version, bubble_vmm::abi::ABI_VERSION);
+    assert!(st.ready && st.boot_us > 0);
+    c.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guest_fails_only_its_own_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = spawn(&cfg(
+        dir.path(),
+        "b-t",
+        GuestImage::Hostile(HostileKind::TripleFault),
+        false,
+    ))
+    .await
+    .unwrap();
+    let e = h.wait_ready(Duration::from_secs(10)).await.unwrap_err();
+    assert!(e.to_string().contains("triple fault"), "{e}");
+    // The VMM process exits after reporting.
+    let pid = h.pid() as i32;
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            // SAFETY: probing a pid with signal 0 has no effect.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the failed VMM still runs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
