@@ -196,6 +196,33 @@ pub fn check_signature(report: &Report, sec1: &[u8]) -> Result<(), VerifyError> 
         .map_err(|_| VerifyError::Signature("the VCEK did not sign this report".into()))
 }
 
+/// The built-in AMD ASK of `product`, checked once per process (ARK
+/// self-signed, ARK signs ASK) and cached; the roots are constants, so
+/// later verifications only check the VCEK against it.
+fn amd_ask(product: Product) -> Result<&'static sev::certs::snp::Certificate, VerifyError> {
+    use sev::certs::snp::{builtin, ca, Certificate, Verifiable};
+    use std::sync::OnceLock;
+    static CACHE: [OnceLock<Result<Certificate, String>>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let (slot, ark, ask) = match product {
+        Product::Milan => (0, builtin::milan::ark(), builtin::milan::ask()),
+        Product::Genoa => (1, builtin::genoa::ark(), builtin::genoa::ask()),
+        Product::Turin => (2, builtin::turin::ark(), builtin::turin::ask()),
+    };
+    CACHE[slot]
+        .get_or_init(|| {
+            let ark = ark.map_err(|e| format!("built-in ARK: {e}"))?;
+            let ask = ask.map_err(|e| format!("built-in ASK: {e}"))?;
+            let chain = ca::Chain { ark, ask };
+            (&chain)
+                .verify()
+                .map_err(|e| format!("built-in AMD roots: {e}"))?;
+            Ok(chain.ask)
+        })
+        .as_ref()
+        .map_err(|e| VerifyError::Chain(e.clone()))
+}
+
 /// Checks a VCEK (DER) against the built-in AMD ASK and ARK of `product`
 /// (or of the product its issuer names); returns the product and the
 /// VCEK's SEC1 public key.
@@ -203,27 +230,20 @@ pub fn check_amd_chain(
     vcek_der: &[u8],
     product: Option<Product>,
 ) -> Result<(Product, Vec<u8>), VerifyError> {
-    use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
+    use sev::certs::snp::{Certificate, Verifiable};
     let product = product
         .or_else(|| product_of(vcek_der))
         .ok_or(VerifyError::UnknownProduct)?;
-    let (ark, ask) = match product {
-        Product::Milan => (builtin::milan::ark(), builtin::milan::ask()),
-        Product::Genoa => (builtin::genoa::ark(), builtin::genoa::ask()),
-        Product::Turin => (builtin::turin::ark(), builtin::turin::ask()),
-    };
-    let ark = ark.map_err(|e| VerifyError::Certificate(format!("built-in ARK: {e}")))?;
-    let ask = ask.map_err(|e| VerifyError::Certificate(format!("built-in ASK: {e}")))?;
+    let ask = amd_ask(product)?;
     let vek =
         Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate(e.to_string()))?;
-    let chain = Chain {
-        ca: ca::Chain { ark, ask },
-        vek,
-    };
-    (&chain)
-        .verify()
-        .map_err(|e| VerifyError::Chain(e.to_string()))?;
-    Ok((product, chain.vek.public_key_sec1().to_vec()))
+    (ask, &vek).verify().map_err(|e| {
+        VerifyError::Chain(format!(
+            "the {} ASK did not sign the VCEK: {e}",
+            product.name()
+        ))
+    })?;
+    Ok((product, vek.public_key_sec1().to_vec()))
 }
 
 /// Verifies an AMD report with its VCEK (DER) against the built-in AMD roots.
