@@ -102,6 +102,9 @@ pub struct VcpuState {
     pub mxcsr: u32,
 }
 
+/// The name the VMM-facing API uses for [`VcpuState`].
+pub type InitialVcpuState = VcpuState;
+
 /// A VMSA-like page with the state at SEV-ES save-area offsets: segment
 /// selectors (ES 0x000, CS 0x010, SS 0x020, DS 0x030, FS 0x040, GS 0x050,
 /// TR 0x090), GDTR limit/base (0x064/0x068), EFER 0x0D0, CR4 0x148,
