@@ -209,9 +209,25 @@ impl Report {
     }
 
     /// The signature as a P-384 ECDSA signature (r, s big-endian).
+    ///
+    /// `None` unless the SIGNATURE field is canonical: R and S are 72-byte
+    /// little-endian fields whose top 24 bytes, and the 368 reserved bytes
+    /// after them, must be zero. So no bit of the report can change without
+    /// the verifier noticing.
     pub fn signature(&self) -> Option<p384::ecdsa::Signature> {
-        let mut r = self.raw[SIGNED_LEN..SIGNED_LEN + 48].to_vec();
-        let mut s = self.raw[SIGNED_LEN + 72..SIGNED_LEN + 72 + 48].to_vec();
+        let sig = self.raw.get(SIGNED_LEN..REPORT_LEN)?;
+        let (r_field, rest) = sig.split_at(72);
+        let (s_field, reserved) = rest.split_at(72);
+        if r_field[48..]
+            .iter()
+            .chain(&s_field[48..])
+            .chain(reserved)
+            .any(|&b| b != 0)
+        {
+            return None;
+        }
+        let mut r = r_field[..48].to_vec();
+        let mut s = s_field[..48].to_vec();
         r.reverse();
         s.reverse();
         p384::ecdsa::Signature::from_scalars(
