@@ -204,8 +204,16 @@ impl Report {
     }
 
     /// The signed region.
+    ///
+    /// Empty (so nothing verifies) if `raw` was replaced by something
+    /// shorter than a report after parsing.
     pub fn signed_bytes(&self) -> &[u8] {
-        &self.raw[..SIGNED_LEN]
+        self.raw.get(..SIGNED_LEN).unwrap_or(&[])
+    }
+
+    /// The report's bytes (serialized form; identical to what was parsed).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.raw
     }
 
     /// The signature as a P-384 ECDSA signature (r, s big-endian).
@@ -268,6 +276,10 @@ mod tests {
         for n in [0, 1, 100, 1183, 1185, 2368] {
             let _ = Report::parse_any(&vec![b'a'; n]);
         }
+        let mut r = Report::parse(&b).unwrap();
+        assert_eq!(r.as_bytes(), &b[..]);
+        r.raw.truncate(10);
+        assert!(r.signed_bytes().is_empty() && r.signature().is_none());
     }
 
     #[test]
