@@ -10,6 +10,7 @@ fn floors_are_measured() {
         "{boot:?}"
     );
     let rtt = bubble_vmm::floor::raw_exit_rtt(200).unwrap();
+    eprintln!("raw_kvm_floor {boot:?}, raw_exit_rtt {rtt:?}");
     assert!(
         rtt > Duration::ZERO && rtt < Duration::from_millis(50),
         "{rtt:?}"
