@@ -9,7 +9,7 @@
 //!   wrapped by the key-encryption key (the broker's, `DATA_DIR/kek` 0600,
 //!   or the parent's), and a header sealed under the data key as chunk
 //!   `u64::MAX` (so it is authenticated): bubble id, owner, generation,
-//!   memory, image, chunk count and the SHA-256 of every chunk.
+//!   memory, image, snapshot length and chunk count.
 //!
 //! Chunks are written first and the manifest last; every object write is
 //! atomic, so a crash leaves either no manifest (the bubble is still
@@ -22,7 +22,6 @@ use bubble_keys::{DataKey, Kek, OsRng, RngCore, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::BrokerError;
 
@@ -59,8 +58,8 @@ pub struct Header {
     pub image: String,
     /// Snapshot length in bytes.
     pub total_len: u64,
-    /// SHA-256 of each encrypted chunk, hex.
-    pub chunks: Vec<String>,
+    /// Number of chunks.
+    pub chunks: u64,
 }
 
 /// The store of frozen bubbles.
@@ -145,7 +144,7 @@ impl FrozenStore {
         let base = prefix(&header.bubble_id, header.generation);
         let mut header = header;
         header.total_len = snapshot.len() as u64;
-        header.chunks.clear();
+        header.chunks = snapshot.len().div_ceil(CHUNK) as u64;
         // Fault injection for crash tests: a pause between chunk writes.
         let pause = std::env::var("BUBBLED_TEST_CHUNK_PAUSE_MS")
             .ok()
@@ -155,7 +154,6 @@ impl FrozenStore {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             let ct = cipher.encrypt(i as u64, piece);
-            header.chunks.push(hex::encode(Sha256::digest(&ct)));
             self.store
                 .put(
                     &ObjPath::from(format!("{base}/chunk-{i}")),
@@ -235,8 +233,11 @@ impl FrozenStore {
                 "manifest belongs to another bubble or generation".into(),
             ));
         }
+        if header.chunks != header.total_len.div_ceil(CHUNK as u64) {
+            return Err(loss("chunk count differs from the length".into()));
+        }
         let mut out = Vec::with_capacity(header.total_len as usize);
-        for (i, want) in header.chunks.iter().enumerate() {
+        for i in 0..header.chunks {
             let ct = match self
                 .store
                 .get(&ObjPath::from(format!("{base}/chunk-{i}")))
@@ -248,11 +249,10 @@ impl FrozenStore {
                 }
                 Err(e) => return Err(store_err(e)),
             };
-            if hex::encode(Sha256::digest(&ct)) != *want {
-                return Err(loss(format!("chunk {i} was modified")));
-            }
+            // AES-GCM with the snapshot id and the index as AAD: a modified,
+            // truncated, swapped or reordered chunk does not authenticate.
             let pt = cipher
-                .decrypt(i as u64, &ct)
+                .decrypt(i, &ct)
                 .map_err(|_| loss(format!("chunk {i} does not authenticate")))?;
             out.extend_from_slice(pt.expose());
         }
@@ -262,24 +262,23 @@ impl FrozenStore {
         Ok((header, out))
     }
 
-    /// Deletes a frozen copy (after a successful restore: it is consumed).
-    pub async fn delete(
-        &self,
-        id: &str,
-        generation: u64,
-        chunks: usize,
-    ) -> Result<(), BrokerError> {
+    /// Consumes a frozen copy after a successful restore.
+    pub async fn delete(&self, id: &str, generation: u64, chunks: u64) -> Result<(), BrokerError> {
         let base = prefix(id, generation);
         self.store
             .delete(&ObjPath::from(format!("{base}/manifest")))
             .await
             .map_err(store_err)?;
-        for i in 0..chunks {
-            let _ = self
-                .store
-                .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
-                .await;
-        }
+        // Without its manifest the copy cannot be restored anywhere; the
+        // chunks are deleted in the background, off the restore path.
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            for i in 0..chunks {
+                let _ = store
+                    .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
+                    .await;
+            }
+        });
         Ok(())
     }
 }

@@ -1292,7 +1292,7 @@ impl Broker {
             memory_mib: rec.memory_mib,
             image: rec.image.clone(),
             total_len: 0,
-            chunks: Vec::new(),
+            chunks: 0,
         };
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
         // If storing fails (full disk, store down), the bubble keeps running.
@@ -1387,7 +1387,7 @@ impl Broker {
         })?;
         if let Err(e) = self
             .frozen
-            .delete(&id, frozen.generation, header.chunks.len())
+            .delete(&id, frozen.generation, header.chunks)
             .await
         {
             warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");

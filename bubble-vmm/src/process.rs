@@ -363,6 +363,7 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
                 };
                 let built = (|| -> Result<Vm, VmError> {
                     let vm = Vm::for_restore(&snap.layout())?;
+                    vm.populate(pages.iter().map(|(gpa, _)| *gpa));
                     for (gpa, data) in &pages {
                         vm.write(*gpa, data)?;
                     }
