@@ -246,17 +246,10 @@ async fn through_broker(
             deadline_ms: 0,
             ..Default::default()
         };
-        for _ in 0..200 {
-            c.call(req.clone()).await?;
-        }
-        let mut v = Vec::with_capacity(opts.calls);
-        for _ in 0..opts.calls {
-            let t = Instant::now();
-            let r = c.call(req.clone()).await?.into_inner();
-            v.push(t.elapsed());
-            anyhow::ensure!(r.output.len() == 64);
-        }
-        results.insert("call_echo_64b", stat(v));
+        results.insert(
+            "call_echo_64b",
+            stat(time_calls(&mut c, &req, opts.calls, 64).await?),
+        );
         c.delete_bubble(pb::BubbleRef {
             bubble_id: b.bubble_id,
         })
@@ -287,17 +280,10 @@ async fn through_broker(
         let one = payments_bubble(&c, &create).await?;
         if want("call_tokenize") {
             let req = tokenize_req(&one);
-            for _ in 0..200 {
-                c.call(req.clone()).await?;
-            }
-            let mut v = Vec::with_capacity(opts.calls);
-            for _ in 0..opts.calls {
-                let t = Instant::now();
-                let r = c.call(req.clone()).await?.into_inner();
-                v.push(t.elapsed());
-                anyhow::ensure!(r.output.len() == 32);
-            }
-            results.insert("call_tokenize", stat(v));
+            results.insert(
+                "call_tokenize",
+                stat(time_calls(&mut c, &req, opts.calls, 32).await?),
+            );
         }
         if want("tokenize_4_parents") {
             // Four parents, each with its own connection and bubble,
@@ -528,6 +514,27 @@ fn dir_size(dir: &std::path::Path) -> u64 {
         };
     }
     n
+}
+
+/// 200 warm-up calls, then `n` timed calls of `req`, each checked to
+/// return `out_len` bytes.
+async fn time_calls(
+    c: &mut client::Client,
+    req: &pb::CallRequest,
+    n: usize,
+    out_len: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    for _ in 0..200 {
+        c.call(req.clone()).await?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = c.call(req.clone()).await?.into_inner();
+        v.push(t.elapsed());
+        anyhow::ensure!(r.output.len() == out_len);
+    }
+    Ok(v)
 }
 
 /// A bubble with the payments portion and a provisioned tokenization key.

@@ -365,6 +365,11 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A key-encryption key given as hex on the command line (none: empty).
+fn kek_bytes(hex: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    Ok(hex.map(unhex).transpose()?.unwrap_or_default())
+}
+
 fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
     let s = s.trim();
     anyhow::ensure!(
@@ -625,11 +630,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Suspend { bubble, kek_hex } => {
-            let kek = kek_hex
-                .as_deref()
-                .map(unhex)
-                .transpose()?
-                .unwrap_or_default();
+            let kek = kek_bytes(kek_hex.as_deref())?;
             let mut c = connect(&opts.conn).await?;
             eprintln!("suspending {bubble}...");
             let b = c
@@ -647,11 +648,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             kek_hex,
             generation,
         } => {
-            let kek = kek_hex
-                .as_deref()
-                .map(unhex)
-                .transpose()?
-                .unwrap_or_default();
+            let kek = kek_bytes(kek_hex.as_deref())?;
             let mut c = connect(&opts.conn).await?;
             eprintln!("verifying and restoring {bubble}...");
             let b = c
