@@ -86,6 +86,9 @@ const ALL: &[&str] = &[
 fn main() -> anyhow::Result<()> {
     bubbled::vmm_entry_if_requested();
     let opts = Opts::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        bubbled::daemon::init_logging(false);
+    }
     for m in &opts.only {
         anyhow::ensure!(
             ALL.contains(&m.as_str()),
@@ -327,9 +330,16 @@ async fn through_broker(
     }
     if want("attach_warm") {
         let mut v = Vec::new();
+        let mut idle_first = Vec::new();
         for _ in 0..100 {
             // Let the pool refill so that every sample is a warm attach.
             wait_pool(&broker, 4).await;
+            let t0 = Instant::now();
+            c.list_bubbles(pb::ListBubblesRequest {
+                include_deleted: false,
+            })
+            .await?;
+            idle_first.push(t0.elapsed());
             let t = Instant::now();
             let b = c
                 .attach_bubble(pb::AttachBubbleRequest {
@@ -356,6 +366,10 @@ async fn through_broker(
         s.extra.insert(
             "broker_side_mean_us".into(),
             json!(round(server_mean * 1e6)),
+        );
+        s.extra.insert(
+            "first_rpc_after_idle_p50_us".into(),
+            json!(round(us(stat(idle_first).p50))),
         );
         results.insert("attach_warm", s);
     }

@@ -218,6 +218,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     broker.flush_counters();
+    if let Err(e) = broker.sync_owners_now().await {
+        tracing::warn!(error = %e, "persisting attach assignments at shutdown failed");
+    }
     info!("all in-flight requests finished");
     if opts.stop_bubbles_on_exit {
         broker.shutdown_all().await;

@@ -72,6 +72,9 @@ pub enum BrokerError {
     /// The store failed.
     #[error("store: {0}")]
     Store(String),
+    /// The broker cannot serve this now (e.g. its disk is not answering).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -96,7 +99,7 @@ impl From<BrokerError> for Status {
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::DataLoss(_) => Code::DataLoss,
             BrokerError::WrongKey => Code::PermissionDenied,
-            BrokerError::Store(_) => Code::Unavailable,
+            BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }

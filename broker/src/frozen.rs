@@ -18,7 +18,8 @@
 
 use std::sync::Arc;
 
-use bubble_keys::{DataKey, Kek, OsRng, RngCore, SNAPSHOT_ID_LEN};
+use bubble_keys::envelope::ChunkCipher;
+use bubble_keys::{DataKey, Kek, OsRng, RngCore, SecretBytes, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,8 @@ use crate::error::BrokerError;
 
 /// Plaintext bytes per chunk.
 pub const CHUNK: usize = 1 << 20;
+/// Chunks fetched and decrypted concurrently during a restore.
+const FETCH_AHEAD: usize = 4;
 /// Chunk index of the sealed manifest header.
 const HEADER_INDEX: u64 = u64::MAX;
 /// Manifest format version.
@@ -140,7 +143,7 @@ impl FrozenStore {
         let mut sid = [0u8; SNAPSHOT_ID_LEN];
         OsRng.fill_bytes(&mut sid);
         let dk = DataKey::generate(&mut OsRng);
-        let cipher = bubble_keys::envelope::ChunkCipher::new(&dk, &sid);
+        let cipher = ChunkCipher::new(&dk, &sid);
         let base = prefix(&header.bubble_id, header.generation);
         let mut header = header;
         header.total_len = snapshot.len() as u64;
@@ -186,14 +189,14 @@ impl FrozenStore {
         Ok(())
     }
 
-    /// Reads and verifies a frozen bubble entirely; returns its header and
-    /// the decrypted snapshot. Nothing is started here.
-    pub async fn get(
+    /// Reads and authenticates a frozen copy's manifest: its header and the
+    /// cipher for its chunks. Nothing else is read.
+    pub async fn open(
         &self,
         id: &str,
         generation: u64,
         kek: &Kek,
-    ) -> Result<(Header, Vec<u8>), BrokerError> {
+    ) -> Result<(Header, ChunkCipher), BrokerError> {
         let base = prefix(id, generation);
         let loss = |m: String| BrokerError::DataLoss(m);
         let raw = match self
@@ -221,7 +224,7 @@ impl FrozenStore {
         }
         let wrapped = hex::decode(&m.wrapped_key).map_err(|_| loss("bad wrapped key".into()))?;
         let dk = bubble_keys::unwrap_key(kek, &wrapped, &sid).map_err(|_| BrokerError::WrongKey)?;
-        let cipher = bubble_keys::envelope::ChunkCipher::new(&dk, &sid);
+        let cipher = ChunkCipher::new(&dk, &sid);
         let sealed = hex::decode(&m.header).map_err(|_| loss("bad header".into()))?;
         let hbytes = cipher
             .decrypt(HEADER_INDEX, &sealed)
@@ -236,30 +239,57 @@ impl FrozenStore {
         if header.chunks != header.total_len.div_ceil(CHUNK as u64) {
             return Err(loss("chunk count differs from the length".into()));
         }
-        let mut out = Vec::with_capacity(header.total_len as usize);
-        for i in 0..header.chunks {
-            let ct = match self
-                .store
-                .get(&ObjPath::from(format!("{base}/chunk-{i}")))
-                .await
-            {
-                Ok(r) => r.bytes().await.map_err(store_err)?,
-                Err(object_store::Error::NotFound { .. }) => {
-                    return Err(loss(format!("chunk {i} missing")))
+        Ok((header, cipher))
+    }
+
+    /// Reads and verifies a frozen bubble entirely; returns its header and
+    /// the decrypted snapshot as its chunks, in order (secrets: zeroized
+    /// when dropped). Chunks are fetched concurrently and decrypted in
+    /// place on the blocking pool. Nothing is started here.
+    pub async fn get(
+        &self,
+        id: &str,
+        generation: u64,
+        kek: &Kek,
+    ) -> Result<(Header, Vec<SecretBytes>), BrokerError> {
+        use futures::{StreamExt, TryStreamExt};
+        let (header, cipher) = self.open(id, generation, kek).await?;
+        let cipher = Arc::new(cipher);
+        let base = prefix(id, generation);
+        let parts: Vec<SecretBytes> = futures::stream::iter(0..header.chunks)
+            .map(|i| {
+                let (store, cipher) = (self.store.clone(), cipher.clone());
+                let path = ObjPath::from(format!("{base}/chunk-{i}"));
+                async move {
+                    let ct = match store.get(&path).await {
+                        Ok(r) => r.bytes().await.map_err(store_err)?,
+                        Err(object_store::Error::NotFound { .. }) => {
+                            return Err(BrokerError::DataLoss(format!("chunk {i} missing")))
+                        }
+                        Err(e) => return Err(store_err(e)),
+                    };
+                    // AES-GCM with the snapshot id and the index as AAD: a
+                    // modified, truncated, swapped or reordered chunk does
+                    // not authenticate.
+                    tokio::task::spawn_blocking(move || {
+                        cipher.decrypt_owned(i, Vec::from(ct)).map_err(|_| {
+                            BrokerError::DataLoss(format!("chunk {i} does not authenticate"))
+                        })
+                    })
+                    .await
+                    .map_err(|e| BrokerError::Store(format!("decrypting chunk {i}: {e}")))?
                 }
-                Err(e) => return Err(store_err(e)),
-            };
-            // AES-GCM with the snapshot id and the index as AAD: a modified,
-            // truncated, swapped or reordered chunk does not authenticate.
-            let pt = cipher
-                .decrypt(i, &ct)
-                .map_err(|_| loss(format!("chunk {i} does not authenticate")))?;
-            out.extend_from_slice(pt.expose());
+            })
+            .buffered(FETCH_AHEAD)
+            .try_collect()
+            .await?;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if len != header.total_len {
+            return Err(BrokerError::DataLoss(
+                "snapshot length differs from the manifest".into(),
+            ));
         }
-        if out.len() as u64 != header.total_len {
-            return Err(loss("snapshot length differs from the manifest".into()));
-        }
-        Ok((header, out))
+        Ok((header, parts))
     }
 
     /// Consumes a frozen copy after a successful restore.

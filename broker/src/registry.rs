@@ -307,13 +307,20 @@ impl Registry {
     /// Writes a record that just got its owner (warm-pool attach) together
     /// with the owner's idempotency key, in one transaction.
     pub fn assign(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
+        self.assign_many(std::slice::from_ref(rec))
+    }
+
+    /// Records several assignments in one durable transaction.
+    pub fn assign_many(&self, recs: &[BubbleRecord]) -> Result<(), RegistryError> {
         let txn = self.db.begin_write()?;
         {
             let mut reqs = txn.open_table(REQUESTS)?;
-            let key = request_key(&rec.owner, &rec.client_request_id);
-            reqs.insert(key.as_str(), rec.id.as_str())?;
             let mut bubbles = txn.open_table(BUBBLES)?;
-            bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+            for rec in recs {
+                let key = request_key(&rec.owner, &rec.client_request_id);
+                reqs.insert(key.as_str(), rec.id.as_str())?;
+                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+            }
         }
         txn.commit()?;
         Ok(())

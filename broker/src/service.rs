@@ -23,6 +23,8 @@ use crate::vmm::{CallFailure, ImageSpec, Vmm, VmmNotice};
 
 /// Capacity of the event broadcast channel; slow watchers skip events.
 const EVENT_CAPACITY: usize = 4096;
+/// How long an operation waits for its bubble's attach to reach the disk.
+const OWNER_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A state change, as broadcast to watchers.
 #[derive(Clone, Debug)]
@@ -56,6 +58,13 @@ pub struct Broker {
     pool_changed: Arc<tokio::sync::Notify>,
     /// Records whose counters changed since the last flush.
     dirty: Mutex<std::collections::HashSet<String>>,
+    /// Pooled bubbles handed to a parent whose new owner is not on disk
+    /// yet (see [`Broker::attach`]); the assignment flusher empties it.
+    unsynced_owners: Mutex<std::collections::HashSet<String>>,
+    /// Wakes the assignment flusher.
+    owners_kick: Arc<tokio::sync::Notify>,
+    /// Ticks after every assignment flush (waiters re-check their bubble).
+    owners_synced: tokio::sync::watch::Sender<u64>,
     /// Host-wide cap on total bubble memory, MiB.
     host_limit_mib: u64,
     usage_signer: UsageSigner,
@@ -367,6 +376,9 @@ impl Broker {
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Mutex::new(Default::default()),
+            unsynced_owners: Mutex::new(Default::default()),
+            owners_kick: Arc::new(tokio::sync::Notify::new()),
+            owners_synced: tokio::sync::watch::channel(0).0,
             host_limit_mib,
             usage_signer,
         });
@@ -375,6 +387,10 @@ impl Broker {
             tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
         }
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::owner_flusher(
+            Arc::downgrade(&broker),
+            broker.owners_kick.clone(),
+        ));
         Ok(broker)
     }
 
@@ -404,6 +420,17 @@ impl Broker {
             .unwrap_or_default();
         for rec in expected {
             let dir = self.cfg.bubble_dir(&rec.id);
+            if rec.owner.is_empty() {
+                // A pooled bubble may have been attached just before the
+                // stop, its new owner not yet on disk: never pool it again.
+                if let Ok((vmm, _)) = Vmm::adopt(&dir, &rec.id).await {
+                    vmm.shutdown().await;
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                info!(bubble = %rec.id, profile = %rec.profile, "pooled bubble discarded after restart");
+                self.transition(&rec.id, State::Deleted, "", |r| r.vmm_pid = 0)?;
+                continue;
+            }
             match Vmm::adopt(&dir, &rec.id).await {
                 Ok((vmm, ready)) => {
                     let pid = vmm.pid();
@@ -764,6 +791,7 @@ impl Broker {
             },
         });
         let dir = self.cfg.bubble_dir(&id);
+        let t0 = Instant::now();
         let vmm =
             match Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image).await {
                 Ok(v) => v,
@@ -778,6 +806,7 @@ impl Broker {
             call_lock: tokio::sync::Mutex::new(()),
         });
         self.live_insert(&id, live.clone());
+        let spawn_us = t0.elapsed().as_micros() as u64;
         match live.vmm.wait_ready(self.cfg.boot_timeout).await {
             Ok(boot_us) => {
                 if rec.policy != PortionPolicy::default() {
@@ -801,7 +830,13 @@ impl Broker {
                     r.boot_us = boot_us;
                     r.vmm_pid = pid;
                 })?;
-                info!(boot_us, pid, "bubble ready");
+                info!(
+                    boot_us,
+                    spawn_us,
+                    ready_us = t0.elapsed().as_micros() as u64,
+                    pid,
+                    "bubble ready"
+                );
                 if r.owner.is_empty() {
                     self.pool_changed.notify_waiters();
                 }
@@ -899,6 +934,9 @@ impl Broker {
             .ok_or_else(|| invalid("profile", format!("no warm pool named {:?}", req.profile)))?;
         let idle = idle_from_pb(req.idle.as_ref(), profile.idle_rule())?;
         if !req.client_request_id.is_empty() {
+            if let Some(existing) = self.request_in_memory(parent, &req.client_request_id) {
+                return self.await_settled(&existing).await;
+            }
             if let Some(existing) = self.registry.request(parent, &req.client_request_id)? {
                 return self.await_settled(&existing).await;
             }
@@ -917,7 +955,13 @@ impl Broker {
                 self.metrics
                     .attach_seconds
                     .observe(started.elapsed().as_secs_f64());
-                info!(bubble = %r.id, parent = %parent, profile = %profile.name, "attached from pool");
+                info!(
+                    bubble = %r.id,
+                    parent = %parent,
+                    profile = %profile.name,
+                    us = started.elapsed().as_micros() as u64,
+                    "attached from pool"
+                );
                 return Ok(r);
             }
             if Instant::now() >= deadline {
@@ -958,6 +1002,15 @@ impl Broker {
                 .records
                 .lock()
                 .map_err(|_| BrokerError::Spawn("record table poisoned".into()))?;
+            // A concurrent retry of the same attach already got one.
+            if !client_request_id.is_empty() {
+                if let Some(r) = m
+                    .values()
+                    .find(|r| r.owner == parent && r.client_request_id == client_request_id)
+                {
+                    return Ok(Some(r.clone()));
+                }
+            }
             let Some(id) = m
                 .values()
                 .filter(|r| {
@@ -983,10 +1036,102 @@ impl Broker {
             r.last_active_ms = now_ms();
             r.clone()
         };
-        // Persist the new owner before anyone sees the bubble: after a crash
-        // it must never go back to the pool.
-        self.registry.assign(&rec)?;
+        // The new owner reaches the disk in the background (group commit),
+        // off the attach path; until it has, every operation on the bubble
+        // waits for it (see `owned_synced`). A crash before that leaves
+        // the bubble recorded as pooled, and a restarted broker discards
+        // pooled bubbles: it is never handed to another parent.
+        if let Ok(mut u) = self.unsynced_owners.lock() {
+            u.insert(rec.id.clone());
+        }
+        self.owners_kick.notify_one();
         Ok(Some(rec))
+    }
+
+    /// The bubble `parent` made with this request id, if the in-memory
+    /// table has it (assignments not yet on disk included).
+    fn request_in_memory(&self, parent: &str, client_request_id: &str) -> Option<String> {
+        let m = self.records.lock().ok()?;
+        m.values()
+            .find(|r| r.owner == parent && r.client_request_id == client_request_id)
+            .map(|r| r.id.clone())
+    }
+
+    /// Writes pending pool assignments (owner and request id) in one
+    /// durable transaction, as soon as there are any (group commit).
+    async fn owner_flusher(me: std::sync::Weak<Self>, kick: Arc<tokio::sync::Notify>) {
+        loop {
+            // A kick while a flush runs leaves a permit: nothing is missed.
+            let kicked = tokio::time::timeout(Duration::from_secs(1), kick.notified()).await;
+            let Some(b) = me.upgrade() else { return };
+            if kicked.is_err()
+                && b.unsynced_owners
+                    .lock()
+                    .map(|u| u.is_empty())
+                    .unwrap_or(true)
+            {
+                continue;
+            }
+            if let Err(e) = b.sync_owners_now().await {
+                warn!(error = %e, "persisting attach assignments failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                kick.notify_one();
+            }
+        }
+    }
+
+    /// Persists every pending pool assignment now (durably), then wakes
+    /// the operations waiting for them.
+    pub async fn sync_owners_now(self: &Arc<Self>) -> Result<(), BrokerError> {
+        let ids: Vec<String> = self
+            .unsynced_owners
+            .lock()
+            .map(|u| u.iter().cloned().collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let recs: Vec<BubbleRecord> = self
+            .records
+            .lock()
+            .map(|m| ids.iter().filter_map(|id| m.get(id).cloned()).collect())
+            .unwrap_or_default();
+        let b = self.clone();
+        tokio::task::spawn_blocking(move || b.registry.assign_many(&recs))
+            .await
+            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))??;
+        if let Ok(mut u) = self.unsynced_owners.lock() {
+            for id in &ids {
+                u.remove(id);
+            }
+        }
+        self.owners_synced.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Like `owned`, and waits until the bubble's owner is on disk (a
+    /// bubble attached from the pool a moment ago): nothing runs in a
+    /// bubble whose ownership a crash could still undo.
+    async fn owned_synced(&self, parent: &str, id: &str) -> Result<BubbleRecord, BrokerError> {
+        let rec = self.owned(parent, id)?;
+        let mut synced = self.owners_synced.subscribe();
+        let deadline = tokio::time::Instant::now() + OWNER_SYNC_TIMEOUT;
+        while self
+            .unsynced_owners
+            .lock()
+            .map(|u| u.contains(id))
+            .unwrap_or(false)
+        {
+            match tokio::time::timeout_at(deadline, synced.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(BrokerError::Unavailable(
+                        "the bubble's owner could not be recorded on disk yet".into(),
+                    ))
+                }
+            }
+        }
+        Ok(rec)
     }
 
     fn admit_parent_only(
@@ -1044,7 +1189,7 @@ impl Broker {
         parent: &str,
         req: pb::CallRequest,
     ) -> Result<pb::CallResponse, BrokerError> {
-        let rec = self.owned(parent, &req.bubble_id)?;
+        let rec = self.owned_synced(parent, &req.bubble_id).await?;
         validate_op(&req.op)?;
         if req.input.len() > self.cfg.max_payload {
             return Err(invalid(
@@ -1141,7 +1286,7 @@ impl Broker {
         parent: &str,
         req: pb::ProvisionCredentialRequest,
     ) -> Result<(), BrokerError> {
-        let rec = self.owned(parent, &req.bubble_id)?;
+        let rec = self.owned_synced(parent, &req.bubble_id).await?;
         let name_ok = !req.name.is_empty()
             && req.name.len() <= 64
             && req
@@ -1178,7 +1323,7 @@ impl Broker {
         req: pb::LoadPortionRequest,
     ) -> Result<pb::LoadPortionResponse, BrokerError> {
         use sha2::Digest;
-        let rec = self.owned(parent, &req.bubble_id)?;
+        let rec = self.owned_synced(parent, &req.bubble_id).await?;
         if !valid_name(&req.name) {
             return Err(invalid(
                 "name",
@@ -1231,7 +1376,7 @@ impl Broker {
         bubble_id: &str,
         nonce: &[u8],
     ) -> Result<(BubbleRecord, GuestBinding), BrokerError> {
-        let rec = self.owned(parent, bubble_id)?;
+        let rec = self.owned_synced(parent, bubble_id).await?;
         if !(16..=64).contains(&nonce.len()) {
             return Err(invalid("nonce", "must be 16 to 64 bytes"));
         }
@@ -1264,7 +1409,7 @@ impl Broker {
         parent: &str,
         req: pb::SuspendBubbleRequest,
     ) -> Result<BubbleRecord, BrokerError> {
-        let rec = self.owned(parent, &req.bubble_id)?;
+        let rec = self.owned_synced(parent, &req.bubble_id).await?;
         let parent_key = parse_kek(&req.kek)?;
         let id = rec.id.clone();
         let live = match (rec.state, self.live_get(&id)) {
@@ -1352,26 +1497,50 @@ impl Broker {
             return Err(BrokerError::WrongKey);
         }
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
-        // Only the registry's current generation may run: an older copy
-        // (rollback) or an already restored one is refused.
-        let (header, snapshot) = self.frozen.get(&id, frozen.generation, kek).await?;
-        if header.owner != rec.owner || header.generation != rec.generation {
-            return Err(BrokerError::DataLoss(
-                "frozen copy does not match the registry (owner or generation)".into(),
-            ));
-        }
-        if bubble_vmm::process::split_snapshot(&snapshot).is_none() {
-            return Err(BrokerError::DataLoss("snapshot does not decode".into()));
-        }
+        let t0 = Instant::now();
         let dir = self.cfg.bubble_dir(&id);
         let image = ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)?;
-        let vmm = Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
-            .await
-            .map_err(BrokerError::Spawn)?;
-        if let Err(e) = vmm.restore(snapshot).await {
+        // Fetch and verify the frozen copy while a VMM process starts and
+        // creates the empty VM; it receives nothing unless all verifies.
+        // Only the registry's current generation may run: an older copy
+        // (rollback) or an already restored one is refused.
+        let (fetched, spawned) = tokio::join!(
+            async {
+                let r = self.frozen.get(&id, frozen.generation, kek).await;
+                (r, t0.elapsed())
+            },
+            Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+        );
+        let (fetched, t_fetch) = fetched;
+        let checked = fetched.and_then(|(header, parts)| {
+            if header.owner != rec.owner || header.generation != rec.generation {
+                return Err(BrokerError::DataLoss(
+                    "frozen copy does not match the registry (owner or generation)".into(),
+                ));
+            }
+            let first = parts.first().map(|p| p.expose()).unwrap_or_default();
+            bubble_vmm::snapshot::parse_head(first, header.total_len as usize)
+                .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
+            Ok((header, parts))
+        });
+        let ((header, parts), vmm) = match (checked, spawned) {
+            (Ok(x), Ok(vmm)) => (x, vmm),
+            (Err(e), Ok(vmm)) => {
+                vmm.shutdown().await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+            (Ok(_), Err(e)) => return Err(BrokerError::Spawn(e)),
+        };
+        let t_spawn = t0.elapsed();
+        let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
+        if let Err(e) = vmm.restore(&slices).await {
             vmm.shutdown().await;
             return Err(BrokerError::Spawn(format!("restore: {e}")));
         }
+        drop(slices);
+        drop(parts);
+        let t_vm = t0.elapsed();
         let pid = vmm.pid();
         let live = Arc::new(Live {
             vmm,
@@ -1392,7 +1561,16 @@ impl Broker {
         {
             warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");
         }
-        info!(bubble = %id, parent = %parent, generation = frozen.generation, "bubble restored");
+        info!(
+            bubble = %id,
+            parent = %parent,
+            generation = frozen.generation,
+            fetch_us = t_fetch.as_micros() as u64,
+            vmm_ready_us = t_spawn.as_micros() as u64,
+            vm_us = (t_vm - t_spawn).as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "bubble restored"
+        );
         Ok(r)
     }
 
@@ -1408,7 +1586,7 @@ impl Broker {
     ) -> Result<BubbleRecord, BrokerError> {
         let kek = parent_key.unwrap_or(&self.kek);
         let not_accessible = || BrokerError::NotAccessible(req.bubble_id.clone());
-        let (header, _) = match self.frozen.get(&req.bubble_id, req.generation, kek).await {
+        let (header, _) = match self.frozen.open(&req.bubble_id, req.generation, kek).await {
             Ok(x) => x,
             Err(BrokerError::DataLoss(m)) if m == "manifest missing" => {
                 return Err(not_accessible())
@@ -1758,7 +1936,7 @@ impl Broker {
 
     /// Stops every VMM (used by tests and the demo; a production broker
     /// leaves them running so a restarted broker re-adopts them).
-    pub async fn shutdown_all(&self) {
+    pub async fn shutdown_all(self: &Arc<Self>) {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // Let creates already past admission register their VMMs.
@@ -1774,6 +1952,9 @@ impl Broker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.flush_counters();
+        if let Err(e) = self.sync_owners_now().await {
+            warn!(error = %e, "persisting attach assignments at shutdown failed");
+        }
         let all: Vec<Arc<Live>> = self
             .live
             .lock()

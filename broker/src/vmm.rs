@@ -141,8 +141,9 @@ impl Vmm {
             .map_err(|e| e.to_string())
     }
 
-    /// Sends a snapshot to a VMM spawned in restore mode.
-    pub async fn restore(&self, snapshot: Vec<u8>) -> Result<(), String> {
+    /// Sends a snapshot (its parts, in order) to a VMM spawned in restore
+    /// mode.
+    pub async fn restore(&self, snapshot: &[&[u8]]) -> Result<(), String> {
         self.client
             .restore(snapshot, Duration::from_secs(60))
             .await

@@ -12,7 +12,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::control::{self, kind, CallErrKind, Frame, Status};
+use crate::control::{self, kind, CallErrKind, Frame, Status, COALESCE_MAX, HEAD_LEN};
 pub use crate::images::{GuestImage, HostileKind};
 use crate::process::VmmArgs;
 
@@ -265,6 +265,9 @@ impl Spawner {
 
 static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
 
+/// How long a request whose sending failed waits for the VMM's reason.
+const REFUSAL_GRACE: Duration = Duration::from_millis(500);
+
 fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
     use std::os::unix::fs::DirBuilderExt;
     if cfg.vcpus != 1 {
@@ -376,21 +379,20 @@ impl VmmClient {
             let (pending, events) = (pending.clone(), events.clone());
             tokio::spawn(async move {
                 let reason = loop {
-                    let mut l = [0u8; 4];
-                    if rd.read_exact(&mut l).await.is_err() {
+                    let mut h = [0u8; HEAD_LEN];
+                    if rd.read_exact(&mut h).await.is_err() {
                         break "VMM connection closed".to_string();
                     }
-                    let len = match Frame::check_len(u32::from_le_bytes(l)) {
-                        Ok(n) => n,
+                    let (kind, id, n) = match Frame::parse_head(&h) {
+                        Ok(x) => x,
                         Err(e) => break format!("VMM sent a bad frame: {e}"),
                     };
-                    let mut buf = vec![0u8; len];
-                    if rd.read_exact(&mut buf).await.is_err() {
+                    // The body is read once, into its own buffer.
+                    let mut body = vec![0u8; n];
+                    if rd.read_exact(&mut body).await.is_err() {
                         break "VMM connection closed".to_string();
                     }
-                    let Ok(f) = Frame::decode(&buf) else {
-                        break "VMM sent a bad frame".to_string();
-                    };
+                    let f = Frame { kind, id, body };
                     match f.kind {
                         kind::EV_READY => {
                             let us = f
@@ -480,15 +482,53 @@ impl VmmClient {
     }
 
     async fn request(&self, k: u8, body: Vec<u8>, timeout: Duration) -> Result<Frame, VmmError> {
+        self.request_parts(k, &[&body], timeout).await
+    }
+
+    /// A request whose body is the concatenation of `parts` (sent as they
+    /// are, without first joining them).
+    async fn request_parts(
+        &self,
+        k: u8,
+        parts: &[&[u8]],
+        timeout: Duration,
+    ) -> Result<Frame, VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert(id, tx);
         }
-        let bytes = Frame { kind: k, id, body }.encode();
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
+        let head = Frame::head(k, id, body_len);
+        let small = (body_len <= COALESCE_MAX).then(|| {
+            let mut v = Vec::with_capacity(HEAD_LEN + body_len);
+            v.extend_from_slice(&head);
+            for p in parts {
+                v.extend_from_slice(p);
+            }
+            v
+        });
         {
             let mut w = self.writer.lock().await;
-            if w.write_all(&bytes).await.is_err() {
+            let sent = match &small {
+                Some(bytes) => w.write_all(bytes).await,
+                None => {
+                    let mut r = w.write_all(&head).await;
+                    for p in parts {
+                        if r.is_ok() {
+                            r = w.write_all(p).await;
+                        }
+                    }
+                    r
+                }
+            };
+            if sent.is_err() {
+                drop(w);
+                // The VMM may have refused the request part-way (e.g. a
+                // snapshot it cannot restore) and said why: prefer that.
+                if let Ok(Ok(f)) = tokio::time::timeout(REFUSAL_GRACE, rx).await {
+                    return Ok(f);
+                }
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
                 }
@@ -594,10 +634,10 @@ impl VmmClient {
         }
     }
 
-    /// Sends the snapshot to a VMM started in restore mode; the guest is
-    /// READY when this returns.
-    pub async fn restore(&self, snapshot: Vec<u8>, timeout: Duration) -> Result<(), VmmError> {
-        let f = self.request(kind::RESTORE, snapshot, timeout).await?;
+    /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
+    /// VMM started in restore mode; the guest is READY when this returns.
+    pub async fn restore(&self, snapshot: &[&[u8]], timeout: Duration) -> Result<(), VmmError> {
+        let f = self.request_parts(kind::RESTORE, snapshot, timeout).await?;
         match f.kind {
             kind::RESTORE_OK => Ok(()),
             _ => Err(VmmError::Protocol(

@@ -29,6 +29,13 @@ use std::io::{self, Read, Write};
 /// touched memory.
 pub const MAX_FRAME: usize = 1 << 30;
 
+/// Length prefix, kind and id: the bytes before a frame's body.
+pub const HEAD_LEN: usize = 13;
+
+/// Bodies up to this size are copied behind their head and sent in one
+/// write; larger ones are sent as they are, after the head.
+pub const COALESCE_MAX: usize = 64 << 10;
+
 /// Frame kinds.
 pub mod kind {
     /// Hello (identify the bubble).
@@ -116,19 +123,49 @@ impl Frame {
         Ok(len)
     }
 
-    /// Reads one frame from a blocking stream.
-    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
-        let mut l = [0u8; 4];
-        r.read_exact(&mut l)?;
-        let len = Self::check_len(u32::from_le_bytes(l))?;
-        let mut buf = vec![0u8; len];
-        r.read_exact(&mut buf)?;
-        Self::decode(&buf)
+    /// The 13 bytes before a body of `body_len` bytes: length, kind, id.
+    pub fn head(kind: u8, id: u64, body_len: usize) -> [u8; HEAD_LEN] {
+        let mut h = [0u8; HEAD_LEN];
+        h[..4].copy_from_slice(&((9 + body_len) as u32).to_le_bytes());
+        h[4] = kind;
+        h[5..].copy_from_slice(&id.to_le_bytes());
+        h
     }
 
-    /// Writes the frame to a blocking stream.
+    /// Parses a frame head: (kind, id, body length), the length checked.
+    pub fn parse_head(h: &[u8; HEAD_LEN]) -> io::Result<(u8, u64, usize)> {
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&h[..4]);
+        let len = Self::check_len(u32::from_le_bytes(l))?;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&h[5..]);
+        Ok((h[4], u64::from_le_bytes(id), len - 9))
+    }
+
+    /// Reads a frame head from a blocking stream (the body follows).
+    pub fn read_head(r: &mut impl Read) -> io::Result<(u8, u64, usize)> {
+        let mut h = [0u8; HEAD_LEN];
+        r.read_exact(&mut h)?;
+        Self::parse_head(&h)
+    }
+
+    /// Reads one frame from a blocking stream (the body lands in its own
+    /// buffer, read once).
+    pub fn read_from(r: &mut impl Read) -> io::Result<Self> {
+        let (kind, id, n) = Self::read_head(r)?;
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body)?;
+        Ok(Frame { kind, id, body })
+    }
+
+    /// Writes the frame to a blocking stream: small frames in one write,
+    /// large ones as head then body (no copy of the body).
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        w.write_all(&self.encode())
+        if self.body.len() <= COALESCE_MAX {
+            return w.write_all(&self.encode());
+        }
+        w.write_all(&Self::head(self.kind, self.id, self.body.len()))?;
+        w.write_all(&self.body)
     }
 }
 

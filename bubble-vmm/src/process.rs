@@ -178,6 +178,21 @@ impl Watchdog {
         self.cv.notify_all();
     }
 
+    /// A watchdog for the calling thread, which runs `vm`'s vCPU.
+    fn start(vm: &mut Vm) -> Arc<Self> {
+        let dog = Arc::new(Watchdog {
+            state: Mutex::new((None, 0)),
+            cv: Condvar::new(),
+            fired: AtomicBool::new(false),
+        });
+        let kicker = vm.kicker();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let d = dog.clone();
+        std::thread::spawn(move || d.run(kicker, me));
+        dog
+    }
+
     fn disarm(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.0 = None;
@@ -234,18 +249,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
             return serve_all(conns, None, &args.bubble_id, &shared);
         }
     };
-    let dog = Arc::new(Watchdog {
-        state: Mutex::new((None, 0)),
-        cv: Condvar::new(),
-        fired: AtomicBool::new(false),
-    });
-    {
-        let kicker = vm.kicker();
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        let d = dog.clone();
-        std::thread::spawn(move || d.run(kicker, me));
-    }
+    let dog = Watchdog::start(&mut vm);
     let mut guest = Guest {
         bubble: Bubble::new(vm),
         dog,
@@ -284,30 +288,6 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
 
-/// Guest pages of a snapshot: (guest-physical address, 4096 bytes).
-pub type SnapshotPages<'a> = Vec<(u64, &'a [u8])>;
-
-/// Splits a snapshot body: `[state_len u32][state][n u32][(gpa u64, page)*]`.
-pub fn split_snapshot(b: &[u8]) -> Option<(crate::snapshot::VmSnapshot, SnapshotPages<'_>)> {
-    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-    let state = crate::snapshot::VmSnapshot::decode(b.get(4..4 + n)?)?;
-    let rest = b.get(4 + n..)?;
-    let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let pages = rest.get(4..)?;
-    if pages.len() != count.checked_mul(8 + 4096)? {
-        return None;
-    }
-    let mut out = Vec::with_capacity(count);
-    for c in pages.chunks_exact(8 + 4096) {
-        let gpa = u64::from_le_bytes(c[..8].try_into().ok()?);
-        if gpa % 4096 != 0 || gpa.checked_add(4096)? > state.mem_size {
-            return None;
-        }
-        out.push((gpa, &c[8..]));
-    }
-    Some((state, out))
-}
-
 fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
     let state = vm.capture()?.encode();
     let pages = vm.nonzero_pages()?;
@@ -324,93 +304,100 @@ fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
     Ok(b)
 }
 
-/// Restore mode: wait for the snapshot on the first connection, rebuild
-/// the VM from it (no boot: the guest resumes where it stopped, in its
-/// doorbell exit), then serve as usual.
+/// Restore mode: create the (empty) VM at once, while the broker fetches
+/// and verifies the frozen copy; then stream the snapshot from the first
+/// connection straight into guest memory (no boot: the guest resumes
+/// where it stopped, in its doorbell exit), then serve as usual.
 fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStream>) {
     let started = Instant::now();
+    let prepared =
+        Vm::for_restore_of_size(u64::from(args.memory_mib) << 20, args.max_payload as u64);
     let Ok(conn) = conns.recv() else { return };
-    let Ok(mut reader) = conn.try_clone() else {
+    let Ok(reader) = conn.try_clone() else {
         return;
     };
+    // Large socket reads: the snapshot is the one big message.
+    let mut reader = io::BufReader::with_capacity(256 << 10, reader);
     if let Ok(mut c) = shared.conn.lock() {
         *c = Some(conn.try_clone().unwrap_or(conn));
     }
+    let mut prepared = Some(prepared);
     let guest = loop {
-        let Ok(f) = Frame::read_from(&mut reader) else {
+        let Ok((fkind, fid, body_len)) = Frame::read_head(&mut reader) else {
             return;
         };
         let reply = |k: u8, body: Vec<u8>| {
             shared.send(&Frame {
                 kind: k,
-                id: f.id,
+                id: fid,
                 body,
             })
         };
-        match f.kind {
-            kind::HELLO | kind::STATUS => {
-                if f.kind == kind::HELLO && f.body != args.bubble_id.as_bytes() {
-                    reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
-                    return;
-                }
-                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-                reply(kind::STATUS_OK, st.encode());
+        if fkind != kind::RESTORE {
+            let mut body = vec![0u8; body_len];
+            if io::Read::read_exact(&mut reader, &mut body).is_err() {
+                return;
             }
-            kind::RESTORE => {
-                let Some((snap, pages)) = split_snapshot(&f.body) else {
-                    reply(kind::ERROR, b"malformed snapshot".to_vec());
-                    continue;
-                };
-                let built = (|| -> Result<Vm, VmError> {
-                    let vm = Vm::for_restore(&snap.layout())?;
-                    vm.populate(pages.iter().map(|(gpa, _)| *gpa));
-                    for (gpa, data) in &pages {
-                        vm.write(*gpa, data)?;
-                    }
-                    vm.restore_vcpu(&snap.vcpu)?;
-                    Ok(vm)
-                })();
-                let vm = match built {
-                    Ok(vm) => vm,
-                    Err(e) => {
-                        reply(kind::ERROR, format!("restore failed: {e}").into_bytes());
-                        fail_then_exit(&shared, &format!("restore failed: {e}"));
+            match fkind {
+                kind::HELLO | kind::STATUS => {
+                    if fkind == kind::HELLO && body != args.bubble_id.as_bytes() {
+                        reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
                         return;
                     }
-                };
-                let mut vm = vm;
-                let dog = Arc::new(Watchdog {
-                    state: Mutex::new((None, 0)),
-                    cv: Condvar::new(),
-                    fired: AtomicBool::new(false),
-                });
-                {
-                    let kicker = vm.kicker();
-                    // SAFETY: pthread_self has no preconditions.
-                    let me = unsafe { libc::pthread_self() };
-                    let d = dog.clone();
-                    std::thread::spawn(move || d.run(kicker, me));
+                    let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                    reply(kind::STATUS_OK, st.encode());
                 }
-                let boot_us = started.elapsed().as_micros() as u64;
-                if let Ok(mut s) = shared.status.lock() {
-                    s.ready = true;
-                    s.boot_us = boot_us;
+                kind::SHUTDOWN => {
+                    // The restore was called off (e.g. the frozen copy did
+                    // not verify): no guest byte was ever received.
+                    reply(kind::SHUTDOWN_OK, Vec::new());
+                    std::process::exit(0);
                 }
-                reply(kind::RESTORE_OK, Vec::new());
-                shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
-                break Guest {
-                    bubble: Bubble::new(vm),
-                    dog,
-                    shared: shared.clone(),
-                };
+                _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
             }
-            _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
+            continue;
         }
+        let built = match prepared.take() {
+            Some(Ok(mut vm)) => {
+                crate::snapshot::restore_from(&mut vm, &mut reader, body_len).map(|()| vm)
+            }
+            Some(Err(e)) => Err(e.into()),
+            None => Err(crate::snapshot::RestoreError::Malformed("second RESTORE")),
+        };
+        let mut vm = match built {
+            Ok(vm) => vm,
+            Err(e) => {
+                // The stream position is lost (or the VM is unusable): fail.
+                // Refuse the rest of the body so the sender stops at once.
+                let _ = reader.get_ref().shutdown(std::net::Shutdown::Read);
+                reply(kind::ERROR, format!("restore failed: {e}").into_bytes());
+                fail_then_exit(&shared, &format!("restore failed: {e}"));
+                return;
+            }
+        };
+        let dog = Watchdog::start(&mut vm);
+        let boot_us = started.elapsed().as_micros() as u64;
+        if let Ok(mut s) = shared.status.lock() {
+            s.ready = true;
+            s.boot_us = boot_us;
+        }
+        reply(kind::RESTORE_OK, Vec::new());
+        shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+        break Guest {
+            bubble: Bubble::new(vm),
+            dog,
+            shared: shared.clone(),
+        };
     };
     let mut guest = guest;
+    // The broker sends nothing before RESTORE_OK, so nothing is buffered.
+    if !reader.buffer().is_empty() {
+        fail_then_exit(&shared, "protocol error: request pipelined behind RESTORE");
+        return;
+    }
     // The rest of this connection, then any later ones.
     let (tx, rx) = mpsc::channel();
-    if let Ok(c) = reader.try_clone() {
+    if let Ok(c) = reader.get_ref().try_clone() {
         let _ = tx.send(c);
     }
     drop(tx);

@@ -4,8 +4,129 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_xcrs, kvm_xsave};
 
+use std::io::Read;
+
 use crate::layout::{Layout, PAGE};
 use crate::vm::{Vm, VmError};
+
+/// Bytes of one page record in a snapshot body: `[gpa u64 LE][page]`.
+pub const RECORD_LEN: usize = 8 + PAGE as usize;
+/// Largest encoded vCPU state accepted in a snapshot body.
+pub const MAX_STATE_LEN: usize = 1 << 20;
+/// Page records read (and pre-faulted) per batch while streaming a restore.
+const RESTORE_BATCH: usize = 64;
+
+/// Why a snapshot body could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The body is malformed (lengths, version, layout, page addresses).
+    #[error("malformed snapshot: {0}")]
+    Malformed(&'static str),
+    /// The snapshot is for another memory size than the prepared VM.
+    #[error("snapshot is for {snapshot} bytes of memory, the VM has {vm}")]
+    MemorySize {
+        /// Size recorded in the snapshot.
+        snapshot: u64,
+        /// Size of the prepared VM.
+        vm: u64,
+    },
+    /// Reading the body failed (the sender went away).
+    #[error("reading the snapshot: {0}")]
+    Io(#[from] std::io::Error),
+    /// KVM or guest memory refused the state.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Parses the head of a snapshot body (`[state_len u32][state][n u32]`)
+/// from its first bytes and checks it against the body's total length.
+/// Returns the state and the page count.
+pub fn parse_head(first: &[u8], body_len: usize) -> Result<(VmSnapshot, usize), RestoreError> {
+    let bad = RestoreError::Malformed;
+    let n = u32::from_le_bytes(
+        first
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad("short body"))?,
+    ) as usize;
+    if n > MAX_STATE_LEN {
+        return Err(bad("state too large"));
+    }
+    let state = VmSnapshot::decode(first.get(4..4 + n).ok_or(bad("short state"))?)
+        .ok_or(bad("state does not decode"))?;
+    let count = u32::from_le_bytes(
+        first
+            .get(4 + n..8 + n)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad("short body"))?,
+    ) as usize;
+    let expect = count
+        .checked_mul(RECORD_LEN)
+        .and_then(|p| p.checked_add(8 + n))
+        .ok_or(bad("page count overflows"))?;
+    if expect != body_len {
+        return Err(bad("length differs from the page count"));
+    }
+    if count as u64 > state.mem_size / PAGE {
+        return Err(bad("more pages than memory"));
+    }
+    Ok((state, count))
+}
+
+/// Streams a snapshot body of `body_len` bytes from `r` into `vm` (a VM
+/// prepared with [`Vm::for_restore`] and never run): pages are written
+/// as they arrive, in batches pre-faulted in few system calls, then the
+/// vCPU state is loaded. Every length and address is checked; on error
+/// the VM must be discarded (the stream position is lost).
+pub fn restore_from(vm: &mut Vm, r: &mut impl Read, body_len: usize) -> Result<(), RestoreError> {
+    let bad = RestoreError::Malformed;
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l)?;
+    let n = u32::from_le_bytes(l) as usize;
+    if n > MAX_STATE_LEN || n.saturating_add(8) > body_len {
+        return Err(bad("state length out of range"));
+    }
+    let mut head = vec![0u8; 8 + n];
+    head[..4].copy_from_slice(&l);
+    r.read_exact(&mut head[4..])?;
+    let (state, count) = parse_head(&head, body_len)?;
+    let vm_size = vm.layout().mem_size;
+    if state.mem_size != vm_size {
+        return Err(RestoreError::MemorySize {
+            snapshot: state.mem_size,
+            vm: vm_size,
+        });
+    }
+    let mut buf = vec![0u8; RESTORE_BATCH * RECORD_LEN];
+    let mut left = count;
+    let mut last: Option<u64> = None;
+    while left > 0 {
+        let k = left.min(RESTORE_BATCH);
+        let batch = &mut buf[..k * RECORD_LEN];
+        r.read_exact(batch)?;
+        let mut gpas = [0u64; RESTORE_BATCH];
+        for (i, rec) in batch.chunks_exact(RECORD_LEN).enumerate() {
+            let mut g = [0u8; 8];
+            g.copy_from_slice(&rec[..8]);
+            let gpa = u64::from_le_bytes(g);
+            // Pages come in increasing order: no page is written twice.
+            let in_order = last.is_none_or(|p| gpa > p);
+            if gpa % PAGE != 0 || gpa.checked_add(PAGE).is_none_or(|e| e > vm_size) || !in_order {
+                return Err(bad("page address out of range or out of order"));
+            }
+            last = Some(gpa);
+            gpas[i] = gpa;
+        }
+        vm.populate(gpas[..k].iter().copied());
+        for (i, rec) in batch.chunks_exact(RECORD_LEN).enumerate() {
+            vm.write(gpas[i], &rec[8..])?;
+        }
+        left -= k;
+    }
+    vm.set_layout(state.layout());
+    vm.restore_vcpu(&state.vcpu)?;
+    Ok(())
+}
 
 /// The vCPU's architectural state.
 pub struct VcpuSnapshot {

@@ -295,6 +295,19 @@ impl Vm {
         Self::bare(layout)
     }
 
+    /// An empty VM of `mem_size` bytes, prepared before its snapshot
+    /// arrives; [`crate::snapshot::restore_from`] sets the real layout.
+    pub fn for_restore_of_size(mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
+        let placeholder = Layout::new(mem_size, layout::IMAGE_BASE + layout::PAGE, max_payload)?;
+        Self::bare(&placeholder)
+    }
+
+    /// Replaces the layout (restore only: the memory size must not change).
+    pub(crate) fn set_layout(&mut self, l: Layout) {
+        debug_assert_eq!(l.mem_size, self.layout.mem_size);
+        self.layout = l;
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap<()> {
         &self.mem

@@ -179,7 +179,10 @@ async fn suspend_and_restore_continue_identically() {
     let b = spawn(&cfg(dir.path(), "b-s2", GuestImage::Shim, true))
         .await
         .unwrap();
-    b.restore(snap.clone(), Duration::from_secs(10))
+    // Sent in uneven parts (as the broker sends decrypted chunks).
+    let (x, rest) = snap.split_at(1000);
+    let (y, z) = rest.split_at(rest.len() / 2 + 3);
+    b.restore(&[x, y, z], Duration::from_secs(10))
         .await
         .unwrap();
     b.wait_ready(Duration::from_secs(5)).await.unwrap();
@@ -193,8 +196,30 @@ async fn suspend_and_restore_continue_identically() {
     let c = spawn(&cfg(dir.path(), "b-s3", GuestImage::Shim, true))
         .await
         .unwrap();
-    let mut bad = snap;
+    let mut bad = snap.clone();
     bad.truncate(100);
-    assert!(c.restore(bad, Duration::from_secs(5)).await.is_err());
+    assert!(c.restore(&[&bad], Duration::from_secs(5)).await.is_err());
+    c.kill();
+
+    // A page address outside guest memory is refused.
+    let n = u32::from_le_bytes(snap[..4].try_into().unwrap()) as usize;
+    let mut bad = snap.clone();
+    bad[8 + n..16 + n].copy_from_slice(&(16u64 << 20).to_le_bytes());
+    let c = spawn(&cfg(dir.path(), "b-s4", GuestImage::Shim, true))
+        .await
+        .unwrap();
+    assert!(c.restore(&[&bad], Duration::from_secs(5)).await.is_err());
+    c.kill();
+
+    // A snapshot of another memory size is refused by a VM prepared for
+    // this one.
+    let mut other = cfg(dir.path(), "b-s5", GuestImage::Shim, true);
+    other.memory_mib *= 2;
+    let c = spawn(&other).await.unwrap();
+    let e = c
+        .restore(&[&snap], Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(format!("{e}").contains("memory"), "{e}");
     c.kill();
 }

@@ -235,6 +235,36 @@ impl ChunkCipher {
         }
     }
 
+    /// Decrypts and authenticates one chunk in its own buffer (no second
+    /// allocation): `chunk` (`nonce || ciphertext || tag`) becomes the
+    /// plaintext, a secret. On error the buffer is zeroized and dropped.
+    pub fn decrypt_owned(&self, chunk_index: u64, chunk: Vec<u8>) -> Result<SecretBytes, Error> {
+        let mut buf = SecretBytes::new(chunk);
+        let b = buf.expose_mut();
+        if b.len() < CHUNK_OVERHEAD {
+            return Err(Error::Truncated {
+                what: "chunk",
+                got: b.len(),
+                need: CHUNK_OVERHEAD,
+            });
+        }
+        let body_len = b.len() - CHUNK_OVERHEAD;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&b[..NONCE_LEN]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&b[NONCE_LEN + body_len..]);
+        let aad = chunk_aad(&self.snapshot_id, chunk_index);
+        if !self
+            .key
+            .open(&nonce, &aad, &mut b[NONCE_LEN..NONCE_LEN + body_len], &tag)
+        {
+            return Err(Error::ChunkAuthentication { index: chunk_index });
+        }
+        b.copy_within(NONCE_LEN..NONCE_LEN + body_len, 0);
+        buf.truncate(body_len);
+        Ok(buf)
+    }
+
     /// Decrypts and authenticates one chunk; the plaintext is a secret.
     pub fn decrypt(&self, chunk_index: u64, chunk: &[u8]) -> Result<SecretBytes, Error> {
         let len = chunk.len().saturating_sub(CHUNK_OVERHEAD);
@@ -559,6 +589,30 @@ mod tests {
         let c1 = encrypt_chunk_with_rng(&mut rng, &k, &SNAP, 1, b"one!");
         assert!(decrypt_chunk(&k, &SNAP, 0, &c1).is_err());
         assert!(decrypt_chunk(&k, &SNAP, 1, &c0).is_err());
+    }
+
+    #[test]
+    fn decrypt_owned_matches_decrypt_and_rejects_the_same_inputs() {
+        let mut rng = TestRng::new(25);
+        let k = dk(1);
+        let cipher = ChunkCipher::new(&k, &SNAP);
+        for len in [0usize, 1, 4095, 4104, 65_536] {
+            let pt: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let c = cipher.encrypt_with_rng(&mut rng, 9, &pt);
+            let owned = cipher.decrypt_owned(9, c.clone()).unwrap();
+            assert_eq!(owned.expose(), &pt[..]);
+            assert_eq!(owned.expose(), cipher.decrypt(9, &c).unwrap().expose());
+            assert_eq!(
+                cipher.decrypt_owned(10, c.clone()).unwrap_err(),
+                Error::ChunkAuthentication { index: 10 }
+            );
+            let mut t = c.clone();
+            t[c.len() / 2] ^= 0x40;
+            assert!(cipher.decrypt_owned(9, t).is_err());
+            for n in [0, CHUNK_OVERHEAD - 1, c.len() - 1] {
+                assert!(cipher.decrypt_owned(9, c[..n].to_vec()).is_err(), "{n}");
+            }
+        }
     }
 
     #[test]

@@ -30,6 +30,14 @@ impl SecretBytes {
         &mut self.0
     }
 
+    /// Shortens the secret to `len` bytes (the cut bytes are zeroized).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.0.len() {
+            self.0[len..].zeroize();
+            self.0.truncate(len);
+        }
+    }
+
     /// Number of bytes.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -1,4 +1,4 @@
-//! Control-protocol frames and bodies.
+//! Control-protocol frames and bodies, and snapshot body heads.
 #![no_main]
 
 use bubble_vmm::control::{self, Frame, Status};
@@ -9,4 +9,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = Frame::decode(data);
     let _ = Status::decode(data);
     let _ = control::decode_call(data);
+    let _ = bubble_vmm::snapshot::parse_head(data, data.len());
 });
