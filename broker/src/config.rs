@@ -44,6 +44,10 @@ pub struct BrokerConfig {
     /// VMM processes kept started ahead of need (they create their VM only
     /// when given a bubble).
     pub spare_vmms: usize,
+    /// How long a VMM and the broker poll for the next request or answer
+    /// before they sleep (0: never poll). Polling spends CPU to avoid
+    /// thread wake-ups, which cost tens of µs on nested hosts.
+    pub vmm_poll_us: u32,
     /// Directory of the frozen-bubble store (shared by brokers that may
     /// restore each other's bubbles).
     pub store_dir: PathBuf,
@@ -151,6 +155,8 @@ pub struct FileConfig {
     pub pools: Vec<PoolProfile>,
     /// VMM processes kept started ahead of need.
     pub spare_vmms: Option<usize>,
+    /// Request/answer polling before sleeping, µs (0: off).
+    pub vmm_poll_us: Option<u32>,
     /// Frozen-bubble store directory.
     pub store: Option<PathBuf>,
 }
@@ -204,6 +210,7 @@ impl BrokerConfig {
             pools: Vec::new(),
             idle_check_interval: Duration::from_secs(1),
             spare_vmms: 2,
+            vmm_poll_us: 300,
             store_dir: data_dir.join("store"),
             store_url: None,
             data_dir,

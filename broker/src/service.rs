@@ -459,7 +459,32 @@ impl Broker {
                 }
             }
         }
+        self.stop_unrecorded().await;
         Ok(())
+    }
+
+    /// Stops VMMs that have no record: a crash between starting a bubble
+    /// and recording it (the two overlap on the create path).
+    async fn stop_unrecorded(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bubbles")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let known = self
+                .records
+                .lock()
+                .map(|m| m.contains_key(&id))
+                .unwrap_or(true);
+            if known || validate_bubble_id(&id).is_err() {
+                continue;
+            }
+            if let Ok((vmm, _)) = Vmm::adopt(&e.path(), &id).await {
+                vmm.shutdown().await;
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+            warn!(bubble = %id, "stopped a VMM that was started but never recorded");
+        }
     }
 
     fn live_insert(&self, id: &str, live: Arc<Live>) {
@@ -741,25 +766,18 @@ impl Broker {
             self.admit(&m, &rec.owner, rec.memory_mib)?;
             m.insert(rec.id.clone(), rec.clone());
         }
-        match self.registry.insert_new(&rec) {
-            Ok(None) => {}
-            Ok(Some(existing)) => {
-                // A concurrent retry won the race: hand back its bubble.
-                if let Ok(mut m) = self.records.lock() {
-                    m.remove(&rec.id);
-                }
-                return self.await_settled(&existing.id).await;
-            }
-            Err(e) => {
-                if let Ok(mut m) = self.records.lock() {
-                    m.remove(&rec.id);
-                }
-                return Err(e.into());
-            }
-        }
+        // The record reaches the disk while the VMM starts and the guest
+        // boots; the bubble is reported only once both are done. A crash in
+        // between leaves a VMM without a record, which the next start
+        // stops (see `reconcile`).
+        let insert = {
+            let b = self.clone();
+            let r = rec.clone();
+            tokio::task::spawn_blocking(move || b.registry.insert_new(&r))
+        };
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
-        self.boot(rec, image).instrument(span).await
+        self.boot(rec, image, insert).instrument(span).await
     }
 
     async fn await_settled(&self, id: &str) -> Result<BubbleRecord, BrokerError> {
@@ -779,6 +797,9 @@ impl Broker {
         self: &Arc<Self>,
         rec: BubbleRecord,
         image: ImageSpec,
+        insert: tokio::task::JoinHandle<
+            Result<Option<BubbleRecord>, crate::registry::RegistryError>,
+        >,
     ) -> Result<BubbleRecord, BrokerError> {
         let id = rec.id.clone();
         let _ = self.events.send(Event {
@@ -792,61 +813,89 @@ impl Broker {
         });
         let dir = self.cfg.bubble_dir(&id);
         let t0 = Instant::now();
-        let vmm =
-            match Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image).await {
-                Ok(v) => v,
-                Err(e) => {
-                    self.fail(&id, &format!("VMM did not start: {e}"));
-                    return Err(BrokerError::Spawn(e));
+        let booting = async {
+            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+                .await
+                .map_err(|e| (true, format!("VMM did not start: {e}")))?;
+            let live = Arc::new(Live {
+                vmm,
+                call_lock: tokio::sync::Mutex::new(()),
+            });
+            self.live_insert(&id, live.clone());
+            let spawn_us = t0.elapsed().as_micros() as u64;
+            let boot_us = live
+                .vmm
+                .wait_ready(self.cfg.boot_timeout)
+                .await
+                .map_err(|e| (false, e))?;
+            Ok::<_, (bool, String)>((live, boot_us, spawn_us))
+        };
+        let (inserted, booted) = tokio::join!(insert, booting);
+        let inserted = inserted
+            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))
+            .and_then(|r| r.map_err(BrokerError::from));
+        match inserted {
+            Ok(None) => {}
+            other => {
+                // Not recorded (a concurrent retry won, or the disk failed):
+                // this bubble never existed.
+                if let Some(live) = self.live_remove(&id) {
+                    live.vmm.shutdown().await;
                 }
-            };
-        let pid = vmm.pid();
-        let live = Arc::new(Live {
-            vmm,
-            call_lock: tokio::sync::Mutex::new(()),
-        });
-        self.live_insert(&id, live.clone());
-        let spawn_us = t0.elapsed().as_micros() as u64;
-        match live.vmm.wait_ready(self.cfg.boot_timeout).await {
-            Ok(boot_us) => {
-                if rec.policy != PortionPolicy::default() {
-                    // Fix the security policy before anyone can load a portion.
-                    let set = live
-                        .vmm
-                        .call(
-                            "set_policy",
-                            &rec.policy.encode(),
-                            config::DEFAULT_CALL_DEADLINE,
-                        )
-                        .await;
-                    if let Err(e) = set {
-                        let reason = format!("could not apply the security policy: {e:?}");
-                        self.fail(&id, &reason);
-                        return Ok(self.record(&id).unwrap_or(rec));
-                    }
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Ok(mut m) = self.records.lock() {
+                    m.remove(&id);
                 }
-                self.watch_vmm(id.clone(), live);
-                let r = self.transition(&id, State::Ready, "", |r| {
-                    r.boot_us = boot_us;
-                    r.vmm_pid = pid;
-                })?;
-                info!(
-                    boot_us,
-                    spawn_us,
-                    ready_us = t0.elapsed().as_micros() as u64,
-                    pid,
-                    "bubble ready"
-                );
-                if r.owner.is_empty() {
-                    self.pool_changed.notify_waiters();
-                }
-                Ok(r)
-            }
-            Err(reason) => {
-                self.fail(&id, &reason);
-                Ok(self.record(&id).unwrap_or(rec))
+                return match other {
+                    Ok(Some(existing)) => self.await_settled(&existing.id).await,
+                    Err(e) => Err(e),
+                    Ok(None) => unreachable!("handled above"),
+                };
             }
         }
+        let (live, boot_us, spawn_us) = match booted {
+            Ok(x) => x,
+            Err((spawn_failed, reason)) => {
+                self.fail(&id, &reason);
+                if spawn_failed {
+                    return Err(BrokerError::Spawn(reason));
+                }
+                return Ok(self.record(&id).unwrap_or(rec));
+            }
+        };
+        let pid = live.vmm.pid();
+        if rec.policy != PortionPolicy::default() {
+            // Fix the security policy before anyone can load a portion.
+            let set = live
+                .vmm
+                .call(
+                    "set_policy",
+                    &rec.policy.encode(),
+                    config::DEFAULT_CALL_DEADLINE,
+                )
+                .await;
+            if let Err(e) = set {
+                let reason = format!("could not apply the security policy: {e:?}");
+                self.fail(&id, &reason);
+                return Ok(self.record(&id).unwrap_or(rec));
+            }
+        }
+        self.watch_vmm(id.clone(), live);
+        let r = self.transition(&id, State::Ready, "", |r| {
+            r.boot_us = boot_us;
+            r.vmm_pid = pid;
+        })?;
+        info!(
+            boot_us,
+            spawn_us,
+            ready_us = t0.elapsed().as_micros() as u64,
+            pid,
+            "bubble ready"
+        );
+        if r.owner.is_empty() {
+            self.pool_changed.notify_waiters();
+        }
+        Ok(r)
     }
 
     fn profile(&self, name: &str) -> Option<&PoolProfile> {

@@ -128,6 +128,7 @@ impl Vmm {
             program_args_prefix: cfg.vmm_args_prefix.clone(),
             max_payload: cfg.max_payload,
             restore,
+            poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })

@@ -37,6 +37,8 @@ pub struct SpawnConfig {
     pub max_payload: usize,
     /// Start in restore mode (see [`VmmClient::restore`]).
     pub restore: bool,
+    /// Polling before sleeping, for requests (VMM) and answers (client).
+    pub poll: Duration,
 }
 
 /// Errors talking to a VMM.
@@ -156,6 +158,8 @@ impl Spawner {
     /// A spawner keeping `want` spares (0: none) with sockets in `dir`.
     pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
         let _ = std::fs::remove_dir_all(&dir);
+        // Made before any VMM process starts, so that all inherit it.
+        let _ = crate::images::shared_shim_fd();
         Arc::new(Self {
             program,
             prefix,
@@ -248,6 +252,8 @@ impl Spawner {
             max_payload: cfg.max_payload,
             boot_timeout: Duration::from_secs(20),
             restore: cfg.restore,
+            image_fd: image_fd_for(&cfg.image),
+            poll: cfg.poll,
         };
         let body = args.to_args().join("\0").into_bytes();
         let frame = Frame {
@@ -259,11 +265,36 @@ impl Spawner {
             // The spare died: start one the slow way.
             return spawn(cfg).await;
         }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid).await
+        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, cfg.poll).await
     }
 }
 
 static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
+
+/// The shared shim descriptor for a VMM that boots the shim.
+fn image_fd_for(image: &GuestImage) -> Option<i32> {
+    match image {
+        GuestImage::Shim => crate::images::shared_shim_fd(),
+        _ => None,
+    }
+}
+
+/// Whether the VMM's socket has data (or EOF) to read, without consuming it.
+fn peek_readable(rd: &tokio::net::unix::OwnedReadHalf) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: a non-blocking peek of at most one byte into a local buffer;
+    // nothing is consumed, so the async reader sees the same bytes.
+    let n = unsafe {
+        libc::recv(
+            rd.as_ref().as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0
+}
 
 /// How long a request whose sending failed waits for the VMM's reason.
 const REFUSAL_GRACE: Duration = Duration::from_millis(500);
@@ -339,6 +370,8 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         max_payload: cfg.max_payload,
         boot_timeout: Duration::from_secs(20),
         restore: cfg.restore,
+        image_fd: image_fd_for(&cfg.image),
+        poll: cfg.poll,
     };
     let mut cmd = tokio::process::Command::new(&cfg.program);
     cmd.args(&cfg.program_args_prefix)
@@ -354,7 +387,7 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     cmd.process_group(0);
     let child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
     let (stream, pid) = connect_child(child, &sock, &log_path).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid).await
+    VmmClient::handshake(stream, &cfg.bubble_id, pid, cfg.poll).await
 }
 
 impl VmmClient {
@@ -367,10 +400,15 @@ impl VmmClient {
                 path: socket.display().to_string(),
                 detail: e.to_string(),
             })?;
-        Self::handshake(stream, expected_bubble_id, 0).await
+        Self::handshake(stream, expected_bubble_id, 0, crate::process::DEFAULT_POLL).await
     }
 
-    async fn handshake(stream: UnixStream, bubble_id: &str, pid: u32) -> Result<Self, VmmError> {
+    async fn handshake(
+        stream: UnixStream,
+        bubble_id: &str,
+        pid: u32,
+        poll: Duration,
+    ) -> Result<Self, VmmError> {
         let (mut rd, wr) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (events, _) = broadcast::channel(256);
@@ -379,6 +417,17 @@ impl VmmClient {
             let (pending, events) = (pending.clone(), events.clone());
             tokio::spawn(async move {
                 let reason = loop {
+                    // While a request is outstanding, poll for its answer
+                    // (yielding to other tasks) instead of letting the worker
+                    // thread sleep: waking it costs more than the answer
+                    // takes (see `process::DEFAULT_POLL`).
+                    let outstanding = pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+                    if outstanding && !poll.is_zero() {
+                        let until = std::time::Instant::now() + poll;
+                        while !peek_readable(&rd) && std::time::Instant::now() < until {
+                            tokio::task::yield_now().await;
+                        }
+                    }
                     let mut h = [0u8; HEAD_LEN];
                     if rd.read_exact(&mut h).await.is_err() {
                         break "VMM connection closed".to_string();

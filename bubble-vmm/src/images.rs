@@ -7,6 +7,19 @@ use crate::layout::{self, Layout};
 /// The guest shim ELF, built by this crate's build script.
 pub static SHIM_ELF: &[u8] = include_bytes!(env!("BUBBLE_SHIM_ELF"));
 
+static SHARED_SHIM: std::sync::OnceLock<Option<crate::shared_image::SharedImage>> =
+    std::sync::OnceLock::new();
+
+/// Descriptor of this process's shared, sealed copy of the laid-out shim
+/// (made on first use; `None` if the kernel refused), for VMM children to
+/// inherit and map. Call it before starting VMM processes.
+pub fn shared_shim_fd() -> Option<i32> {
+    SHARED_SHIM
+        .get_or_init(|| crate::shared_image::SharedImage::create(SHIM_ELF).ok())
+        .as_ref()
+        .map(|i| i.raw_fd())
+}
+
 /// Misbehaving guests, for tests of the VMM's defences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HostileKind {

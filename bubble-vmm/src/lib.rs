@@ -8,6 +8,8 @@
 //! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
 //!   control protocol and the broker's async client;
 //! - [`images`]: the guest shim and hostile test guests;
+//! - [`shared_image`]: the shim laid out once in a sealed memfd that every
+//!   VM maps copy-on-write;
 //! - [`floor`]: raw KVM performance floors for the benchmark.
 
 pub mod abi;
@@ -18,6 +20,7 @@ pub mod floor;
 pub mod images;
 pub mod layout;
 pub mod process;
+pub mod shared_image;
 pub mod snapshot;
 pub mod transport;
 pub mod vm;

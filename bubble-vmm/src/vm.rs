@@ -161,6 +161,33 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Creates the VM with `image` mapped copy-on-write (see
+    /// [`crate::shared_image`]) and prepares the vCPU at its entry point.
+    /// Guest memory content equals [`Vm::new`]'s for the same ELF.
+    pub fn with_shared_image(
+        image: &crate::shared_image::SharedImage,
+        mem_size: u64,
+        max_payload: u64,
+    ) -> Result<Self, VmError> {
+        let layout = Layout::new(mem_size, image.end(), max_payload)?;
+        let mut vm = Self::bare(&layout)?;
+        let (host, len) = vm.host_range()?;
+        if layout::IMAGE_BASE + image.span() > len as u64 {
+            return Err(VmError::Memory("image does not fit in guest memory".into()));
+        }
+        // SAFETY: IMAGE_BASE..IMAGE_BASE+span lies inside this VM's own guest
+        // memory mapping (checked above), which nothing has touched yet: the
+        // vCPU has never run and no boot page lies in the image range.
+        unsafe { image.map_at(host.add(layout::IMAGE_BASE as usize))? };
+        for p in layout::boot_pages(&layout) {
+            vm.mem
+                .write_slice(&p.data, GuestAddress(p.gpa))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        }
+        vm.setup_vcpu(&layout::initial_vcpu(image.entry()))?;
+        Ok(vm)
+    }
+
     /// A VM running raw machine code at [`layout::IMAGE_BASE`] (floors and
     /// hostile test guests).
     pub fn with_code(code: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {

@@ -3,11 +3,12 @@
 use bubble_vmm::bubble::{Answer, Bubble, BubbleError};
 use bubble_vmm::images::{GuestImage, HostileKind};
 use bubble_vmm::process::build_vm;
-use bubble_vmm::vm::VmError;
+use bubble_vmm::shared_image::SharedImage;
+use bubble_vmm::vm::{Vm, VmError};
 use sha2::{Digest, Sha256};
 
 fn boot(image: GuestImage, mib: u64) -> (Bubble, Result<String, BubbleError>) {
-    let vm = build_vm(&image, mib << 20, 1 << 20).expect("vm");
+    let vm = build_vm(&image, mib << 20, 1 << 20, None).expect("vm");
     let mut b = Bubble::new(vm);
     let r = b.boot(&mut |_| {});
     (b, r)
@@ -185,7 +186,7 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
 fn guest_memory_at_boot_equals_the_measured_initial_pages() {
     for image in [GuestImage::Shim, GuestImage::Hostile(HostileKind::Spin)] {
         let (pages, vcpu) = bubble_vmm::images::initial_state(&image, 16 << 20, 1 << 20).unwrap();
-        let vm = build_vm(&image, 16 << 20, 1 << 20).unwrap();
+        let vm = build_vm(&image, 16 << 20, 1 << 20, None).unwrap();
         for p in &pages {
             let mut buf = vec![0u8; 4096];
             vm.read(p.gpa, &mut buf).unwrap();
@@ -194,4 +195,55 @@ fn guest_memory_at_boot_equals_the_measured_initial_pages() {
         assert_eq!(vcpu.rsp % 16, 8);
         assert!(pages.len() >= 8);
     }
+    // The shim mapped from its shared image gives the same memory.
+    let (pages, _) =
+        bubble_vmm::images::initial_state(&GuestImage::Shim, 16 << 20, 1 << 20).unwrap();
+    let shared = SharedImage::create(bubble_vmm::images::SHIM_ELF).unwrap();
+    let vm = Vm::with_shared_image(&shared, 16 << 20, 1 << 20).unwrap();
+    for p in &pages {
+        let mut buf = vec![0u8; 4096];
+        vm.read(p.gpa, &mut buf).unwrap();
+        assert_eq!(buf, p.data, "page {:#x}", p.gpa);
+    }
+}
+
+#[test]
+fn a_shared_image_is_copy_on_write_and_sealed() {
+    let shared = SharedImage::create(bubble_vmm::images::SHIM_ELF).unwrap();
+    let a = Vm::with_shared_image(&shared, 16 << 20, 1 << 20).unwrap();
+    let b = Vm::with_shared_image(&shared, 16 << 20, 1 << 20).unwrap();
+    let base = bubble_vmm::layout::IMAGE_BASE;
+    let mut orig = vec![0u8; 64];
+    b.read(base, &mut orig).unwrap();
+    // One bubble writing its code page changes nothing for another, nor
+    // for the file.
+    a.write(base, &[0xcc; 64]).unwrap();
+    let mut got = vec![0u8; 64];
+    a.read(base, &mut got).unwrap();
+    assert_eq!(got, vec![0xcc; 64]);
+    b.read(base, &mut got).unwrap();
+    assert_eq!(got, orig);
+    let c = Vm::with_shared_image(&shared, 16 << 20, 1 << 20).unwrap();
+    c.read(base, &mut got).unwrap();
+    assert_eq!(got, orig);
+    // Both boot and answer.
+    for vm in [b, c] {
+        let mut bubble = Bubble::new(vm);
+        bubble.boot(&mut |_| {}).unwrap();
+        let out = bubble.call("echo", b"shared", &mut |_| {}).unwrap();
+        assert_eq!(out, Answer::Output(b"shared".to_vec()));
+    }
+    // The file cannot be written, grown or shrunk.
+    let fd = shared.raw_fd();
+    // SAFETY: plain system calls on a descriptor this test owns; each is
+    // expected to fail because of the seals.
+    unsafe {
+        assert!(libc::pwrite(fd, [1u8].as_ptr().cast(), 1, 0) < 0);
+        assert!(libc::ftruncate(fd, 0) != 0);
+        assert!(libc::ftruncate(fd, 1 << 30) != 0);
+    }
+    // Adopting a descriptor that is not a sealed image is refused.
+    let f = tempfile::tempfile().unwrap();
+    use std::os::fd::IntoRawFd;
+    assert!(SharedImage::adopt(f.into_raw_fd(), bubble_vmm::images::SHIM_ELF).is_err());
 }

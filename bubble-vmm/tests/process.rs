@@ -18,6 +18,7 @@ fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> Spa
         program_args_prefix: vec![],
         max_payload: 1 << 20,
         restore,
+        poll: bubble_vmm::process::DEFAULT_POLL,
     }
 }
 

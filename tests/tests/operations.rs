@@ -376,3 +376,74 @@ async fn bounded_load_has_no_errors_and_leaks_nothing() {
         "fds {fds_before} -> {fds_after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_survives_a_broker_crash_and_pooled_bubbles_are_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || Opts {
+        admin: true,
+        config: Some("[[pool]]\nname = \"small\"\nmemory_mib = 8\nsize = 2\n".into()),
+        ..Opts::default()
+    };
+    let mut broker = BrokerProc::start_with(dir.path(), opts());
+    assert_eq!(wait_pool(&broker, "small", 2.0).await, 2.0);
+    let mut c = broker.client().await;
+    let got = c
+        .attach_bubble(attach_req("small"))
+        .await
+        .unwrap()
+        .into_inner();
+    // The first operation on it waits until the new owner is on disk.
+    c.call(call_req(&got.bubble_id, "echo", b"mine"))
+        .await
+        .unwrap();
+    assert_eq!(wait_pool(&broker, "small", 2.0).await, 2.0);
+    let pooled: Vec<i32> = vmm_pids_under(dir.path())
+        .into_iter()
+        .filter(|p| *p != got.vmm_pid as i32)
+        .collect();
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+    drop(c);
+    broker.kill();
+
+    let broker2 = BrokerProc::start_with(dir.path(), opts());
+    let mut c = broker2.client().await;
+    let k = wait_for(&mut c, &got.bubble_id, Duration::from_secs(5), |b| {
+        b.state == READY
+    })
+    .await;
+    assert_eq!(k.state, READY, "{}", k.failure_reason);
+    assert_eq!(k.vmm_pid, got.vmm_pid);
+    let out = c
+        .call(call_req(&got.bubble_id, "echo", b"still mine"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"still mine");
+    // The pooled bubbles of the crashed broker are never pooled again:
+    // their VMMs are stopped and a fresh pool is booted.
+    let end = Instant::now() + Duration::from_secs(5);
+    while pooled
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < end
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &pooled {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "pooled VMM {p} still runs"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap();
+    assert!(log.contains("pooled bubble discarded after restart"));
+    assert_eq!(wait_pool(&broker2, "small", 2.0).await, 2.0);
+    let fresh = c
+        .attach_bubble(attach_req("small"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(fresh.bubble_id, got.bubble_id);
+}
