@@ -417,7 +417,8 @@ async fn through_broker(
         .await?;
         let (mut sv, mut rv) = (Vec::new(), Vec::new());
         let mut bytes = 0u64;
-        for _ in 0..10 {
+        let samples = if mem == 64 { 30 } else { 10 };
+        for _ in 0..samples {
             let t = Instant::now();
             c2.suspend_bubble(pb::SuspendBubbleRequest {
                 bubble_id: id.clone(),
@@ -426,6 +427,10 @@ async fn through_broker(
             .await?;
             sv.push(t.elapsed());
             bytes = dir_size(&dir.path().join("store/frozen").join(&id));
+            // A parent restores later, not in the same millisecond: let the
+            // suspend's background work (store writeback, spare VMM refill)
+            // finish first.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let t = Instant::now();
             let r = c2
                 .restore_bubble(pb::RestoreBubbleRequest {
@@ -480,11 +485,12 @@ async fn through_broker(
             })
             .await?;
         }
-        let (mut rss, mut guest) = (0u64, 0u64);
+        let (mut rss, mut guest, mut guest_pss) = (0u64, 0u64, 0u64);
         for (_, pid) in &ids {
-            let (r, g) = rss_kib(*pid, 4 << 10);
+            let (r, g, gp) = rss_kib(*pid, 4 << 10);
             rss += r;
             guest += g;
+            guest_pss += gp;
         }
         let mut s = stat(v);
         s.extra.insert("bubbles".into(), json!(n));
@@ -499,8 +505,15 @@ async fn through_broker(
             json!(guest / n as u64),
         );
         s.extra.insert(
+            "guest_pss_per_bubble_kib".into(),
+            json!(guest_pss / n as u64),
+        );
+        // What a bubble costs beyond its guest pages: the process's PSS
+        // minus the PSS of its guest memory (shared image pages count as
+        // their share in both).
+        s.extra.insert(
             "rss_beyond_guest_per_bubble_kib".into(),
-            json!((rss - guest) / n as u64),
+            json!(rss.saturating_sub(guest_pss) / n as u64),
         );
         results.insert("density_1000", s);
         for (id, _) in ids {
@@ -612,34 +625,69 @@ async fn wait_pool(broker: &Broker, depth: usize) {
     }
 }
 
-/// (PSS of the whole process, RSS of the guest memory mapping) of a VMM
-/// process, KiB. PSS shares the pages of the (shared) binary and libraries
-/// among the processes that map them; the guest mapping is the anonymous
-/// mapping of exactly the guest memory size.
-fn rss_kib(pid: u32, guest_kib: u64) -> (u64, u64) {
-    let field = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let pss = field(&rollup, "Pss:");
+/// Memory of a VMM process, KiB: (PSS of the whole process, RSS of guest
+/// memory, PSS of guest memory). PSS shares pages mapped by several
+/// processes (binary, libraries, the shared shim image) among them. Guest
+/// memory is `guest_kib` of contiguous address space: one anonymous
+/// mapping, or an anonymous mapping split by the shared image mapped
+/// copy-on-write inside it (`/memfd:bubble-image`).
+fn rss_kib(pid: u32, guest_kib: u64) -> (u64, u64, u64) {
+    struct Vma {
+        start: u64,
+        end: u64,
+        name: String,
+        rss: u64,
+        pss: u64,
+    }
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut in_guest, mut guest) = (false, 0u64);
+    let mut vmas: Vec<Vma> = Vec::new();
     for l in smaps.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
-        if f.first().is_some_and(|a| a.contains('-') && a.len() > 8) {
-            in_guest = false;
-        } else if f.first() == Some(&"Size:") {
-            in_guest = f.get(1).and_then(|v| v.parse::<u64>().ok()) == Some(guest_kib);
-        } else if f.first() == Some(&"Rss:") && in_guest {
-            guest += f.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            in_guest = false;
+        let Some(first) = f.first() else { continue };
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                vmas.push(Vma {
+                    start,
+                    end,
+                    name: f.get(5..).map(|n| n.join(" ")).unwrap_or_default(),
+                    rss: 0,
+                    pss: 0,
+                });
+                continue;
+            }
+        }
+        let val = || f.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if let Some(v) = vmas.last_mut() {
+            match *first {
+                "Rss:" => v.rss = val(),
+                "Pss:" => v.pss = val(),
+                _ => {}
+            }
         }
     }
-    (pss, guest)
+    let pss_total: u64 = vmas.iter().map(|v| v.pss).sum();
+    let size = guest_kib * 1024;
+    // Guest memory: a run of adjacent mappings spanning exactly its size,
+    // either one anonymous mapping or anonymous + image + anonymous.
+    for (i, v) in vmas.iter().enumerate() {
+        let mut end = v.end;
+        let mut k = i;
+        while end - v.start < size && k + 1 < vmas.len() && vmas[k + 1].start == end {
+            k += 1;
+            end = vmas[k].end;
+        }
+        let run = &vmas[i..=k];
+        let anon = |m: &Vma| m.name.is_empty() || m.name.contains("memfd:bubble-image");
+        if end - v.start == size
+            && run.iter().all(anon)
+            && (run.len() == 1 || run.iter().any(|m| !m.name.is_empty()))
+        {
+            let rss = run.iter().map(|m| m.rss).sum();
+            let pss = run.iter().map(|m| m.pss).sum();
+            return (pss_total, rss, pss);
+        }
+    }
+    (pss_total, 0, 0)
 }
 
 fn print_results(results: &BTreeMap<&str, Stat>) {

@@ -1487,6 +1487,7 @@ impl Broker {
             image: rec.image.clone(),
             total_len: 0,
             chunks: 0,
+            page_runs: Vec::new(),
         };
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
         // If storing fails (full disk, store down), the bubble keeps running.
@@ -1553,28 +1554,47 @@ impl Broker {
         // creates the empty VM; it receives nothing unless all verifies.
         // Only the registry's current generation may run: an older copy
         // (rollback) or an already restored one is refused.
+        let (header, cipher) = self.frozen.open(&id, frozen.generation, kek).await?;
+        if header.owner != rec.owner || header.generation != rec.generation {
+            return Err(BrokerError::DataLoss(
+                "frozen copy does not match the registry (owner or generation)".into(),
+            ));
+        }
         let (fetched, spawned) = tokio::join!(
             async {
-                let r = self.frozen.get(&id, frozen.generation, kek).await;
+                let r = self
+                    .frozen
+                    .fetch(&id, frozen.generation, &header, cipher)
+                    .await;
                 (r, t0.elapsed())
             },
-            Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+            async {
+                let vmm =
+                    Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+                        .await?;
+                // The sealed header's page runs: the VMM faults those pages
+                // in (zeroes only) while the chunks are still verified, and
+                // says where its guest memory is for the verified pages.
+                let span = match vmm.prefault(&header.page_runs).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(bubble = %id, error = %e, "prefault refused; streaming the snapshot");
+                        None
+                    }
+                };
+                Ok::<_, String>((vmm, span))
+            }
         );
         let (fetched, t_fetch) = fetched;
-        let checked = fetched.and_then(|(header, parts)| {
-            if header.owner != rec.owner || header.generation != rec.generation {
-                return Err(BrokerError::DataLoss(
-                    "frozen copy does not match the registry (owner or generation)".into(),
-                ));
-            }
+        let checked = fetched.and_then(|parts| {
             let first = parts.first().map(|p| p.expose()).unwrap_or_default();
             bubble_vmm::snapshot::parse_head(first, header.total_len as usize)
                 .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
-            Ok((header, parts))
+            Ok(parts)
         });
-        let ((header, parts), vmm) = match (checked, spawned) {
+        let (parts, (vmm, span)) = match (checked, spawned) {
             (Ok(x), Ok(vmm)) => (x, vmm),
-            (Err(e), Ok(vmm)) => {
+            (Err(e), Ok((vmm, _))) => {
                 vmm.shutdown().await;
                 return Err(e);
             }
@@ -1583,10 +1603,13 @@ impl Broker {
         };
         let t_spawn = t0.elapsed();
         let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
-        if let Err(e) = vmm.restore(&slices).await {
-            vmm.shutdown().await;
-            return Err(BrokerError::Spawn(format!("restore: {e}")));
-        }
+        let vmm_restore = match vmm.restore(&slices, span).await {
+            Ok(d) => d,
+            Err(e) => {
+                vmm.shutdown().await;
+                return Err(BrokerError::Spawn(format!("restore: {e}")));
+            }
+        };
         drop(slices);
         drop(parts);
         let t_vm = t0.elapsed();
@@ -1617,6 +1640,7 @@ impl Broker {
             fetch_us = t_fetch.as_micros() as u64,
             vmm_ready_us = t_spawn.as_micros() as u64,
             vm_us = (t_vm - t_spawn).as_micros() as u64,
+            vmm_restore_us = vmm_restore.as_micros() as u64,
             total_us = t0.elapsed().as_micros() as u64,
             "bubble restored"
         );

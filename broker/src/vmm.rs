@@ -142,11 +142,24 @@ impl Vmm {
             .map_err(|e| e.to_string())
     }
 
-    /// Sends a snapshot (its parts, in order) to a VMM spawned in restore
-    /// mode.
-    pub async fn restore(&self, snapshot: &[&[u8]]) -> Result<(), String> {
+    /// Has a VMM spawned in restore mode fault in the snapshot's pages
+    /// (runs of guest address, pages) before the snapshot arrives.
+    pub async fn prefault(&self, runs: &[(u64, u64)]) -> Result<Option<vc::GuestSpan>, String> {
         self.client
-            .restore(snapshot, Duration::from_secs(60))
+            .prefault(runs, Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends a snapshot (its parts, in order) to a VMM spawned in restore
+    /// mode; returns how long the VMM took to rebuild the VM.
+    pub async fn restore(
+        &self,
+        snapshot: &[&[u8]],
+        direct: Option<vc::GuestSpan>,
+    ) -> Result<Duration, String> {
+        self.client
+            .restore(snapshot, direct, Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())
     }

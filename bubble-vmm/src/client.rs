@@ -67,6 +67,9 @@ pub enum VmmError {
     /// The bubble failed.
     #[error("{0}")]
     Failed(String),
+    /// A snapshot to restore is malformed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// Errors of a call.
@@ -239,10 +242,17 @@ impl Spawner {
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
-        self.refill();
         let Some(mut sp) = spare else {
+            self.refill();
             return spawn(cfg).await;
         };
+        // Starting a process costs milliseconds of CPU: do it after the
+        // bubble this spare serves is up, not in competition with it.
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REFILL_DELAY).await;
+            me.refill();
+        });
         prepare_dir(cfg)?;
         let args = VmmArgs {
             bubble_id: cfg.bubble_id.clone(),
@@ -295,6 +305,93 @@ fn peek_readable(rd: &tokio::net::unix::OwnedReadHalf) -> bool {
     };
     n >= 0
 }
+
+/// Where a restoring VMM keeps guest memory (in its address space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestSpan {
+    /// Host address of guest-physical 0.
+    pub host: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Why pages could not be written into a VMM directly.
+enum WriteError {
+    /// The snapshot is malformed.
+    Snapshot(String),
+    /// The kernel refused (or wrote short); the caller streams instead.
+    Refused(std::io::Error),
+}
+
+/// Pages written by one `process_vm_writev` call at most.
+const PAGES_PER_WRITEV: usize = 512;
+
+/// Writes a snapshot's pages into the guest memory of VMM `pid` (at
+/// `span`); returns the encoded vCPU state. Every address is checked
+/// against the snapshot's memory size and the span first.
+fn write_pages(pid: u32, span: GuestSpan, snapshot: &[&[u8]]) -> Result<Vec<u8>, WriteError> {
+    let (state, pages) =
+        crate::snapshot::split_pages(snapshot).map_err(|e| WriteError::Snapshot(e.to_string()))?;
+    let page = crate::layout::PAGE;
+    for chunk in pages.chunks(PAGES_PER_WRITEV) {
+        let mut local = Vec::with_capacity(chunk.len());
+        let mut remote = Vec::with_capacity(chunk.len());
+        for (gpa, data) in chunk {
+            if gpa.checked_add(page).is_none_or(|e| e > span.len) || data.len() as u64 != page {
+                return Err(WriteError::Snapshot("page outside guest memory".into()));
+            }
+            local.push(libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            });
+            remote.push(libc::iovec {
+                iov_base: (span.host + gpa) as *mut libc::c_void,
+                iov_len: page as usize,
+            });
+        }
+        let want = chunk.len() * page as usize;
+        // SAFETY: `local` points at live page buffers owned by `pages`;
+        // `remote` names addresses in the VMM's guest memory mapping (each
+        // page checked to lie within its length). The kernel checks that
+        // we may write the other process's memory.
+        let n = unsafe {
+            libc::process_vm_writev(
+                pid as libc::pid_t,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(WriteError::Refused(std::io::Error::last_os_error()));
+        }
+        if n as usize != want {
+            return Err(WriteError::Refused(std::io::Error::other("short write")));
+        }
+    }
+    Ok(state)
+}
+
+/// The answer to RESTORE or RESTORE_STATE: the VMM's rebuild time.
+fn restore_answer(f: Frame) -> Result<Duration, VmmError> {
+    match f.kind {
+        kind::RESTORE_OK => Ok(Duration::from_micros(
+            f.body
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0),
+        )),
+        _ => Err(VmmError::Protocol(
+            String::from_utf8_lossy(&f.body).into_owned(),
+        )),
+    }
+}
+
+/// How long after a spare is taken its replacement starts.
+const REFILL_DELAY: Duration = Duration::from_millis(30);
 
 /// How long a request whose sending failed waits for the VMM's reason.
 const REFUSAL_GRACE: Duration = Duration::from_millis(500);
@@ -683,16 +780,66 @@ impl VmmClient {
         }
     }
 
-    /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
-    /// VMM started in restore mode; the guest is READY when this returns.
-    pub async fn restore(&self, snapshot: &[&[u8]], timeout: Duration) -> Result<(), VmmError> {
-        let f = self.request_parts(kind::RESTORE, snapshot, timeout).await?;
+    /// Asks a VMM in restore mode to fault in these page runs (guest
+    /// address, pages) ahead of its snapshot; only zeroes are written.
+    /// Returns where guest memory lies in the VMM (host address, length),
+    /// for [`VmmClient::restore`] to write pages into directly.
+    pub async fn prefault(
+        &self,
+        runs: &[(u64, u64)],
+        timeout: Duration,
+    ) -> Result<Option<GuestSpan>, VmmError> {
+        let f = self
+            .request(kind::PREFAULT, crate::snapshot::encode_runs(runs), timeout)
+            .await?;
+        let word = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(f.body.get(i..i + 8)?.try_into().ok()?))
+        };
         match f.kind {
-            kind::RESTORE_OK => Ok(()),
+            kind::PREFAULT_OK => Ok(word(0)
+                .zip(word(8))
+                .map(|(host, len)| GuestSpan { host, len })),
             _ => Err(VmmError::Protocol(
                 String::from_utf8_lossy(&f.body).into_owned(),
             )),
         }
+    }
+
+    /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
+    /// VMM started in restore mode; the guest is READY when this returns.
+    /// Returns the time the VMM spent rebuilding the VM.
+    ///
+    /// With `direct` (from [`VmmClient::prefault`]) the pages are written
+    /// straight into the VMM's guest memory with `process_vm_writev` (one
+    /// copy, no socket) and only the vCPU state is sent; where the kernel
+    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed.
+    pub async fn restore(
+        &self,
+        snapshot: &[&[u8]],
+        direct: Option<GuestSpan>,
+        timeout: Duration,
+    ) -> Result<Duration, VmmError> {
+        if let Some(span) = direct {
+            let written = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(|| write_pages(self.pid, span, snapshot))
+                }
+                _ => write_pages(self.pid, span, snapshot),
+            };
+            match written {
+                Ok(state) => {
+                    let f = self.request(kind::RESTORE_STATE, state, timeout).await?;
+                    return restore_answer(f);
+                }
+                Err(WriteError::Snapshot(e)) => return Err(VmmError::Snapshot(e)),
+                // Not allowed here: stream it instead.
+                Err(WriteError::Refused(e)) => {
+                    tracing::info!(error = %e, "writing guest pages directly refused; streaming the snapshot");
+                }
+            }
+        }
+        let f = self.request_parts(kind::RESTORE, snapshot, timeout).await?;
+        restore_answer(f)
     }
 
     /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.

@@ -52,6 +52,17 @@ pub mod kind {
     pub const SUSPEND: u8 = 0x06;
     /// Rebuild the VM from a snapshot (restore mode; answer: RESTORE_OK).
     pub const RESTORE: u8 = 0x07;
+    /// Fault in guest pages ahead of RESTORE (restore mode; body: page
+    /// runs, see [`crate::snapshot::encode_runs`]; answer: PREFAULT_OK).
+    /// Only zeroes are written: no guest byte travels with it.
+    pub const PREFAULT: u8 = 0x08;
+    /// Pages faulted in; body: `[host address u64][length u64]` of guest
+    /// memory in the VMM, for the broker to write verified pages into
+    /// directly (`process_vm_writev`) before RESTORE_STATE.
+    pub const PREFAULT_OK: u8 = 0x88;
+    /// Restore mode, pages already written into guest memory by the
+    /// broker: the body is the encoded vCPU state (answer: RESTORE_OK).
+    pub const RESTORE_STATE: u8 = 0x09;
     /// The VM's snapshot: `[state_len u32][state][n u32][(gpa u64, page)*]`.
     pub const SNAPSHOT: u8 = 0x86;
     /// Restore done; the guest is ready.

@@ -338,14 +338,19 @@ fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
     Ok(b)
 }
 
-/// Restore mode: create the (empty) VM at once, while the broker fetches
-/// and verifies the frozen copy; then stream the snapshot from the first
-/// connection straight into guest memory (no boot: the guest resumes
-/// where it stopped, in its doorbell exit), then serve as usual.
+/// Restore mode: map guest memory and create the KVM VM (on a helper
+/// thread) at once, while the broker fetches and verifies the frozen
+/// copy; fault in the pages it names (PREFAULT); then stream the snapshot
+/// from the first connection straight into guest memory (no boot: the
+/// guest resumes where it stopped, in its doorbell exit), then serve as
+/// usual.
 fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStream>) {
     let started = Instant::now();
-    let prepared =
-        Vm::for_restore_of_size(u64::from(args.memory_mib) << 20, args.max_payload as u64);
+    let mem_size = u64::from(args.memory_mib) << 20;
+    // Guest memory now (prefaulting needs it); the KVM VM and vCPU on a
+    // helper thread meanwhile (about a millisecond of work).
+    let shell = std::thread::spawn(vm::VmShell::new);
+    let memory = vm::anon_memory(mem_size);
     let Ok(conn) = conns.recv() else { return };
     let Ok(reader) = conn.try_clone() else {
         return;
@@ -355,7 +360,7 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
     if let Ok(mut c) = shared.conn.lock() {
         *c = Some(conn.try_clone().unwrap_or(conn));
     }
-    let mut prepared = Some(prepared);
+    let mut prepared = Some((shell, memory));
     let guest = loop {
         let Ok((fkind, fid, body_len)) = Frame::read_head(&mut reader) else {
             return;
@@ -367,6 +372,7 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
                 body,
             })
         };
+        let mut state_only = None;
         if fkind != kind::RESTORE {
             let mut body = vec![0u8; body_len];
             if io::Read::read_exact(&mut reader, &mut body).is_err() {
@@ -381,21 +387,61 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
                     let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
                     reply(kind::STATUS_OK, st.encode());
                 }
+                kind::PREFAULT => {
+                    // Fault in the pages the snapshot will fill while the
+                    // broker still fetches and verifies it.
+                    let mem = u64::from(args.memory_mib) << 20;
+                    match (
+                        crate::snapshot::decode_runs(&body, mem),
+                        prepared.as_ref().map(|p| &p.1),
+                    ) {
+                        (Some(runs), Some(Ok(memory))) => {
+                            for (g, n) in runs {
+                                vm::populate(memory, (0..n).map(|k| g + k * crate::layout::PAGE));
+                            }
+                            let mut where_ = Vec::with_capacity(16);
+                            if let Some((host, len)) = vm::host_span(memory) {
+                                where_.extend((host as u64).to_le_bytes());
+                                where_.extend((len as u64).to_le_bytes());
+                            }
+                            reply(kind::PREFAULT_OK, where_);
+                        }
+                        _ => reply(kind::ERROR, b"malformed PREFAULT".to_vec()),
+                    }
+                }
                 kind::SHUTDOWN => {
                     // The restore was called off (e.g. the frozen copy did
                     // not verify): no guest byte was ever received.
                     reply(kind::SHUTDOWN_OK, Vec::new());
                     std::process::exit(0);
                 }
+                kind::RESTORE_STATE => state_only = Some(body),
                 _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
             }
-            continue;
-        }
-        let built = match prepared.take() {
-            Some(Ok(mut vm)) => {
-                crate::snapshot::restore_from(&mut vm, &mut reader, body_len).map(|()| vm)
+            if state_only.is_none() {
+                continue;
             }
-            Some(Err(e)) => Err(e.into()),
+        }
+        let t_restore = Instant::now();
+        let built = match prepared.take() {
+            Some((shell, memory)) => (|| {
+                let shell = shell
+                    .join()
+                    .map_err(|_| VmError::Memory("VM creation panicked".into()))??;
+                let placeholder = Layout::new(
+                    mem_size,
+                    crate::layout::IMAGE_BASE + crate::layout::PAGE,
+                    4096,
+                )
+                .map_err(VmError::from)?;
+                let mut vm = Vm::from_shell(shell, memory?, &placeholder)?;
+                match &state_only {
+                    // The broker wrote the verified pages into guest memory.
+                    Some(state) => crate::snapshot::restore_state(&mut vm, state)?,
+                    None => crate::snapshot::restore_from(&mut vm, &mut reader, body_len)?,
+                }
+                Ok(vm)
+            })(),
             None => Err(crate::snapshot::RestoreError::Malformed("second RESTORE")),
         };
         let mut vm = match built {
@@ -415,7 +461,9 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
             s.ready = true;
             s.boot_us = boot_us;
         }
-        reply(kind::RESTORE_OK, Vec::new());
+        // The answer carries how long the VMM took (µs), for the logs.
+        let took = t_restore.elapsed().as_micros() as u64;
+        reply(kind::RESTORE_OK, took.to_le_bytes().to_vec());
         shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
         break Guest {
             bubble: Bubble::new(vm),

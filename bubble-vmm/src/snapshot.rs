@@ -73,8 +73,159 @@ pub fn parse_head(first: &[u8], body_len: usize) -> Result<(VmSnapshot, usize), 
     Ok((state, count))
 }
 
+/// The runs of consecutive pages of a snapshot body, as (first guest
+/// address, page count), in address order; `None` if the body does not
+/// parse. Stored (authenticated) with a frozen copy, so that a restoring
+/// VMM can fault those pages in while the copy is still being fetched.
+pub fn page_runs(body: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    let (state, count) = parse_head(body.get(..8 + n)?, body.len()).ok()?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for k in 0..count {
+        let at = 8 + n + k * RECORD_LEN;
+        let gpa = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+        if gpa % PAGE != 0 || gpa.checked_add(PAGE)? > state.mem_size {
+            return None;
+        }
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len * PAGE == gpa => *len += 1,
+            Some((start, len)) if gpa < *start + *len * PAGE => return None,
+            _ => runs.push((gpa, 1)),
+        }
+    }
+    Some(runs)
+}
+
+/// Encodes page runs for a PREFAULT frame: `[n u32][(gpa u64, pages u64)*]`.
+pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + runs.len() * 16);
+    v.extend((runs.len() as u32).to_le_bytes());
+    for (g, n) in runs {
+        v.extend(g.to_le_bytes());
+        v.extend(n.to_le_bytes());
+    }
+    v
+}
+
+/// Decodes page runs and checks them against `mem_size`: page-aligned,
+/// inside memory, in increasing order without overlap.
+pub fn decode_runs(b: &[u8], mem_size: u64) -> Option<Vec<(u64, u64)>> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    if b.len() != n.checked_mul(16)?.checked_add(4)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut end = 0u64;
+    for c in b[4..].chunks_exact(16) {
+        let g = u64::from_le_bytes(c[..8].try_into().ok()?);
+        let pages = u64::from_le_bytes(c[8..].try_into().ok()?);
+        let e = pages.checked_mul(PAGE).and_then(|l| g.checked_add(l))?;
+        if g % PAGE != 0 || pages == 0 || g < end || e > mem_size {
+            return None;
+        }
+        end = e;
+        out.push((g, pages));
+    }
+    Some(out)
+}
+
+/// A read cursor over a snapshot body given as consecutive parts.
+struct Parts<'a> {
+    parts: &'a [&'a [u8]],
+    part: usize,
+    at: usize,
+}
+
+impl<'a> Parts<'a> {
+    /// The next `n` bytes: borrowed when they lie in one part, else copied.
+    /// `None` past the end of the body.
+    fn take(&mut self, n: usize) -> Option<std::borrow::Cow<'a, [u8]>> {
+        while self.part < self.parts.len() && self.at == self.parts[self.part].len() {
+            self.part += 1;
+            self.at = 0;
+        }
+        let parts: &'a [&'a [u8]] = self.parts;
+        let cur: &'a [u8] = parts.get(self.part)?;
+        if let Some(b) = cur.get(self.at..self.at + n) {
+            self.at += n;
+            return Some(std::borrow::Cow::Borrowed(b));
+        }
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            let cur: &'a [u8] = parts.get(self.part)?;
+            let want = (n - v.len()).min(cur.len() - self.at);
+            v.extend_from_slice(&cur[self.at..self.at + want]);
+            self.at += want;
+            if self.at == cur.len() {
+                self.part += 1;
+                self.at = 0;
+            }
+        }
+        Some(std::borrow::Cow::Owned(v))
+    }
+}
+
+/// A snapshot body's pages: (guest address, 4096 bytes), borrowed from the
+/// body where they lie in one part.
+pub type Pages<'a> = Vec<(u64, std::borrow::Cow<'a, [u8]>)>;
+
+/// Splits a snapshot body given as consecutive `parts` into its encoded
+/// vCPU state and its pages, checking every length, that addresses are
+/// page-aligned, inside memory and increasing.
+pub fn split_pages<'a>(parts: &'a [&'a [u8]]) -> Result<(Vec<u8>, Pages<'a>), RestoreError> {
+    let bad = RestoreError::Malformed;
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut cur = Parts {
+        parts,
+        part: 0,
+        at: 0,
+    };
+    let l = cur.take(4).ok_or(bad("short body"))?;
+    let n = u32::from_le_bytes(l[..].try_into().map_err(|_| bad("short body"))?) as usize;
+    if n > MAX_STATE_LEN || n.saturating_add(8) > body_len {
+        return Err(bad("state length out of range"));
+    }
+    let mut head = Vec::with_capacity(8 + n);
+    head.extend_from_slice(&l);
+    head.extend_from_slice(&cur.take(n + 4).ok_or(bad("short state"))?);
+    let (state, count) = parse_head(&head, body_len)?;
+    let mut pages = Vec::with_capacity(count);
+    let mut last: Option<u64> = None;
+    for _ in 0..count {
+        let g = cur.take(8).ok_or(bad("short body"))?;
+        let gpa = u64::from_le_bytes(g[..].try_into().map_err(|_| bad("short body"))?);
+        let in_order = last.is_none_or(|p| gpa > p);
+        if gpa % PAGE != 0 || gpa.checked_add(PAGE).is_none_or(|e| e > state.mem_size) || !in_order
+        {
+            return Err(bad("page address out of range or out of order"));
+        }
+        last = Some(gpa);
+        pages.push((gpa, cur.take(PAGE as usize).ok_or(bad("short body"))?));
+    }
+    Ok((head[4..4 + n].to_vec(), pages))
+}
+
+/// Loads the vCPU state of a snapshot whose pages are already in `vm`'s
+/// guest memory (written there by the broker, see
+/// [`crate::client::VmmClient::restore`]); checks the state and that it
+/// is for this memory size.
+pub fn restore_state(vm: &mut Vm, state: &[u8]) -> Result<(), RestoreError> {
+    let state =
+        VmSnapshot::decode(state).ok_or(RestoreError::Malformed("state does not decode"))?;
+    let vm_size = vm.layout().mem_size;
+    if state.mem_size != vm_size {
+        return Err(RestoreError::MemorySize {
+            snapshot: state.mem_size,
+            vm: vm_size,
+        });
+    }
+    vm.set_layout(state.layout());
+    vm.restore_vcpu(&state.vcpu)?;
+    Ok(())
+}
+
 /// Streams a snapshot body of `body_len` bytes from `r` into `vm` (a VM
-/// prepared with [`Vm::for_restore`] and never run): pages are written
+/// built by [`Vm::from_shell`] and never run): pages are written
 /// as they arrive, in batches pre-faulted in few system calls, then the
 /// vCPU state is loaded. Every length and address is checked; on error
 /// the VM must be discarded (the stream position is lost).
@@ -309,39 +460,7 @@ impl Vm {
     /// Pre-faults the host pages backing these guest pages in few system
     /// calls (runs of contiguous pages), before a restore writes them.
     pub fn populate(&self, gpas: impl Iterator<Item = u64>) {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        let Ok((host, len)) = self.host_range() else {
-            return;
-        };
-        let mut run: Option<(u64, u64)> = None;
-        let flush = |r: (u64, u64)| {
-            let (start, end) = r;
-            if end as usize <= len {
-                // SAFETY: the range lies inside the guest memory mapping;
-                // MADV_POPULATE_WRITE only faults pages in (errors, e.g. on
-                // kernels without it, are harmless: writes fault normally).
-                unsafe {
-                    libc::madvise(
-                        host.add(start as usize) as *mut libc::c_void,
-                        (end - start) as usize,
-                        MADV_POPULATE_WRITE,
-                    );
-                }
-            }
-        };
-        for g in gpas {
-            run = match run {
-                Some((s, e)) if e == g => Some((s, e + PAGE)),
-                Some(r) => {
-                    flush(r);
-                    Some((g, g + PAGE))
-                }
-                None => Some((g, g + PAGE)),
-            };
-        }
-        if let Some(r) = run {
-            flush(r);
-        }
+        crate::vm::populate(self.memory(), gpas)
     }
 
     /// Guest-physical addresses of the pages that are resident and not all

@@ -67,6 +67,90 @@ pub struct Vm {
     run_time: Duration,
 }
 
+/// A KVM VM with its vCPU (CPUID set) and no memory yet: what can be made
+/// before knowing the bubble (a restore prepares it while the frozen copy
+/// is fetched).
+pub struct VmShell {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+}
+
+impl VmShell {
+    /// Creates the VM and its vCPU.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
+        let cpuid = kvm_fd
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("get supported CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+        Ok(Self {
+            kvm: kvm_fd,
+            vm,
+            vcpu,
+        })
+    }
+}
+
+/// Guest memory of `mem_size` bytes from guest-physical 0: anonymous and
+/// `MAP_NORESERVE`, so untouched pages cost no host memory.
+pub fn anon_memory(mem_size: u64) -> Result<GuestMemoryMmap<()>, VmError> {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        .map_err(|e| VmError::Memory(e.to_string()))
+}
+
+/// Host address and length of guest memory (its single region).
+pub fn host_span(mem: &GuestMemoryMmap<()>) -> Option<(*mut u8, usize)> {
+    let region = mem.iter().next()?;
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(0))
+        .ok()?;
+    Some((host, region.len() as usize))
+}
+
+/// Faults in the host pages behind these guest pages in few system calls
+/// (runs of contiguous pages); addresses outside `mem` are skipped.
+pub fn populate(mem: &GuestMemoryMmap<()>, gpas: impl Iterator<Item = u64>) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let Some(region) = mem.iter().next() else {
+        return;
+    };
+    let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+        return;
+    };
+    let len = region.len();
+    let flush = |(start, end): (u64, u64)| {
+        if end <= len {
+            // SAFETY: the range lies inside the guest memory mapping;
+            // MADV_POPULATE_WRITE only faults pages in (errors, e.g. on
+            // kernels without it, are harmless: writes fault normally).
+            unsafe {
+                libc::madvise(
+                    host.add(start as usize).cast(),
+                    (end - start) as usize,
+                    MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    };
+    let mut run: Option<(u64, u64)> = None;
+    for g in gpas {
+        run = match run {
+            Some((s, e)) if e == g => Some((s, e + layout::PAGE)),
+            Some(r) => {
+                flush(r);
+                Some((g, g + layout::PAGE))
+            }
+            None => Some((g, g + layout::PAGE)),
+        };
+    }
+    if let Some(r) = run {
+        flush(r);
+    }
+}
+
 /// Lets another thread stop a running vCPU (see [`Vm::kicker`]).
 #[derive(Clone)]
 pub struct Kicker {
@@ -210,12 +294,21 @@ impl Vm {
     }
 
     fn bare(layout: &Layout) -> Result<Self, VmError> {
-        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-        let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
-        // Anonymous, MAP_NORESERVE: untouched guest pages cost no host memory.
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)])
-                .map_err(|e| VmError::Memory(e.to_string()))?;
+        Self::from_shell(VmShell::new()?, anon_memory(layout.mem_size)?, layout)
+    }
+
+    /// Puts `mem` (guest-physical 0..) into the VM `shell`; the vCPU is not
+    /// set up (a restore loads its state, [`Vm::new`] its entry point).
+    pub fn from_shell(
+        shell: VmShell,
+        mem: GuestMemoryMmap<()>,
+        layout: &Layout,
+    ) -> Result<Self, VmError> {
+        if mem.iter().map(|r| r.len()).sum::<u64>() != layout.mem_size {
+            return Err(VmError::Memory(
+                "guest memory differs from the layout".into(),
+            ));
+        }
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -229,17 +322,12 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the
             // Vm keeps alive for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("set memory region"))?;
+            unsafe { shell.vm.set_user_memory_region(r) }.map_err(kvm("set memory region"))?;
         }
-        let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
-        let cpuid = kvm_fd
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("get supported CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
         Ok(Self {
-            _kvm: kvm_fd,
-            _vm: vm,
-            vcpu,
+            _kvm: shell.kvm,
+            _vm: shell.vm,
+            vcpu: shell.vcpu,
             mem,
             layout: *layout,
             run_time: Duration::ZERO,
@@ -314,19 +402,6 @@ impl Vm {
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| VmError::Memory(e.to_string()))?;
         Ok((host, region.len() as usize))
-    }
-
-    /// An empty VM for restoring a snapshot: memory of the recorded layout,
-    /// nothing loaded; the caller writes the pages and the vCPU state.
-    pub fn for_restore(layout: &Layout) -> Result<Self, VmError> {
-        Self::bare(layout)
-    }
-
-    /// An empty VM of `mem_size` bytes, prepared before its snapshot
-    /// arrives; [`crate::snapshot::restore_from`] sets the real layout.
-    pub fn for_restore_of_size(mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        let placeholder = Layout::new(mem_size, layout::IMAGE_BASE + layout::PAGE, max_payload)?;
-        Self::bare(&placeholder)
     }
 
     /// Replaces the layout (restore only: the memory size must not change).

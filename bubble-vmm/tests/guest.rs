@@ -247,3 +247,72 @@ fn a_shared_image_is_copy_on_write_and_sealed() {
     use std::os::fd::IntoRawFd;
     assert!(SharedImage::adopt(f.into_raw_fd(), bubble_vmm::images::SHIM_ELF).is_err());
 }
+
+/// A snapshot body of a booted bubble, as the VMM encodes it.
+fn snapshot_body(b: &mut Bubble) -> Vec<u8> {
+    let vm = b.vm();
+    let state = vm.capture().unwrap().encode();
+    let pages = vm.nonzero_pages().unwrap();
+    let mut body = Vec::new();
+    body.extend((state.len() as u32).to_le_bytes());
+    body.extend(&state);
+    body.extend((pages.len() as u32).to_le_bytes());
+    let mut buf = vec![0u8; 4096];
+    for gpa in pages {
+        vm.read(gpa, &mut buf).unwrap();
+        body.extend(gpa.to_le_bytes());
+        body.extend(&buf);
+    }
+    body
+}
+
+#[test]
+fn snapshot_bodies_split_the_same_however_they_are_cut() {
+    use bubble_vmm::snapshot::{decode_runs, encode_runs, page_runs, split_pages};
+    let (mut b, r) = boot(GuestImage::Shim, 16);
+    r.unwrap();
+    let body = snapshot_body(&mut b);
+    let whole = [&body[..]];
+    let (state, pages) = split_pages(&whole).unwrap();
+    let runs = page_runs(&body).unwrap();
+    assert_eq!(
+        runs.iter().map(|r| r.1).sum::<u64>() as usize,
+        pages.len(),
+        "runs cover every page"
+    );
+    assert_eq!(
+        decode_runs(&encode_runs(&runs), 16 << 20),
+        Some(runs.clone())
+    );
+    for cut in [1usize, 4, 4097, body.len() / 3, body.len() - 1] {
+        let (x, y) = body.split_at(cut);
+        let (z, w) = y.split_at(y.len() / 2);
+        let parts = [x, &[][..], z, w];
+        let (s2, p2) = split_pages(&parts).unwrap();
+        assert_eq!(s2, state);
+        assert_eq!(p2, pages, "cut {cut}");
+    }
+    // Truncations and hostile page addresses are refused without panics.
+    for n in [0usize, 3, 8, 100, body.len() - 1] {
+        assert!(split_pages(&[&body[..n]]).is_err(), "{n}");
+        assert!(page_runs(&body[..n]).is_none(), "{n}");
+    }
+    let n = u32::from_le_bytes(body[..4].try_into().unwrap()) as usize;
+    for gpa in [1u64, 16 << 20, u64::MAX - 4095] {
+        let mut bad = body.clone();
+        bad[8 + n..16 + n].copy_from_slice(&gpa.to_le_bytes());
+        assert!(split_pages(&[&bad]).is_err(), "{gpa:#x}");
+        assert!(page_runs(&bad).is_none(), "{gpa:#x}");
+    }
+    // Runs outside memory, overlapping, unaligned or empty are refused.
+    for bad in [
+        vec![(16u64 << 20, 1u64)],
+        vec![(0, 2), (4096, 1)],
+        vec![(1, 1)],
+        vec![(0, 0)],
+        vec![(0, u64::MAX)],
+    ] {
+        assert_eq!(decode_runs(&encode_runs(&bad), 16 << 20), None, "{bad:?}");
+    }
+    assert_eq!(decode_runs(&[1, 0, 0], 16 << 20), None);
+}

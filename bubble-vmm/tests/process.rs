@@ -183,7 +183,8 @@ async fn suspend_and_restore_continue_identically() {
     // Sent in uneven parts (as the broker sends decrypted chunks).
     let (x, rest) = snap.split_at(1000);
     let (y, z) = rest.split_at(rest.len() / 2 + 3);
-    b.restore(&[x, y, z], Duration::from_secs(10))
+    // Streamed over the socket.
+    b.restore(&[x, y, z], None, Duration::from_secs(10))
         .await
         .unwrap();
     b.wait_ready(Duration::from_secs(5)).await.unwrap();
@@ -193,13 +194,33 @@ async fn suspend_and_restore_continue_identically() {
     assert_eq!(b.call("echo", b"after", d).await.unwrap(), b"after");
     b.shutdown(Duration::from_secs(2)).await;
 
+    // Pages faulted in ahead, then written straight into guest memory.
+    let runs = bubble_vmm::snapshot::page_runs(&snap).unwrap();
+    assert!(!runs.is_empty());
+    let b = spawn(&cfg(dir.path(), "b-s2d", GuestImage::Shim, true))
+        .await
+        .unwrap();
+    let span = b.prefault(&runs, Duration::from_secs(5)).await.unwrap();
+    let span = span.expect("guest memory span");
+    assert_eq!(span.len, 16 << 20);
+    b.restore(&[x, y, z], Some(span), Duration::from_secs(10))
+        .await
+        .unwrap();
+    b.wait_ready(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(b.call("keys", b"", d).await.unwrap(), keys);
+    assert_eq!(b.call("hmac", &h, d).await.unwrap(), mac);
+    b.shutdown(Duration::from_secs(2)).await;
+
     // A corrupted snapshot is refused and starts nothing.
     let c = spawn(&cfg(dir.path(), "b-s3", GuestImage::Shim, true))
         .await
         .unwrap();
     let mut bad = snap.clone();
     bad.truncate(100);
-    assert!(c.restore(&[&bad], Duration::from_secs(5)).await.is_err());
+    assert!(c
+        .restore(&[&bad], None, Duration::from_secs(5))
+        .await
+        .is_err());
     c.kill();
 
     // A page address outside guest memory is refused.
@@ -209,7 +230,25 @@ async fn suspend_and_restore_continue_identically() {
     let c = spawn(&cfg(dir.path(), "b-s4", GuestImage::Shim, true))
         .await
         .unwrap();
-    assert!(c.restore(&[&bad], Duration::from_secs(5)).await.is_err());
+    assert!(c
+        .restore(&[&bad], None, Duration::from_secs(5))
+        .await
+        .is_err());
+    c.kill();
+    // ... on the direct path too, and page runs outside memory as well.
+    let c = spawn(&cfg(dir.path(), "b-s6", GuestImage::Shim, true))
+        .await
+        .unwrap();
+    assert!(c
+        .prefault(&[(16 << 20, 1)], Duration::from_secs(5))
+        .await
+        .is_err());
+    let span = c.prefault(&[], Duration::from_secs(5)).await.unwrap();
+    let e = c
+        .restore(&[&bad], span, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(format!("{e}").contains("snapshot"), "{e}");
     c.kill();
 
     // A snapshot of another memory size is refused by a VM prepared for
@@ -218,7 +257,7 @@ async fn suspend_and_restore_continue_identically() {
     other.memory_mib *= 2;
     let c = spawn(&other).await.unwrap();
     let e = c
-        .restore(&[&snap], Duration::from_secs(5))
+        .restore(&[&snap], None, Duration::from_secs(5))
         .await
         .unwrap_err();
     assert!(format!("{e}").contains("memory"), "{e}");

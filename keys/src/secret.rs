@@ -30,6 +30,15 @@ impl SecretBytes {
         &mut self.0
     }
 
+    /// Zeroizes the secret and gives its (now empty) buffer back, so that
+    /// its capacity can be reused without fresh allocations.
+    pub fn into_zeroized_buffer(mut self) -> Vec<u8> {
+        let mut v = core::mem::take(&mut *self.0);
+        v.zeroize();
+        v.clear();
+        v
+    }
+
     /// Shortens the secret to `len` bytes (the cut bytes are zeroized).
     pub fn truncate(&mut self, len: usize) {
         if len < self.0.len() {

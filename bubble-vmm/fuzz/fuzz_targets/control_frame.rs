@@ -10,4 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = Status::decode(data);
     let _ = control::decode_call(data);
     let _ = bubble_vmm::snapshot::parse_head(data, data.len());
+    let _ = bubble_vmm::snapshot::page_runs(data);
+    let _ = bubble_vmm::snapshot::decode_runs(data, 64 << 20);
+    let _ = bubble_vmm::snapshot::split_pages(&[data]);
 });
