@@ -242,17 +242,10 @@ impl Spawner {
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
+        self.refill();
         let Some(mut sp) = spare else {
-            self.refill();
             return spawn(cfg).await;
         };
-        // Starting a process costs milliseconds of CPU: do it after the
-        // bubble this spare serves is up, not in competition with it.
-        let me = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(REFILL_DELAY).await;
-            me.refill();
-        });
         prepare_dir(cfg)?;
         let args = VmmArgs {
             bubble_id: cfg.bubble_id.clone(),
@@ -389,9 +382,6 @@ fn restore_answer(f: Frame) -> Result<Duration, VmmError> {
         )),
     }
 }
-
-/// How long after a spare is taken its replacement starts.
-const REFILL_DELAY: Duration = Duration::from_millis(30);
 
 /// How long a request whose sending failed waits for the VMM's reason.
 const REFUSAL_GRACE: Duration = Duration::from_millis(500);
