@@ -81,6 +81,7 @@ const ALL: &[&str] = &[
     "restore_512m",
     "create_to_ready",
     "call_echo_64b",
+    "load_8_parents",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -148,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         "restore_64m",
         "suspend_512m",
         "restore_512m",
+        "load_8_parents",
     ]
     .iter()
     .any(|m| want(m))
@@ -519,6 +521,47 @@ async fn through_broker(
         for (id, _) in ids {
             c.delete_bubble(pb::BubbleRef { bubble_id: id }).await?;
         }
+    }
+    if want("load_8_parents") {
+        // `bubblectl load` against this broker over mutual TLS on loopback:
+        // 8 parents, each 10 rounds of attach/create, calls, delete, plus
+        // 500 steady calls on a bubble of its own.
+        let pki = dir.path().join("pki");
+        bubbled::pki::init(&pki, &[])?;
+        let listener = server::bind_tcp("127.0.0.1:0".parse()?).await?;
+        let port = listener.local_addr()?.port();
+        let (tls_stop, tls_rx) = tokio::sync::oneshot::channel::<()>();
+        let b = broker.clone();
+        let files = server::TlsFiles::in_pki_dir(&pki);
+        let tls = tokio::spawn(async move {
+            server::serve_tls(b, listener, &files, async {
+                let _ = tls_rx.await;
+            })
+            .await
+        });
+        let rep = bubbled::load::run(bubbled::load::LoadSpec {
+            endpoint: format!("https://localhost:{port}"),
+            pki,
+            parents: 8,
+            rounds: 10,
+            calls_per_round: 5,
+            steady_calls: 500,
+            profile: Some("warm".into()),
+            memory_mib: 16,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let _ = tls_stop.send(());
+        let _ = tls.await;
+        let mut s = stat(rep.latencies.get("steady").cloned().unwrap_or_default());
+        s.extra.insert("samples".into(), json!("steady calls"));
+        s.extra.insert("report".into(), rep.to_json());
+        anyhow::ensure!(
+            rep.error_count() == 0,
+            "load run had errors: {}",
+            rep.to_json()
+        );
+        results.insert("load_8_parents", s);
     }
     let _ = stop_tx.send(());
     let _ = srv.await;
