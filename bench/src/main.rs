@@ -251,10 +251,15 @@ async fn through_broker(
             deadline_ms: 0,
             ..Default::default()
         };
-        results.insert(
-            "call_echo_64b",
-            stat(time_calls(&mut c, &req, opts.calls, 64).await?),
+        let mut s = stat(time_calls(&mut c, &req, opts.calls, 64).await?);
+        let m = broker.scrape();
+        let broker_mean = metric_value(&m, "bubbled_call_seconds_sum")
+            / metric_value(&m, "bubbled_call_seconds_count").max(1.0);
+        s.extra.insert(
+            "broker_side_mean_us".into(),
+            json!(round(broker_mean * 1e6)),
         );
+        results.insert("call_echo_64b", s);
         c.delete_bubble(pb::BubbleRef {
             bubble_id: b.bubble_id,
         })
