@@ -13,6 +13,13 @@
 //! | `CALL` 0x03 | broker → VMM | `[deadline_ms u32][op_len u8][op][input]` |
 //! | `SHUTDOWN` 0x04 | broker → VMM | empty |
 //! | `CONFIGURE` 0x05 | broker → spare VMM | its arguments, NUL-separated (first frame only) |
+//! | `SUSPEND` 0x06 | broker → VMM | empty (answer: `SNAPSHOT`) |
+//! | `RESTORE` 0x07 | broker → VMM (restore mode) | a snapshot, streamed into guest memory |
+//! | `PREFAULT` 0x08 | broker → VMM (restore mode) | page runs to fault in (zeroes only) |
+//! | `RESTORE_STATE` 0x09 | broker → VMM (restore mode) | vCPU state; the pages are already in guest memory |
+//! | `SNAPSHOT` 0x86 | VMM → broker | `[state_len u32][state][n u32][(gpa u64, page)*]` |
+//! | `RESTORE_OK` 0x87 | VMM → broker | `[µs u64]` the VMM took |
+//! | `PREFAULT_OK` 0x88 | VMM → broker | `[host address u64][length u64]` of guest memory |
 //! | `STATUS_OK` 0x81 | VMM → broker | [`Status`] |
 //! | `CALL_OK` 0x82 | VMM → broker | output |
 //! | `CALL_ERR` 0x83 | VMM → broker | `[kind u8][text]` (see [`CallErrKind`]); for `Rejected`, `[kind][guest code u16 LE][text]` |
