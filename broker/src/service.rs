@@ -1607,7 +1607,7 @@ impl Broker {
             Ok(d) => d,
             Err(e) => {
                 vmm.shutdown().await;
-                return Err(BrokerError::Spawn(format!("restore: {e}")));
+                return Err(e);
             }
         };
         drop(slices);

@@ -8,6 +8,7 @@ use bubble_vmm::client as vc;
 use tokio::sync::mpsc;
 
 use crate::config::BrokerConfig;
+use crate::error::BrokerError;
 
 /// Guest image a bubble boots.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,11 +158,19 @@ impl Vmm {
         &self,
         snapshot: &[&[u8]],
         direct: Option<vc::GuestSpan>,
-    ) -> Result<Duration, String> {
-        self.client
+    ) -> Result<Duration, BrokerError> {
+        match self
+            .client
             .restore(snapshot, direct, Duration::from_secs(60))
             .await
-            .map_err(|e| e.to_string())
+        {
+            Ok(d) => Ok(d),
+            // Authenticated, yet it does not lay out: damaged, not transient.
+            Err(vc::VmmError::Snapshot(e)) => Err(BrokerError::DataLoss(format!(
+                "snapshot does not decode: {e}"
+            ))),
+            Err(e) => Err(BrokerError::Spawn(format!("restore: {e}"))),
+        }
     }
 
     /// Reconnects to a running VMM after a broker restart; returns whether
