@@ -318,21 +318,6 @@ impl FrozenStore {
         Ok((header, cipher))
     }
 
-    /// Reads and verifies a frozen bubble entirely; returns its header and
-    /// the decrypted snapshot as its chunks, in order (secrets: zeroized
-    /// when dropped). Chunks are fetched concurrently and decrypted in
-    /// place on the blocking pool. Nothing is started here.
-    pub async fn get(
-        &self,
-        id: &str,
-        generation: u64,
-        kek: &Kek,
-    ) -> Result<(Header, Vec<PlainChunk>), BrokerError> {
-        let (header, cipher) = self.open(id, generation, kek).await?;
-        let parts = self.fetch(id, generation, &header, cipher).await?;
-        Ok((header, parts))
-    }
-
     /// Reads and decrypts the chunks of a frozen copy opened with
     /// [`FrozenStore::open`], concurrently, each in place on the blocking
     /// pool; checks the total length. Returns them in order.

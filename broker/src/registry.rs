@@ -304,13 +304,8 @@ impl Registry {
         Ok(got)
     }
 
-    /// Writes a record that just got its owner (warm-pool attach) together
-    /// with the owner's idempotency key, in one transaction.
-    pub fn assign(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
-        self.assign_many(std::slice::from_ref(rec))
-    }
-
-    /// Records several assignments in one durable transaction.
+    /// Writes records that just got their owner (warm-pool attach),
+    /// each with its owner's idempotency key, in one durable transaction.
     pub fn assign_many(&self, recs: &[BubbleRecord]) -> Result<(), RegistryError> {
         let txn = self.db.begin_write()?;
         {

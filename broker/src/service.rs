@@ -81,6 +81,17 @@ pub struct Broker {
     kek: bubble_keys::Kek,
 }
 
+/// The record `parent` made (or attached) with `client_request_id`.
+fn by_request<'a>(
+    records: &'a HashMap<String, BubbleRecord>,
+    parent: &str,
+    client_request_id: &str,
+) -> Option<&'a BubbleRecord> {
+    records
+        .values()
+        .find(|r| r.owner == parent && r.client_request_id == client_request_id)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1053,10 +1064,7 @@ impl Broker {
                 .map_err(|_| BrokerError::Spawn("record table poisoned".into()))?;
             // A concurrent retry of the same attach already got one.
             if !client_request_id.is_empty() {
-                if let Some(r) = m
-                    .values()
-                    .find(|r| r.owner == parent && r.client_request_id == client_request_id)
-                {
+                if let Some(r) = by_request(&m, parent, client_request_id) {
                     return Ok(Some(r.clone()));
                 }
             }
@@ -1101,9 +1109,7 @@ impl Broker {
     /// table has it (assignments not yet on disk included).
     fn request_in_memory(&self, parent: &str, client_request_id: &str) -> Option<String> {
         let m = self.records.lock().ok()?;
-        m.values()
-            .find(|r| r.owner == parent && r.client_request_id == client_request_id)
-            .map(|r| r.id.clone())
+        by_request(&m, parent, client_request_id).map(|r| r.id.clone())
     }
 
     /// Writes pending pool assignments (owner and request id) in one

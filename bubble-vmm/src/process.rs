@@ -390,9 +390,8 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
                 kind::PREFAULT => {
                     // Fault in the pages the snapshot will fill while the
                     // broker still fetches and verifies it.
-                    let mem = u64::from(args.memory_mib) << 20;
                     match (
-                        crate::snapshot::decode_runs(&body, mem),
+                        crate::snapshot::decode_runs(&body, mem_size),
                         prepared.as_ref().map(|p| &p.1),
                     ) {
                         (Some(runs), Some(Ok(memory))) => {

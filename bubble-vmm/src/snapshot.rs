@@ -38,6 +38,21 @@ pub enum RestoreError {
     Vm(#[from] VmError),
 }
 
+/// Checks the next page address of a snapshot body: page-aligned, inside
+/// `mem_size`, and above the previous one (`last`, updated), so no page
+/// is written twice.
+fn next_page(gpa: u64, last: &mut Option<u64>, mem_size: u64) -> Result<(), RestoreError> {
+    let in_order = last.is_none_or(|p| gpa > p);
+    if !gpa.is_multiple_of(PAGE) || gpa.checked_add(PAGE).is_none_or(|e| e > mem_size) || !in_order
+    {
+        return Err(RestoreError::Malformed(
+            "page address out of range or out of order",
+        ));
+    }
+    *last = Some(gpa);
+    Ok(())
+}
+
 /// Parses the head of a snapshot body (`[state_len u32][state][n u32]`)
 /// from its first bytes and checks it against the body's total length.
 /// Returns the state and the page count.
@@ -81,15 +96,13 @@ pub fn page_runs(body: &[u8]) -> Option<Vec<(u64, u64)>> {
     let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
     let (state, count) = parse_head(body.get(..8 + n)?, body.len()).ok()?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut last = None;
     for k in 0..count {
         let at = 8 + n + k * RECORD_LEN;
         let gpa = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
-        if gpa % PAGE != 0 || gpa.checked_add(PAGE)? > state.mem_size {
-            return None;
-        }
+        next_page(gpa, &mut last, state.mem_size).ok()?;
         match runs.last_mut() {
             Some((start, len)) if *start + *len * PAGE == gpa => *len += 1,
-            Some((start, len)) if gpa < *start + *len * PAGE => return None,
             _ => runs.push((gpa, 1)),
         }
     }
@@ -194,12 +207,7 @@ pub fn split_pages<'a>(parts: &'a [&'a [u8]]) -> Result<(Vec<u8>, Pages<'a>), Re
     for _ in 0..count {
         let g = cur.take(8).ok_or(bad("short body"))?;
         let gpa = u64::from_le_bytes(g[..].try_into().map_err(|_| bad("short body"))?);
-        let in_order = last.is_none_or(|p| gpa > p);
-        if gpa % PAGE != 0 || gpa.checked_add(PAGE).is_none_or(|e| e > state.mem_size) || !in_order
-        {
-            return Err(bad("page address out of range or out of order"));
-        }
-        last = Some(gpa);
+        next_page(gpa, &mut last, state.mem_size)?;
         pages.push((gpa, cur.take(PAGE as usize).ok_or(bad("short body"))?));
     }
     Ok((head[4..4 + n].to_vec(), pages))
@@ -260,12 +268,7 @@ pub fn restore_from(vm: &mut Vm, r: &mut impl Read, body_len: usize) -> Result<(
             let mut g = [0u8; 8];
             g.copy_from_slice(&rec[..8]);
             let gpa = u64::from_le_bytes(g);
-            // Pages come in increasing order: no page is written twice.
-            let in_order = last.is_none_or(|p| gpa > p);
-            if gpa % PAGE != 0 || gpa.checked_add(PAGE).is_none_or(|e| e > vm_size) || !in_order {
-                return Err(bad("page address out of range or out of order"));
-            }
-            last = Some(gpa);
+            next_page(gpa, &mut last, vm_size)?;
             gpas[i] = gpa;
         }
         vm.populate(gpas[..k].iter().copied());

@@ -114,15 +114,11 @@ pub fn host_span(mem: &GuestMemoryMmap<()>) -> Option<(*mut u8, usize)> {
 /// (runs of contiguous pages); addresses outside `mem` are skipped.
 pub fn populate(mem: &GuestMemoryMmap<()>, gpas: impl Iterator<Item = u64>) {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let Some(region) = mem.iter().next() else {
+    let Some((host, len)) = host_span(mem) else {
         return;
     };
-    let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
-        return;
-    };
-    let len = region.len();
     let flush = |(start, end): (u64, u64)| {
-        if end <= len {
+        if end <= len as u64 {
             // SAFETY: the range lies inside the guest memory mapping;
             // MADV_POPULATE_WRITE only faults pages in (errors, e.g. on
             // kernels without it, are harmless: writes fault normally).
@@ -393,15 +389,7 @@ impl Vm {
 
     /// Host address and length of guest memory (one region).
     pub(crate) fn host_range(&self) -> Result<(*mut u8, usize), VmError> {
-        let region = self
-            .mem
-            .iter()
-            .next()
-            .ok_or_else(|| VmError::Memory("no guest memory".into()))?;
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-        Ok((host, region.len() as usize))
+        host_span(&self.mem).ok_or_else(|| VmError::Memory("no guest memory".into()))
     }
 
     /// Replaces the layout (restore only: the memory size must not change).
