@@ -44,9 +44,9 @@ pub struct BrokerConfig {
     /// VMM processes kept started ahead of need (they create their VM only
     /// when given a bubble).
     pub spare_vmms: usize,
-    /// How long a VMM and the broker poll for the next request or answer
-    /// before they sleep (0: never poll). Polling spends CPU to avoid
-    /// thread wake-ups, which cost tens of µs on nested hosts.
+    /// How long a VMM polls for the next request before it sleeps (0:
+    /// never poll). Polling spends CPU to avoid thread wake-ups, which
+    /// cost tens of µs on nested hosts.
     pub vmm_poll_us: u32,
     /// Directory of the frozen-bubble store (shared by brokers that may
     /// restore each other's bubbles).
@@ -155,7 +155,7 @@ pub struct FileConfig {
     pub pools: Vec<PoolProfile>,
     /// VMM processes kept started ahead of need.
     pub spare_vmms: Option<usize>,
-    /// Request/answer polling before sleeping, µs (0: off).
+    /// VMM request polling before sleeping, µs (0: off).
     pub vmm_poll_us: Option<u32>,
     /// Frozen-bubble store directory.
     pub store: Option<PathBuf>,

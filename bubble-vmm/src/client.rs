@@ -37,7 +37,7 @@ pub struct SpawnConfig {
     pub max_payload: usize,
     /// Start in restore mode (see [`VmmClient::restore`]).
     pub restore: bool,
-    /// Polling before sleeping, for requests (VMM) and answers (client).
+    /// How long the VMM polls for the next request before sleeping.
     pub poll: Duration,
 }
 
@@ -268,7 +268,7 @@ impl Spawner {
             // The spare died: start one the slow way.
             return spawn(cfg).await;
         }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, cfg.poll).await
+        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid).await
     }
 }
 
@@ -280,23 +280,6 @@ fn image_fd_for(image: &GuestImage) -> Option<i32> {
         GuestImage::Shim => crate::images::shared_shim_fd(),
         _ => None,
     }
-}
-
-/// Whether the VMM's socket has data (or EOF) to read, without consuming it.
-fn peek_readable(rd: &tokio::net::unix::OwnedReadHalf) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    // SAFETY: a non-blocking peek of at most one byte into a local buffer;
-    // nothing is consumed, so the async reader sees the same bytes.
-    let n = unsafe {
-        libc::recv(
-            rd.as_ref().as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n >= 0
 }
 
 /// Where a restoring VMM keeps guest memory (in its address space).
@@ -474,7 +457,7 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     cmd.process_group(0);
     let child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
     let (stream, pid) = connect_child(child, &sock, &log_path).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid, cfg.poll).await
+    VmmClient::handshake(stream, &cfg.bubble_id, pid).await
 }
 
 impl VmmClient {
@@ -487,15 +470,10 @@ impl VmmClient {
                 path: socket.display().to_string(),
                 detail: e.to_string(),
             })?;
-        Self::handshake(stream, expected_bubble_id, 0, crate::process::DEFAULT_POLL).await
+        Self::handshake(stream, expected_bubble_id, 0).await
     }
 
-    async fn handshake(
-        stream: UnixStream,
-        bubble_id: &str,
-        pid: u32,
-        poll: Duration,
-    ) -> Result<Self, VmmError> {
+    async fn handshake(stream: UnixStream, bubble_id: &str, pid: u32) -> Result<Self, VmmError> {
         let (mut rd, wr) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (events, _) = broadcast::channel(256);
@@ -504,17 +482,6 @@ impl VmmClient {
             let (pending, events) = (pending.clone(), events.clone());
             tokio::spawn(async move {
                 let reason = loop {
-                    // While a request is outstanding, poll for its answer
-                    // (yielding to other tasks) instead of letting the worker
-                    // thread sleep: waking it costs more than the answer
-                    // takes (see `process::DEFAULT_POLL`).
-                    let outstanding = pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
-                    if outstanding && !poll.is_zero() {
-                        let until = std::time::Instant::now() + poll;
-                        while !peek_readable(&rd) && std::time::Instant::now() < until {
-                            tokio::task::yield_now().await;
-                        }
-                    }
                     let mut h = [0u8; HEAD_LEN];
                     if rd.read_exact(&mut h).await.is_err() {
                         break "VMM connection closed".to_string();
