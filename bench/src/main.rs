@@ -154,11 +154,31 @@ fn main() -> anyhow::Result<()> {
     .iter()
     .any(|m| want(m))
     {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let workers: usize = std::env::var("BENCH_BROKER_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
+        let broker_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
             .enable_all()
             .build()?;
-        rt.block_on(through_broker(&opts, &want, &mut results))?;
+        let rt = if std::env::var("BENCH_CLIENT").as_deref() == Ok("multi") {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+        };
+        let shared = std::env::var("BENCH_SHARED").is_ok();
+        let bh = if shared {
+            rt.handle().clone()
+        } else {
+            broker_rt.handle().clone()
+        };
+        rt.block_on(through_broker(&opts, &want, &mut results, bh))?;
     }
 
     print_results(&results);
@@ -192,6 +212,7 @@ async fn through_broker(
     opts: &Opts,
     want: &dyn Fn(&str) -> bool,
     results: &mut BTreeMap<&'static str, Stat>,
+    bh: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("bubble-bench-").tempdir()?;
     let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
@@ -205,11 +226,14 @@ async fn through_broker(
         idle_timeout_s: 0,
         idle_action: Default::default(),
     }];
-    let broker = Broker::open(cfg).await?;
+    let broker = bh.spawn(Broker::open(cfg)).await??;
     let sock = dir.path().join("bubbled.sock");
-    let listener = server::bind_unix(&sock)?;
+    let listener = {
+        let _rt = bh.enter();
+        server::bind_unix(&sock)?
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(server::serve_unix(broker.clone(), listener, async {
+    let srv = bh.spawn(server::serve_unix(broker.clone(), listener, async {
         let _ = stop_rx.await;
     }));
     let mut c = client::connect_unix(&sock).await?;
@@ -533,12 +557,14 @@ async fn through_broker(
         // 500 steady calls on a bubble of its own.
         let pki = dir.path().join("pki");
         bubbled::pki::init(&pki, &[])?;
-        let listener = server::bind_tcp("127.0.0.1:0".parse()?).await?;
+        let listener = bh
+            .spawn(server::bind_tcp("127.0.0.1:0".parse()?))
+            .await??;
         let port = listener.local_addr()?.port();
         let (tls_stop, tls_rx) = tokio::sync::oneshot::channel::<()>();
         let b = broker.clone();
         let files = server::TlsFiles::in_pki_dir(&pki);
-        let tls = tokio::spawn(async move {
+        let tls = bh.spawn(async move {
             server::serve_tls(b, listener, &files, async {
                 let _ = tls_rx.await;
             })
@@ -570,7 +596,8 @@ async fn through_broker(
     }
     let _ = stop_tx.send(());
     let _ = srv.await;
-    broker.shutdown_all().await;
+    let b = broker.clone();
+    bh.spawn(async move { b.shutdown_all().await }).await?;
     Ok(())
 }
 

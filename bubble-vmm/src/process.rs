@@ -195,26 +195,51 @@ impl Shared {
 }
 
 /// Arms a deadline; when it passes, kicks the vCPU until disarmed.
+///
+/// Arming and disarming only take an uncontended lock: the watchdog thread
+/// is woken only when a deadline is earlier than the time it already sleeps
+/// until (e.g. it sleeps with nothing armed). A waiting thread costs a
+/// cross-CPU wake-up, which on a nested VM takes tens of µs of the vCPU
+/// thread's time; calls back to back therefore never wake it, and it wakes
+/// on its own at most once per deadline to find the call long finished.
 struct Watchdog {
-    state: Mutex<(Option<Instant>, u64)>,
+    state: Mutex<DogState>,
     cv: Condvar,
     fired: AtomicBool,
+}
+
+/// What the watchdog guards and when it will next look.
+struct DogState {
+    /// Armed deadline (`None`: disarmed).
+    deadline: Option<Instant>,
+    /// When the watchdog thread wakes on its own (`None`: only when told).
+    wakes_at: Option<Instant>,
 }
 
 impl Watchdog {
     fn arm(&self, d: Duration) {
         self.fired.store(false, Ordering::SeqCst);
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = Some(Instant::now() + d);
-            s.1 += 1;
+        let at = Instant::now() + d;
+        let wake = match self.state.lock() {
+            Ok(mut s) => {
+                s.deadline = Some(at);
+                // A thread that wakes no later than `at` will see it then.
+                s.wakes_at.is_none_or(|w| w > at)
+            }
+            Err(_) => false,
+        };
+        if wake {
+            self.cv.notify_all();
         }
-        self.cv.notify_all();
     }
 
     /// A watchdog for the calling thread, which runs `vm`'s vCPU.
     fn start(vm: &mut Vm) -> Arc<Self> {
         let dog = Arc::new(Watchdog {
-            state: Mutex::new((None, 0)),
+            state: Mutex::new(DogState {
+                deadline: None,
+                wakes_at: None,
+            }),
             cv: Condvar::new(),
             fired: AtomicBool::new(false),
         });
@@ -226,42 +251,39 @@ impl Watchdog {
         dog
     }
 
+    /// Disarms; the sleeping thread is not woken (it finds nothing armed
+    /// when it next looks).
     fn disarm(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.0 = None;
-            s.1 += 1;
+            s.deadline = None;
         }
-        self.cv.notify_all();
     }
 
     fn run(self: Arc<Self>, kicker: Kicker, thread: libc::pthread_t) {
         let Ok(mut g) = self.state.lock() else { return };
         loop {
-            match g.0 {
-                None => {
-                    g = match self.cv.wait(g) {
-                        Ok(g) => g,
-                        Err(_) => return,
-                    }
-                }
-                Some(at) => {
-                    let now = Instant::now();
-                    if now < at {
-                        g = match self.cv.wait_timeout(g, at - now) {
-                            Ok((g, _)) => g,
-                            Err(_) => return,
-                        };
-                        continue;
-                    }
+            let now = Instant::now();
+            let sleep = match g.deadline {
+                None => None,
+                Some(at) if now < at => Some(at - now),
+                Some(_) => {
                     // Overrun: kick until the vCPU thread disarms us.
                     self.fired.store(true, Ordering::SeqCst);
                     kicker.kick(thread);
-                    g = match self.cv.wait_timeout(g, Duration::from_millis(2)) {
-                        Ok((g, _)) => g,
-                        Err(_) => return,
-                    };
+                    Some(Duration::from_millis(2))
                 }
-            }
+            };
+            g.wakes_at = sleep.map(|d| now + d);
+            g = match sleep {
+                None => match self.cv.wait(g) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                },
+                Some(d) => match self.cv.wait_timeout(g, d) {
+                    Ok((g, _)) => g,
+                    Err(_) => return,
+                },
+            };
         }
     }
 }
