@@ -48,6 +48,10 @@ pub struct BrokerConfig {
     /// never poll). Polling spends CPU to avoid thread wake-ups, which
     /// cost tens of µs on nested hosts.
     pub vmm_poll_us: u32,
+    /// How long a call polls for its VMM's answer before the broker's
+    /// thread sleeps (0: never). Only when no other call is in flight and
+    /// the bubble answered its last call within this budget.
+    pub answer_poll_us: u32,
     /// Directory of the frozen-bubble store (shared by brokers that may
     /// restore each other's bubbles).
     pub store_dir: PathBuf,
@@ -157,6 +161,8 @@ pub struct FileConfig {
     pub spare_vmms: Option<usize>,
     /// VMM request polling before sleeping, µs (0: off).
     pub vmm_poll_us: Option<u32>,
+    /// Answer polling in the broker, µs (0: off).
+    pub answer_poll_us: Option<u32>,
     /// Frozen-bubble store directory.
     pub store: Option<PathBuf>,
 }
@@ -211,6 +217,7 @@ impl BrokerConfig {
             idle_check_interval: Duration::from_secs(1),
             spare_vmms: 2,
             vmm_poll_us: 300,
+            answer_poll_us: 100,
             store_dir: data_dir.join("store"),
             store_url: None,
             data_dir,

@@ -138,6 +138,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);
     }
+    if let Some(n) = file.answer_poll_us {
+        cfg.answer_poll_us = n.min(1_000);
+    }
     if let Some(s) = opts.store.clone().or(file.store.clone()) {
         let text = s.to_string_lossy().into_owned();
         if text.starts_with("s3://") {

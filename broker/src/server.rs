@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bubble_proto::v1::broker_server::BrokerServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::service::{Broker, BrokerService};
@@ -92,8 +93,17 @@ pub async fn serve_unix(
     Server::builder()
         .add_service(health().await)
         .add_service(service(&broker))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(parent_conns(listener), shutdown)
         .await
+}
+
+/// Accepted parent connections, registered for read readiness only (a
+/// parent reading its answer does not wake the broker; see bubble-uds),
+/// with their peer credentials.
+fn parent_conns(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<bubble_uds::UnixConn>> {
+    UnixListenerStream::new(listener).map(|s| s.and_then(bubble_uds::UnixConn::from_tokio))
 }
 
 /// Binds a TCP listener.

@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -125,12 +124,53 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
 /// A connection to one VMM process.
 pub struct VmmClient {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<bubble_uds::WriteHalf>,
+    /// The socket's descriptor (owned by `writer`), for answer polling.
+    fd: std::os::fd::RawFd,
+    /// How long the last request waited for its answer, µs.
+    last_answer_us: AtomicU64,
     pending: Pending,
     next_id: AtomicU64,
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pid: u32,
+}
+
+/// How long a request waits for its VMM's answer by polling before its
+/// thread sleeps, µs (0: never poll). Process-wide: see [`set_answer_spin`].
+static ANSWER_SPIN_US: AtomicU64 = AtomicU64::new(0);
+
+/// Requests awaiting a VMM's answer, over all VMMs of this process.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how long a small request (a call) polls for its VMM's answer before
+/// its thread sleeps (zero: never). Waking a sleeping thread costs tens of
+/// µs on nested hosts, about as much as the guest exit the call waits for.
+/// A request polls only when it is the only one in flight in this process
+/// (a busy broker never spends a thread on it) and its VMM answered the
+/// previous request within the budget (a slow bubble is not polled for).
+pub fn set_answer_spin(budget: Duration) {
+    ANSWER_SPIN_US.store(budget.as_micros() as u64, Ordering::Relaxed);
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(usize);
+
+impl InFlight {
+    fn enter() -> Self {
+        InFlight(IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// No other request was in flight when this one started.
+    fn alone(&self) -> bool {
+        self.0 == 1
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Path of the control socket in a bubble directory.
@@ -474,7 +514,11 @@ impl VmmClient {
     }
 
     async fn handshake(stream: UnixStream, bubble_id: &str, pid: u32) -> Result<Self, VmmError> {
-        let (mut rd, wr) = stream.into_split();
+        // Registered for read readiness only: the VMM consuming a request
+        // must not wake the broker's thread (see bubble-uds).
+        let (mut rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
+            .map_err(|e| VmmError::Protocol(format!("cannot register the VMM socket: {e}")))?
+            .into_split();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (events, _) = broadcast::channel(256);
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
@@ -555,6 +599,8 @@ impl VmmClient {
             });
         }
         let mut c = VmmClient {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&wr),
+            last_answer_us: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(wr),
             pending,
             next_id: AtomicU64::new(1),
@@ -596,6 +642,8 @@ impl VmmClient {
         parts: &[&[u8]],
         timeout: Duration,
     ) -> Result<Frame, VmmError> {
+        let in_flight = InFlight::enter();
+        let sent_at = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
@@ -638,7 +686,21 @@ impl VmmClient {
                 return Err(VmmError::Closed);
             }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let spin = ANSWER_SPIN_US.load(Ordering::Relaxed);
+        if small.is_some()
+            && spin > 0
+            && in_flight.alone()
+            && self.last_answer_us.load(Ordering::Relaxed) <= spin
+        {
+            // SAFETY: the descriptor belongs to `self.writer`, which lives
+            // as long as `self`.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+            bubble_uds::spin_readable(&fd, Duration::from_micros(spin));
+        }
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.last_answer_us
+            .store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match answer {
             Ok(Ok(f)) => Ok(f),
             Ok(Err(_)) => Err(VmmError::Closed),
             Err(_) => {

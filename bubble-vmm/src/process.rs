@@ -536,34 +536,6 @@ fn serve_all(
 /// never wait for it.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(300);
 
-/// Polls `s` (without consuming anything) until data or EOF is there, or
-/// `budget` has passed; returns whether data came in time. Yields the CPU
-/// between polls, so runnable threads (the broker's) go first.
-fn spin_for_data(s: &UnixStream, budget: Duration) -> bool {
-    use std::os::fd::AsRawFd;
-    let until = Instant::now() + budget;
-    let mut b = [0u8; 1];
-    loop {
-        // SAFETY: a non-blocking peek of at most one byte into a local
-        // buffer on a socket this thread owns; nothing is consumed.
-        let n = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        std::thread::yield_now();
-    }
-}
-
 /// Records the failure and ends the process after a short grace period in
 /// which the broker can still learn why.
 fn fail_then_exit(shared: &Shared, reason: &str) {
@@ -648,7 +620,7 @@ fn serve(
     loop {
         let idle_since = Instant::now();
         if poll && reader.buffer().is_empty() {
-            poll = spin_for_data(reader.get_ref(), budget);
+            poll = bubble_uds::spin_readable(reader.get_ref(), budget);
         }
         let f = Frame::read_from(&mut reader)?;
         if !poll && !budget.is_zero() {

@@ -46,7 +46,9 @@ pub async fn connect_unix(path: &Path) -> Result<BrokerClient<Channel>, ConnectE
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
             async move {
-                let s = tokio::net::UnixStream::connect(p).await?;
+                // Read readiness only: the broker reading a request does
+                // not wake this client's thread (see bubble-uds).
+                let s = bubble_uds::UnixConn::connect(p).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(s))
             }
         }))
