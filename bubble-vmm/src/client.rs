@@ -143,7 +143,7 @@ static ANSWER_SPIN_US: AtomicU64 = AtomicU64::new(0);
 /// Requests awaiting a VMM's answer, over all VMMs of this process.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets how long a small request (a call) polls for its VMM's answer before
+/// Sets how long a small call polls for its VMM's answer before
 /// its thread sleeps (zero: never). Waking a sleeping thread costs tens of
 /// µs on nested hosts, about as much as the guest exit the call waits for.
 /// A request polls only when it is the only one in flight in this process
@@ -687,7 +687,8 @@ impl VmmClient {
             }
         }
         let spin = ANSWER_SPIN_US.load(Ordering::Relaxed);
-        if small.is_some()
+        if k == kind::CALL
+            && small.is_some()
             && spin > 0
             && in_flight.alone()
             && self.last_answer_us.load(Ordering::Relaxed) <= spin
