@@ -112,10 +112,17 @@ fn main() -> anyhow::Result<()> {
             bubble_vmm::floor::raw_kvm_floor()?;
         }
         let mut v = Vec::new();
+        let mut prepared = Vec::new();
         for _ in 0..100 {
             v.push(bubble_vmm::floor::raw_kvm_floor()?);
+            prepared.push(bubble_vmm::floor::raw_kvm_floor_prepared()?);
         }
-        results.insert("raw_kvm_floor", stat(v));
+        let mut s = stat(v);
+        s.extra.insert(
+            "prepared_p50_us".into(),
+            json!(round(us(stat(prepared).p50))),
+        );
+        results.insert("raw_kvm_floor", s);
     }
     if want("raw_exit_rtt") {
         // 20 batches of 500 exits: 10,000 exits; each sample is a batch mean.
@@ -783,10 +790,20 @@ fn print_results(results: &BTreeMap<&str, Stat>) {
     let extra = |s: &Stat, k: &str| s.extra.get(k).map(|v| v.to_string()).unwrap_or_default();
     for (k, s) in results {
         let ratio = match (*k, floor, rtt) {
-            ("create_to_ready", Some(f), _) => format!(
-                "{:.2} × raw_kvm_floor (target ≤ 3)",
-                s.p50.as_secs_f64() / f.as_secs_f64()
-            ),
+            ("create_to_ready", Some(f), _) => {
+                let mut t = format!(
+                    "{:.2} × raw_kvm_floor (target ≤ 3)",
+                    s.p50.as_secs_f64() / f.as_secs_f64()
+                );
+                if let Some(p) = results
+                    .get("raw_kvm_floor")
+                    .and_then(|f| f.extra.get("prepared_p50_us"))
+                    .and_then(Value::as_f64)
+                {
+                    t += &format!("; {:.2} × the prepared floor", us(s.p50) / p);
+                }
+                t
+            }
             ("call_echo_64b", _, Some(r)) => format!(
                 "raw_exit_rtt + {:.1} µs (target ≤ +150); answer polling off: p50 {} µs",
                 us(s.p50) - us(r),

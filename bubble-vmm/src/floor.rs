@@ -18,6 +18,14 @@ pub fn raw_kvm_floor() -> Result<Duration, VmError> {
     Ok(t.elapsed())
 }
 
+/// [`raw_kvm_floor`] with `/dev/kvm` opened and the supported CPUID
+/// queried beforehand, untimed (as a spare VMM process does ahead of its
+/// bubble: see [`crate::vm::prepare_kvm`]).
+pub fn raw_kvm_floor_prepared() -> Result<Duration, VmError> {
+    crate::vm::prepare_kvm()?;
+    raw_kvm_floor()
+}
+
 /// Average time of one CPL-3 exit round trip (guest doorbell write, exit to
 /// user space, re-entry) over `iterations` exits.
 pub fn raw_exit_rtt(iterations: u32) -> Result<Duration, VmError> {

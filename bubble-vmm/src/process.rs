@@ -165,6 +165,19 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(args: &VmmArgs) -> Arc<Self> {
+        Arc::new(Shared {
+            poll: args.poll,
+            status: Mutex::new(Status {
+                bubble_id: args.bubble_id.clone(),
+                pid: std::process::id(),
+                abi_version: ABI_VERSION,
+                ..Status::default()
+            }),
+            conn: Mutex::new(None),
+        })
+    }
+
     fn send(&self, f: &Frame) {
         if let Ok(mut c) = self.conn.lock() {
             if let Some(s) = c.as_mut() {
@@ -744,8 +757,12 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
     let _ = std::fs::remove_file(path);
     let text = String::from_utf8(f.body).map_err(|_| "CONFIGURE is not UTF-8")?;
     let a = VmmArgs::parse(text.split('\0').map(str::to_string))?;
-    // From now on this process is the bubble's: log next to its socket.
-    if let Some(dir) = a.socket.parent() {
+    Ok((a, conn))
+}
+
+/// From now on this process is `args`' bubble's: log next to its socket.
+fn log_next_to_socket(args: &VmmArgs) {
+    if let Some(dir) = args.socket.parent() {
         if let Ok(log) = std::fs::File::create(dir.join("vmm.log")) {
             use std::os::fd::AsRawFd;
             // SAFETY: dup2 onto our own stdout/stderr descriptors.
@@ -755,13 +772,16 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
             }
         }
     }
-    Ok((a, conn))
 }
 
-/// Work a spare does before it is needed: fault in the embedded guest
-/// image and the code paths that check it, so that the bubble's VM (still
-/// created only after CONFIGURE) is built without those first-touch costs.
+/// Work a spare does before it is needed: open /dev/kvm and query the
+/// supported CPUID, fault in the embedded guest image and the code paths
+/// that check it, so that the bubble's VM (still created only after
+/// CONFIGURE) is built without those process-level and first-touch costs.
 fn prewarm() {
+    // Failure is not fatal here: VM creation opens /dev/kvm again and
+    // reports the error.
+    let _ = vm::prepare_kvm();
     let _ = crate::layout::Image::parse_bounds(images::SHIM_ELF);
     let sum = images::SHIM_ELF
         .iter()
@@ -775,28 +795,59 @@ fn prewarm() {
 /// The VMM process's main; returns the exit code.
 pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     let args: Vec<String> = args.collect();
-    let mut first_conn = None;
+    vm::install_kick_handler();
+    let (tx, rx) = mpsc::channel();
+    let vcpu = std::thread::Builder::new().name("vcpu0".into());
     let args = if args.first().map(String::as_str) == Some("--spare") {
-        match wait_as_spare(&args[1..]) {
+        // The thread that will run the vCPU waits for CONFIGURE itself and
+        // builds the VM the moment it arrives; this thread meanwhile moves
+        // the log and binds the bubble's socket (used only to reconnect).
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let spare_args = args[1..].to_vec();
+        let first_conn = tx.clone();
+        let spawned = vcpu.spawn(move || match wait_as_spare(&spare_args) {
             Ok((a, conn)) => {
-                first_conn = Some(conn);
-                a
+                let shared = Shared::new(&a);
+                if first_conn.send(conn).is_err() {
+                    return;
+                }
+                let _ = ready_tx.send(Ok(a.clone()));
+                vcpu_thread(a, shared, rx)
             }
             Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
+            return 2;
+        }
+        match ready_rx.recv() {
+            Ok(Ok(a)) => {
+                log_next_to_socket(&a);
+                a
+            }
+            Ok(Err(e)) => {
                 eprintln!("bubble-vmm: spare: {e}");
                 return 2;
             }
+            Err(_) => return 3,
         }
     } else {
-        match VmmArgs::parse(args.into_iter()) {
+        let a = match VmmArgs::parse(args.into_iter()) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("bubble-vmm: {e}");
                 return 2;
             }
+        };
+        let (a2, shared) = (a.clone(), Shared::new(&a));
+        if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
+            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
+            return 2;
         }
+        a
     };
-    vm::install_kick_handler();
     let _ = std::fs::remove_file(&args.socket);
     let listener = match UnixListener::bind(&args.socket) {
         Ok(l) => l,
@@ -811,32 +862,6 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600));
-    }
-    let shared = Arc::new(Shared {
-        poll: args.poll,
-        status: Mutex::new(Status {
-            bubble_id: args.bubble_id.clone(),
-            pid: std::process::id(),
-            abi_version: ABI_VERSION,
-            ..Status::default()
-        }),
-        conn: Mutex::new(None),
-    });
-    let (tx, rx) = mpsc::channel();
-    {
-        let (a, s) = (args.clone(), shared.clone());
-        if let Err(e) = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || vcpu_thread(a, s, rx))
-        {
-            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
-            return 2;
-        }
-    }
-    if let Some(c) = first_conn {
-        if tx.send(c).is_err() {
-            return 3;
-        }
     }
     for conn in listener.incoming() {
         match conn {

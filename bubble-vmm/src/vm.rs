@@ -76,15 +76,43 @@ pub struct VmShell {
     vcpu: VcpuFd,
 }
 
+/// `/dev/kvm` opened and the host's supported CPUID queried ahead of need
+/// (see [`prepare_kvm`]).
+static PREPARED: std::sync::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> = std::sync::Mutex::new(None);
+
+/// Opens `/dev/kvm` and queries the CPUID the host supports (~0.4 ms on
+/// this kind of host: more than creating the VM itself) for the next
+/// [`VmShell::new`] of this process. Process-level facts, not a VM: a spare
+/// VMM process does this while it waits for its bubble, whose VM is still
+/// created only then.
+pub fn prepare_kvm() -> Result<(), VmError> {
+    let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let cpuid = kvm_fd
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("get supported CPUID"))?;
+    if let Ok(mut p) = PREPARED.lock() {
+        *p = Some((kvm_fd, cpuid));
+    }
+    Ok(())
+}
+
 impl VmShell {
-    /// Creates the VM and its vCPU.
+    /// Creates the VM and its vCPU (with `/dev/kvm` and the supported CPUID
+    /// from [`prepare_kvm`] if this process prepared them, else fresh).
     pub fn new() -> Result<Self, VmError> {
-        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let prepared = PREPARED.lock().ok().and_then(|mut p| p.take());
+        let (kvm_fd, cpuid) = match prepared {
+            Some(p) => p,
+            None => {
+                let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+                let cpuid = kvm_fd
+                    .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm("get supported CPUID"))?;
+                (kvm_fd, cpuid)
+            }
+        };
         let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
-        let cpuid = kvm_fd
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("get supported CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
         Ok(Self {
             kvm: kvm_fd,

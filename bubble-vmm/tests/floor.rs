@@ -16,3 +16,17 @@ fn floors_are_measured() {
         "{rtt:?}"
     );
 }
+
+/// A VM made after `prepare_kvm` (as in a spare VMM) runs like any other,
+/// and the prepared handle serves one VM: the next one opens its own.
+#[test]
+fn a_prepared_floor_runs_and_the_next_vm_opens_kvm_afresh() {
+    for _ in 0..2 {
+        let d = bubble_vmm::floor::raw_kvm_floor_prepared().unwrap();
+        assert!(d > Duration::ZERO && d < Duration::from_secs(2), "{d:?}");
+    }
+    bubble_vmm::vm::prepare_kvm().unwrap();
+    let a = bubble_vmm::floor::raw_kvm_floor().unwrap();
+    let b = bubble_vmm::floor::raw_kvm_floor().unwrap();
+    assert!(a < Duration::from_secs(2) && b < Duration::from_secs(2));
+}
