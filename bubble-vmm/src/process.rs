@@ -710,12 +710,15 @@ fn serve(
     }
 }
 
-/// Spare mode (`--spare --socket PATH`): a VMM process started ahead of
-/// need, so that creating a bubble does not wait for a process to start.
-/// It waits for one connection carrying a `CONFIGURE` frame (the normal
-/// arguments), then becomes that bubble's VMM: the VM is created only then,
-/// cold, as for any bubble. An unused spare exits when its broker goes away.
-fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
+/// A spare's listening socket (bound first thing, so the broker can
+/// connect while the spare gets ready).
+struct SpareSocket {
+    listener: UnixListener,
+    path: String,
+}
+
+/// Binds the spare socket named by `--socket PATH`.
+fn bind_spare(args: &[String]) -> Result<SpareSocket, String> {
     let [flag, path] = args else {
         return Err("usage: --spare --socket PATH".into());
     };
@@ -728,6 +731,19 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
+    Ok(SpareSocket {
+        listener,
+        path: path.clone(),
+    })
+}
+
+/// Spare mode (`--spare --socket PATH`): a VMM process started ahead of
+/// need, so that creating a bubble does not wait for a process to start.
+/// It waits for one connection carrying a `CONFIGURE` frame (the normal
+/// arguments), then becomes that bubble's VMM: the VM is created only then,
+/// cold, as for any bubble. An unused spare exits when its broker goes away.
+fn wait_as_spare(spare: SpareSocket) -> Result<(VmmArgs, UnixStream), String> {
+    let SpareSocket { listener, path } = spare;
     // Exit if the broker that started us dies before using us.
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() };
@@ -752,6 +768,8 @@ fn wait_as_spare(args: &[String]) -> Result<(VmmArgs, UnixStream), String> {
     if f.kind != kind::CONFIGURE {
         return Err(format!("expected CONFIGURE, got frame kind {:#x}", f.kind));
     }
+    // A bubble now: back to normal priority before building its VM.
+    set_own_nice(0);
     configured.store(true, Ordering::SeqCst);
     drop(listener);
     let _ = std::fs::remove_file(path);
@@ -773,6 +791,26 @@ fn log_next_to_socket(args: &VmmArgs) {
         }
     }
 }
+
+/// Sets the calling thread's nice value; returns whether it took.
+fn set_own_nice(nice: libc::c_int) -> bool {
+    // SAFETY: on Linux, PRIO_PROCESS with who 0 changes only the calling
+    // thread's nice value; no memory is involved.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
+
+/// Whether this process may raise a thread's priority back to normal after
+/// lowering it (root, CAP_SYS_NICE or a generous RLIMIT_NICE), tried on a
+/// throwaway thread.
+fn can_restore_priority() -> bool {
+    std::thread::spawn(|| set_own_nice(SPARE_NICE) && set_own_nice(0))
+        .join()
+        .unwrap_or(false)
+}
+
+/// Nice value of a spare while it waits: its start-up work (~2 ms of CPU)
+/// then yields to bubbles that are booting.
+const SPARE_NICE: libc::c_int = 19;
 
 /// Work a spare does before it is needed: open /dev/kvm and query the
 /// supported CPUID, fault in the embedded guest image and the code paths
@@ -802,10 +840,19 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         // The thread that will run the vCPU waits for CONFIGURE itself and
         // builds the VM the moment it arrives; this thread meanwhile moves
         // the log and binds the bubble's socket (used only to reconnect).
+        let spare = match bind_spare(&args[1..]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bubble-vmm: spare: {e}");
+                return 2;
+            }
+        };
+        // Wait at low priority (threads started from here inherit it) if
+        // the priority can be raised again when the bubble arrives.
+        let low = can_restore_priority() && set_own_nice(SPARE_NICE);
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let spare_args = args[1..].to_vec();
         let first_conn = tx.clone();
-        let spawned = vcpu.spawn(move || match wait_as_spare(&spare_args) {
+        let spawned = vcpu.spawn(move || match wait_as_spare(spare) {
             Ok((a, conn)) => {
                 let shared = Shared::new(&a);
                 if first_conn.send(conn).is_err() {
@@ -824,6 +871,9 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         }
         match ready_rx.recv() {
             Ok(Ok(a)) => {
+                if low {
+                    set_own_nice(0);
+                }
                 log_next_to_socket(&a);
                 a
             }

@@ -220,7 +220,7 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
         }
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && !is_idle_spare(&cmd) {
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && !is_idle_spare(pid, &cmd) {
                 out.push(pid);
             }
         }
@@ -228,14 +228,45 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
     out
 }
 
-/// Whether a VMM command line is an idle spare (its spare socket still
-/// exists; a spare removes it when it is given a bubble).
-fn is_idle_spare(cmdline: &str) -> bool {
+/// Waits up to `limit` for every VMM process of a broker on `dir` but idle
+/// spares to be gone (a VMM told to shut down exits by itself, after it
+/// acknowledged); returns whether they are.
+pub async fn no_vmms_within(dir: &Path, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if vmm_pids_under(dir).is_empty() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether a VMM process is an idle spare: its spare socket exists (a
+/// spare removes it when it is given a bubble), or it has no KVM VM yet (a
+/// spare still starting up, before it binds its socket).
+fn is_idle_spare(pid: i32, cmdline: &str) -> bool {
     let args: Vec<&str> = cmdline.split('\0').collect();
-    args.iter().position(|a| *a == "--spare").is_some_and(|i| {
-        args.get(i + 2)
-            .is_some_and(|sock| std::path::Path::new(sock).exists())
-    })
+    let Some(i) = args.iter().position(|a| *a == "--spare") else {
+        return false;
+    };
+    let bound = args
+        .get(i + 2)
+        .is_some_and(|sock| std::path::Path::new(sock).exists());
+    bound || !has_kvm_vm(pid)
+}
+
+/// Whether process `pid` holds a KVM VM descriptor.
+fn has_kvm_vm(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().contains("kvm-vm"))
+        })
 }
 
 /// Pids of idle spare VMMs of a broker on `dir`.
@@ -248,7 +279,7 @@ pub fn spare_pids_under(dir: &Path) -> Vec<i32> {
         };
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && is_idle_spare(&cmd) {
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && is_idle_spare(pid, &cmd) {
                 out.push(pid);
             }
         }

@@ -114,7 +114,7 @@ async fn suspend_restore_and_every_refusal() {
     std::fs::write(&chunk, &bad).unwrap();
     let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
-    assert!(vmm_pids_under(dir.path()).is_empty());
+    assert!(no_vmms_within(dir.path(), Duration::from_secs(2)).await);
     // A truncated manifest: DATA_LOSS as well.
     std::fs::write(&chunk, &orig).unwrap();
     let manifest = g2.join("manifest");
