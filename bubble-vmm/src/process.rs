@@ -762,14 +762,11 @@ fn wait_as_spare(spare: SpareSocket) -> Result<(VmmArgs, UnixStream), String> {
             }
         });
     }
-    prewarm();
     let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
     let f = Frame::read_from(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
     if f.kind != kind::CONFIGURE {
         return Err(format!("expected CONFIGURE, got frame kind {:#x}", f.kind));
     }
-    // A bubble now: back to normal priority before building its VM.
-    set_own_nice(0);
     configured.store(true, Ordering::SeqCst);
     drop(listener);
     let _ = std::fs::remove_file(path);
@@ -792,24 +789,17 @@ fn log_next_to_socket(args: &VmmArgs) {
     }
 }
 
-/// Sets the calling thread's nice value; returns whether it took.
-fn set_own_nice(nice: libc::c_int) -> bool {
+/// Lowers the calling thread's priority to `nice` (always allowed; a
+/// failure leaves it unchanged, which is harmless).
+fn set_own_nice(nice: libc::c_int) {
     // SAFETY: on Linux, PRIO_PROCESS with who 0 changes only the calling
     // thread's nice value; no memory is involved.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
 }
 
-/// Whether this process may raise a thread's priority back to normal after
-/// lowering it (root, CAP_SYS_NICE or a generous RLIMIT_NICE), tried on a
-/// throwaway thread.
-fn can_restore_priority() -> bool {
-    std::thread::spawn(|| set_own_nice(SPARE_NICE) && set_own_nice(0))
-        .join()
-        .unwrap_or(false)
-}
-
-/// Nice value of a spare while it waits: its start-up work (~2 ms of CPU)
-/// then yields to bubbles that are booting.
+/// Nice value of a spare's main thread once the vCPU thread (which keeps
+/// normal priority) waits for the bubble: its remaining start-up work then
+/// yields to bubbles that are booting.
 const SPARE_NICE: libc::c_int = 19;
 
 /// Work a spare does before it is needed: open /dev/kvm and query the
@@ -847,9 +837,6 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
                 return 2;
             }
         };
-        // Wait at low priority (threads started from here inherit it) if
-        // the priority can be raised again when the bubble arrives.
-        let low = can_restore_priority() && set_own_nice(SPARE_NICE);
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let first_conn = tx.clone();
         let spawned = vcpu.spawn(move || match wait_as_spare(spare) {
@@ -869,11 +856,14 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
             return 2;
         }
+        // From here this thread only prepares (and later moves the log and
+        // accepts reconnections): at low priority, so that a spare starting
+        // up does not slow down a bubble booting next to it. A bubble that
+        // arrives first simply finds nothing prepared.
+        set_own_nice(SPARE_NICE);
+        prewarm();
         match ready_rx.recv() {
             Ok(Ok(a)) => {
-                if low {
-                    set_own_nice(0);
-                }
                 log_next_to_socket(&a);
                 a
             }
