@@ -447,7 +447,7 @@ fn restore_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<Unix
                     // The restore was called off (e.g. the frozen copy did
                     // not verify): no guest byte was ever received.
                     reply(kind::SHUTDOWN_OK, Vec::new());
-                    std::process::exit(0);
+                    exit_in_background();
                 }
                 kind::RESTORE_STATE => state_only = Some(body),
                 _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
@@ -691,7 +691,7 @@ fn serve(
             }
             kind::SHUTDOWN => {
                 reply(kind::SHUTDOWN_OK, Vec::new());
-                std::process::exit(0);
+                exit_in_background();
             }
             kind::SUSPEND => {
                 // The vCPU is stopped in its doorbell exit (this thread runs
@@ -789,6 +789,22 @@ fn log_next_to_socket(args: &VmmArgs) {
     }
 }
 
+/// Exits the process with its threads at low priority: tearing down the VM
+/// and its memory is kernel work of ~1 ms that then yields to bubbles
+/// booting meanwhile (the broker has its acknowledgement already).
+fn exit_in_background() -> ! {
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
+                // SAFETY: lowering the priority of a thread of this very
+                // process; no memory is involved.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, SPARE_NICE) };
+            }
+        }
+    }
+    std::process::exit(0)
+}
+
 /// Lowers the calling thread's priority to `nice` (always allowed; a
 /// failure leaves it unchanged, which is harmless).
 fn set_own_nice(nice: libc::c_int) {
@@ -797,9 +813,9 @@ fn set_own_nice(nice: libc::c_int) {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
 }
 
-/// Nice value of a spare's main thread once the vCPU thread (which keeps
-/// normal priority) waits for the bubble: its remaining start-up work then
-/// yields to bubbles that are booting.
+/// Nice value of work done beside bubbles: a spare's preparation (once its
+/// vCPU thread, which keeps normal priority, waits for the bubble) and a
+/// VMM's exit. Such work then yields to bubbles that are booting.
 const SPARE_NICE: libc::c_int = 19;
 
 /// Work a spare does before it is needed: open /dev/kvm and query the

@@ -81,8 +81,7 @@ async fn boot_call_describe_list_delete() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     // Its VMM process is gone.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(vmm_pids_under(dir.path()).is_empty());
+    assert!(no_vmms_within(dir.path(), Duration::from_secs(5)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
