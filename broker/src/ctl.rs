@@ -270,7 +270,15 @@ enum PkiCmd {
 /// Entry point of the `bubblectl` binary.
 pub fn main() -> ExitCode {
     let opts = Opts::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    // The demo's client is one parent making one call at a time: a
+    // current-thread runtime (its broker has threads of its own).
+    let rt = match opts.cmd {
+        Cmd::Demo { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bubblectl: cannot start the async runtime: {e}");

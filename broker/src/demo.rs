@@ -39,11 +39,22 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
         .context("creating a temp dir")?;
     println!("bubbled demo: broker data dir {}", dir.path().display());
     let cfg = BrokerConfig::new(dir.path().to_path_buf())?;
-    let broker = Broker::open(cfg).await?;
+    // The broker gets threads of its own, as the `bubbled` daemon has;
+    // this demo's client keeps the caller's.
+    let broker_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bubbled-demo-broker")
+        .build()
+        .context("starting the broker's runtime")?;
+    let bh = broker_rt.handle().clone();
+    let broker = bh.spawn(Broker::open(cfg)).await??;
     let sock = dir.path().join("bubbled.sock");
-    let listener = server::bind_unix(&sock)?;
+    let listener = {
+        let _rt = bh.enter();
+        server::bind_unix(&sock)?
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(server::serve_unix(broker.clone(), listener, async {
+    let srv = bh.spawn(server::serve_unix(broker.clone(), listener, async {
         let _ = stop_rx.await;
     }));
     let mut c = client::connect_unix(&sock).await?;
@@ -146,7 +157,9 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
 
     let _ = stop_tx.send(());
     let _ = srv.await;
-    broker.shutdown_all().await;
+    let b = broker.clone();
+    bh.spawn(async move { b.shutdown_all().await }).await?;
+    broker_rt.shutdown_background();
     Ok(())
 }
 
