@@ -195,6 +195,39 @@ pub struct Spawner {
     want: usize,
     spares: Mutex<Vec<Spare>>,
     refilling: std::sync::atomic::AtomicBool,
+    /// Whether this process may raise priorities again (root, CAP_SYS_NICE
+    /// or a generous RLIMIT_NICE): then spares start at low priority.
+    low_start: bool,
+}
+
+/// Nice value spares start with when their priority can be raised again.
+const SPARE_START_NICE: libc::c_int = 19;
+
+/// Sets the nice value of thread `tid` (0: the calling thread); returns
+/// whether it took.
+fn set_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
+    // SAFETY: setpriority only changes a scheduling attribute.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
+}
+
+/// Whether priorities can be raised again here, tried on a throwaway thread.
+fn can_raise_priority() -> bool {
+    std::thread::spawn(|| set_nice(0, SPARE_START_NICE) && set_nice(0, 0))
+        .join()
+        .unwrap_or(false)
+}
+
+/// Gives every thread of process `pid` normal priority again.
+fn raise_process(pid: u32) {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
+            set_nice(tid, 0);
+        }
+    }
 }
 
 impl Spawner {
@@ -210,6 +243,7 @@ impl Spawner {
             want,
             spares: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            low_start: want > 0 && can_raise_priority(),
         })
     }
 
@@ -273,7 +307,25 @@ impl Spawner {
             .stderr(log2)
             .kill_on_drop(false)
             .process_group(0);
-        let child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
+        // A child starts with the nice value of the thread that spawns it:
+        // spawned from a blocking thread at low priority, the spare's whole
+        // start-up (exec, dynamic loading, preparation) yields to bubbles
+        // booting meanwhile; it gets normal priority back when it is given
+        // its bubble.
+        let low = self.low_start;
+        let child = tokio::task::spawn_blocking(move || {
+            if low {
+                set_nice(0, SPARE_START_NICE);
+            }
+            let child = cmd.spawn();
+            if low {
+                set_nice(0, 0);
+            }
+            child
+        })
+        .await
+        .map_err(|e| VmmError::Spawn(e.to_string()))?
+        .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let (stream, pid) =
             connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
         Ok(Spare { stream, pid })
@@ -298,6 +350,9 @@ impl Spawner {
             image_fd: image_fd_for(&cfg.image),
             poll: cfg.poll,
         };
+        if self.low_start {
+            raise_process(sp.pid);
+        }
         let body = args.to_args().join("\0").into_bytes();
         let frame = Frame {
             kind: kind::CONFIGURE,

@@ -244,6 +244,33 @@ pub async fn no_vmms_within(dir: &Path, limit: Duration) -> bool {
     }
 }
 
+/// Nice values of the threads of process `pid` named `comm`.
+pub fn thread_nices(pid: u32, comm: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != comm {
+            continue;
+        }
+        // Fields after the name start with the 3rd (state); nice is the 19th.
+        if let Some(n) = stat[close + 1..].split_whitespace().nth(16) {
+            if let Ok(n) = n.parse() {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 /// Whether a VMM process is an idle spare: its spare socket exists (a
 /// spare removes it when it is given a bubble), or it has no KVM VM yet (a
 /// spare still starting up, before it binds its socket).

@@ -17,12 +17,24 @@ async fn boot_call_describe_list_delete() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProc::start(dir.path(), false);
     let mut c = broker.client().await;
+    // Let the spare VMMs start, so that this bubble gets one.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while spare_pids_under(dir.path()).len() < 2 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(b.state, READY, "{}", b.failure_reason);
     assert!(b.owner.starts_with("uid:"), "{}", b.owner);
     assert!(b.boot_us > 0);
     assert!(b.vmm_pid > 0);
+    // Spares may start at low priority; a bubble's vCPU runs at normal.
+    let nices = thread_nices(b.vmm_pid, "vcpu0");
+    assert!(
+        !nices.is_empty() && nices.iter().all(|n| *n == 0),
+        "{nices:?}"
+    );
 
     let input = b"the parent says hello".to_vec();
     let r = c
