@@ -487,6 +487,10 @@ async fn connect_child(
 ) -> Result<(UnixStream, u32), VmmError> {
     let pid = child.id().unwrap_or(0);
     let start = std::time::Instant::now();
+    // Poll quickly at first (a VMM binds its socket within a few ms), then
+    // back off: a spare starting at low priority may take much longer, and
+    // polling every 50 µs meanwhile keeps waking a broker thread.
+    let mut pause = Duration::from_micros(50);
     let stream = loop {
         match UnixStream::connect(sock).await {
             Ok(s) => break s,
@@ -505,7 +509,8 @@ async fn connect_child(
                         detail: e.to_string(),
                     });
                 }
-                tokio::time::sleep(Duration::from_micros(50)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(5));
             }
         }
     };
