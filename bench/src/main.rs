@@ -14,8 +14,8 @@
 //! `--json` writes an object keyed by metric with `p50_us`, `p99_us` and
 //! `n`.
 //!
-//! The broker runs in this process on a runtime of its own (two workers,
-//! as `bubbled` has on 2 cores) and the client on a current-thread runtime,
+//! The broker runs in this process on a runtime of its own (one worker per
+//! core, as `bubbled` has) and the client on a current-thread runtime,
 //! like a parent process of its own: sharing one runtime made client and
 //! broker tasks compete for the same two threads.
 
@@ -168,18 +168,13 @@ fn main() -> anyhow::Result<()> {
     .iter()
     .any(|m| want(m))
     {
-        // The broker runs on a runtime of its own with as many workers as
-        // `bubbled` has here (one per core); the parent (this client) on a
-        // current-thread runtime, as a separate parent process would.
-        let broker_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        // The broker runs on a runtime of its own (see EmbeddedBroker); the
+        // parent (this client) on a current-thread runtime, as a separate
+        // parent process would.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let bh = broker_rt.handle().clone();
-        rt.block_on(through_broker(&opts, &want, &mut results, bh))?;
+        rt.block_on(through_broker(&opts, &want, &mut results))?;
     }
 
     print_results(&results);
@@ -213,7 +208,6 @@ async fn through_broker(
     opts: &Opts,
     want: &dyn Fn(&str) -> bool,
     results: &mut BTreeMap<&'static str, Stat>,
-    bh: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("bubble-bench-").tempdir()?;
     let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
@@ -228,16 +222,12 @@ async fn through_broker(
         idle_action: Default::default(),
     }];
     let answer_poll_us = cfg.answer_poll_us;
-    let broker = bh.spawn(Broker::open(cfg)).await??;
-    let sock = dir.path().join("bubbled.sock");
-    let listener = {
-        let _rt = bh.enter();
-        server::bind_unix(&sock)?
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = bh.spawn(server::serve_unix(broker.clone(), listener, async {
-        let _ = stop_rx.await;
-    }));
+    let embedded = bubbled::demo::EmbeddedBroker::start(cfg).await?;
+    let (broker, sock, bh) = (
+        embedded.broker.clone(),
+        embedded.socket.clone(),
+        embedded.handle(),
+    );
     let mut c = client::connect_unix(&sock).await?;
     let create = pb::CreateBubbleRequest {
         idle: None,
@@ -279,9 +269,9 @@ async fn through_broker(
         };
         // Baseline in the same run: the same calls with the broker's answer
         // polling off (its thread sleeps until the VMM answers).
-        bubble_vmm::client::set_answer_spin(Duration::ZERO);
+        bubble_vmm::client::set_answer_poll(Duration::ZERO);
         let sleeping = stat(time_calls(&mut c, &req, opts.calls, 64).await?);
-        bubble_vmm::client::set_answer_spin(Duration::from_micros(u64::from(answer_poll_us)));
+        bubble_vmm::client::set_answer_poll(Duration::from_micros(u64::from(answer_poll_us)));
         let m0 = broker.scrape();
         let mut s = stat(time_calls(&mut c, &req, opts.calls, 64).await?);
         s.extra.insert(
@@ -609,11 +599,7 @@ async fn through_broker(
         );
         results.insert("load_8_parents", s);
     }
-    let _ = stop_tx.send(());
-    let _ = srv.await;
-    let b = broker.clone();
-    bh.spawn(async move { b.shutdown_all().await }).await?;
-    Ok(())
+    embedded.stop().await
 }
 
 const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");

@@ -1,6 +1,8 @@
 //! `bubblectl demo`: a broker on embedded defaults in a temporary directory,
 //! a few bubbles created, called and deleted, and a short timing table.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,6 +12,90 @@ use sha2::{Digest, Sha256};
 use crate::config::BrokerConfig;
 use crate::service::Broker;
 use crate::{client, server};
+
+/// A broker serving its Unix socket (`DATA_DIR/bubbled.sock`) from threads
+/// of its own, as the `bubbled` daemon does, while its caller acts as a
+/// parent: the demo's and the benchmark's broker.
+pub struct EmbeddedBroker {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Its Unix socket.
+    pub socket: PathBuf,
+    /// The broker's runtime (taken when shut down) and a handle on it.
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl EmbeddedBroker {
+    /// Opens a broker for `cfg` on a runtime of its own (one worker per
+    /// core, as `bubbled`'s) and serves it on its Unix socket.
+    pub async fn start(cfg: BrokerConfig) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bubbled-broker")
+            .build()
+            .context("starting the broker's runtime")?;
+        let socket = cfg.data_dir.join("bubbled.sock");
+        let opened = async {
+            let broker = rt.spawn(Broker::open(cfg)).await??;
+            let _rt = rt.enter();
+            anyhow::Ok((broker, server::bind_unix(&socket)?))
+        }
+        .await;
+        let (broker, listener) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                // Dropping a runtime would block this async thread.
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = rt.spawn(server::serve_unix(broker.clone(), listener, async {
+            let _ = stop_rx.await;
+        }));
+        Ok(EmbeddedBroker {
+            broker,
+            socket,
+            handle: rt.handle().clone(),
+            rt: Some(rt),
+            stop: Some(stop),
+            serving: Some(serving),
+        })
+    }
+
+    /// The broker's runtime, to run more of its work there.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+
+    /// Stops serving, stops every bubble, then the broker's threads.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.await;
+        }
+        let b = self.broker.clone();
+        self.handle
+            .spawn(async move { b.shutdown_all().await })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed on an async
+        // thread, where this is usually dropped.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
 
 /// Percentile (0-100) of a sorted slice of durations.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -38,26 +124,10 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
         .tempdir()
         .context("creating a temp dir")?;
     println!("bubbled demo: broker data dir {}", dir.path().display());
-    let cfg = BrokerConfig::new(dir.path().to_path_buf())?;
     // The broker gets threads of its own, as the `bubbled` daemon has;
     // this demo's client keeps the caller's.
-    let broker_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bubbled-demo-broker")
-        .build()
-        .context("starting the broker's runtime")?;
-    let bh = broker_rt.handle().clone();
-    let broker = bh.spawn(Broker::open(cfg)).await??;
-    let sock = dir.path().join("bubbled.sock");
-    let listener = {
-        let _rt = bh.enter();
-        server::bind_unix(&sock)?
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = bh.spawn(server::serve_unix(broker.clone(), listener, async {
-        let _ = stop_rx.await;
-    }));
-    let mut c = client::connect_unix(&sock).await?;
+    let broker = EmbeddedBroker::start(BrokerConfig::new(dir.path().to_path_buf())?).await?;
+    let mut c = client::connect_unix(&broker.socket).await?;
 
     let mut creates = Vec::new();
     let mut ids = Vec::new();
@@ -155,12 +225,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
     println!();
     println!("(numbers from this demo are indicative; see docs/performance.md and bubble-bench)");
 
-    let _ = stop_tx.send(());
-    let _ = srv.await;
-    let b = broker.clone();
-    bh.spawn(async move { b.shutdown_all().await }).await?;
-    broker_rt.shutdown_background();
-    Ok(())
+    broker.stop().await
 }
 
 /// Timings of the payments part of the demo.

@@ -341,7 +341,7 @@ impl Broker {
     /// warm-pool refillers and the idle-policy ticker.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
         raise_fd_limit();
-        bubble_vmm::client::set_answer_spin(Duration::from_micros(u64::from(cfg.answer_poll_us)));
+        bubble_vmm::client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Registry::open(&cfg.registry_path())?;

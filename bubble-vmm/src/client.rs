@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::control::{self, kind, CallErrKind, Frame, Status, COALESCE_MAX, HEAD_LEN};
 pub use crate::images::{GuestImage, HostileKind};
+use crate::priority;
 use crate::process::VmmArgs;
 
 /// How to start a VMM process.
@@ -125,8 +126,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 /// A connection to one VMM process.
 pub struct VmmClient {
     writer: tokio::sync::Mutex<bubble_uds::WriteHalf>,
-    /// The socket's descriptor (owned by `writer`), for answer polling.
-    fd: std::os::fd::RawFd,
+    /// The socket, for answer polling without taking `writer`.
+    poll_handle: bubble_uds::PollHandle,
     /// How long the last request waited for its answer, µs.
     last_answer_us: AtomicU64,
     pending: Pending,
@@ -137,8 +138,8 @@ pub struct VmmClient {
 }
 
 /// How long a request waits for its VMM's answer by polling before its
-/// thread sleeps, µs (0: never poll). Process-wide: see [`set_answer_spin`].
-static ANSWER_SPIN_US: AtomicU64 = AtomicU64::new(0);
+/// thread sleeps, µs (0: never poll). Process-wide: see [`set_answer_poll`].
+static ANSWER_POLL_US: AtomicU64 = AtomicU64::new(0);
 
 /// Requests awaiting a VMM's answer, over all VMMs of this process.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -149,8 +150,8 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// A request polls only when it is the only one in flight in this process
 /// (a busy broker never spends a thread on it) and its VMM answered the
 /// previous request within the budget (a slow bubble is not polled for).
-pub fn set_answer_spin(budget: Duration) {
-    ANSWER_SPIN_US.store(budget.as_micros() as u64, Ordering::Relaxed);
+pub fn set_answer_poll(budget: Duration) {
+    ANSWER_POLL_US.store(budget.as_micros() as u64, Ordering::Relaxed);
 }
 
 /// Counts a request in flight until dropped.
@@ -200,36 +201,6 @@ pub struct Spawner {
     low_start: bool,
 }
 
-/// Nice value spares start with when their priority can be raised again.
-const SPARE_START_NICE: libc::c_int = 19;
-
-/// Sets the nice value of thread `tid` (0: the calling thread); returns
-/// whether it took.
-fn set_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
-    // SAFETY: setpriority only changes a scheduling attribute.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
-}
-
-/// Whether priorities can be raised again here, tried on a throwaway thread.
-fn can_raise_priority() -> bool {
-    std::thread::spawn(|| set_nice(0, SPARE_START_NICE) && set_nice(0, 0))
-        .join()
-        .unwrap_or(false)
-}
-
-/// Gives every thread of process `pid` normal priority again.
-fn raise_process(pid: u32) {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
-            set_nice(tid, 0);
-        }
-    }
-}
-
 impl Spawner {
     /// A spawner keeping `want` spares (0: none) with sockets in `dir`.
     pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
@@ -243,7 +214,7 @@ impl Spawner {
             want,
             spares: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
-            low_start: want > 0 && can_raise_priority(),
+            low_start: want > 0 && priority::can_raise(),
         })
     }
 
@@ -315,11 +286,11 @@ impl Spawner {
         let low = self.low_start;
         let child = tokio::task::spawn_blocking(move || {
             if low {
-                set_nice(0, SPARE_START_NICE);
+                priority::set_nice(0, priority::BACKGROUND_NICE);
             }
             let child = cmd.spawn();
             if low {
-                set_nice(0, 0);
+                priority::set_nice(0, 0);
             }
             child
         })
@@ -351,7 +322,7 @@ impl Spawner {
             poll: cfg.poll,
         };
         if self.low_start {
-            raise_process(sp.pid);
+            priority::set_process_nice(Some(sp.pid), 0);
         }
         let body = args.to_args().join("\0").into_bytes();
         let frame = Frame {
@@ -659,7 +630,7 @@ impl VmmClient {
             });
         }
         let mut c = VmmClient {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&wr),
+            poll_handle: wr.poll_handle(),
             last_answer_us: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(wr),
             pending,
@@ -746,17 +717,14 @@ impl VmmClient {
                 return Err(VmmError::Closed);
             }
         }
-        let spin = ANSWER_SPIN_US.load(Ordering::Relaxed);
+        let spin = ANSWER_POLL_US.load(Ordering::Relaxed);
         if k == kind::CALL
             && small.is_some()
             && spin > 0
             && in_flight.alone()
             && self.last_answer_us.load(Ordering::Relaxed) <= spin
         {
-            // SAFETY: the descriptor belongs to `self.writer`, which lives
-            // as long as `self`.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
-            bubble_uds::spin_readable(&fd, Duration::from_micros(spin));
+            bubble_uds::spin_readable(&self.poll_handle, Duration::from_micros(spin));
         }
         let answer = tokio::time::timeout(timeout, rx).await;
         self.last_answer_us

@@ -19,6 +19,7 @@ pub mod control;
 pub mod floor;
 pub mod images;
 pub mod layout;
+mod priority;
 pub mod process;
 pub mod shared_image;
 pub mod snapshot;

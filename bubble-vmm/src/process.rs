@@ -22,6 +22,7 @@ use crate::bubble::{Answer, Bubble, BubbleError};
 use crate::control::{self, kind, CallErrKind, Frame, Status};
 use crate::images::{self, GuestImage};
 use crate::layout::Layout;
+use crate::priority;
 use crate::vm::{self, Kicker, Vm, VmError};
 
 /// Options of a VMM process.
@@ -793,30 +794,9 @@ fn log_next_to_socket(args: &VmmArgs) {
 /// and its memory is kernel work of ~1 ms that then yields to bubbles
 /// booting meanwhile (the broker has its acknowledgement already).
 fn exit_in_background() -> ! {
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
-                // SAFETY: lowering the priority of a thread of this very
-                // process; no memory is involved.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, SPARE_NICE) };
-            }
-        }
-    }
+    priority::set_process_nice(None, priority::BACKGROUND_NICE);
     std::process::exit(0)
 }
-
-/// Lowers the calling thread's priority to `nice` (always allowed; a
-/// failure leaves it unchanged, which is harmless).
-fn set_own_nice(nice: libc::c_int) {
-    // SAFETY: on Linux, PRIO_PROCESS with who 0 changes only the calling
-    // thread's nice value; no memory is involved.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-}
-
-/// Nice value of work done beside bubbles: a spare's preparation (once its
-/// vCPU thread, which keeps normal priority, waits for the bubble) and a
-/// VMM's exit. Such work then yields to bubbles that are booting.
-const SPARE_NICE: libc::c_int = 19;
 
 /// Work a spare does before it is needed: open /dev/kvm and query the
 /// supported CPUID, fault in the embedded guest image and the code paths
@@ -876,7 +856,7 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         // accepts reconnections): at low priority, so that a spare starting
         // up does not slow down a bubble booting next to it. A bubble that
         // arrives first simply finds nothing prepared.
-        set_own_nice(SPARE_NICE);
+        priority::set_nice(0, priority::BACKGROUND_NICE);
         prewarm();
         match ready_rx.recv() {
             Ok(Ok(a)) => {

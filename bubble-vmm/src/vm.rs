@@ -86,14 +86,20 @@ static PREPARED: std::sync::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> = std::syn
 /// VMM process does this while it waits for its bubble, whose VM is still
 /// created only then.
 pub fn prepare_kvm() -> Result<(), VmError> {
+    let prepared = open_kvm()?;
+    if let Ok(mut p) = PREPARED.lock() {
+        *p = Some(prepared);
+    }
+    Ok(())
+}
+
+/// Opens `/dev/kvm` and queries the CPUID the host supports.
+fn open_kvm() -> Result<(Kvm, kvm_bindings::CpuId), VmError> {
     let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
     let cpuid = kvm_fd
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("get supported CPUID"))?;
-    if let Ok(mut p) = PREPARED.lock() {
-        *p = Some((kvm_fd, cpuid));
-    }
-    Ok(())
+    Ok((kvm_fd, cpuid))
 }
 
 impl VmShell {
@@ -103,13 +109,7 @@ impl VmShell {
         let prepared = PREPARED.lock().ok().and_then(|mut p| p.take());
         let (kvm_fd, cpuid) = match prepared {
             Some(p) => p,
-            None => {
-                let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-                let cpuid = kvm_fd
-                    .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                    .map_err(kvm("get supported CPUID"))?;
-                (kvm_fd, cpuid)
-            }
+            None => open_kvm()?,
         };
         let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;

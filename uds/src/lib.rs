@@ -172,9 +172,22 @@ impl Drop for WriteHalf {
     }
 }
 
-impl AsRawFd for WriteHalf {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.io.get_ref().as_raw_fd()
+impl WriteHalf {
+    /// A handle on the socket for [`spin_readable`], usable without holding
+    /// either half (it keeps the socket open while it lives).
+    pub fn poll_handle(&self) -> PollHandle {
+        PollHandle(self.io.clone())
+    }
+}
+
+/// The socket of a connection, for [`spin_readable`] (see
+/// [`WriteHalf::poll_handle`]).
+#[derive(Clone, Debug)]
+pub struct PollHandle(Arc<AsyncFd<StdUnixStream>>);
+
+impl AsFd for PollHandle {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.get_ref().as_fd()
     }
 }
 
