@@ -203,15 +203,13 @@ impl Drop for BrokerProc {
     }
 }
 
-/// Pids of processes whose command line mentions `dir` (VMMs of a broker).
-pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+/// VMM processes started for `dir` (spares included): pid and command
+/// line (NUL-separated).
+fn vmm_procs_under(dir: &Path) -> Vec<(i32, String)> {
     let needle = dir.to_string_lossy().into_owned();
     let me = std::process::id() as i32;
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
@@ -219,13 +217,22 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
             continue;
         }
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && !is_idle_spare(pid, &cmd) {
-                out.push(pid);
+            let cmd = String::from_utf8_lossy(&cmd).into_owned();
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) {
+                out.push((pid, cmd));
             }
         }
     }
     out
+}
+
+/// Pids of the VMMs of a broker on `dir` but idle spares.
+pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+    vmm_procs_under(dir)
+        .into_iter()
+        .filter(|(pid, cmd)| !is_idle_spare(*pid, cmd))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Waits up to `limit` for every VMM process of a broker on `dir` but idle
@@ -298,20 +305,11 @@ fn has_kvm_vm(pid: i32) -> bool {
 
 /// Pids of idle spare VMMs of a broker on `dir`.
 pub fn spare_pids_under(dir: &Path) -> Vec<i32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && is_idle_spare(pid, &cmd) {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    vmm_procs_under(dir)
+        .into_iter()
+        .filter(|(pid, cmd)| is_idle_spare(*pid, cmd))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Marker in a VMM process's command line.
@@ -321,10 +319,7 @@ pub const VMM_MARK: &str = "__vmm";
 /// none is left (one may be starting while the broker dies).
 pub fn kill_vmms_under(dir: &Path) {
     for _ in 0..50 {
-        let pids: Vec<i32> = vmm_pids_under(dir)
-            .into_iter()
-            .chain(spare_pids_under(dir))
-            .collect();
+        let pids: Vec<i32> = vmm_procs_under(dir).into_iter().map(|(p, _)| p).collect();
         if pids.is_empty() {
             return;
         }
