@@ -11,6 +11,16 @@ use tonic::Code;
 const READY: i32 = pb::BubbleState::Ready as i32;
 const DELETED: i32 = pb::BubbleState::Deleted as i32;
 
+/// What the guest's `sha256_chain` op answers: SHA-256 of `data`, then of
+/// the digest, `rounds` times in all.
+fn sha256_chain(data: &[u8], rounds: u32) -> Vec<u8> {
+    let mut d = Sha256::digest(data);
+    for _ in 1..rounds {
+        d = Sha256::digest(d);
+    }
+    d.to_vec()
+}
+
 fn attach_req(profile: &str) -> pb::AttachBubbleRequest {
     pb::AttachBubbleRequest {
         profile: profile.into(),
@@ -206,13 +216,7 @@ async fn metering_matches_independent_measurements() {
     // thread's CPU time is guest time, well above /proc's 10 ms resolution.
     let mut input = 20_000u32.to_le_bytes().to_vec();
     input.extend(b"metering");
-    let expect = {
-        let mut d = Sha256::digest(b"metering");
-        for _ in 1..20_000 {
-            d = Sha256::digest(d);
-        }
-        d.to_vec()
-    };
+    let expect = sha256_chain(b"metering", 20_000);
     let mut out_bytes = 0u64;
     let t = Instant::now();
     let mut n = 0u64;
@@ -298,19 +302,34 @@ async fn sigterm_finishes_calls_in_flight() {
                 .bubble_id,
         );
     }
-    let input: Vec<u8> = vec![7u8; 1 << 20];
+    // Calls of tens of ms of guest work each (four queue on each bubble),
+    // with small requests: once every bubble runs one, all twelve requests
+    // have reached the broker and most calls are still to run.
+    let rounds = 100_000u32;
+    let mut input = rounds.to_le_bytes().to_vec();
+    input.extend(b"in flight");
     let mut calls = Vec::new();
     for i in 0..12 {
         let mut c = c.clone();
-        let req = call_req(&ids[i % 3], "sha256", &input);
+        let req = call_req(&ids[i % 3], "sha256_chain", &input);
         calls.push(tokio::spawn(async move { c.call(req).await }));
     }
-    tokio::time::sleep(Duration::from_millis(15)).await;
+    let mut probe = c.clone();
+    let until = Instant::now() + Duration::from_secs(10);
+    for id in &ids {
+        wait_for(
+            &mut probe,
+            id,
+            until.saturating_duration_since(Instant::now()),
+            |b| b.state == pb::BubbleState::Busy as i32,
+        )
+        .await;
+    }
     let status = tokio::task::spawn_blocking(move || {
         let s = broker.terminate();
         (s, broker)
     });
-    let expect = Sha256::digest(&input).to_vec();
+    let expect = sha256_chain(b"in flight", rounds);
     for t in calls {
         let r = t.await.unwrap().expect("a call in flight was lost");
         assert_eq!(r.into_inner().output, expect);
