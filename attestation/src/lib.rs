@@ -16,7 +16,9 @@ pub mod report;
 pub mod sim;
 pub mod verify;
 
-pub use measure::{launch_digest, vmsa_page, InitialVcpuState, PageType, PageUpdate, VcpuState};
+pub use measure::{
+    launch_digest, vmsa_page, PageInfo, PageType, PageUpdate, VmsaSegment, VmsaState,
+};
 pub use policy::Policy;
 pub use report::{Report, ReportError, Tcb};
 pub use sim::{CertChain, ReportRequest, SimLaunch, SimPsp, SnpBackend, TeeBackend, TeeError};
