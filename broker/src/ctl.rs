@@ -181,11 +181,15 @@ enum Cmd {
     /// Attestation: fetch a bubble's report, verify reports offline.
     #[command(subcommand)]
     Attest(AttestCmd),
-    /// Print the launch measurement a bubble booted from an image reports.
+    /// Print the launch measurement a bubble booted from an image reports,
+    /// computed offline by the VMM's own loader (no KVM needed).
     Measure {
         /// Guest image: "shim" (built in) or an ELF file.
         #[arg(long, default_value = "shim")]
         image: String,
+        /// Also print the measured page list (GPA, type, length, SHA-384).
+        #[arg(long)]
+        explain: bool,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 64)]
         memory_mib: u32,
@@ -494,25 +498,10 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         }
         Cmd::Measure {
             image,
+            explain,
             memory_mib,
             max_payload,
-        } => {
-            let img = if image == "shim" {
-                bubble_vmm::images::GuestImage::Shim
-            } else {
-                bubble_vmm::images::GuestImage::Elf(image.clone().into())
-            };
-            let m = crate::attest::measurement(&img, memory_mib, max_payload)
-                .map_err(anyhow::Error::msg)?;
-            if j {
-                println!(
-                    "{}",
-                    json!({"image": image, "memory_mib": memory_mib, "max_payload": max_payload, "measurement": hex(&m)})
-                );
-            } else {
-                println!("{}", hex(&m));
-            }
-        }
+        } => crate::attest::print_measure(&image, explain, memory_mib, max_payload, j)?,
         Cmd::Demo { bubbles, calls } => {
             crate::demo::run(bubbles, calls).await?;
         }

@@ -275,12 +275,12 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     // report must bind our nonce and the bubble's keys. This host has no
     // SEV-SNP: the report is SIMULATED and only a policy that allows
     // simulation accepts it.
-    let expected = crate::attest::measurement(
+    let expected = crate::attest::expected_measurement(
         &bubble_vmm::images::GuestImage::Shim,
         32,
         crate::config::DEFAULT_MAX_PAYLOAD,
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?
+    .digest();
     let policy = bubble_attestation::Policy {
         allow_sim: true,
         allowed_measurements: vec![hex::encode(expected)],

@@ -70,6 +70,9 @@ pub enum VmmError {
     /// A snapshot to restore is malformed.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// The VMM has no launch measurement to give (its text says why).
+    #[error("no launch measurement: {0}")]
+    NoMeasurement(String),
 }
 
 /// Errors of a call.
@@ -757,6 +760,21 @@ impl VmmClient {
             .request(kind::STATUS, Vec::new(), Duration::from_secs(5))
             .await?;
         Status::decode(&f.body).ok_or_else(|| VmmError::Protocol("bad status".into()))
+    }
+
+    /// The bubble's SNP launch digest as its VMM computed it while loading
+    /// the guest (or, for a restored bubble, as its snapshot carried it).
+    pub async fn launch_measurement(&self) -> Result<control::LaunchMeasurement, VmmError> {
+        let f = self
+            .request(kind::MEASUREMENT, Vec::new(), Duration::from_secs(5))
+            .await?;
+        match f.kind {
+            kind::MEASUREMENT_OK => control::LaunchMeasurement::decode(&f.body)
+                .map_err(|e| VmmError::Protocol(e.to_string())),
+            _ => Err(VmmError::NoMeasurement(
+                String::from_utf8_lossy(&f.body).into_owned(),
+            )),
+        }
     }
 
     /// Waits until the guest is READY.

@@ -17,6 +17,8 @@
 //! | `RESTORE` 0x07 | broker → VMM (restore mode) | a snapshot, streamed into guest memory |
 //! | `PREFAULT` 0x08 | broker → VMM (restore mode) | page runs to fault in (zeroes only) |
 //! | `RESTORE_STATE` 0x09 | broker → VMM (restore mode) | vCPU state; the pages are already in guest memory |
+//! | `MEASUREMENT` 0x0A | broker → VMM | empty (answer: `MEASUREMENT_OK`, or `ERROR` when the VMM does not know it) |
+//! | `MEASUREMENT_OK` 0x8A | VMM → broker | [`LaunchMeasurement`]: `[origin u8][digest 48]` |
 //! | `SNAPSHOT` 0x86 | VMM → broker | `[state_len u32][state][n u32][(gpa u64, page)*]` |
 //! | `RESTORE_OK` 0x87 | VMM → broker | `[µs u64]` the VMM took |
 //! | `PREFAULT_OK` 0x88 | VMM → broker | `[host address u64][length u64]` of guest memory |
@@ -70,6 +72,11 @@ pub mod kind {
     /// Restore mode, pages already written into guest memory by the
     /// broker: the body is the encoded vCPU state (answer: RESTORE_OK).
     pub const RESTORE_STATE: u8 = 0x09;
+    /// The launch measurement the VMM computed (or carried through a
+    /// restore); answer: MEASUREMENT_OK.
+    pub const MEASUREMENT: u8 = 0x0A;
+    /// Answer to MEASUREMENT: a [`super::LaunchMeasurement`].
+    pub const MEASUREMENT_OK: u8 = 0x8A;
     /// The VM's snapshot: `[state_len u32][state][n u32][(gpa u64, page)*]`.
     pub const SNAPSHOT: u8 = 0x86;
     /// Restore done; the guest is ready.
@@ -274,6 +281,63 @@ impl Status {
     }
 }
 
+/// Where a VMM's launch measurement comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LaunchOrigin {
+    /// This VMM loaded the bubble and measured the pages it placed.
+    Measured = 1,
+    /// This VMM restored the bubble; the digest is its launch's, carried
+    /// in the authenticated snapshot.
+    Restored = 2,
+}
+
+/// A `MEASUREMENT_OK` body: the bubble's SNP launch digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchMeasurement {
+    /// Where it comes from.
+    pub origin: LaunchOrigin,
+    /// The launch digest (MEASUREMENT of the bubble's reports).
+    pub digest: [u8; 48],
+}
+
+/// Why a `MEASUREMENT_OK` body was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MeasurementDecodeError {
+    /// The body is not 49 bytes.
+    #[error("measurement body of {0} bytes, expected 49")]
+    Length(usize),
+    /// Unknown origin byte.
+    #[error("unknown measurement origin {0}")]
+    Origin(u8),
+}
+
+impl LaunchMeasurement {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(49);
+        v.push(self.origin as u8);
+        v.extend(self.digest);
+        v
+    }
+
+    /// Decodes a body (exactly 49 bytes).
+    pub fn decode(b: &[u8]) -> Result<Self, MeasurementDecodeError> {
+        let (&o, d) = b
+            .split_first()
+            .filter(|(_, d)| d.len() == 48)
+            .ok_or(MeasurementDecodeError::Length(b.len()))?;
+        let origin = match o {
+            1 => LaunchOrigin::Measured,
+            2 => LaunchOrigin::Restored,
+            other => return Err(MeasurementDecodeError::Origin(other)),
+        };
+        let mut digest = [0u8; 48];
+        digest.copy_from_slice(d);
+        Ok(LaunchMeasurement { origin, digest })
+    }
+}
+
 /// Encodes a CALL body.
 pub fn encode_call(deadline_ms: u32, op: &str, input: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(5 + op.len() + input.len());
@@ -324,10 +388,22 @@ mod tests {
         assert!(Frame::read_from(&mut &[0u8, 0, 0, 0][..]).is_err());
         assert!(Frame::read_from(&mut &[0xffu8, 0xff, 0xff, 0xff][..]).is_err());
         assert!(Frame::read_from(&mut &[20u8, 0, 0, 0, 1][..]).is_err());
-        for n in 0..40 {
+        for n in 0..60 {
             let junk: Vec<u8> = (0..n).map(|i| (i * 37) as u8).collect();
             let _ = Status::decode(&junk);
             let _ = decode_call(&junk);
+            assert!(LaunchMeasurement::decode(&junk).is_err());
         }
+        let m = LaunchMeasurement {
+            origin: LaunchOrigin::Restored,
+            digest: [7u8; 48],
+        };
+        assert_eq!(LaunchMeasurement::decode(&m.encode()), Ok(m));
+        let mut b = m.encode();
+        b[0] = 9;
+        assert_eq!(
+            LaunchMeasurement::decode(&b),
+            Err(MeasurementDecodeError::Origin(9))
+        );
     }
 }

@@ -164,53 +164,16 @@ pub fn floor_code() -> Vec<u8> {
     a.0
 }
 
-/// The initial pages and vCPU state a bubble of `image` boots with — the
-/// input of its launch measurement. Exactly what [`crate::process::build_vm`]
-/// puts in guest memory (a test checks it page by page).
-pub fn initial_state(
-    image: &GuestImage,
+/// Machine code of a hostile guest for a bubble of `mem_size` bytes with a
+/// mailbox for `max_payload`: planned with a placeholder image size first
+/// (the code's length does not depend on the layout, only its constants do).
+pub fn hostile_code_for(
+    kind: HostileKind,
     mem_size: u64,
     max_payload: u64,
-) -> Result<(Vec<layout::InitialPage>, layout::InitialVcpu), String> {
-    match image {
-        GuestImage::Shim | GuestImage::Elf(_) => {
-            let elf = match image {
-                GuestImage::Elf(p) => {
-                    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?
-                }
-                _ => SHIM_ELF.to_vec(),
-            };
-            let img = layout::Image::parse(&elf).map_err(|e| e.to_string())?;
-            let l = Layout::new(mem_size, img.end(), max_payload).map_err(|e| e.to_string())?;
-            Ok((
-                layout::initial_pages(&img, &l),
-                layout::initial_vcpu(img.entry),
-            ))
-        }
-        GuestImage::Hostile(k) => {
-            let probe = Layout::new(mem_size, layout::IMAGE_BASE + 4096, max_payload)
-                .map_err(|e| e.to_string())?;
-            let code = hostile_code(*k, &probe);
-            let l = Layout::new(
-                mem_size,
-                layout::IMAGE_BASE + code.len() as u64,
-                max_payload,
-            )
-            .map_err(|e| e.to_string())?;
-            let img = layout::Image {
-                entry: layout::IMAGE_BASE,
-                segments: vec![layout::Segment {
-                    gpa: layout::IMAGE_BASE,
-                    mem_size: code.len() as u64,
-                    data: code,
-                }],
-            };
-            Ok((
-                layout::initial_pages(&img, &l),
-                layout::initial_vcpu(layout::IMAGE_BASE),
-            ))
-        }
-    }
+) -> Result<Vec<u8>, layout::LayoutError> {
+    let probe = Layout::new(mem_size, layout::IMAGE_BASE + 4096, max_payload)?;
+    Ok(hostile_code(kind, &probe))
 }
 
 /// The guest a bubble boots.

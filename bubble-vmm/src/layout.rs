@@ -1,9 +1,9 @@
 //! Guest memory layout and the initial state of a bubble.
 //!
 //! Everything here is deterministic: the same image, memory size and
-//! payload limit always give the same initial pages and registers, so a
-//! launch measurement can be computed offline ([`initial_pages`]) and equals
-//! what the running bubble was booted with.
+//! payload limit always give the same initial pages and registers, so the
+//! launch measurement [`crate::load`] records as it places them can be
+//! reproduced offline.
 //!
 //! | guest-physical      | what                                            |
 //! |---------------------|-------------------------------------------------|
@@ -260,24 +260,23 @@ impl Layout {
     }
 }
 
-/// What kind of initial page (for the launch measurement).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageKind {
-    /// Page tables, GDT, TSS, boot information.
-    Boot,
-    /// Part of the guest image.
-    Image,
-}
-
-/// One initial page with its contents.
+/// A page the VMM writes at boot, with its contents.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InitialPage {
+pub struct BootPage {
     /// Guest-physical address (page-aligned).
     pub gpa: u64,
-    /// Kind.
-    pub kind: PageKind,
     /// The 4096 bytes.
     pub data: Vec<u8>,
+}
+
+/// A page of the loaded image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImagePage {
+    /// Guest-physical address (page-aligned).
+    pub gpa: u64,
+    /// The page's bytes where it holds file bytes (zero-filled to the page);
+    /// `None` for a page only zero-initialized memory (`.bss`) covers.
+    pub data: Option<Vec<u8>>,
 }
 
 /// The initial vCPU state (identical on every boot of a layout).
@@ -345,16 +344,12 @@ fn put64(page: &mut [u8], at: usize, v: u64) {
 }
 
 /// The boot pages (tables, GDT, TSS, boot information), in address order.
-pub fn boot_pages(layout: &Layout) -> Vec<InitialPage> {
+pub fn boot_pages(layout: &Layout) -> Vec<BootPage> {
     let mut pages = Vec::new();
     let mut page = |gpa: u64, fill: &dyn Fn(&mut [u8])| {
         let mut data = vec![0u8; PAGE as usize];
         fill(&mut data);
-        pages.push(InitialPage {
-            gpa,
-            kind: PageKind::Boot,
-            data,
-        });
+        pages.push(BootPage { gpa, data });
     };
     // P | RW | US for table entries; + PS for 2 MiB leaves.
     const T: u64 = 0x7;
@@ -411,35 +406,31 @@ pub fn boot_pages(layout: &Layout) -> Vec<InitialPage> {
     pages
 }
 
-/// The image's pages (file bytes, zero-filled to whole pages), in address
-/// order. Pages only covered by zero-initialized memory (`.bss`) are left
-/// out: fresh guest memory is zero.
-pub fn image_pages(image: &Image) -> Vec<InitialPage> {
-    let mut map = std::collections::BTreeMap::<u64, Vec<u8>>::new();
+/// The image's pages, in address order: pages holding file bytes
+/// (zero-filled to whole pages), and pages only zero-initialized memory
+/// (`.bss`) covers, without data.
+pub fn image_pages(image: &Image) -> Vec<ImagePage> {
+    let mut map = std::collections::BTreeMap::<u64, Option<Vec<u8>>>::new();
     for s in &image.segments {
         for (i, b) in s.data.iter().enumerate() {
             let a = s.gpa + i as u64;
             let pg = map
                 .entry(a & !(PAGE - 1))
-                .or_insert_with(|| vec![0u8; PAGE as usize]);
+                .or_insert(None)
+                .get_or_insert_with(|| vec![0u8; PAGE as usize]);
             pg[(a & (PAGE - 1)) as usize] = *b;
         }
     }
+    for s in &image.segments {
+        let mut g = s.gpa & !(PAGE - 1);
+        while g < s.gpa + s.mem_size {
+            map.entry(g).or_insert(None);
+            g += PAGE;
+        }
+    }
     map.into_iter()
-        .map(|(gpa, data)| InitialPage {
-            gpa,
-            kind: PageKind::Image,
-            data,
-        })
+        .map(|(gpa, data)| ImagePage { gpa, data })
         .collect()
-}
-
-/// Every initial page of a bubble, in the documented measurement order:
-/// boot pages by address, then image pages by address.
-pub fn initial_pages(image: &Image, layout: &Layout) -> Vec<InitialPage> {
-    let mut v = boot_pages(layout);
-    v.extend(image_pages(image));
-    v
 }
 
 #[cfg(test)]
@@ -483,18 +474,21 @@ mod tests {
     }
 
     #[test]
-    fn initial_pages_are_deterministic_and_page_sized() {
+    fn image_pages_are_ordered_page_sized_and_cover_the_image() {
         let img = Image::parse(include_bytes!(env!("BUBBLE_SHIM_ELF"))).unwrap();
-        let l = Layout::new(64 << 20, img.end(), 1 << 20).unwrap();
-        let a = initial_pages(&img, &l);
-        let b = initial_pages(&img, &l);
-        assert_eq!(a, b);
-        assert!(a
-            .iter()
-            .all(|p| p.data.len() == PAGE as usize && p.gpa % PAGE == 0));
-        let mut gpas: Vec<u64> = a.iter().map(|p| p.gpa).collect();
-        let n = gpas.len();
-        gpas.dedup();
-        assert_eq!(gpas.len(), n);
+        let a = image_pages(&img);
+        assert!(a.windows(2).all(|w| w[0].gpa < w[1].gpa));
+        assert!(
+            a.iter()
+                .all(|p| p.gpa % PAGE == 0
+                    && p.data.as_ref().is_none_or(|d| d.len() == PAGE as usize))
+        );
+        assert!(a.iter().any(|p| p.data.is_some()));
+        // Every byte of every segment lies in a listed page.
+        for s in &img.segments {
+            let last = (s.gpa + s.mem_size - 1) & !(PAGE - 1);
+            assert!(a.iter().any(|p| p.gpa == s.gpa & !(PAGE - 1)));
+            assert!(a.iter().any(|p| p.gpa == last));
+        }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`layout`]: guest memory layout, initial pages and vCPU state
 //!   (deterministic, so the launch measurement can be computed offline);
+//! - [`load`], [`launch`]: loading a bubble's initial memory and recording
+//!   its SNP launch measurement as the pages are placed;
 //! - [`vm`]: the KVM VM with its single vCPU entered at CPL 3;
 //! - [`abi`] (messages) and [`transport`] (doorbell + mailbox): guest ABI v1;
 //! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
@@ -18,7 +20,9 @@ pub mod client;
 pub mod control;
 pub mod floor;
 pub mod images;
+pub mod launch;
 pub mod layout;
+pub mod load;
 mod priority;
 pub mod process;
 pub mod shared_image;

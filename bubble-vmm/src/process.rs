@@ -127,7 +127,8 @@ impl VmmArgs {
 }
 
 /// Builds the VM for an image; the shim is mapped from `image_fd` (see
-/// [`crate::shared_image`]) when given, else loaded as a copy.
+/// [`crate::shared_image`]) when given, else loaded as a copy. Either way
+/// the VM records its launch measurement as it is loaded ([`crate::load`]).
 pub fn build_vm(
     image: &GuestImage,
     mem: u64,
@@ -147,12 +148,11 @@ pub fn build_vm(
                 .map_err(|e| VmError::Memory(format!("reading {}: {e}", p.display())))?;
             Vm::new(&elf, mem, max_payload)
         }
-        GuestImage::Hostile(k) => {
-            // Plan with a placeholder size first: the code's length does not
-            // depend on the layout, only its constants do.
-            let probe = Layout::new(mem, crate::layout::IMAGE_BASE + 4096, max_payload)?;
-            Vm::with_code(&images::hostile_code(*k, &probe), mem, max_payload)
-        }
+        GuestImage::Hostile(k) => Vm::with_code(
+            &images::hostile_code_for(*k, mem, max_payload)?,
+            mem,
+            max_payload,
+        ),
     }
 }
 
@@ -694,6 +694,14 @@ fn serve(
                 reply(kind::SHUTDOWN_OK, Vec::new());
                 exit_in_background();
             }
+            kind::MEASUREMENT => match guest
+                .as_deref_mut()
+                .map(|g| launch_measurement(g.bubble.vm()))
+            {
+                Some(Some(m)) => reply(kind::MEASUREMENT_OK, m.encode()),
+                Some(None) => reply(kind::ERROR, b"launch measurement unknown".to_vec()),
+                None => reply(kind::ERROR, b"the bubble has no guest".to_vec()),
+            },
             kind::SUSPEND => {
                 // The vCPU is stopped in its doorbell exit (this thread runs
                 // it): a safe point. The VMM keeps running until the broker
@@ -709,6 +717,20 @@ fn serve(
             _ => reply(kind::ERROR, b"unknown request".to_vec()),
         }
     }
+}
+
+/// The launch measurement of `vm` (folded on first use).
+fn launch_measurement(vm: &Vm) -> Option<control::LaunchMeasurement> {
+    use crate::launch::Launch;
+    let origin = match vm.launch() {
+        Launch::Measured(_) => control::LaunchOrigin::Measured,
+        Launch::Carried(_) => control::LaunchOrigin::Restored,
+        Launch::Unknown => return None,
+    };
+    Some(control::LaunchMeasurement {
+        origin,
+        digest: vm.launch().digest()?,
+    })
 }
 
 /// A spare's listening socket (bound first thing, so the broker can

@@ -229,7 +229,17 @@ pub fn restore_state(vm: &mut Vm, state: &[u8]) -> Result<(), RestoreError> {
     }
     vm.set_layout(state.layout());
     vm.restore_vcpu(&state.vcpu)?;
+    vm.set_launch(carried(&state));
     Ok(())
+}
+
+/// The launch measurement a restored VM reports: the one of its launch,
+/// as its snapshot carries it.
+fn carried(state: &VmSnapshot) -> crate::launch::Launch {
+    match state.launch_digest {
+        Some(d) => crate::launch::Launch::Carried(d),
+        None => crate::launch::Launch::Unknown,
+    }
 }
 
 /// Streams a snapshot body of `body_len` bytes from `r` into `vm` (a VM
@@ -279,6 +289,7 @@ pub fn restore_from(vm: &mut Vm, r: &mut impl Read, body_len: usize) -> Result<(
     }
     vm.set_layout(state.layout());
     vm.restore_vcpu(&state.vcpu)?;
+    vm.set_launch(carried(&state));
     Ok(())
 }
 
@@ -312,10 +323,13 @@ pub struct VmSnapshot {
     pub heap_end: u64,
     /// vCPU state.
     pub vcpu: VcpuSnapshot,
+    /// The launch digest of the bubble (carried from its launch through
+    /// every suspend and restore; `None` in version-1 snapshots).
+    pub launch_digest: Option<[u8; 48]>,
 }
 
-/// Current snapshot format.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Current snapshot format (2: with the launch digest after the layout).
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
@@ -367,6 +381,10 @@ impl VmSnapshot {
         ] {
             v.extend(x.to_le_bytes());
         }
+        if self.version >= 2 {
+            v.push(u8::from(self.launch_digest.is_some()));
+            v.extend(self.launch_digest.unwrap_or([0u8; 48]));
+        }
         pod_bytes(&self.vcpu.regs, &mut v);
         pod_bytes(&self.vcpu.sregs, &mut v);
         pod_bytes(&self.vcpu.fpu, &mut v);
@@ -383,10 +401,19 @@ impl VmSnapshot {
             ))
         };
         let version = f(0)? as u32;
-        if version != SNAPSHOT_VERSION {
-            return None;
-        }
-        let mut rest = b.get(48..)?;
+        let (launch_digest, mut rest) = match version {
+            1 => (None, b.get(48..)?),
+            2 => {
+                let d: [u8; 48] = b.get(49..97)?.try_into().ok()?;
+                let known = match b.get(48)? {
+                    0 if d == [0u8; 48] => false,
+                    1 => true,
+                    _ => return None,
+                };
+                (known.then_some(d), b.get(97..)?)
+            }
+            _ => return None,
+        };
         let s = VmSnapshot {
             version,
             mem_size: f(1)?,
@@ -401,6 +428,7 @@ impl VmSnapshot {
                 xsave: pod_read(&mut rest)?,
                 xcrs: pod_read(&mut rest)?,
             },
+            launch_digest,
         };
         let l = s.layout();
         let sane = rest.is_empty()
@@ -443,6 +471,7 @@ impl Vm {
                 xsave: v.get_xsave().map_err(kvm("get xsave"))?,
                 xcrs: v.get_xcrs().map_err(kvm("get xcrs"))?,
             },
+            launch_digest: self.launch().digest(),
         })
     }
 

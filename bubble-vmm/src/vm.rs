@@ -1,16 +1,16 @@
 //! One KVM VM with one vCPU entered at CPL 3 in long mode.
 
-use std::io::Cursor;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_dtable, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_dtable, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{self, Image, InitialVcpu, Layout};
+pub use crate::launch::Launch;
+use crate::layout::{self, InitialVcpu, Layout};
+use crate::load::{self, Source};
 use crate::transport::{self, Doorbell};
 
 /// Errors creating or running a VM.
@@ -65,6 +65,8 @@ pub struct Vm {
     layout: Layout,
     /// Time spent inside KVM_RUN.
     run_time: Duration,
+    /// The launch measurement.
+    launch: Launch,
 }
 
 /// A KVM VM with its vCPU (CPUID set) and no memory yet: what can be made
@@ -234,91 +236,37 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 3,
-        db,
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 impl Vm {
     /// Creates the VM, loads `elf` and prepares the vCPU at its entry point.
     pub fn new(elf: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        let (_entry, end) = Image::parse_bounds(elf)?;
-        let layout = Layout::new(mem_size, end, max_payload)?;
-        let mut vm = Self::bare(&layout)?;
-        for p in layout::boot_pages(&layout) {
-            vm.mem
-                .write_slice(&p.data, GuestAddress(p.gpa))
-                .map_err(|e| VmError::Memory(e.to_string()))?;
-        }
-        let loaded = Elf::load(&vm.mem, None, &mut Cursor::new(elf), None)
-            .map_err(|e| VmError::Memory(format!("loading the image: {e}")))?;
-        vm.setup_vcpu(&layout::initial_vcpu(loaded.kernel_load.0))?;
-        Ok(vm)
+        Self::start(load::load(Source::Elf(elf), mem_size, max_payload)?)
     }
 
     /// Creates the VM with `image` mapped copy-on-write (see
     /// [`crate::shared_image`]) and prepares the vCPU at its entry point.
-    /// Guest memory content equals [`Vm::new`]'s for the same ELF.
+    /// Guest memory content and measurement equal [`Vm::new`]'s for the
+    /// same ELF.
     pub fn with_shared_image(
         image: &crate::shared_image::SharedImage,
         mem_size: u64,
         max_payload: u64,
     ) -> Result<Self, VmError> {
-        let layout = Layout::new(mem_size, image.end(), max_payload)?;
-        let mut vm = Self::bare(&layout)?;
-        let (host, len) = vm.host_range()?;
-        if layout::IMAGE_BASE + image.span() > len as u64 {
-            return Err(VmError::Memory("image does not fit in guest memory".into()));
-        }
-        // SAFETY: IMAGE_BASE..IMAGE_BASE+span lies inside this VM's own guest
-        // memory mapping (checked above), which nothing has touched yet: the
-        // vCPU has never run and no boot page lies in the image range.
-        unsafe { image.map_at(host.add(layout::IMAGE_BASE as usize))? };
-        for p in layout::boot_pages(&layout) {
-            vm.mem
-                .write_slice(&p.data, GuestAddress(p.gpa))
-                .map_err(|e| VmError::Memory(e.to_string()))?;
-        }
-        vm.setup_vcpu(&layout::initial_vcpu(image.entry()))?;
-        Ok(vm)
+        Self::start(load::load(Source::Shared(image), mem_size, max_payload)?)
     }
 
     /// A VM running raw machine code at [`layout::IMAGE_BASE`] (floors and
     /// hostile test guests).
     pub fn with_code(code: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        let layout = Layout::new(
-            mem_size,
-            layout::IMAGE_BASE + code.len() as u64,
-            max_payload,
-        )?;
-        let mut vm = Self::bare(&layout)?;
-        for p in layout::boot_pages(&layout) {
-            vm.mem
-                .write_slice(&p.data, GuestAddress(p.gpa))
-                .map_err(|e| VmError::Memory(e.to_string()))?;
-        }
-        vm.mem
-            .write_slice(code, GuestAddress(layout::IMAGE_BASE))
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-        vm.setup_vcpu(&layout::initial_vcpu(layout::IMAGE_BASE))?;
-        Ok(vm)
+        Self::start(load::load(Source::Code(code), mem_size, max_payload)?)
     }
 
-    fn bare(layout: &Layout) -> Result<Self, VmError> {
-        Self::from_shell(VmShell::new()?, anon_memory(layout.mem_size)?, layout)
+    /// Puts loaded memory into a new VM and its vCPU at the initial state;
+    /// the VM keeps the launch record.
+    fn start(l: load::Loaded) -> Result<Self, VmError> {
+        let mut vm = Self::from_shell(VmShell::new()?, l.mem, &l.layout)?;
+        vm.setup_vcpu(&l.vcpu)?;
+        vm.launch = Launch::Measured(l.log);
+        Ok(vm)
     }
 
     /// Puts `mem` (guest-physical 0..) into the VM `shell`; the vCPU is not
@@ -355,6 +303,7 @@ impl Vm {
             mem,
             layout: *layout,
             run_time: Duration::ZERO,
+            launch: Launch::Unknown,
         })
     }
 
@@ -364,8 +313,9 @@ impl Vm {
         s.cr3 = s0.cr3;
         s.cr4 = s0.cr4;
         s.efer = s0.efer;
-        s.cs = seg(s0.cs, 0xb, 1, 0);
-        let d = seg(s0.ds, 0x3, 0, 1);
+        let segs = crate::launch::segments(s0);
+        s.cs = segs.cs;
+        let d = segs.data;
         (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
         s.gdt = kvm_dtable {
             base: s0.gdt_base,
@@ -377,21 +327,7 @@ impl Vm {
             limit: 0,
             padding: [0; 3],
         };
-        s.tr = kvm_segment {
-            base: layout::TSS,
-            limit: layout::TSS_LIMIT,
-            selector: s0.tr,
-            type_: 0xb,
-            present: 1,
-            dpl: 0,
-            db: 0,
-            s: 0,
-            l: 0,
-            g: 0,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
+        s.tr = segs.tr;
         self.vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
         let mut f = self.vcpu.get_fpu().map_err(kvm("get fpu"))?;
         f.fcw = s0.fcw;
@@ -403,6 +339,16 @@ impl Vm {
         r.rflags = s0.rflags;
         self.vcpu.set_regs(&r).map_err(kvm("set regs"))?;
         Ok(())
+    }
+
+    /// The launch measurement.
+    pub fn launch(&self) -> &Launch {
+        &self.launch
+    }
+
+    /// Sets the launch measurement (restore: the one the snapshot carries).
+    pub(crate) fn set_launch(&mut self, l: Launch) {
+        self.launch = l;
     }
 
     /// The memory layout.

@@ -2,6 +2,7 @@
 
 use bubble_vmm::bubble::{Answer, Bubble, BubbleError};
 use bubble_vmm::images::{GuestImage, HostileKind};
+use bubble_vmm::launch::Launch;
 use bubble_vmm::process::build_vm;
 use bubble_vmm::shared_image::SharedImage;
 use bubble_vmm::vm::{Vm, VmError};
@@ -182,29 +183,80 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
     }
 }
 
-#[test]
-fn guest_memory_at_boot_equals_the_measured_initial_pages() {
-    for image in [GuestImage::Shim, GuestImage::Hostile(HostileKind::Spin)] {
-        let (pages, vcpu) = bubble_vmm::images::initial_state(&image, 16 << 20, 1 << 20).unwrap();
-        let vm = build_vm(&image, 16 << 20, 1 << 20, None).unwrap();
-        for p in &pages {
-            let mut buf = vec![0u8; 4096];
-            vm.read(p.gpa, &mut buf).unwrap();
-            assert_eq!(buf, p.data, "page {:#x}", p.gpa);
+/// Checks a VM's launch record against its guest memory before it runs:
+/// every NORMAL page hashes to what was recorded, ZERO pages are zero,
+/// UNMEASURED pages are the mailbox, and every non-zero page of guest
+/// memory is a measured NORMAL page.
+fn record_matches_memory(vm: &Vm) -> bubble_vmm::launch::LaunchLog {
+    use bubble_attestation::measure::{PageInfo, PageType, VMSA_GPA};
+    let Launch::Measured(log) = vm.launch() else {
+        panic!("a loaded VM carries its record")
+    };
+    let mut buf = vec![0u8; 4096];
+    let mut normal = std::collections::BTreeSet::new();
+    let l = *vm.layout();
+    for p in log.pages() {
+        match p.page_type {
+            PageType::Normal => {
+                vm.read(p.gpa, &mut buf).unwrap();
+                assert_eq!(
+                    PageInfo::of(p.gpa, PageType::Normal, &buf),
+                    p,
+                    "page {:#x}",
+                    p.gpa
+                );
+                assert!(normal.insert(p.gpa), "page {:#x} measured twice", p.gpa);
+            }
+            PageType::Zero => {
+                vm.read(p.gpa, &mut buf).unwrap();
+                assert!(buf.iter().all(|b| *b == 0), "zero page {:#x}", p.gpa);
+            }
+            PageType::Unmeasured => {
+                assert!((l.mailbox_gpa..l.mem_size).contains(&p.gpa));
+            }
+            PageType::Vmsa => assert_eq!(p.gpa, VMSA_GPA),
+            other => panic!("unexpected page type {other:?}"),
         }
-        assert_eq!(vcpu.rsp % 16, 8);
-        assert!(pages.len() >= 8);
     }
-    // The shim mapped from its shared image gives the same memory.
-    let (pages, _) =
-        bubble_vmm::images::initial_state(&GuestImage::Shim, 16 << 20, 1 << 20).unwrap();
+    for gpa in vm.nonzero_pages().unwrap() {
+        assert!(
+            normal.contains(&gpa),
+            "page {gpa:#x} is not zero but not measured"
+        );
+    }
+    // A copy: the record's fold is lazy.
+    let mut copy = bubble_vmm::launch::LaunchLog::new();
+    for p in log.pages() {
+        copy.hashed(p);
+    }
+    assert_eq!(copy.digest(), log.digest());
+    copy
+}
+
+#[test]
+fn the_launch_record_is_what_guest_memory_holds_at_boot() {
+    let (mem, payload) = (16u64 << 20, 1u64 << 20);
+    for image in [GuestImage::Shim, GuestImage::Hostile(HostileKind::Spin)] {
+        let vm = build_vm(&image, mem, payload, None).unwrap();
+        let log = record_matches_memory(&vm);
+        // `bubblectl measure` (the same loader, no VM) agrees.
+        let offline = bubble_vmm::load::measure_offline(&image, mem, payload).unwrap();
+        assert_eq!(offline.digest(), log.digest(), "{image:?}");
+    }
+    // The shim mapped from its shared image: the same record.
+    let offline = bubble_vmm::load::measure_offline(&GuestImage::Shim, mem, payload).unwrap();
     let shared = SharedImage::create(bubble_vmm::images::SHIM_ELF).unwrap();
-    let vm = Vm::with_shared_image(&shared, 16 << 20, 1 << 20).unwrap();
-    for p in &pages {
-        let mut buf = vec![0u8; 4096];
-        vm.read(p.gpa, &mut buf).unwrap();
-        assert_eq!(buf, p.data, "page {:#x}", p.gpa);
-    }
+    let vm = Vm::with_shared_image(&shared, mem, payload).unwrap();
+    let Launch::Measured(log) = vm.launch() else {
+        panic!("measured")
+    };
+    assert_eq!(log, &offline);
+    record_matches_memory(&vm);
+    // Another memory size or payload limit measures differently.
+    let other = bubble_vmm::load::measure_offline(&GuestImage::Shim, 32 << 20, payload).unwrap();
+    assert_ne!(other.digest(), offline.digest());
+    let other = bubble_vmm::load::measure_offline(&GuestImage::Shim, mem, payload * 2).unwrap();
+    assert_ne!(other.digest(), offline.digest());
 }
 
 #[test]
