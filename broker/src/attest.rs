@@ -87,15 +87,3 @@ pub fn print_measure(
     }
     Ok(())
 }
-
-/// The digest of [`expected_measurement`] (what the broker still signs
-/// until it asks the VMM; removed with that change).
-pub fn measurement(
-    image: &GuestImage,
-    memory_mib: u32,
-    max_payload: usize,
-) -> Result<[u8; 48], String> {
-    expected_measurement(image, memory_mib, max_payload)
-        .map(|l| l.digest())
-        .map_err(|e| e.to_string())
-}

@@ -71,8 +71,6 @@ pub struct Broker {
     spawner: Arc<bubble_vmm::client::Spawner>,
     /// The TEE backend (the simulated virtual PSP on this host).
     psp: bubble_attestation::SimPsp,
-    /// Launch measurements by (image, memory).
-    measurements: Mutex<HashMap<(String, u32), [u8; 48]>>,
     /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
     closing: std::sync::atomic::AtomicBool,
     /// Encrypted store of suspended bubbles.
@@ -377,7 +375,6 @@ impl Broker {
             frozen,
             kek,
             psp,
-            measurements: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             spawner,
             cfg,
@@ -1706,27 +1703,15 @@ impl Broker {
         Ok(rec)
     }
 
-    /// The launch measurement of a bubble (cached per image and size).
-    pub fn measurement(&self, rec: &BubbleRecord) -> Result<[u8; 48], BrokerError> {
-        let key = (rec.image.clone(), rec.memory_mib);
-        if let Some(m) = self
-            .measurements
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key).copied())
-        {
-            return Ok(m);
-        }
-        let image = match ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)? {
-            ImageSpec::Shim => bubble_vmm::images::GuestImage::Shim,
-            ImageSpec::Test(k) => bubble_vmm::images::GuestImage::Hostile(k),
-        };
-        let m = crate::attest::measurement(&image, rec.memory_mib, self.cfg.max_payload)
-            .map_err(BrokerError::Spawn)?;
-        if let Ok(mut c) = self.measurements.lock() {
-            c.insert(key, m);
-        }
-        Ok(m)
+    /// The launch measurement of a running bubble: the SNP launch digest
+    /// its VMM computed over the pages it placed when it loaded the guest
+    /// (for a restored bubble, the launch digest its snapshot carried). The
+    /// broker does not compute it.
+    pub async fn measurement(&self, bubble_id: &str) -> Result<[u8; 48], BrokerError> {
+        let live = self
+            .live_get(bubble_id)
+            .ok_or_else(|| BrokerError::Unavailable("the bubble is not running".into()))?;
+        live.vmm.launch_measurement().await
     }
 
     /// An attestation report of one of `parent`'s bubbles for `nonce`.
@@ -1738,7 +1723,7 @@ impl Broker {
     ) -> Result<pb::Attestation, BrokerError> {
         use bubble_attestation::TeeBackend;
         let (rec, b) = self.attest_binding(parent, bubble_id, nonce).await?;
-        let measurement = self.measurement(&rec)?;
+        let measurement = self.measurement(&rec.id).await?;
         let report = self
             .psp
             .report(&bubble_attestation::ReportRequest {

@@ -216,6 +216,16 @@ impl Vmm {
             })
     }
 
+    /// The bubble's SNP launch digest, as the VMM measured it while loading
+    /// the guest (or carried it through a restore).
+    pub async fn launch_measurement(&self) -> Result<[u8; 48], BrokerError> {
+        self.client
+            .launch_measurement()
+            .await
+            .map(|m| m.digest)
+            .map_err(|e| BrokerError::GuestInternal(format!("launch measurement: {e}")))
+    }
+
     /// vCPU time the guest has run, µs (None if the VMM does not answer).
     pub async fn vcpu_us(&self) -> Option<u64> {
         self.client.status().await.ok().map(|s| s.vcpu_us)
