@@ -1,7 +1,9 @@
 //! End to end on real KVM: attest a bubble with a nonce, verify under a
 //! policy, provision a credential, prove the bubble holds it; refusals for
 //! a wrong nonce, a wrong measurement and a sim report under the default
-//! policy; `bubblectl measure` and `attest get`/`verify` agree.
+//! policy; `bubblectl measure` and `attest get`/`verify` agree; the
+//! MEASUREMENT a running bubble reports (computed by its VMM) equals the
+//! page list folded by `sev-snp-measure`, before and after a restore.
 
 use bubble_attestation::Policy;
 use bubble_client::{verify_attestation, ClientError, Parent};
@@ -153,6 +155,147 @@ async fn attest_provision_and_prove() {
     .unwrap();
     let (code, text) = verify(Some(pol.to_str().unwrap()));
     assert_eq!(code, 0, "{text}");
+}
+
+/// Whether `sev-snp-measure` (PyPI) can be imported. Under `CI=true` its
+/// absence fails the test; elsewhere the test says it is skipped.
+fn sev_snp_measure_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import sevsnpmeasure.gctx, sevsnpmeasure.vmsa"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").ok().as_deref(),
+            Some("true"),
+            "sev-snp-measure is required under CI=true: python3 -m pip install sev-snp-measure"
+        );
+        eprintln!(
+            "SKIPPED launch_digest_matches_sev_snp_measure: the Python package sev-snp-measure \
+             is not installed (python3 -m pip install sev-snp-measure)"
+        );
+    }
+    ok
+}
+
+/// The shim's launch page list for `memory_mib`, loaded by the VMM's own
+/// loader, as input for tests/snp/fold_sev_snp_measure.py: NORMAL pages
+/// with their bytes as loaded, runs, and the VMSA by field name (the names
+/// of sev-snp-measure's SevEsSaveArea) with our page.
+fn page_list_json(memory_mib: u64) -> serde_json::Value {
+    use bubble_attestation::measure::{vmsa_page, PageType, VmsaSegment};
+    use serde_json::json;
+    let loaded = bubble_vmm::load::load(
+        bubble_vmm::load::Source::Elf(bubble_vmm::images::SHIM_ELF),
+        memory_mib << 20,
+        bubbled::config::DEFAULT_MAX_PAYLOAD as u64,
+    )
+    .unwrap();
+    let v = bubble_vmm::launch::vmsa_state(&loaded.vcpu);
+    let seg = |s: VmsaSegment| json!([s.selector, s.attrib, s.limit, s.base]);
+    let pages: Vec<_> = loaded
+        .log
+        .ranges()
+        .map(|r| match r.page_type {
+            PageType::Normal => {
+                json!({"type": "normal", "gpa": r.gpa, "data": hex(&loaded.page(r.gpa).unwrap())})
+            }
+            PageType::Vmsa => json!({"type": "vmsa", "data": hex(&vmsa_page(&v)), "fields": {
+                "es": seg(v.es), "cs": seg(v.cs), "ss": seg(v.ss), "ds": seg(v.ds),
+                "fs": seg(v.fs), "gs": seg(v.gs), "gdtr": seg(v.gdtr), "ldtr": seg(v.ldtr),
+                "idtr": seg(v.idtr), "tr": seg(v.tr), "cpl": v.cpl, "efer": v.efer,
+                "cr4": v.cr4, "cr3": v.cr3, "cr0": v.cr0, "dr7": v.dr7, "dr6": v.dr6,
+                "rflags": v.rflags, "rip": v.rip, "rsp": v.rsp, "g_pat": v.g_pat,
+                "xcr0": v.xcr0, "mxcsr": v.mxcsr, "x87_fcw": v.x87_fcw,
+            }}),
+            t => json!({"type": t.name(), "gpa": r.gpa, "length": r.len}),
+        })
+        .collect();
+    json!({ "pages": pages })
+}
+
+/// MEASUREMENT of a fresh report of `id`.
+async fn reported_measurement(c: &mut Client, id: &str) -> String {
+    let a = c
+        .get_attestation(pb::GetAttestationRequest {
+            bubble_id: id.to_string(),
+            nonce: vec![3u8; 32],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    hex(&bubble_attestation::Report::parse(&a.report)
+        .unwrap()
+        .measurement)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_digest_matches_sev_snp_measure() {
+    if !sev_snp_measure_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let id = c
+        .create_bubble(create_req(16))
+        .await
+        .unwrap()
+        .into_inner()
+        .bubble_id;
+    let reported = reported_measurement(&mut c, &id).await;
+
+    // sev-snp-measure folds the VMM loader's page list.
+    let list = dir.path().join("pages.json");
+    std::fs::write(&list, page_list_json(16).to_string()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/snp/fold_sev_snp_measure.py");
+    let o = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs = String::from_utf8(o.stdout).unwrap().trim().to_string();
+
+    // bubblectl measure, and its --explain page list.
+    let o = std::process::Command::new(ctl_bin())
+        .args(["--json", "measure", "--memory-mib", "16", "--explain"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let offline = j["measurement"].as_str().unwrap().to_string();
+    let pages = j["pages"].as_array().unwrap();
+    assert_eq!(pages.last().unwrap()["type"], "vmsa");
+    assert!(pages.iter().any(|p| p["type"] == "unmeasured"));
+    assert!(pages.iter().any(|p| p["type"] == "zero"));
+
+    assert_eq!(reported, theirs, "the running bubble vs sev-snp-measure");
+    assert_eq!(offline, theirs, "bubblectl measure vs sev-snp-measure");
+    // Another memory size is another measurement (the layout is measured).
+    std::fs::write(&list, page_list_json(32).to_string()).unwrap();
+    let o = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8(o.stdout).unwrap().trim(), theirs);
+
+    // Suspended and restored, the bubble still reports its launch digest.
+    c.suspend_bubble(pb::SuspendBubbleRequest {
+        bubble_id: id.clone(),
+        kek: Vec::new(),
+    })
+    .await
+    .unwrap();
+    c.restore_bubble(pb::RestoreBubbleRequest {
+        bubble_id: id.clone(),
+        kek: Vec::new(),
+        generation: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(reported_measurement(&mut c, &id).await, theirs);
 }
 
 fn hex(b: &[u8]) -> String {
