@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use bubble_attestation::measure::{self, PageInfo, PageType, VmsaSegment, VmsaState};
 use kvm_bindings::kvm_segment;
 
+use crate::control::{LaunchMeasurement, LaunchOrigin};
 use crate::layout::{self, InitialVcpu, PAGE};
 
 /// One entry of the record: a hashed page or a run of pages of a type
@@ -184,6 +185,20 @@ impl Launch {
             Launch::Carried(d) => Some(*d),
             Launch::Unknown => None,
         }
+    }
+
+    /// The answer to a `MEASUREMENT` request (folded on first use), or
+    /// `None` when the digest is not known.
+    pub fn answer(&self) -> Option<LaunchMeasurement> {
+        let origin = match self {
+            Launch::Measured(_) => LaunchOrigin::Measured,
+            Launch::Carried(_) => LaunchOrigin::Restored,
+            Launch::Unknown => return None,
+        };
+        Some(LaunchMeasurement {
+            origin,
+            digest: self.digest()?,
+        })
     }
 }
 

@@ -696,7 +696,7 @@ fn serve(
             }
             kind::MEASUREMENT => match guest
                 .as_deref_mut()
-                .map(|g| launch_measurement(g.bubble.vm()))
+                .map(|g| g.bubble.vm().launch().answer())
             {
                 Some(Some(m)) => reply(kind::MEASUREMENT_OK, m.encode()),
                 Some(None) => reply(kind::ERROR, b"launch measurement unknown".to_vec()),
@@ -717,20 +717,6 @@ fn serve(
             _ => reply(kind::ERROR, b"unknown request".to_vec()),
         }
     }
-}
-
-/// The launch measurement of `vm` (folded on first use).
-fn launch_measurement(vm: &Vm) -> Option<control::LaunchMeasurement> {
-    use crate::launch::Launch;
-    let origin = match vm.launch() {
-        Launch::Measured(_) => control::LaunchOrigin::Measured,
-        Launch::Carried(_) => control::LaunchOrigin::Restored,
-        Launch::Unknown => return None,
-    };
-    Some(control::LaunchMeasurement {
-        origin,
-        digest: vm.launch().digest()?,
-    })
 }
 
 /// A spare's listening socket (bound first thing, so the broker can

@@ -525,3 +525,49 @@ impl Vm {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(version: u32, launch_digest: Option<[u8; 48]>) -> VmSnapshot {
+        let l = Layout::new(16 << 20, crate::layout::IMAGE_BASE + PAGE, 1 << 20).unwrap();
+        VmSnapshot {
+            version,
+            mem_size: l.mem_size,
+            mailbox_gpa: l.mailbox_gpa,
+            mailbox_size: l.mailbox_size,
+            heap_start: l.heap_start,
+            heap_end: l.heap_end,
+            vcpu: VcpuSnapshot {
+                regs: Default::default(),
+                sregs: Default::default(),
+                fpu: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+            },
+            launch_digest,
+        }
+    }
+
+    #[test]
+    fn the_launch_digest_travels_and_old_states_still_decode() {
+        for d in [Some([7u8; 48]), None] {
+            let b = snap(SNAPSHOT_VERSION, d).encode();
+            assert_eq!(VmSnapshot::decode(&b).unwrap().launch_digest, d);
+        }
+        // Version 1 (no digest) still decodes, without a digest.
+        let v1 = snap(1, Some([7u8; 48])).encode();
+        assert_eq!(VmSnapshot::decode(&v1).unwrap().launch_digest, None);
+        // A flag other than 0/1, or "unknown" with a non-zero digest: refused.
+        let mut b = snap(SNAPSHOT_VERSION, Some([7u8; 48])).encode();
+        b[48] = 2;
+        assert!(VmSnapshot::decode(&b).is_none());
+        b[48] = 0;
+        assert!(VmSnapshot::decode(&b).is_none());
+        let good = snap(SNAPSHOT_VERSION, Some([7u8; 48])).encode();
+        for n in 0..good.len() {
+            assert!(VmSnapshot::decode(&good[..n]).is_none());
+        }
+    }
+}
