@@ -9,18 +9,22 @@
 //! `bubble_keys::report_data(nonce ‖ portions_digest ‖ policy_digest, kem_pk, sig_pk)`
 //! (see `docs/attestation.md`).
 
+pub mod amd;
+pub mod certs;
 pub mod cli;
+pub mod expect;
 pub mod measure;
 pub mod policy;
 pub mod report;
 pub mod sim;
 pub mod verify;
 
+pub use expect::{host_data, SecurityPolicy, HOST_DATA_DOMAIN};
 pub use measure::{launch_digest, vmsa_page, InitialVcpuState, PageType, PageUpdate, VcpuState};
 pub use policy::Policy;
-pub use report::{Report, ReportError, Tcb};
+pub use report::{Report, ReportError, SigningKey, Tcb};
 pub use sim::{CertChain, ReportRequest, SimLaunch, SimPsp, SnpBackend, TeeBackend, TeeError};
-pub use verify::{verify_amd, verify_sim, Product, Verified, VerifyError};
+pub use verify::{verify_amd, verify_sim, verify_with_roots, Product, Verified, VerifyError};
 
 /// Domain separator of the REPORT_DATA binding.
 pub const REPORT_DATA_DOMAIN: &[u8] = b"bubble-v1";
