@@ -248,7 +248,7 @@ fn load_policy(args: &VerifyArgs) -> Result<Policy, String> {
     Ok(policy)
 }
 
-fn read_der(p: &PathBuf) -> Result<Vec<u8>, String> {
+fn read_der(p: &std::path::Path) -> Result<Vec<u8>, String> {
     certs::read_cert(p).map_err(|e| e.to_string())
 }
 
