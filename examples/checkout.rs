@@ -6,8 +6,11 @@
 //! Run a broker (`bubbled --data-dir /tmp/b`), then:
 //!
 //! ```text
-//! cargo run -p bubble-client --example checkout -- /tmp/b
+//! cargo run -p bubble-client --example checkout -- /tmp/b "$(bubblectl measure --memory-mib 32)"
 //! ```
+//!
+//! The second argument is the launch measurement the bubble must report
+//! (96 hex digits): the client refuses to attest without one.
 //!
 //! For the demo, a "key custodian" step in this same program seals the two
 //! keys to the attested bubble; in production that is the security team or
@@ -26,6 +29,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .nth(1)
             .unwrap_or_else(|| "/var/lib/bubbled".into()),
     );
+    let measurement: [u8; 48] = std::env::args()
+        .nth(2)
+        .and_then(|h| {
+            let h = h.trim();
+            (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+        })
+        .and_then(|v| v.try_into().ok())
+        .ok_or("second argument: the expected measurement (bubblectl measure --memory-mib 32)")?;
     let parent = Parent::connect_unix(&data_dir.join("bubbled.sock")).await?;
 
     // 1. A bubble whose policy lets only the payments portion use the keys.
@@ -47,13 +61,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_inner();
     let mut bubble = parent.bubble(&b.bubble_id);
 
-    // 2. Attest it. This host simulates the TEE: accept that explicitly.
-    let policy = bubble_attestation::Policy {
-        allow_sim: true,
-        ..Default::default()
+    // 2. Attest it: the expected measurement, security policy (no portions
+    // yet) and HOST_DATA of this bubble and owner (on the Unix socket the
+    // broker names a parent `uid:<n>`). This host simulates the TEE:
+    // accept that explicitly.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        format!("uid:{}", std::fs::metadata("/proc/self")?.uid())
     };
+    let expect = bubble_client::Expectations::new(measurement, bubble.id(), &owner)
+        .allow_sim()
+        .with_security_policy(bubble_attestation::SecurityPolicy {
+            grants: vec![(
+                "payments".into(),
+                vec!["tokenization_key".into(), "gateway_key".into()],
+            )],
+            ..Default::default()
+        });
     let operator_ark = std::fs::read(data_dir.join("psp/ark.der"))?;
-    let att = bubble.attest(&policy, Some(&operator_ark)).await?;
+    let att = bubble.attest(&expect, Some(&operator_ark)).await?;
     println!(
         "bubble {} attested (simulated TEE: {})",
         bubble.id(),

@@ -9,7 +9,10 @@
 //! `bubble_keys::report_data(nonce ‖ portions_digest ‖ policy_digest, kem_pk, sig_pk)`
 //! (see `docs/attestation.md`).
 
+pub mod amd;
+pub mod certs;
 pub mod cli;
+pub mod expect;
 pub mod measure;
 pub mod policy;
 pub mod report;
@@ -19,10 +22,11 @@ pub mod verify;
 pub use measure::{
     launch_digest, vmsa_page, PageInfo, PageType, PageUpdate, VmsaSegment, VmsaState,
 };
+pub use expect::{host_data, SecurityPolicy, HOST_DATA_DOMAIN};
 pub use policy::Policy;
-pub use report::{Report, ReportError, Tcb};
+pub use report::{Report, ReportError, SigningKey, Tcb};
 pub use sim::{CertChain, ReportRequest, SimLaunch, SimPsp, SnpBackend, TeeBackend, TeeError};
-pub use verify::{verify_amd, verify_sim, Product, Verified, VerifyError};
+pub use verify::{verify_amd, verify_sim, verify_with_roots, Product, Verified, VerifyError};
 
 /// Domain separator of the REPORT_DATA binding.
 pub const REPORT_DATA_DOMAIN: &[u8] = b"bubble-v1";

@@ -5,11 +5,13 @@
 //! ```toml
 //! allow_sim = false              # accept reports of the simulated PSP
 //! allow_debug = false            # guest policy DEBUG bit
-//! max_vmpl = 3                   # highest VMPL accepted
+//! max_vmpl = 0                   # highest VMPL accepted
 //! allow_smt = true               # guest policy SMT bit may be set
 //! allow_migration_agent = false  # guest policy MIGRATE_MA bit
-//! allowed_measurements = ["<96 hex>"]   # empty: any
+//! allowed_measurements = ["<96 hex>"]   # empty: refused unless...
+//! allow_any_measurement = false  # ...this is written explicitly
 //! expected_report_data = "<128 hex>"    # exact REPORT_DATA
+//! expected_host_data = "<64 hex>"       # exact HOST_DATA
 //! [min_tcb]
 //! bootloader = 3
 //! tee = 0
@@ -21,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::{Report, Tcb};
 
-/// Appraisal policy (defaults: no simulation, no debug, no migration agent).
+/// Appraisal policy (defaults: no simulation, no debug, no migration agent,
+/// VMPL 0, and a measurement allowlist is required).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
@@ -35,8 +38,14 @@ pub struct Policy {
     pub allow_smt: bool,
     /// Accept guests whose policy allows a migration agent.
     pub allow_migration_agent: bool,
-    /// Accepted measurements (hex); empty accepts any.
+    /// Accepted measurements (hex); empty is refused unless
+    /// `allow_any_measurement`.
     pub allowed_measurements: Vec<String>,
+    /// Accept any measurement (must be written explicitly: the report is
+    /// then not pinned to any code).
+    pub allow_any_measurement: bool,
+    /// The exact HOST_DATA expected (hex), if any.
+    pub expected_host_data: Option<String>,
     /// The exact REPORT_DATA expected (hex), if any.
     pub expected_report_data: Option<String>,
     /// Minimum reported TCB.
@@ -48,10 +57,12 @@ impl Default for Policy {
         Self {
             allow_sim: false,
             allow_debug: false,
-            max_vmpl: 3,
+            max_vmpl: 0,
             allow_smt: true,
             allow_migration_agent: false,
             allowed_measurements: Vec::new(),
+            allow_any_measurement: false,
+            expected_host_data: None,
             expected_report_data: None,
             min_tcb: None,
         }
@@ -78,6 +89,14 @@ impl Policy {
         }
     }
 
+    /// Whether the policy pins anything about the guest (a measurement,
+    /// REPORT_DATA or HOST_DATA).
+    pub fn pins_something(&self) -> bool {
+        !self.allowed_measurements.is_empty()
+            || self.expected_report_data.is_some()
+            || self.expected_host_data.is_some()
+    }
+
     /// Every way `report` (with the TCB its VCEK certifies) breaks the
     /// policy; empty when it is met.
     pub fn violations(&self, report: &Report, tcb: &Tcb) -> Vec<String> {
@@ -98,17 +117,27 @@ impl Policy {
             v.push("guest policy allows a migration agent".into());
         }
         let m = hex::encode(report.measurement);
-        if !self.allowed_measurements.is_empty()
-            && !self
-                .allowed_measurements
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(&m))
+        if self.allowed_measurements.is_empty() {
+            if !self.allow_any_measurement {
+                v.push(format!("measurement {m} is not pinned: the policy lists no allowed measurement (write allow_any_measurement = true to accept any)"));
+            }
+        } else if !self
+            .allowed_measurements
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&m))
         {
             v.push(format!("measurement {m} is not an allowed measurement"));
         }
         if let Some(rd) = &self.expected_report_data {
             if !rd.eq_ignore_ascii_case(&hex::encode(report.report_data)) {
                 v.push("REPORT_DATA differs from the expected value (wrong nonce or keys)".into());
+            }
+        }
+        if let Some(hd) = &self.expected_host_data {
+            if !hd.eq_ignore_ascii_case(&hex::encode(report.host_data)) {
+                v.push(
+                    "HOST_DATA differs from the expected value (another bubble or owner)".into(),
+                );
             }
         }
         if let Some(min) = &self.min_tcb {

@@ -132,16 +132,97 @@ pub struct Report {
     pub chip_id: [u8; 64],
     /// CPUID family (version ≥ 3; 0 otherwise).
     pub cpuid_fam: u8,
+    /// CPUID model (version ≥ 3; 0 otherwise).
+    pub cpuid_model: u8,
+    /// CPUID stepping (version ≥ 3; 0 otherwise).
+    pub cpuid_step: u8,
+    /// KEY_INFO (offset 0x48): bit 0 AUTHOR_KEY_EN, bit 1 MASK_CHIP_KEY,
+    /// bits 4:2 SIGNING_KEY.
+    pub key_info: u32,
+    /// FAMILY_ID (guest-provided at launch).
+    pub family_id: [u8; 16],
+    /// IMAGE_ID (guest-provided at launch).
+    pub image_id: [u8; 16],
+    /// CURRENT_TCB (raw).
+    pub current_tcb_raw: u64,
+    /// COMMITTED_TCB (raw).
+    pub committed_tcb_raw: u64,
+    /// LAUNCH_TCB (raw).
+    pub launch_tcb_raw: u64,
+    /// SHA-384 of the ID public key (zero if none).
+    pub id_key_digest: [u8; 48],
+    /// SHA-384 of the author public key (zero if none).
+    pub author_key_digest: [u8; 48],
+    /// REPORT_ID.
+    pub report_id: [u8; 32],
+    /// Firmware version that is running: (major, minor, build).
+    pub current_version: (u8, u8, u8),
+    /// Committed firmware version: (major, minor, build).
+    pub committed_version: (u8, u8, u8),
+    /// LAUNCH_MIT_VECTOR (version ≥ 5; None otherwise).
+    pub launch_mit_vector: Option<u64>,
+    /// CURRENT_MIT_VECTOR (version ≥ 5; None otherwise).
+    pub current_mit_vector: Option<u64>,
+}
+
+/// The key that signed a report (KEY_INFO.SIGNING_KEY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SigningKey {
+    /// Versioned Chip Endorsement Key (per chip, certified by the ASK).
+    Vcek,
+    /// Versioned Loaded Endorsement Key (per cloud provider, certified by the ASVK).
+    Vlek,
+    /// No key: the report is not signed.
+    None,
+    /// A reserved value.
+    Reserved(u8),
+}
+
+impl SigningKey {
+    /// Name for output.
+    pub fn name(&self) -> String {
+        match self {
+            SigningKey::Vcek => "VCEK".into(),
+            SigningKey::Vlek => "VLEK".into(),
+            SigningKey::None => "none (unsigned)".into(),
+            SigningKey::Reserved(v) => format!("reserved ({v})"),
+        }
+    }
+}
+
+/// SIGNATURE_ALGO of ECDSA P-384 with SHA-384 (the only one defined).
+pub const SIG_ALGO_ECDSA_P384_SHA384: u32 = 1;
+
+/// PLATFORM_INFO bits and their names.
+pub const PLATFORM_INFO_BITS: [(u32, &str); 7] = [
+    (0, "SMT_EN"),
+    (1, "TSME_EN"),
+    (2, "ECC_EN"),
+    (3, "RAPL_DIS"),
+    (4, "CIPHERTEXT_HIDING_EN"),
+    (5, "ALIAS_CHECK_COMPLETE"),
+    (7, "TIO_EN"),
+];
+
+/// `N` bytes at `at` (zeros if out of range; `parse` checks the length first).
+fn arr<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    if let Some(s) = at.checked_add(N).and_then(|end| b.get(at..end)) {
+        a.copy_from_slice(s);
+    }
+    a
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    u32::from_le_bytes(arr(b, at))
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
+    u64::from_le_bytes(arr(b, at))
+}
+
+fn u8_at(b: &[u8], at: usize) -> u8 {
+    b.get(at).copied().unwrap_or(0)
 }
 
 impl Report {
@@ -154,14 +235,8 @@ impl Report {
         if !(2..=5).contains(&version) {
             return Err(ReportError::Version(version));
         }
-        let mut report_data = [0u8; 64];
-        report_data.copy_from_slice(&b[0x50..0x90]);
-        let mut measurement = [0u8; 48];
-        measurement.copy_from_slice(&b[0x90..0xC0]);
-        let mut host_data = [0u8; 32];
-        host_data.copy_from_slice(&b[0xC0..0xE0]);
-        let mut chip_id = [0u8; 64];
-        chip_id.copy_from_slice(&b[0x1A0..0x1E0]);
+        let v3 = version >= 3;
+        let v5 = version >= 5;
         Ok(Report {
             raw: b.to_vec(),
             version,
@@ -170,12 +245,27 @@ impl Report {
             vmpl: u32_at(b, 0x30),
             sig_algo: u32_at(b, 0x34),
             platform_info: u64_at(b, 0x40),
-            report_data,
-            measurement,
-            host_data,
+            report_data: arr(b, 0x50),
+            measurement: arr(b, 0x90),
+            host_data: arr(b, 0xC0),
             reported_tcb_raw: u64_at(b, 0x180),
-            chip_id,
-            cpuid_fam: if version >= 3 { b[0x188] } else { 0 },
+            chip_id: arr(b, 0x1A0),
+            cpuid_fam: if v3 { u8_at(b, 0x188) } else { 0 },
+            cpuid_model: if v3 { u8_at(b, 0x189) } else { 0 },
+            cpuid_step: if v3 { u8_at(b, 0x18A) } else { 0 },
+            key_info: u32_at(b, 0x48),
+            family_id: arr(b, 0x10),
+            image_id: arr(b, 0x20),
+            current_tcb_raw: u64_at(b, 0x38),
+            committed_tcb_raw: u64_at(b, 0x1E0),
+            launch_tcb_raw: u64_at(b, 0x1F0),
+            id_key_digest: arr(b, 0xE0),
+            author_key_digest: arr(b, 0x110),
+            report_id: arr(b, 0x140),
+            current_version: (u8_at(b, 0x1EA), u8_at(b, 0x1E9), u8_at(b, 0x1E8)),
+            committed_version: (u8_at(b, 0x1EE), u8_at(b, 0x1ED), u8_at(b, 0x1EC)),
+            launch_mit_vector: v5.then(|| u64_at(b, 0x1F8)),
+            current_mit_vector: v5.then(|| u64_at(b, 0x200)),
         })
     }
 
@@ -196,6 +286,50 @@ impl Report {
     /// REPORTED_TCB decoded (Turin layout when CPUID family is 0x1A).
     pub fn reported_tcb(&self) -> Tcb {
         Tcb::decode(self.reported_tcb_raw, self.cpuid_fam == 0x1A)
+    }
+
+    /// The signing key KEY_INFO names.
+    pub fn signing_key(&self) -> SigningKey {
+        match (self.key_info >> 2) & 0x7 {
+            0 => SigningKey::Vcek,
+            1 => SigningKey::Vlek,
+            7 => SigningKey::None,
+            v => SigningKey::Reserved(v as u8),
+        }
+    }
+
+    /// KEY_INFO.AUTHOR_KEY_EN: an author key signed the ID key.
+    pub fn author_key_en(&self) -> bool {
+        self.key_info & 1 != 0
+    }
+
+    /// KEY_INFO.MASK_CHIP_KEY: the chip key is masked (CHIP_ID zero).
+    pub fn mask_chip_key(&self) -> bool {
+        self.key_info & 2 != 0
+    }
+
+    /// The product the CPUID fields name (version ≥ 3); None for older
+    /// reports and unknown family/model.
+    pub fn cpuid_product(&self) -> Option<crate::verify::Product> {
+        use crate::verify::Product;
+        if self.version < 3 {
+            return None;
+        }
+        match (self.cpuid_fam, self.cpuid_model) {
+            (0x19, 0x00..=0x0F) => Some(Product::Milan),
+            (0x19, 0x10..=0x1F) | (0x19, 0xA0..=0xAF) => Some(Product::Genoa),
+            (0x1A, 0x00..=0x11) => Some(Product::Turin),
+            _ => None,
+        }
+    }
+
+    /// Names of the PLATFORM_INFO bits that are set.
+    pub fn platform_flags(&self) -> Vec<&'static str> {
+        PLATFORM_INFO_BITS
+            .iter()
+            .filter(|(bit, _)| self.platform_info & (1u64 << bit) != 0)
+            .map(|(_, n)| *n)
+            .collect()
     }
 
     /// Whether this report comes from the simulated PSP.

@@ -14,7 +14,7 @@
 use sha2::{Digest, Sha384};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::report::{Report, Tcb};
+use crate::report::{Report, SigningKey, Tcb, SIG_ALGO_ECDSA_P384_SHA384};
 
 /// AMD product lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -50,7 +50,7 @@ impl Product {
 }
 
 /// Why a report did not verify (exit code 2 in the CLI).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum VerifyError {
     /// A certificate could not be parsed.
     #[error("certificate: {0}")]
@@ -58,15 +58,59 @@ pub enum VerifyError {
     /// The chain does not verify.
     #[error("certificate chain invalid: {0}")]
     Chain(String),
+    /// The endorsement key is not certified by AMD's CA for its kind.
+    #[error("the {} {} did not sign the {}", product.name(), if *key == SigningKey::Vlek { "ASVK" } else { "ASK" }, key.name())]
+    NotSignedByAmd {
+        /// Product whose roots were used.
+        product: Product,
+        /// The key KEY_INFO names.
+        key: SigningKey,
+    },
+    /// AMD's own roots could not be loaded or do not verify.
+    #[error("AMD {} roots: {}", .0.name(), .1)]
+    Roots(Product, String),
     /// The report signature does not verify.
     #[error("report signature invalid: {0}")]
     Signature(String),
-    /// The VCEK's extensions disagree with the report.
-    #[error("VCEK does not match the report: {0}")]
+    /// The endorsement key's extensions disagree with the report.
+    #[error("endorsement key does not match the report: {0}")]
     Mismatch(String),
     /// The VCEK names no AMD product (and none was given).
     #[error("the VCEK is not issued by an AMD SEV product CA (Milan, Genoa, Turin); pass --product to force one")]
     UnknownProduct,
+    /// SIGNATURE_ALGO is not ECDSA P-384 with SHA-384.
+    #[error("SIGNATURE_ALGO is {0}, not 1 (ECDSA P-384 with SHA-384)")]
+    SignatureAlgo(u32),
+    /// KEY_INFO says no key signed the report.
+    #[error("KEY_INFO.SIGNING_KEY is 7: the report is not signed")]
+    Unsigned,
+    /// KEY_INFO names a reserved signing key.
+    #[error("KEY_INFO.SIGNING_KEY is the reserved value {0}")]
+    ReservedKey(u8),
+    /// The certificate is not the kind of key KEY_INFO names.
+    #[error("KEY_INFO names a {} but the certificate is a {}", report.name(), cert.name())]
+    KeyMismatch {
+        /// What the report says signed it.
+        report: SigningKey,
+        /// What the certificate is.
+        cert: SigningKey,
+    },
+    /// `--product` disagrees with the report's CPUID fields.
+    #[error("the report's CPUID names {}, not {}", detected.name(), given.name())]
+    ProductMismatch {
+        /// The product the caller gave.
+        given: Product,
+        /// The product the report's CPUID family/model names.
+        detected: Product,
+    },
+    /// The endorsement key certificate lacks a required extension.
+    #[error("the {key} certificate lacks a valid extension {oid}")]
+    MissingExtension {
+        /// VCEK or VLEK.
+        key: &'static str,
+        /// The OID.
+        oid: &'static str,
+    },
 }
 
 /// What a successful verification established.
@@ -74,10 +118,14 @@ pub enum VerifyError {
 pub struct Verified {
     /// Product line (None for simulated reports).
     pub product: Option<Product>,
-    /// The TCB the VCEK certifies.
+    /// The TCB the endorsement key certifies.
     pub tcb: Tcb,
     /// Whether the report came from the simulated PSP.
     pub simulated: bool,
+    /// The key that signed the report (VCEK or VLEK).
+    pub signing_key: SigningKey,
+    /// A VLEK's cloud-provider id (extension 1.3.6.1.4.1.3704.1.5), if any.
+    pub csp_id: Option<String>,
 }
 
 /// Reads a certificate given as PEM or DER.
@@ -138,14 +186,18 @@ fn ext_is(value: &[u8], want: &[u8]) -> bool {
             && &value[2..] == want)
 }
 
-/// The TCB certified by a VCEK's extensions.
+const OID_HWID: &str = "1.3.6.1.4.1.3704.1.4";
+const OID_CSP_ID: &str = "1.3.6.1.4.1.3704.1.5";
+
+/// The TCB certified by an endorsement key's (VCEK or VLEK) extensions.
 pub fn vcek_tcb(vcek_der: &[u8], turin: bool) -> Result<Tcb, VerifyError> {
     let c = parse(vcek_der)?;
-    let get = |o: &str| {
-        ext_u8(&c, o).ok_or_else(|| {
-            VerifyError::Certificate(format!("VCEK lacks a valid TCB extension {o}"))
-        })
+    let key = if ext_value(&c, OID_HWID).is_some() {
+        "VCEK"
+    } else {
+        "VLEK"
     };
+    let get = |oid: &'static str| ext_u8(&c, oid).ok_or(VerifyError::MissingExtension { key, oid });
     Ok(Tcb {
         bootloader: get("1.3.6.1.4.1.3704.1.3.1")?,
         tee: get("1.3.6.1.4.1.3704.1.3.2")?,
@@ -159,19 +211,108 @@ pub fn vcek_tcb(vcek_der: &[u8], turin: bool) -> Result<Tcb, VerifyError> {
     })
 }
 
-fn check_extensions(report: &Report, vcek_der: &[u8], turin: bool) -> Result<Tcb, VerifyError> {
-    let tcb = vcek_tcb(vcek_der, turin)?;
+/// What kind of endorsement key a certificate is: a VCEK carries a
+/// hardware id; a VLEK carries none (it may carry a CSP id, and AMD names
+/// it `SEV-VLEK`).
+pub fn cert_kind(der: &[u8]) -> Result<SigningKey, VerifyError> {
+    let c = parse(der)?;
+    let vlek_name = c.subject().to_string().contains("VLEK");
+    Ok(
+        if ext_value(&c, OID_HWID).is_some() && !vlek_name && ext_value(&c, OID_CSP_ID).is_none() {
+            SigningKey::Vcek
+        } else {
+            SigningKey::Vlek
+        },
+    )
+}
+
+/// A VLEK's CSP id extension as text (a DER string, or raw bytes).
+fn csp_id(der: &[u8]) -> Option<String> {
+    let c = parse(der).ok()?;
+    let v = ext_value(&c, OID_CSP_ID)?;
+    let text = match v {
+        [0x0C | 0x13 | 0x16, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+        _ => v,
+    };
+    Some(
+        text.iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    char::from(b)
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The checks every report gets before its chain: SIGNATURE_ALGO and the
+/// signing key KEY_INFO names (VCEK or VLEK; no key or a reserved one is
+/// refused).
+pub fn precheck(report: &Report) -> Result<SigningKey, VerifyError> {
+    if report.sig_algo != SIG_ALGO_ECDSA_P384_SHA384 {
+        return Err(VerifyError::SignatureAlgo(report.sig_algo));
+    }
+    match report.signing_key() {
+        SigningKey::None => Err(VerifyError::Unsigned),
+        SigningKey::Reserved(v) => Err(VerifyError::ReservedKey(v)),
+        k => Ok(k),
+    }
+}
+
+/// The product to verify against: the report's CPUID (version ≥ 3) wins
+/// and a different `given` is refused; otherwise `given`, otherwise the
+/// certificate's issuer.
+pub fn resolve_product(
+    report: &Report,
+    given: Option<Product>,
+    cert_der: &[u8],
+) -> Result<Product, VerifyError> {
+    match (given, report.cpuid_product()) {
+        (Some(given), Some(detected)) if given != detected => {
+            Err(VerifyError::ProductMismatch { given, detected })
+        }
+        (Some(p), _) | (None, Some(p)) => Ok(p),
+        (None, None) => product_of(cert_der).ok_or(VerifyError::UnknownProduct),
+    }
+}
+
+/// Checks the endorsement key's extensions against the report: TCB
+/// components equal REPORTED_TCB; a VCEK's hardware id equals CHIP_ID
+/// (its first 8 bytes on Turin); a VLEK has no hardware id (KEY_INFO and
+/// certificate must agree on the kind of key).
+fn check_extensions(
+    report: &Report,
+    cert_der: &[u8],
+    turin: bool,
+    key: SigningKey,
+) -> Result<(Tcb, Option<String>), VerifyError> {
+    let kind = cert_kind(cert_der)?;
+    if kind != key {
+        return Err(VerifyError::KeyMismatch {
+            report: key,
+            cert: kind,
+        });
+    }
+    let tcb = vcek_tcb(cert_der, turin)?;
     let reported = Tcb::decode(report.reported_tcb_raw, turin);
     if tcb != reported {
         return Err(VerifyError::Mismatch(format!(
-            "VCEK certifies TCB {tcb:?}, report says {reported:?}"
+            "{} certifies TCB {tcb:?}, report says {reported:?}",
+            key.name()
         )));
     }
-    let c = parse(vcek_der)?;
-    let hwid = ext_value(&c, "1.3.6.1.4.1.3704.1.4")
-        .ok_or_else(|| VerifyError::Certificate("VCEK lacks the hardware id".into()))?;
+    if key == SigningKey::Vlek {
+        return Ok((tcb, csp_id(cert_der)));
+    }
+    let c = parse(cert_der)?;
+    let hwid = ext_value(&c, OID_HWID).ok_or(VerifyError::MissingExtension {
+        key: "VCEK",
+        oid: OID_HWID,
+    })?;
     let want = if turin {
-        &report.chip_id[..8]
+        report.chip_id.get(..8).unwrap_or(&[])
     } else {
         &report.chip_id[..]
     };
@@ -180,47 +321,24 @@ fn check_extensions(report: &Report, vcek_der: &[u8], turin: bool) -> Result<Tcb
             "VCEK hardware id differs from CHIP_ID".into(),
         ));
     }
-    Ok(tcb)
+    Ok((tcb, None))
 }
 
 /// Verifies the report's signature with a P-384 public key (SEC1 bytes).
 pub fn check_signature(report: &Report, sec1: &[u8]) -> Result<(), VerifyError> {
     use p384::ecdsa::signature::DigestVerifier;
     let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(sec1)
-        .map_err(|e| VerifyError::Certificate(format!("VCEK public key: {e}")))?;
+        .map_err(|e| VerifyError::Certificate(format!("endorsement public key: {e}")))?;
     let sig = report
         .signature()
         .ok_or_else(|| VerifyError::Signature("malformed signature".into()))?;
     let digest = Sha384::new_with_prefix(report.signed_bytes());
-    vk.verify_digest(digest, &sig)
-        .map_err(|_| VerifyError::Signature("the VCEK did not sign this report".into()))
-}
-
-/// The built-in AMD ASK of `product`, checked once per process (ARK
-/// self-signed, ARK signs ASK) and cached; the roots are constants, so
-/// later verifications only check the VCEK against it.
-fn amd_ask(product: Product) -> Result<&'static sev::certs::snp::Certificate, VerifyError> {
-    use sev::certs::snp::{builtin, ca, Certificate, Verifiable};
-    use std::sync::OnceLock;
-    static CACHE: [OnceLock<Result<Certificate, String>>; 3] =
-        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let (slot, ark, ask) = match product {
-        Product::Milan => (0, builtin::milan::ark(), builtin::milan::ask()),
-        Product::Genoa => (1, builtin::genoa::ark(), builtin::genoa::ask()),
-        Product::Turin => (2, builtin::turin::ark(), builtin::turin::ask()),
-    };
-    CACHE[slot]
-        .get_or_init(|| {
-            let ark = ark.map_err(|e| format!("built-in ARK: {e}"))?;
-            let ask = ask.map_err(|e| format!("built-in ASK: {e}"))?;
-            let chain = ca::Chain { ark, ask };
-            (&chain)
-                .verify()
-                .map_err(|e| format!("built-in AMD roots: {e}"))?;
-            Ok(chain.ask)
-        })
-        .as_ref()
-        .map_err(|e| VerifyError::Chain(e.clone()))
+    vk.verify_digest(digest, &sig).map_err(|_| {
+        VerifyError::Signature(format!(
+            "the {} did not sign this report",
+            report.signing_key().name()
+        ))
+    })
 }
 
 /// Checks a VCEK (DER) against the built-in AMD ASK and ARK of `product`
@@ -230,35 +348,73 @@ pub fn check_amd_chain(
     vcek_der: &[u8],
     product: Option<Product>,
 ) -> Result<(Product, Vec<u8>), VerifyError> {
-    use sev::certs::snp::{Certificate, Verifiable};
     let product = product
         .or_else(|| product_of(vcek_der))
         .ok_or(VerifyError::UnknownProduct)?;
-    let ask = amd_ask(product)?;
-    let vek =
-        Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate(e.to_string()))?;
-    (ask, &vek).verify().map_err(|e| {
-        VerifyError::Chain(format!(
-            "the {} ASK did not sign the VCEK: {e}",
-            product.name()
-        ))
-    })?;
-    Ok((product, vek.public_key_sec1().to_vec()))
+    let sec1 = crate::amd::check_endorsement(vcek_der, product, SigningKey::Vcek)?;
+    Ok((product, sec1))
 }
 
-/// Verifies an AMD report with its VCEK (DER) against the built-in AMD roots.
+/// Verifies an AMD report against AMD's roots. `cert_der` is the
+/// endorsement key KEY_INFO names: a VCEK (chain VCEK → ASK → ARK) or a
+/// VLEK (VLEK → ASVK → ARK, with AMD's ASVK embedded in this crate).
+/// `product` is optional for version ≥ 3 reports (CPUID names it) and
+/// refused if it disagrees with CPUID.
 pub fn verify_amd(
     report: &Report,
-    vcek_der: &[u8],
+    cert_der: &[u8],
     product: Option<Product>,
 ) -> Result<Verified, VerifyError> {
-    let (product, sec1) = check_amd_chain(vcek_der, product)?;
+    let key = precheck(report)?;
+    let product = resolve_product(report, product, cert_der)?;
+    let sec1 = crate::amd::check_endorsement(cert_der, product, key)?;
     check_signature(report, &sec1)?;
-    let tcb = check_extensions(report, vcek_der, product == Product::Turin)?;
+    let (tcb, csp_id) = check_extensions(report, cert_der, product == Product::Turin, key)?;
     Ok(Verified {
         product: Some(product),
         tcb,
         simulated: false,
+        signing_key: key,
+        csp_id,
+    })
+}
+
+/// Verifies a report against an explicitly trusted root: chain
+/// `cert_der` (VCEK or VLEK, as KEY_INFO says) → `intermediate_der`
+/// (ASK or ASVK) → `trusted_ark_der` (all DER, ECDSA or RSA signatures
+/// as `x509-parser` checks them), then signature and extensions. For
+/// operator-run roots (the simulated PSP) and tests.
+pub fn verify_with_roots(
+    report: &Report,
+    cert_der: &[u8],
+    intermediate_der: &[u8],
+    trusted_ark_der: &[u8],
+) -> Result<Verified, VerifyError> {
+    let key = precheck(report)?;
+    let ark = parse(trusted_ark_der)?;
+    let ca = parse(intermediate_der)?;
+    let cert = parse(cert_der)?;
+    let ca_name = if key == SigningKey::Vlek {
+        "ASVK"
+    } else {
+        "ASK"
+    };
+    ark.verify_signature(None)
+        .map_err(|_| VerifyError::Chain("ARK is not self-signed".into()))?;
+    ca.verify_signature(Some(ark.public_key()))
+        .map_err(|_| VerifyError::Chain(format!("{ca_name} is not signed by the trusted ARK")))?;
+    cert.verify_signature(Some(ca.public_key())).map_err(|_| {
+        VerifyError::Chain(format!("{} is not signed by the {ca_name}", key.name()))
+    })?;
+    check_signature(report, &cert.public_key().subject_public_key.data)?;
+    let product = report.cpuid_product();
+    let (tcb, csp_id) = check_extensions(report, cert_der, product == Some(Product::Turin), key)?;
+    Ok(Verified {
+        product,
+        tcb,
+        simulated: report.is_simulated(),
+        signing_key: key,
+        csp_id,
     })
 }
 
@@ -275,22 +431,10 @@ pub fn verify_sim(
             "a report checked against a simulated chain must carry the SIMULATED chip id".into(),
         ));
     }
-    let ark = parse(trusted_ark_der)?;
-    let ask = parse(ask_der)?;
-    let vcek = parse(vcek_der)?;
-    ark.verify_signature(None)
-        .map_err(|_| VerifyError::Chain("ARK is not self-signed".into()))?;
-    ask.verify_signature(Some(ark.public_key()))
-        .map_err(|_| VerifyError::Chain("ASK is not signed by the trusted ARK".into()))?;
-    vcek.verify_signature(Some(ask.public_key()))
-        .map_err(|_| VerifyError::Chain("VCEK is not signed by the ASK".into()))?;
-    check_signature(report, &vcek.public_key().subject_public_key.data)?;
-    let tcb = check_extensions(report, vcek_der, false)?;
-    Ok(Verified {
-        product: None,
-        tcb,
-        simulated: true,
-    })
+    let mut v = verify_with_roots(report, vcek_der, ask_der, trusted_ark_der)?;
+    v.product = None;
+    v.simulated = true;
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ fn run(args: &VerifyArgs) -> (i32, String) {
 fn args(report: PathBuf, vcek: PathBuf) -> VerifyArgs {
     VerifyArgs {
         report,
-        vcek,
+        vcek: Some(vcek),
         ..Default::default()
     }
 }
@@ -137,7 +137,16 @@ fn policies_are_applied() {
     std::fs::write(&pol, "no_such_key = 1\n").unwrap();
     assert_eq!(run(&a).0, 1);
     // JSON form of the same keys.
+    // A policy file must pin a measurement or say it accepts any.
     std::fs::write(&pol, r#"{"allow_debug": false, "max_vmpl": 0}"#).unwrap();
+    let (code, out) = run(&a);
+    assert_eq!(code, EXIT_POLICY, "{out}");
+    assert!(out.contains("not pinned"), "{out}");
+    std::fs::write(
+        &pol,
+        r#"{"allow_debug": false, "max_vmpl": 0, "allow_any_measurement": true}"#,
+    )
+    .unwrap();
     assert_eq!(run(&a).0, EXIT_OK);
     std::fs::write(&pol, r#"{"allowed_measurements": ["00"]}"#).unwrap();
     assert_eq!(run(&a).0, EXIT_POLICY);
@@ -189,7 +198,7 @@ fn simulated_reports_say_so_and_need_allow_sim() {
     let pol = w(
         "p.toml",
         format!(
-            "allow_sim = true\nexpected_report_data = \"{}\"\n",
+            "allow_sim = true\nallow_any_measurement = true\nexpected_report_data = \"{}\"\n",
             hex_of(&rd)
         )
         .as_bytes(),
@@ -301,7 +310,7 @@ fn guest_policy_and_vmpl_rules_are_enforced_on_signed_reports() {
         std::fs::write(&a.report, psp.report_with(&req, launch).unwrap()).unwrap();
         a.policy = Some(w(
             "p.toml",
-            format!("allow_sim = true\n{extra}\n").as_bytes(),
+            format!("allow_sim = true\nallow_any_measurement = true\n{extra}\n").as_bytes(),
         ));
         let (code, out) = run(&a);
         assert_eq!(code, *want, "case {i}: {out}");

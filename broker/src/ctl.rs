@@ -225,10 +225,30 @@ enum AttestCmd {
         report: PathBuf,
         /// VCEK certificate (PEM or DER).
         #[arg(long)]
-        vcek: PathBuf,
-        /// AMD product (default: from the VCEK issuer).
+        vcek: Option<PathBuf>,
+        /// VLEK certificate (PEM or DER), for reports whose KEY_INFO names a VLEK.
+        #[arg(long)]
+        vlek: Option<PathBuf>,
+        /// Certificates directory as `snpguest` writes it (ark, ask/asvk,
+        /// vcek or vlek; PEM or DER; optionally certs.bin, a certificate table).
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Extended-report certificate table (GUID, offset, length entries).
+        #[arg(long)]
+        cert_table: Option<PathBuf>,
+        /// AMD product (default: the report's CPUID for version 3+, else the
+        /// certificate's issuer; refused if it disagrees with CPUID).
         #[arg(long)]
         product: Option<String>,
+        /// Expected MEASUREMENT (96 hex digits).
+        #[arg(long)]
+        expect_measurement: Option<String>,
+        /// Expected HOST_DATA (64 hex digits).
+        #[arg(long)]
+        expect_host_data: Option<String>,
+        /// Expected REPORT_DATA (128 hex digits).
+        #[arg(long)]
+        expect_report_data: Option<String>,
         /// Appraisal policy (TOML).
         #[arg(long)]
         policy: Option<PathBuf>,
@@ -420,7 +440,13 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Attest(AttestCmd::Verify {
             report,
             vcek,
+            vlek,
+            certs,
+            cert_table,
             product,
+            expect_measurement,
+            expect_host_data,
+            expect_report_data,
             policy,
             sim_ask,
             sim_ark,
@@ -428,10 +454,16 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             let args = bubble_attestation::cli::VerifyArgs {
                 report,
                 vcek,
+                vlek,
+                certs,
+                cert_table,
                 product,
                 policy,
                 sim_ask,
                 sim_ark,
+                expect_measurement,
+                expect_host_data,
+                expect_report_data,
                 json: j,
             };
             let code = bubble_attestation::cli::verify_command(&args, &mut std::io::stdout());

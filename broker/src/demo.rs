@@ -281,14 +281,24 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
         crate::config::DEFAULT_MAX_PAYLOAD,
     )?
     .digest();
-    let policy = bubble_attestation::Policy {
-        allow_sim: true,
-        allowed_measurements: vec![hex::encode(expected)],
-        ..Default::default()
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        format!("uid:{}", std::fs::metadata("/proc/self")?.uid())
     };
+    let expect = bubble_client::Expectations::new(expected, &b.bubble_id, &owner)
+        .allow_sim()
+        .with_security_policy(bubble_attestation::SecurityPolicy {
+            fuel_per_call: 1_000_000,
+            max_output_bytes: 1024,
+            grants: vec![(
+                "payments".into(),
+                vec!["tokenization_key".into(), "gateway_key".into()],
+            )],
+            ..Default::default()
+        });
     let ark = std::fs::read(data_dir.join("psp/ark.der"))?;
     let t = Instant::now();
-    let att = bubble.attest(&policy, Some(&ark)).await?;
+    let att = bubble.attest(&expect, Some(&ark)).await?;
     let attest = vec![t.elapsed()];
     println!(
         "attested {} ({}): measurement {}…",

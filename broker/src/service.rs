@@ -1729,7 +1729,7 @@ impl Broker {
             .report(&bubble_attestation::ReportRequest {
                 report_data: b.report_data,
                 measurement,
-                host_data: [0u8; 32],
+                host_data: bubble_attestation::host_data(&rec.id, &rec.owner),
             })
             .map_err(|e| BrokerError::GuestInternal(e.to_string()))?;
         let chain = self

@@ -11,9 +11,11 @@
 //! use bubble_client::Parent;
 //! let parent = Parent::connect_unix("/var/lib/bubbled/bubbled.sock".as_ref()).await?;
 //! let mut bubble = parent.create(64).await?;
-//! let policy = bubble_attestation::Policy { allow_sim: true, ..Default::default() };
+//! // The launch digest `bubblectl measure` prints for the image.
+//! let measurement = [0u8; 48];
+//! let expect = bubble_client::Expectations::new(measurement, bubble.id(), "uid:1000").allow_sim();
 //! let operator_ark = std::fs::read("/var/lib/bubbled/psp/ark.der").unwrap();
-//! bubble.attest(&policy, Some(&operator_ark)).await?;
+//! bubble.attest(&expect, Some(&operator_ark)).await?;
 //! bubble.provision("tokenization_key", b"secret bytes").await?;
 //! let token = bubble.call_verified("hmac", b"\x10tokenization_key4111111111111111").await?;
 //! # let _ = token; Ok(()) }
@@ -21,8 +23,10 @@
 
 use std::path::Path;
 
+pub mod attest;
 pub mod connect;
 
+pub use attest::{verify_attestation, Attested, Expectations};
 use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
 use bubble_proto::v1 as pb;
 pub use connect::{connect_tls, connect_unix, Client, ConnectError};
@@ -56,90 +60,6 @@ pub enum ClientError {
     /// The attestation was refused (chain, signature, policy or binding).
     #[error("attestation refused: {0}")]
     Attestation(String),
-}
-
-/// What a verified attestation established.
-#[derive(Clone, Debug)]
-pub struct Attested {
-    /// The bubble's keys, bound by REPORT_DATA.
-    pub keys: BubbleKeys,
-    /// The launch measurement.
-    pub measurement: [u8; 48],
-    /// Whether the report came from the simulated PSP (no hardware protection).
-    pub simulated: bool,
-    /// The portions the report binds, in load order: (name, SHA-384 of module).
-    pub portions: Vec<(String, Vec<u8>)>,
-}
-
-/// Verifies an attestation for `nonce` under `policy`: chain and signature
-/// (AMD roots, or `trusted_sim_ark` for simulated reports), the policy, the
-/// REPORT_DATA binding of nonce, portions, security policy and keys, and
-/// the portions list against the bound digest.
-pub fn verify_attestation(
-    a: &pb::Attestation,
-    nonce: &[u8],
-    policy: &bubble_attestation::Policy,
-    trusted_sim_ark: Option<&[u8]>,
-) -> Result<Attested, ClientError> {
-    use sha2::{Digest, Sha384};
-    let refuse = |m: String| ClientError::Attestation(m);
-    let report = bubble_attestation::Report::parse(&a.report).map_err(|e| refuse(e.to_string()))?;
-    let verified = if report.is_simulated() {
-        let ark = trusted_sim_ark
-            .ok_or_else(|| refuse("SIMULATED report and no trusted simulation ARK given".into()))?;
-        bubble_attestation::verify_sim(&report, &a.vcek_der, &a.ask_der, ark)
-    } else {
-        bubble_attestation::verify_amd(&report, &a.vcek_der, None)
-    }
-    .map_err(|e| refuse(e.to_string()))?;
-    let problems = policy.violations(&report, &verified.tcb);
-    if !problems.is_empty() {
-        return Err(refuse(problems.join("; ")));
-    }
-    let key = |v: &[u8]| -> Result<[u8; 32], ClientError> {
-        v.try_into()
-            .map_err(|_| refuse("malformed public key".into()))
-    };
-    let keys = BubbleKeys {
-        kem_pk: key(&a.kem_public_key)?,
-        sig_pk: key(&a.sig_public_key)?,
-    };
-    if a.portions_digest.len() != 48 || a.policy_digest.len() != 32 {
-        return Err(refuse("malformed digests".into()));
-    }
-    let mut bound = nonce.to_vec();
-    bound.extend(&a.portions_digest);
-    bound.extend(&a.policy_digest);
-    if bubble_keys::report_data(&bound, &keys.kem_pk, &keys.sig_pk) != report.report_data {
-        return Err(refuse(
-            "REPORT_DATA does not bind this nonce, these portions, this policy and these keys"
-                .into(),
-        ));
-    }
-    let mut d = [0u8; 48];
-    for p in &a.portions {
-        let mut h = Sha384::new();
-        h.update(d);
-        h.update((p.name.len() as u64).to_le_bytes());
-        h.update(p.name.as_bytes());
-        h.update(&p.module_sha384);
-        d = h.finalize().into();
-    }
-    if d[..] != a.portions_digest[..] {
-        return Err(refuse(
-            "the portions list does not match the bound portions digest".into(),
-        ));
-    }
-    Ok(Attested {
-        keys,
-        measurement: report.measurement,
-        simulated: verified.simulated,
-        portions: a
-            .portions
-            .iter()
-            .map(|p| (p.name.clone(), p.module_sha384.clone()))
-            .collect(),
-    })
 }
 
 impl From<tonic::Status> for ClientError {
@@ -245,11 +165,11 @@ impl Bubble {
         self.keys
     }
 
-    /// Attests the bubble with a fresh nonce under `policy` and, if it
+    /// Attests the bubble with a fresh nonce against `expect` and, if it
     /// verifies, trusts the keys its report binds.
     pub async fn attest(
         &mut self,
-        policy: &bubble_attestation::Policy,
+        expect: &Expectations,
         trusted_sim_ark: Option<&[u8]>,
     ) -> Result<Attested, ClientError> {
         use bubble_keys::RngCore;
@@ -264,7 +184,7 @@ impl Bubble {
             })
             .await?
             .into_inner();
-        let att = verify_attestation(&a, &nonce, policy, trusted_sim_ark)?;
+        let att = verify_attestation(&a, &nonce, expect, trusted_sim_ark)?;
         self.keys = Some(att.keys);
         Ok(att)
     }

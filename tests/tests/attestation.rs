@@ -1,21 +1,28 @@
 //! End to end on real KVM: attest a bubble with a nonce, verify under a
 //! policy, provision a credential, prove the bubble holds it; refusals for
-//! a wrong nonce, a wrong measurement and a sim report under the default
-//! policy; `bubblectl measure` and `attest get`/`verify` agree; the
-//! MEASUREMENT a running bubble reports (computed by its VMM) equals the
-//! page list folded by `sev-snp-measure`, before and after a restore.
+//! a wrong nonce, a wrong measurement, a wrong security policy, a wrong
+//! HOST_DATA and a sim report under the default policy; `bubblectl measure`
+//! and `attest get`/`verify` agree; the MEASUREMENT a running bubble
+//! reports (computed by its VMM) equals the page list folded by
+//! `sev-snp-measure`, before and after a restore.
 
-use bubble_attestation::Policy;
-use bubble_client::{verify_attestation, ClientError, Parent};
+use bubble_client::{verify_attestation, ClientError, Expectations, Parent};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
 use hmac::{Hmac, Mac};
 
-fn allow_sim() -> Policy {
-    Policy {
-        allow_sim: true,
-        ..Policy::default()
-    }
+/// The broker's name for this process on its Unix socket.
+fn owner() -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("uid:{}", std::fs::metadata("/proc/self").unwrap().uid())
+}
+
+fn unhex48(s: &str) -> [u8; 48] {
+    let v: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,30 +41,59 @@ async fn attest_provision_and_prove() {
     assert!(out.status.success());
     let offline = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
-    // Default policy: a simulated report is refused.
-    let e = bubble
-        .attest(&Policy::default(), Some(&ark))
-        .await
-        .unwrap_err();
+    let id = bubble.id().to_string();
+    let right = Expectations::new(unhex48(&offline), &id, &owner()).allow_sim();
+    // Default appraisal: a simulated report is refused.
+    let no_sim = Expectations::new(unhex48(&offline), &id, &owner());
+    let e = bubble.attest(&no_sim, Some(&ark)).await.unwrap_err();
     assert!(
         matches!(&e, ClientError::Attestation(m) if m.contains("SIMULATED")),
         "{e}"
     );
-    // A policy with another measurement is refused.
-    let wrong = Policy {
-        allowed_measurements: vec!["00".repeat(48)],
-        ..allow_sim()
-    };
+    // Another measurement is refused.
+    let wrong = Expectations::new([0u8; 48], &id, &owner()).allow_sim();
     let e = bubble.attest(&wrong, Some(&ark)).await.unwrap_err();
     assert!(e.to_string().contains("not an allowed measurement"), "{e}");
-    // The right measurement and simulation allowed: verified.
-    let right = Policy {
-        allowed_measurements: vec![offline.clone()],
-        ..allow_sim()
-    };
+    // No measurement at all is refused unless allowed explicitly.
+    let mut unpinned = right.clone();
+    unpinned.appraisal.allowed_measurements.clear();
+    let e = bubble.attest(&unpinned, Some(&ark)).await.unwrap_err();
+    assert!(e.to_string().contains("not pinned"), "{e}");
+    // Another owner's (or bubble's) HOST_DATA is refused.
+    let other_owner = Expectations::new(unhex48(&offline), &id, "uid:4242").allow_sim();
+    let e = bubble.attest(&other_owner, Some(&ark)).await.unwrap_err();
+    assert!(e.to_string().contains("HOST_DATA"), "{e}");
+    // Another security policy is refused.
+    let other_policy = right
+        .clone()
+        .with_security_policy(bubble_attestation::SecurityPolicy {
+            fuel_per_call: 1,
+            ..Default::default()
+        });
+    let e = bubble.attest(&other_policy, Some(&ark)).await.unwrap_err();
+    assert!(e.to_string().contains("security policy"), "{e}");
+    // Unexpected portions are refused.
+    let mut other_portions = right.clone();
+    other_portions.portions = vec![("payments".into(), vec![0u8; 48])];
+    let e = bubble
+        .attest(&other_portions, Some(&ark))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("portions"), "{e}");
+    // After all these refusals the client still trusts no keys.
+    assert!(bubble.keys().is_none());
+    assert!(matches!(
+        bubble.provision("api_key", b"x").await,
+        Err(ClientError::NotAttested)
+    ));
+    // Everything as expected: verified.
     let att = bubble.attest(&right, Some(&ark)).await.unwrap();
     assert!(att.simulated);
     assert_eq!(hex(&att.measurement), offline);
+    assert_eq!(att.host_data, bubble_attestation::host_data(&id, &owner()));
+    // Any measurement, when written explicitly.
+    unpinned.appraisal.allow_any_measurement = true;
+    bubble.attest(&unpinned, Some(&ark)).await.unwrap();
 
     // A report for one nonce does not verify for another.
     let mut c = broker.client().await;
@@ -69,13 +105,13 @@ async fn attest_provision_and_prove() {
         .await
         .unwrap()
         .into_inner();
-    assert!(verify_attestation(&a, &[1u8; 32], &allow_sim(), Some(&ark)).is_ok());
-    let e = verify_attestation(&a, &[2u8; 32], &allow_sim(), Some(&ark)).unwrap_err();
+    assert!(verify_attestation(&a, &[1u8; 32], &right, Some(&ark)).is_ok());
+    let e = verify_attestation(&a, &[2u8; 32], &right, Some(&ark)).unwrap_err();
     assert!(e.to_string().contains("REPORT_DATA"), "{e}");
     // Substituted keys are caught by the binding.
     let mut swapped = a.clone();
     swapped.kem_public_key = vec![9u8; 32];
-    assert!(verify_attestation(&swapped, &[1u8; 32], &allow_sim(), Some(&ark)).is_err());
+    assert!(verify_attestation(&swapped, &[1u8; 32], &right, Some(&ark)).is_err());
     // Bad nonce sizes are refused by the broker.
     let e = c
         .get_attestation(pb::GetAttestationRequest {
@@ -150,7 +186,10 @@ async fn attest_provision_and_prove() {
     let pol = dir.path().join("policy.toml");
     std::fs::write(
         &pol,
-        format!("allow_sim = true\nallowed_measurements = [\"{offline}\"]\n"),
+        format!(
+            "allow_sim = true\nallowed_measurements = [\"{offline}\"]\nexpected_host_data = \"{}\"\n",
+            hex(&bubble_attestation::host_data(bubble.id(), &owner()))
+        ),
     )
     .unwrap();
     let (code, text) = verify(Some(pol.to_str().unwrap()));
