@@ -130,6 +130,7 @@ impl Vmm {
             max_payload: cfg.max_payload,
             restore,
             poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
+            die_with_broker: cfg.jail.die_with_broker,
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })

@@ -19,6 +19,8 @@ pub mod control;
 mod direct;
 pub mod floor;
 pub mod images;
+pub mod jail;
+mod launcher;
 pub mod layout;
 mod priority;
 pub mod process;

@@ -11,8 +11,9 @@ use tokio::net::UnixStream;
 use crate::client::{socket_path, VmmClient, VmmError};
 use crate::control::{kind, Frame};
 use crate::images::GuestImage;
+use crate::launcher;
 use crate::priority;
-use crate::process::VmmArgs;
+use crate::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
 /// How to start a VMM process.
 #[derive(Clone, Debug)]
@@ -37,6 +38,9 @@ pub struct SpawnConfig {
     pub restore: bool,
     /// How long the VMM polls for the next request before sleeping.
     pub poll: Duration,
+    /// The VMM dies with this process (`PR_SET_PDEATHSIG`) instead of
+    /// waiting to be re-adopted by a restarted broker.
+    pub die_with_broker: bool,
 }
 
 /// A spare VMM process waiting for its bubble.
@@ -130,33 +134,24 @@ impl Spawner {
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.prefix)
-            .arg("--spare")
-            .arg("--socket")
-            .arg(&sock)
+            .args(SpareArgs::to_args(
+                &sock.display().to_string(),
+                std::process::id(),
+                crate::images::shared_shim_fd(),
+            ))
+            .env_clear()
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false)
             .process_group(0);
-        // A child starts with the nice value of the thread that spawns it:
-        // spawned from a blocking thread at low priority, the spare's whole
-        // start-up (exec, dynamic loading, preparation) yields to bubbles
-        // booting meanwhile; it gets normal priority back when it is given
-        // its bubble.
-        let low = self.low_start;
-        let child = tokio::task::spawn_blocking(move || {
-            if low {
-                priority::set_nice(0, priority::BACKGROUND_NICE);
-            }
-            let child = cmd.spawn();
-            if low {
-                priority::set_nice(0, 0);
-            }
-            child
-        })
-        .await
-        .map_err(|e| VmmError::Spawn(e.to_string()))?
-        .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        // Spawned at low priority, the spare's whole start-up (exec,
+        // dynamic loading, preparation) yields to bubbles booting
+        // meanwhile; it gets normal priority back when it is given its
+        // bubble.
+        let child = launcher::launch(cmd, self.low_start)
+            .await
+            .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let (stream, pid) =
             connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
         Ok(Spare { stream, pid })
@@ -180,6 +175,8 @@ impl Spawner {
             restore: cfg.restore,
             image_fd: image_fd_for(&cfg.image),
             poll: cfg.poll,
+            parent_pid: cfg.die_with_broker.then(std::process::id),
+            restore_deadline: DEFAULT_RESTORE_DEADLINE,
         };
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
@@ -286,10 +283,13 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         restore: cfg.restore,
         image_fd: image_fd_for(&cfg.image),
         poll: cfg.poll,
+        parent_pid: cfg.die_with_broker.then(std::process::id),
+        restore_deadline: DEFAULT_RESTORE_DEADLINE,
     };
     let mut cmd = tokio::process::Command::new(&cfg.program);
     cmd.args(&cfg.program_args_prefix)
         .args(args.to_args())
+        .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -299,7 +299,9 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     // survives a broker restart. Unlike setsid in a pre_exec hook this
     // keeps the fast posix_spawn path.
     cmd.process_group(0);
-    let child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
+    let child = launcher::launch(cmd, false)
+        .await
+        .map_err(|e| VmmError::Spawn(e.to_string()))?;
     let (stream, pid) = connect_child(child, &sock, &log_path).await?;
     VmmClient::handshake(stream, &cfg.bubble_id, pid).await
 }

@@ -29,7 +29,16 @@ pub struct VmmArgs {
     pub image_fd: Option<i32>,
     /// How long to poll for the next request after answering one.
     pub poll: Duration,
+    /// Die with the broker of this pid (`PR_SET_PDEATHSIG`); `None`: the
+    /// VMM outlives its broker, to be re-adopted by the next one.
+    pub parent_pid: Option<u32>,
+    /// In restore mode, how long to wait for the snapshot before exiting
+    /// (a broker that died before sending it never will).
+    pub restore_deadline: Duration,
 }
+
+/// Default [`VmmArgs::restore_deadline`].
+pub const DEFAULT_RESTORE_DEADLINE: Duration = Duration::from_secs(120);
 
 impl VmmArgs {
     /// Parses `--bubble-id ID --memory-mib N --image IMG --socket PATH
@@ -45,6 +54,8 @@ impl VmmArgs {
             restore: false,
             image_fd: None,
             poll: DEFAULT_POLL,
+            parent_pid: None,
+            restore_deadline: DEFAULT_RESTORE_DEADLINE,
         };
         let mut it = args;
         while let Some(k) = it.next() {
@@ -63,6 +74,14 @@ impl VmmArgs {
                 "--image-fd" => {
                     let fd: i32 = v.parse().map_err(|_| "bad --image-fd")?;
                     a.image_fd = (fd >= 0).then_some(fd);
+                }
+                "--parent-pid" => {
+                    let pid: u32 = v.parse().map_err(|_| "bad --parent-pid")?;
+                    a.parent_pid = (pid > 0).then_some(pid);
+                }
+                "--restore-deadline-ms" => {
+                    a.restore_deadline =
+                        Duration::from_millis(v.parse().map_err(|_| "bad --restore-deadline-ms")?)
                 }
                 "--boot-timeout-ms" => {
                     a.boot_timeout =
@@ -98,6 +117,10 @@ impl VmmArgs {
             self.image_fd.unwrap_or(-1).to_string(),
             "--poll-us".into(),
             self.poll.as_micros().to_string(),
+            "--parent-pid".into(),
+            self.parent_pid.unwrap_or(0).to_string(),
+            "--restore-deadline-ms".into(),
+            self.restore_deadline.as_millis().to_string(),
         ]
     }
 }

@@ -20,6 +20,7 @@ use crate::abi::ABI_VERSION;
 use crate::bubble::{Answer, Bubble, BubbleError};
 use crate::control::{self, kind, CallErrKind, Frame, Status};
 use crate::images::{self, GuestImage};
+use crate::jail;
 use crate::layout::Layout;
 use crate::priority;
 use crate::vm::{self, Vm, VmError};
@@ -29,7 +30,8 @@ mod restore;
 mod spare;
 mod watchdog;
 
-pub use args::VmmArgs;
+pub use args::{VmmArgs, DEFAULT_RESTORE_DEADLINE};
+pub(crate) use spare::SpareArgs;
 use watchdog::Watchdog;
 
 /// Builds the VM for an image; the shim is mapped from `image_fd` (see
@@ -408,10 +410,25 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     let (tx, rx) = mpsc::channel();
     let vcpu = std::thread::Builder::new().name("vcpu0".into());
     let args = if args.first().map(String::as_str) == Some("--spare") {
+        let sa = match spare::SpareArgs::parse(&args[1..]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bubble-vmm: spare: {e}");
+                return 2;
+            }
+        };
+        // A spare always dies with its broker: nobody could adopt it.
+        let jailed = jail::harden(&[sa.image_fd.unwrap_or(-1)])
+            .and_then(|()| jail::die_with_parent(sa.parent_pid));
+        if let Err(e) = jailed {
+            eprintln!("bubble-vmm: spare: {e}");
+            return 2;
+        }
+        jail::set_title("vmm:spare");
         // The thread that will run the vCPU waits for CONFIGURE itself and
         // builds the VM the moment it arrives; this thread meanwhile moves
         // the log and binds the bubble's socket (used only to reconnect).
-        let spare = match spare::bind_spare(&args[1..]) {
+        let spare = match spare::bind_spare(&sa.socket) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("bubble-vmm: spare: {e}");
@@ -445,6 +462,15 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         spare::prewarm();
         match ready_rx.recv() {
             Ok(Ok(a)) => {
+                // This thread set the parent-death signal: it clears it
+                // for a bubble that must outlive its broker.
+                if a.parent_pid.is_none() {
+                    if let Err(e) = jail::survive_parent() {
+                        eprintln!("bubble-vmm: {e}");
+                        return 2;
+                    }
+                }
+                jail::set_title(&jail::bubble_title(&a.bubble_id));
                 log_next_to_socket(&a);
                 a
             }
@@ -462,6 +488,15 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
                 return 2;
             }
         };
+        let jailed = jail::harden(&[a.image_fd.unwrap_or(-1)]).and_then(|()| match a.parent_pid {
+            Some(p) => jail::die_with_parent(p),
+            None => Ok(()),
+        });
+        if let Err(e) = jailed {
+            eprintln!("bubble-vmm: {e}");
+            return 2;
+        }
+        jail::set_title(&jail::bubble_title(&a.bubble_id));
         let (a2, shared) = (a.clone(), Shared::new(&a));
         if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");

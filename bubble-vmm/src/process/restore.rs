@@ -4,7 +4,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{exit_in_background, fail_then_exit, serve_all, Guest, Shared, VmmArgs, Watchdog};
 use crate::bubble::Bubble;
@@ -24,6 +24,7 @@ pub(super) fn restore_thread(
     conns: mpsc::Receiver<UnixStream>,
 ) {
     let started = Instant::now();
+    let restored = restore_deadline(args.restore_deadline);
     let mem_size = u64::from(args.memory_mib) << 20;
     // Guest memory now (prefaulting needs it); the KVM VM and vCPU on a
     // helper thread meanwhile (about a millisecond of work).
@@ -100,6 +101,7 @@ pub(super) fn restore_thread(
             }
         }
         let t_restore = Instant::now();
+        let _ = restored.send(());
         let built = match prepared.take() {
             Some((shell, memory)) => (|| {
                 let shell = shell
@@ -162,4 +164,24 @@ pub(super) fn restore_thread(
     drop(tx);
     serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// Ends the process unless told within `deadline` that the snapshot came:
+/// a broker that died (or gave up) before sending it never will, and the
+/// VMM would hold its memory and KVM VM forever. Returns the sender to
+/// tell it with; dropping it unsent ends the process at once.
+fn restore_deadline(deadline: Duration) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || match rx.recv_timeout(deadline) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            eprintln!(
+                "bubble-vmm: no snapshot within {} ms of starting in restore mode; exiting",
+                deadline.as_millis()
+            );
+            std::process::exit(4);
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => std::process::exit(4),
+    });
+    tx
 }
