@@ -236,7 +236,7 @@ impl Vmm {
                 let n = match ev.recv().await {
                     Ok(vc::VmmEvent::Log(l)) => VmmNotice::Log(l),
                     Ok(vc::VmmEvent::Failed(r)) => VmmNotice::Failed(r),
-                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r),
+                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r.to_string()),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {

@@ -47,7 +47,48 @@ pub enum VmmError {
     /// A snapshot to restore is malformed.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// The VMM process ended (how, when the broker can tell).
+    #[error("{0}")]
+    Exited(VmmExit),
 }
+
+/// How a VMM process ended, as far as the broker can tell: exit statuses
+/// are known for VMMs this process spawned, not for re-adopted ones.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VmmExit {
+    /// The kernel killed it for a system call outside its seccomp
+    /// allowlist (SIGSYS).
+    #[error("VMM killed by seccomp: a system call outside its allowlist (SIGSYS)")]
+    Seccomp,
+    /// Killed by another signal.
+    #[error("VMM killed by signal {0}")]
+    Signal(i32),
+    /// Exited with this code.
+    #[error("VMM exited with code {0}")]
+    Code(i32),
+    /// Its connection closed and no exit status is known.
+    #[error("{0}")]
+    Closed(String),
+}
+
+impl VmmExit {
+    /// Classifies an exit status.
+    pub fn from_status(st: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (st.signal(), st.code()) {
+            (Some(libc::SIGSYS), _) => VmmExit::Seccomp,
+            (Some(sig), _) => VmmExit::Signal(sig),
+            (None, Some(code)) => VmmExit::Code(code),
+            (None, None) => VmmExit::Closed(format!("VMM ended: {st}")),
+        }
+    }
+}
+
+/// The exit of a spawned VMM, once its reaper has it.
+pub(crate) type ExitWatch = watch::Receiver<Option<VmmExit>>;
+
+/// How long a closed connection waits for its process's exit status.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Errors of a call.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +121,7 @@ pub enum VmmEvent {
     /// The bubble failed.
     Failed(String),
     /// The connection (and usually the process) ended.
-    Exited(String),
+    Exited(VmmExit),
 }
 
 /// Readiness as seen by the client.
@@ -112,6 +153,8 @@ pub struct VmmClient {
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pid: u32,
+    /// How the process ended, once its connection closed.
+    exit: Arc<std::sync::OnceLock<VmmExit>>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -185,13 +228,14 @@ impl VmmClient {
                 path: socket.display().to_string(),
                 detail: e.to_string(),
             })?;
-        Self::handshake(stream, expected_bubble_id, 0).await
+        Self::handshake(stream, expected_bubble_id, 0, None).await
     }
 
     pub(crate) async fn handshake(
         stream: UnixStream,
         bubble_id: &str,
         pid: u32,
+        exit_watch: Option<ExitWatch>,
     ) -> Result<Self, VmmError> {
         // Registered for read readiness only: the VMM consuming a request
         // must not wake the broker's thread (see bubble-uds).
@@ -201,8 +245,9 @@ impl VmmClient {
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (events, _) = broadcast::channel(256);
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
+        let exit = Arc::new(std::sync::OnceLock::new());
         {
-            let (pending, events) = (pending.clone(), events.clone());
+            let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
             tokio::spawn(async move {
                 let reason = loop {
                     let mut h = [0u8; HEAD_LEN];
@@ -263,6 +308,18 @@ impl VmmClient {
                         }
                     }
                 };
+                // A process we spawned: say how it ended (a seccomp kill
+                // above all) before waking anyone waiting on it.
+                let cause = match exit_watch {
+                    Some(mut rx) => tokio::time::timeout(EXIT_GRACE, rx.wait_for(Option::is_some))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok().and_then(|v| v.clone())),
+                    None => None,
+                };
+                let cause = cause.unwrap_or(VmmExit::Closed(reason));
+                let _ = exit.set(cause.clone());
+                let reason = cause.to_string();
                 if let Ok(mut p) = pending.lock() {
                     p.clear();
                 }
@@ -274,7 +331,7 @@ impl VmmClient {
                         false
                     }
                 });
-                let _ = events.send(VmmEvent::Exited(reason));
+                let _ = events.send(VmmEvent::Exited(cause));
             });
         }
         let mut c = VmmClient {
@@ -286,6 +343,7 @@ impl VmmClient {
             events,
             readiness: ready_rx,
             pid,
+            exit,
         };
         let f = c
             .request(
@@ -362,7 +420,7 @@ impl VmmClient {
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
                 }
-                return Err(VmmError::Closed);
+                return Err(self.closed());
             }
         }
         let spin = ANSWER_POLL_US.load(Ordering::Relaxed);
@@ -379,13 +437,22 @@ impl VmmClient {
             .store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
         match answer {
             Ok(Ok(f)) => Ok(f),
-            Ok(Err(_)) => Err(VmmError::Closed),
+            Ok(Err(_)) => Err(self.closed()),
             Err(_) => {
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
                 }
                 Err(VmmError::Timeout(timeout))
             }
+        }
+    }
+
+    /// The error for a connection that closed: how the process ended
+    /// when known.
+    fn closed(&self) -> VmmError {
+        match self.exit.get() {
+            Some(VmmExit::Closed(_)) | None => VmmError::Closed,
+            Some(e) => VmmError::Exited(e.clone()),
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use crate::client::{socket_path, VmmClient, VmmError};
+use crate::client::{socket_path, ExitWatch, VmmClient, VmmError, VmmExit};
 use crate::control::{kind, Frame};
 use crate::images::GuestImage;
 use crate::launcher;
@@ -47,6 +47,7 @@ pub struct SpawnConfig {
 struct Spare {
     stream: UnixStream,
     pid: u32,
+    exit: ExitWatch,
 }
 
 /// Starts VMM processes, keeping a few spares started ahead of need so that
@@ -152,9 +153,9 @@ impl Spawner {
         let child = launcher::launch(cmd, self.low_start)
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
-        let (stream, pid) =
+        let (stream, pid, exit) =
             connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
-        Ok(Spare { stream, pid })
+        Ok(Spare { stream, pid, exit })
     }
 
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
@@ -191,7 +192,7 @@ impl Spawner {
             // The spare died: start one the slow way.
             return spawn(cfg).await;
         }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid).await
+        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await
     }
 }
 
@@ -225,7 +226,7 @@ async fn connect_child(
     mut child: tokio::process::Child,
     sock: &Path,
     log_path: &Path,
-) -> Result<(UnixStream, u32), VmmError> {
+) -> Result<(UnixStream, u32, ExitWatch), VmmError> {
     let pid = child.id().unwrap_or(0);
     let start = std::time::Instant::now();
     // Poll quickly at first (a VMM binds its socket within a few ms), then
@@ -255,11 +256,17 @@ async fn connect_child(
             }
         }
     };
-    // Reap the child when it exits (it stays our child while we live).
+    // Reap the child when it exits (it stays our child while we live),
+    // keeping how it ended for its client.
+    let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
-        let _ = child.wait().await;
+        let exit = match child.wait().await {
+            Ok(st) => VmmExit::from_status(st),
+            Err(e) => VmmExit::Closed(format!("cannot wait for the VMM: {e}")),
+        };
+        let _ = tx.send(Some(exit));
     });
-    Ok((stream, pid))
+    Ok((stream, pid, rx))
 }
 
 /// Spawns a VMM process and connects to it (READY comes later: see
@@ -302,6 +309,6 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     let child = launcher::launch(cmd, false)
         .await
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let (stream, pid) = connect_child(child, &sock, &log_path).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid).await
+    let (stream, pid, exit) = connect_child(child, &sock, &log_path).await?;
+    VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await
 }

@@ -1,5 +1,6 @@
 //! The VMM jail, checked from outside on real KVM: what `/proc` shows of a
-//! bubble's VMM (from a spare, from a fresh start, after restore), and
+//! bubble's VMM (from a spare, from a fresh start, after restore), a
+//! forbidden system call failing its bubble with reason `seccomp`, and
 //! VMMs dying with a broker started with `die_with_broker`.
 
 use std::path::Path;
@@ -72,6 +73,19 @@ fn assert_hardened(pid: u32, data_dir: &Path) {
     }
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
     assert!(comm.starts_with("vmm:"), "{comm:?}");
+    // A seccomp filter on every thread, not only the vCPU's.
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        assert!(
+            st.is_empty() || st.contains("Seccomp:\t2"),
+            "thread {:?} of {pid} has no filter",
+            t.file_name()
+        );
+    }
 }
 
 async fn wait_spares(dir: &Path, n: usize) {
@@ -183,4 +197,40 @@ async fn vmms_and_spares_die_with_a_killed_broker_when_asked() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_syscall_fails_only_its_bubble_with_reason_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let victim = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let other = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(victim.state, READY, "{}", victim.failure_reason);
+    assert_eq!(other.state, READY, "{}", other.failure_reason);
+    for b in [&victim, &other] {
+        assert_hardened(b.vmm_pid, dir.path());
+    }
+    // The escape attempt: the VMM's vCPU thread opens a file.
+    let op = bubble_vmm::jail::seccomp::FAULT_OP;
+    let e = c
+        .call(call_req(&victim.bubble_id, op, b""))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("seccomp"), "{e:?}");
+    let b = wait_for(&mut c, &victim.bubble_id, Duration::from_secs(10), |b| {
+        b.state == pb::BubbleState::Failed as i32
+    })
+    .await;
+    assert_eq!(b.state, pb::BubbleState::Failed as i32);
+    assert!(b.failure_reason.contains("seccomp"), "{}", b.failure_reason);
+    // Everyone else keeps answering.
+    let r = c
+        .call(call_req(&other.bubble_id, "echo", b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().output, b"still here");
+    let mut c2 = broker.client().await;
+    let fresh = c2.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
 }

@@ -14,6 +14,7 @@
 
 use std::io;
 
+pub mod seccomp;
 /// Largest number of descriptors a VMM may hold. A VMM holds about a
 /// dozen: `/dev/kvm`, the VM, the vCPU, guest memory, the shared shim
 /// image, the listening socket, the broker connection (two handles), its

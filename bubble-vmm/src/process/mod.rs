@@ -139,6 +139,10 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         dog,
         shared: shared.clone(),
     };
+    if let Err(e) = seal_vcpu() {
+        fail_then_exit(&shared, &format!("jail: {e}"));
+        return serve_all(conns, None, &args.bubble_id, &shared);
+    }
     guest.dog.arm(args.boot_timeout);
     let sh = shared.clone();
     let booted = guest
@@ -225,10 +229,50 @@ pub const DEFAULT_POLL: Duration = Duration::from_micros(300);
 /// which the broker can still learn why.
 fn fail_then_exit(shared: &Shared, reason: &str) {
     shared.fail(reason);
-    std::thread::spawn(|| {
-        std::thread::sleep(FAILED_LINGER);
-        std::process::exit(3);
-    });
+    match LINGER.get() {
+        Some(linger) => {
+            let _ = linger.send(());
+        }
+        // Only before the linger thread exists (no filter yet either).
+        None => {
+            std::thread::spawn(|| {
+                std::thread::sleep(FAILED_LINGER);
+                std::process::exit(3);
+            });
+        }
+    }
+}
+
+/// Tells the linger thread to end the process after [`FAILED_LINGER`]: a
+/// thread started (and sealed) before the guest runs, so that the vCPU
+/// thread needs no right to create threads.
+static LINGER: std::sync::OnceLock<mpsc::Sender<()>> = std::sync::OnceLock::new();
+
+/// Starts the linger thread; it seals itself first thing.
+fn start_linger() -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("linger".into())
+        .spawn(move || {
+            if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Linger) {
+                eprintln!("bubble-vmm: {e}");
+                std::process::exit(2);
+            }
+            if rx.recv().is_ok() {
+                std::thread::sleep(FAILED_LINGER);
+                std::process::exit(3);
+            }
+        })
+        .map_err(|e| format!("cannot start the linger thread: {e}"))?;
+    let _ = LINGER.set(tx);
+    Ok(())
+}
+
+/// Seals the vCPU thread (the calling one) once every other thread has
+/// sealed itself: from here on the guest may run.
+fn seal_vcpu() -> Result<(), jail::JailError> {
+    jail::seccomp::wait_sealed(jail::seccomp::OTHER_THREADS);
+    jail::seccomp::seal(jail::seccomp::Thread::Vcpu)
 }
 
 /// The booted guest and what guards it.
@@ -332,6 +376,10 @@ fn serve(
                     reply(kind::ERROR, b"malformed CALL".to_vec());
                     continue;
                 };
+                #[cfg(feature = "fault-injection")]
+                if op == jail::seccomp::FAULT_OP {
+                    jail::seccomp::forbidden_syscall();
+                }
                 let deadline = match deadline_ms {
                     0 => DEFAULT_DEADLINE,
                     ms => Duration::from_millis(u64::from(ms)),
@@ -400,7 +448,7 @@ fn log_next_to_socket(args: &VmmArgs) {
 /// and its memory is kernel work of ~1 ms that then yields to bubbles
 /// booting meanwhile (the broker has its acknowledgement already).
 fn exit_in_background() -> ! {
-    priority::set_process_nice(None, priority::BACKGROUND_NICE);
+    priority::set_own_group_nice(priority::BACKGROUND_NICE);
     std::process::exit(0)
 }
 /// The VMM process's main; returns the exit code.
@@ -425,6 +473,10 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             return 2;
         }
         jail::set_title("vmm:spare");
+        if let Err(e) = start_linger() {
+            eprintln!("bubble-vmm: {e}");
+            return 2;
+        }
         // The thread that will run the vCPU waits for CONFIGURE itself and
         // builds the VM the moment it arrives; this thread meanwhile moves
         // the log and binds the bubble's socket (used only to reconnect).
@@ -497,6 +549,10 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             return 2;
         }
         jail::set_title(&jail::bubble_title(&a.bubble_id));
+        if let Err(e) = start_linger() {
+            eprintln!("bubble-vmm: {e}");
+            return 2;
+        }
         let (a2, shared) = (a.clone(), Shared::new(&a));
         if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
@@ -518,6 +574,10 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600));
+    }
+    if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Control) {
+        eprintln!("bubble-vmm: {e}");
+        return 2;
     }
     for conn in listener.incoming() {
         match conn {

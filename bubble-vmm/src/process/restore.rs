@@ -24,7 +24,8 @@ pub(super) fn restore_thread(
     conns: mpsc::Receiver<UnixStream>,
 ) {
     let started = Instant::now();
-    let restored = restore_deadline(args.restore_deadline);
+    let (restored, deadline_thread) = restore_deadline(args.restore_deadline);
+    let mut deadline_thread = Some(deadline_thread);
     let mem_size = u64::from(args.memory_mib) << 20;
     // Guest memory now (prefaulting needs it); the KVM VM and vCPU on a
     // helper thread meanwhile (about a millisecond of work).
@@ -102,6 +103,10 @@ pub(super) fn restore_thread(
         }
         let t_restore = Instant::now();
         let _ = restored.send(());
+        // Gone before the guest runs: it has no filter of its own.
+        if let Some(t) = deadline_thread.take() {
+            let _ = t.join();
+        }
         let built = match prepared.take() {
             Some((shell, memory)) => (|| {
                 let shell = shell
@@ -162,6 +167,10 @@ pub(super) fn restore_thread(
         let _ = tx.send(c);
     }
     drop(tx);
+    if let Err(e) = super::seal_vcpu() {
+        fail_then_exit(&shared, &format!("jail: {e}"));
+        return;
+    }
     serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
@@ -170,9 +179,9 @@ pub(super) fn restore_thread(
 /// a broker that died (or gave up) before sending it never will, and the
 /// VMM would hold its memory and KVM VM forever. Returns the sender to
 /// tell it with; dropping it unsent ends the process at once.
-fn restore_deadline(deadline: Duration) -> mpsc::Sender<()> {
+fn restore_deadline(deadline: Duration) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || match rx.recv_timeout(deadline) {
+    let t = std::thread::spawn(move || match rx.recv_timeout(deadline) {
         Ok(()) => {}
         Err(mpsc::RecvTimeoutError::Timeout) => {
             eprintln!(
@@ -183,5 +192,5 @@ fn restore_deadline(deadline: Duration) -> mpsc::Sender<()> {
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => std::process::exit(4),
     });
-    tx
+    (tx, t)
 }

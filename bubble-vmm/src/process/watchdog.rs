@@ -72,6 +72,11 @@ impl Watchdog {
     }
 
     fn run(self: Arc<Self>, kicker: Kicker, thread: libc::pthread_t) {
+        if let Err(e) = crate::jail::seccomp::seal(crate::jail::seccomp::Thread::Watchdog) {
+            // The vCPU thread waits for this seal before the guest runs.
+            eprintln!("bubble-vmm: {e}");
+            std::process::exit(2);
+        }
         let Ok(mut g) = self.state.lock() else { return };
         loop {
             let now = Instant::now();
