@@ -271,8 +271,16 @@ fn start_linger() -> Result<(), String> {
 /// Seals the vCPU thread (the calling one) once every other thread has
 /// sealed itself: from here on the guest may run.
 fn seal_vcpu() -> Result<(), jail::JailError> {
+    let t = Instant::now();
     jail::seccomp::wait_sealed(jail::seccomp::OTHER_THREADS);
-    jail::seccomp::seal(jail::seccomp::Thread::Vcpu)
+    let waited = t.elapsed();
+    jail::seccomp::seal(jail::seccomp::Thread::Vcpu)?;
+    eprintln!(
+        "bubble-vmm: vcpu_seal_us={} (waited {} µs for the other threads)",
+        t.elapsed().as_micros(),
+        waited.as_micros()
+    );
+    Ok(())
 }
 
 /// The booted guest and what guards it.
@@ -540,6 +548,7 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
                 return 2;
             }
         };
+        let t_jail = Instant::now();
         let jailed = jail::harden(&[a.image_fd.unwrap_or(-1)]).and_then(|()| match a.parent_pid {
             Some(p) => jail::die_with_parent(p),
             None => Ok(()),
@@ -553,6 +562,10 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             eprintln!("bubble-vmm: {e}");
             return 2;
         }
+        eprintln!(
+            "bubble-vmm: jail_setup_us={} (hygiene, parent death, linger thread)",
+            t_jail.elapsed().as_micros()
+        );
         let (a2, shared) = (a.clone(), Shared::new(&a));
         if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
