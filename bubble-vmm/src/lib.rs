@@ -7,6 +7,8 @@
 //! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
 //! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
 //!   control protocol and the broker's async client;
+//! - [`jail`]: what a VMM process does to confine itself (hygiene, parent
+//!   death, seccomp allowlists per thread; see `docs/jail.md`);
 //! - [`images`]: the guest shim and hostile test guests;
 //! - [`shared_image`]: the shim laid out once in a sealed memfd that every
 //!   VM maps copy-on-write;
