@@ -19,6 +19,7 @@ pub mod bubble;
 pub mod client;
 pub mod control;
 mod direct;
+mod exit;
 pub mod floor;
 pub mod images;
 pub mod jail;
