@@ -57,6 +57,17 @@ pub struct BrokerConfig {
     pub store_dir: PathBuf,
     /// An S3-compatible store instead (`s3://bucket/prefix?endpoint=...`).
     pub store_url: Option<String>,
+    /// How VMM processes are jailed (see `docs/jail.md`).
+    pub jail: JailConfig,
+}
+
+/// The `[jail]` section: how VMM processes are confined.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// VMMs die with the broker (`PR_SET_PDEATHSIG`) instead of running on
+    /// to be re-adopted by a restarted broker. Spares always die with it.
+    pub die_with_broker: bool,
 }
 
 /// Per-parent quotas and host admission control.
@@ -165,6 +176,9 @@ pub struct FileConfig {
     pub answer_poll_us: Option<u32>,
     /// Frozen-bubble store directory.
     pub store: Option<PathBuf>,
+    /// VMM jail.
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
 }
 
 impl FileConfig {
@@ -220,6 +234,7 @@ impl BrokerConfig {
             answer_poll_us: 100,
             store_dir: data_dir.join("store"),
             store_url: None,
+            jail: JailConfig::default(),
             data_dir,
         })
     }

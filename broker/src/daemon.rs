@@ -135,6 +135,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
     }
+    if let Some(j) = file.jail.clone() {
+        cfg.jail = j;
+    }
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);
     }

@@ -130,6 +130,7 @@ impl Vmm {
             max_payload: cfg.max_payload,
             restore,
             poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
+            die_with_broker: cfg.jail.die_with_broker,
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
@@ -245,7 +246,7 @@ impl Vmm {
                 let n = match ev.recv().await {
                     Ok(vc::VmmEvent::Log(l)) => VmmNotice::Log(l),
                     Ok(vc::VmmEvent::Failed(r)) => VmmNotice::Failed(r),
-                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r),
+                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r.to_string()),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {

@@ -13,33 +13,12 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::control::{self, kind, CallErrKind, Frame, Status, COALESCE_MAX, HEAD_LEN};
 pub use crate::images::{GuestImage, HostileKind};
-use crate::priority;
-use crate::process::VmmArgs;
 
-/// How to start a VMM process.
-#[derive(Clone, Debug)]
-pub struct SpawnConfig {
-    /// Bubble id.
-    pub bubble_id: String,
-    /// Guest memory, MiB.
-    pub memory_mib: u32,
-    /// vCPUs (only 1).
-    pub vcpus: u32,
-    /// Guest image.
-    pub image: GuestImage,
-    /// Directory for the socket and log (created 0700).
-    pub dir: PathBuf,
-    /// Program to run.
-    pub program: PathBuf,
-    /// Arguments before the VMM's own (e.g. `["__vmm"]`).
-    pub program_args_prefix: Vec<String>,
-    /// Maximum call payload.
-    pub max_payload: usize,
-    /// Start in restore mode (see [`VmmClient::restore`]).
-    pub restore: bool,
-    /// How long the VMM polls for the next request before sleeping.
-    pub poll: Duration,
-}
+pub use crate::direct::GuestSpan;
+use crate::direct::{write_pages, WriteError};
+pub(crate) use crate::exit::ExitWatch;
+pub use crate::exit::VmmExit;
+pub use crate::spawn::{spawn, SpawnConfig, Spawner};
 
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +52,13 @@ pub enum VmmError {
     /// The VMM has no launch measurement to give (its text says why).
     #[error("no launch measurement: {0}")]
     NoMeasurement(String),
+    /// The VMM process ended (how, when the broker can tell).
+    #[error("{0}")]
+    Exited(VmmExit),
 }
+
+/// How long a closed connection waits for its process's exit status.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Errors of a call.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +91,7 @@ pub enum VmmEvent {
     /// The bubble failed.
     Failed(String),
     /// The connection (and usually the process) ended.
-    Exited(String),
+    Exited(VmmExit),
 }
 
 /// Readiness as seen by the client.
@@ -138,6 +123,8 @@ pub struct VmmClient {
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pid: u32,
+    /// How the process ended, once its connection closed.
+    exit: Arc<std::sync::OnceLock<VmmExit>>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -182,243 +169,6 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("vmm.sock")
 }
 
-/// A spare VMM process waiting for its bubble.
-struct Spare {
-    stream: UnixStream,
-    pid: u32,
-}
-
-/// Starts VMM processes, keeping a few spares started ahead of need so that
-/// creating a bubble does not wait for a process to exec. A spare creates
-/// its VM only when it is given a bubble, so every VM is still created cold
-/// and every bubble still has a process of its own.
-pub struct Spawner {
-    program: PathBuf,
-    prefix: Vec<String>,
-    dir: PathBuf,
-    want: usize,
-    spares: Mutex<Vec<Spare>>,
-    refilling: std::sync::atomic::AtomicBool,
-    /// Whether this process may raise priorities again (root, CAP_SYS_NICE
-    /// or a generous RLIMIT_NICE): then spares start at low priority.
-    low_start: bool,
-}
-
-impl Spawner {
-    /// A spawner keeping `want` spares (0: none) with sockets in `dir`.
-    pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
-        let _ = std::fs::remove_dir_all(&dir);
-        // Made before any VMM process starts, so that all inherit it.
-        let _ = crate::images::shared_shim_fd();
-        Arc::new(Self {
-            program,
-            prefix,
-            dir,
-            want,
-            spares: Mutex::new(Vec::new()),
-            refilling: std::sync::atomic::AtomicBool::new(false),
-            low_start: want > 0 && priority::can_raise(),
-        })
-    }
-
-    /// Spares ready now, and how many are wanted.
-    pub fn spares(&self) -> (usize, usize) {
-        (self.spares.lock().map(|s| s.len()).unwrap_or(0), self.want)
-    }
-
-    /// Tops the spares up in the background.
-    pub fn refill(self: &Arc<Self>) {
-        if self.want == 0 || self.refilling.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let have = me.spares.lock().map(|s| s.len()).unwrap_or(me.want);
-                if have >= me.want {
-                    break;
-                }
-                match me.start_spare().await {
-                    Ok(sp) => {
-                        if let Ok(mut s) = me.spares.lock() {
-                            s.push(sp);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot start a spare VMM");
-                        break;
-                    }
-                }
-            }
-            me.refilling.store(false, Ordering::SeqCst);
-        });
-    }
-
-    async fn start_spare(&self) -> Result<Spare, VmmError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.dir.display())))?;
-        let name = format!(
-            "spare-{}",
-            std::process::id() as u64 * 1_000_000 + NEXT_SPARE.fetch_add(1, Ordering::Relaxed)
-        );
-        let sock = self.dir.join(format!("{name}.sock"));
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
-            .map_err(|e| VmmError::Spawn(e.to_string()))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| VmmError::Spawn(e.to_string()))?;
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(&self.prefix)
-            .arg("--spare")
-            .arg("--socket")
-            .arg(&sock)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .kill_on_drop(false)
-            .process_group(0);
-        // A child starts with the nice value of the thread that spawns it:
-        // spawned from a blocking thread at low priority, the spare's whole
-        // start-up (exec, dynamic loading, preparation) yields to bubbles
-        // booting meanwhile; it gets normal priority back when it is given
-        // its bubble.
-        let low = self.low_start;
-        let child = tokio::task::spawn_blocking(move || {
-            if low {
-                priority::set_nice(0, priority::BACKGROUND_NICE);
-            }
-            let child = cmd.spawn();
-            if low {
-                priority::set_nice(0, 0);
-            }
-            child
-        })
-        .await
-        .map_err(|e| VmmError::Spawn(e.to_string()))?
-        .map_err(|e| VmmError::Spawn(e.to_string()))?;
-        let (stream, pid) =
-            connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
-        Ok(Spare { stream, pid })
-    }
-
-    /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
-    pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-        let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
-        self.refill();
-        let Some(mut sp) = spare else {
-            return spawn(cfg).await;
-        };
-        prepare_dir(cfg)?;
-        let args = VmmArgs {
-            bubble_id: cfg.bubble_id.clone(),
-            memory_mib: cfg.memory_mib,
-            image: cfg.image.clone(),
-            socket: socket_path(&cfg.dir),
-            max_payload: cfg.max_payload,
-            boot_timeout: Duration::from_secs(20),
-            restore: cfg.restore,
-            image_fd: image_fd_for(&cfg.image),
-            poll: cfg.poll,
-        };
-        if self.low_start {
-            priority::set_process_nice(Some(sp.pid), 0);
-        }
-        let body = args.to_args().join("\0").into_bytes();
-        let frame = Frame {
-            kind: kind::CONFIGURE,
-            id: 0,
-            body,
-        };
-        if sp.stream.write_all(&frame.encode()).await.is_err() {
-            // The spare died: start one the slow way.
-            return spawn(cfg).await;
-        }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid).await
-    }
-}
-
-static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
-
-/// The shared shim descriptor for a VMM that boots the shim.
-fn image_fd_for(image: &GuestImage) -> Option<i32> {
-    match image {
-        GuestImage::Shim => crate::images::shared_shim_fd(),
-        _ => None,
-    }
-}
-
-/// Where a restoring VMM keeps guest memory (in its address space).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestSpan {
-    /// Host address of guest-physical 0.
-    pub host: u64,
-    /// Bytes.
-    pub len: u64,
-}
-
-/// Why pages could not be written into a VMM directly.
-enum WriteError {
-    /// The snapshot is malformed.
-    Snapshot(String),
-    /// The kernel refused (or wrote short); the caller streams instead.
-    Refused(std::io::Error),
-}
-
-/// Pages written by one `process_vm_writev` call at most.
-const PAGES_PER_WRITEV: usize = 512;
-
-/// Writes a snapshot's pages into the guest memory of VMM `pid` (at
-/// `span`); returns the encoded vCPU state. Every address is checked
-/// against the snapshot's memory size and the span first.
-fn write_pages(pid: u32, span: GuestSpan, snapshot: &[&[u8]]) -> Result<Vec<u8>, WriteError> {
-    let (state, pages) =
-        crate::snapshot::split_pages(snapshot).map_err(|e| WriteError::Snapshot(e.to_string()))?;
-    let page = crate::layout::PAGE;
-    for chunk in pages.chunks(PAGES_PER_WRITEV) {
-        let mut local = Vec::with_capacity(chunk.len());
-        let mut remote = Vec::with_capacity(chunk.len());
-        for (gpa, data) in chunk {
-            if gpa.checked_add(page).is_none_or(|e| e > span.len) || data.len() as u64 != page {
-                return Err(WriteError::Snapshot("page outside guest memory".into()));
-            }
-            local.push(libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            });
-            remote.push(libc::iovec {
-                iov_base: (span.host + gpa) as *mut libc::c_void,
-                iov_len: page as usize,
-            });
-        }
-        let want = chunk.len() * page as usize;
-        // SAFETY: `local` points at live page buffers owned by `pages`;
-        // `remote` names addresses in the VMM's guest memory mapping (each
-        // page checked to lie within its length). The kernel checks that
-        // we may write the other process's memory.
-        let n = unsafe {
-            libc::process_vm_writev(
-                pid as libc::pid_t,
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote.as_ptr(),
-                remote.len() as libc::c_ulong,
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(WriteError::Refused(std::io::Error::last_os_error()));
-        }
-        if n as usize != want {
-            return Err(WriteError::Refused(std::io::Error::other("short write")));
-        }
-    }
-    Ok(state)
-}
-
 /// The answer to RESTORE or RESTORE_STATE: the VMM's rebuild time.
 fn restore_answer(f: Frame) -> Result<Duration, VmmError> {
     match f.kind {
@@ -438,102 +188,6 @@ fn restore_answer(f: Frame) -> Result<Duration, VmmError> {
 /// How long a request whose sending failed waits for the VMM's reason.
 const REFUSAL_GRACE: Duration = Duration::from_millis(500);
 
-fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if cfg.vcpus != 1 {
-        return Err(VmmError::Spawn("only 1 vCPU is supported".into()));
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.dir)
-        .map_err(|e| VmmError::Spawn(format!("{}: {e}", cfg.dir.display())))?;
-    let _ = std::fs::remove_file(socket_path(&cfg.dir));
-    Ok(())
-}
-
-/// Waits for a freshly spawned VMM's socket and connects; reaps the child
-/// in the background.
-async fn connect_child(
-    mut child: tokio::process::Child,
-    sock: &Path,
-    log_path: &Path,
-) -> Result<(UnixStream, u32), VmmError> {
-    let pid = child.id().unwrap_or(0);
-    let start = std::time::Instant::now();
-    // Poll quickly at first (a VMM binds its socket within a few ms), then
-    // back off: a spare starting at low priority may take much longer, and
-    // polling every 50 µs meanwhile keeps waking a broker thread.
-    let mut pause = Duration::from_micros(50);
-    let stream = loop {
-        match UnixStream::connect(sock).await {
-            Ok(s) => break s,
-            Err(e) => {
-                if let Ok(Some(st)) = child.try_wait() {
-                    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
-                    return Err(VmmError::Spawn(format!(
-                        "VMM exited ({st}) before listening: {}",
-                        tail.lines().last().unwrap_or("")
-                    )));
-                }
-                if start.elapsed() > Duration::from_secs(10) {
-                    let _ = child.start_kill();
-                    return Err(VmmError::Connect {
-                        path: sock.display().to_string(),
-                        detail: e.to_string(),
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(5));
-            }
-        }
-    };
-    // Reap the child when it exits (it stays our child while we live).
-    tokio::spawn(async move {
-        let _ = child.wait().await;
-    });
-    Ok((stream, pid))
-}
-
-/// Spawns a VMM process and connects to it (READY comes later: see
-/// [`VmmClient::wait_ready`]).
-pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-    prepare_dir(cfg)?;
-    let sock = socket_path(&cfg.dir);
-    let log_path = cfg.dir.join("vmm.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| VmmError::Spawn(format!("{}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let args = VmmArgs {
-        bubble_id: cfg.bubble_id.clone(),
-        memory_mib: cfg.memory_mib,
-        image: cfg.image.clone(),
-        socket: sock.clone(),
-        max_payload: cfg.max_payload,
-        boot_timeout: Duration::from_secs(20),
-        restore: cfg.restore,
-        image_fd: image_fd_for(&cfg.image),
-        poll: cfg.poll,
-    };
-    let mut cmd = tokio::process::Command::new(&cfg.program);
-    cmd.args(&cfg.program_args_prefix)
-        .args(args.to_args())
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .kill_on_drop(false);
-    // Its own process group: signals to the broker's group (Ctrl-C, a
-    // service manager stopping the broker) do not reach the bubble, which
-    // survives a broker restart. Unlike setsid in a pre_exec hook this
-    // keeps the fast posix_spawn path.
-    cmd.process_group(0);
-    let child = cmd.spawn().map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let (stream, pid) = connect_child(child, &sock, &log_path).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid).await
-}
-
 impl VmmClient {
     /// Connects to a running VMM (after a broker restart) and checks that it
     /// runs `expected_bubble_id`.
@@ -544,10 +198,15 @@ impl VmmClient {
                 path: socket.display().to_string(),
                 detail: e.to_string(),
             })?;
-        Self::handshake(stream, expected_bubble_id, 0).await
+        Self::handshake(stream, expected_bubble_id, 0, None).await
     }
 
-    async fn handshake(stream: UnixStream, bubble_id: &str, pid: u32) -> Result<Self, VmmError> {
+    pub(crate) async fn handshake(
+        stream: UnixStream,
+        bubble_id: &str,
+        pid: u32,
+        exit_watch: Option<ExitWatch>,
+    ) -> Result<Self, VmmError> {
         // Registered for read readiness only: the VMM consuming a request
         // must not wake the broker's thread (see bubble-uds).
         let (mut rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
@@ -556,8 +215,9 @@ impl VmmClient {
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (events, _) = broadcast::channel(256);
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
+        let exit = Arc::new(std::sync::OnceLock::new());
         {
-            let (pending, events) = (pending.clone(), events.clone());
+            let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
             tokio::spawn(async move {
                 let reason = loop {
                     let mut h = [0u8; HEAD_LEN];
@@ -618,6 +278,18 @@ impl VmmClient {
                         }
                     }
                 };
+                // A process we spawned: say how it ended (a seccomp kill
+                // above all) before waking anyone waiting on it.
+                let cause = match exit_watch {
+                    Some(mut rx) => tokio::time::timeout(EXIT_GRACE, rx.wait_for(Option::is_some))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok().and_then(|v| v.clone())),
+                    None => None,
+                };
+                let cause = cause.unwrap_or(VmmExit::Closed(reason));
+                let _ = exit.set(cause.clone());
+                let reason = cause.to_string();
                 if let Ok(mut p) = pending.lock() {
                     p.clear();
                 }
@@ -629,7 +301,7 @@ impl VmmClient {
                         false
                     }
                 });
-                let _ = events.send(VmmEvent::Exited(reason));
+                let _ = events.send(VmmEvent::Exited(cause));
             });
         }
         let mut c = VmmClient {
@@ -641,6 +313,7 @@ impl VmmClient {
             events,
             readiness: ready_rx,
             pid,
+            exit,
         };
         let f = c
             .request(
@@ -717,7 +390,7 @@ impl VmmClient {
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
                 }
-                return Err(VmmError::Closed);
+                return Err(self.closed());
             }
         }
         let spin = ANSWER_POLL_US.load(Ordering::Relaxed);
@@ -734,13 +407,22 @@ impl VmmClient {
             .store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
         match answer {
             Ok(Ok(f)) => Ok(f),
-            Ok(Err(_)) => Err(VmmError::Closed),
+            Ok(Err(_)) => Err(self.closed()),
             Err(_) => {
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
                 }
                 Err(VmmError::Timeout(timeout))
             }
+        }
+    }
+
+    /// The error for a connection that closed: how the process ended
+    /// when known.
+    fn closed(&self) -> VmmError {
+        match self.exit.get() {
+            Some(VmmExit::Closed(_)) | None => VmmError::Closed,
+            Some(e) => VmmError::Exited(e.clone()),
         }
     }
 

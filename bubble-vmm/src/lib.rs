@@ -9,6 +9,8 @@
 //! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
 //! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
 //!   control protocol and the broker's async client;
+//! - [`jail`]: what a VMM process does to confine itself (hygiene, parent
+//!   death, seccomp allowlists per thread; see `docs/jail.md`);
 //! - [`images`]: the guest shim and hostile test guests;
 //! - [`shared_image`]: the shim laid out once in a sealed memfd that every
 //!   VM maps copy-on-write;
@@ -18,14 +20,19 @@ pub mod abi;
 pub mod bubble;
 pub mod client;
 pub mod control;
+mod direct;
+mod exit;
 pub mod floor;
 pub mod images;
 pub mod launch;
+pub mod jail;
+mod launcher;
 pub mod layout;
 pub mod load;
 mod priority;
 pub mod process;
 pub mod shared_image;
 pub mod snapshot;
+mod spawn;
 pub mod transport;
 pub mod vm;

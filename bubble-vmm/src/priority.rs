@@ -35,3 +35,19 @@ pub(crate) fn can_raise() -> bool {
         .join()
         .unwrap_or(false)
 }
+
+/// Sets the nice value of every thread of this process without reading
+/// `/proc` (which a sealed VMM may not open): the whole process group when
+/// this process leads its own (a VMM always does), else the calling
+/// thread only.
+pub(crate) fn set_own_group_nice(nice: libc::c_int) {
+    // SAFETY: getpgrp and getpid have no preconditions; setpriority only
+    // changes a scheduling attribute of our own group.
+    unsafe {
+        if libc::getpgrp() == libc::getpid() {
+            libc::setpriority(libc::PRIO_PGRP, 0, nice);
+        } else {
+            set_nice(0, nice);
+        }
+    }
+}

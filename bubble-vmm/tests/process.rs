@@ -19,6 +19,7 @@ fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> Spa
         max_payload: 1 << 20,
         restore,
         poll: bubble_vmm::process::DEFAULT_POLL,
+        die_with_broker: true,
     }
 }
 

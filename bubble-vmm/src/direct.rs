@@ -1,0 +1,74 @@
+//! Writing a snapshot's pages straight into a restoring VMM's guest
+//! memory (`process_vm_writev`).
+
+/// Where a restoring VMM keeps guest memory (in its address space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestSpan {
+    /// Host address of guest-physical 0.
+    pub host: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Why pages could not be written into a VMM directly.
+pub(crate) enum WriteError {
+    /// The snapshot is malformed.
+    Snapshot(String),
+    /// The kernel refused (or wrote short); the caller streams instead.
+    Refused(std::io::Error),
+}
+
+/// Pages written by one `process_vm_writev` call at most.
+const PAGES_PER_WRITEV: usize = 512;
+
+/// Writes a snapshot's pages into the guest memory of VMM `pid` (at
+/// `span`); returns the encoded vCPU state. Every address is checked
+/// against the snapshot's memory size and the span first.
+pub(crate) fn write_pages(
+    pid: u32,
+    span: GuestSpan,
+    snapshot: &[&[u8]],
+) -> Result<Vec<u8>, WriteError> {
+    let (state, pages) =
+        crate::snapshot::split_pages(snapshot).map_err(|e| WriteError::Snapshot(e.to_string()))?;
+    let page = crate::layout::PAGE;
+    for chunk in pages.chunks(PAGES_PER_WRITEV) {
+        let mut local = Vec::with_capacity(chunk.len());
+        let mut remote = Vec::with_capacity(chunk.len());
+        for (gpa, data) in chunk {
+            if gpa.checked_add(page).is_none_or(|e| e > span.len) || data.len() as u64 != page {
+                return Err(WriteError::Snapshot("page outside guest memory".into()));
+            }
+            local.push(libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            });
+            remote.push(libc::iovec {
+                iov_base: (span.host + gpa) as *mut libc::c_void,
+                iov_len: page as usize,
+            });
+        }
+        let want = chunk.len() * page as usize;
+        // SAFETY: `local` points at live page buffers owned by `pages`;
+        // `remote` names addresses in the VMM's guest memory mapping (each
+        // page checked to lie within its length). The kernel checks that
+        // we may write the other process's memory.
+        let n = unsafe {
+            libc::process_vm_writev(
+                pid as libc::pid_t,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(WriteError::Refused(std::io::Error::last_os_error()));
+        }
+        if n as usize != want {
+            return Err(WriteError::Refused(std::io::Error::other("short write")));
+        }
+    }
+    Ok(state)
+}

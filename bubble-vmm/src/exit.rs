@@ -1,0 +1,38 @@
+//! How a VMM process ended, as the broker sees it.
+
+use tokio::sync::watch;
+
+/// How a VMM process ended, as far as the broker can tell: exit statuses
+/// are known for VMMs this process spawned, not for re-adopted ones.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VmmExit {
+    /// The kernel killed it for a system call outside its seccomp
+    /// allowlist (SIGSYS).
+    #[error("VMM killed by seccomp: a system call outside its allowlist (SIGSYS)")]
+    Seccomp,
+    /// Killed by another signal.
+    #[error("VMM killed by signal {0}")]
+    Signal(i32),
+    /// Exited with this code.
+    #[error("VMM exited with code {0}")]
+    Code(i32),
+    /// Its connection closed and no exit status is known.
+    #[error("{0}")]
+    Closed(String),
+}
+
+impl VmmExit {
+    /// Classifies an exit status.
+    pub fn from_status(st: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (st.signal(), st.code()) {
+            (Some(libc::SIGSYS), _) => VmmExit::Seccomp,
+            (Some(sig), _) => VmmExit::Signal(sig),
+            (None, Some(code)) => VmmExit::Code(code),
+            (None, None) => VmmExit::Closed(format!("VMM ended: {st}")),
+        }
+    }
+}
+
+/// The exit of a spawned VMM, once its reaper has it.
+pub(crate) type ExitWatch = watch::Receiver<Option<VmmExit>>;

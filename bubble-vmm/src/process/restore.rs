@@ -1,0 +1,196 @@
+//! Restore mode: a VMM that rebuilds its VM from a snapshot.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{exit_in_background, fail_then_exit, serve_all, Guest, Shared, VmmArgs, Watchdog};
+use crate::bubble::Bubble;
+use crate::control::{kind, Frame};
+use crate::layout::Layout;
+use crate::vm::{self, Vm, VmError};
+
+/// Restore mode: map guest memory and create the KVM VM (on a helper
+/// thread) at once, while the broker fetches and verifies the frozen
+/// copy; fault in the pages it names (PREFAULT); then stream the snapshot
+/// from the first connection straight into guest memory (no boot: the
+/// guest resumes where it stopped, in its doorbell exit), then serve as
+/// usual.
+pub(super) fn restore_thread(
+    args: VmmArgs,
+    shared: Arc<Shared>,
+    conns: mpsc::Receiver<UnixStream>,
+) {
+    let started = Instant::now();
+    let (restored, deadline_thread) = restore_deadline(args.restore_deadline);
+    let mut deadline_thread = Some(deadline_thread);
+    let mem_size = u64::from(args.memory_mib) << 20;
+    // Guest memory now (prefaulting needs it); the KVM VM and vCPU on a
+    // helper thread meanwhile (about a millisecond of work).
+    let shell = std::thread::spawn(vm::VmShell::new);
+    let memory = vm::anon_memory(mem_size);
+    let Ok(conn) = conns.recv() else { return };
+    let Ok(reader) = conn.try_clone() else {
+        return;
+    };
+    // Large socket reads: the snapshot is the one big message.
+    let mut reader = io::BufReader::with_capacity(256 << 10, reader);
+    if let Ok(mut c) = shared.conn.lock() {
+        *c = Some(conn.try_clone().unwrap_or(conn));
+    }
+    let mut prepared = Some((shell, memory));
+    let guest = loop {
+        let Ok((fkind, fid, body_len)) = Frame::read_head(&mut reader) else {
+            return;
+        };
+        let reply = |k: u8, body: Vec<u8>| {
+            shared.send(&Frame {
+                kind: k,
+                id: fid,
+                body,
+            })
+        };
+        let mut state_only = None;
+        if fkind != kind::RESTORE {
+            let mut body = vec![0u8; body_len];
+            if io::Read::read_exact(&mut reader, &mut body).is_err() {
+                return;
+            }
+            match fkind {
+                kind::HELLO | kind::STATUS => {
+                    if fkind == kind::HELLO && body != args.bubble_id.as_bytes() {
+                        reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
+                        return;
+                    }
+                    let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                    reply(kind::STATUS_OK, st.encode());
+                }
+                kind::PREFAULT => {
+                    // Fault in the pages the snapshot will fill while the
+                    // broker still fetches and verifies it.
+                    match (
+                        crate::snapshot::decode_runs(&body, mem_size),
+                        prepared.as_ref().map(|p| &p.1),
+                    ) {
+                        (Some(runs), Some(Ok(memory))) => {
+                            for (g, n) in runs {
+                                vm::populate(memory, (0..n).map(|k| g + k * crate::layout::PAGE));
+                            }
+                            let mut where_ = Vec::with_capacity(16);
+                            if let Some((host, len)) = vm::host_span(memory) {
+                                where_.extend((host as u64).to_le_bytes());
+                                where_.extend((len as u64).to_le_bytes());
+                            }
+                            reply(kind::PREFAULT_OK, where_);
+                        }
+                        _ => reply(kind::ERROR, b"malformed PREFAULT".to_vec()),
+                    }
+                }
+                kind::SHUTDOWN => {
+                    // The restore was called off (e.g. the frozen copy did
+                    // not verify): no guest byte was ever received.
+                    reply(kind::SHUTDOWN_OK, Vec::new());
+                    exit_in_background();
+                }
+                kind::RESTORE_STATE => state_only = Some(body),
+                _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
+            }
+            if state_only.is_none() {
+                continue;
+            }
+        }
+        let t_restore = Instant::now();
+        let _ = restored.send(());
+        // Gone before the guest runs: it has no filter of its own.
+        if let Some(t) = deadline_thread.take() {
+            let _ = t.join();
+        }
+        let built = match prepared.take() {
+            Some((shell, memory)) => (|| {
+                let shell = shell
+                    .join()
+                    .map_err(|_| VmError::Memory("VM creation panicked".into()))??;
+                let placeholder = Layout::new(
+                    mem_size,
+                    crate::layout::IMAGE_BASE + crate::layout::PAGE,
+                    4096,
+                )
+                .map_err(VmError::from)?;
+                let mut vm = Vm::from_shell(shell, memory?, &placeholder)?;
+                match &state_only {
+                    // The broker wrote the verified pages into guest memory.
+                    Some(state) => crate::snapshot::restore_state(&mut vm, state)?,
+                    None => crate::snapshot::restore_from(&mut vm, &mut reader, body_len)?,
+                }
+                Ok(vm)
+            })(),
+            None => Err(crate::snapshot::RestoreError::Malformed("second RESTORE")),
+        };
+        let mut vm = match built {
+            Ok(vm) => vm,
+            Err(e) => {
+                // The stream position is lost (or the VM is unusable): fail.
+                // Refuse the rest of the body so the sender stops at once.
+                let _ = reader.get_ref().shutdown(std::net::Shutdown::Read);
+                reply(kind::ERROR, format!("restore failed: {e}").into_bytes());
+                fail_then_exit(&shared, &format!("restore failed: {e}"));
+                return;
+            }
+        };
+        let dog = Watchdog::start(&mut vm);
+        let boot_us = started.elapsed().as_micros() as u64;
+        if let Ok(mut s) = shared.status.lock() {
+            s.ready = true;
+            s.boot_us = boot_us;
+        }
+        // The answer carries how long the VMM took (µs), for the logs.
+        let took = t_restore.elapsed().as_micros() as u64;
+        reply(kind::RESTORE_OK, took.to_le_bytes().to_vec());
+        shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+        break Guest {
+            bubble: Bubble::new(vm),
+            dog,
+            shared: shared.clone(),
+        };
+    };
+    let mut guest = guest;
+    // The broker sends nothing before RESTORE_OK, so nothing is buffered.
+    if !reader.buffer().is_empty() {
+        fail_then_exit(&shared, "protocol error: request pipelined behind RESTORE");
+        return;
+    }
+    // The rest of this connection, then any later ones.
+    let (tx, rx) = mpsc::channel();
+    if let Ok(c) = reader.get_ref().try_clone() {
+        let _ = tx.send(c);
+    }
+    drop(tx);
+    if let Err(e) = super::seal_vcpu() {
+        fail_then_exit(&shared, &format!("jail: {e}"));
+        return;
+    }
+    serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
+    serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// Ends the process unless told within `deadline` that the snapshot came:
+/// a broker that died (or gave up) before sending it never will, and the
+/// VMM would hold its memory and KVM VM forever. Returns the sender to
+/// tell it with; dropping it unsent ends the process at once.
+fn restore_deadline(deadline: Duration) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || match rx.recv_timeout(deadline) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            eprintln!(
+                "bubble-vmm: no snapshot within {} ms of starting in restore mode; exiting",
+                deadline.as_millis()
+            );
+            std::process::exit(4);
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => std::process::exit(4),
+    });
+    (tx, t)
+}

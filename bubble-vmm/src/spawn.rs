@@ -1,0 +1,314 @@
+//! Starting VMM processes: spares kept ahead of need, fresh starts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use crate::client::{socket_path, ExitWatch, VmmClient, VmmError, VmmExit};
+use crate::control::{kind, Frame};
+use crate::images::GuestImage;
+use crate::launcher;
+use crate::priority;
+use crate::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
+
+/// How to start a VMM process.
+#[derive(Clone, Debug)]
+pub struct SpawnConfig {
+    /// Bubble id.
+    pub bubble_id: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs (only 1).
+    pub vcpus: u32,
+    /// Guest image.
+    pub image: GuestImage,
+    /// Directory for the socket and log (created 0700).
+    pub dir: PathBuf,
+    /// Program to run.
+    pub program: PathBuf,
+    /// Arguments before the VMM's own (e.g. `["__vmm"]`).
+    pub program_args_prefix: Vec<String>,
+    /// Maximum call payload.
+    pub max_payload: usize,
+    /// Start in restore mode (see [`VmmClient::restore`]).
+    pub restore: bool,
+    /// How long the VMM polls for the next request before sleeping.
+    pub poll: Duration,
+    /// The VMM dies with this process (`PR_SET_PDEATHSIG`) instead of
+    /// waiting to be re-adopted by a restarted broker.
+    pub die_with_broker: bool,
+}
+
+/// A spare VMM process waiting for its bubble.
+struct Spare {
+    stream: UnixStream,
+    pid: u32,
+    exit: ExitWatch,
+}
+
+/// Starts VMM processes, keeping a few spares started ahead of need so that
+/// creating a bubble does not wait for a process to exec. A spare creates
+/// its VM only when it is given a bubble, so every VM is still created cold
+/// and every bubble still has a process of its own.
+pub struct Spawner {
+    program: PathBuf,
+    prefix: Vec<String>,
+    dir: PathBuf,
+    want: usize,
+    spares: Mutex<Vec<Spare>>,
+    refilling: std::sync::atomic::AtomicBool,
+    /// Whether this process may raise priorities again (root, CAP_SYS_NICE
+    /// or a generous RLIMIT_NICE): then spares start at low priority.
+    low_start: bool,
+}
+
+impl Spawner {
+    /// A spawner keeping `want` spares (0: none) with sockets in `dir`.
+    pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
+        let _ = std::fs::remove_dir_all(&dir);
+        // Made before any VMM process starts, so that all inherit it.
+        let _ = crate::images::shared_shim_fd();
+        Arc::new(Self {
+            program,
+            prefix,
+            dir,
+            want,
+            spares: Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            low_start: want > 0 && priority::can_raise(),
+        })
+    }
+
+    /// Spares ready now, and how many are wanted.
+    pub fn spares(&self) -> (usize, usize) {
+        (self.spares.lock().map(|s| s.len()).unwrap_or(0), self.want)
+    }
+
+    /// Tops the spares up in the background.
+    pub fn refill(self: &Arc<Self>) {
+        if self.want == 0 || self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let have = me.spares.lock().map(|s| s.len()).unwrap_or(me.want);
+                if have >= me.want {
+                    break;
+                }
+                match me.start_spare().await {
+                    Ok(sp) => {
+                        if let Ok(mut s) = me.spares.lock() {
+                            s.push(sp);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a spare VMM");
+                        break;
+                    }
+                }
+            }
+            me.refilling.store(false, Ordering::SeqCst);
+        });
+    }
+
+    async fn start_spare(&self) -> Result<Spare, VmmError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.dir.display())))?;
+        let name = format!(
+            "spare-{}",
+            std::process::id() as u64 * 1_000_000 + NEXT_SPARE.fetch_add(1, Ordering::Relaxed)
+        );
+        let sock = self.dir.join(format!("{name}.sock"));
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.prefix)
+            .args(SpareArgs::to_args(
+                &sock.display().to_string(),
+                std::process::id(),
+                crate::images::shared_shim_fd(),
+            ))
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false)
+            .process_group(0);
+        // Spawned at low priority, the spare's whole start-up (exec,
+        // dynamic loading, preparation) yields to bubbles booting
+        // meanwhile; it gets normal priority back when it is given its
+        // bubble.
+        let child = launcher::launch(cmd, self.low_start)
+            .await
+            .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        let (stream, pid, exit) =
+            connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
+        Ok(Spare { stream, pid, exit })
+    }
+
+    /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
+    pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
+        let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
+        self.refill();
+        let Some(mut sp) = spare else {
+            return spawn(cfg).await;
+        };
+        prepare_dir(cfg)?;
+        let args = VmmArgs {
+            bubble_id: cfg.bubble_id.clone(),
+            memory_mib: cfg.memory_mib,
+            image: cfg.image.clone(),
+            socket: socket_path(&cfg.dir),
+            max_payload: cfg.max_payload,
+            boot_timeout: Duration::from_secs(20),
+            restore: cfg.restore,
+            image_fd: image_fd_for(&cfg.image),
+            poll: cfg.poll,
+            parent_pid: cfg.die_with_broker.then(std::process::id),
+            restore_deadline: DEFAULT_RESTORE_DEADLINE,
+        };
+        if self.low_start {
+            priority::set_process_nice(Some(sp.pid), 0);
+        }
+        let body = args.to_args().join("\0").into_bytes();
+        let frame = Frame {
+            kind: kind::CONFIGURE,
+            id: 0,
+            body,
+        };
+        if sp.stream.write_all(&frame.encode()).await.is_err() {
+            // The spare died: start one the slow way.
+            return spawn(cfg).await;
+        }
+        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await
+    }
+}
+
+static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
+
+/// The shared shim descriptor for a VMM that boots the shim.
+fn image_fd_for(image: &GuestImage) -> Option<i32> {
+    match image {
+        GuestImage::Shim => crate::images::shared_shim_fd(),
+        _ => None,
+    }
+}
+
+fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if cfg.vcpus != 1 {
+        return Err(VmmError::Spawn("only 1 vCPU is supported".into()));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.dir)
+        .map_err(|e| VmmError::Spawn(format!("{}: {e}", cfg.dir.display())))?;
+    let _ = std::fs::remove_file(socket_path(&cfg.dir));
+    Ok(())
+}
+
+/// Waits for a freshly spawned VMM's socket and connects; reaps the child
+/// in the background.
+async fn connect_child(
+    mut child: tokio::process::Child,
+    sock: &Path,
+    log_path: &Path,
+) -> Result<(UnixStream, u32, ExitWatch), VmmError> {
+    let pid = child.id().unwrap_or(0);
+    let start = std::time::Instant::now();
+    // Poll quickly at first (a VMM binds its socket within a few ms), then
+    // back off: a spare starting at low priority may take much longer, and
+    // polling every 50 µs meanwhile keeps waking a broker thread.
+    let mut pause = Duration::from_micros(50);
+    let stream = loop {
+        match UnixStream::connect(sock).await {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Ok(Some(st)) = child.try_wait() {
+                    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+                    return Err(VmmError::Spawn(format!(
+                        "VMM exited ({st}) before listening: {}",
+                        tail.lines().last().unwrap_or("")
+                    )));
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.start_kill();
+                    return Err(VmmError::Connect {
+                        path: sock.display().to_string(),
+                        detail: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+        }
+    };
+    // Reap the child when it exits (it stays our child while we live),
+    // keeping how it ended for its client.
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let exit = match child.wait().await {
+            Ok(st) => VmmExit::from_status(st),
+            Err(e) => VmmExit::Closed(format!("cannot wait for the VMM: {e}")),
+        };
+        let _ = tx.send(Some(exit));
+    });
+    Ok((stream, pid, rx))
+}
+
+/// Spawns a VMM process and connects to it (READY comes later: see
+/// [`VmmClient::wait_ready`]).
+pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
+    prepare_dir(cfg)?;
+    let sock = socket_path(&cfg.dir);
+    let log_path = cfg.dir.join("vmm.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| VmmError::Spawn(format!("{}: {e}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| VmmError::Spawn(e.to_string()))?;
+    let args = VmmArgs {
+        bubble_id: cfg.bubble_id.clone(),
+        memory_mib: cfg.memory_mib,
+        image: cfg.image.clone(),
+        socket: sock.clone(),
+        max_payload: cfg.max_payload,
+        boot_timeout: Duration::from_secs(20),
+        restore: cfg.restore,
+        image_fd: image_fd_for(&cfg.image),
+        poll: cfg.poll,
+        parent_pid: cfg.die_with_broker.then(std::process::id),
+        restore_deadline: DEFAULT_RESTORE_DEADLINE,
+    };
+    let mut cmd = tokio::process::Command::new(&cfg.program);
+    cmd.args(&cfg.program_args_prefix)
+        .args(args.to_args())
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(false);
+    // Its own process group: signals to the broker's group (Ctrl-C, a
+    // service manager stopping the broker) do not reach the bubble, which
+    // survives a broker restart. Unlike setsid in a pre_exec hook this
+    // keeps the fast posix_spawn path.
+    cmd.process_group(0);
+    let child = launcher::launch(cmd, false)
+        .await
+        .map_err(|e| VmmError::Spawn(e.to_string()))?;
+    let (stream, pid, exit) = connect_child(child, &sock, &log_path).await?;
+    VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await
+}

@@ -1,0 +1,236 @@
+//! The VMM jail, checked from outside on real KVM: what `/proc` shows of a
+//! bubble's VMM (from a spare, from a fresh start, after restore), a
+//! forbidden system call failing its bubble with reason `seccomp`, and
+//! VMMs dying with a broker started with `die_with_broker`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bubble_e2e_tests::*;
+use bubble_proto::v1 as pb;
+
+const READY: i32 = pb::BubbleState::Ready as i32;
+
+/// Environment a broker runs with that no VMM may inherit.
+fn secret_env() -> Vec<(String, String)> {
+    vec![
+        ("AWS_SECRET_ACCESS_KEY".into(), "not-for-vmms".into()),
+        ("BUBBLED_TEST_SECRET".into(), "not-for-vmms".into()),
+    ]
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
+/// Everything the jail's first layer promises, seen from `/proc`.
+fn assert_hardened(pid: u32, data_dir: &Path) {
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1", "pid {pid}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{set} of {pid}");
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        !environ.contains("AWS_") && !environ.contains("BUBBLED_"),
+        "VMM {pid} inherited: {environ:?}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let row = |name: &str| -> Vec<String> {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} limit"))[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(row("Max core file size"), ["0", "0"]);
+    assert_eq!(row("Max open files"), ["64", "64"]);
+    // No descriptor but its own: nothing of the broker's data directory
+    // except the bubble's own runtime files.
+    let bubbles = data_dir.join("bubbles");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        if target.starts_with(data_dir) {
+            assert!(
+                target.starts_with(&bubbles),
+                "VMM {pid} holds {}",
+                target.display()
+            );
+        }
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
+    assert!(comm.starts_with("vmm:"), "{comm:?}");
+    // A seccomp filter on every thread, not only the vCPU's.
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        assert!(
+            st.is_empty() || st.contains("Seccomp:\t2"),
+            "thread {:?} of {pid} has no filter",
+            t.file_name()
+        );
+    }
+}
+
+async fn wait_spares(dir: &Path, n: usize) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while spare_pids_under(dir).len() < n {
+        assert!(Instant::now() < until, "{n} spare VMMs did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_are_hardened_from_spares_fresh_starts_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: secret_env(),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    wait_spares(dir.path(), 2).await;
+    for pid in spare_pids_under(dir.path()) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "vmm:spare");
+        assert_eq!(status_field(pid as u32, "NoNewPrivs"), "1");
+    }
+    // From a spare.
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    assert_hardened(b.vmm_pid, dir.path());
+    let r = c.call(call_req(&b.bubble_id, "echo", b"x")).await.unwrap();
+    assert_eq!(r.into_inner().output, b"x");
+
+    // After suspend and restore.
+    let id = b.bubble_id.clone();
+    c.suspend_bubble(pb::SuspendBubbleRequest {
+        bubble_id: id.clone(),
+        kek: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let r = c
+        .restore_bubble(pb::RestoreBubbleRequest {
+            bubble_id: id.clone(),
+            kek: Vec::new(),
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY, "{}", r.failure_reason);
+    assert_ne!(r.vmm_pid, b.vmm_pid);
+    assert_hardened(r.vmm_pid, dir.path());
+    let out = c.call(call_req(&id, "echo", b"y")).await.unwrap();
+    assert_eq!(out.into_inner().output, b"y");
+
+    // A fresh start (no spares on this broker).
+    let dir2 = tempfile::tempdir().unwrap();
+    let fresh = BrokerProc::start_with(
+        dir2.path(),
+        Opts {
+            env: secret_env(),
+            config: Some("spare_vmms = 0\n".into()),
+            ..Opts::default()
+        },
+    );
+    let mut c2 = fresh.client().await;
+    let b2 = c2.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b2.state, READY, "{}", b2.failure_reason);
+    assert!(spare_pids_under(dir2.path()).is_empty());
+    assert_hardened(b2.vmm_pid, dir2.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_and_spares_die_with_a_killed_broker_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some("[jail]\ndie_with_broker = true\n".into()),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    wait_spares(dir.path(), 2).await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    let vmm = b.vmm_pid as i32;
+    // Taking a spare starts another one: the broker dies while it starts.
+    broker.kill();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<i32> = vmm_pids_under(dir.path())
+            .into_iter()
+            .chain(spare_pids_under(dir.path()))
+            .collect();
+        // A zombie (not yet reaped by its new parent) is dead.
+        let alive = std::fs::read_to_string(format!("/proc/{vmm}/status")).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        });
+        if left.is_empty() && !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "VMMs outlived their broker: {left:?} (bubble's VMM alive: {alive})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_syscall_fails_only_its_bubble_with_reason_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let victim = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let other = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(victim.state, READY, "{}", victim.failure_reason);
+    assert_eq!(other.state, READY, "{}", other.failure_reason);
+    for b in [&victim, &other] {
+        assert_hardened(b.vmm_pid, dir.path());
+    }
+    // The escape attempt: the VMM's vCPU thread opens a file.
+    let op = bubble_vmm::jail::seccomp::FAULT_OP;
+    let e = c
+        .call(call_req(&victim.bubble_id, op, b""))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("seccomp"), "{e:?}");
+    let b = wait_for(&mut c, &victim.bubble_id, Duration::from_secs(10), |b| {
+        b.state == pb::BubbleState::Failed as i32
+    })
+    .await;
+    assert_eq!(b.state, pb::BubbleState::Failed as i32);
+    assert!(b.failure_reason.contains("seccomp"), "{}", b.failure_reason);
+    // Everyone else keeps answering.
+    let r = c
+        .call(call_req(&other.bubble_id, "echo", b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().output, b"still here");
+    let mut c2 = broker.client().await;
+    let fresh = c2.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
+}
