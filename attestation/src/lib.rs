@@ -19,10 +19,10 @@ pub mod report;
 pub mod sim;
 pub mod verify;
 
+pub use expect::{host_data, SecurityPolicy, HOST_DATA_DOMAIN};
 pub use measure::{
     launch_digest, vmsa_page, PageInfo, PageType, PageUpdate, VmsaSegment, VmsaState,
 };
-pub use expect::{host_data, SecurityPolicy, HOST_DATA_DOMAIN};
 pub use policy::Policy;
 pub use report::{Report, ReportError, SigningKey, Tcb};
 pub use sim::{CertChain, ReportRequest, SimLaunch, SimPsp, SnpBackend, TeeBackend, TeeError};

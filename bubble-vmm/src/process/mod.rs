@@ -21,7 +21,6 @@ use crate::bubble::{Answer, Bubble, BubbleError};
 use crate::control::{self, kind, CallErrKind, Frame, Status};
 use crate::images::{self, GuestImage};
 use crate::jail;
-use crate::layout::Layout;
 use crate::priority;
 use crate::vm::{self, Vm, VmError};
 
