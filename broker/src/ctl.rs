@@ -83,18 +83,20 @@ enum Cmd {
     Suspend {
         /// Bubble id.
         bubble: String,
-        /// A 32-byte key-encryption key (hex) that you keep; restore then
-        /// needs it.
+        /// A file holding a 32-byte key-encryption key that you keep (64 hex
+        /// digits or 32 raw bytes, mode 0600; `-` reads standard input;
+        /// default: $BUBBLECTL_KEK if set). Restore then needs it.
         #[arg(long)]
-        kek_hex: Option<String>,
+        kek_file: Option<PathBuf>,
     },
     /// Resume a suspended bubble from its frozen copy.
     Restore {
         /// Bubble id.
         bubble: String,
-        /// The key given at suspend, if any (hex).
+        /// The key given at suspend, if any: a 0600 file, `-` for standard
+        /// input (default: $BUBBLECTL_KEK if set).
         #[arg(long)]
-        kek_hex: Option<String>,
+        kek_file: Option<PathBuf>,
         /// For a bubble suspended by another broker sharing the store: the
         /// generation to restore.
         #[arg(long, default_value_t = 0)]
@@ -400,10 +402,6 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A key-encryption key given as hex on the command line (none: empty).
-fn kek_bytes(hex: Option<&str>) -> anyhow::Result<Vec<u8>> {
-    Ok(hex.map(unhex).transpose()?.unwrap_or_default())
-}
-
 fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
     let s = s.trim();
     anyhow::ensure!(
@@ -660,14 +658,14 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Suspend { bubble, kek_hex } => {
-            let kek = kek_bytes(kek_hex.as_deref())?;
+        Cmd::Suspend { bubble, kek_file } => {
+            let kek = crate::kek_input::read_kek(kek_file.as_deref())?;
             let mut c = connect(&opts.conn).await?;
             eprintln!("suspending {bubble}...");
             let b = c
                 .suspend_bubble(pb::SuspendBubbleRequest {
                     bubble_id: bubble,
-                    kek,
+                    kek: kek.to_vec(),
                 })
                 .await
                 .map_err(status_err)?
@@ -676,16 +674,16 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         }
         Cmd::Restore {
             bubble,
-            kek_hex,
+            kek_file,
             generation,
         } => {
-            let kek = kek_bytes(kek_hex.as_deref())?;
+            let kek = crate::kek_input::read_kek(kek_file.as_deref())?;
             let mut c = connect(&opts.conn).await?;
             eprintln!("verifying and restoring {bubble}...");
             let b = c
                 .restore_bubble(pb::RestoreBubbleRequest {
                     bubble_id: bubble,
-                    kek,
+                    kek: kek.to_vec(),
                     generation,
                 })
                 .await

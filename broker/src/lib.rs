@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod frozen;
 pub mod identity;
+pub mod kek_input;
 pub mod load;
 pub mod metrics;
 pub mod pki;
