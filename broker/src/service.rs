@@ -612,21 +612,32 @@ impl Broker {
     fn watch_vmm(self: &Arc<Self>, id: String, live: Arc<Live>) {
         let broker = Arc::downgrade(self);
         let mut notices = live.vmm.notices();
+        // The notices are about this VMM instance only: once the bubble has
+        // another one (suspended and restored), an old VMM's exit or failure
+        // must not fail the bubble.
+        let instance = Arc::downgrade(&live);
         drop(live);
         tokio::spawn(async move {
             while let Some(n) = notices.recv().await {
                 let Some(b) = broker.upgrade() else { return };
+                let current = || {
+                    b.live_get(&id)
+                        .is_some_and(|l| std::ptr::eq(Arc::as_ptr(&l), instance.as_ptr()))
+                };
                 match n {
                     VmmNotice::Log(line) => {
                         info!(bubble = %id, guest_log = %line, "guest log");
                     }
                     VmmNotice::Failed(reason) => {
-                        b.fail(&id, &reason);
+                        if current() {
+                            b.fail(&id, &reason);
+                        }
                         return;
                     }
                     VmmNotice::Gone(reason) => {
-                        // Deleting a bubble also ends its process: not a failure.
-                        if b.live_get(&id).is_some() {
+                        // Deleting or suspending a bubble also ends its
+                        // process: not a failure.
+                        if current() {
                             b.fail(&id, &reason);
                         }
                         return;
