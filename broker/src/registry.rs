@@ -148,13 +148,16 @@ pub struct PortionPolicy {
 }
 
 impl Default for PortionPolicy {
+    /// The attestation crate's default policy (one definition for the
+    /// broker and the verifying client).
     fn default() -> Self {
+        let d = bubble_attestation::SecurityPolicy::default();
         Self {
-            fuel_per_call: 10_000_000,
-            memory_limit_bytes: 1 << 20,
-            call_deadline_ms: 10_000,
-            max_output_bytes: 64 << 10,
-            grants: Vec::new(),
+            fuel_per_call: d.fuel_per_call,
+            memory_limit_bytes: d.memory_limit_bytes,
+            call_deadline_ms: d.call_deadline_ms,
+            max_output_bytes: d.max_output_bytes,
+            grants: d.grants,
         }
     }
 }
@@ -163,21 +166,19 @@ impl PortionPolicy {
     /// The bytes the guest's `set_policy` op takes (and whose SHA-256 the
     /// attestation binds).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend(self.fuel_per_call.to_le_bytes());
-        v.extend(self.memory_limit_bytes.to_le_bytes());
-        v.extend(self.max_output_bytes.to_le_bytes());
-        v.extend((self.grants.len() as u16).to_le_bytes());
-        for (p, creds) in &self.grants {
-            v.push(p.len() as u8);
-            v.extend(p.as_bytes());
-            v.push(creds.len() as u8);
-            for c in creds {
-                v.push(c.len() as u8);
-                v.extend(c.as_bytes());
-            }
+        self.wire().encode()
+    }
+
+    /// The policy in the attestation crate's canonical form, whose
+    /// encoding the client recomputes when it verifies a bubble.
+    pub fn wire(&self) -> bubble_attestation::SecurityPolicy {
+        bubble_attestation::SecurityPolicy {
+            fuel_per_call: self.fuel_per_call,
+            memory_limit_bytes: self.memory_limit_bytes,
+            call_deadline_ms: self.call_deadline_ms,
+            max_output_bytes: self.max_output_bytes,
+            grants: self.grants.clone(),
         }
-        v
     }
 }
 
