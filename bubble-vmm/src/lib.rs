@@ -36,3 +36,4 @@ pub mod snapshot;
 mod spawn;
 pub mod transport;
 pub mod vm;
+mod vmm_error;
