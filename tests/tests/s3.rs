@@ -60,7 +60,7 @@ async fn suspend_and_restore_through_s3() {
     let (moto, port) = match start_moto() {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("SKIPPED: no S3-compatible server: {e}");
+            missing_dependency(&format!("no S3-compatible server: {e}"));
             return;
         }
     };

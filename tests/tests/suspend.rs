@@ -243,7 +243,7 @@ async fn a_full_disk_fails_the_suspend_and_the_bubble_keeps_running() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        eprintln!("SKIPPED: cannot mount a 1 MiB tmpfs here (needs root) to fill the disk");
+        missing_dependency("cannot mount a 1 MiB tmpfs here (needs root) to fill the disk");
         return;
     }
     struct Unmount(std::path::PathBuf);
