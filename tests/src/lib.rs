@@ -251,6 +251,24 @@ pub async fn no_vmms_within(dir: &Path, limit: Duration) -> bool {
     }
 }
 
+/// Waits up to `limit` until exactly `n` VMM processes of a broker on
+/// `dir` run bubbles (idle spares aside; VMMs told to stop exit on their
+/// own shortly after they acknowledge); panics with the count otherwise.
+pub async fn wait_bubble_vmms(dir: &Path, n: usize, limit: Duration) {
+    let until = Instant::now() + limit;
+    loop {
+        let now = vmm_pids_under(dir).len();
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{now} VMM processes run bubbles after {limit:?}, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Nice values of the threads of process `pid` named `comm`.
 pub fn thread_nices(pid: u32, comm: &str) -> Vec<i32> {
     let mut out = Vec::new();
