@@ -84,7 +84,7 @@ pub struct FrozenStore {
 /// chunk into one costs no page faults (a fresh megabyte costs about
 /// 0.4 ms of them on hosts like these). Buffers come back zeroized.
 #[derive(Clone, Default)]
-struct BufPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+struct BufPool(Arc<parking_lot::Mutex<Vec<Vec<u8>>>>);
 
 /// Buffers the pool keeps at most (about 1 MiB each).
 const POOL_MAX: usize = 8;
@@ -92,12 +92,7 @@ const POOL_MAX: usize = 8;
 impl BufPool {
     /// A buffer of `len` zero bytes.
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut p| p.pop())
-            .unwrap_or_default();
+        let mut v = self.0.lock().pop().unwrap_or_default();
         v.clear();
         v.resize(len, 0);
         v
@@ -105,10 +100,9 @@ impl BufPool {
 
     /// Keeps an empty (zeroized) buffer for reuse.
     fn put(&self, v: Vec<u8>) {
-        if let Ok(mut p) = self.0.lock() {
-            if p.len() < POOL_MAX && v.capacity() >= CHUNK {
-                p.push(v);
-            }
+        let mut p = self.0.lock();
+        if p.len() < POOL_MAX && v.capacity() >= CHUNK {
+            p.push(v);
         }
     }
 }
