@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: starts a real `bubbled` process on a temp
 //! data dir and connects to it as one or more parents.
 
+pub mod moto;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -101,6 +101,25 @@ pub struct Broker {
     frozen: FrozenStore,
     /// The broker's key-encryption key for frozen bubbles (0600 file).
     kek: bubble_keys::Kek,
+    /// This broker's stable identity (`DATA_DIR/broker-id`), named in the
+    /// claims it takes on frozen copies in a shared store.
+    broker_id: String,
+}
+
+/// Reads this broker's identity, or makes one (a random UUID).
+fn load_or_create_id(path: &std::path::Path) -> Result<String, BrokerError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BrokerError::Spawn(format!("{}: {e}", path.display()))),
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| BrokerError::Spawn(format!("{}: {e}", path.display())))?;
+    Ok(id)
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -160,7 +179,9 @@ impl Broker {
         };
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
+        let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
         let broker = Arc::new(Self {
+            broker_id,
             frozen,
             kek,
             psp,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bubble_keys::envelope::ChunkCipher;
 use bubble_keys::{DataKey, Kek, OsRng, RngCore, SecretBytes, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
@@ -416,6 +416,7 @@ impl FrozenStore {
                     .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
                     .await;
             }
+            let _ = store.delete(&ObjPath::from(format!("{base}/claim"))).await;
             // A local store keeps directories: remove the generation's and,
             // if it was the last, the bubble's (only empty ones go).
             if let Some(dir) = dir {
@@ -429,7 +430,75 @@ impl FrozenStore {
     }
 }
 
+/// What a claim object says: which broker restores the copy, since when.
+#[derive(Serialize, Deserialize)]
+struct ClaimBody {
+    broker: String,
+    at_ms: u64,
+}
+
+/// Why a frozen copy could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another broker holds the claim: it restores (or restored) the copy.
+    #[error("the frozen copy is being restored by another broker")]
+    Taken,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] BrokerError),
+}
+
 impl FrozenStore {
+    /// Claims a frozen copy for restoring by `broker` (a stable broker
+    /// identity) with a conditional create of its `claim` object: of any
+    /// number of brokers sharing the store, exactly one gets it. A claim
+    /// the same broker made before a crash is its own again.
+    pub async fn claim(&self, id: &str, generation: u64, broker: &str) -> Result<(), ClaimError> {
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let body = ClaimBody {
+            broker: broker.to_string(),
+            at_ms: crate::core::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let held = self.store.get(&path).await.map_err(store_err)?;
+                let held = held.bytes().await.map_err(store_err)?;
+                match serde_json::from_slice::<ClaimBody>(&held) {
+                    Ok(c) if c.broker == broker => {}
+                    _ => return Err(ClaimError::Taken),
+                }
+            }
+            Err(e) => return Err(store_err(e).into()),
+        }
+        // A consumed copy loses its manifest before its claim: a claim won
+        // after another broker consumed the copy finds no manifest.
+        let manifest = ObjPath::from(format!("{}/manifest", prefix(id, generation)));
+        match self.store.head(&manifest).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.release(id, generation).await;
+                Err(BrokerError::FrozenMissing.into())
+            }
+            Err(e) => Err(store_err(e).into()),
+        }
+    }
+
+    /// Gives a claim back (a restore that failed before the bubble ran).
+    pub async fn release(&self, id: &str, generation: u64) {
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let _ = self.store.delete(&path).await;
+    }
+
     /// Deletes every frozen copy of a bubble (all generations, manifest
     /// first so that nothing half-deleted can be restored): a deleted
     /// bubble leaves nothing in the store.
