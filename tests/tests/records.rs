@@ -252,3 +252,31 @@ async fn suspend_restore_cycles_leave_no_empty_directories() {
     }
     store_empties(dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_registry_refuses_to_start_instead_of_stopping_bubbles() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let id = create(&mut c).await;
+    drop(c);
+    // The broker dies; its bubble runs on (to be re-adopted).
+    broker.kill();
+    let vmms = vmm_pids_under(dir.path());
+    assert_eq!(vmms.len(), 1);
+    std::fs::remove_file(dir.path().join("registry.redb")).unwrap();
+    let out = std::process::Command::new(broker_bin())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("registry") && err.contains("bubble director"),
+        "a clear reason: {err}"
+    );
+    assert_eq!(vmm_pids_under(dir.path()), vmms, "the bubble still runs");
+    assert!(dir.path().join("bubbles").join(&id).exists());
+    drop(broker);
+}

@@ -106,6 +106,36 @@ pub struct Broker {
     broker_id: String,
 }
 
+/// Refuses to start on an empty registry beside bubble directories: the
+/// registry was lost or replaced, and reconciling against it would stop
+/// every running bubble as never recorded.
+fn refuse_lost_registry(cfg: &BrokerConfig, records: usize) -> Result<(), BrokerError> {
+    if records > 0 {
+        return Ok(());
+    }
+    let dirs = std::fs::read_dir(cfg.data_dir.join("bubbles"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.len() == 34 && n.starts_with("b-")
+        })
+        .count();
+    if dirs == 0 {
+        return Ok(());
+    }
+    Err(BrokerError::Spawn(format!(
+        "the registry {} holds no bubbles but {} holds {dirs} bubble director{}: \
+         the registry was lost or replaced, and starting would stop those bubbles. \
+         Put the registry back, or remove the directories to start afresh",
+        cfg.registry_path().display(),
+        cfg.data_dir.join("bubbles").display(),
+        if dirs == 1 { "y" } else { "ies" },
+    )))
+}
+
 /// Reads this broker's identity, or makes one (a random UUID).
 fn load_or_create_id(path: &std::path::Path) -> Result<String, BrokerError> {
     match std::fs::read_to_string(path) {
@@ -155,7 +185,9 @@ impl Broker {
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Registry::open(&cfg.registry_path())?;
-        let table = Table::from_records(registry.all()?);
+        let records = registry.all()?;
+        refuse_lost_registry(&cfg, records.len())?;
+        let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);

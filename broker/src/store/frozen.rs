@@ -12,7 +12,8 @@
 //!   memory, image, snapshot length and chunk count.
 //!
 //! Chunks are written first and the manifest last; every object write is
-//! atomic, so a crash leaves either no manifest (the bubble is still
+//! atomic, and a local store is fsynced (files and directories) before
+//! `put` returns, so a crash leaves either no manifest (the bubble is still
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
@@ -264,7 +265,37 @@ impl FrozenStore {
             )
             .await
             .map_err(store_err)?;
+        self.sync_local(&base, header.chunks).await?;
         Ok(header.chunks)
+    }
+
+    /// Makes a local copy durable before the registry points at it: the
+    /// object store writes files without fsync, so every chunk, the
+    /// manifest and the directories holding them are synced here. (An S3
+    /// store acknowledges a PUT once it is durable.)
+    async fn sync_local(&self, base: &str, chunks: u64) -> Result<(), BrokerError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let dir = root.join(base);
+        tokio::task::spawn_blocking(move || {
+            let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+            for i in 0..chunks {
+                sync(&dir.join(format!("chunk-{i}")))?;
+            }
+            sync(&dir.join("manifest"))?;
+            // The directory entries: the generation's, the bubble's, and
+            // `frozen/` itself (created with the first copy).
+            let mut d = Some(dir.as_path());
+            while let Some(p) = d.filter(|p| p.starts_with(&root)) {
+                sync(p)?;
+                d = p.parent();
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| BrokerError::Store(format!("sync: {e}")))?
+        .map_err(|e| BrokerError::Store(format!("sync {base}: {e}")))
     }
 
     /// Reads and authenticates a frozen copy's manifest: its header and the
