@@ -49,8 +49,9 @@ use crate::store::frozen::FrozenStore;
 use crate::store::registry::{BubbleRecord, Registry};
 use table::Table;
 
-/// Capacity of the event broadcast channel; slow watchers skip events.
-const EVENT_CAPACITY: usize = 4096;
+/// Capacity of each parent's event channel; a slow watcher skips events
+/// (and is told how many) of its own parent only.
+const EVENT_CAPACITY: usize = 1024;
 
 /// A state change, as broadcast to watchers.
 #[derive(Clone, Debug)]
@@ -74,7 +75,9 @@ pub struct Broker {
     /// Every bubble: record, running VMM and gate (the registry holds the
     /// durable copy of the records; BUSY and call counters live only here).
     table: Table,
-    events: broadcast::Sender<Event>,
+    /// One event channel per parent: a watcher's lag counts only its own
+    /// parent's events, and nothing of another tenant's reaches it.
+    events: parking_lot::Mutex<std::collections::HashMap<String, broadcast::Sender<Event>>>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes pool refillers (after an attach) and attach waiters (after a
@@ -190,7 +193,6 @@ impl Broker {
         let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let host_limit_mib =
             (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
         let psp = bubble_attestation::SimPsp::load_or_create(&cfg.data_dir.join("psp"))
@@ -222,7 +224,7 @@ impl Broker {
             cfg,
             registry,
             table,
-            events,
+            events: Default::default(),
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Default::default(),
@@ -249,9 +251,23 @@ impl Broker {
         &self.cfg
     }
 
-    /// Subscribes to all state changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+    /// Subscribes to the state changes of `parent`'s bubbles.
+    pub fn subscribe(&self, parent: &str) -> broadcast::Receiver<Event> {
+        self.events
+            .lock()
+            .entry(parent.to_string())
+            .or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// Sends an event to its owner's watchers (if any watch).
+    pub(crate) fn emit(&self, ev: Event) {
+        let mut m = self.events.lock();
+        let owner = ev.owner.clone();
+        let unwatched = m.get(&owner).is_some_and(|tx| tx.send(ev).is_err());
+        if unwatched {
+            m.remove(&owner);
+        }
     }
 
     /// The key that signs usage reports.
