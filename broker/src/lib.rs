@@ -15,6 +15,7 @@ pub mod api;
 pub mod attest;
 /// Connecting to a broker (re-exported from `bubble-client`).
 pub use bubble_client::connect as client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ctl;

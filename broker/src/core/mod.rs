@@ -31,7 +31,7 @@ mod teardown;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tracing::warn;
@@ -41,6 +41,7 @@ pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use meter::UsageFacts;
 
+pub(crate) use crate::clock::now_ms;
 use crate::config::{self, BrokerConfig};
 use crate::error::BrokerError;
 use crate::obs::metrics::Metrics;
@@ -153,13 +154,6 @@ fn load_or_create_id(path: &std::path::Path) -> Result<String, BrokerError> {
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| BrokerError::Spawn(format!("{}: {e}", path.display())))?;
     Ok(id)
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Raises the soft open-files limit to the hard limit: the broker holds one

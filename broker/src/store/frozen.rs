@@ -488,7 +488,7 @@ impl FrozenStore {
         let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
         let body = ClaimBody {
             broker: broker.to_string(),
-            at_ms: crate::core::now_ms(),
+            at_ms: crate::clock::now_ms(),
         };
         let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
         let opts = PutOptions {
