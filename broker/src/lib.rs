@@ -22,6 +22,8 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod identity;
 pub mod kek_input;
 pub mod load;

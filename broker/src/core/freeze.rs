@@ -77,6 +77,8 @@ impl Broker {
             .put(header, &snapshot, kek, parent_key.is_some())
             .await?;
         drop(snapshot);
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("suspend.stored").await;
         let vcpu_us = live.vmm.vcpu_us().await;
         let committed = self.apply(&id, Step::Froze, "", |r| {
             r.generation = generation;
@@ -100,6 +102,8 @@ impl Broker {
                 return Err(e);
             }
         };
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("suspend.committed").await;
         if let Some(l) = self.table.set_live(&id, None) {
             l.vmm.shutdown().await;
         }
