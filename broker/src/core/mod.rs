@@ -105,6 +105,9 @@ pub struct Broker {
     frozen: FrozenStore,
     /// The broker's key-encryption key for frozen bubbles (0600 file).
     kek: bubble_keys::Kek,
+    /// Serializes lifecycle steps that reach the registry (see
+    /// `supervise::apply`).
+    apply_serial: parking_lot::Mutex<()>,
     /// This broker's stable identity (`DATA_DIR/broker-id`), named in the
     /// claims it takes on frozen copies in a shared store.
     broker_id: String,
@@ -210,6 +213,7 @@ impl Broker {
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
         let broker = Arc::new(Self {
             broker_id,
+            apply_serial: Default::default(),
             frozen,
             kek,
             psp,

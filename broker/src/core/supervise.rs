@@ -15,8 +15,10 @@ use crate::vmm::VmmNotice;
 impl Broker {
     /// Applies `step` to a bubble (see [`lifecycle::apply`]), runs `update`
     /// on its record, persists it (except the transient READY ↔ BUSY
-    /// flips) and broadcasts the change. An illegal step changes nothing
-    /// and answers FAILED_PRECONDITION with the bubble's state.
+    /// flips) and only then changes the table and broadcasts the change:
+    /// a change the registry cannot record (a full disk) is not made. An
+    /// illegal step changes nothing and answers FAILED_PRECONDITION with
+    /// the bubble's state. Steps are applied one at a time.
     pub(crate) fn apply(
         &self,
         id: &str,
@@ -25,20 +27,26 @@ impl Broker {
         update: impl FnOnce(&mut BubbleRecord),
     ) -> Result<BubbleRecord, BrokerError> {
         let now = now_ms();
+        let transient = matches!(step, Step::CallBegan | Step::CallEnded);
+        // Calls change only memory; every other step is computed,
+        // persisted and stored under this lock, so that two steps (a
+        // failure notice and an operation) cannot interleave.
+        let _serial = (!transient).then(|| self.apply_serial.lock());
         let (rec, prev) = self.table.with(|t| {
-            let r = t
-                .record_mut(id)
+            let cur = t
+                .record(id)
                 .ok_or_else(|| BrokerError::NotAccessible(id.to_string()))?;
-            let prev = r.state;
+            let prev = cur.state;
             let to = lifecycle::apply(prev, step).map_err(|e| BrokerError::WrongState {
                 id: id.to_string(),
                 state: lifecycle::name(e.from),
-                detail: if r.failure_reason.is_empty() {
+                detail: if cur.failure_reason.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", r.failure_reason)
+                    format!(": {}", cur.failure_reason)
                 },
             })?;
+            let mut r = cur.clone();
             if to == State::Ready && r.usage.running_since_ms == 0 {
                 r.usage.running_since_ms = now;
             }
@@ -52,8 +60,13 @@ impl Broker {
             if to == State::Failed {
                 r.failure_reason = reason.to_string();
             }
-            update(r);
-            Ok::<_, BrokerError>((r.clone(), prev))
+            update(&mut r);
+            if transient {
+                if let Some(cur) = t.record_mut(id) {
+                    *cur = r.clone();
+                }
+            }
+            Ok::<_, BrokerError>((r, prev))
         })?;
         match step {
             // Every call flips READY -> BUSY -> READY: kept in memory and
@@ -65,6 +78,24 @@ impl Broker {
             // for the disk on the create path.
             Step::Booted => self.registry.put_lazy(&rec)?,
             _ => self.registry.put(&rec)?,
+        }
+        if !transient {
+            self.table.with(|t| {
+                if let Some(cur) = t.record_mut(id) {
+                    // A pool assignment may have given the bubble its
+                    // owner meanwhile (the only change made outside a
+                    // step); keep it.
+                    let (owner, request, idle) = (
+                        std::mem::take(&mut cur.owner),
+                        std::mem::take(&mut cur.client_request_id),
+                        cur.idle,
+                    );
+                    *cur = rec.clone();
+                    if !owner.is_empty() {
+                        (cur.owner, cur.client_request_id, cur.idle) = (owner, request, idle);
+                    }
+                }
+            });
         }
         if prev != rec.state {
             self.emit(Event {

@@ -157,6 +157,11 @@ impl TableView<'_> {
         self.m.values().map(|e| &e.rec)
     }
 
+    /// One record.
+    pub fn record(&self, id: &str) -> Option<&BubbleRecord> {
+        self.m.get(id).map(|e| &e.rec)
+    }
+
     /// One record, to change in place (the caller persists it).
     pub fn record_mut(&mut self, id: &str) -> Option<&mut BubbleRecord> {
         self.m.get_mut(id).map(|e| &mut e.rec)

@@ -33,10 +33,11 @@ impl Broker {
         self.destroy(permit).await
     }
 
-    /// Stops the bubble's VMM (a running call has finished: the permit is
-    /// held), removes its files and any frozen copy, and records it
-    /// DELETED. A frozen copy that cannot be removed keeps the bubble
-    /// SUSPENDED (the delete can be retried).
+    /// Removes the bubble's frozen copies, records it DELETED, then stops
+    /// its VMM (a running call has finished: the permit is held) and
+    /// removes its files. A frozen copy that cannot be removed keeps the
+    /// bubble SUSPENDED, and a registry that cannot record the deletion
+    /// keeps it running (either way the delete can be retried).
     pub(super) async fn destroy(
         self: &Arc<Self>,
         permit: Permit,
@@ -49,13 +50,15 @@ impl Broker {
         if rec.state == State::Suspended || rec.frozen.is_some() {
             self.frozen.purge(id).await?;
         }
-        let mut vcpu_us = None;
-        if let Some(live) = self.table.set_live(id, None) {
-            vcpu_us = live.vmm.vcpu_us().await;
-            live.vmm.shutdown().await;
-        }
-        let _ = std::fs::remove_dir_all(self.cfg.bubble_dir(id));
-        info!(bubble = %id, parent = %rec.owner, "bubble deleted");
+        // DELETED is durable before anything irreversible happens to a
+        // running bubble: if the registry cannot record it (a full disk),
+        // the bubble runs on and the caller gets the error. A crash after
+        // the commit leaves a VMM that the next start stops.
+        let live = self.table.live_of(id);
+        let vcpu_us = match &live {
+            Some(l) => l.vmm.vcpu_us().await,
+            None => None,
+        };
         let r = self.apply(id, Step::Deleted, "", |r| {
             r.vmm_pid = 0;
             r.frozen = None;
@@ -63,6 +66,13 @@ impl Broker {
                 r.usage.vcpu_us = v;
             }
         });
+        if r.is_ok() {
+            if let Some(live) = self.table.set_live(id, None) {
+                live.vmm.shutdown().await;
+            }
+            let _ = std::fs::remove_dir_all(self.cfg.bubble_dir(id));
+            info!(bubble = %id, parent = %rec.owner, "bubble deleted");
+        }
         self.pool_changed.notify_waiters();
         r
     }

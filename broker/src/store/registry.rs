@@ -246,7 +246,13 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Handle to the registry database.
 pub struct Registry {
-    db: Database,
+    /// The open database; `None` only while it is being reopened.
+    db: parking_lot::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
+    /// A write failed (e.g. the disk was full): redb refuses everything
+    /// after an I/O error until it is reopened, so the next operation
+    /// reopens it (which recovers from the last durable commit).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 fn request_key(owner: &str, client_request_id: &str) -> String {
@@ -278,38 +284,72 @@ impl Registry {
             txn.open_table(REQUESTS)?;
         }
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db: parking_lot::RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            broken: Default::default(),
+        })
+    }
+
+    /// The database, reopened first if a write failed.
+    fn handle(&self) -> Result<parking_lot::MappedRwLockReadGuard<'_, Database>, RegistryError> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::SeqCst) {
+            let mut w = self.db.write();
+            if self.broken.load(Ordering::SeqCst) {
+                // Close before opening: the file lock is the handle's.
+                drop(w.take());
+                *w = Some(Database::create(&self.path)?);
+                self.broken.store(false, Ordering::SeqCst);
+            }
+        }
+        parking_lot::RwLockReadGuard::try_map(self.db.read(), Option::as_ref)
+            .map_err(|_| RegistryError::Db("the registry could not be reopened".into()))
+    }
+
+    /// Runs a write transaction; a failure marks the database for reopening.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let r = f(&*self.handle()?);
+        if r.is_err() {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
     }
 
     /// Inserts a new record and its idempotency key atomically.
     ///
     /// Returns the existing record instead if the owner already used the key.
     pub fn insert_new(&self, rec: &BubbleRecord) -> Result<Option<BubbleRecord>, RegistryError> {
-        let txn = self.db.begin_write()?;
-        let existing;
-        {
-            let mut reqs = txn.open_table(REQUESTS)?;
-            let key = request_key(&rec.owner, &rec.client_request_id);
-            let prior = reqs.get(key.as_str())?.map(|v| v.value().to_string());
-            match prior {
-                Some(id) => {
-                    let bubbles = txn.open_table(BUBBLES)?;
-                    let got = bubbles.get(id.as_str())?.map(|v| v.value().to_vec());
-                    existing = match got {
-                        Some(bytes) => Some(decode(&id, &bytes)?),
-                        None => None,
-                    };
-                }
-                None => {
-                    existing = None;
-                    reqs.insert(key.as_str(), rec.id.as_str())?;
-                    let mut bubbles = txn.open_table(BUBBLES)?;
-                    bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            let existing;
+            {
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let key = request_key(&rec.owner, &rec.client_request_id);
+                let prior = reqs.get(key.as_str())?.map(|v| v.value().to_string());
+                match prior {
+                    Some(id) => {
+                        let bubbles = txn.open_table(BUBBLES)?;
+                        let got = bubbles.get(id.as_str())?.map(|v| v.value().to_vec());
+                        existing = match got {
+                            Some(bytes) => Some(decode(&id, &bytes)?),
+                            None => None,
+                        };
+                    }
+                    None => {
+                        existing = None;
+                        reqs.insert(key.as_str(), rec.id.as_str())?;
+                        let mut bubbles = txn.open_table(BUBBLES)?;
+                        bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+                    }
                 }
             }
-        }
-        txn.commit()?;
-        Ok(existing)
+            txn.commit()?;
+            Ok(existing)
+        })
     }
 
     /// The bubble id an owner's idempotency key maps to, if any.
@@ -321,7 +361,7 @@ impl Registry {
         if client_request_id.is_empty() {
             return Ok(None);
         }
-        let txn = self.db.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let reqs = txn.open_table(REQUESTS)?;
         let key = request_key(owner, client_request_id);
         let got = reqs.get(key.as_str())?.map(|v| v.value().to_string());
@@ -331,29 +371,33 @@ impl Registry {
     /// Writes records that just got their owner (warm-pool attach),
     /// each with its owner's idempotency key, in one durable transaction.
     pub fn assign_many(&self, recs: &[BubbleRecord]) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut reqs = txn.open_table(REQUESTS)?;
-            let mut bubbles = txn.open_table(BUBBLES)?;
-            for rec in recs {
-                let key = request_key(&rec.owner, &rec.client_request_id);
-                reqs.insert(key.as_str(), rec.id.as_str())?;
-                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let mut bubbles = txn.open_table(BUBBLES)?;
+                for rec in recs {
+                    let key = request_key(&rec.owner, &rec.client_request_id);
+                    reqs.insert(key.as_str(), rec.id.as_str())?;
+                    bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Writes (replaces) a record.
     pub fn put(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut bubbles = txn.open_table(BUBBLES)?;
-            bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut bubbles = txn.open_table(BUBBLES)?;
+                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Writes a record without waiting for the disk. Use only for changes
@@ -361,20 +405,22 @@ impl Registry {
     /// a restarted broker re-adopts the running VMM and marks it READY);
     /// the next durable commit persists it anyway.
     pub fn put_lazy(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| RegistryError::Db(e.to_string()))?;
-        {
-            let mut bubbles = txn.open_table(BUBBLES)?;
-            bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.write(|db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| RegistryError::Db(e.to_string()))?;
+            {
+                let mut bubbles = txn.open_table(BUBBLES)?;
+                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Reads one record.
     pub fn get(&self, id: &str) -> Result<Option<BubbleRecord>, RegistryError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let bubbles = txn.open_table(BUBBLES)?;
         let got = bubbles.get(id)?.map(|v| v.value().to_vec());
         got.map(|bytes| decode(id, &bytes)).transpose()
@@ -385,41 +431,45 @@ impl Registry {
         &self,
         recs: impl IntoIterator<Item = &'a BubbleRecord>,
     ) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut bubbles = txn.open_table(BUBBLES)?;
-            for rec in recs {
-                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut bubbles = txn.open_table(BUBBLES)?;
+                for rec in recs {
+                    bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Deletes records and their owners' idempotency keys in one
     /// transaction (records collected after their retention period).
     pub fn remove_many(&self, recs: &[BubbleRecord]) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut reqs = txn.open_table(REQUESTS)?;
-            let mut bubbles = txn.open_table(BUBBLES)?;
-            for rec in recs {
-                let key = request_key(&rec.owner, &rec.client_request_id);
-                // Only if the key still names this bubble.
-                let names_it = reqs.get(key.as_str())?.map(|v| v.value() == rec.id);
-                if names_it == Some(true) {
-                    reqs.remove(key.as_str())?;
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let mut bubbles = txn.open_table(BUBBLES)?;
+                for rec in recs {
+                    let key = request_key(&rec.owner, &rec.client_request_id);
+                    // Only if the key still names this bubble.
+                    let names_it = reqs.get(key.as_str())?.map(|v| v.value() == rec.id);
+                    if names_it == Some(true) {
+                        reqs.remove(key.as_str())?;
+                    }
+                    bubbles.remove(rec.id.as_str())?;
                 }
-                bubbles.remove(rec.id.as_str())?;
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Reads every record.
     pub fn all(&self) -> Result<Vec<BubbleRecord>, RegistryError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let bubbles = txn.open_table(BUBBLES)?;
         let mut out = Vec::new();
         for entry in bubbles.iter()? {
@@ -497,6 +547,19 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(r.get("b1").unwrap().unwrap().state, State::Ready);
         assert!(r.get("b2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_failed_write_reopens_the_database_before_the_next_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        r.put(&rec("b1", "alice", "k")).unwrap();
+        // What a failed commit leaves: the next operation reopens first.
+        r.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(r.get("b1").unwrap().unwrap().owner, "alice");
+        assert!(!r.broken.load(std::sync::atomic::Ordering::SeqCst));
+        r.put(&rec("b2", "bob", "k")).unwrap();
+        assert_eq!(r.all().unwrap().len(), 2);
     }
 
     #[test]
