@@ -74,10 +74,11 @@ pub async fn connect_tls(
             source,
         })
     };
+    // The server certificate is checked against the host the URL names
+    // (a DNS name or an IP address), as in any TLS client.
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(ca)?))
-        .identity(Identity::from_pem(read(cert)?, read(key)?))
-        .domain_name("localhost");
+        .identity(Identity::from_pem(read(cert)?, read(key)?));
     let err = |e: tonic::transport::Error| ConnectError::Connect {
         target: url.to_string(),
         detail: format!("{e}: {:?}", std::error::Error::source(&e)),

@@ -493,3 +493,43 @@ fn bubblectl_json_round_trip() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("memory_mib"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_checks_the_name_the_url_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    bubbled::pki::init(&pki, &["parent-a".into()]).unwrap();
+    // On every address, so that a name the certificate does not hold
+    // (127.0.0.2) reaches the broker too.
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            args: vec!["--tls-listen".into(), "0.0.0.0:0".into()],
+            ..Default::default()
+        },
+    );
+    let (cert, key) = bubbled::pki::parent_files(&pki, "parent-a");
+    let port = broker.tls.unwrap().port();
+    // The server certificate names localhost and 127.0.0.1.
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{port}");
+        let mut c = bubbled::client::connect_tls(&url, &pki.join("ca.pem"), &cert, &key)
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        c.list_bubbles(pb::ListBubblesRequest::default())
+            .await
+            .unwrap();
+    }
+    // The broker answers on 127.0.0.2 (plain TCP)...
+    assert!(std::net::TcpStream::connect(("127.0.0.2", port)).is_ok());
+    // ...but its certificate does not vouch for that name: refused.
+    let url = format!("https://127.0.0.2:{port}");
+    let refused = match bubbled::client::connect_tls(&url, &pki.join("ca.pem"), &cert, &key).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .list_bubbles(pb::ListBubblesRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate for localhost passed for 127.0.0.2");
+}
