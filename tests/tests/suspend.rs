@@ -122,6 +122,23 @@ async fn suspend_restore_and_every_refusal() {
     let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     std::fs::write(&manifest, &m).unwrap();
+    // The manifest's plaintext key kind, changed: it is sealed too.
+    let text = String::from_utf8(m.clone()).unwrap();
+    assert!(text.contains(r#""kek":"parent""#), "{text}");
+    std::fs::write(
+        &manifest,
+        text.replace(r#""kek":"parent""#, r#""kek":"broker""#),
+    )
+    .unwrap();
+    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    std::fs::write(&manifest, &m).unwrap();
+    // An extra chunk placed in the copy: refused, not ignored.
+    std::fs::write(g2.join("chunk-99"), &orig).unwrap();
+    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("unexpected object"), "{e:?}");
+    std::fs::remove_file(g2.join("chunk-99")).unwrap();
     let d = c
         .describe_bubble(pb::BubbleRef {
             bubble_id: id.clone(),

@@ -69,6 +69,7 @@ impl Broker {
             total_len: 0,
             chunks: 0,
             page_runs: Vec::new(),
+            kek: String::new(),
         };
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
         // If storing fails (full disk, store down), the bubble keeps running.

@@ -17,12 +17,15 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
+mod claim;
+pub use claim::ClaimError;
+
 use std::sync::Arc;
 
 use bubble_keys::envelope::ChunkCipher;
 use bubble_keys::{DataKey, Kek, OsRng, RngCore, SecretBytes, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
@@ -69,6 +72,11 @@ pub struct Header {
     /// before it existed (then nothing is faulted in ahead).
     #[serde(default)]
     pub page_runs: Vec<(u64, u64)>,
+    /// Whose key wraps the data key (`broker` or `parent`): the manifest's
+    /// plaintext `kek` field must say the same. Empty in copies made
+    /// before it was sealed here.
+    #[serde(default)]
+    pub kek: String,
 }
 
 /// The store of frozen bubbles.
@@ -244,6 +252,7 @@ impl FrozenStore {
                 .await
                 .map_err(store_err)?;
         }
+        header.kek = if parent_key { "parent" } else { "broker" }.into();
         let sealed = cipher.encrypt(
             HEADER_INDEX,
             &serde_json::to_vec(&header).map_err(|e| BrokerError::Store(e.to_string()))?,
@@ -346,7 +355,40 @@ impl FrozenStore {
         if header.chunks != header.total_len.div_ceil(CHUNK as u64) {
             return Err(loss("chunk count differs from the length".into()));
         }
+        if !header.kek.is_empty() && header.kek != m.kek {
+            return Err(loss(
+                "the manifest's key kind differs from its sealed header".into(),
+            ));
+        }
+        self.refuse_unexpected(&base, header.chunks).await?;
         Ok((header, cipher))
+    }
+
+    /// Refuses a copy whose directory holds anything but its manifest, its
+    /// chunks and a claim: an object added to a copy is tampering too.
+    async fn refuse_unexpected(&self, base: &str, chunks: u64) -> Result<(), BrokerError> {
+        use futures::TryStreamExt;
+        let dir = ObjPath::from(base);
+        let names: Vec<String> = self
+            .store
+            .list(Some(&dir))
+            .map_ok(|m| m.location.filename().unwrap_or_default().to_string())
+            .try_collect()
+            .await
+            .map_err(store_err)?;
+        let expected = |n: &str| {
+            n == "manifest"
+                || n == "claim"
+                || n.strip_prefix("chunk-")
+                    .and_then(|i| i.parse::<u64>().ok())
+                    .is_some_and(|i| i < chunks && n == format!("chunk-{i}"))
+        };
+        match names.iter().find(|n| !expected(n)) {
+            Some(n) => Err(BrokerError::DataLoss(format!(
+                "unexpected object {n:?} in the frozen copy"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Reads and decrypts the chunks of a frozen copy opened with
@@ -457,103 +499,6 @@ impl FrozenStore {
                 }
             }
         });
-        Ok(())
-    }
-}
-
-/// What a claim object says: which broker restores the copy, since when.
-#[derive(Serialize, Deserialize)]
-struct ClaimBody {
-    broker: String,
-    at_ms: u64,
-}
-
-/// Why a frozen copy could not be claimed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClaimError {
-    /// Another broker holds the claim: it restores (or restored) the copy.
-    #[error("the frozen copy is being restored by another broker")]
-    Taken,
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] BrokerError),
-}
-
-impl FrozenStore {
-    /// Claims a frozen copy for restoring by `broker` (a stable broker
-    /// identity) with a conditional create of its `claim` object: of any
-    /// number of brokers sharing the store, exactly one gets it. A claim
-    /// the same broker made before a crash is its own again.
-    pub async fn claim(&self, id: &str, generation: u64, broker: &str) -> Result<(), ClaimError> {
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
-        let body = ClaimBody {
-            broker: broker.to_string(),
-            at_ms: crate::clock::now_ms(),
-        };
-        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let held = self.store.get(&path).await.map_err(store_err)?;
-                let held = held.bytes().await.map_err(store_err)?;
-                match serde_json::from_slice::<ClaimBody>(&held) {
-                    Ok(c) if c.broker == broker => {}
-                    _ => return Err(ClaimError::Taken),
-                }
-            }
-            Err(e) => return Err(store_err(e).into()),
-        }
-        // A consumed copy loses its manifest before its claim: a claim won
-        // after another broker consumed the copy finds no manifest.
-        let manifest = ObjPath::from(format!("{}/manifest", prefix(id, generation)));
-        match self.store.head(&manifest).await {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => {
-                self.release(id, generation).await;
-                Err(BrokerError::FrozenMissing.into())
-            }
-            Err(e) => Err(store_err(e).into()),
-        }
-    }
-
-    /// Gives a claim back (a restore that failed before the bubble ran).
-    pub async fn release(&self, id: &str, generation: u64) {
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
-        let _ = self.store.delete(&path).await;
-    }
-
-    /// Deletes every frozen copy of a bubble (all generations, manifest
-    /// first so that nothing half-deleted can be restored): a deleted
-    /// bubble leaves nothing in the store.
-    pub async fn purge(&self, id: &str) -> Result<(), BrokerError> {
-        use futures::TryStreamExt;
-        let base = ObjPath::from(format!("frozen/{id}"));
-        let mut objects: Vec<ObjPath> = self
-            .store
-            .list(Some(&base))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(store_err)?;
-        // Manifests first.
-        objects.sort_by_key(|p| !p.as_ref().ends_with("/manifest"));
-        for p in objects {
-            match self.store.delete(&p).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        if let Some(root) = &self.local_root {
-            let _ = std::fs::remove_dir_all(root.join(base.as_ref()));
-        }
         Ok(())
     }
 }
