@@ -76,7 +76,7 @@ pub(crate) fn call_flags() -> String {
 
 /// The limits table.
 pub(crate) fn limits() -> String {
-    let rows: [(&str, u64); 13] = [
+    let rows: [(&str, u64); 14] = [
         ("ABI_VERSION", u64::from(ABI_VERSION)),
         ("HEADER_LEN", HEADER_LEN as u64),
         ("MAX_OP_LEN", MAX_OP_LEN as u64),
@@ -85,6 +85,10 @@ pub(crate) fn limits() -> String {
         ("MAX_TEXT_LEN", MAX_TEXT_LEN as u64),
         ("MIN_NONCE_LEN", MIN_NONCE_LEN as u64),
         ("MAX_NONCE_LEN", MAX_NONCE_LEN as u64),
+        (
+            "MAX_PORTION_FRAME_OVERHEAD",
+            MAX_PORTION_FRAME_OVERHEAD as u64,
+        ),
         ("MAX_CALL_OVERHEAD", MAX_CALL_OVERHEAD as u64),
         ("BOOT_INFO_GPA", BOOT_INFO_GPA),
         ("BOOT_INFO_LEN", BOOT_INFO_LEN as u64),

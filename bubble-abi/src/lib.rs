@@ -73,8 +73,14 @@ pub const MAX_NONCE_LEN: usize = 64;
 pub const PORTIONS_DIGEST_LEN: usize = 48;
 /// Size of the policy digest (SHA-256).
 pub const POLICY_DIGEST_LEN: usize = 32;
-/// Most bytes a CALL payload adds to its input: flags, op, signing context.
-pub const MAX_CALL_OVERHEAD: usize = 2 + MAX_OP_LEN + 1 + MAX_BUBBLE_ID_LEN + PUBLIC_KEY_LEN;
+/// Most bytes a portion-call frame adds to the caller's input: the portion
+/// and function names with their lengths.
+pub const MAX_PORTION_FRAME_OVERHEAD: usize = 2 + MAX_NAME_LEN + MAX_OP_LEN;
+/// Most bytes a CALL payload adds to the caller's input: flags, op,
+/// signing context, and a portion-call frame. The mailbox holds this much
+/// more than the payload limit.
+pub const MAX_CALL_OVERHEAD: usize =
+    2 + MAX_OP_LEN + 1 + MAX_BUBBLE_ID_LEN + PUBLIC_KEY_LEN + MAX_PORTION_FRAME_OVERHEAD;
 
 /// Guest-physical address of the boot information page.
 pub const BOOT_INFO_GPA: u64 = 0xA000;

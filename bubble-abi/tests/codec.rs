@@ -235,6 +235,7 @@ fn portion_call_round_trips() {
     };
     let e = p.encode().unwrap();
     assert_eq!(e[0], 8);
+    assert!(e.len() <= MAX_PORTION_FRAME_OVERHEAD + p.input.len());
     assert_eq!(PortionCall::decode(&e), Ok(p));
     for n in 0..11 {
         assert!(PortionCall::decode(&e[..n]).is_err(), "{n}");

@@ -1,4 +1,4 @@
-//! A booted guest speaking ABI v1: READY, CALL/REPLY, LOG, PANIC, with the
+//! A booted guest speaking the guest ABI (`bubble-abi`): READY, CALL/REPLY, LOG, PANIC, with the
 //! checks that keep a misbehaving guest from hurting anything but itself.
 
 use std::time::{Duration, Instant};

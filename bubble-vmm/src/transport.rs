@@ -1,4 +1,4 @@
-//! Guest ABI v1 *transport*: how messages travel between a bubble and its
+//! Guest ABI *transport*: how messages travel between a bubble and its
 //! VMM on a plain KVM host.
 //!
 //! - **Doorbell**: a 32-bit write to [`layout::DOORBELL_GPA`], an address
