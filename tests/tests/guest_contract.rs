@@ -67,10 +67,7 @@ async fn signed_calls_with_the_longest_op_keep_the_bubble_ready() {
     // the op and says so cleanly; the bubble stays READY.
     let op64 = "x".repeat(MAX_OP_LEN);
     for seal in [None, Some([9u8; 32])] {
-        let e = c
-            .call(signed(&id, &op64, b"in", seal))
-            .await
-            .unwrap_err();
+        let e = c.call(signed(&id, &op64, b"in", seal)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains("unknown op"), "{e:?}");
         let d = state(&mut c, &id).await;

@@ -95,9 +95,7 @@ impl Broker {
         .encode()
         .map_err(|e| invalid("name", e.to_string()))?;
         let call = abi::Call::plain(abi::ops::OP_PROVISION, &input);
-        self.invoke(permit, &call, deadline)
-            .await
-            .map(|_| ())
+        self.invoke(permit, &call, deadline).await.map(|_| ())
     }
 
     /// Loads a WebAssembly portion into one of `parent`'s bubbles.
@@ -152,8 +150,7 @@ impl Broker {
         call: &abi::Call<'_>,
         deadline: Duration,
     ) -> Result<(Vec<u8>, u64), BrokerError> {
-        self.invoke_then(permit, call, deadline, |_, _| {})
-            .await
+        self.invoke_then(permit, call, deadline, |_, _| {}).await
     }
 
     /// Like [`Broker::invoke`], and updates the record with the output
