@@ -52,10 +52,12 @@ impl Broker {
         };
         // No call runs while the VM is captured (the permit is held; the
         // vCPU is at its safe point).
+        // Plaintext guest memory: wiped when dropped.
         let snapshot = live
             .vmm
             .suspend()
             .await
+            .map(zeroize::Zeroizing::new)
             .map_err(|e| BrokerError::BubbleFailed(format!("snapshot: {e}")))?;
         let generation = rec.generation + 1;
         let header = Header {
