@@ -73,6 +73,10 @@ fn main() {
     }
     println!(
         "cargo:rerun-if-changed={}",
-        manifest.join("src/abi.rs").display()
+        manifest.join("../bubble-abi/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../bubble-abi/Cargo.toml").display()
     );
 }

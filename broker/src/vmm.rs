@@ -197,15 +197,25 @@ impl Vmm {
             .map_err(|e| e.to_string())
     }
 
-    /// Calls `op` in the guest.
+    /// Calls `op` in the guest (unsigned).
     pub async fn call(
         &self,
         op: &str,
         input: &[u8],
         deadline: Duration,
     ) -> Result<Vec<u8>, CallFailure> {
+        self.call_with(&bubble_abi::Call::plain(op, input), deadline)
+            .await
+    }
+
+    /// Sends a CALL (op, flags, signing context, input) to the guest.
+    pub async fn call_with(
+        &self,
+        call: &bubble_abi::Call<'_>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CallFailure> {
         self.client
-            .call(op, input, deadline)
+            .call_with(call, deadline)
             .await
             .map_err(|e| match e {
                 vc::CallError::Guest(code, m) => CallFailure::Rejected(code, m),

@@ -1,4 +1,4 @@
-//! A booted guest speaking ABI v1: READY, CALL/REPLY, LOG, PANIC, with the
+//! A booted guest speaking the guest ABI (`bubble-abi`): READY, CALL/REPLY, LOG, PANIC, with the
 //! checks that keep a misbehaving guest from hurting anything but itself.
 
 use std::time::{Duration, Instant};
@@ -134,15 +134,24 @@ impl Bubble {
         transport::capacity(self.vm.layout())
     }
 
-    /// Sends a CALL and runs the guest until it answers.
+    /// Sends a plain (unsigned) CALL and runs the guest until it answers.
     pub fn call(
         &mut self,
         op: &str,
         input: &[u8],
         log: &mut dyn FnMut(&str),
     ) -> Result<Answer, BubbleError> {
+        self.call_with(&abi::Call::plain(op, input), log)
+    }
+
+    /// Sends a CALL (with its flags) and runs the guest until it answers.
+    pub fn call_with(
+        &mut self,
+        call: &abi::Call<'_>,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Answer, BubbleError> {
         self.seq += 1;
-        transport::write_call(&self.vm, self.seq, op, input).map_err(|e| match e {
+        transport::write_call(&self.vm, self.seq, call).map_err(|e| match e {
             TransportError::Vm(v) => BubbleError::Vm(v),
             other => BubbleError::Protocol(other.to_string()),
         })?;

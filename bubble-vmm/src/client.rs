@@ -428,8 +428,19 @@ impl VmmClient {
         input: &[u8],
         deadline: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        self.call_with(&crate::abi::Call::plain(op, input), deadline)
+            .await
+    }
+
+    /// Sends a CALL with its flags (SIGN, SEAL) and waits for the answer.
+    pub async fn call_with(
+        &self,
+        call: &crate::abi::Call<'_>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         let ms = deadline.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
-        let body = control::encode_call(ms, op, input);
+        let body = control::encode_call(ms, call)
+            .map_err(|e| CallError::BadRequest(format!("malformed CALL: {e}")))?;
         // The VMM enforces the deadline; allow it time to report.
         let f = self
             .request(kind::CALL, body, deadline + Duration::from_secs(5))

@@ -10,7 +10,7 @@
 //! |------|-----------|------|
 //! | `HELLO` 0x01 | broker → VMM | expected bubble id (UTF-8) |
 //! | `STATUS` 0x02 | broker → VMM | empty |
-//! | `CALL` 0x03 | broker → VMM | `[deadline_ms u32][op_len u8][op][input]` |
+//! | `CALL` 0x03 | broker → VMM | `[deadline_ms u32][guest CALL payload]` ([`bubble_abi::Call`]: flags, op, signing, input) |
 //! | `SHUTDOWN` 0x04 | broker → VMM | empty |
 //! | `CONFIGURE` 0x05 | broker → spare VMM | its arguments, NUL-separated (first frame only) |
 //! | `SUSPEND` 0x06 | broker → VMM | empty (answer: `SNAPSHOT`) |
@@ -338,22 +338,24 @@ impl LaunchMeasurement {
     }
 }
 
-/// Encodes a CALL body.
-pub fn encode_call(deadline_ms: u32, op: &str, input: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + op.len() + input.len());
-    v.extend(deadline_ms.to_le_bytes());
-    v.push(op.len().min(255) as u8);
-    v.extend(&op.as_bytes()[..op.len().min(255)]);
-    v.extend(input);
-    v
+/// Encodes a CALL body: the deadline, then the guest's CALL payload
+/// (refused when the call breaks the guest contract's limits).
+pub fn encode_call(
+    deadline_ms: u32,
+    call: &bubble_abi::Call<'_>,
+) -> Result<Vec<u8>, bubble_abi::AbiError> {
+    let mut v = vec![0u8; 4 + call.encoded_len()];
+    v[..4].copy_from_slice(&deadline_ms.to_le_bytes());
+    let n = call.encode_into(&mut v[4..])?;
+    v.truncate(4 + n);
+    Ok(v)
 }
 
-/// Decodes a CALL body into (deadline_ms, op, input).
-pub fn decode_call(b: &[u8]) -> Option<(u32, &str, &[u8])> {
+/// Decodes a CALL body into (deadline_ms, call).
+pub fn decode_call(b: &[u8]) -> Option<(u32, bubble_abi::Call<'_>)> {
     let d = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
-    let n = *b.get(4)? as usize;
-    let op = std::str::from_utf8(b.get(5..5 + n)?).ok()?;
-    Some((d, op, &b[5 + n..]))
+    let call = bubble_abi::Call::decode(b.get(4..)?).ok()?;
+    Some((d, call))
 }
 
 #[cfg(test)]
@@ -365,12 +367,15 @@ mod tests {
         let f = Frame {
             kind: kind::CALL,
             id: 7,
-            body: encode_call(250, "sha256", b"abc"),
+            body: encode_call(250, &bubble_abi::Call::plain("sha256", b"abc")).unwrap(),
         };
         let enc = f.encode();
         let back = Frame::read_from(&mut &enc[..]).unwrap();
         assert_eq!(back, f);
-        assert_eq!(decode_call(&back.body), Some((250, "sha256", &b"abc"[..])));
+        assert_eq!(
+            decode_call(&back.body),
+            Some((250, bubble_abi::Call::plain("sha256", b"abc")))
+        );
         let s = Status {
             bubble_id: "b-1".into(),
             ready: true,

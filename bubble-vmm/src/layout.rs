@@ -220,8 +220,7 @@ impl Layout {
         }
         let mailbox_size = round_up(
             HEADER_LEN as u64
-                + 1
-                + abi::MAX_OP_LEN as u64
+                + abi::MAX_CALL_OVERHEAD as u64
                 + max_payload.max(abi::MAX_TEXT_LEN as u64 + 2),
             PAGE,
         );

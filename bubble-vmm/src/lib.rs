@@ -5,7 +5,8 @@
 //! - [`load`], [`launch`]: loading a bubble's initial memory and recording
 //!   its SNP launch measurement as the pages are placed;
 //! - [`vm`]: the KVM VM with its single vCPU entered at CPL 3;
-//! - [`abi`] (messages) and [`transport`] (doorbell + mailbox): guest ABI v1;
+//! - [`abi`] (messages, re-exported from the `bubble-abi` crate) and
+//!   [`transport`] (doorbell + mailbox): the guest ABI;
 //! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
 //! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
 //!   control protocol and the broker's async client;

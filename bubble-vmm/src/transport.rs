@@ -1,4 +1,4 @@
-//! Guest ABI v1 *transport*: how messages travel between a bubble and its
+//! Guest ABI *transport*: how messages travel between a bubble and its
 //! VMM on a plain KVM host.
 //!
 //! - **Doorbell**: a 32-bit write to [`layout::DOORBELL_GPA`], an address
@@ -81,15 +81,15 @@ pub fn read_message(vm: &Vm) -> Result<GuestMessage, TransportError> {
 }
 
 /// Writes a CALL request into the mailbox.
-pub fn write_call(vm: &Vm, seq: u64, op: &str, input: &[u8]) -> Result<(), TransportError> {
+pub fn write_call(vm: &Vm, seq: u64, call: &abi::Call<'_>) -> Result<(), TransportError> {
     let l = *vm.layout();
     let cap = capacity(&l);
-    let len = 1 + op.len() + input.len();
+    let len = call.encoded_len();
     if len > cap {
         return Err(TransportError::TooLarge { len, cap });
     }
     let mut buf = vec![0u8; len];
-    abi::encode_call(op, input, &mut buf).ok_or(TransportError::TooLarge { len, cap })?;
+    call.encode_into(&mut buf).map_err(TransportError::Abi)?;
     vm.write(l.mailbox_gpa + HEADER_LEN as u64, &buf)?;
     let h = Header {
         msg_type: MsgType::Call,

@@ -1,4 +1,4 @@
-//! Guest ABI v1 message parsing with garbage, truncated and oversized
+//! Guest ABI message parsing with garbage, truncated and oversized
 //! input: every case is refused with a precise error and nothing panics.
 
 use bubble_vmm::abi::{self, AbiError, BootInfo, Header, MsgType, HEADER_LEN};
@@ -38,27 +38,37 @@ fn garbage_headers_are_refused_precisely() {
         Err(AbiError::BadVersion(7))
     );
     assert_eq!(
-        Header::decode(&header(abi::MAGIC, 1, 0x4242, 0), 100),
+        Header::decode(&header(abi::MAGIC, abi::ABI_VERSION, 0x4242, 0), 100),
         Err(AbiError::UnknownType(0x4242))
     );
     // Error texts name the offending value.
-    let e = Header::decode(&header(abi::MAGIC, 1, 0x4242, 0), 100).unwrap_err();
+    let e = Header::decode(&header(abi::MAGIC, abi::ABI_VERSION, 0x4242, 0), 100).unwrap_err();
     assert!(e.to_string().contains("0x4242"), "{e}");
 }
 
 #[test]
 fn oversized_lengths_are_refused() {
     let max = 1 << 20;
-    assert!(Header::decode(&header(abi::MAGIC, 1, 2, max), u64::from(max)).is_ok());
+    assert!(Header::decode(
+        &header(abi::MAGIC, abi::ABI_VERSION, 2, max),
+        u64::from(max)
+    )
+    .is_ok());
     assert_eq!(
-        Header::decode(&header(abi::MAGIC, 1, 2, max + 1), u64::from(max)),
+        Header::decode(
+            &header(abi::MAGIC, abi::ABI_VERSION, 2, max + 1),
+            u64::from(max)
+        ),
         Err(AbiError::TooLong {
             len: u64::from(max) + 1,
             max: u64::from(max)
         })
     );
     assert_eq!(
-        Header::decode(&header(abi::MAGIC, 1, 4, u32::MAX), u64::from(max)),
+        Header::decode(
+            &header(abi::MAGIC, abi::ABI_VERSION, 4, u32::MAX),
+            u64::from(max)
+        ),
         Err(AbiError::TooLong {
             len: u64::from(u32::MAX),
             max: u64::from(max)
@@ -69,19 +79,42 @@ fn oversized_lengths_are_refused() {
 #[test]
 fn payload_parsers_refuse_garbage() {
     // CALL: op length 0, longer than allowed, longer than the payload,
-    // not UTF-8.
-    assert_eq!(abi::decode_call(&[]), Err(AbiError::Truncated));
-    assert_eq!(abi::decode_call(&[0]), Err(AbiError::BadText));
-    assert_eq!(abi::decode_call(&[65; 70]), Err(AbiError::BadText));
-    assert_eq!(abi::decode_call(&[10, b'e']), Err(AbiError::Truncated));
-    assert_eq!(abi::decode_call(&[1, 0xff]), Err(AbiError::BadText));
-    assert_eq!(abi::decode_call(b"\x04echoabc"), Ok(("echo", &b"abc"[..])));
+    // not UTF-8, unknown flags.
+    use abi::Call;
+    assert_eq!(Call::decode(&[]), Err(AbiError::Truncated));
+    assert!(matches!(
+        Call::decode(&[0, 0]),
+        Err(AbiError::BadLength { .. })
+    ));
+    assert!(matches!(
+        Call::decode(&[65u8; 70]),
+        Err(AbiError::BadFlags(65))
+    ));
+    assert!(matches!(
+        Call::decode(&[0, 65, b'e']),
+        Err(AbiError::BadLength { .. })
+    ));
+    assert_eq!(Call::decode(&[0, 10, b'e']), Err(AbiError::Truncated));
+    assert!(matches!(
+        Call::decode(&[0, 1, 0xff]),
+        Err(AbiError::BadText { .. })
+    ));
+    assert_eq!(
+        Call::decode(b"\x00\x04echoabc"),
+        Ok(Call::plain("echo", b"abc"))
+    );
     // ERROR_REPLY and texts.
     assert_eq!(abi::decode_error(&[1]), Err(AbiError::Truncated));
-    assert_eq!(abi::decode_error(&[1, 0, 0xc3]), Err(AbiError::BadText));
+    assert!(matches!(
+        abi::decode_error(&[1, 0, 0xc3]),
+        Err(AbiError::BadText { .. })
+    ));
     assert_eq!(abi::decode_error(b"\x02\x00bad"), Ok((2, "bad")));
     let long = vec![b'a'; abi::MAX_TEXT_LEN + 1];
-    assert_eq!(abi::decode_text(&long), Err(AbiError::BadText));
+    assert!(matches!(
+        abi::decode_text(&long),
+        Err(AbiError::BadText { .. })
+    ));
     assert_eq!(
         abi::decode_text(&long[1..]).map(str::len),
         Ok(abi::MAX_TEXT_LEN)
@@ -89,7 +122,8 @@ fn payload_parsers_refuse_garbage() {
     // Boot information.
     assert_eq!(BootInfo::decode(&[0u8; 7]), Err(AbiError::Truncated));
     let mut truncated = abi::BOOT_INFO_MAGIC.to_le_bytes().to_vec();
-    truncated.extend([1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    truncated.extend(u64::from(abi::ABI_VERSION).to_le_bytes());
+    truncated.push(0);
     assert_eq!(BootInfo::decode(&truncated), Err(AbiError::Truncated));
     assert!(matches!(
         BootInfo::decode(&[0u8; 64]),
@@ -99,12 +133,21 @@ fn payload_parsers_refuse_garbage() {
 
 #[test]
 fn encode_call_refuses_what_does_not_fit() {
+    use abi::Call;
     let mut buf = [0u8; 16];
-    assert_eq!(abi::encode_call("echo", b"0123456789", &mut buf), Some(15));
-    assert_eq!(abi::encode_call("echo", b"012345678901", &mut buf), None);
-    assert_eq!(abi::encode_call("", b"", &mut buf), None);
+    assert_eq!(
+        Call::plain("echo", b"012345678").encode_into(&mut buf),
+        Ok(15)
+    );
+    assert_eq!(
+        Call::plain("echo", b"012345678901").encode_into(&mut buf),
+        Err(AbiError::NoSpace)
+    );
+    assert!(Call::plain("", b"").encode_into(&mut buf).is_err());
     let mut big = vec![0u8; 200];
-    assert_eq!(abi::encode_call(&"x".repeat(65), b"", &mut big), None);
+    assert!(Call::plain(&"x".repeat(65), b"")
+        .encode_into(&mut big)
+        .is_err());
 }
 
 /// Pseudo-random garbage (xorshift, fixed seed): the parsers either accept
@@ -124,12 +167,12 @@ fn random_garbage_never_panics() {
         if n >= 8 && next() % 2 == 0 {
             // Often a valid prefix, so deeper checks are reached.
             b[0..4].copy_from_slice(&abi::MAGIC.to_le_bytes());
-            b[4..6].copy_from_slice(&1u16.to_le_bytes());
+            b[4..6].copy_from_slice(&abi::ABI_VERSION.to_le_bytes());
         }
         if let Ok(h) = Header::decode(&b, 64) {
             assert!(h.length <= 64);
         }
-        let _ = abi::decode_call(&b);
+        let _ = abi::Call::decode(&b);
         let _ = abi::decode_error(&b);
         let _ = abi::decode_text(&b);
         let _ = BootInfo::decode(&b);

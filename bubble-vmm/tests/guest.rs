@@ -162,20 +162,24 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
     // Signed, and signed + sealed results.
     let parent = KemKeyPair::generate(&mut OsRng);
     for seal in [None, Some(parent.public_key())] {
-        let mut s = Vec::new();
-        field(&mut s, b"b-test");
-        field(&mut s, seal.as_ref().map(|k| &k[..]).unwrap_or(&[]));
-        s.extend(b"hello");
-        let r = out(b.call("sign:echo", &s, &mut nolog).unwrap());
-        let call_id = u64::from_le_bytes(r[..8].try_into().unwrap());
-        assert_eq!(r[8], u8::from(seal.is_some()));
+        let call = bubble_vmm::abi::Call {
+            op: "echo",
+            sign: Some(bubble_vmm::abi::Signing {
+                bubble_id: "b-test",
+                seal_to: seal,
+            }),
+            input: b"hello",
+        };
+        let raw = out(b.call_with(&call, &mut nolog).unwrap());
+        let r = bubble_vmm::abi::ops::SignedResult::decode(&raw).unwrap();
+        assert_eq!(r.sealed, seal.is_some());
         let plain = bubble_keys::verify_and_open_result(
             &sig,
             "b-test",
-            call_id,
+            r.call_id,
             b"hello",
-            &r[73..],
-            &r[9..73],
+            r.output,
+            &r.signature,
             seal.map(|_| &parent),
         )
         .unwrap();

@@ -336,18 +336,18 @@ impl Bubble {
             .await?
             .into_inner();
         // For a portion call the bubble signs over the exact request it
-        // ran, `[len][portion][len][function][input]`, which binds the
-        // portion and function too.
+        // ran, the portion-call frame, which binds the portion and function
+        // too.
         let signed_input = if portion.is_empty() {
             input.to_vec()
         } else {
-            let mut v = Vec::with_capacity(2 + portion.len() + op.len() + input.len());
-            v.push(portion.len() as u8);
-            v.extend(portion.as_bytes());
-            v.push(op.len() as u8);
-            v.extend(op.as_bytes());
-            v.extend(input);
-            v
+            bubble_abi::ops::PortionCall {
+                portion,
+                function: op,
+                input,
+            }
+            .encode()
+            .map_err(|e| ClientError::BadResult(e.to_string()))?
         };
         bubble_keys::verify_and_open_result(
             &keys.sig_pk,

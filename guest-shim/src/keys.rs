@@ -152,7 +152,7 @@ impl Keys {
 
     /// Opens a credential sealed to this bubble and keeps it under `name`.
     pub fn provision(&mut self, bubble_id: &str, name: &str, sealed: &[u8]) -> Result<(), OpError> {
-        use crate::abi::code::BAD_INPUT;
+        use bubble_abi::code::BAD_INPUT;
         if !self.creds.contains_key(name) && self.creds.len() >= MAX_CREDENTIALS {
             return Err((BAD_INPUT, "too many credentials"));
         }
@@ -178,12 +178,12 @@ impl Keys {
         let key = self
             .creds
             .get(name)
-            .ok_or((crate::abi::code::BAD_INPUT, "no such credential"))?;
+            .ok_or((bubble_abi::code::BAD_INPUT, "no such credential"))?;
         Ok(hmac_sha256(key.expose(), data))
     }
 
-    /// Signs (and optionally seals) a call's result; returns
-    /// `[call_id u64][sealed u8][signature 64][output]`.
+    /// Signs (and optionally seals) a call's result; returns the encoded
+    /// `bubble_abi::ops::SignedResult`.
     pub fn sign_result(
         &mut self,
         bubble_id: &str,
@@ -204,15 +204,16 @@ impl Keys {
         )
         .map_err(|_| {
             (
-                crate::abi::code::BAD_INPUT,
+                bubble_abi::code::BAD_INPUT,
                 "cannot seal to that public key",
             )
         })?;
-        let mut out = Vec::with_capacity(8 + 1 + 64 + r.output.len());
-        out.extend_from_slice(&r.call_id.to_le_bytes());
-        out.push(u8::from(r.sealed));
-        out.extend_from_slice(&r.signature);
-        out.extend_from_slice(&r.output);
-        Ok(out)
+        Ok(bubble_abi::ops::SignedResult {
+            call_id: r.call_id,
+            sealed: r.sealed,
+            signature: r.signature,
+            output: &r.output,
+        }
+        .encode())
     }
 }

@@ -1,22 +1,20 @@
 //! The bubble guest shim: a bare-metal `no_std` program entered by the VMM
 //! in 64-bit mode at CPL 3, with identity-mapped memory and no interrupts.
 //!
-//! It speaks guest ABI v1 (`bubble-vmm/src/abi.rs`, compiled into this
-//! binary): it announces READY, then answers each CALL with one doorbell
-//! access that both publishes the answer and waits for the next request.
-//! Built-in ops, computed here, inside the guest: `echo`, `sha256`,
-//! `sha256_chain`; with the bubble's own keys (made at boot from RDRAND):
-//! `keys`, `attest`, `provision`, `hmac`; and `sign:<op>` for results
-//! signed (and optionally sealed) by the bubble.
+//! It speaks the guest contract of the `bubble-abi` crate (ABI v2,
+//! `docs/guest-abi.md`): it announces READY, then answers each CALL with
+//! one doorbell access that both publishes the answer and waits for the
+//! next request. Built-in ops, computed here, inside the guest: `echo`,
+//! `sha256`, `sha256_chain`; with the bubble's own keys (made at boot from
+//! RDRAND): `keys`, `attest`, `provision`, `hmac`; portions: `set_policy`,
+//! `load_portion`, `portion`. A CALL with the SIGN flag gets its result
+//! signed (and with SEAL, sealed) by the bubble.
 
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-#[path = "../../bubble-vmm/src/abi.rs"]
-#[allow(dead_code)]
-mod abi;
 mod keys;
 mod mem;
 mod portions;
@@ -26,7 +24,9 @@ use core::fmt::Write as _;
 use core::panic::PanicInfo;
 use core::sync::atomic::{compiler_fence, Ordering};
 
-use abi::{BootInfo, Header, MsgType, HEADER_LEN};
+use bubble_abi as abi;
+use bubble_abi::ops::{self, AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys};
+use bubble_abi::{BootInfo, Call, Header, MsgType, Signing, HEADER_LEN};
 use sha2::{Digest, Sha256};
 
 /// The guest's view of its mailbox.
@@ -86,12 +86,9 @@ impl Mailbox {
     }
 
     fn send_error(&mut self, code: u16, text: &str) {
-        let t = text.as_bytes();
-        let n = t.len().min(abi::MAX_TEXT_LEN);
-        let p = self.payload();
-        p[..2].copy_from_slice(&code.to_le_bytes());
-        p[2..2 + n].copy_from_slice(&t[..n]);
-        self.send(MsgType::ErrorReply, 2 + n);
+        // The mailbox holds at least MAX_TEXT_LEN + 2 bytes (layout.rs).
+        let n = abi::encode_error(code, text, self.payload()).unwrap_or(0);
+        self.send(MsgType::ErrorReply, n);
     }
 }
 
@@ -112,39 +109,29 @@ fn log_line(text: &str) {
         .push(alloc::string::String::from(text));
 }
 
-/// Splits `[len u8][bytes]` off the front of `b`.
-fn take_field(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let n = *b.first()? as usize;
-    let f = b.get(1..1 + n)?;
-    Some((f, &b[1 + n..]))
-}
-
-fn take_str(b: &[u8]) -> Option<(&str, &[u8])> {
-    let (f, rest) = take_field(b)?;
-    Some((core::str::from_utf8(f).ok()?, rest))
-}
-
 const BAD: u16 = abi::code::BAD_INPUT;
 
 /// Runs an op that produces a fresh output (everything but the in-place
 /// fast paths of unsigned `echo` and `sha256`).
-fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
     const NO_KEYS: keys::OpError = (abi::code::INTERNAL, "no RDRAND: this bubble has no keys");
     match op {
-        b"echo" => Ok(input.to_vec()),
-        b"sha256" => Ok(Sha256::digest(input).to_vec()),
-        b"sha256_chain" => sha256_chain(input).map(|d| d.to_vec()),
-        b"keys" => keys::KEYS
+        ops::OP_ECHO => Ok(input.to_vec()),
+        ops::OP_SHA256 => Ok(Sha256::digest(input).to_vec()),
+        ops::OP_SHA256_CHAIN => sha256_chain(input).map(|d| d.to_vec()),
+        ops::OP_KEYS => keys::KEYS
             .with(|k| {
-                let mut v = alloc::vec::Vec::with_capacity(64);
-                v.extend_from_slice(&k.kem_public());
-                v.extend_from_slice(&k.sig_public());
-                v
+                PublicKeys {
+                    kem_pk: k.kem_public(),
+                    sig_pk: k.sig_public(),
+                }
+                .encode()
+                .to_vec()
             })
             .ok_or(NO_KEYS),
-        b"attest" => {
+        ops::OP_ATTEST => {
             // The nonce from the verifier; REPORT_DATA binds it and our keys.
-            if !(16..=64).contains(&input.len()) {
+            if ops::check_nonce(input).is_err() {
                 return Err((BAD, "attest needs a nonce of 16 to 64 bytes"));
             }
             let (kem, sig) = keys::KEYS
@@ -159,51 +146,52 @@ fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError>
             bound.extend_from_slice(input);
             bound.extend_from_slice(&portions_digest);
             bound.extend_from_slice(&policy_digest);
-            let rd = bubble_keys::report_data(&bound, &kem, &sig);
-            let mut v = alloc::vec::Vec::with_capacity(32 + 32 + 64 + 48 + 32);
-            v.extend_from_slice(&kem);
-            v.extend_from_slice(&sig);
-            v.extend_from_slice(&rd);
-            v.extend_from_slice(&portions_digest);
-            v.extend_from_slice(&policy_digest);
-            Ok(v)
+            let report_data = bubble_keys::report_data(&bound, &kem, &sig);
+            Ok(AttestBinding {
+                kem_pk: kem,
+                sig_pk: sig,
+                report_data,
+                portions_digest,
+                policy_digest,
+            }
+            .encode()
+            .to_vec())
         }
-        b"provision" => {
-            let (id, rest) = take_str(input).ok_or((BAD, "provision needs [id][name][sealed]"))?;
-            let (name, sealed) = take_str(rest).ok_or((BAD, "provision needs [id][name][sealed]"))?;
-            keys::KEYS.with(|k| k.provision(id, name, sealed)).ok_or(NO_KEYS)??;
+        ops::OP_PROVISION => {
+            let p = Provision::decode(input).map_err(|_| (BAD, "provision needs [id][name][sealed]"))?;
+            keys::KEYS.with(|k| k.provision(p.bubble_id, p.name, p.sealed)).ok_or(NO_KEYS)??;
             Ok(alloc::vec::Vec::new())
         }
-        b"hmac" => {
-            let (name, data) = take_str(input).ok_or((BAD, "hmac needs [name][data]"))?;
+        ops::OP_HMAC => {
+            let Hmac { name, data } = Hmac::decode(input).map_err(|_| (BAD, "hmac needs [name][data]"))?;
             // Credentials granted to portions are theirs alone.
             if portions_if_any().is_some_and(|p| p.policy.grants.values().any(|g| g.iter().any(|c| c == name))) {
                 return Err((abi::code::DENIED, "credential is reserved to a portion by the policy"));
             }
             keys::KEYS.with(|k| k.hmac(name, data)).ok_or(NO_KEYS)?.map(|m| m.to_vec())
         }
-        b"set_policy" => {
+        ops::OP_SET_POLICY => {
             let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
             if p.policy_set || p.digest != [0u8; 48] {
                 return Err((abi::code::STATE, "the policy is set once, before any portion is loaded"));
             }
             p.policy = portions::Policy::decode(input).ok_or((BAD, "malformed policy"))?;
             p.policy_set = true;
-            let d: [u8; 32] = Sha256::digest(input).into();
+            let d = abi::policy::wire_digest(input);
             // SAFETY: single-threaded write.
             unsafe { *core::ptr::addr_of_mut!(POLICY_DIGEST) = d };
             Ok(d.to_vec())
         }
-        b"load_portion" => {
-            let (name, module) = take_str(input).ok_or((BAD, "load_portion needs [name][module]"))?;
+        ops::OP_LOAD_PORTION => {
+            let l = LoadPortion::decode(input).map_err(|_| (BAD, "load_portion needs [name][module]"))?;
             let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
-            p.load(name, module).map(|d| d.to_vec())
+            p.load(l.name, l.module).map(|d| d.to_vec())
         }
-        b"portion" => {
-            let (name, rest) = take_str(input).ok_or((BAD, "portion call needs [portion][function][input]"))?;
-            let (function, data) = take_str(rest).ok_or((BAD, "portion call needs [portion][function][input]"))?;
+        ops::OP_PORTION => {
+            let c = PortionCall::decode(input)
+                .map_err(|_| (BAD, "portion call needs [portion][function][input]"))?;
             let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
-            let (out, logs) = p.call(name, function, data)?;
+            let (out, logs) = p.call(c.portion, c.function, c.input)?;
             for l in logs {
                 log_line(&l);
             }
@@ -211,41 +199,33 @@ fn run_op(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError>
         }
         _ => Err((
             abi::code::UNKNOWN_OP,
-            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion, sign:<op>)",
+            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion)",
         )),
     }
 }
 
 fn sha256_chain(input: &[u8]) -> Result<[u8; 32], keys::OpError> {
-    // [rounds u32 LE][data]: SHA-256 of the data, then of the digest,
-    // `rounds` times in all: much guest work for little I/O.
-    let r = input
-        .get(..4)
-        .ok_or((BAD, "sha256_chain needs [rounds u32 LE][data]"))?;
-    let rounds = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
-    let mut d = Sha256::digest(&input[4..]);
-    for _ in 1..rounds {
+    // SHA-256 of the data, then of the digest, `rounds` times in all: much
+    // guest work for little I/O.
+    let c = ops::Sha256Chain::decode(input)
+        .map_err(|_| (BAD, "sha256_chain needs [rounds u32 LE][data]"))?;
+    let mut d = Sha256::digest(c.data);
+    for _ in 1..c.rounds {
         d = Sha256::digest(d);
     }
     Ok(d.into())
 }
 
-/// `sign:<op>`: input `[id_len u8][bubble id][seal_len u8][seal_to (0 or 32)][op input]`.
-fn run_signed(op: &[u8], input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
-    let (id, rest) = take_str(input).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
-    let (seal, inner) = take_field(rest).ok_or((BAD, "signed call needs [id][seal_to][input]"))?;
-    let seal_to: Option<[u8; 32]> = match seal.len() {
-        0 => None,
-        32 => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(seal);
-            Some(k)
-        }
-        _ => return Err((BAD, "seal_to must be 32 bytes")),
-    };
-    let out = run_op(op, inner)?;
+/// A CALL with the SIGN flag: runs the op, then signs (and with SEAL,
+/// seals) its result; answers a `SignedResult`.
+fn run_signed(
+    op: &str,
+    sign: &Signing<'_>,
+    input: &[u8],
+) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+    let out = run_op(op, input)?;
     keys::KEYS
-        .with(|k| k.sign_result(id, inner, &out, seal_to.as_ref()))
+        .with(|k| k.sign_result(sign.bubble_id, input, &out, sign.seal_to.as_ref()))
         .ok_or((abi::code::INTERNAL, "no RDRAND: this bubble has no keys"))?
 }
 
@@ -314,7 +294,7 @@ pub extern "C" fn _start() -> ! {
             .as_mut()
             .unwrap_unchecked()
     };
-    mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 1");
+    mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 2");
     loop {
         serve(mb);
     }
@@ -333,38 +313,51 @@ fn serve(mb: &mut Mailbox) {
     }
     let len = h.length as usize;
     let payload = mb.payload();
-    let (op_len, input_len) = match abi::decode_call(&payload[..len]) {
-        Ok((op, input)) => (op.len(), input.len()),
-        Err(_) => {
-            mb.send_error(abi::code::BAD_INPUT, "malformed CALL payload");
-            return;
-        }
+    let Ok(call) = Call::decode(&payload[..len]) else {
+        mb.send_error(abi::code::BAD_INPUT, "malformed CALL payload");
+        return;
     };
-    let start = 1 + op_len;
-    let mut op_buf = [0u8; abi::MAX_OP_LEN];
-    op_buf[..op_len].copy_from_slice(&payload[1..start]);
-    let op = &op_buf[..op_len];
-    match op {
-        b"echo" => {
+    /// The in-place fast paths (unsigned `echo` and `sha256`).
+    enum Fast {
+        Echo,
+        Sha256,
+        No,
+    }
+    let start = call.input_offset();
+    let input_len = call.input.len();
+    let fast = match (call.op, call.sign.is_some()) {
+        (ops::OP_ECHO, false) => Fast::Echo,
+        (ops::OP_SHA256, false) => Fast::Sha256,
+        _ => Fast::No,
+    };
+    match fast {
+        Fast::Echo => {
             payload.copy_within(start..start + input_len, 0);
             mb.send(MsgType::Reply, input_len);
         }
-        b"sha256" => {
+        Fast::Sha256 => {
             let d = Sha256::digest(&payload[start..start + input_len]);
             payload[..32].copy_from_slice(&d);
             mb.send(MsgType::Reply, 32);
         }
-        _ => {
+        Fast::No => {
             // Copy the request out: the mailbox carries log lines and the
             // answer next.
-            let input = payload[start..start + input_len].to_vec();
-            let r = match op.strip_prefix(b"sign:") {
-                Some(inner) => run_signed(inner, &input),
-                None => run_op(op, &input),
+            let request = payload[..len].to_vec();
+            let Ok(call) = Call::decode(&request) else {
+                mb.send_error(abi::code::BAD_INPUT, "malformed CALL payload");
+                return;
+            };
+            let r = match &call.sign {
+                Some(sign) => run_signed(call.op, sign, call.input),
+                None => run_op(call.op, call.input),
             };
             let logs = core::mem::take(&mut *PENDING_LOGS.0.borrow_mut());
             for l in logs {
-                let n = l.len().min(abi::MAX_TEXT_LEN);
+                let mut n = l.len().min(abi::MAX_TEXT_LEN);
+                while !l.is_char_boundary(n) {
+                    n -= 1;
+                }
                 mb.send_bytes(MsgType::Log, &l.as_bytes()[..n]);
             }
             match r {
@@ -376,7 +369,7 @@ fn serve(mb: &mut Mailbox) {
                 Ok(_) => mb.send_error(abi::code::TOO_LARGE, "output does not fit the mailbox"),
                 Err((code, text)) => {
                     let mut msg = mem::FixedBuf::<160>::new();
-                    let _ = write!(msg, "{}: {}", core::str::from_utf8(op).unwrap_or("?"), text);
+                    let _ = write!(msg, "{}: {}", call.op, text);
                     mb.send_error(code, msg.as_str());
                 }
             }

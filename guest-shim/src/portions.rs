@@ -32,8 +32,8 @@ use wasmi::{
     StoreLimitsBuilder,
 };
 
-use crate::abi::code;
 use crate::keys;
+use bubble_abi::code;
 
 /// ABI module name of the host functions.
 pub const HOST_MODULE: &str = "bubble_v1";
@@ -68,35 +68,14 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// Decodes `[fuel u64][memory u32][max_output u32][n u16]` then per
-    /// grant `[portion_len u8][portion][m u8]` and m × `[len u8][credential]`.
+    /// Decodes the policy's wire form (`bubble_abi::SecurityPolicy`).
     pub fn decode(b: &[u8]) -> Option<Self> {
-        let fuel = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
-        let mem = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?);
-        let out = u32::from_le_bytes(b.get(12..16)?.try_into().ok()?);
-        let n = u16::from_le_bytes(b.get(16..18)?.try_into().ok()?);
-        let mut rest = b.get(18..)?;
-        let mut grants = BTreeMap::new();
-        for _ in 0..n {
-            let (p, r) = crate::take_str(rest)?;
-            let m = *r.first()?;
-            rest = &r[1..];
-            let mut creds = Vec::new();
-            for _ in 0..m {
-                let (c, r) = crate::take_str(rest)?;
-                creds.push(c.to_string());
-                rest = r;
-            }
-            grants.insert(p.to_string(), creds);
-        }
-        if !rest.is_empty() || fuel == 0 || mem == 0 || out == 0 {
-            return None;
-        }
+        let p = bubble_abi::SecurityPolicy::decode(b).ok()?;
         Some(Policy {
-            fuel_per_call: fuel,
-            memory_limit: mem as usize,
-            max_output: out as usize,
-            grants,
+            fuel_per_call: p.fuel_per_call,
+            memory_limit: p.memory_limit_bytes as usize,
+            max_output: p.max_output_bytes as usize,
+            grants: p.grants.into_iter().collect(),
         })
     }
 }
@@ -405,7 +384,7 @@ impl Portions {
     /// Validates and instantiates `module` as portion `name`; extends the
     /// digest. Returns the new digest.
     pub fn load(&mut self, name: &str, module: &[u8]) -> Result<[u8; 48], (u16, &'static str)> {
-        if name.is_empty() || name.len() > 64 {
+        if name.is_empty() || name.len() > bubble_abi::MAX_NAME_LEN {
             return Err((code::BAD_INPUT, "portion name must be 1 to 64 bytes"));
         }
         if !self.loaded.contains_key(name) && self.loaded.len() >= MAX_PORTIONS {

@@ -138,10 +138,7 @@ fn idle_from_pb(p: Option<&pb::IdlePolicy>) -> Result<Option<IdleRule>, BrokerEr
 
 /// A portion, credential or grant name.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    bubble_abi::is_valid_name(s, bubble_abi::MAX_NAME_LEN)
 }
 
 /// Validates a requested security policy (`None`: the default).
@@ -240,9 +237,14 @@ fn validate_request_id(id: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// One limit for op names everywhere: the guest contract's MAX_OP_LEN
+/// (SIGN and SEAL are flags of the CALL and never lengthen the op).
 fn validate_op(op: &str) -> Result<(), BrokerError> {
-    if op.is_empty() || op.len() > 64 {
-        return Err(invalid("op", "must be 1 to 64 characters"));
+    if op.is_empty() || op.len() > bubble_abi::MAX_OP_LEN {
+        return Err(invalid(
+            "op",
+            format!("must be 1 to {} characters", bubble_abi::MAX_OP_LEN),
+        ));
     }
     if !op
         .bytes()
@@ -439,6 +441,7 @@ mod tests {
         assert!(validate_op("").is_err());
         assert!(validate_op("a b").is_err());
         assert!(validate_op(&"x".repeat(65)).is_err());
+        assert!(validate_op(&"x".repeat(bubble_abi::MAX_OP_LEN)).is_ok());
         assert!(validate_request_id("").is_ok());
         assert!(validate_request_id("retry-1:a.b_c").is_ok());
         assert!(validate_request_id("no spaces").is_err());

@@ -9,20 +9,8 @@ use crate::error::{invalid, BrokerError};
 use crate::store::registry::BubbleRecord;
 
 /// What a bubble answers to `attest`: its public keys and the REPORT_DATA
-/// it asks the PSP to sign.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestBinding {
-    /// X25519 HPKE public key.
-    pub kem_pk: [u8; 32],
-    /// Ed25519 public key.
-    pub sig_pk: [u8; 32],
-    /// REPORT_DATA computed inside the bubble.
-    pub report_data: [u8; 64],
-    /// Digest of the loaded portions.
-    pub portions_digest: [u8; 48],
-    /// SHA-256 of the security policy (zero: default).
-    pub policy_digest: [u8; 32],
-}
+/// it asks the PSP to sign (the guest contract's attestation binding).
+pub type GuestBinding = bubble_abi::ops::AttestBinding;
 
 /// An attestation of one bubble, ready to render.
 #[derive(Clone, Debug)]
@@ -50,30 +38,26 @@ impl Broker {
         bubble_id: &str,
         nonce: &[u8],
     ) -> Result<(BubbleRecord, GuestBinding), BrokerError> {
-        if !(16..=64).contains(&nonce.len()) {
-            return Err(invalid("nonce", "must be 16 to 64 bytes"));
+        if bubble_abi::ops::check_nonce(nonce).is_err() {
+            return Err(invalid(
+                "nonce",
+                format!(
+                    "must be {} to {} bytes",
+                    bubble_abi::MIN_NONCE_LEN,
+                    bubble_abi::MAX_NONCE_LEN
+                ),
+            ));
         }
         let deadline = config::DEFAULT_CALL_DEADLINE;
         let permit = self.permit_owned(parent, bubble_id, deadline).await?;
         let rec = permit.rec.clone();
-        let (out, _) = self.invoke(permit, "attest", nonce, deadline).await?;
-        if out.len() != 32 + 32 + 64 + 48 + 32 {
-            return Err(BrokerError::GuestRejected(
-                "the bubble returned a malformed attestation binding".into(),
-            ));
-        }
-        let mut b = GuestBinding {
-            kem_pk: [0; 32],
-            sig_pk: [0; 32],
-            report_data: [0; 64],
-            portions_digest: [0; 48],
-            policy_digest: [0; 32],
-        };
-        b.kem_pk.copy_from_slice(&out[..32]);
-        b.sig_pk.copy_from_slice(&out[32..64]);
-        b.report_data.copy_from_slice(&out[64..128]);
-        b.portions_digest.copy_from_slice(&out[128..176]);
-        b.policy_digest.copy_from_slice(&out[176..]);
+        let call = bubble_abi::Call::plain(bubble_abi::ops::OP_ATTEST, nonce);
+        let (out, _) = self.invoke(permit, &call, deadline).await?;
+        let b = GuestBinding::decode(&out).map_err(|e| {
+            BrokerError::GuestRejected(format!(
+                "the bubble returned a malformed attestation binding: {e}"
+            ))
+        })?;
         Ok((rec, b))
     }
 

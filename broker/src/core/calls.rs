@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bubble_abi::ops::{PortionCall, SignedResult, OP_PORTION};
+use bubble_abi::{self as abi, Signing};
 use tracing::info;
 
 use super::commands::{Call, CallOutput, LoadPortion, PortionLoaded, Provision, Target};
@@ -12,7 +14,7 @@ use super::lifecycle::{self, State, Step};
 use super::table::Permit;
 use super::{now_ms, Broker};
 use crate::config;
-use crate::error::BrokerError;
+use crate::error::{invalid, BrokerError};
 use crate::store::registry::BubbleRecord;
 use crate::vmm::CallFailure;
 
@@ -29,50 +31,51 @@ impl Broker {
         // A portion call runs function `op` of portion `portion`, under the
         // policy's deadline unless the caller asks for a shorter one.
         let (op, call_input, deadline) = match &cmd.target {
-            Target::Builtin => (cmd.op.clone(), cmd.input, wait),
+            Target::Builtin => (cmd.op.as_str(), cmd.input, wait),
             Target::Portion(portion) => {
-                let mut v = Vec::with_capacity(2 + portion.len() + cmd.op.len() + cmd.input.len());
-                v.push(portion.len() as u8);
-                v.extend(portion.as_bytes());
-                v.push(cmd.op.len() as u8);
-                v.extend(cmd.op.as_bytes());
-                v.extend(&cmd.input);
+                let frame = PortionCall {
+                    portion,
+                    function: &cmd.op,
+                    input: &cmd.input,
+                }
+                .encode()
+                .map_err(|e| invalid("portion", e.to_string()))?;
                 let cap = Duration::from_millis(u64::from(rec.policy.call_deadline_ms));
                 let d = cmd.deadline.map_or(cap, |d| d.min(cap));
-                ("portion".to_string(), v, d)
+                (OP_PORTION, frame, d)
             }
         };
-        if !cmd.sign && cmd.seal_to.is_none() {
-            let (output, vmm_us) = self.invoke(permit, &op, &call_input, deadline).await?;
+        // Signed (and maybe sealed) inside the bubble: the SIGN and SEAL
+        // flags of the CALL, with the bubble id and `seal_to`; the op name
+        // stays as it is.
+        let bubble_id = rec.id.clone();
+        let sign = (cmd.sign || cmd.seal_to.is_some()).then(|| Signing {
+            bubble_id: &bubble_id,
+            seal_to: cmd.seal_to,
+        });
+        let call = abi::Call {
+            op,
+            sign,
+            input: &call_input,
+        };
+        if sign.is_none() {
+            let (output, vmm_us) = self.invoke(permit, &call, deadline).await?;
             return Ok(CallOutput {
                 output,
                 vmm_us,
                 signed: None,
             });
         }
-        // Signed (and maybe sealed) inside the bubble: `sign:<op>` with
-        // `[id][seal_to][input]`; the answer is
-        // `[call_id u64][sealed u8][signature 64][output]`.
-        let seal_to: &[u8] = cmd.seal_to.as_ref().map_or(&[], |k| &k[..]);
-        let mut input = Vec::with_capacity(2 + rec.id.len() + 32 + call_input.len());
-        input.push(rec.id.len() as u8);
-        input.extend(rec.id.as_bytes());
-        input.push(seal_to.len() as u8);
-        input.extend(seal_to);
-        input.extend(&call_input);
-        let op = format!("sign:{op}");
-        let (raw, vmm_us) = self.invoke(permit, &op, &input, deadline).await?;
-        if raw.len() < 73 {
-            return Err(BrokerError::GuestRejected(
-                "the bubble returned a malformed signed result".into(),
-            ));
-        }
-        let mut call_id = [0u8; 8];
-        call_id.copy_from_slice(&raw[..8]);
+        let (raw, vmm_us) = self.invoke(permit, &call, deadline).await?;
+        let r = SignedResult::decode(&raw).map_err(|e| {
+            BrokerError::GuestRejected(format!(
+                "the bubble returned a malformed signed result: {e}"
+            ))
+        })?;
         Ok(CallOutput {
-            output: raw[73..].to_vec(),
+            output: r.output.to_vec(),
             vmm_us,
-            signed: Some((u64::from_le_bytes(call_id), raw[9..73].to_vec())),
+            signed: Some((r.call_id, r.signature.to_vec())),
         })
     }
 
@@ -84,16 +87,15 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let deadline = config::DEFAULT_CALL_DEADLINE;
         let permit = self.permit_owned(parent, &cmd.bubble_id, deadline).await?;
-        let id = &permit.rec.id;
-        let mut input = Vec::with_capacity(2 + id.len() + cmd.name.len() + cmd.sealed.len());
-        input.push(id.len() as u8);
-        input.extend(id.as_bytes());
-        input.push(cmd.name.len() as u8);
-        input.extend(cmd.name.as_bytes());
-        input.extend(&cmd.sealed);
-        self.invoke(permit, "provision", &input, deadline)
-            .await
-            .map(|_| ())
+        let input = abi::ops::Provision {
+            bubble_id: &permit.rec.id,
+            name: &cmd.name,
+            sealed: &cmd.sealed,
+        }
+        .encode()
+        .map_err(|e| invalid("name", e.to_string()))?;
+        let call = abi::Call::plain(abi::ops::OP_PROVISION, &input);
+        self.invoke(permit, &call, deadline).await.map(|_| ())
     }
 
     /// Loads a WebAssembly portion into one of `parent`'s bubbles.
@@ -106,23 +108,26 @@ impl Broker {
         let deadline = config::DEFAULT_CALL_DEADLINE;
         let permit = self.permit_owned(parent, &cmd.bubble_id, deadline).await?;
         let id = permit.rec.id.clone();
-        let mut input = Vec::with_capacity(1 + cmd.name.len() + cmd.module.len());
-        input.push(cmd.name.len() as u8);
-        input.extend(cmd.name.as_bytes());
-        input.extend(&cmd.module);
+        let input = abi::ops::LoadPortion {
+            name: &cmd.name,
+            module: &cmd.module,
+        }
+        .encode()
+        .map_err(|e| invalid("name", e.to_string()))?;
+        let call = abi::Call::plain(abi::ops::OP_LOAD_PORTION, &input);
         let module_sha384 = sha2::Sha384::digest(&cmd.module).to_vec();
         let hex: String = module_sha384.iter().map(|b| format!("{b:02x}")).collect();
         let name = cmd.name.clone();
         let (digest, _) = self
-            .invoke_then(permit, "load_portion", &input, deadline, |out, r| {
+            .invoke_then(permit, &call, deadline, |out, r| {
                 // Recorded with the call's own state change, while the
                 // permit is held: the list follows the guest's.
-                if out.len() == 48 {
+                if out.len() == abi::PORTIONS_DIGEST_LEN {
                     r.portions.push((name, hex));
                 }
             })
             .await?;
-        if digest.len() != 48 {
+        if digest.len() != abi::PORTIONS_DIGEST_LEN {
             return Err(BrokerError::GuestRejected(
                 "malformed portions digest".into(),
             ));
@@ -138,16 +143,14 @@ impl Broker {
         })
     }
 
-    /// Runs `op` in the bubble whose permit is held.
+    /// Runs `call` in the bubble whose permit is held.
     pub(super) async fn invoke(
         self: &Arc<Self>,
         permit: Permit,
-        op: &str,
-        input: &[u8],
+        call: &abi::Call<'_>,
         deadline: Duration,
     ) -> Result<(Vec<u8>, u64), BrokerError> {
-        self.invoke_then(permit, op, input, deadline, |_, _| {})
-            .await
+        self.invoke_then(permit, call, deadline, |_, _| {}).await
     }
 
     /// Like [`Broker::invoke`], and updates the record with the output
@@ -155,8 +158,7 @@ impl Broker {
     async fn invoke_then(
         self: &Arc<Self>,
         permit: Permit,
-        op: &str,
-        input: &[u8],
+        call: &abi::Call<'_>,
         deadline: Duration,
         on_ok: impl FnOnce(&[u8], &mut BubbleRecord),
     ) -> Result<(Vec<u8>, u64), BrokerError> {
@@ -178,9 +180,9 @@ impl Broker {
         };
         self.apply(&id, Step::CallBegan, "", |_| {})?;
         let vmm_started = Instant::now();
-        let result = live.vmm.call(op, input, deadline).await;
+        let result = live.vmm.call_with(call, deadline).await;
         let vmm_us = vmm_started.elapsed().as_micros() as u64;
-        let bytes_in = input.len() as u64;
+        let bytes_in = call.input.len() as u64;
         let count = |r: &mut BubbleRecord, out: u64| {
             r.calls += 1;
             r.usage.bytes_in += bytes_in;

@@ -191,7 +191,7 @@ impl Broker {
             let set = live
                 .vmm
                 .call(
-                    "set_policy",
+                    bubble_abi::ops::OP_SET_POLICY,
                     &rec.policy.encode(),
                     config::DEFAULT_CALL_DEADLINE,
                 )

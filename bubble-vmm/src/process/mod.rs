@@ -256,12 +256,12 @@ impl Guest {
     /// after the answer is sent.
     fn call(
         &mut self,
-        op: &str,
-        input: &[u8],
+        call: &crate::abi::Call<'_>,
         deadline: Duration,
     ) -> (Option<CallErrKind>, Vec<u8>, bool) {
+        let op = call.op;
         let cap = self.bubble.capacity();
-        if 1 + op.len() + input.len() > cap {
+        if call.encoded_len() > cap {
             return (
                 Some(CallErrKind::BadRequest),
                 format!("request does not fit the mailbox ({cap} bytes)").into_bytes(),
@@ -271,7 +271,7 @@ impl Guest {
         let sh = self.shared.clone();
         let mut log = move |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec());
         self.dog.arm(deadline);
-        let r = self.bubble.call(op, input, &mut log);
+        let r = self.bubble.call_with(call, &mut log);
         self.dog.disarm();
         if let Ok(mut s) = self.shared.status.lock() {
             s.vcpu_us = self.bubble.run_time().as_micros() as u64;
@@ -341,12 +341,12 @@ fn serve(
                 reply(kind::STATUS_OK, st.encode());
             }
             kind::CALL => {
-                let Some((deadline_ms, op, input)) = control::decode_call(&f.body) else {
+                let Some((deadline_ms, call)) = control::decode_call(&f.body) else {
                     reply(kind::ERROR, b"malformed CALL".to_vec());
                     continue;
                 };
                 #[cfg(feature = "fault-injection")]
-                if op == jail::seccomp::FAULT_OP {
+                if call.op == jail::seccomp::FAULT_OP {
                     jail::seccomp::forbidden_syscall();
                 }
                 let deadline = match deadline_ms {
@@ -356,7 +356,7 @@ fn serve(
                 let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
                 let (k, body) = match (failed, guest.as_deref_mut()) {
                     (None, Some(g)) => {
-                        let (k, body, fatal) = g.call(op, input, deadline);
+                        let (k, body, fatal) = g.call(&call, deadline);
                         if fatal {
                             guest = None;
                         }
