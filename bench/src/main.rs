@@ -28,9 +28,9 @@ use bubbled::client;
 use anyhow::Context;
 use bubble_proto::v1 as pb;
 use bubbled::config::BrokerConfig;
+use bubbled::core::Broker;
 use bubbled::demo::percentile;
 use bubbled::server;
-use bubbled::service::Broker;
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -375,6 +375,7 @@ async fn through_broker(
             let t0 = Instant::now();
             c.list_bubbles(pb::ListBubblesRequest {
                 include_deleted: false,
+                ..Default::default()
             })
             .await?;
             idle_first.push(t0.elapsed());

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::service::Broker;
+use crate::core::Broker;
 
 async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::registry::{IdleAction, IdleRule};
+use crate::store::registry::{IdleAction, IdleRule};
 
 /// Smallest guest memory a bubble may have, MiB.
 pub const MIN_MEMORY_MIB: u32 = 4;
@@ -59,7 +59,13 @@ pub struct BrokerConfig {
     pub store_url: Option<String>,
     /// How VMM processes are jailed (see `docs/jail.md`).
     pub jail: JailConfig,
+    /// How long FAILED and DELETED records stay visible (describe, list
+    /// with deleted, idempotent retries) before they are collected.
+    pub record_retention: Duration,
 }
+
+/// Default [`BrokerConfig::record_retention`]: one day.
+pub const DEFAULT_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The `[jail]` section: how VMM processes are confined.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -179,6 +185,8 @@ pub struct FileConfig {
     /// VMM jail.
     #[serde(default)]
     pub jail: Option<JailConfig>,
+    /// Seconds FAILED and DELETED records are kept before collection.
+    pub record_retention_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -235,6 +243,7 @@ impl BrokerConfig {
             store_dir: data_dir.join("store"),
             store_url: None,
             jail: JailConfig::default(),
+            record_retention: DEFAULT_RECORD_RETENTION,
             data_dir,
         })
     }

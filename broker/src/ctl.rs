@@ -595,7 +595,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
                     .try_into()
                     .map_err(|_| anyhow::anyhow!("report carries a malformed broker key"))?,
             };
-            crate::usage::verify(&r, &key)
+            crate::obs::usage::verify(&r, &key)
                 .map_err(|e| anyhow::anyhow!("usage report does not verify: {e}"))?;
             let u = r.usage.unwrap_or_default();
             if j {
@@ -715,6 +715,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
             let r = c
                 .list_bubbles(pb::ListBubblesRequest {
                     include_deleted: all,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_err)?

@@ -9,8 +9,8 @@ use clap::Parser;
 use tracing::{error, info};
 
 use crate::config::{BrokerConfig, FileConfig, DEFAULT_MAX_PAYLOAD};
+use crate::core::Broker;
 use crate::server::{self, TlsFiles};
-use crate::service::Broker;
 
 /// Command-line options of `bubbled`.
 #[derive(Debug, Parser)]
@@ -137,6 +137,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     }
     if let Some(j) = file.jail.clone() {
         cfg.jail = j;
+    }
+    if let Some(s) = file.record_retention_s {
+        cfg.record_retention = std::time::Duration::from_secs(s);
     }
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);

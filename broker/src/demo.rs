@@ -10,7 +10,7 @@ use bubble_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 
 use crate::config::BrokerConfig;
-use crate::service::Broker;
+use crate::core::Broker;
 use crate::{client, server};
 
 /// A broker serving its Unix socket (`DATA_DIR/bubbled.sock`) from threads

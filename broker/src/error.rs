@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::registry::RegistryError;
+use crate::store::registry::RegistryError;
 
 /// Everything a broker operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,10 @@ pub enum BrokerError {
         /// Failure reason, if any, prefixed with ": ".
         detail: String,
     },
+    /// The operation waited for the bubble (behind another operation on
+    /// it) past its deadline; nothing was done and the bubble is unchanged.
+    #[error("bubble {0} is busy with another operation; nothing was done")]
+    Queued(String),
     /// The guest rejected the call (unknown op, bad input).
     #[error("guest rejected the call: {0}")]
     GuestRejected(String),
@@ -66,6 +70,9 @@ pub enum BrokerError {
     /// A frozen copy is corrupt, truncated or missing.
     #[error("frozen bubble is damaged: {0}")]
     DataLoss(String),
+    /// The frozen copy (its manifest) is not in the store.
+    #[error("frozen bubble is damaged: its manifest is missing")]
+    FrozenMissing,
     /// The key does not unwrap the frozen copy.
     #[error("the key does not open this frozen bubble")]
     WrongKey,
@@ -92,12 +99,12 @@ impl From<BrokerError> for Status {
             BrokerError::GuestRefused(_) => Code::FailedPrecondition,
             BrokerError::GuestInternal(_) => Code::Internal,
             BrokerError::WrongState { .. } => Code::FailedPrecondition,
-            BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            BrokerError::DeadlineExceeded(_) | BrokerError::Queued(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
-            BrokerError::DataLoss(_) => Code::DataLoss,
+            BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
             BrokerError::WrongKey => Code::PermissionDenied,
             BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
         };

@@ -4,26 +4,30 @@
 //! One VMM process runs per bubble; the broker spawns it by re-executing its
 //! own binary with [`VMM_SUBCOMMAND`], so every binary that may start a
 //! broker calls [`vmm_entry_if_requested`] first thing in `main`.
+//!
+//! Layout (see `docs/architecture.md`): [`api`] is the gRPC face, [`core`]
+//! the bubbles and their lifecycle, [`store`] what is kept on disk and in
+//! the shared store, [`obs`] metrics and signed usage, [`vmm`] the broker's
+//! side of a VMM process.
 
 pub mod admin;
+pub mod api;
 pub mod attest;
 /// Connecting to a broker (re-exported from `bubble-client`).
 pub use bubble_client::connect as client;
 pub mod config;
+pub mod core;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod error;
-pub mod frozen;
 pub mod identity;
 pub mod kek_input;
 pub mod load;
-pub mod metrics;
+pub mod obs;
 pub mod pki;
-pub mod registry;
 pub mod server;
-pub mod service;
-pub mod usage;
+pub mod store;
 pub mod vmm;
 
 /// First argument that turns any broker-capable binary into a VMM process.

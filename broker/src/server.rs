@@ -10,7 +10,8 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::service::{Broker, BrokerService};
+use crate::api::BrokerService;
+use crate::core::Broker;
 
 /// Room for the protobuf framing around a maximum-size payload.
 const FRAMING_ALLOWANCE: usize = 64 * 1024;

@@ -241,7 +241,7 @@ async fn metering_matches_independent_measurements() {
     let wall = ready_at.elapsed().as_secs_f64();
     let proc_us = vcpu_thread_cpu_us(b.vmm_pid);
     let key: [u8; 32] = r.broker_public_key.clone().try_into().unwrap();
-    bubbled::usage::verify(&r, &key).unwrap();
+    bubbled::obs::usage::verify(&r, &key).unwrap();
     let u = r.usage.unwrap();
     assert_eq!(u.calls, n);
     assert_eq!(u.bytes_in, n * input.len() as u64);

@@ -75,6 +75,9 @@ pub struct Header {
 pub struct FrozenStore {
     store: Arc<dyn ObjectStore>,
     buffers: BufPool,
+    /// The directory of a local store (its empty directories are removed
+    /// with the copies they held).
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// Chunk buffers kept for reuse: their pages stay mapped, so reading a
@@ -152,13 +155,18 @@ fn store_err(e: object_store::Error) -> BrokerError {
 
 impl FrozenStore {
     /// A store in a local directory.
+    /// The directory is made private (0700): what is under it is readable
+    /// by the broker's uid only, whatever mode the files get.
     pub fn local(dir: &std::path::Path) -> Result<Self, BrokerError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| BrokerError::Store(format!("{}: {e}", dir.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        let io = |e: std::io::Error| BrokerError::Store(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(store_err)?;
         Ok(Self {
             store: Arc::new(fs),
             buffers: BufPool::default(),
+            local_root: Some(dir.to_path_buf()),
         })
     }
 
@@ -203,18 +211,19 @@ impl FrozenStore {
         Ok(Self {
             store,
             buffers: BufPool::default(),
+            local_root: None,
         })
     }
 
-    /// Encrypts and writes a snapshot; returns once the manifest (written
-    /// last) is stored.
+    /// Encrypts and writes a snapshot; returns the number of chunks once
+    /// the manifest (written last) is stored.
     pub async fn put(
         &self,
         header: Header,
         snapshot: &[u8],
         kek: &Kek,
         parent_key: bool,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<u64, BrokerError> {
         let mut sid = [0u8; SNAPSHOT_ID_LEN];
         OsRng.fill_bytes(&mut sid);
         let dk = DataKey::generate(&mut OsRng);
@@ -224,12 +233,11 @@ impl FrozenStore {
         header.total_len = snapshot.len() as u64;
         header.chunks = snapshot.len().div_ceil(CHUNK) as u64;
         header.page_runs = bubble_vmm::snapshot::page_runs(snapshot).unwrap_or_default();
-        // Fault injection for crash tests: a pause between chunk writes.
-        let pause = std::env::var("BUBBLED_TEST_CHUNK_PAUSE_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok());
         for (i, piece) in snapshot.chunks(CHUNK).enumerate() {
-            if let (Some(ms), true) = (pause, i > 0) {
+            // Fault injection for crash tests (test builds only): a pause
+            // between chunk writes.
+            #[cfg(feature = "fault-injection")]
+            if let (Some(ms), true) = (fault_pause_ms(), i > 0) {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             let ct = cipher.encrypt(i as u64, piece);
@@ -262,7 +270,7 @@ impl FrozenStore {
             )
             .await
             .map_err(store_err)?;
-        Ok(())
+        Ok(header.chunks)
     }
 
     /// Reads and authenticates a frozen copy's manifest: its header and the
@@ -281,9 +289,7 @@ impl FrozenStore {
             .await
         {
             Ok(r) => r.bytes().await.map_err(store_err)?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(loss("manifest missing".into()))
-            }
+            Err(object_store::Error::NotFound { .. }) => return Err(BrokerError::FrozenMissing),
             Err(e) => return Err(store_err(e)),
         };
         let m: Manifest =
@@ -409,13 +415,59 @@ impl FrozenStore {
         // Without its manifest the copy cannot be restored anywhere; the
         // chunks are deleted in the background, off the restore path.
         let store = self.store.clone();
+        let dir = self.local_root.as_ref().map(|r| r.join(&base));
         tokio::spawn(async move {
             for i in 0..chunks {
                 let _ = store
                     .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
                     .await;
             }
+            // A local store keeps directories: remove the generation's and,
+            // if it was the last, the bubble's (only empty ones go).
+            if let Some(dir) = dir {
+                let _ = std::fs::remove_dir(&dir);
+                if let Some(parent) = dir.parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
         });
         Ok(())
     }
+}
+
+impl FrozenStore {
+    /// Deletes every frozen copy of a bubble (all generations, manifest
+    /// first so that nothing half-deleted can be restored): a deleted
+    /// bubble leaves nothing in the store.
+    pub async fn purge(&self, id: &str) -> Result<(), BrokerError> {
+        use futures::TryStreamExt;
+        let base = ObjPath::from(format!("frozen/{id}"));
+        let mut objects: Vec<ObjPath> = self
+            .store
+            .list(Some(&base))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(store_err)?;
+        // Manifests first.
+        objects.sort_by_key(|p| !p.as_ref().ends_with("/manifest"));
+        for p in objects {
+            match self.store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        if let Some(root) = &self.local_root {
+            let _ = std::fs::remove_dir_all(root.join(base.as_ref()));
+        }
+        Ok(())
+    }
+}
+
+/// The pause between chunk writes that a crash test asked for.
+#[cfg(feature = "fault-injection")]
+fn fault_pause_ms() -> Option<u64> {
+    std::env::var("BUBBLED_TEST_CHUNK_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }

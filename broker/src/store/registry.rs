@@ -3,7 +3,7 @@
 //! Every state change is written before it is acted on or reported, so a
 //! restarted broker finds every bubble it ever made: running ones are
 //! re-adopted, the others are marked FAILED with a reason
-//! (see [`crate::service::Broker::reconcile`]).
+//! (see [`crate::core::Broker::reconcile`]).
 
 use std::path::Path;
 
@@ -121,6 +121,10 @@ pub struct BubbleRecord {
     /// The frozen copy that a restore must use, while SUSPENDED.
     #[serde(default)]
     pub frozen: Option<FrozenRef>,
+    /// When the bubble reached FAILED or DELETED, Unix milliseconds (0:
+    /// not ended); the record is collected a retention period later.
+    #[serde(default)]
+    pub ended_at_ms: u64,
 }
 
 /// Where a suspended bubble's frozen copy is.
@@ -373,6 +377,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Deletes records and their owners' idempotency keys in one
+    /// transaction (records collected after their retention period).
+    pub fn remove_many(&self, recs: &[BubbleRecord]) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut reqs = txn.open_table(REQUESTS)?;
+            let mut bubbles = txn.open_table(BUBBLES)?;
+            for rec in recs {
+                let key = request_key(&rec.owner, &rec.client_request_id);
+                // Only if the key still names this bubble.
+                let names_it = reqs.get(key.as_str())?.map(|v| v.value() == rec.id);
+                if names_it == Some(true) {
+                    reqs.remove(key.as_str())?;
+                }
+                bubbles.remove(rec.id.as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Reads every record.
     pub fn all(&self) -> Result<Vec<BubbleRecord>, RegistryError> {
         let txn = self.db.begin_read()?;
@@ -429,6 +454,7 @@ mod tests {
             portions: Vec::new(),
             generation: 0,
             frozen: None,
+            ended_at_ms: 0,
         }
     }
 
@@ -452,6 +478,24 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(r.get("b1").unwrap().unwrap().state, State::Ready);
         assert!(r.get("b2").unwrap().is_none());
+    }
+
+    #[test]
+    fn collected_records_free_their_request_key_only_if_it_is_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let old = rec("b1", "alice", "k");
+        assert!(r.insert_new(&old).unwrap().is_none());
+        assert!(r.insert_new(&rec("b2", "alice", "k2")).unwrap().is_none());
+        r.remove_many(std::slice::from_ref(&old)).unwrap();
+        assert!(r.get("b1").unwrap().is_none());
+        assert_eq!(r.request("alice", "k").unwrap(), None);
+        // The key is free again and maps to the new bubble.
+        assert!(r.insert_new(&rec("b3", "alice", "k")).unwrap().is_none());
+        // Removing the old record again leaves the new mapping alone.
+        r.remove_many(&[old]).unwrap();
+        assert_eq!(r.request("alice", "k").unwrap().as_deref(), Some("b3"));
+        assert_eq!(r.all().unwrap().len(), 2);
     }
 }
 #[cfg(test)]

@@ -1,0 +1,485 @@
+//! gRPC requests into validated core commands, core results into gRPC
+//! messages. Every field a parent sends is checked here; the core receives
+//! only typed, bounded values.
+
+use std::time::Duration;
+
+use bubble_proto::v1 as pb;
+
+use crate::config::{self, BrokerConfig};
+use crate::core::{
+    Attach, AttestationBundle, Call, Event, LoadPortion, NewBubble, Provision, Restore, State,
+    Suspend, Target, UsageFacts,
+};
+use crate::error::{invalid, BrokerError};
+use crate::store::registry::{BubbleRecord, IdleAction, IdleRule, PortionPolicy};
+use crate::vmm::ImageSpec;
+
+const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
+
+/// Proto state of a lifecycle state.
+pub fn state_to_pb(s: State) -> pb::BubbleState {
+    match s {
+        State::Booting => pb::BubbleState::Booting,
+        State::Ready => pb::BubbleState::Ready,
+        State::Busy => pb::BubbleState::Busy,
+        State::Suspended => pb::BubbleState::Suspended,
+        State::Failed => pb::BubbleState::Failed,
+        State::Deleted => pb::BubbleState::Deleted,
+    }
+}
+
+/// A record as the API shows it.
+pub fn bubble_to_pb(r: &BubbleRecord) -> pb::Bubble {
+    pb::Bubble {
+        bubble_id: r.id.clone(),
+        owner: r.owner.clone(),
+        state: state_to_pb(r.state) as i32,
+        failure_reason: r.failure_reason.clone(),
+        memory_mib: r.memory_mib,
+        vcpus: r.vcpus,
+        image: r.image.clone(),
+        client_request_id: r.client_request_id.clone(),
+        created_at_ms: r.created_at_ms,
+        boot_us: r.boot_us,
+        vmm_pid: r.vmm_pid,
+        calls: r.calls,
+        profile: r.profile.clone(),
+        idle: Some(idle_to_pb(r.idle)),
+        generation: r.generation,
+    }
+}
+
+/// An event as watchers see it.
+pub fn event_to_pb(e: &Event) -> pb::BubbleEvent {
+    pb::BubbleEvent {
+        bubble_id: e.bubble_id.clone(),
+        state: state_to_pb(e.state) as i32,
+        reason: e.reason.clone(),
+        at_ms: e.at_ms,
+    }
+}
+
+fn idle_to_pb(i: IdleRule) -> pb::IdlePolicy {
+    pb::IdlePolicy {
+        idle_timeout_s: i.timeout_s,
+        action: match i.action {
+            IdleAction::Stay => pb::IdleAction::Stay,
+            IdleAction::Suspend => pb::IdleAction::Suspend,
+            IdleAction::Delete => pb::IdleAction::Delete,
+        } as i32,
+    }
+}
+
+/// The usage document the broker signs.
+pub fn usage_to_pb(u: UsageFacts) -> pb::Usage {
+    pb::Usage {
+        bubble_id: u.bubble_id,
+        owner: u.owner,
+        vcpu_us: u.vcpu_us,
+        memory_mib_seconds: u.memory_mib_seconds,
+        calls: u.calls,
+        bytes_in: u.bytes_in,
+        bytes_out: u.bytes_out,
+        from_ms: u.from_ms,
+        to_ms: u.to_ms,
+    }
+}
+
+/// An attestation as the API shows it.
+pub fn attestation_to_pb(a: AttestationBundle) -> pb::Attestation {
+    pb::Attestation {
+        bubble_id: a.bubble_id,
+        report: a.report,
+        tee: a.tee,
+        ark_der: a.chain.ark,
+        ask_der: a.chain.ask,
+        vcek_der: a.chain.vcek,
+        kem_public_key: a.binding.kem_pk.to_vec(),
+        sig_public_key: a.binding.sig_pk.to_vec(),
+        portions_digest: a.binding.portions_digest.to_vec(),
+        policy_digest: a.binding.policy_digest.to_vec(),
+        portions: a
+            .portions
+            .into_iter()
+            .map(|(name, module_sha384)| pb::PortionRef {
+                name,
+                module_sha384,
+            })
+            .collect(),
+    }
+}
+
+/// Validates an idle policy from a request (`None`: not given).
+fn idle_from_pb(p: Option<&pb::IdlePolicy>) -> Result<Option<IdleRule>, BrokerError> {
+    let Some(p) = p else { return Ok(None) };
+    let action = match pb::IdleAction::try_from(p.action) {
+        Ok(pb::IdleAction::Unspecified | pb::IdleAction::Stay) => IdleAction::Stay,
+        Ok(pb::IdleAction::Delete) => IdleAction::Delete,
+        Ok(pb::IdleAction::Suspend) => IdleAction::Suspend,
+        Err(_) => {
+            return Err(invalid(
+                "idle.action",
+                format!("unknown value {}", p.action),
+            ))
+        }
+    };
+    if action != IdleAction::Stay && p.idle_timeout_s == 0 {
+        return Err(invalid(
+            "idle.idle_timeout_s",
+            "must be > 0 when an idle action is set",
+        ));
+    }
+    Ok(Some(IdleRule {
+        timeout_s: p.idle_timeout_s,
+        action,
+    }))
+}
+
+/// A portion, credential or grant name.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Validates a requested security policy (`None`: the default).
+fn policy_from_pb(
+    p: Option<&pb::SecurityPolicy>,
+    max_payload: usize,
+) -> Result<PortionPolicy, BrokerError> {
+    let mut out = PortionPolicy::default();
+    let Some(p) = p else { return Ok(out) };
+    if p.fuel_per_call > 0 {
+        out.fuel_per_call = p.fuel_per_call;
+    }
+    if p.memory_limit_bytes > 0 {
+        if p.memory_limit_bytes > 64 << 20 {
+            return Err(invalid("policy.memory_limit_bytes", "at most 64 MiB"));
+        }
+        out.memory_limit_bytes = p.memory_limit_bytes;
+    }
+    if p.call_deadline_ms > 0 {
+        if u128::from(p.call_deadline_ms) > config::MAX_CALL_DEADLINE.as_millis() {
+            return Err(invalid(
+                "policy.call_deadline_ms",
+                format!("at most {} ms", config::MAX_CALL_DEADLINE.as_millis()),
+            ));
+        }
+        out.call_deadline_ms = p.call_deadline_ms;
+    }
+    if p.max_output_bytes > 0 {
+        if p.max_output_bytes as usize > max_payload {
+            return Err(invalid(
+                "policy.max_output_bytes",
+                format!("at most the payload limit of {max_payload} bytes"),
+            ));
+        }
+        out.max_output_bytes = p.max_output_bytes;
+    }
+    if p.grants.len() > 16 {
+        return Err(invalid("policy.grants", "at most 16 grants"));
+    }
+    for g in &p.grants {
+        if !valid_name(&g.portion) {
+            return Err(invalid("policy.grants.portion", NAME_RULE));
+        }
+        if g.credentials.len() > 16 || !g.credentials.iter().all(|c| valid_name(c)) {
+            return Err(invalid(
+                "policy.grants.credentials",
+                "at most 16 names of 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        out.grants.push((g.portion.clone(), g.credentials.clone()));
+    }
+    Ok(out)
+}
+
+/// A parent-supplied key-encryption key (empty: none).
+fn kek_from_pb(b: &[u8]) -> Result<Option<bubble_keys::Kek>, BrokerError> {
+    match b.len() {
+        0 => Ok(None),
+        32 => Ok(Some(
+            bubble_keys::Kek::from_slice(b).map_err(|_| invalid("kek", "must be 32 bytes"))?,
+        )),
+        _ => Err(invalid("kek", "must be 32 bytes")),
+    }
+}
+
+/// Checks a bubble id's shape (`b-` + 32 lowercase hex digits).
+pub fn validate_bubble_id(id: &str) -> Result<(), BrokerError> {
+    let ok = id.len() == 34
+        && id.starts_with("b-")
+        && id[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "bubble_id",
+            "must be 'b-' followed by 32 hex digits",
+        ))
+    }
+}
+
+fn validate_request_id(id: &str) -> Result<(), BrokerError> {
+    if id.len() > 128 {
+        return Err(invalid("client_request_id", "longer than 128 characters"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+    {
+        return Err(invalid(
+            "client_request_id",
+            "may only contain A-Z a-z 0-9 . _ : -",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_op(op: &str) -> Result<(), BrokerError> {
+    if op.is_empty() || op.len() > 64 {
+        return Err(invalid("op", "must be 1 to 64 characters"));
+    }
+    if !op
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(invalid("op", "may only contain A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+/// CreateBubble.
+pub fn create(req: pb::CreateBubbleRequest, cfg: &BrokerConfig) -> Result<NewBubble, BrokerError> {
+    validate_request_id(&req.client_request_id)?;
+    if !(config::MIN_MEMORY_MIB..=config::MAX_MEMORY_MIB).contains(&req.memory_mib) {
+        return Err(invalid(
+            "memory_mib",
+            format!(
+                "must be {}..={} MiB, got {}",
+                config::MIN_MEMORY_MIB,
+                config::MAX_MEMORY_MIB,
+                req.memory_mib
+            ),
+        ));
+    }
+    if req.vcpus > 1 {
+        return Err(invalid(
+            "vcpus",
+            format!("only 1 vCPU is supported, got {}", req.vcpus),
+        ));
+    }
+    let image = ImageSpec::parse(&req.image, cfg.allow_test_images)
+        .map_err(|reason| invalid("image", reason))?;
+    Ok(NewBubble {
+        client_request_id: req.client_request_id,
+        memory_mib: req.memory_mib,
+        image,
+        idle: idle_from_pb(req.idle.as_ref())?.unwrap_or_default(),
+        policy: policy_from_pb(req.policy.as_ref(), cfg.max_payload)?,
+    })
+}
+
+/// AttachBubble.
+pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
+    validate_request_id(&req.client_request_id)?;
+    Ok(Attach {
+        idle: idle_from_pb(req.idle.as_ref())?,
+        profile: req.profile,
+        client_request_id: req.client_request_id,
+        wait: Duration::from_millis(u64::from(req.wait_ms)),
+    })
+}
+
+/// Call.
+pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerError> {
+    validate_bubble_id(&req.bubble_id)?;
+    validate_op(&req.op)?;
+    if req.input.len() > cfg.max_payload {
+        return Err(invalid(
+            "input",
+            format!(
+                "{} bytes exceeds the payload limit of {} bytes",
+                req.input.len(),
+                cfg.max_payload
+            ),
+        ));
+    }
+    let deadline = match req.deadline_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(u64::from(ms))),
+    };
+    if deadline.is_some_and(|d| d > config::MAX_CALL_DEADLINE) {
+        return Err(invalid(
+            "deadline_ms",
+            format!(
+                "at most {} ms, got {}",
+                config::MAX_CALL_DEADLINE.as_millis(),
+                req.deadline_ms
+            ),
+        ));
+    }
+    let seal_to = match req.seal_to.len() {
+        0 => None,
+        32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&req.seal_to);
+            Some(k)
+        }
+        _ => {
+            return Err(invalid(
+                "seal_to",
+                "must be an X25519 public key of 32 bytes",
+            ))
+        }
+    };
+    let target = if req.portion.is_empty() {
+        Target::Builtin
+    } else if valid_name(&req.portion) {
+        Target::Portion(req.portion)
+    } else {
+        return Err(invalid("portion", NAME_RULE));
+    };
+    Ok(Call {
+        bubble_id: req.bubble_id,
+        op: req.op,
+        target,
+        input: req.input,
+        deadline,
+        sign: req.sign,
+        seal_to,
+    })
+}
+
+/// ProvisionCredential.
+pub fn provision(req: pb::ProvisionCredentialRequest) -> Result<Provision, BrokerError> {
+    validate_bubble_id(&req.bubble_id)?;
+    if !valid_name(&req.name) {
+        return Err(invalid("name", NAME_RULE));
+    }
+    if req.sealed.is_empty() || req.sealed.len() > 64 * 1024 {
+        return Err(invalid(
+            "sealed",
+            "must be a sealed box of 1 byte to 64 KiB",
+        ));
+    }
+    Ok(Provision {
+        bubble_id: req.bubble_id,
+        name: req.name,
+        sealed: req.sealed,
+    })
+}
+
+/// LoadPortion.
+pub fn load_portion(
+    req: pb::LoadPortionRequest,
+    cfg: &BrokerConfig,
+) -> Result<LoadPortion, BrokerError> {
+    validate_bubble_id(&req.bubble_id)?;
+    if !valid_name(&req.name) {
+        return Err(invalid("name", NAME_RULE));
+    }
+    if req.module.is_empty() || req.module.len() + 66 > cfg.max_payload {
+        return Err(invalid(
+            "module",
+            format!(
+                "must be 1 byte to the payload limit ({} bytes)",
+                cfg.max_payload
+            ),
+        ));
+    }
+    Ok(LoadPortion {
+        bubble_id: req.bubble_id,
+        name: req.name,
+        module: req.module,
+    })
+}
+
+/// SuspendBubble.
+pub fn suspend(req: pb::SuspendBubbleRequest) -> Result<Suspend, BrokerError> {
+    validate_bubble_id(&req.bubble_id)?;
+    Ok(Suspend {
+        kek: kek_from_pb(&req.kek)?,
+        bubble_id: req.bubble_id,
+    })
+}
+
+/// RestoreBubble.
+pub fn restore(req: pb::RestoreBubbleRequest) -> Result<Restore, BrokerError> {
+    let kek = kek_from_pb(&req.kek)?;
+    validate_bubble_id(&req.bubble_id)?;
+    Ok(Restore {
+        bubble_id: req.bubble_id,
+        generation: req.generation,
+        kek,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_ops_are_validated() {
+        assert!(validate_bubble_id("b-0123456789abcdef0123456789abcdef").is_ok());
+        for bad in [
+            "",
+            "b-",
+            "b-0123456789ABCDEF0123456789abcdef",
+            "x-0123456789abcdef0123456789abcdef",
+            "b-0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(validate_bubble_id(bad).is_err(), "{bad}");
+        }
+        assert!(validate_op("sha256").is_ok());
+        assert!(validate_op("").is_err());
+        assert!(validate_op("a b").is_err());
+        assert!(validate_op(&"x".repeat(65)).is_err());
+        assert!(validate_request_id("").is_ok());
+        assert!(validate_request_id("retry-1:a.b_c").is_ok());
+        assert!(validate_request_id("no spaces").is_err());
+        assert!(validate_request_id(&"k".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        let s: tonic::Status = invalid("memory_mib", "too big").into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().starts_with("memory_mib:"));
+        let s: tonic::Status = BrokerError::NotAccessible("b-x".into()).into();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        let s: tonic::Status = BrokerError::Queued("b-x".into()).into();
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn a_call_request_becomes_a_bounded_command() {
+        let cfg = BrokerConfig::new("/nonexistent".into()).expect("config");
+        let mut req = pb::CallRequest {
+            bubble_id: "b-0123456789abcdef0123456789abcdef".into(),
+            op: "tokenize".into(),
+            portion: "payments".into(),
+            seal_to: vec![7; 32],
+            ..Default::default()
+        };
+        let c = call(req.clone(), &cfg).expect("valid");
+        assert_eq!(c.target, Target::Portion("payments".into()));
+        assert_eq!(c.seal_to, Some([7; 32]));
+        assert_eq!(c.deadline, None);
+        req.seal_to = vec![1; 31];
+        assert!(call(req.clone(), &cfg).is_err());
+        req.seal_to.clear();
+        req.portion = "bad name".into();
+        assert!(call(req.clone(), &cfg).is_err());
+        req.portion.clear();
+        req.input = vec![0; cfg.max_payload + 1];
+        assert!(call(req.clone(), &cfg).is_err());
+        req.input.clear();
+        req.deadline_ms = u32::MAX;
+        assert!(call(req, &cfg).is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! The gRPC face of a [`Broker`]: each request is authenticated (the
+//! parent identity), turned into a typed core command by [`convert`], run,
+//! and its result rendered. Protobuf types stop here.
+
+pub mod convert;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bubble_proto::v1 as pb;
+use bubble_proto::v1::broker_server::Broker as BrokerApi;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::{info_span, Instrument};
+
+use crate::core::Broker;
+use crate::identity::parent_of;
+use convert::{bubble_to_pb, validate_bubble_id};
+
+/// The gRPC service of a [`Broker`].
+#[derive(Clone)]
+pub struct BrokerService {
+    broker: Arc<Broker>,
+}
+
+impl BrokerService {
+    /// Wraps a broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BrokerApi for BrokerService {
+    async fn create_bubble(
+        &self,
+        request: Request<pb::CreateBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let cmd = convert::create(request.into_inner(), self.broker.config())?;
+        let rec = self.broker.create(&parent, cmd).await?;
+        Ok(Response::new(bubble_to_pb(&rec)))
+    }
+
+    async fn describe_bubble(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let id = &request.get_ref().bubble_id;
+        validate_bubble_id(id)?;
+        let rec = self.broker.describe(&parent, id)?;
+        Ok(Response::new(bubble_to_pb(&rec)))
+    }
+
+    async fn list_bubbles(
+        &self,
+        request: Request<pb::ListBubblesRequest>,
+    ) -> Result<Response<pb::ListBubblesResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.get_ref();
+        let page = self.broker.list(
+            &parent,
+            req.include_deleted,
+            req.page_size as usize,
+            &req.page_token,
+        )?;
+        Ok(Response::new(pb::ListBubblesResponse {
+            bubbles: page.bubbles.iter().map(bubble_to_pb).collect(),
+            next_page_token: page.next,
+        }))
+    }
+
+    async fn call(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
+        let cmd = convert::call(req, self.broker.config())?;
+        let out = self.broker.call(&parent, cmd).instrument(span).await?;
+        let (call_id, signature) = out.signed.unwrap_or_default();
+        Ok(Response::new(pb::CallResponse {
+            output: out.output,
+            vmm_us: out.vmm_us,
+            call_id,
+            signature,
+        }))
+    }
+
+    async fn delete_bubble(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let id = &request.get_ref().bubble_id;
+        validate_bubble_id(id)?;
+        let rec = self.broker.delete(&parent, id).await?;
+        Ok(Response::new(bubble_to_pb(&rec)))
+    }
+
+    async fn attach_bubble(
+        &self,
+        request: Request<pb::AttachBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let cmd = convert::attach(request.into_inner())?;
+        let rec = self.broker.attach(&parent, cmd).await?;
+        Ok(Response::new(bubble_to_pb(&rec)))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::UsageReport>, Status> {
+        let parent = parent_of(&request)?;
+        let id = &request.get_ref().bubble_id;
+        validate_bubble_id(id)?;
+        let facts = self.broker.usage(&parent, id).await?;
+        let report = self.broker.usage_signer().sign(convert::usage_to_pb(facts));
+        Ok(Response::new(report))
+    }
+
+    async fn get_attestation(
+        &self,
+        request: Request<pb::GetAttestationRequest>,
+    ) -> Result<Response<pb::Attestation>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        validate_bubble_id(&req.bubble_id)?;
+        let span = info_span!("attest", bubble = %req.bubble_id, parent = %parent);
+        let a = self
+            .broker
+            .attestation(&parent, &req.bubble_id, &req.nonce)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(convert::attestation_to_pb(a)))
+    }
+
+    async fn provision_credential(
+        &self,
+        request: Request<pb::ProvisionCredentialRequest>,
+    ) -> Result<Response<pb::ProvisionCredentialResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
+        let cmd = convert::provision(req)?;
+        self.broker.provision(&parent, cmd).instrument(span).await?;
+        Ok(Response::new(pb::ProvisionCredentialResponse {}))
+    }
+
+    async fn load_portion(
+        &self,
+        request: Request<pb::LoadPortionRequest>,
+    ) -> Result<Response<pb::LoadPortionResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("load_portion", bubble = %req.bubble_id, parent = %parent, portion = %req.name);
+        let cmd = convert::load_portion(req, self.broker.config())?;
+        let r = self
+            .broker
+            .load_portion(&parent, cmd)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::LoadPortionResponse {
+            portions_digest: r.portions_digest,
+            module_sha384: r.module_sha384,
+        }))
+    }
+
+    async fn suspend_bubble(
+        &self,
+        request: Request<pb::SuspendBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("suspend", bubble = %req.bubble_id, parent = %parent);
+        let cmd = convert::suspend(req)?;
+        let r = self.broker.suspend(&parent, cmd).instrument(span).await?;
+        Ok(Response::new(bubble_to_pb(&r)))
+    }
+
+    async fn restore_bubble(
+        &self,
+        request: Request<pb::RestoreBubbleRequest>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        let span = info_span!("restore", bubble = %req.bubble_id, parent = %parent);
+        let cmd = convert::restore(req)?;
+        let r = self.broker.restore(&parent, cmd).instrument(span).await?;
+        Ok(Response::new(bubble_to_pb(&r)))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let parent = parent_of(&request)?;
+        let only = request.into_inner().bubble_id;
+        if !only.is_empty() {
+            validate_bubble_id(&only)?;
+            self.broker.owned(&parent, &only)?;
+        }
+        let rx = self.broker.subscribe();
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+                Ok(ev) if ev.owner == parent && (only.is_empty() || ev.bubble_id == only) => {
+                    Some(Ok(convert::event_to_pb(&ev)))
+                }
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::data_loss(format!(
+                        "watcher too slow: {n} events dropped; re-list and watch again"
+                    ))))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

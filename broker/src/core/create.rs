@@ -1,0 +1,229 @@
+//! Creating a bubble: admission, the record, the VMM and the guest's boot.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, info_span, Instrument};
+
+use super::commands::NewBubble;
+use super::lifecycle::{State, Step};
+use super::table::Permit;
+use super::{now_ms, Broker, Event};
+use crate::config;
+use crate::error::BrokerError;
+use crate::store::registry::{BubbleRecord, IdleRule, PortionPolicy, RegistryError};
+use crate::vmm::{ImageSpec, Vmm};
+
+type Insert = tokio::task::JoinHandle<Result<Option<BubbleRecord>, RegistryError>>;
+
+impl Broker {
+    /// Creates a bubble for `parent` and waits until it is READY or FAILED.
+    pub async fn create(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: NewBubble,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let started = Instant::now();
+        let mut rec = self.new_record(
+            parent,
+            &cmd.client_request_id,
+            cmd.memory_mib,
+            &cmd.image,
+            "",
+            cmd.idle,
+        );
+        rec.policy = cmd.policy;
+        let r = self.start(rec, cmd.image).await;
+        self.metrics
+            .create_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    pub(super) fn new_record(
+        &self,
+        owner: &str,
+        client_request_id: &str,
+        memory_mib: u32,
+        image: &ImageSpec,
+        profile: &str,
+        idle: IdleRule,
+    ) -> BubbleRecord {
+        BubbleRecord {
+            id: format!("b-{}", uuid::Uuid::new_v4().simple()),
+            owner: owner.to_string(),
+            client_request_id: if client_request_id.is_empty() {
+                uuid::Uuid::new_v4().simple().to_string()
+            } else {
+                client_request_id.to_string()
+            },
+            state: State::Booting,
+            failure_reason: String::new(),
+            memory_mib,
+            vcpus: 1,
+            image: image.name(),
+            created_at_ms: now_ms(),
+            boot_us: 0,
+            vmm_pid: 0,
+            calls: 0,
+            profile: profile.to_string(),
+            idle,
+            last_active_ms: now_ms(),
+            usage: Default::default(),
+            policy: PortionPolicy::default(),
+            portions: Vec::new(),
+            generation: 0,
+            frozen: None,
+            ended_at_ms: 0,
+        }
+    }
+
+    /// Admits, records and boots a new bubble (idempotent per owner and
+    /// client request id). The new bubble's gate is held until it is READY
+    /// or FAILED, so nothing else acts on a booting bubble.
+    pub(super) async fn start(
+        self: &Arc<Self>,
+        rec: BubbleRecord,
+        image: ImageSpec,
+    ) -> Result<BubbleRecord, BrokerError> {
+        if self.closing() {
+            return Err(BrokerError::Spawn("the broker is shutting down".into()));
+        }
+        if !rec.owner.is_empty() {
+            if let Some(existing) = self.registry.request(&rec.owner, &rec.client_request_id)? {
+                return self.await_settled(&existing).await;
+            }
+        }
+        let permit = self.table.with(|t| {
+            self.admit(t, &rec.owner, rec.memory_mib)?;
+            t.insert_held(rec.clone())
+                .ok_or_else(|| BrokerError::Spawn("bubble id collision".into()))
+        })?;
+        // The record reaches the disk while the VMM starts and the guest
+        // boots; the bubble is reported only once both are done. A crash in
+        // between leaves a VMM without a record, which the next start
+        // stops (see `reconcile`).
+        let insert = {
+            let b = self.clone();
+            let r = rec.clone();
+            tokio::task::spawn_blocking(move || b.registry.insert_new(&r))
+        };
+        let span =
+            info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
+        self.boot(permit, image, insert).instrument(span).await
+    }
+
+    /// The bubble as soon as nothing holds its gate (a create or restore of
+    /// it has finished).
+    pub(super) async fn await_settled(&self, id: &str) -> Result<BubbleRecord, BrokerError> {
+        let wait = self.cfg.boot_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(wait, self.table.permit(id)).await {
+            Ok(Some(p)) => Ok(p.rec),
+            Ok(None) => Err(BrokerError::NotAccessible(id.to_string())),
+            Err(_) => Err(BrokerError::Queued(id.to_string())),
+        }
+    }
+
+    async fn boot(
+        self: &Arc<Self>,
+        permit: Permit,
+        image: ImageSpec,
+        insert: Insert,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let rec = permit.rec.clone();
+        let id = rec.id.clone();
+        let _ = self.events.send(Event {
+            owner: rec.owner.clone(),
+            bubble_id: id.clone(),
+            state: State::Booting,
+            reason: String::new(),
+            at_ms: now_ms(),
+        });
+        let dir = self.cfg.bubble_dir(&id);
+        let t0 = Instant::now();
+        let booting = async {
+            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+                .await
+                .map_err(|e| (true, format!("VMM did not start: {e}")))?;
+            let live = self.table.live(vmm);
+            self.table.set_live(&id, Some(live.clone()));
+            let spawn_us = t0.elapsed().as_micros() as u64;
+            let boot_us = live
+                .vmm
+                .wait_ready(self.cfg.boot_timeout)
+                .await
+                .map_err(|e| (false, e))?;
+            Ok::<_, (bool, String)>((live, boot_us, spawn_us))
+        };
+        let (inserted, booted) = tokio::join!(insert, booting);
+        let inserted = inserted
+            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))
+            .and_then(|r| r.map_err(BrokerError::from));
+        let existing = match inserted {
+            Ok(None) => None,
+            Ok(Some(existing)) => Some(Ok(existing.id)),
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(other) = existing {
+            // Not recorded (a concurrent retry won, or the disk failed):
+            // this bubble never existed.
+            if let Some(live) = self.table.set_live(&id, None) {
+                live.vmm.shutdown().await;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            self.table.remove(std::slice::from_ref(&id));
+            drop(permit);
+            return self.await_settled(&other?).await;
+        }
+        let (live, boot_us, spawn_us) = match booted {
+            Ok(x) => x,
+            Err((spawn_failed, reason)) => {
+                self.fail(&id, &reason);
+                if spawn_failed {
+                    return Err(BrokerError::Spawn(reason));
+                }
+                return Ok(self.table.get(&id).unwrap_or(rec));
+            }
+        };
+        let pid = live.vmm.pid();
+        if rec.policy != PortionPolicy::default() {
+            // Fix the security policy before anyone can load a portion.
+            let set = live
+                .vmm
+                .call(
+                    "set_policy",
+                    &rec.policy.encode(),
+                    config::DEFAULT_CALL_DEADLINE,
+                )
+                .await;
+            if let Err(e) = set {
+                let reason = format!("could not apply the security policy: {e:?}");
+                self.fail(&id, &reason);
+                return Ok(self.table.get(&id).unwrap_or(rec));
+            }
+        }
+        self.watch_vmm(id.clone(), &live);
+        let r = match self.apply(&id, Step::Booted, "", |r| {
+            r.boot_us = boot_us;
+            r.vmm_pid = pid;
+        }) {
+            Ok(r) => r,
+            // It failed while it booted: report the failed bubble.
+            Err(BrokerError::WrongState { .. }) => return Ok(self.table.get(&id).unwrap_or(rec)),
+            Err(e) => return Err(e),
+        };
+        info!(
+            boot_us,
+            spawn_us,
+            ready_us = t0.elapsed().as_micros() as u64,
+            pid,
+            instance = live.instance,
+            "bubble ready"
+        );
+        drop(permit);
+        if r.owner.is_empty() {
+            self.pool_changed.notify_waiters();
+        }
+        Ok(r)
+    }
+}

@@ -1,0 +1,107 @@
+//! Suspend: capture a bubble, store it encrypted, then stop its VMM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::commands::Suspend;
+use super::lifecycle::{self, State, Step};
+use super::table::Permit;
+use super::Broker;
+use crate::error::BrokerError;
+use crate::store::frozen::Header;
+use crate::store::registry::{BubbleRecord, FrozenRef};
+
+/// How long a suspend waits behind other operations on its bubble.
+pub(super) const SUSPEND_WAIT: Duration = Duration::from_secs(60);
+
+impl Broker {
+    /// Freezes one of `parent`'s bubbles to the encrypted store.
+    pub async fn suspend(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: Suspend,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let permit = self
+            .permit_owned(parent, &cmd.bubble_id, SUSPEND_WAIT)
+            .await?;
+        self.suspend_held(permit, cmd.kek).await
+    }
+
+    /// Freezes the bubble whose permit is held. The order makes a crash at
+    /// any point leave either a running bubble or a complete frozen copy
+    /// that the registry points at: the copy is stored, the registry says
+    /// SUSPENDED, and only then does the VMM stop.
+    pub(super) async fn suspend_held(
+        self: &Arc<Self>,
+        permit: Permit,
+        parent_key: Option<bubble_keys::Kek>,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let rec = &permit.rec;
+        let id = rec.id.clone();
+        let live = match (rec.state, permit.live.clone()) {
+            (State::Ready, Some(l)) => l,
+            (state, _) => {
+                return Err(BrokerError::WrongState {
+                    id,
+                    state: lifecycle::name(state),
+                    detail: String::new(),
+                })
+            }
+        };
+        // No call runs while the VM is captured (the permit is held; the
+        // vCPU is at its safe point).
+        let snapshot = live
+            .vmm
+            .suspend()
+            .await
+            .map_err(|e| BrokerError::BubbleFailed(format!("snapshot: {e}")))?;
+        let generation = rec.generation + 1;
+        let header = Header {
+            bubble_id: id.clone(),
+            owner: rec.owner.clone(),
+            generation,
+            memory_mib: rec.memory_mib,
+            image: rec.image.clone(),
+            total_len: 0,
+            chunks: 0,
+            page_runs: Vec::new(),
+        };
+        let kek = parent_key.as_ref().unwrap_or(&self.kek);
+        // If storing fails (full disk, store down), the bubble keeps running.
+        let chunks = self
+            .frozen
+            .put(header, &snapshot, kek, parent_key.is_some())
+            .await?;
+        drop(snapshot);
+        let vcpu_us = live.vmm.vcpu_us().await;
+        let committed = self.apply(&id, Step::Froze, "", |r| {
+            r.generation = generation;
+            r.frozen = Some(FrozenRef {
+                generation,
+                parent_key: parent_key.is_some(),
+            });
+            r.vmm_pid = 0;
+            if let Some(v) = vcpu_us {
+                r.usage.vcpu_us = v;
+            }
+        });
+        let r = match committed {
+            Ok(r) => r,
+            Err(e) => {
+                // Not recorded: the bubble keeps running and the copy is
+                // garbage.
+                if let Err(d) = self.frozen.delete(&id, generation, chunks).await {
+                    warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy");
+                }
+                return Err(e);
+            }
+        };
+        if let Some(l) = self.table.set_live(&id, None) {
+            l.vmm.shutdown().await;
+        }
+        info!(bubble = %id, parent = %r.owner, generation, "bubble suspended");
+        Ok(r)
+    }
+}

@@ -1,0 +1,262 @@
+//! The broker's core: bubbles, their lifecycle and everything done to
+//! them, in typed commands and results (no protobuf here; `crate::api`
+//! turns gRPC requests into the commands of [`commands`]).
+//!
+//! One module per concern: the [`table`] of bubbles and their gates, the
+//! [`lifecycle`] state machine, VMM supervision (`supervise`), admission,
+//! create and boot, warm pools, pool owners, calls, attestation,
+//! suspend/restore (`freeze`, `restore`), delete (`teardown`), metering
+//! (`meter`), idle maintenance and record collection (`maintenance`) and
+//! restart reconciliation (`reconcile`). See `docs/architecture.md`.
+
+pub mod commands;
+pub mod lifecycle;
+pub(crate) mod table;
+
+mod admission;
+mod attest;
+mod calls;
+mod create;
+mod freeze;
+mod maintenance;
+mod meter;
+mod owners;
+mod pools;
+mod query;
+mod reconcile;
+mod restore;
+mod supervise;
+mod teardown;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+use tracing::warn;
+
+pub use attest::{AttestationBundle, GuestBinding};
+pub use commands::*;
+pub use lifecycle::{State, Step};
+pub use meter::UsageFacts;
+
+use crate::config::{self, BrokerConfig};
+use crate::error::BrokerError;
+use crate::obs::metrics::Metrics;
+use crate::obs::usage::UsageSigner;
+use crate::store::frozen::FrozenStore;
+use crate::store::registry::{BubbleRecord, Registry};
+use table::Table;
+
+/// Capacity of the event broadcast channel; slow watchers skip events.
+const EVENT_CAPACITY: usize = 4096;
+
+/// A state change, as broadcast to watchers.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Owner of the bubble (events are only shown to it).
+    pub owner: String,
+    /// The bubble.
+    pub bubble_id: String,
+    /// Its new state.
+    pub state: State,
+    /// Why (failures), else empty.
+    pub reason: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// Broker state shared by all connections.
+pub struct Broker {
+    cfg: BrokerConfig,
+    registry: Registry,
+    /// Every bubble: record, running VMM and gate (the registry holds the
+    /// durable copy of the records; BUSY and call counters live only here).
+    table: Table,
+    events: broadcast::Sender<Event>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Wakes pool refillers (after an attach) and attach waiters (after a
+    /// pooled bubble becomes READY).
+    pool_changed: Arc<tokio::sync::Notify>,
+    /// Records whose counters changed since the last flush.
+    dirty: parking_lot::Mutex<HashSet<String>>,
+    /// Pooled bubbles handed to a parent whose new owner is not on disk
+    /// yet (see `pools`); the assignment flusher empties it.
+    unsynced_owners: parking_lot::Mutex<HashSet<String>>,
+    /// Wakes the assignment flusher.
+    owners_kick: Arc<tokio::sync::Notify>,
+    /// Ticks after every assignment flush (waiters re-check their bubble).
+    owners_synced: tokio::sync::watch::Sender<u64>,
+    /// Host-wide cap on total bubble memory, MiB.
+    host_limit_mib: u64,
+    usage_signer: UsageSigner,
+    spawner: Arc<bubble_vmm::client::Spawner>,
+    /// The TEE backend (the simulated virtual PSP on this host).
+    psp: bubble_attestation::SimPsp,
+    /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
+    closing: AtomicBool,
+    /// Encrypted store of suspended bubbles.
+    frozen: FrozenStore,
+    /// The broker's key-encryption key for frozen bubbles (0600 file).
+    kek: bubble_keys::Kek,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Raises the soft open-files limit to the hard limit: the broker holds one
+/// control socket per bubble.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+impl Broker {
+    /// Opens the registry in `cfg.data_dir`, reconciles it with the VMM
+    /// processes that still run (see [`Broker::reconcile`]) and starts the
+    /// warm-pool refillers, the idle-policy ticker and the owner flusher.
+    pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
+        raise_fd_limit();
+        bubble_vmm::client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
+        std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
+            .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
+        let registry = Registry::open(&cfg.registry_path())?;
+        let table = Table::from_records(registry.all()?);
+        let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
+            .map_err(BrokerError::Spawn)?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let host_limit_mib =
+            (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
+        let psp = bubble_attestation::SimPsp::load_or_create(&cfg.data_dir.join("psp"))
+            .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+        warn!("attestation backend: sim (virtual PSP; SIMULATED, no hardware protection)");
+        let spawner = bubble_vmm::client::Spawner::new(
+            cfg.vmm_program.clone(),
+            cfg.vmm_args_prefix.clone(),
+            cfg.data_dir.join("spares"),
+            cfg.spare_vmms,
+        );
+        spawner.refill();
+        // TLS for S3 uses rustls with the ring provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let frozen = match &cfg.store_url {
+            Some(u) => FrozenStore::s3(u)?,
+            None => FrozenStore::local(&cfg.store_dir)?,
+        };
+        let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
+            .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
+        let broker = Arc::new(Self {
+            frozen,
+            kek,
+            psp,
+            closing: AtomicBool::new(false),
+            spawner,
+            cfg,
+            registry,
+            table,
+            events,
+            metrics: Metrics::new(),
+            pool_changed: Arc::new(tokio::sync::Notify::new()),
+            dirty: Default::default(),
+            unsynced_owners: Default::default(),
+            owners_kick: Arc::new(tokio::sync::Notify::new()),
+            owners_synced: tokio::sync::watch::channel(0).0,
+            host_limit_mib,
+            usage_signer,
+        });
+        broker.reconcile().await?;
+        for p in broker.cfg.pools.clone() {
+            tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
+        }
+        tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::owner_flusher(
+            Arc::downgrade(&broker),
+            broker.owners_kick.clone(),
+        ));
+        Ok(broker)
+    }
+
+    /// The configuration the broker runs with.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// Subscribes to all state changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The key that signs usage reports.
+    pub fn usage_signer(&self) -> &UsageSigner {
+        &self.usage_signer
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Returns the caller's record or the uniform not-accessible error.
+    pub fn owned(&self, parent: &str, id: &str) -> Result<BubbleRecord, BrokerError> {
+        match self.table.get(id) {
+            Some(r) if !r.owner.is_empty() && r.owner == parent => Ok(r),
+            _ => Err(BrokerError::NotAccessible(id.to_string())),
+        }
+    }
+
+    /// Takes the gate of one of `parent`'s bubbles (see [`table`]),
+    /// waiting at most `wait`, once its owner is on disk.
+    pub(crate) async fn permit_owned(
+        &self,
+        parent: &str,
+        id: &str,
+        wait: Duration,
+    ) -> Result<table::Permit, BrokerError> {
+        self.owned_synced(parent, id).await?;
+        let p = tokio::time::timeout(wait, self.table.permit(id))
+            .await
+            .map_err(|_| BrokerError::Queued(id.to_string()))?
+            .ok_or_else(|| BrokerError::NotAccessible(id.to_string()))?;
+        // The owner cannot change once set; checked again for clarity.
+        if p.rec.owner != parent {
+            return Err(BrokerError::NotAccessible(id.to_string()));
+        }
+        Ok(p)
+    }
+
+    /// Stops every VMM (used by tests and the demo; a production broker
+    /// leaves them running so a restarted broker re-adopts them).
+    pub async fn shutdown_all(self: &Arc<Self>) {
+        self.closing.store(true, Ordering::SeqCst);
+        // Let creates already past admission register their VMMs.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self
+            .table
+            .with(|t| t.records().any(|r| r.state == State::Booting))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.flush_counters();
+        if let Err(e) = self.sync_owners_now().await {
+            warn!(error = %e, "persisting attach assignments at shutdown failed");
+        }
+        for l in self.table.drain_live() {
+            l.vmm.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Warm pools: booted bubbles without an owner, kept at each profile's
+//! size and handed to parents by attach.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::commands::Attach;
+use super::lifecycle::State;
+use super::{now_ms, Broker};
+use crate::config::PoolProfile;
+use crate::error::{invalid, BrokerError};
+use crate::store::registry::{BubbleRecord, IdleRule};
+use crate::vmm::ImageSpec;
+
+impl Broker {
+    fn profile(&self, name: &str) -> Option<&PoolProfile> {
+        self.cfg.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Ready and booting pooled bubbles of a profile.
+    fn pool_counts(&self, profile: &str) -> (usize, usize) {
+        self.table.with(|t| {
+            t.records()
+                .filter(|r| r.owner.is_empty() && r.profile == profile)
+                .fold((0, 0), |(ready, booting), r| match r.state {
+                    State::Ready => (ready + 1, booting),
+                    State::Booting => (ready, booting + 1),
+                    _ => (ready, booting),
+                })
+        })
+    }
+
+    /// Keeps one profile's pool at its size.
+    pub(super) async fn refill_loop(broker: std::sync::Weak<Self>, p: PoolProfile) {
+        let image = match ImageSpec::parse(&p.image, true) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(profile = %p.name, error = %e, "pool disabled: bad image");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(b) = broker.upgrade() else { return };
+            if b.closing() {
+                return;
+            }
+            let (ready, booting) = b.pool_counts(&p.name);
+            if ready + booting < p.size as usize {
+                let rec = b.new_record("", "", p.memory_mib, &image, &p.name, p.idle_rule());
+                let failed = match b.start(rec, image.clone()).await {
+                    Ok(r) if r.state == State::Ready => None,
+                    Ok(r) => Some(format!("pool bubble failed: {}", r.failure_reason)),
+                    Err(e) => Some(format!("pool refill refused: {e}")),
+                };
+                drop(b);
+                match failed {
+                    None => backoff = Duration::from_millis(100),
+                    Some(why) => {
+                        warn!(profile = %p.name, reason = %why, "pool refill");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                continue;
+            }
+            let notify = b.pool_changed.clone();
+            drop(b);
+            let notified = notify.notified();
+            tokio::select! {
+                _ = notified => {},
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+            }
+        }
+    }
+
+    /// Hands `parent` a READY bubble from a warm pool (or boots one for it
+    /// when none is ready within the wait).
+    pub async fn attach(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: Attach,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let started = Instant::now();
+        let profile = self
+            .profile(&cmd.profile)
+            .cloned()
+            .ok_or_else(|| invalid("profile", format!("no warm pool named {:?}", cmd.profile)))?;
+        let idle = cmd.idle.unwrap_or_else(|| profile.idle_rule());
+        let request_id = cmd.client_request_id.as_str();
+        if !request_id.is_empty() {
+            if let Some(existing) = self.request_in_memory(parent, request_id) {
+                return self.await_settled(&existing).await;
+            }
+            if let Some(existing) = self.registry.request(parent, request_id)? {
+                return self.await_settled(&existing).await;
+            }
+        }
+        let deadline = Instant::now() + cmd.wait;
+        loop {
+            let notified = self.pool_changed.notified();
+            if let Some(r) = self.take_pooled(parent, &profile, idle, request_id)? {
+                // Refill in the background, after this answer has gone out:
+                // booting the replacement competes for the same cores.
+                let notify = self.pool_changed.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    notify.notify_waiters();
+                });
+                self.metrics
+                    .attach_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                info!(
+                    bubble = %r.id,
+                    parent = %parent,
+                    profile = %profile.name,
+                    us = started.elapsed().as_micros() as u64,
+                    "attached from pool"
+                );
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        }
+        // Miss: boot one for this parent.
+        self.metrics.pool_misses.inc();
+        let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
+        let rec = self.new_record(
+            parent,
+            request_id,
+            profile.memory_mib,
+            &image,
+            &profile.name,
+            idle,
+        );
+        let r = self.start(rec, image).await;
+        self.metrics
+            .attach_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Assigns the oldest READY pooled bubble of `profile` to `parent`.
+    fn take_pooled(
+        &self,
+        parent: &str,
+        profile: &PoolProfile,
+        idle: IdleRule,
+        client_request_id: &str,
+    ) -> Result<Option<BubbleRecord>, BrokerError> {
+        let taken = self.table.with(|t| {
+            // A concurrent retry of the same attach already got one.
+            if !client_request_id.is_empty() {
+                if let Some(r) = t
+                    .records()
+                    .find(|r| r.owner == parent && r.client_request_id == client_request_id)
+                {
+                    return Ok(Some((r.clone(), false)));
+                }
+            }
+            let Some(id) = t
+                .records()
+                .filter(|r| {
+                    r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+                })
+                .min_by_key(|r| (r.created_at_ms, r.id.clone()))
+                .map(|r| r.id.clone())
+            else {
+                return Ok(None);
+            };
+            // The pooled bubble already counts for the host; check the parent.
+            self.admit_parent_only(t, parent, profile.memory_mib)?;
+            let Some(r) = t.record_mut(&id) else {
+                return Ok(None);
+            };
+            r.owner = parent.to_string();
+            r.client_request_id = if client_request_id.is_empty() {
+                uuid::Uuid::new_v4().simple().to_string()
+            } else {
+                client_request_id.to_string()
+            };
+            r.idle = idle;
+            r.last_active_ms = now_ms();
+            Ok::<_, BrokerError>(Some((r.clone(), true)))
+        })?;
+        let Some((rec, fresh)) = taken else {
+            return Ok(None);
+        };
+        if fresh {
+            // The new owner reaches the disk in the background (group
+            // commit), off the attach path; until it has, every operation
+            // on the bubble waits for it (see `owned_synced`). A crash
+            // before that leaves the bubble recorded as pooled, and a
+            // restarted broker discards pooled bubbles: it is never handed
+            // to another parent.
+            self.unsynced_owners.lock().insert(rec.id.clone());
+            self.owners_kick.notify_one();
+        }
+        Ok(Some(rec))
+    }
+
+    /// The bubble `parent` made with this request id, if the in-memory
+    /// table has it (assignments not yet on disk included).
+    fn request_in_memory(&self, parent: &str, client_request_id: &str) -> Option<String> {
+        self.table.with(|t| {
+            t.records()
+                .find(|r| r.owner == parent && r.client_request_id == client_request_id)
+                .map(|r| r.id.clone())
+        })
+    }
+}

@@ -1,0 +1,123 @@
+//! After a (re)start: make the table agree with the VMM processes that
+//! still run. Bubbles that should run are re-adopted or failed; every other
+//! VMM under the runtime directory (a bubble suspended, failed or deleted
+//! just before the stop, a create never recorded, a restore cut short) is
+//! stopped.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::lifecycle::{State, Step};
+use super::{now_ms, Broker};
+use crate::error::BrokerError;
+use crate::store::registry::BubbleRecord;
+use crate::vmm::Vmm;
+
+impl Broker {
+    /// Re-adopts every bubble that should have a VMM if its VMM still
+    /// answers on its socket, fails it otherwise, and stops VMMs that no
+    /// running bubble owns.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), BrokerError> {
+        let expected: Vec<BubbleRecord> = self.table.with(|t| {
+            t.records()
+                .filter(|r| r.state.expects_vmm())
+                .cloned()
+                .collect()
+        });
+        for rec in expected {
+            let dir = self.cfg.bubble_dir(&rec.id);
+            if rec.owner.is_empty() {
+                // A pooled bubble may have been attached just before the
+                // stop, its new owner not yet on disk: never pool it again.
+                stop_vmm_in(&dir, &rec.id).await;
+                info!(bubble = %rec.id, profile = %rec.profile, "pooled bubble discarded after restart");
+                self.apply(&rec.id, Step::Deleted, "", |r| r.vmm_pid = 0)?;
+                continue;
+            }
+            match Vmm::adopt(&dir, &rec.id).await {
+                Ok((vmm, true)) => {
+                    let pid = vmm.pid();
+                    let live = self.table.live(vmm);
+                    info!(bubble = %rec.id, parent = %rec.owner, pid, instance = live.instance, "re-adopted running bubble");
+                    self.table.set_live(&rec.id, Some(live.clone()));
+                    self.watch_vmm(rec.id.clone(), &live);
+                    self.apply(&rec.id, Step::Adopted, "", |r| r.vmm_pid = pid)?;
+                }
+                Ok((vmm, false)) => {
+                    vmm.shutdown().await;
+                    self.fail(
+                        &rec.id,
+                        "bubble was still booting when the broker restarted",
+                    );
+                }
+                Err(e) => {
+                    warn!(bubble = %rec.id, parent = %rec.owner, error = %e, "bubble lost");
+                    self.fail(
+                        &rec.id,
+                        &format!("VMM process not running after broker restart ({e})"),
+                    );
+                }
+            }
+        }
+        self.stop_strays().await;
+        self.date_ended_records();
+        Ok(())
+    }
+
+    /// Stops every VMM under `bubbles/` whose bubble is not running here
+    /// (unknown, or SUSPENDED, FAILED, DELETED), and removes its directory.
+    async fn stop_strays(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bubbles")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let state = self.table.get(&id).map(|r| r.state);
+            if state.is_some_and(State::expects_vmm) && self.table.live_of(&id).is_some() {
+                continue;
+            }
+            stop_vmm_in(&e.path(), &id).await;
+            let _ = std::fs::remove_dir_all(e.path());
+            match state {
+                None => warn!(bubble = %id, "stopped a VMM that was started but never recorded"),
+                Some(s) => {
+                    info!(bubble = %id, state = ?s, "stopped a VMM its bubble no longer uses")
+                }
+            }
+        }
+    }
+
+    /// Records that ended before end times were kept get one now, so that
+    /// they are collected a retention period from this start.
+    fn date_ended_records(&self) {
+        let now = now_ms();
+        let undated: Vec<BubbleRecord> = self.table.with(|t| {
+            let ids: Vec<String> = t
+                .records()
+                .filter(|r| matches!(r.state, State::Failed | State::Deleted) && r.ended_at_ms == 0)
+                .map(|r| r.id.clone())
+                .collect();
+            ids.iter()
+                .filter_map(|id| {
+                    let r = t.record_mut(id)?;
+                    r.ended_at_ms = now;
+                    Some(r.clone())
+                })
+                .collect()
+        });
+        if !undated.is_empty() {
+            if let Err(e) = self.registry.put_many(&undated) {
+                warn!(error = %e, "dating ended records failed");
+            }
+        }
+    }
+}
+
+/// Stops the VMM serving `dir`, if one answers there.
+async fn stop_vmm_in(dir: &Path, id: &str) {
+    if let Ok((vmm, _)) = Vmm::adopt(dir, id).await {
+        vmm.shutdown().await;
+    }
+}

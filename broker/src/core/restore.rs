@@ -1,0 +1,227 @@
+//! Restore: verify a frozen copy completely, resume it in a new VMM, and
+//! consume the copy. One restore per bubble at a time (its permit): a
+//! second restore of the same generation finds the bubble READY.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::commands::Restore;
+use super::lifecycle::{self, State, Step};
+use super::table::Permit;
+use super::{now_ms, Broker};
+use crate::error::BrokerError;
+use crate::store::registry::BubbleRecord;
+use crate::store::registry::{FrozenRef, IdleRule};
+use crate::vmm::{ImageSpec, Vmm};
+
+/// How long a restore waits behind other operations on its bubble.
+const RESTORE_WAIT: Duration = Duration::from_secs(60);
+
+impl Broker {
+    /// Restores one of `parent`'s suspended bubbles, or imports one that
+    /// another broker sharing the store suspended (`cmd.generation > 0`).
+    pub async fn restore(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: Restore,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let permit = match self
+            .permit_owned(parent, &cmd.bubble_id, RESTORE_WAIT)
+            .await
+        {
+            Ok(p) => p,
+            Err(BrokerError::NotAccessible(_))
+                if cmd.generation > 0 && self.table.get(&cmd.bubble_id).is_none() =>
+            {
+                self.import_frozen(parent, &cmd).await?
+            }
+            Err(e) => return Err(e),
+        };
+        self.restore_held(permit, cmd.kek.as_ref()).await
+    }
+
+    async fn restore_held(
+        self: &Arc<Self>,
+        permit: Permit,
+        parent_key: Option<&bubble_keys::Kek>,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let rec = permit.rec.clone();
+        let id = rec.id.clone();
+        let frozen = match (rec.state, rec.frozen.clone()) {
+            (State::Suspended, Some(f)) => f,
+            (state, _) => {
+                return Err(BrokerError::WrongState {
+                    id,
+                    state: lifecycle::name(state),
+                    detail: ": only a SUSPENDED bubble can be restored".into(),
+                })
+            }
+        };
+        if frozen.parent_key && parent_key.is_none() {
+            return Err(BrokerError::WrongKey);
+        }
+        let kek = parent_key.unwrap_or(&self.kek);
+        let t0 = Instant::now();
+        let dir = self.cfg.bubble_dir(&id);
+        let image = ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)?;
+        // Fetch and verify the frozen copy while a VMM process starts and
+        // creates the empty VM; it receives nothing unless all verifies.
+        // Only the registry's current generation may run: an older copy
+        // (rollback) or an already restored one is refused.
+        let (header, cipher) = self.frozen.open(&id, frozen.generation, kek).await?;
+        if header.owner != rec.owner || header.generation != rec.generation {
+            return Err(BrokerError::DataLoss(
+                "frozen copy does not match the registry (owner or generation)".into(),
+            ));
+        }
+        let (fetched, spawned) = tokio::join!(
+            async {
+                let r = self
+                    .frozen
+                    .fetch(&id, frozen.generation, &header, cipher)
+                    .await;
+                (r, t0.elapsed())
+            },
+            async {
+                let vmm =
+                    Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+                        .await?;
+                // The sealed header's page runs: the VMM faults those pages
+                // in (zeroes only) while the chunks are still verified, and
+                // says where its guest memory is for the verified pages.
+                let span = match vmm.prefault(&header.page_runs).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(bubble = %id, error = %e, "prefault refused; streaming the snapshot");
+                        None
+                    }
+                };
+                Ok::<_, String>((vmm, span))
+            }
+        );
+        let (fetched, t_fetch) = fetched;
+        let checked = fetched.and_then(|parts| {
+            let first = parts.first().map(|p| p.expose()).unwrap_or_default();
+            bubble_vmm::snapshot::parse_head(first, header.total_len as usize)
+                .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
+            Ok(parts)
+        });
+        let (parts, (vmm, span)) = match (checked, spawned) {
+            (Ok(x), Ok(vmm)) => (x, vmm),
+            (Err(e), Ok((vmm, _))) => {
+                vmm.shutdown().await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+            (Ok(_), Err(e)) => return Err(BrokerError::Spawn(e)),
+        };
+        let t_spawn = t0.elapsed();
+        let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
+        let vmm_restore = match vmm.restore(&slices, span).await {
+            Ok(d) => d,
+            Err(e) => {
+                vmm.shutdown().await;
+                return Err(e);
+            }
+        };
+        drop(slices);
+        drop(parts);
+        let t_vm = t0.elapsed();
+        let pid = vmm.pid();
+        // The registry says READY (and forgets the copy) before the copy is
+        // consumed: the same generation never runs twice.
+        let r = match self.apply(&id, Step::Thawed, "", |r| {
+            r.frozen = None;
+            r.vmm_pid = pid;
+            r.last_active_ms = now_ms();
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                vmm.shutdown().await;
+                return Err(e);
+            }
+        };
+        let live = self.table.live(vmm);
+        self.table.set_live(&id, Some(live.clone()));
+        self.watch_vmm(id.clone(), &live);
+        drop(permit);
+        if let Err(e) = self
+            .frozen
+            .delete(&id, frozen.generation, header.chunks)
+            .await
+        {
+            warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");
+        }
+        info!(
+            bubble = %id,
+            parent = %r.owner,
+            generation = frozen.generation,
+            instance = live.instance,
+            fetch_us = t_fetch.as_micros() as u64,
+            vmm_ready_us = t_spawn.as_micros() as u64,
+            vm_us = (t_vm - t_spawn).as_micros() as u64,
+            vmm_restore_us = vmm_restore.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "bubble restored"
+        );
+        Ok(r)
+    }
+
+    /// Takes over a bubble suspended by another broker sharing the store:
+    /// the frozen copy must open with the given key and name the caller as
+    /// its owner. Unknown ids, other owners, other keys and damaged copies
+    /// all get the same not-accessible error.
+    async fn import_frozen(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: &Restore,
+    ) -> Result<Permit, BrokerError> {
+        let kek = cmd.kek.as_ref().unwrap_or(&self.kek);
+        let not_accessible = || BrokerError::NotAccessible(cmd.bubble_id.clone());
+        let header = match self.frozen.open(&cmd.bubble_id, cmd.generation, kek).await {
+            Ok((h, _)) => h,
+            Err(BrokerError::FrozenMissing | BrokerError::WrongKey | BrokerError::DataLoss(_)) => {
+                return Err(not_accessible())
+            }
+            Err(e) => return Err(e),
+        };
+        if header.owner != parent || header.bubble_id != cmd.bubble_id {
+            return Err(not_accessible());
+        }
+        let image = ImageSpec::parse(&header.image, true).map_err(BrokerError::Spawn)?;
+        let mut rec = self.new_record(
+            parent,
+            &format!("import:{}:{}", cmd.bubble_id, cmd.generation),
+            header.memory_mib,
+            &image,
+            "",
+            IdleRule::default(),
+        );
+        rec.id = cmd.bubble_id.clone();
+        rec.state = State::Suspended;
+        rec.generation = header.generation;
+        rec.frozen = Some(FrozenRef {
+            generation: header.generation,
+            parent_key: cmd.kek.is_some(),
+        });
+        let inserted = self.table.with(|t| {
+            self.admit(t, parent, rec.memory_mib)?;
+            Ok::<_, BrokerError>(t.insert_held(rec.clone()))
+        })?;
+        let Some(permit) = inserted else {
+            // A concurrent import of the same bubble got there first: take
+            // its permit after it and find the bubble as it left it.
+            return self
+                .permit_owned(parent, &cmd.bubble_id, RESTORE_WAIT)
+                .await;
+        };
+        if let Err(e) = self.registry.put(&rec) {
+            self.table.remove(std::slice::from_ref(&rec.id));
+            return Err(e.into());
+        }
+        info!(bubble = %rec.id, parent = %parent, generation = rec.generation, "frozen bubble imported from the shared store");
+        Ok(permit)
+    }
+}

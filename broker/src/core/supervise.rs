@@ -1,0 +1,125 @@
+//! Applying lifecycle steps to the table and the registry, and following
+//! each VMM's notices.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::lifecycle::{self, State, Step};
+use super::table::Live;
+use super::{now_ms, Broker, Event};
+use crate::error::BrokerError;
+use crate::store::registry::BubbleRecord;
+use crate::vmm::VmmNotice;
+
+impl Broker {
+    /// Applies `step` to a bubble (see [`lifecycle::apply`]), runs `update`
+    /// on its record, persists it (except the transient READY ↔ BUSY
+    /// flips) and broadcasts the change. An illegal step changes nothing
+    /// and answers FAILED_PRECONDITION with the bubble's state.
+    pub(crate) fn apply(
+        &self,
+        id: &str,
+        step: Step,
+        reason: &str,
+        update: impl FnOnce(&mut BubbleRecord),
+    ) -> Result<BubbleRecord, BrokerError> {
+        let now = now_ms();
+        let (rec, prev) = self.table.with(|t| {
+            let r = t
+                .record_mut(id)
+                .ok_or_else(|| BrokerError::NotAccessible(id.to_string()))?;
+            let prev = r.state;
+            let to = lifecycle::apply(prev, step).map_err(|e| BrokerError::WrongState {
+                id: id.to_string(),
+                state: lifecycle::name(e.from),
+                detail: if r.failure_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.failure_reason)
+                },
+            })?;
+            if to == State::Ready && r.usage.running_since_ms == 0 {
+                r.usage.running_since_ms = now;
+            }
+            if matches!(to, State::Failed | State::Deleted | State::Suspended) {
+                r.usage.stop_running(r.memory_mib, now);
+            }
+            if matches!(to, State::Failed | State::Deleted) && r.ended_at_ms == 0 {
+                r.ended_at_ms = now;
+            }
+            r.state = to;
+            if to == State::Failed {
+                r.failure_reason = reason.to_string();
+            }
+            update(r);
+            Ok::<_, BrokerError>((r.clone(), prev))
+        })?;
+        match step {
+            // Every call flips READY -> BUSY -> READY: kept in memory and
+            // flushed with the counters.
+            Step::CallBegan | Step::CallEnded => {
+                self.dirty.lock().insert(id.to_string());
+            }
+            // Re-derived by reconciliation after a crash: no need to wait
+            // for the disk on the create path.
+            Step::Booted => self.registry.put_lazy(&rec)?,
+            _ => self.registry.put(&rec)?,
+        }
+        if prev != rec.state {
+            let _ = self.events.send(Event {
+                owner: rec.owner.clone(),
+                bubble_id: id.to_string(),
+                state: rec.state,
+                reason: reason.to_string(),
+                at_ms: now,
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Marks a bubble FAILED and stops its VMM process if one runs. A
+    /// bubble that is not running (already failed, suspended, deleted) is
+    /// left as it is, and the failure is counted once.
+    pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &str) {
+        match self.apply(id, Step::Failed, reason, |r| r.vmm_pid = 0) {
+            Ok(_) => {
+                warn!(bubble = %id, reason, "bubble failed");
+                self.metrics.failed(reason);
+            }
+            Err(e) => info!(bubble = %id, reason, state = %e, "failure not applied"),
+        }
+        if let Some(live) = self.table.set_live(id, None) {
+            tokio::spawn(async move { live.vmm.shutdown().await });
+        }
+        self.pool_changed.notify_waiters();
+    }
+
+    /// Follows one VMM instance's notices: a guest failure or a vanished
+    /// process fails the bubble while that instance is still the bubble's
+    /// current VMM; notices of an instance that was replaced (suspended and
+    /// restored) or removed (deleted) are ignored.
+    pub(crate) fn watch_vmm(self: &Arc<Self>, id: String, live: &Arc<Live>) {
+        let broker = Arc::downgrade(self);
+        let mut notices = live.vmm.notices();
+        let (instance, pid) = (live.instance, live.vmm.pid());
+        tokio::spawn(async move {
+            while let Some(n) = notices.recv().await {
+                let Some(b) = broker.upgrade() else { return };
+                match n {
+                    VmmNotice::Log(line) => {
+                        info!(bubble = %id, instance, pid, guest_log = %line, "guest log");
+                    }
+                    VmmNotice::Failed(reason) | VmmNotice::Gone(reason) => {
+                        if b.table.is_current(&id, instance) {
+                            b.fail(&id, &reason);
+                        } else {
+                            info!(bubble = %id, instance, pid, reason = %reason, "notice of a replaced VMM ignored");
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}

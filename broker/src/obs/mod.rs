@@ -1,0 +1,5 @@
+//! What the broker tells its operators and billing: Prometheus metrics and
+//! signed usage reports.
+
+pub mod metrics;
+pub mod usage;
