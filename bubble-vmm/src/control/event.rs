@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 
 use super::failure::FailureReason;
+use super::frame::{write_frame, Kind};
 use super::wire::{Cursor, DecodeError};
-use super::Kind;
 
 /// Something the VMM reports on its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,5 +59,12 @@ impl Event {
             ))?)),
             _ => Err(DecodeError::UnexpectedKind(kind)),
         }
+    }
+}
+
+impl Event {
+    /// Writes the event (id 0).
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        write_frame(w, self.kind(), 0, &self.body())
     }
 }

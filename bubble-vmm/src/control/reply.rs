@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 
 use super::failure::{FailureKind, FailureReason};
+use super::frame::{write_frame, Kind};
 use super::wire::{empty, Cursor, DecodeError};
-use super::Kind;
 
 /// The VMM's state, in a `StatusOk` reply.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -358,5 +358,12 @@ impl Reply {
             Kind::MeasurementOk => Reply::MeasurementOk(LaunchMeasurement::decode(&body)?),
             _ => return Err(DecodeError::UnexpectedKind(kind)),
         })
+    }
+}
+
+impl Reply {
+    /// Writes the reply to request `id`.
+    pub fn write_to(&self, id: u64, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        write_frame(w, self.kind(), id, &self.body())
     }
 }

@@ -1,7 +1,7 @@
 //! Requests: broker → VMM.
 
+use super::frame::{head, Kind, HEAD_LEN, MAX_FRAME};
 use super::wire::{empty, Cursor, DecodeError, EncodeError};
-use super::{head, Kind, HEAD_LEN, MAX_FRAME};
 
 /// A CALL: run `op` in the guest with `input`, within `deadline_ms`
 /// (0: the VMM's default).
