@@ -272,33 +272,27 @@ impl VmmClient {
     }
 
     async fn request(&self, req: &Request<'_>, timeout: Duration) -> Result<Reply, VmmError> {
-        let frame = req
-            .frame(0)
-            .map_err(|e| VmmError::Protocol(format!("cannot encode the request: {e}")))?;
-        self.send(frame, &[], timeout).await
+        self.send(req, &[], timeout).await
     }
 
-    /// Sends `frame` (head and body, or for a streamed body its head only,
-    /// with a placeholder id) then `tail` as it is, without first joining
-    /// them, and waits for the reply.
+    /// Sends `req` (for a streamed body, `Restore`, its head only) then
+    /// `tail` as it is, without first joining them, and waits for the
+    /// reply.
     async fn send(
         &self,
-        mut frame: Vec<u8>,
+        req: &Request<'_>,
         tail: &[&[u8]],
         timeout: Duration,
     ) -> Result<Reply, VmmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = req.frame(id).map_err(VmmError::Encode)?;
         let in_flight = InFlight::enter();
         let sent_at = Instant::now();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert(id, tx);
         }
-        let Some(id_field) = frame.get_mut(5..HEAD_LEN) else {
-            return Err(VmmError::Protocol("frame shorter than its head".into()));
-        };
-        id_field.copy_from_slice(&id.to_le_bytes());
-        let is_call = frame.get(4) == Some(&(Kind::Call as u8));
+        let is_call = req.kind() == Kind::Call;
         let small = tail.is_empty() && frame.len() <= HEAD_LEN + COALESCE_MAX;
         {
             let mut w = self.writer.lock().await;
@@ -418,14 +412,12 @@ impl VmmClient {
             op,
             input,
         });
-        let frame = req
-            .frame(0)
-            .map_err(|e| CallError::BadRequest(e.to_string()))?;
         // The VMM enforces the deadline; allow it time to report.
         let reply = self
-            .send(frame, &[], deadline + Duration::from_secs(5))
+            .request(&req, deadline + Duration::from_secs(5))
             .await
             .map_err(|e| match e {
+                VmmError::Encode(e) => CallError::BadRequest(e.to_string()),
                 VmmError::Refused { code, text } => CallError::Refused { code, text },
                 e => {
                     let r = e.failure_reason();
@@ -512,10 +504,14 @@ impl VmmClient {
             }
         }
         let len = snapshot.iter().map(|p| p.len()).sum();
-        let head = Request::Restore { len }
-            .frame(0)
-            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-        restore_answer(self.send(head, snapshot, timeout).await?)
+        // A body over the frame limit cannot be a snapshot a VMM sent.
+        let sent = self
+            .send(&Request::Restore { len }, snapshot, timeout)
+            .await;
+        restore_answer(sent.map_err(|e| match e {
+            VmmError::Encode(e) => VmmError::Snapshot(e.to_string()),
+            e => e,
+        })?)
     }
 
     /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bubble_vmm::control::{ErrorCode, FailureKind, FailureReason};
+use bubble_vmm::control::{EncodeError, ErrorCode, FailureKind, FailureReason};
 
 use crate::exit::VmmExit;
 
@@ -24,6 +24,10 @@ pub enum VmmError {
     /// The VMM runs another bubble or spoke out of protocol.
     #[error("VMM protocol: {0}")]
     Protocol(String),
+    /// The request cannot be put on the wire (e.g. a snapshot over the
+    /// frame limit); nothing was sent.
+    #[error("cannot encode the request: {0}")]
+    Encode(EncodeError),
     /// The VMM refused the request (an `ERROR` reply); the bubble is fine.
     #[error("VMM refused the request: {text}")]
     Refused {
@@ -60,7 +64,9 @@ impl VmmError {
             VmmError::Exited(e) => return e.reason(),
             VmmError::Spawn(_) | VmmError::Connect { .. } => FailureKind::SpawnFailed,
             VmmError::Closed => FailureKind::VmmExited,
-            VmmError::Protocol(_) | VmmError::Refused { .. } => FailureKind::ControlProtocol,
+            VmmError::Protocol(_) | VmmError::Refused { .. } | VmmError::Encode(_) => {
+                FailureKind::ControlProtocol
+            }
             VmmError::Snapshot(_) => FailureKind::Restore,
             VmmError::Timeout(_) | VmmError::NoMeasurement(_) => FailureKind::Internal,
         };

@@ -59,6 +59,7 @@ impl Broker {
             },
             state: State::Booting,
             failure_reason: String::new(),
+            failure_kind: String::new(),
             memory_mib,
             vcpus: 1,
             image: image.name(),

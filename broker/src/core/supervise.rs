@@ -83,7 +83,10 @@ impl Broker {
     /// left as it is, and the failure is counted once.
     pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &FailureReason) {
         let (kind, detail) = (reason.kind, reason.detail.as_str());
-        match self.apply(id, Step::Failed, detail, |r| r.vmm_pid = 0) {
+        match self.apply(id, Step::Failed, detail, |r| {
+            r.vmm_pid = 0;
+            r.failure_kind = kind.label().to_string();
+        }) {
             Ok(_) => {
                 warn!(bubble = %id, %kind, reason = detail, "bubble failed");
                 self.metrics.failed(kind);
