@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 
 use sev::certs::snp::{builtin, ca, Certificate, Verifiable};
 
+use crate::chain_error::VerifyError;
+use crate::product::Product;
 use crate::report::SigningKey;
-use crate::verify::{Product, VerifyError};
 
 /// AMD's published ASK, ARK, ASVK chain of each product (PEM, in that order).
 pub const MILAN_ASK_ARK_ASVK: &[u8] = include_bytes!("../certs/milan_ask_ark_asvk.pem");

@@ -11,10 +11,12 @@
 
 pub mod amd;
 pub mod certs;
+pub mod chain_error;
 pub mod cli;
 pub mod expect;
 pub mod measure;
 pub mod policy;
+pub mod product;
 pub mod report;
 pub mod sim;
 pub mod verify;

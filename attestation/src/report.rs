@@ -310,8 +310,8 @@ impl Report {
 
     /// The product the CPUID fields name (version ≥ 3); None for older
     /// reports and unknown family/model.
-    pub fn cpuid_product(&self) -> Option<crate::verify::Product> {
-        use crate::verify::Product;
+    pub fn cpuid_product(&self) -> Option<crate::product::Product> {
+        use crate::product::Product;
         if self.version < 3 {
             return None;
         }

@@ -381,7 +381,7 @@ impl TeeBackend for SnpBackend {
 
 /// The built-in AMD ARK and ASK (DER) for the product that issued `vcek`.
 fn builtin_ca_der(vcek: &[u8]) -> Result<(Vec<u8>, Vec<u8>), TeeError> {
-    use crate::verify::Product;
+    use crate::product::Product;
     use sev::certs::snp::builtin;
     let e = |x: std::io::Error| TeeError::Sign(format!("built-in AMD certificates: {x}"));
     let (ark, ask) = match crate::verify::product_of(vcek) {

@@ -2,6 +2,9 @@
 //! certificate table, the `snpguest` certificate directory, and the CLI's
 //! expectations and UNPINNED line, on real AMD data where there is some.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use bubble_attestation::certs::{self, build_cert_table, guid, parse_cert_table, CertsError};

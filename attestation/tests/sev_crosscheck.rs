@@ -2,6 +2,9 @@
 //! the field offsets this crate reads, the serialization round trip, and
 //! the signature decision agree on the real reports and on sim reports.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use bubble_attestation::{verify_amd, Report, ReportRequest, SimPsp, TeeBackend};

@@ -1,6 +1,9 @@
 //! The verifier against real AMD hardware reports (offline), mutated
 //! copies, and the simulated PSP.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use bubble_attestation::cli::{verify_command, VerifyArgs, EXIT_INVALID, EXIT_OK, EXIT_POLICY};

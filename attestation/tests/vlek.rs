@@ -1,6 +1,9 @@
 //! VLEK-signed reports and the KEY_INFO / SIGNATURE_ALGO checks, on
 //! synthetic chains minted here (ARK → ASVK → VLEK, ARK → ASK → VCEK).
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use bubble_attestation::{verify_amd, verify_with_roots, Product, Report, SigningKey, VerifyError};

@@ -74,6 +74,9 @@ pub enum BrokerError {
     /// A frozen copy is corrupt, truncated or missing.
     #[error("frozen bubble is damaged: {0}")]
     DataLoss(String),
+    /// Another broker sharing the store holds the frozen copy's claim.
+    #[error("bubble {0}: its frozen copy is being restored by another broker")]
+    ClaimedElsewhere(String),
     /// The frozen copy (its manifest) is not in the store.
     #[error("frozen bubble is damaged: its manifest is missing")]
     FrozenMissing,
@@ -102,7 +105,9 @@ impl From<BrokerError> for Status {
             BrokerError::GuestTrap(_) => Code::Aborted,
             BrokerError::GuestRefused(_) => Code::FailedPrecondition,
             BrokerError::GuestInternal(_) | BrokerError::VmmRefused(_) => Code::Internal,
-            BrokerError::WrongState { .. } => Code::FailedPrecondition,
+            BrokerError::WrongState { .. } | BrokerError::ClaimedElsewhere(_) => {
+                Code::FailedPrecondition
+            }
             BrokerError::DeadlineExceeded(_) | BrokerError::Queued(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,

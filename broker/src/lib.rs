@@ -15,12 +15,15 @@ pub mod api;
 pub mod attest;
 /// Connecting to a broker (re-exported from `bubble-client`).
 pub use bubble_client::connect as client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod identity;
 pub mod kek_input;
 pub mod load;

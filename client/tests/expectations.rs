@@ -2,6 +2,9 @@
 //! here as the broker builds it, verifies only against the expected
 //! measurement, security policy, portions and HOST_DATA.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_attestation::{host_data, ReportRequest, SecurityPolicy, SimPsp, TeeBackend};
 use bubble_client::{verify_attestation, ClientError, Expectations};
 use bubble_proto::v1 as pb;

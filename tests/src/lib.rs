@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: starts a real `bubbled` process on a temp
 //! data dir and connects to it as one or more parents.
 
+pub mod moto;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -247,6 +249,24 @@ pub async fn no_vmms_within(dir: &Path, limit: Duration) -> bool {
         if Instant::now() >= until {
             return false;
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits up to `limit` until exactly `n` VMM processes of a broker on
+/// `dir` run bubbles (idle spares aside; VMMs told to stop exit on their
+/// own shortly after they acknowledge); panics with the count otherwise.
+pub async fn wait_bubble_vmms(dir: &Path, n: usize, limit: Duration) {
+    let until = Instant::now() + limit;
+    loop {
+        let now = vmm_pids_under(dir).len();
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{now} VMM processes run bubbles after {limit:?}, expected {n}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -2,58 +2,9 @@
 //! here on loopback). Skipped, with the reason printed, where moto cannot
 //! start (`.ci/run` installs it from PyPI).
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use bubble_e2e_tests::moto::{http, start_moto};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
-
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http(port: u16, method: &str, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn start_moto() -> Result<(Moto, u16), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("python3: {e}"))?;
-    let moto = Moto(child);
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        if http(port, "GET", "/").is_some() {
-            return Ok((moto, port));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err("moto did not start within 20 s (is `moto[server]` installed?)".into())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_and_restore_through_s3() {

@@ -207,7 +207,7 @@ impl BrokerApi for BrokerService {
             validate_bubble_id(&only)?;
             self.broker.owned(&parent, &only)?;
         }
-        let rx = self.broker.subscribe();
+        let rx = self.broker.subscribe(&parent);
         let stream =
             tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
                 Ok(ev) if ev.owner == parent && (only.is_empty() || ev.bubble_id == only) => {

@@ -133,7 +133,7 @@ impl Broker {
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = permit.rec.clone();
         let id = rec.id.clone();
-        let _ = self.events.send(Event {
+        self.emit(Event {
             owner: rec.owner.clone(),
             bubble_id: id.clone(),
             state: State::Booting,

@@ -52,10 +52,12 @@ impl Broker {
         };
         // No call runs while the VM is captured (the permit is held; the
         // vCPU is at its safe point).
+        // Plaintext guest memory: wiped when dropped.
         let snapshot = live
             .vmm
             .suspend()
             .await
+            .map(zeroize::Zeroizing::new)
             .map_err(|e| BrokerError::BubbleFailed(format!("snapshot: {e}")))?;
         let generation = rec.generation + 1;
         let header = Header {
@@ -75,6 +77,8 @@ impl Broker {
             .put(header, &snapshot, kek, parent_key.is_some())
             .await?;
         drop(snapshot);
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("suspend.stored").await;
         let vcpu_us = live.vmm.vcpu_us().await;
         let committed = self.apply(&id, Step::Froze, "", |r| {
             r.generation = generation;
@@ -98,6 +102,8 @@ impl Broker {
                 return Err(e);
             }
         };
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("suspend.committed").await;
         if let Some(l) = self.table.set_live(&id, None) {
             l.vmm.shutdown().await;
         }

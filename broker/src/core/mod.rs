@@ -31,7 +31,7 @@ mod teardown;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tracing::warn;
@@ -41,6 +41,7 @@ pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use meter::UsageFacts;
 
+pub(crate) use crate::clock::now_ms;
 use crate::config::{self, BrokerConfig};
 use crate::error::BrokerError;
 use crate::obs::metrics::Metrics;
@@ -49,8 +50,9 @@ use crate::store::frozen::FrozenStore;
 use crate::store::registry::{BubbleRecord, Registry};
 use table::Table;
 
-/// Capacity of the event broadcast channel; slow watchers skip events.
-const EVENT_CAPACITY: usize = 4096;
+/// Capacity of each parent's event channel; a slow watcher skips events
+/// (and is told how many) of its own parent only.
+const EVENT_CAPACITY: usize = 1024;
 
 /// A state change, as broadcast to watchers.
 #[derive(Clone, Debug)]
@@ -74,7 +76,9 @@ pub struct Broker {
     /// Every bubble: record, running VMM and gate (the registry holds the
     /// durable copy of the records; BUSY and call counters live only here).
     table: Table,
-    events: broadcast::Sender<Event>,
+    /// One event channel per parent: a watcher's lag counts only its own
+    /// parent's events, and nothing of another tenant's reaches it.
+    events: parking_lot::Mutex<std::collections::HashMap<String, broadcast::Sender<Event>>>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes pool refillers (after an attach) and attach waiters (after a
@@ -101,13 +105,55 @@ pub struct Broker {
     frozen: FrozenStore,
     /// The broker's key-encryption key for frozen bubbles (0600 file).
     kek: bubble_keys::Kek,
+    /// This broker's stable identity (`DATA_DIR/broker-id`), named in the
+    /// claims it takes on frozen copies in a shared store.
+    broker_id: String,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Refuses to start on an empty registry beside bubble directories: the
+/// registry was lost or replaced, and reconciling against it would stop
+/// every running bubble as never recorded.
+fn refuse_lost_registry(cfg: &BrokerConfig, records: usize) -> Result<(), BrokerError> {
+    if records > 0 {
+        return Ok(());
+    }
+    let dirs = std::fs::read_dir(cfg.data_dir.join("bubbles"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.len() == 34 && n.starts_with("b-")
+        })
+        .count();
+    if dirs == 0 {
+        return Ok(());
+    }
+    Err(BrokerError::Spawn(format!(
+        "the registry {} holds no bubbles but {} holds {dirs} bubble director{}: \
+         the registry was lost or replaced, and starting would stop those bubbles. \
+         Put the registry back, or remove the directories to start afresh",
+        cfg.registry_path().display(),
+        cfg.data_dir.join("bubbles").display(),
+        if dirs == 1 { "y" } else { "ies" },
+    )))
+}
+
+/// Reads this broker's identity, or makes one (a random UUID).
+fn load_or_create_id(path: &std::path::Path) -> Result<String, BrokerError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BrokerError::Spawn(format!("{}: {e}", path.display()))),
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| BrokerError::Spawn(format!("{}: {e}", path.display())))?;
+    Ok(id)
 }
 
 /// Raises the soft open-files limit to the hard limit: the broker holds one
@@ -136,10 +182,11 @@ impl Broker {
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Registry::open(&cfg.registry_path())?;
-        let table = Table::from_records(registry.all()?);
+        let records = registry.all()?;
+        refuse_lost_registry(&cfg, records.len())?;
+        let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let host_limit_mib =
             (config::host_memory_mib() as f64 * cfg.quota.host_overcommit_ratio) as u64;
         let psp = bubble_attestation::SimPsp::load_or_create(&cfg.data_dir.join("psp"))
@@ -160,7 +207,9 @@ impl Broker {
         };
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
+        let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
         let broker = Arc::new(Self {
+            broker_id,
             frozen,
             kek,
             psp,
@@ -169,7 +218,7 @@ impl Broker {
             cfg,
             registry,
             table,
-            events,
+            events: Default::default(),
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Default::default(),
@@ -196,9 +245,23 @@ impl Broker {
         &self.cfg
     }
 
-    /// Subscribes to all state changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+    /// Subscribes to the state changes of `parent`'s bubbles.
+    pub fn subscribe(&self, parent: &str) -> broadcast::Receiver<Event> {
+        self.events
+            .lock()
+            .entry(parent.to_string())
+            .or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// Sends an event to its owner's watchers (if any watch).
+    pub(crate) fn emit(&self, ev: Event) {
+        let mut m = self.events.lock();
+        let owner = ev.owner.clone();
+        let unwatched = m.get(&owner).is_some_and(|tx| tx.send(ev).is_err());
+        if unwatched {
+            m.remove(&owner);
+        }
     }
 
     /// The key that signs usage reports.

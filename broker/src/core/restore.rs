@@ -9,12 +9,21 @@ use tracing::{info, warn};
 
 use super::commands::Restore;
 use super::lifecycle::{self, State, Step};
-use super::table::Permit;
+use super::table::{Live, Permit};
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
-use crate::store::registry::BubbleRecord;
-use crate::store::registry::{FrozenRef, IdleRule};
+use crate::store::frozen::{ClaimError, Header};
+use crate::store::registry::{BubbleRecord, FrozenRef, IdleRule};
 use crate::vmm::{ImageSpec, Vmm};
+use bubble_keys::envelope::ChunkCipher;
+
+/// Where a restore's time went.
+struct Timings {
+    fetch: Duration,
+    spawn: Duration,
+    vm: Duration,
+    vmm_restore: Duration,
+}
 
 /// How long a restore waits behind other operations on its bubble.
 const RESTORE_WAIT: Duration = Duration::from_secs(60);
@@ -64,7 +73,6 @@ impl Broker {
         }
         let kek = parent_key.unwrap_or(&self.kek);
         let t0 = Instant::now();
-        let dir = self.cfg.bubble_dir(&id);
         let image = ImageSpec::parse(&rec.image, true).map_err(BrokerError::Spawn)?;
         // Fetch and verify the frozen copy while a VMM process starts and
         // creates the empty VM; it receives nothing unless all verifies.
@@ -76,17 +84,75 @@ impl Broker {
                 "frozen copy does not match the registry (owner or generation)".into(),
             ));
         }
+        // Exactly one broker sharing the store restores this generation.
+        match self
+            .frozen
+            .claim(&id, frozen.generation, &self.broker_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(ClaimError::Taken) => return Err(BrokerError::ClaimedElsewhere(id)),
+            Err(ClaimError::Store(e)) => return Err(e),
+        }
+        let thawed = self.thaw(&rec, &frozen, &header, cipher, &image, t0).await;
+        if thawed.is_err() {
+            // Nothing runs: the copy stays restorable, by anyone.
+            self.frozen.release(&id, frozen.generation).await;
+        }
+        let (r, live, timings) = thawed?;
+        drop(permit);
+        if let Err(e) = self
+            .frozen
+            .delete(&id, frozen.generation, header.chunks)
+            .await
+        {
+            warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");
+        }
+        let Timings {
+            fetch: t_fetch,
+            spawn: t_spawn,
+            vm: t_vm,
+            vmm_restore,
+        } = timings;
+        info!(
+            bubble = %id,
+            parent = %r.owner,
+            generation = frozen.generation,
+            instance = live.instance,
+            fetch_us = t_fetch.as_micros() as u64,
+            vmm_ready_us = t_spawn.as_micros() as u64,
+            vm_us = (t_vm - t_spawn).as_micros() as u64,
+            vmm_restore_us = vmm_restore.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "bubble restored"
+        );
+        Ok(r)
+    }
+
+    /// Fetches and verifies the claimed copy, resumes it in a new VMM and
+    /// records the bubble READY.
+    async fn thaw(
+        self: &Arc<Self>,
+        rec: &BubbleRecord,
+        frozen: &FrozenRef,
+        header: &Header,
+        cipher: ChunkCipher,
+        image: &ImageSpec,
+        t0: Instant,
+    ) -> Result<(BubbleRecord, Arc<Live>, Timings), BrokerError> {
+        let id = rec.id.clone();
+        let dir = self.cfg.bubble_dir(&id);
         let (fetched, spawned) = tokio::join!(
             async {
                 let r = self
                     .frozen
-                    .fetch(&id, frozen.generation, &header, cipher)
+                    .fetch(&id, frozen.generation, header, cipher)
                     .await;
                 (r, t0.elapsed())
             },
             async {
                 let vmm =
-                    Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+                    Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, image)
                         .await?;
                 // The sealed header's page runs: the VMM faults those pages
                 // in (zeroes only) while the chunks are still verified, and
@@ -146,27 +212,13 @@ impl Broker {
         let live = self.table.live(vmm);
         self.table.set_live(&id, Some(live.clone()));
         self.watch_vmm(id.clone(), &live);
-        drop(permit);
-        if let Err(e) = self
-            .frozen
-            .delete(&id, frozen.generation, header.chunks)
-            .await
-        {
-            warn!(bubble = %id, error = %e, "could not delete the consumed frozen copy");
-        }
-        info!(
-            bubble = %id,
-            parent = %r.owner,
-            generation = frozen.generation,
-            instance = live.instance,
-            fetch_us = t_fetch.as_micros() as u64,
-            vmm_ready_us = t_spawn.as_micros() as u64,
-            vm_us = (t_vm - t_spawn).as_micros() as u64,
-            vmm_restore_us = vmm_restore.as_micros() as u64,
-            total_us = t0.elapsed().as_micros() as u64,
-            "bubble restored"
-        );
-        Ok(r)
+        let timings = Timings {
+            fetch: t_fetch,
+            spawn: t_spawn,
+            vm: t_vm,
+            vmm_restore,
+        };
+        Ok((r, live, timings))
     }
 
     /// Takes over a bubble suspended by another broker sharing the store:

@@ -67,7 +67,7 @@ impl Broker {
             _ => self.registry.put(&rec)?,
         }
         if prev != rec.state {
-            let _ = self.events.send(Event {
+            self.emit(Event {
                 owner: rec.owner.clone(),
                 bubble_id: id.to_string(),
                 state: rec.state,

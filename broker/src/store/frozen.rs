@@ -12,7 +12,8 @@
 //!   memory, image, snapshot length and chunk count.
 //!
 //! Chunks are written first and the manifest last; every object write is
-//! atomic, so a crash leaves either no manifest (the bubble is still
+//! atomic, and a local store is fsynced (files and directories) before
+//! `put` returns, so a crash leaves either no manifest (the bubble is still
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use bubble_keys::envelope::ChunkCipher;
 use bubble_keys::{DataKey, Kek, OsRng, RngCore, SecretBytes, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
@@ -84,7 +85,7 @@ pub struct FrozenStore {
 /// chunk into one costs no page faults (a fresh megabyte costs about
 /// 0.4 ms of them on hosts like these). Buffers come back zeroized.
 #[derive(Clone, Default)]
-struct BufPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+struct BufPool(Arc<parking_lot::Mutex<Vec<Vec<u8>>>>);
 
 /// Buffers the pool keeps at most (about 1 MiB each).
 const POOL_MAX: usize = 8;
@@ -92,12 +93,7 @@ const POOL_MAX: usize = 8;
 impl BufPool {
     /// A buffer of `len` zero bytes.
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut p| p.pop())
-            .unwrap_or_default();
+        let mut v = self.0.lock().pop().unwrap_or_default();
         v.clear();
         v.resize(len, 0);
         v
@@ -105,10 +101,9 @@ impl BufPool {
 
     /// Keeps an empty (zeroized) buffer for reuse.
     fn put(&self, v: Vec<u8>) {
-        if let Ok(mut p) = self.0.lock() {
-            if p.len() < POOL_MAX && v.capacity() >= CHUNK {
-                p.push(v);
-            }
+        let mut p = self.0.lock();
+        if p.len() < POOL_MAX && v.capacity() >= CHUNK {
+            p.push(v);
         }
     }
 }
@@ -270,7 +265,37 @@ impl FrozenStore {
             )
             .await
             .map_err(store_err)?;
+        self.sync_local(&base, header.chunks).await?;
         Ok(header.chunks)
+    }
+
+    /// Makes a local copy durable before the registry points at it: the
+    /// object store writes files without fsync, so every chunk, the
+    /// manifest and the directories holding them are synced here. (An S3
+    /// store acknowledges a PUT once it is durable.)
+    async fn sync_local(&self, base: &str, chunks: u64) -> Result<(), BrokerError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let dir = root.join(base);
+        tokio::task::spawn_blocking(move || {
+            let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+            for i in 0..chunks {
+                sync(&dir.join(format!("chunk-{i}")))?;
+            }
+            sync(&dir.join("manifest"))?;
+            // The directory entries: the generation's, the bubble's, and
+            // `frozen/` itself (created with the first copy).
+            let mut d = Some(dir.as_path());
+            while let Some(p) = d.filter(|p| p.starts_with(&root)) {
+                sync(p)?;
+                d = p.parent();
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| BrokerError::Store(format!("sync: {e}")))?
+        .map_err(|e| BrokerError::Store(format!("sync {base}: {e}")))
     }
 
     /// Reads and authenticates a frozen copy's manifest: its header and the
@@ -422,6 +447,7 @@ impl FrozenStore {
                     .delete(&ObjPath::from(format!("{base}/chunk-{i}")))
                     .await;
             }
+            let _ = store.delete(&ObjPath::from(format!("{base}/claim"))).await;
             // A local store keeps directories: remove the generation's and,
             // if it was the last, the bubble's (only empty ones go).
             if let Some(dir) = dir {
@@ -435,7 +461,75 @@ impl FrozenStore {
     }
 }
 
+/// What a claim object says: which broker restores the copy, since when.
+#[derive(Serialize, Deserialize)]
+struct ClaimBody {
+    broker: String,
+    at_ms: u64,
+}
+
+/// Why a frozen copy could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another broker holds the claim: it restores (or restored) the copy.
+    #[error("the frozen copy is being restored by another broker")]
+    Taken,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] BrokerError),
+}
+
 impl FrozenStore {
+    /// Claims a frozen copy for restoring by `broker` (a stable broker
+    /// identity) with a conditional create of its `claim` object: of any
+    /// number of brokers sharing the store, exactly one gets it. A claim
+    /// the same broker made before a crash is its own again.
+    pub async fn claim(&self, id: &str, generation: u64, broker: &str) -> Result<(), ClaimError> {
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let body = ClaimBody {
+            broker: broker.to_string(),
+            at_ms: crate::clock::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let held = self.store.get(&path).await.map_err(store_err)?;
+                let held = held.bytes().await.map_err(store_err)?;
+                match serde_json::from_slice::<ClaimBody>(&held) {
+                    Ok(c) if c.broker == broker => {}
+                    _ => return Err(ClaimError::Taken),
+                }
+            }
+            Err(e) => return Err(store_err(e).into()),
+        }
+        // A consumed copy loses its manifest before its claim: a claim won
+        // after another broker consumed the copy finds no manifest.
+        let manifest = ObjPath::from(format!("{}/manifest", prefix(id, generation)));
+        match self.store.head(&manifest).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.release(id, generation).await;
+                Err(BrokerError::FrozenMissing.into())
+            }
+            Err(e) => Err(store_err(e).into()),
+        }
+    }
+
+    /// Gives a claim back (a restore that failed before the bubble ran).
+    pub async fn release(&self, id: &str, generation: u64) {
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let _ = self.store.delete(&path).await;
+    }
+
     /// Deletes every frozen copy of a bubble (all generations, manifest
     /// first so that nothing half-deleted can be restored): a deleted
     /// bubble leaves nothing in the store.

@@ -245,6 +245,10 @@ impl Meter {
     }
 }
 
+/// How long [`Registry::open`] waits for another process to release the
+/// database.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Handle to the registry database.
 pub struct Registry {
     db: Database,
@@ -256,8 +260,23 @@ fn request_key(owner: &str, client_request_id: &str) -> String {
 
 impl Registry {
     /// Opens (or creates) the registry at `path`.
+    ///
+    /// A previous broker that was just killed may still hold the file's
+    /// lock for a moment (a VMM it was forking when it died holds the
+    /// descriptor until it execs or dies): opening retries for up to
+    /// [`LOCK_WAIT`] before it reports the database as in use.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
-        let db = Database::create(path)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let txn = db.begin_write()?;
         {
             txn.open_table(BUBBLES)?;

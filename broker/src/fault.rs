@@ -1,0 +1,25 @@
+//! Fault injection for crash tests (built only with the `fault-injection`
+//! feature, which only the end-to-end tests enable): named points where the
+//! broker pauses, logs that it got there, and so lets a test kill it at
+//! exactly that step.
+//!
+//! `BUBBLED_TEST_PAUSE=point=ms[,point=ms…]`; the points are
+//! `suspend.stored` (frozen copy durable, registry not yet SUSPENDED) and
+//! `suspend.committed` (registry SUSPENDED, VMM not yet stopped).
+
+use std::time::Duration;
+
+/// Pauses at `point` if the test asked for it.
+pub async fn pause(point: &str) {
+    let Ok(spec) = std::env::var("BUBBLED_TEST_PAUSE") else {
+        return;
+    };
+    let ms = spec.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == point).then(|| v.parse::<u64>().ok()).flatten()
+    });
+    if let Some(ms) = ms {
+        tracing::warn!(point, ms, "fault point reached");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}

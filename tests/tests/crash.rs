@@ -1,0 +1,134 @@
+//! A broker killed at each step of a suspend leaves either a running
+//! bubble or a complete frozen copy that the registry points at, never a
+//! lost bubble: the frozen copy is durable before the registry says
+//! SUSPENDED, and the VMM stops only after that commit. The steps are
+//! reached through the test-only fault points of the `fault-injection`
+//! feature; the test kills the broker once its log says the point is
+//! reached.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bubble_e2e_tests::*;
+use bubble_proto::v1 as pb;
+
+const READY: i32 = pb::BubbleState::Ready as i32;
+const SUSPENDED: i32 = pb::BubbleState::Suspended as i32;
+
+/// Waits until the broker's log shows it paused at `point`.
+async fn reached(dir: &Path, point: &str) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
+        if log
+            .lines()
+            .any(|l| l.contains("fault point reached") && l.contains(point))
+        {
+            return;
+        }
+        assert!(Instant::now() < until, "the broker never reached {point}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The bubble's public keys: made inside it, so they name its state.
+async fn keys(c: &mut Client, id: &str) -> Vec<u8> {
+    c.call(call_req(id, "keys", b""))
+        .await
+        .unwrap()
+        .into_inner()
+        .output
+}
+
+/// Kills the broker paused at `point` during a suspend; returns the data
+/// dir (kept), the bubble and its keys.
+async fn kill_at(point: &str) -> (tempfile::TempDir, String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: vec![("BUBBLED_TEST_PAUSE".into(), format!("{point}=30000"))],
+            ..Default::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let id = b.bubble_id;
+    let before = keys(&mut c, &id).await;
+    let mut s = c.clone();
+    let sid = id.clone();
+    let suspend = tokio::spawn(async move {
+        s.suspend_bubble(pb::SuspendBubbleRequest {
+            bubble_id: sid,
+            kek: Vec::new(),
+        })
+        .await
+    });
+    reached(dir.path(), point).await;
+    broker.kill();
+    assert!(
+        suspend.await.unwrap().is_err(),
+        "the broker died mid-suspend"
+    );
+    std::mem::forget(broker); // its VMMs belong to the next broker now
+    (dir, id, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_copy_is_stored_the_bubble_runs_on() {
+    let (dir, id, before) = kill_at("suspend.stored").await;
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = wait_for(&mut c, &id, Duration::from_secs(10), |b| b.state == READY).await;
+    assert_eq!(b.state, READY, "re-adopted: {}", b.failure_reason);
+    assert_eq!(keys(&mut c, &id).await, before, "the same bubble");
+    // And it can be suspended and restored normally afterwards.
+    let s = c
+        .suspend_bubble(pb::SuspendBubbleRequest {
+            bubble_id: id.clone(),
+            kek: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, SUSPENDED);
+    let r = c
+        .restore_bubble(pb::RestoreBubbleRequest {
+            bubble_id: id.clone(),
+            kek: Vec::new(),
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY);
+    assert_eq!(keys(&mut c, &id).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_commit_the_copy_restores() {
+    let (dir, id, before) = kill_at("suspend.committed").await;
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c
+        .describe_bubble(pb::BubbleRef {
+            bubble_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, SUSPENDED, "{}", b.failure_reason);
+    // The VMM the dead broker had not stopped yet is stopped now.
+    assert!(no_vmms_within(dir.path(), Duration::from_secs(10)).await);
+    let r = c
+        .restore_bubble(pb::RestoreBubbleRequest {
+            bubble_id: id.clone(),
+            kek: Vec::new(),
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, READY);
+    assert_eq!(keys(&mut c, &id).await, before, "the same bubble");
+}
