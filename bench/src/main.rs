@@ -269,9 +269,9 @@ async fn through_broker(
         };
         // Baseline in the same run: the same calls with the broker's answer
         // polling off (its thread sleeps until the VMM answers).
-        bubble_vmm::client::set_answer_poll(Duration::ZERO);
+        bubble_vmm_client::set_answer_poll(Duration::ZERO);
         let sleeping = stat(time_calls(&mut c, &req, opts.calls, 64).await?);
-        bubble_vmm::client::set_answer_poll(Duration::from_micros(u64::from(answer_poll_us)));
+        bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(answer_poll_us)));
         let m0 = broker.scrape();
         let mut s = stat(time_calls(&mut c, &req, opts.calls, 64).await?);
         s.extra.insert(

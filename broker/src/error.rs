@@ -51,6 +51,10 @@ pub enum BrokerError {
     /// The guest failed internally.
     #[error("guest internal error: {0}")]
     GuestInternal(String),
+    /// The VMM refused the request (it did not decode, or the VMM cannot
+    /// serve it now); the bubble is unaffected.
+    #[error("the VMM refused the request: {0}")]
+    VmmRefused(String),
     /// The call ran past its deadline; the bubble was stopped.
     #[error("call deadline exceeded: {0}")]
     DeadlineExceeded(String),
@@ -100,7 +104,7 @@ impl From<BrokerError> for Status {
             BrokerError::GuestLimit(_) => Code::ResourceExhausted,
             BrokerError::GuestTrap(_) => Code::Aborted,
             BrokerError::GuestRefused(_) => Code::FailedPrecondition,
-            BrokerError::GuestInternal(_) => Code::Internal,
+            BrokerError::GuestInternal(_) | BrokerError::VmmRefused(_) => Code::Internal,
             BrokerError::WrongState { .. } | BrokerError::ClaimedElsewhere(_) => {
                 Code::FailedPrecondition
             }

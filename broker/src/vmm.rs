@@ -1,10 +1,11 @@
 //! The broker's side of a bubble's VMM process: spawning, re-adoption,
-//! calls and notices, on top of `bubble_vmm`'s control client.
+//! calls and notices, on top of the `bubble-vmm-client` crate.
 
 use std::path::Path;
 use std::time::Duration;
 
-use bubble_vmm::client as vc;
+use bubble_vmm_client as vc;
+pub use bubble_vmm_client::{FailureKind, FailureReason};
 use tokio::sync::mpsc;
 
 use crate::config::BrokerConfig;
@@ -61,9 +62,9 @@ pub enum VmmNotice {
     /// A (rate-limited) guest log line.
     Log(String),
     /// The guest failed; the VMM stopped it.
-    Failed(String),
+    Failed(FailureReason),
     /// The VMM process or its connection is gone.
-    Gone(String),
+    Gone(FailureReason),
 }
 
 /// How a call failed.
@@ -71,10 +72,13 @@ pub enum VmmNotice {
 pub enum CallFailure {
     /// The guest refused the request (ABI error code, text); the bubble is fine.
     Rejected(u16, String),
+    /// The VMM refused the request (it did not decode, or the VMM cannot
+    /// serve it now); the guest never saw it and the bubble is fine.
+    Refused(String),
     /// The guest overran the deadline and was stopped.
     Deadline(String),
     /// The bubble died.
-    Failed(String),
+    Failed(FailureReason),
 }
 
 /// A running VMM process.
@@ -189,12 +193,17 @@ impl Vmm {
     }
 
     /// Waits for the guest's READY; returns the boot time in µs.
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<u64, String> {
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u64, FailureReason> {
         self.client
             .wait_ready(timeout)
             .await
             .map(|r| r.boot_us)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                vc::VmmError::Timeout(_) => {
+                    FailureReason::new(FailureKind::BootTimeout, e.to_string())
+                }
+                e => e.failure_reason(),
+            })
     }
 
     /// Calls `op` in the guest (unsigned).
@@ -222,8 +231,9 @@ impl Vmm {
                 vc::CallError::BadRequest(m) => {
                     CallFailure::Rejected(bubble_vmm::abi::code::TOO_LARGE, m)
                 }
+                vc::CallError::Refused { text, .. } => CallFailure::Refused(text),
                 vc::CallError::DeadlineExceeded(m) => CallFailure::Deadline(m),
-                other => CallFailure::Failed(other.to_string()),
+                vc::CallError::Failed(r) => CallFailure::Failed(r),
             })
     }
 
@@ -256,12 +266,12 @@ impl Vmm {
                 let n = match ev.recv().await {
                     Ok(vc::VmmEvent::Log(l)) => VmmNotice::Log(l),
                     Ok(vc::VmmEvent::Failed(r)) => VmmNotice::Failed(r),
-                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r.to_string()),
+                    Ok(vc::VmmEvent::Exited(r)) => VmmNotice::Gone(r.reason()),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        VmmNotice::Gone("VMM connection closed".into())
-                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => VmmNotice::Gone(
+                        FailureReason::new(FailureKind::VmmExited, "VMM connection closed"),
+                    ),
                 };
                 let end = !matches!(n, VmmNotice::Log(_));
                 if tx.send(n).is_err() || end {

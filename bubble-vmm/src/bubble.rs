@@ -29,6 +29,24 @@ pub enum BubbleError {
     Flood,
 }
 
+impl BubbleError {
+    /// The failure kind this error stands for.
+    pub fn failure_kind(&self) -> crate::control::FailureKind {
+        use crate::control::FailureKind as K;
+        match self {
+            BubbleError::Vm(e) => e.failure_kind(),
+            BubbleError::Protocol(_) => K::GuestAbi,
+            BubbleError::Panic(_) => K::GuestPanic,
+            BubbleError::Flood => K::ExitFlood,
+        }
+    }
+
+    /// The failure reason this error stands for.
+    pub fn reason(&self) -> crate::control::FailureReason {
+        crate::control::FailureReason::new(self.failure_kind(), self.to_string())
+    }
+}
+
 /// Result of a call that the guest answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {

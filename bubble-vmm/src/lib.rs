@@ -4,12 +4,13 @@
 //!   (deterministic, so the launch measurement can be computed offline);
 //! - [`load`], [`launch`]: loading a bubble's initial memory and recording
 //!   its SNP launch measurement as the pages are placed;
-//! - [`vm`]: the KVM VM with its single vCPU entered at CPL 3;
+//! - [`vm`]: the KVM VM with its single vCPU entered at CPL 3, on
+//!   [`memory`] (guest memory mappings), [`vm_error`] and [`doorbell`];
 //! - [`abi`] (messages, re-exported from the `bubble-abi` crate) and
 //!   [`transport`] (doorbell + mailbox): the guest ABI;
 //! - [`bubble`]: a guest speaking the ABI, with flood and protocol checks;
-//! - [`process`], [`control`], [`client`]: the VMM process per bubble, its
-//!   control protocol and the broker's async client;
+//! - [`process`], [`control`]: the VMM process per bubble and its control
+//!   protocol (the broker's async client is the `bubble-vmm-client` crate);
 //! - [`jail`]: what a VMM process does to confine itself (hygiene, parent
 //!   death, seccomp allowlists per thread; see `docs/jail.md`);
 //! - [`images`]: the guest shim and hostile test guests;
@@ -19,22 +20,19 @@
 
 pub mod abi;
 pub mod bubble;
-pub mod client;
 pub mod control;
-mod direct;
-mod exit;
+pub mod doorbell;
 pub mod floor;
 pub mod images;
 pub mod jail;
 pub mod launch;
-mod launcher;
 pub mod layout;
 pub mod load;
-mod priority;
+pub mod memory;
+pub mod priority;
 pub mod process;
 pub mod shared_image;
 pub mod snapshot;
-mod spawn;
 pub mod transport;
 pub mod vm;
-mod vmm_error;
+pub mod vm_error;

@@ -22,8 +22,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::launch::{self, LaunchLog};
 use crate::layout::{self, Image, InitialVcpu, Layout, IMAGE_BASE, PAGE};
+use crate::memory;
 use crate::shared_image::SharedImage;
-use crate::vm::{self, VmError};
+use crate::vm_error::VmError;
 
 /// What to load as the image.
 #[derive(Clone, Copy)]
@@ -97,7 +98,7 @@ pub fn load(src: Source<'_>, mem_size: u64, max_payload: u64) -> Result<Loaded, 
             IMAGE_BASE,
         ),
     };
-    let mem = vm::anon_memory(mem_size)?;
+    let mem = memory::anon_memory(mem_size)?;
     let mut log = LaunchLog::new();
     // 1. The image.
     let entry = match src {
@@ -109,7 +110,7 @@ pub fn load(src: Source<'_>, mem_size: u64, max_payload: u64) -> Result<Loaded, 
         }
         Source::Shared(img) => {
             let (host, len) =
-                vm::host_span(&mem).ok_or_else(|| VmError::Memory("no guest memory".into()))?;
+                memory::host_span(&mem).ok_or_else(|| VmError::Memory("no guest memory".into()))?;
             if IMAGE_BASE + img.span() > len as u64 {
                 return Err(VmError::Memory("image does not fit in guest memory".into()));
             }

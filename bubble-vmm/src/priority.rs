@@ -4,18 +4,18 @@
 //! [`can_raise`]).
 
 /// Nice value of work done beside bubbles.
-pub(crate) const BACKGROUND_NICE: libc::c_int = 19;
+pub const BACKGROUND_NICE: libc::c_int = 19;
 
 /// Sets the nice value of thread `tid` (0: the calling thread); returns
 /// whether it took.
-pub(crate) fn set_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
+pub fn set_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
     // SAFETY: on Linux, PRIO_PROCESS names one thread (0: the caller);
     // setpriority only changes a scheduling attribute, no memory.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
 }
 
 /// Sets the nice value of every thread of process `pid` (`None`: this one).
-pub(crate) fn set_process_nice(pid: Option<u32>, nice: libc::c_int) {
+pub fn set_process_nice(pid: Option<u32>, nice: libc::c_int) {
     let dir = match pid {
         Some(p) => format!("/proc/{p}/task"),
         None => "/proc/self/task".to_string(),
@@ -30,7 +30,7 @@ pub(crate) fn set_process_nice(pid: Option<u32>, nice: libc::c_int) {
 /// Whether this process may raise priorities again after lowering them
 /// (root, CAP_SYS_NICE or a generous RLIMIT_NICE), tried on a throwaway
 /// thread.
-pub(crate) fn can_raise() -> bool {
+pub fn can_raise() -> bool {
     std::thread::spawn(|| set_nice(0, BACKGROUND_NICE) && set_nice(0, 0))
         .join()
         .unwrap_or(false)
@@ -40,7 +40,7 @@ pub(crate) fn can_raise() -> bool {
 /// `/proc` (which a sealed VMM may not open): the whole process group when
 /// this process leads its own (a VMM always does), else the calling
 /// thread only.
-pub(crate) fn set_own_group_nice(nice: libc::c_int) {
+pub fn set_own_group_nice(nice: libc::c_int) {
     // SAFETY: getpgrp and getpid have no preconditions; setpriority only
     // changes a scheduling attribute of our own group.
     unsafe {

@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use bubble_attestation::measure::{PageInfo, PageType};
 
 use crate::layout::{self, Image, IMAGE_BASE, PAGE};
-use crate::vm::VmError;
+use crate::vm_error::VmError;
 
 /// Magic of the measurement table.
 const TABLE_MAGIC: &[u8; 8] = b"BUBMEAS1";

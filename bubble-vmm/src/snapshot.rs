@@ -109,37 +109,29 @@ pub fn page_runs(body: &[u8]) -> Option<Vec<(u64, u64)>> {
     Some(runs)
 }
 
-/// Encodes page runs for a PREFAULT frame: `[n u32][(gpa u64, pages u64)*]`.
-pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + runs.len() * 16);
-    v.extend((runs.len() as u32).to_le_bytes());
-    for (g, n) in runs {
-        v.extend(g.to_le_bytes());
-        v.extend(n.to_le_bytes());
-    }
-    v
-}
+pub use crate::control::encode_runs;
 
-/// Decodes page runs and checks them against `mem_size`: page-aligned,
-/// inside memory, in increasing order without overlap.
-pub fn decode_runs(b: &[u8], mem_size: u64) -> Option<Vec<(u64, u64)>> {
-    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-    if b.len() != n.checked_mul(16)?.checked_add(4)? {
-        return None;
-    }
-    let mut out = Vec::with_capacity(n);
+/// Checks page runs against `mem_size`: page-aligned, non-empty, inside
+/// memory, in increasing order without overlap.
+pub fn check_runs(runs: &[(u64, u64)], mem_size: u64) -> bool {
     let mut end = 0u64;
-    for c in b[4..].chunks_exact(16) {
-        let g = u64::from_le_bytes(c[..8].try_into().ok()?);
-        let pages = u64::from_le_bytes(c[8..].try_into().ok()?);
-        let e = pages.checked_mul(PAGE).and_then(|l| g.checked_add(l))?;
+    for &(g, pages) in runs {
+        let Some(e) = pages.checked_mul(PAGE).and_then(|l| g.checked_add(l)) else {
+            return false;
+        };
         if g % PAGE != 0 || pages == 0 || g < end || e > mem_size {
-            return None;
+            return false;
         }
         end = e;
-        out.push((g, pages));
     }
-    Some(out)
+    true
+}
+
+/// Decodes a PREFAULT body's page runs and checks them ([`check_runs`]).
+pub fn decode_runs(b: &[u8], mem_size: u64) -> Option<Vec<(u64, u64)>> {
+    crate::control::decode_runs(b)
+        .ok()
+        .filter(|r| check_runs(r, mem_size))
 }
 
 /// A read cursor over a snapshot body given as consecutive parts.

@@ -1,7 +1,7 @@
 //! Guest ABI *transport*: how messages travel between a bubble and its
 //! VMM on a plain KVM host.
 //!
-//! - **Doorbell**: a 32-bit write to [`layout::DOORBELL_GPA`], an address
+//! - **Doorbell**: a 32-bit write to [`crate::layout::DOORBELL_GPA`], an address
 //!   with no memory slot, so the access exits to the VMM (KVM_EXIT_MMIO) at
 //!   any CPL on every KVM backend. One doorbell = one exit: it publishes the
 //!   guest's message and, because the vCPU stays stopped until the VMM has
@@ -14,22 +14,10 @@
 //! stay as they are.
 
 use crate::abi::{self, AbiError, Header, MsgType, HEADER_LEN};
-use crate::layout::{self, Layout};
-use crate::vm::{Vm, VmError};
-
-/// A doorbell ring: the 32-bit value the guest wrote (its sequence number).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Doorbell(pub u32);
-
-/// Recognizes a doorbell write; anything else is not part of the ABI.
-pub fn doorbell_write(addr: u64, data: &[u8]) -> Option<Doorbell> {
-    if addr != layout::DOORBELL_GPA || data.len() != 4 {
-        return None;
-    }
-    Some(Doorbell(u32::from_le_bytes([
-        data[0], data[1], data[2], data[3],
-    ])))
-}
+pub use crate::doorbell::{doorbell_write, Doorbell};
+use crate::layout::Layout;
+use crate::vm::Vm;
+use crate::vm_error::VmError;
 
 /// Errors reading or writing the mailbox.
 #[derive(Debug, thiserror::Error)]

@@ -8,49 +8,12 @@ use kvm_bindings::{kvm_dtable, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::doorbell::{self, Doorbell};
 pub use crate::launch::Launch;
-use crate::layout::{self, InitialVcpu, Layout};
+use crate::layout::{InitialVcpu, Layout};
 use crate::load::{self, Source};
-use crate::transport::{self, Doorbell};
-
-/// Errors creating or running a VM.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// A KVM ioctl failed.
-    #[error("KVM {what}: {source}")]
-    Kvm {
-        /// Which operation.
-        what: &'static str,
-        /// The errno.
-        source: kvm_ioctls::Error,
-    },
-    /// Guest memory could not be set up.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// The image or layout is invalid.
-    #[error(transparent)]
-    Layout(#[from] layout::LayoutError),
-    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
-    #[error("guest triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}")]
-    TripleFault {
-        /// Guest RIP when it happened.
-        rip: u64,
-    },
-    /// The guest touched an address or port it must not.
-    #[error("guest accessed {what} at {addr:#x}, which is not part of the bubble ABI")]
-    UnexpectedAccess {
-        /// MMIO read/write or port I/O.
-        what: &'static str,
-        /// Address or port.
-        addr: u64,
-    },
-    /// KVM reported an exit the VMM does not handle.
-    #[error("unexpected VM exit: {0}")]
-    UnexpectedExit(String),
-    /// The run was interrupted on request (deadline).
-    #[error("vCPU interrupted")]
-    Interrupted,
-}
+pub use crate::memory::{anon_memory, host_span, populate};
+pub use crate::vm_error::VmError;
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
@@ -121,59 +84,6 @@ impl VmShell {
             vm,
             vcpu,
         })
-    }
-}
-
-/// Guest memory of `mem_size` bytes from guest-physical 0: anonymous and
-/// `MAP_NORESERVE`, so untouched pages cost no host memory.
-pub fn anon_memory(mem_size: u64) -> Result<GuestMemoryMmap<()>, VmError> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(|e| VmError::Memory(e.to_string()))
-}
-
-/// Host address and length of guest memory (its single region).
-pub fn host_span(mem: &GuestMemoryMmap<()>) -> Option<(*mut u8, usize)> {
-    let region = mem.iter().next()?;
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(0))
-        .ok()?;
-    Some((host, region.len() as usize))
-}
-
-/// Faults in the host pages behind these guest pages in few system calls
-/// (runs of contiguous pages); addresses outside `mem` are skipped.
-pub fn populate(mem: &GuestMemoryMmap<()>, gpas: impl Iterator<Item = u64>) {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let Some((host, len)) = host_span(mem) else {
-        return;
-    };
-    let flush = |(start, end): (u64, u64)| {
-        if end <= len as u64 {
-            // SAFETY: the range lies inside the guest memory mapping;
-            // MADV_POPULATE_WRITE only faults pages in (errors, e.g. on
-            // kernels without it, are harmless: writes fault normally).
-            unsafe {
-                libc::madvise(
-                    host.add(start as usize).cast(),
-                    (end - start) as usize,
-                    MADV_POPULATE_WRITE,
-                );
-            }
-        }
-    };
-    let mut run: Option<(u64, u64)> = None;
-    for g in gpas {
-        run = match run {
-            Some((s, e)) if e == g => Some((s, e + layout::PAGE)),
-            Some(r) => {
-                flush(r);
-                Some((g, g + layout::PAGE))
-            }
-            None => Some((g, g + layout::PAGE)),
-        };
-    }
-    if let Some(r) = run {
-        flush(r);
     }
 }
 
@@ -254,7 +164,7 @@ impl Vm {
         Self::start(load::load(Source::Shared(image), mem_size, max_payload)?)
     }
 
-    /// A VM running raw machine code at [`layout::IMAGE_BASE`] (floors and
+    /// A VM running raw machine code at [`crate::layout::IMAGE_BASE`] (floors and
     /// hostile test guests).
     pub fn with_code(code: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
         Self::start(load::load(Source::Code(code), mem_size, max_payload)?)
@@ -406,7 +316,7 @@ impl Vm {
         loop {
             match self.vcpu.run() {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    return transport::doorbell_write(addr, data).ok_or(VmError::UnexpectedAccess {
+                    return doorbell::doorbell_write(addr, data).ok_or(VmError::UnexpectedAccess {
                         what: "MMIO write",
                         addr,
                     })

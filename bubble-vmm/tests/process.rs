@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use bubble_vmm::client::{
-    socket_path, spawn, CallError, GuestImage, HostileKind, SpawnConfig, VmmClient, VmmEvent,
+use bubble_vmm_client::{
+    socket_path, spawn, CallError, FailureKind, GuestImage, HostileKind, SpawnConfig, VmmClient,
+    VmmEvent,
 };
 
 fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> SpawnConfig {
@@ -66,9 +67,10 @@ async fn spawn_call_deadline() {
     })
     .await
     .unwrap();
-    assert!(failed.contains("within 200 ms"), "{failed}");
+    assert!(failed.detail.contains("within 200 ms"), "{failed}");
+    assert_eq!(failed.kind, FailureKind::Deadline);
     let st = s.status().await.unwrap();
-    assert_eq!(st.failed.as_deref(), Some(failed.as_str()));
+    assert_eq!(st.failed.as_ref(), Some(&failed));
     // Further calls are refused as failed, not run.
     let e = s
         .call("echo", b"x", Duration::from_secs(1))

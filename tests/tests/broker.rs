@@ -327,7 +327,7 @@ async fn hostile_guests_fail_alone() {
     let good = c.create_bubble(create_req(8)).await.unwrap().into_inner();
     assert_eq!(good.state, READY);
 
-    for kind in bubble_vmm::client::HostileKind::ALL {
+    for kind in bubble_vmm::images::HostileKind::ALL {
         let name = kind.name();
         let b = c
             .create_bubble(pb::CreateBubbleRequest {

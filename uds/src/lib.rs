@@ -136,33 +136,6 @@ impl AsyncRead for ReadHalf {
     }
 }
 
-/// Polls `fd` (without consuming anything) until data or end of stream is
-/// there, or `budget` has passed; returns whether data came in time. Yields
-/// the CPU between polls, so that runnable threads go first.
-pub fn spin_readable(fd: &impl AsFd, budget: std::time::Duration) -> bool {
-    let until = std::time::Instant::now() + budget;
-    let mut b = [0u8; 1];
-    loop {
-        // SAFETY: a non-blocking peek of at most one byte into a local
-        // buffer; nothing is consumed.
-        let n = unsafe {
-            libc::recv(
-                fd.as_fd().as_raw_fd(),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return true;
-        }
-        if std::time::Instant::now() >= until {
-            return false;
-        }
-        std::thread::yield_now();
-    }
-}
-
 impl Drop for WriteHalf {
     /// Shuts the writing direction down, so the peer sees the end of the
     /// stream even while the reading half lives on (as with tokio's
@@ -173,14 +146,14 @@ impl Drop for WriteHalf {
 }
 
 impl WriteHalf {
-    /// A handle on the socket for [`spin_readable`], usable without holding
+    /// A handle on the socket for `bubble_vmm::control::spin_readable`, usable without holding
     /// either half (it keeps the socket open while it lives).
     pub fn poll_handle(&self) -> PollHandle {
         PollHandle(self.io.clone())
     }
 }
 
-/// The socket of a connection, for [`spin_readable`] (see
+/// The socket of a connection, for `bubble_vmm::control::spin_readable` (see
 /// [`WriteHalf::poll_handle`]).
 #[derive(Clone, Debug)]
 pub struct PollHandle(Arc<AsyncFd<StdUnixStream>>);

@@ -16,7 +16,7 @@ use super::{now_ms, Broker};
 use crate::config;
 use crate::error::{invalid, BrokerError};
 use crate::store::registry::BubbleRecord;
-use crate::vmm::CallFailure;
+use crate::vmm::{CallFailure, FailureKind, FailureReason};
 
 impl Broker {
     /// Calls `op` in one of `parent`'s bubbles.
@@ -209,13 +209,22 @@ impl Broker {
                 self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;
                 Err(BrokerError::from_guest(code, msg))
             }
+            Err(CallFailure::Refused(msg)) => {
+                // A request the VMM would not take: the guest never saw it.
+                self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;
+                Err(BrokerError::VmmRefused(msg))
+            }
             Err(CallFailure::Deadline(msg)) => {
-                self.fail(&id, &format!("call deadline exceeded: {msg}"));
+                let reason = FailureReason::new(
+                    FailureKind::Deadline,
+                    format!("call deadline exceeded: {msg}"),
+                );
+                self.fail(&id, &reason);
                 Err(BrokerError::DeadlineExceeded(msg))
             }
-            Err(CallFailure::Failed(msg)) => {
-                self.fail(&id, &msg);
-                Err(BrokerError::BubbleFailed(msg))
+            Err(CallFailure::Failed(reason)) => {
+                self.fail(&id, &reason);
+                Err(BrokerError::BubbleFailed(reason.detail))
             }
         };
         drop(permit);

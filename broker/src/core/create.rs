@@ -12,7 +12,7 @@ use super::{now_ms, Broker, Event};
 use crate::config;
 use crate::error::BrokerError;
 use crate::store::registry::{BubbleRecord, IdleRule, PortionPolicy, RegistryError};
-use crate::vmm::{ImageSpec, Vmm};
+use crate::vmm::{FailureKind, FailureReason, ImageSpec, Vmm};
 
 type Insert = tokio::task::JoinHandle<Result<Option<BubbleRecord>, RegistryError>>;
 
@@ -59,6 +59,7 @@ impl Broker {
             },
             state: State::Booting,
             failure_reason: String::new(),
+            failure_kind: String::new(),
             memory_mib,
             vcpus: 1,
             image: image.name(),
@@ -144,7 +145,10 @@ impl Broker {
         let booting = async {
             let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
                 .await
-                .map_err(|e| (true, format!("VMM did not start: {e}")))?;
+                .map_err(|e| {
+                    let detail = format!("VMM did not start: {e}");
+                    (true, FailureReason::new(FailureKind::SpawnFailed, detail))
+                })?;
             let live = self.table.live(vmm);
             self.table.set_live(&id, Some(live.clone()));
             let spawn_us = t0.elapsed().as_micros() as u64;
@@ -153,7 +157,7 @@ impl Broker {
                 .wait_ready(self.cfg.boot_timeout)
                 .await
                 .map_err(|e| (false, e))?;
-            Ok::<_, (bool, String)>((live, boot_us, spawn_us))
+            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us))
         };
         let (inserted, booted) = tokio::join!(insert, booting);
         let inserted = inserted
@@ -180,7 +184,7 @@ impl Broker {
             Err((spawn_failed, reason)) => {
                 self.fail(&id, &reason);
                 if spawn_failed {
-                    return Err(BrokerError::Spawn(reason));
+                    return Err(BrokerError::Spawn(reason.detail));
                 }
                 return Ok(self.table.get(&id).unwrap_or(rec));
             }
@@ -197,7 +201,10 @@ impl Broker {
                 )
                 .await;
             if let Err(e) = set {
-                let reason = format!("could not apply the security policy: {e:?}");
+                let reason = FailureReason::new(
+                    FailureKind::Internal,
+                    format!("could not apply the security policy: {e:?}"),
+                );
                 self.fail(&id, &reason);
                 return Ok(self.table.get(&id).unwrap_or(rec));
             }

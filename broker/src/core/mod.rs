@@ -96,7 +96,7 @@ pub struct Broker {
     /// Host-wide cap on total bubble memory, MiB.
     host_limit_mib: u64,
     usage_signer: UsageSigner,
-    spawner: Arc<bubble_vmm::client::Spawner>,
+    spawner: Arc<bubble_vmm_client::Spawner>,
     /// The TEE backend (the simulated virtual PSP on this host).
     psp: bubble_attestation::SimPsp,
     /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
@@ -181,7 +181,7 @@ impl Broker {
     /// warm-pool refillers, the idle-policy ticker and the owner flusher.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
         raise_fd_limit();
-        bubble_vmm::client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
+        bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Registry::open(&cfg.registry_path())?;
@@ -195,7 +195,7 @@ impl Broker {
         let psp = bubble_attestation::SimPsp::load_or_create(&cfg.data_dir.join("psp"))
             .map_err(|e| BrokerError::Spawn(e.to_string()))?;
         warn!("attestation backend: sim (virtual PSP; SIMULATED, no hardware protection)");
-        let spawner = bubble_vmm::client::Spawner::new(
+        let spawner = bubble_vmm_client::Spawner::new(
             cfg.vmm_program.clone(),
             cfg.vmm_args_prefix.clone(),
             cfg.data_dir.join("spares"),

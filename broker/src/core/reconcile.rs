@@ -13,7 +13,7 @@ use super::lifecycle::{State, Step};
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
 use crate::store::registry::BubbleRecord;
-use crate::vmm::Vmm;
+use crate::vmm::{FailureKind, FailureReason, Vmm};
 
 impl Broker {
     /// Re-adopts every bubble that should have a VMM if its VMM still
@@ -49,14 +49,20 @@ impl Broker {
                     vmm.shutdown().await;
                     self.fail(
                         &rec.id,
-                        "bubble was still booting when the broker restarted",
+                        &FailureReason::new(
+                            FailureKind::BrokerRestart,
+                            "bubble was still booting when the broker restarted",
+                        ),
                     );
                 }
                 Err(e) => {
                     warn!(bubble = %rec.id, parent = %rec.owner, error = %e, "bubble lost");
                     self.fail(
                         &rec.id,
-                        &format!("VMM process not running after broker restart ({e})"),
+                        &FailureReason::new(
+                            FailureKind::BrokerRestart,
+                            format!("VMM process not running after broker restart ({e})"),
+                        ),
                     );
                 }
             }

@@ -10,7 +10,7 @@ use super::table::Live;
 use super::{now_ms, Broker, Event};
 use crate::error::BrokerError;
 use crate::store::registry::BubbleRecord;
-use crate::vmm::VmmNotice;
+use crate::vmm::{FailureReason, VmmNotice};
 
 impl Broker {
     /// Applies `step` to a bubble (see [`lifecycle::apply`]), runs `update`
@@ -112,13 +112,19 @@ impl Broker {
     /// Marks a bubble FAILED and stops its VMM process if one runs. A
     /// bubble that is not running (already failed, suspended, deleted) is
     /// left as it is, and the failure is counted once.
-    pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &str) {
-        match self.apply(id, Step::Failed, reason, |r| r.vmm_pid = 0) {
+    pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &FailureReason) {
+        let (kind, detail) = (reason.kind, reason.detail.as_str());
+        match self.apply(id, Step::Failed, detail, |r| {
+            r.vmm_pid = 0;
+            r.failure_kind = kind.label().to_string();
+        }) {
             Ok(_) => {
-                warn!(bubble = %id, reason, "bubble failed");
-                self.metrics.failed(reason);
+                warn!(bubble = %id, %kind, reason = detail, "bubble failed");
+                self.metrics.failed(kind);
             }
-            Err(e) => info!(bubble = %id, reason, state = %e, "failure not applied"),
+            Err(e) => {
+                info!(bubble = %id, %kind, reason = detail, state = %e, "failure not applied")
+            }
         }
         if let Some(live) = self.table.set_live(id, None) {
             tokio::spawn(async move { live.vmm.shutdown().await });

@@ -204,6 +204,7 @@ mod tests {
             client_request_id: "r".into(),
             state: State::Ready,
             failure_reason: String::new(),
+            failure_kind: String::new(),
             memory_mib: 16,
             vcpus: 1,
             image: "shim".into(),

@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::vmm::FailureKind;
+
 /// Label of a per-state gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -24,8 +26,8 @@ pub struct ProfileLabel {
 /// Label of the failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// Failure category (see [`failure_category`]).
-    pub reason: String,
+    /// Failure kind ([`FailureKind::label`]).
+    pub reason: &'static str,
 }
 
 /// All broker metrics.
@@ -105,11 +107,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a failure under its category.
-    pub fn failed(&self, reason: &str) {
+    /// Counts a failure under its kind.
+    pub fn failed(&self, kind: FailureKind) {
         self.failures
             .get_or_create(&ReasonLabel {
-                reason: failure_category(reason).to_string(),
+                reason: kind.label(),
             })
             .inc();
     }
@@ -120,33 +122,5 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-/// Maps a free-text failure reason to a small, fixed set of label values.
-pub fn failure_category(reason: &str) -> &'static str {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("deadline") {
-        "deadline"
-    } else if r.contains("triple fault") || r.contains("shutdown") {
-        "triple_fault"
-    } else if r.contains("flood") {
-        "exit_flood"
-    } else if r.contains("broker restart") {
-        "lost_on_restart"
-    } else if r.contains("abi")
-        || r.contains("mailbox")
-        || r.contains("message")
-        || r.contains("length")
-    {
-        "guest_protocol"
-    } else if r.contains("panic") {
-        "guest_panic"
-    } else if r.contains("did not start") || r.contains("boot") || r.contains("ready") {
-        "boot"
-    } else if r.contains("exited") || r.contains("closed") || r.contains("gone") {
-        "vmm_exited"
-    } else {
-        "other"
     }
 }

@@ -83,6 +83,11 @@ pub struct BubbleRecord {
     pub state: State,
     /// Why the bubble failed (empty unless FAILED).
     pub failure_reason: String,
+    /// The kind of that failure (a `FailureKind` label, as in
+    /// `bubbled_failures_total{reason}`; empty unless FAILED, and in
+    /// records written before kinds were kept).
+    #[serde(default)]
+    pub failure_kind: String,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// vCPU count.
@@ -508,6 +513,7 @@ mod tests {
             client_request_id: req.into(),
             state: State::Booting,
             failure_reason: String::new(),
+            failure_kind: String::new(),
             memory_mib: 16,
             vcpus: 1,
             image: "shim".into(),

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::abi::ABI_VERSION;
-use crate::bubble::{Answer, Bubble, BubbleError};
-use crate::control::{self, kind, CallErrKind, Frame, Status};
+use crate::bubble::{Bubble, BubbleError};
+use crate::control::{Event, FailureKind, FailureReason, Reply, Status};
 use crate::images::{self, GuestImage};
 use crate::jail;
 use crate::priority;
@@ -27,12 +27,16 @@ use crate::vm::{self, Vm, VmError};
 mod args;
 mod linger;
 mod restore;
+mod serve;
 mod spare;
 mod watchdog;
 
 pub use args::{VmmArgs, DEFAULT_RESTORE_DEADLINE};
 use linger::{seal_vcpu, start_linger, LINGER};
-pub(crate) use spare::SpareArgs;
+#[cfg(feature = "fault-injection")]
+pub use serve::FAULT_ERROR_OP;
+use serve::{serve_all, Guest};
+pub use spare::SpareArgs;
 use watchdog::Watchdog;
 
 /// Builds the VM for an image; the shim is mapped from `image_fd` (see
@@ -88,32 +92,33 @@ impl Shared {
         })
     }
 
-    fn send(&self, f: &Frame) {
+    /// Writes to the current connection (dropped if the write fails).
+    fn send(&self, write: impl FnOnce(&mut UnixStream) -> io::Result<()>) {
         if let Ok(mut c) = self.conn.lock() {
             if let Some(s) = c.as_mut() {
-                if f.write_to(s).is_err() {
+                if write(s).is_err() {
                     *c = None;
                 }
             }
         }
     }
 
-    fn event(&self, k: u8, body: Vec<u8>) {
-        self.send(&Frame {
-            kind: k,
-            id: 0,
-            body,
-        });
+    fn reply(&self, id: u64, r: &Reply) {
+        self.send(|s| r.write_to(id, s));
     }
 
-    fn fail(&self, reason: &str) {
-        eprintln!("bubble failed: {reason}");
+    fn event(&self, e: &Event) {
+        self.send(|s| e.write_to(s));
+    }
+
+    fn fail(&self, reason: FailureReason) {
+        eprintln!("bubble failed ({}): {}", reason.kind, reason.detail);
         if let Ok(mut s) = self.status.lock() {
             if s.failed.is_none() {
-                s.failed = Some(reason.to_string());
+                s.failed = Some(reason.clone());
             }
         }
-        self.event(kind::EV_FAILED, reason.as_bytes().to_vec());
+        self.event(&Event::Failed(reason));
     }
 }
 
@@ -130,7 +135,10 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     ) {
         Ok(vm) => vm,
         Err(e) => {
-            fail_then_exit(&shared, &format!("VM setup failed: {e}"));
+            fail_then_exit(
+                &shared,
+                FailureReason::new(FailureKind::Setup, format!("VM setup failed: {e}")),
+            );
             return serve_all(conns, None, &args.bubble_id, &shared);
         }
     };
@@ -141,14 +149,17 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         shared: shared.clone(),
     };
     if let Err(e) = seal_vcpu() {
-        fail_then_exit(&shared, &format!("jail: {e}"));
+        fail_then_exit(
+            &shared,
+            FailureReason::new(FailureKind::Jail, format!("jail: {e}")),
+        );
         return serve_all(conns, None, &args.bubble_id, &shared);
     }
     guest.dog.arm(args.boot_timeout);
     let sh = shared.clone();
     let booted = guest
         .bubble
-        .boot(&mut |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec()));
+        .boot(&mut |line: &str| sh.event(&Event::Log(line.to_string())));
     guest.dog.disarm();
     match booted {
         Ok(_) => {
@@ -158,66 +169,32 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
                 s.boot_us = boot_us;
                 s.vcpu_us = guest.bubble.run_time().as_micros() as u64;
             }
-            shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+            shared.event(&Event::Ready { boot_us });
         }
         Err(e) => {
             let reason = match e {
                 BubbleError::Vm(VmError::Interrupted) if guest.dog.fired.load(Ordering::SeqCst) => {
-                    format!(
-                        "guest did not boot within {} ms",
-                        args.boot_timeout.as_millis()
+                    FailureReason::new(
+                        FailureKind::BootTimeout,
+                        format!(
+                            "guest did not boot within {} ms",
+                            args.boot_timeout.as_millis()
+                        ),
                     )
                 }
-                e => format!("boot failed: {e}"),
+                e => FailureReason::new(e.failure_kind(), format!("boot failed: {e}")),
             };
-            fail_then_exit(&shared, &reason);
+            fail_then_exit(&shared, reason);
             return serve_all(conns, None, &args.bubble_id, &shared);
         }
     }
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
 
-fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
-    let state = vm.capture()?.encode();
-    let pages = vm.nonzero_pages()?;
-    let mut b = Vec::with_capacity(8 + state.len() + pages.len() * (8 + 4096));
-    b.extend((state.len() as u32).to_le_bytes());
-    b.extend(&state);
-    b.extend((pages.len() as u32).to_le_bytes());
-    let mut buf = vec![0u8; 4096];
-    for gpa in pages {
-        vm.read(gpa, &mut buf)?;
-        b.extend(gpa.to_le_bytes());
-        b.extend(&buf);
-    }
-    Ok(b)
-}
-
 /// Default deadline when a CALL carries none.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a failed VMM lingers to deliver its failure before exiting.
 const FAILED_LINGER: Duration = Duration::from_secs(2);
-
-/// Serves broker connections one at a time, on the vCPU thread: a call
-/// runs the guest right here, without a thread hand-off. Without a guest
-/// (it failed), status requests report the failure until the VMM exits.
-fn serve_all(
-    conns: mpsc::Receiver<UnixStream>,
-    mut guest: Option<&mut Guest>,
-    bubble_id: &str,
-    shared: &Arc<Shared>,
-) {
-    for conn in conns {
-        if let Err(e) = serve(conn, guest.as_deref_mut(), bubble_id, shared) {
-            if e.kind() != io::ErrorKind::UnexpectedEof {
-                eprintln!("bubble-vmm: connection ended: {e}");
-            }
-        }
-        if let Ok(mut c) = shared.conn.lock() {
-            *c = None;
-        }
-    }
-}
 
 /// How long the vCPU thread polls for the next request after answering
 /// one, before it sleeps in `read` (unless told otherwise): a sleeping
@@ -228,7 +205,7 @@ pub const DEFAULT_POLL: Duration = Duration::from_micros(300);
 
 /// Records the failure and ends the process after a short grace period in
 /// which the broker can still learn why.
-fn fail_then_exit(shared: &Shared, reason: &str) {
+fn fail_then_exit(shared: &Shared, reason: FailureReason) {
     shared.fail(reason);
     match LINGER.get() {
         Some(linger) => {
@@ -240,169 +217,6 @@ fn fail_then_exit(shared: &Shared, reason: &str) {
                 std::thread::sleep(FAILED_LINGER);
                 std::process::exit(3);
             });
-        }
-    }
-}
-
-/// The booted guest and what guards it.
-struct Guest {
-    bubble: Bubble,
-    dog: Arc<Watchdog>,
-    shared: Arc<Shared>,
-}
-
-impl Guest {
-    /// Runs one call; a fatal outcome fails the bubble and ends the process
-    /// after the answer is sent.
-    fn call(
-        &mut self,
-        call: &crate::abi::Call<'_>,
-        deadline: Duration,
-    ) -> (Option<CallErrKind>, Vec<u8>, bool) {
-        let op = call.op;
-        let cap = self.bubble.capacity();
-        if call.encoded_len() > cap {
-            return (
-                Some(CallErrKind::BadRequest),
-                format!("request does not fit the mailbox ({cap} bytes)").into_bytes(),
-                false,
-            );
-        }
-        let sh = self.shared.clone();
-        let mut log = move |line: &str| sh.event(kind::EV_LOG, line.as_bytes().to_vec());
-        self.dog.arm(deadline);
-        let r = self.bubble.call_with(call, &mut log);
-        self.dog.disarm();
-        if let Ok(mut s) = self.shared.status.lock() {
-            s.vcpu_us = self.bubble.run_time().as_micros() as u64;
-        }
-        match r {
-            Ok(Answer::Output(out)) => (None, out, false),
-            Ok(Answer::Rejected(code, text)) => {
-                // Body: [guest error code u16 LE][text].
-                let mut b = code.to_le_bytes().to_vec();
-                b.extend(text.as_bytes());
-                (Some(CallErrKind::Rejected), b, false)
-            }
-            Err(BubbleError::Vm(VmError::Interrupted)) if self.dog.fired.load(Ordering::SeqCst) => {
-                let reason = format!(
-                    "call deadline exceeded: guest did not answer {op:?} within {} ms",
-                    deadline.as_millis()
-                );
-                fail_then_exit(&self.shared, &reason);
-                (Some(CallErrKind::Deadline), reason.into_bytes(), true)
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                fail_then_exit(&self.shared, &reason);
-                (Some(CallErrKind::Failed), reason.into_bytes(), true)
-            }
-        }
-    }
-}
-
-fn serve(
-    stream: UnixStream,
-    mut guest: Option<&mut Guest>,
-    bubble_id: &str,
-    shared: &Arc<Shared>,
-) -> io::Result<()> {
-    let mut reader = io::BufReader::new(stream.try_clone()?);
-    if let Ok(mut c) = shared.conn.lock() {
-        *c = Some(stream);
-    }
-    // Poll only while requests keep coming back to back: one that took
-    // longer than the budget turns polling off until one comes quickly.
-    let budget = shared.poll;
-    let mut poll = !budget.is_zero();
-    loop {
-        let idle_since = Instant::now();
-        if poll && reader.buffer().is_empty() {
-            poll = bubble_uds::spin_readable(reader.get_ref(), budget);
-        }
-        let f = Frame::read_from(&mut reader)?;
-        if !poll && !budget.is_zero() {
-            poll = idle_since.elapsed() < budget;
-        }
-        let reply = |k: u8, body: Vec<u8>| {
-            shared.send(&Frame {
-                kind: k,
-                id: f.id,
-                body,
-            })
-        };
-        match f.kind {
-            kind::HELLO | kind::STATUS => {
-                if f.kind == kind::HELLO && f.body != bubble_id.as_bytes() {
-                    reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
-                    return Ok(());
-                }
-                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-                reply(kind::STATUS_OK, st.encode());
-            }
-            kind::CALL => {
-                let Some((deadline_ms, call)) = control::decode_call(&f.body) else {
-                    reply(kind::ERROR, b"malformed CALL".to_vec());
-                    continue;
-                };
-                #[cfg(feature = "fault-injection")]
-                if call.op == jail::seccomp::FAULT_OP {
-                    jail::seccomp::forbidden_syscall();
-                }
-                let deadline = match deadline_ms {
-                    0 => DEFAULT_DEADLINE,
-                    ms => Duration::from_millis(u64::from(ms)),
-                };
-                let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
-                let (k, body) = match (failed, guest.as_deref_mut()) {
-                    (None, Some(g)) => {
-                        let (k, body, fatal) = g.call(&call, deadline);
-                        if fatal {
-                            guest = None;
-                        }
-                        (k, body)
-                    }
-                    (reason, _) => (
-                        Some(CallErrKind::Failed),
-                        reason
-                            .unwrap_or_else(|| "the bubble has no guest".into())
-                            .into_bytes(),
-                    ),
-                };
-                match k {
-                    None => reply(kind::CALL_OK, body),
-                    Some(k) => {
-                        let mut b = vec![k as u8];
-                        b.extend(body);
-                        reply(kind::CALL_ERR, b);
-                    }
-                }
-            }
-            kind::SHUTDOWN => {
-                reply(kind::SHUTDOWN_OK, Vec::new());
-                exit_in_background();
-            }
-            kind::MEASUREMENT => match guest
-                .as_deref_mut()
-                .map(|g| g.bubble.vm().launch().answer())
-            {
-                Some(Some(m)) => reply(kind::MEASUREMENT_OK, m.encode()),
-                Some(None) => reply(kind::ERROR, b"launch measurement unknown".to_vec()),
-                None => reply(kind::ERROR, b"the bubble has no guest".to_vec()),
-            },
-            kind::SUSPEND => {
-                // The vCPU is stopped in its doorbell exit (this thread runs
-                // it): a safe point. The VMM keeps running until the broker
-                // has stored the snapshot and sends SHUTDOWN.
-                match guest.as_deref_mut() {
-                    Some(g) => match encode_snapshot(g.bubble.vm()) {
-                        Ok(b) => reply(kind::SNAPSHOT, b),
-                        Err(e) => reply(kind::ERROR, format!("snapshot failed: {e}").into_bytes()),
-                    },
-                    None => reply(kind::ERROR, b"the bubble has no guest".to_vec()),
-                }
-            }
-            _ => reply(kind::ERROR, b"unknown request".to_vec()),
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::{exit_in_background, fail_then_exit, serve_all, Guest, Shared, VmmArgs, Watchdog};
 use crate::bubble::Bubble;
-use crate::control::{kind, Frame};
+use crate::control::{
+    ErrorCode, Event, FailureKind, FailureReason, GuestSpan, Head, Kind, Reply, Request,
+};
 use crate::layout::Layout;
 use crate::vm::{self, Vm, VmError};
 
@@ -42,60 +44,56 @@ pub(super) fn restore_thread(
     }
     let mut prepared = Some((shell, memory));
     let guest = loop {
-        let Ok((fkind, fid, body_len)) = Frame::read_head(&mut reader) else {
+        let Ok(head) = Head::read(&mut reader) else {
             return;
         };
-        let reply = |k: u8, body: Vec<u8>| {
-            shared.send(&Frame {
-                kind: k,
-                id: fid,
-                body,
-            })
-        };
+        let body_len = head.body_len;
+        let reply = |r: Reply| shared.reply(head.id, &r);
         let mut state_only = None;
-        if fkind != kind::RESTORE {
-            let mut body = vec![0u8; body_len];
-            if io::Read::read_exact(&mut reader, &mut body).is_err() {
+        // RESTORE's body is streamed into guest memory below, never read
+        // into a buffer; every other request is read whole.
+        if head.kind != Kind::Restore as u8 {
+            let Ok(body) = head.read_body(&mut reader) else {
                 return;
-            }
-            match fkind {
-                kind::HELLO | kind::STATUS => {
-                    if fkind == kind::HELLO && body != args.bubble_id.as_bytes() {
-                        reply(kind::ERROR, b"this VMM runs another bubble".to_vec());
-                        return;
-                    }
-                    let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-                    reply(kind::STATUS_OK, st.encode());
+            };
+            match Request::decode(head.kind, &body) {
+                Ok(Request::Hello { bubble_id }) if bubble_id != args.bubble_id => {
+                    reply(Reply::error(
+                        ErrorCode::WrongBubble,
+                        "this VMM runs another bubble",
+                    ));
+                    return;
                 }
-                kind::PREFAULT => {
+                Ok(Request::Hello { .. } | Request::Status) => {
+                    let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                    reply(Reply::StatusOk(st));
+                }
+                Ok(Request::Prefault { runs }) => {
                     // Fault in the pages the snapshot will fill while the
                     // broker still fetches and verifies it.
-                    match (
-                        crate::snapshot::decode_runs(&body, mem_size),
-                        prepared.as_ref().map(|p| &p.1),
-                    ) {
-                        (Some(runs), Some(Ok(memory))) => {
+                    match prepared.as_ref().map(|p| &p.1) {
+                        Some(Ok(memory)) if crate::snapshot::check_runs(&runs, mem_size) => {
                             for (g, n) in runs {
                                 vm::populate(memory, (0..n).map(|k| g + k * crate::layout::PAGE));
                             }
-                            let mut where_ = Vec::with_capacity(16);
-                            if let Some((host, len)) = vm::host_span(memory) {
-                                where_.extend((host as u64).to_le_bytes());
-                                where_.extend((len as u64).to_le_bytes());
-                            }
-                            reply(kind::PREFAULT_OK, where_);
+                            let span = vm::host_span(memory).map(|(host, len)| GuestSpan {
+                                host: host as u64,
+                                len: len as u64,
+                            });
+                            reply(Reply::PrefaultOk(span));
                         }
-                        _ => reply(kind::ERROR, b"malformed PREFAULT".to_vec()),
+                        _ => reply(Reply::error(ErrorCode::Malformed, "malformed PREFAULT")),
                     }
                 }
-                kind::SHUTDOWN => {
+                Ok(Request::Shutdown) => {
                     // The restore was called off (e.g. the frozen copy did
                     // not verify): no guest byte was ever received.
-                    reply(kind::SHUTDOWN_OK, Vec::new());
+                    reply(Reply::ShutdownOk);
                     exit_in_background();
                 }
-                kind::RESTORE_STATE => state_only = Some(body),
-                _ => reply(kind::ERROR, b"expected RESTORE".to_vec()),
+                Ok(Request::RestoreState { .. }) => state_only = Some(body),
+                Ok(_) => reply(Reply::error(ErrorCode::Unexpected, "expected RESTORE")),
+                Err(e) => reply(Reply::error(ErrorCode::Malformed, e.to_string())),
             }
             if state_only.is_none() {
                 continue;
@@ -134,8 +132,9 @@ pub(super) fn restore_thread(
                 // The stream position is lost (or the VM is unusable): fail.
                 // Refuse the rest of the body so the sender stops at once.
                 let _ = reader.get_ref().shutdown(std::net::Shutdown::Read);
-                reply(kind::ERROR, format!("restore failed: {e}").into_bytes());
-                fail_then_exit(&shared, &format!("restore failed: {e}"));
+                let detail = format!("restore failed: {e}");
+                reply(Reply::error(ErrorCode::Restore, detail.clone()));
+                fail_then_exit(&shared, FailureReason::new(FailureKind::Restore, detail));
                 return;
             }
         };
@@ -147,8 +146,8 @@ pub(super) fn restore_thread(
         }
         // The answer carries how long the VMM took (µs), for the logs.
         let took = t_restore.elapsed().as_micros() as u64;
-        reply(kind::RESTORE_OK, took.to_le_bytes().to_vec());
-        shared.event(kind::EV_READY, boot_us.to_le_bytes().to_vec());
+        reply(Reply::RestoreOk { took_us: took });
+        shared.event(&Event::Ready { boot_us });
         break Guest {
             bubble: Bubble::new(vm),
             dog,
@@ -158,7 +157,13 @@ pub(super) fn restore_thread(
     let mut guest = guest;
     // The broker sends nothing before RESTORE_OK, so nothing is buffered.
     if !reader.buffer().is_empty() {
-        fail_then_exit(&shared, "protocol error: request pipelined behind RESTORE");
+        fail_then_exit(
+            &shared,
+            FailureReason::new(
+                FailureKind::ControlProtocol,
+                "protocol error: request pipelined behind RESTORE",
+            ),
+        );
         return;
     }
     // The rest of this connection, then any later ones.
@@ -168,7 +173,10 @@ pub(super) fn restore_thread(
     }
     drop(tx);
     if let Err(e) = super::seal_vcpu() {
-        fail_then_exit(&shared, &format!("jail: {e}"));
+        fail_then_exit(
+            &shared,
+            FailureReason::new(FailureKind::Jail, format!("jail: {e}")),
+        );
         return;
     }
     serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);

@@ -3,13 +3,13 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use super::VmmArgs;
-use crate::control::{kind, Frame};
+use crate::control::{Head, Kind, Request};
 use crate::images;
 use crate::vm;
 
 /// A spare's command line: `--spare --socket PATH --parent-pid PID
 /// [--image-fd FD]`.
-pub(crate) struct SpareArgs {
+pub struct SpareArgs {
     /// Where to listen for the broker.
     pub(super) socket: String,
     /// The broker, which a spare always dies with.
@@ -46,7 +46,7 @@ impl SpareArgs {
     }
 
     /// The arguments [`SpareArgs::parse`] reads back, `--spare` first.
-    pub(crate) fn to_args(socket: &str, parent_pid: u32, image_fd: Option<i32>) -> Vec<String> {
+    pub fn to_args(socket: &str, parent_pid: u32, image_fd: Option<i32>) -> Vec<String> {
         vec![
             "--spare".into(),
             "--socket".into(),
@@ -89,14 +89,22 @@ pub(super) fn bind_spare(path: &str) -> Result<SpareSocket, String> {
 pub(super) fn wait_as_spare(spare: SpareSocket) -> Result<(VmmArgs, UnixStream), String> {
     let SpareSocket { listener, path } = spare;
     let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let f = Frame::read_from(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
-    if f.kind != kind::CONFIGURE {
-        return Err(format!("expected CONFIGURE, got frame kind {:#x}", f.kind));
+    let read = |conn: &mut UnixStream| {
+        let head = Head::read(conn)?;
+        Ok::<_, std::io::Error>((head.kind, head.read_body(conn)?))
+    };
+    let (kind, body) = read(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    if kind != Kind::Configure as u8 {
+        return Err(format!("expected CONFIGURE, got frame kind {kind:#x}"));
     }
     drop(listener);
     let _ = std::fs::remove_file(path);
-    let text = String::from_utf8(f.body).map_err(|_| "CONFIGURE is not UTF-8")?;
-    let a = VmmArgs::parse(text.split('\0').map(str::to_string))?;
+    let args = match Request::decode(kind, &body) {
+        Ok(Request::Configure { args }) => args,
+        Ok(_) => return Err("expected CONFIGURE".into()),
+        Err(e) => return Err(format!("CONFIGURE: {e}")),
+    };
+    let a = VmmArgs::parse(args.into_iter().map(str::to_string))?;
     Ok((a, conn))
 }
 

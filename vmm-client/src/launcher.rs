@@ -12,7 +12,7 @@ use std::sync::{mpsc, OnceLock};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use crate::priority;
+use bubble_vmm::priority;
 
 struct Job {
     cmd: Command,

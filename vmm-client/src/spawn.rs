@@ -8,12 +8,15 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use crate::client::{socket_path, ExitWatch, VmmClient, VmmError, VmmExit};
-use crate::control::{kind, Frame};
-use crate::images::GuestImage;
+use bubble_vmm::control::Request;
+use bubble_vmm::images::GuestImage;
+use bubble_vmm::priority;
+use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
+
+use crate::client::{socket_path, VmmClient};
+use crate::exit::{ExitWatch, VmmExit};
 use crate::launcher;
-use crate::priority;
-use crate::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
+use crate::vmm_error::VmmError;
 
 /// How to start a VMM process.
 #[derive(Clone, Debug)]
@@ -71,7 +74,7 @@ impl Spawner {
     pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
         let _ = std::fs::remove_dir_all(&dir);
         // Made before any VMM process starts, so that all inherit it.
-        let _ = crate::images::shared_shim_fd();
+        let _ = bubble_vmm::images::shared_shim_fd();
         Arc::new(Self {
             program,
             prefix,
@@ -138,7 +141,7 @@ impl Spawner {
             .args(SpareArgs::to_args(
                 &sock.display().to_string(),
                 std::process::id(),
-                crate::images::shared_shim_fd(),
+                bubble_vmm::images::shared_shim_fd(),
             ))
             .env_clear()
             .stdin(std::process::Stdio::null())
@@ -182,13 +185,13 @@ impl Spawner {
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
         }
-        let body = args.to_args().join("\0").into_bytes();
-        let frame = Frame {
-            kind: kind::CONFIGURE,
-            id: 0,
-            body,
-        };
-        if sp.stream.write_all(&frame.encode()).await.is_err() {
+        let args = args.to_args();
+        let frame = Request::Configure {
+            args: args.iter().map(String::as_str).collect(),
+        }
+        .frame(0)
+        .map_err(|e| VmmError::Spawn(format!("CONFIGURE: {e}")))?;
+        if sp.stream.write_all(&frame).await.is_err() {
             // The spare died: start one the slow way.
             return spawn(cfg).await;
         }
@@ -201,7 +204,7 @@ static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
 /// The shared shim descriptor for a VMM that boots the shim.
 fn image_fd_for(image: &GuestImage) -> Option<i32> {
     match image {
-        GuestImage::Shim => crate::images::shared_shim_fd(),
+        GuestImage::Shim => bubble_vmm::images::shared_shim_fd(),
         _ => None,
     }
 }

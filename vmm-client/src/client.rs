@@ -11,15 +11,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::control::{self, kind, CallErrKind, Frame, Status, COALESCE_MAX, HEAD_LEN};
-pub use crate::images::{GuestImage, HostileKind};
+use bubble_vmm::control::{
+    Call, CallErr, DecodeError, Event, FailureReason, GuestSpan, Head, Kind, LaunchMeasurement,
+    Reply, Request, Status, COALESCE_MAX, HEAD_LEN,
+};
 
-pub use crate::direct::GuestSpan;
 use crate::direct::{write_pages, WriteError};
-pub(crate) use crate::exit::ExitWatch;
-pub use crate::exit::VmmExit;
-pub use crate::spawn::{spawn, SpawnConfig, Spawner};
-pub use crate::vmm_error::{CallError, VmmError};
+use crate::exit::{ExitWatch, VmmExit};
+use crate::vmm_error::{CallError, VmmError};
 
 /// How long a closed connection waits for its process's exit status.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -35,7 +34,7 @@ pub enum VmmEvent {
     /// A guest log line.
     Log(String),
     /// The bubble failed.
-    Failed(String),
+    Failed(FailureReason),
     /// The connection (and usually the process) ended.
     Exited(VmmExit),
 }
@@ -45,7 +44,7 @@ pub enum VmmEvent {
 enum Readiness {
     Booting,
     Ready(u64),
-    Failed(String),
+    Failed(FailureReason),
 }
 
 /// Boot information once READY.
@@ -55,7 +54,10 @@ pub struct ReadyInfo {
     pub boot_us: u64,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+/// A reply as it came: decoded, or why it did not decode.
+type Answer = Result<Reply, DecodeError>;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// A connection to one VMM process.
 pub struct VmmClient {
@@ -115,19 +117,19 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("vmm.sock")
 }
 
+/// The error for a reply that is not the one expected.
+fn unexpected(r: Reply) -> VmmError {
+    match r {
+        Reply::Error { code, text } => VmmError::Refused { code, text },
+        other => VmmError::Protocol(format!("unexpected {:?} reply", other.kind())),
+    }
+}
+
 /// The answer to RESTORE or RESTORE_STATE: the VMM's rebuild time.
-fn restore_answer(f: Frame) -> Result<Duration, VmmError> {
-    match f.kind {
-        kind::RESTORE_OK => Ok(Duration::from_micros(
-            f.body
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(0),
-        )),
-        _ => Err(VmmError::Protocol(
-            String::from_utf8_lossy(&f.body).into_owned(),
-        )),
+fn restore_answer(r: Reply) -> Result<Duration, VmmError> {
+    match r {
+        Reply::RestoreOk { took_us } => Ok(Duration::from_micros(took_us)),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -170,58 +172,50 @@ impl VmmClient {
                     if rd.read_exact(&mut h).await.is_err() {
                         break "VMM connection closed".to_string();
                     }
-                    let (kind, id, n) = match Frame::parse_head(&h) {
+                    let head = match Head::parse(&h) {
                         Ok(x) => x,
                         Err(e) => break format!("VMM sent a bad frame: {e}"),
                     };
                     // The body is read once, into its own buffer.
-                    let mut body = vec![0u8; n];
+                    let mut body = vec![0u8; head.body_len];
                     if rd.read_exact(&mut body).await.is_err() {
                         break "VMM connection closed".to_string();
                     }
-                    let f = Frame { kind, id, body };
-                    match f.kind {
-                        kind::EV_READY => {
-                            let us = f
-                                .body
-                                .get(..8)
-                                .and_then(|b| b.try_into().ok())
-                                .map(u64::from_le_bytes)
-                                .unwrap_or(0);
-                            let _ = ready_tx.send(Readiness::Ready(us));
-                            let _ = events.send(VmmEvent::Ready { boot_us: us });
+                    if Kind::is_event(head.kind) {
+                        match Event::decode(head.kind, &body) {
+                            Ok(Event::Ready { boot_us }) => {
+                                let _ = ready_tx.send(Readiness::Ready(boot_us));
+                                let _ = events.send(VmmEvent::Ready { boot_us });
+                            }
+                            Ok(Event::Log(l)) => {
+                                let _ = events.send(VmmEvent::Log(l));
+                            }
+                            Ok(Event::Failed(r)) => {
+                                let _ = ready_tx.send(Readiness::Failed(r.clone()));
+                                let _ = events.send(VmmEvent::Failed(r));
+                            }
+                            Err(e) => break format!("VMM sent a bad event: {e}"),
                         }
-                        kind::EV_LOG => {
-                            let _ =
-                                events.send(VmmEvent::Log(String::from_utf8_lossy(&f.body).into()));
-                        }
-                        kind::EV_FAILED => {
-                            let r = String::from_utf8_lossy(&f.body).into_owned();
+                        continue;
+                    }
+                    let answer = Reply::decode(head.kind, body);
+                    if let Ok(Reply::StatusOk(st)) = &answer {
+                        if let Some(r) = &st.failed {
                             let _ = ready_tx.send(Readiness::Failed(r.clone()));
-                            let _ = events.send(VmmEvent::Failed(r));
-                        }
-                        _ => {
-                            if f.kind == kind::STATUS_OK {
-                                if let Some(st) = Status::decode(&f.body) {
-                                    if let Some(r) = st.failed {
-                                        let _ = ready_tx.send(Readiness::Failed(r));
-                                    } else if st.ready {
-                                        ready_tx.send_if_modified(|v| {
-                                            if *v == Readiness::Booting {
-                                                *v = Readiness::Ready(st.boot_us);
-                                                true
-                                            } else {
-                                                false
-                                            }
-                                        });
-                                    }
+                        } else if st.ready {
+                            ready_tx.send_if_modified(|v| {
+                                if *v == Readiness::Booting {
+                                    *v = Readiness::Ready(st.boot_us);
+                                    true
+                                } else {
+                                    false
                                 }
-                            }
-                            let tx = pending.lock().ok().and_then(|mut p| p.remove(&f.id));
-                            if let Some(tx) = tx {
-                                let _ = tx.send(f);
-                            }
+                            });
                         }
+                    }
+                    let tx = pending.lock().ok().and_then(|mut p| p.remove(&head.id));
+                    if let Some(tx) = tx {
+                        let _ = tx.send(answer);
                     }
                 };
                 // A process we spawned: say how it ended (a seccomp kill
@@ -235,7 +229,7 @@ impl VmmClient {
                 };
                 let cause = cause.unwrap_or(VmmExit::Closed(reason));
                 let _ = exit.set(cause.clone());
-                let reason = cause.to_string();
+                let reason = cause.reason();
                 if let Ok(mut p) = pending.lock() {
                     p.clear();
                 }
@@ -261,19 +255,13 @@ impl VmmClient {
             pid,
             exit,
         };
-        let f = c
-            .request(
-                kind::HELLO,
-                bubble_id.as_bytes().to_vec(),
-                Duration::from_secs(5),
-            )
-            .await?;
-        if f.kind != kind::STATUS_OK {
-            return Err(VmmError::Protocol(
-                String::from_utf8_lossy(&f.body).into_owned(),
-            ));
-        }
-        let st = Status::decode(&f.body).ok_or_else(|| VmmError::Protocol("bad status".into()))?;
+        let st = match c
+            .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
+            .await?
+        {
+            Reply::StatusOk(st) => st,
+            other => return Err(unexpected(other)),
+        };
         if st.bubble_id != bubble_id {
             return Err(VmmError::Protocol("VMM runs another bubble".into()));
         }
@@ -283,55 +271,43 @@ impl VmmClient {
         Ok(c)
     }
 
-    async fn request(&self, k: u8, body: Vec<u8>, timeout: Duration) -> Result<Frame, VmmError> {
-        self.request_parts(k, &[&body], timeout).await
+    async fn request(&self, req: &Request<'_>, timeout: Duration) -> Result<Reply, VmmError> {
+        self.send(req, &[], timeout).await
     }
 
-    /// A request whose body is the concatenation of `parts` (sent as they
-    /// are, without first joining them).
-    async fn request_parts(
+    /// Sends `req` (for a streamed body, `Restore`, its head only) then
+    /// `tail` as it is, without first joining them, and waits for the
+    /// reply.
+    async fn send(
         &self,
-        k: u8,
-        parts: &[&[u8]],
+        req: &Request<'_>,
+        tail: &[&[u8]],
         timeout: Duration,
-    ) -> Result<Frame, VmmError> {
+    ) -> Result<Reply, VmmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = req.frame(id).map_err(VmmError::Encode)?;
         let in_flight = InFlight::enter();
         let sent_at = Instant::now();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert(id, tx);
         }
-        let body_len: usize = parts.iter().map(|p| p.len()).sum();
-        let head = Frame::head(k, id, body_len);
-        let small = (body_len <= COALESCE_MAX).then(|| {
-            let mut v = Vec::with_capacity(HEAD_LEN + body_len);
-            v.extend_from_slice(&head);
-            for p in parts {
-                v.extend_from_slice(p);
-            }
-            v
-        });
+        let is_call = req.kind() == Kind::Call;
+        let small = tail.is_empty() && frame.len() <= HEAD_LEN + COALESCE_MAX;
         {
             let mut w = self.writer.lock().await;
-            let sent = match &small {
-                Some(bytes) => w.write_all(bytes).await,
-                None => {
-                    let mut r = w.write_all(&head).await;
-                    for p in parts {
-                        if r.is_ok() {
-                            r = w.write_all(p).await;
-                        }
-                    }
-                    r
+            let mut sent = w.write_all(&frame).await;
+            for p in tail {
+                if sent.is_ok() {
+                    sent = w.write_all(p).await;
                 }
-            };
+            }
             if sent.is_err() {
                 drop(w);
                 // The VMM may have refused the request part-way (e.g. a
                 // snapshot it cannot restore) and said why: prefer that.
-                if let Ok(Ok(f)) = tokio::time::timeout(REFUSAL_GRACE, rx).await {
-                    return Ok(f);
+                if let Ok(Ok(answer)) = tokio::time::timeout(REFUSAL_GRACE, rx).await {
+                    return answer.map_err(|e| VmmError::Protocol(e.to_string()));
                 }
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);
@@ -340,19 +316,19 @@ impl VmmClient {
             }
         }
         let spin = ANSWER_POLL_US.load(Ordering::Relaxed);
-        if k == kind::CALL
-            && small.is_some()
+        if is_call
+            && small
             && spin > 0
             && in_flight.alone()
             && self.last_answer_us.load(Ordering::Relaxed) <= spin
         {
-            bubble_uds::spin_readable(&self.poll_handle, Duration::from_micros(spin));
+            bubble_vmm::control::spin_readable(&self.poll_handle, Duration::from_micros(spin));
         }
         let answer = tokio::time::timeout(timeout, rx).await;
         self.last_answer_us
             .store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
         match answer {
-            Ok(Ok(f)) => Ok(f),
+            Ok(Ok(answer)) => answer.map_err(|e| VmmError::Protocol(e.to_string())),
             Ok(Err(_)) => Err(self.closed()),
             Err(_) => {
                 if let Ok(mut p) = self.pending.lock() {
@@ -384,24 +360,25 @@ impl VmmClient {
 
     /// The VMM's status.
     pub async fn status(&self) -> Result<Status, VmmError> {
-        let f = self
-            .request(kind::STATUS, Vec::new(), Duration::from_secs(5))
-            .await?;
-        Status::decode(&f.body).ok_or_else(|| VmmError::Protocol("bad status".into()))
+        match self
+            .request(&Request::Status, Duration::from_secs(5))
+            .await?
+        {
+            Reply::StatusOk(st) => Ok(st),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The bubble's SNP launch digest as its VMM computed it while loading
     /// the guest (or, for a restored bubble, as its snapshot carried it).
-    pub async fn launch_measurement(&self) -> Result<control::LaunchMeasurement, VmmError> {
-        let f = self
-            .request(kind::MEASUREMENT, Vec::new(), Duration::from_secs(5))
-            .await?;
-        match f.kind {
-            kind::MEASUREMENT_OK => control::LaunchMeasurement::decode(&f.body)
-                .map_err(|e| VmmError::Protocol(e.to_string())),
-            _ => Err(VmmError::NoMeasurement(
-                String::from_utf8_lossy(&f.body).into_owned(),
-            )),
+    pub async fn launch_measurement(&self) -> Result<LaunchMeasurement, VmmError> {
+        match self
+            .request(&Request::Measurement, Duration::from_secs(5))
+            .await?
+        {
+            Reply::MeasurementOk(m) => Ok(m),
+            Reply::Error { text, .. } => Err(VmmError::NoMeasurement(text)),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -421,67 +398,65 @@ impl VmmClient {
     }
 
     /// Calls `op` in the guest; the VMM stops the guest if it overruns
-    /// `deadline`.
+    /// `deadline`. An op longer than 255 bytes is refused here
+    /// ([`CallError::BadRequest`]); the bubble is untouched.
     pub async fn call(
         &self,
         op: &str,
         input: &[u8],
         deadline: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        self.call_with(&crate::abi::Call::plain(op, input), deadline)
+        self.call_with(&bubble_vmm::abi::Call::plain(op, input), deadline)
             .await
     }
 
     /// Sends a CALL with its flags (SIGN, SEAL) and waits for the answer.
     pub async fn call_with(
         &self,
-        call: &crate::abi::Call<'_>,
+        call: &bubble_vmm::abi::Call<'_>,
         deadline: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let ms = deadline.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
-        let body = control::encode_call(ms, call)
-            .map_err(|e| CallError::BadRequest(format!("malformed CALL: {e}")))?;
+        let deadline_ms = deadline.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let req = Request::Call(Call {
+            deadline_ms,
+            call: *call,
+        });
         // The VMM enforces the deadline; allow it time to report.
-        let f = self
-            .request(kind::CALL, body, deadline + Duration::from_secs(5))
+        let reply = self
+            .request(&req, deadline + Duration::from_secs(5))
             .await
-            .map_err(|e| CallError::Failed(format!("VMM did not answer: {e}")))?;
-        match f.kind {
-            kind::CALL_OK => Ok(f.body),
-            kind::CALL_ERR => {
-                let text =
-                    String::from_utf8_lossy(f.body.get(1..).unwrap_or_default()).into_owned();
-                match f.body.first().copied().and_then(CallErrKind::from_u8) {
-                    Some(CallErrKind::Rejected) => {
-                        let b = f.body.get(1..).unwrap_or_default();
-                        let code = b
-                            .get(..2)
-                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                            .unwrap_or(0);
-                        let text =
-                            String::from_utf8_lossy(b.get(2..).unwrap_or_default()).into_owned();
-                        Err(CallError::Guest(code, text))
-                    }
-                    Some(CallErrKind::BadRequest) => Err(CallError::BadRequest(text)),
-                    Some(CallErrKind::Deadline) => Err(CallError::DeadlineExceeded(text)),
-                    _ => Err(CallError::Failed(text)),
+            .map_err(|e| match e {
+                VmmError::Encode(e) => CallError::BadRequest(e.to_string()),
+                VmmError::Refused { code, text } => CallError::Refused { code, text },
+                e => {
+                    let r = e.failure_reason();
+                    CallError::Failed(FailureReason::new(
+                        r.kind,
+                        format!("VMM did not answer: {}", r.detail),
+                    ))
                 }
-            }
-            _ => Err(CallError::Failed(
-                String::from_utf8_lossy(&f.body).into_owned(),
-            )),
+            })?;
+        match reply {
+            Reply::CallOk(out) => Ok(out),
+            Reply::CallErr(CallErr::Rejected { code, text }) => Err(CallError::Guest(code, text)),
+            Reply::CallErr(CallErr::BadRequest(text)) => Err(CallError::BadRequest(text)),
+            Reply::CallErr(CallErr::Deadline(text)) => Err(CallError::DeadlineExceeded(text)),
+            Reply::CallErr(CallErr::Failed(r)) => Err(CallError::Failed(r)),
+            // A refused request: the guest never saw it.
+            Reply::Error { code, text } => Err(CallError::Refused { code, text }),
+            other => Err(CallError::Refused {
+                code: bubble_vmm::control::ErrorCode::Unexpected,
+                text: format!("unexpected {:?} reply to a call", other.kind()),
+            }),
         }
     }
 
     /// Captures the VM at a safe point (between calls): vCPU state and every
     /// non-zero page. The VMM keeps running until [`VmmClient::shutdown`].
     pub async fn suspend(&self, timeout: Duration) -> Result<Vec<u8>, VmmError> {
-        let f = self.request(kind::SUSPEND, Vec::new(), timeout).await?;
-        match f.kind {
-            kind::SNAPSHOT => Ok(f.body),
-            _ => Err(VmmError::Protocol(
-                String::from_utf8_lossy(&f.body).into_owned(),
-            )),
+        match self.request(&Request::Suspend, timeout).await? {
+            Reply::Snapshot(body) => Ok(body),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -494,19 +469,12 @@ impl VmmClient {
         runs: &[(u64, u64)],
         timeout: Duration,
     ) -> Result<Option<GuestSpan>, VmmError> {
-        let f = self
-            .request(kind::PREFAULT, crate::snapshot::encode_runs(runs), timeout)
-            .await?;
-        let word = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(f.body.get(i..i + 8)?.try_into().ok()?))
+        let req = Request::Prefault {
+            runs: runs.to_vec(),
         };
-        match f.kind {
-            kind::PREFAULT_OK => Ok(word(0)
-                .zip(word(8))
-                .map(|(host, len)| GuestSpan { host, len })),
-            _ => Err(VmmError::Protocol(
-                String::from_utf8_lossy(&f.body).into_owned(),
-            )),
+        match self.request(&req, timeout).await? {
+            Reply::PrefaultOk(span) => Ok(span),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -517,7 +485,8 @@ impl VmmClient {
     /// With `direct` (from [`VmmClient::prefault`]) the pages are written
     /// straight into the VMM's guest memory with `process_vm_writev` (one
     /// copy, no socket) and only the vCPU state is sent; where the kernel
-    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed.
+    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed:
+    /// its parts are written after the head as they are.
     pub async fn restore(
         &self,
         snapshot: &[&[u8]],
@@ -533,8 +502,8 @@ impl VmmClient {
             };
             match written {
                 Ok(state) => {
-                    let f = self.request(kind::RESTORE_STATE, state, timeout).await?;
-                    return restore_answer(f);
+                    let req = Request::RestoreState { state: &state };
+                    return restore_answer(self.request(&req, timeout).await?);
                 }
                 Err(WriteError::Snapshot(e)) => return Err(VmmError::Snapshot(e)),
                 // Not allowed here: stream it instead.
@@ -543,15 +512,22 @@ impl VmmClient {
                 }
             }
         }
-        let f = self.request_parts(kind::RESTORE, snapshot, timeout).await?;
-        restore_answer(f)
+        let len = snapshot.iter().map(|p| p.len()).sum();
+        // A body over the frame limit cannot be a snapshot a VMM sent.
+        let sent = self
+            .send(&Request::Restore { len }, snapshot, timeout)
+            .await;
+        restore_answer(sent.map_err(|e| match e {
+            VmmError::Encode(e) => VmmError::Snapshot(e.to_string()),
+            e => e,
+        })?)
     }
 
     /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.
     pub async fn shutdown(&self, grace: Duration) {
-        match self.request(kind::SHUTDOWN, Vec::new(), grace).await {
+        match self.request(&Request::Shutdown, grace).await {
             // It acknowledged and exits by itself.
-            Ok(f) if f.kind == kind::SHUTDOWN_OK => {}
+            Ok(Reply::ShutdownOk) => {}
             _ => self.kill(),
         }
     }

@@ -1,14 +1,7 @@
 //! Writing a snapshot's pages straight into a restoring VMM's guest
 //! memory (`process_vm_writev`).
 
-/// Where a restoring VMM keeps guest memory (in its address space).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestSpan {
-    /// Host address of guest-physical 0.
-    pub host: u64,
-    /// Bytes.
-    pub len: u64,
-}
+use bubble_vmm::control::GuestSpan;
 
 /// Why pages could not be written into a VMM directly.
 pub(crate) enum WriteError {
@@ -29,9 +22,9 @@ pub(crate) fn write_pages(
     span: GuestSpan,
     snapshot: &[&[u8]],
 ) -> Result<Vec<u8>, WriteError> {
-    let (state, pages) =
-        crate::snapshot::split_pages(snapshot).map_err(|e| WriteError::Snapshot(e.to_string()))?;
-    let page = crate::layout::PAGE;
+    let (state, pages) = bubble_vmm::snapshot::split_pages(snapshot)
+        .map_err(|e| WriteError::Snapshot(e.to_string()))?;
+    let page = bubble_vmm::layout::PAGE;
     for chunk in pages.chunks(PAGES_PER_WRITEV) {
         let mut local = Vec::with_capacity(chunk.len());
         let mut remote = Vec::with_capacity(chunk.len());

@@ -1,5 +1,6 @@
 //! How a VMM process ended, as the broker sees it.
 
+use bubble_vmm::control::{FailureKind, FailureReason};
 use tokio::sync::watch;
 
 /// How a VMM process ended, as far as the broker can tell: exit statuses
@@ -31,6 +32,18 @@ impl VmmExit {
             (None, Some(code)) => VmmExit::Code(code),
             (None, None) => VmmExit::Closed(format!("VMM ended: {st}")),
         }
+    }
+}
+
+impl VmmExit {
+    /// The failure this exit stands for, if it ends a bubble.
+    pub fn reason(&self) -> FailureReason {
+        let kind = match self {
+            VmmExit::Seccomp => FailureKind::Seccomp,
+            VmmExit::Signal(_) => FailureKind::VmmKilled,
+            VmmExit::Code(_) | VmmExit::Closed(_) => FailureKind::VmmExited,
+        };
+        FailureReason::new(kind, self.to_string())
     }
 }
 

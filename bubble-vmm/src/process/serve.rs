@@ -1,0 +1,217 @@
+//! Serving the control protocol on the vCPU thread: a call runs the guest
+//! right here, without a thread hand-off.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use super::{exit_in_background, fail_then_exit, Shared, Watchdog, DEFAULT_DEADLINE};
+use crate::bubble::{Answer, Bubble, BubbleError};
+use crate::control::{
+    Call, CallErr, ErrorCode, Event, FailureKind, FailureReason, Head, Reply, Request,
+};
+use crate::vm::{Vm, VmError};
+
+/// A CALL of this op makes the VMM answer `ERROR` (as to a malformed
+/// CALL) without touching the guest: for tests of the broker's handling
+/// of refused requests. Never in a default build.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_ERROR_OP: &str = "fault-injection.error-reply";
+
+/// The VM's snapshot body (see [`crate::snapshot`]).
+fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
+    let state = vm.capture()?.encode();
+    let pages = vm.nonzero_pages()?;
+    let mut b = Vec::with_capacity(8 + state.len() + pages.len() * (8 + 4096));
+    b.extend((state.len() as u32).to_le_bytes());
+    b.extend(&state);
+    b.extend((pages.len() as u32).to_le_bytes());
+    let mut buf = vec![0u8; 4096];
+    for gpa in pages {
+        vm.read(gpa, &mut buf)?;
+        b.extend(gpa.to_le_bytes());
+        b.extend(&buf);
+    }
+    Ok(b)
+}
+
+/// Serves broker connections one at a time. Without a guest (it failed),
+/// status requests report the failure until the VMM exits.
+pub(super) fn serve_all(
+    conns: mpsc::Receiver<UnixStream>,
+    mut guest: Option<&mut Guest>,
+    bubble_id: &str,
+    shared: &Arc<Shared>,
+) {
+    for conn in conns {
+        if let Err(e) = serve(conn, guest.as_deref_mut(), bubble_id, shared) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                eprintln!("bubble-vmm: connection ended: {e}");
+            }
+        }
+        if let Ok(mut c) = shared.conn.lock() {
+            *c = None;
+        }
+    }
+}
+
+/// The booted guest and what guards it.
+pub(super) struct Guest {
+    pub(super) bubble: Bubble,
+    pub(super) dog: Arc<Watchdog>,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Guest {
+    /// Runs one call; a fatal outcome fails the bubble and ends the process
+    /// after the answer is sent (then the second value is true).
+    fn call(&mut self, call: &crate::abi::Call<'_>, deadline: Duration) -> (Reply, bool) {
+        let op = call.op;
+        let cap = self.bubble.capacity();
+        if call.encoded_len() > cap {
+            let text = format!("request does not fit the mailbox ({cap} bytes)");
+            return (Reply::CallErr(CallErr::BadRequest(text)), false);
+        }
+        let sh = self.shared.clone();
+        let mut log = move |line: &str| sh.event(&Event::Log(line.to_string()));
+        self.dog.arm(deadline);
+        let r = self.bubble.call_with(call, &mut log);
+        self.dog.disarm();
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.vcpu_us = self.bubble.run_time().as_micros() as u64;
+        }
+        match r {
+            Ok(Answer::Output(out)) => (Reply::CallOk(out), false),
+            Ok(Answer::Rejected(code, text)) => {
+                (Reply::CallErr(CallErr::Rejected { code, text }), false)
+            }
+            Err(BubbleError::Vm(VmError::Interrupted)) if self.dog.fired.load(Ordering::SeqCst) => {
+                let detail = format!(
+                    "call deadline exceeded: guest did not answer {op:?} within {} ms",
+                    deadline.as_millis()
+                );
+                fail_then_exit(
+                    &self.shared,
+                    FailureReason::new(FailureKind::Deadline, detail.clone()),
+                );
+                (Reply::CallErr(CallErr::Deadline(detail)), true)
+            }
+            Err(e) => {
+                let reason = e.reason();
+                fail_then_exit(&self.shared, reason.clone());
+                (Reply::CallErr(CallErr::Failed(reason)), true)
+            }
+        }
+    }
+}
+
+/// The answer to a CALL: the guest runs it, unless the bubble failed.
+fn call(guest: &mut Option<&mut Guest>, shared: &Shared, c: Call<'_>) -> Reply {
+    #[cfg(feature = "fault-injection")]
+    if c.call.op == crate::jail::seccomp::FAULT_OP {
+        crate::jail::seccomp::forbidden_syscall();
+    }
+    #[cfg(feature = "fault-injection")]
+    if c.call.op == FAULT_ERROR_OP {
+        return Reply::error(ErrorCode::Malformed, "malformed CALL (fault injection)");
+    }
+    let deadline = match c.deadline_ms {
+        0 => DEFAULT_DEADLINE,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
+    match (failed, guest.as_deref_mut()) {
+        (None, Some(g)) => {
+            let (reply, fatal) = g.call(&c.call, deadline);
+            if fatal {
+                *guest = None;
+            }
+            reply
+        }
+        (reason, _) => Reply::CallErr(CallErr::Failed(reason.unwrap_or_else(|| {
+            FailureReason::new(FailureKind::Internal, "the bubble has no guest")
+        }))),
+    }
+}
+
+fn serve(
+    stream: UnixStream,
+    mut guest: Option<&mut Guest>,
+    bubble_id: &str,
+    shared: &Arc<Shared>,
+) -> io::Result<()> {
+    let mut reader = io::BufReader::new(stream.try_clone()?);
+    if let Ok(mut c) = shared.conn.lock() {
+        *c = Some(stream);
+    }
+    // Poll only while requests keep coming back to back: one that took
+    // longer than the budget turns polling off until one comes quickly.
+    let budget = shared.poll;
+    let mut poll = !budget.is_zero();
+    loop {
+        let idle_since = Instant::now();
+        if poll && reader.buffer().is_empty() {
+            poll = crate::control::spin_readable(reader.get_ref(), budget);
+        }
+        let head = Head::read(&mut reader)?;
+        let body = head.read_body(&mut reader)?;
+        if !poll && !budget.is_zero() {
+            poll = idle_since.elapsed() < budget;
+        }
+        let reply = |r: Reply| shared.reply(head.id, &r);
+        let req = match Request::decode(head.kind, &body) {
+            Ok(r) => r,
+            Err(e) => {
+                reply(Reply::error(ErrorCode::Malformed, e.to_string()));
+                continue;
+            }
+        };
+        match req {
+            Request::Hello { bubble_id: want } if want != bubble_id => {
+                reply(Reply::error(
+                    ErrorCode::WrongBubble,
+                    "this VMM runs another bubble",
+                ));
+                return Ok(());
+            }
+            Request::Hello { .. } | Request::Status => {
+                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                reply(Reply::StatusOk(st));
+            }
+            Request::Call(c) => reply(call(&mut guest, shared, c)),
+            Request::Shutdown => {
+                reply(Reply::ShutdownOk);
+                exit_in_background();
+            }
+            Request::Measurement => reply(match guest.as_deref_mut() {
+                Some(g) => match g.bubble.vm().launch().answer() {
+                    Some(m) => Reply::MeasurementOk(m),
+                    None => Reply::error(ErrorCode::NoMeasurement, "launch measurement unknown"),
+                },
+                None => Reply::error(ErrorCode::NoGuest, "the bubble has no guest"),
+            }),
+            Request::Suspend => {
+                // The vCPU is stopped in its doorbell exit (this thread runs
+                // it): a safe point. The VMM keeps running until the broker
+                // has stored the snapshot and sends SHUTDOWN.
+                reply(match guest.as_deref_mut() {
+                    Some(g) => match encode_snapshot(g.bubble.vm()) {
+                        Ok(b) => Reply::Snapshot(b),
+                        Err(e) => {
+                            Reply::error(ErrorCode::Snapshot, format!("snapshot failed: {e}"))
+                        }
+                    },
+                    None => Reply::error(ErrorCode::NoGuest, "the bubble has no guest"),
+                })
+            }
+            Request::Configure { .. }
+            | Request::Restore { .. }
+            | Request::Prefault { .. }
+            | Request::RestoreState { .. } => {
+                reply(Reply::error(ErrorCode::Unexpected, "unknown request"))
+            }
+        }
+    }
+}

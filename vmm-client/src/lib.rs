@@ -1,0 +1,25 @@
+//! `bubble-vmm-client`: the broker's async client of a bubble's VMM
+//! process (the `bubble-vmm` crate), on tokio.
+//!
+//! - [`VmmClient`] (`client`): (re)connecting, calls, events, suspend,
+//!   prefault and restore, shutdown; every frame through the typed codec
+//!   of [`bubble_vmm::control`];
+//! - [`Spawner`], [`spawn`] (`spawn`, `launcher`): starting VMM processes,
+//!   with spares started ahead of need, all from one long-lived thread;
+//! - `direct`: writing a snapshot's pages straight into a restoring VMM;
+//! - [`VmmExit`], [`VmmError`], [`CallError`]: how a VMM ended and what
+//!   failed, typed.
+
+mod client;
+mod direct;
+mod exit;
+mod launcher;
+mod spawn;
+mod vmm_error;
+
+pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
+pub use bubble_vmm::images::{GuestImage, HostileKind};
+pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
+pub use exit::VmmExit;
+pub use spawn::{spawn, SpawnConfig, Spawner};
+pub use vmm_error::{CallError, VmmError};
