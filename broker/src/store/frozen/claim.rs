@@ -43,21 +43,31 @@ impl FrozenStore {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let held = self.store.get(&path).await.map_err(store_err)?;
-                let held = held.bytes().await.map_err(store_err)?;
-                match serde_json::from_slice::<ClaimBody>(&held) {
-                    Ok(c) if c.broker == broker => {}
-                    _ => return Err(ClaimError::Taken),
+        // A claim seen and gone before it could be read was given back (or
+        // its copy consumed): try again, a few times.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(bytes.clone()), opts.clone())
+                .await
+            {
+                Ok(_) => break,
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let held = match self.store.get(&path).await {
+                        Ok(h) => h.bytes().await.map_err(store_err)?,
+                        Err(object_store::Error::NotFound { .. }) if attempts < 4 => continue,
+                        Err(object_store::Error::NotFound { .. }) => return Err(ClaimError::Taken),
+                        Err(e) => return Err(store_err(e).into()),
+                    };
+                    match serde_json::from_slice::<ClaimBody>(&held) {
+                        Ok(c) if c.broker == broker => break,
+                        _ => return Err(ClaimError::Taken),
+                    }
                 }
+                Err(e) => return Err(store_err(e).into()),
             }
-            Err(e) => return Err(store_err(e).into()),
         }
         // A consumed copy loses its manifest before its claim: a claim won
         // after another broker consumed the copy finds no manifest.
