@@ -109,8 +109,16 @@ async fn vmms_are_hardened_from_spares_fresh_starts_and_restore() {
     let mut c = broker.client().await;
     wait_spares(dir.path(), 2).await;
     for pid in spare_pids_under(dir.path()) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        assert_eq!(comm.trim(), "vmm:spare");
+        // A spare names itself first thing after exec: wait for that.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "vmm:spare" {
+                break;
+            }
+            assert!(Instant::now() < until, "spare {pid} is named {comm:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(status_field(pid as u32, "NoNewPrivs"), "1");
     }
     // From a spare.

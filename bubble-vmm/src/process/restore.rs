@@ -144,17 +144,32 @@ pub(super) fn restore_thread(
             s.ready = true;
             s.boot_us = boot_us;
         }
+        // The rest of this connection, served once restored (taken before
+        // the seal: the vCPU thread may not duplicate descriptors).
+        let rest = reader.get_ref().try_clone().ok();
+        // Jailed before READY: this thread runs the vCPU and seals itself
+        // once every other thread has, before the broker hears RESTORE_OK.
+        if let Err(e) = super::seal_vcpu() {
+            fail_then_exit(
+                &shared,
+                FailureReason::new(FailureKind::Jail, format!("jail: {e}")),
+            );
+            return;
+        }
         // The answer carries how long the VMM took (µs), for the logs.
         let took = t_restore.elapsed().as_micros() as u64;
         reply(Reply::RestoreOk { took_us: took });
         shared.event(&Event::Ready { boot_us });
-        break Guest {
-            bubble: Bubble::new(vm),
-            dog,
-            shared: shared.clone(),
-        };
+        break (
+            Guest {
+                bubble: Bubble::new(vm),
+                dog,
+                shared: shared.clone(),
+            },
+            rest,
+        );
     };
-    let mut guest = guest;
+    let (mut guest, rest) = guest;
     // The broker sends nothing before RESTORE_OK, so nothing is buffered.
     if !reader.buffer().is_empty() {
         fail_then_exit(
@@ -168,17 +183,10 @@ pub(super) fn restore_thread(
     }
     // The rest of this connection, then any later ones.
     let (tx, rx) = mpsc::channel();
-    if let Ok(c) = reader.get_ref().try_clone() {
+    if let Some(c) = rest {
         let _ = tx.send(c);
     }
     drop(tx);
-    if let Err(e) = super::seal_vcpu() {
-        fail_then_exit(
-            &shared,
-            FailureReason::new(FailureKind::Jail, format!("jail: {e}")),
-        );
-        return;
-    }
     serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
 }
