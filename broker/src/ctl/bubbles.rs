@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use bubble_proto::v1 as pb;
 use clap::Args;
 
-use super::output::{print_bubble, print_bubbles, status_err};
+use super::output::{print_bubbles, print_reply, status_err};
 use super::{BubbleArg, Conn};
 
 #[derive(Debug, Args)]
@@ -43,19 +43,15 @@ pub(super) struct ListArgs {
 /// Creates a bubble; fails (exit 1) when it ends FAILED.
 pub(super) async fn create(conn: &Conn, a: CreateArgs, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
-    let b = c
-        .create_bubble(pb::CreateBubbleRequest {
-            idle: None,
-            policy: None,
-            client_request_id: a.request_id,
-            memory_mib: a.memory_mib,
-            vcpus: 1,
-            image: a.image,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let req = pb::CreateBubbleRequest {
+        idle: None,
+        policy: None,
+        client_request_id: a.request_id,
+        memory_mib: a.memory_mib,
+        vcpus: 1,
+        image: a.image,
+    };
+    let b = print_reply(c.create_bubble(req).await, j)?;
     if b.state == pb::BubbleState::Failed as i32 {
         return Ok(ExitCode::FAILURE);
     }
@@ -64,17 +60,13 @@ pub(super) async fn create(conn: &Conn, a: CreateArgs, j: bool) -> anyhow::Resul
 
 pub(super) async fn attach(conn: &Conn, a: AttachArgs, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
-    let b = c
-        .attach_bubble(pb::AttachBubbleRequest {
-            profile: a.profile,
-            wait_ms: a.wait_ms,
-            idle: None,
-            client_request_id: a.request_id,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let req = pb::AttachBubbleRequest {
+        profile: a.profile,
+        wait_ms: a.wait_ms,
+        idle: None,
+        client_request_id: a.request_id,
+    };
+    print_reply(c.attach_bubble(req).await, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -94,26 +86,18 @@ pub(super) async fn list(conn: &Conn, a: ListArgs, j: bool) -> anyhow::Result<Ex
 
 pub(super) async fn describe(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
-    let b = c
-        .describe_bubble(pb::BubbleRef {
-            bubble_id: a.bubble,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let bubble = pb::BubbleRef {
+        bubble_id: a.bubble,
+    };
+    print_reply(c.describe_bubble(bubble).await, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn delete(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
-    let b = c
-        .delete_bubble(pb::BubbleRef {
-            bubble_id: a.bubble,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let bubble = pb::BubbleRef {
+        bubble_id: a.bubble,
+    };
+    print_reply(c.delete_bubble(bubble).await, j)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use bubble_proto::v1 as pb;
 use clap::{Args, Subcommand};
 
-use super::output::{print_bubble, print_bubbles, status_err};
+use super::output::{print_bubbles, print_reply, status_err};
 use super::Conn;
 
 #[derive(Debug, Args)]
@@ -44,15 +44,11 @@ pub(super) async fn suspend(conn: &Conn, a: SuspendArgs, j: bool) -> anyhow::Res
     let kek = crate::kek_input::read_kek(a.kek_file.as_deref())?;
     let mut c = conn.connect().await?;
     eprintln!("suspending {}...", a.bubble);
-    let b = c
-        .suspend_bubble(pb::SuspendBubbleRequest {
-            bubble_id: a.bubble,
-            kek: kek.to_vec(),
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let req = pb::SuspendBubbleRequest {
+        bubble_id: a.bubble,
+        kek: kek.to_vec(),
+    };
+    print_reply(c.suspend_bubble(req).await, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,16 +56,12 @@ pub(super) async fn restore(conn: &Conn, a: RestoreArgs, j: bool) -> anyhow::Res
     let kek = crate::kek_input::read_kek(a.kek_file.as_deref())?;
     let mut c = conn.connect().await?;
     eprintln!("verifying and restoring {}...", a.bubble);
-    let b = c
-        .restore_bubble(pb::RestoreBubbleRequest {
-            bubble_id: a.bubble,
-            kek: kek.to_vec(),
-            generation: a.generation,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubble(&b, j);
+    let req = pb::RestoreBubbleRequest {
+        bubble_id: a.bubble,
+        kek: kek.to_vec(),
+        generation: a.generation,
+    };
+    print_reply(c.restore_bubble(req).await, j)?;
     Ok(ExitCode::SUCCESS)
 }
 

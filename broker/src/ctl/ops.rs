@@ -107,25 +107,20 @@ pub(super) async fn load(conn: &Conn, a: LoadArgs, j: bool) -> anyhow::Result<Ex
         .clone()
         .context("load needs --endpoint (mutual TLS, one certificate per parent)")?;
     let pki = conn.pki.clone().context("load needs --pki DIR")?;
-    let LoadArgs {
-        parents,
-        rounds,
-        calls_per_round,
-        steady_calls,
-        profile,
-        memory_mib,
-    } = a;
+    eprintln!(
+        "load: {} parents x ({} churn rounds + {} steady calls)...",
+        a.parents, a.rounds, a.steady_calls
+    );
     let spec = crate::load::LoadSpec {
         endpoint,
         pki,
-        parents,
-        rounds,
-        calls_per_round,
-        steady_calls,
-        profile,
-        memory_mib,
+        parents: a.parents,
+        rounds: a.rounds,
+        calls_per_round: a.calls_per_round,
+        steady_calls: a.steady_calls,
+        profile: a.profile,
+        memory_mib: a.memory_mib,
     };
-    eprintln!("load: {parents} parents x ({rounds} churn rounds + {steady_calls} steady calls)...");
     let rep = crate::load::run(spec).await.map_err(anyhow::Error::msg)?;
     if j {
         println!("{}", rep.to_json());

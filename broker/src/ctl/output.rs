@@ -65,6 +65,16 @@ pub(super) fn print_bubble(b: &pb::Bubble, json_out: bool) {
     }
 }
 
+/// Prints the bubble an RPC answered with (or fails with its status).
+pub(super) fn print_reply(
+    reply: Result<tonic::Response<pb::Bubble>, tonic::Status>,
+    json_out: bool,
+) -> anyhow::Result<pb::Bubble> {
+    let b = reply.map_err(status_err)?.into_inner();
+    print_bubble(&b, json_out);
+    Ok(b)
+}
+
 pub(super) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
