@@ -41,8 +41,6 @@ pub(crate) struct Ctx {
 
 /// The metrics that need a broker.
 pub(crate) const THROUGH_BROKER: &[&str] = &[
-    "create_to_ready",
-    "call_echo_64b",
     "get_attestation",
     "call_tokenize",
     "tokenize_4_parents",
@@ -52,6 +50,8 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "restore_64m",
     "suspend_512m",
     "restore_512m",
+    "create_to_ready",
+    "call_echo_64b",
     "load_8_parents",
 ];
 
