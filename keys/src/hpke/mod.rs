@@ -114,7 +114,6 @@ impl AeadId {
 
 /// An X25519 key pair for HPKE (the bubble's credential key, or a parent's
 /// result key). The secret is zeroized on drop and never printed.
-#[derive(Clone)]
 pub struct KemKeyPair {
     secret: PrivateKey,
     public: [u8; PUBLIC_KEY_LEN],
