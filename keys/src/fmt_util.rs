@@ -1,6 +1,14 @@
-//! Small formatting helpers that work without `std`.
+//! Small encoding and formatting helpers that work without `std`.
 
+use alloc::vec::Vec;
 use core::fmt;
+
+/// Appends `u64 LE len(bytes) || bytes` (the length prefix of every
+/// variable-length field this crate authenticates).
+pub(crate) fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
 
 /// Displays bytes as lowercase hex (for public values only).
 pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);

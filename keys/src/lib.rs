@@ -10,8 +10,8 @@
 //! Contents:
 //! - [`SecretBytes`] and the key types: zeroized on drop, redacted `Debug`;
 //! - [`hpke`]: RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
-//!   AES-256-GCM (also AES-128-GCM and ChaCha20-Poly1305), and the
-//!   [`SealedBox`] wire format used to provision credentials;
+//!   AES-256-GCM (also AES-128-GCM and ChaCha20-Poly1305) through the `hpke`
+//!   crate, and the [`SealedBox`] wire format used to provision credentials;
 //! - [`sign`]: Ed25519 signatures over canonical [`ResultStatement`]s, and
 //!   results sealed to a parent's X25519 key;
 //! - [`report_data`]: the canonical REPORT_DATA binding of the nonce and the
@@ -70,11 +70,11 @@ mod test_util;
 
 pub use binding::{report_data, REPORT_DATA_DOMAIN};
 pub use envelope::{
-    decrypt_chunk, decrypt_chunk_into, encrypt_chunk_with_rng, unwrap_key, wrap_key_with_rng,
-    ChunkCipher, DataKey, Kek, CHUNK_OVERHEAD, SNAPSHOT_ID_LEN, WRAPPED_KEY_LEN,
+    unwrap_key, wrap_key_with_rng, ChunkCipher, DataKey, Kek, CHUNK_OVERHEAD, SNAPSHOT_ID_LEN,
+    WRAPPED_KEY_LEN,
 };
 #[cfg(feature = "std")]
-pub use envelope::{encrypt_chunk, wrap_key, KekFileError};
+pub use envelope::{wrap_key, KekFileError};
 pub use error::Error;
 pub use hpke::{
     credential_aad, open_credential, seal_credential, seal_credential_with, AeadId, KemKeyPair,

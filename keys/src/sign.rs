@@ -21,8 +21,8 @@
 //! input.
 
 use crate::error::Error;
-use crate::fmt_util::Hex;
-use crate::hpke::{open_credential, push_len_prefixed, seal_credential, KemKeyPair, SealedBox};
+use crate::fmt_util::{push_len_prefixed, Hex};
+use crate::hpke::{open_credential, seal_credential, KemKeyPair, SealedBox};
 use crate::secret::SecretBytes;
 use alloc::vec::Vec;
 use core::fmt;

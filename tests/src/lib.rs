@@ -80,8 +80,12 @@ impl BrokerProc {
         )
     }
 
-    /// Starts a broker with options and waits until it serves.
+    /// Starts a broker with options and waits until it serves. On a data
+    /// dir whose broker was killed, it first waits until no process of
+    /// that broker holds the registry any more (a VMM it was spawning
+    /// holds the broker's descriptors until it executes).
     pub fn start_with(dir: &Path, opts: Opts) -> Self {
+        wait_registry_unlocked(dir, Duration::from_secs(10));
         let tls = opts.tls;
         let socket = dir.join("bubbled.sock");
         let mut cmd = Command::new(broker_bin());
@@ -205,6 +209,29 @@ impl Drop for BrokerProc {
     }
 }
 
+/// Waits until the registry of a broker on `dir`, if there is one, is not
+/// locked by any process; fails the test after `limit`.
+fn wait_registry_unlocked(dir: &Path, limit: Duration) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(dir.join("registry.redb")) else {
+        return;
+    };
+    let end = Instant::now() + limit;
+    loop {
+        // SAFETY: flock on a descriptor we own; the lock goes with `file`.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the registry in {} stayed locked for {limit:?} after its broker ended",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// VMM processes started for `dir` (spares included): pid and command
 /// line (NUL-separated).
 fn vmm_procs_under(dir: &Path) -> Vec<(i32, String)> {
@@ -302,14 +329,23 @@ pub fn thread_nices(pid: u32, comm: &str) -> Vec<i32> {
 /// spare removes it when it is given a bubble), or it has no KVM VM yet (a
 /// spare still starting up, before it binds its socket).
 fn is_idle_spare(pid: i32, cmdline: &str) -> bool {
+    is_spare(cmdline) && (spare_socket_bound(cmdline) || !has_kvm_vm(pid))
+}
+
+/// Whether a VMM process was started as a spare.
+fn is_spare(cmdline: &str) -> bool {
+    cmdline.split('\0').any(|a| a == "--spare")
+}
+
+/// Whether a spare VMM's spare socket exists: it is ready to be given a
+/// bubble and has not been given one yet.
+fn spare_socket_bound(cmdline: &str) -> bool {
     let args: Vec<&str> = cmdline.split('\0').collect();
     let Some(i) = args.iter().position(|a| *a == "--spare") else {
         return false;
     };
-    let bound = args
-        .get(i + 2)
-        .is_some_and(|sock| std::path::Path::new(sock).exists());
-    bound || !has_kvm_vm(pid)
+    args.get(i + 2)
+        .is_some_and(|sock| std::path::Path::new(sock).exists())
 }
 
 /// Whether process `pid` holds a KVM VM descriptor.
@@ -376,27 +412,125 @@ pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
     }
 }
 
-/// Polls DescribeBubble until `pred` holds or `timeout` passes.
-pub async fn wait_for(
-    c: &mut Client,
-    id: &str,
+/// DescribeBubble of `id` (panics if the broker refuses).
+pub async fn describe(c: &mut Client, id: &str) -> pb::Bubble {
+    c.describe_bubble(pb::BubbleRef {
+        bubble_id: id.to_string(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("describe {id}: {e:?}"))
+    .into_inner()
+}
+
+/// Name of a bubble state, for messages.
+fn state_name(state: i32) -> String {
+    pb::BubbleState::try_from(state)
+        .map(|s| format!("{s:?}"))
+        .unwrap_or_else(|_| format!("state {state}"))
+}
+
+/// Polls DescribeBubble until `pred` holds and returns that description;
+/// after `timeout` the test fails, naming the bubble, the waiting call
+/// site and the last state seen.
+#[track_caller]
+pub fn wait_for<'a>(
+    c: &'a mut Client,
+    id: &'a str,
     timeout: Duration,
-    pred: impl Fn(&pb::Bubble) -> bool,
-) -> pb::Bubble {
-    let end = Instant::now() + timeout;
-    loop {
-        let b = c
-            .describe_bubble(pb::BubbleRef {
-                bubble_id: id.to_string(),
-            })
-            .await
-            .expect("describe")
-            .into_inner();
-        if pred(&b) || Instant::now() > end {
-            return b;
+    pred: impl Fn(&pb::Bubble) -> bool + 'a,
+) -> impl std::future::Future<Output = pb::Bubble> + 'a {
+    let caller = std::panic::Location::caller();
+    async move {
+        let end = Instant::now() + timeout;
+        loop {
+            let b = describe(c, id).await;
+            if pred(&b) {
+                return b;
+            }
+            assert!(
+                Instant::now() < end,
+                "bubble {id}: the state awaited at {caller} did not come within {timeout:?}; \
+                 last seen {} (reason {:?}, generation {})",
+                state_name(b.state),
+                b.failure_reason,
+                b.generation,
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls `probe` every 10 ms until `done` holds for what it returns, and
+/// returns that; after `limit` the test fails, naming `what` it waited for
+/// and the last value seen.
+pub async fn wait_until<T: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        let v = probe();
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "waited {limit:?} for {what}; last seen: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `n` spare VMMs of a broker on `dir` are ready to be given a
+/// bubble (each has bound its spare socket); fails the test after `limit`.
+pub async fn wait_spares_ready(dir: &Path, n: usize, limit: Duration) {
+    wait_until(
+        &format!("{n} spare VMMs ready"),
+        limit,
+        || {
+            vmm_procs_under(dir)
+                .into_iter()
+                .filter(|(_, cmd)| spare_socket_bound(cmd))
+                .map(|(pid, _)| pid)
+                .collect::<Vec<_>>()
+        },
+        |ready| ready.len() >= n,
+    )
+    .await;
+}
+
+/// Waits until VMM `pid` is the only one of a broker on `dir` (idle spares
+/// aside): the others have exited; fails the test after `limit`.
+pub async fn wait_only_vmm(dir: &Path, pid: u32, limit: Duration) {
+    wait_until(
+        &format!("VMM {pid} to be the only one left"),
+        limit,
+        || vmm_pids_under(dir),
+        |pids| *pids == [pid as i32],
+    )
+    .await;
+}
+
+/// Waits until process `pid` is gone (or a zombie, which is dead but not
+/// yet reaped by its parent); fails the test after `limit`.
+pub async fn wait_pid_gone(pid: i32, limit: Duration) {
+    wait_until(
+        &format!("process {pid} to end"),
+        limit,
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("State:"))
+                        .map(str::to_owned)
+                })
+        },
+        |state| state.as_ref().is_none_or(|s| s.contains('Z')),
+    )
+    .await;
 }
 
 /// A test's dependency `what` is missing: under `CI=true` that fails the

@@ -18,11 +18,7 @@ async fn boot_call_describe_list_delete() {
     let broker = BrokerProc::start(dir.path(), false);
     let mut c = broker.client().await;
     // Let the spare VMMs start, so that this bubble gets one.
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while spare_pids_under(dir.path()).len() < 2 && std::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(10)).await;
 
     let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(b.state, READY, "{}", b.failure_reason);
@@ -365,9 +361,8 @@ async fn hostile_guests_fail_alone() {
             .output;
         assert_eq!(out, name.as_bytes());
     }
-    // Only the good bubble's VMM is left running.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(vmm_pids_under(dir.path()).len(), 1);
+    // Only the good bubble's VMM is left running: the failed ones exit.
+    wait_only_vmm(dir.path(), good.vmm_pid, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +382,7 @@ async fn restarted_broker_readopts_running_bubbles_and_fails_lost_ones() {
     unsafe {
         libc::kill(lose.vmm_pid as i32, libc::SIGKILL);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_pid_gone(lose.vmm_pid as i32, Duration::from_secs(5)).await;
 
     let broker2 = BrokerProc::start(dir.path(), false);
     let mut c = broker2.client().await;

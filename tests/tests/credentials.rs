@@ -1,11 +1,12 @@
 //! End to end on real KVM: credentials sealed to a bubble, used inside it,
 //! and never visible to the host in plaintext; signed and sealed results.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bubble_client::{ClientError, Parent};
 use bubble_e2e_tests::*;
 use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A Unix-socket proxy in front of the broker that records every byte of
@@ -30,7 +31,7 @@ async fn recording_proxy(
                     if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
-                    up.lock().unwrap().extend_from_slice(&buf[..n]);
+                    up.lock().extend_from_slice(&buf[..n]);
                 }
             });
             tokio::spawn(async move {
@@ -39,7 +40,7 @@ async fn recording_proxy(
                     if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
-                    down.lock().unwrap().extend_from_slice(&buf[..n]);
+                    down.lock().extend_from_slice(&buf[..n]);
                 }
             });
         }
@@ -118,7 +119,7 @@ async fn credential_is_used_inside_and_never_seen_by_the_host() {
     // The plaintext is nowhere on the host side: not in the gRPC traffic,
     // the registry, the broker's or the VMM's logs, or any file of the
     // broker's data directory.
-    let t = traffic.lock().unwrap().clone();
+    let t = traffic.lock().clone();
     assert!(t.len() > 1000, "the proxy saw the traffic");
     assert!(
         !contains(&t, secret),

@@ -88,14 +88,6 @@ fn assert_hardened(pid: u32, data_dir: &Path) {
     }
 }
 
-async fn wait_spares(dir: &Path, n: usize) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while spare_pids_under(dir).len() < n {
-        assert!(Instant::now() < until, "{n} spare VMMs did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmms_are_hardened_from_spares_fresh_starts_and_restore() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +99,7 @@ async fn vmms_are_hardened_from_spares_fresh_starts_and_restore() {
         },
     );
     let mut c = broker.client().await;
-    wait_spares(dir.path(), 2).await;
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(20)).await;
     for pid in spare_pids_under(dir.path()) {
         // A spare names itself first thing after exec: wait for that.
         let until = Instant::now() + Duration::from_secs(10);
@@ -179,7 +171,7 @@ async fn vmms_and_spares_die_with_a_killed_broker_when_asked() {
         },
     );
     let mut c = broker.client().await;
-    wait_spares(dir.path(), 2).await;
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(20)).await;
     let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(b.state, READY, "{}", b.failure_reason);
     let vmm = b.vmm_pid as i32;

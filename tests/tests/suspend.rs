@@ -305,7 +305,9 @@ async fn a_crash_between_chunk_writes_leaves_the_bubble_running() {
     let mut broker = BrokerProc::start_with(
         dir.path(),
         Opts {
-            env: vec![("BUBBLED_TEST_CHUNK_PAUSE_MS".into(), "400".into())],
+            // Far longer than the test needs: it kills the broker during
+            // the first pause.
+            env: vec![("BUBBLED_TEST_CHUNK_PAUSE_MS".into(), "30000".into())],
             ..Opts::default()
         },
     );
@@ -314,12 +316,20 @@ async fn a_crash_between_chunk_writes_leaves_the_bubble_running() {
     let mut c2 = c.clone();
     let id2 = id.clone();
     let suspending = tokio::spawn(async move { c2.suspend_bubble(suspend_req(&id2, b"")).await });
-    // Kill the broker while it writes chunks (it pauses between them).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill the broker while it writes chunks: once the first chunk is in
+    // the store (written atomically), it pauses before the next.
+    let g1 = dir.path().join("store/frozen").join(&id).join("g1");
+    wait_until(
+        "the first chunk in the store",
+        Duration::from_secs(10),
+        || g1.join("chunk-0").exists(),
+        |written| *written,
+    )
+    .await;
     broker.kill();
     assert!(suspending.await.unwrap().is_err());
-    let g1 = dir.path().join("store/frozen").join(&id).join("g1");
     assert!(g1.join("chunk-0").exists(), "the crash came mid-write");
+    assert!(!g1.join("chunk-1").exists(), "the crash came in the pause");
     assert!(!g1.join("manifest").exists());
 
     // After a restart the bubble is running, consistent, and suspends fine.

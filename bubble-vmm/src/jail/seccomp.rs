@@ -12,8 +12,8 @@
 //! `docs/jail.md` has the same lists with the reasons.
 
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex};
 
+use parking_lot::{Condvar, Mutex};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
@@ -233,9 +233,7 @@ pub fn seal(thread: Thread) -> Result<(), JailError> {
     seccompiler::apply_filter(&files).map_err(|e| JailError::Seccomp(e.to_string()))?;
     seccompiler::apply_filter(&prog).map_err(|e| JailError::Seccomp(e.to_string()))?;
     if thread != Thread::Vcpu {
-        if let Ok(mut n) = SEALED.lock() {
-            *n += 1;
-        }
+        *SEALED.lock() += 1;
         SEALED_CV.notify_all();
     }
     Ok(())
@@ -249,12 +247,9 @@ pub const OTHER_THREADS: u32 = 3;
 /// themselves (they do so first thing, or right after the few
 /// privileged steps they take before the guest runs).
 pub fn wait_sealed(n: u32) {
-    let Ok(mut g) = SEALED.lock() else { return };
+    let mut g = SEALED.lock();
     while *g < n {
-        g = match SEALED_CV.wait(g) {
-            Ok(g) => g,
-            Err(_) => return,
-        };
+        SEALED_CV.wait(&mut g);
     }
 }
 

@@ -1,8 +1,10 @@
 //! The watchdog thread: stops the vCPU when a deadline passes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::vm::{Kicker, Vm};
 
@@ -32,13 +34,11 @@ impl Watchdog {
     pub(super) fn arm(&self, d: Duration) {
         self.fired.store(false, Ordering::SeqCst);
         let at = Instant::now() + d;
-        let wake = match self.state.lock() {
-            Ok(mut s) => {
-                s.deadline = Some(at);
-                // A thread that wakes no later than `at` will see it then.
-                s.wakes_at.is_none_or(|w| w > at)
-            }
-            Err(_) => false,
+        let wake = {
+            let mut s = self.state.lock();
+            s.deadline = Some(at);
+            // A thread that wakes no later than `at` will see it then.
+            s.wakes_at.is_none_or(|w| w > at)
         };
         if wake {
             self.cv.notify_all();
@@ -66,9 +66,7 @@ impl Watchdog {
     /// Disarms; the sleeping thread is not woken (it finds nothing armed
     /// when it next looks).
     pub(super) fn disarm(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.deadline = None;
-        }
+        self.state.lock().deadline = None;
     }
 
     fn run(self: Arc<Self>, kicker: Kicker, thread: libc::pthread_t) {
@@ -77,7 +75,7 @@ impl Watchdog {
             eprintln!("bubble-vmm: {e}");
             std::process::exit(2);
         }
-        let Ok(mut g) = self.state.lock() else { return };
+        let mut g = self.state.lock();
         loop {
             let now = Instant::now();
             let sleep = match g.deadline {
@@ -91,16 +89,12 @@ impl Watchdog {
                 }
             };
             g.wakes_at = sleep.map(|d| now + d);
-            g = match sleep {
-                None => match self.cv.wait(g) {
-                    Ok(g) => g,
-                    Err(_) => return,
-                },
-                Some(d) => match self.cv.wait_timeout(g, d) {
-                    Ok((g, _)) => g,
-                    Err(_) => return,
-                },
-            };
+            match sleep {
+                None => self.cv.wait(&mut g),
+                Some(d) => {
+                    self.cv.wait_for(&mut g, d);
+                }
+            }
         }
     }
 }

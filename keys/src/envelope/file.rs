@@ -160,3 +160,82 @@ impl Kek {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{unwrap_key, wrap_key, ChunkCipher, DataKey, TEST_SNAP as SNAP};
+    use super::*;
+    use alloc::format;
+    use alloc::vec::Vec;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn load_or_create_makes_a_0600_file_and_reloads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let a = Kek::load_or_create(&path).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 32);
+        assert_eq!(fs::read(&path).unwrap(), a.0.to_vec());
+        let b = Kek::load_or_create(&path).unwrap();
+        assert_eq!(a.key_id(), b.key_id());
+        // No temporary files are left behind.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // The sealed data survives a "restart" (reload from file).
+        let k = DataKey::generate(&mut rand_core::OsRng);
+        let w = wrap_key(&a, &k, &SNAP);
+        let c = ChunkCipher::new(&k, &SNAP).encrypt(0, b"frozen");
+        let k2 = unwrap_key(&Kek::load(&path).unwrap(), &w, &SNAP).unwrap();
+        assert_eq!(
+            ChunkCipher::new(&k2, &SNAP)
+                .decrypt(0, &c)
+                .unwrap()
+                .expose(),
+            b"frozen"
+        );
+    }
+
+    #[test]
+    fn loose_permissions_wrong_length_and_dirs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        fs::write(&path, [1u8; 32]).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            Kek::load_or_create(&path),
+            Err(KekFileError::Permissions { mode: 0o644, .. })
+        ));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Kek::load(&path).is_ok());
+        assert_eq!(Kek::load(&path).unwrap().0[..], [1u8; 32]);
+
+        fs::write(&path, [1u8; 31]).unwrap();
+        assert!(matches!(
+            Kek::load_or_create(&path),
+            Err(KekFileError::Length { len: 31, .. })
+        ));
+        fs::write(&path, [1u8; 33]).unwrap();
+        assert!(matches!(
+            Kek::load(&path),
+            Err(KekFileError::Length { len: 33, .. })
+        ));
+
+        let sub = dir.path().join("subdir");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(
+            Kek::load_or_create(&sub),
+            Err(KekFileError::NotAFile { .. })
+        ));
+
+        let missing_dir = dir.path().join("nope").join("kek");
+        let err = Kek::load_or_create(&missing_dir).unwrap_err();
+        assert!(matches!(err, KekFileError::Io { .. }));
+        // Errors name the file but never contain key bytes.
+        let msg = format!("{err}");
+        assert!(msg.contains("nope"), "{msg}");
+    }
+}

@@ -1,0 +1,154 @@
+//! Create, call, attestation and warm-attach latencies.
+
+use std::time::{Duration, Instant};
+
+use bubble_proto::v1 as pb;
+use serde_json::json;
+
+use super::helpers::{metric_value, time_calls, wait_pool};
+use super::Ctx;
+use crate::stats::{round, stat, us, Stat};
+
+/// Cold CreateBubble until READY, then delete, `n` times.
+pub(crate) async fn create_to_ready(
+    x: &mut Ctx,
+    n: usize,
+    pool_filling: bool,
+) -> anyhow::Result<Stat> {
+    if pool_filling {
+        wait_pool(&x.broker, 4).await;
+    }
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let b = x.c.create_bubble(x.create.clone()).await?.into_inner();
+        v.push(t.elapsed());
+        anyhow::ensure!(
+            b.state == pb::BubbleState::Ready as i32,
+            "{}",
+            b.failure_reason
+        );
+        x.c.delete_bubble(pb::BubbleRef {
+            bubble_id: b.bubble_id,
+        })
+        .await?;
+    }
+    Ok(stat(v))
+}
+
+/// `n` Call round trips of a 64-byte echo, with the same calls with the
+/// broker's answer polling off as the baseline in the same run.
+pub(crate) async fn call_echo_64b(
+    x: &mut Ctx,
+    n: usize,
+    answer_poll_us: u32,
+) -> anyhow::Result<Stat> {
+    let b = x.c.create_bubble(x.create.clone()).await?.into_inner();
+    let req = pb::CallRequest {
+        bubble_id: b.bubble_id.clone(),
+        op: "echo".into(),
+        input: vec![0xa5; 64],
+        deadline_ms: 0,
+        ..Default::default()
+    };
+    // Baseline in the same run: the same calls with the broker's answer
+    // polling off (its thread sleeps until the VMM answers).
+    bubble_vmm_client::set_answer_poll(Duration::ZERO);
+    let sleeping = stat(time_calls(&mut x.c, &req, n, 64).await?);
+    bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(answer_poll_us)));
+    let m0 = x.broker.scrape();
+    let mut s = stat(time_calls(&mut x.c, &req, n, 64).await?);
+    s.extra.insert(
+        "answer_poll_off_p50_us".into(),
+        json!(round(us(sleeping.p50))),
+    );
+    s.extra.insert(
+        "answer_poll_off_p99_us".into(),
+        json!(round(us(sleeping.p99))),
+    );
+    let m = x.broker.scrape();
+    let delta = |k: &str| metric_value(&m, k) - metric_value(&m0, k);
+    let broker_mean =
+        delta("bubbled_call_seconds_sum") / delta("bubbled_call_seconds_count").max(1.0);
+    s.extra.insert(
+        "broker_side_mean_us".into(),
+        json!(round(broker_mean * 1e6)),
+    );
+    x.c.delete_bubble(pb::BubbleRef {
+        bubble_id: b.bubble_id,
+    })
+    .await?;
+    Ok(s)
+}
+
+/// 200 GetAttestation calls with distinct nonces.
+pub(crate) async fn get_attestation(x: &mut Ctx) -> anyhow::Result<Stat> {
+    let b = x.c.create_bubble(x.create.clone()).await?.into_inner();
+    let mut v = Vec::new();
+    for i in 0..200u32 {
+        let t = Instant::now();
+        let a =
+            x.c.get_attestation(pb::GetAttestationRequest {
+                bubble_id: b.bubble_id.clone(),
+                nonce: [i.to_le_bytes(); 8].concat(),
+            })
+            .await?
+            .into_inner();
+        v.push(t.elapsed());
+        anyhow::ensure!(a.report.len() == 1184);
+    }
+    x.c.delete_bubble(pb::BubbleRef {
+        bubble_id: b.bubble_id,
+    })
+    .await?;
+    Ok(stat(v))
+}
+
+/// 100 warm attaches from a refilled pool, with the broker's side and the
+/// first RPC after an idle spell as extras.
+pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
+    let mut v = Vec::new();
+    let mut idle_first = Vec::new();
+    for _ in 0..100 {
+        // Let the pool refill so that every sample is a warm attach.
+        wait_pool(&x.broker, 4).await;
+        let t0 = Instant::now();
+        x.c.list_bubbles(pb::ListBubblesRequest {
+            include_deleted: false,
+            ..Default::default()
+        })
+        .await?;
+        idle_first.push(t0.elapsed());
+        let t = Instant::now();
+        let b =
+            x.c.attach_bubble(pb::AttachBubbleRequest {
+                profile: "warm".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        v.push(t.elapsed());
+        anyhow::ensure!(b.state == pb::BubbleState::Ready as i32);
+        x.c.delete_bubble(pb::BubbleRef {
+            bubble_id: b.bubble_id,
+        })
+        .await?;
+    }
+    let mut s = stat(v);
+    let m = x.broker.scrape();
+    s.extra.insert(
+        "pool_misses".into(),
+        json!(metric_value(&m, "bubbled_pool_misses_total")),
+    );
+    let server_mean = metric_value(&m, "bubbled_attach_seconds_sum")
+        / metric_value(&m, "bubbled_attach_seconds_count").max(1.0);
+    s.extra.insert(
+        "broker_side_mean_us".into(),
+        json!(round(server_mean * 1e6)),
+    );
+    s.extra.insert(
+        "first_rpc_after_idle_p50_us".into(),
+        json!(round(us(stat(idle_first).p50))),
+    );
+    Ok(s)
+}

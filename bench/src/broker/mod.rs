@@ -1,0 +1,119 @@
+//! The metrics measured through a broker running in this process (gRPC
+//! over its Unix socket), one module per group.
+
+mod calls;
+mod density;
+mod freeze;
+mod helpers;
+mod load;
+mod tokenize;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bubble_proto::v1 as pb;
+use bubbled::client;
+use bubbled::config::BrokerConfig;
+use bubbled::core::Broker;
+
+use crate::stats::Stat;
+use crate::Opts;
+
+/// The results of a run, by metric.
+pub(crate) type Results = BTreeMap<&'static str, Stat>;
+
+/// What every metric through the broker works with.
+pub(crate) struct Ctx {
+    /// The parent's connection.
+    pub(crate) c: client::Client,
+    /// The broker itself (scrapes, pool depth).
+    pub(crate) broker: Arc<Broker>,
+    /// The broker's Unix socket (for more parents).
+    pub(crate) sock: PathBuf,
+    /// The broker's runtime.
+    pub(crate) bh: tokio::runtime::Handle,
+    /// The broker's data directory.
+    pub(crate) dir: PathBuf,
+    /// A 64 MiB bubble of the default image.
+    pub(crate) create: pb::CreateBubbleRequest,
+}
+
+/// The metrics that need a broker.
+pub(crate) const THROUGH_BROKER: &[&str] = &[
+    "get_attestation",
+    "call_tokenize",
+    "tokenize_4_parents",
+    "attach_warm",
+    "density_1000",
+    "suspend_64m",
+    "restore_64m",
+    "suspend_512m",
+    "restore_512m",
+    "create_to_ready",
+    "call_echo_64b",
+    "load_8_parents",
+];
+
+/// Starts a broker in a temporary directory and measures the wanted
+/// metrics through it.
+pub(crate) async fn through_broker(
+    opts: &Opts,
+    want: &dyn Fn(&str) -> bool,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("bubble-bench-").tempdir()?;
+    let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
+    cfg.quota.max_bubbles_per_parent = 2000;
+    cfg.quota.max_memory_mib_per_parent = 1 << 20;
+    cfg.pools = vec![bubbled::config::PoolProfile {
+        name: "warm".into(),
+        memory_mib: 16,
+        size: if want("attach_warm") { 4 } else { 0 },
+        image: "shim".into(),
+        idle_timeout_s: 0,
+        idle_action: Default::default(),
+    }];
+    let answer_poll_us = cfg.answer_poll_us;
+    let embedded = bubbled::demo::EmbeddedBroker::start(cfg).await?;
+    let mut x = Ctx {
+        c: client::connect_unix(&embedded.socket).await?,
+        broker: embedded.broker.clone(),
+        sock: embedded.socket.clone(),
+        bh: embedded.handle(),
+        dir: dir.path().to_path_buf(),
+        create: pb::CreateBubbleRequest {
+            idle: None,
+            policy: None,
+            client_request_id: String::new(),
+            memory_mib: 64,
+            vcpus: 1,
+            image: String::new(),
+        },
+    };
+    if want("create_to_ready") {
+        let s = calls::create_to_ready(&mut x, opts.creates, want("attach_warm")).await?;
+        results.insert("create_to_ready", s);
+    }
+    if want("call_echo_64b") {
+        let s = calls::call_echo_64b(&mut x, opts.calls, answer_poll_us).await?;
+        results.insert("call_echo_64b", s);
+    }
+    if want("get_attestation") {
+        results.insert("get_attestation", calls::get_attestation(&mut x).await?);
+    }
+    if want("call_tokenize") || want("tokenize_4_parents") {
+        tokenize::run(&mut x, want, opts.calls, results).await?;
+    }
+    if want("attach_warm") {
+        results.insert("attach_warm", calls::attach_warm(&mut x).await?);
+    }
+    freeze::suspend_restore(&mut x, want, results).await?;
+    if want("density_1000") {
+        results.insert("density_1000", density::density_1000(&mut x).await?);
+    }
+    if want("load_8_parents") {
+        results.insert("load_8_parents", load::load_8_parents(&x).await?);
+    }
+    embedded.stop().await
+}

@@ -1,0 +1,68 @@
+//! The payments portion's tokenize call: one parent, and four at once.
+
+use std::time::Instant;
+
+use bubble_proto::v1 as pb;
+use bubbled::client;
+use serde_json::json;
+
+use super::helpers::{payments_bubble, time_calls, tokenize_req};
+use super::{Ctx, Results};
+use crate::stats::{round, stat};
+
+/// `call_tokenize` (`calls` calls) and `tokenize_4_parents`, as wanted.
+pub(crate) async fn run(
+    x: &mut Ctx,
+    want: &dyn Fn(&str) -> bool,
+    calls: usize,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let one = payments_bubble(&x.c, &x.create).await?;
+    if want("call_tokenize") {
+        let req = tokenize_req(&one);
+        results.insert(
+            "call_tokenize",
+            stat(time_calls(&mut x.c, &req, calls, 32).await?),
+        );
+    }
+    if want("tokenize_4_parents") {
+        // Four parents, each with its own connection and bubble,
+        // tokenizing concurrently for a fixed count.
+        let mut ids = vec![one.clone()];
+        for _ in 0..3 {
+            ids.push(payments_bubble(&x.c, &x.create).await?);
+        }
+        let per = 1000usize;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for id in ids.clone() {
+            let sock = x.sock.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = client::connect_unix(&sock).await?;
+                let req = tokenize_req(&id);
+                let mut v = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = Instant::now();
+                    c.call(req.clone()).await?;
+                    v.push(t.elapsed());
+                }
+                Ok::<_, anyhow::Error>(v)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let mut s = stat(all);
+        s.extra
+            .insert("per_sec".into(), json!(round(s.n as f64 / secs)));
+        s.extra.insert("parents".into(), json!(4));
+        results.insert("tokenize_4_parents", s);
+        for id in ids.into_iter().skip(1) {
+            x.c.delete_bubble(pb::BubbleRef { bubble_id: id }).await?;
+        }
+    }
+    x.c.delete_bubble(pb::BubbleRef { bubble_id: one }).await?;
+    Ok(())
+}

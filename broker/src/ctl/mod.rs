@@ -1,0 +1,244 @@
+//! `bubblectl`: the command-line client of `bubbled`.
+//!
+//! Tables for people, `--json` for scripts. Exit codes: 0 success, 1 usage,
+//! I/O or broker error (the gRPC status is printed).
+//!
+//! One module per group of subcommands, each with its arguments and its
+//! handlers: `bubbles` (create, attach, list, describe, delete), `freeze`
+//! (suspend, restore, frozen), `calls` (call, watch), `attest` (attest,
+//! measure), `pki`, and `ops` (usage, load, demo); `output` formats
+//! bubbles and bytes for all of them.
+
+mod attest;
+mod bubbles;
+mod calls;
+mod freeze;
+mod ops;
+mod output;
+mod pki;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bubble_proto::v1::broker_client::BrokerClient;
+use clap::{Args, Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::client;
+
+pub use output::state_label;
+
+/// Command-line options of `bubblectl`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bubblectl",
+    version,
+    about = "Manage bubbles (child KVM VMs) through bubbled"
+)]
+pub struct Opts {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How to reach the broker.
+#[derive(Debug, Args)]
+struct Conn {
+    /// Broker Unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "BUBBLED_SOCKET",
+        default_value = "/var/lib/bubbled/bubbled.sock"
+    )]
+    socket: PathBuf,
+    /// Use mutual TLS to this URL instead (e.g. https://localhost:7443).
+    #[arg(long, global = true, env = "BUBBLED_ENDPOINT")]
+    endpoint: Option<String>,
+    /// PKI directory (from `bubblectl pki init`) for --endpoint.
+    #[arg(long, global = true, env = "BUBBLED_PKI")]
+    pki: Option<PathBuf>,
+    /// Parent name whose certificate to present with --endpoint.
+    #[arg(long, global = true, env = "BUBBLED_PARENT")]
+    parent: Option<String>,
+}
+
+impl Conn {
+    /// Connects to the broker: mutual TLS with `--endpoint`, else the Unix
+    /// socket.
+    async fn connect(&self) -> anyhow::Result<BrokerClient<Channel>> {
+        match &self.endpoint {
+            Some(url) => {
+                let pki = self.pki.as_ref().context("--endpoint needs --pki DIR")?;
+                let parent = self
+                    .parent
+                    .as_ref()
+                    .context("--endpoint needs --parent NAME")?;
+                let (cert, key) = crate::pki::parent_files(pki, parent);
+                Ok(client::connect_tls(url, &pki.join("ca.pem"), &cert, &key).await?)
+            }
+            None => Ok(client::connect_unix(&self.socket).await?),
+        }
+    }
+}
+
+// The subcommands' own doc comments are their help; their argument structs
+// carry none, so that clap shows exactly these.
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a bubble and wait until it is READY.
+    Create(bubbles::CreateArgs),
+    /// Take a pre-booted bubble from a warm pool.
+    Attach(bubbles::AttachArgs),
+    /// Freeze a bubble to the encrypted store.
+    Suspend(freeze::SuspendArgs),
+    /// Resume a suspended bubble from its frozen copy.
+    Restore(freeze::RestoreArgs),
+    /// Frozen (suspended) bubbles.
+    #[command(subcommand)]
+    Frozen(freeze::FrozenCmd),
+    /// Show a bubble's metered usage, signed by the broker.
+    Usage(ops::UsageArgs),
+    /// Run a bounded load test against a broker over mutual TLS.
+    Load(ops::LoadArgs),
+    /// List your bubbles.
+    List(bubbles::ListArgs),
+    /// Show one bubble.
+    Describe(BubbleArg),
+    /// Call an operation in a bubble.
+    Call(calls::CallArgs),
+    /// Delete a bubble.
+    Delete(BubbleArg),
+    /// Stream state changes of your bubbles until interrupted.
+    Watch(calls::WatchArgs),
+    /// Development PKI for mutual TLS.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
+    /// Attestation: fetch a bubble's report, verify reports offline.
+    #[command(subcommand)]
+    Attest(attest::AttestCmd),
+    /// Print the launch measurement a bubble booted from an image reports,
+    /// computed offline by the VMM's own loader (no KVM needed).
+    Measure(attest::MeasureArgs),
+    /// Run the demo: a broker on embedded defaults in a temp dir, a few
+    /// bubbles created, called and deleted, and a timing table.
+    Demo(ops::DemoArgs),
+}
+
+// The one argument of commands that name a bubble and nothing else.
+#[derive(Debug, Args)]
+struct BubbleArg {
+    /// Bubble id.
+    bubble: String,
+}
+
+/// Entry point of the `bubblectl` binary.
+pub fn main() -> ExitCode {
+    let opts = Opts::parse();
+    // The demo's client is one parent making one call at a time: a
+    // current-thread runtime (its broker has threads of its own).
+    let rt = match opts.cmd {
+        Cmd::Demo(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bubblectl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bubblectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one subcommand; its handler decides the exit code.
+async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
+    let j = opts.json;
+    let conn = &opts.conn;
+    match opts.cmd {
+        Cmd::Create(a) => bubbles::create(conn, a, j).await,
+        Cmd::Attach(a) => bubbles::attach(conn, a, j).await,
+        Cmd::List(a) => bubbles::list(conn, a, j).await,
+        Cmd::Describe(a) => bubbles::describe(conn, a, j).await,
+        Cmd::Delete(a) => bubbles::delete(conn, a, j).await,
+        Cmd::Suspend(a) => freeze::suspend(conn, a, j).await,
+        Cmd::Restore(a) => freeze::restore(conn, a, j).await,
+        Cmd::Frozen(c) => freeze::frozen(conn, c, j).await,
+        Cmd::Call(a) => calls::call(conn, a, j).await,
+        Cmd::Watch(a) => calls::watch(conn, a, j).await,
+        Cmd::Pki(c) => pki::run(c, j),
+        Cmd::Attest(c) => attest::run(conn, c, j).await,
+        Cmd::Measure(a) => attest::measure(a, j),
+        Cmd::Usage(a) => ops::usage(conn, a, j).await,
+        Cmd::Load(a) => ops::load(conn, a, j).await,
+        Cmd::Demo(a) => ops::demo(a).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses() {
+        Opts::try_parse_from(["bubblectl", "--json", "create", "--memory-mib", "16"]).unwrap();
+        Opts::try_parse_from(["bubblectl", "call", "b-1", "echo", "--input", "hi"]).unwrap();
+        assert!(Opts::try_parse_from([
+            "bubblectl",
+            "call",
+            "b-1",
+            "echo",
+            "--input",
+            "a",
+            "--input-hex",
+            "00"
+        ])
+        .is_err());
+    }
+
+    /// Every subcommand parses with its arguments and the global flags.
+    #[test]
+    fn every_subcommand_parses() {
+        let lines: &[&[&str]] = &[
+            &["create", "--image", "shim", "--request-id", "r"],
+            &["attach", "pool-a", "--wait-ms", "5"],
+            &["suspend", "b-1", "--kek-file", "-"],
+            &["restore", "b-1", "--generation", "3"],
+            &["frozen", "list"],
+            &["usage", "b-1", "--broker-key", "00"],
+            &["load", "--parents", "2", "--profile", "p"],
+            &["list", "--all"],
+            &["describe", "b-1"],
+            &["delete", "b-1"],
+            &["watch", "b-1", "--count", "2"],
+            &["pki", "init", "d", "--parents", "a,b"],
+            &["pki", "add-parent", "d", "c"],
+            &["attest", "verify", "--report", "r.bin"],
+            &["attest", "get", "b-1", "--out", "o"],
+            &["measure", "--explain"],
+            &["demo", "--bubbles", "1"],
+        ];
+        for line in lines {
+            let argv = ["bubblectl", "--json", "--socket", "/s"]
+                .iter()
+                .chain(line.iter());
+            let opts = Opts::try_parse_from(argv).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert!(opts.json);
+        }
+        assert!(Opts::try_parse_from(["bubblectl", "describe"]).is_err());
+        assert!(Opts::try_parse_from(["bubblectl", "nonsense"]).is_err());
+    }
+}
