@@ -5,6 +5,9 @@
 //! `OUT_DIR`; the outer build's environment (RUSTFLAGS, target dir, jobserver
 //! settings of this build script) must not leak into it.
 
+// A build script reports a failure by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -9,6 +9,8 @@
 //! `bubble_keys::report_data(nonce ‖ portions_digest ‖ policy_digest, kem_pk, sig_pk)`
 //! (see `docs/attestation.md`).
 
+#![forbid(unsafe_code)]
+
 pub mod amd;
 pub mod certs;
 pub mod chain_error;

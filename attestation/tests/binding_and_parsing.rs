@@ -1,6 +1,9 @@
 //! REPORT_DATA binding agreement with `bubble-keys`, and parsing/verifying
 //! arbitrary bytes without panics.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_attestation::{report_data_binding, verify_amd, Report, ReportError};
 
 #[test]

@@ -19,6 +19,8 @@
 //! like a parent process of its own: sharing one runtime made client and
 //! broker tasks compete for the same two threads.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

@@ -1,5 +1,8 @@
 //! Round trips, every truncation, and hostile bytes into every decoder.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_abi::ops::{
     AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, Sha256Chain, SignedResult,
 };

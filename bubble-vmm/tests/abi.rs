@@ -1,6 +1,9 @@
 //! Guest ABI message parsing with garbage, truncated and oversized
 //! input: every case is refused with a precise error and nothing panics.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_vmm::abi::{self, AbiError, BootInfo, Header, MsgType, HEADER_LEN};
 
 fn header(magic: u32, version: u16, t: u16, len: u32) -> [u8; HEADER_LEN] {

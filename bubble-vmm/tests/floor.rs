@@ -1,5 +1,8 @@
 //! The raw KVM floors run on real KVM and give plausible numbers.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 #[test]

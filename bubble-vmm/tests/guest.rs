@@ -1,5 +1,8 @@
 //! The guest shim and hostile guests on real KVM, in-process.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_vmm::bubble::{Answer, Bubble, BubbleError};
 use bubble_vmm::images::{GuestImage, HostileKind};
 use bubble_vmm::launch::Launch;

@@ -1,6 +1,9 @@
 //! The VMM process through its control protocol: spawn, calls, deadline,
 //! suspend to a snapshot and restore into a new process.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bubble_vmm_client::{

@@ -21,6 +21,8 @@
 //! # let _ = token; Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 
 pub mod attest;

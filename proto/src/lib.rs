@@ -3,6 +3,7 @@
 //! The schema lives in `proto/bubble/v1/broker.proto`; this crate only
 //! compiles it (with a vendored `protoc`, so nothing needs installing).
 
+#![forbid(unsafe_code)]
 #![allow(clippy::large_enum_variant)]
 
 /// Package `bubble.v1`.

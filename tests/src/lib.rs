@@ -1,6 +1,9 @@
 //! Harness for end-to-end tests: starts a real `bubbled` process on a temp
 //! data dir and connects to it as one or more parents.
 
+// The test harness: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod moto;
 
 use std::io::{BufRead, BufReader};

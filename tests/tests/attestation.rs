@@ -6,6 +6,9 @@
 //! reports (computed by its VMM) equals the page list folded by
 //! `sev-snp-measure`, before and after a restore.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_client::{verify_attestation, ClientError, Expectations, Parent};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;

@@ -1,6 +1,9 @@
 //! End to end on real KVM: a `bubbled` process, bubbles created, called,
 //! isolated, failed by hostile guests, and re-adopted after a restart.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bubble_e2e_tests::*;

@@ -4,6 +4,9 @@
 //! it, the losers get FAILED_PRECONDITION (or the uniform not-accessible
 //! answer once the copy is consumed) and start nothing.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::Duration;
 

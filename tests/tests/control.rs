@@ -4,6 +4,9 @@
 //! Needs the `fault-injection` feature of bubble-vmm (the tests crate's
 //! dev-dependency enables it).
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use bubble_e2e_tests::*;

@@ -6,6 +6,9 @@
 //! feature; the test kills the broker once its log says the point is
 //! reached.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,9 @@
 //! End to end on real KVM: credentials sealed to a bubble, used inside it,
 //! and never visible to the host in plaintext; signed and sealed results.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use bubble_client::{ClientError, Parent};

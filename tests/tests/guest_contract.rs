@@ -4,6 +4,9 @@
 //! and the VMM failed the bubble for breaking the ABI); one character more
 //! is refused by the broker with INVALID_ARGUMENT. The bubble stays READY.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
 use tonic::Code;

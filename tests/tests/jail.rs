@@ -3,6 +3,9 @@
 //! forbidden system call failing its bubble with reason `seccomp`, and
 //! VMMs dying with a broker started with `die_with_broker`.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

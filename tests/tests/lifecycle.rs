@@ -5,6 +5,9 @@
 //! each of these must end in a state the lifecycle allows, with exactly
 //! one VM per running bubble and none for the others.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
 //! End to end on real KVM: warm pool and attach, idle policy, quotas,
 //! metering, metrics, graceful shutdown and a bounded load run.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use bubble_e2e_tests::*;

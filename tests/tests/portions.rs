@@ -1,6 +1,9 @@
 //! End to end on real KVM: WebAssembly code portions using credentials
 //! they cannot read, under a security policy, through the broker.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_client::Parent;
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;

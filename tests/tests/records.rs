@@ -3,6 +3,9 @@
 //! leaves nothing in the store, suspend/restore cycles leave no empty
 //! directories, and the store is private to the broker's uid.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -2,6 +2,9 @@
 //! here on loopback). Skipped, with the reason printed, where moto cannot
 //! start (`.ci/run` installs it from PyPI).
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bubble_e2e_tests::moto::{http, start_moto};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;

@@ -2,6 +2,9 @@
 //! store and restore it; parent-held keys; tampering, truncation, rollback
 //! and double restore are refused with the right errors.
 
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bubble_client::Parent;

@@ -498,11 +498,6 @@ fn decode(id: &str, bytes: &[u8]) -> Result<BubbleRecord, RegistryError> {
 }
 
 #[cfg(test)]
-fn tests_rec() -> BubbleRecord {
-    tests::rec("b1", "o", "k")
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -584,20 +579,5 @@ mod tests {
         r.remove_many(&[old]).unwrap();
         assert_eq!(r.request("alice", "k").unwrap().as_deref(), Some("b3"));
         assert_eq!(r.all().unwrap().len(), 2);
-    }
-}
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore]
-    fn put_cost() {
-        let d = tempfile::tempdir().unwrap();
-        let r = super::Registry::open(&d.path().join("r")).unwrap();
-        let rec = super::tests_rec();
-        let t = std::time::Instant::now();
-        for _ in 0..100 {
-            r.put(&rec).unwrap();
-        }
-        eprintln!("put: {:?}", t.elapsed() / 100);
     }
 }
