@@ -43,7 +43,8 @@ pub struct VmShell {
 
 /// `/dev/kvm` opened and the host's supported CPUID queried ahead of need
 /// (see [`prepare_kvm`]).
-static PREPARED: std::sync::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> = std::sync::Mutex::new(None);
+static PREPARED: parking_lot::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> =
+    parking_lot::Mutex::new(None);
 
 /// Opens `/dev/kvm` and queries the CPUID the host supports (~0.4 ms on
 /// this kind of host: more than creating the VM itself) for the next
@@ -52,7 +53,8 @@ static PREPARED: std::sync::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> = std::syn
 /// created only then.
 pub fn prepare_kvm() -> Result<(), VmError> {
     let prepared = open_kvm()?;
-    if let Ok(mut p) = PREPARED.lock() {
+    {
+        let mut p = PREPARED.lock();
         *p = Some(prepared);
     }
     Ok(())
@@ -71,7 +73,7 @@ impl VmShell {
     /// Creates the VM and its vCPU (with `/dev/kvm` and the supported CPUID
     /// from [`prepare_kvm`] if this process prepared them, else fresh).
     pub fn new() -> Result<Self, VmError> {
-        let prepared = PREPARED.lock().ok().and_then(|mut p| p.take());
+        let prepared = PREPARED.lock().take();
         let (kvm_fd, cpuid) = match prepared {
             Some(p) => p,
             None => open_kvm()?,

@@ -404,6 +404,24 @@ pub fn create_req(memory_mib: u32) -> pb::CreateBubbleRequest {
     }
 }
 
+/// A suspend request, under the broker's key (`kek` empty) or a parent's.
+pub fn suspend_req(id: &str, kek: &[u8]) -> pb::SuspendBubbleRequest {
+    pb::SuspendBubbleRequest {
+        bubble_id: id.to_string(),
+        kek: kek.to_vec(),
+    }
+}
+
+/// A restore request: of a bubble this broker knows (`generation` 0), or
+/// an import of that generation from the shared store.
+pub fn restore_req(id: &str, kek: &[u8], generation: u64) -> pb::RestoreBubbleRequest {
+    pb::RestoreBubbleRequest {
+        bubble_id: id.to_string(),
+        kek: kek.to_vec(),
+        generation,
+    }
+}
+
 /// A call request.
 pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
     pb::CallRequest {

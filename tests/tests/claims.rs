@@ -18,14 +18,6 @@ use tonic::Code;
 const READY: i32 = pb::BubbleState::Ready as i32;
 const KEK: [u8; 32] = [0x5a; 32];
 
-fn restore_req(id: &str, generation: u64) -> pb::RestoreBubbleRequest {
-    pb::RestoreBubbleRequest {
-        bubble_id: id.into(),
-        kek: KEK.to_vec(),
-        generation,
-    }
-}
-
 /// Races three restores on each broker; returns how many won.
 async fn race(a: &Client, b: &Client, id: &str, generation: u64) -> usize {
     let mut all = Vec::new();
@@ -34,7 +26,7 @@ async fn race(a: &Client, b: &Client, id: &str, generation: u64) -> usize {
             let mut c = c.clone();
             let id = id.to_string();
             all.push(tokio::spawn(async move {
-                c.restore_bubble(restore_req(&id, g)).await
+                c.restore_bubble(restore_req(&id, &KEK, g)).await
             }));
         }
     }
@@ -62,10 +54,7 @@ async fn suspended_bubble(c: &mut Client) -> (String, u64) {
     let id = b.bubble_id;
     c.call(call_req(&id, "echo", b"state")).await.unwrap();
     let s = c
-        .suspend_bubble(pb::SuspendBubbleRequest {
-            bubble_id: id.clone(),
-            kek: KEK.to_vec(),
-        })
+        .suspend_bubble(suspend_req(&id, &KEK))
         .await
         .unwrap()
         .into_inner();

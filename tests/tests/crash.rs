@@ -60,13 +60,7 @@ async fn kill_at(point: &str) -> (tempfile::TempDir, String, Vec<u8>) {
     let before = keys(&mut c, &id).await;
     let mut s = c.clone();
     let sid = id.clone();
-    let suspend = tokio::spawn(async move {
-        s.suspend_bubble(pb::SuspendBubbleRequest {
-            bubble_id: sid,
-            kek: Vec::new(),
-        })
-        .await
-    });
+    let suspend = tokio::spawn(async move { s.suspend_bubble(suspend_req(&sid, b"")).await });
     reached(dir.path(), point).await;
     broker.kill();
     assert!(
@@ -87,20 +81,13 @@ async fn killed_after_the_copy_is_stored_the_bubble_runs_on() {
     assert_eq!(keys(&mut c, &id).await, before, "the same bubble");
     // And it can be suspended and restored normally afterwards.
     let s = c
-        .suspend_bubble(pb::SuspendBubbleRequest {
-            bubble_id: id.clone(),
-            kek: Vec::new(),
-        })
+        .suspend_bubble(suspend_req(&id, b""))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(s.state, SUSPENDED);
     let r = c
-        .restore_bubble(pb::RestoreBubbleRequest {
-            bubble_id: id.clone(),
-            kek: Vec::new(),
-            generation: 0,
-        })
+        .restore_bubble(restore_req(&id, b"", 0))
         .await
         .unwrap()
         .into_inner();
@@ -124,11 +111,7 @@ async fn killed_after_the_commit_the_copy_restores() {
     // The VMM the dead broker had not stopped yet is stopped now.
     assert!(no_vmms_within(dir.path(), Duration::from_secs(10)).await);
     let r = c
-        .restore_bubble(pb::RestoreBubbleRequest {
-            bubble_id: id.clone(),
-            kek: Vec::new(),
-            generation: 0,
-        })
+        .restore_bubble(restore_req(&id, b"", 0))
         .await
         .unwrap()
         .into_inner();

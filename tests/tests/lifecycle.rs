@@ -21,21 +21,6 @@ const BUSY: i32 = pb::BubbleState::Busy as i32;
 const SUSPENDED: i32 = pb::BubbleState::Suspended as i32;
 const DELETED: i32 = pb::BubbleState::Deleted as i32;
 
-fn suspend_req(id: &str) -> pb::SuspendBubbleRequest {
-    pb::SuspendBubbleRequest {
-        bubble_id: id.into(),
-        kek: Vec::new(),
-    }
-}
-
-fn restore_req(id: &str) -> pb::RestoreBubbleRequest {
-    pb::RestoreBubbleRequest {
-        bubble_id: id.into(),
-        kek: Vec::new(),
-        generation: 0,
-    }
-}
-
 /// A call that keeps the guest busy for a while (`rounds` SHA-256s).
 fn long_call(id: &str, rounds: u32) -> pb::CallRequest {
     let mut input = rounds.to_le_bytes().to_vec();
@@ -81,7 +66,7 @@ async fn calls_racing_a_suspend_leave_it_suspended_and_restorable() {
         let mut s = c.clone();
         let suspend = tokio::spawn({
             let id = id.clone();
-            async move { s.suspend_bubble(suspend_req(&id)).await }
+            async move { s.suspend_bubble(suspend_req(&id, b"")).await }
         });
         let mut late = Vec::new();
         for _ in 0..6 {
@@ -109,7 +94,7 @@ async fn calls_racing_a_suspend_leave_it_suspended_and_restorable() {
         assert_eq!(b.state, SUSPENDED, "round {round}: {}", b.failure_reason);
         assert!(no_vmms_within(dir.path(), Duration::from_secs(10)).await);
         let r = c
-            .restore_bubble(restore_req(&id))
+            .restore_bubble(restore_req(&id, b"", 0))
             .await
             .unwrap()
             .into_inner();
@@ -126,14 +111,14 @@ async fn concurrent_restores_run_exactly_one_vm() {
     let mut c = broker.client().await;
     let id = create(&mut c).await;
     for _ in 0..3 {
-        c.suspend_bubble(suspend_req(&id)).await.unwrap();
+        c.suspend_bubble(suspend_req(&id, b"")).await.unwrap();
         assert!(no_vmms_within(dir.path(), Duration::from_secs(10)).await);
         let mut all = Vec::new();
         for _ in 0..6 {
             let mut cc = c.clone();
             let id = id.clone();
             all.push(tokio::spawn(async move {
-                cc.restore_bubble(restore_req(&id)).await
+                cc.restore_bubble(restore_req(&id, b"", 0)).await
             }));
         }
         let mut won = 0;
@@ -228,10 +213,10 @@ async fn two_hundred_suspend_restore_call_cycles_with_both_cores_loaded() {
     let _hogs = (Hog::start(), Hog::start());
     let started = Instant::now();
     for cycle in 0..200u32 {
-        let s = c.suspend_bubble(suspend_req(&id)).await;
+        let s = c.suspend_bubble(suspend_req(&id, b"")).await;
         let s = s.unwrap_or_else(|e| panic!("cycle {cycle}: suspend: {e:?}"));
         assert_eq!(s.into_inner().state, SUSPENDED, "cycle {cycle}");
-        let r = c.restore_bubble(restore_req(&id)).await;
+        let r = c.restore_bubble(restore_req(&id, b"", 0)).await;
         let r = r.unwrap_or_else(|e| panic!("cycle {cycle}: restore: {e:?}"));
         assert_eq!(r.into_inner().state, READY, "cycle {cycle}");
         let msg = cycle.to_le_bytes();
@@ -255,14 +240,14 @@ async fn a_broker_killed_during_restores_leaves_no_stray_vmm() {
     let mut ids = Vec::new();
     for _ in 0..4 {
         let id = create(&mut c).await;
-        c.suspend_bubble(suspend_req(&id)).await.unwrap();
+        c.suspend_bubble(suspend_req(&id, b"")).await.unwrap();
         ids.push(id);
     }
     assert!(no_vmms_within(dir.path(), Duration::from_secs(10)).await);
     for id in &ids {
         let mut cc = c.clone();
         let id = id.clone();
-        tokio::spawn(async move { cc.restore_bubble(restore_req(&id)).await });
+        tokio::spawn(async move { cc.restore_bubble(restore_req(&id, b"", 0)).await });
     }
     // Kill it as soon as the first restore has a VMM of its own.
     let until = Instant::now() + Duration::from_secs(20);
@@ -302,7 +287,7 @@ async fn a_broker_killed_during_restores_leaves_no_stray_vmm() {
     }
     for id in &ids {
         if describe(&mut c, id).await.state == SUSPENDED {
-            let r = c.restore_bubble(restore_req(id)).await.unwrap();
+            let r = c.restore_bubble(restore_req(id, b"", 0)).await.unwrap();
             assert_eq!(r.into_inner().state, READY);
         }
         let out = c.call(call_req(id, "echo", b"alive")).await.unwrap();

@@ -190,12 +190,7 @@ async fn a_deleted_suspended_bubble_leaves_nothing_in_the_store() {
     let mut c = broker.client().await;
     let id = create(&mut c).await;
     c.call(call_req(&id, "echo", b"state")).await.unwrap();
-    c.suspend_bubble(pb::SuspendBubbleRequest {
-        bubble_id: id.clone(),
-        kek: Vec::new(),
-    })
-    .await
-    .unwrap();
+    c.suspend_bubble(suspend_req(&id, b"")).await.unwrap();
     let store = dir.path().join("store");
     let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the store is private to the broker");
@@ -220,11 +215,7 @@ async fn a_deleted_suspended_bubble_leaves_nothing_in_the_store() {
     );
     let mut c2 = b2.client().await;
     let st = c2
-        .restore_bubble(pb::RestoreBubbleRequest {
-            bubble_id: id,
-            kek: Vec::new(),
-            generation: 1,
-        })
+        .restore_bubble(restore_req(&id, b"", 1))
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
@@ -237,20 +228,8 @@ async fn suspend_restore_cycles_leave_no_empty_directories() {
     let mut c = broker.client().await;
     let id = create(&mut c).await;
     for _ in 0..5 {
-        c.suspend_bubble(pb::SuspendBubbleRequest {
-            bubble_id: id.clone(),
-            kek: Vec::new(),
-        })
-        .await
-        .unwrap();
-        let r = c
-            .restore_bubble(pb::RestoreBubbleRequest {
-                bubble_id: id.clone(),
-                kek: Vec::new(),
-                generation: 0,
-            })
-            .await
-            .unwrap();
+        c.suspend_bubble(suspend_req(&id, b"")).await.unwrap();
+        let r = c.restore_bubble(restore_req(&id, b"", 0)).await.unwrap();
         assert_eq!(r.into_inner().state, READY);
     }
     store_empties(dir.path()).await;

@@ -22,21 +22,6 @@ fn hmac_input() -> Vec<u8> {
     h
 }
 
-fn suspend_req(id: &str, kek: &[u8]) -> pb::SuspendBubbleRequest {
-    pb::SuspendBubbleRequest {
-        bubble_id: id.into(),
-        kek: kek.to_vec(),
-    }
-}
-
-fn restore_req(id: &str, kek: &[u8]) -> pb::RestoreBubbleRequest {
-    pb::RestoreBubbleRequest {
-        bubble_id: id.into(),
-        kek: kek.to_vec(),
-        generation: 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_restore_and_every_refusal() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,7 +58,7 @@ async fn suspend_restore_and_every_refusal() {
 
     // Restore: same keys, same credential, same answers.
     let r = c
-        .restore_bubble(restore_req(&id, b""))
+        .restore_bubble(restore_req(&id, b"", 0))
         .await
         .unwrap()
         .into_inner();
@@ -82,22 +67,28 @@ async fn suspend_restore_and_every_refusal() {
     assert_eq!(bubble.call("hmac", &hmac_input()).await.unwrap(), mac);
     assert_eq!(bubble.call("echo", b"after").await.unwrap(), b"after");
     // Restoring consumed the copy: a second restore is refused.
-    let e = c.restore_bubble(restore_req(&id, b"")).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, b"", 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(!store.join("manifest").exists());
 
     // A parent-held key: required for restore.
     let kek = [7u8; 32];
     c.suspend_bubble(suspend_req(&id, &kek)).await.unwrap();
-    let e = c.restore_bubble(restore_req(&id, b"")).await.unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = c
-        .restore_bubble(restore_req(&id, &[8u8; 32]))
+        .restore_bubble(restore_req(&id, b"", 0))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = c
-        .restore_bubble(restore_req(&id, &[1u8; 5]))
+        .restore_bubble(restore_req(&id, &[8u8; 32], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .restore_bubble(restore_req(&id, &[1u8; 5], 0))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -114,7 +105,10 @@ async fn suspend_restore_and_every_refusal() {
     let mut bad = orig.clone();
     bad[100] ^= 1;
     std::fs::write(&chunk, &bad).unwrap();
-    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(no_vmms_within(dir.path(), Duration::from_secs(5)).await);
     // A truncated manifest: DATA_LOSS as well.
@@ -122,7 +116,10 @@ async fn suspend_restore_and_every_refusal() {
     let manifest = g2.join("manifest");
     let m = std::fs::read(&manifest).unwrap();
     std::fs::write(&manifest, &m[..m.len() / 2]).unwrap();
-    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     std::fs::write(&manifest, &m).unwrap();
     // The manifest's plaintext key kind, changed: it is sealed too.
@@ -133,12 +130,18 @@ async fn suspend_restore_and_every_refusal() {
         text.replace(r#""kek":"parent""#, r#""kek":"broker""#),
     )
     .unwrap();
-    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     std::fs::write(&manifest, &m).unwrap();
     // An extra chunk placed in the copy: refused, not ignored.
     std::fs::write(g2.join("chunk-99"), &orig).unwrap();
-    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("unexpected object"), "{e:?}");
     std::fs::remove_file(g2.join("chunk-99")).unwrap();
@@ -151,7 +154,7 @@ async fn suspend_restore_and_every_refusal() {
         .into_inner();
     assert_eq!(d.state, SUSPENDED);
     // The intact copy restores.
-    c.restore_bubble(restore_req(&id, &kek)).await.unwrap();
+    c.restore_bubble(restore_req(&id, &kek, 0)).await.unwrap();
     assert_eq!(bubble.call("hmac", &hmac_input()).await.unwrap(), mac);
 
     // Rollback: an older generation placed where the current one should be
@@ -164,7 +167,10 @@ async fn suspend_restore_and_every_refusal() {
     for (p, b) in &saved {
         std::fs::write(g3.join(p.file_name().unwrap()), b).unwrap();
     }
-    let e = c.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = c
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("generation"), "{}", e.message());
 }
@@ -186,7 +192,7 @@ async fn idle_bubbles_are_suspended() {
     .await;
     assert_eq!(s.state, SUSPENDED);
     let r = c
-        .restore_bubble(restore_req(&b.bubble_id, b""))
+        .restore_bubble(restore_req(&b.bubble_id, b"", 0))
         .await
         .unwrap()
         .into_inner();
@@ -230,16 +236,22 @@ async fn restore_on_a_second_broker_sharing_the_store() {
 
     // Broker B does not know the bubble: without the generation and key it
     // is not accessible; with them it restores it.
-    let e = cb.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = cb
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let mut req = restore_req(&id, &kek);
+    let mut req = restore_req(&id, &kek, 0);
     req.generation = 1;
     let r = cb.restore_bubble(req.clone()).await.unwrap().into_inner();
     assert_eq!(r.state, READY);
     let on_b = Parent::from_client(cb.clone()).bubble(&id);
     assert_eq!(on_b.call("hmac", &hmac_input()).await.unwrap(), mac);
     // The copy was consumed: broker A cannot run the same generation.
-    let e = ca.restore_bubble(restore_req(&id, &kek)).await.unwrap_err();
+    let e = ca
+        .restore_bubble(restore_req(&id, &kek, 0))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
 }
 
@@ -354,7 +366,7 @@ async fn a_crash_between_chunk_writes_leaves_the_bubble_running() {
         .into_inner();
     assert_eq!(s.state, SUSPENDED);
     let r = c
-        .restore_bubble(restore_req(&id, b""))
+        .restore_bubble(restore_req(&id, b"", 0))
         .await
         .unwrap()
         .into_inner();

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -213,7 +215,7 @@ impl VmmClient {
                             });
                         }
                     }
-                    let tx = pending.lock().ok().and_then(|mut p| p.remove(&head.id));
+                    let tx = pending.lock().remove(&head.id);
                     if let Some(tx) = tx {
                         let _ = tx.send(answer);
                     }
@@ -230,7 +232,8 @@ impl VmmClient {
                 let cause = cause.unwrap_or(VmmExit::Closed(reason));
                 let _ = exit.set(cause.clone());
                 let reason = cause.reason();
-                if let Ok(mut p) = pending.lock() {
+                {
+                    let mut p = pending.lock();
                     p.clear();
                 }
                 ready_tx.send_if_modified(|v| {
@@ -289,7 +292,8 @@ impl VmmClient {
         let in_flight = InFlight::enter();
         let sent_at = Instant::now();
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut p) = self.pending.lock() {
+        {
+            let mut p = self.pending.lock();
             p.insert(id, tx);
         }
         let is_call = req.kind() == Kind::Call;
@@ -309,7 +313,8 @@ impl VmmClient {
                 if let Ok(Ok(answer)) = tokio::time::timeout(REFUSAL_GRACE, rx).await {
                     return answer.map_err(|e| VmmError::Protocol(e.to_string()));
                 }
-                if let Ok(mut p) = self.pending.lock() {
+                {
+                    let mut p = self.pending.lock();
                     p.remove(&id);
                 }
                 return Err(self.closed());
@@ -331,7 +336,8 @@ impl VmmClient {
             Ok(Ok(answer)) => answer.map_err(|e| VmmError::Protocol(e.to_string())),
             Ok(Err(_)) => Err(self.closed()),
             Err(_) => {
-                if let Ok(mut p) = self.pending.lock() {
+                {
+                    let mut p = self.pending.lock();
                     p.remove(&id);
                 }
                 Err(VmmError::Timeout(timeout))

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -88,7 +90,7 @@ impl Spawner {
 
     /// Spares ready now, and how many are wanted.
     pub fn spares(&self) -> (usize, usize) {
-        (self.spares.lock().map(|s| s.len()).unwrap_or(0), self.want)
+        (self.spares.lock().len(), self.want)
     }
 
     /// Tops the spares up in the background.
@@ -99,15 +101,14 @@ impl Spawner {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let have = me.spares.lock().map(|s| s.len()).unwrap_or(me.want);
+                let have = me.spares.lock().len();
                 if have >= me.want {
                     break;
                 }
                 match me.start_spare().await {
                     Ok(sp) => {
-                        if let Ok(mut s) = me.spares.lock() {
-                            s.push(sp);
-                        }
+                        let mut s = me.spares.lock();
+                        s.push(sp);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot start a spare VMM");
@@ -163,7 +164,7 @@ impl Spawner {
 
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-        let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
+        let spare = self.spares.lock().pop();
         self.refill();
         let Some(mut sp) = spare else {
             return spawn(cfg).await;

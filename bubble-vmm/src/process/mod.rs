@@ -13,7 +13,9 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::abi::ABI_VERSION;
@@ -94,7 +96,8 @@ impl Shared {
 
     /// Writes to the current connection (dropped if the write fails).
     fn send(&self, write: impl FnOnce(&mut UnixStream) -> io::Result<()>) {
-        if let Ok(mut c) = self.conn.lock() {
+        {
+            let mut c = self.conn.lock();
             if let Some(s) = c.as_mut() {
                 if write(s).is_err() {
                     *c = None;
@@ -113,7 +116,8 @@ impl Shared {
 
     fn fail(&self, reason: FailureReason) {
         eprintln!("bubble failed ({}): {}", reason.kind, reason.detail);
-        if let Ok(mut s) = self.status.lock() {
+        {
+            let mut s = self.status.lock();
             if s.failed.is_none() {
                 s.failed = Some(reason.clone());
             }
@@ -164,7 +168,8 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     match booted {
         Ok(_) => {
             let boot_us = started.elapsed().as_micros() as u64;
-            if let Ok(mut s) = shared.status.lock() {
+            {
+                let mut s = shared.status.lock();
                 s.ready = true;
                 s.boot_us = boot_us;
                 s.vcpu_us = guest.bubble.run_time().as_micros() as u64;

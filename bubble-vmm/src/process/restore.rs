@@ -39,7 +39,8 @@ pub(super) fn restore_thread(
     };
     // Large socket reads: the snapshot is the one big message.
     let mut reader = io::BufReader::with_capacity(256 << 10, reader);
-    if let Ok(mut c) = shared.conn.lock() {
+    {
+        let mut c = shared.conn.lock();
         *c = Some(conn.try_clone().unwrap_or(conn));
     }
     let mut prepared = Some((shell, memory));
@@ -65,7 +66,7 @@ pub(super) fn restore_thread(
                     return;
                 }
                 Ok(Request::Hello { .. } | Request::Status) => {
-                    let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                    let st = shared.status.lock().clone();
                     reply(Reply::StatusOk(st));
                 }
                 Ok(Request::Prefault { runs }) => {
@@ -140,7 +141,8 @@ pub(super) fn restore_thread(
         };
         let dog = Watchdog::start(&mut vm);
         let boot_us = started.elapsed().as_micros() as u64;
-        if let Ok(mut s) = shared.status.lock() {
+        {
+            let mut s = shared.status.lock();
             s.ready = true;
             s.boot_us = boot_us;
         }

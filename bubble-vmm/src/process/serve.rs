@@ -51,7 +51,8 @@ pub(super) fn serve_all(
                 eprintln!("bubble-vmm: connection ended: {e}");
             }
         }
-        if let Ok(mut c) = shared.conn.lock() {
+        {
+            let mut c = shared.conn.lock();
             *c = None;
         }
     }
@@ -79,7 +80,8 @@ impl Guest {
         self.dog.arm(deadline);
         let r = self.bubble.call_with(call, &mut log);
         self.dog.disarm();
-        if let Ok(mut s) = self.shared.status.lock() {
+        {
+            let mut s = self.shared.status.lock();
             s.vcpu_us = self.bubble.run_time().as_micros() as u64;
         }
         match r {
@@ -121,7 +123,7 @@ fn call(guest: &mut Option<&mut Guest>, shared: &Shared, c: Call<'_>) -> Reply {
         0 => DEFAULT_DEADLINE,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    let failed = shared.status.lock().ok().and_then(|s| s.failed.clone());
+    let failed = shared.status.lock().failed.clone();
     match (failed, guest.as_deref_mut()) {
         (None, Some(g)) => {
             let (reply, fatal) = g.call(&c.call, deadline);
@@ -143,7 +145,8 @@ fn serve(
     shared: &Arc<Shared>,
 ) -> io::Result<()> {
     let mut reader = io::BufReader::new(stream.try_clone()?);
-    if let Ok(mut c) = shared.conn.lock() {
+    {
+        let mut c = shared.conn.lock();
         *c = Some(stream);
     }
     // Poll only while requests keep coming back to back: one that took
@@ -177,7 +180,7 @@ fn serve(
                 return Ok(());
             }
             Request::Hello { .. } | Request::Status => {
-                let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+                let st = shared.status.lock().clone();
                 reply(Reply::StatusOk(st));
             }
             Request::Call(c) => reply(call(&mut guest, shared, c)),
