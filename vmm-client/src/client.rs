@@ -148,7 +148,15 @@ impl VmmClient {
                 path: socket.display().to_string(),
                 detail: e.to_string(),
             })?;
-        Self::handshake(stream, expected_bubble_id, 0, None).await
+        // The pid this client may signal is the socket peer's, as the
+        // kernel says, never what the VMM claims in its STATUS answer.
+        let pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        Self::handshake(stream, expected_bubble_id, pid, None).await
     }
 
     pub(crate) async fn handshake(
@@ -247,7 +255,7 @@ impl VmmClient {
                 let _ = events.send(VmmEvent::Exited(cause));
             });
         }
-        let mut c = VmmClient {
+        let c = VmmClient {
             poll_handle: wr.poll_handle(),
             last_answer_us: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(wr),
@@ -268,8 +276,11 @@ impl VmmClient {
         if st.bubble_id != bubble_id {
             return Err(VmmError::Protocol("VMM runs another bubble".into()));
         }
-        if c.pid == 0 {
-            c.pid = st.pid;
+        if c.pid != 0 && st.pid != 0 && st.pid != c.pid {
+            return Err(VmmError::Protocol(format!(
+                "VMM says it is pid {} but the socket's peer is pid {}",
+                st.pid, c.pid
+            )));
         }
         Ok(c)
     }

@@ -15,6 +15,9 @@ use crate::error::{invalid, BrokerError};
 use crate::store::registry::{BubbleRecord, IdleAction, IdleRule, PortionPolicy};
 use crate::vmm::ImageSpec;
 
+/// Longest an attach may wait for a pooled bubble.
+const MAX_ATTACH_WAIT_MS: u64 = 60_000;
+
 const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
 
 /// Proto state of a lifecycle state.
@@ -289,6 +292,12 @@ pub fn create(req: pb::CreateBubbleRequest, cfg: &BrokerConfig) -> Result<NewBub
 /// AttachBubble.
 pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
     validate_request_id(&req.client_request_id)?;
+    if u64::from(req.wait_ms) > MAX_ATTACH_WAIT_MS {
+        return Err(invalid(
+            "wait_ms",
+            format!("at most {MAX_ATTACH_WAIT_MS} ms"),
+        ));
+    }
     Ok(Attach {
         idle: idle_from_pb(req.idle.as_ref())?,
         profile: req.profile,

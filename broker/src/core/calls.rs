@@ -132,9 +132,12 @@ impl Broker {
                 "malformed portions digest".into(),
             ));
         }
-        let rec = self.table.get(&id);
-        if let Some(r) = rec {
-            self.registry.put(&r)?;
+        {
+            // The record as it is now, under the step lock (see `apply`).
+            let _serial = self.apply_serial.lock();
+            if let Some(r) = self.table.get(&id) {
+                self.registry.put(&r)?;
+            }
         }
         info!(bubble = %id, parent = %parent, portion = %cmd.name, "portion loaded");
         Ok(PortionLoaded {

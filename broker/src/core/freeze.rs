@@ -10,7 +10,7 @@ use super::lifecycle::{self, State, Step};
 use super::table::Permit;
 use super::Broker;
 use crate::error::BrokerError;
-use crate::store::frozen::Header;
+use crate::store::frozen::{ClaimError, Header};
 use crate::store::registry::{BubbleRecord, FrozenRef};
 
 /// How long a suspend waits behind other operations on its bubble.
@@ -71,12 +71,27 @@ impl Broker {
             page_runs: Vec::new(),
             kek: String::new(),
         };
+        // The generation is this broker's until committed: nobody can
+        // import a copy stored but not (yet) recorded, and leftovers of an
+        // earlier attempt that crashed are removed first.
+        match self.frozen.reserve(&id, generation, &self.broker_id).await {
+            Ok(()) => {}
+            Err(ClaimError::Taken) => return Err(BrokerError::ClaimedElsewhere(id)),
+            Err(ClaimError::Store(e)) => return Err(e),
+        }
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
         // If storing fails (full disk, store down), the bubble keeps running.
-        let chunks = self
+        let chunks = match self
             .frozen
             .put(header, &snapshot, kek, parent_key.is_some())
-            .await?;
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = self.frozen.purge_generation(&id, generation).await;
+                return Err(e);
+            }
+        };
         drop(snapshot);
         #[cfg(feature = "fault-injection")]
         crate::fault::pause("suspend.stored").await;
@@ -108,6 +123,9 @@ impl Broker {
         if let Some(l) = self.table.set_live(&id, None) {
             l.vmm.shutdown().await;
         }
+        // Committed: the copy may be restored anywhere now. (A crash before
+        // this leaves the claim this broker's; its own restore takes it.)
+        self.frozen.release(&id, generation).await;
         info!(bubble = %id, parent = %r.owner, generation, "bubble suspended");
         Ok(r)
     }

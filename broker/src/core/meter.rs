@@ -67,6 +67,9 @@ impl Broker {
         if ids.is_empty() {
             return;
         }
+        // Read and written under the step lock: a flush never writes a
+        // record older than a lifecycle step committed meanwhile.
+        let _serial = self.apply_serial.lock();
         let recs: Vec<BubbleRecord> = ids.iter().filter_map(|id| self.table.get(id)).collect();
         if let Err(e) = self.registry.put_many(&recs) {
             tracing::warn!(error = %e, "flushing counters failed");

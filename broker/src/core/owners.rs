@@ -39,11 +39,17 @@ impl Broker {
         if ids.is_empty() {
             return Ok(());
         }
-        let recs: Vec<BubbleRecord> = ids.iter().filter_map(|id| self.table.get(id)).collect();
         let b = self.clone();
-        tokio::task::spawn_blocking(move || b.registry.assign_many(&recs))
-            .await
-            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))??;
+        let wanted = ids.clone();
+        tokio::task::spawn_blocking(move || {
+            // Under the step lock, read then: never a record older than a
+            // lifecycle step committed meanwhile.
+            let _serial = b.apply_serial.lock();
+            let recs: Vec<BubbleRecord> = wanted.iter().filter_map(|id| b.table.get(id)).collect();
+            b.registry.assign_many(&recs)
+        })
+        .await
+        .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))??;
         {
             let mut u = self.unsynced_owners.lock();
             for id in &ids {

@@ -33,17 +33,28 @@ impl Broker {
                 // stop, its new owner not yet on disk: never pool it again.
                 stop_vmm_in(&dir, &rec.id).await;
                 info!(bubble = %rec.id, profile = %rec.profile, "pooled bubble discarded after restart");
-                self.apply(&rec.id, Step::Deleted, "", |r| r.vmm_pid = 0)?;
+                if let Err(e) = self.apply(&rec.id, Step::Deleted, "", |r| r.vmm_pid = 0) {
+                    warn!(bubble = %rec.id, error = %e, "could not record a discarded pool bubble");
+                }
                 continue;
             }
             match Vmm::adopt(&dir, &rec.id).await {
                 Ok((vmm, true)) => {
                     let pid = vmm.pid();
-                    let live = self.table.live(vmm);
-                    info!(bubble = %rec.id, parent = %rec.owner, pid, instance = live.instance, "re-adopted running bubble");
-                    self.table.set_live(&rec.id, Some(live.clone()));
-                    self.watch_vmm(rec.id.clone(), &live);
-                    self.apply(&rec.id, Step::Adopted, "", |r| r.vmm_pid = pid)?;
+                    // READY first: a VMM that fails at once is then failed
+                    // by its notice, not left behind by a refused step.
+                    match self.apply(&rec.id, Step::Adopted, "", |r| r.vmm_pid = pid) {
+                        Ok(_) => {
+                            let live = self.table.live(vmm);
+                            info!(bubble = %rec.id, parent = %rec.owner, pid, instance = live.instance, "re-adopted running bubble");
+                            self.table.set_live(&rec.id, Some(live.clone()));
+                            self.watch_vmm(rec.id.clone(), &live);
+                        }
+                        Err(e) => {
+                            warn!(bubble = %rec.id, error = %e, "could not re-adopt; stopping its VMM");
+                            vmm.shutdown().await;
+                        }
+                    }
                 }
                 Ok((vmm, false)) => {
                     vmm.shutdown().await;

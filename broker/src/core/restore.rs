@@ -36,19 +36,53 @@ impl Broker {
         parent: &str,
         cmd: Restore,
     ) -> Result<BubbleRecord, BrokerError> {
-        let permit = match self
+        let (permit, imported) = match self
             .permit_owned(parent, &cmd.bubble_id, RESTORE_WAIT)
             .await
         {
-            Ok(p) => p,
+            Ok(p) => (p, false),
             Err(BrokerError::NotAccessible(_))
                 if cmd.generation > 0 && self.table.get(&cmd.bubble_id).is_none() =>
             {
-                self.import_frozen(parent, &cmd).await?
+                (self.import_frozen(parent, &cmd).await?, true)
             }
             Err(e) => return Err(e),
         };
-        self.restore_held(permit, cmd.kek.as_ref()).await
+        let generation = permit.rec.generation;
+        let r = self.restore_held(permit, cmd.kek.as_ref()).await;
+        match r {
+            // An import that lost the copy (another broker claimed or
+            // consumed it) leaves no record behind here.
+            Err(
+                e @ (BrokerError::ClaimedElsewhere(_)
+                | BrokerError::FrozenMissing
+                | BrokerError::WrongKey
+                | BrokerError::DataLoss(_)),
+            ) if imported => {
+                self.forget_import(&cmd.bubble_id, generation);
+                Err(match e {
+                    BrokerError::ClaimedElsewhere(_) => e,
+                    _ => BrokerError::NotAccessible(cmd.bubble_id.clone()),
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Removes a record an import made, if it is still the SUSPENDED copy
+    /// of `generation` it was made as.
+    fn forget_import(&self, id: &str, generation: u64) {
+        let _serial = self.apply_serial.lock();
+        let Some(rec) = self.table.get(id) else {
+            return;
+        };
+        if rec.state != State::Suspended || rec.generation != generation {
+            return;
+        }
+        match self.registry.remove_many(std::slice::from_ref(&rec)) {
+            Ok(()) => self.table.remove(&[id.to_string()]),
+            Err(e) => warn!(bubble = %id, error = %e, "could not forget a failed import"),
+        }
     }
 
     async fn restore_held(

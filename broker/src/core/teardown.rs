@@ -47,9 +47,11 @@ impl Broker {
         if rec.state == State::Deleted {
             return Ok(rec.clone());
         }
-        if rec.state == State::Suspended || rec.frozen.is_some() {
-            self.frozen.purge(id).await?;
-        }
+        // Every copy its record can have made: a suspended bubble's, and a
+        // consumed one whose deletion failed after a restore.
+        self.frozen
+            .purge(id, rec.generation, &self.broker_id)
+            .await?;
         // DELETED is durable before anything irreversible happens to a
         // running bubble: if the registry cannot record it (a full disk),
         // the bubble runs on and the caller gets the error. A crash after

@@ -88,21 +88,113 @@ impl FrozenStore {
         let _ = self.store.delete(&path).await;
     }
 
-    /// Deletes every frozen copy of a bubble (all generations, manifest
-    /// first so that nothing half-deleted can be restored): a deleted
-    /// bubble leaves nothing in the store.
-    pub async fn purge(&self, id: &str) -> Result<(), BrokerError> {
+    /// Reserves generation `generation` of a bubble for a suspend by
+    /// `broker`: removes whatever an earlier, uncommitted attempt left there
+    /// (a crash between storing and committing), then takes the claim, so
+    /// that no broker can import the copy until the suspend is committed
+    /// and [`FrozenStore::release`] gives the claim up.
+    pub async fn reserve(&self, id: &str, generation: u64, broker: &str) -> Result<(), ClaimError> {
+        if let Some(other) = self.claimant(id, generation).await? {
+            if other != broker {
+                return Err(ClaimError::Taken);
+            }
+        }
+        self.purge_generation(id, generation).await?;
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let body = ClaimBody {
+            broker: broker.to_string(),
+            at_ms: crate::clock::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(ClaimError::Taken),
+            Err(e) => Err(store_err(e).into()),
+        }
+    }
+
+    /// The broker holding a generation's claim, if any.
+    async fn claimant(&self, id: &str, generation: u64) -> Result<Option<String>, BrokerError> {
+        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let b = r.bytes().await.map_err(store_err)?;
+                Ok(Some(
+                    serde_json::from_slice::<ClaimBody>(&b)
+                        .map(|c| c.broker)
+                        .unwrap_or_default(),
+                ))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    /// Deletes everything under one generation (manifest first).
+    pub async fn purge_generation(&self, id: &str, generation: u64) -> Result<(), BrokerError> {
+        self.delete_under(&prefix(id, generation)).await
+    }
+
+    /// Deletes a bubble's frozen copies of generations up to `upto` (all a
+    /// deleted bubble's record can have made), manifest first so that
+    /// nothing half-deleted can be restored, except a generation another
+    /// broker holds the claim of (it runs the bubble now).
+    pub async fn purge(&self, id: &str, upto: u64, broker: &str) -> Result<(), BrokerError> {
         use futures::TryStreamExt;
         let base = ObjPath::from(format!("frozen/{id}"));
-        let mut objects: Vec<ObjPath> = self
+        let mut gens: Vec<u64> = self
             .store
             .list(Some(&base))
+            .map_ok(|m| {
+                m.location
+                    .parts()
+                    .find_map(|p| p.as_ref().strip_prefix('g')?.parse::<u64>().ok())
+            })
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .flatten()
+            .filter(|g| *g <= upto)
+            .collect();
+        gens.sort_unstable();
+        gens.dedup();
+        for g in gens {
+            match self.claimant(id, g).await? {
+                Some(other) if other != broker => continue,
+                _ => self.purge_generation(id, g).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_under(&self, base: &str) -> Result<(), BrokerError> {
+        use futures::TryStreamExt;
+        let dir = ObjPath::from(base);
+        let mut objects: Vec<ObjPath> = self
+            .store
+            .list(Some(&dir))
             .map_ok(|m| m.location)
             .try_collect()
             .await
             .map_err(store_err)?;
-        // Manifests first.
-        objects.sort_by_key(|p| !p.as_ref().ends_with("/manifest"));
+        // Manifests first, claims last.
+        objects.sort_by_key(|p| {
+            let n = p.filename().unwrap_or_default();
+            match n {
+                "manifest" => 0,
+                "claim" => 2,
+                _ => 1,
+            }
+        });
         for p in objects {
             match self.store.delete(&p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -110,7 +202,11 @@ impl FrozenStore {
             }
         }
         if let Some(root) = &self.local_root {
-            let _ = std::fs::remove_dir_all(root.join(base.as_ref()));
+            let d = root.join(base);
+            let _ = std::fs::remove_dir(&d);
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         Ok(())
     }
