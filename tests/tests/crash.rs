@@ -118,3 +118,49 @@ async fn killed_after_the_commit_the_copy_restores() {
     assert_eq!(r.state, READY);
     assert_eq!(keys(&mut c, &id).await, before, "the same bubble");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_stored_but_not_committed_cannot_be_imported_elsewhere() {
+    const KEK: [u8; 32] = [9; 32];
+    let store = tempfile::tempdir().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let opts = |pause: bool| Opts {
+        args: vec!["--store".into(), store.path().display().to_string()],
+        env: if pause {
+            vec![("BUBBLED_TEST_PAUSE".into(), "suspend.stored=30000".into())]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    let mut a = BrokerProc::start_with(da.path(), opts(true));
+    let mut c = a.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let id = b.bubble_id;
+    let mut s = c.clone();
+    let sid = id.clone();
+    let suspend = tokio::spawn(async move { s.suspend_bubble(suspend_req(&sid, &KEK)).await });
+    reached(da.path(), "suspend.stored").await;
+    a.kill();
+    assert!(suspend.await.unwrap().is_err());
+    std::mem::forget(a);
+    // The copy of generation 1 is complete in the store, but never
+    // recorded: another broker cannot take it.
+    let other = BrokerProc::start_with(db.path(), opts(false));
+    let mut cb = other.client().await;
+    let st = cb
+        .restore_bubble(restore_req(&id, &KEK, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+    // The first broker runs the bubble on, and its next suspend (same
+    // generation) replaces the leftover copy; committed, it can move.
+    let a = BrokerProc::start_with(da.path(), opts(false));
+    let mut c = a.client().await;
+    let b = wait_for(&mut c, &id, Duration::from_secs(10), |b| b.state == READY).await;
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    let s = c.suspend_bubble(suspend_req(&id, &KEK)).await.unwrap();
+    assert_eq!(s.into_inner().generation, 1);
+    let r = cb.restore_bubble(restore_req(&id, &KEK, 1)).await.unwrap();
+    assert_eq!(r.into_inner().state, READY);
+}
