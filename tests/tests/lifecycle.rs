@@ -60,7 +60,7 @@ async fn calls_racing_a_suspend_leave_it_suspended_and_restorable() {
         let mut first = c.clone();
         let running = tokio::spawn({
             let id = id.clone();
-            async move { first.call(long_call(&id, 200_000)).await }
+            async move { first.call(long_call(&id, 1_000_000)).await }
         });
         wait_for(&mut c, &id, Duration::from_secs(10), |b| b.state == BUSY).await;
         let mut s = c.clone();
@@ -149,7 +149,7 @@ async fn a_call_racing_a_delete_ends_deleted_with_no_vm() {
         let mut first = c.clone();
         let running = tokio::spawn({
             let id = id.clone();
-            async move { first.call(long_call(&id, 100_000)).await }
+            async move { first.call(long_call(&id, 1_000_000)).await }
         });
         wait_for(&mut c, &id, Duration::from_secs(10), |b| b.state == BUSY).await;
         let mut d = c.clone();

@@ -25,6 +25,33 @@ use crate::vmm_error::{CallError, VmmError};
 /// How long a closed connection waits for its process's exit status.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
+/// Largest frame other than a snapshot a VMM may send (call outputs are
+/// bounded by the broker's payload limit, far below this).
+const MAX_SMALL_FRAME: usize = 64 << 20;
+
+/// How much of a body is allocated before its bytes arrive.
+const EAGER: usize = 4 << 20;
+
+/// Reads a frame body of `len` bytes, allocating as it arrives (a snapshot
+/// starts with [`EAGER`] bytes of room, anything else with 64 KiB).
+async fn read_body<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    len: usize,
+    snapshot: bool,
+) -> std::io::Result<Vec<u8>> {
+    let start = if snapshot { EAGER } else { 64 << 10 };
+    let mut body = Vec::with_capacity(len.min(start));
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(EAGER);
+        let at = body.len();
+        body.resize(at + n, 0);
+        rd.read_exact(&mut body[at..]).await?;
+        left -= n;
+    }
+    Ok(body)
+}
+
 /// Something the VMM reported on its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmEvent {
@@ -186,11 +213,21 @@ impl VmmClient {
                         Ok(x) => x,
                         Err(e) => break format!("VMM sent a bad frame: {e}"),
                     };
-                    // The body is read once, into its own buffer.
-                    let mut body = vec![0u8; head.body_len];
-                    if rd.read_exact(&mut body).await.is_err() {
-                        break "VMM connection closed".to_string();
+                    // Only a snapshot may be large; anything else over
+                    // the limit is a hostile or broken VMM.
+                    let snapshot = head.kind == Kind::Snapshot as u8;
+                    if !snapshot && head.body_len > MAX_SMALL_FRAME {
+                        break format!(
+                            "VMM sent a {}-byte frame of kind {:#04x} (at most {MAX_SMALL_FRAME})",
+                            head.body_len, head.kind
+                        );
                     }
+                    // The body is read once, into its own buffer, which
+                    // grows only as bytes arrive: a length announced but
+                    // not sent costs the broker no memory.
+                    let Ok(body) = read_body(&mut rd, head.body_len, snapshot).await else {
+                        break "VMM connection closed".to_string();
+                    };
                     if Kind::is_event(head.kind) {
                         match Event::decode(head.kind, &body) {
                             Ok(Event::Ready { boot_us }) => {
@@ -558,5 +595,22 @@ impl VmmClient {
                 libc::kill(self.pid as i32, libc::SIGKILL);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::read_body;
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_or_not_at_all() {
+        let data = vec![7u8; (9 << 20) + 5];
+        let got = read_body(&mut &data[..], data.len(), true).await.unwrap();
+        assert_eq!(got, data);
+        let got = read_body(&mut &b"abc"[..], 3, false).await.unwrap();
+        assert_eq!(got, b"abc");
+        assert!(read_body(&mut &b""[..], 0, false).await.unwrap().is_empty());
+        // Announced but not sent: an error, and no buffer of that size.
+        assert!(read_body(&mut &b"abc"[..], 1 << 30, true).await.is_err());
     }
 }

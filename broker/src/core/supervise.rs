@@ -26,12 +26,24 @@ impl Broker {
         reason: &str,
         update: impl FnOnce(&mut BubbleRecord),
     ) -> Result<BubbleRecord, BrokerError> {
-        let now = now_ms();
         let transient = matches!(step, Step::CallBegan | Step::CallEnded);
         // Calls change only memory; every other step is computed,
         // persisted and stored under this lock, so that two steps (a
         // failure notice and an operation) cannot interleave.
         let _serial = (!transient).then(|| self.apply_serial.lock());
+        self.apply_held(id, step, reason, update)
+    }
+
+    /// [`Broker::apply`] with the step lock already held (or not needed).
+    fn apply_held(
+        &self,
+        id: &str,
+        step: Step,
+        reason: &str,
+        update: impl FnOnce(&mut BubbleRecord),
+    ) -> Result<BubbleRecord, BrokerError> {
+        let now = now_ms();
+        let transient = matches!(step, Step::CallBegan | Step::CallEnded);
         let (rec, prev) = self.table.with(|t| {
             let cur = t
                 .record(id)
@@ -113,21 +125,44 @@ impl Broker {
     /// bubble that is not running (already failed, suspended, deleted) is
     /// left as it is, and the failure is counted once.
     pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &FailureReason) {
+        self.fail_from(id, None, reason);
+    }
+
+    /// Fails a bubble on behalf of VMM `instance` (its notice), or of the
+    /// holder of its permit (`None`). A notice counts only if that
+    /// instance is still the bubble's VMM when the step is applied: the
+    /// check and the step happen under the step lock, so a suspend and
+    /// restore finishing meanwhile cannot let an old VMM's notice fail the
+    /// new one.
+    fn fail_from(self: &Arc<Self>, id: &str, instance: Option<u64>, reason: &FailureReason) {
         let (kind, detail) = (reason.kind, reason.detail.as_str());
-        match self.apply(id, Step::Failed, detail, |r| {
-            r.vmm_pid = 0;
-            r.failure_kind = kind.label().to_string();
-        }) {
-            Ok(_) => {
+        let applied = {
+            let _serial = self.apply_serial.lock();
+            if let Some(i) = instance {
+                if !self.table.is_current(id, i) {
+                    info!(bubble = %id, instance = i, reason = detail, "notice of a replaced VMM ignored");
+                    return;
+                }
+            }
+            let r = self.apply_held(id, Step::Failed, detail, |r| {
+                r.vmm_pid = 0;
+                r.failure_kind = kind.label().to_string();
+            });
+            // The VMM goes with the step, under the same lock.
+            let live = r.as_ref().ok().and_then(|_| self.table.set_live(id, None));
+            (r, live)
+        };
+        match applied {
+            (Ok(_), live) => {
                 warn!(bubble = %id, %kind, reason = detail, "bubble failed");
                 self.metrics.failed(kind);
+                if let Some(live) = live {
+                    tokio::spawn(async move { live.vmm.shutdown().await });
+                }
             }
-            Err(e) => {
+            (Err(e), _) => {
                 info!(bubble = %id, %kind, reason = detail, state = %e, "failure not applied")
             }
-        }
-        if let Some(live) = self.table.set_live(id, None) {
-            tokio::spawn(async move { live.vmm.shutdown().await });
         }
         self.pool_changed.notify_waiters();
     }
@@ -148,11 +183,7 @@ impl Broker {
                         info!(bubble = %id, instance, pid, guest_log = %line, "guest log");
                     }
                     VmmNotice::Failed(reason) | VmmNotice::Gone(reason) => {
-                        if b.table.is_current(&id, instance) {
-                            b.fail(&id, &reason);
-                        } else {
-                            info!(bubble = %id, instance, pid, reason = %reason, "notice of a replaced VMM ignored");
-                        }
+                        b.fail_from(&id, Some(instance), &reason);
                         return;
                     }
                 }
