@@ -102,3 +102,32 @@ async fn signed_calls_with_the_longest_op_keep_the_bubble_ready() {
     let r = c.call(call_req(&id, "echo", b"after")).await.unwrap();
     assert_eq!(r.into_inner().output, b"after");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_ops_are_refused_on_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let id = b.bubble_id;
+    // A parent cannot change the attested policy, load a portion the
+    // broker's list does not show, or provision around its checks.
+    for op in ["set_policy", "load_portion", "provision", "portion"] {
+        for sign in [false, true] {
+            let req = pb::CallRequest {
+                sign,
+                ..call_req(&id, op, b"\x01\x02")
+            };
+            let st = c.call(req).await.unwrap_err();
+            assert_eq!(st.code(), Code::InvalidArgument, "{op}: {st:?}");
+            assert!(st.message().contains("internal"), "{op}: {st:?}");
+        }
+    }
+    let s = state(&mut c, &id).await;
+    assert_eq!(s.state, READY, "{}", s.failure_reason);
+    assert_eq!(s.calls, 0, "nothing reached the guest");
+    // Public ops still work, and attest stays callable (read-only).
+    let out = c.call(call_req(&id, "echo", b"ok")).await.unwrap();
+    assert_eq!(out.into_inner().output, b"ok");
+    c.call(call_req(&id, "attest", &[7u8; 32])).await.unwrap();
+}

@@ -15,6 +15,17 @@ use crate::error::{invalid, BrokerError};
 use crate::store::registry::{BubbleRecord, IdleAction, IdleRule, PortionPolicy};
 use crate::vmm::ImageSpec;
 
+/// Guest ops only the broker sends: a parent's raw `Call` of one would
+/// change the policy after it was attested, load a portion the broker's
+/// list (and so the attestation) does not show, or bypass the checks of
+/// ProvisionCredential.
+const RESERVED_OPS: [&str; 4] = [
+    bubble_abi::ops::OP_SET_POLICY,
+    bubble_abi::ops::OP_LOAD_PORTION,
+    bubble_abi::ops::OP_PROVISION,
+    bubble_abi::ops::OP_PORTION,
+];
+
 /// Longest an attach may wait for a pooled bubble.
 const MAX_ATTACH_WAIT_MS: u64 = 60_000;
 
@@ -349,6 +360,16 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
         }
     };
     let target = if req.portion.is_empty() {
+        if RESERVED_OPS.contains(&req.op.as_str()) {
+            return Err(invalid(
+                "op",
+                format!(
+                    "{:?} is internal to the broker (use ProvisionCredential, LoadPortion, \
+                     the security policy at create, or the portion field)",
+                    req.op
+                ),
+            ));
+        }
         Target::Builtin
     } else if valid_name(&req.portion) {
         Target::Portion(req.portion)
@@ -487,6 +508,17 @@ mod tests {
         req.seal_to.clear();
         req.portion = "bad name".into();
         assert!(call(req.clone(), &cfg).is_err());
+        for op in RESERVED_OPS {
+            let mut raw = req.clone();
+            raw.portion.clear();
+            raw.op = op.into();
+            assert!(call(raw, &cfg).is_err(), "{op} is reserved");
+        }
+        // As a portion's function name it is just a name.
+        let mut named = req.clone();
+        named.portion = "payments".into();
+        named.op = "provision".into();
+        assert!(call(named, &cfg).is_ok());
         req.portion.clear();
         req.input = vec![0; cfg.max_payload + 1];
         assert!(call(req.clone(), &cfg).is_err());
