@@ -152,8 +152,13 @@ impl Keys {
 
     /// Opens a credential sealed to this bubble and keeps it under `name`.
     pub fn provision(&mut self, bubble_id: &str, name: &str, sealed: &[u8]) -> Result<(), OpError> {
-        use bubble_abi::code::BAD_INPUT;
-        if !self.creds.contains_key(name) && self.creds.len() >= MAX_CREDENTIALS {
+        use bubble_abi::code::{BAD_INPUT, STATE};
+        // A name, once provisioned, keeps its value: a parent cannot swap in
+        // a key of its choice under a name a portion is granted.
+        if self.creds.contains_key(name) {
+            return Err((STATE, "credential already provisioned; names cannot be replaced"));
+        }
+        if self.creds.len() >= MAX_CREDENTIALS {
             return Err((BAD_INPUT, "too many credentials"));
         }
         let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;

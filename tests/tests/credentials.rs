@@ -97,6 +97,14 @@ async fn credential_is_used_inside_and_never_seen_by_the_host() {
     m.update(pan);
     assert_eq!(token, m.finalize().into_bytes().to_vec());
 
+    // The name keeps its value: provisioning it again is refused and the
+    // bubble goes on using the first key.
+    let again = bubble
+        .provision("tokenization_key", b"a key the parent chose")
+        .await;
+    assert!(again.is_err(), "re-provisioning a name is refused");
+    assert_eq!(bubble.call_verified("hmac", &input).await.unwrap(), token);
+
     // Sealed to the parent: the broker relays only ciphertext.
     let sealed_token = bubble.call_sealed("hmac", &input).await.unwrap();
     assert_eq!(sealed_token.expose(), &token[..]);
