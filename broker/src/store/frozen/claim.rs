@@ -33,26 +33,13 @@ impl FrozenStore {
     /// number of brokers sharing the store, exactly one gets it. A claim
     /// the same broker made before a crash is its own again.
     pub async fn claim(&self, id: &str, generation: u64, broker: &str) -> Result<(), ClaimError> {
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
-        let body = ClaimBody {
-            broker: broker.to_string(),
-            at_ms: crate::clock::now_ms(),
-        };
-        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
+        let path = claim_path(id, generation);
         // A claim seen and gone before it could be read was given back (or
         // its copy consumed): try again, a few times.
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(bytes.clone()), opts.clone())
-                .await
-            {
+            match self.create_claim(&path, broker).await {
                 Ok(_) => break,
                 Err(object_store::Error::AlreadyExists { .. }) => {
                     let held = match self.store.get(&path).await {
@@ -82,9 +69,28 @@ impl FrozenStore {
         }
     }
 
+    /// Creates the claim object naming `broker`, only if none exists
+    /// (`PutMode::Create`: one winner among concurrent creators).
+    async fn create_claim(&self, path: &ObjPath, broker: &str) -> Result<(), object_store::Error> {
+        let body = ClaimBody {
+            broker: broker.to_string(),
+            at_ms: crate::clock::now_ms(),
+        };
+        // Serializing a struct of a string and an integer cannot fail.
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+            .map(|_| ())
+    }
+
     /// Gives a claim back (a restore that failed before the bubble ran).
     pub async fn release(&self, id: &str, generation: u64) {
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let path = claim_path(id, generation);
         let _ = self.store.delete(&path).await;
     }
 
@@ -100,21 +106,7 @@ impl FrozenStore {
             }
         }
         self.purge_generation(id, generation).await?;
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
-        let body = ClaimBody {
-            broker: broker.to_string(),
-            at_ms: crate::clock::now_ms(),
-        };
-        let bytes = serde_json::to_vec(&body).map_err(|e| BrokerError::Store(e.to_string()))?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
+        match self.create_claim(&claim_path(id, generation), broker).await {
             Ok(_) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. }) => Err(ClaimError::Taken),
             Err(e) => Err(store_err(e).into()),
@@ -123,7 +115,7 @@ impl FrozenStore {
 
     /// The broker holding a generation's claim, if any.
     async fn claimant(&self, id: &str, generation: u64) -> Result<Option<String>, BrokerError> {
-        let path = ObjPath::from(format!("{}/claim", prefix(id, generation)));
+        let path = claim_path(id, generation);
         match self.store.get(&path).await {
             Ok(r) => {
                 let b = r.bytes().await.map_err(store_err)?;
@@ -210,4 +202,9 @@ impl FrozenStore {
         }
         Ok(())
     }
+}
+
+/// Where a generation's claim object is.
+fn claim_path(id: &str, generation: u64) -> ObjPath {
+    ObjPath::from(format!("{}/claim", prefix(id, generation)))
 }
