@@ -10,6 +10,7 @@
 //! - [`VmmExit`], [`VmmError`], [`CallError`]: how a VMM ended and what
 //!   failed, typed.
 
+mod body;
 mod client;
 mod direct;
 mod exit;
