@@ -422,6 +422,31 @@ pub fn restore_req(id: &str, kek: &[u8], generation: u64) -> pb::RestoreBubbleRe
     }
 }
 
+/// Suspends a bubble under the broker's key, then restores it; fails the
+/// test unless they answer SUSPENDED and then READY.
+pub async fn suspend_and_restore(c: &mut Client, id: &str) {
+    let s = c.suspend_bubble(suspend_req(id, b"")).await;
+    let s = s
+        .unwrap_or_else(|e| panic!("suspend {id}: {e:?}"))
+        .into_inner();
+    assert_eq!(
+        s.state,
+        pb::BubbleState::Suspended as i32,
+        "{}",
+        s.failure_reason
+    );
+    let r = c.restore_bubble(restore_req(id, b"", 0)).await;
+    let r = r
+        .unwrap_or_else(|e| panic!("restore {id}: {e:?}"))
+        .into_inner();
+    assert_eq!(
+        r.state,
+        pb::BubbleState::Ready as i32,
+        "{}",
+        r.failure_reason
+    );
+}
+
 /// A call request.
 pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
     pb::CallRequest {

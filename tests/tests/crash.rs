@@ -80,18 +80,7 @@ async fn killed_after_the_copy_is_stored_the_bubble_runs_on() {
     assert_eq!(b.state, READY, "re-adopted: {}", b.failure_reason);
     assert_eq!(keys(&mut c, &id).await, before, "the same bubble");
     // And it can be suspended and restored normally afterwards.
-    let s = c
-        .suspend_bubble(suspend_req(&id, b""))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(s.state, SUSPENDED);
-    let r = c
-        .restore_bubble(restore_req(&id, b"", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.state, READY);
+    suspend_and_restore(&mut c, &id).await;
     assert_eq!(keys(&mut c, &id).await, before);
 }
 

@@ -228,9 +228,7 @@ async fn suspend_restore_cycles_leave_no_empty_directories() {
     let mut c = broker.client().await;
     let id = create(&mut c).await;
     for _ in 0..5 {
-        c.suspend_bubble(suspend_req(&id, b"")).await.unwrap();
-        let r = c.restore_bubble(restore_req(&id, b"", 0)).await.unwrap();
-        assert_eq!(r.into_inner().state, READY);
+        suspend_and_restore(&mut c, &id).await;
     }
     store_empties(dir.path()).await;
 }

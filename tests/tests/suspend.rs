@@ -359,16 +359,5 @@ async fn a_crash_between_chunk_writes_leaves_the_bubble_running() {
         .into_inner()
         .output;
     assert_eq!(out, b"survived");
-    let s = c
-        .suspend_bubble(suspend_req(&id, b""))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(s.state, SUSPENDED);
-    let r = c
-        .restore_bubble(restore_req(&id, b"", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.state, READY);
+    suspend_and_restore(&mut c, &id).await;
 }
