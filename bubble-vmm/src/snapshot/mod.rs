@@ -9,6 +9,9 @@ use std::io::Read;
 use crate::layout::{Layout, PAGE};
 use crate::vm::{Vm, VmError};
 
+mod stream;
+pub use stream::{stream_snapshot, Scanned, Scanner, StreamError, Streamed};
+
 /// Bytes of one page record in a snapshot body: `[gpa u64 LE][page]`.
 pub const RECORD_LEN: usize = 8 + PAGE as usize;
 /// Largest encoded vCPU state accepted in a snapshot body.
@@ -93,20 +96,9 @@ pub fn parse_head(first: &[u8], body_len: usize) -> Result<(VmSnapshot, usize), 
 /// parse. Stored (authenticated) with a frozen copy, so that a restoring
 /// VMM can fault those pages in while the copy is still being fetched.
 pub fn page_runs(body: &[u8]) -> Option<Vec<(u64, u64)>> {
-    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-    let (state, count) = parse_head(body.get(..8 + n)?, body.len()).ok()?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut last = None;
-    for k in 0..count {
-        let at = 8 + n + k * RECORD_LEN;
-        let gpa = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
-        next_page(gpa, &mut last, state.mem_size).ok()?;
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len * PAGE == gpa => *len += 1,
-            _ => runs.push((gpa, 1)),
-        }
-    }
-    Some(runs)
+    let mut s = Scanner::new();
+    s.feed(body).ok()?;
+    s.finish().ok().map(|s| s.runs)
 }
 
 pub use crate::control::encode_runs;
@@ -561,5 +553,52 @@ mod tests {
         for n in 0..good.len() {
             assert!(VmSnapshot::decode(&good[..n]).is_none());
         }
+    }
+
+    /// A snapshot body with pages at these guest addresses.
+    fn body(gpas: &[u64]) -> Vec<u8> {
+        let state = snap(SNAPSHOT_VERSION, None).encode();
+        let mut b = (state.len() as u32).to_le_bytes().to_vec();
+        b.extend(&state);
+        b.extend((gpas.len() as u32).to_le_bytes());
+        for g in gpas {
+            b.extend(g.to_le_bytes());
+            b.extend([(*g >> 12) as u8 | 1; PAGE as usize]);
+        }
+        b
+    }
+
+    #[test]
+    fn the_scanner_checks_a_snapshot_cut_anywhere() {
+        let good = body(&[0x1000, 0x2000, 0x3000, 0x9000]);
+        for cut in [1, 3, 7, 4096, 4104, 5000, good.len()] {
+            let mut s = Scanner::new();
+            for piece in good.chunks(cut) {
+                s.feed(piece).unwrap();
+            }
+            let got = s.finish().unwrap();
+            assert_eq!(got.runs, vec![(0x1000, 3), (0x9000, 1)], "cut {cut}");
+            assert_eq!(got.len, good.len() as u64);
+            assert_eq!(got.mem_size, 16 << 20);
+        }
+        assert_eq!(page_runs(&good), Some(vec![(0x1000, 3), (0x9000, 1)]));
+        // Short, long, out of order, outside memory, unaligned: refused.
+        let mut s = Scanner::new();
+        s.feed(&good[..good.len() - 1]).unwrap();
+        assert!(s.finish().is_err());
+        let mut s = Scanner::new();
+        assert!(s.feed(&[&good[..], &[0]].concat()).is_err());
+        for gpas in [&[0x2000, 0x1000][..], &[16 << 20], &[0x1001]] {
+            let mut s = Scanner::new();
+            assert!(s.feed(&body(gpas)).is_err(), "{gpas:?}");
+        }
+        // A zero or huge state length, or more pages than memory.
+        for n in [0u32, (MAX_STATE_LEN + 1) as u32] {
+            assert!(Scanner::new().feed(&n.to_le_bytes()).is_err());
+        }
+        let mut b = body(&[]);
+        let at = b.len() - 4;
+        b[at..].copy_from_slice(&(((16 << 20) / PAGE) as u32 + 1).to_le_bytes());
+        assert!(Scanner::new().feed(&b).is_err());
     }
 }
