@@ -76,6 +76,7 @@ impl Broker {
             generation: 0,
             frozen: None,
             ended_at_ms: 0,
+            parent_keyed: false,
         }
     }
 

@@ -95,6 +95,7 @@ impl Broker {
                 parent_key: parent_key.is_some(),
             });
             r.vmm_pid = 0;
+            r.parent_keyed = parent_key.is_some();
             if let Some(v) = vcpu_us {
                 r.usage.vcpu_us = v;
             }
