@@ -458,6 +458,26 @@ pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
     }
 }
 
+/// A call of `function` in portion `portion`.
+pub fn portion_call(id: &str, portion: &str, function: &str, input: &[u8]) -> pb::CallRequest {
+    pb::CallRequest {
+        bubble_id: id.into(),
+        op: function.into(),
+        input: input.to_vec(),
+        portion: portion.into(),
+        ..Default::default()
+    }
+}
+
+/// Options for a broker whose frozen-copy store is the local directory
+/// `store` (shared with other brokers).
+pub fn shared_store(store: &Path) -> Opts {
+    Opts {
+        args: vec!["--store".into(), store.display().to_string()],
+        ..Default::default()
+    }
+}
+
 /// DescribeBubble of `id` (panics if the broker refuses).
 pub async fn describe(c: &mut Client, id: &str) -> pb::Bubble {
     c.describe_bubble(pb::BubbleRef {

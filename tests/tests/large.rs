@@ -69,16 +69,6 @@ const FILLER: &str = r#"
 /// the image, heap and mailbox pages: more than 1 GiB touched.
 const PORTIONS: u8 = 16;
 
-fn portion_call(id: &str, portion: &str, f: &str, input: &[u8]) -> pb::CallRequest {
-    pb::CallRequest {
-        bubble_id: id.into(),
-        op: f.into(),
-        input: input.to_vec(),
-        portion: portion.into(),
-        ..Default::default()
-    }
-}
-
 /// Total bytes of the frozen copies' chunks under `dir`.
 fn stored_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;

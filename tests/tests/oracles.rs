@@ -45,12 +45,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn unknown_foreign_and_damaged_copies_answer_alike() {
     let store = tempfile::tempdir().unwrap();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = || Opts {
-        args: vec!["--store".into(), store.path().display().to_string()],
-        ..Default::default()
-    };
-    let a = BrokerProc::start_with(da.path(), opts());
-    let b = BrokerProc::start_with(db.path(), opts());
+    let a = BrokerProc::start_with(da.path(), shared_store(store.path()));
+    let b = BrokerProc::start_with(db.path(), shared_store(store.path()));
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     // Under broker A's key: broker B cannot open it.
     let (foreign, gf) = suspended(&mut ca, b"").await;

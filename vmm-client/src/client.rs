@@ -555,6 +555,7 @@ impl VmmClient {
             };
             match written {
                 Ok(state) => {
+                    let state = zeroize::Zeroizing::new(state);
                     let req = Request::RestoreState { state: &state };
                     return restore_answer(self.request(&req, timeout).await?);
                 }

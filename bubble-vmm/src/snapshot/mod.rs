@@ -250,7 +250,8 @@ pub fn restore_from(vm: &mut Vm, r: &mut impl Read, body_len: usize) -> Result<(
             vm: vm_size,
         });
     }
-    let mut buf = vec![0u8; RESTORE_BATCH * RECORD_LEN];
+    // Guest pages pass through here: wiped when the restore ends.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; RESTORE_BATCH * RECORD_LEN]);
     let mut left = count;
     let mut last: Option<u64> = None;
     while left > 0 {
