@@ -4,7 +4,10 @@
 // The test harness: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod frozen;
 pub mod moto;
+
+pub use frozen::{portion_call, shared_store, suspend_and_restore};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -422,31 +425,6 @@ pub fn restore_req(id: &str, kek: &[u8], generation: u64) -> pb::RestoreBubbleRe
     }
 }
 
-/// Suspends a bubble under the broker's key, then restores it; fails the
-/// test unless they answer SUSPENDED and then READY.
-pub async fn suspend_and_restore(c: &mut Client, id: &str) {
-    let s = c.suspend_bubble(suspend_req(id, b"")).await;
-    let s = s
-        .unwrap_or_else(|e| panic!("suspend {id}: {e:?}"))
-        .into_inner();
-    assert_eq!(
-        s.state,
-        pb::BubbleState::Suspended as i32,
-        "{}",
-        s.failure_reason
-    );
-    let r = c.restore_bubble(restore_req(id, b"", 0)).await;
-    let r = r
-        .unwrap_or_else(|e| panic!("restore {id}: {e:?}"))
-        .into_inner();
-    assert_eq!(
-        r.state,
-        pb::BubbleState::Ready as i32,
-        "{}",
-        r.failure_reason
-    );
-}
-
 /// A call request.
 pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
     pb::CallRequest {
@@ -454,26 +432,6 @@ pub fn call_req(id: &str, op: &str, input: &[u8]) -> pb::CallRequest {
         op: op.to_string(),
         input: input.to_vec(),
         deadline_ms: 0,
-        ..Default::default()
-    }
-}
-
-/// A call of `function` in portion `portion`.
-pub fn portion_call(id: &str, portion: &str, function: &str, input: &[u8]) -> pb::CallRequest {
-    pb::CallRequest {
-        bubble_id: id.into(),
-        op: function.into(),
-        input: input.to_vec(),
-        portion: portion.into(),
-        ..Default::default()
-    }
-}
-
-/// Options for a broker whose frozen-copy store is the local directory
-/// `store` (shared with other brokers).
-pub fn shared_store(store: &Path) -> Opts {
-    Opts {
-        args: vec!["--store".into(), store.display().to_string()],
         ..Default::default()
     }
 }
