@@ -89,6 +89,16 @@ pub enum BrokerError {
     /// The broker cannot serve this now (e.g. its disk is not answering).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// An idempotency key was reused with different parameters; names the
+    /// first field that differs.
+    #[error(
+        "client_request_id was already used for a different request ({field} differs); \
+         use a new request id"
+    )]
+    RequestIdReused {
+        /// The request field that differs.
+        field: &'static str,
+    },
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -113,6 +123,7 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
+            BrokerError::RequestIdReused { .. } => Code::AlreadyExists,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
             BrokerError::WrongKey => Code::PermissionDenied,
             BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
