@@ -90,6 +90,21 @@ impl Metrics {
             call_seconds.clone(),
         );
         registry.register("failures", "Bubble failures by reason", failures.clone());
+        // Every reason is present (at zero) from the start, so that rates
+        // and alerts need no special case for a series that is absent.
+        for kind in FailureKind::ALL {
+            let _ = failures.get_or_create(&ReasonLabel {
+                reason: kind.label(),
+            });
+        }
+        registry.register(
+            "build",
+            "The broker's build (value 1)",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         registry.register(
             "pool_misses",
             "Attaches that found the pool empty",
