@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod api;
 pub mod attest;
+pub mod authority;
 /// Connecting to a broker (re-exported from `bubble-client`).
 pub use bubble_client::connect as client;
 pub mod clock;

@@ -11,6 +11,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::BrokerService;
+use crate::authority::AuthorityFix;
 use crate::core::Broker;
 
 /// Room for the protobuf framing around a maximum-size payload.
@@ -146,11 +147,15 @@ pub async fn serve_unix(
 
 /// Accepted parent connections, registered for read readiness only (a
 /// parent reading its answer does not wake the broker; see bubble-uds),
-/// with their peer credentials.
+/// with their peer credentials, and any `:authority` accepted (see
+/// [`crate::authority`]).
 fn parent_conns(
     listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<bubble_uds::UnixConn>> {
-    UnixListenerStream::new(listener).map(|s| s.and_then(bubble_uds::UnixConn::from_tokio))
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<bubble_uds::UnixConn>>> {
+    UnixListenerStream::new(listener).map(|s| {
+        s.and_then(bubble_uds::UnixConn::from_tokio)
+            .map(AuthorityFix::new)
+    })
 }
 
 /// Binds a TCP listener.

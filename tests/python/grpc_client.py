@@ -26,12 +26,9 @@ def check(cond, what):
 
 def main():
     socket = sys.argv[2]
-    # grpc-core derives :authority from the socket path, percent-encoding
-    # its slashes, which the broker's HTTP/2 stack refuses; a parent names
-    # the authority itself (any valid name will do).
-    channel = grpc.insecure_channel(
-        "unix:" + socket, options=[("grpc.default_authority", "localhost")]
-    )
+    # Default options: grpc-core sends the socket path, percent-encoded,
+    # as :authority, which the broker accepts.
+    channel = grpc.insecure_channel("unix:" + socket)
     stub = rpc.BrokerStub(channel)
 
     b = stub.CreateBubble(pb.CreateBubbleRequest(memory_mib=16, vcpus=1), timeout=30)
