@@ -187,6 +187,11 @@ pub struct FileConfig {
     pub jail: Option<JailConfig>,
     /// Seconds FAILED and DELETED records are kept before collection.
     pub record_retention_s: Option<u64>,
+    /// Open connections one uid may hold on the Unix socket.
+    pub max_connections_per_uid: Option<usize>,
+    /// Milliseconds a new Unix-socket connection has to send its first
+    /// bytes.
+    pub handshake_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {

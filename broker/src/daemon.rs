@@ -171,6 +171,16 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     // Removed however this function ends, so that a failed start leaves no
     // socket behind.
     let _socket_file = server::SocketFile(socket.clone());
+    let limits = crate::conn_limit::ConnLimits {
+        per_uid: file
+            .max_connections_per_uid
+            .unwrap_or(crate::conn_limit::DEFAULT_PER_UID)
+            .max(1),
+        handshake: file
+            .handshake_timeout_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(crate::conn_limit::DEFAULT_HANDSHAKE),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -180,7 +190,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         let b = broker.clone();
         let s = stop(stop_rx.clone());
         tasks.spawn(async move {
-            server::serve_unix(b, unix, s)
+            server::serve_unix_with(b, unix, limits, s)
                 .await
                 .map_err(anyhow::Error::from)
         });

@@ -18,6 +18,7 @@ pub mod authority;
 pub use bubble_client::connect as client;
 pub mod clock;
 pub mod config;
+pub mod conn_limit;
 pub mod core;
 pub mod ctl;
 pub mod daemon;

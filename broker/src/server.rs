@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use bubble_proto::v1::broker_server::BrokerServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::BrokerService;
 use crate::authority::AuthorityFix;
+use crate::conn_limit::{ConnLimits, Limited};
 use crate::core::Broker;
 
 /// Room for the protobuf framing around a maximum-size payload.
@@ -131,31 +132,42 @@ fn limits_layer(
     tower::util::MapResponseLayer::new(oversized_as_exhausted(broker.config().max_payload))
 }
 
-/// Serves the broker on a bound Unix socket until `shutdown` resolves.
+/// Serves the broker on a bound Unix socket until `shutdown` resolves, with
+/// the default connection limits.
 pub async fn serve_unix(
     broker: Arc<Broker>,
     listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    serve_unix_with(broker, listener, ConnLimits::default(), shutdown).await
+}
+
+/// Serves the broker on a bound Unix socket until `shutdown` resolves.
+pub async fn serve_unix_with(
+    broker: Arc<Broker>,
+    listener: UnixListener,
+    limits: ConnLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
         .layer(limits_layer(&broker))
         .add_service(health().await)
         .add_service(service(&broker))
-        .serve_with_incoming_shutdown(parent_conns(listener), shutdown)
+        .serve_with_incoming_shutdown(parent_conns(listener, limits), shutdown)
         .await
 }
 
-/// Accepted parent connections, registered for read readiness only (a
-/// parent reading its answer does not wake the broker; see bubble-uds),
-/// with their peer credentials, and any `:authority` accepted (see
-/// [`crate::authority`]).
+/// Accepted parent connections within the per-uid cap and the handshake
+/// deadline (see [`crate::conn_limit`]), registered for read readiness
+/// only (a parent reading its answer does not wake the broker; see
+/// bubble-uds), with their peer credentials, and any `:authority` accepted
+/// (see [`crate::authority`]).
 fn parent_conns(
     listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<bubble_uds::UnixConn>>> {
-    UnixListenerStream::new(listener).map(|s| {
-        s.and_then(bubble_uds::UnixConn::from_tokio)
-            .map(AuthorityFix::new)
-    })
+    limits: ConnLimits,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<Limited<bubble_uds::UnixConn>>>>
+{
+    crate::conn_limit::accept_loop(listener, limits).map(|c| c.map(AuthorityFix::new))
 }
 
 /// Binds a TCP listener.
