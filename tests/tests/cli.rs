@@ -232,6 +232,12 @@ fn payments_flow_from_the_cli_alone() {
         19,
         "FAILED_PRECONDITION",
     );
+    // An unknown op lists the public ops only.
+    let msg = ctl_fails(s, &["call", &id, "nonsense"], &[], 13, "INVALID_ARGUMENT");
+    assert!(
+        msg.contains("sha256") && !msg.contains("load_portion"),
+        "{msg}"
+    );
     // Internal guest ops are not reachable through `call`.
     let msg = ctl_fails(
         s,
