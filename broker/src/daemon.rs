@@ -138,6 +138,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         cfg.quota = q;
     }
     cfg.pools = file.pools.clone();
+    cfg.admins = file.admins.clone();
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
     }

@@ -118,6 +118,9 @@ pub enum BrokerError {
         /// The request field that differs.
         field: &'static str,
     },
+    /// An operator-only request from a parent that is not a configured admin.
+    #[error("this needs an admin identity (the broker's `admins` configuration)")]
+    NotAdmin,
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -129,7 +132,9 @@ impl From<BrokerError> for Status {
             BrokerError::InvalidArgument { .. }
             | BrokerError::GuestRejected(_)
             | BrokerError::UnknownOp => Code::InvalidArgument,
-            BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) => Code::PermissionDenied,
+            BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) | BrokerError::NotAdmin => {
+                Code::PermissionDenied
+            }
             BrokerError::GuestLimit(_) => Code::ResourceExhausted,
             BrokerError::GuestTrap(_) => Code::Aborted,
             BrokerError::GuestRefused(_) => Code::FailedPrecondition,

@@ -381,3 +381,61 @@ async fn pki_sans_force_and_mtls_with_a_name_other_than_localhost() {
         String::from_utf8_lossy(&refused.stdout)
     );
 }
+
+#[test]
+fn an_admin_lists_every_parent_and_nobody_else_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    bubbled::pki::init(&pki, &["shop".into()]).unwrap();
+    // uid:<this process> is the admin; cert:shop is a parent over mTLS.
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = format!("uid:{}", unsafe { libc::getuid() });
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some(format!(
+                "admins = [\"{me}\"]\n[[pool]]\nname = \"warm\"\nmemory_mib = 8\nsize = 1\n"
+            )),
+            args: vec!["--tls-listen".into(), "127.0.0.1:0".into()],
+            ..Default::default()
+        },
+    );
+    let s = broker.socket.as_path();
+    let url = format!("https://localhost:{}", broker.tls.unwrap().port());
+    let p = pki.to_str().unwrap();
+    let shop = |args: &[&str]| {
+        Command::new(ctl_bin())
+            .args(["--json", "--endpoint", &url, "--pki", p, "--parent", "shop"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = shop(&["create", "--memory-mib", "8", "-q"]);
+    assert!(out.status.success(), "{out:?}");
+    let shop_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mine = ctl_json(s, &["create", "--memory-mib", "8"], &[]);
+    let mine = mine["bubble_id"].as_str().unwrap().to_string();
+    // A parent sees its own only; the admin sees both parents' bubbles and
+    // the pool's, each with its owner.
+    let out = ctl(s, &["list", "-q"], &[]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{mine}\n"));
+    let all = ctl_json(s, &["list", "--all-parents"], &[]);
+    let owners: Vec<(String, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["bubble_id"].as_str().unwrap().to_string(),
+                b["owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(owners.contains(&(shop_id, "cert:shop".into())), "{all}");
+    assert!(owners.contains(&(mine, me)), "{all}");
+    // A non-admin parent asking for every parent's bubbles: refused.
+    let out = shop(&["list", "--all-parents"]);
+    assert_eq!(out.status.code(), Some(17), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "PERMISSION_DENIED");
+}

@@ -7,7 +7,7 @@ use clap::Args;
 
 use std::path::PathBuf;
 
-use super::output::{print_bubble, print_bubbles, print_reply, status_err};
+use super::output::{print_bubble, print_bubbles, print_owned_table, print_reply, status_err};
 use super::policy::IdleArgs;
 use super::{BubbleArg, Conn};
 
@@ -59,6 +59,10 @@ pub(super) struct ListArgs {
     /// Print only the bubble ids, one a line.
     #[arg(short, long)]
     quiet: bool,
+    /// Every parent's bubbles and the warm pools' (operators: your parent
+    /// id must be in the broker's `admins`).
+    #[arg(long)]
+    all_parents: bool,
 }
 
 /// Prints a bubble an RPC answered with: its id alone under `--quiet`.
@@ -119,6 +123,7 @@ pub(super) async fn list(conn: &Conn, a: ListArgs, j: bool) -> anyhow::Result<Ex
         let r = c
             .list_bubbles(pb::ListBubblesRequest {
                 include_deleted: a.all,
+                all_parents: a.all_parents,
                 page_token,
                 ..Default::default()
             })
@@ -136,7 +141,11 @@ pub(super) async fn list(conn: &Conn, a: ListArgs, j: bool) -> anyhow::Result<Ex
             println!("{}", b.bubble_id);
         }
     } else {
-        print_bubbles(&bubbles, j);
+        if a.all_parents && !j {
+            print_owned_table(&bubbles);
+        } else {
+            print_bubbles(&bubbles, j);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

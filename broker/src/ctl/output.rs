@@ -46,6 +46,30 @@ pub(super) fn print_table(bubbles: &[pb::Bubble]) {
     }
 }
 
+/// Bubbles of every parent (the operator's view): the owner first,
+/// `(pool)` for a warm-pool bubble nobody owns yet.
+pub(super) fn print_owned_table(bubbles: &[pb::Bubble]) {
+    println!(
+        "{:<24}  {:<34}  {:<9}  {:>7}  {:>7}",
+        "OWNER", "BUBBLE", "STATE", "MEM_MIB", "PID"
+    );
+    for b in bubbles {
+        let owner = if b.owner.is_empty() {
+            "(pool)"
+        } else {
+            b.owner.as_str()
+        };
+        println!(
+            "{:<24}  {:<34}  {:<9}  {:>7}  {:>7}",
+            owner,
+            b.bubble_id,
+            state_label(b.state),
+            b.memory_mib,
+            b.vmm_pid
+        );
+    }
+}
+
 /// A list of bubbles: a JSON array, or a table.
 pub(super) fn print_bubbles(bubbles: &[pb::Bubble], json_out: bool) {
     if json_out {
