@@ -71,6 +71,7 @@ pub fn event_to_pb(e: &Event) -> pb::BubbleEvent {
         state: state_to_pb(e.state) as i32,
         reason: e.reason.clone(),
         at_ms: e.at_ms,
+        security: e.security.as_ref().map(super::audit::security_to_pb),
     }
 }
 

@@ -2,6 +2,7 @@
 //! parent identity), turned into a typed core command by [`convert`], run,
 //! and its result rendered. Protobuf types stop here.
 
+pub mod audit;
 pub mod convert;
 
 use std::pin::Pin;
@@ -13,7 +14,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 
-use crate::core::Broker;
+use crate::core::{AuditQuery, Broker};
+use crate::error::BrokerError;
 use crate::identity::parent_of;
 use convert::{bubble_to_pb, validate_bubble_id};
 
@@ -27,6 +29,12 @@ impl BrokerService {
     /// Wraps a broker.
     pub fn new(broker: Arc<Broker>) -> Self {
         Self { broker }
+    }
+
+    /// A refusal for `id`, raising the security event of a
+    /// PERMISSION_DENIED (see `core::security`).
+    fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
+        self.broker.denied(parent, id, false, e).into()
     }
 }
 
@@ -51,7 +59,10 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let rec = self.broker.describe(&parent, id)?;
+        let rec = self
+            .broker
+            .describe(&parent, id)
+            .map_err(|e| self.deny(&parent, id, e))?;
         Ok(Response::new(bubble_to_pb(&rec)))
     }
 
@@ -80,8 +91,14 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
+        let id = req.bubble_id.clone();
         let cmd = convert::call(req, self.broker.config())?;
-        let out = self.broker.call(&parent, cmd).instrument(span).await?;
+        let out = self
+            .broker
+            .call(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         let (call_id, signature) = out.signed.unwrap_or_default();
         Ok(Response::new(pb::CallResponse {
             output: out.output,
@@ -98,7 +115,11 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let rec = self.broker.delete(&parent, id).await?;
+        let rec = self
+            .broker
+            .delete(&parent, id)
+            .await
+            .map_err(|e| self.deny(&parent, id, e))?;
         Ok(Response::new(bubble_to_pb(&rec)))
     }
 
@@ -119,7 +140,11 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let facts = self.broker.usage(&parent, id).await?;
+        let facts = self
+            .broker
+            .usage(&parent, id)
+            .await
+            .map_err(|e| self.deny(&parent, id, e))?;
         let report = self.broker.usage_signer().sign(convert::usage_to_pb(facts));
         Ok(Response::new(report))
     }
@@ -136,7 +161,8 @@ impl BrokerApi for BrokerService {
             .broker
             .attestation(&parent, &req.bubble_id, &req.nonce)
             .instrument(span)
-            .await?;
+            .await
+            .map_err(|e| Status::from(self.broker.denied(&parent, &req.bubble_id, true, e)))?;
         Ok(Response::new(convert::attestation_to_pb(a)))
     }
 
@@ -147,8 +173,13 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
+        let id = req.bubble_id.clone();
         let cmd = convert::provision(req)?;
-        self.broker.provision(&parent, cmd).instrument(span).await?;
+        self.broker
+            .provision(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(pb::ProvisionCredentialResponse {}))
     }
 
@@ -159,12 +190,14 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("load_portion", bubble = %req.bubble_id, parent = %parent, portion = %req.name);
+        let id = req.bubble_id.clone();
         let cmd = convert::load_portion(req, self.broker.config())?;
         let r = self
             .broker
             .load_portion(&parent, cmd)
             .instrument(span)
-            .await?;
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(pb::LoadPortionResponse {
             portions_digest: r.portions_digest,
             module_sha384: r.module_sha384,
@@ -178,8 +211,14 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("suspend", bubble = %req.bubble_id, parent = %parent);
+        let id = req.bubble_id.clone();
         let cmd = convert::suspend(req)?;
-        let r = self.broker.suspend(&parent, cmd).instrument(span).await?;
+        let r = self
+            .broker
+            .suspend(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(bubble_to_pb(&r)))
     }
 
@@ -190,9 +229,34 @@ impl BrokerApi for BrokerService {
         let parent = parent_of(&request)?;
         let req = request.into_inner();
         let span = info_span!("restore", bubble = %req.bubble_id, parent = %parent);
+        let id = req.bubble_id.clone();
         let cmd = convert::restore(req)?;
-        let r = self.broker.restore(&parent, cmd).instrument(span).await?;
+        let r = self
+            .broker
+            .restore(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(bubble_to_pb(&r)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let parent = parent_of(&request)?;
+        let req = request.into_inner();
+        if !req.bubble_id.is_empty() {
+            validate_bubble_id(&req.bubble_id)?;
+        }
+        let q = AuditQuery {
+            bubble_id: req.bubble_id,
+            since_ms: req.since_ms,
+        };
+        let records = self.broker.audit_records(&parent, q).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records.into_iter().map(audit::record_to_pb).collect(),
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -205,7 +269,9 @@ impl BrokerApi for BrokerService {
         let only = request.into_inner().bubble_id;
         if !only.is_empty() {
             validate_bubble_id(&only)?;
-            self.broker.owned(&parent, &only)?;
+            self.broker
+                .owned(&parent, &only)
+                .map_err(|e| self.deny(&parent, &only, e))?;
         }
         let rx = self.broker.subscribe(&parent);
         let stream =

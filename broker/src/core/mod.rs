@@ -15,6 +15,7 @@ pub(crate) mod table;
 
 mod admission;
 mod attest;
+mod audit;
 mod calls;
 mod create;
 mod freeze;
@@ -25,6 +26,7 @@ mod pools;
 mod query;
 mod reconcile;
 mod restore;
+pub mod security;
 mod supervise;
 mod teardown;
 
@@ -37,9 +39,11 @@ use tokio::sync::broadcast;
 use tracing::warn;
 
 pub use attest::{AttestationBundle, GuestBinding};
+pub use audit::{AuditQuery, ANOTHER_PARENT};
 pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use meter::UsageFacts;
+pub use security::{SecurityEvent, SecurityKind};
 
 pub(crate) use crate::clock::now_ms;
 use crate::config::{self, BrokerConfig};
@@ -67,6 +71,9 @@ pub struct Event {
     pub reason: String,
     /// When, Unix milliseconds.
     pub at_ms: u64,
+    /// A security event about the bubble (then `state` is its current
+    /// state, unchanged).
+    pub security: Option<SecurityEvent>,
 }
 
 /// Broker state shared by all connections.
@@ -111,6 +118,8 @@ pub struct Broker {
     /// This broker's stable identity (`DATA_DIR/broker-id`), named in the
     /// claims it takes on frozen copies in a shared store.
     broker_id: String,
+    /// The hash-chained audit log (`DATA_DIR/audit/audit.log`).
+    audit: bubble_audit::AuditLog,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -211,7 +220,14 @@ impl Broker {
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
+        let audit = bubble_audit::AuditLog::open(
+            &cfg.audit_path(),
+            Arc::new(usage_signer.checkpoint_signer()),
+            bubble_audit::Options::default(),
+        )
+        .map_err(|e| BrokerError::Spawn(e.to_string()))?;
         let broker = Arc::new(Self {
+            audit,
             broker_id,
             apply_serial: Default::default(),
             frozen,
@@ -266,6 +282,11 @@ impl Broker {
         if unwatched {
             m.remove(&owner);
         }
+    }
+
+    /// The audit log.
+    pub fn audit_log(&self) -> &bubble_audit::AuditLog {
+        &self.audit
     }
 
     /// The key that signs usage reports.

@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::core::SecurityKind;
 use crate::vmm::FailureKind;
 
 /// Label of a per-state gauge.
@@ -30,6 +31,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label of the security-event counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Security event kind ([`SecurityKind::label`]).
+    pub kind: &'static str,
+}
+
 /// All broker metrics.
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +55,8 @@ pub struct Metrics {
     pub failures: Family<ReasonLabel, Counter>,
     /// Warm-pool misses (attach had to boot a bubble).
     pub pool_misses: Counter,
+    /// Security events by kind (every kind present from the start).
+    pub security_events: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,7 +105,17 @@ impl Metrics {
             "Attaches that found the pool empty",
             pool_misses.clone(),
         );
+        let security_events = Family::<KindLabel, Counter>::default();
+        for k in SecurityKind::ALL {
+            let _ = security_events.get_or_create(&KindLabel { kind: k.label() });
+        }
+        registry.register(
+            "security_events",
+            "Security events by kind",
+            security_events.clone(),
+        );
         Self {
+            security_events,
             registry,
             bubbles,
             pool_depth,
@@ -113,6 +133,13 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 reason: kind.label(),
             })
+            .inc();
+    }
+
+    /// Counts a security event under its kind.
+    pub fn security_event(&self, kind: SecurityKind) {
+        self.security_events
+            .get_or_create(&KindLabel { kind: kind.label() })
             .inc();
     }
 
