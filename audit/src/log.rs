@@ -73,7 +73,8 @@ pub enum AuditError {
 
 enum Msg {
     Entry(Entry, What),
-    Flush(SyncSender<()>),
+    /// Acknowledge once written; with `true`, sign a checkpoint first.
+    Flush(SyncSender<()>, bool),
 }
 
 /// The append-only audit log of one broker.
@@ -207,9 +208,20 @@ impl AuditLog {
     /// Waits until every record appended before this call is written and
     /// fsynced (or lost to a write error, which this reports).
     pub fn flush(&self) -> Result<(), AuditError> {
+        self.flush_with(false)
+    }
+
+    /// [`AuditLog::flush`], with a signed checkpoint after the last record
+    /// (used when the broker stops: the whole log is then signed).
+    pub fn checkpoint(&self) -> Result<(), AuditError> {
+        self.flush_with(true)
+    }
+
+    fn flush_with(&self, sign: bool) -> Result<(), AuditError> {
         let tx = self.tx.as_ref().ok_or(AuditError::Stopped)?;
         let (done, wait) = sync_channel(1);
-        tx.send(Msg::Flush(done)).map_err(|_| AuditError::Stopped)?;
+        tx.send(Msg::Flush(done, sign))
+            .map_err(|_| AuditError::Stopped)?;
         wait.recv().map_err(|_| AuditError::Stopped)?;
         match self.lost.load(Ordering::Relaxed) {
             0 => Ok(()),
@@ -256,9 +268,13 @@ impl Writer {
             };
             let mut buf = Vec::new();
             let mut flushes = Vec::new();
+            let mut sign = false;
             let mut take = |m: Msg, buf: &mut Vec<u8>, w: &mut Writer| match m {
                 Msg::Entry(e, what) => w.push(buf, e, what),
-                Msg::Flush(done) => flushes.push(done),
+                Msg::Flush(done, s) => {
+                    sign |= s;
+                    flushes.push(done)
+                }
             };
             if let Some(m) = first {
                 take(m, &mut buf, self);
@@ -273,7 +289,7 @@ impl Writer {
             let due = self
                 .oldest_unsigned
                 .is_some_and(|t| t.elapsed() >= self.opts.checkpoint_interval);
-            if self.unsigned > 0 && (due || self.unsigned >= self.opts.checkpoint_every) {
+            if self.unsigned > 0 && (sign || due || self.unsigned >= self.opts.checkpoint_every) {
                 self.checkpoint(&mut buf);
             }
             self.write(&buf);

@@ -314,9 +314,20 @@ async fn security_events_reach_the_owner_and_the_audit_chain_holds() {
     let log = dir.path().join("audit").join("audit.log");
     let out = ctl(
         dir.path(),
-        &["audit", "verify", log.to_str().unwrap(), "--key", &key],
+        &[
+            "--json",
+            "audit",
+            "verify",
+            log.to_str().unwrap(),
+            "--key",
+            &key,
+        ],
     );
     assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The stop signed everything.
+    assert_eq!(v["summary"]["unsigned_tail"], 0, "{v}");
+    assert!(v["summary"]["checkpoints"].as_u64().unwrap() >= 1, "{v}");
     let bytes = std::fs::read(&log).unwrap();
     let (recs, _) = bubble_audit::records(&bytes).unwrap();
     let victim = recs.len() / 2;
