@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: Prometheus `/metrics` and a liveness `/healthz`.
+//! The admin HTTP endpoint: Prometheus `/metrics` and `/healthz` (the
+//! broker's dependencies, see `obs::health`).
 
 use std::sync::Arc;
 
@@ -21,8 +22,16 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 `ok` while every dependency checks out, else 503 naming each
+/// broken one (`obs::health`).
+async fn healthz(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    let h = b.health().borrow().clone();
+    let code = if h.serving() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, format!("{}\n", h.describe()))
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` resolves.

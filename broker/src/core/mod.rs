@@ -120,6 +120,8 @@ pub struct Broker {
     broker_id: String,
     /// The hash-chained audit log (`DATA_DIR/audit/audit.log`).
     audit: bubble_audit::AuditLog,
+    /// The last dependency check (`obs::health`).
+    pub(crate) health: tokio::sync::watch::Sender<crate::obs::health::Health>,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -227,6 +229,7 @@ impl Broker {
         )
         .map_err(|e| BrokerError::Spawn(e.to_string()))?;
         let broker = Arc::new(Self {
+            health: tokio::sync::watch::channel(Default::default()).0,
             audit,
             broker_id,
             apply_serial: Default::default(),
@@ -253,6 +256,7 @@ impl Broker {
             tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
         }
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::health_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::owner_flusher(
             Arc::downgrade(&broker),
             broker.owners_kick.clone(),
@@ -282,6 +286,16 @@ impl Broker {
         if unwatched {
             m.remove(&owner);
         }
+    }
+
+    /// Commits an empty registry transaction (health check).
+    pub(crate) fn registry_probe(&self) -> Result<(), BrokerError> {
+        Ok(self.registry.probe()?)
+    }
+
+    /// Reads from the frozen store (health check).
+    pub(crate) async fn store_probe(&self) -> Result<(), String> {
+        self.frozen.probe().await
     }
 
     /// The audit log.

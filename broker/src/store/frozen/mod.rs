@@ -218,6 +218,15 @@ impl FrozenStore {
         })
     }
 
+    /// Whether the store answers: a read of an object that need not exist
+    /// (not found is an answer).
+    pub async fn probe(&self) -> Result<(), String> {
+        match self.store.head(&ObjPath::from("health-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Encrypts and writes a snapshot; returns the number of chunks once
     /// the manifest (written last) is stored.
     pub async fn put(
