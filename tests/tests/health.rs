@@ -115,3 +115,87 @@ async fn health_follows_each_broken_dependency_and_its_repair() {
     let b = c.create_bubble(create_req(8)).await.unwrap().into_inner();
     assert_eq!(b.state, bubble_proto::v1::BubbleState::Ready as i32);
 }
+
+/// VMMs of bubbles (spares aside) of the broker on `dir`.
+fn bubble_vmms(dir: &std::path::Path) -> Vec<i32> {
+    let spares = spare_pids_under(dir);
+    vmm_pids_under(dir)
+        .into_iter()
+        .filter(|p| !spares.contains(p))
+        .collect()
+}
+
+fn healthy_probes(broker: &BrokerProc) -> u64 {
+    broker
+        .admin_get("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("bubbled_pool_probes_total{result=\"healthy\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A pooled bubble whose VMM hangs (SIGSTOP: alive, never answering) or
+/// dies (SIGKILL) is replaced before anyone attaches it; the bubble attach
+/// then hands out answers, and DescribeBubble shows its last probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_pool_entries_are_replaced_before_attach() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            admin: true,
+            config: Some("[[pool]]\nname = \"p\"\nmemory_mib = 8\nsize = 1\n".into()),
+            ..Opts::default()
+        },
+    );
+    let limit = Duration::from_secs(20);
+    let mut pid = wait_until(
+        "a pooled bubble",
+        limit,
+        || bubble_vmms(dir.path()),
+        |v| v.len() == 1,
+    )
+    .await[0];
+    for signal in [libc::SIGSTOP, libc::SIGKILL] {
+        // SAFETY: signalling a VMM process this test's broker started.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+        let old = pid;
+        pid = wait_until(
+            &format!("the pool entry {old} replaced after signal {signal}"),
+            limit,
+            || bubble_vmms(dir.path()),
+            |v| v.len() == 1 && v[0] != old,
+        )
+        .await[0];
+    }
+    // The replacement is probed healthy, then attached.
+    let before = healthy_probes(&broker);
+    wait_until(
+        "a healthy probe",
+        limit,
+        || healthy_probes(&broker),
+        |n| *n > before,
+    )
+    .await;
+    let mut c = broker.client().await;
+    let b = c
+        .attach_bubble(bubble_proto::v1::AttachBubbleRequest {
+            profile: "p".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.vmm_pid, pid as u32);
+    let out = c
+        .call(call_req(&b.bubble_id, "echo", b"healthy"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"healthy");
+    let d = describe(&mut c, &b.bubble_id).await;
+    assert!(d.health.starts_with("healthy (probed at "), "{d:?}");
+}

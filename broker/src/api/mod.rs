@@ -63,7 +63,13 @@ impl BrokerApi for BrokerService {
             .broker
             .describe(&parent, id)
             .map_err(|e| self.deny(&parent, id, e))?;
-        Ok(Response::new(bubble_to_pb(&rec)))
+        let mut b = bubble_to_pb(&rec);
+        b.health = self
+            .broker
+            .probed(id)
+            .map(|p| p.describe())
+            .unwrap_or_default();
+        Ok(Response::new(b))
     }
 
     async fn list_bubbles(

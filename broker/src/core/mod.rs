@@ -23,6 +23,7 @@ mod maintenance;
 mod meter;
 mod owners;
 mod pools;
+mod probes;
 mod query;
 mod reconcile;
 mod restore;
@@ -43,6 +44,7 @@ pub use audit::{AuditQuery, ANOTHER_PARENT};
 pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use meter::UsageFacts;
+pub use probes::Probed;
 pub use security::{SecurityEvent, SecurityKind};
 
 pub(crate) use crate::clock::now_ms;
@@ -122,6 +124,8 @@ pub struct Broker {
     audit: bubble_audit::AuditLog,
     /// The last dependency check (`obs::health`).
     pub(crate) health: tokio::sync::watch::Sender<crate::obs::health::Health>,
+    /// The last health probe of each pooled bubble (`probes`).
+    probes: parking_lot::Mutex<std::collections::HashMap<String, Probed>>,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -230,6 +234,7 @@ impl Broker {
         .map_err(|e| BrokerError::Spawn(e.to_string()))?;
         let broker = Arc::new(Self {
             health: tokio::sync::watch::channel(Default::default()).0,
+            probes: Default::default(),
             audit,
             broker_id,
             apply_serial: Default::default(),
@@ -257,6 +262,7 @@ impl Broker {
         }
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::health_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::probe_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::owner_flusher(
             Arc::downgrade(&broker),
             broker.owners_kick.clone(),

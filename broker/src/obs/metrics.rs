@@ -38,6 +38,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Label of the pool-probe counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `healthy` or `unhealthy`.
+    pub result: &'static str,
+}
+
 /// All broker metrics.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +64,8 @@ pub struct Metrics {
     pub pool_misses: Counter,
     /// Security events by kind (every kind present from the start).
     pub security_events: Family<KindLabel, Counter>,
+    /// Health probes of pooled bubbles by result (`healthy`, `unhealthy`).
+    pub pool_probes: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,7 +123,14 @@ impl Metrics {
             "Security events by kind",
             security_events.clone(),
         );
+        let pool_probes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "pool_probes",
+            "Health probes of pooled bubbles by result",
+            pool_probes.clone(),
+        );
         Self {
+            pool_probes,
             security_events,
             registry,
             bubbles,
