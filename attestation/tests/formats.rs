@@ -345,7 +345,10 @@ fn one_file_holding_report_and_certificate_table() {
     header[4..8].copy_from_slice(&(REPORT_LEN as u32).to_le_bytes());
     // Report then table, with and without the MSG_REPORT_RSP header.
     assert_eq!(run(&file("ext.bin", &[&report, &table])).0, EXIT_OK);
-    assert_eq!(run(&file("rsp.bin", &[&header, &report, &table])).0, EXIT_OK);
+    assert_eq!(
+        run(&file("rsp.bin", &[&header, &report, &table])).0,
+        EXIT_OK
+    );
     // A zero-padded response buffer carries no table: the VCEK must come
     // from elsewhere, and does.
     let mut padded = file("pad.bin", &[&header, &report, &[0u8; 2000]]);

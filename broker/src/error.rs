@@ -83,6 +83,9 @@ pub enum BrokerError {
     /// The key does not unwrap the frozen copy.
     #[error("the key does not open this frozen bubble")]
     WrongKey,
+    /// The module is quarantined broker-wide (see `core::strikes`).
+    #[error("refused: {0}; an operator can lift the quarantine")]
+    Quarantined(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(String),
@@ -114,7 +117,7 @@ impl From<BrokerError> for Status {
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
-            BrokerError::WrongKey => Code::PermissionDenied,
+            BrokerError::WrongKey | BrokerError::Quarantined(_) => Code::PermissionDenied,
             BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())

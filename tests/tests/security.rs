@@ -344,3 +344,102 @@ async fn security_events_reach_the_owner_and_the_audit_chain_holds() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["record"], victim as u64, "{v}");
 }
+
+fn admin_post(broker: &BrokerProc, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(broker.admin.unwrap()).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A hostile portion that keeps asking for a credential it was not
+/// granted: after three strikes its bubble is FAILED with the reason and
+/// its module cannot be loaded anywhere until the operator lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatedly_denied_module_is_quarantined_until_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            admin: true,
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let policy = pb::SecurityPolicy {
+        grants: vec![pb::CredentialGrant {
+            portion: "hostile".into(),
+            credentials: vec![],
+        }],
+        ..Default::default()
+    };
+    let new_bubble = |c: &mut Client| {
+        let mut c = c.clone();
+        let policy = policy.clone();
+        async move {
+            c.create_bubble(pb::CreateBubbleRequest {
+                policy: Some(policy),
+                ..create_req(16)
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .bubble_id
+        }
+    };
+    let module = wat::parse_str(HOSTILE).unwrap();
+    let load = |c: &mut Client, id: &str| {
+        let mut c = c.clone();
+        let req = pb::LoadPortionRequest {
+            bubble_id: id.to_string(),
+            name: "hostile".into(),
+            module: module.clone(),
+        };
+        async move { c.load_portion(req).await }
+    };
+    let id = new_bubble(&mut c).await;
+    load(&mut c, &id).await.unwrap();
+    for _ in 0..3 {
+        let e = c
+            .call(pb::CallRequest {
+                bubble_id: id.clone(),
+                op: "steal".into(),
+                portion: "hostile".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    let failed = wait_for(&mut c, &id, Duration::from_secs(5), |b| {
+        b.state == pb::BubbleState::Failed as i32
+    })
+    .await;
+    assert!(
+        failed
+            .failure_reason
+            .contains("quarantined after 3 credential_denied"),
+        "{failed:?}"
+    );
+    // Broker-wide: not in a fresh bubble either.
+    let other = new_bubble(&mut c).await;
+    let e = load(&mut c, &other).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("quarantined"), "{e:?}");
+    // The operator lifts it; it loads again.
+    let digest: String = Sha384::digest(&module)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    load(&mut c, &other).await.unwrap();
+    let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+}

@@ -28,6 +28,7 @@ mod query;
 mod reconcile;
 mod restore;
 pub mod security;
+mod strikes;
 mod supervise;
 mod teardown;
 
@@ -126,6 +127,8 @@ pub struct Broker {
     pub(crate) health: tokio::sync::watch::Sender<crate::obs::health::Health>,
     /// The last health probe of each pooled bubble (`probes`).
     probes: parking_lot::Mutex<std::collections::HashMap<String, Probed>>,
+    /// Strikes against modules and the quarantine list (`strikes`).
+    ledger: parking_lot::Mutex<strikes::Ledger>,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -235,6 +238,7 @@ impl Broker {
         let broker = Arc::new(Self {
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
+            ledger: Default::default(),
             audit,
             broker_id,
             apply_serial: Default::default(),

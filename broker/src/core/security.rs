@@ -125,6 +125,9 @@ pub struct SecurityEvent {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct CallSeen {
     portion_digest: String,
+    /// Set when this call's event quarantined its module: why the bubble
+    /// must now be shut down.
+    pub(crate) quarantine: Option<String>,
 }
 
 /// The module digest of portion `name` of a bubble, if loaded.
@@ -287,16 +290,25 @@ impl Broker {
                     Outcome::Denied,
                 );
             }
-            self.raise(SecurityEvent {
+            let ev = SecurityEvent {
                 bubble_id: rec.id.clone(),
                 owner: rec.owner.clone(),
                 parent: rec.owner.clone(),
                 portion_digest: portion_digest.clone(),
                 kind,
                 at_ms: now_ms(),
-            });
+            };
+            let quarantine = self.strike(&ev);
+            self.raise(ev);
+            return CallSeen {
+                portion_digest,
+                quarantine,
+            };
         }
-        CallSeen { portion_digest }
+        CallSeen {
+            portion_digest,
+            quarantine: None,
+        }
     }
 
     /// Fails a bubble whose call ended its life (deadline, guest failure);
@@ -308,14 +320,17 @@ impl Broker {
     /// Raises the event of an applied failure, if it is a security matter.
     pub(crate) fn failure_event(&self, rec: &BubbleRecord, kind: FailureKind, digest: String) {
         if let Some(kind) = SecurityKind::of_failure(kind) {
-            self.raise(SecurityEvent {
+            let ev = SecurityEvent {
                 bubble_id: rec.id.clone(),
                 owner: rec.owner.clone(),
                 parent: String::new(),
                 portion_digest: digest,
                 kind,
                 at_ms: now_ms(),
-            });
+            };
+            // The bubble has failed already; the module may be quarantined.
+            let _ = self.strike(&ev);
+            self.raise(ev);
         }
     }
 
