@@ -443,3 +443,62 @@ async fn a_repeatedly_denied_module_is_quarantined_until_lifted() {
     let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
 }
+
+/// A parent that keeps naming bubbles it does not own is throttled: every
+/// request it makes is refused RESOURCE_EXHAUSTED with the time to wait,
+/// and a `probing` event is in its audit records; other parents go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probing_parent_is_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), true);
+    let mut m = broker.tls_client("parent-b").await;
+    let mut a = broker.tls_client("parent-a").await;
+    let own = a.create_bubble(create_req(8)).await.unwrap().into_inner();
+    for i in 0..10u32 {
+        let id = format!("b-{:032x}", 0xdead_0000u64 + u64::from(i));
+        let e = m
+            .describe_bubble(pb::BubbleRef { bubble_id: id })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{i}: {e:?}");
+    }
+    let e = m
+        .list_bubbles(pb::ListBubblesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let wait: u64 = e
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(wait > 0 && wait <= 60_000, "{wait}");
+    // The other parent is not affected.
+    let d = a
+        .describe_bubble(pb::BubbleRef {
+            bubble_id: own.bubble_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.bubble_id, own.bubble_id);
+    // The event is on record (read from the broker's log, which the
+    // writer reaches within moments, as the throttled parent cannot ask).
+    let log = dir.path().join("audit").join("audit.log");
+    let probing = |log: &std::path::Path| {
+        let bytes = std::fs::read(log).unwrap();
+        let (recs, _) = bubble_audit::records(&bytes).unwrap();
+        recs.iter().any(|(_, r, _)| {
+            matches!(&r.what, bubble_audit::What::Security { kind } if kind == "probing")
+                && r.entry.parent == "cert:parent-b"
+        })
+    };
+    wait_until(
+        "the probing record",
+        Duration::from_secs(5),
+        || probing(&log),
+        |p| *p,
+    )
+    .await;
+}

@@ -31,6 +31,15 @@ impl BrokerService {
         Self { broker }
     }
 
+    /// The caller's identity, unless it is throttled for probing.
+    fn parent<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let parent = parent_of(request)?;
+        match self.broker.throttled(&parent) {
+            Some(ms) => Err(BrokerError::Throttled(ms).into()),
+            None => Ok(parent),
+        }
+    }
+
     /// A refusal for `id`, raising the security event of a
     /// PERMISSION_DENIED (see `core::security`).
     fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
@@ -46,7 +55,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::CreateBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let cmd = convert::create(request.into_inner(), self.broker.config())?;
         let rec = self.broker.create(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -56,7 +65,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
         let rec = self
@@ -76,7 +85,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::ListBubblesRequest>,
     ) -> Result<Response<pb::ListBubblesResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.get_ref();
         let page = self.broker.list(
             &parent,
@@ -94,7 +103,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
         let id = req.bubble_id.clone();
@@ -118,7 +127,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
         let rec = self
@@ -133,7 +142,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::AttachBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let cmd = convert::attach(request.into_inner())?;
         let rec = self.broker.attach(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -143,7 +152,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::UsageReport>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
         let facts = self
@@ -159,7 +168,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::GetAttestationRequest>,
     ) -> Result<Response<pb::Attestation>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         validate_bubble_id(&req.bubble_id)?;
         let span = info_span!("attest", bubble = %req.bubble_id, parent = %parent);
@@ -176,7 +185,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::ProvisionCredentialRequest>,
     ) -> Result<Response<pb::ProvisionCredentialResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
         let id = req.bubble_id.clone();
@@ -193,7 +202,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::LoadPortionRequest>,
     ) -> Result<Response<pb::LoadPortionResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("load_portion", bubble = %req.bubble_id, parent = %parent, portion = %req.name);
         let id = req.bubble_id.clone();
@@ -214,7 +223,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::SuspendBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("suspend", bubble = %req.bubble_id, parent = %parent);
         let id = req.bubble_id.clone();
@@ -232,7 +241,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::RestoreBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("restore", bubble = %req.bubble_id, parent = %parent);
         let id = req.bubble_id.clone();
@@ -250,7 +259,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         if !req.bubble_id.is_empty() {
             validate_bubble_id(&req.bubble_id)?;
@@ -271,7 +280,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let only = request.into_inner().bubble_id;
         if !only.is_empty() {
             validate_bubble_id(&only)?;

@@ -64,8 +64,8 @@ kinds! {
     /// A parent named a bubble it does not own (or that does not exist)
     /// in any other request: PERMISSION_DENIED.
     ForeignAccess => "foreign_access",
-    /// Repeated PERMISSION_DENIED from one parent. No source yet: raised
-    /// by the strike ledger (issue 16, second half).
+    /// Repeated PERMISSION_DENIED from one parent: raised when the strike
+    /// ledger throttles it (`core::strikes`).
     Probing => "probing",
     /// A restore with a key that does not open the frozen copy.
     RestoreWrongKey => "restore_wrong_key",
@@ -360,14 +360,16 @@ impl Broker {
             // Its own bubble, gone meanwhile: not an attempt on another's.
             return e;
         }
-        self.raise(SecurityEvent {
+        let ev = SecurityEvent {
             bubble_id: bubble_id.to_string(),
             owner,
             parent: parent.to_string(),
             portion_digest: String::new(),
             kind,
             at_ms: now_ms(),
-        });
+        };
+        self.parent_strike(&ev);
+        self.raise(ev);
         e
     }
 }
