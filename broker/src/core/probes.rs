@@ -1,7 +1,8 @@
 //! Health probes of pooled bubbles: every [`PROBE_INTERVAL`] (± half, at
 //! random) each READY bubble waiting in a warm pool is checked (its VMM
 //! process is alive and the guest answers an `echo` within
-//! [`PROBE_DEADLINE`]); one that fails is FAILED with the probe's reason,
+//! [`PROBE_DEADLINE`]); one that fails has its VMM killed and is FAILED
+//! with the probe's reason,
 //! so it leaves the pool and the refiller replaces it before anyone
 //! attaches it. The last result shows in `DescribeBubble` (`health`).
 
@@ -124,6 +125,14 @@ impl Broker {
         );
         if !healthy {
             tracing::warn!(bubble = %id, %problem, "pooled bubble failed its health probe");
+            // A hung VMM may not take a shutdown request: end it now.
+            let pid = live.vmm.pid();
+            if pid != 0 {
+                // SAFETY: signalling the bubble's own VMM process.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
             let reason =
                 FailureReason::new(FailureKind::Internal, format!("health probe: {problem}"));
             self.fail(id, &reason);
