@@ -328,6 +328,12 @@ impl Registry {
         r
     }
 
+    /// Commits an empty write transaction: whether the registry can
+    /// commit now (health check).
+    pub fn probe(&self) -> Result<(), RegistryError> {
+        self.write(|db| Ok(db.begin_write()?.commit()?))
+    }
+
     /// Inserts a new record and its idempotency key atomically.
     ///
     /// Returns the existing record instead if the owner already used the key.

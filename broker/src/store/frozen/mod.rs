@@ -220,6 +220,15 @@ impl FrozenStore {
         })
     }
 
+    /// Whether the store answers: a read of an object that need not exist
+    /// (not found is an answer).
+    pub async fn probe(&self) -> Result<(), String> {
+        match self.store.head(&ObjPath::from("health-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Makes a local copy durable before the registry points at it: the
     /// object store writes files without fsync, so every chunk, the
     /// manifest and the directories holding them are synced here. (An S3
