@@ -113,23 +113,39 @@ impl Rewriter {
             out.extend(self.input.drain(..PREFACE.len()));
             self.mode = Mode::Undecided;
         }
+        // Frames are taken from `at` on and the consumed prefix is removed
+        // once, so many small frames in one read cost no repeated shifts.
+        let mut at = 0;
         loop {
             if self.mode == Mode::Passthrough {
-                out.append(&mut self.input);
+                out.extend_from_slice(self.input.get(at..).unwrap_or(&[]));
+                self.input.clear();
                 return;
             }
-            let Some(h) = self.input.get(..FRAME_HEADER) else {
-                return;
+            let Some(h) = self.input.get(at..at + FRAME_HEADER) else {
+                break;
             };
             let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
             let (kind, flags) = (h[3], h[4]);
             let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-            if self.input.len() < FRAME_HEADER + len {
-                return;
+            if len > MAX_FRAME {
+                // Larger than the server accepts: never buffer it (a
+                // client announcing 16 MiB would pin that much memory);
+                // pass everything through and let the server refuse it.
+                if let Some(b) = self.block.take() {
+                    out.extend_from_slice(&b.raw);
+                }
+                self.mode = Mode::Passthrough;
+                continue;
             }
-            let frame: Vec<u8> = self.input.drain(..FRAME_HEADER + len).collect();
+            let Some(frame) = self.input.get(at..at + FRAME_HEADER + len) else {
+                break;
+            };
+            let frame = frame.to_vec();
+            at += FRAME_HEADER + len;
             self.frame(kind, flags, stream, frame, out);
         }
+        self.input.drain(..at);
     }
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, frame: Vec<u8>, out: &mut Vec<u8>) {
@@ -402,5 +418,22 @@ mod tests {
         let mut out = Vec::new();
         r.feed(&wire, &mut out);
         assert_eq!(out, wire);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_never_buffered() {
+        // A frame header announcing 16 MiB, then its first bytes: the
+        // rewriter passes them on at once instead of waiting for the rest.
+        let mut wire = PREFACE.to_vec();
+        wire.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]);
+        wire.extend_from_slice(&[7u8; 4096]);
+        let mut r = Rewriter::default();
+        let mut out = Vec::new();
+        r.feed(&wire, &mut out);
+        assert_eq!(out, wire);
+        assert!(r.passthrough());
+        let mut more = Vec::new();
+        r.feed(&[1, 2, 3], &mut more);
+        assert_eq!(more, [1, 2, 3]);
     }
 }

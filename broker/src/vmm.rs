@@ -258,6 +258,11 @@ impl Vmm {
         self.client.pid()
     }
 
+    /// Kills the VMM process now (SIGKILL), without a shutdown request.
+    pub fn kill(&self) {
+        self.client.kill();
+    }
+
     /// Notices the VMM sends on its own (logs, failure, exit).
     pub fn notices(&self) -> mpsc::UnboundedReceiver<VmmNotice> {
         let mut ev = self.client.events();

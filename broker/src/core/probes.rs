@@ -93,7 +93,8 @@ impl Broker {
         let Some(live) = permit.live.clone() else {
             return;
         };
-        let problem = if !pid_alive(live.vmm.pid()) {
+        let gone = !pid_alive(live.vmm.pid());
+        let problem = if gone {
             format!("VMM process {} is gone", live.vmm.pid())
         } else {
             let echo = tokio::time::timeout(
@@ -125,13 +126,10 @@ impl Broker {
         );
         if !healthy {
             tracing::warn!(bubble = %id, %problem, "pooled bubble failed its health probe");
-            // A hung VMM may not take a shutdown request: end it now.
-            let pid = live.vmm.pid();
-            if pid != 0 {
-                // SAFETY: signalling the bubble's own VMM process.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
+            // A hung VMM may not take a shutdown request: end it now. A
+            // VMM already gone is not signalled (its pid may be reused).
+            if !gone {
+                live.vmm.kill();
             }
             let reason =
                 FailureReason::new(FailureKind::Internal, format!("health probe: {problem}"));
