@@ -67,10 +67,7 @@ fn error_codes_round_trip_and_unknown_codes_are_refused() {
     assert_eq!(ErrorCode::try_from(0), Err(0));
     assert_eq!(ErrorCode::try_from(15), Err(15));
     assert_eq!(code::STATE, 11);
-    assert_eq!(
-        (code::FROZEN, code::REPLAY, code::NOT_OPENED),
-        (12, 13, 14)
-    );
+    assert_eq!((code::FROZEN, code::REPLAY, code::NOT_OPENED), (12, 13, 14));
     assert_eq!(code::UNKNOWN_OP, 1);
     assert_eq!(ErrorCode::Trap.to_string(), "TRAP (9)");
 }
@@ -408,12 +405,7 @@ fn sealed_portion_call_round_trips() {
     for n in 0..e.len() - 60 {
         assert!(SealedPortionCall::decode(&e[..n]).is_err(), "{n}");
     }
-    assert!(SealedPortionCall {
-        sealed: &[],
-        ..c
-    }
-    .encode()
-    .is_err());
+    assert!(SealedPortionCall { sealed: &[], ..c }.encode().is_err());
 }
 
 #[test]

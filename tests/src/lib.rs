@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod moto;
+pub mod spy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -19,11 +19,12 @@ use crate::vmm::ImageSpec;
 /// change the policy after it was attested, load a portion the broker's
 /// list (and so the attestation) does not show, or bypass the checks of
 /// ProvisionCredential.
-const RESERVED_OPS: [&str; 4] = [
+const RESERVED_OPS: [&str; 5] = [
     bubble_abi::ops::OP_SET_POLICY,
     bubble_abi::ops::OP_LOAD_PORTION,
     bubble_abi::ops::OP_PROVISION,
     bubble_abi::ops::OP_PORTION,
+    bubble_abi::ops::OP_PORTION_SEALED,
 ];
 
 /// Longest an attach may wait for a pooled bubble.
@@ -360,6 +361,12 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
         }
     };
     let target = if req.portion.is_empty() {
+        if req.sealed_input.is_some() {
+            return Err(invalid(
+                "sealed_input",
+                "only portion calls take a sealed input",
+            ));
+        }
         if RESERVED_OPS.contains(&req.op.as_str()) {
             return Err(invalid(
                 "op",
@@ -371,20 +378,54 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
             ));
         }
         Target::Builtin
-    } else if valid_name(&req.portion) {
-        Target::Portion(req.portion)
-    } else {
+    } else if !valid_name(&req.portion) {
         return Err(invalid("portion", NAME_RULE));
+    } else if let Some(s) = &req.sealed_input {
+        sealed_input(&req.input, s, cfg)?;
+        Target::SealedPortion {
+            portion: req.portion,
+            seq: s.seq,
+        }
+    } else {
+        Target::Portion(req.portion)
+    };
+    let input = match req.sealed_input {
+        Some(s) => s.sealed,
+        None => req.input,
     };
     Ok(Call {
         bubble_id: req.bubble_id,
         op: req.op,
         target,
-        input: req.input,
+        input,
         deadline,
         sign: req.sign,
         seal_to,
     })
+}
+
+/// Checks a sealed input's shape: a sequence number, a sealed box that
+/// fits the payload limit with the frame's bubble id and `seq`, and no
+/// plaintext input beside it.
+fn sealed_input(plain: &[u8], s: &pb::SealedInput, cfg: &BrokerConfig) -> Result<(), BrokerError> {
+    if !plain.is_empty() {
+        return Err(invalid("input", "must be empty when sealed_input is set"));
+    }
+    if s.seq == 0 {
+        return Err(invalid("sealed_input.seq", "must be > 0"));
+    }
+    // The frame adds the bubble id (1 + 34 bytes) and `seq` (8).
+    let max = cfg.max_payload.saturating_sub(43);
+    if s.sealed.len() < bubble_keys::hpke::SEALED_BOX_MIN_LEN || s.sealed.len() > max {
+        return Err(invalid(
+            "sealed_input.sealed",
+            format!(
+                "must be a sealed box of {} to {max} bytes",
+                bubble_keys::hpke::SEALED_BOX_MIN_LEN
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// ProvisionCredential.

@@ -350,8 +350,14 @@ fn key_pair_serialization_and_debug() {
 #[test]
 fn credential_aad_is_unambiguous() {
     let (p, q) = (&[5; 48], &[6; 32]);
-    assert_ne!(credential_aad("ab", "c", p, q), credential_aad("a", "bc", p, q));
-    assert_ne!(credential_aad("", "ab", p, q), credential_aad("ab", "", p, q));
+    assert_ne!(
+        credential_aad("ab", "c", p, q),
+        credential_aad("a", "bc", p, q)
+    );
+    assert_ne!(
+        credential_aad("", "ab", p, q),
+        credential_aad("ab", "", p, q)
+    );
     let aad = credential_aad("b1", "k", p, q);
     let mut want = vec![2, 0, 0, 0, 0, 0, 0, 0];
     want.extend_from_slice(b"b1");
