@@ -172,7 +172,7 @@ impl Keys {
         sealed: &[u8],
         code: &CodeDigests,
     ) -> Result<(), OpError> {
-        use bubble_abi::code::{BAD_INPUT, NOT_OPENED, STATE};
+        use bubble_abi::code::{BAD_INPUT, STATE};
         // A name, once provisioned, keeps its value: a parent cannot swap in
         // a key of its choice under a name a portion is granted.
         if self.creds.contains_key(name) {
@@ -181,16 +181,13 @@ impl Keys {
         if self.creds.len() >= MAX_CREDENTIALS {
             return Err((BAD_INPUT, "too many credentials"));
         }
-        let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
         let aad = bubble_keys::credential_aad(bubble_id, name, &code.portions, &code.policy);
-        let secret =
-            bubble_keys::open_credential(&self.kem, &sealed, bubble_keys::INFO_CREDENTIAL, &aad)
-                .map_err(|_| {
-                    (
-                        NOT_OPENED,
-                        "sealed credential does not open for this bubble, name, portions and policy",
-                    )
-                })?;
+        let secret = self.open(
+            sealed,
+            bubble_keys::INFO_CREDENTIAL,
+            &aad,
+            "sealed credential does not open for this bubble, name, portions and policy",
+        )?;
         if secret.len() > MAX_CREDENTIAL_LEN {
             return Err((BAD_INPUT, "credential too long"));
         }
@@ -202,21 +199,34 @@ impl Keys {
     /// sequence number the replay window has seen, opens the box (AAD:
     /// bubble id, portion, function, seq), and only then records `seq`.
     pub fn open_input(&mut self, c: &bubble_abi::ops::SealedPortionCall<'_>) -> Result<SecretBytes, OpError> {
-        use bubble_abi::code::{BAD_INPUT, NOT_OPENED, REPLAY};
-        const REPLAYED: OpError = (REPLAY, "sealed input sequence number already used");
+        const REPLAYED: OpError = (
+            bubble_abi::code::REPLAY,
+            "sealed input sequence number already used",
+        );
         self.replay.check(c.seq).map_err(|_| REPLAYED)?;
-        let sealed = SealedBox::decode(c.sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
         let aad = bubble_keys::sealed_input_aad(c.bubble_id, c.portion, c.function, c.seq);
-        let input =
-            bubble_keys::open_credential(&self.kem, &sealed, bubble_keys::INFO_SEALED_INPUT, &aad)
-                .map_err(|_| {
-                    (
-                        NOT_OPENED,
-                        "sealed input does not open for this bubble, portion, function and sequence number",
-                    )
-                })?;
+        let input = self.open(
+            c.sealed,
+            bubble_keys::INFO_SEALED_INPUT,
+            &aad,
+            "sealed input does not open for this bubble, portion, function and sequence number",
+        )?;
         self.replay.accept(c.seq).map_err(|_| REPLAYED)?;
         Ok(input)
+    }
+
+    /// Decodes a sealed box and opens it with the bubble's KEM key;
+    /// `refusal` is the NOT_OPENED text when it does not open.
+    fn open(
+        &self,
+        sealed: &[u8],
+        info: &[u8],
+        aad: &[u8],
+        refusal: &'static str,
+    ) -> Result<SecretBytes, OpError> {
+        use bubble_abi::code::{BAD_INPUT, NOT_OPENED};
+        let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
+        bubble_keys::open_credential(&self.kem, &sealed, info, aad).map_err(|_| (NOT_OPENED, refusal))
     }
 
     /// HMAC-SHA256 of `data` under the credential `name`.

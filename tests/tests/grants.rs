@@ -100,20 +100,9 @@ async fn code_under_grants_cannot_be_swapped() {
     // the same name before provisioning.
     let b = payments_bubble(&parent).await;
     let keys = b.fetch_keys_unverified().await.unwrap();
-    let digest_a: [u8; 48] = b
-        .load_portion("payments", &payments)
-        .await
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let digest_b: [u8; 48] = b
-        .load_portion("payments", &hostile)
-        .await
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let mut custodian = parent.bubble(b.id());
-    custodian.trust_keys(keys);
+    let digest_a = load(&b, "payments", &payments).await;
+    let digest_b = load(&b, "payments", &hostile).await;
+    let mut custodian = custodian_of(&parent, b.id(), keys, digest_b);
     for code in [
         // The code the custodian verified, no longer the bubble's.
         CodeBinding {
@@ -153,23 +142,13 @@ async fn code_under_grants_cannot_be_swapped() {
     // first, a credential never sits under code it was not sealed for.
     for round in 0..4 {
         let c = payments_bubble(&parent).await;
-        let d: [u8; 48] = c
-            .load_portion("payments", &payments)
-            .await
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut cust = parent.bubble(c.id());
-        cust.trust_keys(c.fetch_keys_unverified().await.unwrap());
-        cust.trust_code(CodeBinding {
-            portions_digest: d,
-            policy_digest: policy_digest(),
-        });
-        let (load, prov) = tokio::join!(
+        let d = load(&c, "payments", &payments).await;
+        let cust = custodian_of(&parent, c.id(), c.fetch_keys_unverified().await.unwrap(), d);
+        let (loaded, prov) = tokio::join!(
             c.load_portion("payments", &hostile),
             cust.provision("tokenization_key", &[2; 32])
         );
-        match (code_of(load), code_of(prov)) {
+        match (code_of(loaded), code_of(prov)) {
             (Code::FailedPrecondition, Code::Ok) | (Code::Ok, Code::InvalidArgument) => {}
             other => panic!("round {round}: load and provision gave {other:?}"),
         }
@@ -182,6 +161,29 @@ async fn code_under_grants_cannot_be_swapped() {
         );
         x.delete().await.unwrap();
     }
+}
+
+/// Loads a portion; returns the new portions digest.
+async fn load(b: &Bubble, name: &str, module: &[u8]) -> [u8; 48] {
+    let d = b.load_portion(name, module).await.unwrap();
+    d.try_into().unwrap()
+}
+
+/// A key custodian's handle on a bubble: its keys, and the code (these
+/// portions under the payments policy) it seals credentials to.
+fn custodian_of(
+    parent: &Parent,
+    id: &str,
+    keys: bubble_client::BubbleKeys,
+    portions_digest: [u8; 48],
+) -> Bubble {
+    let mut c = parent.bubble(id);
+    c.trust_keys(keys);
+    c.trust_code(CodeBinding {
+        portions_digest,
+        policy_digest: policy_digest(),
+    });
+    c
 }
 
 async fn describe_state(parent: &Parent, id: &str) -> pb::BubbleState {
