@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: Prometheus `/metrics` and a liveness `/healthz`.
+//! The admin HTTP endpoint: Prometheus `/metrics` and `/healthz` (the
+//! broker's dependencies, see `obs::health`).
 
 use std::sync::Arc;
 
@@ -21,8 +22,34 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 `ok` while every dependency checks out, else 503 naming each
+/// broken one (`obs::health`).
+async fn healthz(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    let h = b.health().borrow().clone();
+    let code = if h.serving() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, format!("{}\n", h.describe()))
+}
+
+/// `POST /quarantine/lift?digest=HEX`: lifts a module's quarantine
+/// (operator only: the admin endpoint is the operator's).
+async fn lift(
+    State(b): State<Arc<Broker>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> impl IntoResponse {
+    let digest = q
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("digest=").map(str::to_string))
+        .unwrap_or_default();
+    if b.lift_quarantine(&digest) {
+        (axum::http::StatusCode::OK, "lifted\n")
+    } else {
+        (axum::http::StatusCode::NOT_FOUND, "not quarantined\n")
+    }
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` resolves.
@@ -34,6 +61,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/quarantine/lift", axum::routing::post(lift))
         .with_state(broker);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

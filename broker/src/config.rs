@@ -265,6 +265,11 @@ impl BrokerConfig {
         self.data_dir.join("registry.redb")
     }
 
+    /// Path of the audit log (in its own 0700 directory).
+    pub fn audit_path(&self) -> PathBuf {
+        self.data_dir.join("audit").join("audit.log")
+    }
+
     /// Directory of one bubble's runtime files (socket, log).
     pub fn bubble_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("bubbles").join(id)

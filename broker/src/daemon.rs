@@ -254,6 +254,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "persisting attach assignments at shutdown failed");
     }
     info!("all in-flight requests finished");
+    if let Err(e) = broker.audit_log().checkpoint() {
+        tracing::warn!(error = %e, "audit log: final checkpoint failed");
+    }
     if opts.stop_bubbles_on_exit {
         broker.shutdown_all().await;
     }

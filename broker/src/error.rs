@@ -113,6 +113,12 @@ pub enum BrokerError {
     /// The key does not unwrap the frozen copy.
     #[error("the key does not open this frozen bubble")]
     WrongKey,
+    /// The module is quarantined broker-wide (see `core::strikes`).
+    #[error("refused: {0}; an operator can lift the quarantine")]
+    Quarantined(String),
+    /// The parent is throttled for probing (see `core::strikes`).
+    #[error("too many refused requests: throttled; retry after {0} ms")]
+    Throttled(u64),
     /// The store failed.
     #[error("store: {0}")]
     Store(String),
@@ -157,15 +163,23 @@ impl From<BrokerError> for Status {
             }
             BrokerError::DeadlineExceeded(_) | BrokerError::Queued(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
-            BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
+            BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) | BrokerError::Throttled(_) => {
+                Code::ResourceExhausted
+            }
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::RequestIdReused { .. } => Code::AlreadyExists,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
-            BrokerError::WrongKey => Code::PermissionDenied,
+            BrokerError::WrongKey | BrokerError::Quarantined(_) => Code::PermissionDenied,
             BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
         };
-        Status::new(code, e.to_string())
+        let mut s = Status::new(code, e.to_string());
+        if let BrokerError::Throttled(ms) = e {
+            if let Ok(v) = ms.to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+        }
+        s
     }
 }
 

@@ -59,11 +59,35 @@ impl TlsFiles {
     }
 }
 
-/// The standard gRPC health service, reporting `bubble.v1.Broker` as serving.
+/// The standard gRPC health service: `bubble.v1.Broker` (and the whole
+/// server, "") SERVING while every dependency checks out, NOT_SERVING
+/// otherwise (`obs::health`).
 async fn health(
+    broker: &Arc<Broker>,
 ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    use tonic_health::ServingStatus;
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter.set_serving::<BrokerServer<BrokerService>>().await;
+    let mut h = broker.health();
+    tokio::spawn(async move {
+        loop {
+            let status = if h.borrow_and_update().serving() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status(
+                    <BrokerServer<BrokerService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            reporter.set_service_status("", status).await;
+            if h.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     service
 }
 
@@ -151,7 +175,7 @@ pub async fn serve_unix_with(
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
         .layer(limits_layer(&broker))
-        .add_service(health().await)
+        .add_service(health(&broker).await)
         .add_service(service(&broker))
         .serve_with_incoming_shutdown(parent_conns(listener, limits), shutdown)
         .await
@@ -201,7 +225,7 @@ pub async fn serve_tls(
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .layer(limits_layer(&broker))
-        .add_service(health().await)
+        .add_service(health(&broker).await)
         .add_service(service(&broker))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

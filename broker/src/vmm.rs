@@ -140,10 +140,11 @@ impl Vmm {
         Ok(Self { client })
     }
 
-    /// Captures the VM (vCPU state and non-zero pages) at a safe point.
-    pub async fn suspend(&self) -> Result<Vec<u8>, String> {
+    /// Captures the VM (vCPU state and non-zero pages) at a safe point,
+    /// as a stream of pieces (each due within a minute of the last).
+    pub async fn suspend(&self) -> Result<vc::SnapshotStream, String> {
         self.client
-            .suspend(Duration::from_secs(60))
+            .suspend_stream(Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())
     }

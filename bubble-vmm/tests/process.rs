@@ -179,7 +179,7 @@ async fn suspend_and_restore_continue_identically() {
     h.extend(b"data");
     let mac = a.call("hmac", &h, d).await.unwrap();
 
-    let snap = a.suspend(Duration::from_secs(10)).await.unwrap();
+    let snap = a.suspend(Duration::from_secs(10)).await.unwrap().to_vec();
     assert!(snap.len() > 4096);
     a.shutdown(Duration::from_secs(2)).await;
 

@@ -4,8 +4,11 @@
 // The test harness: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod frozen;
 pub mod moto;
 pub mod spy;
+
+pub use frozen::{portion_call, shared_store, suspend_and_restore};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -421,31 +424,6 @@ pub fn restore_req(id: &str, kek: &[u8], generation: u64) -> pb::RestoreBubbleRe
         kek: kek.to_vec(),
         generation,
     }
-}
-
-/// Suspends a bubble under the broker's key, then restores it; fails the
-/// test unless they answer SUSPENDED and then READY.
-pub async fn suspend_and_restore(c: &mut Client, id: &str) {
-    let s = c.suspend_bubble(suspend_req(id, b"")).await;
-    let s = s
-        .unwrap_or_else(|e| panic!("suspend {id}: {e:?}"))
-        .into_inner();
-    assert_eq!(
-        s.state,
-        pb::BubbleState::Suspended as i32,
-        "{}",
-        s.failure_reason
-    );
-    let r = c.restore_bubble(restore_req(id, b"", 0)).await;
-    let r = r
-        .unwrap_or_else(|e| panic!("restore {id}: {e:?}"))
-        .into_inner();
-    assert_eq!(
-        r.state,
-        pb::BubbleState::Ready as i32,
-        "{}",
-        r.failure_reason
-    );
 }
 
 /// A call request.

@@ -30,6 +30,12 @@ pub fn start_moto() -> Result<(Moto, u16), String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
+    start_moto_on(port).map(|m| (m, port))
+}
+
+/// Starts moto on `port` (e.g. again, after a test stopped it) and waits
+/// until it answers.
+pub fn start_moto_on(port: u16) -> Result<Moto, String> {
     let child = Command::new("python3")
         .args([
             "-m",
@@ -47,7 +53,7 @@ pub fn start_moto() -> Result<(Moto, u16), String> {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
         if http(port, "GET", "/").is_some() {
-            return Ok((moto, port));
+            return Ok(moto);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -82,12 +82,8 @@ async fn vms_in_all(dirs: [&Path; 2], want: usize) {
 async fn two_brokers_on_one_local_store_restore_a_copy_once() {
     let store = tempfile::tempdir().unwrap();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = || Opts {
-        args: vec!["--store".into(), store.path().display().to_string()],
-        ..Default::default()
-    };
-    let a = BrokerProc::start_with(da.path(), opts());
-    let b = BrokerProc::start_with(db.path(), opts());
+    let a = BrokerProc::start_with(da.path(), shared_store(store.path()));
+    let b = BrokerProc::start_with(db.path(), shared_store(store.path()));
     let (mut ca, cb) = (a.client().await, b.client().await);
     for round in 1..=3 {
         let (id, generation) = suspended_bubble(&mut ca).await;

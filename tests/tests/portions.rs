@@ -33,16 +33,6 @@ fn policy() -> pb::SecurityPolicy {
     }
 }
 
-fn portion_call(id: &str, portion: &str, f: &str, input: &[u8]) -> pb::CallRequest {
-    pb::CallRequest {
-        bubble_id: id.into(),
-        op: f.into(),
-        input: input.to_vec(),
-        portion: portion.into(),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_portion_tokenizes_and_signs_within_policy() {
     let dir = tempfile::tempdir().unwrap();

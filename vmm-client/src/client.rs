@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use bubble_vmm::control::{
     Call, CallErr, DecodeError, Event, FailureReason, GuestSpan, Head, Kind, LaunchMeasurement,
-    Reply, Request, Status, COALESCE_MAX, HEAD_LEN,
+    Reply, Request, Status, COALESCE_MAX, HEAD_LEN, SNAPSHOT_PIECE,
 };
 
 use crate::body::{read_body, MAX_SMALL_FRAME};
@@ -58,19 +58,28 @@ pub struct ReadyInfo {
 }
 
 /// A reply as it came: decoded, or why it did not decode.
-type Answer = Result<Reply, DecodeError>;
+pub(crate) type Answer = Result<Reply, DecodeError>;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+/// Who waits for the answers to a request.
+pub(crate) enum Waiter {
+    /// One answer.
+    One(oneshot::Sender<Answer>),
+    /// A stream of `SNAPSHOT` pieces ending with any other answer; the
+    /// channel is bounded, so a slow receiver slows the VMM down.
+    Stream(mpsc::Sender<Answer>),
+}
+
+pub(crate) type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// A connection to one VMM process.
 pub struct VmmClient {
-    writer: tokio::sync::Mutex<bubble_uds::WriteHalf>,
+    pub(crate) writer: tokio::sync::Mutex<bubble_uds::WriteHalf>,
     /// The socket, for answer polling without taking `writer`.
     poll_handle: bubble_uds::PollHandle,
     /// How long the last request waited for its answer, µs.
     last_answer_us: AtomicU64,
-    pending: Pending,
-    next_id: AtomicU64,
+    pub(crate) pending: Pending,
+    pub(crate) next_id: AtomicU64,
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pid: u32,
@@ -121,7 +130,7 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 }
 
 /// The error for a reply that is not the one expected.
-fn unexpected(r: Reply) -> VmmError {
+pub(crate) fn unexpected(r: Reply) -> VmmError {
     match r {
         Reply::Error { code, text } => VmmError::Refused { code, text },
         other => VmmError::Protocol(format!("unexpected {:?} reply", other.kind())),
@@ -187,19 +196,25 @@ impl VmmClient {
                         Ok(x) => x,
                         Err(e) => break format!("VMM sent a bad frame: {e}"),
                     };
-                    // Only a snapshot may be large; anything else over
-                    // the limit is a hostile or broken VMM.
-                    let snapshot = head.kind == Kind::Snapshot as u8;
-                    if !snapshot && head.body_len > MAX_SMALL_FRAME {
+                    // A snapshot comes in pieces of at most SNAPSHOT_PIECE
+                    // bytes; anything over the limit is a hostile or
+                    // broken VMM.
+                    let piece = head.kind == Kind::Snapshot as u8;
+                    let limit = if piece {
+                        SNAPSHOT_PIECE
+                    } else {
+                        MAX_SMALL_FRAME
+                    };
+                    if head.body_len > limit {
                         break format!(
-                            "VMM sent a {}-byte frame of kind {:#04x} (at most {MAX_SMALL_FRAME})",
+                            "VMM sent a {}-byte frame of kind {:#04x} (at most {limit})",
                             head.body_len, head.kind
                         );
                     }
                     // The body is read once, into its own buffer, which
                     // grows only as bytes arrive: a length announced but
                     // not sent costs the broker no memory.
-                    let Ok(body) = read_body(&mut rd, head.body_len, snapshot).await else {
+                    let Ok(body) = read_body(&mut rd, head.body_len, piece).await else {
                         break "VMM connection closed".to_string();
                     };
                     if Kind::is_event(head.kind) {
@@ -234,9 +249,28 @@ impl VmmClient {
                             });
                         }
                     }
-                    let tx = pending.lock().remove(&head.id);
-                    if let Some(tx) = tx {
-                        let _ = tx.send(answer);
+                    // A piece goes to its stream and keeps it open; any
+                    // other answer is the last one to its request.
+                    let waiter = {
+                        let mut p = pending.lock();
+                        match (piece && answer.is_ok(), p.get(&head.id)) {
+                            (true, Some(Waiter::Stream(tx))) => Some(Waiter::Stream(tx.clone())),
+                            (true, _) => None,
+                            (false, _) => p.remove(&head.id),
+                        }
+                    };
+                    match waiter {
+                        Some(Waiter::One(tx)) => {
+                            let _ = tx.send(answer);
+                        }
+                        Some(Waiter::Stream(tx)) => {
+                            if let Err(mpsc::error::SendError(a)) = tx.send(answer).await {
+                                // The receiver gave up: drop the rest.
+                                pending.lock().remove(&head.id);
+                                crate::stream::wipe(a);
+                            }
+                        }
+                        None => crate::stream::wipe(answer),
                     }
                 };
                 // A process we spawned: say how it ended (a seccomp kill
@@ -300,9 +334,9 @@ impl VmmClient {
         self.send(req, &[], timeout).await
     }
 
-    /// Sends `req` (for a streamed body, `Restore`, its head only) then
-    /// `tail` as it is, without first joining them, and waits for the
-    /// reply.
+    /// Sends `req`, then (for `Restore`) the snapshot `tail` in
+    /// `RESTORE_DATA` frames, without first joining its parts, and waits
+    /// for the reply.
     async fn send(
         &self,
         req: &Request<'_>,
@@ -316,16 +350,16 @@ impl VmmClient {
         let (tx, rx) = oneshot::channel();
         {
             let mut p = self.pending.lock();
-            p.insert(id, tx);
+            p.insert(id, Waiter::One(tx));
         }
         let is_call = req.kind() == Kind::Call;
         let small = tail.is_empty() && frame.len() <= HEAD_LEN + COALESCE_MAX;
         {
             let mut w = self.writer.lock().await;
             let mut sent = w.write_all(&frame).await;
-            for p in tail {
+            for p in tail.iter().flat_map(|p| p.chunks(SNAPSHOT_PIECE)) {
                 if sent.is_ok() {
-                    sent = w.write_all(p).await;
+                    sent = crate::stream::write_piece(&mut w, id, p).await;
                 }
             }
             if sent.is_err() {
@@ -479,15 +513,6 @@ impl VmmClient {
         }
     }
 
-    /// Captures the VM at a safe point (between calls): vCPU state and every
-    /// non-zero page. The VMM keeps running until [`VmmClient::shutdown`].
-    pub async fn suspend(&self, timeout: Duration) -> Result<Vec<u8>, VmmError> {
-        match self.request(&Request::Suspend, timeout).await? {
-            Reply::Snapshot(body) => Ok(body),
-            other => Err(unexpected(other)),
-        }
-    }
-
     /// Asks a VMM in restore mode to fault in these page runs (guest
     /// address, pages) ahead of its snapshot; only zeroes are written.
     /// Returns where guest memory lies in the VMM (host address, length),
@@ -513,8 +538,8 @@ impl VmmClient {
     /// With `direct` (from [`VmmClient::prefault`]) the pages are written
     /// straight into the VMM's guest memory with `process_vm_writev` (one
     /// copy, no socket) and only the vCPU state is sent; where the kernel
-    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed:
-    /// its parts are written after the head as they are.
+    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed
+    /// in `RESTORE_DATA` frames of at most `SNAPSHOT_PIECE` bytes.
     pub async fn restore(
         &self,
         snapshot: &[&[u8]],
@@ -530,6 +555,7 @@ impl VmmClient {
             };
             match written {
                 Ok(state) => {
+                    let state = zeroize::Zeroizing::new(state);
                     let req = Request::RestoreState { state: &state };
                     return restore_answer(self.request(&req, timeout).await?);
                 }
@@ -540,8 +566,7 @@ impl VmmClient {
                 }
             }
         }
-        let len = snapshot.iter().map(|p| p.len()).sum();
-        // A body over the frame limit cannot be a snapshot a VMM sent.
+        let len = snapshot.iter().map(|p| p.len() as u64).sum();
         let sent = self
             .send(&Request::Restore { len }, snapshot, timeout)
             .await;

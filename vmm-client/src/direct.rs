@@ -63,5 +63,11 @@ pub(crate) fn write_pages(
             return Err(WriteError::Refused(std::io::Error::other("short write")));
         }
     }
+    // Pages that straddled two chunks were copied: guest memory, wiped.
+    for (_, page) in pages {
+        if let std::borrow::Cow::Owned(mut v) = page {
+            zeroize::Zeroize::zeroize(&mut v);
+        }
+    }
     Ok(state)
 }

@@ -6,6 +6,8 @@
 //!   of [`bubble_vmm::control`];
 //! - [`Spawner`], [`spawn`] (`spawn`, `launcher`): starting VMM processes,
 //!   with spares started ahead of need, all from one long-lived thread;
+//! - [`SnapshotStream`] (`stream`): a suspend's snapshot piece by piece,
+//!   and a restore's in `RESTORE_DATA` frames;
 //! - `direct`: writing a snapshot's pages straight into a restoring VMM;
 //! - [`VmmExit`], [`VmmError`], [`CallError`]: how a VMM ended and what
 //!   failed, typed.
@@ -16,6 +18,7 @@ mod direct;
 mod exit;
 mod launcher;
 mod spawn;
+mod stream;
 mod vmm_error;
 
 pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
@@ -23,4 +26,5 @@ pub use bubble_vmm::images::{GuestImage, HostileKind};
 pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
 pub use exit::VmmExit;
 pub use spawn::{spawn, SpawnConfig, Spawner};
+pub use stream::SnapshotStream;
 pub use vmm_error::{CallError, VmmError};

@@ -62,6 +62,7 @@ pub fn bubble_to_pb(r: &BubbleRecord) -> pb::Bubble {
         profile: r.profile.clone(),
         idle: Some(idle_to_pb(r.idle)),
         generation: r.generation,
+        health: String::new(),
     }
 }
 
@@ -72,6 +73,7 @@ pub fn event_to_pb(e: &Event) -> pb::BubbleEvent {
         state: state_to_pb(e.state) as i32,
         reason: e.reason.clone(),
         at_ms: e.at_ms,
+        security: e.security.as_ref().map(super::audit::security_to_pb),
     }
 }
 

@@ -2,6 +2,7 @@
 //! parent identity), turned into a typed core command by [`convert`], run,
 //! and its result rendered. Protobuf types stop here.
 
+pub mod audit;
 pub mod convert;
 
 use std::pin::Pin;
@@ -13,7 +14,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 
-use crate::core::Broker;
+use crate::core::{AuditQuery, Broker};
+use crate::error::BrokerError;
 use crate::identity::parent_of;
 use convert::{bubble_to_pb, validate_bubble_id};
 
@@ -28,6 +30,21 @@ impl BrokerService {
     pub fn new(broker: Arc<Broker>) -> Self {
         Self { broker }
     }
+
+    /// The caller's identity, unless it is throttled for probing.
+    fn parent<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let parent = parent_of(request)?;
+        match self.broker.throttled(&parent) {
+            Some(ms) => Err(BrokerError::Throttled(ms).into()),
+            None => Ok(parent),
+        }
+    }
+
+    /// A refusal for `id`, raising the security event of a
+    /// PERMISSION_DENIED (see `core::security`).
+    fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
+        self.broker.denied(parent, id, false, e).into()
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
@@ -38,7 +55,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::CreateBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let cmd = convert::create(request.into_inner(), self.broker.config())?;
         let rec = self.broker.create(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -48,18 +65,27 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let rec = self.broker.describe(&parent, id)?;
-        Ok(Response::new(bubble_to_pb(&rec)))
+        let rec = self
+            .broker
+            .describe(&parent, id)
+            .map_err(|e| self.deny(&parent, id, e))?;
+        let mut b = bubble_to_pb(&rec);
+        b.health = self
+            .broker
+            .probed(id)
+            .map(|p| p.describe())
+            .unwrap_or_default();
+        Ok(Response::new(b))
     }
 
     async fn list_bubbles(
         &self,
         request: Request<pb::ListBubblesRequest>,
     ) -> Result<Response<pb::ListBubblesResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.get_ref();
         let page = if req.all_parents {
             self.broker.list_all(
@@ -86,11 +112,17 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
+        let id = req.bubble_id.clone();
         let cmd = convert::call(req, self.broker.config())?;
-        let out = self.broker.call(&parent, cmd).instrument(span).await?;
+        let out = self
+            .broker
+            .call(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         let (call_id, signature) = out.signed.unwrap_or_default();
         Ok(Response::new(pb::CallResponse {
             output: out.output,
@@ -104,10 +136,14 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let rec = self.broker.delete(&parent, id).await?;
+        let rec = self
+            .broker
+            .delete(&parent, id)
+            .await
+            .map_err(|e| self.deny(&parent, id, e))?;
         Ok(Response::new(bubble_to_pb(&rec)))
     }
 
@@ -115,7 +151,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::AttachBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let cmd = convert::attach(request.into_inner())?;
         let rec = self.broker.attach(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -125,10 +161,14 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::BubbleRef>,
     ) -> Result<Response<pb::UsageReport>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let id = &request.get_ref().bubble_id;
         validate_bubble_id(id)?;
-        let facts = self.broker.usage(&parent, id).await?;
+        let facts = self
+            .broker
+            .usage(&parent, id)
+            .await
+            .map_err(|e| self.deny(&parent, id, e))?;
         let report = self.broker.usage_signer().sign(convert::usage_to_pb(facts));
         Ok(Response::new(report))
     }
@@ -137,7 +177,7 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::GetAttestationRequest>,
     ) -> Result<Response<pb::Attestation>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         validate_bubble_id(&req.bubble_id)?;
         let span = info_span!("attest", bubble = %req.bubble_id, parent = %parent);
@@ -145,7 +185,8 @@ impl BrokerApi for BrokerService {
             .broker
             .attestation(&parent, &req.bubble_id, &req.nonce)
             .instrument(span)
-            .await?;
+            .await
+            .map_err(|e| Status::from(self.broker.denied(&parent, &req.bubble_id, true, e)))?;
         Ok(Response::new(convert::attestation_to_pb(a)))
     }
 
@@ -153,11 +194,16 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::ProvisionCredentialRequest>,
     ) -> Result<Response<pb::ProvisionCredentialResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("provision", bubble = %req.bubble_id, parent = %parent, credential = %req.name);
+        let id = req.bubble_id.clone();
         let cmd = convert::provision(req)?;
-        self.broker.provision(&parent, cmd).instrument(span).await?;
+        self.broker
+            .provision(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(pb::ProvisionCredentialResponse {}))
     }
 
@@ -165,15 +211,17 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::LoadPortionRequest>,
     ) -> Result<Response<pb::LoadPortionResponse>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("load_portion", bubble = %req.bubble_id, parent = %parent, portion = %req.name);
+        let id = req.bubble_id.clone();
         let cmd = convert::load_portion(req, self.broker.config())?;
         let r = self
             .broker
             .load_portion(&parent, cmd)
             .instrument(span)
-            .await?;
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(pb::LoadPortionResponse {
             portions_digest: r.portions_digest,
             module_sha384: r.module_sha384,
@@ -184,11 +232,17 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::SuspendBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("suspend", bubble = %req.bubble_id, parent = %parent);
+        let id = req.bubble_id.clone();
         let cmd = convert::suspend(req)?;
-        let r = self.broker.suspend(&parent, cmd).instrument(span).await?;
+        let r = self
+            .broker
+            .suspend(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(bubble_to_pb(&r)))
     }
 
@@ -196,12 +250,37 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::RestoreBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let req = request.into_inner();
         let span = info_span!("restore", bubble = %req.bubble_id, parent = %parent);
+        let id = req.bubble_id.clone();
         let cmd = convert::restore(req)?;
-        let r = self.broker.restore(&parent, cmd).instrument(span).await?;
+        let r = self
+            .broker
+            .restore(&parent, cmd)
+            .instrument(span)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
         Ok(Response::new(bubble_to_pb(&r)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        if !req.bubble_id.is_empty() {
+            validate_bubble_id(&req.bubble_id)?;
+        }
+        let q = AuditQuery {
+            bubble_id: req.bubble_id,
+            since_ms: req.since_ms,
+        };
+        let records = self.broker.audit_records(&parent, q).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records.into_iter().map(audit::record_to_pb).collect(),
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -210,11 +289,13 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let parent = parent_of(&request)?;
+        let parent = self.parent(&request)?;
         let only = request.into_inner().bubble_id;
         if !only.is_empty() {
             validate_bubble_id(&only)?;
-            self.broker.owned(&parent, &only)?;
+            self.broker
+                .owned(&parent, &only)
+                .map_err(|e| self.deny(&parent, &only, e))?;
         }
         let rx = self.broker.subscribe(&parent);
         let stream =

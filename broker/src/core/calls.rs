@@ -111,7 +111,10 @@ impl Broker {
         .encode()
         .map_err(|e| invalid("name", e.to_string()))?;
         let call = abi::Call::plain(abi::ops::OP_PROVISION, &input);
-        self.invoke(permit, &call, deadline).await.map(|_| ())
+        let rec = permit.rec.clone();
+        let r = self.invoke(permit, &call, deadline).await.map(|_| ());
+        self.audit_provision(&rec, parent, &cmd.name, &r);
+        r
     }
 
     /// Loads a WebAssembly portion into one of `parent`'s bubbles.
@@ -133,6 +136,9 @@ impl Broker {
         let call = abi::Call::plain(abi::ops::OP_LOAD_PORTION, &input);
         let module_sha384 = sha2::Sha384::digest(&cmd.module).to_vec();
         let hex: String = module_sha384.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(why) = self.quarantined(&hex) {
+            return Err(BrokerError::Quarantined(why));
+        }
         let name = cmd.name.clone();
         let (digest, _) = self
             .invoke_then(permit, &call, deadline, |out, r| {
@@ -201,6 +207,8 @@ impl Broker {
         let vmm_started = Instant::now();
         let result = live.vmm.call_with(call, deadline).await;
         let vmm_us = vmm_started.elapsed().as_micros() as u64;
+        let seen = self.observe_call(&permit.rec, call, &result);
+        let quarantine = seen.quarantine.clone();
         let bytes_in = call.input.len() as u64;
         let count = |r: &mut BubbleRecord, out: u64| {
             r.calls += 1;
@@ -238,15 +246,18 @@ impl Broker {
                     FailureKind::Deadline,
                     format!("call deadline exceeded: {msg}"),
                 );
-                self.fail(&id, &reason);
+                self.fail_seen(&id, &reason, seen);
                 Err(BrokerError::DeadlineExceeded(msg))
             }
             Err(CallFailure::Failed(reason)) => {
-                self.fail(&id, &reason);
+                self.fail_seen(&id, &reason, seen);
                 Err(BrokerError::BubbleFailed(reason.detail))
             }
         };
         drop(permit);
+        if let Some(why) = quarantine {
+            self.fail(&id, &FailureReason::new(FailureKind::Internal, why));
+        }
         self.metrics
             .call_seconds
             .observe(started.elapsed().as_secs_f64());

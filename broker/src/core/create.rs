@@ -76,6 +76,7 @@ impl Broker {
             generation: 0,
             frozen: None,
             ended_at_ms: 0,
+            parent_keyed: false,
         }
     }
 
@@ -155,13 +156,16 @@ impl Broker {
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = permit.rec.clone();
         let id = rec.id.clone();
-        self.emit(Event {
+        let ev = Event {
             owner: rec.owner.clone(),
             bubble_id: id.clone(),
             state: State::Booting,
             reason: String::new(),
             at_ms: now_ms(),
-        });
+            security: None,
+        };
+        self.audit_state(&ev);
+        self.emit(ev);
         let dir = self.cfg.bubble_dir(&id);
         let t0 = Instant::now();
         let booting = async {

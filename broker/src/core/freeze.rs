@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::commands::Suspend;
 use super::lifecycle::{self, State, Step};
-use super::table::Permit;
+use super::table::{Live, Permit};
 use super::Broker;
 use crate::error::BrokerError;
 use crate::store::frozen::{ClaimError, Header};
@@ -57,15 +57,6 @@ impl Broker {
                 })
             }
         };
-        // No call runs while the VM is captured (the permit is held; the
-        // vCPU is at its safe point).
-        // Plaintext guest memory: wiped when dropped.
-        let snapshot = live
-            .vmm
-            .suspend()
-            .await
-            .map(zeroize::Zeroizing::new)
-            .map_err(|e| BrokerError::BubbleFailed(format!("snapshot: {e}")))?;
         let generation = rec.generation + 1;
         let header = Header {
             bubble_id: id.clone(),
@@ -87,10 +78,12 @@ impl Broker {
             Err(ClaimError::Store(e)) => return Err(e),
         }
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
-        // If storing fails (full disk, store down), the bubble keeps running.
+        // No call runs while the VM is captured (the permit is held; the
+        // vCPU is at its safe point). The snapshot streams from the VMM
+        // into the store a chunk at a time. If anything fails (a full disk,
+        // the store down, a malformed snapshot), the bubble keeps running.
         let chunks = match self
-            .frozen
-            .put(header, &snapshot, kek, parent_key.is_some())
+            .store_snapshot(&live, header, kek, parent_key.is_some())
             .await
         {
             Ok(n) => n,
@@ -99,7 +92,6 @@ impl Broker {
                 return Err(e);
             }
         };
-        drop(snapshot);
         #[cfg(feature = "fault-injection")]
         crate::fault::pause("suspend.stored").await;
         let vcpu_us = live.vmm.vcpu_us().await;
@@ -110,6 +102,7 @@ impl Broker {
                 parent_key: parent_key.is_some(),
             });
             r.vmm_pid = 0;
+            r.parent_keyed = parent_key.is_some();
             if let Some(v) = vcpu_us {
                 r.usage.vcpu_us = v;
             }
@@ -135,5 +128,23 @@ impl Broker {
         self.frozen.release(&id, generation).await;
         info!(bubble = %id, parent = %r.owner, generation, "bubble suspended");
         Ok(r)
+    }
+
+    /// Streams the VMM's snapshot into a new frozen copy; returns its
+    /// chunk count once its manifest is stored.
+    async fn store_snapshot(
+        &self,
+        live: &Live,
+        header: Header,
+        kek: &bubble_keys::Kek,
+        parent_key: bool,
+    ) -> Result<u64, BrokerError> {
+        let failed = |e: String| BrokerError::BubbleFailed(format!("snapshot: {e}"));
+        let mut pieces = live.vmm.suspend().await.map_err(failed)?;
+        let mut w = self.frozen.writer(header, kek, parent_key);
+        while let Some(piece) = pieces.next().await.map_err(|e| failed(e.to_string()))? {
+            w.push(&piece).await?;
+        }
+        w.finish().await
     }
 }

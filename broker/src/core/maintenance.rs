@@ -10,11 +10,15 @@ use super::lifecycle::State;
 use super::{now_ms, Broker};
 use crate::store::registry::{BubbleRecord, IdleAction};
 
-/// Whether a record's idle policy is due at `now`.
+/// Whether a record's idle policy is due at `now`. A bubble whose parent
+/// keeps its frozen copies under its own key is never idle-suspended: the
+/// broker has only its own key, and sealing the bubble under it would let
+/// the broker (not only the parent) restore it. It stays running.
 fn idle_due(r: &BubbleRecord, now: u64) -> bool {
     !r.owner.is_empty()
         && r.state == State::Ready
         && r.idle.action != IdleAction::Stay
+        && !(r.idle.action == IdleAction::Suspend && r.parent_keyed)
         && r.idle.timeout_s > 0
         && now.saturating_sub(r.last_active_ms) >= u64::from(r.idle.timeout_s) * 1000
 }

@@ -15,6 +15,7 @@ pub(crate) mod table;
 
 mod admission;
 mod attest;
+mod audit;
 mod calls;
 mod create;
 mod freeze;
@@ -22,9 +23,12 @@ mod maintenance;
 mod meter;
 mod owners;
 mod pools;
+mod probes;
 mod query;
 mod reconcile;
 mod restore;
+pub mod security;
+mod strikes;
 mod supervise;
 mod teardown;
 
@@ -37,9 +41,12 @@ use tokio::sync::broadcast;
 use tracing::warn;
 
 pub use attest::{AttestationBundle, GuestBinding};
+pub use audit::{AuditQuery, ANOTHER_PARENT};
 pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use meter::UsageFacts;
+pub use probes::Probed;
+pub use security::{SecurityEvent, SecurityKind};
 
 pub(crate) use crate::clock::now_ms;
 use crate::config::{self, BrokerConfig};
@@ -67,6 +74,9 @@ pub struct Event {
     pub reason: String,
     /// When, Unix milliseconds.
     pub at_ms: u64,
+    /// A security event about the bubble (then `state` is its current
+    /// state, unchanged).
+    pub security: Option<SecurityEvent>,
 }
 
 /// Broker state shared by all connections.
@@ -111,6 +121,14 @@ pub struct Broker {
     /// This broker's stable identity (`DATA_DIR/broker-id`), named in the
     /// claims it takes on frozen copies in a shared store.
     broker_id: String,
+    /// The hash-chained audit log (`DATA_DIR/audit/audit.log`).
+    audit: bubble_audit::AuditLog,
+    /// The last dependency check (`obs::health`).
+    pub(crate) health: tokio::sync::watch::Sender<crate::obs::health::Health>,
+    /// The last health probe of each pooled bubble (`probes`).
+    probes: parking_lot::Mutex<std::collections::HashMap<String, Probed>>,
+    /// Strikes against modules and the quarantine list (`strikes`).
+    ledger: parking_lot::Mutex<strikes::Ledger>,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -211,7 +229,17 @@ impl Broker {
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
+        let audit = bubble_audit::AuditLog::open(
+            &cfg.audit_path(),
+            Arc::new(usage_signer.checkpoint_signer()),
+            bubble_audit::Options::default(),
+        )
+        .map_err(|e| BrokerError::Spawn(e.to_string()))?;
         let broker = Arc::new(Self {
+            health: tokio::sync::watch::channel(Default::default()).0,
+            probes: Default::default(),
+            ledger: Default::default(),
+            audit,
             broker_id,
             apply_serial: Default::default(),
             frozen,
@@ -237,6 +265,8 @@ impl Broker {
             tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
         }
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::health_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::probe_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::owner_flusher(
             Arc::downgrade(&broker),
             broker.owners_kick.clone(),
@@ -266,6 +296,21 @@ impl Broker {
         if unwatched {
             m.remove(&owner);
         }
+    }
+
+    /// Commits an empty registry transaction (health check).
+    pub(crate) fn registry_probe(&self) -> Result<(), BrokerError> {
+        Ok(self.registry.probe()?)
+    }
+
+    /// Reads from the frozen store (health check).
+    pub(crate) async fn store_probe(&self) -> Result<(), String> {
+        self.frozen.probe().await
+    }
+
+    /// The audit log.
+    pub fn audit_log(&self) -> &bubble_audit::AuditLog {
+        &self.audit
     }
 
     /// The key that signs usage reports.

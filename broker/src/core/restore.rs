@@ -303,6 +303,7 @@ impl Broker {
         rec.id = cmd.bubble_id.clone();
         rec.state = State::Suspended;
         rec.generation = header.generation;
+        rec.parent_keyed = cmd.kek.is_some();
         rec.frozen = Some(FrozenRef {
             generation: header.generation,
             parent_key: cmd.kek.is_some(),

@@ -110,13 +110,18 @@ impl Broker {
             });
         }
         if prev != rec.state {
-            self.emit(Event {
+            let ev = Event {
                 owner: rec.owner.clone(),
                 bubble_id: id.to_string(),
                 state: rec.state,
                 reason: reason.to_string(),
                 at_ms: now,
-            });
+                security: None,
+            };
+            if !transient {
+                self.audit_state(&ev);
+            }
+            self.emit(ev);
         }
         Ok(rec)
     }
@@ -125,7 +130,7 @@ impl Broker {
     /// bubble that is not running (already failed, suspended, deleted) is
     /// left as it is, and the failure is counted once.
     pub(crate) fn fail(self: &Arc<Self>, id: &str, reason: &FailureReason) {
-        self.fail_from(id, None, reason);
+        self.fail_with(id, None, reason, String::new());
     }
 
     /// Fails a bubble on behalf of VMM `instance` (its notice), or of the
@@ -133,8 +138,15 @@ impl Broker {
     /// instance is still the bubble's VMM when the step is applied: the
     /// check and the step happen under the step lock, so a suspend and
     /// restore finishing meanwhile cannot let an old VMM's notice fail the
-    /// new one.
-    fn fail_from(self: &Arc<Self>, id: &str, instance: Option<u64>, reason: &FailureReason) {
+    /// new one. An applied failure that is a security matter raises its
+    /// event (naming portion `digest`, if known).
+    pub(super) fn fail_with(
+        self: &Arc<Self>,
+        id: &str,
+        instance: Option<u64>,
+        reason: &FailureReason,
+        digest: String,
+    ) {
         let (kind, detail) = (reason.kind, reason.detail.as_str());
         let applied = {
             let _serial = self.apply_serial.lock();
@@ -153,9 +165,10 @@ impl Broker {
             (r, live)
         };
         match applied {
-            (Ok(_), live) => {
+            (Ok(rec), live) => {
                 warn!(bubble = %id, %kind, reason = detail, "bubble failed");
                 self.metrics.failed(kind);
+                self.failure_event(&rec, kind, digest);
                 if let Some(live) = live {
                     tokio::spawn(async move { live.vmm.shutdown().await });
                 }
@@ -183,7 +196,7 @@ impl Broker {
                         info!(bubble = %id, instance, pid, guest_log = %line, "guest log");
                     }
                     VmmNotice::Failed(reason) | VmmNotice::Gone(reason) => {
-                        b.fail_from(&id, Some(instance), &reason);
+                        b.fail_with(&id, Some(instance), &reason, String::new());
                         return;
                     }
                 }

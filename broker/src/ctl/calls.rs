@@ -149,7 +149,8 @@ pub(super) async fn watch(conn: &Conn, a: WatchArgs, j: bool) -> anyhow::Result<
         if j {
             println!(
                 "{}",
-                json!({"bubble_id": ev.bubble_id, "state": state_label(ev.state), "reason": ev.reason, "at_ms": ev.at_ms})
+                json!({"bubble_id": ev.bubble_id, "state": state_label(ev.state), "reason": ev.reason, "at_ms": ev.at_ms,
+                    "security": ev.security.as_ref().map(|s| json!({"kind": s.kind, "parent": s.parent, "portion_digest": s.portion_digest}))})
             );
         } else {
             println!(
@@ -157,7 +158,10 @@ pub(super) async fn watch(conn: &Conn, a: WatchArgs, j: bool) -> anyhow::Result<
                 ev.at_ms,
                 ev.bubble_id,
                 state_label(ev.state),
-                ev.reason
+                match &ev.security {
+                    Some(s) => format!("security: {} {}", s.kind, s.parent),
+                    None => ev.reason.clone(),
+                }
             );
         }
         seen += 1;

@@ -12,6 +12,7 @@
 //! its keys are used, `errors` reports failures.
 
 mod attest;
+mod audit;
 mod bubbles;
 mod calls;
 pub mod errors;
@@ -138,6 +139,9 @@ enum Cmd {
     /// Print the launch measurement a bubble booted from an image reports,
     /// computed offline by the VMM's own loader (no KVM needed).
     Measure(attest::MeasureArgs),
+    /// Your records in the broker's audit log; `audit verify FILE` checks
+    /// a log offline.
+    Audit(audit::AuditArgs),
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo(ops::DemoArgs),
@@ -200,6 +204,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Usage(a) => ops::usage(conn, a, j).await,
         Cmd::Load(a) => ops::load(conn, a, j).await,
         Cmd::Demo(a) => ops::demo(a).await,
+        Cmd::Audit(a) => audit::run(conn, a, j).await,
     }
 }
 
@@ -306,6 +311,8 @@ mod tests {
             &["attest", "get", "b-1", "--out", "o"],
             &["measure", "--explain"],
             &["demo", "--bubbles", "1"],
+            &["audit", "--bubble", "b-1", "--since", "10m"],
+            &["audit", "verify", "f", "--key", "00"],
         ];
         for line in lines {
             let argv = ["bubblectl", "--json", "--socket", "/s"]

@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::core::SecurityKind;
 use crate::vmm::FailureKind;
 
 /// Label of a per-state gauge.
@@ -37,6 +38,20 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label of the security-event counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Security event kind ([`SecurityKind::label`]).
+    pub kind: &'static str,
+}
+
+/// Label of the pool-probe counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `healthy` or `unhealthy`.
+    pub result: &'static str,
+}
+
 /// All broker metrics.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +77,10 @@ pub struct Metrics {
     pub failures: Family<ReasonLabel, Counter>,
     /// Warm-pool misses (attach had to boot a bubble).
     pub pool_misses: Counter,
+    /// Security events by kind (every kind present from the start).
+    pub security_events: Family<KindLabel, Counter>,
+    /// Health probes of pooled bubbles by result (`healthy`, `unhealthy`).
+    pub pool_probes: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,7 +168,24 @@ impl Metrics {
             "Attaches that found the pool empty",
             pool_misses.clone(),
         );
+        let security_events = Family::<KindLabel, Counter>::default();
+        for k in SecurityKind::ALL {
+            let _ = security_events.get_or_create(&KindLabel { kind: k.label() });
+        }
+        registry.register(
+            "security_events",
+            "Security events by kind",
+            security_events.clone(),
+        );
+        let pool_probes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "pool_probes",
+            "Health probes of pooled bubbles by result",
+            pool_probes.clone(),
+        );
         Self {
+            pool_probes,
+            security_events,
             registry,
             bubbles,
             pool_depth,
@@ -171,6 +207,13 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 reason: kind.label(),
             })
+            .inc();
+    }
+
+    /// Counts a security event under its kind.
+    pub fn security_event(&self, kind: SecurityKind) {
+        self.security_events
+            .get_or_create(&KindLabel { kind: kind.label() })
             .inc();
     }
 

@@ -18,6 +18,19 @@ pub struct UsageSigner {
     key: SigningKey,
 }
 
+/// The usage key as the audit log's checkpoint signer (checkpoint
+/// messages carry their own domain prefix).
+pub struct CheckpointKey(SigningKey);
+
+impl bubble_audit::CheckpointSigner for CheckpointKey {
+    fn public_key(&self) -> [u8; 32] {
+        self.0.verifying_key().to_bytes()
+    }
+    fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+}
+
 /// Canonical bytes of a usage record.
 pub fn canonical_json(u: &pb::Usage) -> Vec<u8> {
     serde_json::json!({
@@ -62,6 +75,11 @@ impl UsageSigner {
         Ok(Self {
             key: SigningKey::from_bytes(&seed),
         })
+    }
+
+    /// The same key, to sign audit checkpoints.
+    pub fn checkpoint_signer(&self) -> CheckpointKey {
+        CheckpointKey(self.key.clone())
     }
 
     /// The public key that verifies this broker's reports.

@@ -130,6 +130,10 @@ pub struct BubbleRecord {
     /// not ended); the record is collected a retention period later.
     #[serde(default)]
     pub ended_at_ms: u64,
+    /// The last suspend (or the import) used a key the parent holds: the
+    /// idle policy never suspends the bubble again under the broker's key.
+    #[serde(default)]
+    pub parent_keyed: bool,
 }
 
 /// Where a suspended bubble's frozen copy is.
@@ -322,6 +326,12 @@ impl Registry {
             self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         r
+    }
+
+    /// Commits an empty write transaction: whether the registry can
+    /// commit now (health check).
+    pub fn probe(&self) -> Result<(), RegistryError> {
+        self.write(|db| Ok(db.begin_write()?.commit()?))
     }
 
     /// Inserts a new record and its idempotency key atomically.
@@ -525,6 +535,7 @@ mod tests {
             generation: 0,
             frozen: None,
             ended_at_ms: 0,
+            parent_keyed: false,
         }
     }
 

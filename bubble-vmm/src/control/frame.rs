@@ -5,10 +5,14 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use super::wire::{DecodeError, EncodeError};
 
-/// Largest frame: snapshots are the largest messages (calls are bounded by
-/// the payload limit), so a bubble can be suspended with up to ~1 GiB of
-/// touched memory.
+/// Largest frame a sender may announce. Snapshots never travel in one
+/// frame: they are cut into pieces of at most [`SNAPSHOT_PIECE`] bytes,
+/// so their size is bounded by guest memory only (calls are bounded by
+/// the payload limit).
 pub const MAX_FRAME: usize = 1 << 30;
+
+/// Most snapshot bytes in one `SNAPSHOT` or `RESTORE_DATA` frame.
+pub const SNAPSHOT_PIECE: usize = 1 << 20;
 
 /// Length prefix, kind and id: the bytes before a frame's body.
 pub const HEAD_LEN: usize = 13;
@@ -32,6 +36,7 @@ pub enum Kind {
     Prefault = 0x08,
     RestoreState = 0x09,
     Measurement = 0x0A,
+    RestoreData = 0x0B,
     StatusOk = 0x81,
     CallOk = 0x82,
     CallErr = 0x83,
@@ -40,6 +45,7 @@ pub enum Kind {
     Snapshot = 0x86,
     RestoreOk = 0x87,
     PrefaultOk = 0x88,
+    SnapshotEnd = 0x89,
     MeasurementOk = 0x8A,
     EvReady = 0xA1,
     EvLog = 0xA2,
@@ -59,6 +65,7 @@ impl Kind {
         Kind::Prefault,
         Kind::RestoreState,
         Kind::Measurement,
+        Kind::RestoreData,
         Kind::StatusOk,
         Kind::CallOk,
         Kind::CallErr,
@@ -67,6 +74,7 @@ impl Kind {
         Kind::Snapshot,
         Kind::RestoreOk,
         Kind::PrefaultOk,
+        Kind::SnapshotEnd,
         Kind::MeasurementOk,
         Kind::EvReady,
         Kind::EvLog,
@@ -133,28 +141,30 @@ impl Head {
 }
 
 /// The 13 bytes before a body of `body_len` bytes: length, kind, id.
-/// `body_len` must be at most `MAX_FRAME - 9` (callers check).
-pub fn head(kind: u8, id: u64, body_len: usize) -> [u8; HEAD_LEN] {
+/// A body whose frame would exceed [`MAX_FRAME`] (or not fit the `u32`
+/// length) is refused before any cast.
+pub fn head(kind: u8, id: u64, body_len: usize) -> Result<[u8; HEAD_LEN], EncodeError> {
+    let too_large = EncodeError::TooLarge {
+        what: "frame",
+        len: body_len,
+    };
+    let len = body_len
+        .checked_add(9)
+        .filter(|l| *l <= MAX_FRAME)
+        .and_then(|l| u32::try_from(l).ok())
+        .ok_or(too_large)?;
     let mut h = [0u8; HEAD_LEN];
-    h[..4].copy_from_slice(&((9 + body_len) as u32).to_le_bytes());
+    h[..4].copy_from_slice(&len.to_le_bytes());
     h[4] = kind;
     h[5..].copy_from_slice(&id.to_le_bytes());
-    h
+    Ok(h)
 }
 
 /// Writes a frame to a blocking stream: small bodies behind their head in
 /// one write, large ones as head then body (no copy of the body).
 pub fn write_frame(w: &mut impl Write, kind: Kind, id: u64, body: &[u8]) -> io::Result<()> {
-    if body.len() > MAX_FRAME - 9 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            EncodeError::TooLarge {
-                what: "frame",
-                len: body.len(),
-            },
-        ));
-    }
-    let h = head(kind as u8, id, body.len());
+    let h = head(kind as u8, id, body.len())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     if body.len() <= COALESCE_MAX {
         let mut v = Vec::with_capacity(HEAD_LEN + body.len());
         v.extend_from_slice(&h);
@@ -163,6 +173,59 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, id: u64, body: &[u8]) -> io::
     }
     w.write_all(&h)?;
     w.write_all(body)
+}
+
+/// Reads a snapshot of `len` bytes that arrives as a sequence of frames
+/// of one kind and request id (`RESTORE_DATA` after a `RESTORE`), each
+/// 1..=[`SNAPSHOT_PIECE`] bytes, as one byte stream. Any other frame, or
+/// a piece beyond `len`, is an `InvalidData` error; after `len` bytes it
+/// reads nothing more.
+pub struct PieceReader<'r, R: Read> {
+    inner: &'r mut R,
+    kind: Kind,
+    id: u64,
+    in_frame: usize,
+    left: u64,
+}
+
+impl<'r, R: Read> PieceReader<'r, R> {
+    /// A reader of `len` bytes sent as frames of `kind` and `id`.
+    pub fn new(inner: &'r mut R, kind: Kind, id: u64, len: u64) -> Self {
+        PieceReader {
+            inner,
+            kind,
+            id,
+            in_frame: 0,
+            left: len,
+        }
+    }
+}
+
+impl<R: Read> Read for PieceReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.in_frame == 0 {
+            let h = Head::read(self.inner)?;
+            let fits = (1..=SNAPSHOT_PIECE).contains(&h.body_len) && h.body_len as u64 <= self.left;
+            if h.kind != self.kind as u8 || h.id != self.id || !fits {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    DecodeError::UnexpectedKind(h.kind),
+                ));
+            }
+            self.in_frame = h.body_len;
+        }
+        let k = buf.len().min(self.in_frame);
+        let n = self.inner.read(&mut buf[..k])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.in_frame -= n;
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// Polls `fd` (without consuming anything) until data or end of stream is

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use super::failure::{FailureKind, FailureReason};
-use super::frame::{write_frame, Kind};
+use super::frame::{write_frame, Kind, SNAPSHOT_PIECE};
 use super::wire::{empty, Cursor, DecodeError};
 
 /// The VMM's state, in a `StatusOk` reply.
@@ -214,9 +214,17 @@ pub enum Reply {
         /// Human text.
         text: String,
     },
-    /// The VM's snapshot: `[state_len u32][state][n u32][(gpa u64, page)*]`
-    /// (see `crate::snapshot`).
+    /// The next piece (1..=[`SNAPSHOT_PIECE`] bytes) of the VM's snapshot
+    /// `[state_len u32][state][n u32][(gpa u64, page)*]` (see
+    /// `crate::snapshot`); more pieces or `SnapshotEnd` follow.
     Snapshot(Vec<u8>),
+    /// The snapshot is complete: how many pieces and bytes were sent.
+    SnapshotEnd {
+        /// Pieces sent.
+        pieces: u64,
+        /// Bytes sent.
+        len: u64,
+    },
     /// Restored; the guest is ready. How long the VMM took, µs.
     RestoreOk {
         /// µs.
@@ -247,6 +255,7 @@ impl Reply {
             Reply::ShutdownOk => Kind::ShutdownOk,
             Reply::Error { .. } => Kind::Error,
             Reply::Snapshot(_) => Kind::Snapshot,
+            Reply::SnapshotEnd { .. } => Kind::SnapshotEnd,
             Reply::RestoreOk { .. } => Kind::RestoreOk,
             Reply::PrefaultOk(_) => Kind::PrefaultOk,
             Reply::MeasurementOk(_) => Kind::MeasurementOk,
@@ -284,6 +293,10 @@ impl Reply {
                 v.extend_from_slice(text.as_bytes());
             }
             Reply::RestoreOk { took_us } => v.extend_from_slice(&took_us.to_le_bytes()),
+            Reply::SnapshotEnd { pieces, len } => {
+                v.extend_from_slice(&pieces.to_le_bytes());
+                v.extend_from_slice(&len.to_le_bytes());
+            }
             Reply::PrefaultOk(span) => {
                 if let Some(s) = span {
                     v.extend_from_slice(&s.host.to_le_bytes());
@@ -301,7 +314,18 @@ impl Reply {
         Ok(match k {
             Kind::StatusOk => Reply::StatusOk(Status::get(&body)?),
             Kind::CallOk => Reply::CallOk(body),
-            Kind::Snapshot => Reply::Snapshot(body),
+            Kind::Snapshot => {
+                if body.is_empty() || body.len() > SNAPSHOT_PIECE {
+                    return Err(DecodeError::FrameLength(body.len()));
+                }
+                Reply::Snapshot(body)
+            }
+            Kind::SnapshotEnd => {
+                let mut c = Cursor::new(&body, "SNAPSHOT_END");
+                let (pieces, len) = (c.u64()?, c.u64()?);
+                c.end()?;
+                Reply::SnapshotEnd { pieces, len }
+            }
             Kind::CallErr => {
                 let mut c = Cursor::new(&body, "CALL_ERR");
                 Reply::CallErr(match c.u8()? {

@@ -1,6 +1,6 @@
 //! Requests: broker → VMM.
 
-use super::frame::{head, Kind, HEAD_LEN, MAX_FRAME};
+use super::frame::{head, Kind, HEAD_LEN, SNAPSHOT_PIECE};
 use super::wire::{empty, Cursor, DecodeError, EncodeError};
 
 /// A CALL: the guest's CALL payload ([`bubble_abi::Call`]: flags, op,
@@ -35,12 +35,18 @@ pub enum Request<'a> {
     },
     /// Capture the VM; answered with `Snapshot` or `Error`.
     Suspend,
-    /// Restore mode: a snapshot of `len` bytes follows the head and is
-    /// streamed into guest memory (never held in a buffer); answered with
-    /// `RestoreOk` or `Error`.
+    /// Restore mode: a snapshot of `len` bytes follows in `RestoreData`
+    /// frames with the same id and is streamed into guest memory (never
+    /// held in a buffer); answered with `RestoreOk` or `Error`.
     Restore {
-        /// Body length.
-        len: usize,
+        /// Snapshot length.
+        len: u64,
+    },
+    /// Restore mode: the next piece (1..=[`SNAPSHOT_PIECE`] bytes) of the
+    /// snapshot a `Restore` announced; no answer of its own.
+    RestoreData {
+        /// The bytes.
+        bytes: &'a [u8],
     },
     /// Restore mode: fault in these page runs (guest address, pages);
     /// answered with `PrefaultOk` or `Error`.
@@ -69,15 +75,26 @@ impl<'a> Request<'a> {
             Request::Configure { .. } => Kind::Configure,
             Request::Suspend => Kind::Suspend,
             Request::Restore { .. } => Kind::Restore,
+            Request::RestoreData { .. } => Kind::RestoreData,
             Request::Prefault { .. } => Kind::Prefault,
             Request::RestoreState { .. } => Kind::RestoreState,
             Request::Measurement => Kind::Measurement,
         }
     }
 
-    /// Appends the body (for `Restore`, nothing: the snapshot follows).
+    /// Appends the body.
     pub fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         match self {
+            Request::Restore { len } => out.extend_from_slice(&len.to_le_bytes()),
+            Request::RestoreData { bytes } => {
+                if bytes.is_empty() || bytes.len() > SNAPSHOT_PIECE {
+                    return Err(EncodeError::TooLarge {
+                        what: "RESTORE_DATA piece",
+                        len: bytes.len(),
+                    });
+                }
+                out.extend_from_slice(bytes)
+            }
             Request::Hello { bubble_id } => out.extend_from_slice(bubble_id.as_bytes()),
             Request::Call(c) => {
                 out.extend_from_slice(&c.deadline_ms.to_le_bytes());
@@ -99,37 +116,22 @@ impl<'a> Request<'a> {
             }
             Request::Prefault { runs } => encode_runs_into(runs, out)?,
             Request::RestoreState { state } => out.extend_from_slice(state),
-            Request::Status
-            | Request::Shutdown
-            | Request::Suspend
-            | Request::Restore { .. }
-            | Request::Measurement => {}
+            Request::Status | Request::Shutdown | Request::Suspend | Request::Measurement => {}
         }
         Ok(())
     }
 
     /// The whole frame with request id `id`: head and body in one buffer.
-    /// For `Restore`, only the head: the caller writes the snapshot after.
     pub fn frame(&self, id: u64) -> Result<Vec<u8>, EncodeError> {
         let mut v = Vec::with_capacity(HEAD_LEN + 64);
         v.extend_from_slice(&[0u8; HEAD_LEN]);
         self.encode_body(&mut v)?;
-        let body_len = match self {
-            Request::Restore { len } => *len,
-            _ => v.len() - HEAD_LEN,
-        };
-        if body_len > MAX_FRAME - 9 {
-            return Err(EncodeError::TooLarge {
-                what: "frame",
-                len: body_len,
-            });
-        }
-        v[..HEAD_LEN].copy_from_slice(&head(self.kind() as u8, id, body_len));
+        let h = head(self.kind() as u8, id, v.len() - HEAD_LEN)?;
+        v[..HEAD_LEN].copy_from_slice(&h);
         Ok(v)
     }
 
-    /// Decodes a request body of frame kind `kind`. For `Restore` the body
-    /// is not read (it is streamed): only its length is kept.
+    /// Decodes a request body of frame kind `kind`.
     pub fn decode(kind: u8, body: &'a [u8]) -> Result<Self, DecodeError> {
         let k = Kind::from_u8(kind).ok_or(DecodeError::UnexpectedKind(kind))?;
         Ok(match k {
@@ -160,7 +162,18 @@ impl<'a> Request<'a> {
                 empty(body, "SUSPEND")?;
                 Request::Suspend
             }
-            Kind::Restore => Request::Restore { len: body.len() },
+            Kind::Restore => {
+                let mut c = Cursor::new(body, "RESTORE");
+                let len = c.u64()?;
+                c.end()?;
+                Request::Restore { len }
+            }
+            Kind::RestoreData => {
+                if body.is_empty() || body.len() > SNAPSHOT_PIECE {
+                    return Err(DecodeError::FrameLength(body.len()));
+                }
+                Request::RestoreData { bytes: body }
+            }
             Kind::Prefault => Request::Prefault {
                 runs: decode_runs(body)?,
             },

@@ -1,6 +1,7 @@
 //! Round trips of every message, and hostile bodies into every decoder.
 
 use super::*;
+use std::io::Read;
 
 fn all_requests() -> Vec<Request<'static>> {
     vec![
@@ -25,6 +26,8 @@ fn all_requests() -> Vec<Request<'static>> {
         },
         Request::Prefault { runs: vec![] },
         Request::RestoreState { state: b"state" },
+        Request::Restore { len: 5 << 30 },
+        Request::RestoreData { bytes: b"piece" },
         Request::Measurement,
     ]
 }
@@ -55,6 +58,10 @@ fn all_replies() -> Vec<Reply> {
         Reply::CallErr(CallErr::BadRequest("big".into())),
         Reply::ShutdownOk,
         Reply::Snapshot(vec![1, 2, 3]),
+        Reply::SnapshotEnd {
+            pieces: 4097,
+            len: 5 << 30,
+        },
         Reply::RestoreOk { took_us: 42 },
         Reply::PrefaultOk(None),
         Reply::PrefaultOk(Some(GuestSpan { host: 1, len: 2 })),
@@ -103,15 +110,36 @@ fn requests_round_trip() {
         assert_eq!((h.kind, h.id), (req.kind() as u8, 11));
         assert_eq!(Request::decode(h.kind, &body).unwrap(), req);
     }
-    // RESTORE: the head announces the streamed body, which follows it.
-    let f = Request::Restore { len: 5 }.frame(3).unwrap();
-    assert_eq!(f.len(), HEAD_LEN);
-    let h = Head::parse(f[..].try_into().unwrap()).unwrap();
-    assert_eq!((h.kind, h.body_len), (Kind::Restore as u8, 5));
-    assert_eq!(
-        Request::decode(h.kind, b"12345").unwrap(),
-        Request::Restore { len: 5 }
-    );
+}
+
+#[test]
+fn snapshots_travel_in_bounded_pieces() {
+    // Pieces are 1..=SNAPSHOT_PIECE bytes, both ways.
+    let over = vec![1u8; SNAPSHOT_PIECE + 1];
+    assert!(Reply::decode(Kind::Snapshot as u8, over.clone()).is_err());
+    assert!(Reply::decode(Kind::Snapshot as u8, Vec::new()).is_err());
+    assert!(Request::decode(Kind::RestoreData as u8, &over).is_err());
+    assert!(Request::decode(Kind::RestoreData as u8, b"").is_err());
+    assert!(Request::RestoreData { bytes: &over }.frame(1).is_err());
+    // A snapshot of any length (past 4 GiB) streams through a reader of
+    // its pieces; a piece of another request or kind, or past the
+    // announced length, is refused.
+    let mut wire = Vec::new();
+    for p in [&b"abc"[..], b"defg"] {
+        wire.extend(Request::RestoreData { bytes: p }.frame(9).unwrap());
+    }
+    let mut r = &wire[..];
+    let mut got = Vec::new();
+    PieceReader::new(&mut r, Kind::RestoreData, 9, 7)
+        .read_to_end(&mut got)
+        .unwrap();
+    assert_eq!(got, b"abcdefg");
+    for (id, len) in [(8, 7), (9, 5)] {
+        let mut r = &wire[..];
+        let mut got = Vec::new();
+        let e = PieceReader::new(&mut r, Kind::RestoreData, id, len).read_to_end(&mut got);
+        assert!(e.is_err(), "id {id} len {len}");
+    }
 }
 
 #[test]
@@ -142,7 +170,7 @@ fn replies_and_events_round_trip() {
 
 #[test]
 fn large_bodies_are_written_without_joining() {
-    let big = vec![0xabu8; COALESCE_MAX + 1];
+    let big = vec![0xabu8; SNAPSHOT_PIECE];
     let rep = Reply::Snapshot(big.clone());
     assert!(matches!(rep.body(), std::borrow::Cow::Borrowed(_)));
     let mut out = Vec::new();
@@ -165,7 +193,11 @@ fn encoder_refuses_what_the_wire_cannot_say() {
         call: bubble_abi::Call::plain(&ok, b""),
     });
     assert!(call.frame(1).is_ok());
-    assert!(Request::Restore { len: MAX_FRAME }.frame(1).is_err());
+    // Frame lengths are checked before they are cast to their u32 field.
+    assert!(head(1, 1, MAX_FRAME - 9).is_ok());
+    assert!(head(1, 1, MAX_FRAME - 8).is_err());
+    assert!(head(1, 1, usize::MAX).is_err());
+    assert!(head(1, 1, (u32::MAX as usize) + 10).is_err());
 }
 
 #[test]

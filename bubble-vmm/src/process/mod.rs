@@ -94,15 +94,17 @@ impl Shared {
         })
     }
 
-    /// Writes to the current connection (dropped if the write fails).
-    fn send(&self, write: impl FnOnce(&mut UnixStream) -> io::Result<()>) {
-        {
-            let mut c = self.conn.lock();
-            if let Some(s) = c.as_mut() {
-                if write(s).is_err() {
-                    *c = None;
-                }
+    /// Writes to the current connection (dropped if the write fails);
+    /// whether it was written.
+    fn send(&self, write: impl FnOnce(&mut UnixStream) -> io::Result<()>) -> bool {
+        let mut c = self.conn.lock();
+        match c.as_mut().map(write) {
+            Some(Ok(())) => true,
+            Some(Err(_)) => {
+                *c = None;
+                false
             }
+            None => false,
         }
     }
 

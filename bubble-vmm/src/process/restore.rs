@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use super::{exit_in_background, fail_then_exit, serve_all, Guest, Shared, VmmArgs, Watchdog};
 use crate::bubble::Bubble;
 use crate::control::{
-    ErrorCode, Event, FailureKind, FailureReason, GuestSpan, Head, Kind, Reply, Request,
+    ErrorCode, Event, FailureKind, FailureReason, GuestSpan, Head, Kind, PieceReader, Reply,
+    Request,
 };
 use crate::layout::Layout;
+use crate::snapshot::RestoreError;
 use crate::vm::{self, Vm, VmError};
 
 /// Restore mode: map guest memory and create the KVM VM (on a helper
@@ -48,58 +50,60 @@ pub(super) fn restore_thread(
         let Ok(head) = Head::read(&mut reader) else {
             return;
         };
-        let body_len = head.body_len;
         let reply = |r: Reply| shared.reply(head.id, &r);
-        let mut state_only = None;
-        // RESTORE's body is streamed into guest memory below, never read
-        // into a buffer; every other request is read whole.
-        if head.kind != Kind::Restore as u8 {
-            let Ok(body) = head.read_body(&mut reader) else {
+        let Ok(body) = head.read_body(&mut reader) else {
+            return;
+        };
+        // What fills guest memory: the vCPU state alone (the broker wrote
+        // the pages), or a snapshot streamed in RESTORE_DATA pieces.
+        let how = match Request::decode(head.kind, &body) {
+            Ok(Request::Hello { bubble_id }) if bubble_id != args.bubble_id => {
+                reply(Reply::error(
+                    ErrorCode::WrongBubble,
+                    "this VMM runs another bubble",
+                ));
                 return;
-            };
-            match Request::decode(head.kind, &body) {
-                Ok(Request::Hello { bubble_id }) if bubble_id != args.bubble_id => {
-                    reply(Reply::error(
-                        ErrorCode::WrongBubble,
-                        "this VMM runs another bubble",
-                    ));
-                    return;
-                }
-                Ok(Request::Hello { .. } | Request::Status) => {
-                    let st = shared.status.lock().clone();
-                    reply(Reply::StatusOk(st));
-                }
-                Ok(Request::Prefault { runs }) => {
-                    // Fault in the pages the snapshot will fill while the
-                    // broker still fetches and verifies it.
-                    match prepared.as_ref().map(|p| &p.1) {
-                        Some(Ok(memory)) if crate::snapshot::check_runs(&runs, mem_size) => {
-                            for (g, n) in runs {
-                                vm::populate(memory, (0..n).map(|k| g + k * crate::layout::PAGE));
-                            }
-                            let span = vm::host_span(memory).map(|(host, len)| GuestSpan {
-                                host: host as u64,
-                                len: len as u64,
-                            });
-                            reply(Reply::PrefaultOk(span));
-                        }
-                        _ => reply(Reply::error(ErrorCode::Malformed, "malformed PREFAULT")),
-                    }
-                }
-                Ok(Request::Shutdown) => {
-                    // The restore was called off (e.g. the frozen copy did
-                    // not verify): no guest byte was ever received.
-                    reply(Reply::ShutdownOk);
-                    exit_in_background();
-                }
-                Ok(Request::RestoreState { .. }) => state_only = Some(body),
-                Ok(_) => reply(Reply::error(ErrorCode::Unexpected, "expected RESTORE")),
-                Err(e) => reply(Reply::error(ErrorCode::Malformed, e.to_string())),
             }
-            if state_only.is_none() {
+            Ok(Request::Hello { .. } | Request::Status) => {
+                let st = shared.status.lock().clone();
+                reply(Reply::StatusOk(st));
                 continue;
             }
-        }
+            Ok(Request::Prefault { runs }) => {
+                // Fault in the pages the snapshot will fill while the
+                // broker still fetches and verifies it.
+                match prepared.as_ref().map(|p| &p.1) {
+                    Some(Ok(memory)) if crate::snapshot::check_runs(&runs, mem_size) => {
+                        for (g, n) in runs {
+                            vm::populate(memory, (0..n).map(|k| g + k * crate::layout::PAGE));
+                        }
+                        let span = vm::host_span(memory).map(|(host, len)| GuestSpan {
+                            host: host as u64,
+                            len: len as u64,
+                        });
+                        reply(Reply::PrefaultOk(span));
+                    }
+                    _ => reply(Reply::error(ErrorCode::Malformed, "malformed PREFAULT")),
+                }
+                continue;
+            }
+            Ok(Request::Shutdown) => {
+                // The restore was called off (e.g. the frozen copy did
+                // not verify): no guest byte was ever received.
+                reply(Reply::ShutdownOk);
+                exit_in_background();
+            }
+            Ok(Request::RestoreState { .. }) => Fill::State(body),
+            Ok(Request::Restore { len }) => Fill::Stream(len),
+            Ok(_) => {
+                reply(Reply::error(ErrorCode::Unexpected, "expected RESTORE"));
+                continue;
+            }
+            Err(e) => {
+                reply(Reply::error(ErrorCode::Malformed, e.to_string()));
+                continue;
+            }
+        };
         let t_restore = Instant::now();
         let _ = restored.send(());
         // Gone before the guest runs: it has no filter of its own.
@@ -118,14 +122,20 @@ pub(super) fn restore_thread(
                 )
                 .map_err(VmError::from)?;
                 let mut vm = Vm::from_shell(shell, memory?, &placeholder)?;
-                match &state_only {
+                match &how {
                     // The broker wrote the verified pages into guest memory.
-                    Some(state) => crate::snapshot::restore_state(&mut vm, state)?,
-                    None => crate::snapshot::restore_from(&mut vm, &mut reader, body_len)?,
+                    Fill::State(state) => crate::snapshot::restore_state(&mut vm, state)?,
+                    Fill::Stream(len) => {
+                        let body_len = usize::try_from(*len)
+                            .map_err(|_| RestoreError::Malformed("snapshot length"))?;
+                        let mut pieces =
+                            PieceReader::new(&mut reader, Kind::RestoreData, head.id, *len);
+                        crate::snapshot::restore_from(&mut vm, &mut pieces, body_len)?
+                    }
                 }
                 Ok(vm)
             })(),
-            None => Err(crate::snapshot::RestoreError::Malformed("second RESTORE")),
+            None => Err(RestoreError::Malformed("second RESTORE")),
         };
         let mut vm = match built {
             Ok(vm) => vm,
@@ -191,6 +201,14 @@ pub(super) fn restore_thread(
     drop(tx);
     serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
     serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// What fills a restoring VM's memory.
+enum Fill {
+    /// The vCPU state; the broker wrote the pages into guest memory.
+    State(Vec<u8>),
+    /// A snapshot of this many bytes, in `RESTORE_DATA` frames.
+    Stream(u64),
 }
 
 /// Ends the process unless told within `deadline` that the snapshot came:

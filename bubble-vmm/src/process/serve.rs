@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use super::{exit_in_background, fail_then_exit, Shared, Watchdog, DEFAULT_DEADLINE};
 use crate::bubble::{Answer, Bubble, BubbleError};
 use crate::control::{
-    Call, CallErr, ErrorCode, Event, FailureKind, FailureReason, Head, Reply, Request,
+    Call, CallErr, ErrorCode, Event, FailureKind, FailureReason, Head, Kind, Reply, Request,
 };
+use crate::snapshot::StreamError;
 use crate::vm::{Vm, VmError};
 
 /// A CALL of this op makes the VMM answer `ERROR` (as to a malformed
@@ -20,21 +21,28 @@ use crate::vm::{Vm, VmError};
 #[cfg(feature = "fault-injection")]
 pub const FAULT_ERROR_OP: &str = "fault-injection.error-reply";
 
-/// The VM's snapshot body (see [`crate::snapshot`]).
-fn encode_snapshot(vm: &Vm) -> Result<Vec<u8>, VmError> {
-    let state = vm.capture()?.encode();
-    let pages = vm.nonzero_pages()?;
-    let mut b = Vec::with_capacity(8 + state.len() + pages.len() * (8 + 4096));
-    b.extend((state.len() as u32).to_le_bytes());
-    b.extend(&state);
-    b.extend((pages.len() as u32).to_le_bytes());
-    let mut buf = vec![0u8; 4096];
-    for gpa in pages {
-        vm.read(gpa, &mut buf)?;
-        b.extend(gpa.to_le_bytes());
-        b.extend(&buf);
+/// Streams the VM's snapshot to the broker as the answer to request `id`:
+/// `SNAPSHOT` pieces, then `SNAPSHOT_END` (or `ERROR`: the bubble keeps
+/// running).
+fn send_snapshot(shared: &Shared, id: u64, vm: &Vm) {
+    let sent = crate::snapshot::stream_snapshot(vm, |piece| {
+        shared.send(|s| crate::control::write_frame(s, Kind::Snapshot, id, piece))
+    });
+    match sent {
+        Ok(done) => shared.reply(
+            id,
+            &Reply::SnapshotEnd {
+                pieces: done.pieces,
+                len: done.len,
+            },
+        ),
+        // The connection is gone: nobody to tell.
+        Err(StreamError::Closed) => {}
+        Err(e) => shared.reply(
+            id,
+            &Reply::error(ErrorCode::Snapshot, format!("snapshot failed: {e}")),
+        ),
     }
-    Ok(b)
 }
 
 /// Serves broker connections one at a time. Without a guest (it failed),
@@ -199,18 +207,14 @@ fn serve(
                 // The vCPU is stopped in its doorbell exit (this thread runs
                 // it): a safe point. The VMM keeps running until the broker
                 // has stored the snapshot and sends SHUTDOWN.
-                reply(match guest.as_deref_mut() {
-                    Some(g) => match encode_snapshot(g.bubble.vm()) {
-                        Ok(b) => Reply::Snapshot(b),
-                        Err(e) => {
-                            Reply::error(ErrorCode::Snapshot, format!("snapshot failed: {e}"))
-                        }
-                    },
-                    None => Reply::error(ErrorCode::NoGuest, "the bubble has no guest"),
-                })
+                match guest.as_deref_mut() {
+                    Some(g) => send_snapshot(shared, head.id, g.bubble.vm()),
+                    None => reply(Reply::error(ErrorCode::NoGuest, "the bubble has no guest")),
+                }
             }
             Request::Configure { .. }
             | Request::Restore { .. }
+            | Request::RestoreData { .. }
             | Request::Prefault { .. }
             | Request::RestoreState { .. } => {
                 reply(Reply::error(ErrorCode::Unexpected, "unknown request"))

@@ -18,14 +18,16 @@
 //! See `docs/frozen-format.md`.
 
 mod claim;
+mod write;
 pub use claim::ClaimError;
+pub use write::FrozenWriter;
 
 use std::sync::Arc;
 
 use bubble_keys::envelope::ChunkCipher;
-use bubble_keys::{DataKey, Kek, OsRng, RngCore, SecretBytes, SNAPSHOT_ID_LEN};
+use bubble_keys::{Kek, SecretBytes, SNAPSHOT_ID_LEN};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
@@ -218,64 +220,13 @@ impl FrozenStore {
         })
     }
 
-    /// Encrypts and writes a snapshot; returns the number of chunks once
-    /// the manifest (written last) is stored.
-    pub async fn put(
-        &self,
-        header: Header,
-        snapshot: &[u8],
-        kek: &Kek,
-        parent_key: bool,
-    ) -> Result<u64, BrokerError> {
-        let mut sid = [0u8; SNAPSHOT_ID_LEN];
-        OsRng.fill_bytes(&mut sid);
-        let dk = DataKey::generate(&mut OsRng);
-        let cipher = ChunkCipher::new(&dk, &sid);
-        let base = prefix(&header.bubble_id, header.generation);
-        let mut header = header;
-        header.total_len = snapshot.len() as u64;
-        header.chunks = snapshot.len().div_ceil(CHUNK) as u64;
-        header.page_runs = bubble_vmm::snapshot::page_runs(snapshot).unwrap_or_default();
-        for (i, piece) in snapshot.chunks(CHUNK).enumerate() {
-            // Fault injection for crash tests (test builds only): a pause
-            // between chunk writes.
-            #[cfg(feature = "fault-injection")]
-            if let (Some(ms), true) = (fault_pause_ms(), i > 0) {
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            }
-            let ct = cipher.encrypt(i as u64, piece);
-            self.store
-                .put(
-                    &ObjPath::from(format!("{base}/chunk-{i}")),
-                    PutPayload::from(ct),
-                )
-                .await
-                .map_err(store_err)?;
+    /// Whether the store answers: a read of an object that need not exist
+    /// (not found is an answer).
+    pub async fn probe(&self) -> Result<(), String> {
+        match self.store.head(&ObjPath::from("health-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
         }
-        header.kek = if parent_key { "parent" } else { "broker" }.into();
-        let sealed = cipher.encrypt(
-            HEADER_INDEX,
-            &serde_json::to_vec(&header).map_err(|e| BrokerError::Store(e.to_string()))?,
-        );
-        let m = Manifest {
-            format: FORMAT,
-            snapshot_id: hex::encode(sid),
-            wrapped_key: hex::encode(bubble_keys::wrap_key(kek, &dk, &sid)),
-            kek: if parent_key { "parent" } else { "broker" }.into(),
-            kek_id: hex::encode(kek.key_id()),
-            header: hex::encode(sealed),
-        };
-        self.store
-            .put(
-                &ObjPath::from(format!("{base}/manifest")),
-                PutPayload::from(
-                    serde_json::to_vec(&m).map_err(|e| BrokerError::Store(e.to_string()))?,
-                ),
-            )
-            .await
-            .map_err(store_err)?;
-        self.sync_local(&base, header.chunks).await?;
-        Ok(header.chunks)
     }
 
     /// Makes a local copy durable before the registry points at it: the

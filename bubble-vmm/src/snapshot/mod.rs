@@ -9,6 +9,9 @@ use std::io::Read;
 use crate::layout::{Layout, PAGE};
 use crate::vm::{Vm, VmError};
 
+mod stream;
+pub use stream::{stream_snapshot, Scanned, Scanner, StreamError, Streamed};
+
 /// Bytes of one page record in a snapshot body: `[gpa u64 LE][page]`.
 pub const RECORD_LEN: usize = 8 + PAGE as usize;
 /// Largest encoded vCPU state accepted in a snapshot body.
@@ -93,20 +96,9 @@ pub fn parse_head(first: &[u8], body_len: usize) -> Result<(VmSnapshot, usize), 
 /// parse. Stored (authenticated) with a frozen copy, so that a restoring
 /// VMM can fault those pages in while the copy is still being fetched.
 pub fn page_runs(body: &[u8]) -> Option<Vec<(u64, u64)>> {
-    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-    let (state, count) = parse_head(body.get(..8 + n)?, body.len()).ok()?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut last = None;
-    for k in 0..count {
-        let at = 8 + n + k * RECORD_LEN;
-        let gpa = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
-        next_page(gpa, &mut last, state.mem_size).ok()?;
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len * PAGE == gpa => *len += 1,
-            _ => runs.push((gpa, 1)),
-        }
-    }
-    Some(runs)
+    let mut s = Scanner::new();
+    s.feed(body).ok()?;
+    s.finish().ok().map(|s| s.runs)
 }
 
 pub use crate::control::encode_runs;
@@ -258,7 +250,8 @@ pub fn restore_from(vm: &mut Vm, r: &mut impl Read, body_len: usize) -> Result<(
             vm: vm_size,
         });
     }
-    let mut buf = vec![0u8; RESTORE_BATCH * RECORD_LEN];
+    // Guest pages pass through here: wiped when the restore ends.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; RESTORE_BATCH * RECORD_LEN]);
     let mut left = count;
     let mut last: Option<u64> = None;
     while left > 0 {
@@ -519,47 +512,4 @@ impl Vm {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snap(version: u32, launch_digest: Option<[u8; 48]>) -> VmSnapshot {
-        let l = Layout::new(16 << 20, crate::layout::IMAGE_BASE + PAGE, 1 << 20).unwrap();
-        VmSnapshot {
-            version,
-            mem_size: l.mem_size,
-            mailbox_gpa: l.mailbox_gpa,
-            mailbox_size: l.mailbox_size,
-            heap_start: l.heap_start,
-            heap_end: l.heap_end,
-            vcpu: VcpuSnapshot {
-                regs: Default::default(),
-                sregs: Default::default(),
-                fpu: Default::default(),
-                xsave: Default::default(),
-                xcrs: Default::default(),
-            },
-            launch_digest,
-        }
-    }
-
-    #[test]
-    fn the_launch_digest_travels_and_old_states_still_decode() {
-        for d in [Some([7u8; 48]), None] {
-            let b = snap(SNAPSHOT_VERSION, d).encode();
-            assert_eq!(VmSnapshot::decode(&b).unwrap().launch_digest, d);
-        }
-        // Version 1 (no digest) still decodes, without a digest.
-        let v1 = snap(1, Some([7u8; 48])).encode();
-        assert_eq!(VmSnapshot::decode(&v1).unwrap().launch_digest, None);
-        // A flag other than 0/1, or "unknown" with a non-zero digest: refused.
-        let mut b = snap(SNAPSHOT_VERSION, Some([7u8; 48])).encode();
-        b[48] = 2;
-        assert!(VmSnapshot::decode(&b).is_none());
-        b[48] = 0;
-        assert!(VmSnapshot::decode(&b).is_none());
-        let good = snap(SNAPSHOT_VERSION, Some([7u8; 48])).encode();
-        for n in 0..good.len() {
-            assert!(VmSnapshot::decode(&good[..n]).is_none());
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,387 @@
+//! The writer: records go through a bounded channel to one thread that
+//! chains, writes and fsyncs them in batches, and signs a checkpoint every
+//! `checkpoint_every` records or `checkpoint_interval`, whichever is first.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::record::{checkpoint_message, frame_hash, Entry, Record, What};
+use crate::verify::{records, VerifyError};
+
+/// Signs checkpoints (the broker's usage-signing key).
+pub trait CheckpointSigner: Send + Sync + 'static {
+    /// The Ed25519 public key.
+    fn public_key(&self) -> [u8; 32];
+    /// An Ed25519 signature over `msg`.
+    fn sign(&self, msg: &[u8]) -> [u8; 64];
+}
+
+/// How the writer batches and checkpoints.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Records queued before `append` waits for the writer.
+    pub capacity: usize,
+    /// A checkpoint after at most this many records…
+    pub checkpoint_every: u64,
+    /// …or when records have waited this long for one.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            capacity: 8192,
+            checkpoint_every: 1024,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the log cannot be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file or its directory failed.
+    #[error("audit log {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The existing log does not verify; the broker will not extend it.
+    #[error("audit log {path} is damaged ({source}); move it aside and run `bubblectl audit verify` on it")]
+    Broken {
+        /// The file.
+        path: PathBuf,
+        /// Where and how.
+        source: VerifyError,
+    },
+    /// The writer thread has stopped.
+    #[error("the audit writer has stopped")]
+    Stopped,
+    /// Records were lost to a write error (counted since start).
+    #[error("{0} audit records could not be written")]
+    Lost(u64),
+}
+
+enum Msg {
+    Entry(Entry, What),
+    /// Acknowledge once written; with `true`, sign a checkpoint first.
+    Flush(SyncSender<()>, bool),
+}
+
+/// The append-only audit log of one broker.
+pub struct AuditLog {
+    tx: Option<SyncSender<Msg>>,
+    path: PathBuf,
+    lost: Arc<AtomicU64>,
+    writer: Option<JoinHandle<()>>,
+}
+
+struct Writer {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    seq: u64,
+    head: [u8; 32],
+    unsigned: u64,
+    oldest_unsigned: Option<Instant>,
+    signer: Arc<dyn CheckpointSigner>,
+    opts: Options,
+    lost: Arc<AtomicU64>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The next sequence number, the chain head and the records since the
+/// last checkpoint, of a decoded log.
+fn chain_tail(recs: &[crate::verify::Located]) -> (u64, [u8; 32], u64) {
+    let unsigned = recs
+        .iter()
+        .rev()
+        .take_while(|(_, r, _)| !matches!(r.what, What::Checkpoint { .. }))
+        .count() as u64;
+    match recs.last() {
+        Some((_, r, h)) => (r.seq + 1, *h, unsigned),
+        None => (0, [0u8; 32], 0),
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log at `path`, in a 0700 directory as a
+    /// 0600 file; checks the existing chain (a torn last record, from a
+    /// crash mid-write, is cut off) and starts the writer.
+    pub fn open(
+        path: &Path,
+        signer: Arc<dyn CheckpointSigner>,
+        opts: Options,
+    ) -> Result<Self, AuditError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io(path))?;
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let (recs, torn) = records(&bytes).map_err(|source| AuditError::Broken {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = bytes.len() as u64 - torn;
+        // The whole chain, not only the decoding, must hold before we
+        // extend it (a torn tail is cut below).
+        crate::verify::verify(&bytes[..len as usize], Some(signer.public_key())).map_err(
+            |source| AuditError::Broken {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+        if torn > 0 {
+            tracing::warn!(path = %path.display(), bytes = torn, "audit log: cut a torn last record");
+            file.set_len(len).map_err(io(path))?;
+            file.sync_all().map_err(io(path))?;
+        }
+        let (seq, head, unsigned) = chain_tail(&recs);
+        drop(bytes);
+        let lost = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = sync_channel(opts.capacity.max(1));
+        let mut w = Writer {
+            file,
+            path: path.to_path_buf(),
+            len,
+            seq,
+            head,
+            unsigned,
+            oldest_unsigned: (unsigned > 0).then(Instant::now),
+            signer,
+            opts,
+            lost: lost.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(io(path))?;
+        Ok(Self {
+            tx: Some(tx),
+            path: path.to_path_buf(),
+            lost,
+            writer: Some(writer),
+        })
+    }
+
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a record; waits only when `capacity` records are already
+    /// queued. The record is durable after the writer's next fsync (see
+    /// [`AuditLog::flush`]).
+    pub fn append(&self, entry: Entry, what: What) {
+        if let Some(tx) = &self.tx {
+            if tx.send(Msg::Entry(entry, what)).is_err() {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits until every record appended before this call is written and
+    /// fsynced (or lost to a write error, which this reports).
+    pub fn flush(&self) -> Result<(), AuditError> {
+        self.flush_with(false)
+    }
+
+    /// [`AuditLog::flush`], with a signed checkpoint after the last record
+    /// (used when the broker stops: the whole log is then signed).
+    pub fn checkpoint(&self) -> Result<(), AuditError> {
+        self.flush_with(true)
+    }
+
+    fn flush_with(&self, sign: bool) -> Result<(), AuditError> {
+        let tx = self.tx.as_ref().ok_or(AuditError::Stopped)?;
+        let (done, wait) = sync_channel(1);
+        tx.send(Msg::Flush(done, sign))
+            .map_err(|_| AuditError::Stopped)?;
+        wait.recv().map_err(|_| AuditError::Stopped)?;
+        match self.lost.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => Err(AuditError::Lost(n)),
+        }
+    }
+
+    /// Records lost to write errors since the log was opened.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Every whole record in the file, after a flush.
+    pub fn read_all(&self) -> Result<Vec<Record>, AuditError> {
+        // A write error is reported by `lost`; the file is still readable.
+        let _ = self.flush();
+        let bytes = std::fs::read(&self.path).map_err(io(&self.path))?;
+        let (recs, _) = records(&bytes).map_err(|source| AuditError::Broken {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(recs.into_iter().map(|(_, r, _)| r).collect())
+    }
+}
+
+impl Drop for AuditLog {
+    /// Stops the writer after it has written (and checkpointed) every
+    /// queued record.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        loop {
+            let first = match rx.recv_timeout(self.opts.checkpoint_interval) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut buf = Vec::new();
+            let mut flushes = Vec::new();
+            let mut sign = false;
+            let mut take = |m: Msg, buf: &mut Vec<u8>, w: &mut Writer| match m {
+                Msg::Entry(e, what) => w.push(buf, e, what),
+                Msg::Flush(done, s) => {
+                    sign |= s;
+                    flushes.push(done)
+                }
+            };
+            if let Some(m) = first {
+                take(m, &mut buf, self);
+                // Everything already queued goes in the same write.
+                while let Ok(m) = rx.try_recv() {
+                    take(m, &mut buf, self);
+                    if buf.len() > 1 << 20 {
+                        break;
+                    }
+                }
+            }
+            let due = self
+                .oldest_unsigned
+                .is_some_and(|t| t.elapsed() >= self.opts.checkpoint_interval);
+            if self.unsigned > 0 && (sign || due || self.unsigned >= self.opts.checkpoint_every) {
+                self.checkpoint(&mut buf);
+            }
+            self.write(&buf);
+            for f in flushes {
+                let _ = f.send(());
+            }
+        }
+        let mut buf = Vec::new();
+        if self.unsigned > 0 {
+            self.checkpoint(&mut buf);
+        }
+        self.write(&buf);
+    }
+
+    fn push(&mut self, buf: &mut Vec<u8>, entry: Entry, what: What) {
+        let frame = Record {
+            seq: self.seq,
+            prev: self.head,
+            entry,
+            what,
+        }
+        .encode();
+        self.head = frame_hash(&frame);
+        self.seq += 1;
+        buf.extend_from_slice(&frame);
+        self.unsigned += 1;
+        self.oldest_unsigned.get_or_insert_with(Instant::now);
+        if self.unsigned >= self.opts.checkpoint_every {
+            self.checkpoint(buf);
+        }
+    }
+
+    fn checkpoint(&mut self, buf: &mut Vec<u8>) {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let signature = self
+            .signer
+            .sign(&checkpoint_message(self.seq, &self.head, at_ms));
+        let what = What::Checkpoint {
+            key: self.signer.public_key(),
+            signature,
+        };
+        let frame = Record {
+            seq: self.seq,
+            prev: self.head,
+            entry: Entry {
+                at_ms,
+                ..Entry::default()
+            },
+            what,
+        }
+        .encode();
+        self.head = frame_hash(&frame);
+        self.seq += 1;
+        buf.extend_from_slice(&frame);
+        self.unsigned = 0;
+        self.oldest_unsigned = None;
+    }
+
+    /// Appends `buf` and fsyncs. On an error the file is cut back to its
+    /// last good length and the chain head rewound, so the records of this
+    /// batch are lost (counted) but the chain stays whole.
+    fn write(&mut self, buf: &[u8]) {
+        if buf.is_empty() {
+            return;
+        }
+        let r = self
+            .file
+            .write_all(buf)
+            .and_then(|()| self.file.sync_data());
+        match r {
+            Ok(()) => self.len += buf.len() as u64,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "audit log write failed");
+                let _ = self.file.set_len(self.len);
+                self.rewind();
+                let n = crate::verify::records(buf)
+                    .map(|(r, _)| r.len() as u64)
+                    .unwrap_or(0);
+                self.lost.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Re-reads the chain head from the file (after a failed write).
+    fn rewind(&mut self) {
+        if let Ok(bytes) = std::fs::read(&self.path) {
+            if let Ok((recs, _)) = records(&bytes) {
+                (self.seq, self.head, self.unsigned) = chain_tail(&recs);
+            }
+        }
+    }
+}

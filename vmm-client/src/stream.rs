@@ -1,0 +1,133 @@
+//! Snapshots as streams: a suspend's `SNAPSHOT` pieces arrive one by one
+//! ([`SnapshotStream`], bounded memory), and a restore's snapshot leaves
+//! in `RESTORE_DATA` frames.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use zeroize::{Zeroize, Zeroizing};
+
+use bubble_vmm::control::{head, Kind, Reply, Request};
+
+use crate::client::{unexpected, Answer, Pending, VmmClient, Waiter};
+use crate::vmm_error::VmmError;
+
+/// Pieces the client holds for a slow receiver before it stops reading
+/// the VMM (which then stops sending).
+const PIECES_AHEAD: usize = 4;
+
+/// Wipes a snapshot piece nobody takes (plaintext guest memory).
+pub(crate) fn wipe(a: Answer) {
+    if let Ok(Reply::Snapshot(mut b)) = a {
+        b.zeroize();
+    }
+}
+
+/// Writes one `RESTORE_DATA` frame of request `id`.
+pub(crate) async fn write_piece(
+    w: &mut bubble_uds::WriteHalf,
+    id: u64,
+    piece: &[u8],
+) -> std::io::Result<()> {
+    let h = head(Kind::RestoreData as u8, id, piece.len())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&h).await?;
+    w.write_all(piece).await
+}
+
+/// A snapshot arriving from a VMM, piece by piece (each at most
+/// `SNAPSHOT_PIECE` bytes, wiped when dropped). Dropping the stream early
+/// discards the rest; the VMM keeps running.
+pub struct SnapshotStream {
+    rx: mpsc::Receiver<Answer>,
+    id: u64,
+    pending: Pending,
+    idle: Duration,
+    pieces: u64,
+    len: u64,
+    done: bool,
+}
+
+impl SnapshotStream {
+    /// The next piece, or `None` once the VMM said the snapshot is
+    /// complete and the pieces and bytes it counted are the ones that came.
+    /// Each piece must come within the stream's idle limit.
+    pub async fn next(&mut self) -> Result<Option<Zeroizing<Vec<u8>>>, VmmError> {
+        if self.done {
+            return Ok(None);
+        }
+        let answer = match tokio::time::timeout(self.idle, self.rx.recv()).await {
+            Err(_) => return Err(VmmError::Timeout(self.idle)),
+            Ok(None) => return Err(VmmError::Closed),
+            Ok(Some(a)) => a.map_err(|e| VmmError::Protocol(e.to_string()))?,
+        };
+        match answer {
+            Reply::Snapshot(b) => {
+                let b = Zeroizing::new(b);
+                self.pieces += 1;
+                self.len += b.len() as u64;
+                Ok(Some(b))
+            }
+            Reply::SnapshotEnd { pieces, len } => {
+                self.done = true;
+                if (pieces, len) != (self.pieces, self.len) {
+                    return Err(VmmError::Protocol(format!(
+                        "the VMM sent {} pieces ({} bytes) but counted {pieces} ({len} bytes)",
+                        self.pieces, self.len
+                    )));
+                }
+                Ok(None)
+            }
+            other => {
+                self.done = true;
+                Err(unexpected(other))
+            }
+        }
+    }
+}
+
+impl Drop for SnapshotStream {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.id);
+        while let Ok(a) = self.rx.try_recv() {
+            wipe(a);
+        }
+    }
+}
+
+impl VmmClient {
+    /// Captures the VM at a safe point (between calls): vCPU state and
+    /// every non-zero page, as a stream of pieces, each due within `idle`.
+    /// The VMM keeps running until [`VmmClient::shutdown`].
+    pub async fn suspend_stream(&self, idle: Duration) -> Result<SnapshotStream, VmmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Request::Suspend.frame(id).map_err(VmmError::Encode)?;
+        let (tx, rx) = mpsc::channel(PIECES_AHEAD);
+        self.pending.lock().insert(id, Waiter::Stream(tx));
+        let stream = SnapshotStream {
+            rx,
+            id,
+            pending: self.pending.clone(),
+            idle,
+            pieces: 0,
+            len: 0,
+            done: false,
+        };
+        let mut w = self.writer.lock().await;
+        w.write_all(&frame).await.map_err(|_| VmmError::Closed)?;
+        Ok(stream)
+    }
+
+    /// [`VmmClient::suspend_stream`], collected into one buffer (small
+    /// bubbles and tests: it holds the whole snapshot).
+    pub async fn suspend(&self, idle: Duration) -> Result<Zeroizing<Vec<u8>>, VmmError> {
+        let mut s = self.suspend_stream(idle).await?;
+        let mut all = Zeroizing::new(Vec::new());
+        while let Some(p) = s.next().await? {
+            all.extend_from_slice(&p);
+        }
+        Ok(all)
+    }
+}
