@@ -14,7 +14,9 @@
 //!
 //! For the demo, a "key custodian" step in this same program seals the two
 //! keys to the attested bubble; in production that is the security team or
-//! the gateway, and the checkout only relays ciphertext.
+//! the gateway, and the checkout only relays ciphertext. The order matters:
+//! load the portion, attest, then provision (the bubble's code is frozen
+//! from the attestation on, and the keys open only for that code).
 
 use bubble_client::Parent;
 use bubble_keys::RngCore;
@@ -61,10 +63,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_inner();
     let mut bubble = parent.bubble(&b.bubble_id);
 
-    // 2. Attest it: the expected measurement, security policy (no portions
-    // yet) and HOST_DATA of this bubble and owner (on the Unix socket the
-    // broker names a parent `uid:<n>`). This host simulates the TEE:
-    // accept that explicitly.
+    // 2. Load the code that will hold the keys. Attesting (or provisioning)
+    // freezes it: from then on no portion can be loaded or replaced.
+    let module = wat::parse_str(PAYMENTS_WAT)?;
+    bubble.load_portion("payments", &module).await?;
+
+    // 3. Attest it: the expected measurement, security policy, portions
+    // and HOST_DATA of this bubble and owner (on the Unix socket the broker
+    // names a parent `uid:<n>`). This host simulates the TEE: accept that
+    // explicitly.
     let owner = {
         use std::os::unix::fs::MetadataExt;
         format!("uid:{}", std::fs::metadata("/proc/self")?.uid())
@@ -77,16 +84,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 vec!["tokenization_key".into(), "gateway_key".into()],
             )],
             ..Default::default()
-        });
+        })
+        .with_portion("payments", &module);
     let operator_ark = std::fs::read(data_dir.join("psp/ark.der"))?;
     let att = bubble.attest(&expect, Some(&operator_ark)).await?;
     println!(
-        "bubble {} attested (simulated TEE: {})",
+        "bubble {} attested with the payments portion (simulated TEE: {})",
         bubble.id(),
         att.simulated
     );
 
-    // 3. Key custodian: seal the keys to the attested bubble.
+    // 4. Key custodian: seal the keys to the attested bubble and its code
+    // (the AAD binds the portions and policy digests the report showed).
     let (mut tok, mut gw) = ([0u8; 32], [0u8; 32]);
     bubble_keys::OsRng.fill_bytes(&mut tok);
     bubble_keys::OsRng.fill_bytes(&mut gw);
@@ -95,10 +104,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tok.fill(0);
     gw.fill(0);
 
-    // 4. The checkout: load the portion, tokenize, get the charge signed.
-    bubble
-        .load_portion("payments", &wat::parse_str(PAYMENTS_WAT)?)
-        .await?;
+    // 5. The checkout: tokenize (the card number is sealed to the bubble,
+    // the broker relays ciphertext) and get the charge signed.
     let payments = bubble.portion("payments");
     let token = payments.call("tokenize", b"4111111111111111").await?;
     println!(

@@ -55,7 +55,8 @@ mod tests {
             ..Default::default()
         };
         let e = p.encode();
-        assert_eq!(e.len(), 8 + 4 + 4 + 2 + 1 + 3 + 1 + 1 + 1);
+        // fuel, memory, deadline, output, grant count, one grant.
+        assert_eq!(e.len(), 8 + 4 + 4 + 4 + 2 + 1 + 3 + 1 + 1 + 1);
         assert_eq!(p.digest(), <[u8; 32]>::from(Sha256::digest(&e)));
     }
 }

@@ -66,6 +66,16 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
             ("call_tokenize", _, Some(r)) => {
                 format!("raw_exit_rtt + {:.1} µs (target ≤ +300)", us(s.p50) - us(r))
             }
+            ("call_tokenize_sealed", _, _) => results
+                .get("call_tokenize")
+                .map(|t| {
+                    format!(
+                        "call_tokenize + {:.1} µs (target ≤ +30; of which client sealing {} µs)",
+                        us(s.p50) - us(t.p50),
+                        extra(s, "seal_p50_us")
+                    )
+                })
+                .unwrap_or_default(),
             ("attach_warm", _, _) => "target p50 ≤ 300 µs".to_string(),
             ("suspend_64m" | "restore_64m" | "suspend_512m" | "restore_512m", _, _) => format!(
                 "{} MB frozen, {} MB/s{}",

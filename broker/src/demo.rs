@@ -237,10 +237,12 @@ struct PaymentTimes {
 
 const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");
 
-/// The payments flow: a bubble with a security policy is attested, a key
-/// custodian seals two credentials to it, the payments portion is loaded,
-/// and the parent tokenizes a card and gets a charge signed, verifying
-/// every result. The parent never holds either key.
+/// The payments flow: a bubble with a security policy loads the payments
+/// portion and is attested (which freezes its code), a key custodian seals
+/// two credentials to it and that code, and the parent tokenizes a card
+/// (sealed to the bubble: the broker sees ciphertext only) and gets a
+/// charge signed, verifying every result. The parent never holds either
+/// key.
 async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Result<PaymentTimes> {
     use bubble_keys::RngCore;
     println!();
@@ -271,6 +273,14 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     let parent = bubble_client::Parent::from_client(c.clone());
     let mut bubble = parent.bubble(&b.bubble_id);
 
+    // The code first: attesting freezes it.
+    let module = wat::parse_str(PAYMENTS_WAT)?;
+    let digest = bubble.load_portion("payments", &module).await?;
+    println!(
+        "loaded portion payments (portions digest {}…)",
+        &hex::encode(&digest)[..16]
+    );
+
     // Attest: what runs in the bubble must be the measured shim, and the
     // report must bind our nonce and the bubble's keys. This host has no
     // SEV-SNP: the report is SIMULATED and only a policy that allows
@@ -295,7 +305,8 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
                 vec!["tokenization_key".into(), "gateway_key".into()],
             )],
             ..Default::default()
-        });
+        })
+        .with_portion("payments", &module);
     let ark = std::fs::read(data_dir.join("psp/ark.der"))?;
     let t = Instant::now();
     let att = bubble.attest(&expect, Some(&ark)).await?;
@@ -312,7 +323,7 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     );
 
     // A key custodian (not the checkout) seals the credentials to the
-    // attested bubble; the broker relays only ciphertext.
+    // attested bubble and its code; the broker relays only ciphertext.
     let mut tok_key = zeroize::Zeroizing::new([0u8; 32]);
     let mut gw_seed = zeroize::Zeroizing::new([0u8; 32]);
     bubble_keys::OsRng.fill_bytes(&mut tok_key[..]);
@@ -320,13 +331,8 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     let gateway_pk = bubble_keys::SigningKeyPair::from_secret_bytes(&gw_seed).public_key();
     bubble.provision("tokenization_key", &tok_key[..]).await?;
     bubble.provision("gateway_key", &gw_seed[..]).await?;
-    println!("custodian sealed tokenization_key and gateway_key to the bubble (HPKE)");
-
-    let module = wat::parse_str(PAYMENTS_WAT)?;
-    let digest = bubble.load_portion("payments", &module).await?;
     println!(
-        "loaded portion payments (portions digest {}…)",
-        &hex::encode(&digest)[..16]
+        "custodian sealed tokenization_key and gateway_key to the bubble and its attested code (HPKE)"
     );
 
     let payments = bubble.portion("payments");
@@ -342,7 +348,7 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     hmac::Mac::update(&mut mac, pan);
     anyhow::ensure!(hmac::Mac::finalize(mac).into_bytes().as_slice() == token.as_slice());
     println!(
-        "tokenized 4111…1111 -> {}… (signed by the bubble, verified)",
+        "tokenized 4111…1111 -> {}… (card sealed to the bubble; result signed by it, verified)",
         &hex::encode(&token)[..16]
     );
 

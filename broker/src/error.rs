@@ -67,6 +67,17 @@ pub enum BrokerError {
     /// The portion refused the request, or the bubble's state forbids it.
     #[error("refused inside the bubble: {0}")]
     GuestRefused(String),
+    /// The bubble's code is frozen under a grant or an attestation: no
+    /// portion may be loaded or replaced.
+    #[error("the bubble's code is frozen: {0}")]
+    CodeFrozen(String),
+    /// A sealed input's sequence number was used already (a replay).
+    #[error("sealed input refused as a replay: {0}")]
+    Replayed(String),
+    /// A sealed credential or input does not open inside the bubble (sealed
+    /// for another bubble, code set, policy or request).
+    #[error("sealed data does not open in this bubble: {0}")]
+    NotOpened(String),
     /// The guest failed internally.
     #[error("guest internal error: {0}")]
     GuestInternal(String),
@@ -143,7 +154,9 @@ impl From<BrokerError> for Status {
             }
             BrokerError::GuestLimit(_) => Code::ResourceExhausted,
             BrokerError::GuestTrap(_) => Code::Aborted,
-            BrokerError::GuestRefused(_) => Code::FailedPrecondition,
+            BrokerError::GuestRefused(_) | BrokerError::CodeFrozen(_) => Code::FailedPrecondition,
+            BrokerError::Replayed(_) => Code::AlreadyExists,
+            BrokerError::NotOpened(_) => Code::InvalidArgument,
             BrokerError::GuestInternal(_) | BrokerError::VmmRefused(_) => Code::Internal,
             BrokerError::WrongState { .. } | BrokerError::ClaimedElsewhere(_) => {
                 Code::FailedPrecondition
@@ -181,6 +194,9 @@ impl BrokerError {
             }
             c::TRAP => BrokerError::GuestTrap(msg),
             c::PORTION_REFUSED | c::STATE => BrokerError::GuestRefused(msg),
+            c::FROZEN => BrokerError::CodeFrozen(msg),
+            c::REPLAY => BrokerError::Replayed(msg),
+            c::NOT_OPENED => BrokerError::NotOpened(msg),
             // The guest's own list names internal ops too.
             c::UNKNOWN_OP => BrokerError::UnknownOp,
             c::INTERNAL => BrokerError::GuestInternal(msg),

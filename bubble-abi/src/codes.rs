@@ -26,11 +26,21 @@ pub enum ErrorCode {
     PortionRefused = 10,
     /// The operation is not allowed in the bubble's current state.
     State = 11,
+    /// The bubble's code is frozen: a credential was provisioned or the
+    /// bubble attested, so no portion may be loaded or replaced and the
+    /// policy cannot change.
+    Frozen = 12,
+    /// A sealed input's sequence number was used already, or is at or below
+    /// the bubble's replay floor.
+    Replay = 13,
+    /// A sealed credential or input does not open for this bubble, its code
+    /// and policy, and the request it claims to be.
+    NotOpened = 14,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::UnknownOp,
         ErrorCode::BadInput,
         ErrorCode::Internal,
@@ -42,6 +52,9 @@ impl ErrorCode {
         ErrorCode::Trap,
         ErrorCode::PortionRefused,
         ErrorCode::State,
+        ErrorCode::Frozen,
+        ErrorCode::Replay,
+        ErrorCode::NotOpened,
     ];
 
     /// The code's wire value.
@@ -63,6 +76,9 @@ impl ErrorCode {
             ErrorCode::Trap => "TRAP",
             ErrorCode::PortionRefused => "PORTION_REFUSED",
             ErrorCode::State => "STATE",
+            ErrorCode::Frozen => "FROZEN",
+            ErrorCode::Replay => "REPLAY",
+            ErrorCode::NotOpened => "NOT_OPENED",
         }
     }
 
@@ -80,6 +96,13 @@ impl ErrorCode {
             ErrorCode::Trap => "a portion trapped",
             ErrorCode::PortionRefused => "a portion returned a non-zero status",
             ErrorCode::State => "not allowed in the bubble's current state",
+            ErrorCode::Frozen => {
+                "the code is frozen (a credential was provisioned or the bubble attested): no load or policy change"
+            }
+            ErrorCode::Replay => "a sealed input's sequence number was used or is below the replay floor",
+            ErrorCode::NotOpened => {
+                "a sealed credential or input does not open for this bubble, code, policy and request"
+            }
         }
     }
 }
@@ -135,4 +158,10 @@ pub mod code {
     pub const PORTION_REFUSED: u16 = ErrorCode::PortionRefused as u16;
     /// [`ErrorCode::State`].
     pub const STATE: u16 = ErrorCode::State as u16;
+    /// [`ErrorCode::Frozen`].
+    pub const FROZEN: u16 = ErrorCode::Frozen as u16;
+    /// [`ErrorCode::Replay`].
+    pub const REPLAY: u16 = ErrorCode::Replay as u16;
+    /// [`ErrorCode::NotOpened`].
+    pub const NOT_OPENED: u16 = ErrorCode::NotOpened as u16;
 }

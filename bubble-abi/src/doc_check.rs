@@ -76,7 +76,7 @@ pub(crate) fn call_flags() -> String {
 
 /// The limits table.
 pub(crate) fn limits() -> String {
-    let rows: [(&str, u64); 14] = [
+    let rows: [(&str, u64); 15] = [
         ("ABI_VERSION", u64::from(ABI_VERSION)),
         ("HEADER_LEN", HEADER_LEN as u64),
         ("MAX_OP_LEN", MAX_OP_LEN as u64),
@@ -97,6 +97,7 @@ pub(crate) fn limits() -> String {
             "SIGNED_RESULT_PREFIX_LEN",
             ops::SignedResult::PREFIX_LEN as u64,
         ),
+        ("REPLAY_WINDOW", REPLAY_WINDOW as u64),
     ];
     let mut s = String::from("| limit | value |\n|---|---|\n");
     for (name, v) in rows {

@@ -10,6 +10,7 @@
 //!   results, the attestation binding, provisioning, loading a portion,
 //!   HMAC), each with an encoder and a decoder.
 //! - [`policy`]: the security-policy wire format and its digest.
+//! - [`replay`]: the replay window of sealed inputs.
 //!
 //! `docs/guest-abi.md` is the prose description; a test of this crate
 //! checks that its tables match these constants.
@@ -34,6 +35,8 @@ pub mod msg;
 pub mod ops;
 #[cfg(feature = "alloc")]
 pub mod policy;
+#[cfg(feature = "alloc")]
+pub mod replay;
 mod wire;
 
 #[cfg(test)]
@@ -45,6 +48,8 @@ pub use error::AbiError;
 pub use msg::{decode_error, decode_text, encode_error, BootInfo, Header, MsgType};
 #[cfg(feature = "alloc")]
 pub use policy::SecurityPolicy;
+#[cfg(feature = "alloc")]
+pub use replay::{ReplayWindow, REPLAY_WINDOW};
 
 /// ABI version carried in every header and in the boot information.
 /// Version 2 moved SIGN/SEAL from a `sign:` op prefix to the CALL flags.

@@ -12,6 +12,7 @@
 //! | `set_policy` | [`crate::policy`] wire form | its SHA-256 (32) |
 //! | `load_portion` | [`LoadPortion`] | the new portions digest (48) |
 //! | `portion` | [`PortionCall`] | the portion's output |
+//! | `portion_sealed` | [`SealedPortionCall`] | the portion's output |
 //!
 //! With the SIGN flag any op answers a [`SignedResult`] instead.
 
@@ -41,6 +42,9 @@ pub const OP_SET_POLICY: &str = "set_policy";
 pub const OP_LOAD_PORTION: &str = "load_portion";
 /// Op: call a function of a loaded portion.
 pub const OP_PORTION: &str = "portion";
+/// Op: call a function of a loaded portion with an input sealed to the
+/// bubble (HPKE; the guest opens it and refuses a replayed sequence number).
+pub const OP_PORTION_SEALED: &str = "portion_sealed";
 
 fn check_short(field: &'static str, b: &[u8], max: usize) -> Result<(), AbiError> {
     if b.is_empty() || b.len() > max {
@@ -106,6 +110,71 @@ impl<'a> PortionCall<'a> {
             portion,
             function,
             input: r.rest(),
+        })
+    }
+}
+
+/// `portion_sealed` input:
+/// `[len u8][bubble id][len u8][portion][len u8][function][seq u64][sealed box]`.
+///
+/// The sealed box is the function's input, HPKE-sealed to the bubble's KEM
+/// key with AAD binding the bubble id, portion, function and `seq`
+/// (`bubble_keys::sealed_input_aad`); `seq` is the per-call nonce the
+/// guest's replay window checks. A signed call's signature covers this
+/// whole frame (ciphertext included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealedPortionCall<'a> {
+    /// The bubble's id, as the sealer bound it (1 to [`MAX_BUBBLE_ID_LEN`] bytes).
+    pub bubble_id: &'a str,
+    /// The portion's name (1 to [`MAX_NAME_LEN`] bytes).
+    pub portion: &'a str,
+    /// The exported function (1 to [`MAX_OP_LEN`] bytes).
+    pub function: &'a str,
+    /// The per-call sequence number (nonce), bound into the AAD.
+    pub seq: u64,
+    /// The HPKE sealed box of the input (at least one byte).
+    pub sealed: &'a [u8],
+}
+
+impl<'a> SealedPortionCall<'a> {
+    /// Size of the encoding.
+    pub fn encoded_len(&self) -> usize {
+        3 + self.bubble_id.len() + self.portion.len() + self.function.len() + 8 + self.sealed.len()
+    }
+
+    /// Writes the frame into `out`; returns its length.
+    pub fn encode_into(&self, out: &mut [u8]) -> Result<usize, AbiError> {
+        check_short("sealed", self.sealed, usize::MAX)?;
+        let mut w = Writer::new(out);
+        w.short("bubble id", self.bubble_id.as_bytes(), MAX_BUBBLE_ID_LEN)?;
+        w.short("portion", self.portion.as_bytes(), MAX_NAME_LEN)?;
+        w.short("function", self.function.as_bytes(), MAX_OP_LEN)?;
+        w.put(&self.seq.to_le_bytes())?;
+        w.put(self.sealed)?;
+        Ok(w.len())
+    }
+
+    /// The frame as a vector.
+    #[cfg(feature = "alloc")]
+    pub fn encode(&self) -> Result<alloc::vec::Vec<u8>, AbiError> {
+        to_vec(self.encoded_len(), |o| self.encode_into(o))
+    }
+
+    /// Decodes the frame.
+    pub fn decode(b: &'a [u8]) -> Result<Self, AbiError> {
+        let mut r = Reader::new(b);
+        let bubble_id = r.short_str("bubble id", MAX_BUBBLE_ID_LEN)?;
+        let portion = r.short_str("portion", MAX_NAME_LEN)?;
+        let function = r.short_str("function", MAX_OP_LEN)?;
+        let seq = r.u64()?;
+        let sealed = r.rest();
+        check_short("sealed", sealed, usize::MAX)?;
+        Ok(Self {
+            bubble_id,
+            portion,
+            function,
+            seq,
+            sealed,
         })
     }
 }

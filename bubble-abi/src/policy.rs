@@ -1,9 +1,11 @@
 //! The security policy for code portions: its wire form (the input of
 //! `set_policy`) and its digest (which REPORT_DATA binds).
 //!
-//! `[fuel u64][memory u32][max_output u32][n u16]` then n grants, each
-//! `[len u8][portion][count u8]` and count × `[len u8][credential]`; all
-//! integers little-endian. Fuel, memory and output limits are non-zero.
+//! `[fuel u64][memory u32][deadline_ms u32][max_output u32][n u16]` then n
+//! grants, each `[len u8][portion][count u8]` and count × `[len u8][credential]`;
+//! all integers little-endian. Fuel, memory, deadline and output limits are
+//! non-zero. Every field the guest or the host enforces is in these bytes,
+//! so the digest an attestation binds covers all of them.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -21,8 +23,8 @@ pub struct SecurityPolicy {
     pub fuel_per_call: u64,
     /// Linear-memory limit, bytes.
     pub memory_limit_bytes: u32,
-    /// Wall-clock deadline per portion call, ms (not part of the encoding:
-    /// the host enforces it; [`SecurityPolicy::decode`] gives the default).
+    /// Wall-clock deadline per portion call, ms (the host enforces it; it
+    /// is in the encoding, so the attested digest binds it).
     pub call_deadline_ms: u32,
     /// Largest output, bytes.
     pub max_output_bytes: u32,
@@ -62,6 +64,7 @@ impl SecurityPolicy {
         let mut v = Vec::new();
         v.extend_from_slice(&self.fuel_per_call.to_le_bytes());
         v.extend_from_slice(&self.memory_limit_bytes.to_le_bytes());
+        v.extend_from_slice(&self.call_deadline_ms.to_le_bytes());
         v.extend_from_slice(&self.max_output_bytes.to_le_bytes());
         let grants = self
             .grants
@@ -79,15 +82,19 @@ impl SecurityPolicy {
         v
     }
 
-    /// Decodes the wire form; `call_deadline_ms` is the default (it is not
-    /// on the wire). Refuses zero limits and trailing bytes.
+    /// Decodes the wire form. Refuses zero limits and trailing bytes.
     pub fn decode(b: &[u8]) -> Result<Self, AbiError> {
         let mut r = Reader::new(b);
         let fuel_per_call = r.u64()?;
         let memory_limit_bytes = r.u32()?;
+        let call_deadline_ms = r.u32()?;
         let max_output_bytes = r.u32()?;
         let n = r.u16()?;
-        if fuel_per_call == 0 || memory_limit_bytes == 0 || max_output_bytes == 0 {
+        if fuel_per_call == 0
+            || memory_limit_bytes == 0
+            || call_deadline_ms == 0
+            || max_output_bytes == 0
+        {
             return Err(AbiError::BadValue {
                 field: "policy limit",
             });
@@ -107,7 +114,7 @@ impl SecurityPolicy {
         Ok(Self {
             fuel_per_call,
             memory_limit_bytes,
-            call_deadline_ms: Self::default().call_deadline_ms,
+            call_deadline_ms,
             max_output_bytes,
             grants,
         })

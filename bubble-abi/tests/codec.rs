@@ -4,7 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bubble_abi::ops::{
-    AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, Sha256Chain, SignedResult,
+    AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, SealedPortionCall,
+    Sha256Chain, SignedResult,
 };
 use bubble_abi::*;
 
@@ -24,6 +25,7 @@ fn decode_all(b: &[u8]) -> usize {
         LoadPortion::decode(b).is_ok(),
         Hmac::decode(b).is_ok(),
         Sha256Chain::decode(b).is_ok(),
+        SealedPortionCall::decode(b).is_ok(),
         SecurityPolicy::decode(b).is_ok(),
     ]
     .iter()
@@ -63,8 +65,9 @@ fn error_codes_round_trip_and_unknown_codes_are_refused() {
         assert_eq!(u16::from(c), c.as_u16());
     }
     assert_eq!(ErrorCode::try_from(0), Err(0));
-    assert_eq!(ErrorCode::try_from(12), Err(12));
+    assert_eq!(ErrorCode::try_from(15), Err(15));
     assert_eq!(code::STATE, 11);
+    assert_eq!((code::FROZEN, code::REPLAY, code::NOT_OPENED), (12, 13, 14));
     assert_eq!(code::UNKNOWN_OP, 1);
     assert_eq!(ErrorCode::Trap.to_string(), "TRAP (9)");
 }
@@ -369,9 +372,40 @@ fn policy_wire_round_trips_and_keeps_its_digest() {
     assert!(SecurityPolicy::decode(&zero_fuel.encode()).is_err());
     // A huge grant count with no grants allocates nothing and fails.
     let mut huge = SecurityPolicy::default().encode();
-    huge[16] = 0xff;
-    huge[17] = 0xff;
+    huge[20] = 0xff;
+    huge[21] = 0xff;
     assert!(SecurityPolicy::decode(&huge).is_err());
+    // The deadline is in the bytes: two policies that differ only in it
+    // have different digests, and a zero deadline is refused.
+    let short = SecurityPolicy {
+        call_deadline_ms: 2000,
+        ..p.clone()
+    };
+    assert_ne!(short.digest(), p.digest());
+    assert_eq!(SecurityPolicy::decode(&short.encode()), Ok(short.clone()));
+    let zero_deadline = SecurityPolicy {
+        call_deadline_ms: 0,
+        ..Default::default()
+    };
+    assert!(SecurityPolicy::decode(&zero_deadline.encode()).is_err());
+}
+
+#[test]
+fn sealed_portion_call_round_trips() {
+    let c = SealedPortionCall {
+        bubble_id: "b-1",
+        portion: "payments",
+        function: "tokenize",
+        seq: 0x0102_0304_0506_0708,
+        sealed: &[9; 60],
+    };
+    let e = c.encode().unwrap();
+    assert_eq!(e.len(), c.encoded_len());
+    assert_eq!(SealedPortionCall::decode(&e), Ok(c));
+    for n in 0..e.len() - 60 {
+        assert!(SealedPortionCall::decode(&e[..n]).is_err(), "{n}");
+    }
+    assert!(SealedPortionCall { sealed: &[], ..c }.encode().is_err());
 }
 
 #[test]

@@ -133,7 +133,8 @@ fn keys_attest_provision_hmac_and_signed_results_inside_the_guest() {
     ));
     // Provision a credential sealed to the bubble, then use it.
     let secret = b"gateway signing key material 0123456789";
-    let aad = bubble_keys::credential_aad("b-test", "tok");
+    // No portions and the default policy: all-zero digests.
+    let aad = bubble_keys::credential_aad("b-test", "tok", &[0; 48], &[0; 32]);
     let sealed =
         bubble_keys::seal_credential(&mut OsRng, &kem, bubble_keys::INFO_CREDENTIAL, &aad, secret)
             .unwrap()

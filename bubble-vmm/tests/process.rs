@@ -164,7 +164,7 @@ async fn suspend_and_restore_continue_identically() {
     let keys = a.call("keys", b"", d).await.unwrap();
     let kem: [u8; 32] = keys[..32].try_into().unwrap();
     let secret = b"credential that must survive";
-    let aad = bubble_keys::credential_aad("b-s", "k");
+    let aad = bubble_keys::credential_aad("b-s", "k", &[0; 48], &[0; 32]);
     let sealed =
         bubble_keys::seal_credential(&mut OsRng, &kem, bubble_keys::INFO_CREDENTIAL, &aad, secret)
             .unwrap()

@@ -59,6 +59,15 @@ impl Expectations {
         self
     }
 
+    /// Expects portion `name` with this module next, in load order (the
+    /// report must bind exactly the expected portions).
+    pub fn with_portion(mut self, name: &str, module: &[u8]) -> Self {
+        use sha2::{Digest, Sha384};
+        self.portions
+            .push((name.to_string(), Sha384::digest(module).to_vec()));
+        self
+    }
+
     /// Requires at least this TCB.
     pub fn with_min_tcb(mut self, t: Tcb) -> Self {
         self.appraisal.min_tcb = Some(t);
@@ -81,6 +90,8 @@ pub struct Attested {
     pub simulated: bool,
     /// The portions the report binds, in load order: (name, SHA-384 of module).
     pub portions: Vec<(String, Vec<u8>)>,
+    /// The portions digest the report binds (credentials are sealed to it).
+    pub portions_digest: [u8; 48],
     /// The security-policy digest the report binds (equal to the expected one).
     pub policy_digest: [u8; 32],
     /// HOST_DATA (equal to the expected one).
@@ -159,6 +170,11 @@ pub fn verify_attestation(
         )));
     }
     let mut d = [0u8; 48];
+    let portions_digest: [u8; 48] = a
+        .portions_digest
+        .as_slice()
+        .try_into()
+        .map_err(|_| refuse("malformed digests".into()))?;
     for p in &a.portions {
         let mut h = Sha384::new();
         h.update(d);
@@ -167,7 +183,7 @@ pub fn verify_attestation(
         h.update(&p.module_sha384);
         d = h.finalize().into();
     }
-    if d[..] != a.portions_digest[..] {
+    if d != portions_digest {
         return Err(refuse(
             "the portions list does not match the bound portions digest".into(),
         ));
@@ -189,6 +205,7 @@ pub fn verify_attestation(
         measurement: report.measurement,
         simulated: verified.simulated,
         portions,
+        portions_digest,
         policy_digest,
         host_data: report.host_data,
         tcb: verified.tcb,

@@ -1,10 +1,13 @@
 //! Parent-side library for bubbles.
 //!
 //! A parent connects to its host's `bubbled`, creates (or attaches) a
-//! bubble, learns the bubble's public keys from a verified attestation,
-//! seals credentials to the bubble (HPKE, RFC 9180 base mode; the broker
-//! relays only ciphertext), and calls it, verifying each result's Ed25519
-//! signature and optionally opening results sealed to the parent's own key.
+//! bubble, loads its portions, learns the bubble's public keys and code
+//! digests from a verified attestation (which freezes its code), seals
+//! credentials to the bubble and that code (HPKE, RFC 9180 base mode; the
+//! broker relays only ciphertext), and calls it, verifying each result's
+//! Ed25519 signature and optionally opening results sealed to the parent's
+//! own key. Portion calls seal their input to the bubble by default (the
+//! broker sees ciphertext only; the bubble refuses a replayed call).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), bubble_client::ClientError> {
@@ -15,6 +18,7 @@
 //! let measurement = [0u8; 48];
 //! let expect = bubble_client::Expectations::new(measurement, bubble.id(), "uid:1000").allow_sim();
 //! let operator_ark = std::fs::read("/var/lib/bubbled/psp/ark.der").unwrap();
+//! // Load the code first: attesting (or provisioning) freezes it.
 //! bubble.attest(&expect, Some(&operator_ark)).await?;
 //! bubble.provision("tokenization_key", b"secret bytes").await?;
 //! let token = bubble.call_verified("hmac", b"\x10tokenization_key4111111111111111").await?;
@@ -24,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod attest;
 pub mod connect;
@@ -80,6 +85,16 @@ pub struct BubbleKeys {
     pub kem_pk: [u8; 32],
     /// Ed25519 public key (results are signed with it).
     pub sig_pk: [u8; 32],
+}
+
+/// The code a bubble runs, as its attestation binds it: credentials are
+/// sealed to it and open for no other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeBinding {
+    /// The portions digest (zero: no portion loaded).
+    pub portions_digest: [u8; 48],
+    /// The security-policy digest (zero: the default policy).
+    pub policy_digest: [u8; 32],
 }
 
 /// A parent's connection to its broker.
@@ -145,6 +160,8 @@ impl Parent {
             client: self.client.clone(),
             id: id.to_string(),
             keys: None,
+            code: None,
+            last_seq: AtomicU64::new(0),
         }
     }
 }
@@ -154,6 +171,9 @@ pub struct Bubble {
     client: Client,
     id: String,
     keys: Option<BubbleKeys>,
+    code: Option<CodeBinding>,
+    /// The last sealed-input sequence number used.
+    last_seq: AtomicU64,
 }
 
 impl Bubble {
@@ -188,7 +208,46 @@ impl Bubble {
             .into_inner();
         let att = verify_attestation(&a, &nonce, expect, trusted_sim_ark)?;
         self.keys = Some(att.keys);
+        self.code = Some(CodeBinding {
+            portions_digest: att.portions_digest,
+            policy_digest: att.policy_digest,
+        });
         Ok(att)
+    }
+
+    /// The code digests credentials are sealed to, once attested.
+    pub fn code(&self) -> Option<CodeBinding> {
+        self.code
+    }
+
+    /// Trusts `code` as the bubble's code digests (for credentials). Use
+    /// digests a verified attestation report binds.
+    pub fn trust_code(&mut self, code: CodeBinding) {
+        self.code = Some(code);
+    }
+
+    /// Asks the bubble for its keys and code digests (its `attest` binding)
+    /// without a report, and trusts them; like an attestation this freezes
+    /// the bubble's code. The host could substitute them: for tests and
+    /// trusted hosts only.
+    pub async fn trust_unverified(&mut self) -> Result<(BubbleKeys, CodeBinding), ClientError> {
+        use bubble_keys::RngCore;
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        let out = self.call("attest", &nonce).await?;
+        let b = bubble_abi::ops::AttestBinding::decode(&out)
+            .map_err(|_| ClientError::Malformed("attest answer"))?;
+        let keys = BubbleKeys {
+            kem_pk: b.kem_pk,
+            sig_pk: b.sig_pk,
+        };
+        let code = CodeBinding {
+            portions_digest: b.portions_digest,
+            policy_digest: b.policy_digest,
+        };
+        self.keys = Some(keys);
+        self.code = Some(code);
+        Ok((keys, code))
     }
 
     /// Trusts `keys` for sealing and verification. Use keys that a verified
@@ -214,11 +273,14 @@ impl Bubble {
         Ok(k)
     }
 
-    /// Seals `secret` to the bubble (AAD binds bubble id and `name`) and
-    /// provisions it; the broker only ever sees the ciphertext.
+    /// Seals `secret` to the bubble and its attested code (AAD binds bubble
+    /// id, `name`, portions digest and policy digest) and provisions it; the
+    /// broker only ever sees the ciphertext.
     pub async fn provision(&self, name: &str, secret: &[u8]) -> Result<(), ClientError> {
         let keys = self.keys.ok_or(ClientError::NotAttested)?;
-        let aad = bubble_keys::credential_aad(&self.id, name);
+        let code = self.code.ok_or(ClientError::NotAttested)?;
+        let aad =
+            bubble_keys::credential_aad(&self.id, name, &code.portions_digest, &code.policy_digest);
         let sealed = bubble_keys::seal_credential(
             &mut OsRng,
             &keys.kem_pk,
@@ -262,17 +324,59 @@ impl Bubble {
             .map(|s| s.expose().to_vec())
     }
 
-    /// Calls `function` of a loaded portion and verifies the bubble's
-    /// signature over the result.
+    /// Calls `function` of a loaded portion with its input sealed to the
+    /// bubble and verifies the bubble's signature over the result.
     pub async fn call_verified_portion(
         &self,
         portion: &str,
         function: &str,
         input: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
-        self.call_signed_req(portion, function, input, None)
+        self.call_signed_req(portion, function, input, InputMode::Sealed, None)
             .await
             .map(|s| s.expose().to_vec())
+    }
+
+    /// The next sealed-input sequence number: `max(last + 1, Unix time in
+    /// ns)`, so that handles of one bubble interleave by time (see
+    /// `bubble_abi::replay`).
+    pub fn next_seq(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let prev = self
+            .last_seq
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(last.saturating_add(1).max(now))
+            })
+            .unwrap_or_else(|v| v);
+        prev.saturating_add(1).max(now)
+    }
+
+    /// Seals a portion call's input to the bubble: HPKE to its attested KEM
+    /// key, AAD binding bubble id, portion, function and `seq`.
+    pub fn seal_input(
+        &self,
+        portion: &str,
+        function: &str,
+        seq: u64,
+        input: &[u8],
+    ) -> Result<pb::SealedInput, ClientError> {
+        let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        let aad = bubble_keys::sealed_input_aad(&self.id, portion, function, seq);
+        let sealed = bubble_keys::seal_credential(
+            &mut OsRng,
+            &keys.kem_pk,
+            bubble_keys::INFO_SEALED_INPUT,
+            &aad,
+            input,
+        )
+        .map_err(|e| ClientError::Seal(e.to_string()))?;
+        Ok(pb::SealedInput {
+            seq,
+            sealed: sealed.encode(),
+        })
     }
 
     /// A typed handle on a loaded portion: `bubble.portion("payments").call("tokenize", pan)`.
@@ -310,7 +414,8 @@ impl Bubble {
         input: &[u8],
         open_with: Option<&KemKeyPair>,
     ) -> Result<SecretBytes, ClientError> {
-        self.call_signed_req("", op, input, open_with).await
+        self.call_signed_req("", op, input, InputMode::Plain, open_with)
+            .await
     }
 
     async fn call_signed_req(
@@ -318,38 +423,58 @@ impl Bubble {
         portion: &str,
         op: &str,
         input: &[u8],
+        mode: InputMode,
         open_with: Option<&KemKeyPair>,
     ) -> Result<SecretBytes, ClientError> {
         let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        let sealed_input = match mode {
+            InputMode::Sealed if !portion.is_empty() => {
+                Some(self.seal_input(portion, op, self.next_seq(), input)?)
+            }
+            _ => None,
+        };
         let r = self
             .client
             .clone()
             .call(pb::CallRequest {
                 bubble_id: self.id.clone(),
                 op: op.to_string(),
-                input: input.to_vec(),
+                input: if sealed_input.is_some() {
+                    Vec::new()
+                } else {
+                    input.to_vec()
+                },
                 sign: true,
                 seal_to: open_with
                     .map(|k| k.public_key().to_vec())
                     .unwrap_or_default(),
                 portion: portion.to_string(),
+                sealed_input: sealed_input.clone(),
                 ..Default::default()
             })
             .await?
             .into_inner();
         // For a portion call the bubble signs over the exact request it
         // ran, the portion-call frame, which binds the portion and function
-        // too.
-        let signed_input = if portion.is_empty() {
-            input.to_vec()
-        } else {
-            bubble_abi::ops::PortionCall {
+        // too (and for a sealed input, the bubble id, seq and ciphertext).
+        let signed_input = match (&sealed_input, portion.is_empty()) {
+            (_, true) => input.to_vec(),
+            (Some(s), false) => bubble_abi::ops::SealedPortionCall {
+                bubble_id: &self.id,
+                portion,
+                function: op,
+                seq: s.seq,
+                sealed: &s.sealed,
+            }
+            .encode()
+            .map_err(|e| ClientError::BadResult(e.to_string()))?,
+            (None, false) => bubble_abi::ops::PortionCall {
                 portion,
                 function: op,
                 input,
             }
             .encode()
-            .map_err(|e| ClientError::BadResult(e.to_string()))?
+            .map_err(|e| ClientError::BadResult(e.to_string()))?,
         };
         bubble_keys::verify_and_open_result(
             &keys.sig_pk,
@@ -381,16 +506,30 @@ pub struct PortionHandle<'a> {
 }
 
 impl PortionHandle<'_> {
-    /// Calls `function` with `input`; the result is signed by the bubble
-    /// and verified with its attested key before it is returned.
+    /// Calls `function` with `input` sealed to the bubble (the broker sees
+    /// ciphertext only); the result is signed by the bubble and verified
+    /// with its attested key before it is returned.
     pub async fn call(&self, function: &str, input: &[u8]) -> Result<Vec<u8>, ClientError> {
         self.bubble
             .call_verified_portion(self.name, function, input)
             .await
     }
 
+    /// Like [`PortionHandle::call`] with the input in plaintext: the broker
+    /// sees it. For inputs that are not secret.
+    pub async fn call_plain_input(
+        &self,
+        function: &str,
+        input: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        self.bubble
+            .call_signed_req(self.name, function, input, InputMode::Plain, None)
+            .await
+            .map(|s| s.expose().to_vec())
+    }
+
     /// Like [`PortionHandle::call`], with the output sealed to a fresh
-    /// parent key inside the bubble.
+    /// parent key inside the bubble too.
     pub async fn call_sealed(
         &self,
         function: &str,
@@ -398,7 +537,16 @@ impl PortionHandle<'_> {
     ) -> Result<SecretBytes, ClientError> {
         let kp = KemKeyPair::generate(&mut OsRng);
         self.bubble
-            .call_signed_req(self.name, function, input, Some(&kp))
+            .call_signed_req(self.name, function, input, InputMode::Sealed, Some(&kp))
             .await
     }
+}
+
+/// How a portion call's input travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InputMode {
+    /// In plaintext (the broker sees it).
+    Plain,
+    /// Sealed to the bubble (the default for portion calls).
+    Sealed,
 }

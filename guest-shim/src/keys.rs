@@ -120,6 +120,17 @@ pub struct Keys {
     sig: SigningKeyPair,
     creds: BTreeMap<String, SecretBytes>,
     next_call_id: u64,
+    /// Sequence numbers of sealed inputs still accepted.
+    replay: bubble_abi::ReplayWindow,
+}
+
+/// The code a credential or sealed input is bound to: the bubble's current
+/// portions digest and policy digest.
+pub struct CodeDigests {
+    /// Portions digest (zero: none loaded).
+    pub portions: [u8; 48],
+    /// Policy digest (zero: default policy).
+    pub policy: [u8; 32],
 }
 
 /// Why an op on keys failed (text is safe to return: never secret).
@@ -137,6 +148,7 @@ impl Keys {
             sig,
             creds: BTreeMap::new(),
             next_call_id: 1,
+            replay: bubble_abi::ReplayWindow::new(),
         })
     }
 
@@ -150,8 +162,16 @@ impl Keys {
         self.sig.public_key()
     }
 
-    /// Opens a credential sealed to this bubble and keeps it under `name`.
-    pub fn provision(&mut self, bubble_id: &str, name: &str, sealed: &[u8]) -> Result<(), OpError> {
+    /// Opens a credential sealed to this bubble and its current code (the
+    /// AAD binds bubble id, name, portions digest and policy digest) and
+    /// keeps it under `name`.
+    pub fn provision(
+        &mut self,
+        bubble_id: &str,
+        name: &str,
+        sealed: &[u8],
+        code: &CodeDigests,
+    ) -> Result<(), OpError> {
         use bubble_abi::code::{BAD_INPUT, STATE};
         // A name, once provisioned, keeps its value: a parent cannot swap in
         // a key of its choice under a name a portion is granted.
@@ -161,21 +181,52 @@ impl Keys {
         if self.creds.len() >= MAX_CREDENTIALS {
             return Err((BAD_INPUT, "too many credentials"));
         }
-        let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
-        let aad = bubble_keys::credential_aad(bubble_id, name);
-        let secret =
-            bubble_keys::open_credential(&self.kem, &sealed, bubble_keys::INFO_CREDENTIAL, &aad)
-                .map_err(|_| {
-                    (
-                        BAD_INPUT,
-                        "sealed credential does not open for this bubble and name",
-                    )
-                })?;
+        let aad = bubble_keys::credential_aad(bubble_id, name, &code.portions, &code.policy);
+        let secret = self.open(
+            sealed,
+            bubble_keys::INFO_CREDENTIAL,
+            &aad,
+            "sealed credential does not open for this bubble, name, portions and policy",
+        )?;
         if secret.len() > MAX_CREDENTIAL_LEN {
             return Err((BAD_INPUT, "credential too long"));
         }
         self.creds.insert(String::from(name), secret);
         Ok(())
+    }
+
+    /// Opens the sealed input of a `portion_sealed` call: refuses a
+    /// sequence number the replay window has seen, opens the box (AAD:
+    /// bubble id, portion, function, seq), and only then records `seq`.
+    pub fn open_input(&mut self, c: &bubble_abi::ops::SealedPortionCall<'_>) -> Result<SecretBytes, OpError> {
+        const REPLAYED: OpError = (
+            bubble_abi::code::REPLAY,
+            "sealed input sequence number already used",
+        );
+        self.replay.check(c.seq).map_err(|_| REPLAYED)?;
+        let aad = bubble_keys::sealed_input_aad(c.bubble_id, c.portion, c.function, c.seq);
+        let input = self.open(
+            c.sealed,
+            bubble_keys::INFO_SEALED_INPUT,
+            &aad,
+            "sealed input does not open for this bubble, portion, function and sequence number",
+        )?;
+        self.replay.accept(c.seq).map_err(|_| REPLAYED)?;
+        Ok(input)
+    }
+
+    /// Decodes a sealed box and opens it with the bubble's KEM key;
+    /// `refusal` is the NOT_OPENED text when it does not open.
+    fn open(
+        &self,
+        sealed: &[u8],
+        info: &[u8],
+        aad: &[u8],
+        refusal: &'static str,
+    ) -> Result<SecretBytes, OpError> {
+        use bubble_abi::code::{BAD_INPUT, NOT_OPENED};
+        let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
+        bubble_keys::open_credential(&self.kem, &sealed, info, aad).map_err(|_| (NOT_OPENED, refusal))
     }
 
     /// HMAC-SHA256 of `data` under the credential `name`.

@@ -7,8 +7,12 @@
 //! next request. Built-in ops, computed here, inside the guest: `echo`,
 //! `sha256`, `sha256_chain`; with the bubble's own keys (made at boot from
 //! RDRAND): `keys`, `attest`, `provision`, `hmac`; portions: `set_policy`,
-//! `load_portion`, `portion`. A CALL with the SIGN flag gets its result
-//! signed (and with SEAL, sealed) by the bubble.
+//! `load_portion`, `portion`, `portion_sealed`. A CALL with the SIGN flag
+//! gets its result signed (and with SEAL, sealed) by the bubble.
+//!
+//! Code under grants is frozen: once `attest` answered or a credential was
+//! provisioned, `load_portion` and `set_policy` are refused (FROZEN), so the
+//! digests a custodian verified and sealed to stay the bubble's.
 
 #![no_std]
 #![no_main]
@@ -22,10 +26,12 @@ mod rng;
 
 use core::fmt::Write as _;
 use core::panic::PanicInfo;
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 
 use bubble_abi as abi;
-use bubble_abi::ops::{self, AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys};
+use bubble_abi::ops::{
+    self, AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, SealedPortionCall,
+};
 use bubble_abi::{BootInfo, Call, Header, MsgType, Signing, HEADER_LEN};
 use sha2::{Digest, Sha256};
 
@@ -111,6 +117,35 @@ fn log_line(text: &str) {
 
 const BAD: u16 = abi::code::BAD_INPUT;
 
+/// Whether the code is frozen: set when `attest` answers or a credential
+/// is provisioned, never cleared (it is in guest memory, so a frozen copy
+/// keeps it).
+static CODE_FROZEN: AtomicBool = AtomicBool::new(false);
+
+const FROZEN: keys::OpError = (
+    abi::code::FROZEN,
+    "the code is frozen: the bubble attested or holds a credential",
+);
+
+/// The bubble's current portions and policy digests.
+fn code_digests() -> keys::CodeDigests {
+    keys::CodeDigests {
+        portions: portions_if_any().map(|p| p.digest).unwrap_or([0u8; 48]),
+        // SAFETY: single-threaded read.
+        policy: unsafe { *core::ptr::addr_of!(POLICY_DIGEST) },
+    }
+}
+
+/// Runs a portion function on `input` and queues its log lines.
+fn run_portion(portion: &str, function: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+    let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
+    let (out, logs) = p.call(portion, function, input)?;
+    for l in logs {
+        log_line(&l);
+    }
+    Ok(out)
+}
+
 /// Runs an op that produces a fresh output (everything but the in-place
 /// fast paths of unsigned `echo` and `sha256`).
 fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
@@ -137,9 +172,12 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
             let (kem, sig) = keys::KEYS
                 .with(|k| (k.kem_public(), k.sig_public()))
                 .ok_or(NO_KEYS)?;
-            let portions_digest = portions_if_any().map(|p| p.digest).unwrap_or([0u8; 48]);
-            // SAFETY: single-threaded read.
-            let policy_digest = unsafe { *core::ptr::addr_of!(POLICY_DIGEST) };
+            let keys::CodeDigests {
+                portions: portions_digest,
+                policy: policy_digest,
+            } = code_digests();
+            // From here on the code is what this binding reports.
+            CODE_FROZEN.store(true, Ordering::SeqCst);
             // The binding covers the nonce, the loaded portions and the
             // policy: nonce' = nonce ‖ portions_digest ‖ policy_digest.
             let mut bound = alloc::vec::Vec::with_capacity(input.len() + 80);
@@ -159,7 +197,10 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
         }
         ops::OP_PROVISION => {
             let p = Provision::decode(input).map_err(|_| (BAD, "provision needs [id][name][sealed]"))?;
-            keys::KEYS.with(|k| k.provision(p.bubble_id, p.name, p.sealed)).ok_or(NO_KEYS)??;
+            let code = code_digests();
+            keys::KEYS.with(|k| k.provision(p.bubble_id, p.name, p.sealed, &code)).ok_or(NO_KEYS)??;
+            // The credential opened for this code: it stays this code.
+            CODE_FROZEN.store(true, Ordering::SeqCst);
             Ok(alloc::vec::Vec::new())
         }
         ops::OP_HMAC => {
@@ -171,6 +212,9 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
             keys::KEYS.with(|k| k.hmac(name, data)).ok_or(NO_KEYS)?.map(|m| m.to_vec())
         }
         ops::OP_SET_POLICY => {
+            if CODE_FROZEN.load(Ordering::SeqCst) {
+                return Err(FROZEN);
+            }
             let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
             if p.policy_set || p.digest != [0u8; 48] {
                 return Err((abi::code::STATE, "the policy is set once, before any portion is loaded"));
@@ -184,22 +228,27 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
         }
         ops::OP_LOAD_PORTION => {
             let l = LoadPortion::decode(input).map_err(|_| (BAD, "load_portion needs [name][module]"))?;
+            if CODE_FROZEN.load(Ordering::SeqCst) {
+                return Err(FROZEN);
+            }
             let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
             p.load(l.name, l.module).map(|d| d.to_vec())
         }
         ops::OP_PORTION => {
             let c = PortionCall::decode(input)
                 .map_err(|_| (BAD, "portion call needs [portion][function][input]"))?;
-            let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
-            let (out, logs) = p.call(c.portion, c.function, c.input)?;
-            for l in logs {
-                log_line(&l);
-            }
-            Ok(out)
+            run_portion(c.portion, c.function, c.input)
+        }
+        ops::OP_PORTION_SEALED => {
+            let c = SealedPortionCall::decode(input)
+                .map_err(|_| (BAD, "portion_sealed needs [id][portion][function][seq][sealed]"))?;
+            // Zeroized when it drops, after the call.
+            let plain = keys::KEYS.with(|k| k.open_input(&c)).ok_or(NO_KEYS)??;
+            run_portion(c.portion, c.function, plain.expose())
         }
         _ => Err((
             abi::code::UNKNOWN_OP,
-            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion)",
+            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion, portion_sealed)",
         )),
     }
 }

@@ -82,7 +82,9 @@ impl Policy {
 
 /// Per-call state visible to host functions.
 pub struct HostState {
-    input: Vec<u8>,
+    /// The call's input (a sealed input's plaintext): zeroized when the
+    /// call ends.
+    input: bubble_keys::SecretBytes,
     output: Vec<u8>,
     max_output: usize,
     granted: Vec<String>,
@@ -178,15 +180,25 @@ fn define(linker: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerErr
         m,
         "input_read",
         |mut c: Caller<'_, HostState>, ptr: i32, len: i32| -> i32 {
-            if len < 0 {
+            if len < 0 || ptr < 0 {
                 return -1;
             }
-            let n = (len as usize).min(c.data().input.len());
-            let data = c.data().input[..n].to_vec();
-            if write_mem(&mut c, ptr, &data) {
-                n as i32
-            } else {
-                -1
+            let Some(mem) = memory(&c) else { return -1 };
+            // Straight from the input into linear memory: no other copy of
+            // a sealed input's plaintext.
+            let (linear, st) = mem.data_and_store_mut(&mut c);
+            let src = st.input.expose();
+            let n = (len as usize).min(src.len());
+            let start = ptr as usize;
+            match start
+                .checked_add(n)
+                .and_then(|end| linear.get_mut(start..end))
+            {
+                Some(dst) => {
+                    dst.copy_from_slice(&src[..n]);
+                    n as i32
+                }
+                None => -1,
             }
         },
     )?;
@@ -393,7 +405,7 @@ impl Portions {
         let m = Module::new(&self.engine, module)
             .map_err(|_| (code::BAD_INPUT, "invalid WebAssembly module"))?;
         let state = HostState {
-            input: Vec::new(),
+            input: bubble_keys::SecretBytes::new(Vec::new()),
             output: Vec::new(),
             max_output: self.policy.max_output,
             granted: self.policy.grants.get(name).cloned().unwrap_or_default(),
@@ -452,7 +464,7 @@ impl Portions {
             })?;
         {
             let st = p.store.data_mut();
-            st.input = input.to_vec();
+            st.input = bubble_keys::SecretBytes::from_slice(input);
             st.output.clear();
             st.logs = 0;
             st.log_lines.clear();
@@ -463,7 +475,8 @@ impl Portions {
             .map_err(|_| (code::INTERNAL, "fuel"))?;
         let r = f.call(&mut p.store, ());
         let st = p.store.data_mut();
-        st.input.clear();
+        // Dropping the old value zeroizes it.
+        st.input = bubble_keys::SecretBytes::new(Vec::new());
         let logs = core::mem::take(&mut st.log_lines);
         match r {
             Ok(0) => Ok((core::mem::take(&mut st.output), logs)),

@@ -33,7 +33,9 @@
 //! let rd = report_data(b"verifier nonce 16", &kem.public_key(), &signer.public_key());
 //! # let _ = rd;
 //! // Parent (after verifying the report): seal a credential to the bubble.
-//! let aad = credential_aad("bub-1", "gateway-key");
+//! // The portions and policy digests the verified report binds.
+//! let (portions, policy) = ([0u8; 48], [0u8; 32]);
+//! let aad = credential_aad("bub-1", "gateway-key", &portions, &policy);
 //! let wire = seal_credential(&mut rng, &kem.public_key(), INFO_CREDENTIAL, &aad, b"sk_live_x")?
 //!     .encode();
 //! // Bubble: open it (the broker only relayed `wire`).
@@ -77,8 +79,8 @@ pub use envelope::{
 pub use envelope::{wrap_key, KekFileError};
 pub use error::Error;
 pub use hpke::{
-    credential_aad, open_credential, seal_credential, seal_credential_with, AeadId, KemKeyPair,
-    SealedBox, INFO_CREDENTIAL,
+    credential_aad, open_credential, seal_credential, seal_credential_with, sealed_input_aad,
+    AeadId, KemKeyPair, SealedBox, INFO_CREDENTIAL, INFO_SEALED_INPUT,
 };
 pub use secret::SecretBytes;
 pub use sign::{

@@ -135,6 +135,15 @@ fn payments_flow_from_the_cli_alone() {
     );
     assert!(msg.contains("memory_mib"), "{msg}");
 
+    // Load the portion first (text is compiled by the CLI): attesting and
+    // provisioning freeze the bubble's code.
+    let v = ctl_json(
+        s,
+        &["portion", "load", &id, "payments", wat.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(v["module_sha384_hex"].as_str().unwrap().len(), 96);
+    let expect_portion = format!("payments={}", wat.display());
     let trust = [
         "--measurement",
         measurement.as_str(),
@@ -143,6 +152,8 @@ fn payments_flow_from_the_cli_alone() {
         ark.to_str().unwrap(),
         "--expect-policy-file",
         policy.to_str().unwrap(),
+        "--expect-portion",
+        &expect_portion,
     ];
     let tok_key = "tokenization-key-of-the-parent-01";
     let key_file = d.join("tok.key");
@@ -173,18 +184,8 @@ fn payments_flow_from_the_cli_alone() {
     args.extend_from_slice(&trust);
     ctl_json(s, &args, &[("GW_SEED", &"*".repeat(32))]);
 
-    // Load the portion (text is compiled by the CLI).
-    let v = ctl_json(
-        s,
-        &["portion", "load", &id, "payments", wat.to_str().unwrap()],
-        &[],
-    );
-    assert_eq!(v["module_sha384_hex"].as_str().unwrap().len(), 96);
-
-    // A signed portion call, verified against the attested key (the
-    // attestation now expects the portion).
+    // A signed portion call, verified against the attested key.
     let pan = "4111111111111111";
-    let expect_portion = format!("payments={}", wat.display());
     let mut args = vec![
         "call",
         &id,
@@ -194,8 +195,6 @@ fn payments_flow_from_the_cli_alone() {
         "--input",
         pan,
         "--sign",
-        "--expect-portion",
-        &expect_portion,
         "--output",
         "hex",
     ];

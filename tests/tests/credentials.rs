@@ -4,69 +4,10 @@
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
 use bubble_client::{ClientError, Parent};
+use bubble_e2e_tests::spy::{contains, files_under, recording_proxy};
 use bubble_e2e_tests::*;
 use hmac::{Hmac, Mac};
-use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A Unix-socket proxy in front of the broker that records every byte of
-/// the gRPC traffic in both directions.
-async fn recording_proxy(
-    broker_sock: std::path::PathBuf,
-    at: std::path::PathBuf,
-) -> Arc<Mutex<Vec<u8>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let l = tokio::net::UnixListener::bind(&at).unwrap();
-    let s2 = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((c, _)) = l.accept().await else { return };
-            let b = tokio::net::UnixStream::connect(&broker_sock).await.unwrap();
-            let (mut cr, mut cw) = c.into_split();
-            let (mut br, mut bw) = b.into_split();
-            let (up, down) = (s2.clone(), s2.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = cr.read(&mut buf).await {
-                    if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    up.lock().extend_from_slice(&buf[..n]);
-                }
-            });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = br.read(&mut buf).await {
-                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    down.lock().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-    });
-    seen
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else if p.is_file() {
-            out.push(p);
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_is_used_inside_and_never_seen_by_the_host() {
@@ -82,8 +23,7 @@ async fn credential_is_used_inside_and_never_seen_by_the_host() {
         bubble.provision("tokenization_key", b"x").await,
         Err(ClientError::NotAttested)
     ));
-    let keys = bubble.fetch_keys_unverified().await.unwrap();
-    bubble.trust_keys(keys);
+    let (keys, _) = bubble.trust_unverified().await.unwrap();
 
     let secret = b"tok-key:7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e";
     bubble.provision("tokenization_key", secret).await.unwrap();
@@ -130,7 +70,7 @@ async fn credential_is_used_inside_and_never_seen_by_the_host() {
     // The plaintext is nowhere on the host side: not in the gRPC traffic,
     // the registry, the broker's or the VMM's logs, or any file of the
     // broker's data directory.
-    let t = traffic.lock().clone();
+    let t = traffic.lock().unwrap().clone();
     assert!(t.len() > 1000, "the proxy saw the traffic");
     assert!(
         !contains(&t, secret),

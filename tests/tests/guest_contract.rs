@@ -112,7 +112,13 @@ async fn internal_ops_are_refused_on_call() {
     let id = b.bubble_id;
     // A parent cannot change the attested policy, load a portion the
     // broker's list does not show, or provision around its checks.
-    for op in ["set_policy", "load_portion", "provision", "portion"] {
+    for op in [
+        "set_policy",
+        "load_portion",
+        "provision",
+        "portion",
+        "portion_sealed",
+    ] {
         for sign in [false, true] {
             let req = pb::CallRequest {
                 sign,

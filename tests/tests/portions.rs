@@ -54,15 +54,6 @@ async fn payments_portion_tokenizes_and_signs_within_policy() {
     );
     let parent = Parent::from_client(c.clone());
     let mut bubble = parent.bubble(&b.bubble_id);
-    let keys = bubble.fetch_keys_unverified().await.unwrap();
-    bubble.trust_keys(keys);
-    let tok_key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7)).collect();
-    let gw_seed = [42u8; 32];
-    bubble
-        .provision("tokenization_key", &tok_key)
-        .await
-        .unwrap();
-    bubble.provision("gateway_key", &gw_seed).await.unwrap();
 
     // Load the portions; the digest chain is recomputable by the parent.
     let mut expect = [0u8; 48];
@@ -85,6 +76,17 @@ async fn payments_portion_tokenizes_and_signs_within_policy() {
         expect = h.finalize().into();
         assert_eq!(r.portions_digest, expect.to_vec());
     }
+    // Then the keys and code digests (the attest binding freezes the code),
+    // then the credentials, sealed to that code.
+    let (_, code) = bubble.trust_unverified().await.unwrap();
+    assert_eq!(code.portions_digest, expect);
+    let tok_key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7)).collect();
+    let gw_seed = [42u8; 32];
+    bubble
+        .provision("tokenization_key", &tok_key)
+        .await
+        .unwrap();
+    bubble.provision("gateway_key", &gw_seed).await.unwrap();
     // The attestation binding reflects the loaded portions.
     let a = c
         .call(call_req(&b.bubble_id, "attest", &[9u8; 32]))

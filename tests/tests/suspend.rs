@@ -30,8 +30,7 @@ async fn suspend_restore_and_every_refusal() {
     let parent = Parent::from_client(c.clone());
     let mut bubble = parent.create(16).await.unwrap();
     let id = bubble.id().to_string();
-    let keys = bubble.fetch_keys_unverified().await.unwrap();
-    bubble.trust_keys(keys);
+    let (keys, _) = bubble.trust_unverified().await.unwrap();
     bubble
         .provision("token", b"a credential that survives")
         .await
@@ -224,8 +223,7 @@ async fn restore_on_a_second_broker_sharing_the_store() {
     let parent = Parent::from_client(ca.clone());
     let mut bubble = parent.create(16).await.unwrap();
     let id = bubble.id().to_string();
-    let keys = bubble.fetch_keys_unverified().await.unwrap();
-    bubble.trust_keys(keys);
+    bubble.trust_unverified().await.unwrap();
     bubble
         .provision("token", b"moves between hosts")
         .await

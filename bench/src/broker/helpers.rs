@@ -44,11 +44,13 @@ pub(crate) async fn time_calls(
     Ok(v)
 }
 
-/// A bubble with the payments portion and a provisioned tokenization key.
+/// A bubble with the payments portion and a provisioned tokenization key,
+/// in the order grants require: load, attest (here the unverified binding;
+/// it freezes the code), provision.
 pub(crate) async fn payments_bubble(
     c: &client::Client,
     create: &pb::CreateBubbleRequest,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<bubble_client::Bubble> {
     let mut c = c.clone();
     let b = c
         .create_bubble(pb::CreateBubbleRequest {
@@ -65,13 +67,12 @@ pub(crate) async fn payments_bubble(
         .into_inner();
     let parent = bubble_client::Parent::from_client(c.clone());
     let mut bubble = parent.bubble(&b.bubble_id);
-    let keys = bubble.fetch_keys_unverified().await?;
-    bubble.trust_keys(keys);
-    bubble.provision("tokenization_key", &[0x5a; 32]).await?;
     bubble
         .load_portion("payments", &wat::parse_str(PAYMENTS_WAT)?)
         .await?;
-    Ok(b.bubble_id)
+    bubble.trust_unverified().await?;
+    bubble.provision("tokenization_key", &[0x5a; 32]).await?;
+    Ok(bubble)
 }
 
 /// A tokenize call of the payments portion.

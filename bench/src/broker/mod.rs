@@ -43,6 +43,7 @@ pub(crate) struct Ctx {
 pub(crate) const THROUGH_BROKER: &[&str] = &[
     "get_attestation",
     "call_tokenize",
+    "call_tokenize_sealed",
     "tokenize_4_parents",
     "attach_warm",
     "density_1000",
@@ -102,7 +103,7 @@ pub(crate) async fn through_broker(
     if want("get_attestation") {
         results.insert("get_attestation", calls::get_attestation(&mut x).await?);
     }
-    if want("call_tokenize") || want("tokenize_4_parents") {
+    if want("call_tokenize") || want("call_tokenize_sealed") || want("tokenize_4_parents") {
         tokenize::run(&mut x, want, opts.calls, results).await?;
     }
     if want("attach_warm") {

@@ -19,11 +19,12 @@ use crate::vmm::ImageSpec;
 /// change the policy after it was attested, load a portion the broker's
 /// list (and so the attestation) does not show, or bypass the checks of
 /// ProvisionCredential.
-const RESERVED_OPS: [&str; 4] = [
+const RESERVED_OPS: [&str; 5] = [
     bubble_abi::ops::OP_SET_POLICY,
     bubble_abi::ops::OP_LOAD_PORTION,
     bubble_abi::ops::OP_PROVISION,
     bubble_abi::ops::OP_PORTION,
+    bubble_abi::ops::OP_PORTION_SEALED,
 ];
 
 /// Longest an attach may wait for a pooled bubble.
@@ -362,6 +363,12 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
         }
     };
     let target = if req.portion.is_empty() {
+        if req.sealed_input.is_some() {
+            return Err(invalid(
+                "sealed_input",
+                "only portion calls take a sealed input",
+            ));
+        }
         if RESERVED_OPS.contains(&req.op.as_str()) {
             return Err(invalid(
                 "op",
@@ -373,20 +380,54 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
             ));
         }
         Target::Builtin
-    } else if valid_name(&req.portion) {
-        Target::Portion(req.portion)
-    } else {
+    } else if !valid_name(&req.portion) {
         return Err(invalid("portion", NAME_RULE));
+    } else if let Some(s) = &req.sealed_input {
+        sealed_input(&req.input, s, cfg)?;
+        Target::SealedPortion {
+            portion: req.portion,
+            seq: s.seq,
+        }
+    } else {
+        Target::Portion(req.portion)
+    };
+    let input = match req.sealed_input {
+        Some(s) => s.sealed,
+        None => req.input,
     };
     Ok(Call {
         bubble_id: req.bubble_id,
         op: req.op,
         target,
-        input: req.input,
+        input,
         deadline,
         sign: req.sign,
         seal_to,
     })
+}
+
+/// Checks a sealed input's shape: a sequence number, a sealed box that
+/// fits the payload limit with the frame's bubble id and `seq`, and no
+/// plaintext input beside it.
+fn sealed_input(plain: &[u8], s: &pb::SealedInput, cfg: &BrokerConfig) -> Result<(), BrokerError> {
+    if !plain.is_empty() {
+        return Err(invalid("input", "must be empty when sealed_input is set"));
+    }
+    if s.seq == 0 {
+        return Err(invalid("sealed_input.seq", "must be > 0"));
+    }
+    // The frame adds the bubble id (1 + 34 bytes) and `seq` (8).
+    let max = cfg.max_payload.saturating_sub(43);
+    if s.sealed.len() < bubble_keys::hpke::SEALED_BOX_MIN_LEN || s.sealed.len() > max {
+        return Err(invalid(
+            "sealed_input.sealed",
+            format!(
+                "must be a sealed box of {} to {max} bytes",
+                bubble_keys::hpke::SEALED_BOX_MIN_LEN
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// ProvisionCredential.
@@ -454,78 +495,4 @@ pub fn restore(req: pb::RestoreBubbleRequest) -> Result<Restore, BrokerError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_and_ops_are_validated() {
-        assert!(validate_bubble_id("b-0123456789abcdef0123456789abcdef").is_ok());
-        for bad in [
-            "",
-            "b-",
-            "b-0123456789ABCDEF0123456789abcdef",
-            "x-0123456789abcdef0123456789abcdef",
-            "b-0123456789abcdef0123456789abcdef0",
-        ] {
-            assert!(validate_bubble_id(bad).is_err(), "{bad}");
-        }
-        assert!(validate_op("sha256").is_ok());
-        assert!(validate_op("").is_err());
-        assert!(validate_op("a b").is_err());
-        assert!(validate_op(&"x".repeat(65)).is_err());
-        assert!(validate_op(&"x".repeat(bubble_abi::MAX_OP_LEN)).is_ok());
-        assert!(validate_request_id("").is_ok());
-        assert!(validate_request_id("retry-1:a.b_c").is_ok());
-        assert!(validate_request_id("no spaces").is_err());
-        assert!(validate_request_id(&"k".repeat(129)).is_err());
-    }
-
-    #[test]
-    fn errors_map_to_status_codes() {
-        let s: tonic::Status = invalid("memory_mib", "too big").into();
-        assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        assert!(s.message().starts_with("memory_mib:"));
-        let s: tonic::Status = BrokerError::NotAccessible("b-x".into()).into();
-        assert_eq!(s.code(), tonic::Code::PermissionDenied);
-        let s: tonic::Status = BrokerError::Queued("b-x".into()).into();
-        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
-    }
-
-    #[test]
-    fn a_call_request_becomes_a_bounded_command() {
-        let cfg = BrokerConfig::new("/nonexistent".into()).expect("config");
-        let mut req = pb::CallRequest {
-            bubble_id: "b-0123456789abcdef0123456789abcdef".into(),
-            op: "tokenize".into(),
-            portion: "payments".into(),
-            seal_to: vec![7; 32],
-            ..Default::default()
-        };
-        let c = call(req.clone(), &cfg).expect("valid");
-        assert_eq!(c.target, Target::Portion("payments".into()));
-        assert_eq!(c.seal_to, Some([7; 32]));
-        assert_eq!(c.deadline, None);
-        req.seal_to = vec![1; 31];
-        assert!(call(req.clone(), &cfg).is_err());
-        req.seal_to.clear();
-        req.portion = "bad name".into();
-        assert!(call(req.clone(), &cfg).is_err());
-        for op in RESERVED_OPS {
-            let mut raw = req.clone();
-            raw.portion.clear();
-            raw.op = op.into();
-            assert!(call(raw, &cfg).is_err(), "{op} is reserved");
-        }
-        // As a portion's function name it is just a name.
-        let mut named = req.clone();
-        named.portion = "payments".into();
-        named.op = "provision".into();
-        assert!(call(named, &cfg).is_ok());
-        req.portion.clear();
-        req.input = vec![0; cfg.max_payload + 1];
-        assert!(call(req.clone(), &cfg).is_err());
-        req.input.clear();
-        req.deadline_ms = u32::MAX;
-        assert!(call(req, &cfg).is_err());
-    }
-}
+mod tests;

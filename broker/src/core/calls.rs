@@ -1,11 +1,14 @@
-//! Calls into a bubble: plain and portion calls, signed and sealed results,
+//! Calls into a bubble: plain and portion calls (with plaintext or sealed
+//! inputs), signed and sealed results,
 //! credential provisioning and portion loading. Every call holds its
 //! bubble's permit; BUSY is the permit's lifetime.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bubble_abi::ops::{PortionCall, SignedResult, OP_PORTION};
+use bubble_abi::ops::{
+    PortionCall, SealedPortionCall, SignedResult, OP_PORTION, OP_PORTION_SEALED,
+};
 use bubble_abi::{self as abi, Signing};
 use tracing::info;
 
@@ -30,6 +33,8 @@ impl Broker {
         let rec = &permit.rec;
         // A portion call runs function `op` of portion `portion`, under the
         // policy's deadline unless the caller asks for a shorter one.
+        let cap = Duration::from_millis(u64::from(rec.policy.call_deadline_ms));
+        let portion_deadline = cmd.deadline.map_or(cap, |d| d.min(cap));
         let (op, call_input, deadline) = match &cmd.target {
             Target::Builtin => (cmd.op.as_str(), cmd.input, wait),
             Target::Portion(portion) => {
@@ -40,9 +45,20 @@ impl Broker {
                 }
                 .encode()
                 .map_err(|e| invalid("portion", e.to_string()))?;
-                let cap = Duration::from_millis(u64::from(rec.policy.call_deadline_ms));
-                let d = cmd.deadline.map_or(cap, |d| d.min(cap));
-                (OP_PORTION, frame, d)
+                (OP_PORTION, frame, portion_deadline)
+            }
+            // The broker relays the ciphertext; the bubble opens it.
+            Target::SealedPortion { portion, seq } => {
+                let frame = SealedPortionCall {
+                    bubble_id: &rec.id,
+                    portion,
+                    function: &cmd.op,
+                    seq: *seq,
+                    sealed: &cmd.input,
+                }
+                .encode()
+                .map_err(|e| invalid("sealed_input", e.to_string()))?;
+                (OP_PORTION_SEALED, frame, portion_deadline)
             }
         };
         // Signed (and maybe sealed) inside the bubble: the SIGN and SEAL

@@ -41,6 +41,16 @@ pub enum Target {
     Builtin,
     /// Function `op` of the named portion.
     Portion(String),
+    /// Function `op` of the named portion, with the input (the call's
+    /// `input` bytes) a sealed box the bubble opens: HPKE to the bubble's
+    /// key, AAD binding bubble id, portion, function and `seq`.
+    SealedPortion {
+        /// The portion.
+        portion: String,
+        /// The per-call sequence number (nonce) the bubble's replay window
+        /// checks.
+        seq: u64,
+    },
 }
 
 /// Run an op in a bubble.

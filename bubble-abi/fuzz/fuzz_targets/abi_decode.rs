@@ -4,8 +4,8 @@
 #![no_main]
 
 use bubble_abi::ops::{
-    AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, Sha256Chain,
-    SignedResult,
+    AttestBinding, Hmac, LoadPortion, PortionCall, Provision, PublicKeys, SealedPortionCall,
+    Sha256Chain, SignedResult,
 };
 use bubble_abi::*;
 use libfuzzer_sys::fuzz_target;
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, b)) = data.split_first() else {
         return;
     };
-    match which % 14 {
+    match which % 15 {
         0 => {
             if let Ok(h) = Header::decode(b, 1 << 20) {
                 let back = Header::decode(&h.encode(), 1 << 20);
@@ -84,6 +84,12 @@ fuzz_target!(|data: &[u8]| {
         }
         12 => {
             if let Ok(c) = Sha256Chain::decode(b) {
+                same(b, |o| c.encode_into(o));
+            }
+        }
+        13 => {
+            if let Ok(c) = SealedPortionCall::decode(b) {
+                assert_eq!(c.encoded_len(), b.len());
                 same(b, |o| c.encode_into(o));
             }
         }

@@ -4,8 +4,11 @@
 //!
 //! A parent seals a credential to the bubble's X25519 key with
 //! [`seal_credential`], using `info` = [`INFO_CREDENTIAL`] and
-//! `aad` = [`credential_aad`]`(bubble_id, name)`; the broker relays the
-//! [`SealedBox`] wire bytes; the bubble opens it with [`open_credential`].
+//! `aad` = [`credential_aad`]`(bubble_id, name, portions_digest,
+//! policy_digest)`; the broker relays the [`SealedBox`] wire bytes; the
+//! bubble opens it with [`open_credential`]. A call's input is sealed the
+//! same way with `info` = [`INFO_SEALED_INPUT`] and `aad` =
+//! [`sealed_input_aad`]`(bubble_id, portion, function, seq)`.
 //!
 //! The HPKE itself is the `hpke` crate (rust-hpke), built without `std`,
 //! `getrandom` or its post-quantum KEMs, so the bare-metal guest uses the
@@ -184,12 +187,41 @@ impl fmt::Debug for KemKeyPair {
     }
 }
 
-/// The AAD binding a credential to its bubble and name, unambiguously:
-/// `u64 LE len(bubble_id) || bubble_id || u64 LE len(name) || name`.
-pub fn credential_aad(bubble_id: &str, name: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + bubble_id.len() + name.len());
+/// HPKE `info` for a call's input sealed to a bubble.
+pub const INFO_SEALED_INPUT: &[u8] = b"bubble-v1 sealed input";
+
+/// The AAD binding a credential to its bubble, its name and the code set
+/// the custodian verified, unambiguously:
+/// `u64 LE len(bubble_id) || bubble_id || u64 LE len(name) || name ||
+/// portions_digest (48) || policy_digest (32)`.
+///
+/// The digests are the ones a verified attestation report binds; the
+/// bubble opens with its current ones, so a credential sealed for one set
+/// of portions and one policy opens for no other.
+pub fn credential_aad(
+    bubble_id: &str,
+    name: &str,
+    portions_digest: &[u8; 48],
+    policy_digest: &[u8; 32],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + bubble_id.len() + name.len() + 80);
     push_len_prefixed(&mut out, bubble_id.as_bytes());
     push_len_prefixed(&mut out, name.as_bytes());
+    out.extend_from_slice(portions_digest);
+    out.extend_from_slice(policy_digest);
+    out
+}
+
+/// The AAD of a sealed call input, unambiguously:
+/// `u64 LE len(bubble_id) || bubble_id || u64 LE len(portion) || portion ||
+/// u64 LE len(function) || function || u64 LE seq`, where `seq` is the
+/// call's nonce (the bubble refuses one it has seen).
+pub fn sealed_input_aad(bubble_id: &str, portion: &str, function: &str, seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + bubble_id.len() + portion.len() + function.len());
+    push_len_prefixed(&mut out, bubble_id.as_bytes());
+    push_len_prefixed(&mut out, portion.as_bytes());
+    push_len_prefixed(&mut out, function.as_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
     out
 }
 

@@ -125,7 +125,7 @@ fn seal_sample(rng: &mut TestRng, kp: &KemKeyPair, aad: &[u8]) -> SealedBox {
 fn sample() -> (KemKeyPair, SealedBox, Vec<u8>) {
     let mut rng = TestRng::new(1);
     let kp = KemKeyPair::generate(&mut rng);
-    let aad = credential_aad("bub-1234", "stripe-key");
+    let aad = credential_aad("bub-1234", "stripe-key", &[1; 48], &[2; 32]);
     let sealed = seal_sample(&mut rng, &kp, &aad);
     (kp, sealed, aad)
 }
@@ -186,11 +186,15 @@ fn every_bit_flip_of_the_wire_encoding_is_rejected() {
 fn wrong_aad_info_or_key_is_rejected() {
     let (kp, sealed, aad) = sample();
     assert!(open_credential(&kp, &sealed, INFO_CREDENTIAL, &aad).is_ok());
-    let other_name = credential_aad("bub-1234", "other-key");
-    let other_bubble = credential_aad("bub-1235", "stripe-key");
+    let other_name = credential_aad("bub-1234", "other-key", &[1; 48], &[2; 32]);
+    let other_bubble = credential_aad("bub-1235", "stripe-key", &[1; 48], &[2; 32]);
+    let other_code = credential_aad("bub-1234", "stripe-key", &[3; 48], &[2; 32]);
+    let other_policy = credential_aad("bub-1234", "stripe-key", &[1; 48], &[4; 32]);
     for bad in [
         &other_name[..],
         &other_bubble[..],
+        &other_code[..],
+        &other_policy[..],
         b"",
         &aad[..aad.len() - 1],
     ] {
@@ -345,14 +349,44 @@ fn key_pair_serialization_and_debug() {
 
 #[test]
 fn credential_aad_is_unambiguous() {
-    assert_ne!(credential_aad("ab", "c"), credential_aad("a", "bc"));
-    assert_ne!(credential_aad("", "ab"), credential_aad("ab", ""));
-    let aad = credential_aad("b1", "k");
+    let (p, q) = (&[5; 48], &[6; 32]);
+    assert_ne!(
+        credential_aad("ab", "c", p, q),
+        credential_aad("a", "bc", p, q)
+    );
+    assert_ne!(
+        credential_aad("", "ab", p, q),
+        credential_aad("ab", "", p, q)
+    );
+    let aad = credential_aad("b1", "k", p, q);
     let mut want = vec![2, 0, 0, 0, 0, 0, 0, 0];
     want.extend_from_slice(b"b1");
     want.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
     want.extend_from_slice(b"k");
+    want.extend_from_slice(p);
+    want.extend_from_slice(q);
     assert_eq!(aad, want);
+}
+
+#[test]
+fn sealed_input_aad_is_unambiguous_and_binds_every_field() {
+    let base = sealed_input_aad("b1", "pay", "tok", 7);
+    assert_ne!(base, sealed_input_aad("b2", "pay", "tok", 7));
+    assert_ne!(base, sealed_input_aad("b1", "pax", "tok", 7));
+    assert_ne!(base, sealed_input_aad("b1", "pay", "tox", 7));
+    assert_ne!(base, sealed_input_aad("b1", "pay", "tok", 8));
+    assert_ne!(
+        sealed_input_aad("b1", "pa", "ytok", 7),
+        sealed_input_aad("b1", "pay", "tok", 7)
+    );
+    let mut want = vec![2, 0, 0, 0, 0, 0, 0, 0];
+    want.extend_from_slice(b"b1");
+    want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]);
+    want.extend_from_slice(b"pay");
+    want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]);
+    want.extend_from_slice(b"tok");
+    want.extend_from_slice(&7u64.to_le_bytes());
+    assert_eq!(base, want);
 }
 
 #[test]

@@ -1,0 +1,115 @@
+//! Request validation, unit by unit.
+
+use super::*;
+
+#[test]
+fn ids_and_ops_are_validated() {
+    assert!(validate_bubble_id("b-0123456789abcdef0123456789abcdef").is_ok());
+    for bad in [
+        "",
+        "b-",
+        "b-0123456789ABCDEF0123456789abcdef",
+        "x-0123456789abcdef0123456789abcdef",
+        "b-0123456789abcdef0123456789abcdef0",
+    ] {
+        assert!(validate_bubble_id(bad).is_err(), "{bad}");
+    }
+    assert!(validate_op("sha256").is_ok());
+    assert!(validate_op("").is_err());
+    assert!(validate_op("a b").is_err());
+    assert!(validate_op(&"x".repeat(65)).is_err());
+    assert!(validate_op(&"x".repeat(bubble_abi::MAX_OP_LEN)).is_ok());
+    assert!(validate_request_id("").is_ok());
+    assert!(validate_request_id("retry-1:a.b_c").is_ok());
+    assert!(validate_request_id("no spaces").is_err());
+    assert!(validate_request_id(&"k".repeat(129)).is_err());
+}
+
+#[test]
+fn errors_map_to_status_codes() {
+    let s: tonic::Status = invalid("memory_mib", "too big").into();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(s.message().starts_with("memory_mib:"));
+    let s: tonic::Status = BrokerError::NotAccessible("b-x".into()).into();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    let s: tonic::Status = BrokerError::Queued("b-x".into()).into();
+    assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+}
+
+#[test]
+fn a_call_request_becomes_a_bounded_command() {
+    let cfg = BrokerConfig::new("/nonexistent".into()).expect("config");
+    let mut req = pb::CallRequest {
+        bubble_id: "b-0123456789abcdef0123456789abcdef".into(),
+        op: "tokenize".into(),
+        portion: "payments".into(),
+        seal_to: vec![7; 32],
+        ..Default::default()
+    };
+    let c = call(req.clone(), &cfg).expect("valid");
+    assert_eq!(c.target, Target::Portion("payments".into()));
+    assert_eq!(c.seal_to, Some([7; 32]));
+    assert_eq!(c.deadline, None);
+    req.seal_to = vec![1; 31];
+    assert!(call(req.clone(), &cfg).is_err());
+    req.seal_to.clear();
+    req.portion = "bad name".into();
+    assert!(call(req.clone(), &cfg).is_err());
+    for op in RESERVED_OPS {
+        let mut raw = req.clone();
+        raw.portion.clear();
+        raw.op = op.into();
+        assert!(call(raw, &cfg).is_err(), "{op} is reserved");
+    }
+    // As a portion's function name it is just a name.
+    let mut named = req.clone();
+    named.portion = "payments".into();
+    named.op = "provision".into();
+    assert!(call(named, &cfg).is_ok());
+    // A sealed input: portion calls only, no plaintext beside it, seq > 0.
+    let sealed = pb::SealedInput {
+        seq: 7,
+        sealed: vec![1; 60],
+    };
+    let mut s = req.clone();
+    s.portion = "payments".into();
+    s.sealed_input = Some(sealed.clone());
+    let c = call(s.clone(), &cfg).expect("valid sealed");
+    let want = Target::SealedPortion {
+        portion: "payments".into(),
+        seq: 7,
+    };
+    assert_eq!((c.target, c.input), (want, sealed.sealed.clone()));
+    for bad in [
+        pb::CallRequest {
+            input: vec![1],
+            ..s.clone()
+        },
+        pb::CallRequest {
+            portion: String::new(),
+            ..s.clone()
+        },
+        pb::CallRequest {
+            sealed_input: Some(pb::SealedInput {
+                seq: 0,
+                ..sealed.clone()
+            }),
+            ..s.clone()
+        },
+        pb::CallRequest {
+            sealed_input: Some(pb::SealedInput {
+                sealed: vec![1; 50],
+                ..sealed
+            }),
+            ..s
+        },
+    ] {
+        assert!(call(bad, &cfg).is_err());
+    }
+    req.portion.clear();
+    req.input = vec![0; cfg.max_payload + 1];
+    assert!(call(req.clone(), &cfg).is_err());
+    req.input.clear();
+    req.deadline_ms = u32::MAX;
+    assert!(call(req, &cfg).is_err());
+}
