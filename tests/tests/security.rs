@@ -360,18 +360,21 @@ fn admin_post(broker: &BrokerProc, path: &str) -> String {
 
 /// A hostile portion that keeps asking for a credential it was not
 /// granted: after three strikes its bubble is FAILED with the reason and
-/// its module cannot be loaded anywhere until the operator lifts it.
+/// its module cannot be loaded into that parent's bubbles until the operator
+/// lifts it; another parent loads it as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeatedly_denied_module_is_quarantined_until_lifted() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProc::start_with(
         dir.path(),
         Opts {
+            tls: true,
             admin: true,
             ..Opts::default()
         },
     );
-    let mut c = broker.client().await;
+    let mut c = broker.tls_client("parent-a").await;
+    let mut victim = broker.tls_client("parent-b").await;
     let policy = pb::SecurityPolicy {
         grants: vec![pb::CredentialGrant {
             portion: "hostile".into(),
@@ -427,11 +430,15 @@ async fn a_repeatedly_denied_module_is_quarantined_until_lifted() {
             .contains("quarantined after 3 credential_denied"),
         "{failed:?}"
     );
-    // Broker-wide: not in a fresh bubble either.
+    // For this parent: not in a fresh bubble either.
     let other = new_bubble(&mut c).await;
     let e = load(&mut c, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("quarantined"), "{e:?}");
+    // Another parent running the same (say, public) module is not
+    // affected: one parent cannot get a module banned for everyone.
+    let theirs = new_bubble(&mut victim).await;
+    load(&mut victim, &theirs).await.unwrap();
     // The operator lifts it; it loads again.
     let digest: String = Sha384::digest(&module)
         .iter()

@@ -136,7 +136,7 @@ impl Broker {
         let call = abi::Call::plain(abi::ops::OP_LOAD_PORTION, &input);
         let module_sha384 = sha2::Sha384::digest(&cmd.module).to_vec();
         let hex: String = module_sha384.iter().map(|b| format!("{b:02x}")).collect();
-        if let Some(why) = self.quarantined(&hex) {
+        if let Some(why) = self.quarantined(&permit.rec.owner, &hex) {
             return Err(BrokerError::Quarantined(why));
         }
         let name = cmd.name.clone();

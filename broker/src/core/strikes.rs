@@ -1,9 +1,14 @@
 //! Strikes and quarantine: [`STRIKES`] security events of one kind caused
-//! by one module (portion digest) within [`WINDOW`] shut its bubble down
-//! (FAILED, reason given) and quarantine the digest broker-wide: loading
-//! it is refused with PERMISSION_DENIED and the reason until an operator
-//! lifts it (`POST /quarantine/lift?digest=HEX` on the admin endpoint).
-//! The quarantine list lives in memory (a restarted broker starts empty).
+//! by one module (portion digest) in one parent's bubbles within
+//! [`WINDOW`] shut the bubble down (FAILED, reason given) and quarantine
+//! the digest *for that parent*: its loads of the module are refused with
+//! PERMISSION_DENIED and the reason until an operator lifts it (`POST
+//! /quarantine/lift?digest=HEX` on the admin endpoint, for every parent).
+//! Strikes and quarantine are per parent because a parent controls what
+//! makes a module misbehave (its inputs, its call deadlines): a hostile
+//! parent running a victim's public module into the ground must not get it
+//! banned for the victim, nor learn that anyone else runs it. The
+//! quarantine list lives in memory (a restarted broker starts empty).
 //!
 //! A parent with [`PROBE_STRIKES`] refusals of one kind (a foreign or
 //! unknown bubble id, a foreign attestation, a wrong restore key) within
@@ -50,8 +55,10 @@ fn counts_against_module(k: SecurityKind) -> bool {
 /// Recent strikes and quarantined module digests.
 #[derive(Default)]
 pub(crate) struct Ledger {
-    strikes: HashMap<(String, SecurityKind), VecDeque<u64>>,
-    quarantined: HashMap<String, String>,
+    /// By (owner, module digest, kind).
+    strikes: HashMap<(String, String, SecurityKind), VecDeque<u64>>,
+    /// By (owner, module digest): the reason.
+    quarantined: HashMap<(String, String), String>,
     by_parent: HashMap<(String, SecurityKind), VecDeque<u64>>,
     throttled_until: HashMap<String, u64>,
 }
@@ -76,12 +83,13 @@ impl Ledger {
         if ev.portion_digest.is_empty() || !counts_against_module(ev.kind) {
             return None;
         }
-        if self.quarantined.contains_key(&ev.portion_digest) {
+        let module = (ev.owner.clone(), ev.portion_digest.clone());
+        if self.quarantined.contains_key(&module) {
             return None;
         }
         let q = self
             .strikes
-            .entry((ev.portion_digest.clone(), ev.kind))
+            .entry((ev.owner.clone(), ev.portion_digest.clone(), ev.kind))
             .or_default();
         let n = within_window(q, ev.at_ms);
         if n < STRIKES {
@@ -94,9 +102,9 @@ impl Ledger {
             ev.kind,
             WINDOW.as_secs()
         );
-        self.strikes.retain(|(d, _), _| *d != ev.portion_digest);
-        self.quarantined
-            .insert(ev.portion_digest.clone(), reason.clone());
+        self.strikes
+            .retain(|(o, d, _), _| *o != module.0 || *d != module.1);
+        self.quarantined.insert(module, reason.clone());
         Some(reason)
     }
 }
@@ -163,14 +171,24 @@ impl Broker {
         r
     }
 
-    /// Why module `digest` (SHA-384 hex) may not be loaded, if quarantined.
-    pub fn quarantined(&self, digest: &str) -> Option<String> {
-        self.ledger.lock().quarantined.get(digest).cloned()
+    /// Why module `digest` (SHA-384 hex) may not be loaded into `owner`'s
+    /// bubbles, if it is quarantined for that parent.
+    pub fn quarantined(&self, owner: &str, digest: &str) -> Option<String> {
+        self.ledger
+            .lock()
+            .quarantined
+            .get(&(owner.to_string(), digest.to_string()))
+            .cloned()
     }
 
-    /// Lifts a module's quarantine (operator); whether it was quarantined.
+    /// Lifts a module's quarantine for every parent (operator); whether it
+    /// was quarantined for any.
     pub fn lift_quarantine(&self, digest: &str) -> bool {
-        let lifted = self.ledger.lock().quarantined.remove(digest).is_some();
+        let mut l = self.ledger.lock();
+        let before = l.quarantined.len();
+        l.quarantined.retain(|(_, d), _| d != digest);
+        let lifted = l.quarantined.len() != before;
+        drop(l);
         if lifted {
             tracing::warn!(digest, "quarantine lifted by the operator");
         }
@@ -214,9 +232,16 @@ mod tests {
         assert!(l.strike(&ev(k, "d", 6 * w + 2)).is_none());
         let why = l.strike(&ev(k, "d", 6 * w + 3)).unwrap();
         assert!(why.contains("3 credential_denied"), "{why}");
-        assert_eq!(l.quarantined.get("d"), Some(&why));
+        assert_eq!(l.quarantined.get(&("a".into(), "d".into())), Some(&why));
         // Once quarantined, no second shutdown reason.
         assert!(l.strike(&ev(k, "d", 6 * w + 4)).is_none());
+        // Another parent's bubbles running the same module are neither
+        // quarantined by it nor counted with it.
+        let mut other = ev(k, "d", 6 * w + 5);
+        other.owner = "victim".into();
+        other.parent = "victim".into();
+        assert!(l.strike(&other).is_none());
+        assert!(!l.quarantined.contains_key(&("victim".into(), "d".into())));
     }
 
     #[test]
