@@ -141,10 +141,13 @@ impl Vmm {
     }
 
     /// Captures the VM (vCPU state and non-zero pages) at a safe point,
-    /// as a stream of pieces (each due within a minute of the last).
-    pub async fn suspend(&self) -> Result<vc::SnapshotStream, String> {
+    /// as a stream of pieces: each due within a minute of the last, the
+    /// whole snapshot within a minute plus a second per 16 MiB of guest
+    /// memory (a VMM trickling bytes cannot hold a suspend for long).
+    pub async fn suspend(&self, memory_mib: u32) -> Result<vc::SnapshotStream, String> {
+        let total = Duration::from_secs(60 + u64::from(memory_mib) / 16);
         self.client
-            .suspend_stream(Duration::from_secs(60))
+            .suspend_stream(Duration::from_secs(60), total)
             .await
             .map_err(|e| e.to_string())
     }

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
-use bubble_vmm::control::{head, Kind, Reply, Request};
+use bubble_vmm::control::{head, Kind, Reply, Request, SNAPSHOT_PIECE};
 
 use crate::client::{unexpected, Answer, Pending, VmmClient, Waiter};
 use crate::vmm_error::VmmError;
@@ -37,14 +37,21 @@ pub(crate) async fn write_piece(
     w.write_all(piece).await
 }
 
-/// A snapshot arriving from a VMM, piece by piece (each at most
-/// `SNAPSHOT_PIECE` bytes, wiped when dropped). Dropping the stream early
+/// A snapshot arriving from a VMM, piece by piece (each `SNAPSHOT_PIECE`
+/// bytes but the last, wiped when dropped). Dropping the stream early
 /// discards the rest; the VMM keeps running.
+///
+/// A hostile VMM cannot hold a suspend (and whoever awaits it) forever by
+/// trickling: each piece is due within the idle limit, the whole snapshot
+/// within the total limit, and a short piece must be the last.
 pub struct SnapshotStream {
     rx: mpsc::Receiver<Answer>,
     id: u64,
     pending: Pending,
     idle: Duration,
+    total: Duration,
+    deadline: tokio::time::Instant,
+    short_seen: bool,
     pieces: u64,
     len: u64,
     done: bool,
@@ -58,14 +65,27 @@ impl SnapshotStream {
         if self.done {
             return Ok(None);
         }
-        let answer = match tokio::time::timeout(self.idle, self.rx.recv()).await {
-            Err(_) => return Err(VmmError::Timeout(self.idle)),
+        let now = tokio::time::Instant::now();
+        let (wait, limit) = if self.deadline.saturating_duration_since(now) < self.idle {
+            (self.deadline.saturating_duration_since(now), self.total)
+        } else {
+            (self.idle, self.idle)
+        };
+        let answer = match tokio::time::timeout(wait, self.rx.recv()).await {
+            Err(_) => return Err(VmmError::Timeout(limit)),
             Ok(None) => return Err(VmmError::Closed),
             Ok(Some(a)) => a.map_err(|e| VmmError::Protocol(e.to_string()))?,
         };
         match answer {
             Reply::Snapshot(b) => {
                 let b = Zeroizing::new(b);
+                if self.short_seen {
+                    self.done = true;
+                    return Err(VmmError::Protocol(
+                        "a short snapshot piece was not the last".into(),
+                    ));
+                }
+                self.short_seen = b.len() < SNAPSHOT_PIECE;
                 self.pieces += 1;
                 self.len += b.len() as u64;
                 Ok(Some(b))
@@ -99,9 +119,14 @@ impl Drop for SnapshotStream {
 
 impl VmmClient {
     /// Captures the VM at a safe point (between calls): vCPU state and
-    /// every non-zero page, as a stream of pieces, each due within `idle`.
-    /// The VMM keeps running until [`VmmClient::shutdown`].
-    pub async fn suspend_stream(&self, idle: Duration) -> Result<SnapshotStream, VmmError> {
+    /// every non-zero page, as a stream of pieces, each due within `idle`
+    /// and all within `total`. The VMM keeps running until
+    /// [`VmmClient::shutdown`].
+    pub async fn suspend_stream(
+        &self,
+        idle: Duration,
+        total: Duration,
+    ) -> Result<SnapshotStream, VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = Request::Suspend.frame(id).map_err(VmmError::Encode)?;
         let (tx, rx) = mpsc::channel(PIECES_AHEAD);
@@ -111,6 +136,9 @@ impl VmmClient {
             id,
             pending: self.pending.clone(),
             idle,
+            total,
+            deadline: tokio::time::Instant::now() + total,
+            short_seen: false,
             pieces: 0,
             len: 0,
             done: false,
@@ -121,9 +149,9 @@ impl VmmClient {
     }
 
     /// [`VmmClient::suspend_stream`], collected into one buffer (small
-    /// bubbles and tests: it holds the whole snapshot).
-    pub async fn suspend(&self, idle: Duration) -> Result<Zeroizing<Vec<u8>>, VmmError> {
-        let mut s = self.suspend_stream(idle).await?;
+    /// bubbles and tests: it holds the whole snapshot), all within `limit`.
+    pub async fn suspend(&self, limit: Duration) -> Result<Zeroizing<Vec<u8>>, VmmError> {
+        let mut s = self.suspend_stream(limit, limit).await?;
         let mut all = Zeroizing::new(Vec::new());
         while let Some(p) = s.next().await? {
             all.extend_from_slice(&p);

@@ -140,7 +140,7 @@ impl Broker {
         parent_key: bool,
     ) -> Result<u64, BrokerError> {
         let failed = |e: String| BrokerError::BubbleFailed(format!("snapshot: {e}"));
-        let mut pieces = live.vmm.suspend().await.map_err(failed)?;
+        let mut pieces = live.vmm.suspend(header.memory_mib).await.map_err(failed)?;
         let mut w = self.frozen.writer(header, kek, parent_key);
         while let Some(piece) = pieces.next().await.map_err(|e| failed(e.to_string()))? {
             w.push(&piece).await?;

@@ -26,7 +26,7 @@
 //! | `CALL_ERR` 0x83 | VMM → broker | [`CallErr`]: `[1][guest code u16][text]` rejected, `[2][text]` deadline, `[3][failure kind u8][detail]` failed, `[4][text]` bad request |
 //! | `SHUTDOWN_OK` 0x84 | VMM → broker | empty |
 //! | `ERROR` 0x85 | VMM → broker | `[code u8][text]` ([`ErrorCode`]): the request was refused, the bubble is unaffected |
-//! | `SNAPSHOT` 0x86 | VMM → broker | the next 1..=[`SNAPSHOT_PIECE`] bytes of the snapshot `[state_len u32][state][n u32][(gpa u64, page)*]` |
+//! | `SNAPSHOT` 0x86 | VMM → broker | the next [`SNAPSHOT_PIECE`] bytes of the snapshot (fewer only in the last piece; the broker refuses a short piece that is not the last) `[state_len u32][state][n u32][(gpa u64, page)*]` |
 //! | `RESTORE_OK` 0x87 | VMM → broker | `[µs u64]` the VMM took |
 //! | `PREFAULT_OK` 0x88 | VMM → broker | `[host address u64][length u64]` of guest memory, or empty |
 //! | `SNAPSHOT_END` 0x89 | VMM → broker | `[pieces u64][len u64]`: the snapshot is complete (pieces sent, total bytes) |

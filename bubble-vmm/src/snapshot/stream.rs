@@ -128,6 +128,8 @@ pub struct Scanner {
     /// The field being collected (the state is guest data: wiped).
     field: Zeroizing<Vec<u8>>,
     mem_size: u64,
+    /// The memory size the state must name, if known.
+    expect_mem: Option<u64>,
     /// Page records still to come.
     left: u64,
     last: Option<u64>,
@@ -148,10 +150,21 @@ impl Scanner {
             phase: Phase::StateLen,
             field: Zeroizing::new(Vec::new()),
             mem_size: 0,
+            expect_mem: None,
             left: 0,
             last: None,
             runs: Vec::new(),
             len: 0,
+        }
+    }
+
+    /// A scanner that also refuses a state naming another memory size
+    /// than `mem_size` (the bubble's): a VMM cannot make its snapshot, and
+    /// what the store holds, larger than its bubble.
+    pub fn expecting(mem_size: u64) -> Self {
+        Scanner {
+            expect_mem: Some(mem_size),
+            ..Self::new()
         }
     }
 
@@ -214,6 +227,9 @@ impl Scanner {
             }
             Phase::State(_) => {
                 let state = VmSnapshot::decode(&f).ok_or(bad("state does not decode"))?;
+                if self.expect_mem.is_some_and(|m| m != state.mem_size) {
+                    return Err(bad("the state names another memory size than the bubble's"));
+                }
                 self.mem_size = state.mem_size;
                 Phase::Count
             }

@@ -70,6 +70,13 @@ fn the_scanner_checks_a_snapshot_cut_anywhere() {
         assert_eq!(got.mem_size, 16 << 20);
     }
     assert_eq!(page_runs(&good), Some(vec![(0x1000, 3), (0x9000, 1)]));
+    // The bubble's own memory size passes; a VMM naming a larger (or
+    // smaller) memory than its bubble's is refused at the state.
+    let mut s = Scanner::expecting(16 << 20);
+    s.feed(&good).unwrap();
+    assert!(s.finish().is_ok());
+    let mut s = Scanner::expecting(8 << 20);
+    assert!(s.feed(&good).is_err());
     // Short, long, out of order, outside memory, unaligned: refused.
     let mut s = Scanner::new();
     s.feed(&good[..good.len() - 1]).unwrap();

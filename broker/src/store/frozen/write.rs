@@ -40,6 +40,7 @@ impl FrozenStore {
         let mut sid = [0u8; SNAPSHOT_ID_LEN];
         OsRng.fill_bytes(&mut sid);
         let dk = DataKey::generate(&mut OsRng);
+        let mem_size = u64::from(header.memory_mib) << 20;
         FrozenWriter {
             store: self,
             base: prefix(&header.bubble_id, header.generation),
@@ -51,7 +52,7 @@ impl FrozenStore {
             kek_kind: if parent_key { "parent" } else { "broker" },
             buf: Zeroizing::new(Vec::with_capacity(CHUNK)),
             stored: 0,
-            scanner: Scanner::new(),
+            scanner: Scanner::expecting(mem_size),
         }
     }
 }
