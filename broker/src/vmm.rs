@@ -180,8 +180,13 @@ impl Vmm {
 
     /// Reconnects to a running VMM after a broker restart; returns whether
     /// its guest is READY.
-    pub async fn adopt(dir: &Path, id: &str) -> Result<(Self, bool), String> {
-        let client = vc::VmmClient::connect(&vc::socket_path(dir), id)
+    /// Its socket's peer must run as a uid `spawner` may have given it.
+    pub async fn adopt(
+        spawner: &vc::Spawner,
+        dir: &Path,
+        id: &str,
+    ) -> Result<(Self, bool), String> {
+        let client = vc::VmmClient::connect(&vc::socket_path(dir), id, |u| spawner.adopt_uid(u))
             .await
             .map_err(|e| e.to_string())?;
         let st = client.status().await.map_err(|e| e.to_string())?;

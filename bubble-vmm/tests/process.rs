@@ -112,8 +112,10 @@ async fn payload_limits_and_reconnection() {
     // Re-adoption: a new connection to the same socket, as a restarted
     // broker would make; the wrong bubble id is refused.
     let sock = socket_path(&dir.path().join("b-r"));
-    assert!(VmmClient::connect(&sock, "someone-else").await.is_err());
-    let c = VmmClient::connect(&sock, "b-r").await.unwrap();
+    assert!(VmmClient::connect(&sock, "someone-else", |_| true)
+        .await
+        .is_err());
+    let c = VmmClient::connect(&sock, "b-r", |_| true).await.unwrap();
     assert_eq!(c.pid(), pid);
     c.wait_ready(Duration::from_secs(1)).await.unwrap();
     assert_eq!(c.call("echo", b"again", d).await.unwrap(), b"again");

@@ -31,6 +31,57 @@ fn status_field(pid: u32, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
 }
 
+/// The namespaces a VMM must not share with the broker (this test's, as
+/// the broker runs in the test's namespaces).
+const OWN_NAMESPACES: [&str; 5] = ["mnt", "pid", "net", "ipc", "uts"];
+
+/// What the namespaces, root and identity of the jail promise, seen from
+/// `/proc`: another uid than the broker's, other namespaces, an empty
+/// root of its own, and no way to the broker's key.
+fn assert_confined(pid: u32, data_dir: &Path) -> u32 {
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(uid, me, "VMM {pid} runs as the broker's uid");
+    for ns in OWN_NAMESPACES {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, mine, "VMM {pid} shares the {ns} namespace");
+    }
+    // Its root: not ours, and empty (no /dev, no /proc, no data dir).
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+    let ours = std::fs::metadata("/").unwrap();
+    assert!((root.dev(), root.ino()) != (ours.dev(), ours.ino()));
+    let inside: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(inside.is_empty(), "VMM {pid}'s root holds {inside:?}");
+    // In its pid namespace it is pid 1: it can name no other process.
+    assert!(status_field(pid, "NSpid").ends_with("\t1"));
+    // Even given the path, its uid may not open the broker's key.
+    let kek = data_dir.join("kek");
+    assert!(kek.exists());
+    use std::os::unix::process::CommandExt;
+    let opened = std::process::Command::new("cat")
+        .arg(&kek)
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!opened.success(), "uid {uid} can read {}", kek.display());
+    uid
+}
+
 /// Everything the jail's first layer promises, seen from `/proc`.
 fn assert_hardened(pid: u32, data_dir: &Path) {
     assert_eq!(status_field(pid, "NoNewPrivs"), "1", "pid {pid}");
@@ -89,6 +140,7 @@ fn assert_hardened(pid: u32, data_dir: &Path) {
             t.file_name()
         );
     }
+    assert_confined(pid, data_dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,4 +288,86 @@ async fn a_forbidden_syscall_fails_only_its_bubble_with_reason_seccomp() {
     let mut c2 = broker.client().await;
     let fresh = c2.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
+}
+
+/// Two live VMMs never share a uid, and a VMM keeps its jail (and is
+/// re-adopted by its uid) across a broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_have_a_uid_each_and_are_readopted_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut uids = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert!(uids.insert(assert_confined(b.vmm_pid, dir.path())));
+        ids.push((b.bubble_id, b.vmm_pid));
+    }
+    // Idle spares hold uids of their own too.
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(20)).await;
+    for pid in spare_pids_under(dir.path()) {
+        assert!(uids.insert(assert_confined(pid as u32, dir.path())));
+    }
+    drop(c);
+    broker.terminate();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    for (id, pid) in &ids {
+        let b = wait_for(&mut c, id, Duration::from_secs(20), |b| b.state == READY).await;
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert_eq!(b.vmm_pid, *pid, "re-adopted, not restarted");
+        let r = c.call(call_req(id, "echo", b"again")).await.unwrap();
+        assert_eq!(r.into_inner().output, b"again");
+    }
+    // New VMMs of the restarted broker take none of the re-adopted uids.
+    let fresh = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
+    let uid = assert_confined(fresh.vmm_pid, dir.path());
+    for (_, pid) in &ids {
+        assert_ne!(assert_confined(*pid, dir.path()), uid);
+    }
+}
+
+/// The unprivileged path (a user namespace mapping one id), as a broker
+/// that is not root takes it: forced here with `[jail] userns = true`, so
+/// the VMM first drops to an id of the range (a non-root process from
+/// then on, as an unprivileged broker's VMM is) and makes its user
+/// namespace itself. Spares, fresh starts, calls, the seccomp kill and
+/// suspend/restore all work on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_namespace_path_jails_as_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: secret_env(),
+            config: Some("[jail]\nuserns = true\n".into()),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    assert_hardened(b.vmm_pid, dir.path());
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/user", b.vmm_pid)).unwrap();
+    let mine = std::fs::read_link("/proc/self/ns/user").unwrap();
+    assert_ne!(theirs, mine, "no user namespace of its own");
+    // One id mapped: root inside is the VMM's own uid outside.
+    let map = std::fs::read_to_string(format!("/proc/{}/uid_map", b.vmm_pid)).unwrap();
+    let map: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(map.len(), 3, "{map:?}");
+    assert_eq!(map[2], "1");
+    let r = c.call(call_req(&b.bubble_id, "echo", b"x")).await.unwrap();
+    assert_eq!(r.into_inner().output, b"x");
+    suspend_and_restore(&mut c, &b.bubble_id).await;
+    let r = describe(&mut c, &b.bubble_id).await;
+    assert_eq!(r.state, READY, "{}", r.failure_reason);
+    assert_hardened(r.vmm_pid, dir.path());
+    let out = c.call(call_req(&b.bubble_id, "echo", b"y")).await.unwrap();
+    assert_eq!(out.into_inner().output, b"y");
+    let op = bubble_vmm::jail::seccomp::FAULT_OP;
+    let e = c.call(call_req(&b.bubble_id, op, b"")).await.unwrap_err();
+    assert!(e.message().contains("seccomp"), "{e:?}");
 }

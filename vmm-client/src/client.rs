@@ -141,8 +141,13 @@ const REFUSAL_GRACE: Duration = Duration::from_millis(500);
 
 impl VmmClient {
     /// Connects to a running VMM (after a broker restart) and checks that it
-    /// runs `expected_bubble_id`.
-    pub async fn connect(socket: &Path, expected_bubble_id: &str) -> Result<Self, VmmError> {
+    /// runs `expected_bubble_id` as a uid `accept_uid` accepts (the socket
+    /// peer's, as the kernel says).
+    pub async fn connect(
+        socket: &Path,
+        expected_bubble_id: &str,
+        accept_uid: impl Fn(u32) -> bool,
+    ) -> Result<Self, VmmError> {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| VmmError::Connect {
@@ -151,12 +156,18 @@ impl VmmClient {
             })?;
         // The pid this client may signal is the socket peer's, as the
         // kernel says, never what the VMM claims in its STATUS answer.
-        let pid = stream
-            .peer_cred()
-            .ok()
-            .and_then(|c| c.pid())
-            .and_then(|p| u32::try_from(p).ok())
-            .unwrap_or(0);
+        let cred = stream.peer_cred().map_err(|e| VmmError::Connect {
+            path: socket.display().to_string(),
+            detail: format!("no peer credentials: {e}"),
+        })?;
+        if !accept_uid(cred.uid()) {
+            return Err(VmmError::PeerUid {
+                got: cred.uid(),
+                // SAFETY: getuid has no preconditions.
+                want: unsafe { libc::getuid() },
+            });
+        }
+        let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
         Self::handshake(stream, expected_bubble_id, pid, None).await
     }
 

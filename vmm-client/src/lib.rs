@@ -16,11 +16,13 @@ mod direct;
 mod exit;
 mod launcher;
 mod spawn;
+mod uids;
 mod vmm_error;
 
 pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
 pub use bubble_vmm::images::{GuestImage, HostileKind};
 pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
 pub use exit::VmmExit;
-pub use spawn::{spawn, SpawnConfig, Spawner};
+pub use spawn::{spawn, JailSpec, SpawnConfig, Spawner};
+pub use uids::{UidLease, UidPool};
 pub use vmm_error::{CallError, VmmError};

@@ -200,6 +200,7 @@ impl Broker {
             cfg.vmm_args_prefix.clone(),
             cfg.data_dir.join("spares"),
             cfg.spare_vmms,
+            jail_spec(&cfg.jail)?,
         );
         spawner.refill();
         // TLS for S3 uses rustls with the ring provider.
@@ -326,4 +327,22 @@ impl Broker {
             l.vmm.shutdown().await;
         }
     }
+}
+
+/// How VMMs are jailed under `[jail]`: a uid each from its range when the
+/// broker is root, else (or when forced) the user-namespace path.
+fn jail_spec(j: &crate::config::JailConfig) -> Result<bubble_vmm_client::JailSpec, BrokerError> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let uids = if j.namespaces && root {
+        let (lo, hi) = j.uid_range().map_err(BrokerError::Spawn)?;
+        Some(bubble_vmm_client::UidPool::new(lo, hi))
+    } else {
+        None
+    };
+    Ok(bubble_vmm_client::JailSpec {
+        namespaces: j.namespaces,
+        userns: j.userns || !root,
+        uids,
+    })
 }
