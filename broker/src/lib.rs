@@ -20,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod ctl;
 pub mod daemon;
+pub mod datadir;
 pub mod demo;
 pub mod error;
 #[cfg(feature = "fault-injection")]

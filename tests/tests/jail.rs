@@ -371,3 +371,60 @@ async fn the_user_namespace_path_jails_as_well() {
     let e = c.call(call_req(&b.bubble_id, op, b"")).await.unwrap_err();
     assert!(e.message().contains("seccomp"), "{e:?}");
 }
+
+/// Nothing of the broker's is readable by another uid (such as a VMM's):
+/// the data directory is 0711 (parents pass through it to the API
+/// socket), every directory under it 0700 and every file 0600 (registry,
+/// keys, logs, frozen chunks), including files an older broker left with
+/// looser modes; sockets keep their own (API 0666, VMMs' 0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // Left by an older broker.
+    std::fs::create_dir_all(dir.path().join("store/old")).unwrap();
+    std::fs::write(dir.path().join("store/old/chunk"), b"x").unwrap();
+    for p in ["store", "store/old", "store/old/chunk"] {
+        let p = dir.path().join(p);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    // Frozen chunks and the registry entry of a suspended bubble.
+    let s = c
+        .suspend_bubble(suspend_req(&b.bubble_id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, pb::BubbleState::Suspended as i32);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(dir.path()), 0o711);
+    let mut seen = 0;
+    let mut todo = vec![dir.path().to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let ft = std::fs::symlink_metadata(&p).unwrap().file_type();
+            if ft.is_dir() {
+                assert_eq!(mode(&p), 0o700, "{}", p.display());
+                todo.push(p);
+            } else if ft.is_file() {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                seen += 1;
+            } else if ft.is_socket() {
+                let want = if p.ends_with("bubbled.sock") {
+                    0o666
+                } else {
+                    0o600
+                };
+                assert_eq!(mode(&p), want, "{}", p.display());
+            }
+        }
+    }
+    for f in ["kek", "registry.redb", "usage-signing.key"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    assert!(seen > 5, "only {seen} files");
+}
