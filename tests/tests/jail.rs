@@ -428,3 +428,28 @@ async fn the_data_directory_is_private() {
     }
     assert!(seen > 5, "only {seen} files");
 }
+
+/// A VMM that acknowledges SHUTDOWN and keeps running (hostile) is
+/// killed after the grace period (2 s); the broker does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_ignores_shutdown_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    let op = bubble_vmm::process::FAULT_LINGER_OP;
+    let _ = c.call(call_req(&b.bubble_id, op, b"")).await;
+    let started = Instant::now();
+    c.delete_bubble(pb::BubbleRef {
+        bubble_id: b.bubble_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "delete waited");
+    wait_pid_gone(b.vmm_pid as i32, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "killed before the grace period ended: did it ignore SHUTDOWN?"
+    );
+}

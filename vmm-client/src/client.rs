@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -21,6 +21,7 @@ use bubble_vmm::control::{
 use crate::body::{read_body, MAX_SMALL_FRAME};
 use crate::direct::{write_pages, WriteError};
 use crate::exit::{ExitWatch, VmmExit};
+use crate::inflight::InFlight;
 use crate::vmm_error::{CallError, VmmError};
 
 /// How long a closed connection waits for its process's exit status.
@@ -76,14 +77,13 @@ pub struct VmmClient {
     pid: u32,
     /// How the process ended, once its connection closed.
     exit: Arc<std::sync::OnceLock<VmmExit>>,
+    /// A SUSPEND is in flight: only then may the VMM send a snapshot.
+    suspending: Arc<AtomicBool>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
 /// thread sleeps, µs (0: never poll). Process-wide: see [`set_answer_poll`].
 static ANSWER_POLL_US: AtomicU64 = AtomicU64::new(0);
-
-/// Requests awaiting a VMM's answer, over all VMMs of this process.
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets how long a small call polls for its VMM's answer before
 /// its thread sleeps (zero: never). Waking a sleeping thread costs tens of
@@ -93,26 +93,6 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// previous request within the budget (a slow bubble is not polled for).
 pub fn set_answer_poll(budget: Duration) {
     ANSWER_POLL_US.store(budget.as_micros() as u64, Ordering::Relaxed);
-}
-
-/// Counts a request in flight until dropped.
-struct InFlight(usize);
-
-impl InFlight {
-    fn enter() -> Self {
-        InFlight(IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1)
-    }
-
-    /// No other request was in flight when this one started.
-    fn alone(&self) -> bool {
-        self.0 == 1
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Path of the control socket in a bubble directory.
@@ -186,8 +166,10 @@ impl VmmClient {
         let (events, _) = broadcast::channel(256);
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
         let exit = Arc::new(std::sync::OnceLock::new());
+        let suspending = Arc::new(AtomicBool::new(false));
         {
             let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
+            let asked = suspending.clone();
             tokio::spawn(async move {
                 let reason = loop {
                     let mut h = [0u8; HEAD_LEN];
@@ -201,6 +183,9 @@ impl VmmClient {
                     // Only a snapshot may be large; anything else over
                     // the limit is a hostile or broken VMM.
                     let snapshot = head.kind == Kind::Snapshot as u8;
+                    if snapshot && !asked.load(Ordering::SeqCst) {
+                        break "VMM sent a snapshot no suspend asked for".to_string();
+                    }
                     if !snapshot && head.body_len > MAX_SMALL_FRAME {
                         break format!(
                             "VMM sent a {}-byte frame of kind {:#04x} (at most {MAX_SMALL_FRAME})",
@@ -287,6 +272,7 @@ impl VmmClient {
             readiness: ready_rx,
             pid,
             exit,
+            suspending,
         };
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
@@ -493,7 +479,10 @@ impl VmmClient {
     /// Captures the VM at a safe point (between calls): vCPU state and every
     /// non-zero page. The VMM keeps running until [`VmmClient::shutdown`].
     pub async fn suspend(&self, timeout: Duration) -> Result<Vec<u8>, VmmError> {
-        match self.request(&Request::Suspend, timeout).await? {
+        self.suspending.store(true, Ordering::SeqCst);
+        let answer = self.request(&Request::Suspend, timeout).await;
+        self.suspending.store(false, Ordering::SeqCst);
+        match answer? {
             Reply::Snapshot(body) => Ok(body),
             other => Err(unexpected(other)),
         }
@@ -562,11 +551,17 @@ impl VmmClient {
         })?)
     }
 
-    /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.
+    /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`
+    /// without an answer; with one, the VMM must exit within `grace`
+    /// (checked in the background) or is killed.
     pub async fn shutdown(&self, grace: Duration) {
+        let pidfd = crate::linger::open(self.pid);
         match self.request(&Request::Shutdown, grace).await {
-            // It acknowledged and exits by itself.
-            Ok(Reply::ShutdownOk) => {}
+            Ok(Reply::ShutdownOk) => {
+                if let Some(fd) = pidfd {
+                    crate::linger::kill_unless_gone(fd, self.pid, grace);
+                }
+            }
             _ => self.kill(),
         }
     }

@@ -35,9 +35,9 @@ mod watchdog;
 
 pub use args::{VmmArgs, DEFAULT_RESTORE_DEADLINE};
 use linger::{seal_vcpu, start_linger, LINGER};
-#[cfg(feature = "fault-injection")]
-pub use serve::FAULT_ERROR_OP;
 use serve::{serve_all, Guest};
+#[cfg(feature = "fault-injection")]
+pub use serve::{FAULT_ERROR_OP, FAULT_LINGER_OP};
 pub use spare::SpareArgs;
 use watchdog::Watchdog;
 
