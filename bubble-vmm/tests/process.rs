@@ -13,6 +13,7 @@ use bubble_vmm_client::{
 
 fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> SpawnConfig {
     SpawnConfig {
+        parent: String::new(),
         bubble_id: id.into(),
         memory_mib: 16,
         vcpus: 1,

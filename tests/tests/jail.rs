@@ -453,3 +453,80 @@ async fn a_vmm_that_ignores_shutdown_is_killed_after_the_grace_period() {
         "killed before the grace period ended: did it ignore SHUTDOWN?"
     );
 }
+
+/// The cgroup line of process `pid` for controller `ctl` (v1), or the
+/// unified one ("0::").
+fn cgroup_of(pid: u32, ctl: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+        ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
+    })
+}
+
+/// A bubble's VMM runs in a cgroup of its own, nested in its parent's:
+/// memory limited to guest memory + 64 MiB and charged there, at most 16
+/// tasks, the default CPU weight. Where cgroups can be written (v1 here;
+/// v2 where it has controllers) and no warning is shown; the cgroup is
+/// removed once the VMM is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bubble_is_limited_by_its_own_cgroup_under_its_parents() {
+    let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert_eq!(b.jail_warning, "", "cgroups are writable here");
+        ids.push(b);
+    }
+    if !v1 {
+        // A v2-only host: the unified hierarchy.
+        let path = cgroup_of(ids[0].vmm_pid, "").unwrap();
+        let base = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        let max = std::fs::read_to_string(base.join("memory.max")).unwrap();
+        assert_eq!(max.trim(), ((16u64 << 20) + (64 << 20)).to_string());
+        return;
+    }
+    let mut dirs = Vec::new();
+    for b in &ids {
+        let path = cgroup_of(b.vmm_pid, "memory").expect("memory cgroup");
+        assert!(path.ends_with(&b.bubble_id), "{path}");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        let read = |p: &Path, f: &str| -> u64 {
+            std::fs::read_to_string(p.join(f))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(read(&mem, "memory.limit_in_bytes"), (16 << 20) + (64 << 20));
+        // Charged there: the VMM's pages count against this limit.
+        assert!(read(&mem, "memory.usage_in_bytes") > 0);
+        // Nested in its parent's, which is limited too.
+        let parent = mem.parent().unwrap();
+        assert!(read(parent, "memory.limit_in_bytes") < u64::MAX / 2);
+        let pids = cgroup_of(b.vmm_pid, "pids").expect("pids cgroup");
+        let pids = Path::new("/sys/fs/cgroup/pids").join(pids.trim_start_matches('/'));
+        assert_eq!(read(&pids, "pids.max"), 16);
+        dirs.push(mem);
+    }
+    // Both bubbles have the same parent: one parent cgroup, two children.
+    assert_eq!(dirs[0].parent(), dirs[1].parent());
+    assert_ne!(dirs[0], dirs[1]);
+    c.delete_bubble(pb::BubbleRef {
+        bubble_id: ids[0].bubble_id.clone(),
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "the deleted bubble's cgroup to be removed",
+        Duration::from_secs(10),
+        || dirs[0].exists(),
+        |exists| !exists,
+    )
+    .await;
+}

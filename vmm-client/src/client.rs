@@ -79,6 +79,8 @@ pub struct VmmClient {
     exit: Arc<std::sync::OnceLock<VmmExit>>,
     /// A SUSPEND is in flight: only then may the VMM send a snapshot.
     suspending: Arc<AtomicBool>,
+    /// What of the jail could not be set up (e.g. its cgroup).
+    pub(crate) jail_warning: Option<String>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -273,6 +275,7 @@ impl VmmClient {
             pid,
             exit,
             suspending,
+            jail_warning: None,
         };
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
@@ -564,6 +567,11 @@ impl VmmClient {
             }
             _ => self.kill(),
         }
+    }
+
+    /// What of the jail could not be set up for this VMM, if anything.
+    pub fn jail_warning(&self) -> Option<&str> {
+        self.jail_warning.as_deref()
     }
 
     /// Kills the VMM process (if it still runs).

@@ -11,6 +11,7 @@
 //!   failed, typed.
 
 mod body;
+pub mod cgroups;
 mod client;
 mod direct;
 mod exit;

@@ -16,6 +16,7 @@ use bubble_vmm::jail::JailArgs;
 use bubble_vmm::priority;
 use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
+use crate::cgroups::{self, Cgroups};
 use crate::client::{socket_path, VmmClient};
 use crate::exit::{ExitWatch, VmmExit};
 use crate::launcher;
@@ -32,9 +33,24 @@ pub struct JailSpec {
     pub userns: bool,
     /// Ids to give VMMs one each (when the broker is root).
     pub uids: Option<Arc<UidPool>>,
+    /// The bubbles' cgroups, or why there are none (then every VMM's
+    /// [`VmmClient::jail_warning`] says so).
+    pub cgroups: Option<Result<Arc<Cgroups>, String>>,
 }
 
 impl JailSpec {
+    /// Prepares `cfg`'s bubble cgroup; the files to move its VMM into,
+    /// or why it cannot have one.
+    fn cgroup_for(&self, cfg: &SpawnConfig) -> Result<Vec<PathBuf>, String> {
+        match &self.cgroups {
+            None => Ok(Vec::new()),
+            Some(Err(why)) => Err(why.clone()),
+            Some(Ok(cg)) => cg
+                .prepare(&cfg.parent, &cfg.bubble_id, u64::from(cfg.memory_mib) << 20)
+                .map_err(|e| format!("no cgroup: {e}")),
+        }
+    }
+
     /// The jail options of one VMM and the id it is lent.
     fn for_vmm(&self) -> Result<(Option<JailArgs>, Option<UidLease>), VmmError> {
         if !self.namespaces {
@@ -57,6 +73,8 @@ impl JailSpec {
 pub struct SpawnConfig {
     /// Bubble id.
     pub bubble_id: String,
+    /// Its parent (owner), whose cgroup its own is nested in.
+    pub parent: String,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// vCPUs (only 1).
@@ -260,6 +278,8 @@ impl Spawner {
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
         }
+        // Into its bubble's cgroup before its guest memory is touched.
+        let warning = confine(self.jail.cgroup_for(cfg), sp.pid, &sp.exit);
         let args = args.to_args();
         let frame = Request::Configure {
             args: args.iter().map(String::as_str).collect(),
@@ -270,13 +290,15 @@ impl Spawner {
             // The spare died: start one the slow way.
             return self.spawn_fresh(cfg).await;
         }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await
+        let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
+        c.jail_warning = warning;
+        Ok(c)
     }
 
     /// Starts a new VMM process for `cfg`, jailed.
     async fn spawn_fresh(&self, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         let (jail, lease) = self.jail.for_vmm()?;
-        spawn_jailed(cfg, jail, lease).await
+        spawn_jailed(cfg, jail, lease, self.jail.cgroup_for(cfg)).await
     }
 }
 
@@ -374,16 +396,37 @@ async fn connect_child(
     Ok((stream, pid, rx))
 }
 
+/// Moves VMM `pid` into the cgroups `procs` lists and removes them once
+/// it has exited; returns what went wrong, as the VMM's jail warning.
+fn confine(procs: Result<Vec<PathBuf>, String>, pid: u32, exit: &ExitWatch) -> Option<String> {
+    let procs = match procs {
+        Ok(p) if p.is_empty() => return None,
+        Ok(p) => p,
+        Err(why) => return Some(why),
+    };
+    if let Err(e) = cgroups::place(&procs, pid) {
+        tracing::warn!(pid, error = %e, "VMM runs without its cgroup");
+        return Some(format!("no cgroup: {e}"));
+    }
+    let mut exit = exit.clone();
+    tokio::spawn(async move {
+        let _ = exit.wait_for(Option::is_some).await;
+        cgroups::remove(&procs);
+    });
+    None
+}
+
 /// Spawns a VMM process (not jailed in namespaces) and connects to it
 /// (READY comes later: see [`VmmClient::wait_ready`]).
 pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-    spawn_jailed(cfg, None, None).await
+    spawn_jailed(cfg, None, None, Ok(Vec::new())).await
 }
 
 async fn spawn_jailed(
     cfg: &SpawnConfig,
     jail: Option<JailArgs>,
     lease: Option<UidLease>,
+    cgroup: Result<Vec<PathBuf>, String>,
 ) -> Result<VmmClient, VmmError> {
     prepare_dir(cfg)?;
     let sock = socket_path(&cfg.dir);
@@ -424,5 +467,10 @@ async fn spawn_jailed(
         .await
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
     let (stream, pid, exit) = connect_child(child, &sock, &log_path, lease).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await
+    // Into its cgroup as soon as it is known (it builds its VM meanwhile:
+    // pages it touched before stay charged where its spawner's are).
+    let warning = confine(cgroup, pid, &exit);
+    let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
+    c.jail_warning = warning;
+    Ok(c)
 }

@@ -61,6 +61,7 @@ pub fn bubble_to_pb(r: &BubbleRecord) -> pb::Bubble {
         profile: r.profile.clone(),
         idle: Some(idle_to_pb(r.idle)),
         generation: r.generation,
+        jail_warning: r.jail_warning.clone(),
     }
 }
 

@@ -221,6 +221,7 @@ mod tests {
             generation: 0,
             frozen: None,
             ended_at_ms: 0,
+            jail_warning: String::new(),
         }
     }
 

@@ -130,6 +130,9 @@ pub struct BubbleRecord {
     /// not ended); the record is collected a retention period later.
     #[serde(default)]
     pub ended_at_ms: u64,
+    /// What of its VMM's jail could not be set up (empty: all of it).
+    #[serde(default)]
+    pub jail_warning: String,
 }
 
 /// Where a suspended bubble's frozen copy is.
@@ -525,6 +528,7 @@ mod tests {
             generation: 0,
             frozen: None,
             ended_at_ms: 0,
+            jail_warning: String::new(),
         }
     }
 
