@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY-free: build scripts are single-threaded; prost-build reads PROTOC.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/bubble/v1/broker.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/bubble/v1/broker.proto"], &["proto"])?;
+    // Malformed requests are INVALID_ARGUMENT, not prost's INTERNAL.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::ApiCodec")
+        .compile_protos(&["proto/bubble/v1/broker.proto"], &["proto"])?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use sev::certs::snp::{builtin, ca, Certificate, Verifiable};
 
-use crate::chain_error::VerifyError;
+use crate::chain_error::{CertRole, RootsFault, VerifyError};
 use crate::product::Product;
 use crate::report::SigningKey;
 
@@ -39,10 +39,15 @@ pub fn embedded_chain(product: Product) -> Result<[Vec<u8>; 3], VerifyError> {
     let v = pem_bundle(pem);
     match <[Vec<u8>; 3]>::try_from(v) {
         Ok(a) => Ok(a),
-        Err(_) => Err(VerifyError::Roots(
-            product,
-            "embedded chain is not ASK, ARK, ASVK".into(),
-        )),
+        Err(_) => Err(roots(product, RootsFault::EmbeddedBundle, None)),
+    }
+}
+
+fn roots(product: Product, fault: RootsFault, detail: Option<String>) -> VerifyError {
+    VerifyError::Roots {
+        product,
+        fault,
+        detail,
     }
 }
 
@@ -52,7 +57,7 @@ fn builtin_ark(product: Product) -> Result<Certificate, VerifyError> {
         Product::Genoa => builtin::genoa::ark(),
         Product::Turin => builtin::turin::ark(),
     }
-    .map_err(|e| VerifyError::Roots(product, format!("built-in ARK: {e}")))
+    .map_err(|e| roots(product, RootsFault::BuiltinArk, Some(e.to_string())))
 }
 
 fn intermediate(product: Product, key: SigningKey) -> Result<Certificate, VerifyError> {
@@ -61,19 +66,19 @@ fn intermediate(product: Product, key: SigningKey) -> Result<Certificate, Verify
         SigningKey::Vlek => {
             let [_, _, asvk] = embedded_chain(product)?;
             Certificate::from_der(&asvk)
-                .map_err(|e| VerifyError::Roots(product, format!("embedded ASVK: {e}")))?
+                .map_err(|e| roots(product, RootsFault::EmbeddedAsvk, Some(e.to_string())))?
         }
         _ => match product {
             Product::Milan => builtin::milan::ask(),
             Product::Genoa => builtin::genoa::ask(),
             Product::Turin => builtin::turin::ask(),
         }
-        .map_err(|e| VerifyError::Roots(product, format!("built-in ASK: {e}")))?,
+        .map_err(|e| roots(product, RootsFault::BuiltinAsk, Some(e.to_string())))?,
     };
     let chain = ca::Chain { ark, ask: mid };
     (&chain)
         .verify()
-        .map_err(|e| VerifyError::Roots(product, format!("ARK does not sign the CA: {e}")))?;
+        .map_err(|e| roots(product, RootsFault::ArkDoesNotSignCa, Some(e.to_string())))?;
     Ok(chain.ask)
 }
 
@@ -103,8 +108,10 @@ pub fn check_endorsement(
     key: SigningKey,
 ) -> Result<Vec<u8>, VerifyError> {
     let ca = amd_ca(product, key)?;
-    let cert =
-        Certificate::from_der(cert_der).map_err(|e| VerifyError::Certificate(e.to_string()))?;
+    let cert = Certificate::from_der(cert_der).map_err(|e| VerifyError::Certificate {
+        role: CertRole::Endorsement,
+        detail: e.to_string(),
+    })?;
     (ca, &cert)
         .verify()
         .map_err(|_| VerifyError::NotSignedByAmd { product, key })?;

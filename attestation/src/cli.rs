@@ -24,7 +24,9 @@ pub const EXIT_POLICY: i32 = 3;
 /// Arguments of `attest verify`.
 #[derive(Clone, Debug, Default)]
 pub struct VerifyArgs {
-    /// Report file (raw 1184 bytes or hex).
+    /// Report file: raw 1184 bytes, hex, or an extended report (the
+    /// report, optionally behind its `MSG_REPORT_RSP` header, followed by
+    /// its certificate table; see [`crate::extended`]).
     pub report: PathBuf,
     /// VCEK certificate (PEM or DER).
     pub vcek: Option<PathBuf>,
@@ -253,20 +255,27 @@ fn read_der(p: &std::path::Path) -> Result<Vec<u8>, String> {
 }
 
 /// Every certificate the arguments name: explicit files win over the
-/// certificate table, which wins over the directory. `ark` is only ever
+/// `--cert-table` file, which wins over a table that followed the report
+/// in its own file, which wins over the directory. `ark` is only ever
 /// `--sim-ark` (AMD reports use the built-in roots).
-fn gather_certs(args: &VerifyArgs) -> Result<CertSet, String> {
+fn gather_certs(args: &VerifyArgs, embedded: Option<CertSet>) -> Result<CertSet, String> {
     let mut set = match &args.certs {
         Some(d) => certs::read_cert_dir(d).map_err(|e| format!("{}: {e}", d.display()))?,
         None => CertSet::default(),
     };
+    let overlay = |set: &mut CertSet, t: CertSet| {
+        set.ark = t.ark.or(set.ark.take());
+        set.ask = t.ask.or(set.ask.take());
+        set.vcek = t.vcek.or(set.vcek.take());
+        set.vlek = t.vlek.or(set.vlek.take());
+    };
+    if let Some(t) = embedded {
+        overlay(&mut set, t);
+    }
     if let Some(t) = &args.cert_table {
         let b = std::fs::read(t).map_err(|e| format!("{}: {e}", t.display()))?;
         let t = certs::parse_cert_table(&b).map_err(|e| format!("{}: {e}", t.display()))?;
-        set.ark = t.ark.or(set.ark);
-        set.ask = t.ask.or(set.ask);
-        set.vcek = t.vcek.or(set.vcek);
-        set.vlek = t.vlek.or(set.vlek);
+        overlay(&mut set, t);
     }
     if let Some(p) = &args.vcek {
         set.vcek = Some(read_der(p)?);
@@ -309,7 +318,12 @@ pub fn verify_command(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
         Ok(b) => b,
         Err(e) => return usage(out, format!("{}: {e}", args.report.display())),
     };
-    let report = match Report::parse_any(&report_bytes) {
+    let (report_bytes, embedded) = match crate::extended::split(&report_bytes) {
+        Ok(Some(e)) => (e.report, e.certs),
+        Ok(None) => (&report_bytes[..], None),
+        Err(e) => return usage(out, format!("{}: {e}", args.report.display())),
+    };
+    let report = match Report::parse_any(report_bytes) {
         Ok(r) => r,
         // A report-sized blob with a bad version is a modified report.
         Err(e @ crate::ReportError::Version(_)) => {
@@ -318,14 +332,14 @@ pub fn verify_command(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
         }
         Err(e) => return usage(out, format!("{}: {e}", args.report.display())),
     };
-    let set = match gather_certs(args) {
+    let set = match gather_certs(args, embedded) {
         Ok(s) => s,
         Err(e) => return usage(out, e),
     };
     let Some(cert) = endorsement(&report, &set) else {
         return usage(
             out,
-            "no VCEK or VLEK certificate (--vcek, --vlek, --certs DIR or --cert-table)".into(),
+            "no VCEK or VLEK certificate (--vcek, --vlek, --certs DIR, --cert-table, or a table after the report in its file)".into(),
         );
     };
     let policy = match load_policy(args) {

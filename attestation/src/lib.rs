@@ -16,6 +16,7 @@ pub mod certs;
 pub mod chain_error;
 pub mod cli;
 pub mod expect;
+pub mod extended;
 pub mod measure;
 pub mod policy;
 pub mod product;

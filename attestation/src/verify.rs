@@ -14,7 +14,7 @@
 use sha2::{Digest, Sha384};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-pub use crate::chain_error::{cert_der, VerifyError};
+pub use crate::chain_error::{cert_der, CertRole, ChainLink, Mismatch, RootsFault, VerifyError};
 pub use crate::product::Product;
 use crate::report::{Report, SigningKey, Tcb, SIG_ALGO_ECDSA_P384_SHA384};
 
@@ -33,10 +33,17 @@ pub struct Verified {
     pub csp_id: Option<String>,
 }
 
-fn parse(der: &[u8]) -> Result<X509Certificate<'_>, VerifyError> {
+fn parse_as(der: &[u8], role: CertRole) -> Result<X509Certificate<'_>, VerifyError> {
     X509Certificate::from_der(der)
         .map(|(_, c)| c)
-        .map_err(|e| VerifyError::Certificate(e.to_string()))
+        .map_err(|e| VerifyError::Certificate {
+            role,
+            detail: e.to_string(),
+        })
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, VerifyError> {
+    parse_as(der, CertRole::Endorsement)
 }
 
 /// The product named by a VCEK's issuer (`SEV-Milan`, ...).
@@ -192,10 +199,11 @@ fn check_extensions(
     let tcb = vcek_tcb(cert_der, turin)?;
     let reported = Tcb::decode(report.reported_tcb_raw, turin);
     if tcb != reported {
-        return Err(VerifyError::Mismatch(format!(
-            "{} certifies TCB {tcb:?}, report says {reported:?}",
-            key.name()
-        )));
+        return Err(VerifyError::Mismatch(Mismatch::Tcb {
+            key,
+            certified: tcb,
+            reported,
+        }));
     }
     if key == SigningKey::Vlek {
         return Ok((tcb, csp_id(cert_der)));
@@ -211,9 +219,7 @@ fn check_extensions(
         &report.chip_id[..]
     };
     if !ext_is(hwid, want) {
-        return Err(VerifyError::Mismatch(
-            "VCEK hardware id differs from CHIP_ID".into(),
-        ));
+        return Err(VerifyError::Mismatch(Mismatch::HardwareId));
     }
     Ok((tcb, None))
 }
@@ -221,18 +227,15 @@ fn check_extensions(
 /// Verifies the report's signature with a P-384 public key (SEC1 bytes).
 pub fn check_signature(report: &Report, sec1: &[u8]) -> Result<(), VerifyError> {
     use p384::ecdsa::signature::DigestVerifier;
-    let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(sec1)
-        .map_err(|e| VerifyError::Certificate(format!("endorsement public key: {e}")))?;
-    let sig = report
-        .signature()
-        .ok_or_else(|| VerifyError::Signature("malformed signature".into()))?;
+    let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(sec1).map_err(|e| {
+        VerifyError::EndorsementKey {
+            detail: e.to_string(),
+        }
+    })?;
+    let sig = report.signature().ok_or(VerifyError::MalformedSignature)?;
     let digest = Sha384::new_with_prefix(report.signed_bytes());
-    vk.verify_digest(digest, &sig).map_err(|_| {
-        VerifyError::Signature(format!(
-            "the {} did not sign this report",
-            report.signing_key().name()
-        ))
-    })
+    vk.verify_digest(digest, &sig)
+        .map_err(|_| VerifyError::BadSignature(report.signing_key()))
 }
 
 /// Checks a VCEK (DER) against the built-in AMD ASK and ARK of `product`
@@ -285,21 +288,15 @@ pub fn verify_with_roots(
     trusted_ark_der: &[u8],
 ) -> Result<Verified, VerifyError> {
     let key = precheck(report)?;
-    let ark = parse(trusted_ark_der)?;
-    let ca = parse(intermediate_der)?;
+    let ark = parse_as(trusted_ark_der, CertRole::Root)?;
+    let ca = parse_as(intermediate_der, CertRole::Intermediate)?;
     let cert = parse(cert_der)?;
-    let ca_name = if key == SigningKey::Vlek {
-        "ASVK"
-    } else {
-        "ASK"
-    };
     ark.verify_signature(None)
-        .map_err(|_| VerifyError::Chain("ARK is not self-signed".into()))?;
+        .map_err(|_| VerifyError::Chain(ChainLink::ArkNotSelfSigned))?;
     ca.verify_signature(Some(ark.public_key()))
-        .map_err(|_| VerifyError::Chain(format!("{ca_name} is not signed by the trusted ARK")))?;
-    cert.verify_signature(Some(ca.public_key())).map_err(|_| {
-        VerifyError::Chain(format!("{} is not signed by the {ca_name}", key.name()))
-    })?;
+        .map_err(|_| VerifyError::Chain(ChainLink::IntermediateNotSignedByArk(key)))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| VerifyError::Chain(ChainLink::KeyNotSignedByIntermediate(key)))?;
     check_signature(report, &cert.public_key().subject_public_key.data)?;
     let product = report.cpuid_product();
     let (tcb, csp_id) = check_extensions(report, cert_der, product == Some(Product::Turin), key)?;
@@ -321,9 +318,7 @@ pub fn verify_sim(
     trusted_ark_der: &[u8],
 ) -> Result<Verified, VerifyError> {
     if !report.is_simulated() {
-        return Err(VerifyError::Mismatch(
-            "a report checked against a simulated chain must carry the SIMULATED chip id".into(),
-        ));
+        return Err(VerifyError::Mismatch(Mismatch::NotSimulated));
     }
     let mut v = verify_with_roots(report, vcek_der, ask_der, trusted_ark_der)?;
     v.product = None;

@@ -326,3 +326,54 @@ fn extended_report_certificate_table() {
         Err(CertsError::TooManyEntries)
     );
 }
+
+#[test]
+fn one_file_holding_report_and_certificate_table() {
+    let der = gcp_vcek_der();
+    let report = std::fs::read(testdata("gcp-milan-report.bin")).unwrap();
+    let table = build_cert_table(&[(guid::VCEK, &der)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, parts: &[&[u8]]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, parts.concat()).unwrap();
+        VerifyArgs {
+            report: p,
+            ..Default::default()
+        }
+    };
+    let mut header = vec![0u8; 32];
+    header[4..8].copy_from_slice(&(REPORT_LEN as u32).to_le_bytes());
+    // Report then table, with and without the MSG_REPORT_RSP header.
+    assert_eq!(run(&file("ext.bin", &[&report, &table])).0, EXIT_OK);
+    assert_eq!(
+        run(&file("rsp.bin", &[&header, &report, &table])).0,
+        EXIT_OK
+    );
+    // A zero-padded response buffer carries no table: the VCEK must come
+    // from elsewhere, and does.
+    let mut padded = file("pad.bin", &[&header, &report, &[0u8; 2000]]);
+    let (code, out) = run(&padded);
+    assert_eq!(code, 1, "{out}");
+    padded.vcek = Some(testdata("gcp-milan-vcek.pem"));
+    assert_eq!(run(&padded).0, EXIT_OK);
+    // The signed report inside still fails on a flipped bit.
+    let mut flipped = report.clone();
+    flipped[0x90] ^= 1;
+    assert_eq!(run(&file("flip.bin", &[&flipped, &table])).0, EXIT_INVALID);
+    // A firmware error in the header and a tail that is not a table are
+    // usage errors that say which.
+    let mut bad = header.clone();
+    bad[0] = 0x16;
+    let (code, out) = run(&file("status.bin", &[&bad, &report, &table]));
+    assert_eq!(code, 1);
+    assert!(out.contains("status is 0x16"), "{out}");
+    let (code, out) = run(&file("tail.bin", &[&report, b"garbage!"]));
+    assert_eq!(code, 1);
+    assert!(out.contains("not a certificate table"), "{out}");
+    // An explicit --cert-table wins over the one in the file.
+    let other = build_cert_table(&[(guid::VCEK, b"\x30\x03\x02\x01\x00")]);
+    std::fs::write(dir.path().join("other.bin"), &other).unwrap();
+    let mut a = file("ext2.bin", &[&report, &table]);
+    a.cert_table = Some(dir.path().join("other.bin"));
+    assert_eq!(run(&a).0, EXIT_INVALID);
+}

@@ -6,6 +6,7 @@
 
 mod common;
 
+use bubble_attestation::verify::{ChainLink, Mismatch};
 use bubble_attestation::{verify_amd, verify_with_roots, Product, Report, SigningKey, VerifyError};
 use common::*;
 
@@ -45,13 +46,31 @@ fn wrong_asvk_is_refused() {
     let r = parse(&report(&f, &w.vlek_key));
     // An ASVK of another ARK.
     let e = verify_with_roots(&r, &w.vlek, &other.asvk.der, &w.ark.der).unwrap_err();
-    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            VerifyError::Chain(ChainLink::IntermediateNotSignedByArk(SigningKey::Vlek))
+        ),
+        "{e}"
+    );
     // The right ASVK under another (trusted) ARK.
     let e = verify_with_roots(&r, &w.vlek, &w.asvk.der, &other.ark.der).unwrap_err();
-    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            VerifyError::Chain(ChainLink::IntermediateNotSignedByArk(SigningKey::Vlek))
+        ),
+        "{e}"
+    );
     // The ASK in place of the ASVK does not certify the VLEK.
     let e = verify_with_roots(&r, &w.vlek, &w.ask.der, &w.ark.der).unwrap_err();
-    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            VerifyError::Chain(ChainLink::KeyNotSignedByIntermediate(SigningKey::Vlek))
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -65,7 +84,13 @@ fn vcek_presented_as_vlek_is_refused() {
     let r = parse(&report(&f, &w.vcek_key));
     // Through the ASVK: the VCEK is not certified by it.
     let e = verify_with_roots(&r, &w.vcek, &w.asvk.der, &w.ark.der).unwrap_err();
-    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            VerifyError::Chain(ChainLink::KeyNotSignedByIntermediate(SigningKey::Vlek))
+        ),
+        "{e}"
+    );
     // Even with a chain that holds, the kind of key is checked.
     let e = verify_with_roots(&r, &w.vcek, &w.ask.der, &w.ark.der).unwrap_err();
     assert!(
@@ -144,7 +169,11 @@ fn vlek_without_a_tcb_extension_or_with_another_tcb_is_refused() {
     );
     let r = parse(&report(&f, &k));
     let e = verify_with_roots(&r, &der, &w.asvk.der, &w.ark.der).unwrap_err();
-    assert!(matches!(e, VerifyError::Mismatch(_)), "{e}");
+    assert!(
+        matches!(e, VerifyError::Mismatch(Mismatch::Tcb { key: SigningKey::Vlek, certified, reported })
+            if certified.snp + 1 == reported.snp),
+        "{e}"
+    );
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct BrokerConfig {
     /// How long FAILED and DELETED records stay visible (describe, list
     /// with deleted, idempotent retries) before they are collected.
     pub record_retention: Duration,
+    /// Parent ids (`uid:0`, `cert:ops`) that may list every parent's
+    /// bubbles.
+    pub admins: Vec<String>,
 }
 
 /// Default [`BrokerConfig::record_retention`]: one day.
@@ -227,6 +230,14 @@ pub struct FileConfig {
     pub jail: Option<JailConfig>,
     /// Seconds FAILED and DELETED records are kept before collection.
     pub record_retention_s: Option<u64>,
+    /// Parent ids with the operator's view across parents.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Open connections one uid may hold on the Unix socket.
+    pub max_connections_per_uid: Option<usize>,
+    /// Milliseconds a new Unix-socket connection has to send its first
+    /// bytes.
+    pub handshake_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -284,6 +295,7 @@ impl BrokerConfig {
             store_url: None,
             jail: JailConfig::default(),
             record_retention: DEFAULT_RECORD_RETENTION,
+            admins: Vec::new(),
             data_dir,
         })
     }

@@ -63,8 +63,13 @@ pub struct Opts {
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: never in a file or a
+    // journal, and never when NO_COLOR is set.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         b.json().try_init()
@@ -87,8 +92,9 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("bubbled: {e:#}");
+            let msg = crate::ctl::errors::one_line(&e);
+            error!("{msg}");
+            eprintln!("bubbled: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -132,6 +138,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         cfg.quota = q;
     }
     cfg.pools = file.pools.clone();
+    cfg.admins = file.admins.clone();
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
     }
@@ -164,6 +171,19 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .or(file.socket.clone())
         .unwrap_or_else(|| data_dir.join("bubbled.sock"));
     let unix = server::bind_unix(&socket)?;
+    // Removed however this function ends, so that a failed start leaves no
+    // socket behind.
+    let _socket_file = server::SocketFile(socket.clone());
+    let limits = crate::conn_limit::ConnLimits {
+        per_uid: file
+            .max_connections_per_uid
+            .unwrap_or(crate::conn_limit::DEFAULT_PER_UID)
+            .max(1),
+        handshake: file
+            .handshake_timeout_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(crate::conn_limit::DEFAULT_HANDSHAKE),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -173,7 +193,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         let b = broker.clone();
         let s = stop(stop_rx.clone());
         tasks.spawn(async move {
-            server::serve_unix(b, unix, s)
+            server::serve_unix_with(b, unix, limits, s)
                 .await
                 .map_err(anyhow::Error::from)
         });

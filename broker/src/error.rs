@@ -4,6 +4,17 @@ use tonic::{Code, Status};
 
 use crate::store::registry::RegistryError;
 
+/// The built-in ops a parent may call (the others are the broker's own:
+/// provisioning, portions and the policy have their own requests).
+pub const PUBLIC_OPS: [&str; 6] = [
+    bubble_abi::ops::OP_ECHO,
+    bubble_abi::ops::OP_SHA256,
+    bubble_abi::ops::OP_SHA256_CHAIN,
+    bubble_abi::ops::OP_KEYS,
+    bubble_abi::ops::OP_ATTEST,
+    bubble_abi::ops::OP_HMAC,
+];
+
 /// Everything a broker operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -33,7 +44,15 @@ pub enum BrokerError {
     /// it) past its deadline; nothing was done and the bubble is unchanged.
     #[error("bubble {0} is busy with another operation; nothing was done")]
     Queued(String),
-    /// The guest rejected the call (unknown op, bad input).
+    /// The bubble has no such built-in op (the message lists the public
+    /// ones, never the broker's internal ops).
+    #[error(
+        "unknown op; the built-in ops are {}, and a loaded portion's functions are called \
+         with the portion field",
+        PUBLIC_OPS.join(", ")
+    )]
+    UnknownOp,
+    /// The guest rejected the call (bad input).
     #[error("guest rejected the call: {0}")]
     GuestRejected(String),
     /// A policy or credential grant refused the call inside the bubble.
@@ -89,6 +108,19 @@ pub enum BrokerError {
     /// The broker cannot serve this now (e.g. its disk is not answering).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// An idempotency key was reused with different parameters; names the
+    /// first field that differs.
+    #[error(
+        "client_request_id was already used for a different request ({field} differs); \
+         use a new request id"
+    )]
+    RequestIdReused {
+        /// The request field that differs.
+        field: &'static str,
+    },
+    /// An operator-only request from a parent that is not a configured admin.
+    #[error("this needs an admin identity (the broker's `admins` configuration)")]
+    NotAdmin,
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -97,10 +129,12 @@ pub enum BrokerError {
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
         let code = match &e {
-            BrokerError::InvalidArgument { .. } | BrokerError::GuestRejected(_) => {
-                Code::InvalidArgument
+            BrokerError::InvalidArgument { .. }
+            | BrokerError::GuestRejected(_)
+            | BrokerError::UnknownOp => Code::InvalidArgument,
+            BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) | BrokerError::NotAdmin => {
+                Code::PermissionDenied
             }
-            BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) => Code::PermissionDenied,
             BrokerError::GuestLimit(_) => Code::ResourceExhausted,
             BrokerError::GuestTrap(_) => Code::Aborted,
             BrokerError::GuestRefused(_) => Code::FailedPrecondition,
@@ -113,6 +147,7 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
+            BrokerError::RequestIdReused { .. } => Code::AlreadyExists,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
             BrokerError::WrongKey => Code::PermissionDenied,
             BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
@@ -132,6 +167,8 @@ impl BrokerError {
             }
             c::TRAP => BrokerError::GuestTrap(msg),
             c::PORTION_REFUSED | c::STATE => BrokerError::GuestRefused(msg),
+            // The guest's own list names internal ops too.
+            c::UNKNOWN_OP => BrokerError::UnknownOp,
             c::INTERNAL => BrokerError::GuestInternal(msg),
             _ => BrokerError::GuestRejected(msg),
         }

@@ -1,6 +1,7 @@
-//! Where `bubblectl` reads a parent's key-encryption key from: a private
-//! file, standard input or an environment variable — never argv, which any
-//! user on the host can read in `/proc/<pid>/cmdline`.
+//! Where `bubblectl` reads a parent's secrets (a key-encryption key, a
+//! credential to provision) from: a private file, standard input or an
+//! environment variable — never argv, which any user on the host can read
+//! in `/proc/<pid>/cmdline`.
 
 use std::io::Read;
 use std::path::Path;
@@ -17,14 +18,8 @@ pub const KEK_ENV: &str = "BUBBLECTL_KEK";
 /// group or others.
 pub fn read_kek(file: Option<&Path>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     let raw = match file {
-        Some(p) if p == Path::new("-") => {
-            let mut buf = Zeroizing::new(Vec::new());
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("reading the key-encryption key from standard input")?;
-            buf
-        }
-        Some(p) => read_private_file(p)?,
+        Some(p) if p == Path::new("-") => read_stdin("the key-encryption key")?,
+        Some(p) => read_private_file(p, "key-encryption key")?,
         None => match std::env::var_os(KEK_ENV) {
             Some(v) => Zeroizing::new(v.into_encoded_bytes()),
             None => return Ok(Zeroizing::new(Vec::new())),
@@ -33,18 +28,27 @@ pub fn read_kek(file: Option<&Path>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     decode(&raw)
 }
 
-fn read_private_file(p: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+/// Reads all of standard input (`what` names it in errors).
+pub fn read_stdin(what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {what} from standard input"))?;
+    Ok(buf)
+}
+
+/// Reads a secret file (`what` names it in errors) that neither group nor
+/// others may read or write; the error never holds its content.
+pub fn read_private_file(p: &Path, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(p).with_context(|| format!("key-encryption key file {}", p.display()))?;
+    let meta = std::fs::metadata(p).with_context(|| format!("{what} file {}", p.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     anyhow::ensure!(
         mode & 0o077 == 0,
-        "key-encryption key file {} has mode {mode:03o}; make it private (chmod 600)",
+        "{what} file {} has mode {mode:03o}; make it private (chmod 600)",
         p.display()
     );
-    let bytes = std::fs::read(p)
-        .with_context(|| format!("reading key-encryption key file {}", p.display()))?;
+    let bytes = std::fs::read(p).with_context(|| format!("reading {what} file {}", p.display()))?;
     Ok(Zeroizing::new(bytes))
 }
 

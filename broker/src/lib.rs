@@ -13,10 +13,12 @@
 pub mod admin;
 pub mod api;
 pub mod attest;
+pub mod authority;
 /// Connecting to a broker (re-exported from `bubble-client`).
 pub use bubble_client::connect as client;
 pub mod clock;
 pub mod config;
+pub mod conn_limit;
 pub mod core;
 pub mod ctl;
 pub mod daemon;

@@ -25,7 +25,8 @@ use crate::demo::percentile;
 pub struct LoadSpec {
     /// Broker URL (https://localhost:PORT).
     pub endpoint: String,
-    /// PKI directory; parent certificates `load-<i>` are issued if missing.
+    /// PKI directory (its CA signs throw-away certificates `load-<i>`,
+    /// kept in a temporary directory).
     pub pki: PathBuf,
     /// Number of parents.
     pub parents: usize,
@@ -206,12 +207,14 @@ async fn delete(c: &mut Client, id: String, rep: &Shared) {
 /// Runs the load and returns its report.
 pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
     let mut clients = Vec::new();
+    // Throw-away parent certificates, signed by the PKI's CA but written to
+    // a temporary directory (removed when the run ends), never to the PKI.
+    let certs = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     for i in 0..spec.parents {
         let name = format!("load-{i}");
-        let (cert, key) = crate::pki::parent_files(&spec.pki, &name);
-        if !cert.exists() {
-            crate::pki::add_parent(&spec.pki, &name).map_err(|e| e.to_string())?;
-        }
+        crate::pki::issue_parent(&spec.pki, certs.path(), &name, false)
+            .map_err(|e| e.to_string())?;
+        let (cert, key) = crate::pki::parent_files(certs.path(), &name);
         let c = client::connect_tls(&spec.endpoint, &spec.pki.join("ca.pem"), &cert, &key)
             .await
             .map_err(|e| e.to_string())?;

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -38,6 +38,12 @@ pub enum PkiError {
     /// `init` would overwrite an existing CA.
     #[error("{0} already holds a CA; use another directory or `pki add-parent`")]
     Exists(PathBuf),
+    /// `add-parent` would replace an existing parent's key.
+    #[error("parent {0:?} already has a certificate; pass --force to replace its key")]
+    ParentExists(String),
+    /// A subject alternative name is neither a DNS name nor an IP address.
+    #[error("--san {0:?} is neither a DNS name nor an IP address")]
+    BadSan(String),
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
@@ -46,7 +52,12 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io)?;
+        // Private keys live here: the directories are 0700.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
     }
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -104,11 +115,48 @@ fn load_ca(dir: &Path) -> Result<KeyPair, PkiError> {
 /// Creates the CA, the server certificate (for `localhost` and 127.0.0.1)
 /// and one client certificate per parent name.
 pub fn init(dir: &Path, parents: &[String]) -> Result<(), PkiError> {
+    init_with_sans(dir, parents, &[])
+}
+
+/// A DNS name (letters, digits, `-`, `.`, a leading `*.`) or an IP address.
+fn validate_san(san: &str) -> Result<(), PkiError> {
+    if san.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let host = san.strip_prefix("*.").unwrap_or(san);
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadSan(san.to_string()))
+    }
+}
+
+/// Like [`init`], with the server certificate also naming each of `sans`
+/// (DNS names or IP addresses).
+pub fn init_with_sans(dir: &Path, parents: &[String], sans: &[String]) -> Result<(), PkiError> {
     if dir.join("ca.key").exists() {
         return Err(PkiError::Exists(dir.to_path_buf()));
     }
     for p in parents {
         validate_name(p)?;
+    }
+    for s in sans {
+        validate_san(s)?;
+    }
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+    for s in sans {
+        if !names.contains(s) {
+            names.push(s.clone());
+        }
     }
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params().self_signed(&ca_key)?;
@@ -120,12 +168,7 @@ pub fn init(dir: &Path, parents: &[String]) -> Result<(), PkiError> {
     write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
     let issuer = Issuer::new(ca_params(), &ca_key);
     let server_key = KeyPair::generate()?;
-    let server = leaf_params(
-        "bubbled",
-        vec!["localhost".into(), "127.0.0.1".into()],
-        true,
-    )?
-    .signed_by(&server_key, &issuer)?;
+    let server = leaf_params("bubbled", names, true)?.signed_by(&server_key, &issuer)?;
     write_file(
         &dir.join("server.key"),
         server_key.serialize_pem().as_bytes(),
@@ -138,12 +181,29 @@ pub fn init(dir: &Path, parents: &[String]) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Issues a client certificate for one more parent with an existing CA.
-pub fn add_parent(dir: &Path, name: &str) -> Result<(), PkiError> {
+/// Issues a client certificate for one more parent with an existing CA;
+/// refuses to replace an existing parent's key unless `force`.
+pub fn add_parent(dir: &Path, name: &str, force: bool) -> Result<(), PkiError> {
+    issue_parent(dir, dir, name, force)
+}
+
+/// Issues a client certificate for parent `name`, signed by the CA in
+/// `ca_dir`, into `out_dir/parents/` (a throw-away directory for load
+/// tests, or `ca_dir` itself); refuses to replace an existing one unless
+/// `force`.
+pub fn issue_parent(
+    ca_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    force: bool,
+) -> Result<(), PkiError> {
     validate_name(name)?;
-    let ca_key = load_ca(dir)?;
+    if !force && parent_files(out_dir, name).0.exists() {
+        return Err(PkiError::ParentExists(name.to_string()));
+    }
+    let ca_key = load_ca(ca_dir)?;
     let issuer = Issuer::new(ca_params(), &ca_key);
-    add_parent_with(dir, name, &issuer)
+    add_parent_with(out_dir, name, &issuer)
 }
 
 fn add_parent_with(dir: &Path, name: &str, issuer: &Issuer<'_, &KeyPair>) -> Result<(), PkiError> {
@@ -175,14 +235,40 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{k}");
         }
         assert!(matches!(init(d.path(), &[]), Err(PkiError::Exists(_))));
-        add_parent(d.path(), "bob").unwrap();
+        add_parent(d.path(), "bob", false).unwrap();
+        let before = fs::read(parent_files(d.path(), "bob").1).unwrap();
+        assert!(matches!(
+            add_parent(d.path(), "bob", false),
+            Err(PkiError::ParentExists(_))
+        ));
+        assert_eq!(fs::read(parent_files(d.path(), "bob").1).unwrap(), before);
+        add_parent(d.path(), "bob", true).unwrap();
+        assert_ne!(fs::read(parent_files(d.path(), "bob").1).unwrap(), before);
+        let mode = fs::metadata(d.path().join("parents"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
         let pem = fs::read(parent_files(d.path(), "bob").0).unwrap();
         let der = rustls_pem(&pem);
         assert_eq!(crate::identity::cert_parent(&der).unwrap(), "cert:bob");
         assert!(matches!(
-            add_parent(d.path(), "no/slash"),
+            add_parent(d.path(), "no/slash", false),
             Err(PkiError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn sans_are_dns_names_or_ip_addresses() {
+        for ok in ["broker.example", "10.0.0.7", "::1", "*.example.org", "a-b"] {
+            validate_san(ok).unwrap();
+        }
+        for bad in ["", "a b", "-x.example", "a..b", "x/y"] {
+            assert!(
+                matches!(validate_san(bad), Err(PkiError::BadSan(_))),
+                "{bad}"
+            );
+        }
     }
 
     fn rustls_pem(pem: &[u8]) -> Vec<u8> {

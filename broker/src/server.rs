@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use bubble_proto::v1::broker_server::BrokerServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::BrokerService;
+use crate::authority::AuthorityFix;
+use crate::conn_limit::{ConnLimits, Limited};
 use crate::core::Broker;
 
 /// Room for the protobuf framing around a maximum-size payload.
@@ -27,6 +29,9 @@ pub enum ServeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Another broker answers on the socket.
+    #[error("another broker is serving on {0}; stop it first (or give this one --socket)")]
+    InUse(PathBuf),
     /// TLS material could not be read or used.
     #[error("TLS setup: {0}")]
     Tls(String),
@@ -69,14 +74,19 @@ fn service(broker: &Arc<Broker>) -> BrokerServer<BrokerService> {
         .max_encoding_message_size(limit)
 }
 
-/// Binds the Unix socket at `path`, replacing a stale socket file. Mode 0666:
-/// any local user may connect, and each is a separate parent (its uid).
+/// Binds the Unix socket at `path`, replacing a stale socket file (one no
+/// process answers on); a socket a live broker serves is left alone and
+/// refused. Mode 0666: any local user may connect, and each is a separate
+/// parent (its uid).
 pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
     let bind_err = |source| ServeError::Bind {
         what: path.display().to_string(),
         source,
     };
     if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(path.to_path_buf()));
+        }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
     let l = UnixListener::bind(path).map_err(bind_err)?;
@@ -85,26 +95,79 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(l)
 }
 
-/// Serves the broker on a bound Unix socket until `shutdown` resolves.
+/// The broker's socket file, removed when this is dropped (the broker
+/// ends, or fails to start).
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+/// tonic answers a request over the message limit with OUT_OF_RANGE, a code
+/// the API never uses otherwise: it becomes RESOURCE_EXHAUSTED naming the
+/// broker's `max_payload`.
+fn oversized_as_exhausted(max_payload: usize) -> impl Fn(HttpResponse) -> HttpResponse + Clone {
+    move |mut resp: HttpResponse| {
+        let over = tonic::Status::from_header_map(resp.headers())
+            .is_some_and(|s| s.code() == tonic::Code::OutOfRange);
+        if over {
+            let s = tonic::Status::resource_exhausted(format!(
+                "the message is larger than this broker accepts: max_payload is {max_payload} \
+                 bytes (plus {FRAMING_ALLOWANCE} bytes of framing)"
+            ));
+            // The status of a trailers-only answer lives in its headers.
+            let _ = s.add_header(resp.headers_mut());
+        }
+        resp
+    }
+}
+
+fn limits_layer(
+    broker: &Arc<Broker>,
+) -> tower::util::MapResponseLayer<impl Fn(HttpResponse) -> HttpResponse + Clone> {
+    tower::util::MapResponseLayer::new(oversized_as_exhausted(broker.config().max_payload))
+}
+
+/// Serves the broker on a bound Unix socket until `shutdown` resolves, with
+/// the default connection limits.
 pub async fn serve_unix(
     broker: Arc<Broker>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_unix_with(broker, listener, ConnLimits::default(), shutdown).await
+}
+
+/// Serves the broker on a bound Unix socket until `shutdown` resolves.
+pub async fn serve_unix_with(
+    broker: Arc<Broker>,
+    listener: UnixListener,
+    limits: ConnLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     Server::builder()
+        .layer(limits_layer(&broker))
         .add_service(health().await)
         .add_service(service(&broker))
-        .serve_with_incoming_shutdown(parent_conns(listener), shutdown)
+        .serve_with_incoming_shutdown(parent_conns(listener, limits), shutdown)
         .await
 }
 
-/// Accepted parent connections, registered for read readiness only (a
-/// parent reading its answer does not wake the broker; see bubble-uds),
-/// with their peer credentials.
+/// Accepted parent connections within the per-uid cap and the handshake
+/// deadline (see [`crate::conn_limit`]), registered for read readiness
+/// only (a parent reading its answer does not wake the broker; see
+/// bubble-uds), with their peer credentials, and any `:authority` accepted
+/// (see [`crate::authority`]).
 fn parent_conns(
     listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<bubble_uds::UnixConn>> {
-    UnixListenerStream::new(listener).map(|s| s.and_then(bubble_uds::UnixConn::from_tokio))
+    limits: ConnLimits,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<Limited<bubble_uds::UnixConn>>>>
+{
+    crate::conn_limit::accept_loop(listener, limits).map(|c| c.map(AuthorityFix::new))
 }
 
 /// Binds a TCP listener.
@@ -137,6 +200,7 @@ pub async fn serve_tls(
     Server::builder()
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
+        .layer(limits_layer(&broker))
         .add_service(health().await)
         .add_service(service(&broker))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -34,6 +34,17 @@ pub enum ConnectError {
     },
 }
 
+/// The innermost cause of a transport error, the one that says what went
+/// wrong ("No such file or directory (os error 2)", a TLS alert), on one
+/// line.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string().replace('\n', " ")
+}
+
 fn limits(c: BrokerClient<Channel>) -> BrokerClient<Channel> {
     c.max_decoding_message_size(CLIENT_MAX_MESSAGE)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE)
@@ -55,7 +66,7 @@ pub async fn connect_unix(path: &Path) -> Result<BrokerClient<Channel>, ConnectE
         .await
         .map_err(|e| ConnectError::Connect {
             target: path.display().to_string(),
-            detail: format!("{e}: {:?}", std::error::Error::source(&e)),
+            detail: root_cause(&e),
         })?;
     Ok(limits(BrokerClient::new(channel)))
 }
@@ -81,7 +92,7 @@ pub async fn connect_tls(
         .identity(Identity::from_pem(read(cert)?, read(key)?));
     let err = |e: tonic::transport::Error| ConnectError::Connect {
         target: url.to_string(),
-        detail: format!("{e}: {:?}", std::error::Error::source(&e)),
+        detail: root_cause(&e),
     };
     let channel = Endpoint::from_shared(url.to_string())
         .map_err(err)?

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::large_enum_variant)]
 
+pub mod codec;
+
 /// Package `bubble.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all)]

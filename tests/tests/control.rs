@@ -50,8 +50,15 @@ async fn a_vmm_error_reply_keeps_the_bubble_ready_and_failures_count_by_kind() {
         .await
         .unwrap();
     assert_eq!(r.into_inner().output, b"still here");
+    // Every failure reason is exported from the start, at zero; so is the
+    // build.
     let m = broker.admin_get("/metrics");
-    assert!(!m.contains("bubbled_failures_total{"), "{m}");
+    assert!(
+        m.contains(r#"bubbled_failures_total{reason="seccomp"} 0"#),
+        "{m}"
+    );
+    assert!(nonzero_failures(&m).is_empty(), "{m}");
+    assert!(m.contains("bubbled_build_info{version=\""), "{m}");
 
     // A real failure: the VMM is killed for a forbidden system call. It is
     // counted once, under its kind.
@@ -70,12 +77,7 @@ async fn a_vmm_error_reply_keeps_the_bubble_ready_and_failures_count_by_kind() {
     );
     // The record turns FAILED as the failure is applied; the counter
     // follows at once: wait for it (with a deadline that fails the test).
-    let failures = |m: &str| -> Vec<String> {
-        m.lines()
-            .filter(|l| l.starts_with("bubbled_failures_total{"))
-            .map(str::to_string)
-            .collect()
-    };
+    let failures = nonzero_failures;
     let end = Instant::now() + Duration::from_secs(5);
     let mut m = broker.admin_get("/metrics");
     while failures(&m).is_empty() && Instant::now() < end {
@@ -87,4 +89,12 @@ async fn a_vmm_error_reply_keeps_the_bubble_ready_and_failures_count_by_kind() {
         vec![r#"bubbled_failures_total{reason="seccomp"} 1"#.to_string()],
         "{m}"
     );
+}
+
+/// The failure counters above zero.
+fn nonzero_failures(m: &str) -> Vec<String> {
+    m.lines()
+        .filter(|l| l.starts_with("bubbled_failures_total{") && !l.ends_with(" 0"))
+        .map(str::to_string)
+        .collect()
 }

@@ -285,19 +285,38 @@ async fn metrics_endpoint_scrapes() {
         dir.path(),
         Opts {
             admin: true,
+            config: Some("[[pool]]\nname = \"warm\"\nmemory_mib = 8\nsize = 1\n".into()),
             ..Opts::default()
         },
     );
+    assert_eq!(wait_pool(&broker, "warm", 1.0).await, 1.0);
     let mut c = broker.client().await;
     let b = c.create_bubble(create_req(8)).await.unwrap().into_inner();
     for _ in 0..3 {
         c.call(call_req(&b.bubble_id, "echo", b"m")).await.unwrap();
     }
+    suspend_and_restore(&mut c, &b.bubble_id).await;
     let resp = broker.admin_get("/metrics");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // The pooled bubble is POOLED, not READY: READY is the parent's one.
     assert_eq!(metric(&resp, "bubbled_bubbles{state=\"READY\"}"), Some(1.0));
+    assert_eq!(
+        metric(&resp, "bubbled_bubbles{state=\"POOLED\"}"),
+        Some(1.0)
+    );
     assert_eq!(metric(&resp, "bubbled_call_seconds_count"), Some(3.0));
     assert_eq!(metric(&resp, "bubbled_create_seconds_count"), Some(1.0));
+    assert_eq!(metric(&resp, "bubbled_suspend_seconds_count"), Some(1.0));
+    assert_eq!(metric(&resp, "bubbled_restore_seconds_count"), Some(1.0));
+    let me = format!("{{parent=\"uid:{}\"}}", own_uid());
+    assert_eq!(
+        metric(&resp, &format!("bubbled_parent_bubbles{me}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&resp, &format!("bubbled_parent_memory_mib{me}")),
+        Some(8.0)
+    );
     assert!(resp.contains("# EOF"));
     assert!(broker.admin_get("/healthz").contains("ok"));
 }
@@ -493,4 +512,10 @@ async fn attach_survives_a_broker_crash_and_pooled_bubbles_are_discarded() {
         .unwrap()
         .into_inner();
     assert_ne!(fresh.bubble_id, got.bubble_id);
+}
+
+/// This process's uid (the broker's parent id for it is `uid:<n>`).
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
 }

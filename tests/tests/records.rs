@@ -29,6 +29,7 @@ fn list_req(page_size: u32, page_token: &str, include_deleted: bool) -> pb::List
         include_deleted,
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     }
 }
 

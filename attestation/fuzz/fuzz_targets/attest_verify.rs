@@ -12,6 +12,10 @@ fuzz_target!(|data: &[u8]| {
     let report = Report::parse(head).ok().or_else(|| Report::parse_any(data).ok());
     let table = certs::parse_cert_table(tail).ok();
     let pem_or_der = certs::to_der(tail, "input").ok();
+    // The whole input as one extended-report file.
+    if let Ok(Some(e)) = bubble_attestation::extended::split(data) {
+        let _ = Report::parse(e.report);
+    }
     if let Some(r) = &report {
         let _ = cli::describe(r, None);
         let _ = verify::precheck(r);

@@ -326,7 +326,7 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
         return Err(invalid(
             "input",
             format!(
-                "{} bytes exceeds the payload limit of {} bytes",
+                "{} bytes exceeds the broker's max_payload of {} bytes",
                 req.input.len(),
                 cfg.max_payload
             ),

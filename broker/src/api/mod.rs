@@ -61,12 +61,21 @@ impl BrokerApi for BrokerService {
     ) -> Result<Response<pb::ListBubblesResponse>, Status> {
         let parent = parent_of(&request)?;
         let req = request.get_ref();
-        let page = self.broker.list(
-            &parent,
-            req.include_deleted,
-            req.page_size as usize,
-            &req.page_token,
-        )?;
+        let page = if req.all_parents {
+            self.broker.list_all(
+                &parent,
+                req.include_deleted,
+                req.page_size as usize,
+                &req.page_token,
+            )?
+        } else {
+            self.broker.list(
+                &parent,
+                req.include_deleted,
+                req.page_size as usize,
+                &req.page_token,
+            )?
+        };
         Ok(Response::new(pb::ListBubblesResponse {
             bubbles: page.bubbles.iter().map(bubble_to_pb).collect(),
             next_page_token: page.next,

@@ -93,7 +93,7 @@ impl Broker {
         }
         if !rec.owner.is_empty() {
             if let Some(existing) = self.registry.request(&rec.owner, &rec.client_request_id)? {
-                return self.await_settled(&existing).await;
+                return self.settled_same(&existing, &rec).await;
             }
         }
         let permit = self.table.with(|t| {
@@ -113,6 +113,28 @@ impl Broker {
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
         self.boot(permit, image, insert).instrument(span).await
+    }
+
+    /// The bubble an idempotency key already made, once settled, if it was
+    /// made by the same request as `rec` would be; a reused key with other
+    /// parameters is refused (ALREADY_EXISTS naming the field).
+    pub(super) async fn settled_same(
+        &self,
+        id: &str,
+        rec: &BubbleRecord,
+    ) -> Result<BubbleRecord, BrokerError> {
+        let existing = self.await_settled(id).await?;
+        let differs = [
+            ("profile", existing.profile != rec.profile),
+            ("memory_mib", existing.memory_mib != rec.memory_mib),
+            ("image", existing.image != rec.image),
+            ("idle", existing.idle != rec.idle),
+            ("policy", existing.policy != rec.policy),
+        ];
+        match differs.iter().find(|(_, d)| *d) {
+            Some((field, _)) => Err(BrokerError::RequestIdReused { field }),
+            None => Ok(existing),
+        }
     }
 
     /// The bubble as soon as nothing holds its gate (a create or restore of

@@ -23,10 +23,17 @@ impl Broker {
         parent: &str,
         cmd: Suspend,
     ) -> Result<BubbleRecord, BrokerError> {
+        let started = std::time::Instant::now();
         let permit = self
             .permit_owned(parent, &cmd.bubble_id, SUSPEND_WAIT)
             .await?;
-        self.suspend_held(permit, cmd.kek).await
+        let r = self.suspend_held(permit, cmd.kek).await;
+        if r.is_ok() {
+            self.metrics
+                .suspend_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        r
     }
 
     /// Freezes the bubble whose permit is held. The order makes a crash at

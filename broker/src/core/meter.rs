@@ -6,7 +6,11 @@ use std::collections::HashMap;
 use super::lifecycle::{self, State};
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
-use crate::obs::metrics::{ProfileLabel, StateLabel};
+use crate::obs::metrics::{ParentLabel, ProfileLabel, StateLabel};
+
+/// The `bubbled_bubbles` state label of warm-pool bubbles (not yet any
+/// parent's, whatever their lifecycle state).
+const POOLED: &str = "POOLED";
 use crate::store::registry::BubbleRecord;
 
 /// A bubble's usage, as the broker signs it.
@@ -86,16 +90,41 @@ impl Broker {
         let mut by_state: HashMap<&'static str, i64> = HashMap::new();
         let mut pools: HashMap<String, i64> =
             self.cfg.pools.iter().map(|p| (p.name.clone(), 0)).collect();
+        let mut parents: HashMap<String, (i64, i64)> = HashMap::new();
         self.table.with(|t| {
             for r in t.records() {
+                if r.owner.is_empty() {
+                    // A warm-pool bubble is nobody's yet: POOLED, not READY.
+                    *by_state.entry(POOLED).or_default() += 1;
+                    if r.state == State::Ready {
+                        *pools.entry(r.profile.clone()).or_default() += 1;
+                    }
+                    continue;
+                }
                 *by_state.entry(lifecycle::name(r.state)).or_default() += 1;
-                if r.owner.is_empty() && r.state == State::Ready {
-                    *pools.entry(r.profile.clone()).or_default() += 1;
+                if !matches!(r.state, State::Deleted | State::Failed) {
+                    let p = parents.entry(r.owner.clone()).or_default();
+                    p.0 += 1;
+                    p.1 += i64::from(r.memory_mib);
                 }
             }
         });
-        for s in lifecycle::STATES {
-            let s = lifecycle::name(s);
+        // Parents without live bubbles drop out.
+        self.metrics.parent_bubbles.clear();
+        self.metrics.parent_memory_mib.clear();
+        for (parent, (n, mib)) in parents {
+            let label = ParentLabel { parent };
+            self.metrics.parent_bubbles.get_or_create(&label).set(n);
+            self.metrics
+                .parent_memory_mib
+                .get_or_create(&label)
+                .set(mib);
+        }
+        for s in lifecycle::STATES
+            .map(lifecycle::name)
+            .into_iter()
+            .chain([POOLED])
+        {
             self.metrics
                 .bubbles
                 .get_or_create(&StateLabel { state: s.into() })

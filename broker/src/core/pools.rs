@@ -90,12 +90,25 @@ impl Broker {
             .ok_or_else(|| invalid("profile", format!("no warm pool named {:?}", cmd.profile)))?;
         let idle = cmd.idle.unwrap_or_else(|| profile.idle_rule());
         let request_id = cmd.client_request_id.as_str();
+        let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
+        // The record a miss boots (made when needed: it carries the time).
+        let record = || {
+            self.new_record(
+                parent,
+                request_id,
+                profile.memory_mib,
+                &image,
+                &profile.name,
+                idle,
+            )
+        };
         if !request_id.is_empty() {
-            if let Some(existing) = self.request_in_memory(parent, request_id) {
-                return self.await_settled(&existing).await;
-            }
-            if let Some(existing) = self.registry.request(parent, request_id)? {
-                return self.await_settled(&existing).await;
+            let existing = match self.request_in_memory(parent, request_id) {
+                Some(id) => Some(id),
+                None => self.registry.request(parent, request_id)?,
+            };
+            if let Some(existing) = existing {
+                return self.settled_same(&existing, &record()).await;
             }
         }
         let deadline = Instant::now() + cmd.wait;
@@ -128,15 +141,7 @@ impl Broker {
         }
         // Miss: boot one for this parent.
         self.metrics.pool_misses.inc();
-        let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
-        let rec = self.new_record(
-            parent,
-            request_id,
-            profile.memory_mib,
-            &image,
-            &profile.name,
-            idle,
-        );
+        let rec = record();
         let r = self.start(rec, image).await;
         self.metrics
             .attach_seconds

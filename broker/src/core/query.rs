@@ -29,6 +29,32 @@ impl Broker {
         page_size: usize,
         after: &str,
     ) -> Result<ListPage, BrokerError> {
+        self.page(Some(parent), include_deleted, page_size, after)
+    }
+
+    /// Like [`Broker::list`], over every parent's bubbles and the warm
+    /// pools' (the operator's view); only for a configured admin.
+    pub fn list_all(
+        &self,
+        admin: &str,
+        include_deleted: bool,
+        page_size: usize,
+        after: &str,
+    ) -> Result<ListPage, BrokerError> {
+        if !self.cfg.admins.iter().any(|a| a == admin) {
+            return Err(BrokerError::NotAdmin);
+        }
+        self.page(None, include_deleted, page_size, after)
+    }
+
+    /// One page of the bubbles of `owner` (`None`: everyone's).
+    fn page(
+        &self,
+        owner: Option<&str>,
+        include_deleted: bool,
+        page_size: usize,
+        after: &str,
+    ) -> Result<ListPage, BrokerError> {
         let size = match page_size {
             0 => MAX_PAGE,
             n => n.min(MAX_PAGE),
@@ -44,7 +70,8 @@ impl Broker {
         };
         let mut v: Vec<_> = self.table.with(|t| {
             t.records()
-                .filter(|r| r.owner == parent && (include_deleted || r.state != State::Deleted))
+                .filter(|r| owner.is_none_or(|o| r.owner == o))
+                .filter(|r| include_deleted || r.state != State::Deleted)
                 .filter(|r| {
                     cursor
                         .as_ref()

@@ -36,6 +36,21 @@ impl Broker {
         parent: &str,
         cmd: Restore,
     ) -> Result<BubbleRecord, BrokerError> {
+        let started = std::time::Instant::now();
+        let r = self.restore_untimed(parent, cmd).await;
+        if r.is_ok() {
+            self.metrics
+                .restore_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    async fn restore_untimed(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: Restore,
+    ) -> Result<BubbleRecord, BrokerError> {
         let (permit, imported) = match self
             .permit_owned(parent, &cmd.bubble_id, RESTORE_WAIT)
             .await

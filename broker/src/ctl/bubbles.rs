@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use bubble_proto::v1 as pb;
 use clap::Args;
 
-use super::output::{print_bubbles, print_reply, status_err};
+use std::path::PathBuf;
+
+use super::output::{print_bubble, print_bubbles, print_owned_table, print_reply, status_err};
+use super::policy::IdleArgs;
 use super::{BubbleArg, Conn};
 
 #[derive(Debug, Args)]
@@ -19,6 +22,16 @@ pub(super) struct CreateArgs {
     /// Guest image ("shim").
     #[arg(long, default_value = "shim")]
     image: String,
+    /// Security policy for portions (TOML: fuel_per_call,
+    /// memory_limit_bytes, call_deadline_ms, max_output_bytes, [[grants]]
+    /// portion and credentials).
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
+    #[command(flatten)]
+    idle: IdleArgs,
+    /// Print only the bubble id.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -31,6 +44,11 @@ pub(super) struct AttachArgs {
     /// Idempotency key.
     #[arg(long, default_value = "")]
     request_id: String,
+    #[command(flatten)]
+    idle: IdleArgs,
+    /// Print only the bubble id.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -38,20 +56,46 @@ pub(super) struct ListArgs {
     /// Include deleted bubbles.
     #[arg(long)]
     all: bool,
+    /// Print only the bubble ids, one a line.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Every parent's bubbles and the warm pools' (operators: your parent
+    /// id must be in the broker's `admins`).
+    #[arg(long)]
+    all_parents: bool,
+}
+
+/// Prints a bubble an RPC answered with: its id alone under `--quiet`.
+fn show(
+    reply: Result<tonic::Response<pb::Bubble>, tonic::Status>,
+    quiet: bool,
+    j: bool,
+) -> anyhow::Result<pb::Bubble> {
+    let b = reply.map_err(status_err)?.into_inner();
+    if quiet {
+        println!("{}", b.bubble_id);
+    } else {
+        print_bubble(&b, j);
+    }
+    Ok(b)
 }
 
 /// Creates a bubble; fails (exit 1) when it ends FAILED.
 pub(super) async fn create(conn: &Conn, a: CreateArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let policy = match &a.policy_file {
+        Some(p) => Some(super::policy::to_pb(p)?),
+        None => None,
+    };
     let mut c = conn.connect().await?;
     let req = pb::CreateBubbleRequest {
-        idle: None,
-        policy: None,
+        idle: a.idle.to_pb(),
+        policy,
         client_request_id: a.request_id,
         memory_mib: a.memory_mib,
         vcpus: 1,
         image: a.image,
     };
-    let b = print_reply(c.create_bubble(req).await, j)?;
+    let b = show(c.create_bubble(req).await, a.quiet, j)?;
     if b.state == pb::BubbleState::Failed as i32 {
         return Ok(ExitCode::FAILURE);
     }
@@ -63,24 +107,46 @@ pub(super) async fn attach(conn: &Conn, a: AttachArgs, j: bool) -> anyhow::Resul
     let req = pb::AttachBubbleRequest {
         profile: a.profile,
         wait_ms: a.wait_ms,
-        idle: None,
+        idle: a.idle.to_pb(),
         client_request_id: a.request_id,
     };
-    print_reply(c.attach_bubble(req).await, j)?;
+    show(c.attach_bubble(req).await, a.quiet, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn list(conn: &Conn, a: ListArgs, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
-    let r = c
-        .list_bubbles(pb::ListBubblesRequest {
-            include_deleted: a.all,
-            ..Default::default()
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_bubbles(&r.bubbles, j);
+    // Every page, following next_page_token to the end.
+    let mut bubbles = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = c
+            .list_bubbles(pb::ListBubblesRequest {
+                include_deleted: a.all,
+                all_parents: a.all_parents,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        bubbles.extend(r.bubbles);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
+    if a.quiet {
+        for b in &bubbles {
+            println!("{}", b.bubble_id);
+        }
+    } else {
+        if a.all_parents && !j {
+            print_owned_table(&bubbles);
+        } else {
+            print_bubbles(&bubbles, j);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

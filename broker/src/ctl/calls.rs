@@ -8,15 +8,20 @@ use bubble_proto::v1 as pb;
 use clap::Args;
 use serde_json::json;
 
-use super::output::{hex, printable, state_label, status_err, unhex};
+use super::output::{hex, state_label, status_err, unhex, write_output, OutputFormat};
+use super::trust::TrustArgs;
 use super::Conn;
 
 #[derive(Debug, Args)]
 pub(super) struct CallArgs {
     /// Bubble id.
     bubble: String,
-    /// Operation ("echo", "sha256").
+    /// Operation ("echo", "sha256"), or with --portion the portion's
+    /// function.
     op: String,
+    /// Call a function of this loaded portion.
+    #[arg(long)]
+    portion: Option<String>,
     /// Input as text.
     #[arg(long, conflicts_with_all = ["input_hex", "input_file"])]
     input: Option<String>,
@@ -26,9 +31,26 @@ pub(super) struct CallArgs {
     /// Input from a file.
     #[arg(long)]
     input_file: Option<PathBuf>,
-    /// Deadline in milliseconds (0: broker default).
-    #[arg(long, default_value_t = 0)]
+    /// Deadline in milliseconds (0: broker default; unsigned calls only).
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal"])]
     deadline_ms: u32,
+    /// Have the bubble sign the result and verify it with its attested key
+    /// (needs --measurement and the other trust options).
+    #[arg(long)]
+    sign: bool,
+    /// Have the bubble seal the result to a fresh key of this command
+    /// (the broker sees ciphertext only); signed and verified too.
+    #[arg(long)]
+    seal: bool,
+    /// How to print the output: text (UTF-8, other bytes escaped as \xNN),
+    /// hex, or raw bytes.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Write the raw output to this file instead of printing it.
+    #[arg(long)]
+    output_file: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
 }
 
 #[derive(Debug, Args)]
@@ -40,37 +62,77 @@ pub(super) struct WatchArgs {
     count: Option<u64>,
 }
 
+/// What a call answered.
+struct Answer {
+    output: Vec<u8>,
+    /// VMM time (unsigned calls only: the client library's verified calls
+    /// do not return it).
+    vmm_us: Option<u64>,
+}
+
 pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<ExitCode> {
-    let input = match (a.input, a.input_hex, a.input_file) {
-        (Some(s), _, _) => s.into_bytes(),
-        (_, Some(h), _) => unhex(&h)?,
-        (_, _, Some(f)) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+    let input = match (&a.input, &a.input_hex, &a.input_file) {
+        (Some(s), _, _) => s.clone().into_bytes(),
+        (_, Some(h), _) => unhex(h)?,
+        (_, _, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
         _ => Vec::new(),
     };
-    let mut c = conn.connect().await?;
-    let r = c
-        .call(pb::CallRequest {
-            bubble_id: a.bubble,
-            op: a.op,
-            input,
-            deadline_ms: a.deadline_ms,
-            ..Default::default()
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    if j {
-        println!(
-            "{}",
-            json!({"output_hex": hex(&r.output), "output_len": r.output.len(), "vmm_us": r.vmm_us})
-        );
+    let ans = if a.sign || a.seal {
+        verified_call(conn, &a, &input).await?
     } else {
-        match printable(&r.output) {
-            Some(s) => println!("{s}"),
-            None => println!("{}", hex(&r.output)),
+        let mut c = conn.connect().await?;
+        let r = c
+            .call(pb::CallRequest {
+                bubble_id: a.bubble.clone(),
+                op: a.op.clone(),
+                input,
+                deadline_ms: a.deadline_ms,
+                portion: a.portion.clone().unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        Answer {
+            output: r.output,
+            vmm_us: Some(r.vmm_us),
         }
+    };
+    if let Some(f) = &a.output_file {
+        std::fs::write(f, &ans.output).with_context(|| format!("writing {}", f.display()))?;
+    }
+    if j {
+        let mut v = json!({"output_len": ans.output.len(), "vmm_us": ans.vmm_us,
+                           "signature_verified": a.sign || a.seal, "sealed": a.seal});
+        if a.output_file.is_none() {
+            v["output_hex"] = json!(hex(&ans.output));
+        }
+        println!("{v}");
+    } else if a.output_file.is_none() {
+        write_output(&ans.output, a.output)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A signed (and optionally sealed) call through the client library,
+/// after attesting the bubble.
+async fn verified_call(conn: &Conn, a: &CallArgs, input: &[u8]) -> anyhow::Result<Answer> {
+    let bubble = a.trust.attested(conn, &a.bubble).await?;
+    let output = match (&a.portion, a.seal) {
+        (Some(p), false) => bubble.portion(p).call(&a.op, input).await?,
+        (Some(p), true) => bubble
+            .portion(p)
+            .call_sealed(&a.op, input)
+            .await?
+            .expose()
+            .to_vec(),
+        (None, false) => bubble.call_verified(&a.op, input).await?,
+        (None, true) => bubble.call_sealed(&a.op, input).await?.expose().to_vec(),
+    };
+    Ok(Answer {
+        output,
+        vmm_us: None,
+    })
 }
 
 pub(super) async fn watch(conn: &Conn, a: WatchArgs, j: bool) -> anyhow::Result<ExitCode> {

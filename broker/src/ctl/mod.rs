@@ -1,21 +1,27 @@
 //! `bubblectl`: the command-line client of `bubbled`.
 //!
-//! Tables for people, `--json` for scripts. Exit codes: 0 success, 1 usage,
-//! I/O or broker error (the gRPC status is printed).
+//! Tables for people, `--json` for scripts. Exit codes by class and gRPC
+//! status: see [`errors`] (and `bubblectl --help`).
 //!
 //! One module per group of subcommands, each with its arguments and its
 //! handlers: `bubbles` (create, attach, list, describe, delete), `freeze`
-//! (suspend, restore, frozen), `calls` (call, watch), `attest` (attest,
-//! measure), `pki`, and `ops` (usage, load, demo); `output` formats
-//! bubbles and bytes for all of them.
+//! (suspend, restore, frozen), `calls` (call, watch), `parent` (provision,
+//! portion), `attest` (attest, measure), `pki`, and `ops` (usage, load,
+//! demo); `output` formats bubbles and bytes for all of them, `policy`
+//! reads policy files and idle settings, `trust` attests a bubble before
+//! its keys are used, `errors` reports failures.
 
 mod attest;
 mod bubbles;
 mod calls;
+pub mod errors;
 mod freeze;
 mod ops;
 mod output;
+mod parent;
 mod pki;
+mod policy;
+mod trust;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,7 +40,8 @@ pub use output::state_label;
 #[command(
     name = "bubblectl",
     version,
-    about = "Manage bubbles (child KVM VMs) through bubbled"
+    about = "Manage bubbles (child KVM VMs) through bubbled",
+    after_help = errors::EXIT_TABLE
 )]
 pub struct Opts {
     #[command(flatten)]
@@ -49,7 +56,8 @@ pub struct Opts {
 /// How to reach the broker.
 #[derive(Debug, Args)]
 struct Conn {
-    /// Broker Unix socket.
+    /// Broker Unix socket (a broker started with --data-dir D listens on
+    /// D/bubbled.sock).
     #[arg(
         long,
         global = true,
@@ -110,8 +118,13 @@ enum Cmd {
     List(bubbles::ListArgs),
     /// Show one bubble.
     Describe(BubbleArg),
-    /// Call an operation in a bubble.
+    /// Call an operation in a bubble, or a function of a loaded portion.
     Call(calls::CallArgs),
+    /// Seal a credential to a bubble's attested key and provision it.
+    Provision(parent::ProvisionArgs),
+    /// Code portions (WebAssembly) in a bubble.
+    #[command(subcommand)]
+    Portion(parent::PortionCmd),
     /// Delete a bubble.
     Delete(BubbleArg),
     /// Stream state changes of your bubbles until interrupted.
@@ -140,6 +153,7 @@ struct BubbleArg {
 /// Entry point of the `bubblectl` binary.
 pub fn main() -> ExitCode {
     let opts = Opts::parse();
+    let json_out = opts.json;
     // The demo's client is one parent making one call at a time: a
     // current-thread runtime (its broker has threads of its own).
     let rt = match opts.cmd {
@@ -151,16 +165,15 @@ pub fn main() -> ExitCode {
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("bubblectl: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return errors::report(
+                &anyhow::Error::new(e).context("cannot start the async runtime"),
+                json_out,
+            )
         }
     };
     match rt.block_on(run(opts)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("bubblectl: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => errors::report(&e, json_out),
     }
 }
 
@@ -179,6 +192,8 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Frozen(c) => freeze::frozen(conn, c, j).await,
         Cmd::Call(a) => calls::call(conn, a, j).await,
         Cmd::Watch(a) => calls::watch(conn, a, j).await,
+        Cmd::Provision(a) => parent::provision(conn, a, j).await,
+        Cmd::Portion(c) => parent::portion(conn, c, j).await,
         Cmd::Pki(c) => pki::run(c, j),
         Cmd::Attest(c) => attest::run(conn, c, j).await,
         Cmd::Measure(a) => attest::measure(a, j),
@@ -224,6 +239,67 @@ mod tests {
             &["describe", "b-1"],
             &["delete", "b-1"],
             &["watch", "b-1", "--count", "2"],
+            &[
+                "create",
+                "--policy-file",
+                "p.toml",
+                "--idle-timeout",
+                "5",
+                "--idle-action",
+                "suspend",
+                "-q",
+            ],
+            &[
+                "attach",
+                "pool-a",
+                "--idle-timeout",
+                "5",
+                "--idle-action",
+                "delete",
+                "--quiet",
+            ],
+            &["list", "-q"],
+            &[
+                "provision",
+                "b-1",
+                "k",
+                "--from-file",
+                "f",
+                "--measurement",
+                "00",
+            ],
+            &[
+                "provision",
+                "b-1",
+                "k",
+                "--from-env",
+                "V",
+                "--allow-sim",
+                "--ark",
+                "a",
+            ],
+            &["portion", "load", "b-1", "payments", "p.wasm"],
+            &[
+                "call",
+                "b-1",
+                "tokenize",
+                "--portion",
+                "payments",
+                "--sign",
+                "--expect-portion",
+                "payments=p.wasm",
+            ],
+            &[
+                "call",
+                "b-1",
+                "echo",
+                "--seal",
+                "--output",
+                "raw",
+                "--output-file",
+                "o",
+            ],
+            &["call", "b-1", "echo", "--output", "hex"],
             &["pki", "init", "d", "--parents", "a,b"],
             &["pki", "add-parent", "d", "c"],
             &["attest", "verify", "--report", "r.bin"],
@@ -240,5 +316,19 @@ mod tests {
         }
         assert!(Opts::try_parse_from(["bubblectl", "describe"]).is_err());
         assert!(Opts::try_parse_from(["bubblectl", "nonsense"]).is_err());
+        // A credential never comes from argv, and needs exactly one source.
+        assert!(Opts::try_parse_from(["bubblectl", "provision", "b-1", "k"]).is_err());
+        assert!(Opts::try_parse_from([
+            "bubblectl",
+            "provision",
+            "b-1",
+            "k",
+            "--from-stdin",
+            "--from-env",
+            "V"
+        ])
+        .is_err());
+        // Idle timeout and action go together.
+        assert!(Opts::try_parse_from(["bubblectl", "create", "--idle-timeout", "5"]).is_err());
     }
 }

@@ -46,6 +46,30 @@ pub(super) fn print_table(bubbles: &[pb::Bubble]) {
     }
 }
 
+/// Bubbles of every parent (the operator's view): the owner first,
+/// `(pool)` for a warm-pool bubble nobody owns yet.
+pub(super) fn print_owned_table(bubbles: &[pb::Bubble]) {
+    println!(
+        "{:<24}  {:<34}  {:<9}  {:>7}  {:>7}",
+        "OWNER", "BUBBLE", "STATE", "MEM_MIB", "PID"
+    );
+    for b in bubbles {
+        let owner = if b.owner.is_empty() {
+            "(pool)"
+        } else {
+            b.owner.as_str()
+        };
+        println!(
+            "{:<24}  {:<34}  {:<9}  {:>7}  {:>7}",
+            owner,
+            b.bubble_id,
+            state_label(b.state),
+            b.memory_mib,
+            b.vmm_pid
+        );
+    }
+}
+
 /// A list of bubbles: a JSON array, or a table.
 pub(super) fn print_bubbles(bubbles: &[pb::Bubble], json_out: bool) {
     if json_out {
@@ -78,14 +102,57 @@ pub(super) fn print_reply(
     Ok(b)
 }
 
+/// A broker's refusal, typed (its code decides the exit code).
 pub(super) fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::Error::new(super::errors::BrokerStatus::from(s))
 }
 
-pub(super) fn printable(b: &[u8]) -> Option<&str> {
-    std::str::from_utf8(b)
-        .ok()
-        .filter(|s| s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'))
+/// How `call` prints its output; the format never depends on the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum OutputFormat {
+    /// UTF-8 text; control characters (but newline and tab) and bytes that
+    /// are not UTF-8 are escaped as \xNN, so a terminal is never driven.
+    Text,
+    /// Lowercase hex.
+    Hex,
+    /// The bytes unchanged.
+    Raw,
+}
+
+/// Prints `b` on standard output in `format` (text and hex end with a
+/// newline, raw does not).
+pub(super) fn write_output(b: &[u8], format: OutputFormat) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match format {
+        OutputFormat::Text => writeln!(out, "{}", escaped_text(b))?,
+        OutputFormat::Hex => writeln!(out, "{}", hex(b))?,
+        OutputFormat::Raw => out.write_all(b)?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `b` as text: valid UTF-8 stays, anything else and control characters
+/// (but newline and tab) become \xNN.
+pub(super) fn escaped_text(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() && c != '\n' && c != '\t' {
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    s.push_str(&format!("\\x{byte:02x}"));
+                }
+            } else {
+                s.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            s.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    s
 }
 
 pub(super) fn hex(b: &[u8]) -> String {
@@ -122,10 +189,10 @@ mod tests {
     }
 
     #[test]
-    fn printable_refuses_control_bytes_and_non_utf8() {
-        assert_eq!(printable(b"hi\tthere\n"), Some("hi\tthere\n"));
-        assert_eq!(printable(b"\x1b[2J"), None);
-        assert_eq!(printable(&[0xff, 0xfe]), None);
+    fn text_output_escapes_control_bytes_and_non_utf8() {
+        assert_eq!(escaped_text(b"hi\tthere\n"), "hi\tthere\n");
+        assert_eq!(escaped_text(b"\x1b[2J"), "\\x1b[2J");
+        assert_eq!(escaped_text(&[b'a', 0xff, 0xfe]), "a\\xff\\xfe");
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct ProfileLabel {
     pub profile: String,
 }
 
+/// Label of a per-parent gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParentLabel {
+    /// The parent id (`uid:1000`, `cert:shop`).
+    pub parent: String,
+}
+
 /// Label of the failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -43,6 +50,14 @@ pub struct Metrics {
     pub attach_seconds: Histogram,
     /// Call latency through the broker, seconds.
     pub call_seconds: Histogram,
+    /// SuspendBubble latency (successful suspends), seconds.
+    pub suspend_seconds: Histogram,
+    /// RestoreBubble latency (successful restores), seconds.
+    pub restore_seconds: Histogram,
+    /// Live (not DELETED or FAILED) bubbles per parent (set at scrape time).
+    pub parent_bubbles: Family<ParentLabel, Gauge>,
+    /// Guest memory of live bubbles per parent, MiB (set at scrape time).
+    pub parent_memory_mib: Family<ParentLabel, Gauge>,
     /// Bubble failures by category.
     pub failures: Family<ReasonLabel, Counter>,
     /// Warm-pool misses (attach had to boot a bubble).
@@ -66,6 +81,10 @@ impl Metrics {
         let create_seconds = h();
         let attach_seconds = h();
         let call_seconds = h();
+        let suspend_seconds = h();
+        let restore_seconds = h();
+        let parent_bubbles = Family::<ParentLabel, Gauge>::default();
+        let parent_memory_mib = Family::<ParentLabel, Gauge>::default();
         let failures = Family::<ReasonLabel, Counter>::default();
         let pool_misses = Counter::default();
         registry.register("bubbles", "Bubbles by state", bubbles.clone());
@@ -89,7 +108,42 @@ impl Metrics {
             "Call latency through the broker",
             call_seconds.clone(),
         );
+        registry.register(
+            "suspend_seconds",
+            "SuspendBubble latency",
+            suspend_seconds.clone(),
+        );
+        registry.register(
+            "restore_seconds",
+            "RestoreBubble latency",
+            restore_seconds.clone(),
+        );
+        registry.register(
+            "parent_bubbles",
+            "Live bubbles of each parent",
+            parent_bubbles.clone(),
+        );
+        registry.register(
+            "parent_memory_mib",
+            "Guest memory of each parent's live bubbles",
+            parent_memory_mib.clone(),
+        );
         registry.register("failures", "Bubble failures by reason", failures.clone());
+        // Every reason is present (at zero) from the start, so that rates
+        // and alerts need no special case for a series that is absent.
+        for kind in FailureKind::ALL {
+            let _ = failures.get_or_create(&ReasonLabel {
+                reason: kind.label(),
+            });
+        }
+        registry.register(
+            "build",
+            "The broker's build (value 1)",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         registry.register(
             "pool_misses",
             "Attaches that found the pool empty",
@@ -102,6 +156,10 @@ impl Metrics {
             create_seconds,
             attach_seconds,
             call_seconds,
+            suspend_seconds,
+            restore_seconds,
+            parent_bubbles,
+            parent_memory_mib,
             failures,
             pool_misses,
         }

@@ -1,0 +1,359 @@
+//! The embedded durable queue: events in a redb database in the broker's
+//! data directory, each commit fsynced before `publish`, `ack`, `retry` or
+//! `dead_letter` returns.
+//!
+//! Delivery is by *lease*: a fetch takes each ready event (oldest first),
+//! counts an attempt and hides it until `ack_wait` has passed. The
+//! delivery carries the attempt number it was handed out as; an ack,
+//! retry or dead-letter of a delivery whose event has since been handed
+//! out again (its lease ran out) is refused as [`EventError::Stale`] and
+//! changes nothing, so one event is never settled twice. An event handed
+//! out more than `max_deliver` times goes to the dead-letter table instead.
+//! Publishing a key seen within `dedup_window` stores nothing (a
+//! publisher's retry); results are stored once per key.
+//!
+//! Times are wall-clock milliseconds, so leases survive a restart: events
+//! a crashed broker held come back when their lease ends.
+
+mod record;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::Notify;
+use zeroize::Zeroizing;
+
+use crate::event::{
+    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    SourceEvent, MAX_PAYLOAD, MAX_REASON_LEN,
+};
+use record::Record;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events_v1");
+const SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("seen_keys_v1");
+const ORDER: TableDefinition<u64, &str> = TableDefinition::new("seen_order_v1");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters_v1");
+const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results_v1");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
+const NEXT_SEQ: &str = "next_seq";
+const NEXT_RESULT: &str = "next_result";
+
+/// How the queue hands events out.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// How long a delivery may stay unsettled before the event is handed
+    /// out again.
+    pub ack_wait: Duration,
+    /// Deliveries before an event goes to the dead-letter table.
+    pub max_deliver: u32,
+    /// How long a published key is remembered to drop duplicates.
+    pub dedup_window: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            dedup_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A dead-lettered event.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// Its key.
+    pub key: EventKey,
+    /// Its subject.
+    pub subject: String,
+    /// How many times it was delivered.
+    pub attempts: u32,
+    /// Why it was given up.
+    pub reason: String,
+}
+
+fn storage<E: std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+) -> impl FnOnce(E) -> EventError {
+    move |e| EventError::Storage {
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Inner {
+    db: Database,
+    cfg: QueueConfig,
+    arrived: Notify,
+}
+
+impl std::fmt::Debug for EmbeddedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedQueue")
+            .field("cfg", &self.inner.cfg)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for EmbeddedDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedDelivery")
+            .field("key", &self.event.key)
+            .field("attempt", &self.event.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The embedded queue (cheap to clone; clones share the database).
+#[derive(Clone)]
+pub struct EmbeddedQueue {
+    inner: Arc<Inner>,
+}
+
+impl EmbeddedQueue {
+    /// Opens (or creates) the queue at `path`. The file is created 0600.
+    pub fn open(path: &Path, cfg: QueueConfig) -> Result<Self, EventError> {
+        let db = Database::create(path).map_err(storage("open"))?;
+        set_private(path)?;
+        let txn = db.begin_write().map_err(storage("begin"))?;
+        for t in [EVENTS, DEAD] {
+            txn.open_table(t).map_err(storage("create tables"))?;
+        }
+        for t in [SEEN, RESULTS] {
+            txn.open_table(t).map_err(storage("create tables"))?;
+        }
+        txn.open_table(ORDER).map_err(storage("create tables"))?;
+        txn.open_table(META).map_err(storage("create tables"))?;
+        txn.commit().map_err(storage("commit"))?;
+        Ok(EmbeddedQueue {
+            inner: Arc::new(Inner {
+                db,
+                cfg,
+                arrived: Notify::new(),
+            }),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, EventError> + Send + 'static,
+    ) -> Result<T, EventError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(storage("worker"))?
+    }
+
+    /// Publishes an event; a key seen within the dedup window stores
+    /// nothing and answers `duplicate` with the first event's position.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        key: &EventKey,
+        payload: &[u8],
+    ) -> Result<Published, EventError> {
+        check_subject(subject)?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(EventError::TooLarge);
+        }
+        let rec = Record {
+            attempts: 0,
+            not_before: 0,
+            published: now_ms(),
+            key: key.clone(),
+            subject: subject.to_owned(),
+            payload: payload.to_vec(),
+        };
+        let bytes = Zeroizing::new(rec.encode());
+        let published = self
+            .blocking(move |q| q.publish(&rec.key, rec.published, &bytes))
+            .await?;
+        if !published.duplicate {
+            self.inner.arrived.notify_waiters();
+        }
+        Ok(published)
+    }
+
+    /// Events waiting or in flight (not yet acked or dead-lettered).
+    pub async fn depth(&self) -> Result<u64, EventError> {
+        self.blocking(|q| {
+            let txn = q.db.begin_read().map_err(storage("begin"))?;
+            let t = txn.open_table(EVENTS).map_err(storage("open"))?;
+            t.len().map_err(storage("count"))
+        })
+        .await
+    }
+
+    /// The dead-lettered events, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, EventError> {
+        self.blocking(|q| {
+            let txn = q.db.begin_read().map_err(storage("begin"))?;
+            let t = txn.open_table(DEAD).map_err(storage("open"))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(storage("scan"))? {
+                let (_, v) = row.map_err(storage("scan"))?;
+                let v = v.value();
+                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
+                let (reason, rec) = rest
+                    .split_at_checked(usize::from(*len))
+                    .ok_or(EventError::Corrupt("dead letter"))?;
+                let rec = Record::decode(rec)?;
+                out.push(DeadLetter {
+                    key: rec.key,
+                    subject: rec.subject,
+                    attempts: rec.attempts,
+                    reason: String::from_utf8_lossy(reason).into_owned(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The stored result of `key`, if one.
+    pub async fn result(&self, key: &EventKey) -> Result<Option<Outcome>, EventError> {
+        let key = key.clone();
+        self.blocking(move |q| {
+            let txn = q.db.begin_read().map_err(storage("begin"))?;
+            let t = txn.open_table(RESULTS).map_err(storage("open"))?;
+            let v = t.get(key.as_str()).map_err(storage("read"))?;
+            v.map(|v| v.value().get(8..).map(Outcome::decode))
+                .map(|o| o.ok_or(EventError::Corrupt("result"))?)
+                .transpose()
+        })
+        .await
+    }
+}
+
+/// A result row's position (its first 8 bytes).
+fn record_position(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}
+
+fn set_private(path: &Path) -> Result<(), EventError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(storage("chmod 0600"))
+}
+
+mod ops;
+
+impl Source for EmbeddedQueue {
+    type Delivery = EmbeddedDelivery;
+
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<EmbeddedDelivery>, EventError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so a publish between
+            // the look and the wait is not missed.
+            let arrived = self.inner.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let max = max.max(1);
+            let (taken, next_due) = self.blocking(move |q| q.take(max)).await?;
+            if !taken.is_empty() {
+                return Ok(taken
+                    .into_iter()
+                    .map(|event| EmbeddedDelivery {
+                        queue: self.clone(),
+                        event,
+                    })
+                    .collect());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut until = deadline;
+            if let Some(due) = next_due {
+                let in_ms = due.saturating_sub(now_ms());
+                until = until.min(now + Duration::from_millis(in_ms));
+            }
+            tokio::select! {
+                () = &mut arrived => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+}
+
+/// One delivery from the embedded queue.
+pub struct EmbeddedDelivery {
+    queue: EmbeddedQueue,
+    event: SourceEvent,
+}
+
+impl EmbeddedDelivery {
+    fn settle(
+        self,
+        how: ops::Settle,
+    ) -> impl std::future::Future<Output = Result<(), EventError>> + Send {
+        let position = self.event.position;
+        let attempt = self.event.attempt;
+        async move {
+            let woke = matches!(how, ops::Settle::Retry(_));
+            self.queue
+                .blocking(move |q| q.settle(position, attempt, how))
+                .await?;
+            if woke {
+                self.queue.inner.arrived.notify_waiters();
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Delivery for EmbeddedDelivery {
+    fn event(&self) -> &SourceEvent {
+        &self.event
+    }
+
+    fn ack(self) -> impl std::future::Future<Output = Result<(), EventError>> + Send {
+        self.settle(ops::Settle::Ack)
+    }
+
+    fn retry(
+        self,
+        delay: Duration,
+    ) -> impl std::future::Future<Output = Result<(), EventError>> + Send {
+        self.settle(ops::Settle::Retry(ms(delay)))
+    }
+
+    fn dead_letter(
+        self,
+        reason: &str,
+    ) -> impl std::future::Future<Output = Result<(), EventError>> + Send {
+        let mut reason = reason.as_bytes().to_vec();
+        reason.truncate(MAX_REASON_LEN.min(255));
+        self.settle(ops::Settle::Dead(reason))
+    }
+}
+
+impl Results for EmbeddedQueue {
+    async fn publish_result(
+        &self,
+        key: &EventKey,
+        outcome: &Outcome,
+    ) -> Result<Published, EventError> {
+        outcome.check()?;
+        let key = key.clone();
+        let bytes = outcome.encode();
+        self.blocking(move |q| q.put_result(&key, &bytes)).await
+    }
+}

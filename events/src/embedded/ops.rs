@@ -1,0 +1,243 @@
+//! The queue's transactions: each one write transaction, committed
+//! (fsynced) before it returns.
+
+use redb::ReadableTable;
+use zeroize::Zeroizing;
+
+use super::record::{decode_seen, encode_seen, Record};
+use super::{
+    ms, now_ms, storage, Inner, DEAD, EVENTS, META, NEXT_RESULT, NEXT_SEQ, ORDER, RESULTS, SEEN,
+};
+use crate::event::{EventError, EventKey, Published, SourceEvent};
+
+/// How a delivery is settled.
+#[derive(Debug)]
+pub(super) enum Settle {
+    /// Done.
+    Ack,
+    /// Again after this many milliseconds.
+    Retry(u64),
+    /// To the dead-letter table, with this reason.
+    Dead(Vec<u8>),
+}
+
+fn next(meta: &mut redb::Table<'_, &str, u64>, name: &str) -> Result<u64, EventError> {
+    let n = meta
+        .get(name)
+        .map_err(storage("read counter"))?
+        .map(|v| v.value())
+        .unwrap_or(1);
+    meta.insert(name, n + 1).map_err(storage("write counter"))?;
+    Ok(n)
+}
+
+fn dead_row(reason: &[u8], rec: &[u8]) -> Vec<u8> {
+    let len = reason.len().min(255);
+    let mut v = Vec::with_capacity(1 + len + rec.len());
+    v.push(u8::try_from(len).unwrap_or(u8::MAX));
+    v.extend(&reason[..len]);
+    v.extend(rec);
+    v
+}
+
+impl Inner {
+    pub(super) fn publish(
+        &self,
+        key: &EventKey,
+        published: u64,
+        rec: &[u8],
+    ) -> Result<Published, EventError> {
+        let window = ms(self.cfg.dedup_window);
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let out = {
+            let mut seen = txn.open_table(SEEN).map_err(storage("open"))?;
+            let mut order = txn.open_table(ORDER).map_err(storage("open"))?;
+            // Forget keys older than the window (oldest first).
+            let old: Vec<(u64, String)> = {
+                let mut old = Vec::new();
+                for row in order.iter().map_err(storage("scan"))? {
+                    let (pos, k) = row.map_err(storage("scan"))?;
+                    let k = k.value().to_owned();
+                    let at = match seen.get(k.as_str()).map_err(storage("read"))? {
+                        Some(v) => decode_seen(v.value())?.1,
+                        None => 0,
+                    };
+                    if at.saturating_add(window) > published {
+                        break;
+                    }
+                    old.push((pos.value(), k));
+                }
+                old
+            };
+            for (pos, k) in old {
+                order.remove(pos).map_err(storage("prune"))?;
+                seen.remove(k.as_str()).map_err(storage("prune"))?;
+            }
+            let prior = match seen.get(key.as_str()).map_err(storage("read"))? {
+                Some(v) => Some(decode_seen(v.value())?.0),
+                None => None,
+            };
+            if let Some(position) = prior {
+                Published {
+                    position,
+                    duplicate: true,
+                }
+            } else {
+                let mut meta = txn.open_table(META).map_err(storage("open"))?;
+                let position = next(&mut meta, NEXT_SEQ)?;
+                let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
+                events.insert(position, rec).map_err(storage("insert"))?;
+                seen.insert(key.as_str(), &encode_seen(position, published)[..])
+                    .map_err(storage("insert"))?;
+                order
+                    .insert(position, key.as_str())
+                    .map_err(storage("insert"))?;
+                Published {
+                    position,
+                    duplicate: false,
+                }
+            }
+        };
+        txn.commit().map_err(storage("commit"))?;
+        Ok(out)
+    }
+
+    /// Takes up to `max` ready events (oldest first), counting an attempt
+    /// and leasing each; events past `max_deliver` go to the dead-letter
+    /// table. Also answers when the next leased event comes due.
+    pub(super) fn take(&self, max: usize) -> Result<(Vec<SourceEvent>, Option<u64>), EventError> {
+        let now = now_ms();
+        let lease = ms(self.cfg.ack_wait);
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let mut out = Vec::new();
+        let mut next_due: Option<u64> = None;
+        let mut changed = false;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
+            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
+            let mut updates: Vec<(u64, Zeroizing<Vec<u8>>)> = Vec::new();
+            let mut gone: Vec<(u64, Vec<u8>)> = Vec::new();
+            for row in events.iter().map_err(storage("scan"))? {
+                if out.len() + gone.len() >= max {
+                    break;
+                }
+                let (pos, v) = row.map_err(storage("scan"))?;
+                let mut rec = Record::decode(v.value())?;
+                if rec.not_before > now {
+                    next_due = Some(next_due.map_or(rec.not_before, |d| d.min(rec.not_before)));
+                    continue;
+                }
+                if rec.attempts >= self.cfg.max_deliver {
+                    gone.push((pos.value(), dead_row(b"max deliveries reached", v.value())));
+                    continue;
+                }
+                rec.attempts += 1;
+                rec.not_before = now.saturating_add(lease);
+                updates.push((pos.value(), Zeroizing::new(rec.encode())));
+                out.push(SourceEvent {
+                    key: rec.key.clone(),
+                    subject: rec.subject.clone(),
+                    payload: Zeroizing::new(std::mem::take(&mut rec.payload)),
+                    attempt: rec.attempts,
+                    position: pos.value(),
+                });
+            }
+            for (pos, bytes) in &updates {
+                events
+                    .insert(*pos, bytes.as_slice())
+                    .map_err(storage("lease"))?;
+                changed = true;
+            }
+            for (pos, row) in gone {
+                events.remove(pos).map_err(storage("dead-letter"))?;
+                dead.insert(pos, row.as_slice())
+                    .map_err(storage("dead-letter"))?;
+                changed = true;
+            }
+        }
+        if changed {
+            txn.commit().map_err(storage("commit"))?;
+        } else {
+            txn.abort().map_err(storage("abort"))?;
+        }
+        Ok((out, next_due))
+    }
+
+    /// Settles the delivery `attempt` of the event at `position`; refused
+    /// as stale if the event was settled or handed out again since.
+    pub(super) fn settle(
+        &self,
+        position: u64,
+        attempt: u32,
+        how: Settle,
+    ) -> Result<(), EventError> {
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
+            let bytes = match events.get(position).map_err(storage("read"))? {
+                Some(v) => Zeroizing::new(v.value().to_vec()),
+                None => return Err(EventError::Stale),
+            };
+            let mut rec = Record::decode(&bytes)?;
+            if rec.attempts != attempt {
+                return Err(EventError::Stale);
+            }
+            match how {
+                Settle::Ack => {
+                    events.remove(position).map_err(storage("ack"))?;
+                }
+                Settle::Retry(delay) => {
+                    rec.not_before = now_ms().saturating_add(delay);
+                    let b = Zeroizing::new(rec.encode());
+                    events
+                        .insert(position, b.as_slice())
+                        .map_err(storage("retry"))?;
+                }
+                Settle::Dead(reason) => {
+                    events.remove(position).map_err(storage("dead-letter"))?;
+                    let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
+                    dead.insert(position, dead_row(&reason, &bytes).as_slice())
+                        .map_err(storage("dead-letter"))?;
+                }
+            }
+        }
+        txn.commit().map_err(storage("commit"))
+    }
+
+    /// Stores a result once per key.
+    pub(super) fn put_result(
+        &self,
+        key: &EventKey,
+        outcome: &[u8],
+    ) -> Result<Published, EventError> {
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let out = {
+            let mut results = txn.open_table(RESULTS).map_err(storage("open"))?;
+            let existing = results
+                .get(key.as_str())
+                .map_err(storage("read"))?
+                .map(|v| v.value().get(..8).map(super::record_position));
+            match existing {
+                Some(pos) => Published {
+                    position: pos.ok_or(EventError::Corrupt("result"))?,
+                    duplicate: true,
+                },
+                None => {
+                    let mut meta = txn.open_table(META).map_err(storage("open"))?;
+                    let position = next(&mut meta, NEXT_RESULT)?;
+                    let mut row = position.to_le_bytes().to_vec();
+                    row.extend(outcome);
+                    results
+                        .insert(key.as_str(), row.as_slice())
+                        .map_err(storage("insert"))?;
+                    Published {
+                        position,
+                        duplicate: false,
+                    }
+                }
+            }
+        };
+        txn.commit().map_err(storage("commit"))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,319 @@
+//! NATS JetStream as an event source: brokers on several hosts share one
+//! durable pull consumer on one stream; JetStream hands each event to one
+//! puller at a time and hands it out again if it is not acked within
+//! `ack_wait` (a broker that died). An event is acked (and the ack
+//! confirmed by the server, `double_ack`) only after its result is stored
+//! in the results stream.
+//!
+//! - **Keys**: the publisher sets `Nats-Msg-Id` to the event key, so a
+//!   publisher's retry within the stream's duplicate window is dropped by
+//!   the server. An event without one gets `seq-<stream sequence>`.
+//! - **Results** go to `<results_prefix>.<key>` in their own stream,
+//!   published with `Nats-Expected-Last-Subject-Sequence: 0`: the server
+//!   stores the first result for a key and refuses every later one (a
+//!   conditional write, not a time window), which this module reports as
+//!   `duplicate`.
+//! - **Dead letters**: an event delivered more than `max_deliver` times is
+//!   published to `<dead_letter_subject>` (with its key and the reason in
+//!   headers) and terminated; the same happens on [`Delivery::dead_letter`].
+
+use std::time::Duration;
+
+use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self, stream, Context};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use zeroize::Zeroizing;
+
+use crate::event::{
+    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    SourceEvent, MAX_PAYLOAD,
+};
+
+/// Header carrying a dead letter's reason.
+pub const REASON_HEADER: &str = "Bubble-Dead-Reason";
+/// Header carrying a dead letter's key.
+pub const KEY_HEADER: &str = "Bubble-Event-Key";
+
+/// Where the stream, consumer and results live.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URL (`nats://host:port`).
+    pub url: String,
+    /// The events stream (created if missing).
+    pub stream: String,
+    /// Its subjects (`payments.>`).
+    pub subjects: Vec<String>,
+    /// The durable consumer every broker shares.
+    pub consumer: String,
+    /// Unacked for this long, an event is handed out again.
+    pub ack_wait: Duration,
+    /// Deliveries before an event is dead-lettered.
+    pub max_deliver: u32,
+    /// Where dead letters go (a subject of the dead-letter stream).
+    pub dead_letter_subject: String,
+    /// The results stream (created if missing).
+    pub results_stream: String,
+    /// Results go to `<results_prefix>.<key>`.
+    pub results_prefix: String,
+    /// How long the events stream drops a repeated `Nats-Msg-Id`.
+    pub dedup_window: Duration,
+}
+
+fn nats<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    op: &'static str,
+) -> impl FnOnce(E) -> EventError {
+    move |e| EventError::Nats {
+        op,
+        source: e.into(),
+    }
+}
+
+/// A connection to JetStream: the shared consumer and the results stream.
+#[derive(Clone)]
+pub struct NatsSource {
+    js: Context,
+    consumer: Consumer<pull::Config>,
+    cfg: NatsConfig,
+}
+
+impl std::fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsSource {
+    /// Connects and makes sure the events stream, the dead-letter and
+    /// results streams and the durable consumer exist (idempotent: every
+    /// broker calls it with the same configuration).
+    pub async fn connect(cfg: NatsConfig) -> Result<Self, EventError> {
+        check_subject(&cfg.dead_letter_subject)?;
+        check_subject(&cfg.results_prefix)?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(nats("connect"))?;
+        let js = jetstream::new(client);
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: cfg.stream.clone(),
+                subjects: cfg.subjects.clone(),
+                duplicate_window: cfg.dedup_window,
+                max_message_size: i32::try_from(MAX_PAYLOAD).unwrap_or(i32::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(nats("events stream"))?;
+        js.get_or_create_stream(stream::Config {
+            name: format!("{}_DEAD", cfg.stream),
+            subjects: vec![cfg.dead_letter_subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .map_err(nats("dead-letter stream"))?;
+        js.get_or_create_stream(stream::Config {
+            name: cfg.results_stream.clone(),
+            subjects: vec![format!("{}.>", cfg.results_prefix)],
+            ..Default::default()
+        })
+        .await
+        .map_err(nats("results stream"))?;
+        let consumer = events
+            .get_or_create_consumer(
+                &cfg.consumer,
+                pull::Config {
+                    durable_name: Some(cfg.consumer.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: cfg.ack_wait,
+                    // Dead-lettering is ours (so it is published, not just
+                    // dropped): the server never gives up on its own.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(nats("consumer"))?;
+        Ok(NatsSource { js, consumer, cfg })
+    }
+
+    /// Publishes an event with its key as `Nats-Msg-Id`.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        key: &EventKey,
+        payload: &[u8],
+    ) -> Result<Published, EventError> {
+        check_subject(subject)?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(EventError::TooLarge);
+        }
+        let mut h = HeaderMap::new();
+        h.insert(NATS_MESSAGE_ID, key.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), h, payload.to_vec().into())
+            .await
+            .map_err(nats("publish"))?
+            .await
+            .map_err(nats("publish ack"))?;
+        Ok(Published {
+            position: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn to_dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        key: &EventKey,
+        reason: &str,
+    ) -> Result<(), EventError> {
+        let mut h = HeaderMap::new();
+        h.insert(KEY_HEADER, key.as_str());
+        h.insert(REASON_HEADER, reason);
+        // Dead-lettering the same event twice (a retry after a lost ack)
+        // stores it once.
+        h.insert(NATS_MESSAGE_ID, format!("dead:{key}").as_str());
+        self.js
+            .publish_with_headers(
+                self.cfg.dead_letter_subject.clone(),
+                h,
+                msg.message.payload.clone(),
+            )
+            .await
+            .map_err(nats("dead-letter"))?
+            .await
+            .map_err(nats("dead-letter ack"))?;
+        msg.double_ack_with(AckKind::Term)
+            .await
+            .map_err(nats("term"))
+    }
+}
+
+fn key_of(msg: &jetstream::Message, seq: u64) -> EventKey {
+    msg.message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(NATS_MESSAGE_ID))
+        .and_then(|v| EventKey::new(v.as_str()).ok())
+        .unwrap_or_else(|| {
+            EventKey::new(&format!("seq-{seq}")).unwrap_or_else(|_| unreachable!("a valid key"))
+        })
+}
+
+impl Source for NatsSource {
+    type Delivery = NatsDelivery;
+
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<NatsDelivery>, EventError> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(max.max(1))
+            .expires(wait.max(Duration::from_millis(10)))
+            .messages()
+            .await
+            .map_err(nats("fetch"))?;
+        let mut out = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(nats("fetch message"))?;
+            let (seq, delivered) = {
+                let info = msg.info().map_err(nats("message info"))?;
+                (info.stream_sequence, info.delivered)
+            };
+            let key = key_of(&msg, seq);
+            let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
+            if attempt > self.cfg.max_deliver {
+                self.to_dead_letter(&msg, &key, "max deliveries reached")
+                    .await?;
+                continue;
+            }
+            out.push(NatsDelivery {
+                source: self.clone(),
+                event: SourceEvent {
+                    key,
+                    subject: msg.message.subject.to_string(),
+                    payload: Zeroizing::new(msg.message.payload.to_vec()),
+                    attempt,
+                    position: seq,
+                },
+                msg,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One delivery from JetStream.
+pub struct NatsDelivery {
+    source: NatsSource,
+    event: SourceEvent,
+    msg: jetstream::Message,
+}
+
+impl std::fmt::Debug for NatsDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsDelivery")
+            .field("event", &self.event)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery for NatsDelivery {
+    fn event(&self) -> &SourceEvent {
+        &self.event
+    }
+
+    async fn ack(self) -> Result<(), EventError> {
+        self.msg.double_ack().await.map_err(nats("ack"))
+    }
+
+    async fn retry(self, delay: Duration) -> Result<(), EventError> {
+        self.msg
+            .double_ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(nats("nak"))
+    }
+
+    async fn dead_letter(self, reason: &str) -> Result<(), EventError> {
+        self.source
+            .to_dead_letter(&self.msg, &self.event.key, reason)
+            .await
+    }
+}
+
+impl Results for NatsSource {
+    async fn publish_result(
+        &self,
+        key: &EventKey,
+        outcome: &Outcome,
+    ) -> Result<Published, EventError> {
+        outcome.check()?;
+        let mut h = HeaderMap::new();
+        h.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let subject = format!("{}.{}", self.cfg.results_prefix, key);
+        let sent = self
+            .js
+            .publish_with_headers(subject, h, outcome.encode().into())
+            .await
+            .map_err(nats("publish result"))?
+            .await;
+        match sent {
+            Ok(ack) => Ok(Published {
+                position: ack.sequence,
+                duplicate: false,
+            }),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Published {
+                position: 0,
+                duplicate: true,
+            }),
+            Err(e) => Err(nats("publish result ack")(e)),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! End to end on real KVM: a parent in Python (`grpcio`, stubs generated
+//! from the proto here with `grpcio-tools`) creates, calls and deletes a
+//! bubble over the Unix socket; a malformed message is INVALID_ARGUMENT and
+//! an oversized one RESOURCE_EXHAUSTED naming max_payload.
+
+// Test helpers: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use bubble_e2e_tests::*;
+
+fn have_grpcio() -> bool {
+    Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools.protoc"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_python_grpcio_parent_creates_calls_and_deletes() {
+    if !have_grpcio() {
+        missing_dependency(
+            "python3 with grpcio and grpcio-tools (pip install grpcio grpcio-tools)",
+        );
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stubs = dir.path().join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let gen = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", root.join("proto/proto").display()))
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg("bubble/v1/broker.proto")
+        .output()
+        .unwrap();
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let broker = BrokerProc::start(&data, false);
+    let out = Command::new("python3")
+        .arg(root.join("tests/python/grpc_client.py"))
+        .arg(&stubs)
+        .arg(&broker.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("ok: ").count(), 5, "{stdout}");
+}
