@@ -305,9 +305,26 @@ async fn vmms_have_a_uid_each_and_are_readopted_after_a_broker_restart() {
         assert!(uids.insert(assert_confined(b.vmm_pid, dir.path())));
         ids.push((b.bubble_id, b.vmm_pid));
     }
-    // Idle spares hold uids of their own too.
+    // Idle spares hold uids of their own too, once jailed (a spare names
+    // itself `vmm:spare` after its jail; before that it is one process,
+    // not yet forked into its namespace).
     wait_spares_ready(dir.path(), 2, Duration::from_secs(20)).await;
-    for pid in spare_pids_under(dir.path()) {
+    let spares = wait_until(
+        "two jailed spares",
+        Duration::from_secs(20),
+        || {
+            spare_pids_under(dir.path())
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "vmm:spare")
+                })
+                .collect::<Vec<_>>()
+        },
+        |s| s.len() >= 2,
+    )
+    .await;
+    for pid in spares {
         assert!(uids.insert(assert_confined(pid as u32, dir.path())));
     }
     drop(c);
