@@ -12,7 +12,8 @@
 //! echo; the same calls with the broker's answer polling off are the
 //! baseline in the same run). Prints p50/p99 and the ratios to the floors;
 //! `--json` writes an object keyed by metric with `p50_us`, `p99_us` and
-//! `n`.
+//! `n`. `jail_setup`: the VMM jail's own cost on a fresh start, as the
+//! VMM logs it.
 //!
 //! The broker runs in this process on a runtime of its own (one worker per
 //! core, as `bubbled` has) and the client on a current-thread runtime,
@@ -52,7 +53,12 @@ struct Opts {
 }
 
 /// The metrics measured without a broker.
-const FLOORS: &[&str] = &["raw_kvm_floor", "raw_exit_rtt", "verify_report"];
+const FLOORS: &[&str] = &[
+    "raw_kvm_floor",
+    "raw_exit_rtt",
+    "verify_report",
+    "jail_setup",
+];
 
 fn main() -> anyhow::Result<()> {
     bubbled::vmm_entry_if_requested();
@@ -82,6 +88,9 @@ fn main() -> anyhow::Result<()> {
     }
     if want("verify_report") {
         results.insert("verify_report", floors::verify_report()?);
+    }
+    if want("jail_setup") {
+        results.insert("jail_setup", floors::jail_setup()?);
     }
     if broker::THROUGH_BROKER.iter().any(|m| want(m)) {
         // The broker runs on a runtime of its own (see EmbeddedBroker); the

@@ -71,12 +71,52 @@ pub struct BrokerConfig {
 pub const DEFAULT_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The `[jail]` section: how VMM processes are confined.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JailConfig {
     /// VMMs die with the broker (`PR_SET_PDEATHSIG`) instead of running on
     /// to be re-adopted by a restarted broker. Spares always die with it.
     pub die_with_broker: bool,
+    /// New mount, pid, net, ipc and uts namespaces, an empty root and (as
+    /// root) a uid per VMM. Off only for debugging.
+    pub namespaces: bool,
+    /// Take the unprivileged path (a user namespace mapping one id) even
+    /// when the broker is root; a root broker first gives the VMM an id
+    /// from `uid_range`, so the path runs as it would for a broker of
+    /// that uid. Always taken when the broker is not root.
+    pub userns: bool,
+    /// Ids given one per live VMM when the broker is root, `"LO-HI"`.
+    pub uid_range: String,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            die_with_broker: false,
+            namespaces: true,
+            userns: false,
+            uid_range: "200000-265535".into(),
+        }
+    }
+}
+
+impl JailConfig {
+    /// `uid_range` as numbers (both ends included, none of them 0).
+    pub fn uid_range(&self) -> Result<(u32, u32), String> {
+        let bad = || {
+            format!(
+                "[jail] uid_range {:?}: want \"LO-HI\", 0 < LO <= HI",
+                self.uid_range
+            )
+        };
+        let (lo, hi) = self.uid_range.split_once('-').ok_or_else(bad)?;
+        let lo: u32 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u32 = hi.trim().parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        Ok((lo, hi))
+    }
 }
 
 /// Per-parent quotas and host admission control.

@@ -162,6 +162,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             cfg.store_dir = s;
         }
     }
+    crate::datadir::make_private(&data_dir, &cfg.store_dir)
+        .with_context(|| format!("making data dir {} private", data_dir.display()))?;
     let broker = Broker::open(cfg).await.context("opening the registry")?;
     let socket = opts
         .socket

@@ -22,6 +22,7 @@ pub mod conn_limit;
 pub mod core;
 pub mod ctl;
 pub mod daemon;
+pub mod datadir;
 pub mod demo;
 pub mod error;
 #[cfg(feature = "fault-injection")]

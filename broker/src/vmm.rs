@@ -87,16 +87,15 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Spawns a VMM process for bubble `id` with its files in `dir`.
+    /// Spawns a VMM process for bubble `rec` with its files in `dir`.
     pub async fn spawn(
         spawner: &std::sync::Arc<vc::Spawner>,
         cfg: &BrokerConfig,
         dir: &Path,
-        id: &str,
-        memory_mib: u32,
+        rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, id, memory_mib, image, false).await
+        Self::start(spawner, cfg, dir, rec, image, false).await
     }
 
     /// Spawns a VMM in restore mode (it waits for [`Vmm::restore`]).
@@ -104,25 +103,24 @@ impl Vmm {
         spawner: &std::sync::Arc<vc::Spawner>,
         cfg: &BrokerConfig,
         dir: &Path,
-        id: &str,
-        memory_mib: u32,
+        rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, id, memory_mib, image, true).await
+        Self::start(spawner, cfg, dir, rec, image, true).await
     }
 
     async fn start(
         spawner: &std::sync::Arc<vc::Spawner>,
         cfg: &BrokerConfig,
         dir: &Path,
-        id: &str,
-        memory_mib: u32,
+        rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
         restore: bool,
     ) -> Result<Self, String> {
         let spawn = vc::SpawnConfig {
-            bubble_id: id.to_string(),
-            memory_mib,
+            bubble_id: rec.id.clone(),
+            parent: rec.owner.clone(),
+            memory_mib: rec.memory_mib,
             vcpus: 1,
             image: match image {
                 ImageSpec::Shim => vc::GuestImage::Shim,
@@ -138,6 +136,11 @@ impl Vmm {
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
+    }
+
+    /// What of the jail could not be set up for this VMM (empty: all).
+    pub fn jail_warning(&self) -> String {
+        self.client.jail_warning().unwrap_or_default().to_string()
     }
 
     /// Captures the VM (vCPU state and non-zero pages) at a safe point,
@@ -184,8 +187,13 @@ impl Vmm {
 
     /// Reconnects to a running VMM after a broker restart; returns whether
     /// its guest is READY.
-    pub async fn adopt(dir: &Path, id: &str) -> Result<(Self, bool), String> {
-        let client = vc::VmmClient::connect(&vc::socket_path(dir), id)
+    /// Its socket's peer must run as a uid `spawner` may have given it.
+    pub async fn adopt(
+        spawner: &vc::Spawner,
+        dir: &Path,
+        id: &str,
+    ) -> Result<(Self, bool), String> {
+        let client = vc::VmmClient::connect(&vc::socket_path(dir), id, |u| spawner.adopt_uid(u))
             .await
             .map_err(|e| e.to_string())?;
         let st = client.status().await.map_err(|e| e.to_string())?;

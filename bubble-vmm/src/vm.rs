@@ -52,6 +52,10 @@ static PREPARED: parking_lot::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> =
 /// VMM process does this while it waits for its bubble, whose VM is still
 /// created only then.
 pub fn prepare_kvm() -> Result<(), VmError> {
+    // Already done (by the jail, before `/dev/kvm` went out of reach).
+    if PREPARED.lock().is_some() {
+        return Ok(());
+    }
     let prepared = open_kvm()?;
     {
         let mut p = PREPARED.lock();

@@ -13,6 +13,7 @@ use bubble_vmm_client::{
 
 fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> SpawnConfig {
     SpawnConfig {
+        parent: String::new(),
         bubble_id: id.into(),
         memory_mib: 16,
         vcpus: 1,
@@ -112,8 +113,10 @@ async fn payload_limits_and_reconnection() {
     // Re-adoption: a new connection to the same socket, as a restarted
     // broker would make; the wrong bubble id is refused.
     let sock = socket_path(&dir.path().join("b-r"));
-    assert!(VmmClient::connect(&sock, "someone-else").await.is_err());
-    let c = VmmClient::connect(&sock, "b-r").await.unwrap();
+    assert!(VmmClient::connect(&sock, "someone-else", |_| true)
+        .await
+        .is_err());
+    let c = VmmClient::connect(&sock, "b-r", |_| true).await.unwrap();
     assert_eq!(c.pid(), pid);
     c.wait_ready(Duration::from_secs(1)).await.unwrap();
     assert_eq!(c.call("echo", b"again", d).await.unwrap(), b"again");

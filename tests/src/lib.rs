@@ -254,12 +254,25 @@ fn vmm_procs_under(dir: &Path) -> Vec<(i32, String)> {
         }
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).into_owned();
-            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) {
+            if cmd.contains(crate::VMM_MARK) && cmd.contains(&needle) && !is_jail_waiter(pid, &cmd)
+            {
                 out.push((pid, cmd));
             }
         }
     }
     out
+}
+
+/// Whether `pid` is the waiter of a jailed VMM: the process the broker
+/// spawned, whose child (forked into the new pid namespace, same command
+/// line) is the VMM.
+fn is_jail_waiter(pid: i32, cmd: &str) -> bool {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children.split_whitespace().any(|c| {
+        std::fs::read(format!("/proc/{c}/cmdline"))
+            .is_ok_and(|child| String::from_utf8_lossy(&child) == cmd)
+    })
 }
 
 /// Pids of the VMMs of a broker on `dir` but idle spares.

@@ -31,6 +31,57 @@ fn status_field(pid: u32, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
 }
 
+/// The namespaces a VMM must not share with the broker (this test's, as
+/// the broker runs in the test's namespaces).
+const OWN_NAMESPACES: [&str; 5] = ["mnt", "pid", "net", "ipc", "uts"];
+
+/// What the namespaces, root and identity of the jail promise, seen from
+/// `/proc`: another uid than the broker's, other namespaces, an empty
+/// root of its own, and no way to the broker's key.
+fn assert_confined(pid: u32, data_dir: &Path) -> u32 {
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(uid, me, "VMM {pid} runs as the broker's uid");
+    for ns in OWN_NAMESPACES {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, mine, "VMM {pid} shares the {ns} namespace");
+    }
+    // Its root: not ours, and empty (no /dev, no /proc, no data dir).
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+    let ours = std::fs::metadata("/").unwrap();
+    assert!((root.dev(), root.ino()) != (ours.dev(), ours.ino()));
+    let inside: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(inside.is_empty(), "VMM {pid}'s root holds {inside:?}");
+    // In its pid namespace it is pid 1: it can name no other process.
+    assert!(status_field(pid, "NSpid").ends_with("\t1"));
+    // Even given the path, its uid may not open the broker's key.
+    let kek = data_dir.join("kek");
+    assert!(kek.exists());
+    use std::os::unix::process::CommandExt;
+    let opened = std::process::Command::new("cat")
+        .arg(&kek)
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!opened.success(), "uid {uid} can read {}", kek.display());
+    uid
+}
+
 /// Everything the jail's first layer promises, seen from `/proc`.
 fn assert_hardened(pid: u32, data_dir: &Path) {
     assert_eq!(status_field(pid, "NoNewPrivs"), "1", "pid {pid}");
@@ -89,6 +140,7 @@ fn assert_hardened(pid: u32, data_dir: &Path) {
             t.file_name()
         );
     }
+    assert_confined(pid, data_dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,4 +288,262 @@ async fn a_forbidden_syscall_fails_only_its_bubble_with_reason_seccomp() {
     let mut c2 = broker.client().await;
     let fresh = c2.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
+}
+
+/// Two live VMMs never share a uid, and a VMM keeps its jail (and is
+/// re-adopted by its uid) across a broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_have_a_uid_each_and_are_readopted_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut uids = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert!(uids.insert(assert_confined(b.vmm_pid, dir.path())));
+        ids.push((b.bubble_id, b.vmm_pid));
+    }
+    // Idle spares hold uids of their own too, once jailed (a spare names
+    // itself `vmm:spare` after its jail; before that it is one process,
+    // not yet forked into its namespace).
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(20)).await;
+    let spares = wait_until(
+        "two jailed spares",
+        Duration::from_secs(20),
+        || {
+            spare_pids_under(dir.path())
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "vmm:spare")
+                })
+                .collect::<Vec<_>>()
+        },
+        |s| s.len() >= 2,
+    )
+    .await;
+    for pid in spares {
+        assert!(uids.insert(assert_confined(pid as u32, dir.path())));
+    }
+    drop(c);
+    broker.terminate();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    for (id, pid) in &ids {
+        let b = wait_for(&mut c, id, Duration::from_secs(20), |b| b.state == READY).await;
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert_eq!(b.vmm_pid, *pid, "re-adopted, not restarted");
+        let r = c.call(call_req(id, "echo", b"again")).await.unwrap();
+        assert_eq!(r.into_inner().output, b"again");
+    }
+    // New VMMs of the restarted broker take none of the re-adopted uids.
+    let fresh = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(fresh.state, READY, "{}", fresh.failure_reason);
+    let uid = assert_confined(fresh.vmm_pid, dir.path());
+    for (_, pid) in &ids {
+        assert_ne!(assert_confined(*pid, dir.path()), uid);
+    }
+}
+
+/// The unprivileged path (a user namespace mapping one id), as a broker
+/// that is not root takes it: forced here with `[jail] userns = true`, so
+/// the VMM first drops to an id of the range (a non-root process from
+/// then on, as an unprivileged broker's VMM is) and makes its user
+/// namespace itself. Spares, fresh starts, calls, the seccomp kill and
+/// suspend/restore all work on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_namespace_path_jails_as_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: secret_env(),
+            config: Some("[jail]\nuserns = true\n".into()),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    assert_hardened(b.vmm_pid, dir.path());
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/user", b.vmm_pid)).unwrap();
+    let mine = std::fs::read_link("/proc/self/ns/user").unwrap();
+    assert_ne!(theirs, mine, "no user namespace of its own");
+    // One id mapped: root inside is the VMM's own uid outside.
+    let map = std::fs::read_to_string(format!("/proc/{}/uid_map", b.vmm_pid)).unwrap();
+    let map: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(map.len(), 3, "{map:?}");
+    assert_eq!(map[2], "1");
+    let r = c.call(call_req(&b.bubble_id, "echo", b"x")).await.unwrap();
+    assert_eq!(r.into_inner().output, b"x");
+    suspend_and_restore(&mut c, &b.bubble_id).await;
+    let r = describe(&mut c, &b.bubble_id).await;
+    assert_eq!(r.state, READY, "{}", r.failure_reason);
+    assert_hardened(r.vmm_pid, dir.path());
+    let out = c.call(call_req(&b.bubble_id, "echo", b"y")).await.unwrap();
+    assert_eq!(out.into_inner().output, b"y");
+    let op = bubble_vmm::jail::seccomp::FAULT_OP;
+    let e = c.call(call_req(&b.bubble_id, op, b"")).await.unwrap_err();
+    assert!(e.message().contains("seccomp"), "{e:?}");
+}
+
+/// Nothing of the broker's is readable by another uid (such as a VMM's):
+/// the data directory is 0711 (parents pass through it to the API
+/// socket), every directory under it 0700 and every file 0600 (registry,
+/// keys, logs, frozen chunks), including files an older broker left with
+/// looser modes; sockets keep their own (API 0666, VMMs' 0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // Left by an older broker.
+    std::fs::create_dir_all(dir.path().join("store/old")).unwrap();
+    std::fs::write(dir.path().join("store/old/chunk"), b"x").unwrap();
+    for p in ["store", "store/old", "store/old/chunk"] {
+        let p = dir.path().join(p);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    // Frozen chunks and the registry entry of a suspended bubble.
+    let s = c
+        .suspend_bubble(suspend_req(&b.bubble_id, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, pb::BubbleState::Suspended as i32);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(dir.path()), 0o711);
+    let mut seen = 0;
+    let mut todo = vec![dir.path().to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let ft = std::fs::symlink_metadata(&p).unwrap().file_type();
+            if ft.is_dir() {
+                assert_eq!(mode(&p), 0o700, "{}", p.display());
+                todo.push(p);
+            } else if ft.is_file() {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                seen += 1;
+            } else if ft.is_socket() {
+                let want = if p.ends_with("bubbled.sock") {
+                    0o666
+                } else {
+                    0o600
+                };
+                assert_eq!(mode(&p), want, "{}", p.display());
+            }
+        }
+    }
+    for f in ["kek", "registry.redb", "usage-signing.key"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    assert!(seen > 5, "only {seen} files");
+}
+
+/// A VMM that acknowledges SHUTDOWN and keeps running (hostile) is
+/// killed after the grace period (2 s); the broker does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_ignores_shutdown_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(b.state, READY, "{}", b.failure_reason);
+    let op = bubble_vmm::process::FAULT_LINGER_OP;
+    let _ = c.call(call_req(&b.bubble_id, op, b"")).await;
+    let started = Instant::now();
+    c.delete_bubble(pb::BubbleRef {
+        bubble_id: b.bubble_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "delete waited");
+    wait_pid_gone(b.vmm_pid as i32, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "killed before the grace period ended: did it ignore SHUTDOWN?"
+    );
+}
+
+/// The cgroup line of process `pid` for controller `ctl` (v1), or the
+/// unified one ("0::").
+fn cgroup_of(pid: u32, ctl: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+        ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
+    })
+}
+
+/// A bubble's VMM runs in a cgroup of its own, nested in its parent's:
+/// memory limited to guest memory + 64 MiB and charged there, at most 16
+/// tasks, the default CPU weight. Where cgroups can be written (v1 here;
+/// v2 where it has controllers) and no warning is shown; the cgroup is
+/// removed once the VMM is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bubble_is_limited_by_its_own_cgroup_under_its_parents() {
+    let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut c = broker.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        assert_eq!(b.jail_warning, "", "cgroups are writable here");
+        ids.push(b);
+    }
+    if !v1 {
+        // A v2-only host: the unified hierarchy.
+        let path = cgroup_of(ids[0].vmm_pid, "").unwrap();
+        let base = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        let max = std::fs::read_to_string(base.join("memory.max")).unwrap();
+        assert_eq!(max.trim(), ((16u64 << 20) + (64 << 20)).to_string());
+        return;
+    }
+    let mut dirs = Vec::new();
+    for b in &ids {
+        let path = cgroup_of(b.vmm_pid, "memory").expect("memory cgroup");
+        assert!(path.ends_with(&b.bubble_id), "{path}");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        let read = |p: &Path, f: &str| -> u64 {
+            std::fs::read_to_string(p.join(f))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(read(&mem, "memory.limit_in_bytes"), (16 << 20) + (64 << 20));
+        // Charged there: the VMM's pages count against this limit.
+        assert!(read(&mem, "memory.usage_in_bytes") > 0);
+        // Nested in its parent's, which is limited too.
+        let parent = mem.parent().unwrap();
+        assert!(read(parent, "memory.limit_in_bytes") < u64::MAX / 2);
+        let pids = cgroup_of(b.vmm_pid, "pids").expect("pids cgroup");
+        let pids = Path::new("/sys/fs/cgroup/pids").join(pids.trim_start_matches('/'));
+        assert_eq!(read(&pids, "pids.max"), 16);
+        dirs.push(mem);
+    }
+    // Both bubbles have the same parent: one parent cgroup, two children.
+    assert_eq!(dirs[0].parent(), dirs[1].parent());
+    assert_ne!(dirs[0], dirs[1]);
+    c.delete_bubble(pb::BubbleRef {
+        bubble_id: ids[0].bubble_id.clone(),
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "the deleted bubble's cgroup to be removed",
+        Duration::from_secs(10),
+        || dirs[0].exists(),
+        |exists| !exists,
+    )
+    .await;
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -21,6 +21,7 @@ use bubble_vmm::control::{
 use crate::body::{read_body, MAX_SMALL_FRAME};
 use crate::direct::{write_pages, WriteError};
 use crate::exit::{ExitWatch, VmmExit};
+use crate::inflight::InFlight;
 use crate::vmm_error::{CallError, VmmError};
 
 /// How long a closed connection waits for its process's exit status.
@@ -85,14 +86,15 @@ pub struct VmmClient {
     pid: u32,
     /// How the process ended, once its connection closed.
     exit: Arc<std::sync::OnceLock<VmmExit>>,
+    /// A SUSPEND is in flight: only then may the VMM send a snapshot.
+    pub(crate) suspending: Arc<AtomicBool>,
+    /// What of the jail could not be set up (e.g. its cgroup).
+    pub(crate) jail_warning: Option<String>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
 /// thread sleeps, µs (0: never poll). Process-wide: see [`set_answer_poll`].
 static ANSWER_POLL_US: AtomicU64 = AtomicU64::new(0);
-
-/// Requests awaiting a VMM's answer, over all VMMs of this process.
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets how long a small call polls for its VMM's answer before
 /// its thread sleeps (zero: never). Waking a sleeping thread costs tens of
@@ -102,26 +104,6 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// previous request within the budget (a slow bubble is not polled for).
 pub fn set_answer_poll(budget: Duration) {
     ANSWER_POLL_US.store(budget.as_micros() as u64, Ordering::Relaxed);
-}
-
-/// Counts a request in flight until dropped.
-struct InFlight(usize);
-
-impl InFlight {
-    fn enter() -> Self {
-        InFlight(IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1)
-    }
-
-    /// No other request was in flight when this one started.
-    fn alone(&self) -> bool {
-        self.0 == 1
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Path of the control socket in a bubble directory.
@@ -150,8 +132,13 @@ const REFUSAL_GRACE: Duration = Duration::from_millis(500);
 
 impl VmmClient {
     /// Connects to a running VMM (after a broker restart) and checks that it
-    /// runs `expected_bubble_id`.
-    pub async fn connect(socket: &Path, expected_bubble_id: &str) -> Result<Self, VmmError> {
+    /// runs `expected_bubble_id` as a uid `accept_uid` accepts (the socket
+    /// peer's, as the kernel says).
+    pub async fn connect(
+        socket: &Path,
+        expected_bubble_id: &str,
+        accept_uid: impl Fn(u32) -> bool,
+    ) -> Result<Self, VmmError> {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| VmmError::Connect {
@@ -160,12 +147,18 @@ impl VmmClient {
             })?;
         // The pid this client may signal is the socket peer's, as the
         // kernel says, never what the VMM claims in its STATUS answer.
-        let pid = stream
-            .peer_cred()
-            .ok()
-            .and_then(|c| c.pid())
-            .and_then(|p| u32::try_from(p).ok())
-            .unwrap_or(0);
+        let cred = stream.peer_cred().map_err(|e| VmmError::Connect {
+            path: socket.display().to_string(),
+            detail: format!("no peer credentials: {e}"),
+        })?;
+        if !accept_uid(cred.uid()) {
+            return Err(VmmError::PeerUid {
+                got: cred.uid(),
+                // SAFETY: getuid has no preconditions.
+                want: unsafe { libc::getuid() },
+            });
+        }
+        let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
         Self::handshake(stream, expected_bubble_id, pid, None).await
     }
 
@@ -184,8 +177,10 @@ impl VmmClient {
         let (events, _) = broadcast::channel(256);
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
         let exit = Arc::new(std::sync::OnceLock::new());
+        let suspending = Arc::new(AtomicBool::new(false));
         {
             let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
+            let asked = suspending.clone();
             tokio::spawn(async move {
                 let reason = loop {
                     let mut h = [0u8; HEAD_LEN];
@@ -197,9 +192,12 @@ impl VmmClient {
                         Err(e) => break format!("VMM sent a bad frame: {e}"),
                     };
                     // A snapshot comes in pieces of at most SNAPSHOT_PIECE
-                    // bytes; anything over the limit is a hostile or
-                    // broken VMM.
+                    // bytes, and only while a suspend asked for one;
+                    // anything else is a hostile or broken VMM.
                     let piece = head.kind == Kind::Snapshot as u8;
+                    if piece && !asked.load(Ordering::SeqCst) {
+                        break "VMM sent a snapshot no suspend asked for".to_string();
+                    }
                     let limit = if piece {
                         SNAPSHOT_PIECE
                     } else {
@@ -310,6 +308,8 @@ impl VmmClient {
             readiness: ready_rx,
             pid,
             exit,
+            suspending,
+            jail_warning: None,
         };
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
@@ -576,13 +576,24 @@ impl VmmClient {
         })?)
     }
 
-    /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`.
+    /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`
+    /// without an answer; with one, the VMM must exit within `grace`
+    /// (checked in the background) or is killed.
     pub async fn shutdown(&self, grace: Duration) {
+        let pidfd = crate::linger::open(self.pid);
         match self.request(&Request::Shutdown, grace).await {
-            // It acknowledged and exits by itself.
-            Ok(Reply::ShutdownOk) => {}
+            Ok(Reply::ShutdownOk) => {
+                if let Some(fd) = pidfd {
+                    crate::linger::kill_unless_gone(fd, self.pid, grace);
+                }
+            }
             _ => self.kill(),
         }
+    }
+
+    /// What of the jail could not be set up for this VMM, if anything.
+    pub fn jail_warning(&self) -> Option<&str> {
+        self.jail_warning.as_deref()
     }
 
     /// Kills the VMM process (if it still runs).

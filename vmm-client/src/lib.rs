@@ -13,18 +13,23 @@
 //!   failed, typed.
 
 mod body;
+pub mod cgroups;
 mod client;
 mod direct;
 mod exit;
+mod inflight;
 mod launcher;
+mod linger;
 mod spawn;
 mod stream;
+mod uids;
 mod vmm_error;
 
 pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
 pub use bubble_vmm::images::{GuestImage, HostileKind};
 pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
 pub use exit::VmmExit;
-pub use spawn::{spawn, SpawnConfig, Spawner};
+pub use spawn::{spawn, JailSpec, SpawnConfig, Spawner};
 pub use stream::SnapshotStream;
+pub use uids::{UidLease, UidPool};
 pub use vmm_error::{CallError, VmmError};

@@ -12,19 +12,69 @@ use tokio::net::UnixStream;
 
 use bubble_vmm::control::Request;
 use bubble_vmm::images::GuestImage;
+use bubble_vmm::jail::JailArgs;
 use bubble_vmm::priority;
 use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
+use crate::cgroups::{self, Cgroups};
 use crate::client::{socket_path, VmmClient};
 use crate::exit::{ExitWatch, VmmExit};
 use crate::launcher;
+use crate::uids::{UidLease, UidPool};
 use crate::vmm_error::VmmError;
+
+/// How the broker jails the VMMs it starts (see `docs/jail.md`).
+#[derive(Clone, Debug, Default)]
+pub struct JailSpec {
+    /// New mount, pid, net, ipc and uts namespaces and an empty root.
+    pub namespaces: bool,
+    /// The unprivileged path: a user namespace mapping one id (always
+    /// when the broker is not root; forced with `[jail] userns = true`).
+    pub userns: bool,
+    /// Ids to give VMMs one each (when the broker is root).
+    pub uids: Option<Arc<UidPool>>,
+    /// The bubbles' cgroups, or why there are none (then every VMM's
+    /// [`VmmClient::jail_warning`] says so).
+    pub cgroups: Option<Result<Arc<Cgroups>, String>>,
+}
+
+impl JailSpec {
+    /// Prepares `cfg`'s bubble cgroup; the files to move its VMM into,
+    /// or why it cannot have one.
+    fn cgroup_for(&self, cfg: &SpawnConfig) -> Result<Vec<PathBuf>, String> {
+        match &self.cgroups {
+            None => Ok(Vec::new()),
+            Some(Err(why)) => Err(why.clone()),
+            Some(Ok(cg)) => cg
+                .prepare(&cfg.parent, &cfg.bubble_id, u64::from(cfg.memory_mib) << 20)
+                .map_err(|e| format!("no cgroup: {e}")),
+        }
+    }
+
+    /// The jail options of one VMM and the id it is lent.
+    fn for_vmm(&self) -> Result<(Option<JailArgs>, Option<UidLease>), VmmError> {
+        if !self.namespaces {
+            return Ok((None, None));
+        }
+        let lease = match &self.uids {
+            Some(pool) => Some(pool.lease().ok_or(VmmError::NoUid)?),
+            None => None,
+        };
+        let args = JailArgs {
+            id: lease.as_ref().map(|l| (l.uid(), l.uid())),
+            userns: self.userns,
+        };
+        Ok((Some(args), lease))
+    }
+}
 
 /// How to start a VMM process.
 #[derive(Clone, Debug)]
 pub struct SpawnConfig {
     /// Bubble id.
     pub bubble_id: String,
+    /// Its parent (owner), whose cgroup its own is nested in.
+    pub parent: String,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// vCPUs (only 1).
@@ -53,6 +103,10 @@ struct Spare {
     stream: UnixStream,
     pid: u32,
     exit: ExitWatch,
+    /// Its socket and log, moved into the bubble's directory when it is
+    /// given one (a jailed VMM cannot reach that directory).
+    sock: PathBuf,
+    log: PathBuf,
 }
 
 /// Starts VMM processes, keeping a few spares started ahead of need so that
@@ -69,11 +123,19 @@ pub struct Spawner {
     /// Whether this process may raise priorities again (root, CAP_SYS_NICE
     /// or a generous RLIMIT_NICE): then spares start at low priority.
     low_start: bool,
+    jail: JailSpec,
 }
 
 impl Spawner {
-    /// A spawner keeping `want` spares (0: none) with sockets in `dir`.
-    pub fn new(program: PathBuf, prefix: Vec<String>, dir: PathBuf, want: usize) -> Arc<Self> {
+    /// A spawner keeping `want` spares (0: none) with sockets in `dir`,
+    /// jailing every VMM as `jail` says.
+    pub fn new(
+        program: PathBuf,
+        prefix: Vec<String>,
+        dir: PathBuf,
+        want: usize,
+        jail: JailSpec,
+    ) -> Arc<Self> {
         let _ = std::fs::remove_dir_all(&dir);
         // Made before any VMM process starts, so that all inherit it.
         let _ = bubble_vmm::images::shared_shim_fd();
@@ -85,7 +147,19 @@ impl Spawner {
             spares: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             low_start: want > 0 && priority::can_raise(),
+            jail,
         })
+    }
+
+    /// Whether a re-adopted VMM's socket peer uid is one a VMM of this
+    /// broker may run as (see [`UidPool::adopt`]); without a uid pool,
+    /// the broker's own.
+    pub fn adopt_uid(&self, uid: u32) -> bool {
+        match &self.jail.uids {
+            Some(pool) => pool.adopt(uid),
+            // SAFETY: getuid has no preconditions.
+            None => uid == unsafe { libc::getuid() },
+        }
     }
 
     /// Spares ready now, and how many are wanted.
@@ -137,6 +211,7 @@ impl Spawner {
         let log2 = log
             .try_clone()
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        let (jail, lease) = self.jail.for_vmm()?;
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.prefix)
             .args(SpareArgs::to_args(
@@ -144,6 +219,7 @@ impl Spawner {
                 std::process::id(),
                 bubble_vmm::images::shared_shim_fd(),
             ))
+            .args(jail.iter().flat_map(JailArgs::to_args))
             .env_clear()
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -157,9 +233,15 @@ impl Spawner {
         let child = launcher::launch(cmd, self.low_start)
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
-        let (stream, pid, exit) =
-            connect_child(child, &sock, &self.dir.join(format!("{name}.log"))).await?;
-        Ok(Spare { stream, pid, exit })
+        let log = self.dir.join(format!("{name}.log"));
+        let (stream, pid, exit) = connect_child(child, &sock, &log, lease).await?;
+        Ok(Spare {
+            stream,
+            pid,
+            exit,
+            sock,
+            log,
+        })
     }
 
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
@@ -167,9 +249,19 @@ impl Spawner {
         let spare = self.spares.lock().pop();
         self.refill();
         let Some(mut sp) = spare else {
-            return spawn(cfg).await;
+            return self.spawn_fresh(cfg).await;
         };
         prepare_dir(cfg)?;
+        // The spare's socket and log become the bubble's, moved (a jailed
+        // VMM cannot reach the bubble's directory; the VMM's descriptors
+        // follow the files).
+        for (from, to) in [
+            (&sp.sock, socket_path(&cfg.dir)),
+            (&sp.log, cfg.dir.join("vmm.log")),
+        ] {
+            std::fs::rename(from, &to)
+                .map_err(|e| VmmError::Spawn(format!("moving {}: {e}", to.display())))?;
+        }
         let args = VmmArgs {
             bubble_id: cfg.bubble_id.clone(),
             memory_mib: cfg.memory_mib,
@@ -186,6 +278,8 @@ impl Spawner {
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
         }
+        // Into its bubble's cgroup before its guest memory is touched.
+        let warning = confine(self.jail.cgroup_for(cfg), sp.pid, &sp.exit);
         let args = args.to_args();
         let frame = Request::Configure {
             args: args.iter().map(String::as_str).collect(),
@@ -194,9 +288,17 @@ impl Spawner {
         .map_err(|e| VmmError::Spawn(format!("CONFIGURE: {e}")))?;
         if sp.stream.write_all(&frame).await.is_err() {
             // The spare died: start one the slow way.
-            return spawn(cfg).await;
+            return self.spawn_fresh(cfg).await;
         }
-        VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await
+        let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
+        c.jail_warning = warning;
+        Ok(c)
+    }
+
+    /// Starts a new VMM process for `cfg`, jailed.
+    async fn spawn_fresh(&self, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
+        let (jail, lease) = self.jail.for_vmm()?;
+        spawn_jailed(cfg, jail, lease, self.jail.cgroup_for(cfg)).await
     }
 }
 
@@ -230,8 +332,8 @@ async fn connect_child(
     mut child: tokio::process::Child,
     sock: &Path,
     log_path: &Path,
+    lease: Option<UidLease>,
 ) -> Result<(UnixStream, u32, ExitWatch), VmmError> {
-    let pid = child.id().unwrap_or(0);
     let start = std::time::Instant::now();
     // Poll quickly at first (a VMM binds its socket within a few ms), then
     // back off: a spare starting at low priority may take much longer, and
@@ -260,22 +362,72 @@ async fn connect_child(
             }
         }
     };
+    // The VMM is the process that listens on the socket, as the kernel
+    // says: its host pid (in a jail, the child of the process spawned
+    // here) and the uid it was given.
+    // SAFETY: getuid has no preconditions.
+    let want = lease
+        .as_ref()
+        .map_or(unsafe { libc::getuid() }, UidLease::uid);
+    let cred = stream.peer_cred().map_err(|e| VmmError::Connect {
+        path: sock.display().to_string(),
+        detail: format!("no peer credentials: {e}"),
+    })?;
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    if cred.uid() != want || pid == 0 {
+        let _ = child.start_kill();
+        return Err(VmmError::PeerUid {
+            got: cred.uid(),
+            want,
+        });
+    }
     // Reap the child when it exits (it stays our child while we live),
-    // keeping how it ended for its client.
+    // keeping how it ended for its client. Its uid is free again only
+    // then (a jailed VMM's spawned process waits for the VMM).
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         let exit = match child.wait().await {
             Ok(st) => VmmExit::from_status(st),
             Err(e) => VmmExit::Closed(format!("cannot wait for the VMM: {e}")),
         };
+        drop(lease);
         let _ = tx.send(Some(exit));
     });
     Ok((stream, pid, rx))
 }
 
-/// Spawns a VMM process and connects to it (READY comes later: see
-/// [`VmmClient::wait_ready`]).
+/// Moves VMM `pid` into the cgroups `procs` lists and removes them once
+/// it has exited; returns what went wrong, as the VMM's jail warning.
+fn confine(procs: Result<Vec<PathBuf>, String>, pid: u32, exit: &ExitWatch) -> Option<String> {
+    let procs = match procs {
+        Ok(p) if p.is_empty() => return None,
+        Ok(p) => p,
+        Err(why) => return Some(why),
+    };
+    if let Err(e) = cgroups::place(&procs, pid) {
+        tracing::warn!(pid, error = %e, "VMM runs without its cgroup");
+        return Some(format!("no cgroup: {e}"));
+    }
+    let mut exit = exit.clone();
+    tokio::spawn(async move {
+        let _ = exit.wait_for(Option::is_some).await;
+        cgroups::remove(&procs);
+    });
+    None
+}
+
+/// Spawns a VMM process (not jailed in namespaces) and connects to it
+/// (READY comes later: see [`VmmClient::wait_ready`]).
 pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
+    spawn_jailed(cfg, None, None, Ok(Vec::new())).await
+}
+
+async fn spawn_jailed(
+    cfg: &SpawnConfig,
+    jail: Option<JailArgs>,
+    lease: Option<UidLease>,
+    cgroup: Result<Vec<PathBuf>, String>,
+) -> Result<VmmClient, VmmError> {
     prepare_dir(cfg)?;
     let sock = socket_path(&cfg.dir);
     let log_path = cfg.dir.join("vmm.log");
@@ -300,6 +452,7 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     let mut cmd = tokio::process::Command::new(&cfg.program);
     cmd.args(&cfg.program_args_prefix)
         .args(args.to_args())
+        .args(jail.iter().flat_map(JailArgs::to_args))
         .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(log)
@@ -313,6 +466,11 @@ pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
     let child = launcher::launch(cmd, false)
         .await
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let (stream, pid, exit) = connect_child(child, &sock, &log_path).await?;
-    VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await
+    let (stream, pid, exit) = connect_child(child, &sock, &log_path, lease).await?;
+    // Into its cgroup as soon as it is known (it builds its VM meanwhile:
+    // pages it touched before stay charged where its spawner's are).
+    let warning = confine(cgroup, pid, &exit);
+    let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
+    c.jail_warning = warning;
+    Ok(c)
 }

@@ -52,6 +52,11 @@ pub struct SnapshotStream {
     total: Duration,
     deadline: tokio::time::Instant,
     short_seen: bool,
+    /// Set from the request until the snapshot ends: the reader takes
+    /// snapshot frames only then. A stream dropped early leaves it set,
+    /// so the rest of that snapshot is discarded, not taken for a
+    /// hostile VMM.
+    suspending: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pieces: u64,
     len: u64,
     done: bool,
@@ -71,6 +76,18 @@ impl SnapshotStream {
         } else {
             (self.idle, self.idle)
         };
+        let answer = self.recv(wait, limit).await;
+        if self.done {
+            self.suspending.store(false, Ordering::SeqCst);
+        }
+        answer
+    }
+
+    async fn recv(
+        &mut self,
+        wait: Duration,
+        limit: Duration,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, VmmError> {
         let answer = match tokio::time::timeout(wait, self.rx.recv()).await {
             Err(_) => return Err(VmmError::Timeout(limit)),
             Ok(None) => return Err(VmmError::Closed),
@@ -130,6 +147,7 @@ impl VmmClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = Request::Suspend.frame(id).map_err(VmmError::Encode)?;
         let (tx, rx) = mpsc::channel(PIECES_AHEAD);
+        self.suspending.store(true, Ordering::SeqCst);
         self.pending.lock().insert(id, Waiter::Stream(tx));
         let stream = SnapshotStream {
             rx,
@@ -139,6 +157,7 @@ impl VmmClient {
             total,
             deadline: tokio::time::Instant::now() + total,
             short_seen: false,
+            suspending: self.suspending.clone(),
             pieces: 0,
             len: 0,
             done: false,

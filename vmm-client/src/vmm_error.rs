@@ -51,6 +51,18 @@ pub enum VmmError {
     /// The VMM has no launch measurement to give (its text says why).
     #[error("no launch measurement: {0}")]
     NoMeasurement(String),
+    /// The process listening on a VMM's socket runs as another uid than
+    /// the VMM was given: not the VMM (or not jailed as asked).
+    #[error("the VMM socket's peer runs as uid {got}, not {want}")]
+    PeerUid {
+        /// The peer's uid (`SO_PEERCRED`).
+        got: u32,
+        /// The uid the VMM was given.
+        want: u32,
+    },
+    /// Every uid of `[jail] uid_range` is taken by a live VMM.
+    #[error("no free uid left in the jail's uid range")]
+    NoUid,
     /// The VMM process ended (how, when the broker can tell).
     #[error("{0}")]
     Exited(VmmExit),
@@ -62,7 +74,10 @@ impl VmmError {
         let kind = match self {
             VmmError::Failed(r) => return r.clone(),
             VmmError::Exited(e) => return e.reason(),
-            VmmError::Spawn(_) | VmmError::Connect { .. } => FailureKind::SpawnFailed,
+            VmmError::Spawn(_)
+            | VmmError::Connect { .. }
+            | VmmError::PeerUid { .. }
+            | VmmError::NoUid => FailureKind::SpawnFailed,
             VmmError::Closed => FailureKind::VmmExited,
             VmmError::Protocol(_) | VmmError::Refused { .. } | VmmError::Encode(_) => {
                 FailureKind::ControlProtocol

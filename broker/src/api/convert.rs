@@ -63,6 +63,7 @@ pub fn bubble_to_pb(r: &BubbleRecord) -> pb::Bubble {
         idle: Some(idle_to_pb(r.idle)),
         generation: r.generation,
         health: String::new(),
+        jail_warning: r.jail_warning.clone(),
     }
 }
 

@@ -77,6 +77,7 @@ impl Broker {
             frozen: None,
             ended_at_ms: 0,
             parent_keyed: false,
+            jail_warning: String::new(),
         }
     }
 
@@ -169,7 +170,7 @@ impl Broker {
         let dir = self.cfg.bubble_dir(&id);
         let t0 = Instant::now();
         let booting = async {
-            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, &image)
+            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &rec, &image)
                 .await
                 .map_err(|e| {
                     let detail = format!("VMM did not start: {e}");
@@ -236,9 +237,11 @@ impl Broker {
             }
         }
         self.watch_vmm(id.clone(), &live);
+        let jail_warning = live.vmm.jail_warning();
         let r = match self.apply(&id, Step::Booted, "", |r| {
             r.boot_us = boot_us;
             r.vmm_pid = pid;
+            r.jail_warning = jail_warning;
         }) {
             Ok(r) => r,
             // It failed while it booted: report the failed bubble.

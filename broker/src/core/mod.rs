@@ -218,6 +218,13 @@ impl Broker {
             cfg.vmm_args_prefix.clone(),
             cfg.data_dir.join("spares"),
             cfg.spare_vmms,
+            jail_spec(
+                &cfg.jail,
+                &cfg.data_dir,
+                (cfg.quota.max_memory_mib_per_parent << 20)
+                    + u64::from(cfg.quota.max_bubbles_per_parent)
+                        * bubble_vmm_client::cgroups::VMM_OVERHEAD,
+            )?,
         );
         spawner.refill();
         // TLS for S3 uses rustls with the ring provider.
@@ -371,4 +378,44 @@ impl Broker {
             l.vmm.shutdown().await;
         }
     }
+}
+
+/// How VMMs are jailed under `[jail]`: a uid each from its range when the
+/// broker is root, else (or when forced) the user-namespace path.
+/// Bubble cgroups go under `bubbled-<hash of data_dir>`, a parent's
+/// memory limited to `parent_memory` bytes.
+fn jail_spec(
+    j: &crate::config::JailConfig,
+    data_dir: &std::path::Path,
+    parent_memory: u64,
+) -> Result<bubble_vmm_client::JailSpec, BrokerError> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let uids = if j.namespaces && root {
+        let (lo, hi) = j.uid_range().map_err(BrokerError::Spawn)?;
+        Some(bubble_vmm_client::UidPool::new(lo, hi))
+    } else {
+        None
+    };
+    // One hierarchy per data directory (brokers on other directories
+    // keep their own).
+    let name = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        data_dir.hash(&mut h);
+        format!("bubbled-{:016x}", h.finish())
+    };
+    let cgroups = match bubble_vmm_client::cgroups::Cgroups::detect(&name, parent_memory) {
+        Ok(c) => Ok(std::sync::Arc::new(c)),
+        Err(e) => {
+            warn!(error = %e, "bubbles run WITHOUT cgroups (no memory, pids or cpu limits)");
+            Err(format!("no cgroup: {e}"))
+        }
+    };
+    Ok(bubble_vmm_client::JailSpec {
+        namespaces: j.namespaces,
+        userns: j.userns || !root,
+        uids,
+        cgroups: Some(cgroups),
+    })
 }

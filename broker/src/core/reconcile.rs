@@ -31,14 +31,14 @@ impl Broker {
             if rec.owner.is_empty() {
                 // A pooled bubble may have been attached just before the
                 // stop, its new owner not yet on disk: never pool it again.
-                stop_vmm_in(&dir, &rec.id).await;
+                stop_vmm_in(&self.spawner, &dir, &rec.id).await;
                 info!(bubble = %rec.id, profile = %rec.profile, "pooled bubble discarded after restart");
                 if let Err(e) = self.apply(&rec.id, Step::Deleted, "", |r| r.vmm_pid = 0) {
                     warn!(bubble = %rec.id, error = %e, "could not record a discarded pool bubble");
                 }
                 continue;
             }
-            match Vmm::adopt(&dir, &rec.id).await {
+            match Vmm::adopt(&self.spawner, &dir, &rec.id).await {
                 Ok((vmm, true)) => {
                     let pid = vmm.pid();
                     // READY first: a VMM that fails at once is then failed
@@ -95,7 +95,7 @@ impl Broker {
             if state.is_some_and(State::expects_vmm) && self.table.live_of(&id).is_some() {
                 continue;
             }
-            stop_vmm_in(&e.path(), &id).await;
+            stop_vmm_in(&self.spawner, &e.path(), &id).await;
             let _ = std::fs::remove_dir_all(e.path());
             match state {
                 None => warn!(bubble = %id, "stopped a VMM that was started but never recorded"),
@@ -133,8 +133,8 @@ impl Broker {
 }
 
 /// Stops the VMM serving `dir`, if one answers there.
-async fn stop_vmm_in(dir: &Path, id: &str) {
-    if let Ok((vmm, _)) = Vmm::adopt(dir, id).await {
+async fn stop_vmm_in(spawner: &bubble_vmm_client::Spawner, dir: &Path, id: &str) {
+    if let Ok((vmm, _)) = Vmm::adopt(spawner, dir, id).await {
         vmm.shutdown().await;
     }
 }

@@ -200,9 +200,7 @@ impl Broker {
                 (r, t0.elapsed())
             },
             async {
-                let vmm =
-                    Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, &id, rec.memory_mib, image)
-                        .await?;
+                let vmm = Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, rec, image).await?;
                 // The sealed header's page runs: the VMM faults those pages
                 // in (zeroes only) while the chunks are still verified, and
                 // says where its guest memory is for the verified pages.
@@ -245,11 +243,13 @@ impl Broker {
         drop(parts);
         let t_vm = t0.elapsed();
         let pid = vmm.pid();
+        let jail_warning = vmm.jail_warning();
         // The registry says READY (and forgets the copy) before the copy is
         // consumed: the same generation never runs twice.
         let r = match self.apply(&id, Step::Thawed, "", |r| {
             r.frozen = None;
             r.vmm_pid = pid;
+            r.jail_warning = jail_warning;
             r.last_active_ms = now_ms();
         }) {
             Ok(r) => r,

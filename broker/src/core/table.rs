@@ -222,6 +222,7 @@ mod tests {
             frozen: None,
             ended_at_ms: 0,
             parent_keyed: false,
+            jail_warning: String::new(),
         }
     }
 

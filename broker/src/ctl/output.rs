@@ -23,7 +23,7 @@ pub(super) fn bubble_json(b: &pb::Bubble) -> serde_json::Value {
         "failure_reason": b.failure_reason, "memory_mib": b.memory_mib, "vcpus": b.vcpus,
         "image": b.image, "client_request_id": b.client_request_id,
         "created_at_ms": b.created_at_ms, "boot_us": b.boot_us, "vmm_pid": b.vmm_pid,
-        "calls": b.calls, "generation": b.generation,
+        "calls": b.calls, "generation": b.generation, "jail_warning": b.jail_warning,
     })
 }
 
@@ -86,6 +86,9 @@ pub(super) fn print_bubble(b: &pb::Bubble, json_out: bool) {
         println!("{}", bubble_json(b));
     } else {
         print_table(std::slice::from_ref(b));
+        if !b.jail_warning.is_empty() {
+            println!("WARNING: jail incomplete: {}", b.jail_warning);
+        }
     }
 }
 

@@ -134,6 +134,9 @@ pub struct BubbleRecord {
     /// idle policy never suspends the bubble again under the broker's key.
     #[serde(default)]
     pub parent_keyed: bool,
+    /// What of its VMM's jail could not be set up (empty: all of it).
+    #[serde(default)]
+    pub jail_warning: String,
 }
 
 /// Where a suspended bubble's frozen copy is.
@@ -536,6 +539,7 @@ mod tests {
             frozen: None,
             ended_at_ms: 0,
             parent_keyed: false,
+            jail_warning: String::new(),
         }
     }
 

@@ -13,8 +13,14 @@
 //! `docs/jail.md`.
 
 use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 
+mod ns;
 pub mod seccomp;
+pub mod socket;
+
+pub use ns::{in_jail, JailArgs};
 /// Largest number of descriptors a VMM may hold. A VMM holds about a
 /// dozen: `/dev/kvm`, the VM, the vCPU, guest memory, the shared shim
 /// image, the listening socket, the broker connection (two handles), its
@@ -22,6 +28,9 @@ pub mod seccomp;
 pub const MAX_FDS: u64 = 64;
 /// Largest file a VMM may write (its log), bytes.
 pub const MAX_FILE_SIZE: u64 = 64 << 20;
+/// Most processes (threads count) a VMM's own uid may have: a VMM runs
+/// five threads at most, its waiter one.
+pub const MAX_PROCS: u64 = 16;
 
 /// Why the jail could not be set up (the VMM then refuses to start).
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +50,12 @@ pub enum JailError {
     /// The seccomp filter could not be built or installed.
     #[error("seccomp: {0}")]
     Seccomp(String),
+    /// A `--jail-*` option or a path is malformed.
+    #[error("jail: {0}")]
+    BadArgs(&'static str),
+    /// `/dev/kvm` could not be opened before the jail closed it off.
+    #[error("jail: {0}")]
+    Kvm(#[source] crate::vm_error::VmError),
 }
 
 fn check(what: &'static str, rc: libc::c_int) -> Result<(), JailError> {
@@ -54,11 +69,42 @@ fn check(what: &'static str, rc: libc::c_int) -> Result<(), JailError> {
     }
 }
 
-/// Process hygiene: closes every descriptor above stderr except `keep`,
-/// lowers resource limits, sets `no_new_privs` and drops every
-/// capability. Call it first thing, before any other thread exists.
-pub fn harden(keep: &[i32]) -> Result<(), JailError> {
+/// The whole jail of a VMM process, in order: closes every inherited
+/// descriptor but `keep`, binds the control socket at `socket`, enters
+/// the namespaces, root and identity of `jail` (if given; see [`ns`]),
+/// applies [`harden`], makes the process die with broker `die_parent`
+/// (if given), and only then listens on the socket. Call it first thing,
+/// before any other thread exists.
+pub fn enter(
+    keep: &[i32],
+    socket: &Path,
+    jail: Option<&JailArgs>,
+    die_parent: Option<u32>,
+) -> Result<UnixListener, JailError> {
     close_inherited(keep)?;
+    let sock = socket::bind(socket)?;
+    match jail {
+        Some(j) => {
+            ns::enter(j, die_parent)?;
+            // A uid of its own: then a process count limit means something.
+            harden(j.id.map(|_| MAX_PROCS))?;
+        }
+        None => {
+            harden(None)?;
+            if let Some(p) = die_parent {
+                die_with_parent(p)?;
+            }
+        }
+    }
+    socket::listen(sock)
+}
+
+/// Process hygiene: lowers resource limits (`RLIMIT_NPROC` to `nproc`
+/// when given), sets `no_new_privs` and drops every capability.
+pub fn harden(nproc: Option<u64>) -> Result<(), JailError> {
+    if let Some(n) = nproc {
+        limit(libc::RLIMIT_NPROC, n, "RLIMIT_NPROC")?;
+    }
     limit(libc::RLIMIT_NOFILE, MAX_FDS, "RLIMIT_NOFILE")?;
     limit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     limit(libc::RLIMIT_FSIZE, MAX_FILE_SIZE, "RLIMIT_FSIZE")?;
@@ -76,7 +122,7 @@ pub fn harden(keep: &[i32]) -> Result<(), JailError> {
 }
 
 /// Closes every descriptor from 3 up except those in `keep`.
-fn close_inherited(keep: &[i32]) -> Result<(), JailError> {
+pub fn close_inherited(keep: &[i32]) -> Result<(), JailError> {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter(|&&fd| fd > 2)
@@ -148,15 +194,7 @@ fn drop_capabilities() -> Result<(), JailError> {
         )
     };
     check("PR_CAP_AMBIENT_CLEAR_ALL", rc)?;
-    if has_effective_setpcap() {
-        for cap in 0..64 {
-            // SAFETY: prctl with integer arguments only.
-            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
-                // EINVAL: past the last capability this kernel knows.
-                break;
-            }
-        }
-    }
+    drop_bounding_set();
     let mut hdr = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,
@@ -166,6 +204,20 @@ fn drop_capabilities() -> Result<(), JailError> {
     // owned here and laid out as the kernel defines them.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
     check("capset", rc as libc::c_int)
+}
+
+/// Empties the capability bounding set, when this process may (it has
+/// `CAP_SETPCAP`).
+fn drop_bounding_set() {
+    if has_effective_setpcap() {
+        for cap in 0..64 {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+                // EINVAL: past the last capability this kernel knows.
+                break;
+            }
+        }
+    }
 }
 
 fn has_effective_setpcap() -> bool {
@@ -197,8 +249,12 @@ pub fn die_with_parent(parent: u32) -> Result<(), JailError> {
 }
 
 /// Undoes [`die_with_parent`] (a spare given a bubble that must survive
-/// a broker restart). Call it on the thread that called that.
+/// a broker restart). Call it on the thread that called that. In a jail
+/// the waiter is what dies with the broker: it is told to stop.
 pub fn survive_parent() -> Result<(), JailError> {
+    if in_jail() {
+        return ns::tell_waiter_to_survive();
+    }
     // SAFETY: prctl with integer arguments only.
     check("PR_SET_PDEATHSIG", unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0)

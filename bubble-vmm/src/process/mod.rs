@@ -10,7 +10,7 @@
 //! reason, then exits, freeing guest memory.
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -35,9 +35,9 @@ mod watchdog;
 
 pub use args::{VmmArgs, DEFAULT_RESTORE_DEADLINE};
 use linger::{seal_vcpu, start_linger, LINGER};
-#[cfg(feature = "fault-injection")]
-pub use serve::FAULT_ERROR_OP;
 use serve::{serve_all, Guest};
+#[cfg(feature = "fault-injection")]
+pub use serve::{FAULT_ERROR_OP, FAULT_LINGER_OP};
 pub use spare::SpareArgs;
 use watchdog::Watchdog;
 
@@ -86,7 +86,13 @@ impl Shared {
             poll: args.poll,
             status: Mutex::new(Status {
                 bubble_id: args.bubble_id.clone(),
-                pid: std::process::id(),
+                // In its own pid namespace a VMM cannot name its host
+                // pid (the broker has it from SO_PEERCRED): 0, unknown.
+                pid: if jail::in_jail() {
+                    0
+                } else {
+                    std::process::id()
+                },
                 abi_version: ABI_VERSION,
                 ..Status::default()
             }),
@@ -228,20 +234,6 @@ fn fail_then_exit(shared: &Shared, reason: FailureReason) {
     }
 }
 
-/// From now on this process is `args`' bubble's: log next to its socket.
-fn log_next_to_socket(args: &VmmArgs) {
-    if let Some(dir) = args.socket.parent() {
-        if let Ok(log) = std::fs::File::create(dir.join("vmm.log")) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: dup2 onto our own stdout/stderr descriptors.
-            unsafe {
-                libc::dup2(log.as_raw_fd(), 1);
-                libc::dup2(log.as_raw_fd(), 2);
-            }
-        }
-    }
-}
-
 /// Exits the process with its threads at low priority: tearing down the VM
 /// and its memory is kernel work of ~1 ms that then yields to bubbles
 /// booting meanwhile (the broker has its acknowledgement already).
@@ -251,11 +243,18 @@ fn exit_in_background() -> ! {
 }
 /// The VMM process's main; returns the exit code.
 pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
-    let args: Vec<String> = args.collect();
+    let mut args: Vec<String> = args.collect();
+    let jail_args = match jail::JailArgs::extract(&mut args) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("bubble-vmm: {e}");
+            return 2;
+        }
+    };
     vm::install_kick_handler();
     let (tx, rx) = mpsc::channel();
     let vcpu = std::thread::Builder::new().name("vcpu0".into());
-    let args = if args.first().map(String::as_str) == Some("--spare") {
+    let (args, listener) = if args.first().map(String::as_str) == Some("--spare") {
         let sa = match spare::SpareArgs::parse(&args[1..]) {
             Ok(s) => s,
             Err(e) => {
@@ -264,22 +263,30 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             }
         };
         // A spare always dies with its broker: nobody could adopt it.
-        let jailed = jail::harden(&[sa.image_fd.unwrap_or(-1)])
-            .and_then(|()| jail::die_with_parent(sa.parent_pid));
-        if let Err(e) = jailed {
-            eprintln!("bubble-vmm: spare: {e}");
-            return 2;
-        }
+        let jailed = jail::enter(
+            &[sa.image_fd.unwrap_or(-1)],
+            std::path::Path::new(&sa.socket),
+            jail_args.as_ref(),
+            Some(sa.parent_pid),
+        );
+        let listener = match jailed {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bubble-vmm: spare: {e}");
+                return 2;
+            }
+        };
         jail::set_title("vmm:spare");
         if let Err(e) = start_linger() {
             eprintln!("bubble-vmm: {e}");
             return 2;
         }
         // The thread that will run the vCPU waits for CONFIGURE itself and
-        // builds the VM the moment it arrives; this thread meanwhile moves
-        // the log and binds the bubble's socket (used only to reconnect).
-        let spare = match spare::bind_spare(&sa.socket) {
-            Ok(s) => s,
+        // builds the VM the moment it arrives; the spare's socket stays the
+        // bubble's (the broker links it into the bubble's directory), for
+        // a restarted broker to reconnect.
+        let first = match listener.try_clone() {
+            Ok(l) => l,
             Err(e) => {
                 eprintln!("bubble-vmm: spare: {e}");
                 return 2;
@@ -287,7 +294,7 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         };
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let first_conn = tx.clone();
-        let spawned = vcpu.spawn(move || match spare::wait_as_spare(spare) {
+        let spawned = vcpu.spawn(move || match spare::wait_as_spare(first) {
             Ok((a, conn)) => {
                 let shared = Shared::new(&a);
                 if first_conn.send(conn).is_err() {
@@ -304,8 +311,8 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
             return 2;
         }
-        // From here this thread only prepares (and later moves the log and
-        // accepts reconnections): at low priority, so that a spare starting
+        // From here this thread only prepares (and later accepts
+        // reconnections): at low priority, so that a spare starting
         // up does not slow down a bubble booting next to it. A bubble that
         // arrives first simply finds nothing prepared.
         priority::set_nice(0, priority::BACKGROUND_NICE);
@@ -321,8 +328,7 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
                     }
                 }
                 jail::set_title(&jail::bubble_title(&a.bubble_id));
-                log_next_to_socket(&a);
-                a
+                (a, listener)
             }
             Ok(Err(e)) => {
                 eprintln!("bubble-vmm: spare: {e}");
@@ -339,45 +345,41 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
             }
         };
         let t_jail = Instant::now();
-        let jailed = jail::harden(&[a.image_fd.unwrap_or(-1)]).and_then(|()| match a.parent_pid {
-            Some(p) => jail::die_with_parent(p),
-            None => Ok(()),
-        });
-        if let Err(e) = jailed {
-            eprintln!("bubble-vmm: {e}");
-            return 2;
-        }
+        let jailed = jail::enter(
+            &[a.image_fd.unwrap_or(-1)],
+            &a.socket,
+            jail_args.as_ref(),
+            a.parent_pid,
+        );
+        let listener = match jailed {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bubble-vmm: {e}");
+                return 2;
+            }
+        };
         jail::set_title(&jail::bubble_title(&a.bubble_id));
         if let Err(e) = start_linger() {
             eprintln!("bubble-vmm: {e}");
             return 2;
         }
         eprintln!(
-            "bubble-vmm: jail_setup_us={} (hygiene, parent death, linger thread)",
-            t_jail.elapsed().as_micros()
+            "bubble-vmm: jail_setup_us={} (socket, {}hygiene, parent death, linger thread)",
+            t_jail.elapsed().as_micros(),
+            if jail_args.is_some() {
+                "/dev/kvm, namespaces, fork, pivot_root, identity, "
+            } else {
+                ""
+            }
         );
         let (a2, shared) = (a.clone(), Shared::new(&a));
         if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
             eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
             return 2;
         }
-        a
+        (a, listener)
     };
-    let _ = std::fs::remove_file(&args.socket);
-    let listener = match UnixListener::bind(&args.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "bubble-vmm: cannot listen on {}: {e}",
-                args.socket.display()
-            );
-            return 2;
-        }
-    };
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600));
-    }
+    drop(args);
     if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Control) {
         eprintln!("bubble-vmm: {e}");
         return 2;

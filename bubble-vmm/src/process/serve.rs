@@ -45,6 +45,16 @@ fn send_snapshot(shared: &Shared, id: u64, vm: &Vm) {
     }
 }
 
+/// A CALL of this op makes the VMM acknowledge a later SHUTDOWN and keep
+/// running (a hostile VMM): for the test of the broker's kill after the
+/// grace period. Answered like [`FAULT_ERROR_OP`]. Never in a default
+/// build.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_LINGER_OP: &str = "fault-injection.ignore-shutdown";
+
+#[cfg(feature = "fault-injection")]
+static IGNORE_SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Serves broker connections one at a time. Without a guest (it failed),
 /// status requests report the failure until the VMM exits.
 pub(super) fn serve_all(
@@ -124,6 +134,14 @@ fn call(guest: &mut Option<&mut Guest>, shared: &Shared, c: Call<'_>) -> Reply {
         crate::jail::seccomp::forbidden_syscall();
     }
     #[cfg(feature = "fault-injection")]
+    if c.call.op == FAULT_LINGER_OP {
+        IGNORE_SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+        return Reply::error(
+            ErrorCode::Malformed,
+            "SHUTDOWN will be ignored (fault injection)",
+        );
+    }
+    #[cfg(feature = "fault-injection")]
     if c.call.op == FAULT_ERROR_OP {
         return Reply::error(ErrorCode::Malformed, "malformed CALL (fault injection)");
     }
@@ -194,6 +212,10 @@ fn serve(
             Request::Call(c) => reply(call(&mut guest, shared, c)),
             Request::Shutdown => {
                 reply(Reply::ShutdownOk);
+                #[cfg(feature = "fault-injection")]
+                if IGNORE_SHUTDOWN.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 exit_in_background();
             }
             Request::Measurement => reply(match guest.as_deref_mut() {

@@ -59,35 +59,13 @@ impl SpareArgs {
     }
 }
 
-/// A spare's listening socket (bound first thing, so the broker can
-/// connect while the spare gets ready).
-pub(super) struct SpareSocket {
-    listener: UnixListener,
-    path: String,
-}
-
-/// Binds the spare's socket.
-pub(super) fn bind_spare(path: &str) -> Result<SpareSocket, String> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| format!("listen on {path}: {e}"))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
-    Ok(SpareSocket {
-        listener,
-        path: path.to_string(),
-    })
-}
-
 /// Spare mode: a VMM process started ahead of need, so that creating a
 /// bubble does not wait for a process to start. It waits for one
 /// connection carrying a `CONFIGURE` frame (the normal arguments), then
 /// becomes that bubble's VMM: the VM is created only then, cold, as for
 /// any bubble. An unused spare dies with its broker (`PR_SET_PDEATHSIG`,
 /// set by the main thread before this runs).
-pub(super) fn wait_as_spare(spare: SpareSocket) -> Result<(VmmArgs, UnixStream), String> {
-    let SpareSocket { listener, path } = spare;
+pub(super) fn wait_as_spare(listener: UnixListener) -> Result<(VmmArgs, UnixStream), String> {
     let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
     let read = |conn: &mut UnixStream| {
         let head = Head::read(conn)?;
@@ -98,7 +76,6 @@ pub(super) fn wait_as_spare(spare: SpareSocket) -> Result<(VmmArgs, UnixStream),
         return Err(format!("expected CONFIGURE, got frame kind {kind:#x}"));
     }
     drop(listener);
-    let _ = std::fs::remove_file(path);
     let args = match Request::decode(kind, &body) {
         Ok(Request::Configure { args }) => args,
         Ok(_) => return Err("expected CONFIGURE".into()),

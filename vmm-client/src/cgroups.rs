@@ -1,0 +1,193 @@
+//! A cgroup per bubble, nested under a cgroup per parent: memory (guest
+//! memory plus the VMM's own), process count and CPU weight. cgroup v2
+//! where it is mounted with controllers, v1 controllers otherwise.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+/// Memory a VMM uses beyond its guest's (code, stacks, buffers), bytes.
+pub const VMM_OVERHEAD: u64 = 64 << 20;
+/// Most tasks (threads) in a bubble's cgroup: a VMM runs five at most.
+pub const PIDS_MAX: u32 = 16;
+
+/// Why a bubble's cgroup could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup file system with a memory controller is mounted.
+    #[error("no cgroup memory controller is mounted (neither v2 nor v1)")]
+    NotMounted,
+    /// A cgroup file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The kernel's answer.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+enum Layout {
+    /// The broker's cgroup in the unified hierarchy.
+    V2(PathBuf),
+    /// The broker's cgroup in each v1 controller's hierarchy.
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: PathBuf,
+    },
+}
+
+/// The cgroups of one broker's bubbles.
+#[derive(Debug)]
+pub struct Cgroups {
+    layout: Layout,
+    /// Memory limit of each parent's cgroup, bytes.
+    parent_memory: u64,
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, text).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(CgroupError::Write {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A file-name-safe name for a parent (owner names are free text).
+fn parent_name(parent: &str) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    format!("p-{:016x}", h.finish())
+}
+
+fn bubble_name(bubble: &str) -> String {
+    bubble
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Cgroups {
+    /// Finds the mounted cgroup hierarchy; this broker's cgroups are
+    /// named `name` under its root. `parent_memory`: each parent's
+    /// memory limit, bytes.
+    pub fn detect(name: &str, parent_memory: u64) -> Result<Self, CgroupError> {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let layout = if v2.split_whitespace().any(|c| c == "memory") {
+            Layout::V2(root.join(name))
+        } else if root.join("memory/memory.limit_in_bytes").exists() {
+            Layout::V1 {
+                memory: root.join("memory").join(name),
+                pids: root.join("pids").join(name),
+                cpu: root.join("cpu").join(name),
+            }
+        } else {
+            return Err(CgroupError::NotMounted);
+        };
+        Ok(Self {
+            layout,
+            parent_memory,
+        })
+    }
+
+    /// Creates (or reuses) the cgroups of `parent` and of its `bubble`
+    /// with their limits; returns the files a VMM's pid is written to
+    /// (see [`place`]).
+    pub fn prepare(
+        &self,
+        parent: &str,
+        bubble: &str,
+        guest_memory: u64,
+    ) -> Result<Vec<PathBuf>, CgroupError> {
+        let (p, b) = (parent_name(parent), bubble_name(bubble));
+        let memory = guest_memory + VMM_OVERHEAD;
+        match &self.layout {
+            Layout::V2(base) => {
+                let enable = "+memory +pids +cpu";
+                if let Some(root) = base.parent() {
+                    write(&root.join("cgroup.subtree_control"), enable)?;
+                }
+                mkdir(base)?;
+                write(&base.join("cgroup.subtree_control"), enable)?;
+                let pdir = base.join(&p);
+                mkdir(&pdir)?;
+                write(&pdir.join("memory.max"), &self.parent_memory.to_string())?;
+                write(&pdir.join("cgroup.subtree_control"), enable)?;
+                let bdir = pdir.join(&b);
+                mkdir(&bdir)?;
+                write(&bdir.join("memory.max"), &memory.to_string())?;
+                write(&bdir.join("pids.max"), &PIDS_MAX.to_string())?;
+                write(&bdir.join("cpu.weight"), "100")?;
+                Ok(vec![bdir.join("cgroup.procs")])
+            }
+            Layout::V1 {
+                memory: m,
+                pids,
+                cpu,
+            } => {
+                let mut procs = Vec::new();
+                for (base, parent_file, files) in [
+                    (
+                        m,
+                        Some(("memory.limit_in_bytes", self.parent_memory.to_string())),
+                        vec![("memory.limit_in_bytes", memory.to_string())],
+                    ),
+                    (pids, None, vec![("pids.max", PIDS_MAX.to_string())]),
+                    (cpu, None, vec![("cpu.shares", "1024".to_string())]),
+                ] {
+                    mkdir(base)?;
+                    let pdir = base.join(&p);
+                    mkdir(&pdir)?;
+                    if let Some((f, v)) = parent_file {
+                        write(&pdir.join(f), &v)?;
+                    }
+                    let bdir = pdir.join(&b);
+                    mkdir(&bdir)?;
+                    for (f, v) in files {
+                        write(&bdir.join(f), &v)?;
+                    }
+                    procs.push(bdir.join("cgroup.procs"));
+                }
+                Ok(procs)
+            }
+        }
+    }
+}
+
+/// Moves process `pid` (all its threads) into the cgroups of `procs`.
+pub fn place(procs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
+    for f in procs {
+        write(f, &pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// Removes the bubble cgroups of `procs` once their VMM is gone, then
+/// its parent's and the broker's if they are left empty (a cgroup that
+/// still has a process or a child stays).
+pub fn remove(procs: &[PathBuf]) {
+    for f in procs {
+        for dir in f.ancestors().skip(1).take(3) {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
+}
