@@ -116,7 +116,12 @@ impl Cgroups {
         bubble: &str,
         guest_memory: u64,
     ) -> Result<Vec<PathBuf>, CgroupError> {
-        let (p, b) = (parent_name(parent), bubble_name(bubble));
+        // One cgroup per VMM, not per bubble: a restored bubble's new VMM
+        // must not share a memory cgroup (and its limit) with the previous
+        // VMM of the same bubble while that one is still exiting.
+        static INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (p, b) = (parent_name(parent), format!("{}.v{n}", bubble_name(bubble)));
         let memory = guest_memory + VMM_OVERHEAD;
         match &self.layout {
             Layout::V2(base) => {
@@ -162,6 +167,13 @@ impl Cgroups {
                     mkdir(&bdir)?;
                     for (f, v) in files {
                         write(&bdir.join(f), &v)?;
+                    }
+                    if base == m {
+                        // v1 charges a page to the cgroup that first touched
+                        // it: a spare touched its pages before it was moved
+                        // here, so have its charges move with it (best
+                        // effort: newer kernels drop this file).
+                        let _ = write(&bdir.join("memory.move_charge_at_immigrate"), "3");
                     }
                     procs.push(bdir.join("cgroup.procs"));
                 }
