@@ -149,36 +149,48 @@ async fn unhealthy_pool_entries_are_replaced_before_attach() {
         },
     );
     let limit = Duration::from_secs(20);
-    let mut pid = wait_until(
-        "a pooled bubble",
-        limit,
-        || bubble_vmms(dir.path()),
-        |v| v.len() == 1,
-    )
-    .await[0];
+    // The pool entry's VMM, once a probe found it healthy (so it is READY
+    // and its jail has forked: never the waiter of a VMM still starting).
+    let settled = |after: u64| {
+        let broker = &broker;
+        let dir = dir.path();
+        async move {
+            wait_until(
+                "a healthy probe of the pool entry",
+                limit,
+                || healthy_probes(broker),
+                |n| *n > after,
+            )
+            .await;
+            wait_until(
+                "one pooled VMM",
+                limit,
+                || bubble_vmms(dir),
+                |v| v.len() == 1,
+            )
+            .await[0]
+        }
+    };
+    let mut pid = settled(0).await;
     for signal in [libc::SIGSTOP, libc::SIGKILL] {
         // SAFETY: signalling a VMM process this test's broker started.
         unsafe {
             libc::kill(pid, signal);
         }
         let old = pid;
-        pid = wait_until(
-            &format!("the pool entry {old} replaced after signal {signal}"),
+        // A stopped VMM is killed by the broker, a killed one reaped: the
+        // old process is gone either way, and a new entry is probed
+        // healthy (the replacement, then attached).
+        wait_until(
+            &format!("the pool entry {old} gone after signal {signal}"),
             limit,
             || bubble_vmms(dir.path()),
-            |v| v.len() == 1 && v[0] != old,
+            |v| !v.contains(&old),
         )
-        .await[0];
+        .await;
+        pid = settled(healthy_probes(&broker)).await;
+        assert_ne!(pid, old);
     }
-    // The replacement is probed healthy, then attached.
-    let before = healthy_probes(&broker);
-    wait_until(
-        "a healthy probe",
-        limit,
-        || healthy_probes(&broker),
-        |n| *n > before,
-    )
-    .await;
     let mut c = broker.client().await;
     let b = c
         .attach_bubble(bubble_proto::v1::AttachBubbleRequest {
