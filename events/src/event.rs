@@ -196,6 +196,15 @@ pub(crate) fn check_subject(s: &str) -> Result<(), EventError> {
     }
 }
 
+/// Checks an event to publish: its subject, and its payload's size.
+pub(crate) fn check_event(subject: &str, payload: &[u8]) -> Result<(), EventError> {
+    check_subject(subject)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(EventError::TooLarge);
+    }
+    Ok(())
+}
+
 /// A place events come from.
 pub trait Source: Send + Sync {
     /// One delivery, settled exactly once.

@@ -29,8 +29,8 @@ use futures::StreamExt;
 use zeroize::Zeroizing;
 
 use crate::event::{
-    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
-    SourceEvent, MAX_PAYLOAD,
+    check_event, check_subject, Delivery, EventError, EventKey, Outcome, Published, Results,
+    Source, SourceEvent, MAX_PAYLOAD,
 };
 
 /// Header carrying a dead letter's reason.
@@ -150,10 +150,7 @@ impl NatsSource {
         key: &EventKey,
         payload: &[u8],
     ) -> Result<Published, EventError> {
-        check_subject(subject)?;
-        if payload.len() > MAX_PAYLOAD {
-            return Err(EventError::TooLarge);
-        }
+        check_event(subject, payload)?;
         let mut h = HeaderMap::new();
         h.insert(NATS_MESSAGE_ID, key.as_str());
         let ack = self

@@ -26,8 +26,8 @@ use tokio::sync::Notify;
 use zeroize::Zeroizing;
 
 use crate::event::{
-    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
-    SourceEvent, MAX_PAYLOAD, MAX_REASON_LEN,
+    check_event, Delivery, EventError, EventKey, Outcome, Published, Results, Source, SourceEvent,
+    MAX_REASON_LEN,
 };
 use record::Record;
 
@@ -166,10 +166,7 @@ impl EmbeddedQueue {
         key: &EventKey,
         payload: &[u8],
     ) -> Result<Published, EventError> {
-        check_subject(subject)?;
-        if payload.len() > MAX_PAYLOAD {
-            return Err(EventError::TooLarge);
-        }
+        check_event(subject, payload)?;
         let rec = Record {
             attempts: 0,
             not_before: 0,
