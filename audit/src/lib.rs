@@ -130,6 +130,24 @@ mod tests {
         verify(&after, None).unwrap();
     }
 
+    #[test]
+    fn a_zero_filled_tail_after_a_crash_is_cut_on_open() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write_log(d.path(), 3, 100);
+        let good = std::fs::read(&p).unwrap();
+        let mut zeros = good.clone();
+        zeros.extend_from_slice(&[0u8; 8192]);
+        std::fs::write(&p, &zeros).unwrap();
+        // Offline it is a torn tail (said, not hidden)...
+        let e = verify(&zeros, None).unwrap_err();
+        assert_eq!(e.problem, Problem::Torn(8192));
+        // ...and the broker starts, cutting it, the chain intact.
+        drop(AuditLog::open(&p, key(1), opts(100)).unwrap());
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(&after[..good.len()], &good[..]);
+        verify(&after, None).unwrap();
+    }
+
     /// Every single-byte change of every record is detected and names the
     /// record changed (a checkpoint closes the log, so the last record is
     /// covered too).
