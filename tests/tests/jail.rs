@@ -483,7 +483,7 @@ fn cgroup_of(pid: u32, ctl: &str) -> Option<String> {
 }
 
 /// A bubble's VMM runs in a cgroup of its own, nested in its parent's:
-/// memory limited to guest memory + 64 MiB and charged there, at most 16
+/// memory limited to guest memory + 64 MiB, at most 16
 /// tasks, the default CPU weight. Where cgroups can be written (v1 here;
 /// v2 where it has controllers) and no warning is shown; the cgroup is
 /// removed once the VMM is gone.
@@ -522,8 +522,9 @@ async fn a_bubble_is_limited_by_its_own_cgroup_under_its_parents() {
                 .unwrap()
         };
         assert_eq!(read(&mem, "memory.limit_in_bytes"), (16 << 20) + (64 << 20));
-        // Charged there: the VMM's pages count against this limit.
-        assert!(read(&mem, "memory.usage_in_bytes") > 0);
+        // (Not asserted: usage. A VMM that came from a spare touched its
+        // pages before it moved in, and those stay charged where it
+        // started; see docs/jail.md.)
         // Nested in its parent's, which is limited too.
         let parent = mem.parent().unwrap();
         assert!(read(parent, "memory.limit_in_bytes") < u64::MAX / 2);

@@ -168,13 +168,6 @@ impl Cgroups {
                     for (f, v) in files {
                         write(&bdir.join(f), &v)?;
                     }
-                    if base == m {
-                        // v1 charges a page to the cgroup that first touched
-                        // it: a spare touched its pages before it was moved
-                        // here, so have its charges move with it (best
-                        // effort: newer kernels drop this file).
-                        let _ = write(&bdir.join("memory.move_charge_at_immigrate"), "3");
-                    }
                     procs.push(bdir.join("cgroup.procs"));
                 }
                 Ok(procs)
