@@ -50,11 +50,32 @@ pub struct BrokerStatus {
 
 impl From<tonic::Status> for BrokerStatus {
     fn from(s: tonic::Status) -> Self {
+        // A request the transport lost (the broker closed the connection:
+        // past the per-uid cap, or it went away) comes back UNKNOWN from
+        // tonic; it says nothing about the request: the broker was not
+        // reachable.
+        let code = if s.code() == Code::Unknown && transport_lost(&s) {
+            Code::Unavailable
+        } else {
+            s.code()
+        };
         Self {
-            code: s.code(),
+            code,
             message: s.message().to_string(),
         }
     }
+}
+
+/// Whether a status carries a transport or I/O failure as its cause.
+fn transport_lost(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.is::<tonic::transport::Error>() || c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// What the hint about a missing broker says.
@@ -176,6 +197,17 @@ pub fn report(e: &anyhow::Error, json_out: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_the_transport_lost_is_the_broker_unreachable() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let lost = tonic::Status::from_error(Box::new(io));
+        assert_eq!(lost.code(), Code::Unknown);
+        assert_eq!(BrokerStatus::from(lost).code, Code::Unavailable);
+        // An UNKNOWN the broker itself sent stays UNKNOWN.
+        let s = BrokerStatus::from(tonic::Status::unknown("broker said so"));
+        assert_eq!(s.code, Code::Unknown);
+    }
 
     #[test]
     fn broker_codes_map_to_distinct_exit_codes() {
