@@ -14,12 +14,11 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use bubble_vmm::control::{
-    Call, CallErr, DecodeError, Event, FailureReason, GuestSpan, Head, Kind, LaunchMeasurement,
-    Reply, Request, Status, COALESCE_MAX, HEAD_LEN, SNAPSHOT_PIECE,
+    Call, CallErr, DecodeError, Event, FailureReason, Head, Kind, LaunchMeasurement, Reply,
+    Request, Status, COALESCE_MAX, HEAD_LEN, SNAPSHOT_PIECE,
 };
 
 use crate::body::{read_body, MAX_SMALL_FRAME};
-use crate::direct::{write_pages, WriteError};
 use crate::exit::{ExitWatch, VmmExit};
 use crate::inflight::InFlight;
 use crate::vmm_error::{CallError, VmmError};
@@ -83,7 +82,7 @@ pub struct VmmClient {
     pub(crate) next_id: AtomicU64,
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
-    pid: u32,
+    pub(crate) pid: u32,
     /// How the process ended, once its connection closed.
     exit: Arc<std::sync::OnceLock<VmmExit>>,
     /// A SUSPEND is in flight: only then may the VMM send a snapshot.
@@ -116,14 +115,6 @@ pub(crate) fn unexpected(r: Reply) -> VmmError {
     match r {
         Reply::Error { code, text } => VmmError::Refused { code, text },
         other => VmmError::Protocol(format!("unexpected {:?} reply", other.kind())),
-    }
-}
-
-/// The answer to RESTORE or RESTORE_STATE: the VMM's rebuild time.
-fn restore_answer(r: Reply) -> Result<Duration, VmmError> {
-    match r {
-        Reply::RestoreOk { took_us } => Ok(Duration::from_micros(took_us)),
-        other => Err(unexpected(other)),
     }
 }
 
@@ -330,14 +321,18 @@ impl VmmClient {
         Ok(c)
     }
 
-    async fn request(&self, req: &Request<'_>, timeout: Duration) -> Result<Reply, VmmError> {
+    pub(crate) async fn request(
+        &self,
+        req: &Request<'_>,
+        timeout: Duration,
+    ) -> Result<Reply, VmmError> {
         self.send(req, &[], timeout).await
     }
 
     /// Sends `req`, then (for `Restore`) the snapshot `tail` in
     /// `RESTORE_DATA` frames, without first joining its parts, and waits
     /// for the reply.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         req: &Request<'_>,
         tail: &[&[u8]],
@@ -511,69 +506,6 @@ impl VmmClient {
                 text: format!("unexpected {:?} reply to a call", other.kind()),
             }),
         }
-    }
-
-    /// Asks a VMM in restore mode to fault in these page runs (guest
-    /// address, pages) ahead of its snapshot; only zeroes are written.
-    /// Returns where guest memory lies in the VMM (host address, length),
-    /// for [`VmmClient::restore`] to write pages into directly.
-    pub async fn prefault(
-        &self,
-        runs: &[(u64, u64)],
-        timeout: Duration,
-    ) -> Result<Option<GuestSpan>, VmmError> {
-        let req = Request::Prefault {
-            runs: runs.to_vec(),
-        };
-        match self.request(&req, timeout).await? {
-            Reply::PrefaultOk(span) => Ok(span),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
-    /// VMM started in restore mode; the guest is READY when this returns.
-    /// Returns the time the VMM spent rebuilding the VM.
-    ///
-    /// With `direct` (from [`VmmClient::prefault`]) the pages are written
-    /// straight into the VMM's guest memory with `process_vm_writev` (one
-    /// copy, no socket) and only the vCPU state is sent; where the kernel
-    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed
-    /// in `RESTORE_DATA` frames of at most `SNAPSHOT_PIECE` bytes.
-    pub async fn restore(
-        &self,
-        snapshot: &[&[u8]],
-        direct: Option<GuestSpan>,
-        timeout: Duration,
-    ) -> Result<Duration, VmmError> {
-        if let Some(span) = direct {
-            let written = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(|| write_pages(self.pid, span, snapshot))
-                }
-                _ => write_pages(self.pid, span, snapshot),
-            };
-            match written {
-                Ok(state) => {
-                    let state = zeroize::Zeroizing::new(state);
-                    let req = Request::RestoreState { state: &state };
-                    return restore_answer(self.request(&req, timeout).await?);
-                }
-                Err(WriteError::Snapshot(e)) => return Err(VmmError::Snapshot(e)),
-                // Not allowed here: stream it instead.
-                Err(WriteError::Refused(e)) => {
-                    tracing::info!(error = %e, "writing guest pages directly refused; streaming the snapshot");
-                }
-            }
-        }
-        let len = snapshot.iter().map(|p| p.len() as u64).sum();
-        let sent = self
-            .send(&Request::Restore { len }, snapshot, timeout)
-            .await;
-        restore_answer(sent.map_err(|e| match e {
-            VmmError::Encode(e) => VmmError::Snapshot(e.to_string()),
-            e => e,
-        })?)
     }
 
     /// Stops the VMM: a SHUTDOWN request, then SIGKILL after `grace`

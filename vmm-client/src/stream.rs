@@ -1,6 +1,7 @@
 //! Snapshots as streams: a suspend's `SNAPSHOT` pieces arrive one by one
-//! ([`SnapshotStream`], bounded memory), and a restore's snapshot leaves
-//! in `RESTORE_DATA` frames.
+//! ([`SnapshotStream`], bounded memory), and a restore's snapshot goes to
+//! the VMM, written straight into guest memory or in `RESTORE_DATA`
+//! frames.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,7 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
-use bubble_vmm::control::{head, Kind, Reply, Request, SNAPSHOT_PIECE};
+use bubble_vmm::control::{head, GuestSpan, Kind, Reply, Request, SNAPSHOT_PIECE};
+
+use crate::direct::{write_pages, WriteError};
 
 use crate::client::{unexpected, Answer, Pending, VmmClient, Waiter};
 use crate::vmm_error::VmmError;
@@ -176,5 +179,76 @@ impl VmmClient {
             all.extend_from_slice(&p);
         }
         Ok(all)
+    }
+
+    /// Asks a VMM in restore mode to fault in these page runs (guest
+    /// address, pages) ahead of its snapshot; only zeroes are written.
+    /// Returns where guest memory lies in the VMM (host address, length),
+    /// for [`VmmClient::restore`] to write pages into directly.
+    pub async fn prefault(
+        &self,
+        runs: &[(u64, u64)],
+        timeout: Duration,
+    ) -> Result<Option<GuestSpan>, VmmError> {
+        let req = Request::Prefault {
+            runs: runs.to_vec(),
+        };
+        match self.request(&req, timeout).await? {
+            Reply::PrefaultOk(span) => Ok(span),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
+    /// VMM started in restore mode; the guest is READY when this returns.
+    /// Returns the time the VMM spent rebuilding the VM.
+    ///
+    /// With `direct` (from [`VmmClient::prefault`]) the pages are written
+    /// straight into the VMM's guest memory with `process_vm_writev` (one
+    /// copy, no socket) and only the vCPU state is sent; where the kernel
+    /// refuses that (e.g. ptrace restrictions), the snapshot is streamed
+    /// in `RESTORE_DATA` frames of at most `SNAPSHOT_PIECE` bytes.
+    pub async fn restore(
+        &self,
+        snapshot: &[&[u8]],
+        direct: Option<GuestSpan>,
+        timeout: Duration,
+    ) -> Result<Duration, VmmError> {
+        if let Some(span) = direct {
+            let written = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(|| write_pages(self.pid, span, snapshot))
+                }
+                _ => write_pages(self.pid, span, snapshot),
+            };
+            match written {
+                Ok(state) => {
+                    let state = zeroize::Zeroizing::new(state);
+                    let req = Request::RestoreState { state: &state };
+                    return restore_answer(self.request(&req, timeout).await?);
+                }
+                Err(WriteError::Snapshot(e)) => return Err(VmmError::Snapshot(e)),
+                // Not allowed here: stream it instead.
+                Err(WriteError::Refused(e)) => {
+                    tracing::info!(error = %e, "writing guest pages directly refused; streaming the snapshot");
+                }
+            }
+        }
+        let len = snapshot.iter().map(|p| p.len() as u64).sum();
+        let sent = self
+            .send(&Request::Restore { len }, snapshot, timeout)
+            .await;
+        restore_answer(sent.map_err(|e| match e {
+            VmmError::Encode(e) => VmmError::Snapshot(e.to_string()),
+            e => e,
+        })?)
+    }
+}
+
+/// The answer to RESTORE or RESTORE_STATE: the VMM's rebuild time.
+fn restore_answer(r: Reply) -> Result<Duration, VmmError> {
+    match r {
+        Reply::RestoreOk { took_us } => Ok(Duration::from_micros(took_us)),
+        other => Err(unexpected(other)),
     }
 }
