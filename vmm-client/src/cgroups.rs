@@ -176,6 +176,27 @@ impl Cgroups {
     }
 }
 
+/// The `tasks` files beside `procs` (cgroup v1; memory controller first,
+/// as [`Cgroups::prepare`] orders them), opened for writing: a spare VMM
+/// given them with CONFIGURE moves its own threads in by writing `0`,
+/// which costs microseconds where writing its pid to `cgroup.procs` here
+/// waits for an RCU grace period (milliseconds) on most creates. `None`
+/// on cgroup v2 (no `tasks` files): then use [`place`].
+pub fn open_tasks(procs: &[PathBuf]) -> Result<Option<Vec<std::fs::File>>, CgroupError> {
+    let mut out = Vec::with_capacity(procs.len());
+    for p in procs {
+        let path = p.with_file_name("tasks");
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => out.push(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && out.is_empty() => {
+                return Ok(None)
+            }
+            Err(source) => return Err(CgroupError::Write { path, source }),
+        }
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
 /// Moves process `pid` (all its threads) into the cgroups of `procs`.
 pub fn place(procs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
     for f in procs {

@@ -17,6 +17,7 @@ pub mod cgroups;
 mod client;
 mod direct;
 mod exit;
+mod fds;
 mod inflight;
 mod launcher;
 mod linger;

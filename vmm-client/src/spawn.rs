@@ -7,7 +7,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use bubble_vmm::control::Request;
@@ -278,18 +277,33 @@ impl Spawner {
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
         }
-        // Into its bubble's cgroup before its guest memory is touched.
-        let warning = confine(self.jail.cgroup_for(cfg), sp.pid, &sp.exit);
+        // Into its bubble's cgroups before its guest memory is touched:
+        // on cgroup v1 the spare moves itself with the files sent along
+        // with CONFIGURE, else it is placed from here.
+        let (warning, tasks) = match self.jail.cgroup_for(cfg) {
+            Ok(procs) if !procs.is_empty() => match cgroups::open_tasks(&procs) {
+                Ok(Some(tasks)) => {
+                    remove_after_exit(procs, &sp.exit);
+                    (None, tasks)
+                }
+                _ => (confine(Ok(procs), sp.pid, &sp.exit), Vec::new()),
+            },
+            other => (confine(other, sp.pid, &sp.exit), Vec::new()),
+        };
         let args = args.to_args();
         let frame = Request::Configure {
             args: args.iter().map(String::as_str).collect(),
         }
         .frame(0)
         .map_err(|e| VmmError::Spawn(format!("CONFIGURE: {e}")))?;
-        if sp.stream.write_all(&frame).await.is_err() {
+        if crate::fds::send_with(&mut sp.stream, &frame, &tasks)
+            .await
+            .is_err()
+        {
             // The spare died: start one the slow way.
             return self.spawn_fresh(cfg).await;
         }
+        drop(tasks);
         let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
         c.jail_warning = warning;
         Ok(c)
@@ -408,12 +422,17 @@ fn confine(procs: Result<Vec<PathBuf>, String>, pid: u32, exit: &ExitWatch) -> O
         tracing::warn!(pid, error = %e, "VMM runs without its cgroup");
         return Some(format!("no cgroup: {e}"));
     }
+    remove_after_exit(procs, exit);
+    None
+}
+
+/// Removes the cgroups of `procs` once their VMM has exited.
+fn remove_after_exit(procs: Vec<PathBuf>, exit: &ExitWatch) {
     let mut exit = exit.clone();
     tokio::spawn(async move {
         let _ = exit.wait_for(Option::is_some).await;
         cgroups::remove(&procs);
     });
-    None
 }
 
 /// Spawns a VMM process (not jailed in namespaces) and connects to it

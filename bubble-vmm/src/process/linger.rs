@@ -15,6 +15,11 @@ pub(super) static LINGER: std::sync::OnceLock<mpsc::Sender<()>> = std::sync::Onc
 /// Starts the linger thread; it seals itself first thing.
 pub(super) fn start_linger() -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<()>();
+    // Set before the thread seals itself: the vCPU thread runs the guest
+    // only once it has, and a failure from then on must find it.
+    if LINGER.set(tx).is_err() {
+        return Err("the linger thread was started twice".into());
+    }
     std::thread::Builder::new()
         .name("linger".into())
         .spawn(move || {
@@ -28,7 +33,6 @@ pub(super) fn start_linger() -> Result<(), String> {
             }
         })
         .map_err(|e| format!("cannot start the linger thread: {e}"))?;
-    let _ = LINGER.set(tx);
     Ok(())
 }
 

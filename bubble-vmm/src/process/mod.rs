@@ -154,6 +154,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
             return serve_all(conns, None, &args.bubble_id, &shared);
         }
     };
+    let built = started.elapsed();
     let dog = Watchdog::start(&mut vm);
     let mut guest = Guest {
         bubble: Bubble::new(vm),
@@ -167,6 +168,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         );
         return serve_all(conns, None, &args.bubble_id, &shared);
     }
+    let sealed = started.elapsed();
     guest.dog.arm(args.boot_timeout);
     let sh = shared.clone();
     let booted = guest
@@ -176,6 +178,11 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     match booted {
         Ok(_) => {
             let boot_us = started.elapsed().as_micros() as u64;
+            eprintln!(
+                "bubble-vmm: boot_us={boot_us} (VM built at {} µs, sealed at {} µs)",
+                built.as_micros(),
+                sealed.as_micros()
+            );
             {
                 let mut s = shared.status.lock();
                 s.ready = true;
@@ -255,86 +262,9 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     let (tx, rx) = mpsc::channel();
     let vcpu = std::thread::Builder::new().name("vcpu0".into());
     let (args, listener) = if args.first().map(String::as_str) == Some("--spare") {
-        let sa = match spare::SpareArgs::parse(&args[1..]) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("bubble-vmm: spare: {e}");
-                return 2;
-            }
-        };
-        // A spare always dies with its broker: nobody could adopt it.
-        let jailed = jail::enter(
-            &[sa.image_fd.unwrap_or(-1)],
-            std::path::Path::new(&sa.socket),
-            jail_args.as_ref(),
-            Some(sa.parent_pid),
-        );
-        let listener = match jailed {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("bubble-vmm: spare: {e}");
-                return 2;
-            }
-        };
-        jail::set_title("vmm:spare");
-        if let Err(e) = start_linger() {
-            eprintln!("bubble-vmm: {e}");
-            return 2;
-        }
-        // The thread that will run the vCPU waits for CONFIGURE itself and
-        // builds the VM the moment it arrives; the spare's socket stays the
-        // bubble's (the broker links it into the bubble's directory), for
-        // a restarted broker to reconnect.
-        let first = match listener.try_clone() {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("bubble-vmm: spare: {e}");
-                return 2;
-            }
-        };
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let first_conn = tx.clone();
-        let spawned = vcpu.spawn(move || match spare::wait_as_spare(first) {
-            Ok((a, conn)) => {
-                let shared = Shared::new(&a);
-                if first_conn.send(conn).is_err() {
-                    return;
-                }
-                let _ = ready_tx.send(Ok(a.clone()));
-                vcpu_thread(a, shared, rx)
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-            }
-        });
-        if let Err(e) = spawned {
-            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
-            return 2;
-        }
-        // From here this thread only prepares (and later accepts
-        // reconnections): at low priority, so that a spare starting
-        // up does not slow down a bubble booting next to it. A bubble that
-        // arrives first simply finds nothing prepared.
-        priority::set_nice(0, priority::BACKGROUND_NICE);
-        spare::prewarm();
-        match ready_rx.recv() {
-            Ok(Ok(a)) => {
-                // This thread set the parent-death signal: it clears it
-                // for a bubble that must outlive its broker.
-                if a.parent_pid.is_none() {
-                    if let Err(e) = jail::survive_parent() {
-                        eprintln!("bubble-vmm: {e}");
-                        return 2;
-                    }
-                }
-                jail::set_title(&jail::bubble_title(&a.bubble_id));
-                (a, listener)
-            }
-            Ok(Err(e)) => {
-                eprintln!("bubble-vmm: spare: {e}");
-                return 2;
-            }
-            Err(_) => return 3,
+        match spare::run(&args[1..], jail_args.as_ref(), vcpu, tx.clone(), rx) {
+            Ok(x) => x,
+            Err(code) => return code,
         }
     } else {
         let a = match VmmArgs::parse(args.into_iter()) {

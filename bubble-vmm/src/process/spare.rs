@@ -1,11 +1,14 @@
 //! Spare mode: a VMM process started ahead of need.
 
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
 
-use super::VmmArgs;
+use super::{start_linger, vcpu_thread, Shared, VmmArgs};
 use crate::control::{Head, Kind, Request};
-use crate::images;
-use crate::vm;
+use crate::{images, jail, priority, vm};
 
 /// A spare's command line: `--spare --socket PATH --parent-pid PID
 /// [--image-fd FD]`.
@@ -59,40 +62,217 @@ impl SpareArgs {
     }
 }
 
+/// Most descriptors a CONFIGURE frame may carry: one cgroup `tasks` file
+/// per cgroup v1 controller the broker limits (memory, pids, cpu).
+pub const MAX_CONFIGURE_FDS: usize = 4;
+
+/// What a spare is given to become a bubble's VMM.
+pub(super) struct Configured {
+    pub(super) args: VmmArgs,
+    pub(super) conn: UnixStream,
+    /// The `tasks` files of the bubble's cgroups (see [`move_into`]),
+    /// empty when the broker places the process itself.
+    pub(super) cgroups: Vec<File>,
+}
+
+/// Reads the first bytes of a connection with `recvmsg`, keeping the
+/// descriptors sent with them, and the rest with plain reads.
+struct FirstRead<'a> {
+    conn: &'a UnixStream,
+    fds: Option<Vec<OwnedFd>>,
+}
+
+impl Read for FirstRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        if self.fds.is_some() {
+            return (&mut &*self.conn).read(buf);
+        }
+        let mut space = nix::cmsg_space!([RawFd; MAX_CONFIGURE_FDS]);
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(
+            self.conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        // Truncated control data (more descriptors than allowed): refused.
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in this
+                    // process for this message; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let n = msg.bytes;
+        self.fds = Some(fds);
+        Ok(n)
+    }
+}
+
 /// Spare mode: a VMM process started ahead of need, so that creating a
 /// bubble does not wait for a process to start. It waits for one
-/// connection carrying a `CONFIGURE` frame (the normal arguments), then
-/// becomes that bubble's VMM: the VM is created only then, cold, as for
-/// any bubble. An unused spare dies with its broker (`PR_SET_PDEATHSIG`,
-/// set by the main thread before this runs).
-pub(super) fn wait_as_spare(listener: UnixListener) -> Result<(VmmArgs, UnixStream), String> {
-    let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let read = |conn: &mut UnixStream| {
-        let head = Head::read(conn)?;
-        Ok::<_, std::io::Error>((head.kind, head.read_body(conn)?))
+/// connection carrying a `CONFIGURE` frame (the normal arguments, and
+/// the bubble's cgroup files as descriptors), then becomes that bubble's
+/// VMM: the VM is created only then, cold, as for any bubble. An unused
+/// spare dies with its broker (`PR_SET_PDEATHSIG`, set by the main thread
+/// before this runs).
+pub(super) fn wait_as_spare(listener: &UnixListener) -> Result<Configured, String> {
+    let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let mut r = FirstRead {
+        conn: &conn,
+        fds: None,
     };
-    let (kind, body) = read(&mut conn).map_err(|e| format!("reading CONFIGURE: {e}"))?;
-    if kind != Kind::Configure as u8 {
-        return Err(format!("expected CONFIGURE, got frame kind {kind:#x}"));
+    let head = Head::read(&mut r).map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    let body = head
+        .read_body(&mut r)
+        .map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    let fds = r.fds.unwrap_or_default();
+    if head.kind != Kind::Configure as u8 {
+        return Err(format!(
+            "expected CONFIGURE, got frame kind {:#x}",
+            head.kind
+        ));
     }
-    drop(listener);
-    let args = match Request::decode(kind, &body) {
+    let args = match Request::decode(head.kind, &body) {
         Ok(Request::Configure { args }) => args,
         Ok(_) => return Err("expected CONFIGURE".into()),
         Err(e) => return Err(format!("CONFIGURE: {e}")),
     };
-    let a = VmmArgs::parse(args.into_iter().map(str::to_string))?;
-    Ok((a, conn))
+    let args = VmmArgs::parse(args.into_iter().map(str::to_string))?;
+    Ok(Configured {
+        args,
+        conn,
+        cgroups: fds.into_iter().map(File::from).collect(),
+    })
+}
+
+/// Moves the calling thread into the cgroups whose v1 `tasks` files are
+/// `files` (`files[0]`, the memory controller's, only when `leader`).
+///
+/// A thread writing `0` to `tasks` moves itself without the kernel's
+/// thread-group lock, whose first writer after a quiet spell waits a whole
+/// RCU grace period (measured 8–16 ms on these loaded hosts); the broker
+/// writing the pid to `cgroup.procs` paid it on every create. Memory is
+/// charged to the cgroup of the process's leader thread (`mm->owner`), so
+/// only the leader needs to be in the memory cgroup, and must be before
+/// the guest's memory is touched.
+pub(super) fn move_into(files: &[File], leader: bool) -> io::Result<()> {
+    for (i, f) in files.iter().enumerate() {
+        if i == 0 && !leader {
+            continue;
+        }
+        (&mut &*f).write_all(b"0")?;
+    }
+    Ok(())
+}
+
+/// Duplicates `files` for another thread.
+fn dup_all(files: &[File]) -> io::Result<Vec<File>> {
+    files.iter().map(File::try_clone).collect()
+}
+
+/// The spare's main: enters the jail, prepares at low priority on a
+/// thread of its own, waits for CONFIGURE on this (the leader) thread,
+/// moves into the bubble's cgroups and hands the bubble to the vCPU
+/// thread `vcpu`; returns the bubble's arguments and the listener for the
+/// control loop, or the exit code.
+pub(super) fn run(
+    args: &[String],
+    jail_args: Option<&crate::jail::JailArgs>,
+    vcpu: std::thread::Builder,
+    conns: mpsc::Sender<UnixStream>,
+    rx: mpsc::Receiver<UnixStream>,
+) -> Result<(VmmArgs, UnixListener), i32> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("bubble-vmm: spare: {what}{e}");
+        2
+    };
+    let sa = SpareArgs::parse(args).map_err(|e| fail("", &e))?;
+    // A spare always dies with its broker: nobody could adopt it.
+    let listener = jail::enter(
+        &[sa.image_fd.unwrap_or(-1)],
+        std::path::Path::new(&sa.socket),
+        jail_args,
+        Some(sa.parent_pid),
+    )
+    .map_err(|e| fail("", &e))?;
+    jail::set_title("vmm:spare");
+    // Preparation runs at low priority on a thread of its own, so that a
+    // spare starting up does not slow down a bubble booting next to it;
+    // a bubble that arrives first simply finds less prepared.
+    std::thread::Builder::new()
+        .name("prewarm".into())
+        .spawn(|| {
+            priority::set_nice(0, priority::BACKGROUND_NICE);
+            prewarm();
+        })
+        .map_err(|e| fail("prewarm thread: ", &e))?;
+    // The vCPU thread waits for its bubble; this thread reads CONFIGURE
+    // (the socket stays the bubble's, for a restarted broker to
+    // reconnect).
+    let (give, given) = mpsc::sync_channel::<Configured>(1);
+    vcpu.spawn(move || {
+        let Ok(Configured {
+            args,
+            conn,
+            cgroups,
+        }) = given.recv()
+        else {
+            return;
+        };
+        if let Err(e) = move_into(&cgroups, false) {
+            eprintln!("bubble-vmm: cannot enter the bubble's cgroups: {e}");
+            std::process::exit(2);
+        }
+        // Closed before the guest runs: opened by the broker, these files
+        // would let whoever holds them move any process.
+        drop(cgroups);
+        let shared = Shared::new(&args);
+        if conns.send(conn).is_err() {
+            return;
+        }
+        vcpu_thread(args, shared, rx)
+    })
+    .map_err(|e| fail("cannot start the vCPU thread: ", &e))?;
+    let Configured {
+        args: a,
+        conn,
+        cgroups,
+    } = wait_as_spare(&listener).map_err(|e| fail("", &e))?;
+    move_into(&cgroups, true).map_err(|e| fail("cannot enter the bubble's cgroups: ", &e))?;
+    let for_vcpu = Configured {
+        args: a.clone(),
+        conn,
+        cgroups: dup_all(&cgroups).map_err(|e| fail("", &e))?,
+    };
+    // Closed before the guest runs (see the vCPU thread's).
+    drop(cgroups);
+    give.send(for_vcpu).map_err(|e| fail("", &e))?;
+    // Started here, after the move: it shares this thread's cgroups.
+    start_linger().map_err(|e| fail("", &e))?;
+    // This thread set the parent-death signal: it clears it for a bubble
+    // that must outlive its broker.
+    if a.parent_pid.is_none() {
+        jail::survive_parent().map_err(|e| fail("", &e))?;
+    }
+    jail::set_title(&jail::bubble_title(&a.bubble_id));
+    Ok((a, listener))
 }
 
 /// Work a spare does before it is needed: open /dev/kvm and query the
 /// supported CPUID, fault in the embedded guest image and the code paths
 /// that check it, so that the bubble's VM (still created only after
 /// CONFIGURE) is built without those process-level and first-touch costs.
-pub(super) fn prewarm() {
+fn prewarm() {
     // Failure is not fatal here: VM creation opens /dev/kvm again and
     // reports the error.
     let _ = vm::prepare_kvm();
+    jail::seccomp::precompile();
     let _ = crate::layout::Image::parse_bounds(images::SHIM_ELF);
     let sum = images::SHIM_ELF
         .iter()
