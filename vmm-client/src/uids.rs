@@ -27,6 +27,46 @@ struct PoolState {
 pub struct UidLease {
     uid: u32,
     pool: Arc<UidPool>,
+    /// The host-wide claim on the id (see [`HOST_LOCKS`]), released with
+    /// the lease.
+    _claim: Option<std::fs::File>,
+}
+
+/// Where brokers of one host claim ids (a lock file per id, held while
+/// the id is lent): two brokers on one host (tests run many) with the same
+/// range must never lend one id at once. Two VMMs sharing a uid would
+/// share its `RLIMIT_NPROC` (threads counted per uid host-wide) and fail
+/// to start threads, and could signal each other.
+pub const HOST_LOCKS: &str = "/run/bubbled/uids";
+
+/// Claims `uid` host-wide: `None` if another broker holds it; `Some(None)`
+/// where the lock directory cannot be used (then only this broker's own
+/// bookkeeping guards the id).
+fn claim(uid: u32) -> Option<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = std::path::Path::new(HOST_LOCKS);
+    if std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .is_err()
+    {
+        return Some(None);
+    }
+    let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join(uid.to_string()))
+    else {
+        return Some(None);
+    };
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (rc == 0).then_some(Some(f))
 }
 
 impl UidLease {
@@ -63,12 +103,17 @@ impl UidPool {
         for _ in 0..span {
             let uid = s.next;
             s.next = if uid >= self.hi { self.lo } else { uid + 1 };
-            if s.taken.insert(uid) {
-                return Some(UidLease {
-                    uid,
-                    pool: self.clone(),
-                });
+            if s.taken.contains(&uid) {
+                continue;
             }
+            // Held by another broker of this host: skip it.
+            let Some(claim) = claim(uid) else { continue };
+            s.taken.insert(uid);
+            return Some(UidLease {
+                uid,
+                pool: self.clone(),
+                _claim: claim,
+            });
         }
         None
     }
@@ -107,4 +152,41 @@ fn uids_in_use(lo: u32, hi: u32) -> HashSet<u32> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two brokers of one host with one range never lend one id at once
+    /// (where the host-wide lock directory can be used, as in CI: root).
+    #[test]
+    fn two_pools_on_one_host_lend_disjoint_ids() {
+        if std::fs::create_dir_all(HOST_LOCKS).is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{HOST_LOCKS} not writable under CI"
+            );
+            eprintln!("NOT RUN: {HOST_LOCKS} not writable");
+            return;
+        }
+        // A range of its own, far from the default, so that other tests'
+        // brokers do not hold these ids.
+        let (lo, hi) = (4_000_000_000u32 - 64, 4_000_000_000 - 1);
+        let a = UidPool::new(lo, hi);
+        let b = UidPool::new(lo, hi);
+        let la: Vec<_> = (0..24).map(|_| a.lease().unwrap()).collect();
+        let lb: Vec<_> = (0..24).map(|_| b.lease().unwrap()).collect();
+        let ids_a: HashSet<u32> = la.iter().map(UidLease::uid).collect();
+        let ids_b: HashSet<u32> = lb.iter().map(UidLease::uid).collect();
+        assert_eq!(ids_a.len(), 24);
+        assert!(ids_a.is_disjoint(&ids_b), "{ids_a:?} / {ids_b:?}");
+        // 48 of 64 lent: 16 left for either, then none.
+        let rest: Vec<_> = std::iter::from_fn(|| a.lease()).collect();
+        assert_eq!(rest.len(), 16);
+        assert!(b.lease().is_none());
+        // Given back: the other pool may lend it.
+        drop(la);
+        assert!(b.lease().is_some());
+    }
 }
