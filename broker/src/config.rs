@@ -65,6 +65,28 @@ pub struct BrokerConfig {
     /// Parent ids (`uid:0`, `cert:ops`) that may list every parent's
     /// bubbles.
     pub admins: Vec<String>,
+    /// Event-driven portions (`[events]`).
+    pub events: EventsConfig,
+}
+
+/// The `[events]` section: the embedded queue of triggers' events.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// How long a dispatcher may hold an event unacked before it is handed
+    /// out again (a crashed broker's events come back after this), ms.
+    pub ack_wait_ms: u64,
+    /// Delay before a failed event is tried again, ms.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            ack_wait_ms: 30_000,
+            retry_delay_ms: 200,
+        }
+    }
 }
 
 /// Default [`BrokerConfig::record_retention`]: one day.
@@ -238,6 +260,9 @@ pub struct FileConfig {
     /// Milliseconds a new Unix-socket connection has to send its first
     /// bytes.
     pub handshake_timeout_ms: Option<u64>,
+    /// Event-driven portions.
+    #[serde(default)]
+    pub events: Option<EventsConfig>,
 }
 
 impl FileConfig {
@@ -296,6 +321,7 @@ impl BrokerConfig {
             jail: JailConfig::default(),
             record_retention: DEFAULT_RECORD_RETENTION,
             admins: Vec::new(),
+            events: EventsConfig::default(),
             data_dir,
         })
     }
@@ -303,6 +329,11 @@ impl BrokerConfig {
     /// Path of the registry database.
     pub fn registry_path(&self) -> PathBuf {
         self.data_dir.join("registry.redb")
+    }
+
+    /// Path of the embedded event queue.
+    pub fn events_path(&self) -> PathBuf {
+        self.data_dir.join("events.redb")
     }
 
     /// Path of the audit log (in its own 0700 directory).

@@ -7,6 +7,7 @@
 mod frozen;
 pub mod moto;
 pub mod spy;
+pub mod triggers;
 
 pub use frozen::{portion_call, shared_store, suspend_and_restore};
 

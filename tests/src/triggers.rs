@@ -1,0 +1,172 @@
+//! Helpers of the trigger tests: a portion that echoes, refuses or traps,
+//! and waits for results with a deadline that fails the test.
+
+use std::time::{Duration, Instant};
+
+use bubble_proto::v1 as pb;
+
+use crate::Client;
+
+/// The events portion: `echo` writes the payload back, except a payload
+/// starting with `poison` (traps: unreachable) or `refuse` (returns 1).
+pub const EVENTS_WAT: &str = r#"
+(module
+  (import "bubble_v1" "input_len" (func $input_len (result i32)))
+  (import "bubble_v1" "input_read" (func $input_read (param i32 i32) (result i32)))
+  (import "bubble_v1" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "echo") (result i32)
+    (local $n i32)
+    (local.set $n (call $input_len))
+    (if (i32.gt_s (local.get $n) (i32.const 60000)) (then (return (i32.const 2))))
+    (drop (call $input_read (i32.const 0) (local.get $n)))
+    ;; "pois" little-endian
+    (if (i32.and (i32.ge_s (local.get $n) (i32.const 4))
+                 (i32.eq (i32.load (i32.const 0)) (i32.const 0x73696f70)))
+      (then unreachable))
+    ;; "refu"
+    (if (i32.and (i32.ge_s (local.get $n) (i32.const 4))
+                 (i32.eq (i32.load (i32.const 0)) (i32.const 0x75666572)))
+      (then (return (i32.const 1))))
+    (drop (call $output_write (i32.const 0) (local.get $n)))
+    (i32.const 0))
+)
+"#;
+
+/// The events portion, compiled.
+pub fn events_module() -> Vec<u8> {
+    wat::parse_str(EVENTS_WAT).expect("events portion")
+}
+
+/// Creates a 16 MiB bubble with the events portion loaded as `ev`.
+pub async fn bubble_with_portion(c: &mut Client) -> String {
+    let b = c
+        .create_bubble(crate::create_req(16))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(
+        b.state,
+        pb::BubbleState::Ready as i32,
+        "{}",
+        b.failure_reason
+    );
+    c.load_portion(pb::LoadPortionRequest {
+        bubble_id: b.bubble_id.clone(),
+        name: "ev".into(),
+        module: events_module(),
+    })
+    .await
+    .expect("load portion");
+    b.bubble_id
+}
+
+/// A trigger on `subject` running `ev.echo` in `bubble`.
+pub fn trigger_req(subject: &str, bubble: &str) -> pb::CreateTriggerRequest {
+    pb::CreateTriggerRequest {
+        subject: subject.into(),
+        bubble_id: bubble.into(),
+        portion: "ev".into(),
+        function: "echo".into(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `payload` as `key` on `subject`; whether it was new.
+pub async fn publish(c: &mut Client, subject: &str, key: &str, payload: &[u8]) -> bool {
+    !c.publish_event(pb::PublishEventRequest {
+        subject: subject.into(),
+        key: key.into(),
+        payload: payload.to_vec(),
+    })
+    .await
+    .expect("publish")
+    .into_inner()
+    .duplicate
+}
+
+/// Waits until every key in `keys` has a result other than pending and
+/// returns them in order; fails the test after `limit` naming the keys
+/// still pending.
+pub async fn results(
+    c: &mut Client,
+    trigger: &str,
+    keys: &[String],
+    limit: Duration,
+) -> Vec<pb::EventResult> {
+    let end = Instant::now() + limit;
+    let mut done: Vec<Option<pb::EventResult>> = vec![None; keys.len()];
+    loop {
+        for (i, k) in keys.iter().enumerate() {
+            if done[i].is_some() {
+                continue;
+            }
+            let r = c
+                .get_result(pb::GetResultRequest {
+                    trigger_id: trigger.into(),
+                    key: k.clone(),
+                })
+                .await
+                .expect("get result")
+                .into_inner();
+            if r.outcome != "pending" {
+                done[i] = Some(r);
+            }
+        }
+        let pending: Vec<&String> = keys
+            .iter()
+            .zip(&done)
+            .filter(|(_, r)| r.is_none())
+            .map(|(k, _)| k)
+            .collect();
+        if pending.is_empty() {
+            return done.into_iter().flatten().collect();
+        }
+        assert!(
+            Instant::now() < end,
+            "{} results still pending after {limit:?}: {:?}",
+            pending.len(),
+            &pending[..pending.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Verifies an `ok` result's signature with the bubble's signing key (the
+/// bubble signed the portion-call frame of `ev.echo` and the payload).
+pub fn verify(sig_pk: &[u8; 32], r: &pb::EventResult, payload: &[u8]) {
+    assert_eq!(r.outcome, "ok", "{r:?}");
+    let frame = bubble_abi_frame(payload);
+    let plain = bubble_keys::verify_and_open_result(
+        sig_pk,
+        &r.bubble_id,
+        r.call_id,
+        &frame,
+        &r.output,
+        &r.signature,
+        None,
+    )
+    .expect("result signature verifies");
+    assert_eq!(plain.expose(), payload);
+}
+
+fn bubble_abi_frame(payload: &[u8]) -> Vec<u8> {
+    bubble_abi::ops::PortionCall {
+        portion: "ev",
+        function: "echo",
+        input: payload,
+    }
+    .encode()
+    .expect("frame")
+}
+
+/// The bubble's Ed25519 signing key (its `keys` op).
+pub async fn sig_pk(c: &mut Client, bubble: &str) -> [u8; 32] {
+    let keys = c
+        .call(crate::call_req(bubble, "keys", b""))
+        .await
+        .expect("keys")
+        .into_inner()
+        .output;
+    keys[32..64].try_into().expect("32 bytes")
+}
