@@ -8,14 +8,21 @@ use bubble_proto::v1 as pb;
 use crate::Client;
 
 /// The events portion: `echo` writes the payload back, except a payload
-/// starting with `poison` (traps: unreachable) or `refuse` (returns 1).
+/// starting with `poison` (traps: unreachable) or `refuse` (returns 1);
+/// `slow` spins 200,000 rounds first.
 pub const EVENTS_WAT: &str = r#"
 (module
   (import "bubble_v1" "input_len" (func $input_len (result i32)))
   (import "bubble_v1" "input_read" (func $input_read (param i32 i32) (result i32)))
   (import "bubble_v1" "output_write" (func $output_write (param i32 i32) (result i32)))
   (memory (export "memory") 1)
-  (func (export "echo") (result i32)
+  (func (export "slow") (result i32)
+    (local $i i32)
+    (loop $l
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const 200000))))
+    (call $echo))
+  (func $echo (export "echo") (result i32)
     (local $n i32)
     (local.set $n (call $input_len))
     (if (i32.gt_s (local.get $n) (i32.const 60000)) (then (return (i32.const 2))))
@@ -132,11 +139,17 @@ pub async fn results(
     }
 }
 
-/// Verifies an `ok` result's signature with the bubble's signing key (the
-/// bubble signed the portion-call frame of `ev.echo` and the payload).
+/// Verifies an `ok` result of `ev.echo` with the bubble's signing key.
 pub fn verify(sig_pk: &[u8; 32], r: &pb::EventResult, payload: &[u8]) {
+    verify_fn(sig_pk, r, "echo", payload)
+}
+
+/// Verifies an `ok` result's signature with the bubble's signing key (the
+/// bubble signed the portion-call frame of `ev.<function>` and the
+/// payload).
+pub fn verify_fn(sig_pk: &[u8; 32], r: &pb::EventResult, function: &str, payload: &[u8]) {
     assert_eq!(r.outcome, "ok", "{r:?}");
-    let frame = bubble_abi_frame(payload);
+    let frame = bubble_abi_frame(function, payload);
     let plain = bubble_keys::verify_and_open_result(
         sig_pk,
         &r.bubble_id,
@@ -150,10 +163,10 @@ pub fn verify(sig_pk: &[u8; 32], r: &pb::EventResult, payload: &[u8]) {
     assert_eq!(plain.expose(), payload);
 }
 
-fn bubble_abi_frame(payload: &[u8]) -> Vec<u8> {
+fn bubble_abi_frame(function: &str, payload: &[u8]) -> Vec<u8> {
     bubble_abi::ops::PortionCall {
         portion: "ev",
-        function: "echo",
+        function,
         input: payload,
     }
     .encode()
@@ -169,4 +182,40 @@ pub async fn sig_pk(c: &mut Client, bubble: &str) -> [u8; 32] {
         .into_inner()
         .output;
     keys[32..64].try_into().expect("32 bytes")
+}
+
+/// How many of `keys` have a result now.
+pub async fn done_count(c: &mut Client, trigger: &str, keys: &[String]) -> usize {
+    let mut n = 0;
+    for k in keys {
+        let r = c
+            .get_result(pb::GetResultRequest {
+                trigger_id: trigger.into(),
+                key: k.clone(),
+            })
+            .await
+            .expect("get result")
+            .into_inner();
+        n += usize::from(r.outcome != "pending");
+    }
+    n
+}
+
+/// Waits until at least `n` of `keys` have a result; returns how many.
+pub async fn wait_done(
+    c: &mut Client,
+    trigger: &str,
+    keys: &[String],
+    n: usize,
+    limit: Duration,
+) -> usize {
+    let end = Instant::now() + limit;
+    loop {
+        let d = done_count(c, trigger, keys).await;
+        if d >= n {
+            return d;
+        }
+        assert!(Instant::now() < end, "{d} of {n} results after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
