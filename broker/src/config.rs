@@ -78,6 +78,10 @@ pub struct EventsConfig {
     pub ack_wait_ms: u64,
     /// Delay before a failed event is tried again, ms.
     pub retry_delay_ms: u64,
+    /// Rate matching: a pool trigger runs enough bubbles (up to its
+    /// `max_concurrency` and the parent's quota) to work through its
+    /// backlog within this, ms.
+    pub target_latency_ms: u64,
 }
 
 impl Default for EventsConfig {
@@ -85,6 +89,7 @@ impl Default for EventsConfig {
         Self {
             ack_wait_ms: 30_000,
             retry_delay_ms: 200,
+            target_latency_ms: 1000,
         }
     }
 }

@@ -270,3 +270,106 @@ async fn concurrent_publishes_of_one_key_make_one_result() {
     let calls = describe(&mut c, &bubble).await.calls;
     assert_eq!(calls, 3, "load, keys and one portion call");
 }
+
+/// Runs `bubblectl --json ARGS` (stdin from `input`), expects success and
+/// parses its output.
+fn ctl_json(socket: &std::path::Path, args: &[&str], input: &[u8]) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(ctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The whole flow from bubblectl alone: trigger create (pool and module
+/// file), publish from stdin and from a file, results, list, delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bubblectl_creates_publishes_reads_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some("[[pool]]\nname = \"ev\"\nmemory_mib = 16\nsize = 1\n".into()),
+            ..Opts::default()
+        },
+    );
+    let wat = dir.path().join("ev.wat");
+    std::fs::write(&wat, EVENTS_WAT).unwrap();
+    let s = &broker.socket;
+    let wat_arg = wat.to_str().unwrap();
+    let t = ctl_json(
+        s,
+        &[
+            "trigger",
+            "create",
+            "cli.events",
+            "ev",
+            "echo",
+            "--profile",
+            "ev",
+            "--module",
+            wat_arg,
+            "--batch-size",
+            "4",
+        ],
+        b"",
+    );
+    let id = t["trigger_id"].as_str().unwrap().to_string();
+    assert_eq!(t["batch_size"], 4);
+    let listed = ctl_json(s, &["trigger", "list"], b"");
+    assert_eq!(listed[0]["trigger_id"], id.as_str());
+    let p = ctl_json(
+        s,
+        &["publish", "cli.events", "--key", "k-stdin"],
+        b"from stdin",
+    );
+    assert_eq!(p["duplicate"], false);
+    let file = dir.path().join("payload");
+    std::fs::write(&file, b"from a file").unwrap();
+    let f = file.to_str().unwrap();
+    ctl_json(
+        s,
+        &["publish", "cli.events", "--key", "k-file", "--file", f],
+        b"",
+    );
+    let again = ctl_json(
+        s,
+        &["publish", "cli.events", "--key", "k-file", "--file", f],
+        b"",
+    );
+    assert_eq!(again["duplicate"], true);
+    let mut c = broker.client().await;
+    results(&mut c, &id, &["k-stdin".into(), "k-file".into()], LIMIT).await;
+    for (k, want) in [("k-stdin", "from stdin"), ("k-file", "from a file")] {
+        let r = ctl_json(s, &["results", &id, k], b"");
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert_eq!(r["output"], hex_of(want.as_bytes()), "{r}");
+        assert_eq!(r["signature"].as_str().unwrap().len(), 128, "{r}");
+    }
+    let pending = ctl_json(s, &["results", &id, "never"], b"");
+    assert_eq!(pending["outcome"], "pending");
+    ctl_json(s, &["trigger", "delete", &id], b"");
+    assert_eq!(
+        ctl_json(s, &["trigger", "list"], b""),
+        serde_json::json!([])
+    );
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

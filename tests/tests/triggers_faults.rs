@@ -218,3 +218,81 @@ async fn a_pool_bubble_killed_mid_batch_is_replaced_and_the_batch_resumes() {
     })
     .await;
 }
+
+/// Rate matching under a quota: a backlog of 200 slow events with
+/// `max_concurrency` 8 asks for more bubbles than the parent's quota of
+/// 2 allows; the trigger never holds more than 2, uses both, finishes
+/// every event, and scales back down to one bubble once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_matching_scales_up_within_the_quota_and_back_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some(
+                "[quota]\nmax_bubbles_per_parent = 2\n[events]\ntarget_latency_ms = 100\n\
+                 [[pool]]\nname = \"ev\"\nmemory_mib = 16\nsize = 1\n"
+                    .into(),
+            ),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    let t = c
+        .create_trigger(pb::CreateTriggerRequest {
+            subject: "load".into(),
+            profile: "ev".into(),
+            module: events_module(),
+            portion: "ev".into(),
+            function: "slow".into(),
+            batch_size: 4,
+            max_concurrency: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: Vec<String> = (0..200).map(|i| format!("l-{i}")).collect();
+    for k in &keys {
+        assert!(publish(&mut c, "load", k, k.as_bytes()).await);
+    }
+    let live = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.list_bubbles(pb::ListBubblesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .bubbles
+                .len()
+        }
+    };
+    let end = Instant::now() + LIMIT;
+    let mut most = 0;
+    loop {
+        let n = live(&mut c).await;
+        assert!(n <= 2, "{n} bubbles under a quota of 2");
+        most = most.max(n);
+        if done_count(&mut c, &t.trigger_id, &keys).await == keys.len() {
+            break;
+        }
+        assert!(Instant::now() < end, "events not done in {LIMIT:?}");
+    }
+    assert_eq!(most, 2, "the backlog was worked by two bubbles");
+    let r = results(&mut c, &t.trigger_id, &keys, LIMIT).await;
+    for (k, r) in keys.iter().zip(&r) {
+        assert_eq!(r.outcome, "ok", "{r:?}");
+        assert_eq!(r.output, k.as_bytes());
+    }
+    let by: HashSet<&str> = r.iter().map(|r| r.bubble_id.as_str()).collect();
+    assert!(by.len() >= 2, "{by:?}");
+    // Idle: back to one bubble.
+    let end = Instant::now() + LIMIT;
+    while live(&mut c).await > 1 {
+        assert!(
+            Instant::now() < end,
+            "still more than one bubble after {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

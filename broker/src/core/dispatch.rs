@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::commands::{Attach, Call, LoadPortion, Target};
+use super::scale::Scale;
 use super::security::{SecurityEvent, SecurityKind};
 use super::triggers::{queue_subject, SignedOutput};
 use super::{now_ms, Broker};
@@ -58,11 +59,15 @@ fn bubble_lost(e: &BrokerError) -> bool {
 }
 
 impl Broker {
-    /// Runs one trigger until it is deleted or the broker closes.
+    /// One worker of a trigger (see `scale`): runs until the trigger is
+    /// deleted or the broker closes, or (not the `permanent` one) until
+    /// it is not needed.
     pub(super) async fn dispatch_loop(
         me: Weak<Self>,
         t: TriggerRecord,
         mut stop: watch::Receiver<bool>,
+        scale: Arc<Scale>,
+        permanent: bool,
     ) {
         let sub = {
             let Some(b) = me.upgrade() else { return };
@@ -74,11 +79,44 @@ impl Broker {
                 }
             }
         };
-        // The bubble a pool trigger attached (kept across events).
+        let pool = matches!(t.target, TriggerTarget::Pool { .. });
+        // The bubble a pool trigger's worker attached (kept across events).
         let mut bubble: Option<String> = None;
+        let mut left = false;
         loop {
             if *stop.borrow() {
                 break;
+            }
+            if !permanent && scale.try_leave(scale.wanted()) {
+                left = true;
+                break;
+            }
+            // A pool worker takes its bubble before any event: a refusal
+            // (quota) then costs no event an attempt.
+            if pool && bubble.is_none() {
+                let Some(b) = me.upgrade() else { return };
+                match b.trigger_bubble(&t, &mut bubble).await {
+                    Ok(_) => {}
+                    Err(BrokerError::Quota(q)) if !permanent => {
+                        debug!(trigger = %t.id, quota = %q, "no more bubbles for this trigger");
+                        scale.leave();
+                        scale.quota_hit();
+                        left = true;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(trigger = %t.id, error = %e, "no bubble for the trigger; retrying");
+                        if let Some(old) = bubble.take() {
+                            let _ = b.delete(&t.owner, &old).await;
+                        }
+                        drop(b);
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                }
             }
             let fetched = tokio::select! {
                 r = sub.fetch(t.batch_size as usize, FETCH_WAIT) => r,
@@ -97,9 +135,17 @@ impl Broker {
                     continue;
                 }
             };
+            if batch.is_empty() && !permanent && scale.try_leave(1) {
+                // Idle: scale down.
+                left = true;
+                drop(b);
+                break;
+            }
             let mut batch = batch.into_iter();
             for d in batch.by_ref() {
+                let started = std::time::Instant::now();
                 b.process(&t, &mut bubble, d).await;
+                scale.observe(started.elapsed());
                 if *stop.borrow() || b.closing() {
                     break;
                 }
@@ -108,6 +154,9 @@ impl Broker {
             for d in batch {
                 let _ = d.retry(Duration::ZERO).await;
             }
+        }
+        if !left && !permanent {
+            scale.leave();
         }
         if let (Some(b), Some(id)) = (me.upgrade(), bubble) {
             if !b.closing() {

@@ -28,6 +28,7 @@ mod probes;
 mod query;
 mod reconcile;
 mod restore;
+mod scale;
 pub mod security;
 mod strikes;
 mod supervise;

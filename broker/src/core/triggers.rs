@@ -234,7 +234,7 @@ impl Broker {
                 stop,
             },
         );
-        tokio::spawn(Self::dispatch_loop(Arc::downgrade(self), rec, stopped));
+        tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped));
     }
 
     /// Restarts every stored trigger's dispatcher (broker start).

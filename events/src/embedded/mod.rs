@@ -195,6 +195,23 @@ impl EmbeddedQueue {
         .await
     }
 
+    /// Events of one subject waiting or in flight (a scan of the queue:
+    /// for a dispatcher sizing itself, not for a hot path).
+    pub async fn depth_of(&self, subject: &str) -> Result<u64, EventError> {
+        let subject = subject.to_owned();
+        self.blocking(move |q| {
+            let txn = q.db.begin_read().map_err(storage("begin"))?;
+            let t = txn.open_table(EVENTS).map_err(storage("open"))?;
+            let mut n = 0;
+            for row in t.iter().map_err(storage("scan"))? {
+                let (_, v) = row.map_err(storage("scan"))?;
+                n += u64::from(Record::subject_of(v.value())? == subject.as_bytes());
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     /// The dead-lettered events, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, EventError> {
         self.blocking(|q| {
