@@ -142,6 +142,10 @@ pub enum BrokerError {
     /// each event of a subject goes to one trigger).
     #[error("a trigger on subject {0:?} exists already ({1}); delete it first")]
     TriggerExists(String, String),
+    /// An event published on a subject none of the parent's triggers
+    /// consumes.
+    #[error("no trigger of yours consumes subject {0:?}; create one first")]
+    NoTrigger(String),
     /// The trigger's source is not configured on this broker.
     #[error("event source {0:?} is not configured on this broker")]
     SourceNotConfigured(&'static str),
@@ -179,7 +183,9 @@ impl From<BrokerError> for Status {
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
-            BrokerError::SourceNotConfigured(_) => Code::FailedPrecondition,
+            BrokerError::SourceNotConfigured(_) | BrokerError::NoTrigger(_) => {
+                Code::FailedPrecondition
+            }
             BrokerError::Events(e) => match e {
                 bubble_events::EventError::InvalidKey
                 | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,

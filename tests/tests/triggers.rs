@@ -149,14 +149,44 @@ async fn triggers_are_owned_validated_and_survive_a_restart() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
-    // b publishing on "orders" with a's key lands in b's namespace: it
-    // neither reaches a's trigger nor swallows a's event as a duplicate.
+    // No trigger of b's consumes "orders": b cannot publish there.
+    let e = b
+        .publish_event(pb::PublishEventRequest {
+            subject: "orders".into(),
+            key: "k1".into(),
+            payload: b"from b".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // With its own trigger on "orders", b's events land in b's namespace:
+    // they neither reach a's trigger nor swallow a's event of the same key
+    // as a duplicate, and each trigger's result is its own parent's.
+    let b_bubble = bubble_with_portion(&mut b).await;
+    let b_pk = sig_pk(&mut b, &b_bubble).await;
+    let bt = b
+        .create_trigger(trigger_req("orders", &b_bubble))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(publish(&mut b, "orders", "k1", b"from b").await);
     assert!(publish(&mut a, "orders", "k1", b"from a").await);
     assert!(!publish(&mut a, "orders", "k1", b"again").await);
     let r = results(&mut a, &t.trigger_id, &["k1".into()], LIMIT).await;
     verify(&pk, &r[0], b"from a");
     assert_eq!(r[0].bubble_id, bubble);
+    let r = results(&mut b, &bt.trigger_id, &["k1".into()], LIMIT).await;
+    verify(&b_pk, &r[0], b"from b");
+    assert_eq!(r[0].bubble_id, b_bubble);
+    // Neither parent can read the other's result by naming its trigger.
+    let e = a
+        .get_result(pb::GetResultRequest {
+            trigger_id: bt.trigger_id.clone(),
+            key: "k1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // Oversized payloads and bad keys are refused before the queue.
     let e = a
@@ -181,8 +211,8 @@ async fn triggers_are_owned_validated_and_survive_a_restart() {
         "{e:?}"
     );
 
-    // A restart: the trigger is still there and runs again; events
-    // published while no broker ran are processed.
+    // A broker killed and restarted: the trigger is still there and runs
+    // again.
     broker.kill();
     let broker = BrokerProc::start(dir.path(), true);
     let mut a = broker.tls_client("parent-a").await;
@@ -220,6 +250,15 @@ async fn triggers_are_owned_validated_and_survive_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = a
+        .publish_event(pb::PublishEventRequest {
+            subject: "orders".into(),
+            key: "k3".into(),
+            payload: b"nobody takes this".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let mut broker = broker;
     broker.kill();
     let broker = BrokerProc::start(dir.path(), true);

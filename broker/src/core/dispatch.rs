@@ -274,6 +274,11 @@ impl Broker {
                     warn!(trigger = %t.id, key = %key, error = %e, "ack refused");
                 }
             }
+            // An output too large to store never will be: give it up now.
+            Err(bubble_events::EventError::TooLarge) => {
+                let why = "the result is over the queue's size limit";
+                self.dead_letter(t, bubble, d, why).await;
+            }
             Err(e) => {
                 warn!(trigger = %t.id, key = %key, error = %e, "storing the result failed; retrying");
                 let _ = d.retry(Duration::from_millis(200)).await;

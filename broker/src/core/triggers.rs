@@ -313,6 +313,16 @@ impl Broker {
             });
         }
         let qkey = queue_key(parent, subject, key)?;
+        // Only into a subject one of the parent's triggers consumes: the
+        // queue holds no events nobody will take.
+        let consumed = self
+            .triggers
+            .lock()
+            .values()
+            .any(|r| r.rec.owner == parent && r.rec.subject == subject);
+        if !consumed {
+            return Err(BrokerError::NoTrigger(subject.to_string()));
+        }
         Ok(self
             .queue
             .publish(&queue_subject(parent, subject), &qkey, payload)
