@@ -82,6 +82,9 @@ pub struct EventsConfig {
     /// `max_concurrency` and the parent's quota) to work through its
     /// backlog within this, ms.
     pub target_latency_ms: u64,
+    /// NATS JetStream server for triggers with source `nats`
+    /// (`nats://host:port`; none: such triggers are refused).
+    pub nats_url: Option<String>,
 }
 
 impl Default for EventsConfig {
@@ -90,6 +93,7 @@ impl Default for EventsConfig {
             ack_wait_ms: 30_000,
             retry_delay_ms: 200,
             target_latency_ms: 1000,
+            nats_url: None,
         }
     }
 }

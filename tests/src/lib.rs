@@ -6,6 +6,7 @@
 
 mod frozen;
 pub mod moto;
+pub mod nats;
 pub mod spy;
 pub mod triggers;
 

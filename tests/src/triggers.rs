@@ -201,7 +201,9 @@ pub async fn done_count(c: &mut Client, trigger: &str, keys: &[String]) -> usize
     n
 }
 
-/// Waits until at least `n` of `keys` have a result; returns how many.
+/// Waits until the first `n` of `keys` have a result (looking in order
+/// and stopping at the first pending one, so it answers quickly while a
+/// stream runs); returns `n`. Fails the test after `limit`.
 pub async fn wait_done(
     c: &mut Client,
     trigger: &str,
@@ -211,11 +213,45 @@ pub async fn wait_done(
 ) -> usize {
     let end = Instant::now() + limit;
     loop {
-        let d = done_count(c, trigger, keys).await;
-        if d >= n {
-            return d;
+        let mut d = 0;
+        for k in keys {
+            let r = c
+                .get_result(pb::GetResultRequest {
+                    trigger_id: trigger.into(),
+                    key: k.clone(),
+                })
+                .await
+                .expect("get result")
+                .into_inner();
+            if r.outcome == "pending" {
+                // Processed roughly in order: look again from the start.
+                break;
+            }
+            d += 1;
+            if d >= n {
+                return d;
+            }
         }
         assert!(Instant::now() < end, "{d} of {n} results after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Whether some of `keys` has no result yet (looking from the last, the
+/// one processed last, so it answers at once while a stream runs).
+pub async fn any_pending(c: &mut Client, trigger: &str, keys: &[String]) -> bool {
+    for k in keys.iter().rev() {
+        let r = c
+            .get_result(pb::GetResultRequest {
+                trigger_id: trigger.into(),
+                key: k.clone(),
+            })
+            .await
+            .expect("get result")
+            .into_inner();
+        if r.outcome == "pending" {
+            return true;
+        }
+    }
+    false
 }

@@ -16,7 +16,6 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bubble_events::embedded::EmbeddedDelivery;
 use bubble_events::{Delivery, Outcome, Results, Source, MAX_REASON_LEN};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -24,7 +23,7 @@ use tracing::{debug, warn};
 use super::commands::{Attach, Call, LoadPortion, Target};
 use super::scale::Scale;
 use super::security::{SecurityEvent, SecurityKind};
-use super::triggers::{queue_subject, SignedOutput};
+use super::triggers::SignedOutput;
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
 use crate::store::registry::triggers::{TriggerRecord, TriggerTarget};
@@ -62,23 +61,18 @@ impl Broker {
     /// One worker of a trigger (see `scale`): runs until the trigger is
     /// deleted or the broker closes, or (not the `permanent` one) until
     /// it is not needed.
-    pub(super) async fn dispatch_loop(
+    pub(super) async fn dispatch_loop<S, R>(
         me: Weak<Self>,
         t: TriggerRecord,
         mut stop: watch::Receiver<bool>,
         scale: Arc<Scale>,
         permanent: bool,
-    ) {
-        let sub = {
-            let Some(b) = me.upgrade() else { return };
-            match b.queue.subscribe(&queue_subject(&t.owner, &t.subject)) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(trigger = %t.id, error = %e, "trigger not started");
-                    return;
-                }
-            }
-        };
+        sub: S,
+        results: R,
+    ) where
+        S: Source,
+        R: Results,
+    {
         let pool = matches!(t.target, TriggerTarget::Pool { .. });
         // The bubble a pool trigger's worker attached (kept across events).
         let mut bubble: Option<String> = None;
@@ -144,7 +138,7 @@ impl Broker {
             let mut batch = batch.into_iter();
             for d in batch.by_ref() {
                 let started = std::time::Instant::now();
-                b.process(&t, &mut bubble, d).await;
+                b.process(&t, &mut bubble, d, &results).await;
                 scale.observe(started.elapsed());
                 if *stop.borrow() || b.closing() {
                     break;
@@ -207,11 +201,12 @@ impl Broker {
     }
 
     /// Runs one event and settles it.
-    async fn process(
+    async fn process<D: Delivery, R: Results>(
         self: &Arc<Self>,
         t: &TriggerRecord,
         bubble: &mut Option<String>,
-        d: EmbeddedDelivery,
+        d: D,
+        results: &R,
     ) {
         let ev = d.event();
         let (key, attempt) = (ev.key.clone(), ev.attempt);
@@ -264,11 +259,11 @@ impl Broker {
                     return;
                 }
                 let why = reason(&e);
-                return self.dead_letter(t, bubble, d, &why).await;
+                return self.dead_letter(t, bubble, d, &why, results).await;
             }
         };
         // Durable result first, then the ack (see the module's docs).
-        match self.queue.publish_result(&key, &outcome).await {
+        match results.publish_result(&key, &outcome).await {
             Ok(_) => {
                 if let Err(e) = d.ack().await {
                     warn!(trigger = %t.id, key = %key, error = %e, "ack refused");
@@ -277,7 +272,7 @@ impl Broker {
             // An output too large to store never will be: give it up now.
             Err(bubble_events::EventError::TooLarge) => {
                 let why = "the result is over the queue's size limit";
-                self.dead_letter(t, bubble, d, why).await;
+                self.dead_letter(t, bubble, d, why, results).await;
             }
             Err(e) => {
                 warn!(trigger = %t.id, key = %key, error = %e, "storing the result failed; retrying");
@@ -288,16 +283,16 @@ impl Broker {
 
     /// Gives an event up: a `failed` result, the dead-letter table, a
     /// security event for the owner.
-    async fn dead_letter(
+    async fn dead_letter<D: Delivery, R: Results>(
         self: &Arc<Self>,
         t: &TriggerRecord,
         bubble: &Option<String>,
-        d: EmbeddedDelivery,
+        d: D,
         why: &str,
+        results: &R,
     ) {
         let key = d.event().key.clone();
-        if let Err(e) = self
-            .queue
+        if let Err(e) = results
             .publish_result(&key, &Outcome::Failed(why.to_string()))
             .await
         {

@@ -16,9 +16,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use bubble_events::embedded::{EmbeddedQueue, Subscription};
+use bubble_events::nats::NatsSource;
+
 use super::triggers::queue_subject;
 use super::Broker;
-use crate::store::registry::triggers::{TriggerRecord, TriggerTarget};
+use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
 
 /// How often the scaler looks at the backlog.
 const SCALE_TICK: Duration = Duration::from_millis(100);
@@ -96,23 +99,76 @@ pub(crate) fn wanted(backlog: u64, service_us: u64, target_us: u64, max: usize) 
         .clamp(1, max.max(1))
 }
 
+/// Where a trigger's workers take events from and store results.
+#[derive(Clone)]
+enum Feed {
+    Embedded(Subscription, EmbeddedQueue),
+    Nats(NatsSource),
+}
+
 impl Broker {
-    /// Runs a trigger: its first worker, and for a pool trigger the
-    /// scaler that adds and removes the others.
-    pub(super) async fn scale_loop(me: Weak<Self>, t: TriggerRecord, stop: watch::Receiver<bool>) {
+    fn spawn_worker(
+        me: &Weak<Self>,
+        t: &TriggerRecord,
+        stop: &watch::Receiver<bool>,
+        scale: &Arc<Scale>,
+        permanent: bool,
+        feed: &Feed,
+    ) {
+        let (me, t, stop, scale) = (me.clone(), t.clone(), stop.clone(), scale.clone());
+        match feed.clone() {
+            Feed::Embedded(sub, q) => {
+                tokio::spawn(Self::dispatch_loop(me, t, stop, scale, permanent, sub, q));
+            }
+            Feed::Nats(src) => {
+                tokio::spawn(Self::dispatch_loop(
+                    me,
+                    t,
+                    stop,
+                    scale,
+                    permanent,
+                    src.clone(),
+                    src,
+                ));
+            }
+        }
+    }
+
+    /// Runs a trigger: its first worker, and for a pool trigger on the
+    /// embedded queue the scaler that adds and removes the others.
+    pub(super) async fn scale_loop(
+        me: Weak<Self>,
+        t: TriggerRecord,
+        stop: watch::Receiver<bool>,
+        nats: Arc<tokio::sync::OnceCell<NatsSource>>,
+    ) {
+        let feed = {
+            let Some(b) = me.upgrade() else { return };
+            match t.source {
+                TriggerSource::Embedded => {
+                    match b.queue.subscribe(&queue_subject(&t.owner, &t.subject)) {
+                        Ok(s) => Feed::Embedded(s, b.queue.clone()),
+                        Err(e) => {
+                            tracing::warn!(trigger = %t.id, error = %e, "trigger not started");
+                            return;
+                        }
+                    }
+                }
+                TriggerSource::Nats => match b.connect_nats(&t, &nats).await {
+                    Some(s) => Feed::Nats(s),
+                    None => return,
+                },
+            }
+        };
         let scale = Arc::new(Scale::default());
         scale.workers.store(1, Ordering::SeqCst);
         scale.want.store(1, Ordering::SeqCst);
-        tokio::spawn(Self::dispatch_loop(
-            me.clone(),
-            t.clone(),
-            stop.clone(),
-            scale.clone(),
-            true,
-        ));
-        let max = match t.target {
-            TriggerTarget::Pool { .. } => t.max_concurrency as usize,
-            TriggerTarget::Bubble(_) => 1,
+        Self::spawn_worker(&me, &t, &stop, &scale, true, &feed);
+        // One worker on a named bubble, and (for now) on NATS, whose
+        // backlog the scaler does not read.
+        let max = match (&t.target, &feed) {
+            (TriggerTarget::Pool { .. }, Feed::Embedded(..)) => t.max_concurrency as usize,
+            _ => 1,
         };
         if max <= 1 {
             return;
@@ -138,13 +194,7 @@ impl Broker {
             scale.want.store(want, Ordering::SeqCst);
             while scale.workers.load(Ordering::SeqCst) < want {
                 scale.workers.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(Self::dispatch_loop(
-                    me.clone(),
-                    t.clone(),
-                    stop.clone(),
-                    scale.clone(),
-                    false,
-                ));
+                Self::spawn_worker(&me, &t, &stop, &scale, false, &feed);
             }
         }
     }

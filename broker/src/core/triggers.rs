@@ -12,6 +12,9 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use bubble_events::nats::{NatsConfig, NatsSource};
 use bubble_events::{EventKey, Outcome, Published};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -148,10 +151,39 @@ pub fn check_subject(subject: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// A running trigger: its record and its dispatcher's stop switch.
+/// A running trigger: its record, its dispatcher's stop switch and, for
+/// a NATS trigger, its connection (set once connected).
 pub(crate) struct Running {
     pub(crate) rec: TriggerRecord,
     stop: watch::Sender<bool>,
+    nats: Arc<tokio::sync::OnceCell<NatsSource>>,
+}
+
+/// The JetStream layout of `owner`'s `subject`: its own events stream
+/// (one subject), shared durable consumer, dead-letter and results
+/// streams, all named by the namespace, so brokers whose triggers have the
+/// same owner and subject share them and nobody else does.
+pub(crate) fn nats_config(url: &str, owner: &str, subject: &str, ack_wait: Duration) -> NatsConfig {
+    let ns = namespace(owner, subject);
+    NatsConfig {
+        url: url.to_string(),
+        stream: format!("BUBBLE_EV_{ns}"),
+        subjects: vec![nats_subject(owner, subject)],
+        consumer: format!("brokers_{ns}"),
+        ack_wait,
+        // A backstop, as for the embedded queue: each trigger dead-letters
+        // at its own max_deliver.
+        max_deliver: 1000,
+        dead_letter_subject: format!("bubble.dead.{ns}"),
+        results_stream: format!("BUBBLE_RES_{ns}"),
+        results_prefix: format!("bubble.res.{ns}"),
+        dedup_window: Duration::from_secs(120),
+    }
+}
+
+/// The NATS subject of `owner`'s `subject`.
+pub(crate) fn nats_subject(owner: &str, subject: &str) -> String {
+    format!("bubble.ev.{}", namespace(owner, subject))
 }
 
 impl Broker {
@@ -161,7 +193,7 @@ impl Broker {
         parent: &str,
         cmd: NewTrigger,
     ) -> Result<TriggerRecord, BrokerError> {
-        if cmd.source == TriggerSource::Nats {
+        if cmd.source == TriggerSource::Nats && self.cfg.events.nats_url.is_none() {
             return Err(BrokerError::SourceNotConfigured("nats"));
         }
         match &cmd.target {
@@ -207,6 +239,7 @@ impl Broker {
                 Running {
                     rec: rec.clone(),
                     stop: watch::channel(true).0,
+                    nats: Default::default(),
                 },
             );
         }
@@ -227,14 +260,38 @@ impl Broker {
     /// Starts (or restarts) the dispatcher of a stored trigger.
     pub(super) fn run_trigger(self: &Arc<Self>, rec: TriggerRecord) {
         let (stop, stopped) = watch::channel(false);
+        let nats: Arc<tokio::sync::OnceCell<NatsSource>> = Default::default();
         self.triggers.lock().insert(
             rec.id.clone(),
             Running {
                 rec: rec.clone(),
                 stop,
+                nats: nats.clone(),
             },
         );
-        tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped));
+        tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped, nats));
+    }
+
+    /// Connects a NATS trigger (retrying until connected or stopped).
+    pub(super) async fn connect_nats(
+        &self,
+        t: &TriggerRecord,
+        cell: &tokio::sync::OnceCell<NatsSource>,
+    ) -> Option<NatsSource> {
+        let url = self.cfg.events.nats_url.clone()?;
+        let ack_wait = Duration::from_millis(self.cfg.events.ack_wait_ms.max(1));
+        loop {
+            if self.closing() || !self.trigger_alive(&t.id) {
+                return None;
+            }
+            match NatsSource::connect(nats_config(&url, &t.owner, &t.subject, ack_wait)).await {
+                Ok(s) => return Some(cell.get_or_init(|| async { s }).await.clone()),
+                Err(e) => {
+                    tracing::warn!(trigger = %t.id, error = %e, "connecting to NATS failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Restarts every stored trigger's dispatcher (broker start).
@@ -315,13 +372,23 @@ impl Broker {
         let qkey = queue_key(parent, subject, key)?;
         // Only into a subject one of the parent's triggers consumes: the
         // queue holds no events nobody will take.
-        let consumed = self
+        let consumer = self
             .triggers
             .lock()
             .values()
-            .any(|r| r.rec.owner == parent && r.rec.subject == subject);
-        if !consumed {
+            .find(|r| r.rec.owner == parent && r.rec.subject == subject)
+            .map(|r| (r.rec.source, r.nats.clone()));
+        let Some((source, nats)) = consumer else {
             return Err(BrokerError::NoTrigger(subject.to_string()));
+        };
+        if source == TriggerSource::Nats {
+            let src = nats
+                .get()
+                .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?;
+            let key = EventKey::new(key)?;
+            return Ok(src
+                .publish(&nats_subject(parent, subject), &key, payload)
+                .await?);
         }
         Ok(self
             .queue
@@ -338,7 +405,22 @@ impl Broker {
     ) -> Result<EventResult, BrokerError> {
         let t = self.owned_trigger(parent, trigger_id)?;
         let qkey = queue_key(&t.owner, &t.subject, key)?;
-        Ok(match self.queue.result(&qkey).await? {
+        let stored = if t.source == TriggerSource::Nats {
+            let nats = self
+                .triggers
+                .lock()
+                .get(trigger_id)
+                .map(|r| r.nats.clone())
+                .ok_or_else(|| BrokerError::NotAccessible(trigger_id.to_string()))?;
+            let src = nats
+                .get()
+                .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?
+                .clone();
+            src.result(&EventKey::new(key)?).await?
+        } else {
+            self.queue.result(&qkey).await?
+        };
+        Ok(match stored {
             None => EventResult::Pending,
             Some(Outcome::Ok(b)) => EventResult::Ok(
                 SignedOutput::decode(&b)
