@@ -103,7 +103,7 @@ pub(crate) fn wanted(backlog: u64, service_us: u64, target_us: u64, max: usize) 
 #[derive(Clone)]
 enum Feed {
     Embedded(Subscription, EmbeddedQueue),
-    Nats(NatsSource),
+    Nats(Box<NatsSource>),
 }
 
 impl Broker {
@@ -121,6 +121,7 @@ impl Broker {
                 tokio::spawn(Self::dispatch_loop(me, t, stop, scale, permanent, sub, q));
             }
             Feed::Nats(src) => {
+                let src = *src;
                 tokio::spawn(Self::dispatch_loop(
                     me,
                     t,
@@ -155,7 +156,7 @@ impl Broker {
                     }
                 }
                 TriggerSource::Nats => match b.connect_nats(&t, &nats).await {
-                    Some(s) => Feed::Nats(s),
+                    Some(s) => Feed::Nats(Box::new(s)),
                     None => return,
                 },
             }
