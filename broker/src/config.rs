@@ -65,6 +65,37 @@ pub struct BrokerConfig {
     /// Parent ids (`uid:0`, `cert:ops`) that may list every parent's
     /// bubbles.
     pub admins: Vec<String>,
+    /// Event-driven portions (`[events]`).
+    pub events: EventsConfig,
+}
+
+/// The `[events]` section: the embedded queue of triggers' events.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// How long a dispatcher may hold an event unacked before it is handed
+    /// out again (a crashed broker's events come back after this), ms.
+    pub ack_wait_ms: u64,
+    /// Delay before a failed event is tried again, ms.
+    pub retry_delay_ms: u64,
+    /// Rate matching: a pool trigger runs enough bubbles (up to its
+    /// `max_concurrency` and the parent's quota) to work through its
+    /// backlog within this, ms.
+    pub target_latency_ms: u64,
+    /// NATS JetStream server for triggers with source `nats`
+    /// (`nats://host:port`; none: such triggers are refused).
+    pub nats_url: Option<String>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            ack_wait_ms: 30_000,
+            retry_delay_ms: 200,
+            target_latency_ms: 1000,
+            nats_url: None,
+        }
+    }
 }
 
 /// Default [`BrokerConfig::record_retention`]: one day.
@@ -238,6 +269,9 @@ pub struct FileConfig {
     /// Milliseconds a new Unix-socket connection has to send its first
     /// bytes.
     pub handshake_timeout_ms: Option<u64>,
+    /// Event-driven portions.
+    #[serde(default)]
+    pub events: Option<EventsConfig>,
 }
 
 impl FileConfig {
@@ -296,6 +330,7 @@ impl BrokerConfig {
             jail: JailConfig::default(),
             record_retention: DEFAULT_RECORD_RETENTION,
             admins: Vec::new(),
+            events: EventsConfig::default(),
             data_dir,
         })
     }
@@ -303,6 +338,11 @@ impl BrokerConfig {
     /// Path of the registry database.
     pub fn registry_path(&self) -> PathBuf {
         self.data_dir.join("registry.redb")
+    }
+
+    /// Path of the embedded event queue.
+    pub fn events_path(&self) -> PathBuf {
+        self.data_dir.join("events.redb")
     }
 
     /// Path of the audit log (in its own 0700 directory).

@@ -145,6 +145,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(j) = file.jail.clone() {
         cfg.jail = j;
     }
+    if let Some(e) = file.events.clone() {
+        cfg.events = e;
+    }
     if let Some(s) = file.record_retention_s {
         cfg.record_retention = std::time::Duration::from_secs(s);
     }

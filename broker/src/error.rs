@@ -138,6 +138,20 @@ pub enum BrokerError {
     /// An operator-only request from a parent that is not a configured admin.
     #[error("this needs an admin identity (the broker's `admins` configuration)")]
     NotAdmin,
+    /// The parent already has a trigger on this subject (one per subject:
+    /// each event of a subject goes to one trigger).
+    #[error("a trigger on subject {0:?} exists already ({1}); delete it first")]
+    TriggerExists(String, String),
+    /// An event published on a subject none of the parent's triggers
+    /// consumes.
+    #[error("no trigger of yours consumes subject {0:?}; create one first")]
+    NoTrigger(String),
+    /// The trigger's source is not configured on this broker.
+    #[error("event source {0:?} is not configured on this broker")]
+    SourceNotConfigured(&'static str),
+    /// The event queue failed.
+    #[error("event queue: {0}")]
+    Events(#[from] bubble_events::EventError),
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -168,6 +182,16 @@ impl From<BrokerError> for Status {
             }
             BrokerError::Spawn(_) => Code::Unavailable,
             BrokerError::Registry(_) => Code::Internal,
+            BrokerError::TriggerExists(..) => Code::AlreadyExists,
+            BrokerError::SourceNotConfigured(_) | BrokerError::NoTrigger(_) => {
+                Code::FailedPrecondition
+            }
+            BrokerError::Events(e) => match e {
+                bubble_events::EventError::InvalidKey
+                | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,
+                bubble_events::EventError::TooLarge => Code::ResourceExhausted,
+                _ => Code::Unavailable,
+            },
             BrokerError::RequestIdReused { .. } => Code::AlreadyExists,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
             BrokerError::WrongKey | BrokerError::Quarantined(_) => Code::PermissionDenied,

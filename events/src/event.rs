@@ -181,7 +181,7 @@ pub enum EventError {
 }
 
 /// Checks a subject: dotted tokens of visible ASCII, no wildcards.
-pub(crate) fn check_subject(s: &str) -> Result<(), EventError> {
+pub fn check_subject(s: &str) -> Result<(), EventError> {
     let ok = !s.is_empty()
         && s.len() <= 256
         && s.split('.').all(|t| {

@@ -24,6 +24,6 @@ pub mod embedded;
 pub mod nats;
 
 pub use event::{
-    Delivery, EventError, EventKey, Outcome, Published, Results, Source, SourceEvent, MAX_KEY_LEN,
-    MAX_PAYLOAD, MAX_REASON_LEN,
+    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    SourceEvent, MAX_KEY_LEN, MAX_PAYLOAD, MAX_REASON_LEN,
 };

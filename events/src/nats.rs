@@ -166,6 +166,22 @@ impl NatsSource {
         })
     }
 
+    /// The stored result of `key`, if one.
+    pub async fn result(&self, key: &EventKey) -> Result<Option<Outcome>, EventError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .js
+            .get_stream(&self.cfg.results_stream)
+            .await
+            .map_err(nats("results stream"))?;
+        let subject = format!("{}.{}", self.cfg.results_prefix, key);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some(Outcome::decode(&m.payload)?)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(nats("read result")(e)),
+        }
+    }
+
     async fn to_dead_letter(
         &self,
         msg: &jetstream::Message,

@@ -245,3 +245,38 @@ async fn bad_input_is_refused_and_the_file_is_private() {
     ));
     assert_eq!(q.depth().await.unwrap(), 0);
 }
+
+/// A subscription sees only its own subject: two consumers of two
+/// subjects, interleaved events, each gets exactly its own; a subject's
+/// waiting consumer is woken by a publish on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_see_only_their_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir, QueueConfig::default());
+    let a = q.subscribe("orders.a").unwrap();
+    let b = q.subscribe("orders.b").unwrap();
+    assert!(q.subscribe("orders.*").is_err());
+    for i in 0..20 {
+        let s = if i % 2 == 0 { "orders.a" } else { "orders.b" };
+        q.publish(s, &key(&format!("k{i}")), s.as_bytes())
+            .await
+            .unwrap();
+    }
+    let got_a = a.fetch(100, Duration::ZERO).await.unwrap();
+    let got_b = b.fetch(100, Duration::ZERO).await.unwrap();
+    assert_eq!((got_a.len(), got_b.len()), (10, 10));
+    assert!(got_a.iter().all(|d| d.event().subject == "orders.a"));
+    assert!(got_b.iter().all(|d| d.event().subject == "orders.b"));
+    for d in got_a.into_iter().chain(got_b) {
+        d.ack().await.unwrap();
+    }
+    // A waiting consumer of a: a publish on b does not hand it anything;
+    // one on a does.
+    let waiter = tokio::spawn(async move { a.fetch(1, LONG).await.unwrap() });
+    q.publish("orders.b", &key("late-b"), b"b").await.unwrap();
+    q.publish("orders.a", &key("late-a"), b"a").await.unwrap();
+    let got = tokio::time::timeout(LONG, waiter).await.unwrap().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event().key, key("late-a"));
+    assert_eq!(q.depth().await.unwrap(), 2);
+}

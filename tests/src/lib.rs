@@ -6,7 +6,9 @@
 
 mod frozen;
 pub mod moto;
+pub mod nats;
 pub mod spy;
+pub mod triggers;
 
 pub use frozen::{portion_call, shared_store, suspend_and_restore};
 

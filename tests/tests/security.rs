@@ -14,7 +14,7 @@ use tonic::Code;
 
 const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "credential_denied",
     "host_call_forbidden",
     "fuel_exhausted",
@@ -26,6 +26,7 @@ const KINDS: [&str; 11] = [
     "foreign_access",
     "probing",
     "restore_wrong_key",
+    "dead_letter",
 ];
 
 fn counter(metrics: &str, kind: &str) -> Option<u64> {

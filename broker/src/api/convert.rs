@@ -30,7 +30,7 @@ const RESERVED_OPS: [&str; 5] = [
 /// Longest an attach may wait for a pooled bubble.
 const MAX_ATTACH_WAIT_MS: u64 = 60_000;
 
-const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
+pub(crate) const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
 
 /// Proto state of a lifecycle state.
 pub fn state_to_pb(s: State) -> pb::BubbleState {
@@ -257,7 +257,7 @@ fn validate_request_id(id: &str) -> Result<(), BrokerError> {
 
 /// One limit for op names everywhere: the guest contract's MAX_OP_LEN
 /// (SIGN and SEAL are flags of the CALL and never lengthen the op).
-fn validate_op(op: &str) -> Result<(), BrokerError> {
+pub(crate) fn validate_op(op: &str) -> Result<(), BrokerError> {
     if op.is_empty() || op.len() > bubble_abi::MAX_OP_LEN {
         return Err(invalid(
             "op",

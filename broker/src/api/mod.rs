@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod convert;
+pub mod triggers;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -281,6 +282,79 @@ impl BrokerApi for BrokerService {
         Ok(Response::new(pb::ListAuditResponse {
             records: records.into_iter().map(audit::record_to_pb).collect(),
         }))
+    }
+
+    async fn create_trigger(
+        &self,
+        request: Request<pb::CreateTriggerRequest>,
+    ) -> Result<Response<pb::Trigger>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        let named = req.bubble_id.clone();
+        let cmd = triggers::create(req, self.broker.config())?;
+        let t = self
+            .broker
+            .create_trigger(&parent, cmd)
+            .await
+            .map_err(|e| self.deny(&parent, &named, e))?;
+        Ok(Response::new(triggers::trigger_to_pb(&t)))
+    }
+
+    async fn list_triggers(
+        &self,
+        request: Request<pb::ListTriggersRequest>,
+    ) -> Result<Response<pb::ListTriggersResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let triggers = self.broker.list_triggers(&parent);
+        Ok(Response::new(pb::ListTriggersResponse {
+            triggers: triggers.iter().map(triggers::trigger_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_trigger(
+        &self,
+        request: Request<pb::TriggerRef>,
+    ) -> Result<Response<pb::Trigger>, Status> {
+        let parent = self.parent(&request)?;
+        let id = request.into_inner().trigger_id;
+        triggers::validate_trigger_id(&id)?;
+        let t = self
+            .broker
+            .delete_trigger(&parent, &id)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
+        Ok(Response::new(triggers::trigger_to_pb(&t)))
+    }
+
+    async fn publish_event(
+        &self,
+        request: Request<pb::PublishEventRequest>,
+    ) -> Result<Response<pb::PublishEventResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        let p = self
+            .broker
+            .publish_event(&parent, &req.subject, &req.key, &req.payload)
+            .await?;
+        Ok(Response::new(pb::PublishEventResponse {
+            position: p.position,
+            duplicate: p.duplicate,
+        }))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<pb::GetResultRequest>,
+    ) -> Result<Response<pb::EventResult>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        triggers::validate_trigger_id(&req.trigger_id)?;
+        let r = self
+            .broker
+            .event_result(&parent, &req.trigger_id, &req.key)
+            .await
+            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
+        Ok(Response::new(triggers::result_to_pb(req.key, r)))
     }
 
     type WatchEventsStream = EventStream;

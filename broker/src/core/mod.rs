@@ -18,6 +18,7 @@ mod attest;
 mod audit;
 mod calls;
 mod create;
+mod dispatch;
 mod freeze;
 mod maintenance;
 mod meter;
@@ -27,10 +28,12 @@ mod probes;
 mod query;
 mod reconcile;
 mod restore;
+mod scale;
 pub mod security;
 mod strikes;
 mod supervise;
 mod teardown;
+pub mod triggers;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +132,10 @@ pub struct Broker {
     probes: parking_lot::Mutex<std::collections::HashMap<String, Probed>>,
     /// Strikes against modules and the quarantine list (`strikes`).
     ledger: parking_lot::Mutex<strikes::Ledger>,
+    /// The embedded event queue (`DATA_DIR/events.redb`).
+    queue: bubble_events::embedded::EmbeddedQueue,
+    /// Every trigger and its dispatcher's stop switch (`triggers`).
+    triggers: parking_lot::Mutex<std::collections::HashMap<String, triggers::Running>>,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -242,7 +249,20 @@ impl Broker {
             bubble_audit::Options::default(),
         )
         .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+        let queue = bubble_events::embedded::EmbeddedQueue::open(
+            &cfg.events_path(),
+            bubble_events::embedded::QueueConfig {
+                ack_wait: Duration::from_millis(cfg.events.ack_wait_ms.max(1)),
+                // A backstop: each trigger dead-letters at its own
+                // max_deliver (at most 100).
+                max_deliver: 1000,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| BrokerError::Spawn(format!("event queue: {e}")))?;
         let broker = Arc::new(Self {
+            queue,
+            triggers: Default::default(),
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
             ledger: Default::default(),
@@ -268,6 +288,7 @@ impl Broker {
             usage_signer,
         });
         broker.reconcile().await?;
+        broker.resume_triggers()?;
         for p in broker.cfg.pools.clone() {
             tokio::spawn(Self::refill_loop(Arc::downgrade(&broker), p));
         }
@@ -361,6 +382,7 @@ impl Broker {
     /// leaves them running so a restarted broker re-adopts them).
     pub async fn shutdown_all(self: &Arc<Self>) {
         self.closing.store(true, Ordering::SeqCst);
+        self.stop_triggers();
         // Let creates already past admission register their VMMs.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while self

@@ -69,6 +69,9 @@ kinds! {
     Probing => "probing",
     /// A restore with a key that does not open the frozen copy.
     RestoreWrongKey => "restore_wrong_key",
+    /// An event of one of the owner's triggers failed `max_deliver` times
+    /// and went to the dead-letter table (`core::dispatch`).
+    DeadLetter => "dead_letter",
 }
 
 impl SecurityKind {

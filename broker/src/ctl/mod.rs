@@ -22,6 +22,7 @@ mod output;
 mod parent;
 mod pki;
 mod policy;
+mod triggers;
 mod trust;
 
 use std::path::PathBuf;
@@ -145,6 +146,14 @@ enum Cmd {
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo(ops::DemoArgs),
+    /// Triggers: events on a subject of yours run a portion function.
+    #[command(subcommand)]
+    Trigger(triggers::TriggerCmd),
+    /// Publish an event on one of your subjects (payload from --file or
+    /// standard input).
+    Publish(triggers::PublishArgs),
+    /// The result of one event of one of your triggers.
+    Results(triggers::ResultsArgs),
 }
 
 // The one argument of commands that name a bubble and nothing else.
@@ -205,6 +214,9 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Load(a) => ops::load(conn, a, j).await,
         Cmd::Demo(a) => ops::demo(a).await,
         Cmd::Audit(a) => audit::run(conn, a, j).await,
+        Cmd::Trigger(c) => triggers::trigger(conn, c, j).await,
+        Cmd::Publish(a) => triggers::publish(conn, a, j).await,
+        Cmd::Results(a) => triggers::results(conn, a, j).await,
     }
 }
 
@@ -284,6 +296,22 @@ mod tests {
                 "a",
             ],
             &["portion", "load", "b-1", "payments", "p.wasm"],
+            &["trigger", "create", "orders", "p", "f", "--bubble", "b-1"],
+            &[
+                "trigger",
+                "create",
+                "orders",
+                "p",
+                "f",
+                "--profile",
+                "s",
+                "--module",
+                "m.wat",
+            ],
+            &["trigger", "list"],
+            &["trigger", "delete", "t-1"],
+            &["publish", "orders", "--key", "k", "--file", "f"],
+            &["results", "t-1", "k", "--output", "hex"],
             &[
                 "call",
                 "b-1",

@@ -10,6 +10,8 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub mod triggers;
+
 /// Bubble records keyed by bubble id; values are JSON-encoded [`BubbleRecord`]s.
 const BUBBLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bubbles_v1");
 /// Idempotency index: `owner \0 client_request_id` → bubble id.

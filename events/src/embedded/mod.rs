@@ -195,6 +195,23 @@ impl EmbeddedQueue {
         .await
     }
 
+    /// Events of one subject waiting or in flight (a scan of the queue:
+    /// for a dispatcher sizing itself, not for a hot path).
+    pub async fn depth_of(&self, subject: &str) -> Result<u64, EventError> {
+        let subject = subject.to_owned();
+        self.blocking(move |q| {
+            let txn = q.db.begin_read().map_err(storage("begin"))?;
+            let t = txn.open_table(EVENTS).map_err(storage("open"))?;
+            let mut n = 0;
+            for row in t.iter().map_err(storage("scan"))? {
+                let (_, v) = row.map_err(storage("scan"))?;
+                n += u64::from(Record::subject_of(v.value())? == subject.as_bytes());
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     /// The dead-lettered events, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, EventError> {
         self.blocking(|q| {
@@ -255,6 +272,46 @@ impl Source for EmbeddedQueue {
     type Delivery = EmbeddedDelivery;
 
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<EmbeddedDelivery>, EventError> {
+        self.fetch_on(None, max, wait).await
+    }
+}
+
+/// The events of one subject of an [`EmbeddedQueue`]: a consumer of this
+/// subscription is handed only events published on exactly that subject.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    queue: EmbeddedQueue,
+    subject: Arc<str>,
+}
+
+impl EmbeddedQueue {
+    /// A source of the events published on `subject` only.
+    pub fn subscribe(&self, subject: &str) -> Result<Subscription, EventError> {
+        crate::event::check_subject(subject)?;
+        Ok(Subscription {
+            queue: self.clone(),
+            subject: Arc::from(subject),
+        })
+    }
+}
+
+impl Source for Subscription {
+    type Delivery = EmbeddedDelivery;
+
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<EmbeddedDelivery>, EventError> {
+        self.queue
+            .fetch_on(Some(self.subject.clone()), max, wait)
+            .await
+    }
+}
+
+impl EmbeddedQueue {
+    async fn fetch_on(
+        &self,
+        subject: Option<Arc<str>>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<EmbeddedDelivery>, EventError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Register for wake-ups before looking, so a publish between
@@ -263,7 +320,10 @@ impl Source for EmbeddedQueue {
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             let max = max.max(1);
-            let (taken, next_due) = self.blocking(move |q| q.take(max)).await?;
+            let subject = subject.clone();
+            let (taken, next_due) = self
+                .blocking(move |q| q.take(max, subject.as_deref()))
+                .await?;
             if !taken.is_empty() {
                 return Ok(taken
                     .into_iter()

@@ -104,8 +104,13 @@ impl Inner {
 
     /// Takes up to `max` ready events (oldest first), counting an attempt
     /// and leasing each; events past `max_deliver` go to the dead-letter
-    /// table. Also answers when the next leased event comes due.
-    pub(super) fn take(&self, max: usize) -> Result<(Vec<SourceEvent>, Option<u64>), EventError> {
+    /// table. Also answers when the next leased event comes due. With a
+    /// `subject`, only events published on exactly that subject.
+    pub(super) fn take(
+        &self,
+        max: usize,
+        subject: Option<&str>,
+    ) -> Result<(Vec<SourceEvent>, Option<u64>), EventError> {
         let now = now_ms();
         let lease = ms(self.cfg.ack_wait);
         let txn = self.db.begin_write().map_err(storage("begin"))?;
@@ -123,6 +128,9 @@ impl Inner {
                 }
                 let (pos, v) = row.map_err(storage("scan"))?;
                 let mut rec = Record::decode(v.value())?;
+                if subject.is_some_and(|s| s != rec.subject) {
+                    continue;
+                }
                 if rec.not_before > now {
                     next_due = Some(next_due.map_or(rec.not_before, |d| d.min(rec.not_before)));
                     continue;

@@ -47,6 +47,17 @@ impl Record {
         v
     }
 
+    /// The subject's bytes of an encoded record, without copying the rest.
+    pub fn subject_of(b: &[u8]) -> Result<&[u8], EventError> {
+        let head = b
+            .get(..HEAD)
+            .ok_or(EventError::Corrupt("queued event header"))?;
+        let key_len = usize::from(head[20]);
+        let subject_len = usize::from(u16::from_le_bytes([head[21], head[22]]));
+        b.get(HEAD + key_len..HEAD + key_len + subject_len)
+            .ok_or(EventError::Corrupt("queued event subject"))
+    }
+
     pub fn decode(b: &[u8]) -> Result<Self, EventError> {
         let (head, rest) = b
             .split_at_checked(HEAD)
@@ -109,6 +120,8 @@ mod tests {
             payload: vec![1, 2, 3],
         };
         let b = r.encode();
+        assert_eq!(Record::subject_of(&b).ok(), Some(&b"a.b"[..]));
+        assert!(Record::subject_of(&b[..HEAD + 4]).is_err());
         assert_eq!(Record::decode(&b).ok(), Some(r));
         // Up to the end of the subject, every cut is refused.
         for n in 0..HEAD + 6 {

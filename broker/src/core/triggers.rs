@@ -1,0 +1,471 @@
+//! Triggers: a parent's mapping from a subject of its own to a portion
+//! function, owned like a bubble (a trigger another parent owns is
+//! refused exactly as a foreign bubble id is), persisted in the registry
+//! before it runs, each run by its own dispatcher (`dispatch`).
+//!
+//! Subjects and keys are per parent: the embedded queue holds an event of
+//! parent P on subject S under the queue subject `p<NS>.S` and the key
+//! `<NS>:K`, where NS is 24 hex digits of SHA-256(P, S). Another parent
+//! publishing S lands in its own namespace; its keys never collide with
+//! (nor deduplicate away) P's, and results (stored per queue key) are
+//! P's alone.
+
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use bubble_events::nats::{NatsConfig, NatsSource};
+use bubble_events::{EventKey, Outcome, Published};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tracing::info;
+
+use super::{now_ms, Broker};
+use crate::error::{invalid, BrokerError};
+use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
+
+/// Longest subject a parent may name (the namespace prefix takes 26).
+pub const MAX_SUBJECT_LEN: usize = 200;
+/// Longest event key a parent may give (the namespace prefix takes 25).
+pub const MAX_KEY_LEN: usize = 96;
+
+/// A trigger to register (validated by `crate::api`).
+#[derive(Clone, Debug)]
+pub struct NewTrigger {
+    /// Its source.
+    pub source: TriggerSource,
+    /// The parent's subject.
+    pub subject: String,
+    /// What runs its events.
+    pub target: TriggerTarget,
+    /// Portion and function.
+    pub portion: String,
+    /// Function.
+    pub function: String,
+    /// Events fetched at once.
+    pub batch_size: u32,
+    /// Events in flight at once.
+    pub max_concurrency: u32,
+    /// Deliveries before dead-lettering.
+    pub max_deliver: u32,
+}
+
+/// One event's result as its owner reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventResult {
+    /// No result yet.
+    Pending,
+    /// The portion answered; signed by the bubble.
+    Ok(SignedOutput),
+    /// The portion refused the event.
+    Refused(String),
+    /// Processing failed `max_deliver` times (dead-lettered).
+    Failed(String),
+}
+
+/// A portion's output with the bubble's signature over (bubble id, call
+/// id, SHA-256 of the event payload, output).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedOutput {
+    /// The bubble that ran it.
+    pub bubble_id: String,
+    /// The bubble's call id.
+    pub call_id: u64,
+    /// Ed25519 signature.
+    pub signature: Vec<u8>,
+    /// The output.
+    pub output: Vec<u8>,
+}
+
+impl SignedOutput {
+    /// Stored form: id length (1 byte), id, call id (LE u64), signature
+    /// length (LE u16), signature, output.
+    pub fn encode(&self) -> Vec<u8> {
+        let id = self.bubble_id.as_bytes();
+        let mut v = Vec::with_capacity(11 + id.len() + self.signature.len() + self.output.len());
+        v.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+        v.extend(id);
+        v.extend(self.call_id.to_le_bytes());
+        v.extend(
+            u16::try_from(self.signature.len())
+                .unwrap_or(u16::MAX)
+                .to_le_bytes(),
+        );
+        v.extend(&self.signature);
+        v.extend(&self.output);
+        v
+    }
+
+    /// Parses [`SignedOutput::encode`], bounds-checked.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (&n, rest) = b.split_first()?;
+        let (id, rest) = rest.split_at_checked(usize::from(n))?;
+        let (call, rest) = rest.split_at_checked(8)?;
+        let (len, rest) = rest.split_at_checked(2)?;
+        let (sig, out) =
+            rest.split_at_checked(usize::from(u16::from_le_bytes([len[0], len[1]])))?;
+        Some(Self {
+            bubble_id: String::from_utf8(id.to_vec()).ok()?,
+            call_id: u64::from_le_bytes(call.try_into().ok()?),
+            signature: sig.to_vec(),
+            output: out.to_vec(),
+        })
+    }
+}
+
+/// The namespace of `owner`'s `subject`.
+fn namespace(owner: &str, subject: &str) -> String {
+    let mut h = Sha256::new();
+    h.update((owner.len() as u64).to_le_bytes());
+    h.update(owner.as_bytes());
+    h.update(subject.as_bytes());
+    hex::encode(&h.finalize()[..12])
+}
+
+/// The queue subject of `owner`'s `subject`.
+pub(crate) fn queue_subject(owner: &str, subject: &str) -> String {
+    format!("p{}.{subject}", namespace(owner, subject))
+}
+
+/// The queue key of `owner`'s event `key` on `subject`.
+fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(invalid("key", format!("at most {MAX_KEY_LEN} bytes")));
+    }
+    EventKey::new(key).map_err(|e| invalid("key", e.to_string()))?;
+    Ok(EventKey::new(&format!(
+        "{}:{key}",
+        namespace(owner, subject)
+    ))?)
+}
+
+/// A parent's subject: dotted tokens, no wildcards, at most
+/// [`MAX_SUBJECT_LEN`] bytes.
+pub fn check_subject(subject: &str) -> Result<(), BrokerError> {
+    if subject.len() > MAX_SUBJECT_LEN || bubble_events::check_subject(subject).is_err() {
+        return Err(invalid(
+            "subject",
+            format!("must be 1-{MAX_SUBJECT_LEN} bytes of dotted tokens, no spaces or wildcards"),
+        ));
+    }
+    Ok(())
+}
+
+/// A running trigger: its record, its dispatcher's stop switch and, for
+/// a NATS trigger, its connection (set once connected).
+pub(crate) struct Running {
+    pub(crate) rec: TriggerRecord,
+    stop: watch::Sender<bool>,
+    nats: Arc<tokio::sync::OnceCell<NatsSource>>,
+}
+
+/// The JetStream layout of `owner`'s `subject`: its own events stream
+/// (one subject), shared durable consumer, dead-letter and results
+/// streams, all named by the namespace, so brokers whose triggers have the
+/// same owner and subject share them and nobody else does.
+pub(crate) fn nats_config(url: &str, owner: &str, subject: &str, ack_wait: Duration) -> NatsConfig {
+    let ns = namespace(owner, subject);
+    NatsConfig {
+        url: url.to_string(),
+        stream: format!("BUBBLE_EV_{ns}"),
+        subjects: vec![nats_subject(owner, subject)],
+        consumer: format!("brokers_{ns}"),
+        ack_wait,
+        // A backstop, as for the embedded queue: each trigger dead-letters
+        // at its own max_deliver.
+        max_deliver: 1000,
+        dead_letter_subject: format!("bubble.dead.{ns}"),
+        results_stream: format!("BUBBLE_RES_{ns}"),
+        results_prefix: format!("bubble.res.{ns}"),
+        dedup_window: Duration::from_secs(120),
+    }
+}
+
+/// The NATS subject of `owner`'s `subject`.
+pub(crate) fn nats_subject(owner: &str, subject: &str) -> String {
+    format!("bubble.ev.{}", namespace(owner, subject))
+}
+
+impl Broker {
+    /// Registers a trigger for `parent` and starts its dispatcher.
+    pub async fn create_trigger(
+        self: &Arc<Self>,
+        parent: &str,
+        cmd: NewTrigger,
+    ) -> Result<TriggerRecord, BrokerError> {
+        if cmd.source == TriggerSource::Nats && self.cfg.events.nats_url.is_none() {
+            return Err(BrokerError::SourceNotConfigured("nats"));
+        }
+        match &cmd.target {
+            TriggerTarget::Bubble(id) => {
+                self.owned(parent, id)?;
+            }
+            TriggerTarget::Pool { profile, .. } => {
+                if !self.cfg.pools.iter().any(|p| &p.name == profile) {
+                    return Err(invalid(
+                        "profile",
+                        format!("no warm pool named {profile:?}"),
+                    ));
+                }
+            }
+        }
+        let rec = TriggerRecord {
+            id: format!("t-{}", uuid::Uuid::new_v4().simple()),
+            owner: parent.to_string(),
+            source: cmd.source,
+            subject: cmd.subject,
+            target: cmd.target,
+            portion: cmd.portion,
+            function: cmd.function,
+            batch_size: cmd.batch_size,
+            max_concurrency: cmd.max_concurrency,
+            max_deliver: cmd.max_deliver,
+            created_at_ms: now_ms(),
+        };
+        // Checked and reserved under the lock, written before it runs.
+        {
+            let mut t = self.triggers.lock();
+            if let Some(other) = t
+                .values()
+                .find(|r| r.rec.owner == parent && r.rec.subject == rec.subject)
+            {
+                return Err(BrokerError::TriggerExists(
+                    rec.subject.clone(),
+                    other.rec.id.clone(),
+                ));
+            }
+            t.insert(
+                rec.id.clone(),
+                Running {
+                    rec: rec.clone(),
+                    stop: watch::channel(true).0,
+                    nats: Default::default(),
+                },
+            );
+        }
+        let b = self.clone();
+        let stored = rec.clone();
+        let written = tokio::task::spawn_blocking(move || b.registry.put_trigger(&stored))
+            .await
+            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))?;
+        if let Err(e) = written {
+            self.triggers.lock().remove(&rec.id);
+            return Err(e.into());
+        }
+        info!(trigger = %rec.id, owner = %parent, subject = %rec.subject, "trigger created");
+        self.run_trigger(rec.clone());
+        Ok(rec)
+    }
+
+    /// Starts (or restarts) the dispatcher of a stored trigger.
+    pub(super) fn run_trigger(self: &Arc<Self>, rec: TriggerRecord) {
+        let (stop, stopped) = watch::channel(false);
+        let nats: Arc<tokio::sync::OnceCell<NatsSource>> = Default::default();
+        self.triggers.lock().insert(
+            rec.id.clone(),
+            Running {
+                rec: rec.clone(),
+                stop,
+                nats: nats.clone(),
+            },
+        );
+        tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped, nats));
+    }
+
+    /// Connects a NATS trigger (retrying until connected or stopped).
+    pub(super) async fn connect_nats(
+        &self,
+        t: &TriggerRecord,
+        cell: &tokio::sync::OnceCell<NatsSource>,
+    ) -> Option<NatsSource> {
+        let url = self.cfg.events.nats_url.clone()?;
+        let ack_wait = Duration::from_millis(self.cfg.events.ack_wait_ms.max(1));
+        loop {
+            if self.closing() || !self.trigger_alive(&t.id) {
+                return None;
+            }
+            match NatsSource::connect(nats_config(&url, &t.owner, &t.subject, ack_wait)).await {
+                Ok(s) => return Some(cell.get_or_init(|| async { s }).await.clone()),
+                Err(e) => {
+                    tracing::warn!(trigger = %t.id, error = %e, "connecting to NATS failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Restarts every stored trigger's dispatcher (broker start).
+    pub(super) fn resume_triggers(self: &Arc<Self>) -> Result<(), BrokerError> {
+        for rec in self.registry.triggers()? {
+            self.run_trigger(rec);
+        }
+        Ok(())
+    }
+
+    /// `parent`'s triggers, oldest first.
+    pub fn list_triggers(&self, parent: &str) -> Vec<TriggerRecord> {
+        let mut v: Vec<TriggerRecord> = self
+            .triggers
+            .lock()
+            .values()
+            .filter(|r| r.rec.owner == parent)
+            .map(|r| r.rec.clone())
+            .collect();
+        v.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        v
+    }
+
+    /// One of `parent`'s triggers, or the same refusal as for a bubble
+    /// that is not the parent's.
+    pub fn owned_trigger(&self, parent: &str, id: &str) -> Result<TriggerRecord, BrokerError> {
+        match self.triggers.lock().get(id) {
+            Some(r) if r.rec.owner == parent => Ok(r.rec.clone()),
+            _ => Err(BrokerError::NotAccessible(id.to_string())),
+        }
+    }
+
+    /// Removes one of `parent`'s triggers (durably) and stops its
+    /// dispatcher; unprocessed events stay in the queue.
+    pub async fn delete_trigger(
+        self: &Arc<Self>,
+        parent: &str,
+        id: &str,
+    ) -> Result<TriggerRecord, BrokerError> {
+        let rec = self.owned_trigger(parent, id)?;
+        let b = self.clone();
+        let tid = id.to_string();
+        tokio::task::spawn_blocking(move || b.registry.remove_trigger(&tid))
+            .await
+            .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))??;
+        if let Some(r) = self.triggers.lock().remove(id) {
+            let _ = r.stop.send(true);
+        }
+        info!(trigger = %id, owner = %parent, "trigger deleted");
+        Ok(rec)
+    }
+
+    /// Whether the trigger still runs (its dispatcher checks between
+    /// events).
+    pub(super) fn trigger_alive(&self, id: &str) -> bool {
+        self.triggers.lock().contains_key(id)
+    }
+
+    /// Publishes `payload` on `parent`'s `subject` into the embedded queue.
+    pub async fn publish_event(
+        &self,
+        parent: &str,
+        subject: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Published, BrokerError> {
+        check_subject(subject)?;
+        let limit = self.cfg.max_payload.min(bubble_events::MAX_PAYLOAD);
+        if payload.len() > limit {
+            return Err(BrokerError::InvalidArgument {
+                field: "payload",
+                reason: format!(
+                    "{} bytes is over max_payload ({limit} bytes)",
+                    payload.len()
+                ),
+            });
+        }
+        let qkey = queue_key(parent, subject, key)?;
+        // Only into a subject one of the parent's triggers consumes: the
+        // queue holds no events nobody will take.
+        let consumer = self
+            .triggers
+            .lock()
+            .values()
+            .find(|r| r.rec.owner == parent && r.rec.subject == subject)
+            .map(|r| (r.rec.source, r.nats.clone()));
+        let Some((source, nats)) = consumer else {
+            return Err(BrokerError::NoTrigger(subject.to_string()));
+        };
+        if source == TriggerSource::Nats {
+            let src = nats
+                .get()
+                .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?;
+            let key = EventKey::new(key)?;
+            return Ok(src
+                .publish(&nats_subject(parent, subject), &key, payload)
+                .await?);
+        }
+        Ok(self
+            .queue
+            .publish(&queue_subject(parent, subject), &qkey, payload)
+            .await?)
+    }
+
+    /// The result of event `key` of one of `parent`'s triggers.
+    pub async fn event_result(
+        &self,
+        parent: &str,
+        trigger_id: &str,
+        key: &str,
+    ) -> Result<EventResult, BrokerError> {
+        let t = self.owned_trigger(parent, trigger_id)?;
+        let qkey = queue_key(&t.owner, &t.subject, key)?;
+        let stored = if t.source == TriggerSource::Nats {
+            let nats = self
+                .triggers
+                .lock()
+                .get(trigger_id)
+                .map(|r| r.nats.clone())
+                .ok_or_else(|| BrokerError::NotAccessible(trigger_id.to_string()))?;
+            let src = nats
+                .get()
+                .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?
+                .clone();
+            src.result(&EventKey::new(key)?).await?
+        } else {
+            self.queue.result(&qkey).await?
+        };
+        Ok(match stored {
+            None => EventResult::Pending,
+            Some(Outcome::Ok(b)) => EventResult::Ok(
+                SignedOutput::decode(&b)
+                    .ok_or(bubble_events::EventError::Corrupt("stored result"))?,
+            ),
+            Some(Outcome::Refused(r)) => EventResult::Refused(r),
+            Some(Outcome::Failed(r)) => EventResult::Failed(r),
+        })
+    }
+
+    /// Stops every dispatcher (broker shutdown).
+    pub(super) fn stop_triggers(&self) {
+        for r in self.triggers.lock().values() {
+            let _ = r.stop.send(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_separate_parents_and_subjects_and_results_round_trip() {
+        assert_ne!(queue_subject("uid:1", "a"), queue_subject("uid:2", "a"));
+        assert_ne!(queue_subject("uid:1", "a"), queue_subject("uid:1", "b"));
+        // The owner's length is hashed in: no ("ab","c") / ("a","bc") clash.
+        assert_ne!(namespace("ab", "c"), namespace("a", "bc"));
+        let long = "k".repeat(MAX_KEY_LEN);
+        assert!(queue_key("uid:1", "a", &long).is_ok());
+        assert!(queue_key("uid:1", "a", &format!("{long}k")).is_err());
+        assert!(queue_key("uid:1", "a", "a b").is_err());
+        assert!(check_subject(&"s".repeat(MAX_SUBJECT_LEN)).is_ok());
+        assert!(bubble_events::check_subject(&queue_subject("uid:1", &"s".repeat(200))).is_ok());
+        assert!(check_subject("a.*").is_err());
+        let s = SignedOutput {
+            bubble_id: "b-1".into(),
+            call_id: 7,
+            signature: vec![9; 64],
+            output: b"out".to_vec(),
+        };
+        assert_eq!(SignedOutput::decode(&s.encode()), Some(s.clone()));
+        let b = s.encode();
+        for n in 0..b.len() - 3 {
+            assert!(SignedOutput::decode(&b[..n]).is_none(), "{n}");
+        }
+    }
+}

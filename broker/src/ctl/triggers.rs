@@ -1,0 +1,258 @@
+//! `trigger create|list|delete`, `publish`, `results`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bubble_proto::v1 as pb;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::output::{hex, status_err, write_output, OutputFormat};
+use super::Conn;
+
+#[derive(Debug, Subcommand)]
+pub(super) enum TriggerCmd {
+    /// Register a trigger: events on SUBJECT run FUNCTION of PORTION.
+    Create(CreateArgs),
+    /// List your triggers.
+    List,
+    /// Delete one of your triggers (its dispatcher stops).
+    Delete {
+        /// Trigger id.
+        trigger: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CreateArgs {
+    /// Subject (dotted tokens) in your own namespace.
+    subject: String,
+    /// Portion name.
+    portion: String,
+    /// Function of the portion.
+    function: String,
+    /// Run in this bubble of yours (the portion loaded)...
+    #[arg(long, conflicts_with_all = ["profile", "module"], required_unless_present = "profile")]
+    bubble: Option<String>,
+    /// ...or in a bubble attached from this warm pool...
+    #[arg(long, requires = "module")]
+    profile: Option<String>,
+    /// ...with this WebAssembly module (.wasm or .wat) loaded as PORTION.
+    #[arg(long)]
+    module: Option<PathBuf>,
+    /// embedded (default) or nats.
+    #[arg(long, default_value = "embedded")]
+    source: String,
+    /// Events fetched at once (0: 1).
+    #[arg(long, default_value_t = 0)]
+    batch_size: u32,
+    /// Events in flight at once (0: 1).
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: u32,
+    /// Deliveries before an event is dead-lettered (0: 5).
+    #[arg(long, default_value_t = 0)]
+    max_deliver: u32,
+    /// Print the trigger id alone.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PublishArgs {
+    /// Subject (your own namespace).
+    subject: String,
+    /// Idempotency key (default: a fresh random one).
+    #[arg(long)]
+    key: Option<String>,
+    /// Payload from this file (default: standard input).
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ResultsArgs {
+    /// Trigger id.
+    trigger: String,
+    /// The event's key.
+    key: String,
+    /// How to print the output: text, hex, or raw bytes.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+fn trigger_json(t: &pb::Trigger) -> serde_json::Value {
+    json!({
+        "trigger_id": t.trigger_id, "source": t.source, "subject": t.subject,
+        "bubble_id": t.bubble_id, "profile": t.profile, "module_sha384": t.module_sha384,
+        "portion": t.portion, "function": t.function, "batch_size": t.batch_size,
+        "max_concurrency": t.max_concurrency, "max_deliver": t.max_deliver,
+        "created_at_ms": t.created_at_ms,
+    })
+}
+
+fn print_trigger_line(t: &pb::Trigger) {
+    let target = if t.bubble_id.is_empty() {
+        format!("pool:{}", t.profile)
+    } else {
+        t.bubble_id.clone()
+    };
+    println!(
+        "{}  {:<8} {:<24} {}  {}.{}  batch={} deliver={}",
+        t.trigger_id,
+        t.source,
+        t.subject,
+        target,
+        t.portion,
+        t.function,
+        t.batch_size,
+        t.max_deliver
+    );
+}
+
+pub(super) async fn trigger(conn: &Conn, cmd: TriggerCmd, j: bool) -> anyhow::Result<ExitCode> {
+    let mut c = conn.connect().await?;
+    match cmd {
+        TriggerCmd::Create(a) => {
+            let module = match &a.module {
+                Some(p) => {
+                    let b = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                    wat::parse_bytes(&b)
+                        .with_context(|| format!("{} is neither wasm nor wat", p.display()))?
+                        .into_owned()
+                }
+                None => Vec::new(),
+            };
+            let req = pb::CreateTriggerRequest {
+                source: a.source,
+                subject: a.subject,
+                bubble_id: a.bubble.unwrap_or_default(),
+                profile: a.profile.unwrap_or_default(),
+                module,
+                portion: a.portion,
+                function: a.function,
+                batch_size: a.batch_size,
+                max_concurrency: a.max_concurrency,
+                max_deliver: a.max_deliver,
+            };
+            let t = c
+                .create_trigger(req)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!("{}", trigger_json(&t));
+            } else if a.quiet {
+                println!("{}", t.trigger_id);
+            } else {
+                print_trigger_line(&t);
+            }
+        }
+        TriggerCmd::List => {
+            let r = c
+                .list_triggers(pb::ListTriggersRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                let v: Vec<_> = r.triggers.iter().map(trigger_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                r.triggers.iter().for_each(print_trigger_line);
+            }
+        }
+        TriggerCmd::Delete { trigger } => {
+            let t = c
+                .delete_trigger(pb::TriggerRef {
+                    trigger_id: trigger,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!("{}", trigger_json(&t));
+            } else {
+                println!("deleted {}", t.trigger_id);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn publish(conn: &Conn, a: PublishArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let payload = match &a.file {
+        Some(f) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        None => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("reading the payload from standard input")?;
+            b
+        }
+    };
+    let key = a
+        .key
+        .unwrap_or_else(|| format!("ev-{}", uuid::Uuid::new_v4().simple()));
+    let mut c = conn.connect().await?;
+    let r = c
+        .publish_event(pb::PublishEventRequest {
+            subject: a.subject,
+            key: key.clone(),
+            payload,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if j {
+        println!(
+            "{}",
+            json!({"key": key, "position": r.position, "duplicate": r.duplicate})
+        );
+    } else if r.duplicate {
+        println!("{key} duplicate (published before, at {})", r.position);
+    } else {
+        println!("{key} published at {}", r.position);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let mut c = conn.connect().await?;
+    let r = c
+        .get_result(pb::GetResultRequest {
+            trigger_id: a.trigger,
+            key: a.key,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if j {
+        println!(
+            "{}",
+            json!({
+                "key": r.key, "outcome": r.outcome, "reason": r.reason,
+                "bubble_id": r.bubble_id, "call_id": r.call_id,
+                "signature": hex(&r.signature), "output": hex(&r.output),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match r.outcome.as_str() {
+        "ok" => {
+            eprintln!(
+                "ok (bubble {}, call {}, signature {})",
+                r.bubble_id,
+                r.call_id,
+                hex(&r.signature)
+            );
+            write_output(&r.output, a.output)?;
+        }
+        other => println!(
+            "{other}{}{}",
+            if r.reason.is_empty() { "" } else { ": " },
+            r.reason
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,159 @@
+//! Triggers in the registry: one JSON record per trigger, in the same
+//! redb database as the bubbles, each change a durable commit before it
+//! is acted on (a restarted broker restarts every trigger's dispatcher).
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{Registry, RegistryError};
+
+/// Trigger records keyed by trigger id.
+const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers_v1");
+
+/// Where a trigger's events come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TriggerSource {
+    /// The broker's embedded queue.
+    Embedded,
+    /// NATS JetStream.
+    Nats,
+}
+
+impl TriggerSource {
+    /// Its name in the API.
+    pub fn label(self) -> &'static str {
+        match self {
+            TriggerSource::Embedded => "embedded",
+            TriggerSource::Nats => "nats",
+        }
+    }
+}
+
+/// Which bubble runs a trigger's events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TriggerTarget {
+    /// One of the owner's bubbles, by id, with the portion loaded.
+    Bubble(String),
+    /// A bubble attached from this warm-pool profile, with `module`
+    /// loaded as the trigger's portion.
+    Pool {
+        /// The profile.
+        profile: String,
+        /// The WebAssembly module.
+        module: Vec<u8>,
+        /// Its SHA-384, hex.
+        module_sha384: String,
+    },
+}
+
+/// One trigger as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerRecord {
+    /// `t-` + 32 hex digits.
+    pub id: String,
+    /// The parent that owns it.
+    pub owner: String,
+    /// Its source.
+    pub source: TriggerSource,
+    /// The subject, as the owner named it (the queue's subject is
+    /// namespaced by owner: see `core::triggers`).
+    pub subject: String,
+    /// What runs its events.
+    pub target: TriggerTarget,
+    /// Portion name.
+    pub portion: String,
+    /// Function of the portion.
+    pub function: String,
+    /// Events fetched at once.
+    pub batch_size: u32,
+    /// Events in flight at once.
+    pub max_concurrency: u32,
+    /// Deliveries before an event is dead-lettered.
+    pub max_deliver: u32,
+    /// Creation time, Unix ms.
+    pub created_at_ms: u64,
+}
+
+fn corrupt(id: &str, e: serde_json::Error) -> RegistryError {
+    RegistryError::Corrupt {
+        id: id.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+impl Registry {
+    /// Stores a new trigger (durably).
+    pub fn put_trigger(&self, t: &TriggerRecord) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(t).map_err(|e| corrupt(&t.id, e))?;
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            txn.open_table(TRIGGERS)?
+                .insert(t.id.as_str(), bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Removes a trigger (durably); whether it was there.
+    pub fn remove_trigger(&self, id: &str) -> Result<bool, RegistryError> {
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            let was = txn.open_table(TRIGGERS)?.remove(id)?.is_some();
+            txn.commit()?;
+            Ok(was)
+        })
+    }
+
+    /// Every trigger, in id order.
+    pub fn triggers(&self) -> Result<Vec<TriggerRecord>, RegistryError> {
+        let txn = self.handle()?.begin_read()?;
+        let t = match txn.open_table(TRIGGERS) {
+            Ok(t) => t,
+            // Never written yet (a registry made before triggers).
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triggers_survive_reopen_and_removal_is_durable() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let path = dir.path().join("r.redb");
+        let t = TriggerRecord {
+            id: "t-1".into(),
+            owner: "uid:1".into(),
+            source: TriggerSource::Embedded,
+            subject: "orders".into(),
+            target: TriggerTarget::Bubble("b-1".into()),
+            portion: "p".into(),
+            function: "f".into(),
+            batch_size: 4,
+            max_concurrency: 1,
+            max_deliver: 3,
+            created_at_ms: 9,
+        };
+        {
+            let r = Registry::open(&path).unwrap_or_else(|_| unreachable!());
+            assert!(r.triggers().unwrap_or_default().is_empty());
+            r.put_trigger(&t).unwrap_or_else(|_| unreachable!());
+        }
+        let r = Registry::open(&path).unwrap_or_else(|_| unreachable!());
+        assert_eq!(r.triggers().unwrap_or_default(), vec![t]);
+        assert!(r.remove_trigger("t-1").unwrap_or(false));
+        assert!(!r.remove_trigger("t-1").unwrap_or(true));
+        drop(r);
+        let r = Registry::open(&path).unwrap_or_else(|_| unreachable!());
+        assert!(r.triggers().unwrap_or_default().is_empty());
+    }
+}
