@@ -33,9 +33,15 @@ pub struct Opts {
     /// Also serve gRPC with mutual TLS on this TCP address (e.g. 127.0.0.1:7443).
     #[arg(long)]
     pub tls_listen: Option<SocketAddr>,
-    /// Serve Prometheus /metrics and /healthz on this TCP address.
+    /// Serve Prometheus /metrics and /healthz on this TCP address. It is
+    /// unauthenticated and `/metrics` names every parent, so it must be a
+    /// loopback address unless --admin-listen-public is given.
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
+    /// Allow --admin-listen on a non-loopback address (anyone who reaches
+    /// it reads every parent's name and counts).
+    #[arg(long)]
+    pub admin_listen_public: bool,
     /// PKI directory made by `bubblectl pki init` [default: DATA_DIR/pki].
     #[arg(long)]
     pub pki: Option<PathBuf>,
@@ -128,6 +134,17 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/bubbled"));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    // Refused before anything starts.
+    let admin_listen = opts.admin_listen.or(file.admin_listen);
+    if let Some(addr) = admin_listen {
+        if !addr.ip().is_loopback() && !(opts.admin_listen_public || file.admin_listen_public) {
+            anyhow::bail!(
+                "admin endpoint {addr} is not a loopback address: it is unauthenticated and \
+             its /metrics names every parent; bind it to 127.0.0.1 or ::1, or pass \
+             --admin-listen-public (admin_listen_public = true) to expose it anyway"
+            );
+        }
+    }
     let mut cfg = BrokerConfig::new(data_dir.clone()).context("locating own binary")?;
     cfg.max_payload = opts
         .max_payload
@@ -139,6 +156,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     }
     cfg.pools = file.pools.clone();
     cfg.admins = file.admins.clone();
+    if let Some(s) = file.security.clone() {
+        cfg.security = s;
+    }
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
     }
@@ -220,7 +240,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         tls_addr = Some(local);
     }
     let mut admin_addr = None;
-    if let Some(addr) = opts.admin_listen.or(file.admin_listen) {
+    if let Some(addr) = admin_listen {
         let listener = server::bind_tcp(addr).await?;
         admin_addr = Some(listener.local_addr()?);
         let b = broker.clone();

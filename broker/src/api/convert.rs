@@ -222,6 +222,21 @@ fn kek_from_pb(b: &[u8]) -> Result<Option<bubble_keys::Kek>, BrokerError> {
     }
 }
 
+/// A module digest: SHA-384 as 96 lowercase hex digits.
+pub fn validate_digest(field: &'static str, d: &str) -> Result<(), BrokerError> {
+    if d.len() == 96
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            "must be a SHA-384 digest: 96 lowercase hex digits",
+        ))
+    }
+}
+
 /// Checks a bubble id's shape (`b-` + 32 lowercase hex digits).
 pub fn validate_bubble_id(id: &str) -> Result<(), BrokerError> {
     let ok = id.len() == 34

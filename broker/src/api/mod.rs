@@ -283,6 +283,42 @@ impl BrokerApi for BrokerService {
         }))
     }
 
+    async fn admin_quarantine_list(
+        &self,
+        request: Request<pb::AdminQuarantineListRequest>,
+    ) -> Result<Response<pb::AdminQuarantineListResponse>, Status> {
+        let admin = self.parent(&request)?;
+        let modules = self
+            .broker
+            .quarantine_list(&admin)?
+            .into_iter()
+            .map(|(parent, portion_digest, q)| pb::QuarantinedModule {
+                parent,
+                portion_digest,
+                reason: q.reason,
+                since_ms: q.since_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::AdminQuarantineListResponse { modules }))
+    }
+
+    async fn admin_quarantine_lift(
+        &self,
+        request: Request<pb::AdminQuarantineLiftRequest>,
+    ) -> Result<Response<pb::AdminQuarantineLiftResponse>, Status> {
+        let admin = self.parent(&request)?;
+        let req = request.into_inner();
+        // Who may ask is checked before what is asked, so that a parent
+        // learns nothing from the validation either.
+        self.broker.require_admin(&admin)?;
+        convert::validate_digest("portion_digest", &req.portion_digest)?;
+        let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
+        let lifted = self
+            .broker
+            .lift_quarantine(&admin, &req.portion_digest, parent)?;
+        Ok(Response::new(pb::AdminQuarantineLiftResponse { lifted }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

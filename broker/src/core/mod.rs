@@ -82,7 +82,7 @@ pub struct Event {
 /// Broker state shared by all connections.
 pub struct Broker {
     cfg: BrokerConfig,
-    registry: Registry,
+    registry: Arc<Registry>,
     /// Every bubble: record, running VMM and gate (the registry holds the
     /// durable copy of the records; BUSY and call counters live only here).
     table: Table,
@@ -193,6 +193,32 @@ fn raise_fd_limit() {
     }
 }
 
+/// Opens the audit log, refusing one that does not reach the checkpoint
+/// pinned in the registry (cut back, replaced or deleted); each new durable
+/// checkpoint is pinned there in turn.
+fn open_audit(
+    cfg: &BrokerConfig,
+    registry: &Arc<Registry>,
+    signer: &UsageSigner,
+) -> Result<bubble_audit::AuditLog, BrokerError> {
+    let pinned = registry
+        .audit_pin()?
+        .map(|(seq, hash)| bubble_audit::Pin { seq, hash });
+    let reg = registry.clone();
+    bubble_audit::AuditLog::open_pinned(
+        &cfg.audit_path(),
+        Arc::new(signer.checkpoint_signer()),
+        bubble_audit::Options::default(),
+        pinned,
+        Box::new(move |p| {
+            if let Err(e) = reg.set_audit_pin(p.seq, &p.hash) {
+                tracing::error!(error = %e, seq = p.seq, "audit checkpoint not pinned in the registry");
+            }
+        }),
+    )
+    .map_err(|e| BrokerError::Spawn(e.to_string()))
+}
+
 impl Broker {
     /// Opens the registry in `cfg.data_dir`, reconciles it with the VMM
     /// processes that still run (see [`Broker::reconcile`]) and starts the
@@ -202,9 +228,10 @@ impl Broker {
         bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
-        let registry = Registry::open(&cfg.registry_path())?;
+        let registry = Arc::new(Registry::open(&cfg.registry_path())?);
         let records = registry.all()?;
         refuse_lost_registry(&cfg, records.len())?;
+        let ledger = strikes::Ledger::new(cfg.security.clone(), registry.quarantines()?);
         let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
@@ -236,16 +263,11 @@ impl Broker {
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
-        let audit = bubble_audit::AuditLog::open(
-            &cfg.audit_path(),
-            Arc::new(usage_signer.checkpoint_signer()),
-            bubble_audit::Options::default(),
-        )
-        .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+        let audit = open_audit(&cfg, &registry, &usage_signer)?;
         let broker = Arc::new(Self {
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
-            ledger: Default::default(),
+            ledger: parking_lot::Mutex::new(ledger),
             audit,
             broker_id,
             apply_serial: Default::default(),

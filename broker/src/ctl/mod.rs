@@ -6,11 +6,12 @@
 //! One module per group of subcommands, each with its arguments and its
 //! handlers: `bubbles` (create, attach, list, describe, delete), `freeze`
 //! (suspend, restore, frozen), `calls` (call, watch), `parent` (provision,
-//! portion), `attest` (attest, measure), `pki`, and `ops` (usage, load,
-//! demo); `output` formats bubbles and bytes for all of them, `policy`
+//! portion), `attest` (attest, measure), `pki`, `admin` (operator
+//! commands), and `ops` (usage, load, demo); `output` formats bubbles and bytes for all of them, `policy`
 //! reads policy files and idle settings, `trust` attests a bubble before
 //! its keys are used, `errors` reports failures.
 
+mod admin;
 mod attest;
 mod audit;
 mod bubbles;
@@ -142,6 +143,9 @@ enum Cmd {
     /// Your records in the broker's audit log; `audit verify FILE` checks
     /// a log offline.
     Audit(audit::AuditArgs),
+    /// Operator commands (for the broker's `admins`).
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo(ops::DemoArgs),
@@ -205,6 +209,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Load(a) => ops::load(conn, a, j).await,
         Cmd::Demo(a) => ops::demo(a).await,
         Cmd::Audit(a) => audit::run(conn, a, j).await,
+        Cmd::Admin(c) => admin::run(conn, c, j).await,
     }
 }
 
@@ -313,6 +318,8 @@ mod tests {
             &["demo", "--bubbles", "1"],
             &["audit", "--bubble", "b-1", "--since", "10m"],
             &["audit", "verify", "f", "--key", "00"],
+            &["admin", "quarantine", "list"],
+            &["admin", "quarantine", "lift", "ab", "--parent", "cert:a"],
         ];
         for line in lines {
             let argv = ["bubblectl", "--json", "--socket", "/s"]

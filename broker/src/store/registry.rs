@@ -5,6 +5,11 @@
 //! re-adopted, the others are marked FAILED with a reason
 //! (see [`crate::core::Broker::reconcile`]).
 
+mod pins;
+mod quarantine;
+
+pub use quarantine::Quarantine;
+
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -294,6 +299,8 @@ impl Registry {
         {
             txn.open_table(BUBBLES)?;
             txn.open_table(REQUESTS)?;
+            txn.open_table(quarantine::QUARANTINE)?;
+            txn.open_table(pins::META)?;
         }
         txn.commit()?;
         Ok(Self {
