@@ -67,6 +67,10 @@ pub struct BrokerConfig {
     pub admins: Vec<String>,
     /// Strike and throttle thresholds (`[security]`).
     pub security: SecurityConfig,
+    /// Start a new audit log although the registry pins a checkpoint of
+    /// an earlier one (`--audit-new-log`; only when the log file is
+    /// missing or empty; the new log's first record says so).
+    pub audit_new_log: bool,
 }
 
 /// The `[security]` section: when a module is quarantined and a parent
@@ -358,6 +362,7 @@ impl BrokerConfig {
             record_retention: DEFAULT_RECORD_RETENTION,
             admins: Vec::new(),
             security: SecurityConfig::default(),
+            audit_new_log: false,
             data_dir,
         })
     }

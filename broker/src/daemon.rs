@@ -55,6 +55,12 @@ pub struct Opts {
     /// so that a restarted broker re-adopts them).
     #[arg(long)]
     pub stop_bubbles_on_exit: bool,
+    /// Start a new audit log although the registry pins a checkpoint of
+    /// an earlier one (after moving a damaged log aside). Only when
+    /// DATA_DIR/audit/audit.log is missing or empty; the new log's first
+    /// record names the checkpoint it replaces.
+    #[arg(long)]
+    pub audit_new_log: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -106,15 +112,23 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled, so that a signal sent as soon as
+/// the ready line is out is not taken by the default action (death).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 
@@ -151,6 +165,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .or(file.max_payload)
         .unwrap_or(DEFAULT_MAX_PAYLOAD);
     cfg.allow_test_images = opts.allow_test_images;
+    cfg.audit_new_log = opts.audit_new_log;
     if let Some(q) = file.quota.clone() {
         cfg.quota = q;
     }
@@ -260,9 +275,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(a) = admin_addr {
         ready.push_str(&format!(" admin={a}"));
     }
+    let stop_signal = shutdown_signal();
     println!("{ready}");
     tokio::select! {
-        _ = shutdown_signal() => info!("shutting down"),
+        _ = stop_signal => info!("shutting down"),
         Some(r) = tasks.join_next() => {
             r.context("listener task")??;
         }

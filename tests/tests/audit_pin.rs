@@ -88,4 +88,41 @@ async fn a_broker_refuses_an_audit_log_cut_back_before_its_pinned_checkpoint() {
     std::fs::write(&log, &good).unwrap();
     run_once(dir.path()).await;
     assert!(std::fs::read(&log).unwrap().len() > good.len());
+
+    // An operator who moved a damaged log aside starts a new one with
+    // --audit-new-log: refused while the log is still there; afterwards
+    // the new log's first record names the checkpoint it replaces, and it
+    // is pinned in turn.
+    let out = std::process::Command::new(broker_bin())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--audit-new-log")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("move it aside first"),
+        "{out:?}"
+    );
+    std::fs::rename(&log, dir.path().join("old-audit.log")).unwrap();
+    let mut broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            args: vec!["--audit-new-log".into()],
+            ..Opts::default()
+        },
+    );
+    assert!(broker.terminate().unwrap().success());
+    let fresh = std::fs::read(&log).unwrap();
+    let (recs, _) = bubble_audit::records(&fresh).unwrap();
+    assert!(
+        matches!(&recs[0].1.what, bubble_audit::What::Lifecycle { state, reason }
+            if state == "audit_log_replaced" && reason.contains("pinned checkpoint was seq")),
+        "{:?}",
+        recs[0]
+    );
+    run_once(dir.path()).await;
+    std::fs::write(&log, &fresh).unwrap();
+    let err = start_refused(dir.path());
+    assert!(err.contains("truncated or replaced"), "{err}");
 }

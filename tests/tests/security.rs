@@ -328,6 +328,21 @@ async fn security_events_reach_the_owner_and_the_audit_chain_holds() {
     // The stop signed everything.
     assert_eq!(v["summary"]["unsigned_tail"], 0, "{v}");
     assert!(v["summary"]["checkpoints"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["summary"]["key_checked"], true, "{v}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    // Without --key it still verifies, but says whose key it trusted.
+    let out = ctl(
+        dir.path(),
+        &["--json", "audit", "verify", log.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["key_checked"], false, "{v}");
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warn.contains("no --key given") && warn.contains(&key),
+        "{warn}"
+    );
     let bytes = std::fs::read(&log).unwrap();
     let (recs, _) = bubble_audit::records(&bytes).unwrap();
     let victim = recs.len() / 2;

@@ -201,12 +201,27 @@ fn open_audit(
     registry: &Arc<Registry>,
     signer: &UsageSigner,
 ) -> Result<bubble_audit::AuditLog, BrokerError> {
-    let pinned = registry
+    let mut pinned = registry
         .audit_pin()?
         .map(|(seq, hash)| bubble_audit::Pin { seq, hash });
+    let path = cfg.audit_path();
+    let mut replaced = None;
+    if cfg.audit_new_log {
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len > 0 {
+            return Err(BrokerError::Spawn(format!(
+                "--audit-new-log: {} is not empty; move it aside first",
+                path.display()
+            )));
+        }
+        replaced = pinned.take();
+    }
     let reg = registry.clone();
-    bubble_audit::AuditLog::open_pinned(
-        &cfg.audit_path(),
+    if replaced.is_some() {
+        registry.clear_audit_pin()?;
+    }
+    let log = bubble_audit::AuditLog::open_pinned(
+        &path,
         Arc::new(signer.checkpoint_signer()),
         bubble_audit::Options::default(),
         pinned,
@@ -216,7 +231,29 @@ fn open_audit(
             }
         }),
     )
-    .map_err(|e| BrokerError::Spawn(e.to_string()))
+    .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+    if let Some(old) = replaced {
+        warn!(
+            seq = old.seq,
+            "a new audit log replaces one whose checkpoint was pinned"
+        );
+        log.append(
+            bubble_audit::Entry::default(),
+            bubble_audit::What::Lifecycle {
+                state: "audit_log_replaced".into(),
+                reason: format!(
+                    "started with --audit-new-log; the previous log's pinned checkpoint was \
+                     seq {} (frame SHA-256 {})",
+                    old.seq,
+                    hex::encode(old.hash)
+                ),
+            },
+        );
+        // Pinned by the first checkpoint, which signs this record.
+        log.checkpoint()
+            .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+    }
+    Ok(log)
 }
 
 impl Broker {

@@ -38,7 +38,8 @@ struct VerifyArgs {
     /// The log (DATA_DIR/audit/audit.log).
     file: PathBuf,
     /// Require checkpoints signed by this key (the broker's usage key,
-    /// hex); without it, all checkpoints must share one key.
+    /// hex). Without it, all checkpoints must share one key, and that key
+    /// (the first checkpoint's) is trusted as found: a warning says so.
     #[arg(long)]
     key: Option<String>,
 }
@@ -143,12 +144,26 @@ fn verify(v: VerifyArgs, j: bool) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&v.file).with_context(|| v.file.display().to_string())?;
     match bubble_audit::verify(&bytes, key) {
         Ok(s) => {
+            if !s.key_checked {
+                eprintln!(
+                    "WARNING: no --key given: the checkpoints were checked against the key of the \
+                     first checkpoint ({}), which the file itself names; anyone who rewrote the \
+                     whole log with their own key passes this check. Give --key with the broker's \
+                     usage key to check who signed it.",
+                    if s.key.is_empty() { "none" } else { &s.key }
+                );
+            }
             if j {
                 println!("{}", json!({"ok": true, "summary": s}));
             } else {
                 println!(
-                    "OK: {} records, {} signed checkpoints by key {}; {} records after the last checkpoint",
-                    s.records, s.checkpoints, s.key, s.unsigned_tail
+                    "OK: {} records, {} signed checkpoints by key {}{}; {} records after the last checkpoint; {} recovered after a crash",
+                    s.records,
+                    s.checkpoints,
+                    s.key,
+                    if s.key_checked { " (as given)" } else { " (NOT checked: trusted as found)" },
+                    s.unsigned_tail,
+                    s.recovered
                 );
             }
             Ok(ExitCode::SUCCESS)

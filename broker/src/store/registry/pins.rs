@@ -46,6 +46,18 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Forgets the pin (a new log replaces a lost one: `--audit-new-log`).
+    pub fn clear_audit_pin(&self) -> Result<(), RegistryError> {
+        self.write(|db| {
+            let txn = db.begin_write()?;
+            txn.open_table(META)?.remove(AUDIT_PIN)?;
+            txn.commit()?;
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +76,9 @@ mod tests {
         assert_eq!(r.audit_pin().unwrap(), Some((5, [5; 32])));
         r.set_audit_pin(9, &[9; 32]).unwrap();
         assert_eq!(r.audit_pin().unwrap(), Some((9, [9; 32])));
+        r.clear_audit_pin().unwrap();
+        assert_eq!(r.audit_pin().unwrap(), None);
+        r.set_audit_pin(1, &[1; 32]).unwrap();
+        assert_eq!(r.audit_pin().unwrap(), Some((1, [1; 32])));
     }
 }
