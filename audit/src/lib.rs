@@ -320,4 +320,83 @@ mod tests {
         let s = verify(&std::fs::read(&p).unwrap(), Some(key(1).public_key())).unwrap();
         assert_eq!(s.unsigned_tail, 0);
     }
+
+    /// A signer that waits for a go-ahead before each signature: stalls
+    /// the writer (it signs checkpoints) like a disk that does not answer.
+    struct Stalled(SigningKey, std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+    impl CheckpointSigner for Stalled {
+        fn public_key(&self) -> [u8; 32] {
+            self.0.verifying_key().to_bytes()
+        }
+        fn sign(&self, msg: &[u8]) -> [u8; 64] {
+            let _ = self.1.lock().unwrap().recv();
+            self.0.sign(msg).to_bytes()
+        }
+    }
+
+    /// With the writer stalled and the queue full, a task appending on the
+    /// only worker of a multi-threaded runtime waits, but the runtime's
+    /// other tasks still run; once the writer moves on, every record is
+    /// written (none dropped).
+    #[test]
+    fn a_full_queue_never_stalls_the_runtime_nor_drops_records() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.log");
+        let (go, wait) = std::sync::mpsc::channel();
+        let signer = Arc::new(Stalled(
+            SigningKey::from_bytes(&[1; 32]),
+            std::sync::Mutex::new(wait),
+        ));
+        let o = Options {
+            capacity: 1,
+            checkpoint_every: 1,
+            checkpoint_interval: Duration::from_secs(3600),
+        };
+        let log = Arc::new(AuditLog::open(&p, signer, o).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let appender = {
+            let log = log.clone();
+            rt.spawn(async move {
+                for i in 0..20 {
+                    let (e, w) = entry(i);
+                    log.append(e, w);
+                }
+            })
+        };
+        // Another task on the same (only) worker gets to run while the
+        // appender waits for room (observed from this thread, which is not
+        // a worker).
+        let (ran, seen) = std::sync::mpsc::channel();
+        rt.spawn(async move { ran.send(7).unwrap() });
+        let got = seen.recv_timeout(Duration::from_secs(10));
+        let queue_filled = !appender.is_finished();
+        // The writer moves on (also on failure, so that the runtime can
+        // stop): every record lands.
+        let release = std::thread::spawn(move || {
+            while go.send(()).is_ok() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        assert_eq!(got, Ok(7), "the runtime stalled behind a full audit queue");
+        assert!(
+            queue_filled,
+            "the queue never filled: the test proves nothing"
+        );
+        rt.block_on(appender).unwrap();
+        log.flush().unwrap();
+        let recs = log.read_all().unwrap();
+        let data = recs
+            .iter()
+            .filter(|r| !matches!(r.what, What::Checkpoint { .. }))
+            .count();
+        assert_eq!(data, 20);
+        assert_eq!(log.lost(), 0);
+        drop(rt);
+        drop(log);
+        let _ = release.join();
+    }
 }

@@ -296,14 +296,38 @@ impl AuditLog {
         &self.path
     }
 
-    /// Queues a record; waits only when `capacity` records are already
-    /// queued. The record is durable after the writer's next fsync (see
-    /// [`AuditLog::flush`]).
+    /// Queues a record. It is never dropped: when `capacity` records are
+    /// already queued (the disk is behind), the caller waits for room —
+    /// back-pressure on the request that made the record. On a worker of a
+    /// multi-threaded tokio runtime the wait is inside
+    /// [`tokio::task::block_in_place`], so the worker's other tasks move to
+    /// another thread and the runtime is never stalled by a slow disk;
+    /// elsewhere (plain threads, a current-thread runtime) it is a plain
+    /// blocking wait. The record is durable after the writer's next fsync
+    /// (see [`AuditLog::flush`]).
     pub fn append(&self, entry: Entry, what: What) {
-        if let Some(tx) = &self.tx {
-            if tx.send(Msg::Entry(entry, what)).is_err() {
+        use std::sync::mpsc::TrySendError;
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let msg = match tx.try_send(Msg::Entry(entry, what)) {
+            Ok(()) => return,
+            Err(TrySendError::Disconnected(_)) => {
                 self.lost.fetch_add(1, Ordering::Relaxed);
+                return;
             }
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let send = || tx.send(msg).is_ok();
+        let sent = if on_worker {
+            tokio::task::block_in_place(send)
+        } else {
+            send()
+        };
+        if !sent {
+            self.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 
