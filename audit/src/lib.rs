@@ -11,10 +11,12 @@
 //! credential, never its value. See `docs/audit.md`.
 
 pub mod log;
+pub mod page;
 pub mod record;
 pub mod verify;
 
 pub use log::{AuditError, AuditLog, CheckpointSigner, Options, Pin, PinSink, RECOVERED};
+pub use page::{Page, STRIDE};
 pub use record::{
     checkpoint_message, decode_frame, CredentialAction, DecodeError, Entry, Frame, Outcome, Record,
     What,

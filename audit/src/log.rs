@@ -69,6 +69,14 @@ pub enum AuditError {
     /// Records were lost to a write error (counted since start).
     #[error("{0} audit records could not be written")]
     Lost(u64),
+    /// A record read by a page is not the one the index placed there.
+    #[error("audit index: record {found} where {expected} was expected")]
+    Misindexed {
+        /// The sequence number the index promised.
+        expected: u64,
+        /// The one found.
+        found: u64,
+    },
     /// The log does not reach the checkpoint pinned outside it (the
     /// broker's registry): it was truncated, replaced or deleted.
     #[error(
@@ -136,6 +144,7 @@ enum Msg {
 
 /// The append-only audit log of one broker.
 pub struct AuditLog {
+    index: crate::page::Index,
     tx: Option<SyncSender<Msg>>,
     path: PathBuf,
     lost: Arc<AtomicU64>,
@@ -143,6 +152,9 @@ pub struct AuditLog {
 }
 
 struct Writer {
+    index: crate::page::Index,
+    /// Offsets of indexed records in the batch being written.
+    pending_index: Vec<u64>,
     pin_sink: PinSink,
     /// A checkpoint in the batch being written, pinned once it is durable.
     pending_pin: Option<Pin>,
@@ -241,10 +253,18 @@ impl AuditLog {
             file.sync_all().map_err(io(path))?;
         }
         let (seq, head, unsigned) = chain_tail(&recs);
+        let index = crate::page::Index::default();
+        index.extend(
+            recs.iter()
+                .filter(|(_, r, _)| r.seq % crate::page::STRIDE == 0)
+                .map(|(off, _, _)| *off),
+        );
         drop(bytes);
         let lost = Arc::new(AtomicU64::new(0));
         let (tx, rx) = sync_channel(opts.capacity.max(1));
         let mut w = Writer {
+            index: index.clone(),
+            pending_index: Vec::new(),
             pin_sink,
             pending_pin: None,
             file,
@@ -284,6 +304,7 @@ impl AuditLog {
             .spawn(move || w.run(rx))
             .map_err(io(path))?;
         Ok(Self {
+            index,
             tx: Some(tx),
             path: path.to_path_buf(),
             lost,
@@ -294,6 +315,10 @@ impl AuditLog {
     /// The log's file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub(crate) fn index(&self) -> &crate::page::Index {
+        &self.index
     }
 
     /// Queues a record. It is never dropped: when `capacity` records are
@@ -430,7 +455,16 @@ impl Writer {
         self.write(&buf);
     }
 
+    /// Notes the offset of the record about to be added to `buf`, if it
+    /// is one the index keeps.
+    fn note_offset(&mut self, buf: &[u8]) {
+        if self.seq % crate::page::STRIDE == 0 {
+            self.pending_index.push(self.len + buf.len() as u64);
+        }
+    }
+
     fn push(&mut self, buf: &mut Vec<u8>, entry: Entry, what: What) {
+        self.note_offset(buf);
         let frame = Record {
             seq: self.seq,
             prev: self.head,
@@ -460,6 +494,7 @@ impl Writer {
             key: self.signer.public_key(),
             signature,
         };
+        self.note_offset(buf);
         let frame = Record {
             seq: self.seq,
             prev: self.head,
@@ -495,12 +530,14 @@ impl Writer {
         match r {
             Ok(()) => {
                 self.len += buf.len() as u64;
+                self.index.extend(self.pending_index.drain(..));
                 if let Some(pin) = self.pending_pin.take() {
                     (self.pin_sink)(pin);
                 }
             }
             Err(e) => {
                 self.pending_pin = None;
+                self.pending_index.clear();
                 tracing::error!(path = %self.path.display(), error = %e, "audit log write failed");
                 let _ = self.file.set_len(self.len);
                 self.rewind();

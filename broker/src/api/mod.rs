@@ -277,9 +277,14 @@ impl BrokerApi for BrokerService {
             bubble_id: req.bubble_id,
             since_ms: req.since_ms,
         };
-        let records = self.broker.audit_records(&parent, q).await?;
+        let from = audit::parse_page_token(&req.page_token)?;
+        let page = self
+            .broker
+            .audit_records(&parent, q, from, req.page_size as usize)
+            .await?;
         Ok(Response::new(pb::ListAuditResponse {
-            records: records.into_iter().map(audit::record_to_pb).collect(),
+            records: page.records.into_iter().map(audit::record_to_pb).collect(),
+            next_page_token: page.next.map(audit::page_token).unwrap_or_default(),
         }))
     }
 

@@ -101,15 +101,26 @@ pub(super) async fn run(conn: &Conn, a: AuditArgs, j: bool) -> anyhow::Result<Ex
         None => 0,
     };
     let mut c = conn.connect().await?;
-    let records = c
-        .list_audit(pb::ListAuditRequest {
-            bubble_id: a.bubble.unwrap_or_default(),
-            since_ms: since,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner()
-        .records;
+    // Every page, in order.
+    let mut records = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_audit(pb::ListAuditRequest {
+                bubble_id: a.bubble.clone().unwrap_or_default(),
+                since_ms: since,
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        records.extend(page.records);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
     if j {
         let v: Vec<_> = records.iter().map(record_json).collect();
         println!("{}", serde_json::Value::Array(v));
