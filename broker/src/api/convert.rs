@@ -320,7 +320,7 @@ pub fn create(req: pb::CreateBubbleRequest, cfg: &BrokerConfig) -> Result<NewBub
 }
 
 /// AttachBubble.
-pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
+pub fn attach(req: pb::AttachBubbleRequest, cfg: &BrokerConfig) -> Result<Attach, BrokerError> {
     validate_request_id(&req.client_request_id)?;
     if u64::from(req.wait_ms) > MAX_ATTACH_WAIT_MS {
         return Err(invalid(
@@ -333,6 +333,7 @@ pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
         profile: req.profile,
         client_request_id: req.client_request_id,
         wait: Duration::from_millis(u64::from(req.wait_ms)),
+        policy: policy_from_pb(req.policy.as_ref(), cfg.max_payload)?,
     })
 }
 

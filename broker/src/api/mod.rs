@@ -152,7 +152,7 @@ impl BrokerApi for BrokerService {
         request: Request<pb::AttachBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
         let parent = self.parent(&request)?;
-        let cmd = convert::attach(request.into_inner())?;
+        let cmd = convert::attach(request.into_inner(), self.broker.config())?;
         let rec = self.broker.attach(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
     }

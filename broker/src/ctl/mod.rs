@@ -240,6 +240,7 @@ mod tests {
         let lines: &[&[&str]] = &[
             &["create", "--image", "shim", "--request-id", "r"],
             &["attach", "pool-a", "--wait-ms", "5"],
+            &["attach", "pool-a", "--policy-file", "p.toml", "-q"],
             &["suspend", "b-1", "--kek-file", "-"],
             &["restore", "b-1", "--generation", "3"],
             &["frozen", "list"],
