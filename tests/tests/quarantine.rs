@@ -110,6 +110,20 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     let mut c = broker.tls_client("parent-a").await;
     let mut victim = broker.tls_client("parent-b").await;
     let digest = digest();
+    // The operator watches every parent's security events; a parent may not.
+    let mut admin = broker.client().await;
+    let mut watch = admin
+        .admin_watch_events(pb::AdminWatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for p in [&mut c, &mut victim] {
+        let e = p
+            .admin_watch_events(pb::AdminWatchEventsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
     let id = new_bubble(&mut c).await;
     load(&mut c, &id).await.unwrap();
     for _ in 0..3 {
@@ -134,6 +148,25 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
             .contains("quarantined after 3 credential_denied"),
         "{failed:?}"
     );
+    // The operator saw all three, naming the parent and the module.
+    let mut denied = 0;
+    while denied < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("the operator's stream stayed silent")
+            .unwrap()
+            .expect("stream open");
+        if ev.kind == "credential_denied" {
+            assert_eq!(
+                (ev.owner.as_str(), ev.parent.as_str(), ev.bubble_id.as_str()),
+                ("cert:parent-a", "cert:parent-a", id.as_str()),
+                "{ev:?}"
+            );
+            assert_eq!(ev.portion_digest, digest);
+            denied += 1;
+        }
+    }
+    drop(watch);
     let other = new_bubble(&mut c).await;
     let e = load(&mut c, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -144,6 +177,22 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     // Neither the quarantined parent nor the other may list or lift.
     refused_to_non_admin(&mut c, &digest).await;
     refused_to_non_admin(&mut victim, &digest).await;
+    // From bubblectl over mutual TLS as a parent: PERMISSION_DENIED (17).
+    let url = format!("https://localhost:{}", broker.tls.unwrap().port());
+    let pki = dir.path().join("pki");
+    for args in [
+        &["admin", "quarantine", "list"][..],
+        &["admin", "events", "--count", "1"][..],
+        &["admin", "quarantine", "lift", &digest][..],
+    ] {
+        let out = std::process::Command::new(ctl_bin())
+            .args(["--endpoint", &url, "--pki", pki.to_str().unwrap()])
+            .args(["--parent", "parent-a"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(17), "{args:?}: {out:?}");
+    }
     // The HTTP admin endpoint has no lift any more (unauthenticated).
     let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
@@ -168,8 +217,7 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     );
 
     // A restart keeps it.
-    drop(c);
-    drop(victim);
+    drop((c, victim, admin));
     assert!(broker.terminate().unwrap().success());
     let mut broker = BrokerProc::start_with(dir.path(), opts(&me));
     let mut c = broker.tls_client("parent-a").await;

@@ -48,6 +48,7 @@ impl BrokerService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
+type AdminEventStream = Pin<Box<dyn Stream<Item = Result<pb::AdminSecurityEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl BrokerApi for BrokerService {
@@ -322,6 +323,30 @@ impl BrokerApi for BrokerService {
             .broker
             .lift_quarantine(&admin, &req.portion_digest, parent)?;
         Ok(Response::new(pb::AdminQuarantineLiftResponse { lifted }))
+    }
+
+    type AdminWatchEventsStream = AdminEventStream;
+
+    async fn admin_watch_events(
+        &self,
+        request: Request<pb::AdminWatchEventsRequest>,
+    ) -> Result<Response<Self::AdminWatchEventsStream>, Status> {
+        let admin = self.parent(&request)?;
+        let rx = self.broker.admin_subscribe(&admin)?;
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).map(|ev| match ev {
+            Ok(e) => Ok(pb::AdminSecurityEvent {
+                kind: e.kind.label().to_string(),
+                bubble_id: e.bubble_id,
+                owner: e.owner,
+                parent: e.parent,
+                portion_digest: e.portion_digest,
+                at_ms: e.at_ms,
+            }),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Err(
+                Status::data_loss(format!("watcher too slow: {n} events dropped; watch again")),
+            ),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchEventsStream = EventStream;

@@ -89,6 +89,8 @@ pub struct Broker {
     /// One event channel per parent: a watcher's lag counts only its own
     /// parent's events, and nothing of another tenant's reaches it.
     events: parking_lot::Mutex<std::collections::HashMap<String, broadcast::Sender<Event>>>,
+    /// Every security event, for operators (`AdminWatchEvents`).
+    admin_events: broadcast::Sender<SecurityEvent>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes pool refillers (after an attach) and attach waiters (after a
@@ -317,6 +319,7 @@ impl Broker {
             registry,
             table,
             events: Default::default(),
+            admin_events: broadcast::channel(EVENT_CAPACITY).0,
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Default::default(),
@@ -352,6 +355,15 @@ impl Broker {
             .entry(parent.to_string())
             .or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0)
             .subscribe()
+    }
+
+    /// Every parent's security events from now on (operator only).
+    pub fn admin_subscribe(
+        &self,
+        admin: &str,
+    ) -> Result<broadcast::Receiver<SecurityEvent>, BrokerError> {
+        self.require_admin(admin)?;
+        Ok(self.admin_events.subscribe())
     }
 
     /// Sends an event to its owner's watchers (if any watch).

@@ -15,6 +15,13 @@ pub(super) enum AdminCmd {
     /// Modules quarantined after repeated security events.
     #[command(subcommand)]
     Quarantine(QuarantineCmd),
+    /// Stream every parent's security events (one per line) until
+    /// interrupted, or until `--count` have come.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,6 +41,33 @@ pub(super) enum QuarantineCmd {
 pub(super) async fn run(conn: &Conn, cmd: AdminCmd, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
     match cmd {
+        AdminCmd::Events { count } => {
+            let mut s = c
+                .admin_watch_events(pb::AdminWatchEventsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut seen = 0u64;
+            while count.is_none_or(|n| seen < n) {
+                let Some(e) = s.message().await.map_err(status_err)? else {
+                    break;
+                };
+                seen += 1;
+                if j {
+                    println!(
+                        "{}",
+                        json!({"bubble_id": e.bubble_id, "owner": e.owner, "parent": e.parent,
+                               "portion_digest": e.portion_digest, "kind": e.kind,
+                               "at_ms": e.at_ms})
+                    );
+                } else {
+                    println!(
+                        "{}  {:<20}  {:<34}  owner={}  parent={}  portion={}",
+                        e.at_ms, e.kind, e.bubble_id, e.owner, e.parent, e.portion_digest
+                    );
+                }
+            }
+        }
         AdminCmd::Quarantine(QuarantineCmd::List) => {
             let r = c
                 .admin_quarantine_list(pb::AdminQuarantineListRequest {})

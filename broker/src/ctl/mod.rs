@@ -320,6 +320,7 @@ mod tests {
             &["audit", "--bubble", "b-1", "--since", "10m"],
             &["audit", "verify", "f", "--key", "00"],
             &["admin", "quarantine", "list"],
+            &["admin", "events", "--count", "3"],
             &["admin", "quarantine", "lift", "ab", "--parent", "cert:a"],
         ];
         for line in lines {
