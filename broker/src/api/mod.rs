@@ -48,6 +48,7 @@ impl BrokerService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogLine, Status>> + Send>>;
 type AdminEventStream = Pin<Box<dyn Stream<Item = Result<pb::AdminSecurityEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -347,6 +348,37 @@ impl BrokerApi for BrokerService {
             ),
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        validate_bubble_id(&req.bubble_id)?;
+        let (kept, rx) = self
+            .broker
+            .stream_logs(&parent, &req.bubble_id, req.follow)
+            .map_err(|e| self.deny(&parent, &req.bubble_id, e))?;
+        let to_pb = |l: crate::core::LogLine| pb::LogLine {
+            seq: l.seq,
+            at_ms: l.at_ms,
+            text: l.text,
+        };
+        let kept = tokio_stream::iter(kept.into_iter().map(move |l| Ok(to_pb(l))));
+        let Some(rx) = rx else {
+            return Ok(Response::new(Box::pin(kept)));
+        };
+        let new = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |l| match l {
+            Ok(l) => Ok(to_pb(l)),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Err(
+                Status::data_loss(format!("follower too slow: {n} lines dropped")),
+            ),
+        });
+        Ok(Response::new(Box::pin(kept.chain(new))))
     }
 
     type WatchEventsStream = EventStream;

@@ -19,6 +19,7 @@ mod audit;
 mod calls;
 mod create;
 mod freeze;
+mod logs;
 mod maintenance;
 mod meter;
 mod owners;
@@ -44,6 +45,7 @@ pub use attest::{AttestationBundle, GuestBinding};
 pub use audit::{AuditQuery, ANOTHER_PARENT};
 pub use commands::*;
 pub use lifecycle::{State, Step};
+pub use logs::LogLine;
 pub use meter::UsageFacts;
 pub use probes::Probed;
 pub use security::{SecurityEvent, SecurityKind};
@@ -89,6 +91,8 @@ pub struct Broker {
     /// One event channel per parent: a watcher's lag counts only its own
     /// parent's events, and nothing of another tenant's reaches it.
     events: parking_lot::Mutex<std::collections::HashMap<String, broadcast::Sender<Event>>>,
+    /// Guest and portion log lines, per bubble (`StreamLogs`).
+    logs: logs::Logs,
     /// Every security event, for operators (`AdminWatchEvents`).
     admin_events: broadcast::Sender<SecurityEvent>,
     /// Prometheus metrics.
@@ -320,6 +324,7 @@ impl Broker {
             table,
             events: Default::default(),
             admin_events: broadcast::channel(EVENT_CAPACITY).0,
+            logs: Default::default(),
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Default::default(),

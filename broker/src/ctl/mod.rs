@@ -131,6 +131,8 @@ enum Cmd {
     Delete(BubbleArg),
     /// Stream state changes of your bubbles until interrupted.
     Watch(calls::WatchArgs),
+    /// Print a bubble's guest and portion log lines (--follow for new ones).
+    Logs(calls::LogsArgs),
     /// Development PKI for mutual TLS.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -200,6 +202,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Frozen(c) => freeze::frozen(conn, c, j).await,
         Cmd::Call(a) => calls::call(conn, a, j).await,
         Cmd::Watch(a) => calls::watch(conn, a, j).await,
+        Cmd::Logs(a) => calls::logs(conn, a, j).await,
         Cmd::Provision(a) => parent::provision(conn, a, j).await,
         Cmd::Portion(c) => parent::portion(conn, c, j).await,
         Cmd::Pki(c) => pki::run(c, j),
@@ -321,6 +324,7 @@ mod tests {
             &["audit", "verify", "f", "--key", "00"],
             &["admin", "quarantine", "list"],
             &["admin", "events", "--count", "3"],
+            &["logs", "b-1", "--follow", "--count", "2"],
             &["admin", "quarantine", "lift", "ab", "--parent", "cert:a"],
         ];
         for line in lines {
