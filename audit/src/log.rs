@@ -256,7 +256,7 @@ impl AuditLog {
         let index = crate::page::Index::default();
         index.extend(
             recs.iter()
-                .filter(|(_, r, _)| r.seq % crate::page::STRIDE == 0)
+                .filter(|(_, r, _)| r.seq.is_multiple_of(crate::page::STRIDE))
                 .map(|(off, _, _)| *off),
         );
         drop(bytes);
@@ -458,7 +458,7 @@ impl Writer {
     /// Notes the offset of the record about to be added to `buf`, if it
     /// is one the index keeps.
     fn note_offset(&mut self, buf: &[u8]) {
-        if self.seq % crate::page::STRIDE == 0 {
+        if self.seq.is_multiple_of(crate::page::STRIDE) {
             self.pending_index.push(self.len + buf.len() as u64);
         }
     }

@@ -151,7 +151,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     // Refused before anything starts.
     let admin_listen = opts.admin_listen.or(file.admin_listen);
     if let Some(addr) = admin_listen {
-        if !addr.ip().is_loopback() && !(opts.admin_listen_public || file.admin_listen_public) {
+        if !(addr.ip().is_loopback() || opts.admin_listen_public || file.admin_listen_public) {
             anyhow::bail!(
                 "admin endpoint {addr} is not a loopback address: it is unauthenticated and \
              its /metrics names every parent; bind it to 127.0.0.1 or ::1, or pass \

@@ -105,6 +105,7 @@ async fn refused_to_non_admin(c: &mut Client, digest: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     let dir = tempfile::tempdir().unwrap();
+    // SAFETY: getuid has no preconditions and cannot fail.
     let me = format!("uid:{}", unsafe { libc::getuid() });
     let mut broker = BrokerProc::start_with(dir.path(), opts(&me));
     let mut c = broker.tls_client("parent-a").await;
