@@ -5,9 +5,11 @@
 //! re-adopted, the others are marked FAILED with a reason
 //! (see [`crate::core::Broker::reconcile`]).
 
+mod error;
 mod pins;
 mod quarantine;
 
+pub use error::RegistryError;
 pub use quarantine::Quarantine;
 
 use std::path::Path;
@@ -19,37 +21,6 @@ use serde::{Deserialize, Serialize};
 const BUBBLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bubbles_v1");
 /// Idempotency index: `owner \0 client_request_id` → bubble id.
 const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("create_requests_v1");
-
-/// Errors from the registry database.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The database could not be opened, read or written.
-    #[error("registry database: {0}")]
-    Db(String),
-    /// A stored record could not be decoded.
-    #[error("registry record for {id} is corrupt: {detail}")]
-    Corrupt {
-        /// The bubble id of the corrupt record.
-        id: String,
-        /// What was wrong.
-        detail: String,
-    },
-}
-
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for RegistryError {
-            fn from(e: $t) -> Self { RegistryError::Db(e.to_string()) }
-        }
-    )*};
-}
-db_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// Lifecycle state of a bubble as stored in the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
