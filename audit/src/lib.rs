@@ -11,10 +11,12 @@
 //! credential, never its value. See `docs/audit.md`.
 
 pub mod log;
+pub mod page;
 pub mod record;
 pub mod verify;
 
-pub use log::{AuditError, AuditLog, CheckpointSigner, Options};
+pub use log::{AuditError, AuditLog, CheckpointSigner, Options, Pin, PinSink, RECOVERED};
+pub use page::{Page, STRIDE};
 pub use record::{
     checkpoint_message, decode_frame, CredentialAction, DecodeError, Entry, Frame, Outcome, Record,
     What,
@@ -191,5 +193,212 @@ mod tests {
         eprintln!("audit append: p50 {p50} ns, p99 {p99} ns");
         // Generous for an unoptimized build on a shared machine.
         assert!(p50 < 10_000, "p50 {p50} ns");
+    }
+
+    type Pins = Arc<std::sync::Mutex<Vec<Pin>>>;
+
+    fn pinned_open(
+        p: &std::path::Path,
+        pin: Option<Pin>,
+        every: u64,
+    ) -> (Result<AuditLog, AuditError>, Pins) {
+        let pins: Pins = Default::default();
+        let sink = pins.clone();
+        let log = AuditLog::open_pinned(
+            p,
+            key(1),
+            opts(every),
+            pin,
+            Box::new(move |p| sink.lock().unwrap().push(p)),
+        );
+        (log, pins)
+    }
+
+    /// Each durable checkpoint is reported; a log cut back to any whole
+    /// record before the last pinned checkpoint (to an earlier checkpoint,
+    /// between records, to nothing), or replaced by another log, is
+    /// refused at open naming the pinned checkpoint; a longer log opens.
+    #[test]
+    fn a_log_cut_back_before_its_pinned_checkpoint_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.log");
+        let (log, pins) = pinned_open(&p, None, 3);
+        let log = log.unwrap();
+        for i in 0..9 {
+            let (e, w) = entry(i);
+            log.append(e, w);
+        }
+        log.flush().unwrap();
+        drop(log);
+        let pins = pins.lock().unwrap().clone();
+        // Checkpoints after records 3, 6, 9 (seq 3, 7, 11; the last one
+        // fills its batch, so the close adds none); a batch holding more
+        // than one reports its last.
+        assert!(pins.windows(2).all(|w| w[0].seq < w[1].seq), "{pins:?}");
+        assert_eq!(pins.last().map(|p| p.seq), Some(11));
+        let last = *pins.last().unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let (recs, _) = records(&good).unwrap();
+        let cut_at = |n: usize| recs.get(n).map_or(good.len(), |r| r.0 as usize);
+        // Back to the second checkpoint (whole, valid, signed), between
+        // records, to the first record, to nothing.
+        for n in [8usize, 7, 5, 1, 0] {
+            std::fs::write(&p, &good[..cut_at(n)]).unwrap();
+            // Without a pin it opens (what the pin is for)...
+            if n > 0 {
+                verify(&good[..cut_at(n)], None).unwrap();
+            }
+            // ...with it, refused.
+            match pinned_open(&p, Some(last), 3).0 {
+                Err(AuditError::Truncated {
+                    pinned_seq,
+                    records: r,
+                    ..
+                }) => assert_eq!((pinned_seq, r), (11, n as u64)),
+                Err(e) => panic!("cut to {n} records: {e}"),
+                Ok(_) => panic!("a log cut to {n} records opened"),
+            }
+        }
+        // Another log of the same length, or longer, signed by the same key.
+        std::fs::remove_file(&p).unwrap();
+        let (other, _) = pinned_open(&p, None, 3);
+        let other = other.unwrap();
+        for i in 100..112 {
+            let (e, w) = entry(i);
+            other.append(e, w);
+        }
+        drop(other);
+        assert!(matches!(
+            pinned_open(&p, Some(last), 3).0,
+            Err(AuditError::Truncated { .. })
+        ));
+        // The whole log, and one that grew since, open.
+        std::fs::write(&p, &good).unwrap();
+        let (log, _) = pinned_open(&p, Some(last), 3);
+        let log = log.unwrap();
+        let (e, w) = entry(50);
+        log.append(e, w);
+        drop(log);
+        pinned_open(&p, Some(last), 3).0.unwrap();
+    }
+
+    /// Records a crash left unsigned are marked recovered and signed at
+    /// the next open, before anything else is written.
+    #[test]
+    fn an_unsigned_tail_is_marked_recovered_and_signed_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.log");
+        let (log, _) = pinned_open(&p, None, 100);
+        let log = log.unwrap();
+        for i in 0..3 {
+            let (e, w) = entry(i);
+            log.append(e, w);
+        }
+        log.flush().unwrap();
+        // A crash: the writer never gets to sign them.
+        std::mem::forget(log);
+        let s = verify(&std::fs::read(&p).unwrap(), None).unwrap();
+        assert_eq!((s.records, s.unsigned_tail), (3, 3));
+        let (log, pins) = pinned_open(&p, None, 100);
+        let log = log.unwrap();
+        assert_eq!(
+            pins.lock()
+                .unwrap()
+                .iter()
+                .map(|p| p.seq)
+                .collect::<Vec<_>>(),
+            vec![4]
+        );
+        let all = log.read_all().unwrap();
+        assert_eq!(all.len(), 5);
+        assert!(
+            matches!(&all[3].what, What::Lifecycle { state, reason }
+                if state == RECOVERED && reason.starts_with("3 records")),
+            "{:?}",
+            all[3]
+        );
+        assert!(matches!(all[4].what, What::Checkpoint { .. }));
+        drop(log);
+        let s = verify(&std::fs::read(&p).unwrap(), Some(key(1).public_key())).unwrap();
+        assert_eq!(s.unsigned_tail, 0);
+    }
+
+    /// A signer that waits for a go-ahead before each signature: stalls
+    /// the writer (it signs checkpoints) like a disk that does not answer.
+    struct Stalled(SigningKey, std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+    impl CheckpointSigner for Stalled {
+        fn public_key(&self) -> [u8; 32] {
+            self.0.verifying_key().to_bytes()
+        }
+        fn sign(&self, msg: &[u8]) -> [u8; 64] {
+            let _ = self.1.lock().unwrap().recv();
+            self.0.sign(msg).to_bytes()
+        }
+    }
+
+    /// With the writer stalled and the queue full, a task appending on the
+    /// only worker of a multi-threaded runtime waits, but the runtime's
+    /// other tasks still run; once the writer moves on, every record is
+    /// written (none dropped).
+    #[test]
+    fn a_full_queue_never_stalls_the_runtime_nor_drops_records() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.log");
+        let (go, wait) = std::sync::mpsc::channel();
+        let signer = Arc::new(Stalled(
+            SigningKey::from_bytes(&[1; 32]),
+            std::sync::Mutex::new(wait),
+        ));
+        let o = Options {
+            capacity: 1,
+            checkpoint_every: 1,
+            checkpoint_interval: Duration::from_secs(3600),
+        };
+        let log = Arc::new(AuditLog::open(&p, signer, o).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let appender = {
+            let log = log.clone();
+            rt.spawn(async move {
+                for i in 0..20 {
+                    let (e, w) = entry(i);
+                    log.append(e, w);
+                }
+            })
+        };
+        // Another task on the same (only) worker gets to run while the
+        // appender waits for room (observed from this thread, which is not
+        // a worker).
+        let (ran, seen) = std::sync::mpsc::channel();
+        rt.spawn(async move { ran.send(7).unwrap() });
+        let got = seen.recv_timeout(Duration::from_secs(10));
+        let queue_filled = !appender.is_finished();
+        // The writer moves on (also on failure, so that the runtime can
+        // stop): every record lands.
+        let release = std::thread::spawn(move || {
+            while go.send(()).is_ok() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        assert_eq!(got, Ok(7), "the runtime stalled behind a full audit queue");
+        assert!(
+            queue_filled,
+            "the queue never filled: the test proves nothing"
+        );
+        rt.block_on(appender).unwrap();
+        log.flush().unwrap();
+        let recs = log.read_all().unwrap();
+        let data = recs
+            .iter()
+            .filter(|r| !matches!(r.what, What::Checkpoint { .. }))
+            .count();
+        assert_eq!(data, 20);
+        assert_eq!(log.lost(), 0);
+        drop(rt);
+        drop(log);
+        let _ = release.join();
     }
 }

@@ -69,6 +69,71 @@ pub enum AuditError {
     /// Records were lost to a write error (counted since start).
     #[error("{0} audit records could not be written")]
     Lost(u64),
+    /// A record read by a page is not the one the index placed there.
+    #[error("audit index: record {found} where {expected} was expected")]
+    Misindexed {
+        /// The sequence number the index promised.
+        expected: u64,
+        /// The one found.
+        found: u64,
+    },
+    /// The log does not reach the checkpoint pinned outside it (the
+    /// broker's registry): it was truncated, replaced or deleted.
+    #[error(
+        "audit log {path} was truncated or replaced: the registry pins checkpoint {pinned_seq}, \
+         but the log holds {records} records{detail}; restore the log from a backup \
+         (the broker will not extend a log that lost signed records)"
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The pinned checkpoint's sequence number.
+        pinned_seq: u64,
+        /// Whole records in the log.
+        records: u64,
+        /// What is found at the pinned position, if anything.
+        detail: &'static str,
+    },
+}
+
+/// The last checkpoint written and fsynced: its sequence number and the
+/// SHA-256 of its frame. Kept outside the log (the broker's registry) so
+/// that a log cut back to an earlier point, even to an earlier checkpoint,
+/// is refused at open ([`AuditLog::open_pinned`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    /// The checkpoint's sequence number.
+    pub seq: u64,
+    /// SHA-256 of its whole frame.
+    pub hash: [u8; 32],
+}
+
+/// Called by the writer thread with each checkpoint once it is durable.
+pub type PinSink = Box<dyn Fn(Pin) + Send>;
+
+/// The `state` of the lifecycle record written, before a checkpoint, when
+/// a log is opened with records after its last checkpoint (a crash before
+/// they were signed); its reason says how many.
+pub const RECOVERED: &str = "recovered";
+
+/// Checks that `recs` reach `pin`: a checkpoint at `pin.seq` whose frame
+/// hashes to `pin.hash`.
+fn check_pin(path: &Path, recs: &[crate::verify::Located], pin: Pin) -> Result<(), AuditError> {
+    let truncated = |detail| AuditError::Truncated {
+        path: path.to_path_buf(),
+        pinned_seq: pin.seq,
+        records: recs.len() as u64,
+        detail,
+    };
+    let Some((_, r, h)) = usize::try_from(pin.seq).ok().and_then(|i| recs.get(i)) else {
+        return Err(truncated(""));
+    };
+    if !matches!(r.what, What::Checkpoint { .. }) || *h != pin.hash {
+        return Err(truncated(
+            " and another record where the pinned checkpoint was",
+        ));
+    }
+    Ok(())
 }
 
 enum Msg {
@@ -79,6 +144,7 @@ enum Msg {
 
 /// The append-only audit log of one broker.
 pub struct AuditLog {
+    index: crate::page::Index,
     tx: Option<SyncSender<Msg>>,
     path: PathBuf,
     lost: Arc<AtomicU64>,
@@ -86,6 +152,12 @@ pub struct AuditLog {
 }
 
 struct Writer {
+    index: crate::page::Index,
+    /// Offsets of indexed records in the batch being written.
+    pending_index: Vec<u64>,
+    pin_sink: PinSink,
+    /// A checkpoint in the batch being written, pinned once it is durable.
+    pending_pin: Option<Pin>,
     file: File,
     path: PathBuf,
     len: u64,
@@ -128,6 +200,22 @@ impl AuditLog {
         signer: Arc<dyn CheckpointSigner>,
         opts: Options,
     ) -> Result<Self, AuditError> {
+        Self::open_pinned(path, signer, opts, None, Box::new(|_| {}))
+    }
+
+    /// [`AuditLog::open`], refusing a log that does not reach `pinned` (the
+    /// last checkpoint the previous writer reported; see [`Pin`]), and
+    /// reporting each new checkpoint to `pin_sink` once it is fsynced.
+    /// Records found after the last checkpoint (a crash before they were
+    /// signed) are signed at once by a checkpoint preceded by a
+    /// [`RECOVERED`] lifecycle record saying how many they are.
+    pub fn open_pinned(
+        path: &Path,
+        signer: Arc<dyn CheckpointSigner>,
+        opts: Options,
+        pinned: Option<Pin>,
+        pin_sink: PinSink,
+    ) -> Result<Self, AuditError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -156,16 +244,29 @@ impl AuditLog {
                 source,
             },
         )?;
+        if let Some(pin) = pinned {
+            check_pin(path, &recs, pin)?;
+        }
         if torn > 0 {
             tracing::warn!(path = %path.display(), bytes = torn, "audit log: cut a torn last record");
             file.set_len(len).map_err(io(path))?;
             file.sync_all().map_err(io(path))?;
         }
         let (seq, head, unsigned) = chain_tail(&recs);
+        let index = crate::page::Index::default();
+        index.extend(
+            recs.iter()
+                .filter(|(_, r, _)| r.seq.is_multiple_of(crate::page::STRIDE))
+                .map(|(off, _, _)| *off),
+        );
         drop(bytes);
         let lost = Arc::new(AtomicU64::new(0));
         let (tx, rx) = sync_channel(opts.capacity.max(1));
         let mut w = Writer {
+            index: index.clone(),
+            pending_index: Vec::new(),
+            pin_sink,
+            pending_pin: None,
             file,
             path: path.to_path_buf(),
             len,
@@ -177,11 +278,33 @@ impl AuditLog {
             opts,
             lost: lost.clone(),
         };
+        if unsigned > 0 {
+            tracing::warn!(path = %path.display(), records = unsigned,
+                "audit log: records from before a crash were not signed; marking them recovered");
+            let mut buf = Vec::new();
+            w.push(
+                &mut buf,
+                Entry::default(),
+                What::Lifecycle {
+                    state: RECOVERED.into(),
+                    reason: format!(
+                        "{unsigned} records after the last checkpoint, found at open \
+                         (written before a crash, signed only now)"
+                    ),
+                },
+            );
+            w.checkpoint(&mut buf);
+            w.write(&buf);
+            if w.lost.load(Ordering::Relaxed) > 0 {
+                return Err(AuditError::Lost(w.lost.load(Ordering::Relaxed)));
+            }
+        }
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || w.run(rx))
             .map_err(io(path))?;
         Ok(Self {
+            index,
             tx: Some(tx),
             path: path.to_path_buf(),
             lost,
@@ -194,14 +317,42 @@ impl AuditLog {
         &self.path
     }
 
-    /// Queues a record; waits only when `capacity` records are already
-    /// queued. The record is durable after the writer's next fsync (see
-    /// [`AuditLog::flush`]).
+    pub(crate) fn index(&self) -> &crate::page::Index {
+        &self.index
+    }
+
+    /// Queues a record. It is never dropped: when `capacity` records are
+    /// already queued (the disk is behind), the caller waits for room —
+    /// back-pressure on the request that made the record. On a worker of a
+    /// multi-threaded tokio runtime the wait is inside
+    /// [`tokio::task::block_in_place`], so the worker's other tasks move to
+    /// another thread and the runtime is never stalled by a slow disk;
+    /// elsewhere (plain threads, a current-thread runtime) it is a plain
+    /// blocking wait. The record is durable after the writer's next fsync
+    /// (see [`AuditLog::flush`]).
     pub fn append(&self, entry: Entry, what: What) {
-        if let Some(tx) = &self.tx {
-            if tx.send(Msg::Entry(entry, what)).is_err() {
+        use std::sync::mpsc::TrySendError;
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let msg = match tx.try_send(Msg::Entry(entry, what)) {
+            Ok(()) => return,
+            Err(TrySendError::Disconnected(_)) => {
                 self.lost.fetch_add(1, Ordering::Relaxed);
+                return;
             }
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let send = || tx.send(msg).is_ok();
+        let sent = if on_worker {
+            tokio::task::block_in_place(send)
+        } else {
+            send()
+        };
+        if !sent {
+            self.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -304,7 +455,16 @@ impl Writer {
         self.write(&buf);
     }
 
+    /// Notes the offset of the record about to be added to `buf`, if it
+    /// is one the index keeps.
+    fn note_offset(&mut self, buf: &[u8]) {
+        if self.seq.is_multiple_of(crate::page::STRIDE) {
+            self.pending_index.push(self.len + buf.len() as u64);
+        }
+    }
+
     fn push(&mut self, buf: &mut Vec<u8>, entry: Entry, what: What) {
+        self.note_offset(buf);
         let frame = Record {
             seq: self.seq,
             prev: self.head,
@@ -334,6 +494,7 @@ impl Writer {
             key: self.signer.public_key(),
             signature,
         };
+        self.note_offset(buf);
         let frame = Record {
             seq: self.seq,
             prev: self.head,
@@ -345,6 +506,10 @@ impl Writer {
         }
         .encode();
         self.head = frame_hash(&frame);
+        self.pending_pin = Some(Pin {
+            seq: self.seq,
+            hash: self.head,
+        });
         self.seq += 1;
         buf.extend_from_slice(&frame);
         self.unsigned = 0;
@@ -363,8 +528,16 @@ impl Writer {
             .write_all(buf)
             .and_then(|()| self.file.sync_data());
         match r {
-            Ok(()) => self.len += buf.len() as u64,
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                self.index.extend(self.pending_index.drain(..));
+                if let Some(pin) = self.pending_pin.take() {
+                    (self.pin_sink)(pin);
+                }
+            }
             Err(e) => {
+                self.pending_pin = None;
+                self.pending_index.clear();
                 tracing::error!(path = %self.path.display(), error = %e, "audit log write failed");
                 let _ = self.file.set_len(self.len);
                 self.rewind();

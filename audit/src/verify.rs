@@ -21,6 +21,12 @@ pub struct Summary {
     pub unsigned_tail: u64,
     /// The checkpoints' public key, hex (empty if none).
     pub key: String,
+    /// Whether that key was the one the caller asked for (`false`: no key
+    /// was given, and the first checkpoint's key was trusted).
+    pub key_checked: bool,
+    /// `recovered` marks: each says that records written before a crash
+    /// were found unsigned at the next start and signed only then.
+    pub recovered: u64,
 }
 
 /// Why a log does not verify: the record (by sequence position) and its
@@ -139,6 +145,11 @@ pub fn verify(bytes: &[u8], key: Option<[u8; 32]>) -> Result<Summary, VerifyErro
     let mut expected_key = key;
     let mut last_checkpoint = None;
     for (i, (off, r, _)) in recs.iter().enumerate() {
+        if matches!(&r.what, What::Lifecycle { state, .. } if state == crate::log::RECOVERED)
+            && r.entry.bubble.is_empty()
+        {
+            s.recovered += 1;
+        }
         let at = |problem| VerifyError {
             record: i as u64,
             offset: *off,
@@ -197,5 +208,6 @@ pub fn verify(bytes: &[u8], key: Option<[u8; 32]>) -> Result<Summary, VerifyErro
         None => s.records,
     };
     s.key = expected_key.map(hex::encode).unwrap_or_default();
+    s.key_checked = key.is_some();
     Ok(s)
 }

@@ -76,7 +76,7 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                     )
                 })
                 .unwrap_or_default(),
-            ("attach_warm", _, _) => "target p50 ≤ 300 µs".to_string(),
+            ("attach_warm" | "attach_warm_policy", _, _) => "target p50 ≤ 300 µs".to_string(),
             ("suspend_64m" | "restore_64m" | "suspend_512m" | "restore_512m", _, _) => format!(
                 "{} MB frozen, {} MB/s{}",
                 extra(s, "frozen_mb"),

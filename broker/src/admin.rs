@@ -1,5 +1,9 @@
 //! The admin HTTP endpoint: Prometheus `/metrics` and `/healthz` (the
-//! broker's dependencies, see `obs::health`).
+//! broker's dependencies, see `obs::health`). It is unauthenticated and
+//! read-only: `/metrics` carries per-parent gauges that name every parent,
+//! so the daemon binds it to a loopback address unless told otherwise
+//! (`--admin-listen-public`). Operator actions (quarantine list and lift)
+//! are admin gRPC RPCs checked against the configured admin identities.
 
 use std::sync::Arc;
 
@@ -34,24 +38,6 @@ async fn healthz(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (code, format!("{}\n", h.describe()))
 }
 
-/// `POST /quarantine/lift?digest=HEX`: lifts a module's quarantine
-/// (operator only: the admin endpoint is the operator's).
-async fn lift(
-    State(b): State<Arc<Broker>>,
-    axum::extract::RawQuery(q): axum::extract::RawQuery,
-) -> impl IntoResponse {
-    let digest = q
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("digest=").map(str::to_string))
-        .unwrap_or_default();
-    if b.lift_quarantine(&digest) {
-        (axum::http::StatusCode::OK, "lifted\n")
-    } else {
-        (axum::http::StatusCode::NOT_FOUND, "not quarantined\n")
-    }
-}
-
 /// Serves the admin endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(
     broker: Arc<Broker>,
@@ -61,7 +47,6 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .route("/quarantine/lift", axum::routing::post(lift))
         .with_state(broker);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

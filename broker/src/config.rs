@@ -67,6 +67,12 @@ pub struct BrokerConfig {
     pub admins: Vec<String>,
     /// Event-driven portions (`[events]`).
     pub events: EventsConfig,
+    /// Strike and throttle thresholds (`[security]`).
+    pub security: SecurityConfig,
+    /// Start a new audit log although the registry pins a checkpoint of
+    /// an earlier one (`--audit-new-log`; only when the log file is
+    /// missing or empty; the new log's first record says so).
+    pub audit_new_log: bool,
 }
 
 /// The `[events]` section: the embedded queue of triggers' events.
@@ -94,6 +100,55 @@ impl Default for EventsConfig {
             retry_delay_ms: 200,
             target_latency_ms: 1000,
             nats_url: None,
+        }
+    }
+}
+
+/// The `[security]` section: when a module is quarantined and a parent
+/// throttled (see `core::strikes` and `docs/audit.md`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Security events of one kind caused by one module in one parent's
+    /// bubbles that quarantine it for that parent…
+    pub strikes: usize,
+    /// …within this many seconds.
+    pub strike_window_s: u64,
+    /// Refusals of one kind (foreign id, foreign attestation, wrong
+    /// restore key) by one parent that throttle it…
+    pub probe_strikes: usize,
+    /// …within this many seconds.
+    pub probe_window_s: u64,
+    /// How long a throttled parent is refused, seconds.
+    pub throttle_s: u64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            strikes: 3,
+            strike_window_s: 60,
+            probe_strikes: 10,
+            probe_window_s: 60,
+            throttle_s: 60,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Refuses thresholds that would quarantine or throttle on nothing
+    /// (0 strikes) or never forget (a 0 s window).
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("strikes", self.strikes as u64),
+            ("strike_window_s", self.strike_window_s),
+            ("probe_strikes", self.probe_strikes as u64),
+            ("probe_window_s", self.probe_window_s),
+            ("throttle_s", self.throttle_s),
+        ];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!("[security] {name} must be at least 1")),
+            None => Ok(()),
         }
     }
 }
@@ -238,6 +293,10 @@ pub struct FileConfig {
     pub tls_listen: Option<std::net::SocketAddr>,
     /// Admin (metrics) listen address.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Allow the admin endpoint on a non-loopback address (it is
+    /// unauthenticated and its `/metrics` names every parent).
+    #[serde(default)]
+    pub admin_listen_public: bool,
     /// PKI directory.
     pub pki: Option<PathBuf>,
     /// Maximum call payload, bytes.
@@ -264,6 +323,9 @@ pub struct FileConfig {
     /// Parent ids with the operator's view across parents.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// Strike and throttle thresholds.
+    #[serde(default)]
+    pub security: Option<SecurityConfig>,
     /// Open connections one uid may hold on the Unix socket.
     pub max_connections_per_uid: Option<usize>,
     /// Milliseconds a new Unix-socket connection has to send its first
@@ -280,6 +342,9 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let cfg: FileConfig =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(s) = &cfg.security {
+            s.check()?;
+        }
         for p in &cfg.pools {
             if p.name.is_empty() || p.name.len() > 64 {
                 return Err(format!("pool name {:?}: must be 1-64 characters", p.name));
@@ -331,6 +396,8 @@ impl BrokerConfig {
             record_retention: DEFAULT_RECORD_RETENTION,
             admins: Vec::new(),
             events: EventsConfig::default(),
+            security: SecurityConfig::default(),
+            audit_new_log: false,
             data_dir,
         })
     }

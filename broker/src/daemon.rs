@@ -33,9 +33,15 @@ pub struct Opts {
     /// Also serve gRPC with mutual TLS on this TCP address (e.g. 127.0.0.1:7443).
     #[arg(long)]
     pub tls_listen: Option<SocketAddr>,
-    /// Serve Prometheus /metrics and /healthz on this TCP address.
+    /// Serve Prometheus /metrics and /healthz on this TCP address. It is
+    /// unauthenticated and `/metrics` names every parent, so it must be a
+    /// loopback address unless --admin-listen-public is given.
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
+    /// Allow --admin-listen on a non-loopback address (anyone who reaches
+    /// it reads every parent's name and counts).
+    #[arg(long)]
+    pub admin_listen_public: bool,
     /// PKI directory made by `bubblectl pki init` [default: DATA_DIR/pki].
     #[arg(long)]
     pub pki: Option<PathBuf>,
@@ -49,6 +55,12 @@ pub struct Opts {
     /// so that a restarted broker re-adopts them).
     #[arg(long)]
     pub stop_bubbles_on_exit: bool,
+    /// Start a new audit log although the registry pins a checkpoint of
+    /// an earlier one (after moving a damaged log aside). Only when
+    /// DATA_DIR/audit/audit.log is missing or empty; the new log's first
+    /// record names the checkpoint it replaces.
+    #[arg(long)]
+    pub audit_new_log: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -100,15 +112,23 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled, so that a signal sent as soon as
+/// the ready line is out is not taken by the default action (death).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 
@@ -128,17 +148,32 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/bubbled"));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    // Refused before anything starts.
+    let admin_listen = opts.admin_listen.or(file.admin_listen);
+    if let Some(addr) = admin_listen {
+        if !(addr.ip().is_loopback() || opts.admin_listen_public || file.admin_listen_public) {
+            anyhow::bail!(
+                "admin endpoint {addr} is not a loopback address: it is unauthenticated and \
+             its /metrics names every parent; bind it to 127.0.0.1 or ::1, or pass \
+             --admin-listen-public (admin_listen_public = true) to expose it anyway"
+            );
+        }
+    }
     let mut cfg = BrokerConfig::new(data_dir.clone()).context("locating own binary")?;
     cfg.max_payload = opts
         .max_payload
         .or(file.max_payload)
         .unwrap_or(DEFAULT_MAX_PAYLOAD);
     cfg.allow_test_images = opts.allow_test_images;
+    cfg.audit_new_log = opts.audit_new_log;
     if let Some(q) = file.quota.clone() {
         cfg.quota = q;
     }
     cfg.pools = file.pools.clone();
     cfg.admins = file.admins.clone();
+    if let Some(s) = file.security.clone() {
+        cfg.security = s;
+    }
     if let Some(n) = file.spare_vmms {
         cfg.spare_vmms = n;
     }
@@ -223,7 +258,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         tls_addr = Some(local);
     }
     let mut admin_addr = None;
-    if let Some(addr) = opts.admin_listen.or(file.admin_listen) {
+    if let Some(addr) = admin_listen {
         let listener = server::bind_tcp(addr).await?;
         admin_addr = Some(listener.local_addr()?);
         let b = broker.clone();
@@ -243,9 +278,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(a) = admin_addr {
         ready.push_str(&format!(" admin={a}"));
     }
+    let stop_signal = shutdown_signal();
     println!("{ready}");
     tokio::select! {
-        _ = shutdown_signal() => info!("shutting down"),
+        _ = stop_signal => info!("shutting down"),
         Some(r) = tasks.join_next() => {
             r.context("listener task")??;
         }

@@ -116,6 +116,9 @@ pub enum BrokerError {
     /// The module is quarantined broker-wide (see `core::strikes`).
     #[error("refused: {0}; an operator can lift the quarantine")]
     Quarantined(String),
+    /// An operator asked to lift a quarantine that is not in force.
+    #[error("module {0} is not quarantined (for the parent named, if any)")]
+    NotQuarantined(String),
     /// The parent is throttled for probing (see `core::strikes`).
     #[error("too many refused requests: throttled; retry after {0} ms")]
     Throttled(u64),
@@ -181,6 +184,7 @@ impl From<BrokerError> for Status {
                 Code::ResourceExhausted
             }
             BrokerError::Spawn(_) => Code::Unavailable,
+            BrokerError::NotQuarantined(_) => Code::NotFound,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
             BrokerError::SourceNotConfigured(_) | BrokerError::NoTrigger(_) => {

@@ -152,6 +152,7 @@ async fn new_bubble(c: &mut Client, spec: &LoadSpec, rep: &Shared) -> Option<pb:
                 wait_ms: 0,
                 idle: None,
                 client_request_id: String::new(),
+                policy: None,
             };
             timed(rep, "attach", async {
                 c.attach_bubble(req).await.map(|r| r.into_inner())

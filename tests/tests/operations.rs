@@ -30,6 +30,7 @@ fn attach_req(profile: &str) -> pb::AttachBubbleRequest {
         wait_ms: 0,
         idle: None,
         client_request_id: String::new(),
+        policy: None,
     }
 }
 

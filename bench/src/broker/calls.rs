@@ -107,6 +107,24 @@ pub(crate) async fn get_attestation(x: &mut Ctx) -> anyhow::Result<Stat> {
 /// 100 warm attaches from a refilled pool, with the broker's side and the
 /// first RPC after an idle spell as extras.
 pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
+    attach_warm_with(x, None).await
+}
+
+/// [`attach_warm`] with a security policy (one grant, as the payments
+/// flow uses), which the broker installs in the pooled bubble before it
+/// hands it over.
+pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
+    let policy = pb::SecurityPolicy {
+        grants: vec![pb::CredentialGrant {
+            portion: "payments".into(),
+            credentials: vec!["tokenization_key".into(), "gateway_key".into()],
+        }],
+        ..Default::default()
+    };
+    attach_warm_with(x, Some(policy)).await
+}
+
+async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> anyhow::Result<Stat> {
     let mut v = Vec::new();
     let mut idle_first = Vec::new();
     for _ in 0..100 {
@@ -123,6 +141,7 @@ pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
         let b =
             x.c.attach_bubble(pb::AttachBubbleRequest {
                 profile: "warm".into(),
+                policy: policy.clone(),
                 ..Default::default()
             })
             .await?

@@ -46,6 +46,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "call_tokenize_sealed",
     "tokenize_4_parents",
     "attach_warm",
+    "attach_warm_policy",
     "density_1000",
     "suspend_64m",
     "restore_64m",
@@ -70,7 +71,11 @@ pub(crate) async fn through_broker(
     cfg.pools = vec![bubbled::config::PoolProfile {
         name: "warm".into(),
         memory_mib: 16,
-        size: if want("attach_warm") { 4 } else { 0 },
+        size: if want("attach_warm") || want("attach_warm_policy") {
+            4
+        } else {
+            0
+        },
         image: "shim".into(),
         idle_timeout_s: 0,
         idle_action: Default::default(),
@@ -108,6 +113,10 @@ pub(crate) async fn through_broker(
     }
     if want("attach_warm") {
         results.insert("attach_warm", calls::attach_warm(&mut x).await?);
+    }
+    if want("attach_warm_policy") {
+        let s = calls::attach_warm_policy(&mut x).await?;
+        results.insert("attach_warm_policy", s);
     }
     freeze::suspend_restore(&mut x, want, results).await?;
     if want("density_1000") {

@@ -4,6 +4,24 @@ use bubble_audit::{CredentialAction, Outcome, Record, What};
 use bubble_proto::v1 as pb;
 
 use crate::core::{SecurityEvent, ANOTHER_PARENT};
+use crate::error::{invalid, BrokerError};
+
+/// The page token of a `ListAudit` page starting at sequence number `seq`.
+pub fn page_token(seq: u64) -> String {
+    format!("a{seq}")
+}
+
+/// The sequence number a page token names (empty: 0). Any number is
+/// safe: the log is read from its own index, never from an offset the
+/// caller gives.
+pub fn parse_page_token(t: &str) -> Result<u64, BrokerError> {
+    if t.is_empty() {
+        return Ok(0);
+    }
+    t.strip_prefix('a')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| invalid("page_token", "not a token from a previous page"))
+}
 
 /// A security event as its owner sees it (another parent's identity is
 /// blanked).

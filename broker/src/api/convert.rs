@@ -222,6 +222,21 @@ fn kek_from_pb(b: &[u8]) -> Result<Option<bubble_keys::Kek>, BrokerError> {
     }
 }
 
+/// A module digest: SHA-384 as 96 lowercase hex digits.
+pub fn validate_digest(field: &'static str, d: &str) -> Result<(), BrokerError> {
+    if d.len() == 96
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            "must be a SHA-384 digest: 96 lowercase hex digits",
+        ))
+    }
+}
+
 /// Checks a bubble id's shape (`b-` + 32 lowercase hex digits).
 pub fn validate_bubble_id(id: &str) -> Result<(), BrokerError> {
     let ok = id.len() == 34
@@ -305,7 +320,7 @@ pub fn create(req: pb::CreateBubbleRequest, cfg: &BrokerConfig) -> Result<NewBub
 }
 
 /// AttachBubble.
-pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
+pub fn attach(req: pb::AttachBubbleRequest, cfg: &BrokerConfig) -> Result<Attach, BrokerError> {
     validate_request_id(&req.client_request_id)?;
     if u64::from(req.wait_ms) > MAX_ATTACH_WAIT_MS {
         return Err(invalid(
@@ -318,6 +333,7 @@ pub fn attach(req: pb::AttachBubbleRequest) -> Result<Attach, BrokerError> {
         profile: req.profile,
         client_request_id: req.client_request_id,
         wait: Duration::from_millis(u64::from(req.wait_ms)),
+        policy: policy_from_pb(req.policy.as_ref(), cfg.max_payload)?,
     })
 }
 

@@ -49,6 +49,8 @@ impl BrokerService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogLine, Status>> + Send>>;
+type AdminEventStream = Pin<Box<dyn Stream<Item = Result<pb::AdminSecurityEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl BrokerApi for BrokerService {
@@ -153,7 +155,7 @@ impl BrokerApi for BrokerService {
         request: Request<pb::AttachBubbleRequest>,
     ) -> Result<Response<pb::Bubble>, Status> {
         let parent = self.parent(&request)?;
-        let cmd = convert::attach(request.into_inner())?;
+        let cmd = convert::attach(request.into_inner(), self.broker.config())?;
         let rec = self.broker.attach(&parent, cmd).await?;
         Ok(Response::new(bubble_to_pb(&rec)))
     }
@@ -278,9 +280,14 @@ impl BrokerApi for BrokerService {
             bubble_id: req.bubble_id,
             since_ms: req.since_ms,
         };
-        let records = self.broker.audit_records(&parent, q).await?;
+        let from = audit::parse_page_token(&req.page_token)?;
+        let page = self
+            .broker
+            .audit_records(&parent, q, from, req.page_size as usize)
+            .await?;
         Ok(Response::new(pb::ListAuditResponse {
-            records: records.into_iter().map(audit::record_to_pb).collect(),
+            records: page.records.into_iter().map(audit::record_to_pb).collect(),
+            next_page_token: page.next.map(audit::page_token).unwrap_or_default(),
         }))
     }
 
@@ -355,6 +362,97 @@ impl BrokerApi for BrokerService {
             .await
             .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
         Ok(Response::new(triggers::result_to_pb(req.key, r)))
+    }
+
+    async fn admin_quarantine_list(
+        &self,
+        request: Request<pb::AdminQuarantineListRequest>,
+    ) -> Result<Response<pb::AdminQuarantineListResponse>, Status> {
+        let admin = self.parent(&request)?;
+        let modules = self
+            .broker
+            .quarantine_list(&admin)?
+            .into_iter()
+            .map(|(parent, portion_digest, q)| pb::QuarantinedModule {
+                parent,
+                portion_digest,
+                reason: q.reason,
+                since_ms: q.since_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::AdminQuarantineListResponse { modules }))
+    }
+
+    async fn admin_quarantine_lift(
+        &self,
+        request: Request<pb::AdminQuarantineLiftRequest>,
+    ) -> Result<Response<pb::AdminQuarantineLiftResponse>, Status> {
+        let admin = self.parent(&request)?;
+        let req = request.into_inner();
+        // Who may ask is checked before what is asked, so that a parent
+        // learns nothing from the validation either.
+        self.broker.require_admin(&admin)?;
+        convert::validate_digest("portion_digest", &req.portion_digest)?;
+        let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
+        let lifted = self
+            .broker
+            .lift_quarantine(&admin, &req.portion_digest, parent)?;
+        Ok(Response::new(pb::AdminQuarantineLiftResponse { lifted }))
+    }
+
+    type AdminWatchEventsStream = AdminEventStream;
+
+    async fn admin_watch_events(
+        &self,
+        request: Request<pb::AdminWatchEventsRequest>,
+    ) -> Result<Response<Self::AdminWatchEventsStream>, Status> {
+        let admin = self.parent(&request)?;
+        let rx = self.broker.admin_subscribe(&admin)?;
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).map(|ev| match ev {
+            Ok(e) => Ok(pb::AdminSecurityEvent {
+                kind: e.kind.label().to_string(),
+                bubble_id: e.bubble_id,
+                owner: e.owner,
+                parent: e.parent,
+                portion_digest: e.portion_digest,
+                at_ms: e.at_ms,
+            }),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Err(
+                Status::data_loss(format!("watcher too slow: {n} events dropped; watch again")),
+            ),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        validate_bubble_id(&req.bubble_id)?;
+        let (kept, rx) = self
+            .broker
+            .stream_logs(&parent, &req.bubble_id, req.follow)
+            .map_err(|e| self.deny(&parent, &req.bubble_id, e))?;
+        let to_pb = |l: crate::core::LogLine| pb::LogLine {
+            seq: l.seq,
+            at_ms: l.at_ms,
+            text: l.text,
+        };
+        let kept = tokio_stream::iter(kept.into_iter().map(move |l| Ok(to_pb(l))));
+        let Some(rx) = rx else {
+            return Ok(Response::new(Box::pin(kept)));
+        };
+        let new = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |l| match l {
+            Ok(l) => Ok(to_pb(l)),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Err(
+                Status::data_loss(format!("follower too slow: {n} lines dropped")),
+            ),
+        });
+        Ok(Response::new(Box::pin(kept.chain(new))))
     }
 
     type WatchEventsStream = EventStream;

@@ -41,25 +41,49 @@ pub fn visible_to(parent: &str, q: &AuditQuery, mut r: Record) -> Option<Record>
     Some(r)
 }
 
+/// Most records one page returns.
+pub const MAX_AUDIT_PAGE: usize = 1000;
+/// Records one page returns when the caller gives no size.
+pub const DEFAULT_AUDIT_PAGE: usize = 500;
+/// Records of the log one request reads at most.
+pub const AUDIT_SCAN: usize = 20_000;
+
+/// One page of a parent's audit records.
+pub struct AuditPage {
+    /// Oldest first.
+    pub records: Vec<Record>,
+    /// Where the next page starts (`None`: the end of the log).
+    pub next: Option<u64>,
+}
+
 impl Broker {
-    /// `parent`'s audit records, oldest first (read after a flush, so
-    /// every record made before the request is included).
+    /// A page of `parent`'s audit records from sequence number `from`
+    /// (read after a flush, so every record made before the request is
+    /// included): at most `size` of them (0: the default), reading at most
+    /// [`AUDIT_SCAN`] records of the log from its index, never the whole
+    /// file.
     pub async fn audit_records(
         self: &Arc<Self>,
         parent: &str,
         q: AuditQuery,
-    ) -> Result<Vec<Record>, BrokerError> {
+        from: u64,
+        size: usize,
+    ) -> Result<AuditPage, BrokerError> {
+        let size = match size {
+            0 => DEFAULT_AUDIT_PAGE,
+            n => n.min(MAX_AUDIT_PAGE),
+        };
         let b = self.clone();
         let parent = parent.to_string();
         tokio::task::spawn_blocking(move || {
-            let all = b
+            let page = b
                 .audit
-                .read_all()
+                .page(from, size, AUDIT_SCAN, |r| visible_to(&parent, &q, r))
                 .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-            Ok(all
-                .into_iter()
-                .filter_map(|r| visible_to(&parent, &q, r))
-                .collect())
+            Ok(AuditPage {
+                records: page.items,
+                next: page.next,
+            })
         })
         .await
         .map_err(|e| BrokerError::Unavailable(format!("audit reader: {e}")))?

@@ -32,6 +32,8 @@ pub struct Attach {
     pub idle: Option<IdleRule>,
     /// How long to wait for a pooled bubble before booting one.
     pub wait: Duration,
+    /// The security policy, installed before the bubble is handed over.
+    pub policy: PortionPolicy,
 }
 
 /// What a call runs.

@@ -184,6 +184,9 @@ impl Broker {
                     client_request_id: String::new(),
                     idle: None,
                     wait: ATTACH_WAIT,
+                    // Triggers carry no policy of their own yet: the
+                    // default one, as an attach without a policy gets.
+                    policy: Default::default(),
                 },
             )
             .await?;

@@ -102,6 +102,7 @@ impl Broker {
             Ok(()) => {
                 let ids: Vec<String> = old.iter().map(|r| r.id.clone()).collect();
                 self.table.remove(&ids);
+                self.logs.remove(&ids);
                 for id in &ids {
                     let _ = std::fs::remove_dir_all(self.cfg.bubble_dir(id));
                 }

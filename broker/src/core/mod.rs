@@ -20,6 +20,7 @@ mod calls;
 mod create;
 mod dispatch;
 mod freeze;
+mod logs;
 mod maintenance;
 mod meter;
 mod owners;
@@ -47,6 +48,7 @@ pub use attest::{AttestationBundle, GuestBinding};
 pub use audit::{AuditQuery, ANOTHER_PARENT};
 pub use commands::*;
 pub use lifecycle::{State, Step};
+pub use logs::LogLine;
 pub use meter::UsageFacts;
 pub use probes::Probed;
 pub use security::{SecurityEvent, SecurityKind};
@@ -85,13 +87,17 @@ pub struct Event {
 /// Broker state shared by all connections.
 pub struct Broker {
     cfg: BrokerConfig,
-    registry: Registry,
+    registry: Arc<Registry>,
     /// Every bubble: record, running VMM and gate (the registry holds the
     /// durable copy of the records; BUSY and call counters live only here).
     table: Table,
     /// One event channel per parent: a watcher's lag counts only its own
     /// parent's events, and nothing of another tenant's reaches it.
     events: parking_lot::Mutex<std::collections::HashMap<String, broadcast::Sender<Event>>>,
+    /// Guest and portion log lines, per bubble (`StreamLogs`).
+    logs: logs::Logs,
+    /// Every security event, for operators (`AdminWatchEvents`).
+    admin_events: broadcast::Sender<SecurityEvent>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes pool refillers (after an attach) and attach waiters (after a
@@ -200,6 +206,69 @@ fn raise_fd_limit() {
     }
 }
 
+/// Opens the audit log, refusing one that does not reach the checkpoint
+/// pinned in the registry (cut back, replaced or deleted); each new durable
+/// checkpoint is pinned there in turn.
+fn open_audit(
+    cfg: &BrokerConfig,
+    registry: &Arc<Registry>,
+    signer: &UsageSigner,
+) -> Result<bubble_audit::AuditLog, BrokerError> {
+    let mut pinned = registry
+        .audit_pin()?
+        .map(|(seq, hash)| bubble_audit::Pin { seq, hash });
+    let path = cfg.audit_path();
+    let mut replaced = None;
+    if cfg.audit_new_log {
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len > 0 {
+            return Err(BrokerError::Spawn(format!(
+                "--audit-new-log: {} is not empty; move it aside first",
+                path.display()
+            )));
+        }
+        replaced = pinned.take();
+    }
+    let reg = registry.clone();
+    if replaced.is_some() {
+        registry.clear_audit_pin()?;
+    }
+    let log = bubble_audit::AuditLog::open_pinned(
+        &path,
+        Arc::new(signer.checkpoint_signer()),
+        bubble_audit::Options::default(),
+        pinned,
+        Box::new(move |p| {
+            if let Err(e) = reg.set_audit_pin(p.seq, &p.hash) {
+                tracing::error!(error = %e, seq = p.seq, "audit checkpoint not pinned in the registry");
+            }
+        }),
+    )
+    .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+    if let Some(old) = replaced {
+        warn!(
+            seq = old.seq,
+            "a new audit log replaces one whose checkpoint was pinned"
+        );
+        log.append(
+            bubble_audit::Entry::default(),
+            bubble_audit::What::Lifecycle {
+                state: "audit_log_replaced".into(),
+                reason: format!(
+                    "started with --audit-new-log; the previous log's pinned checkpoint was \
+                     seq {} (frame SHA-256 {})",
+                    old.seq,
+                    hex::encode(old.hash)
+                ),
+            },
+        );
+        // Pinned by the first checkpoint, which signs this record.
+        log.checkpoint()
+            .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+    }
+    Ok(log)
+}
+
 impl Broker {
     /// Opens the registry in `cfg.data_dir`, reconciles it with the VMM
     /// processes that still run (see [`Broker::reconcile`]) and starts the
@@ -209,9 +278,10 @@ impl Broker {
         bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
-        let registry = Registry::open(&cfg.registry_path())?;
+        let registry = Arc::new(Registry::open(&cfg.registry_path())?);
         let records = registry.all()?;
         refuse_lost_registry(&cfg, records.len())?;
+        let ledger = strikes::Ledger::new(cfg.security.clone(), registry.quarantines()?);
         let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
@@ -243,12 +313,7 @@ impl Broker {
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
-        let audit = bubble_audit::AuditLog::open(
-            &cfg.audit_path(),
-            Arc::new(usage_signer.checkpoint_signer()),
-            bubble_audit::Options::default(),
-        )
-        .map_err(|e| BrokerError::Spawn(e.to_string()))?;
+        let audit = open_audit(&cfg, &registry, &usage_signer)?;
         let queue = bubble_events::embedded::EmbeddedQueue::open(
             &cfg.events_path(),
             bubble_events::embedded::QueueConfig {
@@ -265,7 +330,7 @@ impl Broker {
             triggers: Default::default(),
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
-            ledger: Default::default(),
+            ledger: parking_lot::Mutex::new(ledger),
             audit,
             broker_id,
             apply_serial: Default::default(),
@@ -278,6 +343,8 @@ impl Broker {
             registry,
             table,
             events: Default::default(),
+            admin_events: broadcast::channel(EVENT_CAPACITY).0,
+            logs: Default::default(),
             metrics: Metrics::new(),
             pool_changed: Arc::new(tokio::sync::Notify::new()),
             dirty: Default::default(),
@@ -314,6 +381,15 @@ impl Broker {
             .entry(parent.to_string())
             .or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0)
             .subscribe()
+    }
+
+    /// Every parent's security events from now on (operator only).
+    pub fn admin_subscribe(
+        &self,
+        admin: &str,
+    ) -> Result<broadcast::Receiver<SecurityEvent>, BrokerError> {
+        self.require_admin(admin)?;
+        Ok(self.admin_events.subscribe())
     }
 
     /// Sends an event to its owner's watchers (if any watch).

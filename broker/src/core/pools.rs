@@ -9,10 +9,10 @@ use tracing::{info, warn};
 use super::commands::Attach;
 use super::lifecycle::State;
 use super::{now_ms, Broker};
-use crate::config::PoolProfile;
+use crate::config::{self, PoolProfile};
 use crate::error::{invalid, BrokerError};
-use crate::store::registry::{BubbleRecord, IdleRule};
-use crate::vmm::ImageSpec;
+use crate::store::registry::{BubbleRecord, IdleRule, PortionPolicy};
+use crate::vmm::{FailureKind, FailureReason, ImageSpec};
 
 impl Broker {
     fn profile(&self, name: &str) -> Option<&PoolProfile> {
@@ -108,13 +108,21 @@ impl Broker {
                 None => self.registry.request(parent, request_id)?,
             };
             if let Some(existing) = existing {
-                return self.settled_same(&existing, &record()).await;
+                let mut want = record();
+                want.policy = cmd.policy.clone();
+                return self.settled_same(&existing, &want).await;
             }
         }
         let deadline = Instant::now() + cmd.wait;
         loop {
             let notified = self.pool_changed.notified();
-            if let Some(r) = self.take_pooled(parent, &profile, idle, request_id)? {
+            let taken = if cmd.policy == PortionPolicy::default() {
+                self.take_pooled(parent, &profile, idle, request_id, None)?
+            } else {
+                self.take_pooled_with_policy(parent, &profile, idle, request_id, &cmd.policy)
+                    .await?
+            };
+            if let Some(r) = taken {
                 // Refill in the background, after this answer has gone out:
                 // booting the replacement competes for the same cores.
                 let notify = self.pool_changed.clone();
@@ -139,9 +147,10 @@ impl Broker {
             }
             let _ = tokio::time::timeout_at(deadline.into(), notified).await;
         }
-        // Miss: boot one for this parent.
+        // Miss: boot one for this parent (with the policy, as create does).
         self.metrics.pool_misses.inc();
-        let rec = record();
+        let mut rec = record();
+        rec.policy = cmd.policy.clone();
         let r = self.start(rec, image).await;
         self.metrics
             .attach_seconds
@@ -149,13 +158,27 @@ impl Broker {
         r
     }
 
-    /// Assigns the oldest READY pooled bubble of `profile` to `parent`.
+    /// The oldest READY pooled bubble of `profile`.
+    fn pick_pooled(&self, profile: &PoolProfile) -> Option<String> {
+        self.table.with(|t| {
+            t.records()
+                .filter(|r| {
+                    r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+                })
+                .min_by_key(|r| (r.created_at_ms, r.id.clone()))
+                .map(|r| r.id.clone())
+        })
+    }
+
+    /// Assigns the oldest READY pooled bubble of `profile` to `parent`
+    /// (with `only`, that bubble if it is still pooled and READY).
     fn take_pooled(
         &self,
         parent: &str,
         profile: &PoolProfile,
         idle: IdleRule,
         client_request_id: &str,
+        only: Option<(&str, &PortionPolicy)>,
     ) -> Result<Option<BubbleRecord>, BrokerError> {
         let taken = self.table.with(|t| {
             // A concurrent retry of the same attach already got one.
@@ -167,14 +190,18 @@ impl Broker {
                     return Ok(Some((r.clone(), false)));
                 }
             }
-            let Some(id) = t
-                .records()
-                .filter(|r| {
-                    r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
-                })
-                .min_by_key(|r| (r.created_at_ms, r.id.clone()))
-                .map(|r| r.id.clone())
-            else {
+            let pooled = |r: &BubbleRecord| {
+                r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+            };
+            let id = match only {
+                Some((id, _)) => t.record(id).filter(|r| pooled(r)).map(|r| r.id.clone()),
+                None => t
+                    .records()
+                    .filter(|r| pooled(r))
+                    .min_by_key(|r| (r.created_at_ms, r.id.clone()))
+                    .map(|r| r.id.clone()),
+            };
+            let Some(id) = id else {
                 return Ok(None);
             };
             // The pooled bubble already counts for the host; check the parent.
@@ -190,6 +217,9 @@ impl Broker {
             };
             r.idle = idle;
             r.last_active_ms = now_ms();
+            if let Some((_, policy)) = only {
+                r.policy = policy.clone();
+            }
             Ok::<_, BrokerError>(Some((r.clone(), true)))
         })?;
         let Some((rec, fresh)) = taken else {
@@ -206,6 +236,86 @@ impl Broker {
             self.owners_kick.notify_one();
         }
         Ok(Some(rec))
+    }
+
+    /// [`Broker::take_pooled`] for an attach with a security policy: the
+    /// policy is installed in the pooled bubble under its permit, before
+    /// the owner is set, so nothing the new owner does (list, load,
+    /// attest) can come before it, and its attestation binds it. A bubble
+    /// that received the policy but could not be handed over (the parent's
+    /// quota, a lost race) is failed, never returned to the pool.
+    async fn take_pooled_with_policy(
+        self: &Arc<Self>,
+        parent: &str,
+        profile: &PoolProfile,
+        idle: IdleRule,
+        client_request_id: &str,
+        policy: &PortionPolicy,
+    ) -> Result<Option<BubbleRecord>, BrokerError> {
+        loop {
+            if !client_request_id.is_empty() {
+                if let Some(id) = self.request_in_memory(parent, client_request_id) {
+                    return Ok(self.table.get(&id));
+                }
+            }
+            let Some(id) = self.pick_pooled(profile) else {
+                return Ok(None);
+            };
+            let Some(permit) = self.table.permit(&id).await else {
+                continue;
+            };
+            let (Some(live), true) = (
+                permit.live.clone(),
+                permit.rec.owner.is_empty() && permit.rec.state == State::Ready,
+            ) else {
+                // Taken, probed unhealthy or gone meanwhile: the next one.
+                continue;
+            };
+            // Refuse before the bubble is touched, not after.
+            self.table
+                .with(|t| self.admit_parent_only(t, parent, profile.memory_mib))?;
+            let set = live
+                .vmm
+                .call(
+                    bubble_abi::ops::OP_SET_POLICY,
+                    &policy.encode(),
+                    config::DEFAULT_CALL_DEADLINE,
+                )
+                .await;
+            if let Err(e) = set {
+                let reason = FailureReason::new(
+                    FailureKind::Internal,
+                    format!("could not apply an attaching parent's security policy: {e:?}"),
+                );
+                warn!(bubble = %id, reason = %reason.detail, "pooled bubble failed");
+                self.fail(&id, &reason);
+                continue;
+            }
+            match self.take_pooled(
+                parent,
+                profile,
+                idle,
+                client_request_id,
+                Some((&id, policy)),
+            ) {
+                Ok(Some(r)) if r.id == id => return Ok(Some(r)),
+                other => {
+                    let reason = FailureReason::new(
+                        FailureKind::Internal,
+                        "a parent's policy was installed but the bubble was not handed over"
+                            .to_string(),
+                    );
+                    self.fail(&id, &reason);
+                    drop(permit);
+                    match other {
+                        // A retry of the same request got another one.
+                        Ok(Some(r)) => return Ok(Some(r)),
+                        Ok(None) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
     }
 
     /// The bubble `parent` made with this request id, if the in-memory

@@ -41,9 +41,7 @@ impl Broker {
         page_size: usize,
         after: &str,
     ) -> Result<ListPage, BrokerError> {
-        if !self.cfg.admins.iter().any(|a| a == admin) {
-            return Err(BrokerError::NotAdmin);
-        }
+        self.require_admin(admin)?;
         self.page(None, include_deleted, page_size, after)
     }
 

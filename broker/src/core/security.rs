@@ -167,6 +167,8 @@ impl Broker {
                 kind: ev.kind.label().to_string(),
             },
         );
+        // Operators' watchers, if any (no receiver is not an error).
+        let _ = self.admin_events.send(ev.clone());
         if !ev.owner.is_empty() {
             self.emit(Event {
                 owner: ev.owner.clone(),

@@ -1,34 +1,31 @@
-//! Strikes and quarantine: [`STRIKES`] security events of one kind caused
+//! Strikes and quarantine: `strikes` security events of one kind caused
 //! by one module (portion digest) in one parent's bubbles within
-//! [`WINDOW`] shut the bubble down (FAILED, reason given) and quarantine
-//! the digest *for that parent*: its loads of the module are refused with
-//! PERMISSION_DENIED and the reason until an operator lifts it (`POST
-//! /quarantine/lift?digest=HEX` on the admin endpoint, for every parent).
+//! `strike_window_s` (the `[security]` configuration, default 3 within
+//! 60 s) shut the bubble down (FAILED, reason given) and quarantine the
+//! digest *for that parent*: its loads of the module are refused with
+//! PERMISSION_DENIED and the reason until an operator lifts it (the admin
+//! RPC `AdminQuarantineLift`, `bubblectl admin quarantine lift`).
 //! Strikes and quarantine are per parent because a parent controls what
 //! makes a module misbehave (its inputs, its call deadlines): a hostile
 //! parent running a victim's public module into the ground must not get it
-//! banned for the victim, nor learn that anyone else runs it. The
-//! quarantine list lives in memory (a restarted broker starts empty).
+//! banned for the victim, nor learn that anyone else runs it. Quarantines
+//! are kept in the registry: a restarted broker keeps them (strike counts
+//! and throttles live in memory only).
 //!
-//! A parent with [`PROBE_STRIKES`] refusals of one kind (a foreign or
+//! A parent with `probe_strikes` refusals of one kind (a foreign or
 //! unknown bubble id, a foreign attestation, a wrong restore key) within
-//! [`WINDOW`] is throttled for [`WINDOW`]: every request it makes is
-//! answered RESOURCE_EXHAUSTED with the time to wait, and a `probing`
-//! event is raised.
+//! `probe_window_s` (default 10 within 60 s) is throttled for
+//! `throttle_s` (default 60 s): every request it makes is answered
+//! RESOURCE_EXHAUSTED with the time to wait, and a `probing` event is
+//! raised.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
 
 use super::security::{SecurityEvent, SecurityKind};
 use super::Broker;
-
-/// Events of one kind by one module that trigger its quarantine…
-pub const STRIKES: usize = 3;
-/// …within this window.
-pub const WINDOW: Duration = Duration::from_secs(60);
-
-/// Refusals of one kind by one parent that throttle it…
-pub const PROBE_STRIKES: usize = 10;
+use crate::config::SecurityConfig;
+use crate::error::BrokerError;
+use crate::store::registry::Quarantine;
 
 /// Kinds that count as strikes against the parent that caused them.
 fn counts_against_parent(k: SecurityKind) -> bool {
@@ -53,19 +50,20 @@ fn counts_against_module(k: SecurityKind) -> bool {
 }
 
 /// Recent strikes and quarantined module digests.
-#[derive(Default)]
 pub(crate) struct Ledger {
+    th: SecurityConfig,
     /// By (owner, module digest, kind).
     strikes: HashMap<(String, String, SecurityKind), VecDeque<u64>>,
-    /// By (owner, module digest): the reason.
-    quarantined: HashMap<(String, String), String>,
+    /// By (owner, module digest).
+    quarantined: HashMap<(String, String), Quarantine>,
     by_parent: HashMap<(String, SecurityKind), VecDeque<u64>>,
     throttled_until: HashMap<String, u64>,
 }
 
-/// Pushes `at_ms` on a window of strikes; how many are within the window.
-fn within_window(q: &mut VecDeque<u64>, at_ms: u64) -> usize {
-    let window_ms = WINDOW.as_millis() as u64;
+/// Pushes `at_ms` on a window of strikes; how many are within the last
+/// `window_s` seconds.
+fn within_window(q: &mut VecDeque<u64>, at_ms: u64, window_s: u64) -> usize {
+    let window_ms = window_s.saturating_mul(1000);
     q.push_back(at_ms);
     while q
         .front()
@@ -77,9 +75,24 @@ fn within_window(q: &mut VecDeque<u64>, at_ms: u64) -> usize {
 }
 
 impl Ledger {
-    /// Counts `ev`; returns the quarantine reason when this strike is the
-    /// one that quarantines its module.
-    fn strike(&mut self, ev: &SecurityEvent) -> Option<String> {
+    /// A ledger with these thresholds and the quarantines in force
+    /// (parent, digest, quarantine), as the registry keeps them.
+    pub(crate) fn new(th: SecurityConfig, quarantined: Vec<(String, String, Quarantine)>) -> Self {
+        Self {
+            th,
+            strikes: HashMap::new(),
+            quarantined: quarantined
+                .into_iter()
+                .map(|(p, d, q)| ((p, d), q))
+                .collect(),
+            by_parent: HashMap::new(),
+            throttled_until: HashMap::new(),
+        }
+    }
+
+    /// Counts `ev`; returns the quarantine when this strike is the one that
+    /// quarantines its module.
+    fn strike(&mut self, ev: &SecurityEvent) -> Option<Quarantine> {
         if ev.portion_digest.is_empty() || !counts_against_module(ev.kind) {
             return None;
         }
@@ -91,21 +104,21 @@ impl Ledger {
             .strikes
             .entry((ev.owner.clone(), ev.portion_digest.clone(), ev.kind))
             .or_default();
-        let n = within_window(q, ev.at_ms);
-        if n < STRIKES {
+        let n = within_window(q, ev.at_ms, self.th.strike_window_s);
+        if n < self.th.strikes {
             return None;
         }
-        let reason = format!(
-            "module {} quarantined after {} {} events within {} s",
-            ev.portion_digest,
-            n,
-            ev.kind,
-            WINDOW.as_secs()
-        );
+        let q = Quarantine {
+            reason: format!(
+                "module {} quarantined after {} {} events within {} s",
+                ev.portion_digest, n, ev.kind, self.th.strike_window_s
+            ),
+            since_ms: ev.at_ms,
+        };
         self.strikes
             .retain(|(o, d, _), _| *o != module.0 || *d != module.1);
-        self.quarantined.insert(module, reason.clone());
-        Some(reason)
+        self.quarantined.insert(module, q.clone());
+        Some(q)
     }
 }
 
@@ -120,11 +133,11 @@ impl Ledger {
             .by_parent
             .entry((ev.parent.clone(), ev.kind))
             .or_default();
-        if within_window(q, ev.at_ms) < PROBE_STRIKES {
+        if within_window(q, ev.at_ms, self.th.probe_window_s) < self.th.probe_strikes {
             return false;
         }
         q.clear();
-        let until = ev.at_ms + WINDOW.as_millis() as u64;
+        let until = ev.at_ms + self.th.throttle_s.saturating_mul(1000);
         self.throttled_until.insert(ev.parent.clone(), until);
         true
     }
@@ -162,13 +175,20 @@ impl Broker {
     }
 
     /// Counts a security event against its module; the reason to shut its
-    /// bubble down when the module is now quarantined.
+    /// bubble down when the module is now quarantined. The quarantine
+    /// holds in memory at once and is written to the registry (a failed
+    /// write is logged: it then holds until this broker stops).
     pub(crate) fn strike(&self, ev: &SecurityEvent) -> Option<String> {
-        let r = self.ledger.lock().strike(ev);
-        if let Some(why) = &r {
-            tracing::warn!(bubble = %ev.bubble_id, reason = %why, "module quarantined");
+        let q = self.ledger.lock().strike(ev)?;
+        tracing::warn!(bubble = %ev.bubble_id, reason = %q.reason, "module quarantined");
+        if let Err(e) = self
+            .registry
+            .put_quarantine(&ev.owner, &ev.portion_digest, &q)
+        {
+            tracing::error!(error = %e, digest = %ev.portion_digest,
+                "quarantine not persisted: it holds only until this broker stops");
         }
-        r
+        Some(q.reason)
     }
 
     /// Why module `digest` (SHA-384 hex) may not be loaded into `owner`'s
@@ -178,21 +198,66 @@ impl Broker {
             .lock()
             .quarantined
             .get(&(owner.to_string(), digest.to_string()))
-            .cloned()
+            .map(|q| q.reason.clone())
     }
 
-    /// Lifts a module's quarantine for every parent (operator); whether it
-    /// was quarantined for any.
-    pub fn lift_quarantine(&self, digest: &str) -> bool {
-        let mut l = self.ledger.lock();
-        let before = l.quarantined.len();
-        l.quarantined.retain(|(_, d), _| d != digest);
-        let lifted = l.quarantined.len() != before;
-        drop(l);
-        if lifted {
-            tracing::warn!(digest, "quarantine lifted by the operator");
+    /// Every quarantine in force, sorted by parent then digest (operator
+    /// only).
+    pub fn quarantine_list(
+        &self,
+        admin: &str,
+    ) -> Result<Vec<(String, String, Quarantine)>, BrokerError> {
+        self.require_admin(admin)?;
+        let mut out: Vec<_> = self
+            .ledger
+            .lock()
+            .quarantined
+            .iter()
+            .map(|((p, d), q)| (p.clone(), d.clone(), q.clone()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        Ok(out)
+    }
+
+    /// Lifts module `digest`'s quarantine for `parent` (`None`: for every
+    /// parent) (operator only); for how many parents it was lifted. The
+    /// registry forgets it before the broker does, so a lift that reports
+    /// success survives a restart.
+    pub fn lift_quarantine(
+        &self,
+        admin: &str,
+        digest: &str,
+        parent: Option<&str>,
+    ) -> Result<u32, BrokerError> {
+        self.require_admin(admin)?;
+        let parents: Vec<String> = self
+            .ledger
+            .lock()
+            .quarantined
+            .keys()
+            .filter(|(p, d)| d == digest && parent.is_none_or(|want| want == p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        if parents.is_empty() {
+            return Err(BrokerError::NotQuarantined(digest.to_string()));
         }
-        lifted
+        self.registry.remove_quarantine(&parents, digest)?;
+        let mut l = self.ledger.lock();
+        for p in &parents {
+            l.quarantined.remove(&(p.clone(), digest.to_string()));
+        }
+        drop(l);
+        tracing::warn!(digest, parents = ?parents, admin, "quarantine lifted by an operator");
+        Ok(parents.len() as u32)
+    }
+
+    /// Refuses a parent that is not one of the configured admins.
+    pub(crate) fn require_admin(&self, who: &str) -> Result<(), BrokerError> {
+        if self.cfg.admins.iter().any(|a| a == who) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotAdmin)
+        }
     }
 }
 
@@ -211,11 +276,15 @@ mod tests {
         }
     }
 
+    fn ledger() -> Ledger {
+        Ledger::new(SecurityConfig::default(), Vec::new())
+    }
+
     #[test]
     fn n_strikes_of_a_kind_within_the_window_quarantine_the_module() {
-        let mut l = Ledger::default();
+        let mut l = ledger();
         let k = SecurityKind::CredentialDenied;
-        let w = WINDOW.as_millis() as u64;
+        let w = SecurityConfig::default().strike_window_s * 1000;
         // Spread wider than the window: never three at once.
         for i in 0..6 {
             assert!(l.strike(&ev(k, "d", i * w)).is_none());
@@ -230,9 +299,10 @@ mod tests {
             .is_none());
         assert!(l.strike(&ev(k, "d", 6 * w + 1)).is_none());
         assert!(l.strike(&ev(k, "d", 6 * w + 2)).is_none());
-        let why = l.strike(&ev(k, "d", 6 * w + 3)).unwrap();
-        assert!(why.contains("3 credential_denied"), "{why}");
-        assert_eq!(l.quarantined.get(&("a".into(), "d".into())), Some(&why));
+        let q = l.strike(&ev(k, "d", 6 * w + 3)).unwrap();
+        assert!(q.reason.contains("3 credential_denied"), "{q:?}");
+        assert_eq!(q.since_ms, 6 * w + 3);
+        assert_eq!(l.quarantined.get(&("a".into(), "d".into())), Some(&q));
         // Once quarantined, no second shutdown reason.
         assert!(l.strike(&ev(k, "d", 6 * w + 4)).is_none());
         // Another parent's bubbles running the same module are neither
@@ -246,10 +316,11 @@ mod tests {
 
     #[test]
     fn a_parent_is_throttled_after_n_refusals_of_a_kind() {
-        let mut l = Ledger::default();
+        let mut l = ledger();
+        let th = SecurityConfig::default();
         let mut e = ev(SecurityKind::ForeignAccess, "", 0);
         e.parent = "mallory".into();
-        for i in 0..PROBE_STRIKES as u64 - 1 {
+        for i in 0..th.probe_strikes as u64 - 1 {
             e.at_ms = i;
             assert!(!l.parent_strike(&e));
         }
@@ -261,7 +332,40 @@ mod tests {
         assert!(l.parent_strike(&e));
         assert_eq!(
             l.throttled_until.get("mallory"),
-            Some(&(100 + WINDOW.as_millis() as u64))
+            Some(&(100 + th.throttle_s * 1000))
         );
+    }
+
+    /// Configured thresholds are the ones applied, and quarantines given
+    /// at start (from the registry) are in force.
+    #[test]
+    fn configured_thresholds_and_persisted_quarantines_apply() {
+        let th = SecurityConfig {
+            strikes: 2,
+            strike_window_s: 5,
+            probe_strikes: 2,
+            probe_window_s: 5,
+            throttle_s: 7,
+        };
+        let kept = Quarantine {
+            reason: "earlier".into(),
+            since_ms: 1,
+        };
+        let mut l = Ledger::new(th, vec![("a".into(), "old".into(), kept.clone())]);
+        assert_eq!(l.quarantined.get(&("a".into(), "old".into())), Some(&kept));
+        let k = SecurityKind::FuelExhausted;
+        assert!(l.strike(&ev(k, "d", 0)).is_none());
+        // Outside a 5 s window: the first no longer counts.
+        assert!(l.strike(&ev(k, "d", 5_001)).is_none());
+        let q = l.strike(&ev(k, "d", 5_002)).unwrap();
+        assert!(
+            q.reason.contains("2 fuel_exhausted events within 5 s"),
+            "{q:?}"
+        );
+        let mut e = ev(SecurityKind::RestoreWrongKey, "", 0);
+        assert!(!l.parent_strike(&e));
+        e.at_ms = 10;
+        assert!(l.parent_strike(&e));
+        assert_eq!(l.throttled_until.get("a"), Some(&7_010));
     }
 }

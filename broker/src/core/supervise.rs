@@ -194,6 +194,7 @@ impl Broker {
                 match n {
                     VmmNotice::Log(line) => {
                         info!(bubble = %id, instance, pid, guest_log = %line, "guest log");
+                        b.guest_log(&id, &line);
                     }
                     VmmNotice::Failed(reason) | VmmNotice::Gone(reason) => {
                         b.fail_with(&id, Some(instance), &reason, String::new());

@@ -38,7 +38,8 @@ struct VerifyArgs {
     /// The log (DATA_DIR/audit/audit.log).
     file: PathBuf,
     /// Require checkpoints signed by this key (the broker's usage key,
-    /// hex); without it, all checkpoints must share one key.
+    /// hex). Without it, all checkpoints must share one key, and that key
+    /// (the first checkpoint's) is trusted as found: a warning says so.
     #[arg(long)]
     key: Option<String>,
 }
@@ -100,15 +101,26 @@ pub(super) async fn run(conn: &Conn, a: AuditArgs, j: bool) -> anyhow::Result<Ex
         None => 0,
     };
     let mut c = conn.connect().await?;
-    let records = c
-        .list_audit(pb::ListAuditRequest {
-            bubble_id: a.bubble.unwrap_or_default(),
-            since_ms: since,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner()
-        .records;
+    // Every page, in order.
+    let mut records = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_audit(pb::ListAuditRequest {
+                bubble_id: a.bubble.clone().unwrap_or_default(),
+                since_ms: since,
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        records.extend(page.records);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
     if j {
         let v: Vec<_> = records.iter().map(record_json).collect();
         println!("{}", serde_json::Value::Array(v));
@@ -143,12 +155,26 @@ fn verify(v: VerifyArgs, j: bool) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&v.file).with_context(|| v.file.display().to_string())?;
     match bubble_audit::verify(&bytes, key) {
         Ok(s) => {
+            if !s.key_checked {
+                eprintln!(
+                    "WARNING: no --key given: the checkpoints were checked against the key of the \
+                     first checkpoint ({}), which the file itself names; anyone who rewrote the \
+                     whole log with their own key passes this check. Give --key with the broker's \
+                     usage key to check who signed it.",
+                    if s.key.is_empty() { "none" } else { &s.key }
+                );
+            }
             if j {
                 println!("{}", json!({"ok": true, "summary": s}));
             } else {
                 println!(
-                    "OK: {} records, {} signed checkpoints by key {}; {} records after the last checkpoint",
-                    s.records, s.checkpoints, s.key, s.unsigned_tail
+                    "OK: {} records, {} signed checkpoints by key {}{}; {} records after the last checkpoint; {} recovered after a crash",
+                    s.records,
+                    s.checkpoints,
+                    s.key,
+                    if s.key_checked { " (as given)" } else { " (NOT checked: trusted as found)" },
+                    s.unsigned_tail,
+                    s.recovered
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -44,6 +44,10 @@ pub(super) struct AttachArgs {
     /// Idempotency key.
     #[arg(long, default_value = "")]
     request_id: String,
+    /// Security policy for portions, as for `create`; installed in the
+    /// pooled bubble before it is handed over.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
     #[command(flatten)]
     idle: IdleArgs,
     /// Print only the bubble id.
@@ -103,12 +107,17 @@ pub(super) async fn create(conn: &Conn, a: CreateArgs, j: bool) -> anyhow::Resul
 }
 
 pub(super) async fn attach(conn: &Conn, a: AttachArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let policy = match &a.policy_file {
+        Some(p) => Some(super::policy::to_pb(p)?),
+        None => None,
+    };
     let mut c = conn.connect().await?;
     let req = pb::AttachBubbleRequest {
         profile: a.profile,
         wait_ms: a.wait_ms,
         idle: a.idle.to_pb(),
         client_request_id: a.request_id,
+        policy,
     };
     show(c.attach_bubble(req).await, a.quiet, j)?;
     Ok(ExitCode::SUCCESS)

@@ -62,6 +62,18 @@ pub(super) struct WatchArgs {
     count: Option<u64>,
 }
 
+#[derive(Debug, Args)]
+pub(super) struct LogsArgs {
+    /// Bubble id.
+    bubble: String,
+    /// Keep printing new lines as they come.
+    #[arg(short, long)]
+    follow: bool,
+    /// Stop after this many lines.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
 /// What a call answered.
 struct Answer {
     output: Vec<u8>,
@@ -167,6 +179,35 @@ pub(super) async fn watch(conn: &Conn, a: WatchArgs, j: bool) -> anyhow::Result<
         seen += 1;
         if a.count.is_some_and(|c| seen >= c) {
             break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `logs BUBBLE [--follow]`: the guest's and its portions' log lines.
+pub(super) async fn logs(conn: &Conn, a: LogsArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let mut c = conn.connect().await?;
+    let mut s = c
+        .stream_logs(pb::StreamLogsRequest {
+            bubble_id: a.bubble,
+            follow: a.follow,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut seen = 0u64;
+    while a.count.is_none_or(|n| seen < n) {
+        let Some(l) = s.message().await.map_err(status_err)? else {
+            break;
+        };
+        seen += 1;
+        if j {
+            println!(
+                "{}",
+                json!({"seq": l.seq, "at_ms": l.at_ms, "text": l.text})
+            );
+        } else {
+            println!("{}  {}", l.at_ms, l.text);
         }
     }
     Ok(ExitCode::SUCCESS)

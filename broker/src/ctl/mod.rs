@@ -6,11 +6,12 @@
 //! One module per group of subcommands, each with its arguments and its
 //! handlers: `bubbles` (create, attach, list, describe, delete), `freeze`
 //! (suspend, restore, frozen), `calls` (call, watch), `parent` (provision,
-//! portion), `attest` (attest, measure), `pki`, and `ops` (usage, load,
-//! demo); `output` formats bubbles and bytes for all of them, `policy`
+//! portion), `attest` (attest, measure), `pki`, `admin` (operator
+//! commands), and `ops` (usage, load, demo); `output` formats bubbles and bytes for all of them, `policy`
 //! reads policy files and idle settings, `trust` attests a bubble before
 //! its keys are used, `errors` reports failures.
 
+mod admin;
 mod attest;
 mod audit;
 mod bubbles;
@@ -131,6 +132,8 @@ enum Cmd {
     Delete(BubbleArg),
     /// Stream state changes of your bubbles until interrupted.
     Watch(calls::WatchArgs),
+    /// Print a bubble's guest and portion log lines (--follow for new ones).
+    Logs(calls::LogsArgs),
     /// Development PKI for mutual TLS.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -143,6 +146,9 @@ enum Cmd {
     /// Your records in the broker's audit log; `audit verify FILE` checks
     /// a log offline.
     Audit(audit::AuditArgs),
+    /// Operator commands (for the broker's `admins`).
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo(ops::DemoArgs),
@@ -205,6 +211,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Frozen(c) => freeze::frozen(conn, c, j).await,
         Cmd::Call(a) => calls::call(conn, a, j).await,
         Cmd::Watch(a) => calls::watch(conn, a, j).await,
+        Cmd::Logs(a) => calls::logs(conn, a, j).await,
         Cmd::Provision(a) => parent::provision(conn, a, j).await,
         Cmd::Portion(c) => parent::portion(conn, c, j).await,
         Cmd::Pki(c) => pki::run(c, j),
@@ -217,6 +224,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Trigger(c) => triggers::trigger(conn, c, j).await,
         Cmd::Publish(a) => triggers::publish(conn, a, j).await,
         Cmd::Results(a) => triggers::results(conn, a, j).await,
+        Cmd::Admin(c) => admin::run(conn, c, j).await,
     }
 }
 
@@ -247,6 +255,7 @@ mod tests {
         let lines: &[&[&str]] = &[
             &["create", "--image", "shim", "--request-id", "r"],
             &["attach", "pool-a", "--wait-ms", "5"],
+            &["attach", "pool-a", "--policy-file", "p.toml", "-q"],
             &["suspend", "b-1", "--kek-file", "-"],
             &["restore", "b-1", "--generation", "3"],
             &["frozen", "list"],
@@ -341,6 +350,10 @@ mod tests {
             &["demo", "--bubbles", "1"],
             &["audit", "--bubble", "b-1", "--since", "10m"],
             &["audit", "verify", "f", "--key", "00"],
+            &["admin", "quarantine", "list"],
+            &["admin", "events", "--count", "3"],
+            &["logs", "b-1", "--follow", "--count", "2"],
+            &["admin", "quarantine", "lift", "ab", "--parent", "cert:a"],
         ];
         for line in lines {
             let argv = ["bubblectl", "--json", "--socket", "/s"]

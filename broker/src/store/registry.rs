@@ -5,6 +5,13 @@
 //! re-adopted, the others are marked FAILED with a reason
 //! (see [`crate::core::Broker::reconcile`]).
 
+mod error;
+mod pins;
+mod quarantine;
+
+pub use error::RegistryError;
+pub use quarantine::Quarantine;
+
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -16,37 +23,6 @@ pub mod triggers;
 const BUBBLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bubbles_v1");
 /// Idempotency index: `owner \0 client_request_id` → bubble id.
 const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("create_requests_v1");
-
-/// Errors from the registry database.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The database could not be opened, read or written.
-    #[error("registry database: {0}")]
-    Db(String),
-    /// A stored record could not be decoded.
-    #[error("registry record for {id} is corrupt: {detail}")]
-    Corrupt {
-        /// The bubble id of the corrupt record.
-        id: String,
-        /// What was wrong.
-        detail: String,
-    },
-}
-
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for RegistryError {
-            fn from(e: $t) -> Self { RegistryError::Db(e.to_string()) }
-        }
-    )*};
-}
-db_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// Lifecycle state of a bubble as stored in the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +272,8 @@ impl Registry {
         {
             txn.open_table(BUBBLES)?;
             txn.open_table(REQUESTS)?;
+            txn.open_table(quarantine::QUARANTINE)?;
+            txn.open_table(pins::META)?;
         }
         txn.commit()?;
         Ok(Self {
