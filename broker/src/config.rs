@@ -238,6 +238,9 @@ pub struct FileConfig {
     /// Milliseconds a new Unix-socket connection has to send its first
     /// bytes.
     pub handshake_timeout_ms: Option<u64>,
+    /// Milliseconds a connection (Unix socket or mutual TLS) may stay with
+    /// no request open before it is closed; 0: never. Default 300000.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {

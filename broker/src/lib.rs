@@ -28,6 +28,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod identity;
+pub mod idle;
 pub mod kek_input;
 pub mod load;
 pub mod obs;

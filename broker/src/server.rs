@@ -14,6 +14,7 @@ use crate::api::BrokerService;
 use crate::authority::AuthorityFix;
 use crate::conn_limit::{ConnLimits, Limited};
 use crate::core::Broker;
+use crate::idle::{Idle, IdleLayer};
 
 /// Room for the protobuf framing around a maximum-size payload.
 const FRAMING_ALLOWANCE: usize = 64 * 1024;
@@ -174,6 +175,7 @@ pub async fn serve_unix_with(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
+        .layer(IdleLayer)
         .layer(limits_layer(&broker))
         .add_service(health(&broker).await)
         .add_service(service(&broker))
@@ -184,14 +186,15 @@ pub async fn serve_unix_with(
 /// Accepted parent connections within the per-uid cap and the handshake
 /// deadline (see [`crate::conn_limit`]), registered for read readiness
 /// only (a parent reading its answer does not wake the broker; see
-/// bubble-uds), with their peer credentials, and any `:authority` accepted
-/// (see [`crate::authority`]).
+/// bubble-uds), with their peer credentials, any `:authority` accepted
+/// (see [`crate::authority`]) and the idle timeout (see [`crate::idle`]).
 fn parent_conns(
     listener: UnixListener,
     limits: ConnLimits,
-) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<Limited<bubble_uds::UnixConn>>>>
+) -> impl tokio_stream::Stream<Item = std::io::Result<Idle<AuthorityFix<Limited<bubble_uds::UnixConn>>>>>
 {
-    crate::conn_limit::accept_loop(listener, limits).map(|c| c.map(AuthorityFix::new))
+    crate::conn_limit::accept_loop(listener, limits)
+        .map(move |c| c.map(|c| Idle::new(AuthorityFix::new(c), limits.idle)))
 }
 
 /// Binds a TCP listener.
@@ -206,11 +209,13 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Serves the broker with mutual TLS on a bound TCP listener until
 /// `shutdown` resolves. Clients without a certificate signed by the parent
-/// CA are refused during the handshake.
+/// CA are refused during the handshake; a connection with no open request
+/// for `idle` is closed (see [`crate::idle`]).
 pub async fn serve_tls(
     broker: Arc<Broker>,
     listener: TcpListener,
     tls: &TlsFiles,
+    idle: Option<std::time::Duration>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let read =
@@ -224,10 +229,14 @@ pub async fn serve_tls(
     Server::builder()
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
+        .layer(IdleLayer)
         .layer(limits_layer(&broker))
         .add_service(health(&broker).await)
         .add_service(service(&broker))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener).map(move |c| c.map(|c| Idle::new(c, idle))),
+            shutdown,
+        )
         .await
         .map_err(|e| ServeError::Tls(e.to_string()))
 }
