@@ -33,6 +33,7 @@ pub mod kek_input;
 pub mod load;
 pub mod obs;
 pub mod pki;
+pub mod revoked;
 pub mod server;
 pub mod store;
 pub mod vmm;

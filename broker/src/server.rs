@@ -47,6 +47,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA that signs parent (client) certificates (PEM).
     pub client_ca: PathBuf,
+    /// Revoked client certificates (see [`crate::revoked`]; missing: none).
+    pub revoked: PathBuf,
 }
 
 impl TlsFiles {
@@ -56,6 +58,7 @@ impl TlsFiles {
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
             client_ca: dir.join("ca.pem"),
+            revoked: dir.join(crate::revoked::REVOKED_FILE),
         }
     }
 }
@@ -209,7 +212,8 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Serves the broker with mutual TLS on a bound TCP listener until
 /// `shutdown` resolves. Clients without a certificate signed by the parent
-/// CA are refused during the handshake; a connection with no open request
+/// CA are refused during the handshake, and a request with a revoked one
+/// (DIR/revoked, re-read when it changes) is UNAUTHENTICATED; a connection with no open request
 /// for `idle` is closed (see [`crate::idle`]).
 pub async fn serve_tls(
     broker: Arc<Broker>,
@@ -222,6 +226,8 @@ pub async fn serve_tls(
         |p: &Path| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
     let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
+    let revoked = crate::revoked::Denylist::open(tls.revoked.clone())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
     let cfg = ServerTlsConfig::new()
         .identity(identity)
         .client_ca_root(ca)
@@ -230,6 +236,7 @@ pub async fn serve_tls(
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .layer(IdleLayer)
+        .layer(crate::revoked::RevokedLayer(Arc::new(revoked)))
         .layer(limits_layer(&broker))
         .add_service(health(&broker).await)
         .add_service(service(&broker))
