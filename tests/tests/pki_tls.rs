@@ -4,6 +4,9 @@
 //! request on, also on a connection opened before the replacement, and
 //! after a broker restart, while the new certificate works. `pki revoke`
 //! then cuts the new one off too. `--days` bounds a certificate's validity.
+//! `--tls-server-name` checks the broker's certificate against a name other
+//! than the URL's host, and a name the certificate does not carry fails
+//! with an error that says so.
 
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -181,4 +184,43 @@ fn days_bounds_validity() {
         let out = run(&["pki", "add-parent", p, "parent-c", "--days", bad]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
     }
+}
+
+#[test]
+fn tls_server_name_is_checked_against_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    ok(&[
+        "pki",
+        "init",
+        p,
+        "--parents",
+        "parent-a",
+        "--san",
+        "broker.test",
+    ]);
+    let b = start(dir.path());
+    let url = format!("https://127.0.0.1:{}", b.tls.unwrap().port());
+    let with_name = |name: Option<&str>| {
+        let mut args = vec!["--endpoint", &url, "--pki", p, "--parent", "parent-a"];
+        if let Some(n) = name {
+            args.extend(["--tls-server-name", n]);
+        }
+        args.push("list");
+        run(&args)
+    };
+    // The URL's host (127.0.0.1, in the certificate) by default; a name
+    // the certificate carries; never a name it does not.
+    assert!(with_name(None).status.success());
+    let out = with_name(Some("broker.test"));
+    assert!(out.status.success(), "{out:?}");
+    let out = with_name(Some("other.test"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(24), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("certificate") && msg.contains("other.test"),
+        "no clear name error: {msg}"
+    );
 }
