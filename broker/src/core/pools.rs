@@ -83,6 +83,7 @@ impl Broker {
         parent: &str,
         cmd: Attach,
     ) -> Result<BubbleRecord, BrokerError> {
+        self.refuse_if_draining()?;
         let started = Instant::now();
         let profile = self
             .profile(&cmd.profile)

@@ -155,7 +155,12 @@ pub(super) async fn describe(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Resu
     let bubble = pb::BubbleRef {
         bubble_id: a.bubble,
     };
-    print_reply(c.describe_bubble(bubble).await, j)?;
+    let r = if conn.admin {
+        c.admin_describe_bubble(bubble).await
+    } else {
+        c.describe_bubble(bubble).await
+    };
+    print_reply(r, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -164,6 +169,46 @@ pub(super) async fn delete(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Result
     let bubble = pb::BubbleRef {
         bubble_id: a.bubble,
     };
-    print_reply(c.delete_bubble(bubble).await, j)?;
+    let r = if conn.admin {
+        c.admin_delete_bubble(bubble).await
+    } else {
+        c.delete_bubble(bubble).await
+    };
+    print_reply(r, j)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bubblectl admin ...`.
+#[derive(Debug, clap::Subcommand)]
+pub(super) enum AdminCmd {
+    /// Stop accepting new bubbles (create, attach: UNAVAILABLE); prints how
+    /// many bubbles still run.
+    Drain {
+        /// Accept new bubbles again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+pub(super) async fn admin(conn: &Conn, cmd: AdminCmd, j: bool) -> anyhow::Result<ExitCode> {
+    let mut c = conn.connect().await?;
+    match cmd {
+        AdminCmd::Drain { undo } => {
+            let r = c
+                .admin_drain(pb::AdminDrainRequest { drain: !undo })
+                .await?
+                .into_inner();
+            if j {
+                println!(
+                    "{}",
+                    serde_json::json!({"draining": r.draining, "live_bubbles": r.live_bubbles})
+                );
+            } else if r.draining {
+                println!("draining: {} bubbles still running", r.live_bubbles);
+            } else {
+                println!("accepting new bubbles ({} running)", r.live_bubbles);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -75,6 +75,10 @@ struct Conn {
     /// Parent name whose certificate to present with --endpoint.
     #[arg(long, global = true, env = "BUBBLED_PARENT")]
     parent: Option<String>,
+    /// describe/delete any parent's bubble (operators: a parent id in the
+    /// broker's `admins`).
+    #[arg(long, global = true)]
+    admin: bool,
     /// Name the broker's certificate must carry (default: the host of
     /// --endpoint).
     #[arg(long, global = true, env = "BUBBLED_TLS_SERVER_NAME")]
@@ -139,6 +143,9 @@ enum Cmd {
     Portion(parent::PortionCmd),
     /// Delete a bubble.
     Delete(BubbleArg),
+    /// Operator commands (a parent id in the broker's `admins`).
+    #[command(subcommand)]
+    Admin(bubbles::AdminCmd),
     /// Stream state changes of your bubbles until interrupted.
     Watch(calls::WatchArgs),
     /// Development PKI for mutual TLS.
@@ -202,6 +209,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::List(a) => bubbles::list(conn, a, j).await,
         Cmd::Describe(a) => bubbles::describe(conn, a, j).await,
         Cmd::Delete(a) => bubbles::delete(conn, a, j).await,
+        Cmd::Admin(c) => bubbles::admin(conn, c, j).await,
         Cmd::Suspend(a) => freeze::suspend(conn, a, j).await,
         Cmd::Restore(a) => freeze::restore(conn, a, j).await,
         Cmd::Frozen(c) => freeze::frozen(conn, c, j).await,
