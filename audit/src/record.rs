@@ -410,6 +410,9 @@ mod tests {
                 key: [1; 32],
                 signature: [2; 64],
             },
+            What::Admin {
+                action: "delete".into(),
+            },
         ] {
             let r = sample(what);
             let f = r.encode();
