@@ -81,12 +81,36 @@ async fn admins_describe_delete_and_drain_across_parents_and_others_cannot() {
         .await
         .unwrap_err();
     assert_eq!(dr.code(), tonic::Code::PermissionDenied);
+    // The same from bubblectl: exit 17 with the JSON error.
+    let url = format!("https://localhost:{}", b.tls.unwrap().port());
+    let pki = b.dir.join("pki");
+    for args in [
+        vec!["admin", "drain"],
+        vec!["admin", "describe", id.as_str()],
+    ] {
+        let out = Command::new(ctl_bin())
+            .args(["--json", "--endpoint", &url, "--pki", pki.to_str().unwrap()])
+            .args(["--parent", "parent-b"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(17), "{args:?}: {v}");
+        assert_eq!(v["error"]["code"], "PERMISSION_DENIED", "{v}");
+    }
     assert_eq!(describe(&mut a, &id).await.state(), pb::BubbleState::Ready);
     a.create_bubble(create_req(16)).await.unwrap();
 
     // The admin, from bubblectl: describe and delete parent-a's bubble.
     let v = ok(s, &["--admin", "describe", &id]);
     assert_eq!(v["owner"], "cert:parent-a", "{v}");
+    let v = ok(s, &["admin", "describe", &id]);
+    assert_eq!(v["owner"], "cert:parent-a", "{v}");
+    let listed = ctl(s, &["admin", "list", "-q"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&id),
+        "{listed:?}"
+    );
     // Without --admin it is a foreign id to the admin too.
     assert_eq!(ctl(s, &["describe", &id]).status.code(), Some(17));
     let v = ok(s, &["--admin", "delete", &id]);
@@ -133,6 +157,7 @@ async fn admins_describe_delete_and_drain_across_parents_and_others_cannot() {
         acts,
         vec![
             ("describe".into(), id.clone(), me.clone()),
+            ("describe".into(), id.clone(), me.clone()),
             ("delete".into(), id.clone(), me.clone()),
             ("drain".into(), String::new(), me.clone()),
             ("undrain".into(), String::new(), me.clone()),
@@ -155,6 +180,7 @@ async fn admins_describe_delete_and_drain_across_parents_and_others_cannot() {
     assert_eq!(
         seen,
         vec![
+            ("describe".into(), "(another parent)".into()),
             ("describe".into(), "(another parent)".into()),
             ("delete".into(), "(another parent)".into()),
         ]
