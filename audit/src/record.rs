@@ -73,6 +73,13 @@ pub enum What {
         /// Its kind's label.
         kind: String,
     },
+    /// An operator (a configured admin, in `parent`) acted across parents:
+    /// `describe` or `delete` of another parent's bubble, `drain` or
+    /// `undrain` of the broker.
+    Admin {
+        /// What it did.
+        action: String,
+    },
     /// A signed checkpoint over every record before it.
     Checkpoint {
         /// The signer's Ed25519 public key.
@@ -194,6 +201,7 @@ impl Record {
             What::Credential { .. } => 2,
             What::Security { .. } => 3,
             What::Checkpoint { .. } => 4,
+            What::Admin { .. } => 5,
         });
         for s in [
             &self.entry.bubble,
@@ -225,6 +233,7 @@ impl Record {
                 });
             }
             What::Security { kind } => put_str(&mut b, kind),
+            What::Admin { action } => put_str(&mut b, action),
             What::Checkpoint { key, signature } => {
                 b.extend_from_slice(key);
                 b.extend_from_slice(signature);
@@ -337,6 +346,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, DecodeError> {
             }
         }
         3 => What::Security { kind: r.str()? },
+        5 => What::Admin { action: r.str()? },
         4 => What::Checkpoint {
             key: r.array()?,
             signature: r.array()?,
@@ -399,6 +409,9 @@ mod tests {
             What::Checkpoint {
                 key: [1; 32],
                 signature: [2; 64],
+            },
+            What::Admin {
+                action: "delete".into(),
             },
         ] {
             let r = sample(what);

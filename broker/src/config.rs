@@ -334,6 +334,9 @@ pub struct FileConfig {
     /// Event-driven portions.
     #[serde(default)]
     pub events: Option<EventsConfig>,
+    /// Milliseconds a connection (Unix socket or mutual TLS) may stay with
+    /// no request open before it is closed; 0: never. Default 300000.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {

@@ -24,6 +24,10 @@ pub struct ConnLimits {
     /// Time a new connection has to send its first bytes (the HTTP/2
     /// preface) before it is closed.
     pub handshake: Duration,
+    /// Time a connection may stay without an open request before it is
+    /// closed (Unix socket and mutual TLS; see [`crate::idle`]); `None`:
+    /// never.
+    pub idle: Option<Duration>,
 }
 
 /// Default [`ConnLimits::per_uid`].
@@ -36,6 +40,7 @@ impl Default for ConnLimits {
         Self {
             per_uid: DEFAULT_PER_UID,
             handshake: DEFAULT_HANDSHAKE,
+            idle: Some(crate::idle::DEFAULT_IDLE),
         }
     }
 }
@@ -176,10 +181,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
     }
 }
 
-/// Implements `AsyncWrite` and tonic's `Connected` for a connection
-/// wrapper (a struct with the connection in its `inner` field) by
-/// delegating both to the connection: the wrappers only change reading.
-macro_rules! delegate_write_and_connect_info {
+/// Implements `AsyncWrite` for a connection wrapper (a struct with the
+/// connection in its `inner` field) by delegating to the connection.
+macro_rules! delegate_write {
     ($wrapper:ident) => {
         impl<S: ::tokio::io::AsyncWrite + Unpin> ::tokio::io::AsyncWrite for $wrapper<S> {
             fn poll_write(
@@ -216,6 +220,16 @@ macro_rules! delegate_write_and_connect_info {
                 ::std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
             }
         }
+    };
+}
+pub(crate) use delegate_write;
+
+/// Implements `AsyncWrite` and tonic's `Connected` for a connection
+/// wrapper (a struct with the connection in its `inner` field) by
+/// delegating both to the connection: the wrappers only change reading.
+macro_rules! delegate_write_and_connect_info {
+    ($wrapper:ident) => {
+        $crate::conn_limit::delegate_write!($wrapper);
 
         impl<S: ::tonic::transport::server::Connected> ::tonic::transport::server::Connected
             for $wrapper<S>

@@ -221,6 +221,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             .handshake_timeout_ms
             .map(std::time::Duration::from_millis)
             .unwrap_or(crate::conn_limit::DEFAULT_HANDSHAKE),
+        idle: match file.idle_timeout_ms {
+            None => Some(crate::idle::DEFAULT_IDLE),
+            Some(0) => None,
+            Some(ms) => Some(std::time::Duration::from_millis(ms)),
+        },
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -250,7 +255,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         let b = broker.clone();
         let s = stop(stop_rx.clone());
         tasks.spawn(async move {
-            server::serve_tls(b, listener, &files, s)
+            server::serve_tls(b, listener, &files, limits.idle, s)
                 .await
                 .map_err(anyhow::Error::from)
         });

@@ -138,6 +138,9 @@ pub enum BrokerError {
         /// The request field that differs.
         field: &'static str,
     },
+    /// The broker is draining (an operator asked): no new bubbles.
+    #[error("the broker is draining: it accepts no new bubbles; use another broker")]
+    Draining,
     /// An operator-only request from a parent that is not a configured admin.
     #[error("this needs an admin identity (the broker's `admins` configuration)")]
     NotAdmin,
@@ -199,7 +202,9 @@ impl From<BrokerError> for Status {
             BrokerError::RequestIdReused { .. } => Code::AlreadyExists,
             BrokerError::DataLoss(_) | BrokerError::FrozenMissing => Code::DataLoss,
             BrokerError::WrongKey | BrokerError::Quarantined(_) => Code::PermissionDenied,
-            BrokerError::Store(_) | BrokerError::Unavailable(_) => Code::Unavailable,
+            BrokerError::Store(_) | BrokerError::Unavailable(_) | BrokerError::Draining => {
+                Code::Unavailable
+            }
         };
         let mut s = Status::new(code, e.to_string());
         if let BrokerError::Throttled(ms) = e {

@@ -5,7 +5,6 @@
 //! (`cert:<cn>`), which mutual TLS has already verified against the broker's
 //! parent CA.
 
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -14,13 +13,15 @@ const MAX_CN_LEN: usize = 128;
 
 /// Returns the parent identity of `req`, or UNAUTHENTICATED.
 pub fn parent_of<T>(req: &Request<T>) -> Result<String, Status> {
-    if let Some(certs) = req.peer_certs() {
+    // Connections are wrapped for the idle timeout (`crate::idle`), so
+    // their connect info is looked up through it.
+    if let Some(certs) = crate::idle::tls_info(req.extensions()).and_then(|i| i.peer_certs()) {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("client presented no certificate"))?;
         return cert_parent(leaf.as_ref());
     }
-    if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
+    if let Some(info) = crate::idle::uds_info(req.extensions()) {
         if let Some(cred) = info.peer_cred {
             return Ok(format!("uid:{}", cred.uid()));
         }

@@ -28,10 +28,12 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod identity;
+pub mod idle;
 pub mod kek_input;
 pub mod load;
 pub mod obs;
 pub mod pki;
+pub mod revoked;
 pub mod server;
 pub mod store;
 pub mod vmm;

@@ -213,7 +213,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, String> {
     let certs = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     for i in 0..spec.parents {
         let name = format!("load-{i}");
-        crate::pki::issue_parent(&spec.pki, certs.path(), &name, false)
+        crate::pki::issue_parent(&spec.pki, certs.path(), &name, false, None)
             .map_err(|e| e.to_string())?;
         let (cert, key) = crate::pki::parent_files(certs.path(), &name);
         let c = client::connect_tls(&spec.endpoint, &spec.pki.join("ca.pem"), &cert, &key)

@@ -44,6 +44,29 @@ pub enum PkiError {
     /// A subject alternative name is neither a DNS name nor an IP address.
     #[error("--san {0:?} is neither a DNS name nor an IP address")]
     BadSan(String),
+    /// A validity out of range.
+    #[error("--days {0}: must be 1..={MAX_DAYS}")]
+    BadDays(u32),
+    /// The replaced certificate could not be revoked.
+    #[error(transparent)]
+    Revoked(#[from] crate::revoked::RevokedError),
+}
+
+/// Longest validity `--days` accepts (100 years).
+pub const MAX_DAYS: u32 = 36_500;
+
+/// Sets a certificate's validity to `days` from now (from a minute ago,
+/// for clocks slightly behind); `None` keeps rcgen's default (1975-4096).
+fn set_validity(p: &mut CertificateParams, days: Option<u32>) -> Result<(), PkiError> {
+    if let Some(d) = days {
+        if d == 0 || d > MAX_DAYS {
+            return Err(PkiError::BadDays(d));
+        }
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::days(i64::from(d));
+    }
+    Ok(())
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
@@ -79,8 +102,20 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-fn leaf_params(cn: &str, sans: Vec<String>, server: bool) -> Result<CertificateParams, PkiError> {
+fn ca_params_for(days: Option<u32>) -> Result<CertificateParams, PkiError> {
+    let mut p = ca_params();
+    set_validity(&mut p, days)?;
+    Ok(p)
+}
+
+fn leaf_params(
+    cn: &str,
+    sans: Vec<String>,
+    server: bool,
+    days: Option<u32>,
+) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(sans)?;
+    set_validity(&mut p, days)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
@@ -115,7 +150,7 @@ fn load_ca(dir: &Path) -> Result<KeyPair, PkiError> {
 /// Creates the CA, the server certificate (for `localhost` and 127.0.0.1)
 /// and one client certificate per parent name.
 pub fn init(dir: &Path, parents: &[String]) -> Result<(), PkiError> {
-    init_with_sans(dir, parents, &[])
+    init_with_sans(dir, parents, &[], None)
 }
 
 /// A DNS name (letters, digits, `-`, `.`, a leading `*.`) or an IP address.
@@ -141,8 +176,14 @@ fn validate_san(san: &str) -> Result<(), PkiError> {
 }
 
 /// Like [`init`], with the server certificate also naming each of `sans`
-/// (DNS names or IP addresses).
-pub fn init_with_sans(dir: &Path, parents: &[String], sans: &[String]) -> Result<(), PkiError> {
+/// (DNS names or IP addresses), and every certificate valid for `days`
+/// from now (`None`: rcgen's default, 1975 to 4096).
+pub fn init_with_sans(
+    dir: &Path,
+    parents: &[String],
+    sans: &[String],
+    days: Option<u32>,
+) -> Result<(), PkiError> {
     if dir.join("ca.key").exists() {
         return Err(PkiError::Exists(dir.to_path_buf()));
     }
@@ -159,7 +200,7 @@ pub fn init_with_sans(dir: &Path, parents: &[String], sans: &[String]) -> Result
         }
     }
     let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params().self_signed(&ca_key)?;
+    let ca_cert = ca_params_for(days)?.self_signed(&ca_key)?;
     write_file(
         &dir.join("ca.key"),
         ca_key.serialize_pem().as_bytes(),
@@ -168,7 +209,7 @@ pub fn init_with_sans(dir: &Path, parents: &[String], sans: &[String]) -> Result
     write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
     let issuer = Issuer::new(ca_params(), &ca_key);
     let server_key = KeyPair::generate()?;
-    let server = leaf_params("bubbled", names, true)?.signed_by(&server_key, &issuer)?;
+    let server = leaf_params("bubbled", names, true, days)?.signed_by(&server_key, &issuer)?;
     write_file(
         &dir.join("server.key"),
         server_key.serialize_pem().as_bytes(),
@@ -176,39 +217,53 @@ pub fn init_with_sans(dir: &Path, parents: &[String], sans: &[String]) -> Result
     )?;
     write_file(&dir.join("server.pem"), server.pem().as_bytes(), 0o644)?;
     for p in parents {
-        add_parent_with(dir, p, &issuer)?;
+        add_parent_with(dir, p, &issuer, days)?;
     }
     Ok(())
 }
 
-/// Issues a client certificate for one more parent with an existing CA;
-/// refuses to replace an existing parent's key unless `force`.
-pub fn add_parent(dir: &Path, name: &str, force: bool) -> Result<(), PkiError> {
-    issue_parent(dir, dir, name, force)
+/// Issues a client certificate for one more parent with an existing CA,
+/// valid for `days` (`None`: rcgen's default); refuses to replace an
+/// existing parent's key unless `force`, and then revokes the certificate
+/// it replaces (see [`crate::revoked`]).
+pub fn add_parent(dir: &Path, name: &str, force: bool, days: Option<u32>) -> Result<(), PkiError> {
+    issue_parent(dir, dir, name, force, days)
 }
 
 /// Issues a client certificate for parent `name`, signed by the CA in
 /// `ca_dir`, into `out_dir/parents/` (a throw-away directory for load
 /// tests, or `ca_dir` itself); refuses to replace an existing one unless
-/// `force`.
+/// `force`, and then adds the replaced certificate to `out_dir`'s
+/// denylist before issuing the new one.
 pub fn issue_parent(
     ca_dir: &Path,
     out_dir: &Path,
     name: &str,
     force: bool,
+    days: Option<u32>,
 ) -> Result<(), PkiError> {
     validate_name(name)?;
-    if !force && parent_files(out_dir, name).0.exists() {
-        return Err(PkiError::ParentExists(name.to_string()));
+    let old = parent_files(out_dir, name).0;
+    if old.exists() {
+        if !force {
+            return Err(PkiError::ParentExists(name.to_string()));
+        }
+        let der = crate::revoked::cert_der(&old)?;
+        crate::revoked::revoke(out_dir, &der, name)?;
     }
     let ca_key = load_ca(ca_dir)?;
     let issuer = Issuer::new(ca_params(), &ca_key);
-    add_parent_with(out_dir, name, &issuer)
+    add_parent_with(out_dir, name, &issuer, days)
 }
 
-fn add_parent_with(dir: &Path, name: &str, issuer: &Issuer<'_, &KeyPair>) -> Result<(), PkiError> {
+fn add_parent_with(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'_, &KeyPair>,
+    days: Option<u32>,
+) -> Result<(), PkiError> {
     let key = KeyPair::generate()?;
-    let cert = leaf_params(name, vec![], false)?.signed_by(&key, issuer)?;
+    let cert = leaf_params(name, vec![], false, days)?.signed_by(&key, issuer)?;
     let (c, k) = parent_files(dir, name);
     write_file(&k, key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&c, cert.pem().as_bytes(), 0o644)?;
@@ -235,14 +290,14 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{k}");
         }
         assert!(matches!(init(d.path(), &[]), Err(PkiError::Exists(_))));
-        add_parent(d.path(), "bob", false).unwrap();
+        add_parent(d.path(), "bob", false, None).unwrap();
         let before = fs::read(parent_files(d.path(), "bob").1).unwrap();
         assert!(matches!(
-            add_parent(d.path(), "bob", false),
+            add_parent(d.path(), "bob", false, None),
             Err(PkiError::ParentExists(_))
         ));
         assert_eq!(fs::read(parent_files(d.path(), "bob").1).unwrap(), before);
-        add_parent(d.path(), "bob", true).unwrap();
+        add_parent(d.path(), "bob", true, None).unwrap();
         assert_ne!(fs::read(parent_files(d.path(), "bob").1).unwrap(), before);
         let mode = fs::metadata(d.path().join("parents"))
             .unwrap()
@@ -253,7 +308,7 @@ mod tests {
         let der = rustls_pem(&pem);
         assert_eq!(crate::identity::cert_parent(&der).unwrap(), "cert:bob");
         assert!(matches!(
-            add_parent(d.path(), "no/slash", false),
+            add_parent(d.path(), "no/slash", false, None),
             Err(PkiError::BadName(_))
         ));
     }

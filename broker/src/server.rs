@@ -14,6 +14,7 @@ use crate::api::BrokerService;
 use crate::authority::AuthorityFix;
 use crate::conn_limit::{ConnLimits, Limited};
 use crate::core::Broker;
+use crate::idle::{Idle, IdleLayer};
 
 /// Room for the protobuf framing around a maximum-size payload.
 const FRAMING_ALLOWANCE: usize = 64 * 1024;
@@ -46,6 +47,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA that signs parent (client) certificates (PEM).
     pub client_ca: PathBuf,
+    /// Revoked client certificates (see [`crate::revoked`]; missing: none).
+    pub revoked: PathBuf,
 }
 
 impl TlsFiles {
@@ -55,6 +58,7 @@ impl TlsFiles {
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
             client_ca: dir.join("ca.pem"),
+            revoked: dir.join(crate::revoked::REVOKED_FILE),
         }
     }
 }
@@ -174,6 +178,7 @@ pub async fn serve_unix_with(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
+        .layer(IdleLayer)
         .layer(limits_layer(&broker))
         .add_service(health(&broker).await)
         .add_service(service(&broker))
@@ -184,14 +189,15 @@ pub async fn serve_unix_with(
 /// Accepted parent connections within the per-uid cap and the handshake
 /// deadline (see [`crate::conn_limit`]), registered for read readiness
 /// only (a parent reading its answer does not wake the broker; see
-/// bubble-uds), with their peer credentials, and any `:authority` accepted
-/// (see [`crate::authority`]).
+/// bubble-uds), with their peer credentials, any `:authority` accepted
+/// (see [`crate::authority`]) and the idle timeout (see [`crate::idle`]).
 fn parent_conns(
     listener: UnixListener,
     limits: ConnLimits,
-) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<Limited<bubble_uds::UnixConn>>>>
+) -> impl tokio_stream::Stream<Item = std::io::Result<Idle<AuthorityFix<Limited<bubble_uds::UnixConn>>>>>
 {
-    crate::conn_limit::accept_loop(listener, limits).map(|c| c.map(AuthorityFix::new))
+    crate::conn_limit::accept_loop(listener, limits)
+        .map(move |c| c.map(|c| Idle::new(AuthorityFix::new(c), limits.idle)))
 }
 
 /// Binds a TCP listener.
@@ -206,17 +212,22 @@ pub async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Serves the broker with mutual TLS on a bound TCP listener until
 /// `shutdown` resolves. Clients without a certificate signed by the parent
-/// CA are refused during the handshake.
+/// CA are refused during the handshake, and a request with a revoked one
+/// (DIR/revoked, re-read when it changes) is UNAUTHENTICATED; a connection with no open request
+/// for `idle` is closed (see [`crate::idle`]).
 pub async fn serve_tls(
     broker: Arc<Broker>,
     listener: TcpListener,
     tls: &TlsFiles,
+    idle: Option<std::time::Duration>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let read =
         |p: &Path| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
     let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
+    let revoked = crate::revoked::Denylist::open(tls.revoked.clone())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
     let cfg = ServerTlsConfig::new()
         .identity(identity)
         .client_ca_root(ca)
@@ -224,10 +235,15 @@ pub async fn serve_tls(
     Server::builder()
         .tls_config(cfg)
         .map_err(|e| ServeError::Tls(e.to_string()))?
+        .layer(IdleLayer)
+        .layer(crate::revoked::RevokedLayer(Arc::new(revoked)))
         .layer(limits_layer(&broker))
         .add_service(health(&broker).await)
         .add_service(service(&broker))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener).map(move |c| c.map(|c| Idle::new(c, idle))),
+            shutdown,
+        )
         .await
         .map_err(|e| ServeError::Tls(e.to_string()))
 }

@@ -72,12 +72,26 @@ pub async fn connect_unix(path: &Path) -> Result<BrokerClient<Channel>, ConnectE
 }
 
 /// Connects over TCP with mutual TLS as the parent whose certificate and key
-/// are `cert` and `key`; `ca` is the CA that signed the server certificate.
+/// are `cert` and `key`; `ca` is the CA that signed the server certificate,
+/// which must name the URL's host.
 pub async fn connect_tls(
     url: &str,
     ca: &Path,
     cert: &Path,
     key: &Path,
+) -> Result<BrokerClient<Channel>, ConnectError> {
+    connect_tls_named(url, ca, cert, key, None).await
+}
+
+/// Like [`connect_tls`], with the server certificate checked against
+/// `server_name` instead of the URL's host when given (a broker reached
+/// by an address its certificate does not name, e.g. through a tunnel).
+pub async fn connect_tls_named(
+    url: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    server_name: Option<&str>,
 ) -> Result<BrokerClient<Channel>, ConnectError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| ConnectError::Read {
@@ -86,10 +100,14 @@ pub async fn connect_tls(
         })
     };
     // The server certificate is checked against the host the URL names
-    // (a DNS name or an IP address), as in any TLS client.
-    let tls = ClientTlsConfig::new()
+    // (a DNS name or an IP address), as in any TLS client, or against
+    // `server_name`.
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(ca)?))
         .identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
     let err = |e: tonic::transport::Error| ConnectError::Connect {
         target: url.to_string(),
         detail: root_cause(&e),

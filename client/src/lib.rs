@@ -36,7 +36,7 @@ pub mod connect;
 pub use attest::{verify_attestation, Attested, Expectations};
 use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
 use bubble_proto::v1 as pb;
-pub use connect::{connect_tls, connect_unix, Client, ConnectError};
+pub use connect::{connect_tls, connect_tls_named, connect_unix, Client, ConnectError};
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 """A parent written against the broker's proto with Python grpcio (the
-C-core stack most non-Rust parents use), over the broker's Unix socket.
+C-core stack most non-Rust parents use), over the broker's Unix socket or
+over mutual TLS.
 
 Usage: grpc_client.py STUBS_DIR SOCKET
+       grpc_client.py STUBS_DIR --tls HOST:PORT PKI_DIR PARENT
 
 Creates a bubble, calls it, deletes it; checks that a malformed message is
 INVALID_ARGUMENT and an oversized one RESOURCE_EXHAUSTED naming
@@ -24,15 +26,34 @@ def check(cond, what):
     print(f"ok: {what}")
 
 
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def main():
-    socket = sys.argv[2]
-    # Default options: grpc-core sends the socket path, percent-encoded,
-    # as :authority, which the broker accepts.
-    channel = grpc.insecure_channel("unix:" + socket)
+    if sys.argv[2] == "--tls":
+        target, pki, parent = sys.argv[3], sys.argv[4], sys.argv[5]
+        # Default options: the server certificate is checked against the
+        # target's host name.
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read(f"{pki}/ca.pem"),
+            private_key=read(f"{pki}/parents/{parent}.key"),
+            certificate_chain=read(f"{pki}/parents/{parent}.pem"),
+        )
+        channel = grpc.secure_channel(target, creds)
+        owner = f"cert:{parent}"
+    else:
+        # Default options: grpc-core sends the socket path, percent-encoded,
+        # as :authority, which the broker accepts.
+        channel = grpc.insecure_channel("unix:" + sys.argv[2])
+        owner = None
     stub = rpc.BrokerStub(channel)
 
     b = stub.CreateBubble(pb.CreateBubbleRequest(memory_mib=16, vcpus=1), timeout=30)
     check(b.state == pb.BUBBLE_STATE_READY, f"created {b.bubble_id} READY")
+    if owner is not None:
+        check(b.owner == owner, f"owned by {b.owner}")
     r = stub.Call(pb.CallRequest(bubble_id=b.bubble_id, op="echo", input=b"from python"), timeout=30)
     check(r.output == b"from python", "echo answered")
 

@@ -1,7 +1,8 @@
 //! End to end on real KVM: a parent in Python (`grpcio`, stubs generated
 //! from the proto here with `grpcio-tools`) creates, calls and deletes a
-//! bubble over the Unix socket; a malformed message is INVALID_ARGUMENT and
-//! an oversized one RESOURCE_EXHAUSTED naming max_payload.
+//! bubble over the Unix socket and over mutual TLS (as its certificate's
+//! parent); a malformed message is INVALID_ARGUMENT and an oversized one
+//! RESOURCE_EXHAUSTED naming max_payload.
 
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -46,18 +47,28 @@ fn a_python_grpcio_parent_creates_calls_and_deletes() {
 
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let broker = BrokerProc::start(&data, false);
-    let out = Command::new("python3")
-        .arg(root.join("tests/python/grpc_client.py"))
-        .arg(&stubs)
-        .arg(&broker.socket)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let broker = BrokerProc::start(&data, true);
+    let run = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(root.join("tests/python/grpc_client.py"))
+            .arg(&stubs)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let stdout = run(&[broker.socket.to_str().unwrap()]);
     assert_eq!(stdout.matches("ok: ").count(), 5, "{stdout}");
+    // Over mutual TLS, by the name in the server certificate.
+    let target = format!("localhost:{}", broker.tls.unwrap().port());
+    let pki = data.join("pki");
+    let stdout = run(&["--tls", &target, pki.to_str().unwrap(), "parent-a"]);
+    assert_eq!(stdout.matches("ok: ").count(), 6, "{stdout}");
+    assert!(stdout.contains("ok: owned by cert:parent-a"), "{stdout}");
 }

@@ -88,6 +88,9 @@ async fn a_poison_event_dead_letters_with_a_security_event_and_blocks_nothing() 
         .list_audit(pb::ListAuditRequest {
             bubble_id: bubble.clone(),
             since_ms: 0,
+            // One page holds them all here (a handful of records).
+            page_size: 1000,
+            page_token: String::new(),
         })
         .await
         .unwrap()

@@ -19,7 +19,7 @@ pub(crate) async fn load_8_parents(x: &Ctx) -> anyhow::Result<Stat> {
     let b = x.broker.clone();
     let files = server::TlsFiles::in_pki_dir(&pki);
     let tls = x.bh.spawn(async move {
-        server::serve_tls(b, listener, &files, async {
+        server::serve_tls(b, listener, &files, None, async {
             let _ = tls_rx.await;
         })
         .await

@@ -76,6 +76,10 @@ pub fn record_to_pb(r: Record) -> pb::AuditRecord {
             out.r#type = "security".into();
             out.security_kind = kind;
         }
+        What::Admin { action } => {
+            out.r#type = "admin".into();
+            out.admin_action = action;
+        }
         What::Checkpoint { .. } => out.r#type = "checkpoint".into(),
     }
     out

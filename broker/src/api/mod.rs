@@ -455,6 +455,53 @@ impl BrokerApi for BrokerService {
         Ok(Response::new(Box::pin(kept.chain(new))))
     }
 
+    async fn admin_describe_bubble(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = self.parent(&request)?;
+        let id = &request.get_ref().bubble_id;
+        validate_bubble_id(id)?;
+        let rec = self
+            .broker
+            .admin_describe(&parent, id)
+            .map_err(|e| self.deny(&parent, id, e))?;
+        let mut b = bubble_to_pb(&rec);
+        b.health = self
+            .broker
+            .probed(id)
+            .map(|p| p.describe())
+            .unwrap_or_default();
+        Ok(Response::new(b))
+    }
+
+    async fn admin_delete_bubble(
+        &self,
+        request: Request<pb::BubbleRef>,
+    ) -> Result<Response<pb::Bubble>, Status> {
+        let parent = self.parent(&request)?;
+        let id = &request.get_ref().bubble_id;
+        validate_bubble_id(id)?;
+        let rec = self
+            .broker
+            .admin_delete(&parent, id)
+            .await
+            .map_err(|e| self.deny(&parent, id, e))?;
+        Ok(Response::new(bubble_to_pb(&rec)))
+    }
+
+    async fn admin_drain(
+        &self,
+        request: Request<pb::AdminDrainRequest>,
+    ) -> Result<Response<pb::AdminDrainResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let live = self.broker.admin_drain(&parent, request.get_ref().drain)?;
+        Ok(Response::new(pb::AdminDrainResponse {
+            draining: self.broker.draining(),
+            live_bubbles: live,
+        }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

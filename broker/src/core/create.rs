@@ -23,6 +23,7 @@ impl Broker {
         parent: &str,
         cmd: NewBubble,
     ) -> Result<BubbleRecord, BrokerError> {
+        self.refuse_if_draining()?;
         let started = Instant::now();
         let mut rec = self.new_record(
             parent,

@@ -104,7 +104,7 @@ impl Broker {
             r.vmm_pid = 0;
             r.parent_keyed = parent_key.is_some();
             if let Some(v) = vcpu_us {
-                r.usage.vcpu_us = v;
+                r.usage.vmm_ended(v);
             }
         });
         let r = match committed {

@@ -43,11 +43,12 @@ impl Broker {
         let mut vcpu_us = rec.usage.vcpu_us;
         if let Some(live) = self.table.live_of(id) {
             if let Some(v) = live.vmm.vcpu_us().await {
-                vcpu_us = v;
-                self.table.with(|t| {
-                    if let Some(r) = t.record_mut(id) {
-                        r.usage.vcpu_us = v;
+                vcpu_us = self.table.with(|t| match t.record_mut(id) {
+                    Some(r) => {
+                        r.usage.vcpu_us = r.usage.billed_vcpu(v);
+                        r.usage.vcpu_us
                     }
+                    None => rec.usage.billed_vcpu(v),
                 });
             }
         }
@@ -60,7 +61,11 @@ impl Broker {
             calls: rec.calls,
             bytes_in: rec.usage.bytes_in,
             bytes_out: rec.usage.bytes_out,
-            from_ms: rec.created_at_ms,
+            from_ms: if rec.usage.billed_from_ms > 0 {
+                rec.usage.billed_from_ms
+            } else {
+                rec.created_at_ms
+            },
             to_ms: now,
         })
     }

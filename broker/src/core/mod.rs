@@ -13,6 +13,7 @@ pub mod commands;
 pub mod lifecycle;
 pub(crate) mod table;
 
+mod admin;
 mod admission;
 mod attest;
 mod audit;
@@ -120,6 +121,8 @@ pub struct Broker {
     psp: bubble_attestation::SimPsp,
     /// Set by [`Broker::shutdown_all`]: no new bubbles, no pool refills.
     closing: AtomicBool,
+    /// Set by an operator's drain: no new bubbles (create, attach).
+    draining: AtomicBool,
     /// Encrypted store of suspended bubbles.
     frozen: FrozenStore,
     /// The broker's key-encryption key for frozen bubbles (0600 file).
@@ -338,6 +341,7 @@ impl Broker {
             kek,
             psp,
             closing: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             spawner,
             cfg,
             registry,

@@ -83,6 +83,7 @@ impl Broker {
         parent: &str,
         cmd: Attach,
     ) -> Result<BubbleRecord, BrokerError> {
+        self.refuse_if_draining()?;
         let started = Instant::now();
         let profile = self
             .profile(&cmd.profile)
@@ -123,6 +124,7 @@ impl Broker {
                     .await?
             };
             if let Some(r) = taken {
+                let r = self.unbill_pool_vcpu(r).await;
                 // Refill in the background, after this answer has gone out:
                 // booting the replacement competes for the same cores.
                 let notify = self.pool_changed.clone();
@@ -156,6 +158,32 @@ impl Broker {
             .attach_seconds
             .observe(started.elapsed().as_secs_f64());
         r
+    }
+
+    /// Records the vCPU time an attached bubble's VMM used in the pool, so
+    /// that it is not billed to its new owner. (A call the owner makes
+    /// between the assignment and this status answer is not billed either:
+    /// microseconds at most.)
+    async fn unbill_pool_vcpu(&self, rec: BubbleRecord) -> BubbleRecord {
+        if rec.usage.billed_from_ms == 0 || rec.usage.vcpu_us_unbilled > 0 {
+            return rec;
+        }
+        let Some(live) = self.table.live_of(&rec.id) else {
+            return rec;
+        };
+        let Some(v) = live.vmm.vcpu_us().await else {
+            return rec;
+        };
+        let updated = self.table.with(|t| {
+            t.record_mut(&rec.id).map(|r| {
+                if r.usage.vcpu_us_unbilled == 0 && r.usage.vcpu_us_before == 0 {
+                    r.usage.vcpu_us_unbilled = v;
+                }
+                r.clone()
+            })
+        });
+        self.dirty.lock().insert(rec.id.clone());
+        updated.unwrap_or(rec)
     }
 
     /// The oldest READY pooled bubble of `profile`.
@@ -216,7 +244,12 @@ impl Broker {
                 client_request_id.to_string()
             };
             r.idle = idle;
-            r.last_active_ms = now_ms();
+            let now = now_ms();
+            r.last_active_ms = now;
+            // Billing starts now: the pool period (memory time, probe
+            // calls) is not the new owner's.
+            r.usage.attached(now);
+            r.calls = 0;
             if let Some((_, policy)) = only {
                 r.policy = policy.clone();
             }
@@ -226,6 +259,14 @@ impl Broker {
             return Ok(None);
         };
         if fresh {
+            self.emit(super::Event {
+                owner: parent.to_string(),
+                bubble_id: rec.id.clone(),
+                state: rec.state,
+                reason: format!("attached from pool {}", profile.name),
+                at_ms: rec.last_active_ms,
+                security: None,
+            });
             // The new owner reaches the disk in the background (group
             // commit), off the attach path; until it has, every operation
             // on the bubble waits for it (see `owned_synced`). A crash

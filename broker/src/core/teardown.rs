@@ -65,7 +65,7 @@ impl Broker {
             r.vmm_pid = 0;
             r.frozen = None;
             if let Some(v) = vcpu_us {
-                r.usage.vcpu_us = v;
+                r.usage.vmm_ended(v);
             }
         });
         if r.is_ok() {

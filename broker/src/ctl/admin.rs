@@ -12,6 +12,9 @@ use super::Conn;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AdminCmd {
+    /// Bubbles of every parent: list, describe, delete; drain.
+    #[command(flatten)]
+    Bubbles(super::bubbles::AdminCmd),
     /// Modules quarantined after repeated security events.
     #[command(subcommand)]
     Quarantine(QuarantineCmd),
@@ -39,8 +42,13 @@ pub(super) enum QuarantineCmd {
 }
 
 pub(super) async fn run(conn: &Conn, cmd: AdminCmd, j: bool) -> anyhow::Result<ExitCode> {
+    if let AdminCmd::Bubbles(b) = cmd {
+        return super::bubbles::admin(conn, b, j).await;
+    }
     let mut c = conn.connect().await?;
     match cmd {
+        // Answered above (it connects on its own).
+        AdminCmd::Bubbles(_) => {}
         AdminCmd::Events { count } => {
             let mut s = c
                 .admin_watch_events(pb::AdminWatchEventsRequest {})

@@ -78,6 +78,7 @@ fn detail(r: &pb::AuditRecord) -> String {
             r.outcome
         ),
         "security" => r.security_kind.clone(),
+        "admin" => r.admin_action.clone(),
         other => other.to_string(),
     }
 }
@@ -88,7 +89,7 @@ fn record_json(r: &pb::AuditRecord) -> serde_json::Value {
         "parent": r.parent, "portion_digest": r.portion_digest, "type": r.r#type,
         "state": r.state, "reason": r.reason, "credential_action": r.credential_action,
         "credential_name": r.credential_name, "outcome": r.outcome,
-        "security_kind": r.security_kind,
+        "security_kind": r.security_kind, "admin_action": r.admin_action,
     })
 }
 

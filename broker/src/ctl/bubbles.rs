@@ -160,19 +160,96 @@ pub(super) async fn list(conn: &Conn, a: ListArgs, j: bool) -> anyhow::Result<Ex
 }
 
 pub(super) async fn describe(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Result<ExitCode> {
+    describe_as(conn, a, conn.admin, j).await
+}
+
+async fn describe_as(conn: &Conn, a: BubbleArg, admin: bool, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
     let bubble = pb::BubbleRef {
         bubble_id: a.bubble,
     };
-    print_reply(c.describe_bubble(bubble).await, j)?;
+    let r = if admin {
+        c.admin_describe_bubble(bubble).await
+    } else {
+        c.describe_bubble(bubble).await
+    };
+    print_reply(r, j)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn delete(conn: &Conn, a: BubbleArg, j: bool) -> anyhow::Result<ExitCode> {
+    delete_as(conn, a, conn.admin, j).await
+}
+
+async fn delete_as(conn: &Conn, a: BubbleArg, admin: bool, j: bool) -> anyhow::Result<ExitCode> {
     let mut c = conn.connect().await?;
     let bubble = pb::BubbleRef {
         bubble_id: a.bubble,
     };
-    print_reply(c.delete_bubble(bubble).await, j)?;
+    let r = if admin {
+        c.admin_delete_bubble(bubble).await
+    } else {
+        c.delete_bubble(bubble).await
+    };
+    print_reply(r, j)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bubblectl admin ...`.
+#[derive(Debug, clap::Subcommand)]
+pub(super) enum AdminCmd {
+    /// Every parent's bubbles and the warm pools' (as `list --all-parents`).
+    List {
+        /// Include deleted bubbles.
+        #[arg(long)]
+        all: bool,
+        /// Print only the bubble ids, one a line.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Describe any parent's bubble (as `--admin describe`).
+    Describe(BubbleArg),
+    /// Delete any parent's bubble (as `--admin delete`).
+    Delete(BubbleArg),
+    /// Stop accepting new bubbles (create, attach: UNAVAILABLE); prints how
+    /// many bubbles still run.
+    Drain {
+        /// Accept new bubbles again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+pub(super) async fn admin(conn: &Conn, cmd: AdminCmd, j: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AdminCmd::List { all, quiet } => {
+            let a = ListArgs {
+                all,
+                quiet,
+                all_parents: true,
+            };
+            return list(conn, a, j).await;
+        }
+        AdminCmd::Describe(a) => return describe_as(conn, a, true, j).await,
+        AdminCmd::Delete(a) => return delete_as(conn, a, true, j).await,
+        AdminCmd::Drain { undo } => {
+            let mut c = conn.connect().await?;
+            let r = c
+                .admin_drain(pb::AdminDrainRequest { drain: !undo })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!(
+                    "{}",
+                    serde_json::json!({"draining": r.draining, "live_bubbles": r.live_bubbles})
+                );
+            } else if r.draining {
+                println!("draining: {} bubbles still running", r.live_bubbles);
+            } else {
+                println!("accepting new bubbles ({} running)", r.live_bubbles);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

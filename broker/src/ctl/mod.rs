@@ -77,6 +77,14 @@ struct Conn {
     /// Parent name whose certificate to present with --endpoint.
     #[arg(long, global = true, env = "BUBBLED_PARENT")]
     parent: Option<String>,
+    /// describe/delete any parent's bubble (operators: a parent id in the
+    /// broker's `admins`).
+    #[arg(long, global = true)]
+    admin: bool,
+    /// Name the broker's certificate must carry (default: the host of
+    /// --endpoint).
+    #[arg(long, global = true, env = "BUBBLED_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
 }
 
 impl Conn {
@@ -91,7 +99,14 @@ impl Conn {
                     .as_ref()
                     .context("--endpoint needs --parent NAME")?;
                 let (cert, key) = crate::pki::parent_files(pki, parent);
-                Ok(client::connect_tls(url, &pki.join("ca.pem"), &cert, &key).await?)
+                Ok(client::connect_tls_named(
+                    url,
+                    &pki.join("ca.pem"),
+                    &cert,
+                    &key,
+                    self.tls_server_name.as_deref(),
+                )
+                .await?)
             }
             None => Ok(client::connect_unix(&self.socket).await?),
         }

@@ -3,4 +3,5 @@
 //! bubbles (local directory or S3-compatible object store).
 
 pub mod frozen;
+pub mod meter;
 pub mod registry;

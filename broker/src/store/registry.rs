@@ -197,38 +197,7 @@ pub struct IdleRule {
     pub action: IdleAction,
 }
 
-/// Metering counters of one bubble.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Meter {
-    /// Bytes of call input.
-    pub bytes_in: u64,
-    /// Bytes of call output.
-    pub bytes_out: u64,
-    /// vCPU time last reported by the VMM, µs.
-    pub vcpu_us: u64,
-    /// Memory-seconds accumulated over finished running periods.
-    pub memory_mib_seconds: f64,
-    /// Start of the current running period (Unix ms; 0 when not running).
-    pub running_since_ms: u64,
-}
-
-impl Meter {
-    /// Memory-seconds up to `now_ms` for a bubble of `memory_mib`.
-    pub fn memory_mib_seconds_at(&self, memory_mib: u32, now_ms: u64) -> f64 {
-        let running = if self.running_since_ms > 0 {
-            now_ms.saturating_sub(self.running_since_ms) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        self.memory_mib_seconds + running * f64::from(memory_mib)
-    }
-
-    /// Closes the current running period at `now_ms`.
-    pub fn stop_running(&mut self, memory_mib: u32, now_ms: u64) {
-        self.memory_mib_seconds = self.memory_mib_seconds_at(memory_mib, now_ms);
-        self.running_since_ms = 0;
-    }
-}
+pub use super::meter::Meter;
 
 /// How long [`Registry::open`] waits for another process to release the
 /// database.
