@@ -17,9 +17,12 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
+mod cas;
 mod claim;
+mod keeper;
 mod write;
-pub use claim::ClaimError;
+pub use claim::{Claim, ClaimError};
+pub use keeper::ClaimKeeper;
 pub use write::FrozenWriter;
 
 use std::sync::Arc;
@@ -89,7 +92,12 @@ pub struct FrozenStore {
     /// The directory of a local store (its empty directories are removed
     /// with the copies they held).
     local_root: Option<std::path::PathBuf>,
+    /// How long a claim lasts without renewal.
+    lease: std::time::Duration,
 }
+
+/// Default claim lease.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Chunk buffers kept for reuse: their pages stay mapped, so reading a
 /// chunk into one costs no page faults (a fresh megabyte costs about
@@ -172,6 +180,7 @@ impl FrozenStore {
             store: Arc::new(fs),
             buffers: BufPool::default(),
             local_root: Some(dir.to_path_buf()),
+            lease: DEFAULT_LEASE,
         })
     }
 
@@ -217,6 +226,7 @@ impl FrozenStore {
             store,
             buffers: BufPool::default(),
             local_root: None,
+            lease: DEFAULT_LEASE,
         })
     }
 
