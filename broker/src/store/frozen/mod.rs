@@ -28,61 +28,17 @@ pub use write::FrozenWriter;
 use std::sync::Arc;
 
 use bubble_keys::envelope::ChunkCipher;
-use bubble_keys::{Kek, SecretBytes, SNAPSHOT_ID_LEN};
+use bubble_keys::{Kek, SecretBytes};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
 
-/// Plaintext bytes per chunk.
-pub const CHUNK: usize = 1 << 20;
+pub use bubble_frozen::{Header, CHUNK};
+use bubble_frozen::{Manifest, ManifestError, FORMAT, HEADER_INDEX};
+
 /// Chunks fetched and decrypted concurrently during a restore.
 const FETCH_AHEAD: usize = 4;
-/// Chunk index of the sealed manifest header.
-const HEADER_INDEX: u64 = u64::MAX;
-/// Manifest format version.
-const FORMAT: u32 = 1;
-
-/// The outer manifest (plaintext JSON).
-#[derive(Serialize, Deserialize)]
-struct Manifest {
-    format: u32,
-    snapshot_id: String,
-    wrapped_key: String,
-    kek: String,
-    kek_id: String,
-    header: String,
-}
-
-/// The sealed header.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// Bubble id.
-    pub bubble_id: String,
-    /// Owner.
-    pub owner: String,
-    /// Generation.
-    pub generation: u64,
-    /// Guest memory, MiB.
-    pub memory_mib: u32,
-    /// Guest image name.
-    pub image: String,
-    /// Snapshot length in bytes.
-    pub total_len: u64,
-    /// Number of chunks.
-    pub chunks: u64,
-    /// Runs of captured pages (guest address, pages): a restoring VMM
-    /// faults them in while the chunks are fetched. Absent in copies made
-    /// before it existed (then nothing is faulted in ahead).
-    #[serde(default)]
-    pub page_runs: Vec<(u64, u64)>,
-    /// Whose key wraps the data key (`broker` or `parent`): the manifest's
-    /// plaintext `kek` field must say the same. Empty in copies made
-    /// before it was sealed here.
-    #[serde(default)]
-    pub kek: String,
-}
 
 /// The store of frozen bubbles.
 #[derive(Clone)]
@@ -277,7 +233,6 @@ impl FrozenStore {
         kek: &Kek,
     ) -> Result<(Header, ChunkCipher), BrokerError> {
         let base = prefix(id, generation);
-        let loss = |m: String| BrokerError::DataLoss(m);
         let raw = match self
             .store
             .get(&ObjPath::from(format!("{base}/manifest")))
@@ -287,40 +242,11 @@ impl FrozenStore {
             Err(object_store::Error::NotFound { .. }) => return Err(BrokerError::FrozenMissing),
             Err(e) => return Err(store_err(e)),
         };
-        let m: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| loss(format!("manifest: {e}")))?;
-        if m.format != FORMAT {
-            return Err(loss(format!("unknown format {}", m.format)));
-        }
-        let sid: [u8; SNAPSHOT_ID_LEN] = hex::decode(&m.snapshot_id)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| loss("bad snapshot id".into()))?;
-        if hex::encode(kek.key_id()) != m.kek_id {
-            return Err(BrokerError::WrongKey);
-        }
-        let wrapped = hex::decode(&m.wrapped_key).map_err(|_| loss("bad wrapped key".into()))?;
-        let dk = bubble_keys::unwrap_key(kek, &wrapped, &sid).map_err(|_| BrokerError::WrongKey)?;
-        let cipher = ChunkCipher::new(&dk, &sid);
-        let sealed = hex::decode(&m.header).map_err(|_| loss("bad header".into()))?;
-        let hbytes = cipher
-            .decrypt(HEADER_INDEX, &sealed)
-            .map_err(|_| loss("manifest header does not authenticate".into()))?;
-        let header: Header =
-            serde_json::from_slice(hbytes.expose()).map_err(|e| loss(format!("header: {e}")))?;
-        if header.bubble_id != id || header.generation != generation {
-            return Err(loss(
-                "manifest belongs to another bubble or generation".into(),
-            ));
-        }
-        if header.chunks != header.total_len.div_ceil(CHUNK as u64) {
-            return Err(loss("chunk count differs from the length".into()));
-        }
-        if !header.kek.is_empty() && header.kek != m.kek {
-            return Err(loss(
-                "the manifest's key kind differs from its sealed header".into(),
-            ));
-        }
+        let (header, cipher) =
+            bubble_frozen::decode_manifest(&raw, id, generation, kek).map_err(|e| match e {
+                ManifestError::WrongKey => BrokerError::WrongKey,
+                ManifestError::Damaged(m) => BrokerError::DataLoss(m),
+            })?;
         self.refuse_unexpected(&base, header.chunks).await?;
         Ok((header, cipher))
     }
