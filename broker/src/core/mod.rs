@@ -234,6 +234,8 @@ impl Broker {
             None => FrozenStore::local(&cfg.store_dir)?,
         };
         frozen.set_lease(cfg.claim_lease);
+        // Made now, so that no refusal pays for making it (an oracle).
+        frozen.ensure_decoy().await;
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;

@@ -7,7 +7,7 @@
 //! the create, so a local store does both itself: under an exclusive lock
 //! on `STORE/.claims.lock` (held by every broker sharing the directory) it
 //! compares the object's bytes with the version read and replaces it by a
-//! rename, fsynced.
+//! rename.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -148,11 +148,10 @@ fn local_cas(
     let tmp: PathBuf = root.join(format!(".claim-{}.tmp", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     f.write_all(&body).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
+    // Not fsynced: every broker that can read a local store runs on this
+    // host, so a power loss ends every claimant with its claim, and the
+    // registry (which is fsynced) decides what a restarted broker runs.
     std::fs::rename(&tmp, &file).map_err(|e| io(&file, e))?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(&dir, e))?;
     drop(lock);
     Ok(Version::Bytes(body))
 }

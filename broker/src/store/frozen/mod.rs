@@ -37,6 +37,9 @@ use crate::error::BrokerError;
 pub use bubble_frozen::{Header, CHUNK};
 use bubble_frozen::{Manifest, ManifestError, FORMAT, HEADER_INDEX};
 
+/// The decoy manifest's object (outside `frozen/`).
+const DECOY: &str = "frozen-decoy";
+
 /// Chunks fetched and decrypted concurrently during a restore.
 const FETCH_AHEAD: usize = 4;
 
@@ -239,7 +242,11 @@ impl FrozenStore {
             .await
         {
             Ok(r) => r.bytes().await.map_err(store_err)?,
-            Err(object_store::Error::NotFound { .. }) => return Err(BrokerError::FrozenMissing),
+            Err(object_store::Error::NotFound { .. }) => {
+                // As much work as refusing a copy that exists (no oracle).
+                self.decoy_open(id, generation, kek).await;
+                return Err(BrokerError::FrozenMissing);
+            }
             Err(e) => return Err(store_err(e)),
         };
         let (header, cipher) =
@@ -249,6 +256,35 @@ impl FrozenStore {
             })?;
         self.refuse_unexpected(&base, header.chunks).await?;
         Ok((header, cipher))
+    }
+
+    /// Stores the decoy manifest [`FrozenStore::decoy_open`] reads, if it
+    /// is not there yet (a broker that cannot write it still starts; its
+    /// refusals of missing copies then decode a decoy from memory).
+    pub async fn ensure_decoy(&self) {
+        let path = ObjPath::from(DECOY);
+        if self.store.head(&path).await.is_err() {
+            let m = bubble_frozen::decoy_manifest();
+            if let Err(e) = self.store.put(&path, m.into()).await {
+                tracing::warn!(error = %e, "could not store the decoy manifest");
+            }
+        }
+    }
+
+    /// What opening a copy under another key costs, for a copy that does
+    /// not exist: reads the store's decoy manifest (`frozen-decoy`, made
+    /// at start) and decodes it (refused: its key id is no key's).
+    async fn decoy_open(&self, id: &str, generation: u64, kek: &Kek) {
+        let raw = match self.store.get(&ObjPath::from(DECOY)).await {
+            Ok(r) => r.bytes().await.ok(),
+            Err(_) => None,
+        };
+        match raw {
+            Some(raw) => {
+                let _ = bubble_frozen::decode_manifest(&raw, id, generation, kek);
+            }
+            None => bubble_frozen::decoy(kek),
+        }
     }
 
     /// Refuses a copy whose directory holds anything but its manifest, its
