@@ -31,6 +31,7 @@ pub mod security;
 mod strikes;
 mod supervise;
 mod teardown;
+mod thaw;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

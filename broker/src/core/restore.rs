@@ -12,17 +12,20 @@ use super::lifecycle::{self, State, Step};
 use super::table::{Live, Permit};
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
-use crate::store::frozen::{ClaimError, ClaimKeeper, Header};
+use crate::store::frozen::{ClaimError, ClaimKeeper};
 use crate::store::registry::{BubbleRecord, FrozenRef, IdleRule};
 use crate::vmm::{ImageSpec, Vmm};
-use bubble_keys::envelope::ChunkCipher;
 
 /// Where a restore's time went.
-struct Timings {
-    fetch: Duration,
-    spawn: Duration,
-    vm: Duration,
-    vmm_restore: Duration,
+pub(super) struct Timings {
+    /// Until the last chunk was verified.
+    pub(super) fetch: Duration,
+    /// Until the VMM was ready for the pages.
+    pub(super) spawn: Duration,
+    /// Until the VM ran the snapshot.
+    pub(super) vm: Duration,
+    /// What the VMM spent rebuilding the VM.
+    pub(super) vmm_restore: Duration,
 }
 
 /// How long a restore waits behind other operations on its bubble.
@@ -185,11 +188,11 @@ impl Broker {
                 });
             }
         }
-        let (r, live) = match self.resume(&id, vmm) {
+        let (r, live) = match self.resume(&id, vmm).await {
             Ok(x) => x,
-            Err((e, vmm)) => {
-                vmm.shutdown().await;
-                // Not recorded: give the committed claim back.
+            Err(e) => {
+                // Not recorded (its VMM stopped): give the committed claim
+                // back.
                 self.frozen.release(claim).await;
                 return Err(e);
             }
@@ -223,87 +226,15 @@ impl Broker {
         Ok(r)
     }
 
-    /// Fetches and verifies the claimed copy and loads it into a new VMM
-    /// (not yet READY: the restore commits its claim first).
-    async fn thaw(
-        self: &Arc<Self>,
-        rec: &BubbleRecord,
-        frozen: &FrozenRef,
-        header: &Header,
-        cipher: ChunkCipher,
-        image: &ImageSpec,
-        t0: Instant,
-    ) -> Result<(Vmm, Timings), BrokerError> {
-        let id = rec.id.clone();
-        let dir = self.cfg.bubble_dir(&id);
-        let (fetched, spawned) = tokio::join!(
-            async {
-                let r = self
-                    .frozen
-                    .fetch(&id, frozen.generation, header, cipher)
-                    .await;
-                (r, t0.elapsed())
-            },
-            async {
-                let vmm = Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, rec, image).await?;
-                // The sealed header's page runs: the VMM faults those pages
-                // in (zeroes only) while the chunks are still verified, and
-                // says where its guest memory is for the verified pages.
-                let span = match vmm.prefault(&header.page_runs).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(bubble = %id, error = %e, "prefault refused; streaming the snapshot");
-                        None
-                    }
-                };
-                Ok::<_, String>((vmm, span))
-            }
-        );
-        let (fetched, t_fetch) = fetched;
-        let checked = fetched.and_then(|parts| {
-            let first = parts.first().map(|p| p.expose()).unwrap_or_default();
-            bubble_vmm::snapshot::parse_head(first, header.total_len as usize)
-                .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
-            Ok(parts)
-        });
-        let (parts, (vmm, span)) = match (checked, spawned) {
-            (Ok(x), Ok(vmm)) => (x, vmm),
-            (Err(e), Ok((vmm, _))) => {
-                vmm.shutdown().await;
-                return Err(e);
-            }
-            (Err(e), Err(_)) => return Err(e),
-            (Ok(_), Err(e)) => return Err(BrokerError::Spawn(e)),
-        };
-        let t_spawn = t0.elapsed();
-        let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
-        let vmm_restore = match vmm.restore(&slices, span).await {
-            Ok(d) => d,
-            Err(e) => {
-                vmm.shutdown().await;
-                return Err(e);
-            }
-        };
-        drop(slices);
-        drop(parts);
-        let t_vm = t0.elapsed();
-        let timings = Timings {
-            fetch: t_fetch,
-            spawn: t_spawn,
-            vm: t_vm,
-            vmm_restore,
-        };
-        Ok((vmm, timings))
-    }
-
     /// Records a loaded bubble READY and makes its VMM the live one. The
     /// registry says READY (and forgets the copy) before the copy is
     /// consumed: the same generation never runs twice.
-    fn resume(
+    /// If the registry refuses, the VMM is stopped.
+    async fn resume(
         self: &Arc<Self>,
         id: &str,
         vmm: Vmm,
-    ) -> Result<(BubbleRecord, Arc<Live>), (BrokerError, Vmm)> {
+    ) -> Result<(BubbleRecord, Arc<Live>), BrokerError> {
         let pid = vmm.pid();
         let jail_warning = vmm.jail_warning();
         let r = match self.apply(id, Step::Thawed, "", |r| {
@@ -313,7 +244,10 @@ impl Broker {
             r.last_active_ms = now_ms();
         }) {
             Ok(r) => r,
-            Err(e) => return Err((e, vmm)),
+            Err(e) => {
+                vmm.shutdown().await;
+                return Err(e);
+            }
         };
         let live = self.table.live(vmm);
         self.table.set_live(id, Some(live.clone()));

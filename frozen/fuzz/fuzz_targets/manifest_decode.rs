@@ -78,7 +78,8 @@ fuzz_target!(|data: &[u8]| {
             let mut m = manifest(&kek, &valid_header(), "broker");
             for pair in rest.chunks_exact(3) {
                 let at = usize::from(u16::from_le_bytes([pair[0], pair[1]]));
-                if let Some(b) = m.get_mut(at % m.len().max(1)) {
+                let n = m.len().max(1);
+                if let Some(b) = m.get_mut(at % n) {
                     *b = pair[2];
                 }
             }

@@ -314,23 +314,25 @@ impl FrozenStore {
         }
     }
 
-    /// Reads and decrypts the chunks of a frozen copy opened with
-    /// [`FrozenStore::open`], concurrently, each in place on the blocking
-    /// pool; checks the total length. Returns them in order.
-    pub async fn fetch(
+    /// The chunks of a frozen copy opened with [`FrozenStore::open`], in
+    /// order, each read and decrypted (authenticated) in place on the
+    /// blocking pool, [`FETCH_AHEAD`] at a time: at most that many are
+    /// fetched ahead of the one the caller takes. The caller checks the
+    /// total length against the header.
+    pub fn fetch_stream(
         &self,
         id: &str,
         generation: u64,
         header: &Header,
         cipher: ChunkCipher,
-    ) -> Result<Vec<PlainChunk>, BrokerError> {
-        use futures::{StreamExt, TryStreamExt};
+    ) -> impl futures::Stream<Item = Result<PlainChunk, BrokerError>> + Send + 'static {
+        use futures::StreamExt;
         let cipher = Arc::new(cipher);
         let base = prefix(id, generation);
-        let parts: Vec<PlainChunk> = futures::stream::iter(0..header.chunks)
-            .map(|i| {
-                let (store, cipher, pool) =
-                    (self.store.clone(), cipher.clone(), self.buffers.clone());
+        let (store, pool) = (self.store.clone(), self.buffers.clone());
+        futures::stream::iter(0..header.chunks)
+            .map(move |i| {
+                let (store, cipher, pool) = (store.clone(), cipher.clone(), pool.clone());
                 let path = ObjPath::from(format!("{base}/chunk-{i}"));
                 async move {
                     let got = match store.get(&path).await {
@@ -384,15 +386,6 @@ impl FrozenStore {
                 }
             })
             .buffered(FETCH_AHEAD)
-            .try_collect()
-            .await?;
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        if len != header.total_len {
-            return Err(BrokerError::DataLoss(
-                "snapshot length differs from the manifest".into(),
-            ));
-        }
-        Ok(parts)
     }
 
     /// Consumes a frozen copy after a successful restore.
