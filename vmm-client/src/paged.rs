@@ -206,3 +206,95 @@ fn write_at(pid: u32, span: GuestSpan, pages: &[(u64, &[u8])]) -> Result<u64, Wr
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bubble_vmm::layout::{Layout, IMAGE_BASE};
+    use bubble_vmm::snapshot::{VcpuSnapshot, VmSnapshot, SNAPSHOT_VERSION};
+
+    const MEM: u64 = 16 << 20;
+
+    fn state() -> Vec<u8> {
+        let l = Layout::new(MEM, IMAGE_BASE + PAGE, 1 << 20).unwrap();
+        VmSnapshot {
+            version: SNAPSHOT_VERSION,
+            mem_size: l.mem_size,
+            mailbox_gpa: l.mailbox_gpa,
+            mailbox_size: l.mailbox_size,
+            heap_start: l.heap_start,
+            heap_end: l.heap_end,
+            vcpu: VcpuSnapshot {
+                regs: Default::default(),
+                sregs: Default::default(),
+                fpu: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+            },
+            launch_digest: None,
+        }
+        .encode()
+    }
+
+    fn body(gpas: &[u64]) -> Vec<u8> {
+        let state = state();
+        let mut b = (state.len() as u32).to_le_bytes().to_vec();
+        b.extend(&state);
+        b.extend((gpas.len() as u32).to_le_bytes());
+        for g in gpas {
+            b.extend(g.to_le_bytes());
+            b.extend([(*g >> 12) as u8 | 1; PAGE as usize]);
+        }
+        b
+    }
+
+    /// Feeds `body` cut in pieces of `cut` bytes into this process's own
+    /// "guest memory" (a buffer); returns the buffer and the outcome.
+    fn load(body: &[u8], cut: usize) -> (Vec<u8>, Result<Vec<u8>, WriteError>) {
+        let mem = vec![0u8; MEM as usize];
+        let span = GuestSpan {
+            host: mem.as_ptr() as u64,
+            len: MEM,
+        };
+        let mut w = PageWriter::new(std::process::id(), span, MEM);
+        let fed = body.chunks(cut).try_for_each(|p| w.feed(p));
+        let r = fed.and_then(|()| w.finish().map(|s| s.to_vec()));
+        (mem, r)
+    }
+
+    #[test]
+    fn pages_land_where_they_belong_however_the_snapshot_is_cut() {
+        let gpas = [0, PAGE, 5 * PAGE, 6 * PAGE, MEM - PAGE];
+        let b = body(&gpas);
+        for cut in [1, 7, 4095, 4096, 4104, 5000, 1 << 20, b.len()] {
+            let (mem, r) = load(&b, cut);
+            assert_eq!(r.unwrap(), state(), "cut {cut}");
+            for g in (0..MEM).step_by(PAGE as usize) {
+                let page = &mem[g as usize..(g + PAGE) as usize];
+                let want = if gpas.contains(&g) {
+                    (g >> 12) as u8 | 1
+                } else {
+                    0
+                };
+                assert!(page.iter().all(|x| *x == want), "cut {cut} page {g:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_or_short_snapshot_is_refused() {
+        // Ends early: refused at the end.
+        let b = body(&[0, PAGE]);
+        let (_, r) = load(&b[..b.len() - 1], 4096);
+        assert!(matches!(r, Err(WriteError::Snapshot(_))));
+        // A page outside memory, out of order, or bytes after the last.
+        for bad in [body(&[MEM]), body(&[PAGE, 0])] {
+            let (_, r) = load(&bad, 1 << 20);
+            assert!(matches!(r, Err(WriteError::Snapshot(_))));
+        }
+        let mut extra = body(&[0]);
+        extra.push(0);
+        let (_, r) = load(&extra, 1 << 20);
+        assert!(matches!(r, Err(WriteError::Snapshot(_))));
+    }
+}
