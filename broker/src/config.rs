@@ -62,6 +62,9 @@ pub struct BrokerConfig {
     /// How long FAILED and DELETED records stay visible (describe, list
     /// with deleted, idempotent retries) before they are collected.
     pub record_retention: Duration,
+    /// How long a claim on a frozen copy lasts without renewal; a broker
+    /// that holds one renews it every third of this while it works.
+    pub claim_lease: Duration,
     /// Parent ids (`uid:0`, `cert:ops`) that may list every parent's
     /// bubbles.
     pub admins: Vec<String>,
@@ -320,6 +323,9 @@ pub struct FileConfig {
     pub jail: Option<JailConfig>,
     /// Seconds FAILED and DELETED records are kept before collection.
     pub record_retention_s: Option<u64>,
+    /// Milliseconds a claim on a frozen copy lasts without renewal
+    /// (default 30000, at least 300).
+    pub claim_lease_ms: Option<u64>,
     /// Parent ids with the operator's view across parents.
     #[serde(default)]
     pub admins: Vec<String>,
@@ -397,6 +403,7 @@ impl BrokerConfig {
             store_url: None,
             jail: JailConfig::default(),
             record_retention: DEFAULT_RECORD_RETENTION,
+            claim_lease: crate::store::frozen::DEFAULT_LEASE,
             admins: Vec::new(),
             events: EventsConfig::default(),
             security: SecurityConfig::default(),

@@ -186,6 +186,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(s) = file.record_retention_s {
         cfg.record_retention = std::time::Duration::from_secs(s);
     }
+    if let Some(ms) = file.claim_lease_ms {
+        cfg.claim_lease = std::time::Duration::from_millis(ms.max(300));
+    }
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);
     }

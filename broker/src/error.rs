@@ -107,6 +107,11 @@ pub enum BrokerError {
     /// Another broker sharing the store holds the frozen copy's claim.
     #[error("bubble {0}: its frozen copy is being restored by another broker")]
     ClaimedElsewhere(String),
+    /// This broker's claim on the frozen copy was taken over (its lease
+    /// ran out) before the restore or suspend committed: nothing was
+    /// committed and the VMM it started is stopped.
+    #[error("bubble {0}: the claim on its frozen copy was lost before the commit")]
+    ClaimLost(String),
     /// The frozen copy (its manifest) is not in the store.
     #[error("frozen bubble is damaged: its manifest is missing")]
     FrozenMissing,
@@ -178,9 +183,9 @@ impl From<BrokerError> for Status {
             BrokerError::Replayed(_) => Code::AlreadyExists,
             BrokerError::NotOpened(_) => Code::InvalidArgument,
             BrokerError::GuestInternal(_) | BrokerError::VmmRefused(_) => Code::Internal,
-            BrokerError::WrongState { .. } | BrokerError::ClaimedElsewhere(_) => {
-                Code::FailedPrecondition
-            }
+            BrokerError::WrongState { .. }
+            | BrokerError::ClaimedElsewhere(_)
+            | BrokerError::ClaimLost(_) => Code::FailedPrecondition,
             BrokerError::DeadlineExceeded(_) | BrokerError::Queued(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) | BrokerError::Throttled(_) => {

@@ -5,7 +5,10 @@
 //!
 //! `BUBBLED_TEST_PAUSE=point=ms[,point=ms…]`; the points are
 //! `suspend.stored` (frozen copy durable, registry not yet SUSPENDED) and
-//! `suspend.committed` (registry SUSPENDED, VMM not yet stopped).
+//! `suspend.committed` (registry SUSPENDED, VMM not yet stopped),
+//! `restore.claimed` (the frozen copy's claim taken, nothing started) and
+//! `restore.loaded` (the copy is in a new VMM, whose pid the log line
+//! names; the claim is not yet committed).
 
 use std::time::Duration;
 
@@ -22,4 +25,12 @@ pub async fn pause(point: &str) {
         tracing::warn!(point, ms, "fault point reached");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+}
+
+/// Pauses at `point` like [`pause`], naming a VMM's pid in the log line.
+pub async fn pause_pid(point: &str, vmm_pid: u32) {
+    if std::env::var("BUBBLED_TEST_PAUSE").is_ok_and(|s| s.contains(point)) {
+        tracing::warn!(point, vmm_pid, "fault point at a VMM");
+    }
+    pause(point).await;
 }

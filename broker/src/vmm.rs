@@ -164,6 +164,28 @@ impl Vmm {
             .map_err(|e| e.to_string())
     }
 
+    /// A writer of a snapshot's pages into this VMM's guest memory, as
+    /// they arrive (see [`vc::PageWriter`]).
+    pub fn page_writer(&self, span: vc::GuestSpan, mem_size: u64) -> vc::PageWriter {
+        self.client.page_writer(span, mem_size)
+    }
+
+    /// Sends the vCPU state of a snapshot whose pages a
+    /// [`vc::PageWriter`] wrote; returns how long the VMM took.
+    pub async fn restore_state(&self, state: &[u8]) -> Result<Duration, BrokerError> {
+        match self
+            .client
+            .restore_state(state, Duration::from_secs(60))
+            .await
+        {
+            Ok(d) => Ok(d),
+            Err(vc::VmmError::Snapshot(e)) => Err(BrokerError::DataLoss(format!(
+                "snapshot does not decode: {e}"
+            ))),
+            Err(e) => Err(BrokerError::Spawn(format!("restore: {e}"))),
+        }
+    }
+
     /// Sends a snapshot (its parts, in order) to a VMM spawned in restore
     /// mode; returns how long the VMM took to rebuild the VM.
     pub async fn restore(

@@ -84,10 +84,14 @@ async fn unknown_foreign_and_damaged_copies_answer_alike() {
     }
     assert_eq!(answers[0], answers[1], "unknown and foreign differ");
     assert_eq!(answers[0], answers[2], "unknown and damaged differ");
+    let least: Vec<u128> = times
+        .iter()
+        .map(|t| t.iter().min().unwrap().as_micros())
+        .collect();
     let m: Vec<u128> = times.into_iter().map(|t| median(t).as_micros()).collect();
     eprintln!(
-        "import refusals, median µs: unknown {} foreign {} damaged {}",
-        m[0], m[1], m[2]
+        "import refusals, median µs: unknown {} foreign {} damaged {}; least µs: {} {} {}",
+        m[0], m[1], m[2], least[0], least[1], least[2]
     );
     // Nothing was imported: broker B knows none of them.
     for id in [&foreign, &damaged] {

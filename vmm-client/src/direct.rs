@@ -4,15 +4,18 @@
 use bubble_vmm::control::GuestSpan;
 
 /// Why pages could not be written into a VMM directly.
-pub(crate) enum WriteError {
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
     /// The snapshot is malformed.
+    #[error("snapshot does not decode: {0}")]
     Snapshot(String),
     /// The kernel refused (or wrote short); the caller streams instead.
+    #[error("writing guest memory refused: {0}")]
     Refused(std::io::Error),
 }
 
 /// Pages written by one `process_vm_writev` call at most.
-const PAGES_PER_WRITEV: usize = 512;
+pub(crate) const PAGES_PER_WRITEV: usize = 512;
 
 /// Writes a snapshot's pages into the guest memory of VMM `pid` (at
 /// `span`); returns the encoded vCPU state. Every address is checked

@@ -199,6 +199,26 @@ impl VmmClient {
         }
     }
 
+    /// A writer of a snapshot into this VMM's guest memory (at `span`, from
+    /// [`VmmClient::prefault`]) as its pieces arrive; then
+    /// [`VmmClient::restore_state`] with what it returns.
+    pub fn page_writer(&self, span: GuestSpan, mem_size: u64) -> crate::PageWriter {
+        crate::PageWriter::new(self.pid, span, mem_size)
+    }
+
+    /// Sends the vCPU state of a snapshot whose pages a
+    /// [`crate::PageWriter`] wrote; the guest is READY when this returns.
+    pub async fn restore_state(
+        &self,
+        state: &[u8],
+        timeout: Duration,
+    ) -> Result<Duration, VmmError> {
+        restore_answer(
+            self.request(&Request::RestoreState { state }, timeout)
+                .await?,
+        )
+    }
+
     /// Sends the snapshot (the concatenation of `snapshot`'s parts) to a
     /// VMM started in restore mode; the guest is READY when this returns.
     /// Returns the time the VMM spent rebuilding the VM.

@@ -10,8 +10,9 @@ use super::lifecycle::{self, State, Step};
 use super::table::{Live, Permit};
 use super::Broker;
 use crate::error::BrokerError;
-use crate::store::frozen::{ClaimError, Header};
+use crate::store::frozen::{ClaimError, ClaimKeeper, Header};
 use crate::store::registry::{BubbleRecord, FrozenRef};
+use crate::vmm::{FailureKind, FailureReason};
 
 /// How long a suspend waits behind other operations on its bubble.
 pub(super) const SUSPEND_WAIT: Duration = Duration::from_secs(60);
@@ -72,11 +73,14 @@ impl Broker {
         // The generation is this broker's until committed: nobody can
         // import a copy stored but not (yet) recorded, and leftovers of an
         // earlier attempt that crashed are removed first.
-        match self.frozen.reserve(&id, generation, &self.broker_id).await {
-            Ok(()) => {}
-            Err(ClaimError::Taken) => return Err(BrokerError::ClaimedElsewhere(id)),
+        let claim = match self.frozen.reserve(&id, generation, &self.broker_id).await {
+            Ok(c) => c,
+            Err(ClaimError::Taken | ClaimError::Lost) => {
+                return Err(BrokerError::ClaimedElsewhere(id))
+            }
             Err(ClaimError::Store(e)) => return Err(e),
-        }
+        };
+        let keeper = ClaimKeeper::start(self.frozen.clone(), claim);
         let kek = parent_key.as_ref().unwrap_or(&self.kek);
         // No call runs while the VM is captured (the permit is held; the
         // vCPU is at its safe point). The snapshot streams from the VMM
@@ -88,12 +92,45 @@ impl Broker {
         {
             Ok(n) => n,
             Err(e) => {
-                let _ = self.frozen.purge_generation(&id, generation).await;
+                if let Some(c) = keeper.finish().await {
+                    let _ = self.frozen.purge_generation(&id, generation).await;
+                    self.frozen.release(c).await;
+                }
                 return Err(e);
             }
         };
         #[cfg(feature = "fault-injection")]
         crate::fault::pause("suspend.stored").await;
+        // The fence: the claim must still be this broker's (renewed now),
+        // or another broker took the stored copy over while this one was
+        // paused past its lease and may run it: this bubble must not run
+        // on here beside it, nor be recorded SUSPENDED.
+        let claim = match keeper.finish().await {
+            Some(mut c) => match self.frozen.renew(&mut c).await {
+                Ok(()) => Ok(c),
+                Err(e) => Err(e),
+            },
+            None => Err(ClaimError::Lost),
+        };
+        let claim = match claim {
+            Ok(c) => c,
+            Err(ClaimError::Store(e)) => {
+                // Unknown whether the claim is still this broker's: the
+                // copy goes (the bubble runs on), or, if even that fails,
+                // the bubble stops (the copy stays, recorded nowhere).
+                if self.frozen.delete(&id, generation, chunks).await.is_err() {
+                    let why = "the store failed while the suspend was being committed";
+                    self.fail(&id, &FailureReason::new(FailureKind::Internal, why));
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                let why =
+                    "its frozen copy was taken over by another broker before the suspend committed";
+                self.fail(&id, &FailureReason::new(FailureKind::Internal, why));
+                return Err(BrokerError::ClaimLost(id));
+            }
+        };
         let vcpu_us = live.vmm.vcpu_us().await;
         let committed = self.apply(&id, Step::Froze, "", |r| {
             r.generation = generation;
@@ -112,6 +149,7 @@ impl Broker {
             Err(e) => {
                 // Not recorded: the bubble keeps running and the copy is
                 // garbage.
+                self.frozen.release(claim).await;
                 if let Err(d) = self.frozen.delete(&id, generation, chunks).await {
                     warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy");
                 }
@@ -125,7 +163,7 @@ impl Broker {
         }
         // Committed: the copy may be restored anywhere now. (A crash before
         // this leaves the claim this broker's; its own restore takes it.)
-        self.frozen.release(&id, generation).await;
+        self.frozen.release(claim).await;
         info!(bubble = %id, parent = %r.owner, generation, "bubble suspended");
         Ok(r)
     }

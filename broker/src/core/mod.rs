@@ -36,6 +36,7 @@ mod strikes;
 mod supervise;
 mod teardown;
 pub mod triggers;
+mod thaw;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -309,10 +310,13 @@ impl Broker {
         spawner.refill();
         // TLS for S3 uses rustls with the ring provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let frozen = match &cfg.store_url {
+        let mut frozen = match &cfg.store_url {
             Some(u) => FrozenStore::s3(u)?,
             None => FrozenStore::local(&cfg.store_dir)?,
         };
+        frozen.set_lease(cfg.claim_lease);
+        // Made now, so that no refusal pays for making it (an oracle).
+        frozen.ensure_decoy().await;
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;

@@ -12,17 +12,20 @@ use super::lifecycle::{self, State, Step};
 use super::table::{Live, Permit};
 use super::{now_ms, Broker};
 use crate::error::BrokerError;
-use crate::store::frozen::{ClaimError, Header};
+use crate::store::frozen::{ClaimError, ClaimKeeper};
 use crate::store::registry::{BubbleRecord, FrozenRef, IdleRule};
 use crate::vmm::{ImageSpec, Vmm};
-use bubble_keys::envelope::ChunkCipher;
 
 /// Where a restore's time went.
-struct Timings {
-    fetch: Duration,
-    spawn: Duration,
-    vm: Duration,
-    vmm_restore: Duration,
+pub(super) struct Timings {
+    /// Until the last chunk was verified.
+    pub(super) fetch: Duration,
+    /// Until the VMM was ready for the pages.
+    pub(super) spawn: Duration,
+    /// Until the VM ran the snapshot.
+    pub(super) vm: Duration,
+    /// What the VMM spent rebuilding the VM.
+    pub(super) vmm_restore: Duration,
 }
 
 /// How long a restore waits behind other operations on its bubble.
@@ -70,13 +73,14 @@ impl Broker {
             // consumed it) leaves no record behind here.
             Err(
                 e @ (BrokerError::ClaimedElsewhere(_)
+                | BrokerError::ClaimLost(_)
                 | BrokerError::FrozenMissing
                 | BrokerError::WrongKey
                 | BrokerError::DataLoss(_)),
             ) if imported => {
                 self.forget_import(&cmd.bubble_id, generation);
                 Err(match e {
-                    BrokerError::ClaimedElsewhere(_) => e,
+                    BrokerError::ClaimedElsewhere(_) | BrokerError::ClaimLost(_) => e,
                     _ => BrokerError::NotAccessible(cmd.bubble_id.clone()),
                 })
             }
@@ -133,22 +137,66 @@ impl Broker {
                 "frozen copy does not match the registry (owner or generation)".into(),
             ));
         }
-        // Exactly one broker sharing the store restores this generation.
-        match self
+        // Exactly one broker sharing the store restores this generation:
+        // it holds the claim, renewed while the restore runs, and commits
+        // it before the registry says READY.
+        let claim = match self
             .frozen
             .claim(&id, frozen.generation, &self.broker_id)
             .await
         {
-            Ok(()) => {}
-            Err(ClaimError::Taken) => return Err(BrokerError::ClaimedElsewhere(id)),
+            Ok(c) => c,
+            Err(ClaimError::Taken | ClaimError::Lost) => {
+                return Err(BrokerError::ClaimedElsewhere(id))
+            }
             Err(ClaimError::Store(e)) => return Err(e),
+        };
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("restore.claimed").await;
+        let keeper = ClaimKeeper::start(self.frozen.clone(), claim);
+        let loaded = self.thaw(&rec, &frozen, &header, cipher, &image, t0).await;
+        let claim = keeper.finish().await;
+        let ((vmm, timings), mut claim) = match (loaded, claim) {
+            (Ok(x), Some(c)) => (x, c),
+            (Err(e), claim) => {
+                // Nothing runs: the copy stays restorable, by anyone.
+                if let Some(c) = claim {
+                    self.frozen.release(c).await;
+                }
+                return Err(e);
+            }
+            (Ok((vmm, _)), None) => {
+                vmm.shutdown().await;
+                return Err(BrokerError::ClaimLost(id));
+            }
+        };
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause_pid("restore.loaded", vmm.pid()).await;
+        // The fence: a claimant whose lease ran out and was taken over
+        // (paused, then back) finds its claim changed and commits nothing.
+        match self.frozen.commit(&mut claim).await {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(bubble = %id, error = %e, token = claim.token(), "restore not committed");
+                vmm.shutdown().await;
+                return Err(match e {
+                    ClaimError::Store(e) => {
+                        self.frozen.release(claim).await;
+                        e
+                    }
+                    _ => BrokerError::ClaimLost(id),
+                });
+            }
         }
-        let thawed = self.thaw(&rec, &frozen, &header, cipher, &image, t0).await;
-        if thawed.is_err() {
-            // Nothing runs: the copy stays restorable, by anyone.
-            self.frozen.release(&id, frozen.generation).await;
-        }
-        let (r, live, timings) = thawed?;
+        let (r, live) = match self.resume(&id, vmm).await {
+            Ok(x) => x,
+            Err(e) => {
+                // Not recorded (its VMM stopped): give the committed claim
+                // back.
+                self.frozen.release(claim).await;
+                return Err(e);
+            }
+        };
         drop(permit);
         if let Err(e) = self
             .frozen
@@ -178,75 +226,18 @@ impl Broker {
         Ok(r)
     }
 
-    /// Fetches and verifies the claimed copy, resumes it in a new VMM and
-    /// records the bubble READY.
-    async fn thaw(
+    /// Records a loaded bubble READY and makes its VMM the live one. The
+    /// registry says READY (and forgets the copy) before the copy is
+    /// consumed: the same generation never runs twice.
+    /// If the registry refuses, the VMM is stopped.
+    async fn resume(
         self: &Arc<Self>,
-        rec: &BubbleRecord,
-        frozen: &FrozenRef,
-        header: &Header,
-        cipher: ChunkCipher,
-        image: &ImageSpec,
-        t0: Instant,
-    ) -> Result<(BubbleRecord, Arc<Live>, Timings), BrokerError> {
-        let id = rec.id.clone();
-        let dir = self.cfg.bubble_dir(&id);
-        let (fetched, spawned) = tokio::join!(
-            async {
-                let r = self
-                    .frozen
-                    .fetch(&id, frozen.generation, header, cipher)
-                    .await;
-                (r, t0.elapsed())
-            },
-            async {
-                let vmm = Vmm::spawn_restore(&self.spawner, &self.cfg, &dir, rec, image).await?;
-                // The sealed header's page runs: the VMM faults those pages
-                // in (zeroes only) while the chunks are still verified, and
-                // says where its guest memory is for the verified pages.
-                let span = match vmm.prefault(&header.page_runs).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(bubble = %id, error = %e, "prefault refused; streaming the snapshot");
-                        None
-                    }
-                };
-                Ok::<_, String>((vmm, span))
-            }
-        );
-        let (fetched, t_fetch) = fetched;
-        let checked = fetched.and_then(|parts| {
-            let first = parts.first().map(|p| p.expose()).unwrap_or_default();
-            bubble_vmm::snapshot::parse_head(first, header.total_len as usize)
-                .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
-            Ok(parts)
-        });
-        let (parts, (vmm, span)) = match (checked, spawned) {
-            (Ok(x), Ok(vmm)) => (x, vmm),
-            (Err(e), Ok((vmm, _))) => {
-                vmm.shutdown().await;
-                return Err(e);
-            }
-            (Err(e), Err(_)) => return Err(e),
-            (Ok(_), Err(e)) => return Err(BrokerError::Spawn(e)),
-        };
-        let t_spawn = t0.elapsed();
-        let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
-        let vmm_restore = match vmm.restore(&slices, span).await {
-            Ok(d) => d,
-            Err(e) => {
-                vmm.shutdown().await;
-                return Err(e);
-            }
-        };
-        drop(slices);
-        drop(parts);
-        let t_vm = t0.elapsed();
+        id: &str,
+        vmm: Vmm,
+    ) -> Result<(BubbleRecord, Arc<Live>), BrokerError> {
         let pid = vmm.pid();
         let jail_warning = vmm.jail_warning();
-        // The registry says READY (and forgets the copy) before the copy is
-        // consumed: the same generation never runs twice.
-        let r = match self.apply(&id, Step::Thawed, "", |r| {
+        let r = match self.apply(id, Step::Thawed, "", |r| {
             r.frozen = None;
             r.vmm_pid = pid;
             r.jail_warning = jail_warning;
@@ -259,15 +250,9 @@ impl Broker {
             }
         };
         let live = self.table.live(vmm);
-        self.table.set_live(&id, Some(live.clone()));
-        self.watch_vmm(id.clone(), &live);
-        let timings = Timings {
-            fetch: t_fetch,
-            spawn: t_spawn,
-            vm: t_vm,
-            vmm_restore,
-        };
-        Ok((r, live, timings))
+        self.table.set_live(id, Some(live.clone()));
+        self.watch_vmm(id.to_string(), &live);
+        Ok((r, live))
     }
 
     /// Takes over a bubble suspended by another broker sharing the store:

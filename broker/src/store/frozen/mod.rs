@@ -17,69 +17,31 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
+mod cas;
 mod claim;
+mod keeper;
 mod write;
-pub use claim::ClaimError;
+pub use claim::{Claim, ClaimError};
+pub use keeper::ClaimKeeper;
 pub use write::FrozenWriter;
 
 use std::sync::Arc;
 
 use bubble_keys::envelope::ChunkCipher;
-use bubble_keys::{Kek, SecretBytes, SNAPSHOT_ID_LEN};
+use bubble_keys::{Kek, SecretBytes};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
 
-/// Plaintext bytes per chunk.
-pub const CHUNK: usize = 1 << 20;
+pub use bubble_frozen::{Header, CHUNK};
+use bubble_frozen::{Manifest, ManifestError, FORMAT, HEADER_INDEX};
+
+/// The decoy manifest's object (outside `frozen/`).
+const DECOY: &str = "frozen-decoy";
+
 /// Chunks fetched and decrypted concurrently during a restore.
 const FETCH_AHEAD: usize = 4;
-/// Chunk index of the sealed manifest header.
-const HEADER_INDEX: u64 = u64::MAX;
-/// Manifest format version.
-const FORMAT: u32 = 1;
-
-/// The outer manifest (plaintext JSON).
-#[derive(Serialize, Deserialize)]
-struct Manifest {
-    format: u32,
-    snapshot_id: String,
-    wrapped_key: String,
-    kek: String,
-    kek_id: String,
-    header: String,
-}
-
-/// The sealed header.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// Bubble id.
-    pub bubble_id: String,
-    /// Owner.
-    pub owner: String,
-    /// Generation.
-    pub generation: u64,
-    /// Guest memory, MiB.
-    pub memory_mib: u32,
-    /// Guest image name.
-    pub image: String,
-    /// Snapshot length in bytes.
-    pub total_len: u64,
-    /// Number of chunks.
-    pub chunks: u64,
-    /// Runs of captured pages (guest address, pages): a restoring VMM
-    /// faults them in while the chunks are fetched. Absent in copies made
-    /// before it existed (then nothing is faulted in ahead).
-    #[serde(default)]
-    pub page_runs: Vec<(u64, u64)>,
-    /// Whose key wraps the data key (`broker` or `parent`): the manifest's
-    /// plaintext `kek` field must say the same. Empty in copies made
-    /// before it was sealed here.
-    #[serde(default)]
-    pub kek: String,
-}
 
 /// The store of frozen bubbles.
 #[derive(Clone)]
@@ -89,7 +51,12 @@ pub struct FrozenStore {
     /// The directory of a local store (its empty directories are removed
     /// with the copies they held).
     local_root: Option<std::path::PathBuf>,
+    /// How long a claim lasts without renewal.
+    lease: std::time::Duration,
 }
+
+/// Default claim lease.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Chunk buffers kept for reuse: their pages stay mapped, so reading a
 /// chunk into one costs no page faults (a fresh megabyte costs about
@@ -172,6 +139,7 @@ impl FrozenStore {
             store: Arc::new(fs),
             buffers: BufPool::default(),
             local_root: Some(dir.to_path_buf()),
+            lease: DEFAULT_LEASE,
         })
     }
 
@@ -217,6 +185,7 @@ impl FrozenStore {
             store,
             buffers: BufPool::default(),
             local_root: None,
+            lease: DEFAULT_LEASE,
         })
     }
 
@@ -267,52 +236,55 @@ impl FrozenStore {
         kek: &Kek,
     ) -> Result<(Header, ChunkCipher), BrokerError> {
         let base = prefix(id, generation);
-        let loss = |m: String| BrokerError::DataLoss(m);
         let raw = match self
             .store
             .get(&ObjPath::from(format!("{base}/manifest")))
             .await
         {
             Ok(r) => r.bytes().await.map_err(store_err)?,
-            Err(object_store::Error::NotFound { .. }) => return Err(BrokerError::FrozenMissing),
+            Err(object_store::Error::NotFound { .. }) => {
+                // As much work as refusing a copy that exists (no oracle).
+                self.decoy_open(id, generation, kek).await;
+                return Err(BrokerError::FrozenMissing);
+            }
             Err(e) => return Err(store_err(e)),
         };
-        let m: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| loss(format!("manifest: {e}")))?;
-        if m.format != FORMAT {
-            return Err(loss(format!("unknown format {}", m.format)));
-        }
-        let sid: [u8; SNAPSHOT_ID_LEN] = hex::decode(&m.snapshot_id)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| loss("bad snapshot id".into()))?;
-        if hex::encode(kek.key_id()) != m.kek_id {
-            return Err(BrokerError::WrongKey);
-        }
-        let wrapped = hex::decode(&m.wrapped_key).map_err(|_| loss("bad wrapped key".into()))?;
-        let dk = bubble_keys::unwrap_key(kek, &wrapped, &sid).map_err(|_| BrokerError::WrongKey)?;
-        let cipher = ChunkCipher::new(&dk, &sid);
-        let sealed = hex::decode(&m.header).map_err(|_| loss("bad header".into()))?;
-        let hbytes = cipher
-            .decrypt(HEADER_INDEX, &sealed)
-            .map_err(|_| loss("manifest header does not authenticate".into()))?;
-        let header: Header =
-            serde_json::from_slice(hbytes.expose()).map_err(|e| loss(format!("header: {e}")))?;
-        if header.bubble_id != id || header.generation != generation {
-            return Err(loss(
-                "manifest belongs to another bubble or generation".into(),
-            ));
-        }
-        if header.chunks != header.total_len.div_ceil(CHUNK as u64) {
-            return Err(loss("chunk count differs from the length".into()));
-        }
-        if !header.kek.is_empty() && header.kek != m.kek {
-            return Err(loss(
-                "the manifest's key kind differs from its sealed header".into(),
-            ));
-        }
+        let (header, cipher) =
+            bubble_frozen::decode_manifest(&raw, id, generation, kek).map_err(|e| match e {
+                ManifestError::WrongKey => BrokerError::WrongKey,
+                ManifestError::Damaged(m) => BrokerError::DataLoss(m),
+            })?;
         self.refuse_unexpected(&base, header.chunks).await?;
         Ok((header, cipher))
+    }
+
+    /// Stores the decoy manifest [`FrozenStore::decoy_open`] reads, if it
+    /// is not there yet (a broker that cannot write it still starts; its
+    /// refusals of missing copies then decode a decoy from memory).
+    pub async fn ensure_decoy(&self) {
+        let path = ObjPath::from(DECOY);
+        if self.store.head(&path).await.is_err() {
+            let m = bubble_frozen::decoy_manifest();
+            if let Err(e) = self.store.put(&path, m.into()).await {
+                tracing::warn!(error = %e, "could not store the decoy manifest");
+            }
+        }
+    }
+
+    /// What opening a copy under another key costs, for a copy that does
+    /// not exist: reads the store's decoy manifest (`frozen-decoy`, made
+    /// at start) and decodes it (refused: its key id is no key's).
+    async fn decoy_open(&self, id: &str, generation: u64, kek: &Kek) {
+        let raw = match self.store.get(&ObjPath::from(DECOY)).await {
+            Ok(r) => r.bytes().await.ok(),
+            Err(_) => None,
+        };
+        match raw {
+            Some(raw) => {
+                let _ = bubble_frozen::decode_manifest(&raw, id, generation, kek);
+            }
+            None => bubble_frozen::decoy(kek),
+        }
     }
 
     /// Refuses a copy whose directory holds anything but its manifest, its
@@ -342,23 +314,25 @@ impl FrozenStore {
         }
     }
 
-    /// Reads and decrypts the chunks of a frozen copy opened with
-    /// [`FrozenStore::open`], concurrently, each in place on the blocking
-    /// pool; checks the total length. Returns them in order.
-    pub async fn fetch(
+    /// The chunks of a frozen copy opened with [`FrozenStore::open`], in
+    /// order, each read and decrypted (authenticated) in place on the
+    /// blocking pool, [`FETCH_AHEAD`] at a time: at most that many are
+    /// fetched ahead of the one the caller takes. The caller checks the
+    /// total length against the header.
+    pub fn fetch_stream(
         &self,
         id: &str,
         generation: u64,
         header: &Header,
         cipher: ChunkCipher,
-    ) -> Result<Vec<PlainChunk>, BrokerError> {
-        use futures::{StreamExt, TryStreamExt};
+    ) -> impl futures::Stream<Item = Result<PlainChunk, BrokerError>> + Send + 'static {
+        use futures::StreamExt;
         let cipher = Arc::new(cipher);
         let base = prefix(id, generation);
-        let parts: Vec<PlainChunk> = futures::stream::iter(0..header.chunks)
-            .map(|i| {
-                let (store, cipher, pool) =
-                    (self.store.clone(), cipher.clone(), self.buffers.clone());
+        let (store, pool) = (self.store.clone(), self.buffers.clone());
+        futures::stream::iter(0..header.chunks)
+            .map(move |i| {
+                let (store, cipher, pool) = (store.clone(), cipher.clone(), pool.clone());
                 let path = ObjPath::from(format!("{base}/chunk-{i}"));
                 async move {
                     let got = match store.get(&path).await {
@@ -412,15 +386,6 @@ impl FrozenStore {
                 }
             })
             .buffered(FETCH_AHEAD)
-            .try_collect()
-            .await?;
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        if len != header.total_len {
-            return Err(BrokerError::DataLoss(
-                "snapshot length differs from the manifest".into(),
-            ));
-        }
-        Ok(parts)
     }
 
     /// Consumes a frozen copy after a successful restore.

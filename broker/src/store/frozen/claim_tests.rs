@@ -1,0 +1,117 @@
+//! The claim's lease and fence on a local store (the same code runs
+//! against S3 in `tests/tests/leases.rs`), as the attack: concurrent
+//! takers, a holder that outlives its lease, a stale commit.
+
+use std::time::Duration;
+
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutPayload};
+
+use super::*;
+
+async fn store(lease_ms: u64) -> (tempfile::TempDir, FrozenStore, FrozenStore) {
+    let dir = tempfile::tempdir().unwrap();
+    // Two handles on one directory: two brokers sharing it.
+    let mut a = FrozenStore::local(dir.path()).unwrap();
+    let mut b = FrozenStore::local(dir.path()).unwrap();
+    a.set_lease(Duration::from_millis(lease_ms));
+    b.set_lease(Duration::from_millis(lease_ms));
+    // A copy to claim: its manifest exists.
+    a.store
+        .put(
+            &ObjPath::from("frozen/b1/g1/manifest"),
+            PutPayload::from("m"),
+        )
+        .await
+        .unwrap();
+    (dir, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_many_concurrent_claimants_one_wins() {
+    let (_d, a, b) = store(60_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            s.claim("b1", 1, &format!("broker-{i}")).await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(c) => {
+                assert_eq!(c.token(), 1);
+                won += 1;
+            }
+            Err(ClaimError::Taken) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+#[tokio::test]
+async fn a_live_claim_is_refused_an_expired_one_taken_over_and_the_stale_holder_fenced() {
+    let (_d, a, b) = store(300).await;
+    let mut old = a.claim("b1", 1, "A").await.unwrap();
+    // Renewed within its lease, it stays A's.
+    a.renew(&mut old).await.unwrap();
+    assert!(matches!(
+        b.claim("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+    // A stops renewing; past the lease B takes it with the next token.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut new = loop {
+        match b.claim("b1", 1, "B").await {
+            Ok(c) => break c,
+            Err(ClaimError::Taken) => {
+                assert!(std::time::Instant::now() < until, "never taken over");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(new.token(), old.token() + 1);
+    // A, back, can neither renew nor commit; giving back changes nothing.
+    assert!(matches!(a.renew(&mut old).await, Err(ClaimError::Lost)));
+    assert!(matches!(a.commit(&mut old).await, Err(ClaimError::Lost)));
+    a.release(old).await;
+    b.commit(&mut new).await.unwrap();
+    // A committed claim is nobody's to take, however old.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        a.claim("b1", 1, "A").await,
+        Err(ClaimError::Taken)
+    ));
+}
+
+#[tokio::test]
+async fn a_given_back_claim_is_taken_at_once_and_a_removed_one_fences() {
+    let (_d, a, b) = store(60_000).await;
+    let c = a.claim("b1", 1, "A").await.unwrap();
+    a.release(c).await;
+    let mut c = b.claim("b1", 1, "B").await.unwrap();
+    assert_eq!(c.token(), 2);
+    // The copy is purged under it (a delete): B cannot commit.
+    a.purge_generation("b1", 1).await.unwrap();
+    assert!(matches!(b.commit(&mut c).await, Err(ClaimError::Lost)));
+    // And a claim on a copy without manifest is refused as missing.
+    assert!(matches!(
+        a.claim("b1", 1, "A").await,
+        Err(ClaimError::Store(BrokerError::FrozenMissing))
+    ));
+}
+
+#[tokio::test]
+async fn a_broker_takes_its_own_claim_back_after_a_restart() {
+    let (_d, a, b) = store(60_000).await;
+    let c = a.claim("b1", 1, "A").await.unwrap();
+    let again = b.claim("b1", 1, "A").await.unwrap();
+    assert_eq!(again.token(), c.token() + 1);
+    assert!(matches!(
+        b.claim("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+}
