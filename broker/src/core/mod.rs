@@ -35,8 +35,8 @@ pub mod security;
 mod strikes;
 mod supervise;
 mod teardown;
-pub mod triggers;
 mod thaw;
+pub mod triggers;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
