@@ -94,8 +94,19 @@ impl SessionKey {
     ) -> Result<(Self, SealedBox), Error> {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         rng.fill_bytes(&mut key[..]);
+        Self::seal_key(rng, kem_pk, aad, &key)
+    }
+
+    /// Parent side: like [`SessionKey::generate_sealed`] with a key the
+    /// caller drew (zeroize it after).
+    pub fn seal_key<R: RngCore + CryptoRng>(
+        rng: &mut R,
+        kem_pk: &[u8; 32],
+        aad: &[u8],
+        key: &[u8; KEY_LEN],
+    ) -> Result<(Self, SealedBox), Error> {
         let setup = seal_credential(rng, kem_pk, INFO_SESSION, aad, &key[..])?;
-        Ok((Self(ZeroizingKey::new(&key)), setup))
+        Ok((Self(ZeroizingKey::new(key)), setup))
     }
 
     /// Bubble side: opens a setup with the bubble's KEM key pair and the

@@ -6,6 +6,7 @@
 
 mod frozen;
 pub mod moto;
+pub mod payments;
 pub mod spy;
 
 pub use frozen::{portion_call, shared_store, suspend_and_restore};
