@@ -104,8 +104,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tok.fill(0);
     gw.fill(0);
 
-    // 5. The checkout: tokenize (the card number is sealed to the bubble,
-    // the broker relays ciphertext) and get the charge signed.
+    // 5. The checkout: tokenize (the card number is encrypted for the
+    // bubble in this handle's sealed session: one HPKE setup with the first
+    // call, AES-256-GCM per call; the broker relays ciphertext) and get the
+    // charge signed.
     let payments = bubble.portion("payments");
     let token = payments.call("tokenize", b"4111111111111111").await?;
     println!(

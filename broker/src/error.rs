@@ -78,6 +78,10 @@ pub enum BrokerError {
     /// for another bubble, code set, policy or request).
     #[error("sealed data does not open in this bubble: {0}")]
     NotOpened(String),
+    /// A session call named a session the bubble does not hold (never
+    /// opened, evicted) or a setup for a session id used before.
+    #[error("sealed session refused: {0}")]
+    NoSession(String),
     /// The guest failed internally.
     #[error("guest internal error: {0}")]
     GuestInternal(String),
@@ -182,6 +186,7 @@ impl From<BrokerError> for Status {
             BrokerError::GuestRefused(_) | BrokerError::CodeFrozen(_) => Code::FailedPrecondition,
             BrokerError::Replayed(_) => Code::AlreadyExists,
             BrokerError::NotOpened(_) => Code::InvalidArgument,
+            BrokerError::NoSession(_) => Code::FailedPrecondition,
             BrokerError::GuestInternal(_) | BrokerError::VmmRefused(_) => Code::Internal,
             BrokerError::WrongState { .. }
             | BrokerError::ClaimedElsewhere(_)
@@ -212,6 +217,12 @@ impl From<BrokerError> for Status {
             }
         };
         let mut s = Status::new(code, e.to_string());
+        if let BrokerError::NoSession(_) = e {
+            s.metadata_mut().insert(
+                bubble_proto::SESSION_REFUSED_KEY,
+                tonic::metadata::MetadataValue::from_static(bubble_proto::SESSION_REFUSED_VALUE),
+            );
+        }
         if let BrokerError::Throttled(ms) = e {
             if let Ok(v) = ms.to_string().parse() {
                 s.metadata_mut().insert("retry-after-ms", v);
@@ -235,6 +246,7 @@ impl BrokerError {
             c::FROZEN => BrokerError::CodeFrozen(msg),
             c::REPLAY => BrokerError::Replayed(msg),
             c::NOT_OPENED => BrokerError::NotOpened(msg),
+            c::NO_SESSION => BrokerError::NoSession(msg),
             // The guest's own list names internal ops too.
             c::UNKNOWN_OP => BrokerError::UnknownOp,
             c::INTERNAL => BrokerError::GuestInternal(msg),

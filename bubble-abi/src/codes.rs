@@ -36,11 +36,15 @@ pub enum ErrorCode {
     /// A sealed credential or input does not open for this bubble, its code
     /// and policy, and the request it claims to be.
     NotOpened = 14,
+    /// A session call names a session the bubble does not hold (never
+    /// opened, or evicted by newer sessions), or a setup for a session id
+    /// the bubble has seen before.
+    NoSession = 15,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::UnknownOp,
         ErrorCode::BadInput,
         ErrorCode::Internal,
@@ -55,6 +59,7 @@ impl ErrorCode {
         ErrorCode::Frozen,
         ErrorCode::Replay,
         ErrorCode::NotOpened,
+        ErrorCode::NoSession,
     ];
 
     /// The code's wire value.
@@ -79,6 +84,7 @@ impl ErrorCode {
             ErrorCode::Frozen => "FROZEN",
             ErrorCode::Replay => "REPLAY",
             ErrorCode::NotOpened => "NOT_OPENED",
+            ErrorCode::NoSession => "NO_SESSION",
         }
     }
 
@@ -102,6 +108,9 @@ impl ErrorCode {
             ErrorCode::Replay => "a sealed input's sequence number was used or is below the replay floor",
             ErrorCode::NotOpened => {
                 "a sealed credential or input does not open for this bubble, code, policy and request"
+            }
+            ErrorCode::NoSession => {
+                "the session is not held (never opened or evicted), or its id was used before: open a new one"
             }
         }
     }
@@ -164,4 +173,6 @@ pub mod code {
     pub const REPLAY: u16 = ErrorCode::Replay as u16;
     /// [`ErrorCode::NotOpened`].
     pub const NOT_OPENED: u16 = ErrorCode::NotOpened as u16;
+    /// [`ErrorCode::NoSession`].
+    pub const NO_SESSION: u16 = ErrorCode::NoSession as u16;
 }

@@ -37,6 +37,7 @@ pub mod ops;
 pub mod policy;
 #[cfg(feature = "alloc")]
 pub mod replay;
+pub mod session;
 mod wire;
 
 #[cfg(test)]
@@ -50,6 +51,7 @@ pub use msg::{decode_error, decode_text, encode_error, BootInfo, Header, MsgType
 pub use policy::SecurityPolicy;
 #[cfg(feature = "alloc")]
 pub use replay::{ReplayWindow, REPLAY_WINDOW};
+pub use session::{SeqWindow, SessionCall, OP_PORTION_SESSION};
 
 /// ABI version carried in every header and in the boot information.
 /// Version 2 moved SIGN/SEAL from a `sign:` op prefix to the CALL flags.

@@ -65,7 +65,8 @@ fn error_codes_round_trip_and_unknown_codes_are_refused() {
         assert_eq!(u16::from(c), c.as_u16());
     }
     assert_eq!(ErrorCode::try_from(0), Err(0));
-    assert_eq!(ErrorCode::try_from(15), Err(15));
+    assert_eq!(ErrorCode::try_from(16), Err(16));
+    assert_eq!(code::NO_SESSION, 15);
     assert_eq!(code::STATE, 11);
     assert_eq!((code::FROZEN, code::REPLAY, code::NOT_OPENED), (12, 13, 14));
     assert_eq!(code::UNKNOWN_OP, 1);

@@ -6,8 +6,9 @@
 //! credentials to the bubble and that code (HPKE, RFC 9180 base mode; the
 //! broker relays only ciphertext), and calls it, verifying each result's
 //! Ed25519 signature and optionally opening results sealed to the parent's
-//! own key. Portion calls seal their input to the bubble by default (the
-//! broker sees ciphertext only; the bubble refuses a replayed call).
+//! own key. Portion calls encrypt their input to the bubble by default, in
+//! a sealed session (one HPKE setup per handle, then AES-256-GCM per call;
+//! the broker sees ciphertext only; the bubble refuses a replayed call).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), bubble_client::ClientError> {
@@ -32,11 +33,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod attest;
 pub mod connect;
+mod portion;
+mod session;
 
 pub use attest::{verify_attestation, Attested, Expectations};
 use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
 use bubble_proto::v1 as pb;
 pub use connect::{connect_tls, connect_tls_named, connect_unix, Client, ConnectError};
+use portion::InputMode;
+pub use portion::PortionHandle;
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
@@ -67,10 +72,20 @@ pub enum ClientError {
     /// The attestation was refused (chain, signature, policy or binding).
     #[error("attestation refused: {0}")]
     Attestation(String),
+    /// The bubble does not hold the call's sealed session (evicted, never
+    /// opened, or its id used before); the call did not run.
+    #[error("sealed session refused: {0}")]
+    SessionRefused(String),
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
+        let session = s.metadata().get(bubble_proto::SESSION_REFUSED_KEY);
+        if s.code() == tonic::Code::FailedPrecondition
+            && session.is_some_and(|v| v == bubble_proto::SESSION_REFUSED_VALUE)
+        {
+            return ClientError::SessionRefused(s.message().to_string());
+        }
         ClientError::Status {
             code: s.code(),
             message: s.message().to_string(),
@@ -162,6 +177,7 @@ impl Parent {
             keys: None,
             code: None,
             last_seq: AtomicU64::new(0),
+            session: Default::default(),
         }
     }
 }
@@ -174,6 +190,8 @@ pub struct Bubble {
     code: Option<CodeBinding>,
     /// The last sealed-input sequence number used.
     last_seq: AtomicU64,
+    /// The sealed session portion calls use.
+    session: session::SessionSlot,
 }
 
 impl Bubble {
@@ -332,7 +350,7 @@ impl Bubble {
         function: &str,
         input: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
-        self.call_signed_req(portion, function, input, InputMode::Sealed, None)
+        self.call_signed_req(portion, function, input, InputMode::Session, None)
             .await
             .map(|s| s.expose().to_vec())
     }
@@ -418,76 +436,6 @@ impl Bubble {
             .await
     }
 
-    async fn call_signed_req(
-        &self,
-        portion: &str,
-        op: &str,
-        input: &[u8],
-        mode: InputMode,
-        open_with: Option<&KemKeyPair>,
-    ) -> Result<SecretBytes, ClientError> {
-        let keys = self.keys.ok_or(ClientError::NotAttested)?;
-        let sealed_input = match mode {
-            InputMode::Sealed if !portion.is_empty() => {
-                Some(self.seal_input(portion, op, self.next_seq(), input)?)
-            }
-            _ => None,
-        };
-        let r = self
-            .client
-            .clone()
-            .call(pb::CallRequest {
-                bubble_id: self.id.clone(),
-                op: op.to_string(),
-                input: if sealed_input.is_some() {
-                    Vec::new()
-                } else {
-                    input.to_vec()
-                },
-                sign: true,
-                seal_to: open_with
-                    .map(|k| k.public_key().to_vec())
-                    .unwrap_or_default(),
-                portion: portion.to_string(),
-                sealed_input: sealed_input.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        // For a portion call the bubble signs over the exact request it
-        // ran, the portion-call frame, which binds the portion and function
-        // too (and for a sealed input, the bubble id, seq and ciphertext).
-        let signed_input = match (&sealed_input, portion.is_empty()) {
-            (_, true) => input.to_vec(),
-            (Some(s), false) => bubble_abi::ops::SealedPortionCall {
-                bubble_id: &self.id,
-                portion,
-                function: op,
-                seq: s.seq,
-                sealed: &s.sealed,
-            }
-            .encode()
-            .map_err(|e| ClientError::BadResult(e.to_string()))?,
-            (None, false) => bubble_abi::ops::PortionCall {
-                portion,
-                function: op,
-                input,
-            }
-            .encode()
-            .map_err(|e| ClientError::BadResult(e.to_string()))?,
-        };
-        bubble_keys::verify_and_open_result(
-            &keys.sig_pk,
-            &self.id,
-            r.call_id,
-            &signed_input,
-            &r.output,
-            &r.signature,
-            open_with,
-        )
-        .map_err(|e| ClientError::BadResult(e.to_string()))
-    }
-
     /// Deletes the bubble.
     pub async fn delete(self) -> Result<(), ClientError> {
         self.client
@@ -496,57 +444,4 @@ impl Bubble {
             .await?;
         Ok(())
     }
-}
-
-/// A loaded portion of a bubble: the parent's typed view of the
-/// credential-bearing half of its program.
-pub struct PortionHandle<'a> {
-    bubble: &'a Bubble,
-    name: &'a str,
-}
-
-impl PortionHandle<'_> {
-    /// Calls `function` with `input` sealed to the bubble (the broker sees
-    /// ciphertext only); the result is signed by the bubble and verified
-    /// with its attested key before it is returned.
-    pub async fn call(&self, function: &str, input: &[u8]) -> Result<Vec<u8>, ClientError> {
-        self.bubble
-            .call_verified_portion(self.name, function, input)
-            .await
-    }
-
-    /// Like [`PortionHandle::call`] with the input in plaintext: the broker
-    /// sees it. For inputs that are not secret.
-    pub async fn call_plain_input(
-        &self,
-        function: &str,
-        input: &[u8],
-    ) -> Result<Vec<u8>, ClientError> {
-        self.bubble
-            .call_signed_req(self.name, function, input, InputMode::Plain, None)
-            .await
-            .map(|s| s.expose().to_vec())
-    }
-
-    /// Like [`PortionHandle::call`], with the output sealed to a fresh
-    /// parent key inside the bubble too.
-    pub async fn call_sealed(
-        &self,
-        function: &str,
-        input: &[u8],
-    ) -> Result<SecretBytes, ClientError> {
-        let kp = KemKeyPair::generate(&mut OsRng);
-        self.bubble
-            .call_signed_req(self.name, function, input, InputMode::Sealed, Some(&kp))
-            .await
-    }
-}
-
-/// How a portion call's input travels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum InputMode {
-    /// In plaintext (the broker sees it).
-    Plain,
-    /// Sealed to the bubble (the default for portion calls).
-    Sealed,
 }

@@ -122,6 +122,8 @@ pub struct Keys {
     next_call_id: u64,
     /// Sequence numbers of sealed inputs still accepted.
     replay: bubble_abi::ReplayWindow,
+    /// Sealed sessions.
+    sessions: crate::sessions::Sessions,
 }
 
 /// The code a credential or sealed input is bound to: the bubble's current
@@ -149,6 +151,7 @@ impl Keys {
             creds: BTreeMap::new(),
             next_call_id: 1,
             replay: bubble_abi::ReplayWindow::new(),
+            sessions: crate::sessions::Sessions::new(),
         })
     }
 
@@ -176,7 +179,10 @@ impl Keys {
         // A name, once provisioned, keeps its value: a parent cannot swap in
         // a key of its choice under a name a portion is granted.
         if self.creds.contains_key(name) {
-            return Err((STATE, "credential already provisioned; names cannot be replaced"));
+            return Err((
+                STATE,
+                "credential already provisioned; names cannot be replaced",
+            ));
         }
         if self.creds.len() >= MAX_CREDENTIALS {
             return Err((BAD_INPUT, "too many credentials"));
@@ -198,7 +204,10 @@ impl Keys {
     /// Opens the sealed input of a `portion_sealed` call: refuses a
     /// sequence number the replay window has seen, opens the box (AAD:
     /// bubble id, portion, function, seq), and only then records `seq`.
-    pub fn open_input(&mut self, c: &bubble_abi::ops::SealedPortionCall<'_>) -> Result<SecretBytes, OpError> {
+    pub fn open_input(
+        &mut self,
+        c: &bubble_abi::ops::SealedPortionCall<'_>,
+    ) -> Result<SecretBytes, OpError> {
         const REPLAYED: OpError = (
             bubble_abi::code::REPLAY,
             "sealed input sequence number already used",
@@ -215,6 +224,25 @@ impl Keys {
         Ok(input)
     }
 
+    /// Opens the session of a `portion_session` call from its setup (see
+    /// [`crate::sessions::Sessions::setup`]); `true` if opened now.
+    pub fn session_setup(
+        &mut self,
+        c: &bubble_abi::SessionCall<'_>,
+        code: &CodeDigests,
+    ) -> Result<bool, OpError> {
+        self.sessions.setup(&self.kem, c, code)
+    }
+
+    /// Opens a `portion_session` call's input (see
+    /// [`crate::sessions::Sessions::open_input`]).
+    pub fn session_input(
+        &mut self,
+        c: &bubble_abi::SessionCall<'_>,
+    ) -> Result<SecretBytes, OpError> {
+        self.sessions.open_input(c)
+    }
+
     /// Decodes a sealed box and opens it with the bubble's KEM key;
     /// `refusal` is the NOT_OPENED text when it does not open.
     fn open(
@@ -226,7 +254,8 @@ impl Keys {
     ) -> Result<SecretBytes, OpError> {
         use bubble_abi::code::{BAD_INPUT, NOT_OPENED};
         let sealed = SealedBox::decode(sealed).map_err(|_| (BAD_INPUT, "malformed sealed box"))?;
-        bubble_keys::open_credential(&self.kem, &sealed, info, aad).map_err(|_| (NOT_OPENED, refusal))
+        bubble_keys::open_credential(&self.kem, &sealed, info, aad)
+            .map_err(|_| (NOT_OPENED, refusal))
     }
 
     /// HMAC-SHA256 of `data` under the credential `name`.

@@ -7,12 +7,12 @@
 //! next request. Built-in ops, computed here, inside the guest: `echo`,
 //! `sha256`, `sha256_chain`; with the bubble's own keys (made at boot from
 //! RDRAND): `keys`, `attest`, `provision`, `hmac`; portions: `set_policy`,
-//! `load_portion`, `portion`, `portion_sealed`. A CALL with the SIGN flag
+//! `load_portion`, `portion`, `portion_sealed`, `portion_session`. A CALL with the SIGN flag
 //! gets its result signed (and with SEAL, sealed) by the bubble.
 //!
 //! Code under grants is frozen: once `attest` answered or a credential was
-//! provisioned, `load_portion` and `set_policy` are refused (FROZEN), so the
-//! digests a custodian verified and sealed to stay the bubble's.
+//! provisioned or a sealed session opened, `load_portion` and `set_policy`
+//! are refused (FROZEN), so the digests a custodian verified and sealed to stay the bubble's.
 
 #![no_std]
 #![no_main]
@@ -23,6 +23,7 @@ mod keys;
 mod mem;
 mod portions;
 mod rng;
+mod sessions;
 
 use core::fmt::Write as _;
 use core::panic::PanicInfo;
@@ -137,7 +138,11 @@ fn code_digests() -> keys::CodeDigests {
 }
 
 /// Runs a portion function on `input` and queues its log lines.
-fn run_portion(portion: &str, function: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
+fn run_portion(
+    portion: &str,
+    function: &str,
+    input: &[u8],
+) -> Result<alloc::vec::Vec<u8>, keys::OpError> {
     let p = portions().ok_or((abi::code::INTERNAL, "no portion runtime"))?;
     let (out, logs) = p.call(portion, function, input)?;
     for l in logs {
@@ -246,9 +251,22 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
             let plain = keys::KEYS.with(|k| k.open_input(&c)).ok_or(NO_KEYS)??;
             run_portion(c.portion, c.function, plain.expose())
         }
+        abi::OP_PORTION_SESSION => {
+            let c = abi::SessionCall::decode(input).map_err(|_| {
+                (BAD, "portion_session needs [id][portion][function][session u64][seq u64][setup][ciphertext]")
+            })?;
+            let code = code_digests();
+            if keys::KEYS.with(|k| k.session_setup(&c, &code)).ok_or(NO_KEYS)?? {
+                // The session is bound to this code: it stays this code.
+                CODE_FROZEN.store(true, Ordering::SeqCst);
+            }
+            // Zeroized when it drops, after the call.
+            let plain = keys::KEYS.with(|k| k.session_input(&c)).ok_or(NO_KEYS)??;
+            run_portion(c.portion, c.function, plain.expose())
+        }
         _ => Err((
             abi::code::UNKNOWN_OP,
-            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion, portion_sealed)",
+            "unknown op (known: echo, sha256, sha256_chain, keys, attest, provision, hmac, set_policy, load_portion, portion, portion_sealed, portion_session)",
         )),
     }
 }

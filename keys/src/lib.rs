@@ -14,6 +14,8 @@
 //!   crate, and the [`SealedBox`] wire format used to provision credentials;
 //! - [`sign`]: Ed25519 signatures over canonical [`ResultStatement`]s, and
 //!   results sealed to a parent's X25519 key;
+//! - [`session`]: sealed sessions, one HPKE setup of an AES-256-GCM key
+//!   per parent handle and bubble, then one AES-GCM open per call;
 //! - [`report_data`]: the canonical REPORT_DATA binding of the nonce and the
 //!   bubble's public keys;
 //! - [`envelope`]: chunked AES-256-GCM encryption of frozen bubbles under a
@@ -66,6 +68,7 @@ mod error;
 mod fmt_util;
 pub mod hpke;
 pub mod secret;
+pub mod session;
 pub mod sign;
 #[cfg(test)]
 mod test_util;
@@ -83,6 +86,7 @@ pub use hpke::{
     AeadId, KemKeyPair, SealedBox, INFO_CREDENTIAL, INFO_SEALED_INPUT,
 };
 pub use secret::SecretBytes;
+pub use session::{session_aad, session_call_aad, SessionKey, INFO_SESSION};
 pub use sign::{
     open_result, produce_result, result_aad, seal_result, sha256, verify_and_open_result,
     verify_result, ResultStatement, SignedResult, SigningKeyPair, INFO_RESULT,

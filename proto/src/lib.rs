@@ -15,3 +15,10 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// gRPC metadata key set on a FAILED_PRECONDITION when the bubble does not
+/// hold a call's sealed session (never opened, evicted, or its id used
+/// before): the client opens a new session.
+pub const SESSION_REFUSED_KEY: &str = "bubble-session";
+/// The value of [`SESSION_REFUSED_KEY`].
+pub const SESSION_REFUSED_VALUE: &str = "refused";

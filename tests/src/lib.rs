@@ -7,6 +7,7 @@
 mod frozen;
 pub mod moto;
 pub mod nats;
+pub mod payments;
 pub mod spy;
 pub mod triggers;
 

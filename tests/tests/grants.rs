@@ -7,68 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bubble_client::{Bubble, CodeBinding, Parent};
+use bubble_e2e_tests::payments::*;
 use bubble_e2e_tests::spy::{contains, files_under, recording_proxy};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
-use hmac::{Hmac, Mac};
 use tonic::Code;
-
-const PAYMENTS: &str = include_str!("../../examples/payments/payments.wat");
-const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
-
-fn grants() -> Vec<(String, Vec<String>)> {
-    vec![(
-        "payments".into(),
-        vec!["tokenization_key".into(), "gateway_key".into()],
-    )]
-}
-
-/// A bubble whose policy grants the payments portion its two keys.
-async fn payments_bubble(parent: &Parent) -> Bubble {
-    let b = parent
-        .grpc()
-        .create_bubble(pb::CreateBubbleRequest {
-            policy: Some(pb::SecurityPolicy {
-                grants: grants()
-                    .into_iter()
-                    .map(|(portion, credentials)| pb::CredentialGrant {
-                        portion,
-                        credentials,
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            ..create_req(16)
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        b.state,
-        pb::BubbleState::Ready as i32,
-        "{}",
-        b.failure_reason
-    );
-    parent.bubble(&b.bubble_id)
-}
-
-fn policy_digest() -> [u8; 32] {
-    bubble_attestation::SecurityPolicy {
-        grants: grants(),
-        ..Default::default()
-    }
-    .digest()
-}
-
-fn module(wat_src: &str) -> Vec<u8> {
-    wat::parse_str(wat_src).unwrap()
-}
-
-fn tokenize(key: &[u8], pan: &[u8]) -> Vec<u8> {
-    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
-    m.update(pan);
-    m.finalize().into_bytes().to_vec()
-}
 
 fn code_of(status: Result<impl Sized, bubble_client::ClientError>) -> Code {
     match status {
@@ -190,17 +133,6 @@ async fn describe_state(parent: &Parent, id: &str) -> pb::BubbleState {
     let mut c = parent.grpc();
     let b = describe(&mut c, id).await;
     pb::BubbleState::try_from(b.state).unwrap()
-}
-
-/// A bubble with the payments and hostile portions, its code frozen by
-/// the attest binding, and a tokenization key sealed to that code.
-async fn tokenizer(parent: &Parent, key: &[u8]) -> Bubble {
-    let mut b = payments_bubble(parent).await;
-    b.load_portion("payments", &module(PAYMENTS)).await.unwrap();
-    b.load_portion("hostile", &module(HOSTILE)).await.unwrap();
-    b.trust_unverified().await.unwrap();
-    b.provision("tokenization_key", key).await.unwrap();
-    b
 }
 
 fn sealed_req(b: &Bubble, function: &str, sealed: pb::SealedInput) -> pb::CallRequest {
@@ -359,6 +291,41 @@ async fn the_broker_never_sees_a_sealed_card_number() {
         .call_plain_input("tokenize", control)
         .await
         .unwrap();
+    // A session whose key the test knows, sent through the proxy: neither
+    // the session key nor its card number may show up on the host side.
+    let (skey, pan2) = ([0u8; 32], b"4000056655665556");
+    let mut skey = skey;
+    bubble_keys::RngCore::fill_bytes(&mut bubble_keys::OsRng, &mut skey);
+    let (keys, code) = (b.keys().unwrap(), b.code().unwrap());
+    let sid = b.next_seq();
+    let aad = bubble_keys::session_aad(
+        b.id(),
+        &keys.kem_pk,
+        &code.portions_digest,
+        &code.policy_digest,
+        sid,
+    );
+    let (k, setup) =
+        bubble_keys::SessionKey::seal_key(&mut bubble_keys::OsRng, &keys.kem_pk, &aad, &skey)
+            .unwrap();
+    let call_aad = bubble_keys::session_call_aad(b.id(), "payments", "tokenize", sid, 1);
+    let out = parent
+        .grpc()
+        .call(pb::CallRequest {
+            bubble_id: b.id().to_string(),
+            op: "tokenize".into(),
+            portion: "payments".into(),
+            session_input: Some(pb::SessionInput {
+                session_id: sid,
+                seq: 1,
+                ciphertext: k.seal(1, &call_aad, pan2),
+                setup: setup.encode(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.into_inner().output, tokenize(&key, pan2));
     let mut c = broker.client().await;
     suspend_and_restore(&mut c, b.id()).await;
     assert_eq!(
@@ -372,12 +339,23 @@ async fn the_broker_never_sees_a_sealed_card_number() {
     let t = traffic.lock().unwrap().clone();
     assert!(contains(&t, control), "the spy sees plaintext inputs");
     assert!(!contains(&t, pan), "card number in the gRPC traffic");
+    assert!(
+        !contains(&t, pan2),
+        "session card number in the gRPC traffic"
+    );
+    assert!(!contains(&t, &skey), "session key in the gRPC traffic");
+    assert!(
+        contains(&t, &setup.encode()),
+        "the spy sees the session setup"
+    );
     let metrics = broker.admin_get("/metrics");
     assert!(metrics.contains("bubbled_"), "metrics scraped");
-    assert!(
-        !contains(metrics.as_bytes(), pan),
-        "card number in the metrics"
-    );
+    for secret in [&pan[..], &pan2[..], &skey[..]] {
+        assert!(
+            !contains(metrics.as_bytes(), secret),
+            "secret in the metrics"
+        );
+    }
     let log = std::fs::read(dir.path().join("broker.log")).unwrap();
     assert!(contains(&log, b"DEBUG"), "the broker logged at debug level");
     let mut searched = 0;
@@ -386,7 +364,9 @@ async fn the_broker_never_sees_a_sealed_card_number() {
             continue;
         }
         let bytes = std::fs::read(&f).unwrap_or_default();
-        assert!(!contains(&bytes, pan), "card number in {}", f.display());
+        for secret in [&pan[..], &pan2[..], &skey[..]] {
+            assert!(!contains(&bytes, secret), "secret in {}", f.display());
+        }
         searched += 1;
     }
     let names: Vec<String> = files_under(dir.path())

@@ -118,6 +118,7 @@ async fn internal_ops_are_refused_on_call() {
         "provision",
         "portion",
         "portion_sealed",
+        "portion_session",
     ] {
         for sign in [false, true] {
             let req = pb::CallRequest {

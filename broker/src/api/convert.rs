@@ -19,12 +19,13 @@ use crate::vmm::ImageSpec;
 /// change the policy after it was attested, load a portion the broker's
 /// list (and so the attestation) does not show, or bypass the checks of
 /// ProvisionCredential.
-const RESERVED_OPS: [&str; 5] = [
+const RESERVED_OPS: [&str; 6] = [
     bubble_abi::ops::OP_SET_POLICY,
     bubble_abi::ops::OP_LOAD_PORTION,
     bubble_abi::ops::OP_PROVISION,
     bubble_abi::ops::OP_PORTION,
     bubble_abi::ops::OP_PORTION_SEALED,
+    bubble_abi::OP_PORTION_SESSION,
 ];
 
 /// Longest an attach may wait for a pooled bubble.
@@ -386,6 +387,12 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
                 "only portion calls take a sealed input",
             ));
         }
+        if req.session_input.is_some() {
+            return Err(invalid(
+                "session_input",
+                "only portion calls take a session input",
+            ));
+        }
         if RESERVED_OPS.contains(&req.op.as_str()) {
             return Err(invalid(
                 "op",
@@ -399,6 +406,14 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
         Target::Builtin
     } else if !valid_name(&req.portion) {
         return Err(invalid("portion", NAME_RULE));
+    } else if let Some(s) = &req.session_input {
+        session_input(&req, s, cfg)?;
+        Target::SessionPortion {
+            portion: req.portion,
+            session_id: s.session_id,
+            seq: s.seq,
+            setup: s.setup.clone(),
+        }
     } else if let Some(s) = &req.sealed_input {
         sealed_input(&req.input, s, cfg)?;
         Target::SealedPortion {
@@ -408,9 +423,10 @@ pub fn call(req: pb::CallRequest, cfg: &BrokerConfig) -> Result<Call, BrokerErro
     } else {
         Target::Portion(req.portion)
     };
-    let input = match req.sealed_input {
-        Some(s) => s.sealed,
-        None => req.input,
+    let input = match (req.session_input, req.sealed_input) {
+        (Some(s), _) => s.ciphertext,
+        (None, Some(s)) => s.sealed,
+        (None, None) => req.input,
     };
     Ok(Call {
         bubble_id: req.bubble_id,
@@ -442,6 +458,51 @@ fn sealed_input(plain: &[u8], s: &pb::SealedInput, cfg: &BrokerConfig) -> Result
                 "must be a sealed box of {} to {max} bytes",
                 bubble_keys::hpke::SEALED_BOX_MIN_LEN
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a session input's shape (the bubble checks the rest): ids > 0,
+/// a ciphertext holding at least a tag, a setup that is empty or a sealed
+/// box of at most `bubble_abi::session::MAX_SETUP_LEN` bytes, everything
+/// within the payload limit, and no other input beside it.
+fn session_input(
+    req: &pb::CallRequest,
+    s: &pb::SessionInput,
+    cfg: &BrokerConfig,
+) -> Result<(), BrokerError> {
+    if !req.input.is_empty() || req.sealed_input.is_some() {
+        return Err(invalid(
+            "session_input",
+            "input and sealed_input must be empty when session_input is set",
+        ));
+    }
+    if s.session_id == 0 {
+        return Err(invalid("session_input.session_id", "must be > 0"));
+    }
+    if s.seq == 0 {
+        return Err(invalid("session_input.seq", "must be > 0"));
+    }
+    let max_setup = bubble_abi::session::MAX_SETUP_LEN;
+    if !s.setup.is_empty()
+        && (s.setup.len() < bubble_keys::hpke::SEALED_BOX_MIN_LEN || s.setup.len() > max_setup)
+    {
+        return Err(invalid(
+            "session_input.setup",
+            format!(
+                "must be empty or a sealed box of {} to {max_setup} bytes",
+                bubble_keys::hpke::SEALED_BOX_MIN_LEN
+            ),
+        ));
+    }
+    // The frame adds the bubble id (1 + 34 bytes), the ids (16) and the
+    // setup's length (2) and bytes.
+    let max = cfg.max_payload.saturating_sub(53 + s.setup.len());
+    if s.ciphertext.len() < 16 || s.ciphertext.len() > max {
+        return Err(invalid(
+            "session_input.ciphertext",
+            format!("must be 16 to {max} bytes (the input and its tag)"),
         ));
     }
     Ok(())

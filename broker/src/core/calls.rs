@@ -1,5 +1,5 @@
 //! Calls into a bubble: plain and portion calls (with plaintext or sealed
-//! inputs), signed and sealed results,
+//! inputs, single-shot or in a sealed session), signed and sealed results,
 //! credential provisioning and portion loading. Every call holds its
 //! bubble's permit; BUSY is the permit's lifetime.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bubble_abi::ops::{
     PortionCall, SealedPortionCall, SignedResult, OP_PORTION, OP_PORTION_SEALED,
 };
-use bubble_abi::{self as abi, Signing};
+use bubble_abi::{self as abi, SessionCall, Signing, OP_PORTION_SESSION};
 use tracing::info;
 
 use super::commands::{Call, CallOutput, LoadPortion, PortionLoaded, Provision, Target};
@@ -59,6 +59,25 @@ impl Broker {
                 .encode()
                 .map_err(|e| invalid("sealed_input", e.to_string()))?;
                 (OP_PORTION_SEALED, frame, portion_deadline)
+            }
+            Target::SessionPortion {
+                portion,
+                session_id,
+                seq,
+                setup,
+            } => {
+                let frame = SessionCall {
+                    bubble_id: &rec.id,
+                    portion,
+                    function: &cmd.op,
+                    session_id: *session_id,
+                    seq: *seq,
+                    setup,
+                    ciphertext: &cmd.input,
+                }
+                .encode()
+                .map_err(|e| invalid("session_input", e.to_string()))?;
+                (OP_PORTION_SESSION, frame, portion_deadline)
             }
         };
         // Signed (and maybe sealed) inside the bubble: the SIGN and SEAL

@@ -53,6 +53,20 @@ pub enum Target {
         /// checks.
         seq: u64,
     },
+    /// Function `op` of the named portion, with the input (the call's
+    /// `input` bytes) AES-256-GCM ciphertext under a sealed session's key,
+    /// which only the bubble holds; `setup` is the session's sealed key
+    /// (empty once the bubble holds it).
+    SessionPortion {
+        /// The portion.
+        portion: String,
+        /// The session.
+        session_id: u64,
+        /// The call's sequence number in the session.
+        seq: u64,
+        /// The session's HPKE setup, or empty.
+        setup: Vec<u8>,
+    },
 }
 
 /// Run an op in a bubble.

@@ -140,6 +140,9 @@ fn classify(e: &anyhow::Error) -> Class {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return match c {
                 ClientError::Status { code, .. } => status_class(*code),
+                // The bubble refused the sealed session twice (the library
+                // reopens once): its gRPC code.
+                ClientError::SessionRefused(_) => status_class(tonic::Code::FailedPrecondition),
                 ClientError::Connect(_) => unreachable_class(),
                 ClientError::NotAttested
                 | ClientError::BadResult(_)

@@ -113,3 +113,81 @@ fn a_call_request_becomes_a_bounded_command() {
     req.deadline_ms = u32::MAX;
     assert!(call(req, &cfg).is_err());
 }
+
+#[test]
+fn a_session_input_is_checked_before_it_reaches_the_bubble() {
+    let cfg = BrokerConfig::new("/nonexistent".into()).expect("config");
+    let session = pb::SessionInput {
+        session_id: 9,
+        seq: 1,
+        ciphertext: vec![3; 32],
+        setup: vec![4; 83],
+    };
+    let req = pb::CallRequest {
+        bubble_id: "b-0123456789abcdef0123456789abcdef".into(),
+        op: "tokenize".into(),
+        portion: "payments".into(),
+        session_input: Some(session.clone()),
+        ..Default::default()
+    };
+    let c = call(req.clone(), &cfg).expect("valid session call");
+    let want = Target::SessionPortion {
+        portion: "payments".into(),
+        session_id: 9,
+        seq: 1,
+        setup: vec![4; 83],
+    };
+    assert_eq!((c.target, c.input), (want, session.ciphertext.clone()));
+    // Without a setup (the session is held) it is valid too.
+    let mut held = req.clone();
+    held.session_input = Some(pb::SessionInput {
+        setup: Vec::new(),
+        ..session.clone()
+    });
+    assert!(call(held, &cfg).is_ok());
+    let with = |f: &dyn Fn(&mut pb::CallRequest)| {
+        let mut r = req.clone();
+        f(&mut r);
+        r
+    };
+    let edit = |f: &dyn Fn(&mut pb::SessionInput)| {
+        with(&|r: &mut pb::CallRequest| {
+            if let Some(s) = r.session_input.as_mut() {
+                f(s)
+            }
+        })
+    };
+    for (what, bad) in [
+        ("plaintext beside", with(&|r| r.input = vec![1])),
+        (
+            "single-shot beside",
+            with(&|r| {
+                r.sealed_input = Some(pb::SealedInput {
+                    seq: 1,
+                    sealed: vec![1; 60],
+                })
+            }),
+        ),
+        ("built-in op", with(&|r| r.portion.clear())),
+        ("session 0", edit(&|s| s.session_id = 0)),
+        ("seq 0", edit(&|s| s.seq = 0)),
+        ("no tag", edit(&|s| s.ciphertext = vec![1; 15])),
+        ("short setup", edit(&|s| s.setup = vec![1; 20])),
+        ("long setup", edit(&|s| s.setup = vec![1; 257])),
+        (
+            "over the payload limit",
+            edit(&|s| s.ciphertext = vec![1; cfg.max_payload]),
+        ),
+    ] {
+        assert!(call(bad, &cfg).is_err(), "{what}");
+    }
+    let s: tonic::Status =
+        BrokerError::from_guest(bubble_abi::code::NO_SESSION, "gone".into()).into();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        s.metadata()
+            .get(bubble_proto::SESSION_REFUSED_KEY)
+            .map(|v| v.as_bytes()),
+        Some(bubble_proto::SESSION_REFUSED_VALUE.as_bytes())
+    );
+}

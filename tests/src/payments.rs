@@ -1,0 +1,87 @@
+//! The payments example as the grants and sessions tests use it: a bubble
+//! whose policy grants the payments portion its keys, the portions loaded,
+//! the code frozen by the attest binding and a tokenization key sealed to
+//! that code.
+
+// The test harness: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bubble_client::{Bubble, Parent};
+use bubble_proto::v1 as pb;
+use hmac::{Hmac, Mac};
+
+use crate::create_req;
+
+/// The payments portion.
+pub const PAYMENTS: &str = include_str!("../../examples/payments/payments.wat");
+/// A hostile portion (tries what the policy forbids).
+pub const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
+
+/// The policy's grants: the payments portion gets its two keys.
+pub fn grants() -> Vec<(String, Vec<String>)> {
+    vec![(
+        "payments".into(),
+        vec!["tokenization_key".into(), "gateway_key".into()],
+    )]
+}
+
+/// A bubble whose policy grants the payments portion its two keys.
+pub async fn payments_bubble(parent: &Parent) -> Bubble {
+    let b = parent
+        .grpc()
+        .create_bubble(pb::CreateBubbleRequest {
+            policy: Some(pb::SecurityPolicy {
+                grants: grants()
+                    .into_iter()
+                    .map(|(portion, credentials)| pb::CredentialGrant {
+                        portion,
+                        credentials,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..create_req(16)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        b.state,
+        pb::BubbleState::Ready as i32,
+        "{}",
+        b.failure_reason
+    );
+    parent.bubble(&b.bubble_id)
+}
+
+/// The digest of the payments policy.
+pub fn policy_digest() -> [u8; 32] {
+    bubble_attestation::SecurityPolicy {
+        grants: grants(),
+        ..Default::default()
+    }
+    .digest()
+}
+
+/// A WebAssembly module from its text.
+pub fn module(wat_src: &str) -> Vec<u8> {
+    wat::parse_str(wat_src).unwrap()
+}
+
+/// What `tokenize` answers for `pan` under `key`.
+pub fn tokenize(key: &[u8], pan: &[u8]) -> Vec<u8> {
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
+    m.update(pan);
+    m.finalize().into_bytes().to_vec()
+}
+
+/// A bubble with the payments and hostile portions, its code frozen by
+/// the attest binding, and a tokenization key sealed to that code.
+pub async fn tokenizer(parent: &Parent, key: &[u8]) -> Bubble {
+    let mut b = payments_bubble(parent).await;
+    b.load_portion("payments", &module(PAYMENTS)).await.unwrap();
+    b.load_portion("hostile", &module(HOSTILE)).await.unwrap();
+    b.trust_unverified().await.unwrap();
+    b.provision("tokenization_key", key).await.unwrap();
+    b
+}
