@@ -195,7 +195,10 @@ where
         "the connection whose watch ended",
     )
     .await;
-    other
+    // `other` sat idle meanwhile and may be closed itself: clean up on a
+    // new connection.
+    let (mut fresh, _) = connect().await;
+    fresh
         .delete_bubble(pb::BubbleRef {
             bubble_id: made.bubble_id,
         })

@@ -8,7 +8,7 @@
 //! the last `create` (or `attach`) made, and after `delete BUBBLE` a new
 //! one; the files the README names but does not make are written first
 //! (`policy.toml` with a grant to `payments`, `attest-policy.toml`
-//! allowing the simulated PSP, `key.bin`, `ark.der` from the broker's
+//! allowing the simulated PSP, `key.bin`, `card.txt` (the event published), `ark.der` from the broker's
 //! simulated PSP, `examples/`); `bubbled` lines start the broker through
 //! the test harness (with a warm pool `small` and this uid as admin in its
 //! configuration); `watch` must still be streaming after a second. Not run:
@@ -140,6 +140,8 @@ fn every_readme_command_runs() {
         "allow_sim = true\nallow_any_measurement = true\n",
     )
     .unwrap();
+    // The event the README publishes: a card number for `tokenize`.
+    std::fs::write(work.join("card.txt"), "4111111111111111").unwrap();
     let key = work.join("key.bin");
     std::fs::write(&key, [7u8; 32]).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
