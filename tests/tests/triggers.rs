@@ -412,3 +412,56 @@ async fn bubblectl_creates_publishes_reads_and_deletes() {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A parent cannot make triggers (each a dispatcher) without bound: 64 are
+/// allowed, concurrent creates past that are refused with
+/// RESOURCE_EXHAUSTED, another parent is not affected, and deleting one
+/// makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_per_parent_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), true);
+    let mut c = broker.tls_client("parent-a").await;
+    let bubble = bubble_with_portion(&mut c).await;
+    // 80 concurrent creates on distinct subjects: exactly 64 succeed.
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        let mut c = c.clone();
+        let req = trigger_req(&format!("s{i}"), &bubble);
+        tasks.push(tokio::spawn(async move { c.create_trigger(req).await }));
+    }
+    let (mut made, mut refused) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(t) => made.push(t.into_inner().trigger_id),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((made.len(), refused), (64, 16));
+    let listed = c
+        .list_triggers(pb::ListTriggersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .triggers;
+    assert_eq!(listed.len(), 64);
+    // Another parent still may.
+    let mut other = broker.tls_client("parent-b").await;
+    let theirs = bubble_with_portion(&mut other).await;
+    other
+        .create_trigger(trigger_req("s0", &theirs))
+        .await
+        .unwrap();
+    // Room again after a delete.
+    c.delete_trigger(pb::TriggerRef {
+        trigger_id: made[0].clone(),
+    })
+    .await
+    .unwrap();
+    c.create_trigger(trigger_req("again", &bubble))
+        .await
+        .unwrap();
+}

@@ -20,6 +20,8 @@ struct PoolState {
     next: u32,
     /// Ids held by a live VMM (or found in use when the pool was made).
     taken: HashSet<u32>,
+    /// Host-wide claims on the ids of re-adopted VMMs (see [`claim`]).
+    adopted: std::collections::HashMap<u32, std::fs::File>,
 }
 
 /// One VMM's id; given back when dropped (after that VMM is reaped).
@@ -92,7 +94,11 @@ impl UidPool {
         Arc::new(Self {
             lo,
             hi,
-            state: Mutex::new(PoolState { next: lo, taken }),
+            state: Mutex::new(PoolState {
+                next: lo,
+                taken,
+                adopted: Default::default(),
+            }),
         })
     }
 
@@ -126,8 +132,15 @@ impl UidPool {
             return false;
         }
         let mut s = self.state.lock();
-        // Found in use at start-up, or new: either way this VMM's now.
+        // Found in use at start-up, or new: either way this VMM's now, and
+        // claimed host-wide for as long as this broker runs (another
+        // broker of the host must not lend it meanwhile).
         s.taken.insert(uid);
+        if let std::collections::hash_map::Entry::Vacant(e) = s.adopted.entry(uid) {
+            if let Some(Some(f)) = claim(uid) {
+                e.insert(f);
+            }
+        }
         true
     }
 }

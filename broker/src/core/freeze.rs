@@ -148,10 +148,14 @@ impl Broker {
             Ok(r) => r,
             Err(e) => {
                 // Not recorded: the bubble keeps running and the copy is
-                // garbage.
-                self.frozen.release(claim).await;
-                if let Err(d) = self.frozen.delete(&id, generation, chunks).await {
-                    warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy");
+                // garbage. Deleted before the claim is let go: a released
+                // claim on a copy still in the store would let another
+                // broker restore it while this bubble runs (a clone).
+                match self.frozen.delete(&id, generation, chunks).await {
+                    Ok(()) => self.frozen.release(claim).await,
+                    Err(d) => {
+                        warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy; its claim stays held until the lease ends")
+                    }
                 }
                 return Err(e);
             }

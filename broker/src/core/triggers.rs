@@ -186,6 +186,9 @@ pub(crate) fn nats_subject(owner: &str, subject: &str) -> String {
     format!("bubble.ev.{}", namespace(owner, subject))
 }
 
+/// Most triggers one parent may have.
+pub const MAX_TRIGGERS_PER_PARENT: usize = 64;
+
 impl Broker {
     /// Registers a trigger for `parent` and starts its dispatcher.
     pub async fn create_trigger(
@@ -225,6 +228,14 @@ impl Broker {
         // Checked and reserved under the lock, written before it runs.
         {
             let mut t = self.triggers.lock();
+            // Each trigger runs a dispatcher (and may hold a NATS
+            // connection): a parent may not make them without bound.
+            let mine = t.values().filter(|r| r.rec.owner == parent).count();
+            if mine >= MAX_TRIGGERS_PER_PARENT {
+                return Err(BrokerError::Quota(format!(
+                    "{mine} triggers: at most {MAX_TRIGGERS_PER_PARENT} per parent"
+                )));
+            }
             if let Some(other) = t
                 .values()
                 .find(|r| r.rec.owner == parent && r.rec.subject == rec.subject)

@@ -205,7 +205,7 @@ pub(super) fn run(
     // Preparation runs at low priority on a thread of its own, so that a
     // spare starting up does not slow down a bubble booting next to it;
     // a bubble that arrives first simply finds less prepared.
-    std::thread::Builder::new()
+    let prewarming = std::thread::Builder::new()
         .name("prewarm".into())
         .spawn(|| {
             priority::set_nice(0, priority::BACKGROUND_NICE);
@@ -252,6 +252,12 @@ pub(super) fn run(
     };
     // Closed before the guest runs (see the vCPU thread's).
     drop(cgroups);
+    // The preparing thread has no seccomp filter and is outside the
+    // bubble's cgroups: it must be gone before the bubble is handed on
+    // (and so before any guest code runs). Normally it finished long ago.
+    prewarming
+        .join()
+        .map_err(|_| fail("", &"the prewarm thread panicked"))?;
     give.send(for_vcpu).map_err(|e| fail("", &e))?;
     // Started here, after the move: it shares this thread's cgroups.
     start_linger().map_err(|e| fail("", &e))?;
