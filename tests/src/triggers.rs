@@ -108,14 +108,7 @@ pub async fn results(
             if done[i].is_some() {
                 continue;
             }
-            let r = c
-                .get_result(pb::GetResultRequest {
-                    trigger_id: trigger.into(),
-                    key: k.clone(),
-                })
-                .await
-                .expect("get result")
-                .into_inner();
+            let r = get_one(c, trigger, k).await;
             if r.outcome != "pending" {
                 done[i] = Some(r);
             }
@@ -184,18 +177,22 @@ pub async fn sig_pk(c: &mut Client, bubble: &str) -> [u8; 32] {
     keys[32..64].try_into().expect("32 bytes")
 }
 
+/// The stored result of `key` (outcome "pending" until there is one).
+async fn get_one(c: &mut Client, trigger: &str, key: &str) -> pb::EventResult {
+    c.get_result(pb::GetResultRequest {
+        trigger_id: trigger.into(),
+        key: key.into(),
+    })
+    .await
+    .expect("get result")
+    .into_inner()
+}
+
 /// How many of `keys` have a result now.
 pub async fn done_count(c: &mut Client, trigger: &str, keys: &[String]) -> usize {
     let mut n = 0;
     for k in keys {
-        let r = c
-            .get_result(pb::GetResultRequest {
-                trigger_id: trigger.into(),
-                key: k.clone(),
-            })
-            .await
-            .expect("get result")
-            .into_inner();
+        let r = get_one(c, trigger, k).await;
         n += usize::from(r.outcome != "pending");
     }
     n
@@ -215,14 +212,7 @@ pub async fn wait_done(
     loop {
         let mut d = 0;
         for k in keys {
-            let r = c
-                .get_result(pb::GetResultRequest {
-                    trigger_id: trigger.into(),
-                    key: k.clone(),
-                })
-                .await
-                .expect("get result")
-                .into_inner();
+            let r = get_one(c, trigger, k).await;
             if r.outcome == "pending" {
                 // Processed roughly in order: look again from the start.
                 break;
@@ -241,14 +231,7 @@ pub async fn wait_done(
 /// one processed last, so it answers at once while a stream runs).
 pub async fn any_pending(c: &mut Client, trigger: &str, keys: &[String]) -> bool {
     for k in keys.iter().rev() {
-        let r = c
-            .get_result(pb::GetResultRequest {
-                trigger_id: trigger.into(),
-                key: k.clone(),
-            })
-            .await
-            .expect("get result")
-            .into_inner();
+        let r = get_one(c, trigger, k).await;
         if r.outcome == "pending" {
             return true;
         }

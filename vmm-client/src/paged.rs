@@ -10,7 +10,7 @@ use bubble_vmm::layout::PAGE;
 use bubble_vmm::snapshot::Scanner;
 use zeroize::Zeroizing;
 
-use crate::direct::WriteError;
+use crate::direct::{write_at, WriteError};
 
 /// Where the writer is in the snapshot.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -158,53 +158,6 @@ impl PageWriter {
 fn le<const N: usize>(b: &[u8]) -> Result<[u8; N], WriteError> {
     b.try_into()
         .map_err(|_| WriteError::Snapshot("short field".into()))
-}
-
-/// Writes whole pages into VMM `pid`'s guest memory at `span`; returns
-/// how many.
-fn write_at(pid: u32, span: GuestSpan, pages: &[(u64, &[u8])]) -> Result<u64, WriteError> {
-    let mut written = 0;
-    for chunk in pages.chunks(crate::direct::PAGES_PER_WRITEV) {
-        let mut local = Vec::with_capacity(chunk.len());
-        let mut remote = Vec::with_capacity(chunk.len());
-        for (gpa, data) in chunk {
-            if gpa.checked_add(PAGE).is_none_or(|e| e > span.len) || data.len() as u64 != PAGE {
-                return Err(WriteError::Snapshot("page outside guest memory".into()));
-            }
-            local.push(libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            });
-            remote.push(libc::iovec {
-                iov_base: (span.host + gpa) as *mut libc::c_void,
-                iov_len: PAGE as usize,
-            });
-        }
-        let want = chunk.len() * PAGE as usize;
-        // SAFETY: `local` points at live page buffers borrowed for this
-        // call (`pages`); `remote` names addresses in the VMM's guest
-        // memory mapping (each page checked to lie within its length).
-        // The kernel checks that we may write the other process's
-        // memory.
-        let n = unsafe {
-            libc::process_vm_writev(
-                pid as libc::pid_t,
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote.as_ptr(),
-                remote.len() as libc::c_ulong,
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(WriteError::Refused(std::io::Error::last_os_error()));
-        }
-        if n as usize != want {
-            return Err(WriteError::Refused(std::io::Error::other("short write")));
-        }
-        written += chunk.len() as u64;
-    }
-    Ok(written)
 }
 
 #[cfg(test)]
