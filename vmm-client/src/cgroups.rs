@@ -205,6 +205,20 @@ pub fn place(procs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Whether the kernel's OOM killer killed a task of the memory cgroup
+/// `dir` (v1 `memory.oom_control`, v2 `memory.events`: `oom_kill N`).
+pub fn oom_killed(dir: &Path) -> bool {
+    ["memory.oom_control", "memory.events"].iter().any(|f| {
+        std::fs::read_to_string(dir.join(f)).is_ok_and(|text| {
+            text.lines().any(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+        })
+    })
+}
+
 /// Removes the bubble cgroups of `procs` once their VMM is gone, then
 /// its parent's and the broker's if they are left empty (a cgroup that
 /// still has a process or a child stays).

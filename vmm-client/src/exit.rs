@@ -11,6 +11,10 @@ pub enum VmmExit {
     /// allowlist (SIGSYS).
     #[error("VMM killed by seccomp: a system call outside its allowlist (SIGSYS)")]
     Seccomp,
+    /// The kernel's OOM killer ended it: its cgroup's memory limit was
+    /// reached (guest memory plus the VMM's own; see `docs/jail.md`).
+    #[error("VMM killed by the kernel: its cgroup's memory limit was reached")]
+    MemoryLimit,
     /// Killed by another signal.
     #[error("VMM killed by signal {0}")]
     Signal(i32),
@@ -40,12 +44,18 @@ impl VmmExit {
     pub fn reason(&self) -> FailureReason {
         let kind = match self {
             VmmExit::Seccomp => FailureKind::Seccomp,
+            VmmExit::MemoryLimit => FailureKind::MemoryLimit,
             VmmExit::Signal(_) => FailureKind::VmmKilled,
             VmmExit::Code(_) | VmmExit::Closed(_) => FailureKind::VmmExited,
         };
         FailureReason::new(kind, self.to_string())
     }
 }
+
+/// The memory cgroup directory of a spawned VMM, set once it is placed
+/// there: its reaper reads the cgroup's OOM-kill count to tell a memory
+/// limit kill from another SIGKILL.
+pub(crate) type MemcgSlot = std::sync::Arc<std::sync::OnceLock<std::path::PathBuf>>;
 
 /// The exit of a spawned VMM, once its reaper has it.
 pub(crate) type ExitWatch = watch::Receiver<Option<VmmExit>>;

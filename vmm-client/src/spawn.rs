@@ -17,7 +17,7 @@ use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
 use crate::cgroups::{self, Cgroups};
 use crate::client::{socket_path, VmmClient};
-use crate::exit::{ExitWatch, VmmExit};
+use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
 use crate::launcher;
 use crate::uids::{UidLease, UidPool};
 use crate::vmm_error::VmmError;
@@ -102,6 +102,8 @@ struct Spare {
     stream: UnixStream,
     pid: u32,
     exit: ExitWatch,
+    /// Where its memory cgroup is, once it has one (see [`MemcgSlot`]).
+    memcg: MemcgSlot,
     /// Its socket and log, moved into the bubble's directory when it is
     /// given one (a jailed VMM cannot reach that directory).
     sock: PathBuf,
@@ -233,11 +235,12 @@ impl Spawner {
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let log = self.dir.join(format!("{name}.log"));
-        let (stream, pid, exit) = connect_child(child, &sock, &log, lease).await?;
+        let (stream, pid, exit, memcg) = connect_child(child, &sock, &log, lease).await?;
         Ok(Spare {
             stream,
             pid,
             exit,
+            memcg,
             sock,
             log,
         })
@@ -283,12 +286,12 @@ impl Spawner {
         let (warning, tasks) = match self.jail.cgroup_for(cfg) {
             Ok(procs) if !procs.is_empty() => match cgroups::open_tasks(&procs) {
                 Ok(Some(tasks)) => {
-                    remove_after_exit(procs, &sp.exit);
+                    remove_after_exit(procs, &sp.exit, &sp.memcg);
                     (None, tasks)
                 }
-                _ => (confine(Ok(procs), sp.pid, &sp.exit), Vec::new()),
+                _ => (confine(Ok(procs), sp.pid, &sp.exit, &sp.memcg), Vec::new()),
             },
-            other => (confine(other, sp.pid, &sp.exit), Vec::new()),
+            other => (confine(other, sp.pid, &sp.exit, &sp.memcg), Vec::new()),
         };
         let args = args.to_args();
         let frame = Request::Configure {
@@ -347,7 +350,7 @@ async fn connect_child(
     sock: &Path,
     log_path: &Path,
     lease: Option<UidLease>,
-) -> Result<(UnixStream, u32, ExitWatch), VmmError> {
+) -> Result<(UnixStream, u32, ExitWatch, MemcgSlot), VmmError> {
     let start = std::time::Instant::now();
     // Poll quickly at first (a VMM binds its socket within a few ms), then
     // back off: a spare starting at low priority may take much longer, and
@@ -399,20 +402,36 @@ async fn connect_child(
     // keeping how it ended for its client. Its uid is free again only
     // then (a jailed VMM's spawned process waits for the VMM).
     let (tx, rx) = tokio::sync::watch::channel(None);
+    let memcg = MemcgSlot::default();
+    let slot = memcg.clone();
     tokio::spawn(async move {
         let exit = match child.wait().await {
             Ok(st) => VmmExit::from_status(st),
             Err(e) => VmmExit::Closed(format!("cannot wait for the VMM: {e}")),
         };
+        // A SIGKILL from the kernel's OOM killer, told apart by its
+        // cgroup's count (read before the cgroup is removed: removal
+        // waits for this exit).
+        let exit = match (exit, slot.get()) {
+            (VmmExit::Signal(libc::SIGKILL), Some(dir)) if cgroups::oom_killed(dir) => {
+                VmmExit::MemoryLimit
+            }
+            (e, _) => e,
+        };
         drop(lease);
         let _ = tx.send(Some(exit));
     });
-    Ok((stream, pid, rx))
+    Ok((stream, pid, rx, memcg))
 }
 
 /// Moves VMM `pid` into the cgroups `procs` lists and removes them once
 /// it has exited; returns what went wrong, as the VMM's jail warning.
-fn confine(procs: Result<Vec<PathBuf>, String>, pid: u32, exit: &ExitWatch) -> Option<String> {
+fn confine(
+    procs: Result<Vec<PathBuf>, String>,
+    pid: u32,
+    exit: &ExitWatch,
+    memcg: &MemcgSlot,
+) -> Option<String> {
     let procs = match procs {
         Ok(p) if p.is_empty() => return None,
         Ok(p) => p,
@@ -422,12 +441,16 @@ fn confine(procs: Result<Vec<PathBuf>, String>, pid: u32, exit: &ExitWatch) -> O
         tracing::warn!(pid, error = %e, "VMM runs without its cgroup");
         return Some(format!("no cgroup: {e}"));
     }
-    remove_after_exit(procs, exit);
+    remove_after_exit(procs, exit, memcg);
     None
 }
 
 /// Removes the cgroups of `procs` once their VMM has exited.
-fn remove_after_exit(procs: Vec<PathBuf>, exit: &ExitWatch) {
+fn remove_after_exit(procs: Vec<PathBuf>, exit: &ExitWatch, memcg: &MemcgSlot) {
+    // The memory controller's comes first (see `Cgroups::prepare`).
+    if let Some(dir) = procs.first().and_then(|f| f.parent()) {
+        let _ = memcg.set(dir.to_path_buf());
+    }
     let mut exit = exit.clone();
     tokio::spawn(async move {
         let _ = exit.wait_for(Option::is_some).await;
@@ -485,10 +508,10 @@ async fn spawn_jailed(
     let child = launcher::launch(cmd, false)
         .await
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let (stream, pid, exit) = connect_child(child, &sock, &log_path, lease).await?;
+    let (stream, pid, exit, memcg) = connect_child(child, &sock, &log_path, lease).await?;
     // Into its cgroup as soon as it is known (it builds its VM meanwhile:
     // pages it touched before stay charged where its spawner's are).
-    let warning = confine(cgroup, pid, &exit);
+    let warning = confine(cgroup, pid, &exit, &memcg);
     let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
     c.jail_warning = warning;
     Ok(c)

@@ -83,6 +83,7 @@ impl SecurityKind {
                 Some(Self::GuestAbiViolation)
             }
             FailureKind::Seccomp => Some(Self::SeccompKill),
+            FailureKind::MemoryLimit => Some(Self::MemoryLimit),
             _ => None,
         }
     }

@@ -69,6 +69,8 @@ failure_kinds! {
     SpawnFailed = 15, "spawn_failed";
     /// The broker restarted and could not take the bubble back.
     BrokerRestart = 16, "lost_on_restart";
+    /// The kernel killed the VMM for going over its cgroup's memory limit.
+    MemoryLimit = 17, "memory_limit";
 }
 
 impl fmt::Display for FailureKind {
