@@ -77,6 +77,7 @@ pub(crate) fn jail_setup() -> anyhow::Result<Stat> {
         let jail = bubble_vmm::jail::JailArgs {
             id: root.then_some((265_535 - i, 265_535 - i)),
             userns: !root,
+            hold_fd: None,
         };
         let i = i as usize;
         jailed.push(one_start(dir.path(), i, Some(&jail))?);

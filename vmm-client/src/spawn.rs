@@ -62,6 +62,7 @@ impl JailSpec {
         let args = JailArgs {
             id: lease.as_ref().map(|l| (l.uid(), l.uid())),
             userns: self.userns,
+            hold_fd: None,
         };
         Ok((Some(args), lease))
     }
@@ -213,6 +214,7 @@ impl Spawner {
             .try_clone()
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let (jail, lease) = self.jail.for_vmm()?;
+        let (jail, held) = hold_claim(jail, lease.as_ref());
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.prefix)
             .args(SpareArgs::to_args(
@@ -234,6 +236,7 @@ impl Spawner {
         let child = launcher::launch(cmd, self.low_start)
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
+        drop(held);
         let log = self.dir.join(format!("{name}.log"));
         let (stream, pid, exit, memcg) = connect_child(child, &sock, &log, lease).await?;
         Ok(Spare {
@@ -320,6 +323,22 @@ impl Spawner {
 }
 
 static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
+
+/// `jail` with the descriptor of `lease`'s host-wide claim for the VMM to
+/// hold (see [`UidLease::inheritable`]), and that descriptor, to be
+/// dropped once the VMM is spawned.
+fn hold_claim(
+    jail: Option<JailArgs>,
+    lease: Option<&UidLease>,
+) -> (Option<JailArgs>, Option<std::os::fd::OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    let held = lease.and_then(UidLease::inheritable);
+    let jail = jail.map(|mut j| {
+        j.hold_fd = held.as_ref().map(AsRawFd::as_raw_fd);
+        j
+    });
+    (jail, held)
+}
 
 /// The shared shim descriptor for a VMM that boots the shim.
 fn image_fd_for(image: &GuestImage) -> Option<i32> {
@@ -471,6 +490,7 @@ async fn spawn_jailed(
     cgroup: Result<Vec<PathBuf>, String>,
 ) -> Result<VmmClient, VmmError> {
     prepare_dir(cfg)?;
+    let (jail, held) = hold_claim(jail, lease.as_ref());
     let sock = socket_path(&cfg.dir);
     let log_path = cfg.dir.join("vmm.log");
     let log = std::fs::File::create(&log_path)
@@ -508,6 +528,7 @@ async fn spawn_jailed(
     let child = launcher::launch(cmd, false)
         .await
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
+    drop(held);
     let (stream, pid, exit, memcg) = connect_child(child, &sock, &log_path, lease).await?;
     // Into its cgroup as soon as it is known (it builds its VM meanwhile:
     // pages it touched before stay charged where its spawner's are).

@@ -56,14 +56,17 @@ fn claim(uid: u32) -> Option<Option<std::fs::File>> {
     {
         return Some(None);
     }
-    let Ok(f) = std::fs::OpenOptions::new()
+    let path = dir.join(uid.to_string());
+    // Made if missing, then opened read-only for the lock: a VMM holding
+    // the descriptor (see [`UidLease::inheritable`]) cannot write to it.
+    let made = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
-        .open(dir.join(uid.to_string()))
-    else {
+        .open(&path);
+    let Ok(f) = made.and_then(|_| std::fs::File::open(&path)) else {
         return Some(None);
     };
     // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -75,6 +78,22 @@ impl UidLease {
     /// The uid (also the gid).
     pub fn uid(&self) -> u32 {
         self.uid
+    }
+
+    /// A copy of the host-wide claim's descriptor that a spawned VMM
+    /// inherits (not close-on-exec) and keeps for its whole life: the lock
+    /// belongs to the open file, so the uid stays claimed while that VMM
+    /// runs, even after this broker is gone (another broker of the host,
+    /// started before this VMM was, would otherwise lend its uid again).
+    /// Drop it once the VMM is spawned. `None` without a claim.
+    pub fn inheritable(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let f = self._claim.as_ref()?;
+        // SAFETY: F_DUPFD duplicates a descriptor we own into a new one
+        // (without FD_CLOEXEC); no memory is passed.
+        let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD, 3) };
+        // SAFETY: on success `fd` is a new descriptor owned by nobody else.
+        (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     }
 }
 

@@ -33,6 +33,11 @@ pub struct JailArgs {
     /// Make an unprivileged user namespace mapping a single id (the path
     /// of a broker that is not root; forced by `[jail] userns = true`).
     pub userns: bool,
+    /// A descriptor the VMM keeps open for its whole life and never uses:
+    /// the broker's host-wide claim on the VMM's uid (a lock held while
+    /// any process holds the open file), so that the claim outlives a
+    /// broker that dies before its VMM.
+    pub hold_fd: Option<i32>,
 }
 
 impl JailArgs {
@@ -58,6 +63,14 @@ impl JailArgs {
                 "--jail-userns" => j.userns = v == "1",
                 "--jail-uid" => uid = Some(num(&v)?),
                 "--jail-gid" => gid = Some(num(&v)?),
+                "--jail-hold-fd" => {
+                    let fd = v
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|&fd| fd > 2)
+                        .ok_or(JailError::BadArgs("bad --jail-hold-fd"))?;
+                    j.hold_fd = Some(fd);
+                }
                 _ => return Err(JailError::BadArgs("unknown --jail-* option")),
             }
         }
@@ -79,6 +92,9 @@ impl JailArgs {
         }
         if self.userns {
             v.extend(["--jail-userns".into(), "1".into()]);
+        }
+        if let Some(fd) = self.hold_fd {
+            v.extend(["--jail-hold-fd".into(), fd.to_string()]);
         }
         v
     }

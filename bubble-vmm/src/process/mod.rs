@@ -276,7 +276,10 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
         };
         let t_jail = Instant::now();
         let jailed = jail::enter(
-            &[a.image_fd.unwrap_or(-1)],
+            &[
+                a.image_fd.unwrap_or(-1),
+                jail_args.as_ref().and_then(|j| j.hold_fd).unwrap_or(-1),
+            ],
             &a.socket,
             jail_args.as_ref(),
             a.parent_pid,

@@ -195,7 +195,10 @@ pub(super) fn run(
     let sa = SpareArgs::parse(args).map_err(|e| fail("", &e))?;
     // A spare always dies with its broker: nobody could adopt it.
     let listener = jail::enter(
-        &[sa.image_fd.unwrap_or(-1)],
+        &[
+            sa.image_fd.unwrap_or(-1),
+            jail_args.and_then(|j| j.hold_fd).unwrap_or(-1),
+        ],
         std::path::Path::new(&sa.socket),
         jail_args,
         Some(sa.parent_pid),
