@@ -159,3 +159,63 @@ fn cgroup_fds(pid: u32) -> Vec<PathBuf> {
         .filter(|p| p.starts_with("/sys/fs/cgroup"))
         .collect()
 }
+
+/// The cgroups of a killed broker whose VMMs are gone too are removed by
+/// the next broker of the host to start, and a running broker's are not
+/// touched (each broker claims its hierarchy while it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_brokers_cgroups_are_swept_and_a_live_ones_kept() {
+    let Some(root) = ["memory", ""]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c))
+        .find(|r| r.join("cgroup.procs").exists())
+    else {
+        panic!("no cgroup hierarchy mounted");
+    };
+    let ctl = if root.ends_with("memory") {
+        "memory"
+    } else {
+        ""
+    };
+    let hierarchy_of = |pid: u32| -> PathBuf {
+        let path = cgroup_of(pid, ctl).expect("a memory cgroup");
+        let top = path.trim_start_matches('/').split('/').next().unwrap();
+        assert!(top.starts_with("bubbled-"), "{path}");
+        root.join(top)
+    };
+    let (dir_dead, dir_live) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut dead = BrokerProc::start(dir_dead.path(), false);
+    let live = BrokerProc::start(dir_live.path(), false);
+    let (mut cd, mut cl) = (dead.client().await, live.client().await);
+    let bd = cd.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let bl = cl.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!((bd.state, bl.state), (READY, READY));
+    let (h_dead, h_live) = (hierarchy_of(bd.vmm_pid), hierarchy_of(bl.vmm_pid));
+    let live_cg = root.join(cgroup_of(bl.vmm_pid, ctl).unwrap().trim_start_matches('/'));
+    dead.kill();
+    kill_vmms_under(dir_dead.path());
+    wait_pid_gone(bd.vmm_pid as i32, Duration::from_secs(10)).await;
+    // Nobody removed it: its broker is gone.
+    assert!(h_dead.exists());
+
+    let dir_next = tempfile::tempdir().unwrap();
+    let _next = BrokerProc::start(dir_next.path(), false);
+    wait_until(
+        "the killed broker's cgroups to be swept",
+        Duration::from_secs(60),
+        || h_dead.exists(),
+        |exists| !exists,
+    )
+    .await;
+    assert!(
+        h_live.exists() && live_cg.exists(),
+        "a live broker's cgroup went"
+    );
+    let out = cl
+        .call(call_req(&bl.bubble_id, "echo", b"still here"))
+        .await
+        .unwrap()
+        .into_inner()
+        .output;
+    assert_eq!(out, b"still here");
+}

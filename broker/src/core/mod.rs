@@ -512,7 +512,22 @@ fn jail_spec(
         format!("bubbled-{:016x}", h.finish())
     };
     let cgroups = match bubble_vmm_client::cgroups::Cgroups::detect(&name, parent_memory) {
-        Ok(c) => Ok(std::sync::Arc::new(c)),
+        Ok(c) => {
+            let c = std::sync::Arc::new(c);
+            // What killed brokers of this host left, off the serving path
+            // and at background priority (each rmdir waits for the kernel).
+            let sweeper = c.clone();
+            let _ = std::thread::Builder::new()
+                .name("cgroup-sweep".into())
+                .spawn(move || {
+                    bubble_vmm::priority::set_nice(0, bubble_vmm::priority::BACKGROUND_NICE);
+                    let n = sweeper.sweep_stale();
+                    if n > 0 {
+                        tracing::info!(hierarchies = n, "removed cgroups left by stopped brokers");
+                    }
+                });
+            Ok(c)
+        }
         Err(e) => {
             warn!(error = %e, "bubbles run WITHOUT cgroups (no memory, pids or cpu limits)");
             Err(format!("no cgroup: {e}"))

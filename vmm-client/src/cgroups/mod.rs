@@ -5,6 +5,9 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
+mod sweep;
+pub use sweep::HOST_CLAIMS;
+
 /// Memory a VMM uses beyond its guest's (code, stacks, buffers), bytes.
 pub const VMM_OVERHEAD: u64 = 64 << 20;
 /// Most tasks (threads) in a bubble's cgroup: a VMM runs five at most.
@@ -44,6 +47,8 @@ pub struct Cgroups {
     layout: Layout,
     /// Memory limit of each parent's cgroup, bytes.
     parent_memory: u64,
+    /// This broker's claim on its hierarchy name (see [`sweep`]).
+    _claim: Option<sweep::HierarchyClaim>,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
@@ -101,10 +106,47 @@ impl Cgroups {
         } else {
             return Err(CgroupError::NotMounted);
         };
-        Ok(Self {
+        // Claimed before anything is made in it, and cleared of what an
+        // earlier broker on this data directory left (cgroups with a
+        // process in them, such as a re-adoptable VMM's, stay).
+        let claim = sweep::claim(name);
+        let cg = Self {
             layout,
             parent_memory,
-        })
+            _claim: claim,
+        };
+        for base in cg.bases() {
+            sweep::remove_empty(&base);
+        }
+        Ok(cg)
+    }
+
+    /// This broker's hierarchy in each controller's tree.
+    fn bases(&self) -> Vec<PathBuf> {
+        match &self.layout {
+            Layout::V2(b) => vec![b.clone()],
+            Layout::V1 { memory, pids, cpu } => vec![memory.clone(), pids.clone(), cpu.clone()],
+        }
+    }
+
+    /// Removes the empty cgroups of hierarchies that brokers of this host
+    /// left behind and no running broker claims (see `sweep`); how many
+    /// were removed entirely. Slow with many (each `rmdir` of a memory
+    /// cgroup waits for the kernel): run it off the serving path.
+    pub fn sweep_stale(&self) -> usize {
+        let bases = self.bases();
+        let Some(own) = bases
+            .first()
+            .and_then(|b| b.file_name())
+            .and_then(|n| n.to_str())
+        else {
+            return 0;
+        };
+        let roots: Vec<PathBuf> = bases
+            .iter()
+            .filter_map(|b| b.parent().map(Path::to_path_buf))
+            .collect();
+        sweep::sweep_stale(&roots, own)
     }
 
     /// Creates (or reuses) the cgroups of `parent` and of its `bubble`
