@@ -186,3 +186,40 @@ async fn admins_describe_delete_and_drain_across_parents_and_others_cannot() {
         ]
     );
 }
+
+/// Draining survives a broker crash: a drained broker that is killed and
+/// restarted still refuses new bubbles until an operator undoes it, and
+/// the undo survives a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_survives_a_broker_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = format!("uid:{}", unsafe { libc::getuid() });
+    let opts = Opts {
+        config: Some(format!("admins = [\"{me}\"]\n")),
+        ..Default::default()
+    };
+    let mut b = BrokerProc::start_with(dir.path(), opts.clone());
+    let v = ok(&b.socket, &["admin", "drain"]);
+    assert_eq!(v["draining"], true, "{v}");
+    b.kill();
+    let mut b = BrokerProc::start_with(dir.path(), opts.clone());
+    let mut c = b.client().await;
+    let st = c.create_bubble(create_req(16)).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    let st = c
+        .attach_bubble(pb::AttachBubbleRequest {
+            profile: "none".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    let v = ok(&b.socket, &["admin", "drain", "--undo"]);
+    assert_eq!(v["draining"], false, "{v}");
+    b.kill();
+    let b = BrokerProc::start_with(dir.path(), opts);
+    let mut c = b.client().await;
+    let r = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    assert_eq!(r.state, pb::BubbleState::Ready as i32);
+}

@@ -80,6 +80,8 @@ impl Broker {
         if !self.is_admin(admin) {
             return Err(BrokerError::NotAdmin);
         }
+        // Durable before it takes effect: a restarted broker stays drained.
+        self.registry.set_draining(drain)?;
         self.draining.store(drain, Ordering::SeqCst);
         self.audit_admin(admin, "", "", if drain { "drain" } else { "undrain" });
         tracing::warn!(admin, drain, "operator changed draining");

@@ -283,6 +283,10 @@ impl Broker {
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
         let registry = Arc::new(Registry::open(&cfg.registry_path())?);
+        let draining = registry.draining()?;
+        if draining {
+            warn!("starting drained: new bubbles are refused until `bubblectl admin drain --undo`");
+        }
         let records = registry.all()?;
         refuse_lost_registry(&cfg, records.len())?;
         let ledger = strikes::Ledger::new(cfg.security.clone(), registry.quarantines()?);
@@ -345,7 +349,7 @@ impl Broker {
             kek,
             psp,
             closing: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            draining: AtomicBool::new(draining),
             spawner,
             cfg,
             registry,

@@ -5,6 +5,7 @@
 //! re-adopted, the others are marked FAILED with a reason
 //! (see [`crate::core::Broker::reconcile`]).
 
+mod draining;
 mod error;
 mod pins;
 mod quarantine;
