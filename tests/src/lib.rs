@@ -52,6 +52,9 @@ pub struct Opts {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs the broker, e.g. `setpriv`
+    /// with what a service manager would restrict.
+    pub wrapper: Vec<String>,
 }
 
 /// Path of a binary of this package, next to the test executable's
@@ -98,7 +101,14 @@ impl BrokerProc {
         wait_registry_unlocked(dir, Duration::from_secs(10));
         let tls = opts.tls;
         let socket = dir.join("bubbled.sock");
-        let mut cmd = Command::new(broker_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(broker_bin());
+                c
+            }
+            None => Command::new(broker_bin()),
+        };
         cmd.arg("--data-dir")
             .arg(dir)
             .arg("--allow-test-images")
