@@ -205,12 +205,30 @@ fn payments_flow_from_the_cli_alone() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(tok_key.as_bytes()).unwrap();
-    mac.update(pan.as_bytes());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
-        hex(&mac.finalize().into_bytes())
+        hex(&mac_of(tok_key, pan))
     );
+    // The input sealed explicitly (no --sign needed), and opted out of
+    // with --plain-input: the same verified answer either way, and the
+    // JSON says how the input travelled.
+    let tokenized = hex(&mac_of(tok_key, pan));
+    for (flags, sealed) in [
+        (&["--sealed-input"][..], true),
+        (&["--sign", "--plain-input"][..], false),
+    ] {
+        let mut args = vec!["call", &id, "tokenize", "--portion", "payments"];
+        args.extend_from_slice(&["--input", pan]);
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&trust);
+        let v = ctl_json(s, &args, &[]);
+        assert_eq!(v["output_hex"], tokenized.as_str(), "{flags:?}: {v}");
+        assert_eq!(v["signature_verified"], true, "{flags:?}: {v}");
+        assert_eq!(v["input_sealed"], sealed, "{flags:?}: {v}");
+    }
+    // A sealed input needs a portion (a usage error, exit 2).
+    let out = ctl(s, &["call", &id, "echo", "--sealed-input"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     // Over the portion's limit: FAILED_PRECONDITION (exit 19).
     let big = format!(
         "{}6d65726368616e743d73686f702d31",
@@ -437,4 +455,12 @@ fn an_admin_lists_every_parent_and_nobody_else_may() {
     assert_eq!(out.status.code(), Some(17), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["code"], "PERMISSION_DENIED");
+}
+
+/// HMAC-SHA256 of `data` under `key`: what the payments portion's
+/// `tokenize` answers.
+fn mac_of(key: &str, data: &str) -> Vec<u8> {
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(data.as_bytes());
+    mac.finalize().into_bytes().to_vec()
 }

@@ -32,7 +32,7 @@ pub(super) struct CallArgs {
     #[arg(long)]
     input_file: Option<PathBuf>,
     /// Deadline in milliseconds (0: broker default; unsigned calls only).
-    #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal"])]
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal", "sealed_input"])]
     deadline_ms: u32,
     /// Have the bubble sign the result and verify it with its attested key
     /// (needs --measurement and the other trust options).
@@ -42,6 +42,16 @@ pub(super) struct CallArgs {
     /// (the broker sees ciphertext only); signed and verified too.
     #[arg(long)]
     seal: bool,
+    /// Seal the input to the bubble's attested key (a sealed session; the
+    /// broker sees ciphertext only) and verify the signed result. The
+    /// default for portion calls with --sign or --seal; needs --portion
+    /// and the trust options.
+    #[arg(long, requires = "portion", conflicts_with = "plain_input")]
+    sealed_input: bool,
+    /// With --sign or --seal on a portion call: send the input in
+    /// plaintext (the broker sees it), for inputs that are not secret.
+    #[arg(long, requires = "portion", conflicts_with = "seal")]
+    plain_input: bool,
     /// How to print the output: text (UTF-8, other bytes escaped as \xNN),
     /// hex, or raw bytes.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
@@ -89,7 +99,7 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
         (_, _, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
         _ => Vec::new(),
     };
-    let ans = if a.sign || a.seal {
+    let ans = if a.sign || a.seal || a.sealed_input {
         verified_call(conn, &a, &input).await?
     } else {
         let mut c = conn.connect().await?;
@@ -115,7 +125,8 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
     }
     if j {
         let mut v = json!({"output_len": ans.output.len(), "vmm_us": ans.vmm_us,
-                           "signature_verified": a.sign || a.seal, "sealed": a.seal});
+                           "signature_verified": a.sign || a.seal || a.sealed_input, "sealed": a.seal,
+                           "input_sealed": a.portion.is_some() && (a.sign || a.seal || a.sealed_input) && !a.plain_input});
         if a.output_file.is_none() {
             v["output_hex"] = json!(hex(&ans.output));
         }
@@ -131,6 +142,9 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
 async fn verified_call(conn: &Conn, a: &CallArgs, input: &[u8]) -> anyhow::Result<Answer> {
     let bubble = a.trust.attested(conn, &a.bubble).await?;
     let output = match (&a.portion, a.seal) {
+        (Some(p), false) if a.plain_input => {
+            bubble.portion(p).call_plain_input(&a.op, input).await?
+        }
         (Some(p), false) => bubble.portion(p).call(&a.op, input).await?,
         (Some(p), true) => bubble
             .portion(p)
