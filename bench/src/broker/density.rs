@@ -41,13 +41,17 @@ pub(crate) async fn density_1000(x: &mut Ctx) -> anyhow::Result<Stat> {
         })
         .await?;
     }
-    let (mut rss, mut guest, mut guest_pss) = (0u64, 0u64, 0u64);
+    let (mut rss, mut guest, mut guest_pss, mut waiters) = (0u64, 0u64, 0u64, 0u64);
     for (_, pid) in &ids {
         let (r, g, gp) = rss_kib(*pid, 4 << 10);
         rss += r;
         guest += g;
         guest_pss += gp;
+        waiters += waiter_pss_kib(*pid);
     }
+    // A jailed VMM's waiter (the process the broker spawned, outside the
+    // VMM's pid namespace) is part of what a bubble costs.
+    rss += waiters;
     let mut s = stat(v);
     s.extra.insert("bubbles".into(), json!(n));
     s.extra
@@ -55,7 +59,12 @@ pub(crate) async fn density_1000(x: &mut Ctx) -> anyhow::Result<Stat> {
     s.extra
         .insert("rss_per_bubble_kib".into(), json!(rss / n as u64));
     s.extra
-        .insert("rss_measure".into(), json!("PSS of each VMM process"));
+        .insert(
+            "rss_measure".into(),
+            json!("PSS of each VMM process and of its waiter"),
+        );
+    s.extra
+        .insert("waiter_pss_per_bubble_kib".into(), json!(waiters / n as u64));
     s.extra.insert(
         "guest_touched_per_bubble_kib".into(),
         json!(guest / n as u64),
@@ -75,6 +84,30 @@ pub(crate) async fn density_1000(x: &mut Ctx) -> anyhow::Result<Stat> {
         x.c.delete_bubble(pb::BubbleRef { bubble_id: id }).await?;
     }
     Ok(s)
+}
+
+/// PSS of the waiter of VMM `pid` (its parent, when that is a VMM
+/// process too: the jail's waiter), KiB; 0 without one.
+fn waiter_pss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let Some(ppid) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    else {
+        return 0;
+    };
+    let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("__vmm") {
+        return 0;
+    }
+    std::fs::read_to_string(format!("/proc/{ppid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Memory of a VMM process, KiB: (PSS of the whole process, RSS of guest
