@@ -50,6 +50,12 @@ struct Opts {
     /// Samples for call_echo_64b.
     #[arg(long, default_value_t = 5000)]
     calls: usize,
+    /// The program the embedded broker starts VMMs with (default: this
+    /// bench itself). Give `target/release/bubbled` to measure VMMs as a
+    /// deployed broker runs them: memory per VMM depends on the binary
+    /// (its relocated read-only data is private to each process).
+    #[arg(long)]
+    vmm_program: Option<PathBuf>,
 }
 
 /// The metrics measured without a broker.

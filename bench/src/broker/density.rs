@@ -58,13 +58,14 @@ pub(crate) async fn density_1000(x: &mut Ctx) -> anyhow::Result<Stat> {
         .insert("create_all_s".into(), json!(round(created_s)));
     s.extra
         .insert("rss_per_bubble_kib".into(), json!(rss / n as u64));
-    s.extra
-        .insert(
-            "rss_measure".into(),
-            json!("PSS of each VMM process and of its waiter"),
-        );
-    s.extra
-        .insert("waiter_pss_per_bubble_kib".into(), json!(waiters / n as u64));
+    s.extra.insert(
+        "rss_measure".into(),
+        json!("PSS of each VMM process and of its waiter"),
+    );
+    s.extra.insert(
+        "waiter_pss_per_bubble_kib".into(),
+        json!(waiters / n as u64),
+    );
     s.extra.insert(
         "guest_touched_per_bubble_kib".into(),
         json!(guest / n as u64),

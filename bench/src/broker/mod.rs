@@ -66,6 +66,10 @@ pub(crate) async fn through_broker(
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("bubble-bench-").tempdir()?;
     let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
+    if let Some(p) = &opts.vmm_program {
+        anyhow::ensure!(p.exists(), "--vmm-program {}: no such file", p.display());
+        cfg.vmm_program = p.clone();
+    }
     cfg.quota.max_bubbles_per_parent = 2000;
     cfg.quota.max_memory_mib_per_parent = 1 << 20;
     cfg.pools = vec![bubbled::config::PoolProfile {

@@ -250,6 +250,14 @@ fn exit_in_background() -> ! {
 }
 /// The VMM process's main; returns the exit code.
 pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
+    // One malloc arena for the whole VMM: its few threads allocate
+    // rarely, and each extra arena costs a dirty heap of its own (~50 KiB
+    // of every bubble's footprint, measured with `density_1000`).
+    // SAFETY: mallopt only sets a glibc allocator parameter; no memory is
+    // passed, and no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let mut args: Vec<String> = args.collect();
     let jail_args = match jail::JailArgs::extract(&mut args) {
         Ok(j) => j,
