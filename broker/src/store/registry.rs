@@ -8,9 +8,11 @@
 mod error;
 mod pins;
 mod quarantine;
+mod strikes;
 
 pub use error::RegistryError;
 pub use quarantine::Quarantine;
+pub use strikes::StrikeEntry;
 
 use std::path::Path;
 
@@ -242,6 +244,7 @@ impl Registry {
             txn.open_table(BUBBLES)?;
             txn.open_table(REQUESTS)?;
             txn.open_table(quarantine::QUARANTINE)?;
+            txn.open_table(strikes::STRIKES)?;
             txn.open_table(pins::META)?;
         }
         txn.commit()?;
