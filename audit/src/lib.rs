@@ -53,10 +53,62 @@ mod tests {
                 portion_digest: String::new(),
                 at_ms: 1000 + i,
             },
-            What::Security {
-                kind: "fuel_exhausted".into(),
+            What::Lifecycle {
+                state: "ready".into(),
+                reason: String::new(),
             },
         )
+    }
+
+    /// A security-relevant record is signed in its own write: a checkpoint
+    /// follows it at once (pinned), so cutting it off the log, even when
+    /// the last periodic checkpoint is long past, is refused at open,
+    /// naming the pinned checkpoint. Lifecycle records alone wait for the
+    /// periodic checkpoint.
+    #[test]
+    fn a_security_record_is_checkpointed_and_pinned_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.log");
+        let (log, pins) = pinned_open(&p, None, 1000);
+        let log = log.unwrap();
+        let (e, w) = entry(0);
+        log.append(e, w);
+        log.flush().unwrap();
+        assert!(pins.lock().unwrap().is_empty(), "a lifecycle record alone");
+        let sec = [
+            What::Security {
+                kind: "foreign_access".into(),
+            },
+            What::Credential {
+                action: CredentialAction::Use,
+                name: "k".into(),
+                outcome: Outcome::Denied,
+            },
+        ];
+        for (i, what) in sec.into_iter().enumerate() {
+            let (e, _) = entry(1 + i as u64);
+            log.append(e, what);
+            log.flush().unwrap();
+        }
+        let (e, w) = entry(9);
+        log.append(e, w);
+        log.flush().unwrap();
+        // A crash: no closing checkpoint.
+        std::mem::forget(log);
+        let pins = pins.lock().unwrap().clone();
+        // [0 lifecycle, 1 security, 2 checkpoint, 3 credential,
+        //  4 checkpoint, 5 lifecycle (unsigned tail)].
+        assert_eq!(pins.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2, 4]);
+        let good = std::fs::read(&p).unwrap();
+        let (recs, _) = records(&good).unwrap();
+        assert_eq!(recs.len(), 6);
+        // Cutting the credential record and its checkpoint: refused.
+        std::fs::write(&p, &good[..recs[3].0 as usize]).unwrap();
+        match pinned_open(&p, pins.last().copied(), 1000).0 {
+            Err(AuditError::Truncated { pinned_seq, .. }) => assert_eq!(pinned_seq, 4),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a log cut before a pinned security record opened"),
+        }
     }
 
     fn opts(every: u64) -> Options {

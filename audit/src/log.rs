@@ -1,6 +1,8 @@
 //! The writer: records go through a bounded channel to one thread that
 //! chains, writes and fsyncs them in batches, and signs a checkpoint every
-//! `checkpoint_every` records or `checkpoint_interval`, whichever is first.
+//! `checkpoint_every` records or `checkpoint_interval`, whichever is first,
+//! and in every write that holds a security-relevant record
+//! ([`What::checkpoint_at_once`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -421,7 +423,10 @@ impl Writer {
             let mut flushes = Vec::new();
             let mut sign = false;
             let mut take = |m: Msg, buf: &mut Vec<u8>, w: &mut Writer| match m {
-                Msg::Entry(e, what) => w.push(buf, e, what),
+                Msg::Entry(e, what) => {
+                    sign |= what.checkpoint_at_once();
+                    w.push(buf, e, what)
+                }
                 Msg::Flush(done, s) => {
                     sign |= s;
                     flushes.push(done)

@@ -89,6 +89,20 @@ pub enum What {
     },
 }
 
+impl What {
+    /// Security-relevant records (security events, credential provisions
+    /// and uses, operators' actions): the writer signs a checkpoint in the
+    /// same write as one of these, so none of them is ever in the unsigned
+    /// tail that a truncation could cut undetected (the broker pins every
+    /// checkpoint).
+    pub fn checkpoint_at_once(&self) -> bool {
+        matches!(
+            self,
+            What::Credential { .. } | What::Security { .. } | What::Admin { .. }
+        )
+    }
+}
+
 /// The facts of a record that its writer supplies (the log adds the
 /// sequence number, the chain hash and, if unset, the time).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -128,6 +128,10 @@ pub enum BrokerError {
     /// An operator asked to lift a quarantine that is not in force.
     #[error("module {0} is not quarantined (for the parent named, if any)")]
     NotQuarantined(String),
+    /// Attach with a policy: pooled bubbles failed to take the policy this
+    /// many times in a row; none was handed over (`core::pools`).
+    #[error("no pooled bubble took the security policy ({0} attempts); try again")]
+    PolicyNotApplied(u32),
     /// The parent is throttled for probing (see `core::strikes`).
     #[error("too many refused requests: throttled; retry after {0} ms")]
     Throttled(u64),
@@ -196,7 +200,7 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) | BrokerError::Throttled(_) => {
                 Code::ResourceExhausted
             }
-            BrokerError::Spawn(_) => Code::Unavailable,
+            BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
             BrokerError::NotQuarantined(_) => Code::NotFound,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,

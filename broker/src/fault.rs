@@ -9,6 +9,10 @@
 //! `restore.claimed` (the frozen copy's claim taken, nothing started) and
 //! `restore.loaded` (the copy is in a new VMM, whose pid the log line
 //! names; the claim is not yet committed).
+//!
+//! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead
+//! ([`fails`]): `attach.set_policy` (installing an attaching parent's
+//! policy in a pooled bubble).
 
 use std::time::Duration;
 
@@ -33,4 +37,9 @@ pub async fn pause_pid(point: &str, vmm_pid: u32) {
         tracing::warn!(point, vmm_pid, "fault point at a VMM");
     }
     pause(point).await;
+}
+
+/// Whether the test asked step `point` to fail.
+pub fn fails(point: &str) -> bool {
+    std::env::var("BUBBLED_TEST_FAIL").is_ok_and(|s| s.split(',').any(|p| p == point))
 }

@@ -4,7 +4,10 @@
 //! certificate it replaces). The broker checks every mutual-TLS request's
 //! client certificate against it (see [`RevokedLayer`]) and re-reads the
 //! file when it changes, so a revocation takes effect on the next request
-//! without a restart, on connections already open too.
+//! without a restart, on connections already open too; a response stream
+//! already open (`WatchEvents`, `StreamLogs --follow`, `AdminWatchEvents`)
+//! re-checks every [`STREAM_RECHECK`] and ends with UNAUTHENTICATED once
+//! its certificate is revoked.
 //!
 //! File format: one revoked certificate a line, `<64 hex digits>` then
 //! optionally a space and a note (the parent name and when); `#` starts a
@@ -254,16 +257,97 @@ where
         let leaf = crate::idle::tls_info(req.extensions())
             .and_then(|i| i.peer_certs())
             .and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
-        if let Some(der) = leaf {
-            if let Err(r) = self.list.check(&der) {
-                let status = match r {
-                    Refusal::Revoked => tonic::Status::unauthenticated(r.to_string()),
-                    Refusal::ListUnreadable => tonic::Status::unavailable(r.to_string()),
-                };
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+        let Some(der) = leaf else {
+            return Box::pin(self.inner.call(req));
+        };
+        if let Err(r) = self.list.check(&der) {
+            return Box::pin(std::future::ready(Ok(r.status().into_http())));
+        }
+        let list = self.list.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| {
+                tonic::body::Body::new(Revocable {
+                    inner,
+                    list,
+                    der,
+                    tick: None,
+                    ended: false,
+                })
+            }))
+        })
+    }
+}
+
+impl Refusal {
+    /// The gRPC status a refused request (or stream) gets.
+    fn status(&self) -> tonic::Status {
+        match self {
+            Refusal::Revoked => tonic::Status::unauthenticated(self.to_string()),
+            Refusal::ListUnreadable => tonic::Status::unavailable(self.to_string()),
+        }
+    }
+}
+
+/// How often an open response stream re-checks its client certificate: a
+/// stream (`WatchEvents`, `StreamLogs --follow`, `AdminWatchEvents`)
+/// whose certificate is revoked ends within this time of the change.
+pub const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A response body that ends with the refusal's status once its request's
+/// certificate is revoked. The re-check timer starts only when the body
+/// first waits (a unary answer, ready at once, never starts one).
+struct Revocable {
+    inner: tonic::body::Body,
+    list: Arc<Denylist>,
+    der: Vec<u8>,
+    tick: Option<tokio::time::Interval>,
+    ended: bool,
+}
+
+impl http_body::Body for Revocable {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(tick) = &mut this.tick {
+            while tick.poll_tick(cx).is_ready() {
+                if let Err(r) = this.list.check(&this.der) {
+                    this.ended = true;
+                    let mut trailers = tonic::codegen::http::HeaderMap::new();
+                    if let Err(s) = r.status().add_header(&mut trailers) {
+                        return Poll::Ready(Some(Err(s)));
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+                }
             }
         }
-        Box::pin(self.inner.call(req))
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() && this.tick.is_none() {
+            let start = tokio::time::Instant::now() + STREAM_RECHECK;
+            let mut tick = tokio::time::interval_at(start, STREAM_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Registers the waker for the first re-check.
+            let _ = tick.poll_tick(cx);
+            this.tick = Some(tick);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -192,3 +192,82 @@ async fn attach_with_a_policy_runs_the_payments_flow_on_a_warm_bubble() {
         .collect::<Vec<_>>();
     assert!(failed.is_empty(), "no bubble was failed: {failed:?}");
 }
+
+/// Bubbles failed so far, every reason summed.
+fn failures(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("bubbled_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A hostile or broken attach cannot drain the pool: a policy the guest
+/// would refuse fails fast with INVALID_ARGUMENT and touches no pooled
+/// bubble; and when pooled bubbles cannot take a policy (here injected:
+/// every `set_policy` fails), the attach gives up after two of them with
+/// UNAVAILABLE, leaving the rest of the pool to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_with_a_policy_burns_at_most_two_pool_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            tls: true,
+            admin: true,
+            config: Some("[[pool]]\nname = \"warm\"\nmemory_mib = 16\nsize = 4\n".into()),
+            env: vec![("BUBBLED_TEST_FAIL".into(), "attach.set_policy".into())],
+            ..Opts::default()
+        },
+    );
+    wait_pool(&broker, 4.0).await;
+    let mut a = broker.tls_client("parent-a").await;
+    let mut b = broker.tls_client("parent-b").await;
+
+    for bad in [
+        pb::SecurityPolicy {
+            grants: vec![pb::CredentialGrant {
+                portion: "no spaces allowed".into(),
+                credentials: vec![],
+            }],
+            ..Default::default()
+        },
+        pb::SecurityPolicy {
+            memory_limit_bytes: 1 << 30,
+            ..policy()
+        },
+    ] {
+        let e = a
+            .attach_bubble(attach(Some(bad.clone()), ""))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    let m = broker.admin_get("/metrics");
+    assert_eq!(
+        metric(&m, "bubbled_pool_depth{profile=\"warm\"} "),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(failures(&m), 0.0, "{m}");
+
+    let e = a
+        .attach_bubble(attach(Some(policy()), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("2 attempts"), "{e:?}");
+    let m = broker.admin_get("/metrics");
+    assert_eq!(failures(&m), 2.0, "exactly two pooled bubbles failed: {m}");
+    // The other pooled bubbles are still there for attaches without one.
+    let x = b
+        .attach_bubble(attach(None, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(x.owner, "cert:parent-b");
+    assert_eq!(
+        metric(&broker.admin_get("/metrics"), "bubbled_pool_misses_total "),
+        Some(0.0)
+    );
+}

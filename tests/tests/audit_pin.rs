@@ -126,3 +126,69 @@ async fn a_broker_refuses_an_audit_log_cut_back_before_its_pinned_checkpoint() {
     let err = start_refused(dir.path());
     assert!(err.contains("truncated or replaced"), "{err}");
 }
+
+/// The unsigned tail holds no security record: each is signed in its own
+/// write (a checkpoint right after it, pinned in the registry), so a log
+/// whose tail was cut after a SIGKILL, removing a security event that the
+/// periodic checkpoint (every 1024 records or 10 s) had not reached yet,
+/// is refused at start, naming the pinned checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_security_record_is_refused_at_start() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), true);
+    let mut m = broker.tls_client("parent-b").await;
+    let log = dir.path().join("audit").join("audit.log");
+    // (index of each security record, whether a checkpoint follows it).
+    let signed = |log: &std::path::Path| {
+        let bytes = std::fs::read(log).unwrap();
+        let (recs, _) = bubble_audit::records(&bytes).unwrap();
+        let mut out = Vec::new();
+        for (i, (_, r, _)) in recs.iter().enumerate() {
+            if matches!(r.what, bubble_audit::What::Security { .. }) {
+                let cp = recs[i + 1..]
+                    .iter()
+                    .find(|(_, r, _)| matches!(r.what, bubble_audit::What::Checkpoint { .. }))
+                    .map(|(_, r, _)| r.seq);
+                out.push((i, cp));
+            }
+        }
+        out
+    };
+    for n in 1..=2usize {
+        let id = format!("b-{:032x}", 0xfeed_0000u64 + n as u64);
+        let e = m
+            .describe_bubble(bubble_proto::v1::BubbleRef { bubble_id: id })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // The writer thread pins a checkpoint before it writes the next
+        // batch: once the second is signed, the first one's pin is durable.
+        wait_until(
+            "a signed security record",
+            Duration::from_secs(5),
+            || signed(&log),
+            |s| s.len() == n && s.iter().all(|(_, cp)| cp.is_some()),
+        )
+        .await;
+    }
+    drop(m);
+    broker.kill();
+    let good = std::fs::read(&log).unwrap();
+    let (recs, _) = bubble_audit::records(&good).unwrap();
+    let s = signed(&log);
+    let (first, cp) = s[0];
+    let cut = recs[first].0 as usize;
+    // Offline the cut log is a valid chain (what the pin is for).
+    bubble_audit::verify(&good[..cut], None).unwrap();
+    std::fs::write(&log, &good[..cut]).unwrap();
+    let err = start_refused(dir.path());
+    let second = s[1].1.unwrap();
+    assert!(
+        err.contains("truncated or replaced")
+            && [cp.unwrap(), second]
+                .iter()
+                .any(|seq| err.contains(&format!("pins checkpoint {seq},"))),
+        "{err}"
+    );
+}

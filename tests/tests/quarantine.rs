@@ -184,6 +184,7 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     for args in [
         &["admin", "quarantine", "list"][..],
         &["admin", "events", "--count", "1"][..],
+        &["--admin", "events", "--count", "1"][..],
         &["admin", "quarantine", "lift", &digest][..],
     ] {
         let out = std::process::Command::new(ctl_bin())
@@ -194,6 +195,13 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
             .unwrap();
         assert_eq!(out.status.code(), Some(17), "{args:?}: {out:?}");
     }
+    // `events` without --admin is a usage error (exit 2).
+    let out = std::process::Command::new(ctl_bin())
+        .args(["--endpoint", &url, "--pki", pki.to_str().unwrap()])
+        .args(["--parent", "parent-a", "events"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     // The HTTP admin endpoint has no lift any more (unauthenticated).
     let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");

@@ -6,6 +6,7 @@ mod density;
 mod freeze;
 mod helpers;
 mod load;
+mod probes;
 mod tokenize;
 
 use std::collections::BTreeMap;
@@ -55,6 +56,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "create_to_ready",
     "call_echo_64b",
     "load_8_parents",
+    "health_probe_cost",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -75,7 +77,9 @@ pub(crate) async fn through_broker(
     cfg.pools = vec![bubbled::config::PoolProfile {
         name: "warm".into(),
         memory_mib: 16,
-        size: if want("attach_warm") || want("attach_warm_policy") {
+        size: if want("health_probe_cost") {
+            probes::POOL as u32
+        } else if want("attach_warm") || want("attach_warm_policy") {
             4
         } else {
             0
@@ -125,6 +129,10 @@ pub(crate) async fn through_broker(
     freeze::suspend_restore(&mut x, want, results).await?;
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);
+    }
+    if want("health_probe_cost") {
+        let s = probes::health_probe_cost(&mut x).await?;
+        results.insert("health_probe_cost", s);
     }
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);

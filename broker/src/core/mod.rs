@@ -21,6 +21,7 @@ mod calls;
 mod create;
 mod dispatch;
 mod freeze;
+mod ledger;
 mod logs;
 mod maintenance;
 mod meter;
@@ -141,7 +142,10 @@ pub struct Broker {
     /// The last health probe of each pooled bubble (`probes`).
     probes: parking_lot::Mutex<std::collections::HashMap<String, Probed>>,
     /// Strikes against modules and the quarantine list (`strikes`).
-    ledger: parking_lot::Mutex<strikes::Ledger>,
+    ledger: parking_lot::Mutex<ledger::Ledger>,
+    /// Held from a strike's change of the ledger to its registry write, so
+    /// the writes land in order (`strikes`).
+    strike_writes: parking_lot::Mutex<()>,
     /// The embedded event queue (`DATA_DIR/events.redb`).
     queue: bubble_events::embedded::EmbeddedQueue,
     /// Every trigger and its dispatcher's stop switch (`triggers`).
@@ -289,7 +293,15 @@ impl Broker {
         }
         let records = registry.all()?;
         refuse_lost_registry(&cfg, records.len())?;
-        let ledger = strikes::Ledger::new(cfg.security.clone(), registry.quarantines()?);
+        let mut ledger = ledger::Ledger::new(
+            cfg.security.clone(),
+            registry.quarantines()?,
+            registry.strike_entries()?,
+            now_ms(),
+        );
+        // Expired and unreadable strike entries go now.
+        let pruned: Vec<String> = ledger.take_pending().into_keys().collect();
+        registry.update_strikes(&[], &pruned)?;
         let table = Table::from_records(records);
         let usage_signer = UsageSigner::load_or_create(&cfg.data_dir.join("usage-signing.key"))
             .map_err(BrokerError::Spawn)?;
@@ -342,6 +354,7 @@ impl Broker {
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
             ledger: parking_lot::Mutex::new(ledger),
+            strike_writes: Default::default(),
             audit,
             broker_id,
             apply_serial: Default::default(),

@@ -12,7 +12,43 @@ use super::{now_ms, Broker};
 use crate::config::{self, PoolProfile};
 use crate::error::{invalid, BrokerError};
 use crate::store::registry::{BubbleRecord, IdleRule, PortionPolicy};
-use crate::vmm::{FailureKind, FailureReason, ImageSpec};
+use crate::vmm::{CallFailure, FailureKind, FailureReason, ImageSpec};
+
+/// Pooled bubbles an attach with a policy may fail (each one that could
+/// not take the policy is failed, never pooled again) before it gives up
+/// with [`BrokerError::PolicyNotApplied`]: a broken VMM or guest build
+/// must not drain a whole pool for one request.
+pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 2;
+
+/// Refuses a policy that the guest would refuse (its own decoder must give
+/// it back unchanged) or that breaks the broker's rules on names and
+/// counts, before any pooled bubble is touched (INVALID_ARGUMENT). The
+/// default policy is never installed, so it needs no check.
+fn check_policy(p: &PortionPolicy) -> Result<(), BrokerError> {
+    if *p == PortionPolicy::default() {
+        return Ok(());
+    }
+    let name = |s: &str| bubble_abi::is_valid_name(s, bubble_abi::MAX_NAME_LEN);
+    let names_ok = p.grants.len() <= 16
+        && p.grants
+            .iter()
+            .all(|(n, c)| name(n) && c.len() <= 16 && c.iter().all(|c| name(c)));
+    if !names_ok {
+        return Err(invalid(
+            "policy.grants",
+            "at most 16 grants of at most 16 credentials, names of 1 to 64 characters of \
+             A-Z a-z 0-9 . _ -",
+        ));
+    }
+    let wire = p.wire();
+    if bubble_abi::SecurityPolicy::decode(&wire.encode()).ok() != Some(wire) {
+        return Err(invalid(
+            "policy",
+            "the bubble's guest would refuse this policy",
+        ));
+    }
+    Ok(())
+}
 
 impl Broker {
     fn profile(&self, name: &str) -> Option<&PoolProfile> {
@@ -89,6 +125,9 @@ impl Broker {
             .profile(&cmd.profile)
             .cloned()
             .ok_or_else(|| invalid("profile", format!("no warm pool named {:?}", cmd.profile)))?;
+        // A policy the guest would refuse fails here, before any pooled
+        // bubble is touched.
+        check_policy(&cmd.policy)?;
         let idle = cmd.idle.unwrap_or_else(|| profile.idle_rule());
         let request_id = cmd.client_request_id.as_str();
         let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
@@ -293,6 +332,7 @@ impl Broker {
         client_request_id: &str,
         policy: &PortionPolicy,
     ) -> Result<Option<BubbleRecord>, BrokerError> {
+        let mut attempts = 0u32;
         loop {
             if !client_request_id.is_empty() {
                 if let Some(id) = self.request_in_memory(parent, client_request_id) {
@@ -323,6 +363,11 @@ impl Broker {
                     config::DEFAULT_CALL_DEADLINE,
                 )
                 .await;
+            #[cfg(feature = "fault-injection")]
+            let set = match crate::fault::fails("attach.set_policy") {
+                true => Err(CallFailure::Refused("fault injected".into())),
+                false => set,
+            };
             if let Err(e) = set {
                 let reason = FailureReason::new(
                     FailureKind::Internal,
@@ -330,6 +375,16 @@ impl Broker {
                 );
                 warn!(bubble = %id, reason = %reason.detail, "pooled bubble failed");
                 self.fail(&id, &reason);
+                drop(permit);
+                if matches!(e, CallFailure::Rejected(bubble_abi::code::BAD_INPUT, _)) {
+                    // The guest refused the policy itself: no other bubble
+                    // would take it.
+                    return Err(invalid("policy", "the bubble refused the policy"));
+                }
+                attempts += 1;
+                if attempts >= MAX_POLICY_ATTEMPTS {
+                    return Err(BrokerError::PolicyNotApplied(attempts));
+                }
                 continue;
             }
             match self.take_pooled(
@@ -367,5 +422,54 @@ impl Broker {
                 .find(|r| r.owner == parent && r.client_request_id == client_request_id)
                 .map(|r| r.id.clone())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The core refuses what the guest would (not only the API layer):
+    /// bad names, too many grants or credentials, zero limits.
+    #[test]
+    fn policies_the_guest_would_refuse_are_invalid_arguments() {
+        let ok = PortionPolicy {
+            grants: vec![("payments".into(), vec!["k".into()])],
+            ..PortionPolicy::default()
+        };
+        assert!(check_policy(&ok).is_ok());
+        assert!(check_policy(&PortionPolicy::default()).is_ok());
+        let bad = [
+            PortionPolicy {
+                grants: vec![("no spaces".into(), vec![])],
+                ..ok.clone()
+            },
+            PortionPolicy {
+                grants: vec![("p".into(), vec!["x".repeat(65)])],
+                ..ok.clone()
+            },
+            PortionPolicy {
+                grants: (0..17).map(|i| (format!("p{i}"), vec![])).collect(),
+                ..ok.clone()
+            },
+            PortionPolicy {
+                grants: vec![("p".into(), (0..17).map(|i| format!("c{i}")).collect())],
+                ..ok.clone()
+            },
+            PortionPolicy {
+                fuel_per_call: 0,
+                ..ok.clone()
+            },
+            PortionPolicy {
+                max_output_bytes: 0,
+                ..ok.clone()
+            },
+        ];
+        for p in bad {
+            assert!(
+                matches!(check_policy(&p), Err(BrokerError::InvalidArgument { .. })),
+                "{p:?}"
+            );
+        }
     }
 }

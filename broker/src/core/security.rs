@@ -35,6 +35,14 @@ macro_rules! kinds {
                     $(SecurityKind::$name => $label,)*
                 }
             }
+
+            /// The kind of a [`label`](Self::label), if any.
+            pub fn from_label(label: &str) -> Option<Self> {
+                match label {
+                    $($label => Some(SecurityKind::$name),)*
+                    _ => None,
+                }
+            }
         }
     };
 }

@@ -164,6 +164,13 @@ enum Cmd {
     /// Operator commands (for the broker's `admins`).
     #[command(subcommand)]
     Admin(admin::AdminCmd),
+    /// With --admin (`bubblectl --admin events`): every parent's security
+    /// events, as `admin events`.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Run the demo: a broker on embedded defaults in a temp dir, a few
     /// bubbles created, called and deleted, and a timing table.
     Demo(ops::DemoArgs),
@@ -187,6 +194,16 @@ struct BubbleArg {
 /// Entry point of the `bubblectl` binary.
 pub fn main() -> ExitCode {
     let opts = Opts::parse();
+    if matches!(opts.cmd, Cmd::Events { .. }) && !opts.conn.admin {
+        use clap::CommandFactory;
+        Opts::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "`events` is an operator command: `bubblectl --admin events` \
+                 (or `bubblectl admin events`)",
+            )
+            .exit();
+    }
     let json_out = opts.json;
     // The demo's client is one parent making one call at a time: a
     // current-thread runtime (its broker has threads of its own).
@@ -240,6 +257,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Publish(a) => triggers::publish(conn, a, j).await,
         Cmd::Results(a) => triggers::results(conn, a, j).await,
         Cmd::Admin(c) => admin::run(conn, c, j).await,
+        Cmd::Events { count } => admin::run(conn, admin::AdminCmd::Events { count }, j).await,
     }
 }
 
@@ -367,6 +385,7 @@ mod tests {
             &["audit", "verify", "f", "--key", "00"],
             &["admin", "quarantine", "list"],
             &["admin", "events", "--count", "3"],
+            &["--admin", "events", "--count", "3"],
             &["logs", "b-1", "--follow", "--count", "2"],
             &["admin", "quarantine", "lift", "ab", "--parent", "cert:a"],
         ];

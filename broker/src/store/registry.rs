@@ -9,9 +9,11 @@ mod draining;
 mod error;
 mod pins;
 mod quarantine;
+mod strikes;
 
 pub use error::RegistryError;
 pub use quarantine::Quarantine;
+pub use strikes::StrikeEntry;
 
 use std::path::Path;
 
@@ -243,6 +245,7 @@ impl Registry {
             txn.open_table(BUBBLES)?;
             txn.open_table(REQUESTS)?;
             txn.open_table(quarantine::QUARANTINE)?;
+            txn.open_table(strikes::STRIKES)?;
             txn.open_table(pins::META)?;
         }
         txn.commit()?;
