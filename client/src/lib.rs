@@ -41,7 +41,7 @@ use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
 use bubble_proto::v1 as pb;
 pub use connect::{connect_tls, connect_tls_named, connect_unix, Client, ConnectError};
 use portion::InputMode;
-pub use portion::PortionHandle;
+pub use portion::{PortionHandle, SealedResult};
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
@@ -424,6 +424,19 @@ impl Bubble {
     pub async fn call_sealed(&self, op: &str, input: &[u8]) -> Result<SecretBytes, ClientError> {
         let kp = KemKeyPair::generate(&mut OsRng);
         self.call_signed(op, input, Some(&kp)).await
+    }
+
+    /// Calls built-in `op`, asking the bubble to seal the output to
+    /// `recipient`'s public key: verified, returned still sealed (see
+    /// [`SealedResult`]).
+    pub async fn call_sealed_to(
+        &self,
+        op: &str,
+        input: &[u8],
+        recipient: &[u8; 32],
+    ) -> Result<SealedResult, ClientError> {
+        self.call_sealed_to_req("", op, input, InputMode::Plain, recipient)
+            .await
     }
 
     async fn call_signed(

@@ -3,6 +3,34 @@
 //! verification of the signed result.
 
 use bubble_keys::{KemKeyPair, OsRng, SecretBytes};
+
+/// Where a signed call's result is sealed.
+#[derive(Clone, Copy)]
+pub(crate) enum Seal<'a> {
+    /// Not sealed.
+    No,
+    /// To this key of ours: opened once verified.
+    OpenWith(&'a KemKeyPair),
+    /// To someone else's public key: verified, returned still sealed.
+    To(&'a [u8; 32]),
+}
+
+/// A result a bubble sealed to a public key the caller does not hold
+/// (`--seal-to`): its signature was checked against the bubble's attested
+/// key over exactly these bytes, and it opens only with the private key,
+/// with `bubble_keys::open_result(key, bubble_id, call_id, input_sha256,
+/// sealed)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedResult {
+    /// The bubble that sealed and signed it.
+    pub bubble_id: String,
+    /// The call id the bubble chose (bound into the seal).
+    pub call_id: u64,
+    /// SHA-256 of what the bubble signed as the call's input (bound too).
+    pub input_sha256: [u8; 32],
+    /// The sealed box (bubble-keys wire format).
+    pub sealed: Vec<u8>,
+}
 use bubble_proto::v1 as pb;
 
 use crate::{Bubble, ClientError};
@@ -16,15 +44,69 @@ impl Bubble {
         mode: InputMode,
         open_with: Option<&KemKeyPair>,
     ) -> Result<SecretBytes, ClientError> {
-        // A session the bubble no longer holds (evicted by newer ones) is
-        // refused before the call runs: open a new one and retry once.
-        match self
-            .call_signed_once(portion, op, input, mode, open_with)
-            .await
-        {
+        let seal = open_with.map_or(Seal::No, Seal::OpenWith);
+        let (r, signed_input) = self
+            .call_signed_retry(portion, op, input, mode, seal)
+            .await?;
+        bubble_keys::verify_and_open_result(
+            &self.keys.ok_or(ClientError::NotAttested)?.sig_pk,
+            &self.id,
+            r.call_id,
+            &signed_input,
+            &r.output,
+            &r.signature,
+            open_with,
+        )
+        .map_err(|e| ClientError::BadResult(e.to_string()))
+    }
+
+    /// A signed call (`portion` empty: a built-in op) whose result the
+    /// bubble seals to `recipient`, a public key this client need not
+    /// hold; verified, returned sealed.
+    pub(crate) async fn call_sealed_to_req(
+        &self,
+        portion: &str,
+        op: &str,
+        input: &[u8],
+        mode: InputMode,
+        recipient: &[u8; 32],
+    ) -> Result<SealedResult, ClientError> {
+        let (r, signed_input) = self
+            .call_signed_retry(portion, op, input, mode, Seal::To(recipient))
+            .await?;
+        let input_sha256 = bubble_keys::sha256(&signed_input);
+        let statement = bubble_keys::ResultStatement {
+            bubble_id: &self.id,
+            call_id: r.call_id,
+            input_sha256,
+            sealed: true,
+            output: &r.output,
+        };
+        let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        bubble_keys::verify_result(&keys.sig_pk, &statement, &r.signature)
+            .map_err(|e| ClientError::BadResult(e.to_string()))?;
+        Ok(SealedResult {
+            bubble_id: self.id.clone(),
+            call_id: r.call_id,
+            input_sha256,
+            sealed: r.output,
+        })
+    }
+
+    /// [`Self::call_signed_once`], again once if the bubble no longer holds
+    /// the handle's session (evicted by newer ones: refused before the
+    /// call runs).
+    async fn call_signed_retry(
+        &self,
+        portion: &str,
+        op: &str,
+        input: &[u8],
+        mode: InputMode,
+        seal: Seal<'_>,
+    ) -> Result<(pb::CallResponse, Vec<u8>), ClientError> {
+        match self.call_signed_once(portion, op, input, mode, seal).await {
             Err(ClientError::SessionRefused(_)) if mode == InputMode::Session => {
-                self.call_signed_once(portion, op, input, mode, open_with)
-                    .await
+                self.call_signed_once(portion, op, input, mode, seal).await
             }
             r => r,
         }
@@ -36,9 +118,8 @@ impl Bubble {
         op: &str,
         input: &[u8],
         mode: InputMode,
-        open_with: Option<&KemKeyPair>,
-    ) -> Result<SecretBytes, ClientError> {
-        let keys = self.keys.ok_or(ClientError::NotAttested)?;
+        seal: Seal<'_>,
+    ) -> Result<(pb::CallResponse, Vec<u8>), ClientError> {
         let (sealed_input, session_input) = match mode {
             _ if portion.is_empty() => (None, None),
             InputMode::Plain => (None, None),
@@ -57,9 +138,11 @@ impl Bubble {
                 op: op.to_string(),
                 input: if plain { input.to_vec() } else { Vec::new() },
                 sign: true,
-                seal_to: open_with
-                    .map(|k| k.public_key().to_vec())
-                    .unwrap_or_default(),
+                seal_to: match seal {
+                    Seal::No => Vec::new(),
+                    Seal::OpenWith(k) => k.public_key().to_vec(),
+                    Seal::To(pk) => pk.to_vec(),
+                },
                 portion: portion.to_string(),
                 sealed_input: sealed_input.clone(),
                 session_input: session_input.clone(),
@@ -114,16 +197,7 @@ impl Bubble {
             .encode()
         };
         let signed_input = frame.map_err(|e| ClientError::BadResult(e.to_string()))?;
-        bubble_keys::verify_and_open_result(
-            &keys.sig_pk,
-            &self.id,
-            r.call_id,
-            &signed_input,
-            &r.output,
-            &r.signature,
-            open_with,
-        )
-        .map_err(|e| ClientError::BadResult(e.to_string()))
+        Ok((r, signed_input))
     }
 }
 
@@ -170,6 +244,20 @@ impl PortionHandle<'_> {
             .call_signed_req(self.name, function, input, InputMode::Plain, None)
             .await
             .map(|s| s.expose().to_vec())
+    }
+
+    /// Like [`PortionHandle::call`], with the output sealed inside the
+    /// bubble to `recipient`'s public key (another party's, or the
+    /// parent's own kept elsewhere): verified, returned still sealed.
+    pub async fn call_sealed_to(
+        &self,
+        function: &str,
+        input: &[u8],
+        recipient: &[u8; 32],
+    ) -> Result<SealedResult, ClientError> {
+        self.bubble
+            .call_sealed_to_req(self.name, function, input, InputMode::Session, recipient)
+            .await
     }
 
     /// Like [`PortionHandle::call`], with the output sealed to a fresh

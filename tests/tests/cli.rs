@@ -226,6 +226,56 @@ fn payments_flow_from_the_cli_alone() {
         assert_eq!(v["signature_verified"], true, "{flags:?}: {v}");
         assert_eq!(v["input_sealed"], sealed, "{flags:?}: {v}");
     }
+    // Sealed to a recipient's key: the envelope holds no token, opens with
+    // that key only, and keygen never overwrites a key.
+    let (k1, k2, env) = (d.join("r1.key"), d.join("r2.key"), d.join("env.json"));
+    let pk1 = ctl_json(s, &["keygen", "--out", k1.to_str().unwrap()], &[]);
+    let pk1 = pk1["public_key"].as_str().unwrap().to_string();
+    ctl_json(s, &["keygen", "--out", k2.to_str().unwrap()], &[]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&k1).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    ctl_fails(
+        s,
+        &["keygen", "--out", k1.to_str().unwrap()],
+        &[],
+        1,
+        "LOCAL",
+    );
+    let mut args = vec!["call", &id, "tokenize", "--portion", "payments"];
+    args.extend_from_slice(&["--input", pan, "--seal-to", &pk1]);
+    args.extend_from_slice(&["--output-file", env.to_str().unwrap()]);
+    args.extend_from_slice(&trust);
+    let v = ctl_json(s, &args, &[]);
+    assert_eq!(v["sealed"], true, "{v}");
+    assert_eq!(v["signature_verified"], true, "{v}");
+    let text = std::fs::read_to_string(&env).unwrap();
+    assert!(!text.contains(&tokenized) && !text.contains(pan), "{text}");
+    let open = |key: &Path| {
+        ctl(
+            s,
+            &[
+                "open",
+                env.to_str().unwrap(),
+                "--key-file",
+                key.to_str().unwrap(),
+                "--output",
+                "hex",
+            ],
+            &[],
+        )
+    };
+    let out = open(&k1);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), tokenized);
+    let out = open(&k2);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "another key must not open it: {out:?}"
+    );
     // A sealed input needs a portion (a usage error, exit 2).
     let out = ctl(s, &["call", &id, "echo", "--sealed-input"], &[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -32,7 +32,7 @@ pub(super) struct CallArgs {
     #[arg(long)]
     input_file: Option<PathBuf>,
     /// Deadline in milliseconds (0: broker default; unsigned calls only).
-    #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal", "sealed_input"])]
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal", "seal_to", "sealed_input"])]
     deadline_ms: u32,
     /// Have the bubble sign the result and verify it with its attested key
     /// (needs --measurement and the other trust options).
@@ -42,6 +42,12 @@ pub(super) struct CallArgs {
     /// (the broker sees ciphertext only); signed and verified too.
     #[arg(long)]
     seal: bool,
+    /// Have the bubble seal the result to this X25519 public key (64 hex
+    /// digits, or a file of 32 bytes or 64 hex digits; `bubblectl keygen`
+    /// makes one): the signature is verified and the output is a JSON
+    /// envelope that only the key's holder opens (`bubblectl open`).
+    #[arg(long, conflicts_with = "seal", value_name = "PUBLIC_KEY")]
+    seal_to: Option<String>,
     /// Seal the input to the bubble's attested key (a sealed session; the
     /// broker sees ciphertext only) and verify the signed result. The
     /// default for portion calls with --sign or --seal; needs --portion
@@ -99,7 +105,7 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
         (_, _, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
         _ => Vec::new(),
     };
-    let ans = if a.sign || a.seal || a.sealed_input {
+    let ans = if a.sign || a.seal || a.sealed_input || a.seal_to.is_some() {
         verified_call(conn, &a, &input).await?
     } else {
         let mut c = conn.connect().await?;
@@ -125,7 +131,8 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
     }
     if j {
         let mut v = json!({"output_len": ans.output.len(), "vmm_us": ans.vmm_us,
-                           "signature_verified": a.sign || a.seal || a.sealed_input, "sealed": a.seal,
+                           "signature_verified": a.sign || a.seal || a.sealed_input || a.seal_to.is_some(),
+                           "sealed": a.seal || a.seal_to.is_some(),
                            "input_sealed": a.portion.is_some() && (a.sign || a.seal || a.sealed_input) && !a.plain_input});
         if a.output_file.is_none() {
             v["output_hex"] = json!(hex(&ans.output));
@@ -141,6 +148,20 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
 /// after attesting the bubble.
 async fn verified_call(conn: &Conn, a: &CallArgs, input: &[u8]) -> anyhow::Result<Answer> {
     let bubble = a.trust.attested(conn, &a.bubble).await?;
+    if let Some(to) = &a.seal_to {
+        let pk = super::sealed::recipient_key(to)?;
+        let r = match &a.portion {
+            Some(p) if a.plain_input => {
+                anyhow::bail!("--seal-to seals the input too: drop --plain-input")
+            }
+            Some(p) => bubble.portion(p).call_sealed_to(&a.op, input, &pk).await?,
+            None => bubble.call_sealed_to(&a.op, input, &pk).await?,
+        };
+        return Ok(Answer {
+            output: super::sealed::envelope(&r, &pk),
+            vmm_us: None,
+        });
+    }
     let output = match (&a.portion, a.seal) {
         (Some(p), false) if a.plain_input => {
             bubble.portion(p).call_plain_input(&a.op, input).await?

@@ -23,6 +23,7 @@ mod output;
 mod parent;
 mod pki;
 mod policy;
+mod sealed;
 mod triggers;
 mod trust;
 
@@ -177,6 +178,12 @@ enum Cmd {
     /// Triggers: events on a subject of yours run a portion function.
     #[command(subcommand)]
     Trigger(triggers::TriggerCmd),
+    /// A key pair to receive sealed results (`call --seal-to`): writes the
+    /// private key (0600), prints the public key.
+    Keygen(sealed::KeygenArgs),
+    /// Open a sealed result (`call --seal-to`'s envelope) with its
+    /// recipient's private key.
+    Open(sealed::OpenArgs),
     /// Publish an event on one of your subjects (payload from --file or
     /// standard input).
     Publish(triggers::PublishArgs),
@@ -256,6 +263,8 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Trigger(c) => triggers::trigger(conn, c, j).await,
         Cmd::Publish(a) => triggers::publish(conn, a, j).await,
         Cmd::Results(a) => triggers::results(conn, a, j).await,
+        Cmd::Keygen(a) => sealed::keygen(a, j),
+        Cmd::Open(a) => sealed::open(a),
         Cmd::Admin(c) => admin::run(conn, c, j).await,
         Cmd::Events { count } => admin::run(conn, admin::AdminCmd::Events { count }, j).await,
     }
