@@ -46,7 +46,7 @@ pub(super) struct CallArgs {
     /// digits, or a file of 32 bytes or 64 hex digits; `bubblectl keygen`
     /// makes one): the signature is verified and the output is a JSON
     /// envelope that only the key's holder opens (`bubblectl open`).
-    #[arg(long, conflicts_with = "seal", value_name = "PUBLIC_KEY")]
+    #[arg(long, conflicts_with_all = ["seal", "plain_input"], value_name = "PUBLIC_KEY")]
     seal_to: Option<String>,
     /// Seal the input to the bubble's attested key (a sealed session; the
     /// broker sees ciphertext only) and verify the signed result. The
@@ -151,9 +151,6 @@ async fn verified_call(conn: &Conn, a: &CallArgs, input: &[u8]) -> anyhow::Resul
     if let Some(to) = &a.seal_to {
         let pk = super::sealed::recipient_key(to)?;
         let r = match &a.portion {
-            Some(p) if a.plain_input => {
-                anyhow::bail!("--seal-to seals the input too: drop --plain-input")
-            }
             Some(p) => bubble.portion(p).call_sealed_to(&a.op, input, &pk).await?,
             None => bubble.call_sealed_to(&a.op, input, &pk).await?,
         };
