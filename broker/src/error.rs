@@ -174,6 +174,10 @@ pub enum BrokerError {
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// An action that must be audited first could not be made durable in
+    /// the audit log; it was not taken.
+    #[error("the audit log could not record this action, so it was not taken: {0}")]
+    AuditUnavailable(#[from] bubble_audit::AuditError),
 }
 
 impl From<BrokerError> for Status {
@@ -202,7 +206,7 @@ impl From<BrokerError> for Status {
             }
             BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
             BrokerError::NotQuarantined(_) => Code::NotFound,
-            BrokerError::Registry(_) => Code::Internal,
+            BrokerError::Registry(_) | BrokerError::AuditUnavailable(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
             BrokerError::SourceNotConfigured(_) | BrokerError::NoTrigger(_) => {
                 Code::FailedPrecondition

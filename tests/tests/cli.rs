@@ -213,12 +213,16 @@ fn payments_flow_from_the_cli_alone() {
     // with --plain-input: the same verified answer either way, and the
     // JSON says how the input travelled.
     let tokenized = hex(&mac_of(tok_key, pan));
+    // A secret input from a file, not argv (local users read argv).
+    let pan_file = d.join("pan.txt");
+    std::fs::write(&pan_file, pan).unwrap();
+    let pan_file = pan_file.to_str().unwrap();
     for (flags, sealed) in [
         (&["--sealed-input"][..], true),
         (&["--sign", "--plain-input"][..], false),
     ] {
         let mut args = vec!["call", &id, "tokenize", "--portion", "payments"];
-        args.extend_from_slice(&["--input", pan]);
+        args.extend_from_slice(&["--input-file", pan_file]);
         args.extend_from_slice(flags);
         args.extend_from_slice(&trust);
         let v = ctl_json(s, &args, &[]);
@@ -245,7 +249,7 @@ fn payments_flow_from_the_cli_alone() {
         "LOCAL",
     );
     let mut args = vec!["call", &id, "tokenize", "--portion", "payments"];
-    args.extend_from_slice(&["--input", pan, "--seal-to", &pk1]);
+    args.extend_from_slice(&["--input-file", pan_file, "--seal-to", &pk1]);
     args.extend_from_slice(&["--output-file", env.to_str().unwrap()]);
     args.extend_from_slice(&trust);
     let v = ctl_json(s, &args, &[]);

@@ -198,6 +198,11 @@ async fn a_killed_brokers_cgroups_are_swept_and_a_live_ones_kept() {
     // Nobody removed it: its broker is gone.
     assert!(h_dead.exists());
 
+    // An empty cgroup in the live broker's hierarchy (as one is between
+    // its creation and its VMM's arrival): only the claim protects it.
+    let probe = h_live.join(format!("probe-{}", std::process::id()));
+    std::fs::create_dir(&probe).unwrap();
+
     let dir_next = tempfile::tempdir().unwrap();
     let _next = BrokerProc::start(dir_next.path(), false);
     wait_until(
@@ -207,6 +212,17 @@ async fn a_killed_brokers_cgroups_are_swept_and_a_live_ones_kept() {
         |exists| !exists,
     )
     .await;
+    let log = dir_next.path().join("broker.log");
+    wait_until(
+        "the new broker's sweep to finish",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        |text| text.contains("cgroup sweep done"),
+    )
+    .await;
+    let probe_kept = probe.exists();
+    let _ = std::fs::remove_dir(&probe);
+    assert!(probe_kept, "a live broker's empty cgroup was swept");
     assert!(
         h_live.exists() && live_cg.exists(),
         "a live broker's cgroup went"

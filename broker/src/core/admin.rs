@@ -23,6 +23,20 @@ impl Broker {
         self.cfg.admins.iter().any(|a| a == parent)
     }
 
+    /// Waits until the audit log holds everything appended so far (off the
+    /// runtime's worker if called on one).
+    fn flush_audit(&self) -> Result<(), BrokerError> {
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let flush = || self.audit.flush();
+        if on_worker {
+            tokio::task::block_in_place(flush)?;
+        } else {
+            flush()?;
+        }
+        Ok(())
+    }
+
     fn audit_admin(&self, admin: &str, bubble: &str, owner: &str, action: &str) {
         self.audit.append(
             Entry {
@@ -67,9 +81,11 @@ impl Broker {
             .map_err(|_| BrokerError::Queued(id.to_string()))?
             .ok_or_else(|| BrokerError::NotAccessible(id.to_string()))?;
         let owner = permit.rec.owner.clone();
-        // Written before the deletion: the record says who asked even if
-        // the deletion then fails (its outcome is the lifecycle record).
+        // Durable before the deletion: the record says who asked even if
+        // the broker dies right after (the outcome is the lifecycle
+        // record). No record, no deletion.
         self.audit_admin(admin, id, &owner, "delete");
+        self.flush_audit()?;
         self.destroy(permit).await
     }
 
@@ -81,9 +97,14 @@ impl Broker {
             return Err(BrokerError::NotAdmin);
         }
         // Durable before it takes effect: a restarted broker stays drained.
-        self.registry.set_draining(drain)?;
-        self.draining.store(drain, Ordering::SeqCst);
+        // One change at a time, so the registry and memory agree.
+        {
+            let _one = self.drain_lock.lock();
+            self.registry.set_draining(drain)?;
+            self.draining.store(drain, Ordering::SeqCst);
+        }
         self.audit_admin(admin, "", "", if drain { "drain" } else { "undrain" });
+        self.flush_audit()?;
         tracing::warn!(admin, drain, "operator changed draining");
         let live = self
             .table

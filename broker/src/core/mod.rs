@@ -125,6 +125,8 @@ pub struct Broker {
     closing: AtomicBool,
     /// Set by an operator's drain: no new bubbles (create, attach).
     draining: AtomicBool,
+    /// Held while draining changes (registry and memory together).
+    drain_lock: parking_lot::Mutex<()>,
     /// Encrypted store of suspended bubbles.
     frozen: FrozenStore,
     /// The broker's key-encryption key for frozen bubbles (0600 file).
@@ -363,6 +365,7 @@ impl Broker {
             psp,
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(draining),
+            drain_lock: parking_lot::Mutex::new(()),
             spawner,
             cfg,
             registry,
@@ -539,9 +542,10 @@ fn jail_spec(
                 .spawn(move || {
                     bubble_vmm::priority::set_nice(0, bubble_vmm::priority::BACKGROUND_NICE);
                     let n = sweeper.sweep_stale();
-                    if n > 0 {
-                        tracing::info!(hierarchies = n, "removed cgroups left by stopped brokers");
-                    }
+                    tracing::info!(
+                        hierarchies = n,
+                        "cgroup sweep done: removed the empty cgroups left by stopped brokers"
+                    );
                 });
             Ok(c)
         }

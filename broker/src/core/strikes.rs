@@ -90,17 +90,20 @@ impl Broker {
             let mut l = self.ledger.lock();
             (l.strike(ev), l.take_pending())
         };
-        self.write_strikes(pending);
-        let q = q?;
-        tracing::warn!(bubble = %ev.bubble_id, reason = %q.reason, "module quarantined");
-        if let Err(e) = self
-            .registry
-            .put_quarantine(&ev.owner, &ev.portion_digest, &q)
-        {
-            tracing::error!(error = %e, digest = %ev.portion_digest,
-                "quarantine not persisted: it holds only until this broker stops");
+        // The quarantine is durable before the strikes that led to it are
+        // dropped: a crash in between leaves both, never neither.
+        if let Some(q) = &q {
+            tracing::warn!(bubble = %ev.bubble_id, reason = %q.reason, "module quarantined");
+            if let Err(e) = self
+                .registry
+                .put_quarantine(&ev.owner, &ev.portion_digest, q)
+            {
+                tracing::error!(error = %e, digest = %ev.portion_digest,
+                    "quarantine not persisted: it holds only until this broker stops");
+            }
         }
-        Some(q.reason)
+        self.write_strikes(pending);
+        q.map(|q| q.reason)
     }
 
     /// Why module `digest` (SHA-384 hex) may not be loaded into `owner`'s

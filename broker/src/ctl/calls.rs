@@ -22,15 +22,19 @@ pub(super) struct CallArgs {
     /// Call a function of this loaded portion.
     #[arg(long)]
     portion: Option<String>,
-    /// Input as text.
-    #[arg(long, conflicts_with_all = ["input_hex", "input_file"])]
+    /// Input as text (on the command line: any local user can read it in
+    /// /proc; use --input-file or --input-stdin for secrets).
+    #[arg(long, conflicts_with_all = ["input_hex", "input_file", "input_stdin"])]
     input: Option<String>,
-    /// Input as hex.
-    #[arg(long, conflicts_with = "input_file")]
+    /// Input as hex (on the command line, like --input).
+    #[arg(long, conflicts_with_all = ["input_file", "input_stdin"])]
     input_hex: Option<String>,
     /// Input from a file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "input_stdin")]
     input_file: Option<PathBuf>,
+    /// Input from standard input (read to its end).
+    #[arg(long)]
+    input_stdin: bool,
     /// Deadline in milliseconds (0: broker default; unsigned calls only).
     #[arg(long, default_value_t = 0, conflicts_with_all = ["sign", "seal", "seal_to", "sealed_input"])]
     deadline_ms: u32,
@@ -103,8 +107,23 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
         (Some(s), _, _) => s.clone().into_bytes(),
         (_, Some(h), _) => unhex(h)?,
         (_, _, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        _ if a.input_stdin => {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)
+                .context("reading the input from standard input")?;
+            v
+        }
         _ => Vec::new(),
     };
+    let sealing = a.portion.is_some()
+        && (a.sign || a.seal || a.sealed_input || a.seal_to.is_some())
+        && !a.plain_input;
+    if sealing && (a.input.is_some() || a.input_hex.is_some()) {
+        eprintln!(
+            "warning: the input is sealed for the bubble, but --input/--input-hex put it in \
+             this command's argv, which local users can read; use --input-file or --input-stdin"
+        );
+    }
     let ans = if a.sign || a.seal || a.sealed_input || a.seal_to.is_some() {
         verified_call(conn, &a, &input).await?
     } else {

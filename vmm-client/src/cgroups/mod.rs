@@ -110,13 +110,23 @@ impl Cgroups {
         // earlier broker on this data directory left (cgroups with a
         // process in them, such as a re-adoptable VMM's, stay).
         let claim = sweep::claim(name);
+        let claimed = claim.is_some();
         let cg = Self {
             layout,
             parent_memory,
             _claim: claim,
         };
-        for base in cg.bases() {
-            sweep::remove_empty(&base);
+        if claimed {
+            for base in cg.bases() {
+                sweep::remove_empty(&base);
+            }
+        } else {
+            // Unclaimed, another broker's sweeper could take this
+            // hierarchy for a dead one's: sweep nothing from here either.
+            tracing::warn!(
+                dir = sweep::HOST_CLAIMS,
+                "cannot claim this broker's cgroup hierarchy; leftover cgroups are not swept"
+            );
         }
         Ok(cg)
     }
@@ -134,6 +144,9 @@ impl Cgroups {
     /// were removed entirely. Slow with many (each `rmdir` of a memory
     /// cgroup waits for the kernel): run it off the serving path.
     pub fn sweep_stale(&self) -> usize {
+        if self._claim.is_none() {
+            return 0;
+        }
         let bases = self.bases();
         let Some(own) = bases
             .first()
@@ -247,18 +260,32 @@ pub fn place(procs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// Whether the kernel's OOM killer killed a task of the memory cgroup
-/// `dir` (v1 `memory.oom_control`, v2 `memory.events`: `oom_kill N`).
+/// Whether the kernel killed a task of the memory cgroup `dir` because
+/// `dir`'s own limit was reached. The kill counters (v1
+/// `memory.oom_control`, v2 `memory.events`: `oom_kill N`) count kills by
+/// any OOM killer, a host-wide one and an ancestor's limit included (which
+/// a hostile tenant could cause), so the cgroup must also have hit its own
+/// limit: v2 `memory.events.local` `oom N`, v1 `memory.failcnt`.
 pub fn oom_killed(dir: &Path) -> bool {
-    ["memory.oom_control", "memory.events"].iter().any(|f| {
-        std::fs::read_to_string(dir.join(f)).is_ok_and(|text| {
-            text.lines().any(|l| {
-                l.strip_prefix("oom_kill ")
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .is_some_and(|n| n > 0)
-            })
+    let count = |file: &str, key: &str| -> Option<u64> {
+        let text = std::fs::read_to_string(dir.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|r| r.strip_prefix(' '))
+                .and_then(|n| n.trim().parse().ok())
         })
-    })
+    };
+    let own_limit_hit = match count("memory.events.local", "oom") {
+        Some(n) => n > 0,
+        None => std::fs::read_to_string(dir.join("memory.failcnt"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0),
+    };
+    let killed = count("memory.events", "oom_kill")
+        .or_else(|| count("memory.oom_control", "oom_kill"))
+        .is_some_and(|n| n > 0);
+    own_limit_hit && killed
 }
 
 /// Removes the bubble cgroups of `procs` once their VMM is gone, then
