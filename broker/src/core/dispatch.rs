@@ -184,9 +184,9 @@ impl Broker {
                     client_request_id: String::new(),
                     idle: None,
                     wait: ATTACH_WAIT,
-                    // Triggers carry no policy of their own yet: the
-                    // default one, as an attach without a policy gets.
-                    policy: Default::default(),
+                    // The trigger's policy (none: the default one, as an
+                    // attach without a policy gets).
+                    policy: t.policy.clone().unwrap_or_default(),
                 },
             )
             .await?;
@@ -244,8 +244,10 @@ impl Broker {
                     .encode(),
                 )
             }
-            Err(BrokerError::GuestRefused(why)) => {
-                Outcome::Refused(reason(&BrokerError::GuestRefused(why)))
+            // The portion refused, or the policy denied what it tried (a
+            // credential not granted): no retry would change that.
+            Err(e @ (BrokerError::GuestRefused(_) | BrokerError::GuestDenied(_))) => {
+                Outcome::Refused(reason(&e))
             }
             Err(e) => {
                 if bubble_lost(&e) {

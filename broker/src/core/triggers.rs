@@ -23,6 +23,7 @@ use tracing::info;
 use super::{now_ms, Broker};
 use crate::error::{invalid, BrokerError};
 use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
+use crate::store::registry::PortionPolicy;
 
 /// Longest subject a parent may name (the namespace prefix takes 26).
 pub const MAX_SUBJECT_LEN: usize = 200;
@@ -48,6 +49,11 @@ pub struct NewTrigger {
     pub max_concurrency: u32,
     /// Deliveries before dead-lettering.
     pub max_deliver: u32,
+    /// Its security policy (`None`: the default for a pool, the bubble's
+    /// for a named bubble).
+    pub policy: Option<PortionPolicy>,
+    /// Most events pending at once (0 for NATS: not bounded here).
+    pub max_pending: u64,
 }
 
 /// One event's result as its owner reads it.
@@ -201,7 +207,14 @@ impl Broker {
         }
         match &cmd.target {
             TriggerTarget::Bubble(id) => {
-                self.owned(parent, id)?;
+                let b = self.owned(parent, id)?;
+                // The bubble's policy is fixed (and attested): a trigger
+                // cannot run its events under another one.
+                if let Some(p) = &cmd.policy {
+                    if p.wire().digest() != b.policy.wire().digest() {
+                        return Err(BrokerError::TriggerPolicyDiffers(id.clone()));
+                    }
+                }
             }
             TriggerTarget::Pool { profile, .. } => {
                 if !self.cfg.pools.iter().any(|p| &p.name == profile) {
@@ -224,6 +237,8 @@ impl Broker {
             max_concurrency: cmd.max_concurrency,
             max_deliver: cmd.max_deliver,
             created_at_ms: now_ms(),
+            policy: cmd.policy,
+            max_pending: cmd.max_pending,
         };
         // Checked and reserved under the lock, written before it runs.
         {
@@ -388,8 +403,8 @@ impl Broker {
             .lock()
             .values()
             .find(|r| r.rec.owner == parent && r.rec.subject == subject)
-            .map(|r| (r.rec.source, r.nats.clone()));
-        let Some((source, nats)) = consumer else {
+            .map(|r| (r.rec.source, r.nats.clone(), r.rec.max_pending));
+        let Some((source, nats, max_pending)) = consumer else {
             return Err(BrokerError::NoTrigger(subject.to_string()));
         };
         if source == TriggerSource::Nats {
@@ -401,10 +416,36 @@ impl Broker {
                 .publish(&nats_subject(parent, subject), &key, payload)
                 .await?);
         }
-        Ok(self
+        let limit = match max_pending {
+            0 => self.cfg.events.max_pending.max(1),
+            n => n,
+        };
+        match self
             .queue
-            .publish(&queue_subject(parent, subject), &qkey, payload)
-            .await?)
+            .publish_bounded(&queue_subject(parent, subject), &qkey, payload, Some(limit))
+            .await
+        {
+            Err(bubble_events::EventError::Backlog { pending, limit }) => {
+                Err(BrokerError::Backlog {
+                    pending,
+                    limit,
+                    retry_after_ms: self.cfg.events.target_latency_ms,
+                })
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Events of trigger `t` pending now (embedded: one counter lookup;
+    /// NATS: 0, not counted here).
+    pub async fn trigger_pending(&self, t: &TriggerRecord) -> Result<u64, BrokerError> {
+        match t.source {
+            TriggerSource::Embedded => Ok(self
+                .queue
+                .depth_of(&queue_subject(&t.owner, &t.subject))
+                .await?),
+            TriggerSource::Nats => Ok(0),
+        }
     }
 
     /// The result of event `key` of one of `parent`'s triggers.

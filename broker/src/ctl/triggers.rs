@@ -54,6 +54,14 @@ pub(super) struct CreateArgs {
     /// Deliveries before an event is dead-lettered (0: 5).
     #[arg(long, default_value_t = 0)]
     max_deliver: u32,
+    /// The security policy its events run under (TOML, as for `create`):
+    /// a pool trigger attaches with it; a named bubble's must be equal.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
+    /// Most events pending at once; a publish beyond it is refused
+    /// (0: the broker's default, also its ceiling; embedded source only).
+    #[arg(long, default_value_t = 0)]
+    max_pending: u64,
     /// Print the trigger id alone.
     #[arg(short, long)]
     quiet: bool,
@@ -88,7 +96,8 @@ fn trigger_json(t: &pb::Trigger) -> serde_json::Value {
         "bubble_id": t.bubble_id, "profile": t.profile, "module_sha384": t.module_sha384,
         "portion": t.portion, "function": t.function, "batch_size": t.batch_size,
         "max_concurrency": t.max_concurrency, "max_deliver": t.max_deliver,
-        "created_at_ms": t.created_at_ms,
+        "created_at_ms": t.created_at_ms, "policy_digest": hex(&t.policy_digest),
+        "max_pending": t.max_pending, "pending": t.pending,
     })
 }
 
@@ -99,7 +108,7 @@ fn print_trigger_line(t: &pb::Trigger) {
         t.bubble_id.clone()
     };
     println!(
-        "{}  {:<8} {:<24} {}  {}.{}  batch={} deliver={}",
+        "{}  {:<8} {:<24} {}  {}.{}  batch={} deliver={} pending={}/{}",
         t.trigger_id,
         t.source,
         t.subject,
@@ -107,7 +116,9 @@ fn print_trigger_line(t: &pb::Trigger) {
         t.portion,
         t.function,
         t.batch_size,
-        t.max_deliver
+        t.max_deliver,
+        t.pending,
+        t.max_pending
     );
 }
 
@@ -135,6 +146,12 @@ pub(super) async fn trigger(conn: &Conn, cmd: TriggerCmd, j: bool) -> anyhow::Re
                 batch_size: a.batch_size,
                 max_concurrency: a.max_concurrency,
                 max_deliver: a.max_deliver,
+                policy: match &a.policy_file {
+                    Some(p) => Some(super::policy::to_pb(p)?),
+                    None => None,
+                },
+                seal_to: Vec::new(),
+                max_pending: a.max_pending,
             };
             let t = c
                 .create_trigger(req)
