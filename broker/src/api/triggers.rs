@@ -114,9 +114,23 @@ pub fn create(
         Some(p) => Some(policy_from_pb(Some(p), cfg.max_payload)?),
         None => None,
     };
+    let seal_to = match req.seal_to.len() {
+        0 => None,
+        32 => Some(
+            <[u8; 32]>::try_from(req.seal_to.as_slice())
+                .map_err(|_| invalid("seal_to", "must be empty or a 32-byte X25519 public key"))?,
+        ),
+        _ => {
+            return Err(invalid(
+                "seal_to",
+                "must be empty or a 32-byte X25519 public key",
+            ))
+        }
+    };
     Ok(NewTrigger {
         policy,
         max_pending,
+        seal_to,
         source,
         subject: req.subject,
         target,
@@ -158,7 +172,7 @@ pub fn trigger_to_pb(t: &TriggerRecord) -> pb::Trigger {
         created_at_ms: t.created_at_ms,
         module_sha384,
         policy_digest,
-        seal_to: Vec::new(),
+        seal_to: t.seal_to.map(|k| k.to_vec()).unwrap_or_default(),
         max_pending: t.max_pending,
         // Filled in by the caller that reads the queue.
         pending: 0,
@@ -175,6 +189,8 @@ pub fn result_to_pb(key: String, r: EventResult) -> pb::EventResult {
         EventResult::Pending => out.outcome = "pending".into(),
         EventResult::Ok(s) => {
             out.outcome = "ok".into();
+            out.sealed = s.sealed;
+            out.input_sha256 = s.input_sha256.to_vec();
             out.output = s.output;
             out.bubble_id = s.bubble_id;
             out.call_id = s.call_id;

@@ -224,7 +224,7 @@ impl Broker {
                         input: ev.payload.to_vec(),
                         deadline: None,
                         sign: true,
-                        seal_to: None,
+                        seal_to: t.seal_to,
                     },
                 )
                 .await
@@ -234,8 +234,19 @@ impl Broker {
         let outcome = match ran {
             Ok((bubble_id, o)) => {
                 let (call_id, signature) = o.signed.unwrap_or_default();
+                // What the bubble signed: the portion-call frame's digest
+                // (also the sealed box's AAD, so the owner can open it).
+                let frame = bubble_abi::ops::PortionCall {
+                    portion: &t.portion,
+                    function: &t.function,
+                    input: &ev.payload,
+                }
+                .encode()
+                .unwrap_or_default();
                 Outcome::Ok(
                     SignedOutput {
+                        sealed: t.seal_to.is_some(),
+                        input_sha256: bubble_keys::sha256(&frame),
                         bubble_id,
                         call_id,
                         signature,

@@ -54,6 +54,8 @@ pub struct NewTrigger {
     pub policy: Option<PortionPolicy>,
     /// Most events pending at once (0 for NATS: not bounded here).
     pub max_pending: u64,
+    /// Seal results to this X25519 public key inside the bubble.
+    pub seal_to: Option<[u8; 32]>,
 }
 
 /// One event's result as its owner reads it.
@@ -70,9 +72,14 @@ pub enum EventResult {
 }
 
 /// A portion's output with the bubble's signature over (bubble id, call
-/// id, SHA-256 of the event payload, output).
+/// id, SHA-256 of the portion-call frame, output).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedOutput {
+    /// Whether `output` is a sealed box to the trigger's `seal_to` key.
+    pub sealed: bool,
+    /// SHA-256 of the portion-call frame the bubble signed (all zero in
+    /// results stored before it was kept).
+    pub input_sha256: [u8; 32],
     /// The bubble that ran it.
     pub bubble_id: String,
     /// The bubble's call id.
@@ -83,13 +90,21 @@ pub struct SignedOutput {
     pub output: Vec<u8>,
 }
 
+/// First byte of the stored form with `sealed` and `input_sha256` (the
+/// older form starts with the id's length, which is never 255).
+const V2: u8 = 0xFF;
+
 impl SignedOutput {
-    /// Stored form: id length (1 byte), id, call id (LE u64), signature
-    /// length (LE u16), signature, output.
+    /// Stored form: 0xFF, sealed (1 byte), input SHA-256 (32), id length
+    /// (1 byte), id, call id (LE u64), signature length (LE u16),
+    /// signature, output.
     pub fn encode(&self) -> Vec<u8> {
         let id = self.bubble_id.as_bytes();
-        let mut v = Vec::with_capacity(11 + id.len() + self.signature.len() + self.output.len());
-        v.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+        let mut v = Vec::with_capacity(45 + id.len() + self.signature.len() + self.output.len());
+        v.push(V2);
+        v.push(u8::from(self.sealed));
+        v.extend(self.input_sha256);
+        v.push(u8::try_from(id.len()).unwrap_or(u8::MAX - 1));
         v.extend(id);
         v.extend(self.call_id.to_le_bytes());
         v.extend(
@@ -102,8 +117,17 @@ impl SignedOutput {
         v
     }
 
-    /// Parses [`SignedOutput::encode`], bounds-checked.
+    /// Parses [`SignedOutput::encode`] (or the older form without its
+    /// first 34 bytes), bounds-checked.
     pub fn decode(b: &[u8]) -> Option<Self> {
+        let (sealed, input_sha256, b) = match b.split_first()? {
+            (&V2, rest) => {
+                let (flags, rest) = rest.split_first()?;
+                let (h, rest) = rest.split_at_checked(32)?;
+                (*flags == 1, h.try_into().ok()?, rest)
+            }
+            _ => (false, [0u8; 32], b),
+        };
         let (&n, rest) = b.split_first()?;
         let (id, rest) = rest.split_at_checked(usize::from(n))?;
         let (call, rest) = rest.split_at_checked(8)?;
@@ -111,6 +135,8 @@ impl SignedOutput {
         let (sig, out) =
             rest.split_at_checked(usize::from(u16::from_le_bytes([len[0], len[1]])))?;
         Some(Self {
+            sealed,
+            input_sha256,
             bubble_id: String::from_utf8(id.to_vec()).ok()?,
             call_id: u64::from_le_bytes(call.try_into().ok()?),
             signature: sig.to_vec(),
@@ -239,6 +265,7 @@ impl Broker {
             created_at_ms: now_ms(),
             policy: cmd.policy,
             max_pending: cmd.max_pending,
+            seal_to: cmd.seal_to,
         };
         // Checked and reserved under the lock, written before it runs.
         {
@@ -509,6 +536,8 @@ mod tests {
         assert!(bubble_events::check_subject(&queue_subject("uid:1", &"s".repeat(200))).is_ok());
         assert!(check_subject("a.*").is_err());
         let s = SignedOutput {
+            sealed: true,
+            input_sha256: [5; 32],
             bubble_id: "b-1".into(),
             call_id: 7,
             signature: vec![9; 64],
@@ -519,5 +548,12 @@ mod tests {
         for n in 0..b.len() - 3 {
             assert!(SignedOutput::decode(&b[..n]).is_none(), "{n}");
         }
+        // The older form (no flags, no digest) still reads.
+        let old = b[34..].to_vec();
+        let o = SignedOutput::decode(&old).unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            (o.sealed, o.input_sha256, o.output),
+            (false, [0; 32], s.output)
+        );
     }
 }

@@ -81,6 +81,9 @@ pub struct TriggerRecord {
     /// stored before limits; the broker's `[events] max_pending` then).
     #[serde(default)]
     pub max_pending: u64,
+    /// Results are sealed to this X25519 public key inside the bubble.
+    #[serde(default)]
+    pub seal_to: Option<[u8; 32]>,
 }
 
 fn corrupt(id: &str, e: serde_json::Error) -> RegistryError {
@@ -156,6 +159,7 @@ mod tests {
                 ..PortionPolicy::default()
             }),
             max_pending: 17,
+            seal_to: Some([7; 32]),
         };
         {
             let r = Registry::open(&path).unwrap_or_else(|_| unreachable!());
