@@ -179,6 +179,12 @@ pub enum BrokerError {
         /// When to try again (the `retry-after-ms` metadata).
         retry_after_ms: u64,
     },
+    /// The trigger has no dead letter with this key.
+    #[error("no dead letter with key {0:?} on this trigger")]
+    NoDeadLetter(String),
+    /// An operation the trigger's source does not offer here.
+    #[error("{0} is only for triggers on the embedded source")]
+    EmbeddedOnly(&'static str),
     /// The trigger's source is not configured on this broker.
     #[error("event source {0:?} is not configured on this broker")]
     SourceNotConfigured(&'static str),
@@ -216,7 +222,8 @@ impl From<BrokerError> for Status {
             | BrokerError::Throttled(_)
             | BrokerError::Backlog { .. } => Code::ResourceExhausted,
             BrokerError::Spawn(_) => Code::Unavailable,
-            BrokerError::NotQuarantined(_) => Code::NotFound,
+            BrokerError::NotQuarantined(_) | BrokerError::NoDeadLetter(_) => Code::NotFound,
+            BrokerError::EmbeddedOnly(_) => Code::FailedPrecondition,
             BrokerError::Registry(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
             BrokerError::SourceNotConfigured(_)

@@ -375,6 +375,45 @@ impl BrokerApi for BrokerService {
         Ok(Response::new(triggers::result_to_pb(req.key, r)))
     }
 
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::TriggerRef>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let id = request.into_inner().trigger_id;
+        triggers::validate_trigger_id(&id)?;
+        let v = self
+            .broker
+            .dead_letters(&parent, &id)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: v
+                .into_iter()
+                .map(|d| pb::DeadLetter {
+                    key: d.key,
+                    attempts: d.attempts,
+                    reason: d.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        request: Request<pb::ReplayDeadLetterRequest>,
+    ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        triggers::validate_trigger_id(&req.trigger_id)?;
+        let position = self
+            .broker
+            .replay_dead_letter(&parent, &req.trigger_id, &req.key)
+            .await
+            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
+        Ok(Response::new(pb::ReplayDeadLetterResponse { position }))
+    }
+
     async fn admin_quarantine_list(
         &self,
         request: Request<pb::AdminQuarantineListRequest>,

@@ -146,7 +146,7 @@ impl SignedOutput {
 }
 
 /// The namespace of `owner`'s `subject`.
-fn namespace(owner: &str, subject: &str) -> String {
+pub(crate) fn namespace(owner: &str, subject: &str) -> String {
     let mut h = Sha256::new();
     h.update((owner.len() as u64).to_le_bytes());
     h.update(owner.as_bytes());
@@ -160,7 +160,7 @@ pub(crate) fn queue_subject(owner: &str, subject: &str) -> String {
 }
 
 /// The queue key of `owner`'s event `key` on `subject`.
-fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
+pub(crate) fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
     if key.len() > MAX_KEY_LEN {
         return Err(invalid("key", format!("at most {MAX_KEY_LEN} bytes")));
     }

@@ -23,6 +23,18 @@ pub(super) enum TriggerCmd {
         /// Trigger id.
         trigger: String,
     },
+    /// List a trigger's dead-lettered events (embedded source).
+    DeadLetters {
+        /// Trigger id.
+        trigger: String,
+    },
+    /// Put a dead-lettered event back into the trigger's queue.
+    Replay {
+        /// Trigger id.
+        trigger: String,
+        /// The event's key.
+        key: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +233,42 @@ pub(super) async fn trigger(conn: &Conn, cmd: TriggerCmd, j: bool) -> anyhow::Re
                 println!("{}", trigger_json(&t));
             } else {
                 println!("deleted {}", t.trigger_id);
+            }
+        }
+        TriggerCmd::DeadLetters { trigger } => {
+            let r = c
+                .list_dead_letters(pb::TriggerRef {
+                    trigger_id: trigger,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                let v: Vec<_> = r
+                    .dead_letters
+                    .iter()
+                    .map(|d| json!({"key": d.key, "attempts": d.attempts, "reason": d.reason}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for d in &r.dead_letters {
+                    println!("{}  attempts={}  {}", d.key, d.attempts, d.reason);
+                }
+            }
+        }
+        TriggerCmd::Replay { trigger, key } => {
+            let r = c
+                .replay_dead_letter(pb::ReplayDeadLetterRequest {
+                    trigger_id: trigger,
+                    key: key.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!("{}", json!({"key": key, "position": r.position}));
+            } else {
+                println!("{key} replayed at {}", r.position);
             }
         }
     }

@@ -234,7 +234,32 @@ impl EmbeddedQueue {
 
     /// The dead-lettered events, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, EventError> {
-        self.blocking(|q| {
+        self.dead_letters_on(None).await
+    }
+
+    /// The dead-lettered events of `subject`, oldest first.
+    pub async fn dead_letters_of(&self, subject: &str) -> Result<Vec<DeadLetter>, EventError> {
+        self.dead_letters_on(Some(subject.to_owned())).await
+    }
+
+    /// Puts the dead-lettered event `key` of `subject` back into the queue
+    /// as a fresh event (no attempts) and drops its `failed` result (a
+    /// result of another outcome stays), in one transaction; its new
+    /// position, or `None` when no such dead letter exists.
+    pub async fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
+        let (subject, key) = (subject.to_owned(), key.clone());
+        let out = self.blocking(move |q| q.replay(&subject, &key)).await?;
+        if out.is_some() {
+            self.inner.arrived.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn dead_letters_on(
+        &self,
+        subject: Option<String>,
+    ) -> Result<Vec<DeadLetter>, EventError> {
+        self.blocking(move |q| {
             let txn = q.db.begin_read().map_err(storage("begin"))?;
             let t = txn.open_table(DEAD).map_err(storage("open"))?;
             let mut out = Vec::new();
@@ -246,6 +271,9 @@ impl EmbeddedQueue {
                     .split_at_checked(usize::from(*len))
                     .ok_or(EventError::Corrupt("dead letter"))?;
                 let rec = Record::decode(rec)?;
+                if subject.as_ref().is_some_and(|s| *s != rec.subject) {
+                    continue;
+                }
                 out.push(DeadLetter {
                     key: rec.key,
                     subject: rec.subject,

@@ -9,7 +9,7 @@ use super::{
     ms, now_ms, storage, Inner, DEAD, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ,
     ORDER, RESULTS, SEEN,
 };
-use crate::event::{EventError, EventKey, Published, SourceEvent};
+use crate::event::{EventError, EventKey, Outcome, Published, SourceEvent};
 
 /// How a delivery is settled.
 #[derive(Debug)]
@@ -305,6 +305,61 @@ impl Inner {
                     }
                 }
             }
+        };
+        txn.commit().map_err(storage("commit"))?;
+        Ok(out)
+    }
+
+    /// See [`super::EmbeddedQueue::replay`].
+    pub(super) fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let out = {
+            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
+            let mut found = None;
+            for row in dead.iter().map_err(storage("scan"))? {
+                let (pos, v) = row.map_err(storage("scan"))?;
+                let v = v.value();
+                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
+                let (_, rec) = rest
+                    .split_at_checked(usize::from(*len))
+                    .ok_or(EventError::Corrupt("dead letter"))?;
+                let rec = Record::decode(rec)?;
+                if rec.subject == subject && rec.key == *key {
+                    found = Some((pos.value(), rec));
+                    break;
+                }
+            }
+            let Some((pos, mut rec)) = found else {
+                // Dropping the transaction aborts it.
+                return Ok(None);
+            };
+            dead.remove(pos).map_err(storage("replay"))?;
+            rec.attempts = 0;
+            rec.not_before = 0;
+            let mut meta = txn.open_table(META).map_err(storage("open"))?;
+            let position = next(&mut meta, NEXT_SEQ)?;
+            let bytes = Zeroizing::new(rec.encode());
+            txn.open_table(EVENTS)
+                .map_err(storage("open"))?
+                .insert(position, bytes.as_slice())
+                .map_err(storage("replay"))?;
+            count(
+                &mut txn.open_table(DEPTH).map_err(storage("open"))?,
+                subject,
+                true,
+            )?;
+            let mut results = txn.open_table(RESULTS).map_err(storage("open"))?;
+            let failed = match results.get(key.as_str()).map_err(storage("read"))? {
+                Some(v) => matches!(
+                    v.value().get(8..).map(Outcome::decode),
+                    Some(Ok(Outcome::Failed(_)))
+                ),
+                None => false,
+            };
+            if failed {
+                results.remove(key.as_str()).map_err(storage("replay"))?;
+            }
+            Some(position)
         };
         txn.commit().map_err(storage("commit"))?;
         Ok(out)
