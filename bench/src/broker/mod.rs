@@ -3,6 +3,7 @@
 
 mod calls;
 mod density;
+mod events;
 mod freeze;
 mod helpers;
 mod load;
@@ -55,6 +56,8 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "create_to_ready",
     "call_echo_64b",
     "load_8_parents",
+    "event_to_result",
+    "events_per_sec",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -121,6 +124,16 @@ pub(crate) async fn through_broker(
     freeze::suspend_restore(&mut x, want, results).await?;
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);
+    }
+    if want("event_to_result") {
+        let s = events::event_to_result(&mut x, opts.calls.min(2000)).await?;
+        results.insert("event_to_result", s);
+    }
+    if want("events_per_sec") {
+        results.insert(
+            "events_per_sec",
+            events::events_per_sec(&mut x, 4000).await?,
+        );
     }
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);
