@@ -88,6 +88,18 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 }
             ),
             ("tokenize_4_parents", _, _) => format!("{} calls/s", extra(s, "per_sec")),
+            ("event_to_result", _, r) => format!(
+                "direct signed call p50 {} µs, event path adds {} µs{}",
+                extra(s, "call_p50_us"),
+                extra(s, "dispatch_p50_us"),
+                r.map(|r| format!("; raw_exit_rtt + {:.1} µs", us(s.p50) - us(r)))
+                    .unwrap_or_default()
+            ),
+            ("events_per_sec", _, _) => format!(
+                "{} events/s with {} bubbles (stat: PublishEvent round trip)",
+                extra(s, "per_sec"),
+                extra(s, "bubbles")
+            ),
             ("density_1000", _, _) => format!(
                 "PSS/bubble {} KiB, beyond guest pages {} KiB (target ≤ 1024)",
                 extra(s, "rss_per_bubble_kib"),

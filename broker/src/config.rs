@@ -94,6 +94,9 @@ pub struct EventsConfig {
     /// NATS JetStream server for triggers with source `nats`
     /// (`nats://host:port`; none: such triggers are refused).
     pub nats_url: Option<String>,
+    /// Most events one trigger may have pending (published, not yet
+    /// processed) on the embedded queue: a trigger's default and ceiling.
+    pub max_pending: u64,
 }
 
 impl Default for EventsConfig {
@@ -103,6 +106,7 @@ impl Default for EventsConfig {
             retry_delay_ms: 200,
             target_latency_ms: 1000,
             nats_url: None,
+            max_pending: 10_000,
         }
     }
 }

@@ -165,6 +165,30 @@ pub enum BrokerError {
     /// consumes.
     #[error("no trigger of yours consumes subject {0:?}; create one first")]
     NoTrigger(String),
+    /// A trigger on a named bubble was given a security policy other than
+    /// the bubble's (fixed at its create or attach, and attested).
+    #[error("the trigger's policy differs from bubble {0}'s; give the bubble's policy or none")]
+    TriggerPolicyDiffers(String),
+    /// A trigger's pending events are at its limit: the event was not
+    /// stored.
+    #[error(
+        "{pending} events of this trigger are pending, its limit is {limit}: nothing stored; \
+         retry after {retry_after_ms} ms"
+    )]
+    Backlog {
+        /// Pending now.
+        pending: u64,
+        /// The trigger's limit.
+        limit: u64,
+        /// When to try again (the `retry-after-ms` metadata).
+        retry_after_ms: u64,
+    },
+    /// The trigger has no dead letter with this key.
+    #[error("no dead letter with key {0:?} on this trigger")]
+    NoDeadLetter(String),
+    /// An operation the trigger's source does not offer here.
+    #[error("{0} is only for triggers on the embedded source")]
+    EmbeddedOnly(&'static str),
     /// The trigger's source is not configured on this broker.
     #[error("event source {0:?} is not configured on this broker")]
     SourceNotConfigured(&'static str),
@@ -201,16 +225,18 @@ impl From<BrokerError> for Status {
             | BrokerError::ClaimLost(_) => Code::FailedPrecondition,
             BrokerError::DeadlineExceeded(_) | BrokerError::Queued(_) => Code::DeadlineExceeded,
             BrokerError::BubbleFailed(_) => Code::Aborted,
-            BrokerError::OutputTooLarge(..) | BrokerError::Quota(_) | BrokerError::Throttled(_) => {
-                Code::ResourceExhausted
-            }
+            BrokerError::OutputTooLarge(..)
+            | BrokerError::Quota(_)
+            | BrokerError::Throttled(_)
+            | BrokerError::Backlog { .. } => Code::ResourceExhausted,
             BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
-            BrokerError::NotQuarantined(_) => Code::NotFound,
+            BrokerError::NotQuarantined(_) | BrokerError::NoDeadLetter(_) => Code::NotFound,
+            BrokerError::EmbeddedOnly(_) => Code::FailedPrecondition,
             BrokerError::Registry(_) | BrokerError::AuditUnavailable(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
-            BrokerError::SourceNotConfigured(_) | BrokerError::NoTrigger(_) => {
-                Code::FailedPrecondition
-            }
+            BrokerError::SourceNotConfigured(_)
+            | BrokerError::NoTrigger(_)
+            | BrokerError::TriggerPolicyDiffers(_) => Code::FailedPrecondition,
             BrokerError::Events(e) => match e {
                 bubble_events::EventError::InvalidKey
                 | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,
@@ -231,7 +257,12 @@ impl From<BrokerError> for Status {
                 tonic::metadata::MetadataValue::from_static(bubble_proto::SESSION_REFUSED_VALUE),
             );
         }
-        if let BrokerError::Throttled(ms) = e {
+        let retry_after = match e {
+            BrokerError::Throttled(ms) => Some(ms),
+            BrokerError::Backlog { retry_after_ms, .. } => Some(retry_after_ms),
+            _ => None,
+        };
+        if let Some(ms) = retry_after {
             if let Ok(v) = ms.to_string().parse() {
                 s.metadata_mut().insert("retry-after-ms", v);
             }

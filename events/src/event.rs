@@ -157,6 +157,15 @@ pub enum EventError {
     /// retry or dead-letter is refused and changes nothing.
     #[error("stale delivery: the event was delivered again or settled")]
     Stale,
+    /// The subject already holds `limit` pending events: nothing was
+    /// stored; publish again once some are processed.
+    #[error("{pending} events of this subject are pending, the limit is {limit}; retry later")]
+    Backlog {
+        /// Events pending on the subject now.
+        pending: u64,
+        /// Its limit.
+        limit: u64,
+    },
     /// Stored bytes do not parse.
     #[error("corrupt record: {0}")]
     Corrupt(&'static str),

@@ -166,6 +166,14 @@ impl NatsSource {
         })
     }
 
+    /// Events of the stream not yet handed to any broker: the shared
+    /// consumer's `num_pending` (one JetStream API request).
+    pub async fn pending(&self) -> Result<u64, EventError> {
+        let mut c = self.consumer.clone();
+        let info = c.info().await.map_err(nats("consumer info"))?;
+        Ok(info.num_pending)
+    }
+
     /// The stored result of `key`, if one.
     pub async fn result(&self, key: &EventKey) -> Result<Option<Outcome>, EventError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;

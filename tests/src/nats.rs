@@ -20,6 +20,13 @@ impl Drop for NatsServer {
     }
 }
 
+impl NatsServer {
+    /// The server's JetStream store directory.
+    pub fn store_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+}
+
 /// Starts `nats-server -js`, or says why not (see the module's docs).
 pub fn start() -> Option<NatsServer> {
     let found = Command::new("nats-server")

@@ -3,6 +3,7 @@
 
 mod calls;
 mod density;
+mod events;
 mod freeze;
 mod helpers;
 mod load;
@@ -57,6 +58,8 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "call_echo_64b",
     "load_8_parents",
     "health_probe_cost",
+    "event_to_result",
+    "events_per_sec",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -133,6 +136,16 @@ pub(crate) async fn through_broker(
     if want("health_probe_cost") {
         let s = probes::health_probe_cost(&mut x).await?;
         results.insert("health_probe_cost", s);
+    }
+    if want("event_to_result") {
+        let s = events::event_to_result(&mut x, opts.calls.min(2000)).await?;
+        results.insert("event_to_result", s);
+    }
+    if want("events_per_sec") {
+        results.insert(
+            "events_per_sec",
+            events::events_per_sec(&mut x, 4000).await?,
+        );
     }
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);

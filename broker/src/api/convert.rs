@@ -161,7 +161,7 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// Validates a requested security policy (`None`: the default).
-fn policy_from_pb(
+pub(crate) fn policy_from_pb(
     p: Option<&pb::SecurityPolicy>,
     max_payload: usize,
 ) -> Result<PortionPolicy, BrokerError> {

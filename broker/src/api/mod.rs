@@ -46,6 +46,16 @@ impl BrokerService {
     fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
         self.broker.denied(parent, id, false, e).into()
     }
+
+    /// A trigger as the API shows it, with its pending count.
+    async fn trigger_pb(
+        &self,
+        t: &crate::store::registry::triggers::TriggerRecord,
+    ) -> Result<pb::Trigger, Status> {
+        let mut out = triggers::trigger_to_pb(t);
+        out.pending = self.broker.trigger_pending(t).await?;
+        Ok(out)
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
@@ -304,7 +314,7 @@ impl BrokerApi for BrokerService {
             .create_trigger(&parent, cmd)
             .await
             .map_err(|e| self.deny(&parent, &named, e))?;
-        Ok(Response::new(triggers::trigger_to_pb(&t)))
+        Ok(Response::new(self.trigger_pb(&t).await?))
     }
 
     async fn list_triggers(
@@ -312,10 +322,11 @@ impl BrokerApi for BrokerService {
         request: Request<pb::ListTriggersRequest>,
     ) -> Result<Response<pb::ListTriggersResponse>, Status> {
         let parent = self.parent(&request)?;
-        let triggers = self.broker.list_triggers(&parent);
-        Ok(Response::new(pb::ListTriggersResponse {
-            triggers: triggers.iter().map(triggers::trigger_to_pb).collect(),
-        }))
+        let mut out = Vec::new();
+        for t in self.broker.list_triggers(&parent) {
+            out.push(self.trigger_pb(&t).await?);
+        }
+        Ok(Response::new(pb::ListTriggersResponse { triggers: out }))
     }
 
     async fn delete_trigger(
@@ -362,6 +373,45 @@ impl BrokerApi for BrokerService {
             .await
             .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
         Ok(Response::new(triggers::result_to_pb(req.key, r)))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::TriggerRef>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let id = request.into_inner().trigger_id;
+        triggers::validate_trigger_id(&id)?;
+        let v = self
+            .broker
+            .dead_letters(&parent, &id)
+            .await
+            .map_err(|e| self.deny(&parent, &id, e))?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: v
+                .into_iter()
+                .map(|d| pb::DeadLetter {
+                    key: d.key,
+                    attempts: d.attempts,
+                    reason: d.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        request: Request<pb::ReplayDeadLetterRequest>,
+    ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        triggers::validate_trigger_id(&req.trigger_id)?;
+        let position = self
+            .broker
+            .replay_dead_letter(&parent, &req.trigger_id, &req.key)
+            .await
+            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
+        Ok(Response::new(pb::ReplayDeadLetterResponse { position }))
     }
 
     async fn admin_quarantine_list(

@@ -3,11 +3,12 @@
 use bubble_proto::v1 as pb;
 use sha2::{Digest, Sha384};
 
-use super::convert::{valid_name, validate_bubble_id, validate_op, NAME_RULE};
+use super::convert::{policy_from_pb, valid_name, validate_bubble_id, validate_op, NAME_RULE};
 use crate::config::BrokerConfig;
 use crate::core::triggers::{check_subject, EventResult, NewTrigger};
 use crate::error::{invalid, BrokerError};
 use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
+use crate::store::registry::PortionPolicy;
 
 /// Largest batch a trigger may fetch.
 pub const MAX_BATCH: u32 = 256;
@@ -94,7 +95,42 @@ pub fn create(
         return Err(invalid("portion", NAME_RULE));
     }
     validate_op(&req.function).map_err(|_| invalid("function", NAME_RULE))?;
+    let ceiling = cfg.events.max_pending.max(1);
+    let max_pending = match (source, req.max_pending) {
+        (TriggerSource::Nats, 0) => 0,
+        (TriggerSource::Nats, _) => {
+            return Err(invalid("max_pending", "only for the embedded source"))
+        }
+        (TriggerSource::Embedded, 0) => ceiling,
+        (TriggerSource::Embedded, n) if n <= ceiling => n,
+        (TriggerSource::Embedded, _) => {
+            return Err(invalid(
+                "max_pending",
+                format!("must be 0 (default {ceiling}) to {ceiling}"),
+            ))
+        }
+    };
+    let policy = match &req.policy {
+        Some(p) => Some(policy_from_pb(Some(p), cfg.max_payload)?),
+        None => None,
+    };
+    let seal_to = match req.seal_to.len() {
+        0 => None,
+        32 => Some(
+            <[u8; 32]>::try_from(req.seal_to.as_slice())
+                .map_err(|_| invalid("seal_to", "must be empty or a 32-byte X25519 public key"))?,
+        ),
+        _ => {
+            return Err(invalid(
+                "seal_to",
+                "must be empty or a 32-byte X25519 public key",
+            ))
+        }
+    };
     Ok(NewTrigger {
+        policy,
+        max_pending,
+        seal_to,
         source,
         subject: req.subject,
         target,
@@ -108,6 +144,11 @@ pub fn create(
 
 /// A trigger as the API shows it (never the module's bytes).
 pub fn trigger_to_pb(t: &TriggerRecord) -> pb::Trigger {
+    let policy_digest = match (&t.target, &t.policy) {
+        (_, Some(p)) => p.wire().digest().to_vec(),
+        (TriggerTarget::Pool { .. }, None) => PortionPolicy::default().wire().digest().to_vec(),
+        (TriggerTarget::Bubble(_), None) => Vec::new(),
+    };
     let (bubble_id, profile, module_sha384) = match &t.target {
         TriggerTarget::Bubble(id) => (id.clone(), String::new(), String::new()),
         TriggerTarget::Pool {
@@ -130,6 +171,11 @@ pub fn trigger_to_pb(t: &TriggerRecord) -> pb::Trigger {
         max_deliver: t.max_deliver,
         created_at_ms: t.created_at_ms,
         module_sha384,
+        policy_digest,
+        seal_to: t.seal_to.map(|k| k.to_vec()).unwrap_or_default(),
+        max_pending: t.max_pending,
+        // Filled in by the caller that reads the queue.
+        pending: 0,
     }
 }
 
@@ -143,6 +189,8 @@ pub fn result_to_pb(key: String, r: EventResult) -> pb::EventResult {
         EventResult::Pending => out.outcome = "pending".into(),
         EventResult::Ok(s) => {
             out.outcome = "ok".into();
+            out.sealed = s.sealed;
+            out.input_sha256 = s.input_sha256.to_vec();
             out.output = s.output;
             out.bubble_id = s.bubble_id;
             out.call_id = s.call_id;

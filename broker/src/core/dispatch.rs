@@ -184,9 +184,9 @@ impl Broker {
                     client_request_id: String::new(),
                     idle: None,
                     wait: ATTACH_WAIT,
-                    // Triggers carry no policy of their own yet: the
-                    // default one, as an attach without a policy gets.
-                    policy: Default::default(),
+                    // The trigger's policy (none: the default one, as an
+                    // attach without a policy gets).
+                    policy: t.policy.clone().unwrap_or_default(),
                 },
             )
             .await?;
@@ -224,7 +224,7 @@ impl Broker {
                         input: ev.payload.to_vec(),
                         deadline: None,
                         sign: true,
-                        seal_to: None,
+                        seal_to: t.seal_to,
                     },
                 )
                 .await
@@ -234,8 +234,19 @@ impl Broker {
         let outcome = match ran {
             Ok((bubble_id, o)) => {
                 let (call_id, signature) = o.signed.unwrap_or_default();
+                // What the bubble signed: the portion-call frame's digest
+                // (also the sealed box's AAD, so the owner can open it).
+                let frame = bubble_abi::ops::PortionCall {
+                    portion: &t.portion,
+                    function: &t.function,
+                    input: &ev.payload,
+                }
+                .encode()
+                .unwrap_or_default();
                 Outcome::Ok(
                     SignedOutput {
+                        sealed: t.seal_to.is_some(),
+                        input_sha256: bubble_keys::sha256(&frame),
                         bubble_id,
                         call_id,
                         signature,
@@ -244,8 +255,10 @@ impl Broker {
                     .encode(),
                 )
             }
-            Err(BrokerError::GuestRefused(why)) => {
-                Outcome::Refused(reason(&BrokerError::GuestRefused(why)))
+            // The portion refused, or the policy denied what it tried (a
+            // credential not granted): no retry would change that.
+            Err(e @ (BrokerError::GuestRefused(_) | BrokerError::GuestDenied(_))) => {
+                Outcome::Refused(reason(&e))
             }
             Err(e) => {
                 if bubble_lost(&e) {

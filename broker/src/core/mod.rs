@@ -19,6 +19,7 @@ mod attest;
 mod audit;
 mod calls;
 mod create;
+mod dead_letters;
 mod dispatch;
 mod freeze;
 mod ledger;

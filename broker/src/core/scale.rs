@@ -1,7 +1,10 @@
 //! Rate matching for a trigger: how many dispatcher workers (each with a
 //! bubble of its own from the trigger's pool) it runs. Every
-//! [`SCALE_TICK`] the scaler reads the subject's backlog from the queue
-//! and the observed service time per event (a moving average the workers
+//! [`SCALE_TICK`] the scaler reads the subject's backlog (the embedded
+//! queue's pending count, or the NATS consumer's `num_pending`: the
+//! events no broker has taken yet, so every broker sharing the consumer
+//! sizes itself from the same backlog) and the observed service time per
+//! event (a moving average the workers
 //! feed), and asks for `ceil(backlog × service time / target latency)`
 //! workers, between 1 and `max_concurrency`. Extra workers start at once;
 //! a worker leaves when there are more than asked for, or when its fetch
@@ -165,11 +168,10 @@ impl Broker {
         scale.workers.store(1, Ordering::SeqCst);
         scale.want.store(1, Ordering::SeqCst);
         Self::spawn_worker(&me, &t, &stop, &scale, true, &feed);
-        // One worker on a named bubble, and (for now) on NATS, whose
-        // backlog the scaler does not read.
-        let max = match (&t.target, &feed) {
-            (TriggerTarget::Pool { .. }, Feed::Embedded(..)) => t.max_concurrency as usize,
-            _ => 1,
+        // One worker on a named bubble (its calls are serialised anyway).
+        let max = match &t.target {
+            TriggerTarget::Pool { .. } => t.max_concurrency as usize,
+            TriggerTarget::Bubble(_) => 1,
         };
         if max <= 1 {
             return;
@@ -185,7 +187,10 @@ impl Broker {
             if *stop_rx.borrow() || b.closing() || !b.trigger_alive(&t.id) {
                 return;
             }
-            let backlog = b.queue.depth_of(&subject).await.unwrap_or(0);
+            let backlog = match &feed {
+                Feed::Embedded(..) => b.queue.depth_of(&subject).await.unwrap_or(0),
+                Feed::Nats(src) => src.pending().await.unwrap_or(0),
+            };
             let service = match scale.service_us.load(Ordering::Relaxed) {
                 0 => FIRST_GUESS_US,
                 us => us,

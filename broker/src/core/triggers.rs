@@ -23,6 +23,7 @@ use tracing::info;
 use super::{now_ms, Broker};
 use crate::error::{invalid, BrokerError};
 use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
+use crate::store::registry::PortionPolicy;
 
 /// Longest subject a parent may name (the namespace prefix takes 26).
 pub const MAX_SUBJECT_LEN: usize = 200;
@@ -48,6 +49,13 @@ pub struct NewTrigger {
     pub max_concurrency: u32,
     /// Deliveries before dead-lettering.
     pub max_deliver: u32,
+    /// Its security policy (`None`: the default for a pool, the bubble's
+    /// for a named bubble).
+    pub policy: Option<PortionPolicy>,
+    /// Most events pending at once (0 for NATS: not bounded here).
+    pub max_pending: u64,
+    /// Seal results to this X25519 public key inside the bubble.
+    pub seal_to: Option<[u8; 32]>,
 }
 
 /// One event's result as its owner reads it.
@@ -64,9 +72,14 @@ pub enum EventResult {
 }
 
 /// A portion's output with the bubble's signature over (bubble id, call
-/// id, SHA-256 of the event payload, output).
+/// id, SHA-256 of the portion-call frame, output).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedOutput {
+    /// Whether `output` is a sealed box to the trigger's `seal_to` key.
+    pub sealed: bool,
+    /// SHA-256 of the portion-call frame the bubble signed (all zero in
+    /// results stored before it was kept).
+    pub input_sha256: [u8; 32],
     /// The bubble that ran it.
     pub bubble_id: String,
     /// The bubble's call id.
@@ -77,13 +90,21 @@ pub struct SignedOutput {
     pub output: Vec<u8>,
 }
 
+/// First byte of the stored form with `sealed` and `input_sha256` (the
+/// older form starts with the id's length, which is never 255).
+const V2: u8 = 0xFF;
+
 impl SignedOutput {
-    /// Stored form: id length (1 byte), id, call id (LE u64), signature
-    /// length (LE u16), signature, output.
+    /// Stored form: 0xFF, sealed (1 byte), input SHA-256 (32), id length
+    /// (1 byte), id, call id (LE u64), signature length (LE u16),
+    /// signature, output.
     pub fn encode(&self) -> Vec<u8> {
         let id = self.bubble_id.as_bytes();
-        let mut v = Vec::with_capacity(11 + id.len() + self.signature.len() + self.output.len());
-        v.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+        let mut v = Vec::with_capacity(45 + id.len() + self.signature.len() + self.output.len());
+        v.push(V2);
+        v.push(u8::from(self.sealed));
+        v.extend(self.input_sha256);
+        v.push(u8::try_from(id.len()).unwrap_or(u8::MAX - 1));
         v.extend(id);
         v.extend(self.call_id.to_le_bytes());
         v.extend(
@@ -96,8 +117,17 @@ impl SignedOutput {
         v
     }
 
-    /// Parses [`SignedOutput::encode`], bounds-checked.
+    /// Parses [`SignedOutput::encode`] (or the older form without its
+    /// first 34 bytes), bounds-checked.
     pub fn decode(b: &[u8]) -> Option<Self> {
+        let (sealed, input_sha256, b) = match b.split_first()? {
+            (&V2, rest) => {
+                let (flags, rest) = rest.split_first()?;
+                let (h, rest) = rest.split_at_checked(32)?;
+                (*flags == 1, h.try_into().ok()?, rest)
+            }
+            _ => (false, [0u8; 32], b),
+        };
         let (&n, rest) = b.split_first()?;
         let (id, rest) = rest.split_at_checked(usize::from(n))?;
         let (call, rest) = rest.split_at_checked(8)?;
@@ -105,6 +135,8 @@ impl SignedOutput {
         let (sig, out) =
             rest.split_at_checked(usize::from(u16::from_le_bytes([len[0], len[1]])))?;
         Some(Self {
+            sealed,
+            input_sha256,
             bubble_id: String::from_utf8(id.to_vec()).ok()?,
             call_id: u64::from_le_bytes(call.try_into().ok()?),
             signature: sig.to_vec(),
@@ -114,7 +146,7 @@ impl SignedOutput {
 }
 
 /// The namespace of `owner`'s `subject`.
-fn namespace(owner: &str, subject: &str) -> String {
+pub(crate) fn namespace(owner: &str, subject: &str) -> String {
     let mut h = Sha256::new();
     h.update((owner.len() as u64).to_le_bytes());
     h.update(owner.as_bytes());
@@ -128,7 +160,7 @@ pub(crate) fn queue_subject(owner: &str, subject: &str) -> String {
 }
 
 /// The queue key of `owner`'s event `key` on `subject`.
-fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
+pub(crate) fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
     if key.len() > MAX_KEY_LEN {
         return Err(invalid("key", format!("at most {MAX_KEY_LEN} bytes")));
     }
@@ -201,7 +233,14 @@ impl Broker {
         }
         match &cmd.target {
             TriggerTarget::Bubble(id) => {
-                self.owned(parent, id)?;
+                let b = self.owned(parent, id)?;
+                // The bubble's policy is fixed (and attested): a trigger
+                // cannot run its events under another one.
+                if let Some(p) = &cmd.policy {
+                    if p.wire().digest() != b.policy.wire().digest() {
+                        return Err(BrokerError::TriggerPolicyDiffers(id.clone()));
+                    }
+                }
             }
             TriggerTarget::Pool { profile, .. } => {
                 if !self.cfg.pools.iter().any(|p| &p.name == profile) {
@@ -224,6 +263,9 @@ impl Broker {
             max_concurrency: cmd.max_concurrency,
             max_deliver: cmd.max_deliver,
             created_at_ms: now_ms(),
+            policy: cmd.policy,
+            max_pending: cmd.max_pending,
+            seal_to: cmd.seal_to,
         };
         // Checked and reserved under the lock, written before it runs.
         {
@@ -388,8 +430,8 @@ impl Broker {
             .lock()
             .values()
             .find(|r| r.rec.owner == parent && r.rec.subject == subject)
-            .map(|r| (r.rec.source, r.nats.clone()));
-        let Some((source, nats)) = consumer else {
+            .map(|r| (r.rec.source, r.nats.clone(), r.rec.max_pending));
+        let Some((source, nats, max_pending)) = consumer else {
             return Err(BrokerError::NoTrigger(subject.to_string()));
         };
         if source == TriggerSource::Nats {
@@ -401,10 +443,36 @@ impl Broker {
                 .publish(&nats_subject(parent, subject), &key, payload)
                 .await?);
         }
-        Ok(self
+        let limit = match max_pending {
+            0 => self.cfg.events.max_pending.max(1),
+            n => n,
+        };
+        match self
             .queue
-            .publish(&queue_subject(parent, subject), &qkey, payload)
-            .await?)
+            .publish_bounded(&queue_subject(parent, subject), &qkey, payload, Some(limit))
+            .await
+        {
+            Err(bubble_events::EventError::Backlog { pending, limit }) => {
+                Err(BrokerError::Backlog {
+                    pending,
+                    limit,
+                    retry_after_ms: self.cfg.events.target_latency_ms,
+                })
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Events of trigger `t` pending now (embedded: one counter lookup;
+    /// NATS: 0, not counted here).
+    pub async fn trigger_pending(&self, t: &TriggerRecord) -> Result<u64, BrokerError> {
+        match t.source {
+            TriggerSource::Embedded => Ok(self
+                .queue
+                .depth_of(&queue_subject(&t.owner, &t.subject))
+                .await?),
+            TriggerSource::Nats => Ok(0),
+        }
     }
 
     /// The result of event `key` of one of `parent`'s triggers.
@@ -468,6 +536,8 @@ mod tests {
         assert!(bubble_events::check_subject(&queue_subject("uid:1", &"s".repeat(200))).is_ok());
         assert!(check_subject("a.*").is_err());
         let s = SignedOutput {
+            sealed: true,
+            input_sha256: [5; 32],
             bubble_id: "b-1".into(),
             call_id: 7,
             signature: vec![9; 64],
@@ -478,5 +548,12 @@ mod tests {
         for n in 0..b.len() - 3 {
             assert!(SignedOutput::decode(&b[..n]).is_none(), "{n}");
         }
+        // The older form (no flags, no digest) still reads.
+        let old = b[34..].to_vec();
+        let o = SignedOutput::decode(&old).unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            (o.sealed, o.input_sha256, o.output),
+            (false, [0; 32], s.output)
+        );
     }
 }

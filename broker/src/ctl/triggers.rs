@@ -23,6 +23,18 @@ pub(super) enum TriggerCmd {
         /// Trigger id.
         trigger: String,
     },
+    /// List a trigger's dead-lettered events (embedded source).
+    DeadLetters {
+        /// Trigger id.
+        trigger: String,
+    },
+    /// Put a dead-lettered event back into the trigger's queue.
+    Replay {
+        /// Trigger id.
+        trigger: String,
+        /// The event's key.
+        key: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +66,19 @@ pub(super) struct CreateArgs {
     /// Deliveries before an event is dead-lettered (0: 5).
     #[arg(long, default_value_t = 0)]
     max_deliver: u32,
+    /// The security policy its events run under (TOML, as for `create`):
+    /// a pool trigger attaches with it; a named bubble's must be equal.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
+    /// Most events pending at once; a publish beyond it is refused
+    /// (0: the broker's default, also its ceiling; embedded source only).
+    #[arg(long, default_value_t = 0)]
+    max_pending: u64,
+    /// Seal every result to the X25519 key in this file (32 bytes or 64
+    /// hex digits, 0600): the broker stores and relays ciphertext only;
+    /// `results --key-file` opens it.
+    #[arg(long)]
+    seal_key_file: Option<PathBuf>,
     /// Print the trigger id alone.
     #[arg(short, long)]
     quiet: bool,
@@ -80,6 +105,28 @@ pub(super) struct ResultsArgs {
     /// How to print the output: text, hex, or raw bytes.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// Open a sealed result with the key in this file (the trigger's
+    /// `--seal-key-file`).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+/// The X25519 key pair in a private key file (32 bytes or 64 hex digits).
+fn seal_key(p: &std::path::Path) -> anyhow::Result<bubble_keys::KemKeyPair> {
+    let raw = crate::kek_input::read_private_file(p, "sealing key")?;
+    let bytes: zeroize::Zeroizing<Vec<u8>> = if raw.len() == 32 {
+        zeroize::Zeroizing::new(raw.to_vec())
+    } else {
+        zeroize::Zeroizing::new(
+            ::hex::decode(raw.trim_ascii())
+                .ok()
+                .filter(|b| b.len() == 32)
+                .context("a sealing key file holds 32 bytes or 64 hex digits")?,
+        )
+    };
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    secret.copy_from_slice(&bytes);
+    bubble_keys::KemKeyPair::from_secret_bytes(&secret).context("not an X25519 private key")
 }
 
 fn trigger_json(t: &pb::Trigger) -> serde_json::Value {
@@ -88,7 +135,8 @@ fn trigger_json(t: &pb::Trigger) -> serde_json::Value {
         "bubble_id": t.bubble_id, "profile": t.profile, "module_sha384": t.module_sha384,
         "portion": t.portion, "function": t.function, "batch_size": t.batch_size,
         "max_concurrency": t.max_concurrency, "max_deliver": t.max_deliver,
-        "created_at_ms": t.created_at_ms,
+        "created_at_ms": t.created_at_ms, "policy_digest": hex(&t.policy_digest),
+        "max_pending": t.max_pending, "pending": t.pending, "seal_to": hex(&t.seal_to),
     })
 }
 
@@ -99,7 +147,7 @@ fn print_trigger_line(t: &pb::Trigger) {
         t.bubble_id.clone()
     };
     println!(
-        "{}  {:<8} {:<24} {}  {}.{}  batch={} deliver={}",
+        "{}  {:<8} {:<24} {}  {}.{}  batch={} deliver={} pending={}/{}",
         t.trigger_id,
         t.source,
         t.subject,
@@ -107,7 +155,9 @@ fn print_trigger_line(t: &pb::Trigger) {
         t.portion,
         t.function,
         t.batch_size,
-        t.max_deliver
+        t.max_deliver,
+        t.pending,
+        t.max_pending
     );
 }
 
@@ -135,6 +185,15 @@ pub(super) async fn trigger(conn: &Conn, cmd: TriggerCmd, j: bool) -> anyhow::Re
                 batch_size: a.batch_size,
                 max_concurrency: a.max_concurrency,
                 max_deliver: a.max_deliver,
+                policy: match &a.policy_file {
+                    Some(p) => Some(super::policy::to_pb(p)?),
+                    None => None,
+                },
+                seal_to: match &a.seal_key_file {
+                    Some(p) => seal_key(p)?.public_key().to_vec(),
+                    None => Vec::new(),
+                },
+                max_pending: a.max_pending,
             };
             let t = c
                 .create_trigger(req)
@@ -174,6 +233,42 @@ pub(super) async fn trigger(conn: &Conn, cmd: TriggerCmd, j: bool) -> anyhow::Re
                 println!("{}", trigger_json(&t));
             } else {
                 println!("deleted {}", t.trigger_id);
+            }
+        }
+        TriggerCmd::DeadLetters { trigger } => {
+            let r = c
+                .list_dead_letters(pb::TriggerRef {
+                    trigger_id: trigger,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                let v: Vec<_> = r
+                    .dead_letters
+                    .iter()
+                    .map(|d| json!({"key": d.key, "attempts": d.attempts, "reason": d.reason}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for d in &r.dead_letters {
+                    println!("{}  attempts={}  {}", d.key, d.attempts, d.reason);
+                }
+            }
+        }
+        TriggerCmd::Replay { trigger, key } => {
+            let r = c
+                .replay_dead_letter(pb::ReplayDeadLetterRequest {
+                    trigger_id: trigger,
+                    key: key.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if j {
+                println!("{}", json!({"key": key, "position": r.position}));
+            } else {
+                println!("{key} replayed at {}", r.position);
             }
         }
     }
@@ -218,8 +313,9 @@ pub(super) async fn publish(conn: &Conn, a: PublishArgs, j: bool) -> anyhow::Res
 }
 
 pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Result<ExitCode> {
+    let key = a.key_file.as_deref().map(seal_key).transpose()?;
     let mut c = conn.connect().await?;
-    let r = c
+    let mut r = c
         .get_result(pb::GetResultRequest {
             trigger_id: a.trigger,
             key: a.key,
@@ -227,11 +323,27 @@ pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Res
         .await
         .map_err(status_err)?
         .into_inner();
+    // A sealed output opens here only, with the parent's key.
+    let mut opened = false;
+    if let (true, Some(kem)) = (r.sealed, &key) {
+        let input_sha256: [u8; 32] = r
+            .input_sha256
+            .as_slice()
+            .try_into()
+            .context("the broker sent no input digest for a sealed result")?;
+        let sealed = bubble_keys::SealedBox::decode(&r.output)
+            .context("the sealed result does not parse")?;
+        let plain = bubble_keys::open_result(kem, &r.bubble_id, r.call_id, &input_sha256, &sealed)
+            .context("the sealed result does not open with this key")?;
+        r.output = plain.expose().to_vec();
+        opened = true;
+    }
     if j {
         println!(
             "{}",
             json!({
                 "key": r.key, "outcome": r.outcome, "reason": r.reason,
+                "sealed": r.sealed, "opened": opened,
                 "bubble_id": r.bubble_id, "call_id": r.call_id,
                 "signature": hex(&r.signature), "output": hex(&r.output),
             })
@@ -241,10 +353,15 @@ pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Res
     match r.outcome.as_str() {
         "ok" => {
             eprintln!(
-                "ok (bubble {}, call {}, signature {})",
+                "ok (bubble {}, call {}, signature {}){}",
                 r.bubble_id,
                 r.call_id,
-                hex(&r.signature)
+                hex(&r.signature),
+                match (r.sealed, opened) {
+                    (true, true) => ", opened",
+                    (true, false) => ", sealed: give --key-file to open it",
+                    _ => "",
+                }
             );
             write_output(&r.output, a.output)?;
         }

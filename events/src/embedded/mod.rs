@@ -12,6 +12,12 @@
 //! Publishing a key seen within `dedup_window` stores nothing (a
 //! publisher's retry); results are stored once per key.
 //!
+//! Each subject's pending count (events waiting or in flight) is a row of
+//! its own, changed in the same transaction as the event it counts, so
+//! reading it is one lookup and a publish can be refused at a limit
+//! (`publish_bounded`) without a scan, exactly under concurrency (write
+//! transactions are serialised) and across a crash.
+//!
 //! Times are wall-clock milliseconds, so leases survive a restart: events
 //! a crashed broker held come back when their lease ends.
 
@@ -37,7 +43,11 @@ const ORDER: TableDefinition<u64, &str> = TableDefinition::new("seen_order_v1");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters_v1");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results_v1");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
+/// Pending events per subject (rows of zero are removed).
+const DEPTH: TableDefinition<&str, u64> = TableDefinition::new("subject_depth_v1");
 const NEXT_SEQ: &str = "next_seq";
+/// Set once DEPTH was counted from EVENTS (a queue made before DEPTH).
+const DEPTH_COUNTED: &str = "depth_counted";
 const NEXT_RESULT: &str = "next_result";
 
 /// How the queue hands events out.
@@ -137,7 +147,7 @@ impl EmbeddedQueue {
             txn.open_table(t).map_err(storage("create tables"))?;
         }
         txn.open_table(ORDER).map_err(storage("create tables"))?;
-        txn.open_table(META).map_err(storage("create tables"))?;
+        ops::count_depths(&txn)?;
         txn.commit().map_err(storage("commit"))?;
         Ok(EmbeddedQueue {
             inner: Arc::new(Inner {
@@ -166,6 +176,19 @@ impl EmbeddedQueue {
         key: &EventKey,
         payload: &[u8],
     ) -> Result<Published, EventError> {
+        self.publish_bounded(subject, key, payload, None).await
+    }
+
+    /// [`EmbeddedQueue::publish`], refused with [`EventError::Backlog`]
+    /// (nothing stored) when `limit` events of the subject are pending
+    /// already. A duplicate key answers `duplicate` even then.
+    pub async fn publish_bounded(
+        &self,
+        subject: &str,
+        key: &EventKey,
+        payload: &[u8],
+        limit: Option<u64>,
+    ) -> Result<Published, EventError> {
         check_event(subject, payload)?;
         let rec = Record {
             attempts: 0,
@@ -177,7 +200,7 @@ impl EmbeddedQueue {
         };
         let bytes = Zeroizing::new(rec.encode());
         let published = self
-            .blocking(move |q| q.publish(&rec.key, rec.published, &bytes))
+            .blocking(move |q| q.publish(&rec.key, &rec.subject, rec.published, &bytes, limit))
             .await?;
         if !published.duplicate {
             self.inner.arrived.notify_waiters();
@@ -195,26 +218,48 @@ impl EmbeddedQueue {
         .await
     }
 
-    /// Events of one subject waiting or in flight (a scan of the queue:
-    /// for a dispatcher sizing itself, not for a hot path).
+    /// Events of one subject waiting or in flight: one lookup of its
+    /// counter.
     pub async fn depth_of(&self, subject: &str) -> Result<u64, EventError> {
         let subject = subject.to_owned();
         self.blocking(move |q| {
             let txn = q.db.begin_read().map_err(storage("begin"))?;
-            let t = txn.open_table(EVENTS).map_err(storage("open"))?;
-            let mut n = 0;
-            for row in t.iter().map_err(storage("scan"))? {
-                let (_, v) = row.map_err(storage("scan"))?;
-                n += u64::from(Record::subject_of(v.value())? == subject.as_bytes());
-            }
-            Ok(n)
+            let t = txn.open_table(DEPTH).map_err(storage("open"))?;
+            Ok(t.get(subject.as_str())
+                .map_err(storage("read"))?
+                .map_or(0, |v| v.value()))
         })
         .await
     }
 
     /// The dead-lettered events, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, EventError> {
-        self.blocking(|q| {
+        self.dead_letters_on(None).await
+    }
+
+    /// The dead-lettered events of `subject`, oldest first.
+    pub async fn dead_letters_of(&self, subject: &str) -> Result<Vec<DeadLetter>, EventError> {
+        self.dead_letters_on(Some(subject.to_owned())).await
+    }
+
+    /// Puts the dead-lettered event `key` of `subject` back into the queue
+    /// as a fresh event (no attempts) and drops its `failed` result (a
+    /// result of another outcome stays), in one transaction; its new
+    /// position, or `None` when no such dead letter exists.
+    pub async fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
+        let (subject, key) = (subject.to_owned(), key.clone());
+        let out = self.blocking(move |q| q.replay(&subject, &key)).await?;
+        if out.is_some() {
+            self.inner.arrived.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn dead_letters_on(
+        &self,
+        subject: Option<String>,
+    ) -> Result<Vec<DeadLetter>, EventError> {
+        self.blocking(move |q| {
             let txn = q.db.begin_read().map_err(storage("begin"))?;
             let t = txn.open_table(DEAD).map_err(storage("open"))?;
             let mut out = Vec::new();
@@ -226,6 +271,9 @@ impl EmbeddedQueue {
                     .split_at_checked(usize::from(*len))
                     .ok_or(EventError::Corrupt("dead letter"))?;
                 let rec = Record::decode(rec)?;
+                if subject.as_ref().is_some_and(|s| *s != rec.subject) {
+                    continue;
+                }
                 out.push(DeadLetter {
                     key: rec.key,
                     subject: rec.subject,

@@ -6,9 +6,10 @@ use zeroize::Zeroizing;
 
 use super::record::{decode_seen, encode_seen, Record};
 use super::{
-    ms, now_ms, storage, Inner, DEAD, EVENTS, META, NEXT_RESULT, NEXT_SEQ, ORDER, RESULTS, SEEN,
+    ms, now_ms, storage, Inner, DEAD, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ,
+    ORDER, RESULTS, SEEN,
 };
-use crate::event::{EventError, EventKey, Published, SourceEvent};
+use crate::event::{EventError, EventKey, Outcome, Published, SourceEvent};
 
 /// How a delivery is settled.
 #[derive(Debug)]
@@ -31,6 +32,44 @@ fn next(meta: &mut redb::Table<'_, &str, u64>, name: &str) -> Result<u64, EventE
     Ok(n)
 }
 
+/// Adds one (`up`) or takes one from `subject`'s pending count.
+fn count(
+    depth: &mut redb::Table<'_, &str, u64>,
+    subject: &str,
+    up: bool,
+) -> Result<(), EventError> {
+    let n = depth
+        .get(subject)
+        .map_err(storage("read count"))?
+        .map_or(0, |v| v.value());
+    let n = if up { n + 1 } else { n.saturating_sub(1) };
+    if n == 0 {
+        depth.remove(subject).map_err(storage("write count"))?;
+    } else {
+        depth.insert(subject, n).map_err(storage("write count"))?;
+    }
+    Ok(())
+}
+
+/// Creates the META and DEPTH tables and, once (a queue made before
+/// DEPTH existed), counts DEPTH from the events table, in `txn`.
+pub(super) fn count_depths(txn: &redb::WriteTransaction) -> Result<(), EventError> {
+    let mut meta = txn.open_table(META).map_err(storage("create tables"))?;
+    let mut depth = txn.open_table(DEPTH).map_err(storage("create tables"))?;
+    if meta.get(DEPTH_COUNTED).map_err(storage("read"))?.is_some() {
+        return Ok(());
+    }
+    let events = txn.open_table(EVENTS).map_err(storage("open"))?;
+    for row in events.iter().map_err(storage("scan"))? {
+        let (_, v) = row.map_err(storage("scan"))?;
+        let subject = Record::subject_of(v.value())?;
+        let subject = std::str::from_utf8(subject).map_err(|_| EventError::Corrupt("subject"))?;
+        count(&mut depth, subject, true)?;
+    }
+    meta.insert(DEPTH_COUNTED, 1).map_err(storage("write"))?;
+    Ok(())
+}
+
 fn dead_row(reason: &[u8], rec: &[u8]) -> Vec<u8> {
     let len = reason.len().min(255);
     let mut v = Vec::with_capacity(1 + len + rec.len());
@@ -44,8 +83,10 @@ impl Inner {
     pub(super) fn publish(
         &self,
         key: &EventKey,
+        subject: &str,
         published: u64,
         rec: &[u8],
+        limit: Option<u64>,
     ) -> Result<Published, EventError> {
         let window = ms(self.cfg.dedup_window);
         let txn = self.db.begin_write().map_err(storage("begin"))?;
@@ -83,6 +124,16 @@ impl Inner {
                     duplicate: true,
                 }
             } else {
+                let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
+                let pending = depth
+                    .get(subject)
+                    .map_err(storage("read count"))?
+                    .map_or(0, |v| v.value());
+                if let Some(limit) = limit.filter(|l| pending >= *l) {
+                    // Dropping the transaction aborts it: nothing stored.
+                    return Err(EventError::Backlog { pending, limit });
+                }
+                count(&mut depth, subject, true)?;
                 let mut meta = txn.open_table(META).map_err(storage("open"))?;
                 let position = next(&mut meta, NEXT_SEQ)?;
                 let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
@@ -121,7 +172,7 @@ impl Inner {
             let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
             let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
             let mut updates: Vec<(u64, Zeroizing<Vec<u8>>)> = Vec::new();
-            let mut gone: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut gone: Vec<(u64, Vec<u8>, String)> = Vec::new();
             for row in events.iter().map_err(storage("scan"))? {
                 if out.len() + gone.len() >= max {
                     break;
@@ -136,7 +187,11 @@ impl Inner {
                     continue;
                 }
                 if rec.attempts >= self.cfg.max_deliver {
-                    gone.push((pos.value(), dead_row(b"max deliveries reached", v.value())));
+                    gone.push((
+                        pos.value(),
+                        dead_row(b"max deliveries reached", v.value()),
+                        rec.subject.clone(),
+                    ));
                     continue;
                 }
                 rec.attempts += 1;
@@ -156,7 +211,9 @@ impl Inner {
                     .map_err(storage("lease"))?;
                 changed = true;
             }
-            for (pos, row) in gone {
+            let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
+            for (pos, row, subject) in gone {
+                count(&mut depth, &subject, false)?;
                 events.remove(pos).map_err(storage("dead-letter"))?;
                 dead.insert(pos, row.as_slice())
                     .map_err(storage("dead-letter"))?;
@@ -193,6 +250,8 @@ impl Inner {
             match how {
                 Settle::Ack => {
                     events.remove(position).map_err(storage("ack"))?;
+                    let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
+                    count(&mut depth, &rec.subject, false)?;
                 }
                 Settle::Retry(delay) => {
                     rec.not_before = now_ms().saturating_add(delay);
@@ -203,6 +262,8 @@ impl Inner {
                 }
                 Settle::Dead(reason) => {
                     events.remove(position).map_err(storage("dead-letter"))?;
+                    let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
+                    count(&mut depth, &rec.subject, false)?;
                     let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
                     dead.insert(position, dead_row(&reason, &bytes).as_slice())
                         .map_err(storage("dead-letter"))?;
@@ -244,6 +305,61 @@ impl Inner {
                     }
                 }
             }
+        };
+        txn.commit().map_err(storage("commit"))?;
+        Ok(out)
+    }
+
+    /// See [`super::EmbeddedQueue::replay`].
+    pub(super) fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let out = {
+            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
+            let mut found = None;
+            for row in dead.iter().map_err(storage("scan"))? {
+                let (pos, v) = row.map_err(storage("scan"))?;
+                let v = v.value();
+                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
+                let (_, rec) = rest
+                    .split_at_checked(usize::from(*len))
+                    .ok_or(EventError::Corrupt("dead letter"))?;
+                let rec = Record::decode(rec)?;
+                if rec.subject == subject && rec.key == *key {
+                    found = Some((pos.value(), rec));
+                    break;
+                }
+            }
+            let Some((pos, mut rec)) = found else {
+                // Dropping the transaction aborts it.
+                return Ok(None);
+            };
+            dead.remove(pos).map_err(storage("replay"))?;
+            rec.attempts = 0;
+            rec.not_before = 0;
+            let mut meta = txn.open_table(META).map_err(storage("open"))?;
+            let position = next(&mut meta, NEXT_SEQ)?;
+            let bytes = Zeroizing::new(rec.encode());
+            txn.open_table(EVENTS)
+                .map_err(storage("open"))?
+                .insert(position, bytes.as_slice())
+                .map_err(storage("replay"))?;
+            count(
+                &mut txn.open_table(DEPTH).map_err(storage("open"))?,
+                subject,
+                true,
+            )?;
+            let mut results = txn.open_table(RESULTS).map_err(storage("open"))?;
+            let failed = match results.get(key.as_str()).map_err(storage("read"))? {
+                Some(v) => matches!(
+                    v.value().get(8..).map(Outcome::decode),
+                    Some(Ok(Outcome::Failed(_)))
+                ),
+                None => false,
+            };
+            if failed {
+                results.remove(key.as_str()).map_err(storage("replay"))?;
+            }
+            Some(position)
         };
         txn.commit().map_err(storage("commit"))?;
         Ok(out)

@@ -5,7 +5,7 @@
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Registry, RegistryError};
+use super::{PortionPolicy, Registry, RegistryError};
 
 /// Trigger records keyed by trigger id.
 const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers_v1");
@@ -72,6 +72,18 @@ pub struct TriggerRecord {
     pub max_deliver: u32,
     /// Creation time, Unix ms.
     pub created_at_ms: u64,
+    /// The security policy its events run under: a pool trigger's
+    /// bubbles are attached with it (`None`: the default policy); on a
+    /// named bubble it equals the bubble's (`None`: not given).
+    #[serde(default)]
+    pub policy: Option<PortionPolicy>,
+    /// Most events pending at once on the embedded queue (0: a trigger
+    /// stored before limits; the broker's `[events] max_pending` then).
+    #[serde(default)]
+    pub max_pending: u64,
+    /// Results are sealed to this X25519 public key inside the bubble.
+    #[serde(default)]
+    pub seal_to: Option<[u8; 32]>,
 }
 
 fn corrupt(id: &str, e: serde_json::Error) -> RegistryError {
@@ -142,6 +154,12 @@ mod tests {
             max_concurrency: 1,
             max_deliver: 3,
             created_at_ms: 9,
+            policy: Some(PortionPolicy {
+                grants: vec![("p".into(), vec!["k".into()])],
+                ..PortionPolicy::default()
+            }),
+            max_pending: 17,
+            seal_to: Some([7; 32]),
         };
         {
             let r = Registry::open(&path).unwrap_or_else(|_| unreachable!());
