@@ -83,6 +83,9 @@ pub struct VmmClient {
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pub(crate) pid: u32,
+    /// The VMM process, held by a pidfd (guest memory writes go only
+    /// there).
+    pub(crate) proc: crate::ProcHandle,
     /// How the process ended, once its connection closed.
     exit: Arc<std::sync::OnceLock<VmmExit>>,
     /// A SUSPEND is in flight: only then may the VMM send a snapshot.
@@ -159,6 +162,7 @@ impl VmmClient {
         pid: u32,
         exit_watch: Option<ExitWatch>,
     ) -> Result<Self, VmmError> {
+        let proc = crate::ProcHandle::of_peer(&stream, pid);
         // Registered for read readiness only: the VMM consuming a request
         // must not wake the broker's thread (see bubble-uds).
         let (mut rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
@@ -298,6 +302,7 @@ impl VmmClient {
             events,
             readiness: ready_rx,
             pid,
+            proc,
             exit,
             suspending,
             jail_warning: None,
