@@ -6,6 +6,7 @@ mod density;
 mod freeze;
 mod helpers;
 mod load;
+mod refusal;
 mod tokenize;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "restore_64m",
     "suspend_512m",
     "restore_512m",
+    "restore_refusal",
     "create_to_ready",
     "call_echo_64b",
     "load_8_parents",
@@ -68,6 +70,7 @@ pub(crate) async fn through_broker(
     let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
     cfg.quota.max_bubbles_per_parent = 2000;
     cfg.quota.max_memory_mib_per_parent = 1 << 20;
+    cfg.restore_over_socket = opts.restore_over_socket;
     cfg.pools = vec![bubbled::config::PoolProfile {
         name: "warm".into(),
         memory_mib: 16,
@@ -118,7 +121,10 @@ pub(crate) async fn through_broker(
         let s = calls::attach_warm_policy(&mut x).await?;
         results.insert("attach_warm_policy", s);
     }
-    freeze::suspend_restore(&mut x, want, results).await?;
+    freeze::suspend_restore(&mut x, want, opts, results).await?;
+    if want("restore_refusal") {
+        results.insert("restore_refusal", refusal::restore_refusal(&mut x).await?);
+    }
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);
     }
