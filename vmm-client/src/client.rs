@@ -517,7 +517,7 @@ impl VmmClient {
     /// without an answer; with one, the VMM must exit within `grace`
     /// (checked in the background) or is killed.
     pub async fn shutdown(&self, grace: Duration) {
-        let pidfd = crate::linger::open(self.pid);
+        let pidfd = self.proc.pidfd();
         match self.request(&Request::Shutdown, grace).await {
             Ok(Reply::ShutdownOk) => {
                 if let Some(fd) = pidfd {
@@ -533,14 +533,9 @@ impl VmmClient {
         self.jail_warning.as_deref()
     }
 
-    /// Kills the VMM process (if it still runs).
+    /// Kills the VMM process (if it still runs), through the pidfd held
+    /// since connecting: never another process that took its pid.
     pub fn kill(&self) {
-        if self.pid > 0 {
-            // SAFETY: signalling a pid has no memory-safety effects. The pid
-            // is the VMM's; after a clean shutdown it may be gone (ESRCH).
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGKILL);
-            }
-        }
+        self.proc.kill();
     }
 }

@@ -85,6 +85,32 @@ impl ProcHandle {
         n != 0
     }
 
+    /// A new descriptor for the pidfd held (for a watcher that outlives
+    /// this handle).
+    pub(crate) fn pidfd(&self) -> Option<OwnedFd> {
+        self.pidfd.as_ref()?.try_clone().ok()
+    }
+
+    /// Sends SIGKILL to the process held, through its pidfd: never to
+    /// another process that took its number. Without a pidfd (none could
+    /// be opened: it had already gone) nothing is sent.
+    pub(crate) fn kill(&self) {
+        let Some(fd) = &self.pidfd else {
+            return;
+        };
+        // SAFETY: sends SIGKILL through a pidfd we own; no memory is
+        // passed (null siginfo).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            );
+        }
+    }
+
     /// Opens the process's memory for writing, bound to this process (see
     /// the module documentation).
     pub(crate) fn open_mem(&self) -> Result<File, WriteError> {
@@ -121,6 +147,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_kill_through_the_handle_ends_the_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let h = ProcHandle::of_child(&child);
+        h.kill();
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
     fn a_dead_process_is_never_written() {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
@@ -135,6 +174,8 @@ mod tests {
         // anyone): no new file opens, and the one opened writes nothing.
         assert!(h.exited());
         assert!(matches!(h.open_mem(), Err(WriteError::Gone)));
+        // A kill now reaches nobody (not a process that took the pid).
+        h.kill();
         let page = [7u8; 4096];
         // SAFETY: writes from a live local buffer through our own file.
         let n =

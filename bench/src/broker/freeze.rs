@@ -7,8 +7,8 @@ use serde_json::json;
 
 use super::helpers::{dir_size, TOUCH_WAT};
 use super::{Ctx, Results};
-use crate::Opts;
 use crate::stats::{round, stat};
+use crate::Opts;
 
 /// `suspend_*` and `restore_*`, as wanted.
 pub(crate) async fn suspend_restore(

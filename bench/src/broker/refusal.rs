@@ -29,17 +29,15 @@ const OTHER_KEK: [u8; 32] = [0xa5; 32];
 /// A bubble of the bench's broker, suspended under `KEK`; its id and
 /// generation.
 async fn suspended(x: &mut Ctx) -> anyhow::Result<(String, u64)> {
-    let b = x
-        .c
-        .create_bubble(pb::CreateBubbleRequest {
+    let b =
+        x.c.create_bubble(pb::CreateBubbleRequest {
             memory_mib: 16,
             ..x.create.clone()
         })
         .await?
         .into_inner();
-    let s = x
-        .c
-        .suspend_bubble(pb::SuspendBubbleRequest {
+    let s =
+        x.c.suspend_bubble(pb::SuspendBubbleRequest {
             bubble_id: b.bubble_id.clone(),
             kek: KEK.to_vec(),
         })
