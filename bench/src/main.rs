@@ -13,7 +13,10 @@
 //! baseline in the same run). Prints p50/p99 and the ratios to the floors;
 //! `--json` writes an object keyed by metric with `p50_us`, `p99_us` and
 //! `n`. `jail_setup`: the VMM jail's own cost on a fresh start, as the
-//! VMM logs it.
+//! VMM logs it. `restore_64m` (`--restores` samples) writes guest memory
+//! directly, or over the VMM's socket with `--restore-over-socket`;
+//! `restore_refusal`: refused imports of an unknown id, a copy under
+//! another key and a damaged copy, interleaved, p50/p99 of each.
 //!
 //! The broker runs in this process on a runtime of its own (one worker per
 //! core, as `bubbled` has) and the client on a current-thread runtime,
@@ -56,6 +59,13 @@ struct Opts {
     /// (its relocated read-only data is private to each process).
     #[arg(long)]
     vmm_program: Option<PathBuf>,
+    /// Samples for suspend_64m and restore_64m.
+    #[arg(long, default_value_t = 100)]
+    restores: usize,
+    /// Restores send the snapshot over the VMM's socket (the fallback
+    /// where direct guest-memory writes are refused).
+    #[arg(long)]
+    restore_over_socket: bool,
 }
 
 /// The metrics measured without a broker.

@@ -82,10 +82,23 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 extra(s, "frozen_mb"),
                 extra(s, "mb_per_s"),
                 if *k == "restore_64m" {
-                    " (target p50 ≤ 10 ms)"
+                    if s.extra.get("over_socket") == Some(&Value::Bool(true)) {
+                        " (over the socket; target p50 ≤ 10 ms)"
+                    } else {
+                        " (target p50 ≤ 10 ms)"
+                    }
                 } else {
                     ""
                 }
+            ),
+            ("restore_refusal", _, _) => format!(
+                "p50/p99 µs: unknown {}/{}, foreign key {}/{}, damaged {}/{}",
+                extra(s, "unknown_p50_us"),
+                extra(s, "unknown_p99_us"),
+                extra(s, "foreign_key_p50_us"),
+                extra(s, "foreign_key_p99_us"),
+                extra(s, "damaged_p50_us"),
+                extra(s, "damaged_p99_us")
             ),
             ("tokenize_4_parents", _, _) => format!("{} calls/s", extra(s, "per_sec")),
             ("event_to_result", _, r) => format!(

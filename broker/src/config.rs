@@ -65,6 +65,10 @@ pub struct BrokerConfig {
     /// How long a claim on a frozen copy lasts without renewal; a broker
     /// that holds one renews it every third of this while it works.
     pub claim_lease: Duration,
+    /// Restores send the snapshot over the VMM's socket, never writing
+    /// guest memory directly (as on a host that refuses it): for tests
+    /// and measurements of that path.
+    pub restore_over_socket: bool,
     /// Parent ids (`uid:0`, `cert:ops`) that may list every parent's
     /// bubbles.
     pub admins: Vec<String>,
@@ -330,6 +334,9 @@ pub struct FileConfig {
     /// Milliseconds a claim on a frozen copy lasts without renewal
     /// (default 30000, at least 300).
     pub claim_lease_ms: Option<u64>,
+    /// Restore over the VMM's socket only (see `Config`).
+    #[serde(default)]
+    pub restore_over_socket: bool,
     /// Parent ids with the operator's view across parents.
     #[serde(default)]
     pub admins: Vec<String>,
@@ -408,6 +415,7 @@ impl BrokerConfig {
             jail: JailConfig::default(),
             record_retention: DEFAULT_RECORD_RETENTION,
             claim_lease: crate::store::frozen::DEFAULT_LEASE,
+            restore_over_socket: false,
             admins: Vec::new(),
             events: EventsConfig::default(),
             security: SecurityConfig::default(),

@@ -189,6 +189,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if let Some(ms) = file.claim_lease_ms {
         cfg.claim_lease = std::time::Duration::from_millis(ms.max(300));
     }
+    cfg.restore_over_socket = file.restore_over_socket;
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);
     }

@@ -207,6 +207,15 @@ impl Vmm {
         }
     }
 
+    /// Starts sending a snapshot of `len` bytes over the socket to a VMM
+    /// spawned in restore mode (see [`vc::RestoreUpload`]).
+    pub async fn restore_upload(&self, len: u64) -> Result<vc::RestoreUpload<'_>, BrokerError> {
+        self.client
+            .restore_upload(len)
+            .await
+            .map_err(|e| BrokerError::Spawn(format!("restore: {e}")))
+    }
+
     /// Reconnects to a running VMM after a broker restart; returns whether
     /// its guest is READY.
     /// Its socket's peer must run as a uid `spawner` may have given it.

@@ -2,7 +2,9 @@
 //! memory suspends and restores with every page intact. Its snapshot is
 //! larger than the largest control frame (1 GiB), so it can only travel
 //! in pieces (VMM → broker) and in `RESTORE_DATA` frames or direct writes
-//! (broker → VMM).
+//! (broker → VMM). Both ways back (direct writes, and the socket fallback
+//! forced by `restore_over_socket`) keep the broker's peak RSS far below
+//! the snapshot's size.
 
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -104,10 +106,31 @@ async fn all_intact(c: &mut Client, id: &str) {
     }
 }
 
+/// One 1.5 GiB bubble at a time in this binary.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bubble_with_more_than_a_gib_of_memory_suspends_and_restores_intact() {
+    large_bubble(false).await;
+}
+
+/// The same over the socket fallback (`restore_over_socket`, as on a host
+/// that refuses direct writes): still bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bubble_with_more_than_a_gib_restores_over_the_socket_in_bounded_memory() {
+    large_bubble(true).await;
+}
+
+async fn large_bubble(over_socket: bool) {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), false);
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: over_socket.then(|| "restore_over_socket = true\n".to_string()),
+            ..Default::default()
+        },
+    );
     let mut c = broker.client().await;
     let b = c
         .create_bubble(pb::CreateBubbleRequest {
@@ -181,8 +204,15 @@ async fn a_bubble_with_more_than_a_gib_of_memory_suspends_and_restores_intact() 
     // the suspend and the restore stays far below the 1 GiB it is (it
     // holds a few 1 MiB chunks at a time each way).
     let hwm_kib = peak_rss_kib(broker.pid());
+    // Each path is the one asked for: neither fell back (a refused direct
+    // write would have been logged).
+    let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap();
+    assert!(
+        !log.contains("refused; streaming"),
+        "a restore fell back to the socket"
+    );
     eprintln!(
-        "large bubble: {stored} bytes stored; suspend {} ms, restore {} ms; broker peak RSS {} MiB",
+        "large bubble (over socket: {over_socket}): {stored} bytes stored; suspend {} ms, restore {} ms; broker peak RSS {} MiB",
         suspend.as_millis(),
         restore.as_millis(),
         hwm_kib / 1024

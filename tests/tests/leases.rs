@@ -10,6 +10,18 @@
 //!   which restores the bubble; SIGCONTed, it cannot commit: its restore
 //!   fails with FAILED_PRECONDITION, its VMM ends, and the winner's bubble
 //!   keeps running.
+//! - A broker SIGSTOPped mid-suspend (copy stored, suspend not recorded),
+//!   long past its lease: the other broker is refused the copy the whole
+//!   time (a suspend claim never expires for others); SIGCONTed, the
+//!   suspender records SUSPENDED and stops its VMM, and only then does
+//!   the copy restore elsewhere, once.
+//! - A broker SIGKILLed there: the other broker is refused past the
+//!   lease, the restarted suspender re-adopts the still running VMM (the
+//!   bubble runs on, once), and its next suspend moves.
+//! - A suspender whose claim is rewritten under it (another broker that
+//!   broke the rules) does not record SUSPENDED: its bubble is FAILED with
+//!   its VMM stopped, and the stored copy restores elsewhere once the
+//!   rewritten claim's lease ends (fails cleanly, not lost).
 //!
 //! The steps are reached through the fault points of the
 //! `fault-injection` feature (`BUBBLED_TEST_PAUSE`).
@@ -226,4 +238,163 @@ async fn a_stopped_claimant_cannot_commit_after_a_takeover_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_claimant_cannot_commit_after_a_takeover_local() {
     stopped_claimant(Store::local()).await;
+}
+
+/// The VMM pid of `id` on `c` (READY).
+async fn vmm_of(c: &mut Client, id: &str) -> i32 {
+    let b = describe(c, id).await;
+    assert_eq!(b.state, READY);
+    b.vmm_pid as i32
+}
+
+/// Every restore of `id` on `c` for `span` is refused with the claim's
+/// FAILED_PRECONDITION (the copy is not this broker's to take).
+async fn refused_throughout(c: &mut Client, id: &str, generation: u64, span: Duration) {
+    let until = Instant::now() + span;
+    let mut tries = 0;
+    while Instant::now() < until {
+        match c.restore_bubble(restore_req(id, &KEK, generation)).await {
+            Ok(_) => panic!("restored a copy whose suspend was never recorded (try {tries})"),
+            Err(st) => assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}"),
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(tries > 3, "only {tries} tries");
+}
+
+/// A bubble on `c` holding state; its keys.
+async fn running_bubble(c: &mut Client) -> (String, Vec<u8>) {
+    let b = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let keys = c.call(call_req(&b.bubble_id, "keys", b"")).await.unwrap();
+    (b.bubble_id, keys.into_inner().output)
+}
+
+async fn stopped_suspender(store: Store) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = BrokerProc::start_with(da.path(), store.opts(Some("suspend.stored=1500")));
+    let b = BrokerProc::start_with(db.path(), store.opts(None));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (id, keys) = running_bubble(&mut ca).await;
+    let a_vmm = vmm_of(&mut ca, &id).await;
+    let mut ca2 = ca.clone();
+    let sid = id.clone();
+    let suspend = tokio::spawn(async move { ca2.suspend_bubble(suspend_req(&sid, &KEK)).await });
+    // A stored generation 1 and is about to record it: stop it there.
+    log_line(da.path(), &["fault point reached", "suspend.stored"]).await;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGSTOP) };
+    // Its lease runs out twice over: B is refused the copy all along.
+    refused_throughout(&mut cb, &id, 1, Duration::from_millis(2 * LEASE_MS)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGCONT) };
+    let s = tokio::time::timeout(Duration::from_secs(30), suspend)
+        .await
+        .expect("A answers")
+        .unwrap()
+        .expect("A's claim still fences its own suspend in");
+    assert_eq!(s.into_inner().generation, 1);
+    wait_pid_gone(a_vmm, Duration::from_secs(10)).await;
+    // Now the copy is the bubble: B restores it, once.
+    let r = cb.restore_bubble(restore_req(&id, &KEK, 1)).await.unwrap();
+    assert_eq!(r.into_inner().state, READY);
+    runs_once(&mut cb, &id, &keys).await;
+    let again = ca.restore_bubble(restore_req(&id, &KEK, 0)).await;
+    assert!(again.is_err(), "A restored the copy B runs: {again:?}");
+}
+
+async fn killed_suspender(store: Store) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = BrokerProc::start_with(da.path(), store.opts(Some("suspend.stored=60000")));
+    let b = BrokerProc::start_with(db.path(), store.opts(None));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (id, keys) = running_bubble(&mut ca).await;
+    let a_vmm = vmm_of(&mut ca, &id).await;
+    let mut ca2 = ca.clone();
+    let sid = id.clone();
+    let suspend = tokio::spawn(async move { ca2.suspend_bubble(suspend_req(&sid, &KEK)).await });
+    log_line(da.path(), &["fault point reached", "suspend.stored"]).await;
+    a.kill();
+    assert!(suspend.await.unwrap().is_err(), "A died mid-suspend");
+    // The stored copy is not the bubble (A's VMM still holds it): refused
+    // to B long past A's lease.
+    refused_throughout(&mut cb, &id, 1, Duration::from_millis(2 * LEASE_MS)).await;
+    // A restarted runs the bubble on in the same VMM; B is still refused.
+    let a = BrokerProc::start_with(da.path(), store.opts(None));
+    let mut ca = a.client().await;
+    assert_eq!(runs_once(&mut ca, &id, &keys).await as i32, a_vmm);
+    refused_throughout(&mut cb, &id, 1, Duration::from_millis(500)).await;
+    // Its next suspend (generation 1 again) replaces the leftover copy and
+    // moves: B restores it once, A's VMM ends.
+    let s = ca.suspend_bubble(suspend_req(&id, &KEK)).await.unwrap();
+    assert_eq!(s.into_inner().generation, 1);
+    wait_pid_gone(a_vmm, Duration::from_secs(10)).await;
+    let r = cb.restore_bubble(restore_req(&id, &KEK, 1)).await.unwrap();
+    assert_eq!(r.into_inner().state, READY);
+    runs_once(&mut cb, &id, &keys).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_suspender_keeps_its_copy_past_the_lease_s3() {
+    if let Some(s) = Store::s3() {
+        stopped_suspender(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_suspender_keeps_its_copy_past_the_lease_local() {
+    stopped_suspender(Store::local()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspender_killed_before_recording_runs_the_bubble_on_s3() {
+    if let Some(s) = Store::s3() {
+        killed_suspender(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspend_whose_claim_is_rewritten_fails_cleanly_local() {
+    let store = Store::local();
+    let Store::Local(root) = &store else {
+        unreachable!()
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = BrokerProc::start_with(da.path(), store.opts(Some("suspend.stored=2000")));
+    let b = BrokerProc::start_with(db.path(), store.opts(None));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (id, keys) = running_bubble(&mut ca).await;
+    let a_vmm = vmm_of(&mut ca, &id).await;
+    let mut ca2 = ca.clone();
+    let sid = id.clone();
+    let suspend = tokio::spawn(async move { ca2.suspend_bubble(suspend_req(&sid, &KEK)).await });
+    log_line(da.path(), &["fault point reached", "suspend.stored"]).await;
+    // Another broker takes the claim over by writing it outright (as a
+    // restore claim with a lease), while A waits to record the suspend.
+    let claim = root.path().join(format!("frozen/{id}/g1/claim"));
+    assert!(claim.exists(), "no claim at {}", claim.display());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let forged = format!(
+        r#"{{"broker":"intruder","at_ms":{now_ms},"token":99,"seq":99,"expires_ms":{},"state":"held","purpose":"restore"}}"#,
+        now_ms + LEASE_MS
+    );
+    std::fs::write(&claim, forged).unwrap();
+    // A must not record SUSPENDED over it, nor run on beside it.
+    let st = tokio::time::timeout(Duration::from_secs(30), suspend)
+        .await
+        .expect("A answers")
+        .unwrap()
+        .expect_err("a suspend whose claim was taken over cannot commit");
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("claim"), "{st:?}");
+    wait_pid_gone(a_vmm, Duration::from_secs(10)).await;
+    let failed = describe(&mut ca, &id).await;
+    assert_eq!(failed.state, pb::BubbleState::Failed as i32, "{failed:?}");
+    // Not lost: once the intruder's lease ends, B restores the stored copy
+    // (the bubble as it was), once.
+    restore_when_free(&mut cb, &id, 1, Duration::from_secs(30)).await;
+    runs_once(&mut cb, &id, &keys).await;
 }

@@ -83,6 +83,9 @@ pub struct VmmClient {
     events: broadcast::Sender<VmmEvent>,
     readiness: watch::Receiver<Readiness>,
     pub(crate) pid: u32,
+    /// The VMM process, held by a pidfd (guest memory writes go only
+    /// there).
+    pub(crate) proc: crate::ProcHandle,
     /// How the process ended, once its connection closed.
     exit: Arc<std::sync::OnceLock<VmmExit>>,
     /// A SUSPEND is in flight: only then may the VMM send a snapshot.
@@ -159,6 +162,7 @@ impl VmmClient {
         pid: u32,
         exit_watch: Option<ExitWatch>,
     ) -> Result<Self, VmmError> {
+        let proc = crate::ProcHandle::of_peer(&stream, pid);
         // Registered for read readiness only: the VMM consuming a request
         // must not wake the broker's thread (see bubble-uds).
         let (mut rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
@@ -298,6 +302,7 @@ impl VmmClient {
             events,
             readiness: ready_rx,
             pid,
+            proc,
             exit,
             suspending,
             jail_warning: None,
@@ -512,7 +517,7 @@ impl VmmClient {
     /// without an answer; with one, the VMM must exit within `grace`
     /// (checked in the background) or is killed.
     pub async fn shutdown(&self, grace: Duration) {
-        let pidfd = crate::linger::open(self.pid);
+        let pidfd = self.proc.pidfd();
         match self.request(&Request::Shutdown, grace).await {
             Ok(Reply::ShutdownOk) => {
                 if let Some(fd) = pidfd {
@@ -528,14 +533,9 @@ impl VmmClient {
         self.jail_warning.as_deref()
     }
 
-    /// Kills the VMM process (if it still runs).
+    /// Kills the VMM process (if it still runs), through the pidfd held
+    /// since connecting: never another process that took its pid.
     pub fn kill(&self) {
-        if self.pid > 0 {
-            // SAFETY: signalling a pid has no memory-safety effects. The pid
-            // is the VMM's; after a clean shutdown it may be gone (ESRCH).
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGKILL);
-            }
-        }
+        self.proc.kill();
     }
 }

@@ -8,7 +8,9 @@
 //!   with spares started ahead of need, all from one long-lived thread;
 //! - [`SnapshotStream`] (`stream`): a suspend's snapshot piece by piece,
 //!   and a restore's in `RESTORE_DATA` frames;
-//! - `direct`: writing a snapshot's pages straight into a restoring VMM;
+//! - `direct`, `procmem`: writing a snapshot's pages straight into a
+//!   restoring VMM, through its memory file, bound to the process by a
+//!   pidfd (never by raw pid);
 //! - [`VmmExit`], [`VmmError`], [`CallError`]: how a VMM ended and what
 //!   failed, typed.
 
@@ -22,9 +24,11 @@ mod inflight;
 mod launcher;
 mod linger;
 mod paged;
+mod procmem;
 mod spawn;
 mod stream;
 mod uids;
+mod upload;
 mod vmm_error;
 
 pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
@@ -33,7 +37,9 @@ pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
 pub use direct::WriteError;
 pub use exit::VmmExit;
 pub use paged::PageWriter;
+pub use procmem::ProcHandle;
 pub use spawn::{spawn, JailSpec, SpawnConfig, Spawner};
 pub use stream::SnapshotStream;
 pub use uids::{UidLease, UidPool};
+pub use upload::RestoreUpload;
 pub use vmm_error::{CallError, VmmError};

@@ -1,5 +1,5 @@
 //! Writing a snapshot into a restoring VMM's guest memory as it arrives,
-//! piece by piece (`process_vm_writev`), so the writer never holds more
+//! piece by piece (through its memory file, see [`crate::procmem`]), so the writer never holds more
 //! than one page of it (a page cut between two pieces) besides the vCPU
 //! state. The snapshot's structure is checked by a
 //! [`bubble_vmm::snapshot::Scanner`] before any byte of a piece is
@@ -10,7 +10,8 @@ use bubble_vmm::layout::PAGE;
 use bubble_vmm::snapshot::Scanner;
 use zeroize::Zeroizing;
 
-use crate::direct::{write_at, WriteError};
+use crate::direct::{write_at, Target, WriteError};
+use crate::procmem::ProcHandle;
 
 /// Where the writer is in the snapshot.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -24,9 +25,9 @@ enum Phase {
     Done,
 }
 
-/// A snapshot being written into VMM `pid`'s guest memory at `span`.
+/// A snapshot being written into a VMM's guest memory at `span`.
 pub struct PageWriter {
-    pid: u32,
+    target: Target,
     span: GuestSpan,
     scan: Scanner,
     phase: Phase,
@@ -40,10 +41,10 @@ pub struct PageWriter {
 
 impl PageWriter {
     /// A writer for a VMM whose guest memory `mem_size` bytes long lies
-    /// at `span` in process `pid` (from PREFAULT).
-    pub fn new(pid: u32, span: GuestSpan, mem_size: u64) -> Self {
+    /// at `span` in process `proc` (from PREFAULT).
+    pub fn new(proc: ProcHandle, span: GuestSpan, mem_size: u64) -> Self {
         Self {
-            pid,
+            target: Target::new(proc),
             span,
             scan: Scanner::expecting(mem_size),
             phase: Phase::StateLen,
@@ -119,7 +120,8 @@ impl PageWriter {
                 Phase::Page(gpa) => {
                     // A page cut between pieces, now complete: written now
                     // (the field is reused by the next record).
-                    self.written += write_at(self.pid, self.span, &[(gpa, &self.field[..])])?;
+                    self.written +=
+                        write_at(&mut self.target, self.span, &[(gpa, &self.field[..])])?;
                     self.next_record();
                 }
                 Phase::Done => {
@@ -128,7 +130,7 @@ impl PageWriter {
             }
             self.field.clear();
         }
-        self.written += write_at(self.pid, self.span, &batch)?;
+        self.written += write_at(&mut self.target, self.span, &batch)?;
         Ok(())
     }
 
@@ -209,7 +211,7 @@ mod tests {
             host: mem.as_ptr() as u64,
             len: MEM,
         };
-        let mut w = PageWriter::new(std::process::id(), span, MEM);
+        let mut w = PageWriter::new(ProcHandle::this_process(), span, MEM);
         let fed = body.chunks(cut).try_for_each(|p| w.feed(p));
         let r = fed.and_then(|()| w.finish().map(|s| s.to_vec()));
         (mem, r)
@@ -232,6 +234,27 @@ mod tests {
                 assert!(page.iter().all(|x| *x == want), "cut {cut} page {g:#x}");
             }
         }
+    }
+
+    #[test]
+    fn a_writer_whose_vmm_died_fails_typed_and_writes_nowhere() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let proc = ProcHandle::of_child(&child);
+        // An address span in the child that this test knows nothing
+        // about: whatever happens, the writer only ever reaches the child.
+        let span = GuestSpan {
+            host: 0x7000_0000_0000,
+            len: MEM,
+        };
+        let mut w = PageWriter::new(proc, span, MEM);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Its pid is free for any new process now; the writer refuses.
+        let b = body(&[0, PAGE]);
+        assert!(matches!(w.feed(&b), Err(WriteError::Gone)));
     }
 
     #[test]

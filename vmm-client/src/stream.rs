@@ -12,7 +12,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use bubble_vmm::control::{head, GuestSpan, Kind, Reply, Request, SNAPSHOT_PIECE};
 
-use crate::direct::{write_pages, WriteError};
+use crate::direct::{write_pages, Target, WriteError};
 
 use crate::client::{unexpected, Answer, Pending, VmmClient, Waiter};
 use crate::vmm_error::VmmError;
@@ -203,7 +203,7 @@ impl VmmClient {
     /// [`VmmClient::prefault`]) as its pieces arrive; then
     /// [`VmmClient::restore_state`] with what it returns.
     pub fn page_writer(&self, span: GuestSpan, mem_size: u64) -> crate::PageWriter {
-        crate::PageWriter::new(self.pid, span, mem_size)
+        crate::PageWriter::new(self.proc.clone(), span, mem_size)
     }
 
     /// Sends the vCPU state of a snapshot whose pages a
@@ -224,8 +224,8 @@ impl VmmClient {
     /// Returns the time the VMM spent rebuilding the VM.
     ///
     /// With `direct` (from [`VmmClient::prefault`]) the pages are written
-    /// straight into the VMM's guest memory with `process_vm_writev` (one
-    /// copy, no socket) and only the vCPU state is sent; where the kernel
+    /// straight into the VMM's guest memory through its memory file (bound
+    /// to the process, see [`crate::ProcHandle`]; no socket) and only the vCPU state is sent; where the kernel
     /// refuses that (e.g. ptrace restrictions), the snapshot is streamed
     /// in `RESTORE_DATA` frames of at most `SNAPSHOT_PIECE` bytes.
     pub async fn restore(
@@ -236,10 +236,10 @@ impl VmmClient {
     ) -> Result<Duration, VmmError> {
         if let Some(span) = direct {
             let written = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(|| write_pages(self.pid, span, snapshot))
-                }
-                _ => write_pages(self.pid, span, snapshot),
+                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| {
+                    write_pages(&mut Target::new(self.proc.clone()), span, snapshot)
+                }),
+                _ => write_pages(&mut Target::new(self.proc.clone()), span, snapshot),
             };
             match written {
                 Ok(state) => {
@@ -248,6 +248,7 @@ impl VmmClient {
                     return restore_answer(self.request(&req, timeout).await?);
                 }
                 Err(WriteError::Snapshot(e)) => return Err(VmmError::Snapshot(e)),
+                Err(WriteError::Gone) => return Err(VmmError::Closed),
                 // Not allowed here: stream it instead.
                 Err(WriteError::Refused(e)) => {
                     tracing::info!(error = %e, "writing guest pages directly refused; streaming the snapshot");

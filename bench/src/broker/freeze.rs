@@ -8,11 +8,13 @@ use serde_json::json;
 use super::helpers::{dir_size, TOUCH_WAT};
 use super::{Ctx, Results};
 use crate::stats::{round, stat};
+use crate::Opts;
 
 /// `suspend_*` and `restore_*`, as wanted.
 pub(crate) async fn suspend_restore(
     x: &mut Ctx,
     want: &dyn Fn(&str) -> bool,
+    opts: &Opts,
     results: &mut Results,
 ) -> anyhow::Result<()> {
     for (mem, touch, sname, rname) in [
@@ -59,7 +61,7 @@ pub(crate) async fn suspend_restore(
         .await?;
         let (mut sv, mut rv) = (Vec::new(), Vec::new());
         let mut bytes = 0u64;
-        let samples = if mem == 64 { 30 } else { 10 };
+        let samples = if mem == 64 { opts.restores } else { 10 };
         for _ in 0..samples {
             let t = Instant::now();
             c2.suspend_bubble(pb::SuspendBubbleRequest {
@@ -92,6 +94,8 @@ pub(crate) async fn suspend_restore(
             s.extra
                 .insert("mb_per_s".into(), json!(round(mb / s.p50.as_secs_f64())));
             s.extra.insert("touched_mib".into(), json!(touch));
+            s.extra
+                .insert("over_socket".into(), json!(opts.restore_over_socket));
             results.insert(name, s);
         }
         c2.delete_bubble(pb::BubbleRef { bubble_id: id }).await?;

@@ -8,6 +8,7 @@ mod freeze;
 mod helpers;
 mod load;
 mod probes;
+mod refusal;
 mod tokenize;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "restore_64m",
     "suspend_512m",
     "restore_512m",
+    "restore_refusal",
     "create_to_ready",
     "call_echo_64b",
     "load_8_parents",
@@ -77,6 +79,7 @@ pub(crate) async fn through_broker(
     }
     cfg.quota.max_bubbles_per_parent = 2000;
     cfg.quota.max_memory_mib_per_parent = 1 << 20;
+    cfg.restore_over_socket = opts.restore_over_socket;
     cfg.pools = vec![bubbled::config::PoolProfile {
         name: "warm".into(),
         memory_mib: 16,
@@ -129,7 +132,10 @@ pub(crate) async fn through_broker(
         let s = calls::attach_warm_policy(&mut x).await?;
         results.insert("attach_warm_policy", s);
     }
-    freeze::suspend_restore(&mut x, want, results).await?;
+    freeze::suspend_restore(&mut x, want, opts, results).await?;
+    if want("restore_refusal") {
+        results.insert("restore_refusal", refusal::restore_refusal(&mut x).await?);
+    }
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);
     }

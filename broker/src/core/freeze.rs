@@ -101,10 +101,12 @@ impl Broker {
         };
         #[cfg(feature = "fault-injection")]
         crate::fault::pause("suspend.stored").await;
-        // The fence: the claim must still be this broker's (renewed now),
-        // or another broker took the stored copy over while this one was
-        // paused past its lease and may run it: this bubble must not run
-        // on here beside it, nor be recorded SUSPENDED.
+        // The fence: the claim must still be this broker's (renewed now).
+        // A suspend claim never expires for other brokers (however long
+        // this one was paused), so only a claim object changed under it
+        // (removed, rewritten by a broker that should not have) fails
+        // here; then someone else may run the stored copy: this bubble
+        // must not run on here beside it, nor be recorded SUSPENDED.
         let claim = match keeper.finish().await {
             Some(mut c) => match self.frozen.renew(&mut c).await {
                 Ok(()) => Ok(c),
@@ -154,7 +156,7 @@ impl Broker {
                 match self.frozen.delete(&id, generation, chunks).await {
                     Ok(()) => self.frozen.release(claim).await,
                     Err(d) => {
-                        warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy; its claim stays held until the lease ends")
+                        warn!(bubble = %id, error = %d, "could not remove an unrecorded frozen copy; its claim stays held (a suspend claim never expires for other brokers)")
                     }
                 }
                 return Err(e);
@@ -166,7 +168,8 @@ impl Broker {
             l.vmm.shutdown().await;
         }
         // Committed: the copy may be restored anywhere now. (A crash before
-        // this leaves the claim this broker's; its own restore takes it.)
+        // this leaves the claim this broker's: its own restore takes it,
+        // and its restart gives it back, see `reconcile`.)
         self.frozen.release(claim).await;
         info!(bubble = %id, parent = %r.owner, generation, "bubble suspended");
         Ok(r)

@@ -80,7 +80,32 @@ impl Broker {
         }
         self.stop_strays().await;
         self.date_ended_records();
+        self.release_suspend_claims();
         Ok(())
+    }
+
+    /// Gives back the suspend claims this broker still holds on copies its
+    /// registry records as SUSPENDED (it died between recording a suspend
+    /// and giving the claim back), so that other brokers can restore them.
+    /// In the background: a slow store does not hold up the start.
+    fn release_suspend_claims(self: &Arc<Self>) {
+        let suspended: Vec<(String, u64)> = self.table.with(|t| {
+            t.records()
+                .filter(|r| r.state == State::Suspended)
+                .filter_map(|r| Some((r.id.clone(), r.frozen.as_ref()?.generation)))
+                .collect()
+        });
+        if suspended.is_empty() {
+            return;
+        }
+        let (frozen, me) = (self.frozen.clone(), self.broker_id.clone());
+        tokio::spawn(async move {
+            for (id, generation) in suspended {
+                if let Err(e) = frozen.release_suspended(&id, generation, &me).await {
+                    warn!(bubble = %id, generation, error = %e, "could not give back a suspend claim");
+                }
+            }
+        });
     }
 
     /// Stops every VMM under `bubbles/` whose bubble is not running here

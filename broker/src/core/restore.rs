@@ -132,6 +132,7 @@ impl Broker {
         // Only the registry's current generation may run: an older copy
         // (rollback) or an already restored one is refused.
         let (header, cipher) = self.frozen.open(&id, frozen.generation, kek).await?;
+        let t_open = t0.elapsed();
         if header.owner != rec.owner || header.generation != rec.generation {
             return Err(BrokerError::DataLoss(
                 "frozen copy does not match the registry (owner or generation)".into(),
@@ -151,9 +152,13 @@ impl Broker {
             }
             Err(ClaimError::Store(e)) => return Err(e),
         };
+        let t_claim = t0.elapsed();
         #[cfg(feature = "fault-injection")]
         crate::fault::pause("restore.claimed").await;
         let keeper = ClaimKeeper::start(self.frozen.clone(), claim);
+        // Whether a spare VMM was ready for this restore (else it pays a
+        // fresh, jailed start).
+        let spares_ready = self.spawner.spares().0;
         let loaded = self.thaw(&rec, &frozen, &header, cipher, &image, t0).await;
         let claim = keeper.finish().await;
         let ((vmm, timings), mut claim) = match (loaded, claim) {
@@ -172,6 +177,7 @@ impl Broker {
         };
         #[cfg(feature = "fault-injection")]
         crate::fault::pause_pid("restore.loaded", vmm.pid()).await;
+        let t_loaded = t0.elapsed();
         // The fence: a claimant whose lease ran out and was taken over
         // (paused, then back) finds its claim changed and commits nothing.
         match self.frozen.commit(&mut claim).await {
@@ -188,6 +194,7 @@ impl Broker {
                 });
             }
         }
+        let t_commit = t0.elapsed();
         let (r, live) = match self.resume(&id, vmm).await {
             Ok(x) => x,
             Err(e) => {
@@ -197,6 +204,7 @@ impl Broker {
                 return Err(e);
             }
         };
+        let t_ready = t0.elapsed();
         drop(permit);
         if let Err(e) = self
             .frozen
@@ -211,11 +219,21 @@ impl Broker {
             vm: t_vm,
             vmm_restore,
         } = timings;
+        let us = |d: Duration| d.as_micros() as u64;
+        // Where the time went, each since the restore began: manifest
+        // opened, claim taken, copy loaded into the VMM (spawn, chunks,
+        // vCPU state), claim committed, registry READY.
         info!(
             bubble = %id,
             parent = %r.owner,
             generation = frozen.generation,
             instance = live.instance,
+            open_us = us(t_open),
+            claim_us = us(t_claim),
+            loaded_us = us(t_loaded),
+            commit_us = us(t_commit),
+            ready_us = us(t_ready),
+            spares_ready,
             fetch_us = t_fetch.as_micros() as u64,
             vmm_ready_us = t_spawn.as_micros() as u64,
             vm_us = (t_vm - t_spawn).as_micros() as u64,

@@ -32,9 +32,10 @@ pub const QUEUED: usize = 2;
 enum Stop {
     /// Failed: the VMM must go.
     Failed(BrokerError),
-    /// The kernel refused writing into the VMM at the first chunk (which
-    /// is handed back): the whole snapshot is sent over the socket.
-    Refused(PlainChunk),
+    /// Guest memory cannot be written directly (no span, the config says
+    /// so, or the kernel refused at the first chunk, which is handed
+    /// back): the snapshot is sent over the socket instead.
+    Refused(Option<PlainChunk>),
 }
 
 type Chunks = mpsc::Receiver<Result<PlainChunk, BrokerError>>;
@@ -82,33 +83,27 @@ impl Broker {
         let t_spawn = t0.elapsed();
         let mem = u64::from(rec.memory_mib) << 20;
         let streamed = match span {
-            Some(span) => write_streamed(&vmm, span, mem, header, &mut rx).await,
-            None => Err(Stop::Failed(BrokerError::Spawn(String::new()))),
+            Some(span) if !self.cfg.restore_over_socket => {
+                write_streamed(&vmm, span, mem, header, &mut rx).await
+            }
+            _ => Err(Stop::Refused(None)),
         };
-        let (vmm_restore, t_fetch) = match (streamed, span) {
-            (Ok(x), _) => x,
-            (Err(Stop::Failed(e)), Some(_)) => {
+        let loaded = match streamed {
+            Ok(x) => Ok(x),
+            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::Refused(first)) => {
+                if first.is_some() {
+                    info!(bubble = %id, "writing guest memory refused; streaming the snapshot");
+                }
+                send_streamed(&vmm, header, first, &mut rx, t0).await
+            }
+        };
+        let (vmm_restore, t_fetch) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
                 vmm.shutdown().await;
                 return Err(e);
             }
-            (Err(Stop::Refused(first)), _) => {
-                info!(bubble = %id, "writing guest memory refused; streaming the snapshot");
-                match send_whole(&vmm, header, Some(first), &mut rx, t0).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        vmm.shutdown().await;
-                        return Err(e);
-                    }
-                }
-            }
-            (Err(Stop::Failed(_)), None) => match send_whole(&vmm, header, None, &mut rx, t0).await
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    vmm.shutdown().await;
-                    return Err(e);
-                }
-            },
         };
         let timings = Timings {
             fetch: t_fetch,
@@ -145,8 +140,8 @@ async fn write_streamed(
         }
         match blocking(|| w.feed(c.expose())) {
             Ok(()) => {}
-            Err(WriteError::Refused(_)) if first => return Err(Stop::Refused(c)),
-            Err(e @ WriteError::Refused(_)) => {
+            Err(WriteError::Refused(_)) if first => return Err(Stop::Refused(Some(c))),
+            Err(e @ (WriteError::Refused(_) | WriteError::Gone)) => {
                 return Err(Stop::Failed(BrokerError::Spawn(format!("restore: {e}"))))
             }
             Err(e @ WriteError::Snapshot(_)) => {
@@ -166,30 +161,61 @@ async fn write_streamed(
     Ok((took, fetched))
 }
 
-/// Collects the whole snapshot (`first` and the rest) and sends it over
-/// the VMM's socket: where guest memory cannot be written directly.
-async fn send_whole(
+/// Sends the snapshot (`first`, then the rest) over the VMM's socket,
+/// each chunk as soon as it has verified: where guest memory cannot be
+/// written directly. It holds no more of the snapshot than the direct
+/// path (the chunks queued and being fetched, plus the one being sent in
+/// `RESTORE_DATA` frames of at most 1 MiB); the VMM runs nothing until it
+/// has every byte the sealed header announced.
+async fn send_streamed(
     vmm: &Vmm,
     header: &Header,
     first: Option<PlainChunk>,
     rx: &mut Chunks,
     t0: Instant,
 ) -> Result<(Duration, Duration), BrokerError> {
-    let mut parts: Vec<PlainChunk> = first.into_iter().collect();
-    while let Some(c) = rx.recv().await {
-        parts.push(c?);
+    let first = match first {
+        Some(c) => c,
+        None => rx.recv().await.ok_or_else(length_differs)??,
+    };
+    // The snapshot's head is checked before the VMM gets a byte.
+    bubble_vmm::snapshot::parse_head(first.expose(), header.total_len as usize)
+        .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
+    let mut up = vmm.restore_upload(header.total_len).await?;
+    let mut next = Some(first);
+    let mut total = 0u64;
+    while let Some(c) = next.take() {
+        total = total.saturating_add(c.len() as u64);
+        if total > header.total_len {
+            return Err(length_differs());
+        }
+        up.push(c.expose()).await.map_err(restore_error)?;
+        drop(c);
+        next = match rx.recv().await {
+            Some(c) => Some(c?),
+            None => None,
+        };
     }
-    let t_fetch = t0.elapsed();
-    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-    if len != header.total_len {
+    if total != header.total_len {
         return Err(length_differs());
     }
-    let head = parts.first().map(|p| p.expose()).unwrap_or_default();
-    bubble_vmm::snapshot::parse_head(head, header.total_len as usize)
-        .map_err(|e| BrokerError::DataLoss(format!("snapshot does not decode: {e}")))?;
-    let slices: Vec<&[u8]> = parts.iter().map(|p| p.expose()).collect();
-    let took = vmm.restore(&slices, None).await?;
+    let t_fetch = t0.elapsed();
+    let took = up
+        .finish(Duration::from_secs(60))
+        .await
+        .map_err(restore_error)?;
     Ok((took, t_fetch))
+}
+
+/// A restore the VMM did not take, typed for the broker.
+fn restore_error(e: bubble_vmm_client::VmmError) -> BrokerError {
+    match e {
+        // Authenticated, yet it does not lay out: damaged, not transient.
+        bubble_vmm_client::VmmError::Snapshot(e) => {
+            BrokerError::DataLoss(format!("snapshot does not decode: {e}"))
+        }
+        e => BrokerError::Spawn(format!("restore: {e}")),
+    }
 }
 
 /// Runs `f` (a system call writing up to a chunk into another process)

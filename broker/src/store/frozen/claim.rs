@@ -7,7 +7,8 @@
 //! written by compare-and-swap ([`super::cas`]): created if absent, or
 //! replaced if it is still the version its writer read. A live claimant
 //! renews its lease (same token); a claim past its lease, or given back,
-//! is taken over with the next token. Committing a restore is itself a
+//! is taken over with the next token — except a suspend's claim, which
+//! no other broker takes, ever (see `Purpose::Suspend`). Committing a restore is itself a
 //! conditional write of the claim (to `committed`), so a claimant whose
 //! claim was taken over (it was paused past its lease) cannot commit: its
 //! write finds another version and fails with [`ClaimError::Lost`].
@@ -35,6 +36,23 @@ enum ClaimState {
     Released,
 }
 
+/// What a held claim is for.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+enum Purpose {
+    /// Restoring a committed copy: past its lease, anyone may take it over
+    /// (the copy is the bubble's only state; a dead claimant's restore
+    /// never ran it).
+    #[default]
+    Restore,
+    /// Storing a new copy of a bubble that still runs on the claimant:
+    /// nobody else may ever take it, lease or not. Until the claimant
+    /// records the suspend and gives the claim back, the copy is not the
+    /// bubble's state: its VMM still holds it, and a broker that restarts
+    /// after dying mid-suspend re-adopts that VMM and runs the bubble on.
+    Suspend,
+}
+
 /// What a claim object says.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct ClaimBody {
@@ -52,6 +70,8 @@ struct ClaimBody {
     expires_ms: u64,
     #[serde(default)]
     state: ClaimState,
+    #[serde(default)]
+    purpose: Purpose,
 }
 
 impl ClaimBody {
@@ -65,7 +85,10 @@ impl ClaimBody {
         match self.state {
             ClaimState::Committed => false,
             ClaimState::Released => true,
-            ClaimState::Held => self.broker == broker || self.expires_ms <= now,
+            ClaimState::Held => {
+                self.broker == broker
+                    || (self.purpose == Purpose::Restore && self.expires_ms <= now)
+            }
         }
     }
 }
@@ -142,6 +165,7 @@ impl FrozenStore {
             seq: 0,
             expires_ms: 0,
             state: ClaimState::Held,
+            purpose: Purpose::Restore,
         });
         Ok(Some((body, v)))
     }
@@ -149,7 +173,12 @@ impl FrozenStore {
     /// Takes the claim of `path` for `broker` if nobody holds it: creates
     /// it, or takes over one given back, past its lease or this broker's
     /// own (from before a restart), with the next token.
-    async fn take(&self, path: &ObjPath, broker: &str) -> Result<Claim, ClaimError> {
+    async fn take(
+        &self,
+        path: &ObjPath,
+        broker: &str,
+        purpose: Purpose,
+    ) -> Result<Claim, ClaimError> {
         for _ in 0..4 {
             let current = self.read_claim(path).await?;
             let now = crate::clock::now_ms();
@@ -165,6 +194,7 @@ impl FrozenStore {
                 seq: current.as_ref().map_or(0, |(b, _)| b.seq.saturating_add(1)),
                 expires_ms: self.expiry(),
                 state: ClaimState::Held,
+                purpose,
             };
             match self.cas_write(path, expect, body.bytes()).await {
                 Ok(version) => {
@@ -192,7 +222,9 @@ impl FrozenStore {
         generation: u64,
         broker: &str,
     ) -> Result<Claim, ClaimError> {
-        let claim = self.take(&claim_path(id, generation), broker).await?;
+        let claim = self
+            .take(&claim_path(id, generation), broker, Purpose::Restore)
+            .await?;
         // A consumed copy loses its manifest before its claim: a claim won
         // after another broker consumed the copy finds no manifest.
         let manifest = ObjPath::from(format!("{}/manifest", prefix(id, generation)));
@@ -272,11 +304,39 @@ impl FrozenStore {
             }
         }
         self.purge_generation(id, generation).await?;
-        match self.take(&path, broker).await {
+        match self.take(&path, broker, Purpose::Suspend).await {
             Ok(c) => Ok(c),
             Err(ClaimError::Lost) => Err(ClaimError::Taken),
             Err(e) => Err(e),
         }
+    }
+
+    /// Gives back this broker's suspend claim on a generation its registry
+    /// records as SUSPENDED (a broker that died after recording the
+    /// suspend, before giving the claim back): the copy is the bubble's
+    /// state now, restorable anywhere. Any other claim is left as it is.
+    pub async fn release_suspended(
+        &self,
+        id: &str,
+        generation: u64,
+        broker: &str,
+    ) -> Result<(), ClaimError> {
+        let path = claim_path(id, generation);
+        let Some((body, version)) = self.read_claim(&path).await? else {
+            return Ok(());
+        };
+        if body.broker != broker
+            || body.state != ClaimState::Held
+            || body.purpose != Purpose::Suspend
+        {
+            return Ok(());
+        }
+        let mut claim = Claim {
+            path,
+            body,
+            version,
+        };
+        self.rewrite(&mut claim, ClaimState::Released).await
     }
 
     /// Whether another broker holds a live (or committed) claim on a

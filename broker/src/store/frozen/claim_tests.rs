@@ -115,3 +115,63 @@ async fn a_broker_takes_its_own_claim_back_after_a_restart() {
         Err(ClaimError::Taken)
     ));
 }
+
+#[tokio::test]
+async fn a_suspend_claim_never_expires_for_another_broker() {
+    let (_d, a, b) = store(100).await;
+    // A stores generation 1 of a bubble that still runs on A.
+    let mut held = a.reserve("b1", 1, "A").await.unwrap();
+    a.store
+        .put(
+            &ObjPath::from("frozen/b1/g1/manifest"),
+            PutPayload::from("m"),
+        )
+        .await
+        .unwrap();
+    // Long past the lease (A paused), B can neither restore nor reserve it,
+    // and B's restart-time give-back leaves another broker's claim alone.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(matches!(
+        b.claim("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+    assert!(matches!(
+        b.reserve("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+    b.release_suspended("b1", 1, "B").await.unwrap();
+    assert!(matches!(
+        b.claim("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+    // A, back, still holds it: the fence passes and the copy is given out.
+    a.renew(&mut held).await.unwrap();
+    a.release(held).await;
+    let c = b.claim("b1", 1, "B").await.unwrap();
+    assert_eq!(c.token(), 2);
+}
+
+#[tokio::test]
+async fn a_restarted_broker_gives_back_its_own_suspend_claim_only() {
+    let (_d, a, b) = store(60_000).await;
+    // A recorded the suspend and died before giving the claim back.
+    let _held = a.reserve("b1", 1, "A").await.unwrap();
+    a.store
+        .put(
+            &ObjPath::from("frozen/b1/g1/manifest"),
+            PutPayload::from("m"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.claim("b1", 1, "B").await,
+        Err(ClaimError::Taken)
+    ));
+    // A restarted (a new handle, the same identity) gives it back.
+    let restarted = FrozenStore::local(_d.path()).unwrap();
+    restarted.release_suspended("b1", 1, "A").await.unwrap();
+    let mut c = b.claim("b1", 1, "B").await.unwrap();
+    // A restore claim is not a suspend claim: A's give-back leaves it.
+    restarted.release_suspended("b1", 1, "A").await.unwrap();
+    b.commit(&mut c).await.unwrap();
+}
