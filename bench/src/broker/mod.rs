@@ -1,6 +1,7 @@
 //! The metrics measured through a broker running in this process (gRPC
 //! over its Unix socket), one module per group.
 
+mod awaits;
 mod calls;
 mod density;
 mod freeze;
@@ -55,6 +56,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "create_to_ready",
     "call_echo_64b",
     "load_8_parents",
+    "await_resume",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -119,6 +121,9 @@ pub(crate) async fn through_broker(
         results.insert("attach_warm_policy", s);
     }
     freeze::suspend_restore(&mut x, want, results).await?;
+    if want("await_resume") {
+        results.insert("await_resume", awaits::await_resume(&mut x, 30).await?);
+    }
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);
     }

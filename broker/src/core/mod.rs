@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod awaits;
 mod calls;
 mod create;
 mod dispatch;
@@ -146,6 +147,8 @@ pub struct Broker {
     queue: bubble_events::embedded::EmbeddedQueue,
     /// Every trigger and its dispatcher's stop switch (`triggers`).
     triggers: parking_lot::Mutex<std::collections::HashMap<String, triggers::Running>>,
+    /// Awaits this broker is resuming now (`awaits`).
+    awaits: awaits::Resuming,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -335,6 +338,7 @@ impl Broker {
         let broker = Arc::new(Self {
             queue,
             triggers: Default::default(),
+            awaits: Default::default(),
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
             ledger: parking_lot::Mutex::new(ledger),
@@ -370,6 +374,7 @@ impl Broker {
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::health_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::probe_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::await_sweeper(Arc::downgrade(&broker)));
         tokio::spawn(Self::owner_flusher(
             Arc::downgrade(&broker),
             broker.owners_kick.clone(),

@@ -128,7 +128,7 @@ pub(crate) fn queue_subject(owner: &str, subject: &str) -> String {
 }
 
 /// The queue key of `owner`'s event `key` on `subject`.
-fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
+pub(crate) fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerError> {
     if key.len() > MAX_KEY_LEN {
         return Err(invalid("key", format!("at most {MAX_KEY_LEN} bytes")));
     }
@@ -137,6 +137,18 @@ fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKey, BrokerEr
         "{}:{key}",
         namespace(owner, subject)
     ))?)
+}
+
+/// The key of an event of trigger `t` as its owner gave it (the
+/// embedded queue's keys carry the subject's namespace).
+pub(crate) fn owner_key<'a>(t: &TriggerRecord, key: &'a str) -> &'a str {
+    match t.source {
+        TriggerSource::Embedded => key
+            .strip_prefix(namespace(&t.owner, &t.subject).as_str())
+            .and_then(|k| k.strip_prefix(':'))
+            .unwrap_or(key),
+        TriggerSource::Nats => key,
+    }
 }
 
 /// A parent's subject: dotted tokens, no wildcards, at most
@@ -440,6 +452,16 @@ impl Broker {
             Some(Outcome::Refused(r)) => EventResult::Refused(r),
             Some(Outcome::Failed(r)) => EventResult::Failed(r),
         })
+    }
+
+    /// The NATS connection of `owner`'s running trigger on `subject`, if
+    /// one runs here and is connected.
+    pub(super) fn nats_of(&self, owner: &str, subject: &str) -> Option<NatsSource> {
+        self.triggers
+            .lock()
+            .values()
+            .find(|r| r.rec.owner == owner && r.rec.subject == subject)
+            .and_then(|r| r.nats.get().cloned())
     }
 
     /// Stops every dispatcher (broker shutdown).
