@@ -352,3 +352,40 @@ async fn a_broker_killed_after_the_freeze_loses_nothing() {
     verify(&pk, &r, "pay", b"cap-4", b"cap-4|captured-400");
     assert_eq!(r.bubble_id, bubble);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_that_awaits_answers_awaiting_and_freezes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let mut a = broker.client().await;
+    let bubble = await_bubble(&mut a).await;
+    let pk = sig_pk(&mut a, &bubble).await;
+    let r = a
+        .call(pb::CallRequest {
+            portion: "aw".into(),
+            sign: true,
+            ..call_req(&bubble, "pay", b"cap-6")
+        })
+        .await
+        .expect("call")
+        .into_inner();
+    let w = r.awaiting.expect("an awaiting outcome");
+    assert_eq!(w.key, "cap-6");
+    assert!(r.output.is_empty() && r.signature.is_empty());
+    wait_frozen(&mut a, dir.path(), &bubble).await;
+    assert_eq!(describe(&mut a, &bubble).await.generation, w.generation);
+    // An event with the key, through any of the parent's triggers,
+    // resumes the call; the resuming event's result is the call's signed
+    // answer, and the bubble runs again.
+    let t = trigger(&mut a, "captures", &bubble, "pay").await;
+    assert!(publish(&mut a, "captures", "cap-6", b"captured-600").await);
+    let r = wait_result(&mut a, &t, "cap-6", LIMIT).await;
+    verify(&pk, &r, "pay", b"cap-6", b"cap-6|captured-600");
+    wait_for(&mut a, &bubble, LIMIT, |b| {
+        b.state == pb::BubbleState::Ready as i32
+    })
+    .await;
+    a.call(call_req(&bubble, "echo", b"hi"))
+        .await
+        .expect("a call after the resume");
+}

@@ -20,29 +20,29 @@
 //! another's await.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bubble_abi::ops::SignedResult;
 use bubble_abi::{self as abi, Resume, OP_RESUME};
-use bubble_events::{Delivery, EventKey, Outcome, Results, MAX_REASON_LEN};
+use bubble_events::{EventKey, Outcome, Results, MAX_REASON_LEN};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use super::commands::{CallOutput, Restore};
-use super::triggers::{nats_config, owner_key, queue_key, SignedOutput};
+use super::triggers::{nats_config, queue_key, SignedOutput};
 use super::{now_ms, Broker};
 use crate::error::{invalid, BrokerError};
 use crate::store::frozen::IndexError;
 use crate::store::registry::awaits::{AwaitOrigin, AwaitPhase, AwaitRecord};
-use crate::store::registry::triggers::{TriggerRecord, TriggerSource, TriggerTarget};
+use crate::store::registry::triggers::TriggerSource;
 
 /// How often each broker looks for awaits past their deadline.
-const SWEEP_EVERY: Duration = Duration::from_millis(250);
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// How long a resume waits behind other operations on its bubble.
 const RESUME_WAIT: Duration = Duration::from_secs(60);
 /// Retry delay of an event that found its await still freezing.
-const FREEZING_RETRY: Duration = Duration::from_millis(100);
+pub(super) const FREEZING_RETRY: Duration = Duration::from_millis(100);
 
 /// The await id of `owner`'s key `key`.
 pub(crate) fn await_id(owner: &str, key: &str) -> String {
@@ -103,7 +103,7 @@ fn cut(e: &BrokerError) -> String {
 }
 
 /// The outcome a call's end is published as.
-fn outcome_of(bubble_id: &str, r: Result<CallOutput, BrokerError>) -> Outcome {
+pub(super) fn outcome_of(bubble_id: &str, r: Result<CallOutput, BrokerError>) -> Outcome {
     match r {
         Ok(o) => {
             let (call_id, signature) = o.signed.unwrap_or_default();
@@ -122,7 +122,56 @@ fn outcome_of(bubble_id: &str, r: Result<CallOutput, BrokerError>) -> Outcome {
     }
 }
 
+/// How a direct call that awaited ended for its caller.
+#[derive(Debug)]
+pub enum CallEnd {
+    /// The call ended (its freeze failed, so it was timed out at once).
+    Done(CallOutput),
+    /// The bubble is frozen with the call pending.
+    Frozen(AwaitRecord),
+}
+
 impl Broker {
+    /// A parent's direct call awaits: freezes the bubble with the call
+    /// pending (its answer, once resumed, is not kept: see
+    /// docs/events.md); if that fails, ends the call as timed out and
+    /// returns how it ended.
+    pub async fn call_awaits(
+        self: &Arc<Self>,
+        parent: &str,
+        bubble_id: &str,
+        key: &str,
+        timeout_ms: u32,
+        signed: bool,
+    ) -> Result<CallEnd, BrokerError> {
+        match self
+            .freeze_awaiting(
+                parent,
+                bubble_id,
+                key,
+                timeout_ms,
+                signed,
+                AwaitOrigin::Call,
+            )
+            .await
+        {
+            Ok(a) => Ok(CallEnd::Frozen(a)),
+            Err(e) => {
+                warn!(bubble = %bubble_id, error = %e, "an awaiting call could not be frozen; timing it out");
+                match self
+                    .send_resume(parent, bubble_id, Resume::Timeout, signed)
+                    .await
+                {
+                    Ok(o) => Ok(CallEnd::Done(o)),
+                    Err(BrokerError::Awaiting { .. }) => Err(BrokerError::GuestRefused(
+                        "the portion awaited again after a failed freeze".into(),
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
     /// A call of `owner`'s bubble answered AWAITING: records the await
     /// (FREEZING), suspends the bubble, marks the await FROZEN. On an
     /// error the bubble still runs, its call still pending.
@@ -185,7 +234,7 @@ impl Broker {
 
     /// Sends RESUME to `owner`'s running bubble whose call awaits; returns
     /// how the call ended (`Err(Awaiting)` if it awaits again).
-    async fn send_resume(
+    pub(super) async fn send_resume(
         self: &Arc<Self>,
         owner: &str,
         bubble_id: &str,
@@ -221,7 +270,11 @@ impl Broker {
 
     /// The live await of `owner`'s `key`: the shared store's index first
     /// (where every broker agrees), else this broker's registry.
-    async fn find_await(&self, owner: &str, key: &str) -> Result<Option<AwaitRecord>, BrokerError> {
+    pub(super) async fn find_await(
+        &self,
+        owner: &str,
+        key: &str,
+    ) -> Result<Option<AwaitRecord>, BrokerError> {
         let id = await_id(owner, key);
         let found = match self.frozen.get_await(&id).await? {
             Some(a) => Some(a),
@@ -245,7 +298,7 @@ impl Broker {
     }
 
     /// Resumes await `a` here, if this broker wins its frozen copy.
-    async fn resume_record(
+    pub(super) async fn resume_record(
         self: &Arc<Self>,
         a: AwaitRecord,
         resume: Resume<'_>,
@@ -277,12 +330,17 @@ impl Broker {
             .await;
         match restored {
             Ok(_) => {}
-            // Another broker holds or consumed the copy (or it is gone):
-            // that broker resumes the call.
+            // Another broker holds the claim: it resumes the call, or it
+            // died and its lease runs out; the caller tries again later
+            // (the event is redelivered, the sweeper comes back).
+            Err(e @ (BrokerError::ClaimedElsewhere(_) | BrokerError::ClaimLost(_))) => {
+                debug!(bubble = %a.bubble_id, error = %e, "the await's copy is claimed elsewhere; will retry");
+                return Err(e);
+            }
+            // Another broker consumed the copy (or it is gone): that
+            // broker resumes the call.
             Err(
-                BrokerError::ClaimedElsewhere(_)
-                | BrokerError::ClaimLost(_)
-                | BrokerError::NotAccessible(_)
+                BrokerError::NotAccessible(_)
                 | BrokerError::FrozenMissing
                 | BrokerError::WrongState { .. },
             ) => {
@@ -421,148 +479,6 @@ impl Broker {
         };
         if let Err(e) = r {
             warn!(bubble = %a.bubble_id, error = %e, "publishing a resumed call's result failed");
-        }
-    }
-
-    /// The dispatcher's hook before an event runs: if its key is awaited,
-    /// the event resumes that await (and is settled here: `None`);
-    /// otherwise it is handed back to run as usual.
-    pub(super) async fn resume_by_event<D: Delivery, R: Results>(
-        self: &Arc<Self>,
-        t: &TriggerRecord,
-        d: D,
-        results: &R,
-    ) -> Option<D> {
-        let ev = d.event();
-        let key = owner_key(t, ev.key.as_str()).to_string();
-        if abi::awaits::is_valid_await_key(key.as_bytes()) {
-            let payload = ev.payload.clone();
-            match self
-                .resume_await(&t.owner, &key, Resume::Event(&payload[..]))
-                .await
-            {
-                Ok(Resumed::NotAwaited) => {}
-                Ok(Resumed::Done(outcome)) => {
-                    // The resuming event gets the same outcome.
-                    let _ = results.publish_result(&d.event().key, &outcome).await;
-                    let _ = d.ack().await;
-                    return None;
-                }
-                Ok(Resumed::Elsewhere | Resumed::AwaitsAgain) => {
-                    let _ = d.ack().await;
-                    return None;
-                }
-                Err(e) => {
-                    debug!(trigger = %t.id, error = %e, "resuming an await failed; retrying the event");
-                    let _ = d.retry(FREEZING_RETRY).await;
-                    return None;
-                }
-            }
-        }
-        Some(d)
-    }
-
-    /// The dispatcher's hook when an event's call awaits: freezes the
-    /// bubble (a pool bubble leaves the worker), acks the event; its
-    /// result comes when the await ends. If the bubble cannot be frozen,
-    /// the call is ended at once as timed out and that is its result.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn event_awaits<D: Delivery, R: Results>(
-        self: &Arc<Self>,
-        t: &TriggerRecord,
-        bubble: &mut Option<String>,
-        d: D,
-        results: &R,
-        bubble_id: String,
-        key: String,
-        timeout_ms: u32,
-    ) {
-        let pool = matches!(t.target, TriggerTarget::Pool { .. });
-        let origin = AwaitOrigin::Event {
-            trigger_id: t.id.clone(),
-            subject: t.subject.clone(),
-            source: t.source,
-            key: owner_key(t, d.event().key.as_str()).to_string(),
-            pool,
-        };
-        match self
-            .freeze_awaiting(&t.owner, &bubble_id, &key, timeout_ms, true, origin)
-            .await
-        {
-            Ok(_) => {
-                if pool {
-                    bubble.take();
-                }
-                let _ = d.ack().await;
-            }
-            Err(e) => {
-                warn!(trigger = %t.id, bubble = %bubble_id, error = %e, "an awaiting call could not be frozen; timing it out");
-                let r = self
-                    .send_resume(&t.owner, &bubble_id, Resume::Timeout, true)
-                    .await;
-                let outcome = match r {
-                    Err(BrokerError::Awaiting { .. }) => {
-                        Outcome::Failed("the portion awaited again after a failed freeze".into())
-                    }
-                    r => outcome_of(&bubble_id, r),
-                };
-                if results
-                    .publish_result(&d.event().key, &outcome)
-                    .await
-                    .is_ok()
-                {
-                    let _ = d.ack().await;
-                } else {
-                    let _ = d.retry(FREEZING_RETRY).await;
-                }
-            }
-        }
-    }
-
-    /// Every [`SWEEP_EVERY`]: resumes, with the timeout, the awaits of
-    /// the shared store (and this registry) whose deadline passed. Any
-    /// broker may do it; the frozen copy's claim picks one.
-    pub(super) async fn await_sweeper(me: Weak<Self>) {
-        loop {
-            tokio::time::sleep(SWEEP_EVERY).await;
-            let Some(b) = me.upgrade() else { return };
-            if b.closing() {
-                return;
-            }
-            let mut due = match b.frozen.list_awaits().await {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "listing awaits failed");
-                    Vec::new()
-                }
-            };
-            due.extend(b.registry.awaits().unwrap_or_default());
-            let now = now_ms();
-            let mut seen = HashSet::new();
-            for a in due {
-                if a.phase != AwaitPhase::Frozen
-                    || a.deadline_ms > now
-                    || !seen.insert(a.id.clone())
-                {
-                    continue;
-                }
-                let b = b.clone();
-                tokio::spawn(async move {
-                    let (owner, key) = (a.owner.clone(), a.key.clone());
-                    // Re-read: the index is where brokers agree.
-                    match b.find_await(&owner, &key).await {
-                        Ok(Some(now))
-                            if now.phase == AwaitPhase::Frozen && now.deadline_ms <= now_ms() =>
-                        {
-                            if let Err(e) = b.resume_record(now, Resume::Timeout).await {
-                                debug!(error = %e, "timing out an await failed; retrying");
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => debug!(error = %e, "reading an await failed"),
-                    }
-                });
-            }
         }
     }
 }

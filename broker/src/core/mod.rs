@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod await_hooks;
 mod awaits;
 mod calls;
 mod create;
@@ -49,6 +50,7 @@ use tracing::warn;
 
 pub use attest::{AttestationBundle, GuestBinding};
 pub use audit::{AuditQuery, ANOTHER_PARENT};
+pub use awaits::CallEnd;
 pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use logs::LogLine;
