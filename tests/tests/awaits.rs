@@ -102,13 +102,29 @@ async fn result(c: &mut Client, trigger: &str, key: &str) -> pb::EventResult {
 
 /// Waits for a result of `key` other than pending; fails after `limit`.
 async fn wait_result(c: &mut Client, trigger: &str, key: &str, limit: Duration) -> pb::EventResult {
+    wait_result_in(c, trigger, key, limit, None).await
+}
+
+/// [`wait_result`], showing the log of the broker on `dir` on failure.
+async fn wait_result_in(
+    c: &mut Client,
+    trigger: &str,
+    key: &str,
+    limit: Duration,
+    dir: Option<&Path>,
+) -> pb::EventResult {
     let end = Instant::now() + limit;
     loop {
         let r = result(c, trigger, key).await;
         if r.outcome != "pending" {
             return r;
         }
-        assert!(Instant::now() < end, "no result for {key} within {limit:?}");
+        assert!(
+            Instant::now() < end,
+            "no result for {key} within {limit:?}; broker log:\n{}",
+            dir.map(|d| std::fs::read_to_string(d.join("broker.log")).unwrap_or_default())
+                .unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -348,7 +364,7 @@ async fn a_broker_killed_after_the_freeze_loses_nothing() {
     // The event reaches B only: B finds the await in the store, restores
     // the copy A froze, and the call ends there.
     assert!(publish(&mut b, "pay", "cap-4", b"captured-400").await);
-    let r = wait_result(&mut b, &tb, "order-4", LIMIT).await;
+    let r = wait_result_in(&mut b, &tb, "order-4", LIMIT, Some(p.dirs[1].path())).await;
     verify(&pk, &r, "pay", b"cap-4", b"cap-4|captured-400");
     assert_eq!(r.bubble_id, bubble);
 }

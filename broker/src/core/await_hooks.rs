@@ -134,9 +134,7 @@ impl Broker {
             let now = now_ms();
             let mut seen = HashSet::new();
             for a in due {
-                if a.phase != AwaitPhase::Frozen
-                    || a.deadline_ms > now
-                    || !seen.insert(a.id.clone())
+                if a.phase == AwaitPhase::Ended || a.deadline_ms > now || !seen.insert(a.id.clone())
                 {
                     continue;
                 }
@@ -146,7 +144,7 @@ impl Broker {
                     // Re-read: the index is where brokers agree.
                     match b.find_await(&owner, &key).await {
                         Ok(Some(now))
-                            if now.phase == AwaitPhase::Frozen && now.deadline_ms <= now_ms() =>
+                            if now.phase != AwaitPhase::Ended && now.deadline_ms <= now_ms() =>
                         {
                             if let Err(e) = b.resume_record(now, Resume::Timeout).await {
                                 debug!(error = %e, "timing out an await failed; retrying");

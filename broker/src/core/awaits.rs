@@ -303,18 +303,14 @@ impl Broker {
         a: AwaitRecord,
         resume: Resume<'_>,
     ) -> Result<Resumed, BrokerError> {
-        match a.phase {
-            AwaitPhase::Ended => return Ok(Resumed::Elsewhere),
-            // Not frozen yet: the caller tries again shortly.
-            AwaitPhase::Freezing => {
-                return Err(BrokerError::WrongState {
-                    id: a.bubble_id.clone(),
-                    state: "FREEZING",
-                    detail: ": the awaiting bubble is still being frozen".into(),
-                })
-            }
-            AwaitPhase::Frozen => {}
+        if a.phase == AwaitPhase::Ended {
+            return Ok(Resumed::Elsewhere);
         }
+        // FREEZING: the freezing broker may have stored and committed the
+        // copy and died before marking the await FROZEN, so the restore is
+        // tried; until it works (the copy is not stored yet, or is still
+        // claimed by the freezer), every failure means "try again later".
+        let freezing = a.phase == AwaitPhase::Freezing;
         let Some(_held) = self.awaits.hold(&a.id) else {
             return Ok(Resumed::Elsewhere);
         };
@@ -330,6 +326,10 @@ impl Broker {
             .await;
         match restored {
             Ok(_) => {}
+            Err(e) if freezing => {
+                debug!(bubble = %a.bubble_id, error = %e, "the await is still freezing; will retry");
+                return Err(e);
+            }
             // Another broker holds the claim: it resumes the call, or it
             // died and its lease runs out; the caller tries again later
             // (the event is redelivered, the sweeper comes back).
