@@ -405,3 +405,59 @@ async fn a_direct_call_that_awaits_answers_awaiting_and_freezes() {
         .await
         .expect("a call after the resume");
 }
+
+/// The payments example: `authorize_capture` signs the authorisation,
+/// awaits the gateway's capture notification (key: the order id) frozen
+/// on broker A, and the notification published to broker B resumes it
+/// there: the settlement is signed with the same gateway key the parent
+/// never held, over the order and the notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_authorize_on_one_broker_and_settle_on_another() {
+    use bubble_e2e_tests::payments::{module, payments_bubble, PAYMENTS};
+    use ed25519_dalek::{Signer, SigningKey};
+    let Some(p) = pair() else { return };
+    let parent = bubble_client::Parent::from_client(p.brokers[0].client().await);
+    let mut bubble = payments_bubble(&parent).await;
+    bubble
+        .load_portion("payments", &module(PAYMENTS))
+        .await
+        .unwrap();
+    bubble.trust_unverified().await.unwrap();
+    let seed = [0x42u8; 32];
+    bubble.provision("gateway_key", &seed).await.unwrap();
+    let id = bubble.id().to_string();
+    let mut a = p.brokers[0].client().await;
+    let mut b = p.brokers[1].client().await;
+    a.create_trigger(pb::CreateTriggerRequest {
+        subject: "orders".into(),
+        bubble_id: id.clone(),
+        portion: "payments".into(),
+        function: "authorize_capture".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // B consumes the same subject (any bubble of its own: the capture
+    // notification resumes the frozen call before anything runs there).
+    let b_bubble = await_bubble(&mut b).await;
+    let tb = trigger(&mut b, "orders", &b_bubble, "pay").await;
+
+    let mut order = 12_345u64.to_le_bytes().to_vec();
+    order.extend_from_slice(b"order-77");
+    assert!(publish(&mut a, "orders", "auth-77", &order).await);
+    wait_frozen(&mut a, p.dirs[0].path(), &id).await;
+    let capture = 12_345u64.to_le_bytes();
+    assert!(publish(&mut b, "orders", "order-77", &capture).await);
+    let r = wait_result_in(&mut b, &tb, "auth-77", LIMIT, Some(p.dirs[1].path())).await;
+    assert_eq!(r.outcome, "ok", "{r:?}");
+    assert_eq!(r.bubble_id, id);
+    let key = SigningKey::from_bytes(&seed);
+    let mut settled = order.clone();
+    settled.extend_from_slice(&capture);
+    let mut want = key.sign(&order).to_bytes().to_vec();
+    want.extend_from_slice(&key.sign(&settled).to_bytes());
+    assert_eq!(
+        r.output, want,
+        "authorisation ‖ settlement, by the gateway key"
+    );
+}
