@@ -257,6 +257,11 @@ struct Pair {
 }
 
 fn pair() -> Option<Pair> {
+    pair_with(None)
+}
+
+/// [`pair`], broker A pausing at fault point `pause_a` (`point=ms`).
+fn pair_with(pause_a: Option<&str>) -> Option<Pair> {
     let (moto, port) = moto()?;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let opts = || Opts {
@@ -268,7 +273,11 @@ fn pair() -> Option<Pair> {
         config: Some("claim_lease_ms = 3000\n".into()),
         ..Default::default()
     };
-    let a = BrokerProc::start_with(dirs[0].path(), opts());
+    let mut oa = opts();
+    if let Some(p) = pause_a {
+        oa.env.push(("BUBBLED_TEST_PAUSE".into(), p.into()));
+    }
+    let a = BrokerProc::start_with(dirs[0].path(), oa);
     let kek = dirs[1].path().join("kek");
     std::fs::copy(dirs[0].path().join("kek"), &kek).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -460,4 +469,56 @@ async fn payments_authorize_on_one_broker_and_settle_on_another() {
         r.output, want,
         "authorisation ‖ settlement, by the gateway key"
     );
+}
+
+/// The first line of the broker log on `dir` with every one of `words`;
+/// waits for it (fails the test after 30 s).
+async fn log_line(dir: &Path, words: &[&str]) -> String {
+    let until = Instant::now() + LIMIT;
+    loop {
+        let log = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < until, "the broker never logged {words:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Broker A dies right after committing the freeze, still holding the
+/// frozen copy's claim (and before marking the await FROZEN): broker B,
+/// given the event, is refused while A's lease runs, then takes the copy
+/// over and resumes the call. (A's VMM, orphaned and awaiting, never gets
+/// a RESUME: only its dead broker could send one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_holding_the_claim_is_taken_over_after_its_lease() {
+    let Some(mut p) = pair_with(Some("suspend.committed=60000")) else {
+        return;
+    };
+    let mut a = p.brokers[0].client().await;
+    let mut b = p.brokers[1].client().await;
+    let bubble = await_bubble(&mut a).await;
+    let pk = sig_pk(&mut a, &bubble).await;
+    trigger(&mut a, "pay", &bubble, "pay").await;
+    let b_bubble = await_bubble(&mut b).await;
+    let tb = trigger(&mut b, "pay", &b_bubble, "pay").await;
+
+    assert!(publish(&mut a, "pay", "order-8", b"cap-8").await);
+    log_line(
+        p.dirs[0].path(),
+        &["fault point reached", "suspend.committed"],
+    )
+    .await;
+    let held_at = Instant::now();
+    p.brokers[0].kill();
+    assert!(publish(&mut b, "pay", "cap-8", b"captured-800").await);
+    let r = wait_result_in(&mut b, &tb, "order-8", LIMIT, Some(p.dirs[1].path())).await;
+    let waited = held_at.elapsed();
+    verify(&pk, &r, "pay", b"cap-8", b"cap-8|captured-800");
+    assert_eq!(r.bubble_id, bubble);
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "resumed after {waited:?}, before A's 3 s lease could end"
+    );
+    kill_vmms_under(p.dirs[0].path());
 }
