@@ -21,7 +21,8 @@
 //!   event `key`; its payload goes to `out`. -4: the timeout passed.
 //!
 //! Errors: -1 bad pointer or length (for `await_event` also a key outside
-//! 1..=64 bytes of `A-Z a-z 0-9 . _ : -` or a timeout outside 1 ms..7 days),
+//! 1..=64 bytes of `A-Z a-z 0-9 . _ : -`, a timeout outside 1 ms..7 days,
+//! or a call from a module's start function: only a portion call awaits),
 //! -2 buffer too small (for `await_event`: the payload was dropped), -3
 //! cryptographic failure (e.g. AEAD open), -4 the await timed out. Using a credential that the policy does not
 //! grant to the portion (or that does not exist) traps: the call fails with
@@ -97,6 +98,9 @@ pub struct HostState {
     logs: u32,
     log_lines: Vec<String>,
     failure: Option<(u16, &'static str)>,
+    /// Inside a portion call (not while a module starts at load): only
+    /// then may it await an event.
+    may_await: bool,
 }
 
 struct Portion {
@@ -352,7 +356,11 @@ fn define(linker: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerErr
         m,
         "await_event",
         |mut c: Caller<'_, HostState>, kp: i32, kl: i32, timeout_ms: i32, out: i32, cap: i32| -> i32 {
-            if !(1..=bubble_abi::MAX_AWAIT_KEY_LEN as i32).contains(&kl) || timeout_ms <= 0 || cap < 0 {
+            if !(1..=bubble_abi::MAX_AWAIT_KEY_LEN as i32).contains(&kl)
+                || timeout_ms <= 0
+                || cap < 0
+                || !c.data().may_await
+            {
                 return -1;
             }
             let Some(key) = read_mem(&c, kp, kl) else {
@@ -459,6 +467,7 @@ impl Portions {
             logs: 0,
             log_lines: Vec::new(),
             failure: None,
+            may_await: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -509,12 +518,14 @@ impl Portions {
             st.logs = 0;
             st.log_lines.clear();
             st.failure = None;
+            st.may_await = true;
         }
         p.store
             .set_fuel(fuel)
             .map_err(|_| (code::INTERNAL, "fuel"))?;
         let r = f.call(&mut p.store, ());
         let st = p.store.data_mut();
+        st.may_await = false;
         // Dropping the old value zeroizes it.
         st.input = bubble_keys::SecretBytes::new(Vec::new());
         let logs = core::mem::take(&mut st.log_lines);
