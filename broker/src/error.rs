@@ -192,6 +192,24 @@ pub enum BrokerError {
     /// The trigger's source is not configured on this broker.
     #[error("event source {0:?} is not configured on this broker")]
     SourceNotConfigured(&'static str),
+    /// A portion of the call awaits an event: the call is pending inside
+    /// the bubble (`core::awaits` freezes it).
+    #[error("a portion of bubble {bubble_id} awaits the event {key:?}")]
+    Awaiting {
+        /// The bubble.
+        bubble_id: String,
+        /// The portion's key (not namespaced).
+        key: String,
+        /// Its timeout, ms.
+        timeout_ms: u32,
+    },
+    /// The bubble refused the call: one of its portion calls awaits an
+    /// event.
+    #[error("refused: {0}")]
+    GuestAwaiting(String),
+    /// Another await of the parent holds the key.
+    #[error("an await on key {0:?} exists already")]
+    AwaitTaken(String),
     /// The event queue failed.
     #[error("event queue: {0}")]
     Events(#[from] bubble_events::EventError),
@@ -236,7 +254,10 @@ impl From<BrokerError> for Status {
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
             BrokerError::SourceNotConfigured(_)
             | BrokerError::NoTrigger(_)
-            | BrokerError::TriggerPolicyDiffers(_) => Code::FailedPrecondition,
+            | BrokerError::TriggerPolicyDiffers(_)
+            | BrokerError::Awaiting { .. }
+            | BrokerError::GuestAwaiting(_)
+            | BrokerError::AwaitTaken(_) => Code::FailedPrecondition,
             BrokerError::Events(e) => match e {
                 bubble_events::EventError::InvalidKey
                 | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,
@@ -286,6 +307,8 @@ impl BrokerError {
             c::REPLAY => BrokerError::Replayed(msg),
             c::NOT_OPENED => BrokerError::NotOpened(msg),
             c::NO_SESSION => BrokerError::NoSession(msg),
+            c::AWAITING => BrokerError::GuestAwaiting(msg),
+            c::NOT_AWAITING => BrokerError::GuestRefused(msg),
             // The guest's own list names internal ops too.
             c::UNKNOWN_OP => BrokerError::UnknownOp,
             c::INTERNAL => BrokerError::GuestInternal(msg),

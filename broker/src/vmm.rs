@@ -79,6 +79,14 @@ pub enum CallFailure {
     Deadline(String),
     /// The bubble died.
     Failed(FailureReason),
+    /// A portion awaits the event `key` (checked by the control decoder):
+    /// the call is pending inside the guest until a RESUME.
+    Awaiting {
+        /// The guest's await key (not yet namespaced).
+        key: String,
+        /// Timeout, ms.
+        timeout_ms: u32,
+    },
 }
 
 /// A running VMM process.
@@ -277,6 +285,9 @@ impl Vmm {
                 vc::CallError::Refused { text, .. } => CallFailure::Refused(text),
                 vc::CallError::DeadlineExceeded(m) => CallFailure::Deadline(m),
                 vc::CallError::Failed(r) => CallFailure::Failed(r),
+                vc::CallError::Awaiting { key, timeout_ms } => {
+                    CallFailure::Awaiting { key, timeout_ms }
+                }
             })
     }
 

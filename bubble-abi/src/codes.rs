@@ -40,11 +40,16 @@ pub enum ErrorCode {
     /// opened, or evicted by newer sessions), or a setup for a session id
     /// the bubble has seen before.
     NoSession = 15,
+    /// A portion call of this bubble awaits an event: nothing but a
+    /// RESUME is taken until it is resumed.
+    Awaiting = 16,
+    /// A RESUME came while no portion call awaits.
+    NotAwaiting = 17,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::UnknownOp,
         ErrorCode::BadInput,
         ErrorCode::Internal,
@@ -60,6 +65,8 @@ impl ErrorCode {
         ErrorCode::Replay,
         ErrorCode::NotOpened,
         ErrorCode::NoSession,
+        ErrorCode::Awaiting,
+        ErrorCode::NotAwaiting,
     ];
 
     /// The code's wire value.
@@ -85,6 +92,8 @@ impl ErrorCode {
             ErrorCode::Replay => "REPLAY",
             ErrorCode::NotOpened => "NOT_OPENED",
             ErrorCode::NoSession => "NO_SESSION",
+            ErrorCode::Awaiting => "AWAITING",
+            ErrorCode::NotAwaiting => "NOT_AWAITING",
         }
     }
 
@@ -112,6 +121,8 @@ impl ErrorCode {
             ErrorCode::NoSession => {
                 "the session is not held (never opened or evicted), or its id was used before: open a new one"
             }
+            ErrorCode::Awaiting => "a portion call awaits an event: only a RESUME is taken",
+            ErrorCode::NotAwaiting => "a RESUME came while no portion call awaits",
         }
     }
 }
@@ -175,4 +186,8 @@ pub mod code {
     pub const NOT_OPENED: u16 = ErrorCode::NotOpened as u16;
     /// [`ErrorCode::NoSession`].
     pub const NO_SESSION: u16 = ErrorCode::NoSession as u16;
+    /// [`ErrorCode::Awaiting`].
+    pub const AWAITING: u16 = ErrorCode::Awaiting as u16;
+    /// [`ErrorCode::NotAwaiting`].
+    pub const NOT_AWAITING: u16 = ErrorCode::NotAwaiting as u16;
 }

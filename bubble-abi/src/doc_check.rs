@@ -17,6 +17,10 @@ fn payload(t: MsgType) -> &'static str {
         MsgType::ErrorReply => "`[code u16][text ≤ MAX_TEXT_LEN]`",
         MsgType::Log => "text ≤ MAX_TEXT_LEN; the guest continues at once",
         MsgType::Panic => "text; the bubble fails",
+        MsgType::Awaiting => {
+            "`[timeout_ms u32][key_len u8][key ≤ MAX_AWAIT_KEY_LEN]`; the CALL stays pending"
+        }
+        MsgType::Resume => "`[status u8: 1 event, 2 timeout][event payload]`; continues the pending CALL",
         MsgType::Call => {
             "`[flags u8][op_len u8][op]` + SIGN: `[id_len u8][bubble id]` + SEAL: `[seal_to 32]` + `[input]`"
         }
@@ -76,7 +80,7 @@ pub(crate) fn call_flags() -> String {
 
 /// The limits table.
 pub(crate) fn limits() -> String {
-    let rows: [(&str, u64); 15] = [
+    let rows: [(&str, u64); 17] = [
         ("ABI_VERSION", u64::from(ABI_VERSION)),
         ("HEADER_LEN", HEADER_LEN as u64),
         ("MAX_OP_LEN", MAX_OP_LEN as u64),
@@ -98,6 +102,8 @@ pub(crate) fn limits() -> String {
             ops::SignedResult::PREFIX_LEN as u64,
         ),
         ("REPLAY_WINDOW", REPLAY_WINDOW as u64),
+        ("MAX_AWAIT_KEY_LEN", MAX_AWAIT_KEY_LEN as u64),
+        ("MAX_AWAIT_TIMEOUT_MS", u64::from(MAX_AWAIT_TIMEOUT_MS)),
     ];
     let mut s = String::from("| limit | value |\n|---|---|\n");
     for (name, v) in rows {

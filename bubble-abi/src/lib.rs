@@ -11,6 +11,7 @@
 //!   HMAC), each with an encoder and a decoder.
 //! - [`policy`]: the security-policy wire format and its digest.
 //! - [`replay`]: the replay window of sealed inputs.
+//! - [`awaits`]: AWAITING and RESUME, for portions that wait for an event.
 //!
 //! `docs/guest-abi.md` is the prose description; a test of this crate
 //! checks that its tables match these constants.
@@ -28,6 +29,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod awaits;
 pub mod call;
 mod codes;
 mod error;
@@ -43,6 +45,7 @@ mod wire;
 #[cfg(test)]
 mod doc_check;
 
+pub use awaits::{Awaiting, Resume, MAX_AWAIT_KEY_LEN, MAX_AWAIT_TIMEOUT_MS, OP_RESUME};
 pub use call::{Call, CallFlags, Signing};
 pub use codes::{code, ErrorCode};
 pub use error::AbiError;

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Message types. Guest to host: `Ready`, `Reply`, `ErrorReply`, `Log`,
-/// `Panic`; host to guest: `Call`.
+/// `Panic`, `Awaiting`; host to guest: `Call`, `Resume`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum MsgType {
@@ -25,19 +25,27 @@ pub enum MsgType {
     Log = 4,
     /// The guest panicked; payload is the message. The bubble is failed.
     Panic = 5,
+    /// A portion of the pending CALL awaits an event: payload is a
+    /// [`crate::Awaiting`]. The CALL is not answered yet.
+    Awaiting = 6,
     /// A request: payload is a [`crate::Call`].
     Call = 0x81,
+    /// Continues the CALL that answered AWAITING: payload is a
+    /// [`crate::Resume`].
+    Resume = 0x82,
 }
 
 impl MsgType {
     /// Every type, in numeric order.
-    pub const ALL: [MsgType; 6] = [
+    pub const ALL: [MsgType; 8] = [
         MsgType::Ready,
         MsgType::Reply,
         MsgType::ErrorReply,
         MsgType::Log,
         MsgType::Panic,
+        MsgType::Awaiting,
         MsgType::Call,
+        MsgType::Resume,
     ];
 
     /// Decodes a type number.
@@ -53,13 +61,15 @@ impl MsgType {
             MsgType::ErrorReply => "ERROR_REPLY",
             MsgType::Log => "LOG",
             MsgType::Panic => "PANIC",
+            MsgType::Awaiting => "AWAITING",
             MsgType::Call => "CALL",
+            MsgType::Resume => "RESUME",
         }
     }
 
     /// Whether the guest sends it (else the host does).
     pub const fn from_guest(self) -> bool {
-        !matches!(self, MsgType::Call)
+        !matches!(self, MsgType::Call | MsgType::Resume)
     }
 }
 

@@ -65,8 +65,9 @@ fn error_codes_round_trip_and_unknown_codes_are_refused() {
         assert_eq!(u16::from(c), c.as_u16());
     }
     assert_eq!(ErrorCode::try_from(0), Err(0));
-    assert_eq!(ErrorCode::try_from(16), Err(16));
+    assert_eq!(ErrorCode::try_from(18), Err(18));
     assert_eq!(code::NO_SESSION, 15);
+    assert_eq!((code::AWAITING, code::NOT_AWAITING), (16, 17));
     assert_eq!(code::STATE, 11);
     assert_eq!((code::FROZEN, code::REPLAY, code::NOT_OPENED), (12, 13, 14));
     assert_eq!(code::UNKNOWN_OP, 1);

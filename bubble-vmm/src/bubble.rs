@@ -54,6 +54,14 @@ pub enum Answer {
     Output(Vec<u8>),
     /// The guest refused the request: (ABI error code, text).
     Rejected(u16, String),
+    /// A portion of the call awaits an event (checked: a valid key and
+    /// timeout); the call is pending until a RESUME.
+    Awaiting {
+        /// The key.
+        key: String,
+        /// Timeout, ms.
+        timeout_ms: u32,
+    },
 }
 
 /// A guest on a VM.
@@ -169,7 +177,13 @@ impl Bubble {
         log: &mut dyn FnMut(&str),
     ) -> Result<Answer, BubbleError> {
         self.seq += 1;
-        transport::write_call(&self.vm, self.seq, call).map_err(|e| match e {
+        // The broker's `resume` CALL reaches the guest as a RESUME message.
+        let written = if call.op == abi::OP_RESUME {
+            transport::write_resume(&self.vm, self.seq, call.input)
+        } else {
+            transport::write_call(&self.vm, self.seq, call)
+        };
+        written.map_err(|e| match e {
             TransportError::Vm(v) => BubbleError::Vm(v),
             other => BubbleError::Protocol(other.to_string()),
         })?;
@@ -181,8 +195,16 @@ impl Bubble {
                     .map_err(|e| BubbleError::Protocol(format!("ERROR_REPLY: {e}")))?;
                 Ok(Answer::Rejected(code, text.to_string()))
             }
+            MsgType::Awaiting => {
+                let a = abi::Awaiting::decode(&m.payload)
+                    .map_err(|e| BubbleError::Protocol(format!("AWAITING: {e}")))?;
+                Ok(Answer::Awaiting {
+                    key: a.key.to_string(),
+                    timeout_ms: a.timeout_ms,
+                })
+            }
             other => Err(BubbleError::Protocol(format!(
-                "expected REPLY or ERROR_REPLY, got {other:?}"
+                "expected REPLY, ERROR_REPLY or AWAITING, got {other:?}"
             ))),
         }
     }

@@ -35,6 +35,9 @@ pub enum HostileKind {
     Spin,
     /// Touches an MMIO address that is not the doorbell.
     StrayMmio,
+    /// Says READY, then answers a call with an AWAITING whose key length
+    /// (200) is over the limit and whose bytes are garbage.
+    BadAwait,
 }
 
 impl HostileKind {
@@ -46,6 +49,7 @@ impl HostileKind {
         HostileKind::TripleFault,
         HostileKind::Spin,
         HostileKind::StrayMmio,
+        HostileKind::BadAwait,
     ];
 
     /// Its name (`test:<name>` images in the broker).
@@ -57,6 +61,7 @@ impl HostileKind {
             HostileKind::TripleFault => "triple-fault",
             HostileKind::Spin => "spin",
             HostileKind::StrayMmio => "stray-mmio",
+            HostileKind::BadAwait => "bad-await",
         }
     }
 
@@ -140,6 +145,19 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
         }
         HostileKind::Spin => {
             a.header(mb, MsgType::Ready as u16, 0);
+            a.ring();
+            let l = a.here();
+            a.jmp_to(l);
+        }
+        HostileKind::BadAwait => {
+            a.header(mb, MsgType::Ready as u16, 0);
+            a.ring();
+            // [timeout 1000 u32][key_len 200][8 bytes of garbage]
+            a.header(mb, MsgType::Awaiting as u16, 13);
+            a.mov_rax(1000 | (200 << 32) | (0x00fc_fdfe << 40));
+            a.store_rax(64);
+            a.mov_rax(0xdead_beef_cafe_babe);
+            a.store_rax(72);
             a.ring();
             let l = a.here();
             a.jmp_to(l);

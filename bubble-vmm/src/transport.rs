@@ -58,9 +58,9 @@ pub fn read_message(vm: &Vm) -> Result<GuestMessage, TransportError> {
     let mut h = [0u8; HEADER_LEN];
     vm.read(l.mailbox_gpa, &mut h)?;
     let header = Header::decode(&h, capacity(&l) as u64).map_err(TransportError::Abi)?;
-    if header.msg_type == MsgType::Call {
+    if !header.msg_type.from_guest() {
         return Err(TransportError::Abi(AbiError::UnknownType(
-            MsgType::Call as u16,
+            header.msg_type as u16,
         )));
     }
     let mut payload = vec![0u8; header.length as usize];
@@ -82,6 +82,28 @@ pub fn write_call(vm: &Vm, seq: u64, call: &abi::Call<'_>) -> Result<(), Transpo
     let h = Header {
         msg_type: MsgType::Call,
         length: len as u32,
+        seq,
+    };
+    vm.write(l.mailbox_gpa, &h.encode())?;
+    Ok(())
+}
+
+/// Writes a RESUME message (payload: an encoded [`abi::Resume`]) into the
+/// mailbox.
+pub fn write_resume(vm: &Vm, seq: u64, payload: &[u8]) -> Result<(), TransportError> {
+    let l = *vm.layout();
+    let cap = capacity(&l);
+    if payload.len() > cap {
+        return Err(TransportError::TooLarge {
+            len: payload.len(),
+            cap,
+        });
+    }
+    abi::Resume::decode(payload).map_err(TransportError::Abi)?;
+    vm.write(l.mailbox_gpa + HEADER_LEN as u64, payload)?;
+    let h = Header {
+        msg_type: MsgType::Resume,
+        length: payload.len() as u32,
         seq,
     };
     vm.write(l.mailbox_gpa, &h.encode())?;

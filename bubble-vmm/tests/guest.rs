@@ -74,6 +74,11 @@ fn hostile_guests_fail_precisely() {
                 // the process; here only READY is checked.
                 continue;
             }
+            HostileKind::BadAwait => {
+                r.unwrap();
+                // Its answer to a call: an AWAITING with a 200-byte key.
+                b.call("echo", b"x", &mut |_| {}).unwrap_err()
+            }
             _ => r.unwrap_err(),
         };
         let msg = err.to_string();
@@ -88,10 +93,116 @@ fn hostile_guests_fail_precisely() {
                 )
             }
             HostileKind::StrayMmio => assert!(msg.contains("not part of the bubble ABI"), "{msg}"),
+            HostileKind::BadAwait => assert!(
+                matches!(&err, BubbleError::Protocol(m) if m.starts_with("AWAITING")),
+                "{msg}"
+            ),
             HostileKind::Spin => unreachable!(),
         }
         let _ = b.vm();
     }
+}
+
+/// A portion that writes its input, awaits it as a key (1 s), then writes
+/// the event's payload, or `T` on a timeout.
+const AWAIT_WAT: &str = r#"
+(module
+  (import "bubble_v1" "input_len" (func $input_len (result i32)))
+  (import "bubble_v1" "input_read" (func $input_read (param i32 i32) (result i32)))
+  (import "bubble_v1" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (import "bubble_v1" "await_event" (func $await (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 900) "T")
+  (func (export "pay") (result i32)
+    (local $n i32) (local $r i32)
+    (local.set $n (call $input_len))
+    (drop (call $input_read (i32.const 0) (local.get $n)))
+    (drop (call $output_write (i32.const 0) (local.get $n)))
+    (local.set $r (call $await (i32.const 0) (local.get $n) (i32.const 1000)
+                            (i32.const 1024) (i32.const 16)))
+    (if (i32.eq (local.get $r) (i32.const -4))
+      (then (drop (call $output_write (i32.const 900) (i32.const 1))) (return (i32.const 0))))
+    (if (i32.lt_s (local.get $r) (i32.const 0)) (then (return (i32.sub (i32.const 0) (local.get $r)))))
+    (drop (call $output_write (i32.const 1024) (local.get $r)))
+    (i32.const 0))
+)
+"#;
+
+#[test]
+fn an_awaiting_portion_call_is_pending_until_resume_and_refuses_other_calls() {
+    use bubble_abi::ops::{LoadPortion, PortionCall};
+    use bubble_abi::{code, Call, Resume, OP_RESUME};
+    let (mut b, r) = boot(GuestImage::Shim, 16);
+    r.unwrap();
+    let mut nolog = |_: &str| {};
+    let module = wat::parse_str(AWAIT_WAT).unwrap();
+    let load = LoadPortion {
+        name: "aw",
+        module: &module,
+    }
+    .encode()
+    .unwrap();
+    assert!(matches!(
+        b.call("load_portion", &load, &mut nolog).unwrap(),
+        Answer::Output(_)
+    ));
+    let call = |input: &[u8]| {
+        PortionCall {
+            portion: "aw",
+            function: "pay",
+            input,
+        }
+        .encode()
+        .unwrap()
+    };
+    let resume = |b: &mut Bubble, r: Resume<'_>| {
+        let mut v = vec![0u8; r.encoded_len()];
+        r.encode_into(&mut v).unwrap();
+        b.call_with(&Call::plain(OP_RESUME, &v), &mut |_| {})
+            .unwrap()
+    };
+    // A RESUME while nothing awaits is refused, typed.
+    assert_eq!(
+        resume(&mut b, Resume::Event(b"x")),
+        Answer::Rejected(code::NOT_AWAITING, "RESUME: no portion call awaits".into())
+    );
+    for (key, end, want) in [
+        (&b"cap-1"[..], Resume::Event(b"paid"), &b"cap-1paid"[..]),
+        (b"cap-2", Resume::Timeout, b"cap-2T"),
+    ] {
+        let a = b.call("portion", &call(key), &mut nolog).unwrap();
+        assert_eq!(
+            a,
+            Answer::Awaiting {
+                key: String::from_utf8(key.to_vec()).unwrap(),
+                timeout_ms: 1000
+            }
+        );
+        // Any other call is refused while the portion awaits; it stays pending.
+        for _ in 0..2 {
+            match b.call("echo", b"hi", &mut nolog).unwrap() {
+                Answer::Rejected(c, _) => assert_eq!(c, code::AWAITING),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The same call continues: what it wrote before and after.
+        assert_eq!(resume(&mut b, end), Answer::Output(want.to_vec()));
+    }
+    // A payload longer than the portion's buffer: -2 (the call refuses).
+    b.call("portion", &call(b"cap-3"), &mut nolog).unwrap();
+    match resume(&mut b, Resume::Event(&[7u8; 17])) {
+        Answer::Rejected(c, _) => assert_eq!(c, code::PORTION_REFUSED),
+        other => panic!("{other:?}"),
+    }
+    // A key the host function refuses (a space): -1, nothing awaited.
+    match b.call("portion", &call(b"a b"), &mut nolog).unwrap() {
+        Answer::Rejected(c, _) => assert_eq!(c, code::PORTION_REFUSED),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        b.call("echo", b"ok", &mut nolog).unwrap(),
+        Answer::Output(b"ok".to_vec())
+    );
 }
 
 fn field(v: &mut Vec<u8>, b: &[u8]) {

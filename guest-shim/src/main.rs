@@ -19,6 +19,7 @@
 
 extern crate alloc;
 
+mod awaits;
 mod keys;
 mod mem;
 mod portions;
@@ -36,13 +37,18 @@ use bubble_abi::ops::{
 use bubble_abi::{BootInfo, Call, Header, MsgType, Signing, HEADER_LEN};
 use sha2::{Digest, Sha256};
 
-/// The guest's view of its mailbox.
+/// The guest's view of its mailbox: a copyable handle (the mailbox memory
+/// is only ever reached through its raw pointers, and the sequence number
+/// is a global), so an awaiting host function can use one of its own.
+#[derive(Clone, Copy)]
 struct Mailbox {
     base: *mut u8,
     size: usize,
     doorbell: *mut u32,
-    seq: u64,
 }
+
+/// The last message's sequence number.
+static SEQ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 impl Mailbox {
     fn capacity(&self) -> usize {
@@ -68,11 +74,11 @@ impl Mailbox {
     /// Publishes a message whose payload is already in place, then rings
     /// the doorbell; returns when the host has placed the next request.
     fn send(&mut self, msg_type: MsgType, len: usize) {
-        self.seq += 1;
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst) + 1;
         let h = Header {
             msg_type,
             length: len as u32,
-            seq: self.seq,
+            seq,
         }
         .encode();
         for (i, b) in h.iter().enumerate() {
@@ -82,7 +88,7 @@ impl Mailbox {
         compiler_fence(Ordering::SeqCst);
         // SAFETY: the doorbell is an identity-mapped, unbacked guest-physical
         // address: the access exits to the VMM, which resumes us afterwards.
-        unsafe { core::ptr::write_volatile(self.doorbell, self.seq as u32) };
+        unsafe { core::ptr::write_volatile(self.doorbell, seq as u32) };
         compiler_fence(Ordering::SeqCst);
     }
 
@@ -100,6 +106,12 @@ impl Mailbox {
 }
 
 static mut MAILBOX: Option<Mailbox> = None;
+
+/// A copy of the mailbox handle (None before boot set it).
+fn mailbox() -> Option<Mailbox> {
+    // SAFETY: single-threaded; written once at boot, then only read.
+    unsafe { *core::ptr::addr_of!(MAILBOX) }
+}
 
 /// Log lines produced while serving a request; sent before its answer.
 struct PendingLogs(core::cell::RefCell<alloc::vec::Vec<alloc::string::String>>);
@@ -348,22 +360,17 @@ pub extern "C" fn _start() -> ! {
     let info = boot_info();
     mem::init_heap(info.heap_start as usize, info.heap_end as usize);
     keys::KEYS.set(keys::Keys::generate());
-    let mb = Mailbox {
+    let mut mb = Mailbox {
         base: info.mailbox_gpa as *mut u8,
         size: info.mailbox_size as usize,
         doorbell: info.doorbell_gpa as *mut u32,
-        seq: 0,
     };
-    // SAFETY: single-threaded; set once before any use.
-    let mb = unsafe {
-        MAILBOX = Some(mb);
-        (*core::ptr::addr_of_mut!(MAILBOX))
-            .as_mut()
-            .unwrap_unchecked()
-    };
+    // SAFETY: single-threaded; set once, before any use, and only ever
+    // copied out (see `mailbox`).
+    unsafe { MAILBOX = Some(mb) };
     mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 2");
     loop {
-        serve(mb);
+        serve(&mut mb);
     }
 }
 
@@ -374,6 +381,10 @@ fn serve(mb: &mut Mailbox) {
         mb.send_error(abi::code::BAD_INPUT, "malformed request header");
         return;
     };
+    if h.msg_type == MsgType::Resume {
+        mb.send_error(abi::code::NOT_AWAITING, "RESUME: no portion call awaits");
+        return;
+    }
     if h.msg_type != MsgType::Call {
         mb.send_error(abi::code::BAD_INPUT, "expected a CALL");
         return;
@@ -451,9 +462,9 @@ fn panic(info: &PanicInfo) -> ! {
     if let Some(l) = info.location() {
         let _ = write!(msg, " at {}:{}", l.file(), l.line());
     }
-    // SAFETY: single-threaded; MAILBOX is set before anything can panic
-    // except boot_info, which faults instead.
-    if let Some(mb) = unsafe { (*core::ptr::addr_of_mut!(MAILBOX)).as_mut() } {
+    // MAILBOX is set before anything can panic except boot_info, which
+    // faults instead.
+    if let Some(mut mb) = mailbox() {
         mb.send_bytes(MsgType::Panic, msg.as_str().as_bytes());
     }
     fault()

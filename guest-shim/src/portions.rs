@@ -16,9 +16,15 @@
 //! - `aead_seal(name_ptr, name_len, aad_ptr, aad_len, pt_ptr, pt_len, out_ptr, out_cap) -> len`
 //!   (AES-256-GCM, 32-byte credential; out = nonce(12) ‖ ciphertext ‖ tag)
 //! - `aead_open(name_ptr, name_len, aad_ptr, aad_len, ct_ptr, ct_len, out_ptr, out_cap) -> len`
+//! - `await_event(key_ptr, key_len, timeout_ms, out_ptr, out_cap) -> len`:
+//!   waits (the bubble may be frozen and resumed on another host) for the
+//!   event `key`; its payload goes to `out`. -4: the timeout passed.
 //!
-//! Errors: -1 bad pointer or length, -2 buffer too small, -3 cryptographic
-//! failure (e.g. AEAD open). Using a credential that the policy does not
+//! Errors: -1 bad pointer or length (for `await_event` also a key outside
+//! 1..=64 bytes of `A-Z a-z 0-9 . _ : -`, a timeout outside 1 ms..7 days,
+//! or a call from a module's start function: only a portion call awaits),
+//! -2 buffer too small (for `await_event`: the payload was dropped), -3
+//! cryptographic failure (e.g. AEAD open), -4 the await timed out. Using a credential that the policy does not
 //! grant to the portion (or that does not exist) traps: the call fails with
 //! PERMISSION_DENIED.
 
@@ -92,6 +98,9 @@ pub struct HostState {
     logs: u32,
     log_lines: Vec<String>,
     failure: Option<(u16, &'static str)>,
+    /// Inside a portion call (not while a module starts at load): only
+    /// then may it await an event.
+    may_await: bool,
 }
 
 struct Portion {
@@ -345,6 +354,45 @@ fn define(linker: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerErr
     }
     linker.func_wrap(
         m,
+        "await_event",
+        |mut c: Caller<'_, HostState>, kp: i32, kl: i32, timeout_ms: i32, out: i32, cap: i32| -> i32 {
+            if !(1..=bubble_abi::MAX_AWAIT_KEY_LEN as i32).contains(&kl)
+                || timeout_ms <= 0
+                || cap < 0
+                || !c.data().may_await
+            {
+                return -1;
+            }
+            let Some(key) = read_mem(&c, kp, kl) else {
+                return -1;
+            };
+            let Ok(key) = core::str::from_utf8(&key) else {
+                return -1;
+            };
+            // The output buffer must be valid before the await starts.
+            let Some(mem) = memory(&c) else { return -1 };
+            let fits = (out as usize)
+                .checked_add(cap as usize)
+                .is_some_and(|end| out >= 0 && end <= mem.data_size(&c));
+            if !fits {
+                return -1;
+            }
+            match crate::awaits::await_event(key, timeout_ms as u32) {
+                None => -1,
+                Some(crate::awaits::AwaitEnd::Timeout) => -4,
+                Some(crate::awaits::AwaitEnd::Event(p)) if p.len() > cap as usize => -2,
+                Some(crate::awaits::AwaitEnd::Event(p)) => {
+                    if write_mem(&mut c, out, &p) {
+                        p.len() as i32
+                    } else {
+                        -1
+                    }
+                }
+            }
+        },
+    )?;
+    linker.func_wrap(
+        m,
         "aead_seal",
         |c: Caller<'_, HostState>,
          np: i32,
@@ -419,6 +467,7 @@ impl Portions {
             logs: 0,
             log_lines: Vec::new(),
             failure: None,
+            may_await: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -469,12 +518,14 @@ impl Portions {
             st.logs = 0;
             st.log_lines.clear();
             st.failure = None;
+            st.may_await = true;
         }
         p.store
             .set_fuel(fuel)
             .map_err(|_| (code::INTERNAL, "fuel"))?;
         let r = f.call(&mut p.store, ());
         let st = p.store.data_mut();
+        st.may_await = false;
         // Dropping the old value zeroizes it.
         st.input = bubble_keys::SecretBytes::new(Vec::new());
         let logs = core::mem::take(&mut st.log_lines);

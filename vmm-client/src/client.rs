@@ -504,6 +504,9 @@ impl VmmClient {
             Reply::CallErr(CallErr::BadRequest(text)) => Err(CallError::BadRequest(text)),
             Reply::CallErr(CallErr::Deadline(text)) => Err(CallError::DeadlineExceeded(text)),
             Reply::CallErr(CallErr::Failed(r)) => Err(CallError::Failed(r)),
+            Reply::CallErr(CallErr::Awaiting { key, timeout_ms }) => {
+                Err(CallError::Awaiting { key, timeout_ms })
+            }
             // A refused request: the guest never saw it.
             Reply::Error { code, text } => Err(CallError::Refused { code, text }),
             other => Err(CallError::Refused {

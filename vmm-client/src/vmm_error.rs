@@ -115,4 +115,13 @@ pub enum CallError {
     /// The bubble died, or its VMM did not answer.
     #[error("{0}")]
     Failed(FailureReason),
+    /// Not answered yet: a portion awaits the event `key` (at most
+    /// `timeout_ms`); the guest waits for a RESUME (op `resume`).
+    #[error("a portion awaits the event {key:?} ({timeout_ms} ms)")]
+    Awaiting {
+        /// The await key (checked by the decoder).
+        key: String,
+        /// Timeout, ms.
+        timeout_ms: u32,
+    },
 }

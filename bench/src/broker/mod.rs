@@ -1,6 +1,7 @@
 //! The metrics measured through a broker running in this process (gRPC
 //! over its Unix socket), one module per group.
 
+mod awaits;
 mod calls;
 mod density;
 mod events;
@@ -62,6 +63,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "health_probe_cost",
     "event_to_result",
     "events_per_sec",
+    "await_resume",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -135,6 +137,9 @@ pub(crate) async fn through_broker(
     freeze::suspend_restore(&mut x, want, opts, results).await?;
     if want("restore_refusal") {
         results.insert("restore_refusal", refusal::restore_refusal(&mut x).await?);
+    }
+    if want("await_resume") {
+        results.insert("await_resume", awaits::await_resume(&mut x, 30).await?);
     }
     if want("density_1000") {
         results.insert("density_1000", density::density_1000(&mut x).await?);

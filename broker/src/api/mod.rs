@@ -130,18 +130,40 @@ impl BrokerApi for BrokerService {
         let span = info_span!("call", bubble = %req.bubble_id, parent = %parent, op = %req.op);
         let id = req.bubble_id.clone();
         let cmd = convert::call(req, self.broker.config())?;
-        let out = self
-            .broker
-            .call(&parent, cmd)
-            .instrument(span)
-            .await
-            .map_err(|e| self.deny(&parent, &id, e))?;
+        let signed = cmd.sign || cmd.seal_to.is_some();
+        let out = match self.broker.call(&parent, cmd).instrument(span).await {
+            // The portion awaits: freeze the bubble (or end the call).
+            Err(crate::error::BrokerError::Awaiting {
+                bubble_id,
+                key,
+                timeout_ms,
+            }) => self
+                .broker
+                .call_awaits(&parent, &bubble_id, &key, timeout_ms, signed)
+                .await
+                .map_err(|e| self.deny(&parent, &id, e))?,
+            r => crate::core::CallEnd::Done(r.map_err(|e| self.deny(&parent, &id, e))?),
+        };
+        let out = match out {
+            crate::core::CallEnd::Done(o) => o,
+            crate::core::CallEnd::Frozen(a) => {
+                return Ok(Response::new(pb::CallResponse {
+                    awaiting: Some(pb::AwaitingCall {
+                        key: a.key,
+                        deadline_ms: a.deadline_ms,
+                        generation: a.generation,
+                    }),
+                    ..Default::default()
+                }))
+            }
+        };
         let (call_id, signature) = out.signed.unwrap_or_default();
         Ok(Response::new(pb::CallResponse {
             output: out.output,
             vmm_us: out.vmm_us,
             call_id,
             signature,
+            awaiting: None,
         }))
     }
 

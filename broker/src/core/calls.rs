@@ -255,6 +255,16 @@ impl Broker {
                 self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;
                 Err(BrokerError::from_guest(code, msg))
             }
+            Err(CallFailure::Awaiting { key, timeout_ms }) => {
+                // Pending inside the bubble: the caller records the await
+                // and freezes the bubble (`awaits`).
+                self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;
+                Err(BrokerError::Awaiting {
+                    bubble_id: id.clone(),
+                    key,
+                    timeout_ms,
+                })
+            }
             Err(CallFailure::Refused(msg)) => {
                 // A request the VMM would not take: the guest never saw it.
                 self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;

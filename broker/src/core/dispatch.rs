@@ -211,6 +211,10 @@ impl Broker {
         d: D,
         results: &R,
     ) {
+        // An event whose key a frozen portion awaits resumes it (`awaits`).
+        let Some(d) = self.resume_by_event(t, d, results).await else {
+            return;
+        };
         let ev = d.event();
         let (key, attempt) = (ev.key.clone(), ev.attempt);
         let ran = match self.trigger_bubble(t, bubble).await {
@@ -254,6 +258,15 @@ impl Broker {
                     }
                     .encode(),
                 )
+            }
+            Err(BrokerError::Awaiting {
+                bubble_id,
+                key: awaited,
+                timeout_ms,
+            }) => {
+                return self
+                    .event_awaits(t, bubble, d, results, bubble_id, awaited, timeout_ms)
+                    .await;
             }
             // The portion refused, or the policy denied what it tried (a
             // credential not granted): no retry would change that.

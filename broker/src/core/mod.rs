@@ -17,6 +17,8 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod await_hooks;
+mod awaits;
 mod calls;
 mod create;
 mod dead_letters;
@@ -50,6 +52,7 @@ use tracing::warn;
 
 pub use attest::{AttestationBundle, GuestBinding};
 pub use audit::{AuditQuery, ANOTHER_PARENT};
+pub use awaits::CallEnd;
 pub use commands::*;
 pub use lifecycle::{State, Step};
 pub use logs::LogLine;
@@ -153,6 +156,8 @@ pub struct Broker {
     queue: bubble_events::embedded::EmbeddedQueue,
     /// Every trigger and its dispatcher's stop switch (`triggers`).
     triggers: parking_lot::Mutex<std::collections::HashMap<String, triggers::Running>>,
+    /// Awaits this broker is resuming now (`awaits`).
+    awaits: awaits::Resuming,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -354,6 +359,7 @@ impl Broker {
         let broker = Arc::new(Self {
             queue,
             triggers: Default::default(),
+            awaits: Default::default(),
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
             ledger: parking_lot::Mutex::new(ledger),
@@ -391,6 +397,7 @@ impl Broker {
         tokio::spawn(Self::maintenance_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::health_loop(Arc::downgrade(&broker)));
         tokio::spawn(Self::probe_loop(Arc::downgrade(&broker)));
+        tokio::spawn(Self::await_sweeper(Arc::downgrade(&broker)));
         tokio::spawn(Self::owner_flusher(
             Arc::downgrade(&broker),
             broker.owners_kick.clone(),

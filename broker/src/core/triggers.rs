@@ -171,6 +171,18 @@ pub(crate) fn queue_key(owner: &str, subject: &str, key: &str) -> Result<EventKe
     ))?)
 }
 
+/// The key of an event of trigger `t` as its owner gave it (the
+/// embedded queue's keys carry the subject's namespace).
+pub(crate) fn owner_key<'a>(t: &TriggerRecord, key: &'a str) -> &'a str {
+    match t.source {
+        TriggerSource::Embedded => key
+            .strip_prefix(namespace(&t.owner, &t.subject).as_str())
+            .and_then(|k| k.strip_prefix(':'))
+            .unwrap_or(key),
+        TriggerSource::Nats => key,
+    }
+}
+
 /// A parent's subject: dotted tokens, no wildcards, at most
 /// [`MAX_SUBJECT_LEN`] bytes.
 pub fn check_subject(subject: &str) -> Result<(), BrokerError> {
@@ -508,6 +520,16 @@ impl Broker {
             Some(Outcome::Refused(r)) => EventResult::Refused(r),
             Some(Outcome::Failed(r)) => EventResult::Failed(r),
         })
+    }
+
+    /// The NATS connection of `owner`'s running trigger on `subject`, if
+    /// one runs here and is connected.
+    pub(super) fn nats_of(&self, owner: &str, subject: &str) -> Option<NatsSource> {
+        self.triggers
+            .lock()
+            .values()
+            .find(|r| r.rec.owner == owner && r.rec.subject == subject)
+            .and_then(|r| r.nats.get().cloned())
     }
 
     /// Stops every dispatcher (broker shutdown).

@@ -140,6 +140,22 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
             .await
             .map_err(status_err)?
             .into_inner();
+        if let Some(w) = r.awaiting {
+            // The portion awaits an event: the bubble is frozen with the
+            // call pending (docs/events.md).
+            if j {
+                println!(
+                    "{}",
+                    json!({"awaiting": {"key": w.key, "deadline_ms": w.deadline_ms, "generation": w.generation}})
+                );
+            } else {
+                println!(
+                    "awaiting {} (frozen at generation {}; times out at {} ms)",
+                    w.key, w.generation, w.deadline_ms
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         Answer {
             output: r.output,
             vmm_us: Some(r.vmm_us),

@@ -20,6 +20,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub mod awaits;
 pub mod triggers;
 
 /// Bubble records keyed by bubble id; values are JSON-encoded [`BubbleRecord`]s.

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, b)) = data.split_first() else {
         return;
     };
-    match which % 15 {
+    match which % 17 {
         0 => {
             if let Ok(h) = Header::decode(b, 1 << 20) {
                 let back = Header::decode(&h.encode(), 1 << 20);
@@ -91,6 +91,18 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(c) = SealedPortionCall::decode(b) {
                 assert_eq!(c.encoded_len(), b.len());
                 same(b, |o| c.encode_into(o));
+            }
+        }
+        14 => {
+            if let Ok(a) = Awaiting::decode(b) {
+                assert_eq!(a.encoded_len(), b.len());
+                same(b, |o| a.encode_into(o));
+            }
+        }
+        15 => {
+            if let Ok(r) = Resume::decode(b) {
+                assert_eq!(r.encoded_len(), b.len());
+                same(b, |o| r.encode_into(o));
             }
         }
         _ => {

@@ -159,6 +159,15 @@ pub enum CallErr {
     /// 4: the request does not fit the mailbox; the bubble is fine.
     /// `[4][text]`.
     BadRequest(String),
+    /// 5: not answered yet: a portion awaits the event `key` (a valid
+    /// await key) for at most `timeout_ms`; the guest waits for a RESUME.
+    /// `[5][timeout_ms u32][key]`.
+    Awaiting {
+        /// The await key.
+        key: String,
+        /// Timeout, ms.
+        timeout_ms: u32,
+    },
 }
 
 /// What was wrong with a request, in an `Error` reply: `[code u8][text]`.
@@ -286,6 +295,11 @@ impl Reply {
                     v.push(4);
                     v.extend_from_slice(text.as_bytes());
                 }
+                CallErr::Awaiting { key, timeout_ms } => {
+                    v.push(5);
+                    v.extend_from_slice(&timeout_ms.to_le_bytes());
+                    v.extend_from_slice(key.as_bytes());
+                }
             },
             Reply::ShutdownOk => {}
             Reply::Error { code, text } => {
@@ -336,6 +350,20 @@ impl Reply {
                     2 => CallErr::Deadline(c.text()),
                     3 => CallErr::Failed(FailureReason::get(&mut c)?),
                     4 => CallErr::BadRequest(c.text()),
+                    5 => {
+                        let timeout_ms = c.u32()?;
+                        let key = c.text();
+                        if !bubble_abi::awaits::is_valid_await_key(key.as_bytes())
+                            || timeout_ms == 0
+                            || timeout_ms > bubble_abi::MAX_AWAIT_TIMEOUT_MS
+                        {
+                            return Err(DecodeError::Code {
+                                what: "await key or timeout",
+                                value: 5,
+                            });
+                        }
+                        CallErr::Awaiting { key, timeout_ms }
+                    }
                     value => {
                         return Err(DecodeError::Code {
                             what: "call error kind",

@@ -93,6 +93,10 @@ impl Guest {
             let text = format!("request does not fit the mailbox ({cap} bytes)");
             return (Reply::CallErr(CallErr::BadRequest(text)), false);
         }
+        if op == crate::abi::OP_RESUME && crate::abi::Resume::decode(call.input).is_err() {
+            let text = "malformed RESUME payload".to_string();
+            return (Reply::CallErr(CallErr::BadRequest(text)), false);
+        }
         let sh = self.shared.clone();
         let mut log = move |line: &str| sh.event(&Event::Log(line.to_string()));
         self.dog.arm(deadline);
@@ -106,6 +110,9 @@ impl Guest {
             Ok(Answer::Output(out)) => (Reply::CallOk(out), false),
             Ok(Answer::Rejected(code, text)) => {
                 (Reply::CallErr(CallErr::Rejected { code, text }), false)
+            }
+            Ok(Answer::Awaiting { key, timeout_ms }) => {
+                (Reply::CallErr(CallErr::Awaiting { key, timeout_ms }), false)
             }
             Err(BubbleError::Vm(VmError::Interrupted)) if self.dog.fired.load(Ordering::SeqCst) => {
                 let detail = format!(

@@ -17,10 +17,12 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
+mod awaits;
 mod cas;
 mod claim;
 mod keeper;
 mod write;
+pub use awaits::IndexError;
 pub use claim::{Claim, ClaimError};
 pub use keeper::ClaimKeeper;
 pub use write::FrozenWriter;
