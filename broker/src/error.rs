@@ -216,6 +216,10 @@ pub enum BrokerError {
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A bubble frozen under its parent's key cannot wait frozen for an
+    /// event (it would have to be frozen under the broker's key).
+    #[error("bubble {0} is kept under its parent's key and cannot be frozen to await an event")]
+    ParentKeyedAwait(String),
     /// An action that must be audited first could not be made durable in
     /// the audit log; it was not taken.
     #[error("the audit log could not record this action, so it was not taken: {0}")]
@@ -255,6 +259,7 @@ impl From<BrokerError> for Status {
             BrokerError::SourceNotConfigured(_)
             | BrokerError::NoTrigger(_)
             | BrokerError::TriggerPolicyDiffers(_)
+            | BrokerError::ParentKeyedAwait(_)
             | BrokerError::Awaiting { .. }
             | BrokerError::GuestAwaiting(_)
             | BrokerError::AwaitTaken(_) => Code::FailedPrecondition,

@@ -119,6 +119,7 @@ async fn internal_ops_are_refused_on_call() {
         "portion",
         "portion_sealed",
         "portion_session",
+        "resume",
     ] {
         for sign in [false, true] {
             let req = pb::CallRequest {

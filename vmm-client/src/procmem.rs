@@ -37,9 +37,13 @@ impl ProcHandle {
         use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
         let pidfd = match getsockopt(sock, PeerPidfd) {
             Ok(fd) if pid_of(&fd) == Some(pid) => Some(fd),
+            // The socket's peer is not the process named `pid` (it went,
+            // and the number may be another's now): no handle, so writes
+            // take the socket path, never a pid that could be reused.
+            Ok(_) => None,
             // A kernel without SO_PEERPIDFD (before 6.5): the pid, opened
             // just after the connection that named it.
-            _ => crate::linger::open(pid),
+            Err(_) => crate::linger::open(pid),
         };
         Self {
             pid,

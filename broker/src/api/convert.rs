@@ -18,8 +18,10 @@ use crate::vmm::ImageSpec;
 /// Guest ops only the broker sends: a parent's raw `Call` of one would
 /// change the policy after it was attested, load a portion the broker's
 /// list (and so the attestation) does not show, or bypass the checks of
-/// ProvisionCredential.
-const RESERVED_OPS: [&str; 6] = [
+/// ProvisionCredential, or resume an awaiting call with a payload of its
+/// choosing instead of the awaited event.
+const RESERVED_OPS: [&str; 7] = [
+    bubble_abi::OP_RESUME,
     bubble_abi::ops::OP_SET_POLICY,
     bubble_abi::ops::OP_LOAD_PORTION,
     bubble_abi::ops::OP_PROVISION,

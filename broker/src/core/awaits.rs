@@ -193,6 +193,12 @@ impl Broker {
         let permit = self
             .permit_owned(owner, bubble_id, super::freeze::SUSPEND_WAIT)
             .await?;
+        // A bubble restored with its parent's key must never be frozen
+        // under the broker's (any broker sharing that key could restore
+        // it): it cannot wait frozen, so its await ends as timed out.
+        if permit.rec.parent_keyed {
+            return Err(BrokerError::ParentKeyedAwait(bubble_id.to_string()));
+        }
         let now = now_ms();
         let mut a = AwaitRecord {
             id: await_id(owner, key),

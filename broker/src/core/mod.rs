@@ -343,6 +343,7 @@ impl Broker {
         frozen.ensure_decoy().await;
         let kek = bubble_keys::Kek::load_or_create(&cfg.data_dir.join("kek"))
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
+        frozen.set_index_key(kek.derive(crate::store::frozen::awaits::INDEX_KEY_LABEL));
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
         let audit = open_audit(&cfg, &registry, &usage_signer)?;
         let queue = bubble_events::embedded::EmbeddedQueue::open(

@@ -75,6 +75,22 @@ impl Kek {
         Ok(Self(k))
     }
 
+    /// A key for another purpose derived from this KEK, one per `label`
+    /// (e.g. authenticating objects that brokers sharing this KEK write to
+    /// their shared store): SHA-256("bubble-v1 derived key" || u64 LE
+    /// len(label) || label || kek). The KEK is uniformly random, so the
+    /// hash is a sound derivation; distinct labels give independent keys.
+    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
+        let mut h = Sha256::new();
+        h.update(b"bubble-v1 derived key");
+        h.update((label.len() as u64).to_le_bytes());
+        h.update(label);
+        h.update(&self.0[..]);
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        k.copy_from_slice(&h.finalize());
+        k
+    }
+
     /// A public identifier of this KEK (to record which KEK wrapped a
     /// snapshot): the first 16 bytes of SHA-256("bubble-v1 kek id" || kek).
     pub fn key_id(&self) -> [u8; 16] {

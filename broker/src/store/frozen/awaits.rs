@@ -5,11 +5,17 @@
 //! await per key and owner across every broker), deleted when the await
 //! ends.
 //!
-//! The store is untrusted: an index object only tells a broker which
-//! frozen copy to try. The copy itself is authenticated (its sealed
-//! header names owner and generation), and a record whose owner differs
-//! from the event's is ignored, so a forged index can at most make a
-//! broker try a restore that fails.
+//! The store is untrusted, and an index entry decides what a broker does
+//! (restore a bubble, resume it, publish its result under a key, delete a
+//! pool bubble). Each object is therefore `HMAC-SHA256(k, json) || json`,
+//! with `k` derived from the broker key-encryption key that every broker
+//! sharing the store holds (`Kek::derive(INDEX_KEY_LABEL)`); an object
+//! that does not verify is treated as absent (and cannot be overwritten
+//! by [`FrozenStore::put_await`] unless it is absent or ended). Someone
+//! who can write to the store but lacks that key can delete entries
+//! (awaits then end by their deadline only if a broker still has them in
+//! its registry) but not forge or alter one. Brokers that do not share
+//! the key cannot read each other's awaits.
 
 use object_store::path::Path as ObjPath;
 use object_store::ObjectStoreExt;
@@ -21,6 +27,52 @@ use crate::store::registry::awaits::{AwaitPhase, AwaitRecord};
 
 /// Largest index object read (a record is a few hundred bytes).
 const MAX_INDEX_LEN: usize = 8 << 10;
+
+/// What the index key is derived for (`Kek::derive`).
+pub const INDEX_KEY_LABEL: &[u8] = b"await index v1";
+
+type Mac = hmac::Hmac<sha2::Sha256>;
+
+impl FrozenStore {
+    /// Sets the key the await index is authenticated with (once).
+    pub fn set_index_key(&self, key: zeroize::Zeroizing<[u8; 32]>) {
+        let _ = self.index_key.set(key);
+    }
+
+    fn index_mac(&self) -> Result<Mac, BrokerError> {
+        use hmac::Mac as _;
+        let key = self
+            .index_key
+            .get()
+            .ok_or_else(|| BrokerError::Store("the await index has no key".into()))?;
+        Mac::new_from_slice(&key[..]).map_err(|e| BrokerError::Store(e.to_string()))
+    }
+
+    /// `mac || json` of `a`.
+    fn seal_index(&self, a: &AwaitRecord) -> Result<Vec<u8>, BrokerError> {
+        use hmac::Mac as _;
+        let json = serde_json::to_vec(a).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let mut m = self.index_mac()?;
+        m.update(&json);
+        let mut out = m.finalize().into_bytes().to_vec();
+        out.extend_from_slice(&json);
+        Ok(out)
+    }
+
+    /// The record an index object holds, if it is one this store's
+    /// brokers wrote (size bounded, MAC verified in constant time).
+    fn open_index(&self, b: &[u8]) -> Option<AwaitRecord> {
+        use hmac::Mac as _;
+        if b.len() > MAX_INDEX_LEN || b.len() < 32 {
+            return None;
+        }
+        let (tag, json) = b.split_at(32);
+        let mut m = self.index_mac().ok()?;
+        m.update(json);
+        m.verify_slice(tag).ok()?;
+        serde_json::from_slice(json).ok()
+    }
+}
 
 fn index_path(id: &str) -> ObjPath {
     ObjPath::from(format!("awaits/{id}"))
@@ -42,12 +94,12 @@ impl FrozenStore {
     /// indexed has ended (conditional writes: concurrent brokers cannot
     /// both take a key).
     pub async fn put_await(&self, a: &AwaitRecord) -> Result<(), IndexError> {
-        let body = serde_json::to_vec(a).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let body = self.seal_index(a)?;
         let path = index_path(&a.id);
         let expect = match self.cas_read(&path).await? {
             None => None,
-            Some((b, v)) => match serde_json::from_slice::<AwaitRecord>(&b) {
-                Ok(now) if now.phase != AwaitPhase::Ended => return Err(IndexError::Taken),
+            Some((b, v)) => match self.open_index(&b) {
+                Some(now) if now.phase != AwaitPhase::Ended => return Err(IndexError::Taken),
                 _ => Some(v),
             },
         };
@@ -61,13 +113,13 @@ impl FrozenStore {
     /// Replaces the index of `a` (same id, bubble and generation, not
     /// ended) with `a`; false if the index is not that await any more.
     pub async fn update_await(&self, a: &AwaitRecord) -> Result<bool, BrokerError> {
-        let body = serde_json::to_vec(a).map_err(|e| BrokerError::Store(e.to_string()))?;
+        let body = self.seal_index(a)?;
         let path = index_path(&a.id);
         let Some((b, v)) = self.cas_read(&path).await? else {
             return Ok(false);
         };
-        match serde_json::from_slice::<AwaitRecord>(&b) {
-            Ok(now)
+        match self.open_index(&b) {
+            Some(now)
                 if now.bubble_id == a.bubble_id
                     && now.generation == a.generation
                     && now.phase != AwaitPhase::Ended => {}
@@ -86,12 +138,7 @@ impl FrozenStore {
         let Some((b, _)) = self.cas_read(&index_path(id)).await? else {
             return Ok(None);
         };
-        if b.len() > MAX_INDEX_LEN {
-            return Ok(None);
-        }
-        Ok(serde_json::from_slice::<AwaitRecord>(&b)
-            .ok()
-            .filter(|a| a.id == id))
+        Ok(self.open_index(&b).filter(|a| a.id == id))
     }
 
     /// Removes the index of `a` if it still names the same bubble and
@@ -152,7 +199,12 @@ mod tests {
     async fn one_index_per_id_and_stale_deletes_do_nothing() {
         let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
         let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
-        assert!(s.get_await("a1").await.unwrap_or_default().is_none());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        assert!(s
+            .get_await("a1")
+            .await
+            .unwrap_or_else(|_| unreachable!())
+            .is_none());
         s.put_await(&rec("a1", 2))
             .await
             .unwrap_or_else(|_| unreachable!());
@@ -184,7 +236,55 @@ mod tests {
         // Garbage in the store names nothing.
         std::fs::create_dir_all(dir.path().join("awaits")).unwrap_or_default();
         std::fs::write(dir.path().join("awaits/a2"), b"{not json").unwrap_or_default();
-        assert!(s.get_await("a2").await.ok().flatten().is_none());
-        assert!(s.list_awaits().await.unwrap_or_default().is_empty());
+        assert!(s
+            .get_await("a2")
+            .await
+            .unwrap_or_else(|_| unreachable!())
+            .is_none());
+        assert!(s
+            .list_awaits()
+            .await
+            .unwrap_or_else(|_| unreachable!())
+            .is_empty());
+    }
+
+    /// Someone who can write to the store but lacks the key cannot forge
+    /// an entry, alter one, or read entries as another key's broker.
+    #[tokio::test]
+    async fn forged_or_altered_entries_name_nothing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        let read = |id: &'static str| {
+            let s = &s;
+            async move { s.get_await(id).await.unwrap_or_else(|_| unreachable!()) }
+        };
+        // A well-formed record without the MAC, and one with a MAC under
+        // another key.
+        let forged = serde_json::to_vec(&rec("f1", 1)).unwrap_or_default();
+        std::fs::create_dir_all(dir.path().join("awaits")).unwrap_or_default();
+        std::fs::write(dir.path().join("awaits/f1"), &forged).unwrap_or_default();
+        assert_eq!(read("f1").await, None);
+        let other = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        other.set_index_key(zeroize::Zeroizing::new([8; 32]));
+        other
+            .put_await(&rec("f2", 1))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(read("f2").await, None);
+        // A genuine entry with one byte changed.
+        s.put_await(&rec("g1", 1))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(read("g1").await, Some(rec("g1", 1)));
+        let path = dir.path().join("awaits/g1");
+        let mut b = std::fs::read(&path).unwrap_or_default();
+        let last = b.len() - 3;
+        b[last] ^= 1;
+        std::fs::write(&path, &b).unwrap_or_default();
+        assert_eq!(read("g1").await, None);
+        // Without a key the index is neither written nor believed.
+        let keyless = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        assert!(keyless.put_await(&rec("k1", 1)).await.is_err());
     }
 }

@@ -17,7 +17,7 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
-mod awaits;
+pub(crate) mod awaits;
 mod cas;
 mod claim;
 mod keeper;
@@ -55,6 +55,10 @@ pub struct FrozenStore {
     local_root: Option<std::path::PathBuf>,
     /// How long a claim lasts without renewal.
     lease: std::time::Duration,
+    /// The key authenticating the await index (see `awaits`), derived
+    /// from the broker key-encryption key every broker sharing the store
+    /// holds; without it the index is neither written nor believed.
+    index_key: std::sync::OnceLock<zeroize::Zeroizing<[u8; 32]>>,
 }
 
 /// Default claim lease.
@@ -142,6 +146,7 @@ impl FrozenStore {
             buffers: BufPool::default(),
             local_root: Some(dir.to_path_buf()),
             lease: DEFAULT_LEASE,
+            index_key: std::sync::OnceLock::new(),
         })
     }
 
@@ -188,6 +193,7 @@ impl FrozenStore {
             buffers: BufPool::default(),
             local_root: None,
             lease: DEFAULT_LEASE,
+            index_key: std::sync::OnceLock::new(),
         })
     }
 
