@@ -40,11 +40,15 @@ pub enum ErrorCode {
     /// opened, or evicted by newer sessions), or a setup for a session id
     /// the bubble has seen before.
     NoSession = 15,
+    /// A portion used a credential faster than the policy's
+    /// `credential_rate` allows (the token bucket of that credential is
+    /// empty).
+    RateLimited = 16,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::UnknownOp,
         ErrorCode::BadInput,
         ErrorCode::Internal,
@@ -60,6 +64,7 @@ impl ErrorCode {
         ErrorCode::Replay,
         ErrorCode::NotOpened,
         ErrorCode::NoSession,
+        ErrorCode::RateLimited,
     ];
 
     /// The code's wire value.
@@ -85,6 +90,7 @@ impl ErrorCode {
             ErrorCode::Replay => "REPLAY",
             ErrorCode::NotOpened => "NOT_OPENED",
             ErrorCode::NoSession => "NO_SESSION",
+            ErrorCode::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -111,6 +117,9 @@ impl ErrorCode {
             }
             ErrorCode::NoSession => {
                 "the session is not held (never opened or evicted), or its id was used before: open a new one"
+            }
+            ErrorCode::RateLimited => {
+                "a portion used a credential faster than the policy's credential_rate allows"
             }
         }
     }
@@ -175,4 +184,6 @@ pub mod code {
     pub const NOT_OPENED: u16 = ErrorCode::NotOpened as u16;
     /// [`ErrorCode::NoSession`].
     pub const NO_SESSION: u16 = ErrorCode::NoSession as u16;
+    /// [`ErrorCode::RateLimited`].
+    pub const RATE_LIMITED: u16 = ErrorCode::RateLimited as u16;
 }

@@ -20,7 +20,9 @@
 //! Errors: -1 bad pointer or length, -2 buffer too small, -3 cryptographic
 //! failure (e.g. AEAD open). Using a credential that the policy does not
 //! grant to the portion (or that does not exist) traps: the call fails with
-//! PERMISSION_DENIED.
+//! PERMISSION_DENIED. Using a granted credential faster than the policy's
+//! `credential_rate` allows (`crate::rate`) traps too: the call fails with
+//! RATE_LIMITED.
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
@@ -54,6 +56,8 @@ pub struct Policy {
     pub max_output: usize,
     /// Portion name → credentials it may use.
     pub grants: BTreeMap<String, Vec<String>>,
+    /// Uses per second and burst of each credential (`crate::rate`).
+    pub credential_rate: Option<bubble_abi::CredentialRate>,
 }
 
 impl Default for Policy {
@@ -63,6 +67,7 @@ impl Default for Policy {
             memory_limit: 1 << 20,
             max_output: 64 << 10,
             grants: BTreeMap::new(),
+            credential_rate: None,
         }
     }
 }
@@ -76,6 +81,7 @@ impl Policy {
             memory_limit: p.memory_limit_bytes as usize,
             max_output: p.max_output_bytes as usize,
             grants: p.grants.into_iter().collect(),
+            credential_rate: p.credential_rate,
         })
     }
 }
@@ -156,6 +162,10 @@ fn granted_name(
     };
     if !caller.data().granted.iter().any(|g| *g == name) {
         return Err(deny(caller));
+    }
+    if !crate::rate::take(&name) {
+        caller.data_mut().failure = Some((code::RATE_LIMITED, "credential rate limit reached"));
+        return Err(wasmi::Error::new("credential rate limit reached"));
     }
     Ok(Some(name))
 }

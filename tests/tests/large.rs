@@ -112,6 +112,7 @@ async fn a_bubble_with_more_than_a_gib_of_memory_suspends_and_restores_intact() 
     let b = c
         .create_bubble(pb::CreateBubbleRequest {
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 fuel_per_call: 50_000_000,
                 memory_limit_bytes: 64 << 20,
                 call_deadline_ms: 60_000,

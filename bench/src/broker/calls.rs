@@ -115,6 +115,7 @@ pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
 /// hands it over.
 pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         grants: vec![pb::CredentialGrant {
             portion: "payments".into(),
             credentials: vec!["tokenization_key".into(), "gateway_key".into()],

@@ -52,6 +52,9 @@ kinds! {
     /// credential reserved to a portion, or a portion using a credential
     /// not granted to it): the guest's DENIED.
     CredentialDenied => "credential_denied",
+    /// A portion used a credential faster than its policy's
+    /// `credential_rate` allows: the guest's RATE_LIMITED.
+    CredentialRate => "credential_rate",
     /// A portion called a host function its policy forbids. No source
     /// yet: the guest shim refuses such a module at load with a generic
     /// PORTION_REFUSED, which the broker cannot tell from other refusals.
@@ -101,6 +104,7 @@ impl SecurityKind {
         use bubble_abi::code as c;
         match code {
             c::DENIED => Some(Self::CredentialDenied),
+            c::RATE_LIMITED => Some(Self::CredentialRate),
             c::FUEL => Some(Self::FuelExhausted),
             c::MEMORY_LIMIT => Some(Self::MemoryLimit),
             _ => None,

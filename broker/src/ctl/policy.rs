@@ -9,6 +9,9 @@
 //! memory_limit_bytes = 1048576
 //! call_deadline_ms = 2000
 //! max_output_bytes = 16384
+//! [credential_rate]            # optional: no limit without it
+//! per_sec = 100
+//! burst = 20
 //! [[grants]]
 //! portion = "payments"
 //! credentials = ["tokenization_key"]
@@ -35,6 +38,15 @@ struct PolicyFile {
     max_output_bytes: u32,
     #[serde(default)]
     grants: Vec<GrantFile>,
+    #[serde(default)]
+    credential_rate: Option<RateFile>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    per_sec: u32,
+    burst: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +67,10 @@ fn read(path: &Path) -> anyhow::Result<PolicyFile> {
 pub(super) fn to_pb(path: &Path) -> anyhow::Result<pb::SecurityPolicy> {
     let f = read(path)?;
     Ok(pb::SecurityPolicy {
+        credential_rate: f.credential_rate.map(|r| pb::CredentialRate {
+            per_sec: r.per_sec,
+            burst: r.burst,
+        }),
         fuel_per_call: f.fuel_per_call,
         memory_limit_bytes: f.memory_limit_bytes,
         call_deadline_ms: f.call_deadline_ms,
@@ -94,6 +110,10 @@ pub(super) fn expected(path: Option<&Path>) -> anyhow::Result<bubble_attestation
         .into_iter()
         .map(|g| (g.portion, g.credentials))
         .collect();
+    p.credential_rate = f.credential_rate.map(|r| bubble_abi::CredentialRate {
+        per_sec: r.per_sec,
+        burst: r.burst,
+    });
     Ok(p)
 }
 
