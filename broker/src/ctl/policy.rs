@@ -180,5 +180,35 @@ mod tests {
         assert_eq!(e.grants, vec![("payments".into(), vec!["k".into()])]);
         std::fs::write(&p, "fuel = 5\n").unwrap();
         assert!(to_pb(&p).is_err());
+        assert_eq!(expected(Some(&p)).map(|e| e.credential_rate).ok(), None);
+    }
+
+    #[test]
+    fn a_policy_file_carries_the_credential_rate() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("policy.toml");
+        std::fs::write(&p, "[credential_rate]\nper_sec = 100\nburst = 20\n").unwrap();
+        let pb = to_pb(&p).unwrap();
+        assert_eq!(
+            pb.credential_rate,
+            Some(pb::CredentialRate {
+                per_sec: 100,
+                burst: 20
+            })
+        );
+        let e = expected(Some(&p)).unwrap();
+        assert_eq!(
+            e.credential_rate,
+            Some(bubble_abi::CredentialRate {
+                per_sec: 100,
+                burst: 20
+            })
+        );
+        std::fs::write(&p, "fuel_per_call = 5\n").unwrap();
+        assert_eq!(to_pb(&p).unwrap().credential_rate, None);
+        std::fs::write(&p, "[credential_rate]\nper_sec = 1\n").unwrap();
+        assert!(to_pb(&p).is_err(), "burst is required");
+        std::fs::write(&p, "[credential_rate]\nper_sec = 1\nburst = 1\nx = 2\n").unwrap();
+        assert!(to_pb(&p).is_err(), "unknown keys are refused");
     }
 }
