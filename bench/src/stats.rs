@@ -87,6 +87,12 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                     ""
                 }
             ),
+            ("security_accounting", _, _) => format!(
+                "per call, in process (target ≤ 10 µs); mean {} µs; hmac p50 {} µs, p99 {} µs",
+                extra(s, "mean_us"),
+                extra(s, "hmac_p50_us"),
+                extra(s, "hmac_p99_us")
+            ),
             ("tokenize_4_parents", _, _) => format!("{} calls/s", extra(s, "per_sec")),
             ("density_1000", _, _) => format!(
                 "PSS/bubble {} KiB, beyond guest pages {} KiB (target ≤ 1024)",

@@ -1,6 +1,7 @@
 //! The metrics measured through a broker running in this process (gRPC
 //! over its Unix socket), one module per group.
 
+mod accounting;
 mod calls;
 mod density;
 mod freeze;
@@ -57,6 +58,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "call_echo_64b",
     "load_8_parents",
     "health_probe_cost",
+    "security_accounting",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -133,6 +135,10 @@ pub(crate) async fn through_broker(
     if want("health_probe_cost") {
         let s = probes::health_probe_cost(&mut x).await?;
         results.insert("health_probe_cost", s);
+    }
+    if want("security_accounting") {
+        let s = accounting::security_accounting(&mut x).await?;
+        results.insert("security_accounting", s);
     }
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);
