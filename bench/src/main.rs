@@ -14,6 +14,9 @@
 //! `--json` writes an object keyed by metric with `p50_us`, `p99_us` and
 //! `n`. `jail_setup`: the VMM jail's own cost on a fresh start, as the
 //! VMM logs it.
+//! `set_policy_guest`: the guest's `set_policy` in process, no broker.
+//! `security_accounting`: the broker's per-call security accounting,
+//! timed in process (`docs/performance.md` says what each covers).
 //!
 //! The broker runs in this process on a runtime of its own (one worker per
 //! core, as `bubbled` has) and the client on a current-thread runtime,
@@ -31,6 +34,7 @@ use serde_json::{json, Value};
 
 mod broker;
 mod floors;
+mod guest_policy;
 mod stats;
 
 use stats::{print_results, round, us};
@@ -64,6 +68,7 @@ const FLOORS: &[&str] = &[
     "raw_exit_rtt",
     "verify_report",
     "jail_setup",
+    "set_policy_guest",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +102,9 @@ fn main() -> anyhow::Result<()> {
     }
     if want("jail_setup") {
         results.insert("jail_setup", floors::jail_setup()?);
+    }
+    if want("set_policy_guest") {
+        results.insert("set_policy_guest", guest_policy::set_policy_guest()?);
     }
     if broker::THROUGH_BROKER.iter().any(|m| want(m)) {
         // The broker runs on a runtime of its own (see EmbeddedBroker); the
