@@ -51,6 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             memory_mib: 32,
             vcpus: 1,
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 grants: vec![pb::CredentialGrant {
                     portion: "payments".into(),
                     credentials: vec!["tokenization_key".into(), "gateway_key".into()],
@@ -79,6 +80,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let expect = bubble_client::Expectations::new(measurement, bubble.id(), &owner)
         .allow_sim()
         .with_security_policy(bubble_attestation::SecurityPolicy {
+            credential_rate: None,
             grants: vec![(
                 "payments".into(),
                 vec!["tokenization_key".into(), "gateway_key".into()],

@@ -51,6 +51,7 @@ mod tests {
     fn default_policy_digest_is_zero_and_others_hash_the_encoding() {
         assert_eq!(SecurityPolicy::default().digest(), [0u8; 32]);
         let p = SecurityPolicy {
+            credential_rate: None,
             grants: vec![("pay".into(), vec!["k".into()])],
             ..Default::default()
         };

@@ -17,6 +17,9 @@
 //! directly, or over the VMM's socket with `--restore-over-socket`;
 //! `restore_refusal`: refused imports of an unknown id, a copy under
 //! another key and a damaged copy, interleaved, p50/p99 of each.
+//! `set_policy_guest`: the guest's `set_policy` in process, no broker.
+//! `security_accounting`: the broker's per-call security accounting,
+//! timed in process (`docs/performance.md` says what each covers).
 //!
 //! The broker runs in this process on a runtime of its own (one worker per
 //! core, as `bubbled` has) and the client on a current-thread runtime,
@@ -34,6 +37,7 @@ use serde_json::{json, Value};
 
 mod broker;
 mod floors;
+mod guest_policy;
 mod stats;
 
 use stats::{print_results, round, us};
@@ -74,6 +78,7 @@ const FLOORS: &[&str] = &[
     "raw_exit_rtt",
     "verify_report",
     "jail_setup",
+    "set_policy_guest",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +112,9 @@ fn main() -> anyhow::Result<()> {
     }
     if want("jail_setup") {
         results.insert("jail_setup", floors::jail_setup()?);
+    }
+    if want("set_policy_guest") {
+        results.insert("set_policy_guest", guest_policy::set_policy_guest()?);
     }
     if broker::THROUGH_BROKER.iter().any(|m| want(m)) {
         // The broker runs on a runtime of its own (see EmbeddedBroker); the

@@ -100,6 +100,18 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 extra(s, "damaged_p50_us"),
                 extra(s, "damaged_p99_us")
             ),
+            ("set_policy_guest", _, _) => format!(
+                "in process, fresh bubble; echo {} µs; runtime creation {} µs; set_policy after it {} µs",
+                extra(s, "echo_p50_us"),
+                extra(s, "runtime_creation_p50_us"),
+                extra(s, "set_policy_prewarmed_p50_us")
+            ),
+            ("security_accounting", _, _) => format!(
+                "per call, in process (target ≤ 10 µs); mean {} µs; hmac p50 {} µs, p99 {} µs",
+                extra(s, "mean_us"),
+                extra(s, "hmac_p50_us"),
+                extra(s, "hmac_p99_us")
+            ),
             ("tokenize_4_parents", _, _) => format!("{} calls/s", extra(s, "per_sec")),
             ("event_to_result", _, r) => format!(
                 "direct signed call p50 {} µs, event path adds {} µs{}",

@@ -253,6 +253,7 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
             memory_mib: 32,
             vcpus: 1,
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 fuel_per_call: 1_000_000,
                 max_output_bytes: 1024,
                 grants: vec![pb::CredentialGrant {
@@ -298,6 +299,7 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
     let expect = bubble_client::Expectations::new(expected, &b.bubble_id, &owner)
         .allow_sim()
         .with_security_policy(bubble_attestation::SecurityPolicy {
+            credential_rate: None,
             fuel_per_call: 1_000_000,
             max_output_bytes: 1024,
             grants: vec![(

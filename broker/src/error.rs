@@ -61,6 +61,10 @@ pub enum BrokerError {
     /// A resource limit of the bubble's policy stopped the call.
     #[error("limit reached inside the bubble: {0}")]
     GuestLimit(String),
+    /// A portion used a credential faster than the policy's
+    /// `credential_rate` allows (the guest's RATE_LIMITED).
+    #[error("credential rate limit reached inside the bubble: {0}")]
+    GuestRateLimited(String),
     /// The portion trapped (the bubble stays usable).
     #[error("portion trapped: {0}")]
     GuestTrap(String),
@@ -235,7 +239,9 @@ impl From<BrokerError> for Status {
             BrokerError::NotAccessible(_) | BrokerError::GuestDenied(_) | BrokerError::NotAdmin => {
                 Code::PermissionDenied
             }
-            BrokerError::GuestLimit(_) => Code::ResourceExhausted,
+            BrokerError::GuestLimit(_) | BrokerError::GuestRateLimited(_) => {
+                Code::ResourceExhausted
+            }
             BrokerError::GuestTrap(_) => Code::Aborted,
             BrokerError::GuestRefused(_) | BrokerError::CodeFrozen(_) => Code::FailedPrecondition,
             BrokerError::Replayed(_) => Code::AlreadyExists,
@@ -306,6 +312,7 @@ impl BrokerError {
             c::FUEL | c::MEMORY_LIMIT | c::OUTPUT_LIMIT | c::TOO_LARGE => {
                 BrokerError::GuestLimit(msg)
             }
+            c::RATE_LIMITED => BrokerError::GuestRateLimited(msg),
             c::TRAP => BrokerError::GuestTrap(msg),
             c::PORTION_REFUSED | c::STATE => BrokerError::GuestRefused(msg),
             c::FROZEN => BrokerError::CodeFrozen(msg),

@@ -45,11 +45,15 @@ pub enum ErrorCode {
     Awaiting = 16,
     /// A RESUME came while no portion call awaits.
     NotAwaiting = 17,
+    /// A portion used a credential faster than the policy's
+    /// `credential_rate` allows (the token bucket of that credential is
+    /// empty).
+    RateLimited = 18,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::UnknownOp,
         ErrorCode::BadInput,
         ErrorCode::Internal,
@@ -67,6 +71,7 @@ impl ErrorCode {
         ErrorCode::NoSession,
         ErrorCode::Awaiting,
         ErrorCode::NotAwaiting,
+        ErrorCode::RateLimited,
     ];
 
     /// The code's wire value.
@@ -94,6 +99,7 @@ impl ErrorCode {
             ErrorCode::NoSession => "NO_SESSION",
             ErrorCode::Awaiting => "AWAITING",
             ErrorCode::NotAwaiting => "NOT_AWAITING",
+            ErrorCode::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -123,6 +129,9 @@ impl ErrorCode {
             }
             ErrorCode::Awaiting => "a portion call awaits an event: only a RESUME is taken",
             ErrorCode::NotAwaiting => "a RESUME came while no portion call awaits",
+            ErrorCode::RateLimited => {
+                "a portion used a credential faster than the policy's credential_rate allows"
+            }
         }
     }
 }
@@ -190,4 +199,6 @@ pub mod code {
     pub const AWAITING: u16 = ErrorCode::Awaiting as u16;
     /// [`ErrorCode::NotAwaiting`].
     pub const NOT_AWAITING: u16 = ErrorCode::NotAwaiting as u16;
+    /// [`ErrorCode::RateLimited`].
+    pub const RATE_LIMITED: u16 = ErrorCode::RateLimited as u16;
 }

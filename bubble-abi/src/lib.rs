@@ -12,6 +12,7 @@
 //! - [`policy`]: the security-policy wire format and its digest.
 //! - [`replay`]: the replay window of sealed inputs.
 //! - [`awaits`]: AWAITING and RESUME, for portions that wait for an event.
+//! - [`rate`]: the credential rate limit (a token bucket on host time).
 //!
 //! `docs/guest-abi.md` is the prose description; a test of this crate
 //! checks that its tables match these constants.
@@ -37,6 +38,7 @@ pub mod msg;
 pub mod ops;
 #[cfg(feature = "alloc")]
 pub mod policy;
+pub mod rate;
 #[cfg(feature = "alloc")]
 pub mod replay;
 pub mod session;
@@ -52,6 +54,7 @@ pub use error::AbiError;
 pub use msg::{decode_error, decode_text, encode_error, BootInfo, Header, MsgType};
 #[cfg(feature = "alloc")]
 pub use policy::SecurityPolicy;
+pub use rate::{CredentialRate, TokenBucket};
 #[cfg(feature = "alloc")]
 pub use replay::{ReplayWindow, REPLAY_WINDOW};
 pub use session::{SeqWindow, SessionCall, OP_PORTION_SESSION};

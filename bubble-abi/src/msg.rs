@@ -90,6 +90,11 @@ pub struct Header {
     pub length: u32,
     /// Sequence number (echoed by replies; informational).
     pub seq: u64,
+    /// Host to guest: the VMM's monotonic clock (`CLOCK_MONOTONIC`, ns)
+    /// when it wrote the CALL; the guest's only clock (it paces the
+    /// credential rate limit, `crate::rate`). Guest to host: zero. The
+    /// host controls it; see `docs/portions.md`.
+    pub host_time_ns: u64,
 }
 
 impl Header {
@@ -101,6 +106,7 @@ impl Header {
         h[6..8].copy_from_slice(&(self.msg_type as u16).to_le_bytes());
         h[8..12].copy_from_slice(&self.length.to_le_bytes());
         h[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        h[24..32].copy_from_slice(&self.host_time_ns.to_le_bytes());
         h
     }
 
@@ -127,10 +133,12 @@ impl Header {
         }
         r.bytes(4)?;
         let seq = r.u64()?;
+        let host_time_ns = r.u64()?;
         Ok(Header {
             msg_type,
             length,
             seq,
+            host_time_ns,
         })
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! `[fuel u64][memory u32][deadline_ms u32][max_output u32][n u16]` then n
 //! grants, each `[len u8][portion][count u8]` and count × `[len u8][credential]`;
-//! all integers little-endian. Fuel, memory, deadline and output limits are
-//! non-zero. Every field the guest or the host enforces is in these bytes,
+//! all integers little-endian, then, only if the policy sets a credential
+//! rate, `[per_sec u32][burst u32]` (both non-zero; a policy without one
+//! encodes as before, so its digest is unchanged). Fuel, memory, deadline
+//! and output limits are non-zero. Every field the guest or the host enforces is in these bytes,
 //! so the digest an attestation binds covers all of them.
 
 use alloc::string::String;
@@ -12,6 +14,7 @@ use alloc::vec::Vec;
 
 use sha2::{Digest, Sha256};
 
+use crate::rate::CredentialRate;
 use crate::wire::Reader;
 use crate::AbiError;
 
@@ -30,6 +33,10 @@ pub struct SecurityPolicy {
     pub max_output_bytes: u32,
     /// (portion, credentials it may use).
     pub grants: Vec<(String, Vec<String>)>,
+    /// How fast a portion may use each credential (the guest enforces it
+    /// with a token bucket per credential, [`crate::rate`]); `None`: no
+    /// limit.
+    pub credential_rate: Option<CredentialRate>,
 }
 
 impl Default for SecurityPolicy {
@@ -40,6 +47,7 @@ impl Default for SecurityPolicy {
             call_deadline_ms: 10_000,
             max_output_bytes: 64 << 10,
             grants: Vec::new(),
+            credential_rate: None,
         }
     }
 }
@@ -79,6 +87,10 @@ impl SecurityPolicy {
                 short(&mut v, c);
             }
         }
+        if let Some(r) = self.credential_rate {
+            v.extend_from_slice(&r.per_sec.to_le_bytes());
+            v.extend_from_slice(&r.burst.to_le_bytes());
+        }
         v
     }
 
@@ -110,6 +122,18 @@ impl SecurityPolicy {
             }
             grants.push((String::from(portion), creds));
         }
+        let credential_rate = if r.rest_len() == 0 {
+            None
+        } else {
+            let per_sec = r.u32()?;
+            let burst = r.u32()?;
+            if per_sec == 0 || burst == 0 {
+                return Err(AbiError::BadValue {
+                    field: "credential rate",
+                });
+            }
+            Some(CredentialRate { per_sec, burst })
+        };
         r.end()?;
         Ok(Self {
             fuel_per_call,
@@ -117,6 +141,7 @@ impl SecurityPolicy {
             call_deadline_ms,
             max_output_bytes,
             grants,
+            credential_rate,
         })
     }
 

@@ -65,6 +65,11 @@ impl<'a> Reader<'a> {
         core::str::from_utf8(b).map_err(|_| AbiError::BadText { field })
     }
 
+    /// How many bytes are left.
+    pub(crate) fn rest_len(&self) -> usize {
+        self.rest.len()
+    }
+
     /// Everything left.
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         core::mem::take(&mut self.rest)

@@ -65,9 +65,10 @@ fn error_codes_round_trip_and_unknown_codes_are_refused() {
         assert_eq!(u16::from(c), c.as_u16());
     }
     assert_eq!(ErrorCode::try_from(0), Err(0));
-    assert_eq!(ErrorCode::try_from(18), Err(18));
+    assert_eq!(ErrorCode::try_from(19), Err(19));
     assert_eq!(code::NO_SESSION, 15);
     assert_eq!((code::AWAITING, code::NOT_AWAITING), (16, 17));
+    assert_eq!(code::RATE_LIMITED, 18);
     assert_eq!(code::STATE, 11);
     assert_eq!((code::FROZEN, code::REPLAY, code::NOT_OPENED), (12, 13, 14));
     assert_eq!(code::UNKNOWN_OP, 1);
@@ -81,6 +82,7 @@ fn header_round_trips_and_checks_every_field() {
             msg_type: t,
             length: 77,
             seq: 0x0102_0304_0506_0708,
+            host_time_ns: 0x1112_1314_1516_1718,
         };
         let e = h.encode();
         assert_eq!(Header::decode(&e, 77), Ok(h));
@@ -96,6 +98,7 @@ fn header_round_trips_and_checks_every_field() {
         msg_type: MsgType::Log,
         length: 0,
         seq: 1,
+        host_time_ns: 0,
     }
     .encode();
     e[4] = 1; // version 1: the `sign:` prefix ABI
@@ -348,10 +351,59 @@ fn provisioning_load_and_hmac_frames() {
     assert!(Sha256Chain::decode(&buf[..3]).is_err());
 }
 
+/// The credential rate is in the attested bytes: a rated policy round
+/// trips, its digest differs from the same policy without a rate (which
+/// encodes as before), zero rates and partial rates are refused.
+#[test]
+fn policy_credential_rate_is_in_the_wire_form() {
+    let base = SecurityPolicy {
+        grants: vec![("pay".into(), vec!["k".into()])],
+        ..Default::default()
+    };
+    let rated = SecurityPolicy {
+        credential_rate: Some(CredentialRate {
+            per_sec: 100,
+            burst: 20,
+        }),
+        ..base.clone()
+    };
+    let e = rated.encode();
+    assert_eq!(e.len(), base.encode().len() + 8);
+    assert_eq!(&e[..e.len() - 8], &base.encode()[..]);
+    assert_eq!(SecurityPolicy::decode(&e), Ok(rated.clone()));
+    assert_ne!(rated.digest(), base.digest());
+    let other_burst = SecurityPolicy {
+        credential_rate: Some(CredentialRate {
+            per_sec: 100,
+            burst: 21,
+        }),
+        ..base.clone()
+    };
+    assert_ne!(rated.digest(), other_burst.digest());
+    // Cut inside the rate: refused (cut before it: the policy without one).
+    for cut in 1..8 {
+        assert!(
+            SecurityPolicy::decode(&e[..e.len() - cut]).is_err(),
+            "{cut}"
+        );
+    }
+    assert_eq!(SecurityPolicy::decode(&e[..e.len() - 8]), Ok(base.clone()));
+    for (per_sec, burst) in [(0, 1), (1, 0), (0, 0)] {
+        let mut z = base.encode();
+        z.extend_from_slice(&u32::to_le_bytes(per_sec));
+        z.extend_from_slice(&u32::to_le_bytes(burst));
+        assert!(SecurityPolicy::decode(&z).is_err(), "{per_sec} {burst}");
+    }
+    let mut long = e.clone();
+    long.push(0);
+    assert!(SecurityPolicy::decode(&long).is_err());
+}
+
 #[test]
 fn policy_wire_round_trips_and_keeps_its_digest() {
     assert_eq!(SecurityPolicy::default().digest(), [0; 32]);
     let p = SecurityPolicy {
+        credential_rate: None,
         grants: vec![
             ("pay".into(), vec!["k".into(), "seed".into()]),
             ("other".into(), vec![]),
@@ -368,6 +420,7 @@ fn policy_wire_round_trips_and_keeps_its_digest() {
     long.push(0);
     assert!(SecurityPolicy::decode(&long).is_err());
     let zero_fuel = SecurityPolicy {
+        credential_rate: None,
         fuel_per_call: 0,
         ..Default::default()
     };
@@ -380,12 +433,14 @@ fn policy_wire_round_trips_and_keeps_its_digest() {
     // The deadline is in the bytes: two policies that differ only in it
     // have different digests, and a zero deadline is refused.
     let short = SecurityPolicy {
+        credential_rate: None,
         call_deadline_ms: 2000,
         ..p.clone()
     };
     assert_ne!(short.digest(), p.digest());
     assert_eq!(SecurityPolicy::decode(&short.encode()), Ok(short.clone()));
     let zero_deadline = SecurityPolicy {
+        credential_rate: None,
         call_deadline_ms: 0,
         ..Default::default()
     };

@@ -83,6 +83,7 @@ pub fn write_call(vm: &Vm, seq: u64, call: &abi::Call<'_>) -> Result<(), Transpo
         msg_type: MsgType::Call,
         length: len as u32,
         seq,
+        host_time_ns: monotonic_ns(),
     };
     vm.write(l.mailbox_gpa, &h.encode())?;
     Ok(())
@@ -105,7 +106,30 @@ pub fn write_resume(vm: &Vm, seq: u64, payload: &[u8]) -> Result<(), TransportEr
         msg_type: MsgType::Resume,
         length: payload.len() as u32,
         seq,
+        // The resumed call goes on at this time (the credential rate
+        // limit's clock, as for a CALL).
+        host_time_ns: monotonic_ns(),
     };
     vm.write(l.mailbox_gpa, &h.encode())?;
     Ok(())
+}
+
+/// The host's `CLOCK_MONOTONIC` in ns: the guest's clock (it paces the
+/// credential rate limit). Host-wide, so a bubble restored on this host by
+/// another VMM process sees it continue; another host's clock may be
+/// behind, which the guest's token bucket treats as no refill.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC
+    // always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }

@@ -21,6 +21,7 @@ fn headers_round_trip() {
         msg_type: MsgType::Reply,
         length: 1 << 20,
         seq: 42,
+        host_time_ns: 0,
     };
     assert_eq!(Header::decode(&h.encode(), 1 << 20), Ok(h));
 }

@@ -16,6 +16,7 @@ const NONCE: [u8; 32] = [0x11; 32];
 
 fn policy() -> SecurityPolicy {
     SecurityPolicy {
+        credential_rate: None,
         grants: vec![("payments".into(), vec!["k".into()])],
         ..Default::default()
     }
@@ -95,6 +96,7 @@ fn only_the_expected_bubble_is_accepted() {
         "security policy",
     );
     let e = right.clone().with_security_policy(SecurityPolicy {
+        credential_rate: None,
         grants: vec![("payments".into(), vec!["k".into(), "k2".into()])],
         ..Default::default()
     });

@@ -23,6 +23,7 @@ mod awaits;
 mod keys;
 mod mem;
 mod portions;
+mod rate;
 mod rng;
 mod sessions;
 
@@ -79,6 +80,7 @@ impl Mailbox {
             msg_type,
             length: len as u32,
             seq,
+            host_time_ns: 0,
         }
         .encode();
         for (i, b) in h.iter().enumerate() {
@@ -238,6 +240,7 @@ fn run_op(op: &str, input: &[u8]) -> Result<alloc::vec::Vec<u8>, keys::OpError> 
             }
             p.policy = portions::Policy::decode(input).ok_or((BAD, "malformed policy"))?;
             p.policy_set = true;
+            rate::configure(p.policy.credential_rate);
             let d = abi::policy::wire_digest(input);
             // SAFETY: single-threaded write.
             unsafe { *core::ptr::addr_of_mut!(POLICY_DIGEST) = d };
@@ -389,6 +392,7 @@ fn serve(mb: &mut Mailbox) {
         mb.send_error(abi::code::BAD_INPUT, "expected a CALL");
         return;
     }
+    rate::set_now(h.host_time_ns);
     let len = h.length as usize;
     let payload = mb.payload();
     let Ok(call) = Call::decode(&payload[..len]) else {

@@ -26,7 +26,9 @@
 //! -2 buffer too small (for `await_event`: the payload was dropped), -3
 //! cryptographic failure (e.g. AEAD open), -4 the await timed out. Using a credential that the policy does not
 //! grant to the portion (or that does not exist) traps: the call fails with
-//! PERMISSION_DENIED.
+//! PERMISSION_DENIED. Using a granted credential faster than the policy's
+//! `credential_rate` allows (`crate::rate`) traps too: the call fails with
+//! RATE_LIMITED.
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
@@ -60,6 +62,8 @@ pub struct Policy {
     pub max_output: usize,
     /// Portion name → credentials it may use.
     pub grants: BTreeMap<String, Vec<String>>,
+    /// Uses per second and burst of each credential (`crate::rate`).
+    pub credential_rate: Option<bubble_abi::CredentialRate>,
 }
 
 impl Default for Policy {
@@ -69,6 +73,7 @@ impl Default for Policy {
             memory_limit: 1 << 20,
             max_output: 64 << 10,
             grants: BTreeMap::new(),
+            credential_rate: None,
         }
     }
 }
@@ -82,6 +87,7 @@ impl Policy {
             memory_limit: p.memory_limit_bytes as usize,
             max_output: p.max_output_bytes as usize,
             grants: p.grants.into_iter().collect(),
+            credential_rate: p.credential_rate,
         })
     }
 }
@@ -165,6 +171,10 @@ fn granted_name(
     };
     if !caller.data().granted.iter().any(|g| *g == name) {
         return Err(deny(caller));
+    }
+    if !crate::rate::take(&name) {
+        caller.data_mut().failure = Some((code::RATE_LIMITED, "credential rate limit reached"));
+        return Err(wasmi::Error::new("credential rate limit reached"));
     }
     Ok(Some(name))
 }
@@ -355,7 +365,13 @@ fn define(linker: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerErr
     linker.func_wrap(
         m,
         "await_event",
-        |mut c: Caller<'_, HostState>, kp: i32, kl: i32, timeout_ms: i32, out: i32, cap: i32| -> i32 {
+        |mut c: Caller<'_, HostState>,
+         kp: i32,
+         kl: i32,
+         timeout_ms: i32,
+         out: i32,
+         cap: i32|
+         -> i32 {
             if !(1..=bubble_abi::MAX_AWAIT_KEY_LEN as i32).contains(&kl)
                 || timeout_ms <= 0
                 || cap < 0

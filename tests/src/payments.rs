@@ -31,6 +31,7 @@ pub async fn payments_bubble(parent: &Parent) -> Bubble {
         .grpc()
         .create_bubble(pb::CreateBubbleRequest {
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 grants: grants()
                     .into_iter()
                     .map(|(portion, credentials)| pb::CredentialGrant {
@@ -57,6 +58,7 @@ pub async fn payments_bubble(parent: &Parent) -> Bubble {
 /// The digest of the payments policy.
 pub fn policy_digest() -> [u8; 32] {
     bubble_attestation::SecurityPolicy {
+        credential_rate: None,
         grants: grants(),
         ..Default::default()
     }

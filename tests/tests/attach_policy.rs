@@ -27,6 +27,7 @@ fn grants() -> Vec<(String, Vec<String>)> {
 
 fn policy() -> pb::SecurityPolicy {
     pb::SecurityPolicy {
+        credential_rate: None,
         grants: grants()
             .into_iter()
             .map(|(portion, credentials)| pb::CredentialGrant {
@@ -40,6 +41,7 @@ fn policy() -> pb::SecurityPolicy {
 
 fn digest_of(grants: Vec<(String, Vec<String>)>) -> Vec<u8> {
     bubble_attestation::SecurityPolicy {
+        credential_rate: None,
         grants,
         ..Default::default()
     }
@@ -226,6 +228,7 @@ async fn attach_with_a_policy_burns_at_most_two_pool_entries() {
 
     for bad in [
         pb::SecurityPolicy {
+            credential_rate: None,
             grants: vec![pb::CredentialGrant {
                 portion: "no spaces allowed".into(),
                 credentials: vec![],
@@ -233,6 +236,7 @@ async fn attach_with_a_policy_burns_at_most_two_pool_entries() {
             ..Default::default()
         },
         pb::SecurityPolicy {
+            credential_rate: None,
             memory_limit_bytes: 1 << 30,
             ..policy()
         },

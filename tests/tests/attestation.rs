@@ -70,6 +70,7 @@ async fn attest_provision_and_prove() {
     let other_policy = right
         .clone()
         .with_security_policy(bubble_attestation::SecurityPolicy {
+            credential_rate: None,
             fuel_per_call: 1,
             ..Default::default()
         });

@@ -79,6 +79,7 @@ fn payments_flow_from_the_cli_alone() {
     std::fs::write(
         &policy,
         "fuel_per_call = 2000000\ncall_deadline_ms = 2000\n\
+         [credential_rate]\nper_sec = 1000\nburst = 100\n\
          [[grants]]\nportion = \"payments\"\ncredentials = [\"tokenization_key\", \"gateway_key\"]\n",
     )
     .unwrap();

@@ -81,6 +81,7 @@ async fn a_guest_over_its_cgroup_memory_limit_fails_only_its_bubble() {
     );
     let mut c = broker.client().await;
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         fuel_per_call: 50_000_000,
         memory_limit_bytes: 64 << 20,
         call_deadline_ms: 30_000,

@@ -135,6 +135,7 @@ async fn large_bubble(over_socket: bool) {
     let b = c
         .create_bubble(pb::CreateBubbleRequest {
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 fuel_per_call: 50_000_000,
                 memory_limit_bytes: 64 << 20,
                 call_deadline_ms: 60_000,

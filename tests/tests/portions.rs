@@ -16,6 +16,7 @@ const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
 
 fn policy() -> pb::SecurityPolicy {
     pb::SecurityPolicy {
+        credential_rate: None,
         fuel_per_call: 2_000_000,
         memory_limit_bytes: 1 << 20,
         call_deadline_ms: 2000,
@@ -188,6 +189,7 @@ async fn payments_portion_tokenizes_and_signs_within_policy() {
     let e = c
         .create_bubble(pb::CreateBubbleRequest {
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 memory_limit_bytes: 1 << 30,
                 ..policy()
             }),

@@ -39,6 +39,7 @@ fn opts(admin: &str) -> Opts {
 
 async fn new_bubble(c: &mut Client) -> String {
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         grants: vec![pb::CredentialGrant {
             portion: "hostile".into(),
             credentials: vec![],

@@ -14,8 +14,9 @@ use tonic::Code;
 
 const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
 
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "credential_denied",
+    "credential_rate",
     "host_call_forbidden",
     "fuel_exhausted",
     "memory_limit",
@@ -103,6 +104,7 @@ async fn security_events_reach_the_owner_and_the_audit_chain_holds() {
 
     // A bubble of A with a policy, a hostile portion and a credential.
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         fuel_per_call: 2_000_000,
         memory_limit_bytes: 1 << 20,
         call_deadline_ms: 2000,

@@ -16,6 +16,7 @@ const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
 
 async fn new_bubble(c: &mut Client) -> String {
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         grants: vec![pb::CredentialGrant {
             portion: "hostile".into(),
             credentials: vec![],

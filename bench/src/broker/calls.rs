@@ -115,6 +115,7 @@ pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
 /// hands it over.
 pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
     let policy = pb::SecurityPolicy {
+        credential_rate: None,
         grants: vec![pb::CredentialGrant {
             portion: "payments".into(),
             credentials: vec!["tokenization_key".into(), "gateway_key".into()],
@@ -127,6 +128,7 @@ pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
 async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> anyhow::Result<Stat> {
     let mut v = Vec::new();
     let mut idle_first = Vec::new();
+    let (mut first_call, mut second_call) = (Vec::new(), Vec::new());
     for _ in 0..100 {
         // Let the pool refill so that every sample is a warm attach.
         wait_pool(&x.broker, 4).await;
@@ -148,6 +150,19 @@ async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> an
             .into_inner();
         v.push(t.elapsed());
         anyhow::ensure!(b.state == pb::BubbleState::Ready as i32);
+        // The first calls into the bubble after the attach (is a call
+        // into a VMM that idled in the pool slower than into a busy one?).
+        for calls in [&mut first_call, &mut second_call] {
+            let t = Instant::now();
+            x.c.call(pb::CallRequest {
+                bubble_id: b.bubble_id.clone(),
+                op: "echo".into(),
+                input: vec![0; 64],
+                ..Default::default()
+            })
+            .await?;
+            calls.push(t.elapsed());
+        }
         x.c.delete_bubble(pb::BubbleRef {
             bubble_id: b.bubble_id,
         })
@@ -168,6 +183,14 @@ async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> an
     s.extra.insert(
         "first_rpc_after_idle_p50_us".into(),
         json!(round(us(stat(idle_first).p50))),
+    );
+    s.extra.insert(
+        "first_echo_after_attach_p50_us".into(),
+        json!(round(us(stat(first_call).p50))),
+    );
+    s.extra.insert(
+        "second_echo_after_attach_p50_us".into(),
+        json!(round(us(stat(second_call).p50))),
     );
     Ok(s)
 }

@@ -31,6 +31,7 @@ pub(crate) async fn suspend_restore(
             .create_bubble(pb::CreateBubbleRequest {
                 memory_mib: mem,
                 policy: Some(pb::SecurityPolicy {
+                    credential_rate: None,
                     memory_limit_bytes: (touch + 2) << 20,
                     fuel_per_call: 100_000_000,
                     ..Default::default()

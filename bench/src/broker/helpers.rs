@@ -55,6 +55,7 @@ pub(crate) async fn payments_bubble(
     let b = c
         .create_bubble(pb::CreateBubbleRequest {
             policy: Some(pb::SecurityPolicy {
+                credential_rate: None,
                 grants: vec![pb::CredentialGrant {
                     portion: "payments".into(),
                     credentials: vec!["tokenization_key".into(), "gateway_key".into()],

@@ -1,6 +1,7 @@
 //! The metrics measured through a broker running in this process (gRPC
 //! over its Unix socket), one module per group.
 
+mod accounting;
 mod awaits;
 mod calls;
 mod density;
@@ -64,6 +65,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "event_to_result",
     "events_per_sec",
     "await_resume",
+    "security_accounting",
 ];
 
 /// Starts a broker in a temporary directory and measures the wanted
@@ -157,6 +159,10 @@ pub(crate) async fn through_broker(
             "events_per_sec",
             events::events_per_sec(&mut x, 4000).await?,
         );
+    }
+    if want("security_accounting") {
+        let s = accounting::security_accounting(&mut x).await?;
+        results.insert("security_accounting", s);
     }
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);

@@ -211,6 +211,16 @@ pub(crate) fn policy_from_pb(
         }
         out.grants.push((g.portion.clone(), g.credentials.clone()));
     }
+    if let Some(r) = &p.credential_rate {
+        const MAX_RATE: u32 = 1_000_000;
+        if !(1..=MAX_RATE).contains(&r.per_sec) || !(1..=MAX_RATE).contains(&r.burst) {
+            return Err(invalid(
+                "policy.credential_rate",
+                format!("per_sec and burst must be 1 to {MAX_RATE}"),
+            ));
+        }
+        out.credential_rate = Some((r.per_sec, r.burst));
+    }
     Ok(out)
 }
 

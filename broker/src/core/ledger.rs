@@ -32,6 +32,7 @@ fn counts_against_module(k: SecurityKind) -> bool {
     matches!(
         k,
         SecurityKind::CredentialDenied
+            | SecurityKind::CredentialRate
             | SecurityKind::HostCallForbidden
             | SecurityKind::MemoryLimit
             | SecurityKind::FuelExhausted

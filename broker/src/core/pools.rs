@@ -464,7 +464,20 @@ mod tests {
                 max_output_bytes: 0,
                 ..ok.clone()
             },
+            PortionPolicy {
+                credential_rate: Some((0, 1)),
+                ..ok.clone()
+            },
+            PortionPolicy {
+                credential_rate: Some((1, 0)),
+                ..ok.clone()
+            },
         ];
+        assert!(check_policy(&PortionPolicy {
+            credential_rate: Some((1, 1)),
+            ..ok.clone()
+        })
+        .is_ok());
         for p in bad {
             assert!(
                 matches!(check_policy(&p), Err(BrokerError::InvalidArgument { .. })),

@@ -52,6 +52,9 @@ kinds! {
     /// credential reserved to a portion, or a portion using a credential
     /// not granted to it): the guest's DENIED.
     CredentialDenied => "credential_denied",
+    /// A portion used a credential faster than its policy's
+    /// `credential_rate` allows: the guest's RATE_LIMITED.
+    CredentialRate => "credential_rate",
     /// A portion called a host function its policy forbids. No source
     /// yet: the guest shim refuses such a module at load with a generic
     /// PORTION_REFUSED, which the broker cannot tell from other refusals.
@@ -101,6 +104,7 @@ impl SecurityKind {
         use bubble_abi::code as c;
         match code {
             c::DENIED => Some(Self::CredentialDenied),
+            c::RATE_LIMITED => Some(Self::CredentialRate),
             c::FUEL => Some(Self::FuelExhausted),
             c::MEMORY_LIMIT => Some(Self::MemoryLimit),
             _ => None,
@@ -385,5 +389,65 @@ impl Broker {
         self.parent_strike(&ev);
         self.raise(ev);
         e
+    }
+}
+
+/// Which call [`Broker::time_call_accounting`] accounts for.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum AccountedCall {
+    /// A successful call of a loaded portion (what most calls are).
+    Portion,
+    /// A successful built-in `hmac` (a credential use: one audit record).
+    Hmac,
+}
+
+impl Broker {
+    /// For `bubble-bench`'s `security_accounting` only: times, `n` times,
+    /// the security accounting that every call through the API does on
+    /// this broker for bubble `id` (called by its owner): the throttle
+    /// check of the caller (`api::Api::parent`), then [`Broker::observe_call`] of a
+    /// successful outcome (`core::calls::invoke_then`). Neither the guest
+    /// nor the registry is involved: this is the accounting's own cost.
+    /// `None` if the bubble is unknown.
+    #[doc(hidden)]
+    pub fn time_call_accounting(
+        &self,
+        id: &str,
+        portion: &str,
+        which: AccountedCall,
+        n: usize,
+    ) -> Option<Vec<std::time::Duration>> {
+        let rec = self.table.get(id)?;
+        let input = match which {
+            AccountedCall::Portion => PortionCall {
+                portion,
+                function: "f",
+                input: &[0u8; 64],
+            }
+            .encode()
+            .ok()?,
+            AccountedCall::Hmac => Hmac {
+                name: "bench_key",
+                data: &[0u8; 64],
+            }
+            .encode()
+            .ok()?,
+        };
+        let op = match which {
+            AccountedCall::Portion => OP_PORTION,
+            AccountedCall::Hmac => OP_HMAC,
+        };
+        let call = bubble_abi::Call::plain(op, &input);
+        let result: Result<Vec<u8>, CallFailure> = Ok(vec![0u8; 32]);
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            let throttled = self.throttled(&rec.owner);
+            let seen = self.observe_call(&rec, &call, &result);
+            std::hint::black_box((throttled, seen));
+            v.push(t.elapsed());
+        }
+        Some(v)
     }
 }

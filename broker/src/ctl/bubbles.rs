@@ -24,7 +24,7 @@ pub(super) struct CreateArgs {
     image: String,
     /// Security policy for portions (TOML: fuel_per_call,
     /// memory_limit_bytes, call_deadline_ms, max_output_bytes, [[grants]]
-    /// portion and credentials).
+    /// portion and credentials, [credential_rate] per_sec and burst).
     #[arg(long)]
     policy_file: Option<PathBuf>,
     #[command(flatten)]

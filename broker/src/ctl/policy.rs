@@ -9,6 +9,9 @@
 //! memory_limit_bytes = 1048576
 //! call_deadline_ms = 2000
 //! max_output_bytes = 16384
+//! [credential_rate]            # optional: no limit without it
+//! per_sec = 100
+//! burst = 20
 //! [[grants]]
 //! portion = "payments"
 //! credentials = ["tokenization_key"]
@@ -35,6 +38,15 @@ struct PolicyFile {
     max_output_bytes: u32,
     #[serde(default)]
     grants: Vec<GrantFile>,
+    #[serde(default)]
+    credential_rate: Option<RateFile>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    per_sec: u32,
+    burst: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +67,10 @@ fn read(path: &Path) -> anyhow::Result<PolicyFile> {
 pub(super) fn to_pb(path: &Path) -> anyhow::Result<pb::SecurityPolicy> {
     let f = read(path)?;
     Ok(pb::SecurityPolicy {
+        credential_rate: f.credential_rate.map(|r| pb::CredentialRate {
+            per_sec: r.per_sec,
+            burst: r.burst,
+        }),
         fuel_per_call: f.fuel_per_call,
         memory_limit_bytes: f.memory_limit_bytes,
         call_deadline_ms: f.call_deadline_ms,
@@ -94,6 +110,10 @@ pub(super) fn expected(path: Option<&Path>) -> anyhow::Result<bubble_attestation
         .into_iter()
         .map(|g| (g.portion, g.credentials))
         .collect();
+    p.credential_rate = f.credential_rate.map(|r| bubble_abi::CredentialRate {
+        per_sec: r.per_sec,
+        burst: r.burst,
+    });
     Ok(p)
 }
 
@@ -160,5 +180,35 @@ mod tests {
         assert_eq!(e.grants, vec![("payments".into(), vec!["k".into()])]);
         std::fs::write(&p, "fuel = 5\n").unwrap();
         assert!(to_pb(&p).is_err());
+        assert_eq!(expected(Some(&p)).map(|e| e.credential_rate).ok(), None);
+    }
+
+    #[test]
+    fn a_policy_file_carries_the_credential_rate() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("policy.toml");
+        std::fs::write(&p, "[credential_rate]\nper_sec = 100\nburst = 20\n").unwrap();
+        let pb = to_pb(&p).unwrap();
+        assert_eq!(
+            pb.credential_rate,
+            Some(pb::CredentialRate {
+                per_sec: 100,
+                burst: 20
+            })
+        );
+        let e = expected(Some(&p)).unwrap();
+        assert_eq!(
+            e.credential_rate,
+            Some(bubble_abi::CredentialRate {
+                per_sec: 100,
+                burst: 20
+            })
+        );
+        std::fs::write(&p, "fuel_per_call = 5\n").unwrap();
+        assert_eq!(to_pb(&p).unwrap().credential_rate, None);
+        std::fs::write(&p, "[credential_rate]\nper_sec = 1\n").unwrap();
+        assert!(to_pb(&p).is_err(), "burst is required");
+        std::fs::write(&p, "[credential_rate]\nper_sec = 1\nburst = 1\nx = 2\n").unwrap();
+        assert!(to_pb(&p).is_err(), "unknown keys are refused");
     }
 }

@@ -143,6 +143,10 @@ pub struct PortionPolicy {
     pub max_output_bytes: u32,
     /// (portion, credentials it may use).
     pub grants: Vec<(String, Vec<String>)>,
+    /// Uses per second and burst of each credential (absent in records
+    /// written before it existed: no limit).
+    #[serde(default)]
+    pub credential_rate: Option<(u32, u32)>,
 }
 
 impl Default for PortionPolicy {
@@ -156,6 +160,7 @@ impl Default for PortionPolicy {
             call_deadline_ms: d.call_deadline_ms,
             max_output_bytes: d.max_output_bytes,
             grants: d.grants,
+            credential_rate: None,
         }
     }
 }
@@ -176,6 +181,9 @@ impl PortionPolicy {
             call_deadline_ms: self.call_deadline_ms,
             max_output_bytes: self.max_output_bytes,
             grants: self.grants.clone(),
+            credential_rate: self
+                .credential_rate
+                .map(|(per_sec, burst)| bubble_abi::CredentialRate { per_sec, burst }),
         }
     }
 }

@@ -191,3 +191,36 @@ fn a_session_input_is_checked_before_it_reaches_the_bubble() {
         Some(bubble_proto::SESSION_REFUSED_VALUE.as_bytes())
     );
 }
+
+#[test]
+fn a_credential_rate_is_validated_and_kept() {
+    let with = |per_sec, burst| pb::SecurityPolicy {
+        credential_rate: Some(pb::CredentialRate { per_sec, burst }),
+        ..Default::default()
+    };
+    let p = policy_from_pb(Some(&with(100, 20)), 1 << 20).expect("valid");
+    assert_eq!(p.credential_rate, Some((100, 20)));
+    assert_eq!(
+        p.wire().credential_rate,
+        Some(bubble_abi::CredentialRate {
+            per_sec: 100,
+            burst: 20
+        })
+    );
+    for (per_sec, burst) in [(0, 1), (1, 0), (1_000_001, 1), (1, 1_000_001)] {
+        match policy_from_pb(Some(&with(per_sec, burst)), 1 << 20) {
+            Err(BrokerError::InvalidArgument { field, .. }) => {
+                assert_eq!(field, "policy.credential_rate")
+            }
+            other => panic!("{per_sec}/{burst}: {other:?}"),
+        }
+    }
+    let none = policy_from_pb(Some(&pb::SecurityPolicy::default()), 1 << 20).expect("valid");
+    assert_eq!(none.credential_rate, None);
+    // The broker's error for the guest's RATE_LIMITED is typed and is
+    // RESOURCE_EXHAUSTED.
+    let e = BrokerError::from_guest(bubble_abi::code::RATE_LIMITED, "x".into());
+    assert!(matches!(e, BrokerError::GuestRateLimited(_)), "{e:?}");
+    let s: tonic::Status = e.into();
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+}
