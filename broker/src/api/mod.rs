@@ -46,16 +46,6 @@ impl BrokerService {
     fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
         self.broker.denied(parent, id, false, e).into()
     }
-
-    /// A trigger as the API shows it, with its pending count.
-    async fn trigger_pb(
-        &self,
-        t: &crate::store::registry::triggers::TriggerRecord,
-    ) -> Result<pb::Trigger, Status> {
-        let mut out = triggers::trigger_to_pb(t);
-        out.pending = self.broker.trigger_pending(t).await?;
-        Ok(out)
-    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;

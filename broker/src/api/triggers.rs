@@ -207,3 +207,15 @@ pub fn result_to_pb(key: String, r: EventResult) -> pb::EventResult {
     }
     out
 }
+
+impl super::BrokerService {
+    /// A trigger as the API shows it, with its pending count.
+    pub(super) async fn trigger_pb(
+        &self,
+        t: &crate::store::registry::triggers::TriggerRecord,
+    ) -> Result<pb::Trigger, tonic::Status> {
+        let mut out = trigger_to_pb(t);
+        out.pending = self.broker.trigger_pending(t).await?;
+        Ok(out)
+    }
+}
