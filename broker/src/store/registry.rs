@@ -466,10 +466,32 @@ fn encode(rec: &BubbleRecord) -> Vec<u8> {
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<BubbleRecord, RegistryError> {
-    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
-        id: id.to_string(),
-        detail: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::corrupt(id, e))
+}
+
+impl Registry {
+    /// Every row of a table of JSON records keyed by id, in id order (none
+    /// if the table was never written).
+    pub(super) fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, RegistryError> {
+        let txn = self.handle()?.begin_read()?;
+        let t = match txn.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| RegistryError::corrupt(k.value(), e))?,
+            );
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -73,17 +73,10 @@ pub struct AwaitRecord {
     pub phase: AwaitPhase,
 }
 
-fn corrupt(id: &str, e: serde_json::Error) -> RegistryError {
-    RegistryError::Corrupt {
-        id: id.to_string(),
-        detail: e.to_string(),
-    }
-}
-
 impl Registry {
     /// Stores an await (durably), replacing one with the same id.
     pub fn put_await(&self, a: &AwaitRecord) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(a).map_err(|e| corrupt(&a.id, e))?;
+        let bytes = serde_json::to_vec(a).map_err(|e| RegistryError::corrupt(&a.id, e))?;
         self.write(|db| {
             let txn = db.begin_write()?;
             txn.open_table(AWAITS)?
@@ -131,7 +124,7 @@ impl Registry {
         };
         match t.get(id)? {
             Some(v) => Ok(Some(
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(id, e))?,
+                serde_json::from_slice(v.value()).map_err(|e| RegistryError::corrupt(id, e))?,
             )),
             None => Ok(None),
         }
@@ -139,18 +132,7 @@ impl Registry {
 
     /// Every await recorded here, in id order.
     pub fn awaits(&self) -> Result<Vec<AwaitRecord>, RegistryError> {
-        let txn = self.handle()?.begin_read()?;
-        let t = match txn.open_table(AWAITS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?);
-        }
-        Ok(out)
+        self.json_rows(AWAITS)
     }
 }
 

@@ -16,6 +16,16 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// Record `id` does not (de)serialize.
+    pub(super) fn corrupt(id: &str, e: serde_json::Error) -> Self {
+        RegistryError::Corrupt {
+            id: id.to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
 macro_rules! db_err {
     ($($t:ty),*) => {$(
         impl From<$t> for RegistryError {

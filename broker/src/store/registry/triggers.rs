@@ -2,7 +2,7 @@
 //! redb database as the bubbles, each change a durable commit before it
 //! is acted on (a restarted broker restarts every trigger's dispatcher).
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 use super::{PortionPolicy, Registry, RegistryError};
@@ -86,17 +86,10 @@ pub struct TriggerRecord {
     pub seal_to: Option<[u8; 32]>,
 }
 
-fn corrupt(id: &str, e: serde_json::Error) -> RegistryError {
-    RegistryError::Corrupt {
-        id: id.to_string(),
-        detail: e.to_string(),
-    }
-}
-
 impl Registry {
     /// Stores a new trigger (durably).
     pub fn put_trigger(&self, t: &TriggerRecord) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(t).map_err(|e| corrupt(&t.id, e))?;
+        let bytes = serde_json::to_vec(t).map_err(|e| RegistryError::corrupt(&t.id, e))?;
         self.write(|db| {
             let txn = db.begin_write()?;
             txn.open_table(TRIGGERS)?
@@ -118,19 +111,8 @@ impl Registry {
 
     /// Every trigger, in id order.
     pub fn triggers(&self) -> Result<Vec<TriggerRecord>, RegistryError> {
-        let txn = self.handle()?.begin_read()?;
-        let t = match txn.open_table(TRIGGERS) {
-            Ok(t) => t,
-            // Never written yet (a registry made before triggers).
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?);
-        }
-        Ok(out)
+        // Never written yet (a registry made before triggers): none.
+        self.json_rows(TRIGGERS)
     }
 }
 
