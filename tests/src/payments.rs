@@ -87,3 +87,35 @@ pub async fn tokenizer(parent: &Parent, key: &[u8]) -> Bubble {
     b.provision("tokenization_key", key).await.unwrap();
     b
 }
+
+/// A bubble whose policy names the hostile portion and grants it no
+/// credential (the quarantine and strike tests).
+pub async fn hostile_bubble(c: &mut crate::Client) -> String {
+    let policy = pb::SecurityPolicy {
+        credential_rate: None,
+        grants: vec![pb::CredentialGrant {
+            portion: "hostile".into(),
+            credentials: vec![],
+        }],
+        ..Default::default()
+    };
+    c.create_bubble(pb::CreateBubbleRequest {
+        policy: Some(policy),
+        ..create_req(16)
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .bubble_id
+}
+
+/// Loads the hostile portion as "hostile" into bubble `id`.
+pub async fn load_hostile(c: &mut crate::Client, id: &str) -> Result<(), tonic::Status> {
+    c.load_portion(pb::LoadPortionRequest {
+        bubble_id: id.to_string(),
+        name: "hostile".into(),
+        module: wat::parse_str(HOSTILE).unwrap(),
+    })
+    .await
+    .map(|_| ())
+}

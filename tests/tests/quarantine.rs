@@ -14,7 +14,7 @@ use bubble_proto::v1 as pb;
 use sha2::{Digest, Sha384};
 use tonic::Code;
 
-const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
+use bubble_e2e_tests::payments::HOSTILE;
 
 /// `bubblectl --json ARGS` on the broker's Unix socket (as this uid, the
 /// test's admin).
@@ -35,35 +35,6 @@ fn opts(admin: &str) -> Opts {
         config: Some(format!("admins = [\"{admin}\"]\n")),
         ..Opts::default()
     }
-}
-
-async fn new_bubble(c: &mut Client) -> String {
-    let policy = pb::SecurityPolicy {
-        credential_rate: None,
-        grants: vec![pb::CredentialGrant {
-            portion: "hostile".into(),
-            credentials: vec![],
-        }],
-        ..Default::default()
-    };
-    c.create_bubble(pb::CreateBubbleRequest {
-        policy: Some(policy),
-        ..create_req(16)
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .bubble_id
-}
-
-async fn load(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
-    c.load_portion(pb::LoadPortionRequest {
-        bubble_id: id.to_string(),
-        name: "hostile".into(),
-        module: wat::parse_str(HOSTILE).unwrap(),
-    })
-    .await
-    .map(|_| ())
 }
 
 fn digest() -> String {
@@ -126,8 +97,8 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     }
-    let id = new_bubble(&mut c).await;
-    load(&mut c, &id).await.unwrap();
+    let id = payments::hostile_bubble(&mut c).await;
+    payments::load_hostile(&mut c, &id).await.unwrap();
     for _ in 0..3 {
         let e = c
             .call(pb::CallRequest {
@@ -169,12 +140,12 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
         }
     }
     drop(watch);
-    let other = new_bubble(&mut c).await;
-    let e = load(&mut c, &other).await.unwrap_err();
+    let other = payments::hostile_bubble(&mut c).await;
+    let e = payments::load_hostile(&mut c, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("quarantined"), "{e:?}");
-    let theirs = new_bubble(&mut victim).await;
-    load(&mut victim, &theirs).await.unwrap();
+    let theirs = payments::hostile_bubble(&mut victim).await;
+    payments::load_hostile(&mut victim, &theirs).await.unwrap();
 
     // Neither the quarantined parent nor the other may list or lift.
     refused_to_non_admin(&mut c, &digest).await;
@@ -206,7 +177,7 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     // The HTTP admin endpoint has no lift any more (unauthenticated).
     let r = admin_post(&broker, &format!("/quarantine/lift?digest={digest}"));
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-    assert!(load(&mut c, &other).await.is_err());
+    assert!(payments::load_hostile(&mut c, &other).await.is_err());
 
     // The admin sees it, for parent-a only.
     let list = |dir: &std::path::Path| {
@@ -231,7 +202,7 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     assert!(broker.terminate().unwrap().success());
     let mut broker = BrokerProc::start_with(dir.path(), opts(&me));
     let mut c = broker.tls_client("parent-a").await;
-    let e = load(&mut c, &other).await.unwrap_err();
+    let e = payments::load_hostile(&mut c, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("quarantined after 3"), "{e:?}");
     assert_eq!(list(dir.path()), v);
@@ -254,7 +225,7 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     assert!(out.status.success(), "{out:?}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["lifted"], 1, "{r}");
-    load(&mut c, &other).await.unwrap();
+    payments::load_hostile(&mut c, &other).await.unwrap();
     assert_eq!(list(dir.path()), serde_json::json!([]));
     let out = ctl(dir.path(), &["admin", "quarantine", "lift", &digest]);
     assert_eq!(out.status.code(), Some(15), "{out:?}");
@@ -264,8 +235,8 @@ async fn a_quarantine_survives_restarts_and_only_an_admin_lifts_it() {
     assert!(broker.terminate().unwrap().success());
     let broker = BrokerProc::start_with(dir.path(), opts(&me));
     let mut c = broker.tls_client("parent-a").await;
-    let fresh = new_bubble(&mut c).await;
-    load(&mut c, &fresh).await.unwrap();
+    let fresh = payments::hostile_bubble(&mut c).await;
+    payments::load_hostile(&mut c, &fresh).await.unwrap();
 }
 
 /// The admin endpoint is unauthenticated, so the broker refuses to serve

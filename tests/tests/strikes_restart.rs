@@ -12,37 +12,6 @@ use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
 use tonic::Code;
 
-const HOSTILE: &str = include_str!("../../examples/payments/hostile.wat");
-
-async fn new_bubble(c: &mut Client) -> String {
-    let policy = pb::SecurityPolicy {
-        credential_rate: None,
-        grants: vec![pb::CredentialGrant {
-            portion: "hostile".into(),
-            credentials: vec![],
-        }],
-        ..Default::default()
-    };
-    c.create_bubble(pb::CreateBubbleRequest {
-        policy: Some(policy),
-        ..create_req(16)
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .bubble_id
-}
-
-async fn load(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
-    c.load_portion(pb::LoadPortionRequest {
-        bubble_id: id.to_string(),
-        name: "hostile".into(),
-        module: wat::parse_str(HOSTILE).unwrap(),
-    })
-    .await
-    .map(|_| ())
-}
-
 /// One credential the hostile portion was not granted: a strike.
 async fn steal(c: &mut Client, id: &str) {
     let e = c
@@ -76,8 +45,8 @@ async fn strikes_and_throttles_survive_a_broker_kill() {
     let mut broker = BrokerProc::start(dir.path(), true);
     let mut a = broker.tls_client("parent-a").await;
     let mut m = broker.tls_client("parent-b").await;
-    let id = new_bubble(&mut a).await;
-    load(&mut a, &id).await.unwrap();
+    let id = payments::hostile_bubble(&mut a).await;
+    payments::load_hostile(&mut a, &id).await.unwrap();
     // Defaults: 3 strikes of a kind quarantine; 10 refusals throttle.
     for _ in 0..2 {
         steal(&mut a, &id).await;
@@ -118,8 +87,8 @@ async fn strikes_and_throttles_survive_a_broker_kill() {
             .contains("quarantined after 3 credential_denied"),
         "{failed:?}"
     );
-    let other = new_bubble(&mut a).await;
-    let e = load(&mut a, &other).await.unwrap_err();
+    let other = payments::hostile_bubble(&mut a).await;
+    let e = payments::load_hostile(&mut a, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("quarantined"), "{e:?}");
 }
