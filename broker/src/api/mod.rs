@@ -46,6 +46,17 @@ impl BrokerService {
     fn deny(&self, parent: &str, id: &str, e: BrokerError) -> Status {
         self.broker.denied(parent, id, false, e).into()
     }
+
+    /// A bubble as DescribeBubble shows it: its record and its health.
+    fn described(&self, rec: &crate::store::registry::BubbleRecord) -> pb::Bubble {
+        let mut b = bubble_to_pb(rec);
+        b.health = self
+            .broker
+            .probed(&rec.id)
+            .map(|p| p.describe())
+            .unwrap_or_default();
+        b
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::BubbleEvent, Status>> + Send>>;
@@ -75,13 +86,7 @@ impl BrokerApi for BrokerService {
             .broker
             .describe(&parent, id)
             .map_err(|e| self.deny(&parent, id, e))?;
-        let mut b = bubble_to_pb(&rec);
-        b.health = self
-            .broker
-            .probed(id)
-            .map(|p| p.describe())
-            .unwrap_or_default();
-        Ok(Response::new(b))
+        Ok(Response::new(self.described(&rec)))
     }
 
     async fn list_bubbles(
@@ -528,13 +533,7 @@ impl BrokerApi for BrokerService {
             .broker
             .admin_describe(&parent, id)
             .map_err(|e| self.deny(&parent, id, e))?;
-        let mut b = bubble_to_pb(&rec);
-        b.health = self
-            .broker
-            .probed(id)
-            .map(|p| p.describe())
-            .unwrap_or_default();
-        Ok(Response::new(b))
+        Ok(Response::new(self.described(&rec)))
     }
 
     async fn admin_delete_bubble(
