@@ -114,6 +114,36 @@ impl FrozenStore {
     }
 }
 
+/// Opens and locks the store-wide claim lock of a local store.
+fn lock_local(root: &Path) -> std::io::Result<std::fs::File> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(".claims.lock"))?;
+    lock.lock()?;
+    Ok(lock)
+}
+
+/// Removes a local copy's directory `root/base` and its bubble's directory
+/// if they are empty, under the claim lock. Directories are created under
+/// the same lock (a claim is the first object written into a generation),
+/// so a removal never races the creation of the next generation's
+/// directory: either it runs first and the claim write creates the
+/// directories again, or it finds the bubble's directory not empty.
+pub(super) fn remove_empty_local_dirs(root: &Path, base: &str) {
+    let Ok(lock) = lock_local(root) else {
+        // Without the lock, leaving an empty directory is the safe side.
+        return;
+    };
+    let d = root.join(base);
+    let _ = std::fs::remove_dir(&d);
+    if let Some(parent) = d.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    drop(lock);
+}
+
 /// The local store's compare-and-swap, under the store-wide claim lock.
 fn local_cas(
     root: &Path,
@@ -124,14 +154,7 @@ fn local_cas(
     let io = |p: &Path, e: std::io::Error| {
         CasError::Store(BrokerError::Store(format!("{}: {e}", p.display())))
     };
-    let lock_path = root.join(".claims.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| io(&lock_path, e))?;
-    lock.lock().map_err(|e| io(&lock_path, e))?;
+    let lock = lock_local(root).map_err(|e| io(&root.join(".claims.lock"), e))?;
     let file = root.join(rel);
     let now = match std::fs::read(&file) {
         Ok(b) => Some(b),

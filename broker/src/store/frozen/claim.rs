@@ -418,12 +418,12 @@ impl FrozenStore {
                 Err(e) => return Err(store_err(e)),
             }
         }
-        if let Some(root) = &self.local_root {
-            let d = root.join(base);
-            let _ = std::fs::remove_dir(&d);
-            if let Some(parent) = d.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
+        if let Some(root) = self.local_root.clone() {
+            let base = base.to_owned();
+            let _ = tokio::task::spawn_blocking(move || {
+                super::cas::remove_empty_local_dirs(&root, &base)
+            })
+            .await;
         }
         Ok(())
     }

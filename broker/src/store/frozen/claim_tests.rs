@@ -175,3 +175,42 @@ async fn a_restarted_broker_gives_back_its_own_suspend_claim_only() {
     restarted.release_suspended("b1", 1, "A").await.unwrap();
     b.commit(&mut c).await.unwrap();
 }
+
+/// A consumed copy's directories are removed in the background (and by a
+/// purge) while the bubble's next suspend creates its next generation's:
+/// a removal must never take the bubble's directory from under the new
+/// claim (CI saw `frozen/ID/gN: No such file or directory` on a suspend,
+/// two removals of the bubble's directory around the claim's
+/// `create_dir_all`). Here two threads remove empty directories of the
+/// bubble without pause while claims are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_consumed_copies_never_breaks_the_next_suspend() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (d, a, _b) = store(60_000).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let removers: Vec<_> = (0..2)
+        .map(|_| {
+            let (root, stop) = (d.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    super::super::cas::remove_empty_local_dirs(&root, "frozen/b2/g0");
+                }
+            })
+        })
+        .collect();
+    let mut failed = None;
+    for g in 1..=400u64 {
+        match a.reserve("b2", g, "A").await {
+            Ok(c) => a.release(c).await,
+            Err(e) => {
+                failed = Some(format!("generation {g}: {e}"));
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in removers {
+        r.join().unwrap();
+    }
+    assert_eq!(failed, None);
+}

@@ -406,7 +406,7 @@ impl FrozenStore {
         // Without its manifest the copy cannot be restored anywhere; the
         // chunks are deleted in the background, off the restore path.
         let store = self.store.clone();
-        let dir = self.local_root.as_ref().map(|r| r.join(&base));
+        let root = self.local_root.clone();
         tokio::spawn(async move {
             for i in 0..chunks {
                 let _ = store
@@ -416,11 +416,10 @@ impl FrozenStore {
             let _ = store.delete(&ObjPath::from(format!("{base}/claim"))).await;
             // A local store keeps directories: remove the generation's and,
             // if it was the last, the bubble's (only empty ones go).
-            if let Some(dir) = dir {
-                let _ = std::fs::remove_dir(&dir);
-                if let Some(parent) = dir.parent() {
-                    let _ = std::fs::remove_dir(parent);
-                }
+            if let Some(root) = root {
+                let _ =
+                    tokio::task::spawn_blocking(move || cas::remove_empty_local_dirs(&root, &base))
+                        .await;
             }
         });
         Ok(())
