@@ -247,12 +247,14 @@ async fn vmm_of(c: &mut Client, id: &str) -> i32 {
     b.vmm_pid as i32
 }
 
-/// Every restore of `id` on `c` for `span` is refused with the claim's
-/// FAILED_PRECONDITION (the copy is not this broker's to take).
+/// Every restore of `id` on `c` for `span`, and at least four, is refused
+/// with the claim's FAILED_PRECONDITION (the copy is not this broker's to
+/// take). The count is a floor, not a rate: on a loaded host one refusal
+/// can take longer than the whole span.
 async fn refused_throughout(c: &mut Client, id: &str, generation: u64, span: Duration) {
     let until = Instant::now() + span;
     let mut tries = 0;
-    while Instant::now() < until {
+    while tries < 4 || Instant::now() < until {
         match c.restore_bubble(restore_req(id, &KEK, generation)).await {
             Ok(_) => panic!("restored a copy whose suspend was never recorded (try {tries})"),
             Err(st) => assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}"),
@@ -260,7 +262,6 @@ async fn refused_throughout(c: &mut Client, id: &str, generation: u64, span: Dur
         tries += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(tries > 3, "only {tries} tries");
 }
 
 /// A bubble on `c` holding state; its keys.
