@@ -280,6 +280,13 @@ fn vmm_procs_under(dir: &Path) -> Vec<(i32, String)> {
 /// spawned, whose child (forked into the new pid namespace, same command
 /// line) is the VMM.
 fn is_jail_waiter(pid: i32, cmd: &str) -> bool {
+    // The waiter names itself right after the fork; before that, and
+    // whenever its child's command line cannot be read, the child test
+    // below decides.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim_end() == "vmm:jail" {
+        return true;
+    }
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     children.split_whitespace().any(|c| {
