@@ -320,7 +320,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
     }
 }
 
-crate::conn_limit::delegate_write_and_connect_info!(AuthorityFix);
+crate::wrap_io::delegate_write_and_connect_info!(AuthorityFix);
 
 #[cfg(test)]
 mod tests {

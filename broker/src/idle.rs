@@ -162,7 +162,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
     }
 }
 
-crate::conn_limit::delegate_write!(Idle);
+crate::wrap_io::delegate_write!(Idle);
 
 impl<S: Connected> Connected for Idle<S> {
     type ConnectInfo = Tracked<S::ConnectInfo>;

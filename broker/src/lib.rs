@@ -37,6 +37,7 @@ pub mod revoked;
 pub mod server;
 pub mod store;
 pub mod vmm;
+mod wrap_io;
 
 /// First argument that turns any broker-capable binary into a VMM process.
 pub const VMM_SUBCOMMAND: &str = "__vmm";
