@@ -8,22 +8,7 @@ use std::os::fd::AsRawFd;
 use bubble_vmm::control::GuestSpan;
 use bubble_vmm::layout::PAGE;
 
-use crate::procmem::ProcHandle;
-
-/// Why pages could not be written into a VMM directly.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    /// The snapshot is malformed.
-    #[error("snapshot does not decode: {0}")]
-    Snapshot(String),
-    /// The kernel refused (or wrote short); the caller streams instead.
-    #[error("writing guest memory refused: {0}")]
-    Refused(std::io::Error),
-    /// The VMM process has exited: nothing more is written (and nothing
-    /// went to a process that took its pid).
-    #[error("the VMM process has exited")]
-    Gone,
-}
+use crate::procmem::{ProcHandle, WriteError};
 
 /// Iovecs given to one `pwritev` at most (the kernel's `IOV_MAX`).
 const IOVECS_PER_WRITE: usize = 1024;

@@ -10,8 +10,9 @@ use bubble_vmm::layout::PAGE;
 use bubble_vmm::snapshot::Scanner;
 use zeroize::Zeroizing;
 
-use crate::direct::{write_at, Target, WriteError};
+use crate::direct::{write_at, Target};
 use crate::procmem::ProcHandle;
+use crate::procmem::WriteError;
 
 /// Where the writer is in the snapshot.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -21,7 +21,20 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::direct::WriteError;
+/// Why pages could not be written into a VMM directly.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The snapshot is malformed.
+    #[error("snapshot does not decode: {0}")]
+    Snapshot(String),
+    /// The kernel refused (or wrote short); the caller streams instead.
+    #[error("writing guest memory refused: {0}")]
+    Refused(std::io::Error),
+    /// The VMM process has exited: nothing more is written (and nothing
+    /// went to a process that took its pid).
+    #[error("the VMM process has exited")]
+    Gone,
+}
 
 /// A handle on one VMM process: its pid and a pidfd for it.
 #[derive(Clone, Debug)]

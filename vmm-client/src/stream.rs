@@ -12,7 +12,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use bubble_vmm::control::{head, GuestSpan, Kind, Reply, Request, SNAPSHOT_PIECE};
 
-use crate::direct::{write_pages, Target, WriteError};
+use crate::direct::{write_pages, Target};
+use crate::procmem::WriteError;
 
 use crate::client::{unexpected, Answer, Pending, VmmClient, Waiter};
 use crate::vmm_error::VmmError;
