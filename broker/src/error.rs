@@ -214,6 +214,14 @@ pub enum BrokerError {
     /// Another await of the parent holds the key.
     #[error("an await on key {0:?} exists already")]
     AwaitTaken(String),
+    /// The await on this key ended already (resumed, timed out or
+    /// cancelled): an event with its key resumes nothing.
+    #[error("the await on key {0:?} has ended; this event resumed nothing")]
+    AwaitEnded(String),
+    /// The awaiting bubble was deleted by its owner before an event or
+    /// the timeout resumed its call.
+    #[error("the awaiting bubble {0} was deleted before its call was resumed")]
+    AwaitCancelled(String),
     /// The event queue failed.
     #[error("event queue: {0}")]
     Events(#[from] bubble_events::EventError),
@@ -268,7 +276,9 @@ impl From<BrokerError> for Status {
             | BrokerError::ParentKeyedAwait(_)
             | BrokerError::Awaiting { .. }
             | BrokerError::GuestAwaiting(_)
-            | BrokerError::AwaitTaken(_) => Code::FailedPrecondition,
+            | BrokerError::AwaitTaken(_)
+            | BrokerError::AwaitEnded(_)
+            | BrokerError::AwaitCancelled(_) => Code::FailedPrecondition,
             BrokerError::Events(e) => match e {
                 bubble_events::EventError::InvalidKey
                 | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,

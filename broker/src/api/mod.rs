@@ -171,7 +171,7 @@ impl BrokerApi for BrokerService {
         validate_bubble_id(id)?;
         let rec = self
             .broker
-            .delete(&parent, id)
+            .delete_ending_awaits(&parent, id)
             .await
             .map_err(|e| self.deny(&parent, id, e))?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -287,7 +287,7 @@ impl BrokerApi for BrokerService {
         let cmd = convert::restore(req)?;
         let r = self
             .broker
-            .restore(&parent, cmd)
+            .restore_ending_awaits(&parent, cmd)
             .instrument(span)
             .await
             .map_err(|e| self.deny(&parent, &id, e))?;

@@ -42,6 +42,20 @@ impl Broker {
                     let _ = d.ack().await;
                     return None;
                 }
+                Ok(Resumed::Ended(outcome)) => {
+                    // Published once per key: a duplicate of the event
+                    // that resumed the await keeps that event's result.
+                    if results
+                        .publish_result(&d.event().key, &outcome)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = d.ack().await;
+                    } else {
+                        let _ = d.retry(FREEZING_RETRY).await;
+                    }
+                    return None;
+                }
                 Ok(Resumed::Elsewhere | Resumed::AwaitsAgain) => {
                     let _ = d.ack().await;
                     return None;

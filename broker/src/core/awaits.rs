@@ -60,7 +60,7 @@ pub(crate) fn await_id(owner: &str, key: &str) -> String {
 pub(crate) struct Resuming(parking_lot::Mutex<HashSet<String>>);
 
 /// Holds an await id in [`Resuming`] until dropped.
-struct Held<'a>(&'a Resuming, String);
+pub(super) struct Held<'a>(&'a Resuming, String);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
@@ -69,7 +69,7 @@ impl Drop for Held<'_> {
 }
 
 impl Resuming {
-    fn hold(&self, id: &str) -> Option<Held<'_>> {
+    pub(super) fn hold(&self, id: &str) -> Option<Held<'_>> {
         self.0
             .lock()
             .insert(id.to_string())
@@ -89,10 +89,13 @@ pub(crate) enum Resumed {
     Done(Outcome),
     /// Resumed here, and the portion awaits again (frozen again).
     AwaitsAgain,
+    /// The await on the key has ended (resumed, timed out or cancelled):
+    /// the event resumes nothing and gets this typed outcome.
+    Ended(Outcome),
 }
 
 /// A reason cut to what a result may hold.
-fn cut(e: &BrokerError) -> String {
+pub(super) fn cut(e: &BrokerError) -> String {
     let mut s = e.to_string();
     let mut n = s.len().min(MAX_REASON_LEN.min(255));
     while !s.is_char_boundary(n) {
@@ -316,7 +319,9 @@ impl Broker {
         resume: Resume<'_>,
     ) -> Result<Resumed, BrokerError> {
         if a.phase == AwaitPhase::Ended {
-            return Ok(Resumed::Elsewhere);
+            return Ok(Resumed::Ended(Outcome::Failed(cut(
+                &BrokerError::AwaitEnded(a.key.clone()),
+            ))));
         }
         // FREEZING: the freezing broker may have stored and committed the
         // copy and died before marking the await FROZEN, so the restore is
@@ -326,6 +331,16 @@ impl Broker {
         let Some(_held) = self.awaits.hold(&a.id) else {
             return Ok(Resumed::Elsewhere);
         };
+        // This broker already restored the copy for this await (it died
+        // before RESUME and re-adopted the bubble on restart, or the
+        // owner restored it): the call is pending in the running bubble.
+        if self.restored_here(&a) {
+            info!(bubble = %a.bubble_id, parent = %a.owner, "an await's bubble runs here, restored and not resumed; resuming its call");
+            let ended = self
+                .send_resume(&a.owner, &a.bubble_id, resume, a.signed)
+                .await;
+            return self.settle(a, ended).await;
+        }
         let restored = self
             .restore(
                 &a.owner,
@@ -372,6 +387,8 @@ impl Broker {
             Err(e) => return Err(e),
         }
         info!(bubble = %a.bubble_id, parent = %a.owner, timeout = matches!(resume, Resume::Timeout), "frozen await restored; resuming its call");
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("await.restored").await;
         let ended = self
             .send_resume(&a.owner, &a.bubble_id, resume, a.signed)
             .await;
@@ -380,7 +397,7 @@ impl Broker {
 
     /// The resumed call of `a` ended (`ended`): publishes its outcome,
     /// or freezes it again if it awaits again; ends the await.
-    async fn settle(
+    pub(super) async fn settle(
         self: &Arc<Self>,
         a: AwaitRecord,
         ended: Result<CallOutput, BrokerError>,
@@ -435,7 +452,7 @@ impl Broker {
     }
 
     /// Marks `done` (phase ENDED) in the store and forgets it here.
-    async fn end_await(&self, done: &AwaitRecord) {
+    pub(super) async fn end_await(&self, done: &AwaitRecord) {
         if let Err(e) = self.frozen.update_await(done).await {
             warn!(bubble = %done.bubble_id, error = %e, "could not mark an await ended in the store");
         }
@@ -446,7 +463,7 @@ impl Broker {
 
     /// Publishes the outcome of `a`'s call where its origin's results go
     /// (once per key: a second publish stores nothing).
-    async fn publish_origin(&self, a: &AwaitRecord, outcome: &Outcome) {
+    pub(super) async fn publish_origin(&self, a: &AwaitRecord, outcome: &Outcome) {
         let AwaitOrigin::Event {
             subject,
             source,

@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod await_ends;
 mod await_hooks;
 mod awaits;
 mod calls;
