@@ -222,6 +222,13 @@ pub enum BrokerError {
     /// the timeout resumed its call.
     #[error("the awaiting bubble {0} was deleted before its call was resumed")]
     AwaitCancelled(String),
+    /// The parent has as many live awaits (frozen by this broker) as it
+    /// may: another portion call cannot wait frozen.
+    #[error("too many awaits: this parent already has {limit} live awaits on this broker (events.max_awaits_per_owner); end some first")]
+    AwaitLimit {
+        /// The limit.
+        limit: usize,
+    },
     /// The event queue failed.
     #[error("event queue: {0}")]
     Events(#[from] bubble_events::EventError),
@@ -264,7 +271,8 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..)
             | BrokerError::Quota(_)
             | BrokerError::Throttled(_)
-            | BrokerError::Backlog { .. } => Code::ResourceExhausted,
+            | BrokerError::Backlog { .. }
+            | BrokerError::AwaitLimit { .. } => Code::ResourceExhausted,
             BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
             BrokerError::NotQuarantined(_) | BrokerError::NoDeadLetter(_) => Code::NotFound,
             BrokerError::EmbeddedOnly(_) => Code::FailedPrecondition,

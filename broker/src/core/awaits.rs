@@ -167,10 +167,15 @@ impl Broker {
             Ok(a) => Ok(CallEnd::Frozen(a)),
             Err(e) => {
                 warn!(bubble = %bubble_id, error = %e, "an awaiting call could not be frozen; timing it out");
-                match self
+                let ended = self
                     .send_resume(parent, bubble_id, Resume::Timeout, signed)
-                    .await
-                {
+                    .await;
+                // Over the cap: the call is ended (timed out) so that the
+                // bubble takes calls again, and the caller is told why.
+                if let BrokerError::AwaitLimit { .. } = e {
+                    return Err(e);
+                }
+                match ended {
                     Ok(o) => Ok(CallEnd::Done(o)),
                     Err(BrokerError::Awaiting { .. }) => Err(BrokerError::GuestRefused(
                         "the portion awaited again after a failed freeze".into(),
@@ -202,6 +207,7 @@ impl Broker {
         if permit.rec.parent_keyed {
             return Err(BrokerError::ParentKeyedAwait(bubble_id.to_string()));
         }
+        let slot = self.reserve_await(owner)?;
         let now = now_ms();
         let mut a = AwaitRecord {
             id: await_id(owner, key),
@@ -216,6 +222,7 @@ impl Broker {
             broker: self.broker_id.clone(),
             created_at_ms: now,
             phase: AwaitPhase::Freezing,
+            ended_at_ms: 0,
         };
         match self.frozen.put_await(&a).await {
             Ok(()) => {}
@@ -225,12 +232,15 @@ impl Broker {
         let end = |a: &AwaitRecord| {
             let mut e = a.clone();
             e.phase = AwaitPhase::Ended;
+            e.ended_at_ms = now_ms();
             e
         };
         if let Err(e) = self.registry.put_await(&a) {
             let _ = self.frozen.update_await(&end(&a)).await;
             return Err(e.into());
         }
+        // Counted in the registry from here.
+        drop(slot);
         if let Err(e) = self.suspend_held(permit, None).await {
             let _ = self.frozen.update_await(&end(&a)).await;
             let _ = self
@@ -453,6 +463,9 @@ impl Broker {
 
     /// Marks `done` (phase ENDED) in the store and forgets it here.
     pub(super) async fn end_await(&self, done: &AwaitRecord) {
+        let mut done = done.clone();
+        done.ended_at_ms = now_ms();
+        let done = &done;
         if let Err(e) = self.frozen.update_await(done).await {
             warn!(bubble = %done.bubble_id, error = %e, "could not mark an await ended in the store");
         }

@@ -71,6 +71,11 @@ pub struct AwaitRecord {
     pub created_at_ms: u64,
     /// Where it is.
     pub phase: AwaitPhase,
+    /// When it ended (ENDED), Unix ms: the index entry is collected a
+    /// retention after this (0 in entries written before it was kept:
+    /// collected at the next sweep).
+    #[serde(default)]
+    pub ended_at_ms: u64,
 }
 
 impl Registry {
@@ -159,6 +164,7 @@ mod tests {
             broker: "b".into(),
             created_at_ms: 1,
             phase: AwaitPhase::Frozen,
+            ended_at_ms: 0,
         }
     }
 
