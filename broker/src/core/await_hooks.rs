@@ -87,13 +87,25 @@ impl Broker {
         timeout_ms: u32,
     ) {
         let pool = matches!(t.target, TriggerTarget::Pool { .. });
+        // What the bubble signs (and seals to the trigger's key): kept
+        // with the await so the resumed result says so.
+        let frame = abi::ops::PortionCall {
+            portion: &t.portion,
+            function: &t.function,
+            input: &d.event().payload,
+        }
+        .encode()
+        .unwrap_or_default();
         let origin = AwaitOrigin::Event {
             trigger_id: t.id.clone(),
             subject: t.subject.clone(),
             source: t.source,
             key: owner_key(t, d.event().key.as_str()).to_string(),
             pool,
+            sealed: t.seal_to.is_some(),
+            input_sha256: bubble_keys::sha256(&frame),
         };
+        let signed_as = origin.signed_as();
         match self
             .freeze_awaiting(&t.owner, &bubble_id, &key, timeout_ms, true, origin)
             .await
@@ -117,7 +129,7 @@ impl Broker {
                     Err(BrokerError::Awaiting { .. }) => {
                         Outcome::Failed("the portion awaited again after a failed freeze".into())
                     }
-                    r => outcome_of(&bubble_id, r),
+                    r => outcome_of(&bubble_id, signed_as, r),
                 };
                 if results
                     .publish_result(&d.event().key, &outcome)

@@ -105,19 +105,21 @@ pub(super) fn cut(e: &BrokerError) -> String {
     s
 }
 
-/// The outcome a call's end is published as.
-pub(super) fn outcome_of(bubble_id: &str, r: Result<CallOutput, BrokerError>) -> Outcome {
+/// The outcome a call's end is published as; `signed_as`: whether the
+/// bubble sealed the output, and the digest of the frame it signed.
+pub(super) fn outcome_of(
+    bubble_id: &str,
+    signed_as: (bool, [u8; 32]),
+    r: Result<CallOutput, BrokerError>,
+) -> Outcome {
     match r {
         Ok(o) => {
             let (call_id, signature) = o.signed.unwrap_or_default();
+            let (sealed, input_sha256) = signed_as;
             Outcome::Ok(
-                // The resumed call's frame is not kept with the await, so
-                // its digest is unknown (all zero, as in results stored
-                // before it was kept), and a sealed output is not marked
-                // (see docs/events.md, "Not done").
                 SignedOutput {
-                    sealed: false,
-                    input_sha256: [0; 32],
+                    sealed,
+                    input_sha256,
                     bubble_id: bubble_id.to_string(),
                     call_id,
                     signature,
@@ -450,7 +452,7 @@ impl Broker {
             }
             r => r,
         };
-        let outcome = outcome_of(&a.bubble_id, ended);
+        let outcome = outcome_of(&a.bubble_id, a.origin.signed_as(), ended);
         self.publish_origin(&a, &outcome).await;
         self.end_await(&done).await;
         if matches!(a.origin, AwaitOrigin::Event { pool: true, .. }) {
