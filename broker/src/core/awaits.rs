@@ -139,7 +139,7 @@ pub enum CallEnd {
     /// The call ended (its freeze failed, so it was timed out at once).
     Done(CallOutput),
     /// The bubble is frozen with the call pending.
-    Frozen(AwaitRecord),
+    Frozen(Box<AwaitRecord>),
 }
 
 impl Broker {
@@ -166,7 +166,7 @@ impl Broker {
             )
             .await
         {
-            Ok(a) => Ok(CallEnd::Frozen(a)),
+            Ok(a) => Ok(CallEnd::Frozen(Box::new(a))),
             Err(e) => {
                 warn!(bubble = %bubble_id, error = %e, "an awaiting call could not be frozen; timing it out");
                 let ended = self
