@@ -72,7 +72,11 @@ async fn settle(a: &EmbeddedBroker, b: &EmbeddedBroker, p: &Payments) -> anyhow:
         function: "authorize_capture".into(),
         ..Default::default()
     };
-    ca.create_trigger(trigger("orders", &p.bubble_id)).await?;
+    let ta = ca
+        .create_trigger(trigger("orders", &p.bubble_id))
+        .await?
+        .into_inner()
+        .trigger_id;
     // B consumes the same subject with a bubble of its own (which never
     // runs here: the capture resumes the frozen call before anything
     // would).
@@ -172,6 +176,27 @@ async fn settle(a: &EmbeddedBroker, b: &EmbeddedBroker, p: &Payments) -> anyhow:
         p.bubble_id,
         took.as_secs_f64() * 1e3
     );
+    // The owner reads it on A too, where its trigger is (relayed through
+    // the shared store, encrypted).
+    let ra = loop {
+        let ra = ca
+            .get_result(pb::GetResultRequest {
+                trigger_id: ta.clone(),
+                key: "auth-1003".into(),
+            })
+            .await?
+            .into_inner();
+        if ra.outcome != "pending" {
+            break ra;
+        }
+        anyhow::ensure!(
+            Instant::now() < end + STEP,
+            "the settlement never reached A"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    anyhow::ensure!(ra == r, "A's copy of the settlement differs from B's");
+    println!("A: the owner reads the same settlement on A, where its trigger is (relayed through the store, encrypted)");
     cb.delete_bubble(pb::BubbleRef {
         bubble_id: p.bubble_id.clone(),
     })

@@ -3,7 +3,9 @@
 //! broker A and resumed on broker B (one local store); the result B
 //! publishes is marked sealed, carries the digest of the original call's
 //! frame, verifies as the bubble's, and `bubblectl results --key-file`
-//! opens it — the broker's files never hold the plaintext.
+//! opens it — on B, and on A, where the trigger that started the call
+//! is (relayed encrypted through the shared store, which never holds the
+//! plaintext).
 
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -53,7 +55,7 @@ async fn a_sealed_trigger_whose_portion_awaits_yields_a_result_the_cli_opens() {
 
     let bubble = await_bubble(&mut a).await;
     let pk = sig_pk(&mut a, &bubble).await;
-    sealed_trigger(&mut a, "pay", &bubble, &parent_key.public_key()).await;
+    let ta = sealed_trigger(&mut a, "pay", &bubble, &parent_key.public_key()).await;
     let b_bubble = await_bubble(&mut b).await;
     let tb = sealed_trigger(&mut b, "pay", &b_bubble, &parent_key.public_key()).await;
 
@@ -101,4 +103,42 @@ async fn a_sealed_trigger_whose_portion_awaits_yields_a_result_the_cli_opens() {
     // The resuming event's result is the same sealed one.
     let rc = wait_result(&mut b, &tb, "cap-13", LIMIT).await;
     assert!(rc.sealed && rc.output == r.output, "{rc:?}");
+    // The owner reads it on A too, through the trigger that started the
+    // call (relayed through the shared store, encrypted), and the CLI
+    // opens it there.
+    let ra = wait_result_in(&mut a, &ta, "order-13", LIMIT, Some(p.dirs[0].path())).await;
+    assert_eq!(ra, r, "A's copy differs from B's");
+    let out = std::process::Command::new(ctl_bin())
+        .arg("--socket")
+        .arg(&p.brokers[0].socket)
+        .args(["results", &ta, "order-13", "--output", "raw", "--key-file"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, want, "{out:?}");
+    // Relayed as ciphertext: the shared store never holds the plaintext.
+    let store = p._store.as_ref().unwrap().path();
+    assert!(
+        files_with(store, want).is_empty(),
+        "plaintext in the shared store"
+    );
+}
+
+/// Files under `dir` whose bytes contain `needle`.
+fn files_with(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
 }

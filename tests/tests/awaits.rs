@@ -136,17 +136,24 @@ async fn another_broker_resumes_exactly_once_even_with_eight_racing_events() {
     let loser = 1 - winner;
     let running = |i: usize| vmm_pids_under(p.dirs[i].path()).len();
     // The winner runs the resumed bubble (and B its own trigger bubble);
-    // the loser started no VMM for it.
+    // the loser started no VMM for it. If B won, A (whose trigger started
+    // the call) gets the same result, relayed through the store; if A
+    // won, B has none.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ta_, tb_) = (ta.clone(), tb.clone());
     let mut cs = [a, b];
     let trig = [ta_, tb_];
-    assert_eq!(
-        result(&mut cs[loser], &trig[loser], "order-3")
-            .await
-            .outcome,
-        "pending"
-    );
+    if loser == 0 {
+        let relayed = wait_result(&mut cs[0], &trig[0], "order-3", LIMIT).await;
+        assert_eq!(relayed, r);
+    } else {
+        assert_eq!(
+            result(&mut cs[loser], &trig[loser], "order-3")
+                .await
+                .outcome,
+            "pending"
+        );
+    }
     assert_eq!(
         running(0) + running(1),
         2,
@@ -235,15 +242,18 @@ async fn payments_authorize_on_one_broker_and_settle_on_another() {
     let id = bubble.id().to_string();
     let mut a = p.brokers[0].client().await;
     let mut b = p.brokers[1].client().await;
-    a.create_trigger(pb::CreateTriggerRequest {
-        subject: "orders".into(),
-        bubble_id: id.clone(),
-        portion: "payments".into(),
-        function: "authorize_capture".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let ta = a
+        .create_trigger(pb::CreateTriggerRequest {
+            subject: "orders".into(),
+            bubble_id: id.clone(),
+            portion: "payments".into(),
+            function: "authorize_capture".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trigger_id;
     // B consumes the same subject (any bubble of its own: the capture
     // notification resumes the frozen call before anything runs there).
     let b_bubble = await_bubble(&mut b).await;
@@ -267,6 +277,10 @@ async fn payments_authorize_on_one_broker_and_settle_on_another() {
         r.output, want,
         "authorisation ‖ settlement, by the gateway key"
     );
+    // The owner reads the settlement on A too, where its trigger is
+    // (relayed through the moto store).
+    let ra = wait_result_in(&mut a, &ta, "auth-77", LIMIT, Some(p.dirs[0].path())).await;
+    assert_eq!(ra, r);
 }
 
 /// Broker A dies right after committing the freeze, still holding the

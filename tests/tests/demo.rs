@@ -37,6 +37,7 @@ fn the_demo_resumes_the_payments_await_on_a_second_broker() {
         "the capture notification restored",
         "bubble's signature and both gateway signatures verify",
         "capture -> settled (B)",
+        "the owner reads the same settlement on A",
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }

@@ -80,6 +80,7 @@ impl Broker {
             )));
             info!(bubble = %id, parent = %parent, key = %a.key, "an awaiting bubble was deleted: its await ends");
             self.publish_origin(&a, &outcome).await;
+            self.relay_result(&a, &outcome).await;
             let mut done = a;
             done.phase = AwaitPhase::Ended;
             self.end_await(&done).await;

@@ -181,6 +181,9 @@ impl Broker {
                     if let Err(e) = self.frozen.delete_await(a).await {
                         debug!(error = %e, "collecting an ended await failed");
                     }
+                    let _ = self.frozen.delete_await_result(&a.id).await;
+                } else {
+                    self.collect_relayed(a).await;
                 }
             } else if a.deadline_ms <= now {
                 due.push(a.clone());

@@ -454,6 +454,7 @@ impl Broker {
         };
         let outcome = outcome_of(&a.bubble_id, a.origin.signed_as(), ended);
         self.publish_origin(&a, &outcome).await;
+        self.relay_result(&a, &outcome).await;
         self.end_await(&done).await;
         if matches!(a.origin, AwaitOrigin::Event { pool: true, .. }) {
             if let Err(e) = self.delete(&a.owner, &a.bubble_id).await {

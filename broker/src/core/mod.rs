@@ -20,6 +20,7 @@ mod audit;
 mod await_ends;
 mod await_hooks;
 mod await_limits;
+mod await_relay;
 mod awaits;
 mod calls;
 mod create;
