@@ -148,3 +148,56 @@ async fn restoring_an_awaiting_bubble_times_its_call_out_at_once() {
         .await
         .expect("the restored bubble takes calls");
 }
+
+/// A direct call's await that times out: its answer is kept, and its
+/// owner reads it with `GetAwaitResult` (pending before); another parent,
+/// or an unknown key, gets PERMISSION_DENIED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_direct_await_keeps_its_answer_for_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), true);
+    let mut a = broker.tls_client("parent-a").await;
+    let mut b = broker.tls_client("parent-b").await;
+    let bubble = await_bubble(&mut a).await;
+    let pk = sig_pk(&mut a, &bubble).await;
+    let r = a
+        .call(pb::CallRequest {
+            portion: "aw".into(),
+            sign: true,
+            ..call_req(&bubble, "pay_short", b"cap-16")
+        })
+        .await
+        .expect("call")
+        .into_inner();
+    assert_eq!(r.awaiting.expect("awaiting").key, "cap-16");
+    let get = |c: &mut Client, key: &str| {
+        let mut c = c.clone();
+        let key = key.to_string();
+        async move {
+            c.get_await_result(pb::GetAwaitResultRequest { key })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let first = get(&mut a, "cap-16").await.expect("get await result");
+    assert_eq!(first.outcome, "pending", "{first:?}");
+    // Nobody else's, and no unknown key.
+    for (c, key) in [(&mut b, "cap-16"), (&mut a, "cap-none")] {
+        let e = get(c, key).await.expect_err("not theirs");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    }
+    // After the 1.5 s timeout: the signed answer, `key|timeout`.
+    let end = std::time::Instant::now() + LIMIT;
+    let r = loop {
+        let r = get(&mut a, "cap-16").await.expect("get await result");
+        if r.outcome != "pending" {
+            break r;
+        }
+        assert!(std::time::Instant::now() < end, "no answer kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.bubble_id, bubble);
+    verify(&pk, &r, "pay_short", b"cap-16", b"cap-16|timeout");
+    let e = get(&mut b, "cap-16").await.expect_err("not theirs");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}

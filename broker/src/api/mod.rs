@@ -392,6 +392,23 @@ impl BrokerApi for BrokerService {
         Ok(Response::new(triggers::result_to_pb(req.key, r)))
     }
 
+    async fn get_await_result(
+        &self,
+        request: Request<pb::GetAwaitResultRequest>,
+    ) -> Result<Response<pb::EventResult>, Status> {
+        let parent = self.parent(&request)?;
+        let key = request.into_inner().key;
+        if !bubble_abi::awaits::is_valid_await_key(key.as_bytes()) {
+            return Err(crate::error::invalid("key", "not a valid await key").into());
+        }
+        let r = self
+            .broker
+            .await_result(&parent, &key)
+            .await
+            .map_err(|e| self.deny(&parent, &key, e))?;
+        Ok(Response::new(triggers::result_to_pb(key, r)))
+    }
+
     async fn list_dead_letters(
         &self,
         request: Request<pb::TriggerRef>,

@@ -6,14 +6,17 @@
 //! an ENDED await it froze with no result in its queue, copies that
 //! outcome into its queue (once per key), so the owner reads it with
 //! `GetResult` on the trigger it created. NATS triggers need none of
-//! this: their results stream is shared.
+//! this: their results stream is shared. A direct call's answer is kept
+//! the same way, read with `GetAwaitResult` by its owner's key.
 
 use bubble_events::{Outcome, Results};
 use tracing::{debug, info, warn};
 
-use super::triggers::queue_key;
+use super::awaits::await_id;
+use super::triggers::{queue_key, EventResult, SignedOutput};
 use super::Broker;
-use crate::store::registry::awaits::{AwaitOrigin, AwaitRecord};
+use crate::error::BrokerError;
+use crate::store::registry::awaits::{AwaitOrigin, AwaitPhase, AwaitRecord};
 use crate::store::registry::triggers::TriggerSource;
 
 /// The embedded origin of `a`: (subject, key), if it has one.
@@ -32,8 +35,11 @@ fn embedded_origin(a: &AwaitRecord) -> Option<(&str, &str)> {
 impl Broker {
     /// Before ending await `a` resumed here: if another broker froze it
     /// from an embedded trigger, stores its outcome for that broker.
+    /// A direct call's answer is always stored there (read with
+    /// [`Broker::await_result`] from any broker).
     pub(super) async fn relay_result(&self, a: &AwaitRecord, outcome: &Outcome) {
-        if a.broker == self.broker_id || embedded_origin(a).is_none() {
+        let direct = matches!(a.origin, AwaitOrigin::Call);
+        if !direct && (a.broker == self.broker_id || embedded_origin(a).is_none()) {
             return;
         }
         if let Err(e) = self.frozen.put_await_result(&a.id, &outcome.encode()).await {
@@ -80,6 +86,35 @@ impl Broker {
                 }
             },
             Err(e) => warn!(bubble = %a.bubble_id, error = %e, "a relayed result does not decode"),
+        }
+    }
+
+    /// The answer of `parent`'s direct call that awaited `key`: pending
+    /// while the await is live, the kept outcome once it ended.
+    pub async fn await_result(&self, parent: &str, key: &str) -> Result<EventResult, BrokerError> {
+        let id = await_id(parent, key);
+        let live = self.find_await(parent, key).await?;
+        if let Some(a) = &live {
+            if !matches!(a.origin, AwaitOrigin::Call) {
+                return Err(BrokerError::NotAccessible(key.to_string()));
+            }
+            if a.phase != AwaitPhase::Ended {
+                return Ok(EventResult::Pending);
+            }
+        }
+        match self.frozen.get_await_result(&id).await? {
+            Some(b) => Ok(match Outcome::decode(&b)? {
+                Outcome::Ok(b) => EventResult::Ok(
+                    SignedOutput::decode(&b)
+                        .ok_or(bubble_events::EventError::Corrupt("kept result"))?,
+                ),
+                Outcome::Refused(r) => EventResult::Refused(r),
+                Outcome::Failed(r) => EventResult::Failed(r),
+            }),
+            // Ended a moment ago (the result is written before ENDED, so
+            // this is a live await ending now) or unknown.
+            None if live.is_some() => Ok(EventResult::Pending),
+            None => Err(BrokerError::NotAccessible(key.to_string())),
         }
     }
 }
