@@ -91,6 +91,11 @@ async fn a_signed_cli_call_that_awaits_says_awaiting_and_is_resumed() {
     assert_eq!(r.bubble_id, id);
     assert_eq!(r.signature.len(), 64);
     assert_eq!(r.output, b"cap-14|captured-1400");
+    // The direct call's answer is kept: `bubblectl await-result` reads it.
+    let v = ctl_json(s, &["await-result", "cap-14"]);
+    assert_eq!(v["outcome"], "ok", "{v}");
+    assert_eq!(v["output"], hex(b"cap-14|captured-1400"), "{v}");
+    assert_eq!(v["signature"], hex(&r.signature), "{v}");
 
     // Text output: the same outcome, said in words.
     let mut args = vec![
@@ -116,4 +121,10 @@ async fn a_signed_cli_call_that_awaits_says_awaiting_and_is_resumed() {
         b.state == pb::BubbleState::Suspended as i32
     })
     .await;
+    let v = ctl_json(s, &["await-result", "cap-15"]);
+    assert_eq!(v["outcome"], "pending", "{v}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

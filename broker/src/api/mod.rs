@@ -381,32 +381,14 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::EventResult>, Status> {
-        let parent = self.parent(&request)?;
-        let req = request.into_inner();
-        triggers::validate_trigger_id(&req.trigger_id)?;
-        let r = self
-            .broker
-            .event_result(&parent, &req.trigger_id, &req.key)
-            .await
-            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
-        Ok(Response::new(triggers::result_to_pb(req.key, r)))
+        self.get_result_rpc(request).await
     }
 
     async fn get_await_result(
         &self,
         request: Request<pb::GetAwaitResultRequest>,
     ) -> Result<Response<pb::EventResult>, Status> {
-        let parent = self.parent(&request)?;
-        let key = request.into_inner().key;
-        if !bubble_abi::awaits::is_valid_await_key(key.as_bytes()) {
-            return Err(crate::error::invalid("key", "not a valid await key").into());
-        }
-        let r = self
-            .broker
-            .await_result(&parent, &key)
-            .await
-            .map_err(|e| self.deny(&parent, &key, e))?;
-        Ok(Response::new(triggers::result_to_pb(key, r)))
+        self.await_result_rpc(request).await
     }
 
     async fn list_dead_letters(
