@@ -79,7 +79,7 @@ pub enum ClientError {
     /// The portion awaits an event: the bubble is frozen with the call
     /// pending, so there is no result (nor signature) yet. An event with
     /// `key` on one of the parent's triggers resumes it; its signed answer
-    /// is then that event's result (docs/events.md).
+    /// is then that event's result (docs/awaits.md).
     #[error("the call awaits the event {key:?} (bubble frozen at generation {generation}; times out at {deadline_ms} ms)")]
     Awaiting {
         /// The key the portion awaits.

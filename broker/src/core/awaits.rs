@@ -144,8 +144,8 @@ pub enum CallEnd {
 
 impl Broker {
     /// A parent's direct call awaits: freezes the bubble with the call
-    /// pending (its answer, once resumed, is not kept: see
-    /// docs/events.md); if that fails, ends the call as timed out and
+    /// pending (its answer, once resumed, is kept for `GetAwaitResult`:
+    /// see docs/awaits.md); if that fails, ends the call as timed out and
     /// returns how it ended.
     pub async fn call_awaits(
         self: &Arc<Self>,

@@ -181,7 +181,7 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
 }
 
 /// The portion awaits an event: the bubble is frozen with the call
-/// pending (docs/events.md).
+/// pending (docs/awaits.md).
 fn print_awaiting(key: &str, generation: u64, deadline_ms: u64, j: bool) {
     if j {
         println!(
