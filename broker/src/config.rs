@@ -101,6 +101,13 @@ pub struct EventsConfig {
     /// Most events one trigger may have pending (published, not yet
     /// processed) on the embedded queue: a trigger's default and ceiling.
     pub max_pending: u64,
+    /// How long an ended await stays in the shared index (where a late
+    /// event with its key is told it ended) before a sweeper collects
+    /// it, ms.
+    pub await_retention_ms: u64,
+    /// Most live awaits one parent may have frozen by this broker; one
+    /// more is refused with RESOURCE_EXHAUSTED.
+    pub max_awaits_per_owner: usize,
 }
 
 impl Default for EventsConfig {
@@ -111,6 +118,8 @@ impl Default for EventsConfig {
             target_latency_ms: 1000,
             nats_url: None,
             max_pending: 10_000,
+            await_retention_ms: 600_000,
+            max_awaits_per_owner: 1000,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! `bubblectl demo`: a broker on embedded defaults in a temporary directory,
-//! a few bubbles created, called and deleted, and a short timing table.
+//! a few bubbles created, called and deleted, the payments flow (and its
+//! await resumed on a second broker, [`crate::demo_await`]), and a short
+//! timing table.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,7 +200,8 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
     }
     println!("sha256 computed inside each bubble matches the host's");
 
-    let pay = payments(&c, dir.path()).await?;
+    let (pay, held) = payments(&c, dir.path()).await?;
+    let settle = crate::demo_await::run(&broker, dir.path(), held).await?;
 
     let mut deletes = Vec::new();
     for id in &ids {
@@ -222,6 +225,7 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
     row("attest + verify", pay.attest);
     row("portion tokenize", pay.tokenize);
     row("portion sign_charge", pay.sign);
+    row("capture -> settled (B)", settle);
     println!();
     println!("(numbers from this demo are indicative; see docs/performance.md and bubble-bench)");
 
@@ -235,15 +239,19 @@ struct PaymentTimes {
     sign: Vec<Duration>,
 }
 
-const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");
+pub(crate) const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");
 
 /// The payments flow: a bubble with a security policy loads the payments
 /// portion and is attested (which freezes its code), a key custodian seals
 /// two credentials to it and that code, and the parent tokenizes a card
 /// (sealed to the bubble: the broker sees ciphertext only) and gets a
 /// charge signed, verifying every result. The parent never holds either
-/// key.
-async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Result<PaymentTimes> {
+/// key. The bubble is left running for the await part
+/// ([`crate::demo_await`]).
+async fn payments(
+    c: &client::Client,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(PaymentTimes, crate::demo_await::Payments)> {
     use bubble_keys::RngCore;
     println!();
     println!("payments: a bubble holds the tokenization and gateway keys; the parent never does");
@@ -375,10 +383,16 @@ async fn payments(c: &client::Client, data_dir: &std::path::Path) -> anyhow::Res
         Err(e) => println!("charge of 2500.00 EUR refused by the portion: {e}"),
         Ok(_) => anyhow::bail!("the portion signed a charge over its limit"),
     }
-    bubble.delete().await?;
-    Ok(PaymentTimes {
-        attest,
-        tokenize,
-        sign,
-    })
+    Ok((
+        PaymentTimes {
+            attest,
+            tokenize,
+            sign,
+        },
+        crate::demo_await::Payments {
+            bubble_id: b.bubble_id.clone(),
+            gateway_pk,
+            sig_pk: att.keys.sig_pk,
+        },
+    ))
 }

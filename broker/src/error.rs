@@ -214,6 +214,21 @@ pub enum BrokerError {
     /// Another await of the parent holds the key.
     #[error("an await on key {0:?} exists already")]
     AwaitTaken(String),
+    /// The await on this key ended already (resumed, timed out or
+    /// cancelled): an event with its key resumes nothing.
+    #[error("the await on key {0:?} has ended; this event resumed nothing")]
+    AwaitEnded(String),
+    /// The awaiting bubble was deleted by its owner before an event or
+    /// the timeout resumed its call.
+    #[error("the awaiting bubble {0} was deleted before its call was resumed")]
+    AwaitCancelled(String),
+    /// The parent has as many live awaits (frozen by this broker) as it
+    /// may: another portion call cannot wait frozen.
+    #[error("too many awaits: this parent already has {limit} live awaits on this broker (events.max_awaits_per_owner); end some first")]
+    AwaitLimit {
+        /// The limit.
+        limit: usize,
+    },
     /// The event queue failed.
     #[error("event queue: {0}")]
     Events(#[from] bubble_events::EventError),
@@ -256,7 +271,8 @@ impl From<BrokerError> for Status {
             BrokerError::OutputTooLarge(..)
             | BrokerError::Quota(_)
             | BrokerError::Throttled(_)
-            | BrokerError::Backlog { .. } => Code::ResourceExhausted,
+            | BrokerError::Backlog { .. }
+            | BrokerError::AwaitLimit { .. } => Code::ResourceExhausted,
             BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
             BrokerError::NotQuarantined(_) | BrokerError::NoDeadLetter(_) => Code::NotFound,
             BrokerError::EmbeddedOnly(_) => Code::FailedPrecondition,
@@ -268,7 +284,9 @@ impl From<BrokerError> for Status {
             | BrokerError::ParentKeyedAwait(_)
             | BrokerError::Awaiting { .. }
             | BrokerError::GuestAwaiting(_)
-            | BrokerError::AwaitTaken(_) => Code::FailedPrecondition,
+            | BrokerError::AwaitTaken(_)
+            | BrokerError::AwaitEnded(_)
+            | BrokerError::AwaitCancelled(_) => Code::FailedPrecondition,
             BrokerError::Events(e) => match e {
                 bubble_events::EventError::InvalidKey
                 | bubble_events::EventError::InvalidSubject => Code::InvalidArgument,

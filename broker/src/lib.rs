@@ -24,6 +24,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod datadir;
 pub mod demo;
+mod demo_await;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;

@@ -76,6 +76,19 @@ pub enum ClientError {
     /// opened, or its id used before); the call did not run.
     #[error("sealed session refused: {0}")]
     SessionRefused(String),
+    /// The portion awaits an event: the bubble is frozen with the call
+    /// pending, so there is no result (nor signature) yet. An event with
+    /// `key` on one of the parent's triggers resumes it; its signed answer
+    /// is then that event's result (docs/awaits.md).
+    #[error("the call awaits the event {key:?} (bubble frozen at generation {generation}; times out at {deadline_ms} ms)")]
+    Awaiting {
+        /// The key the portion awaits.
+        key: String,
+        /// When the await times out, Unix ms.
+        deadline_ms: u64,
+        /// The frozen generation.
+        generation: u64,
+    },
 }
 
 impl From<tonic::Status> for ClientError {

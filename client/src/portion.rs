@@ -163,6 +163,14 @@ impl Bubble {
                 return Err(e);
             }
         };
+        // An awaiting call has no result to verify yet.
+        if let Some(w) = r.awaiting {
+            return Err(ClientError::Awaiting {
+                key: w.key,
+                deadline_ms: w.deadline_ms,
+                generation: w.generation,
+            });
+        }
         // For a portion call the bubble signs over the exact request it
         // ran, the portion-call frame, which binds the portion and function
         // too (and for a sealed input, the bubble id, seq and ciphertext).

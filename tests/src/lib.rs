@@ -4,6 +4,7 @@
 // The test harness: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod awaits;
 mod frozen;
 pub mod moto;
 pub mod nats;

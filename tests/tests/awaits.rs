@@ -8,159 +8,12 @@
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bubble_e2e_tests::moto::{http, s3_env, start_moto, Moto};
+use bubble_e2e_tests::awaits::*;
 use bubble_e2e_tests::triggers::{publish, sig_pk};
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
-
-const LIMIT: Duration = Duration::from_secs(30);
-const SUSPENDED: i32 = pb::BubbleState::Suspended as i32;
-
-/// `pay`: writes its input (the key it then awaits) to the output, awaits
-/// that key (60 s; `pay_short`: 1.5 s), then writes `|` and the event's
-/// payload, or `|timeout`. A key the host function refuses: status 3.
-const AWAIT_WAT: &str = r#"
-(module
-  (import "bubble_v1" "input_len" (func $input_len (result i32)))
-  (import "bubble_v1" "input_read" (func $input_read (param i32 i32) (result i32)))
-  (import "bubble_v1" "output_write" (func $output_write (param i32 i32) (result i32)))
-  (import "bubble_v1" "await_event" (func $await (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 900) "|timeout")
-  (data (i32.const 920) "|")
-  (func $run (param $t i32) (result i32)
-    (local $n i32) (local $r i32)
-    (local.set $n (call $input_len))
-    (if (i32.gt_s (local.get $n) (i32.const 800)) (then (return (i32.const 2))))
-    (drop (call $input_read (i32.const 0) (local.get $n)))
-    (drop (call $output_write (i32.const 0) (local.get $n)))
-    (local.set $r (call $await (i32.const 0) (local.get $n) (local.get $t)
-                            (i32.const 1024) (i32.const 4096)))
-    (if (i32.eq (local.get $r) (i32.const -4))
-      (then (drop (call $output_write (i32.const 900) (i32.const 8)))
-            (return (i32.const 0))))
-    (if (i32.lt_s (local.get $r) (i32.const 0)) (then (return (i32.const 3))))
-    (drop (call $output_write (i32.const 920) (i32.const 1)))
-    (drop (call $output_write (i32.const 1024) (local.get $r)))
-    (i32.const 0))
-  (func (export "pay") (result i32) (call $run (i32.const 60000)))
-  (func (export "pay_short") (result i32) (call $run (i32.const 1500)))
-)
-"#;
-
-/// A 16 MiB bubble with the await portion loaded as `aw`.
-async fn await_bubble(c: &mut Client) -> String {
-    let b = c
-        .create_bubble(create_req(16))
-        .await
-        .expect("create")
-        .into_inner();
-    assert_eq!(
-        b.state,
-        pb::BubbleState::Ready as i32,
-        "{}",
-        b.failure_reason
-    );
-    c.load_portion(pb::LoadPortionRequest {
-        bubble_id: b.bubble_id.clone(),
-        name: "aw".into(),
-        module: wat::parse_str(AWAIT_WAT).unwrap(),
-    })
-    .await
-    .expect("load portion");
-    b.bubble_id
-}
-
-/// A trigger on `subject` running `aw.<function>` in `bubble`.
-async fn trigger(c: &mut Client, subject: &str, bubble: &str, function: &str) -> String {
-    c.create_trigger(pb::CreateTriggerRequest {
-        subject: subject.into(),
-        bubble_id: bubble.into(),
-        portion: "aw".into(),
-        function: function.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("create trigger")
-    .into_inner()
-    .trigger_id
-}
-
-/// The result of `key` (outcome "pending" until there is one).
-async fn result(c: &mut Client, trigger: &str, key: &str) -> pb::EventResult {
-    c.get_result(pb::GetResultRequest {
-        trigger_id: trigger.into(),
-        key: key.into(),
-    })
-    .await
-    .expect("get result")
-    .into_inner()
-}
-
-/// Waits for a result of `key` other than pending; fails after `limit`.
-async fn wait_result(c: &mut Client, trigger: &str, key: &str, limit: Duration) -> pb::EventResult {
-    wait_result_in(c, trigger, key, limit, None).await
-}
-
-/// [`wait_result`], showing the log of the broker on `dir` on failure.
-async fn wait_result_in(
-    c: &mut Client,
-    trigger: &str,
-    key: &str,
-    limit: Duration,
-    dir: Option<&Path>,
-) -> pb::EventResult {
-    let end = Instant::now() + limit;
-    loop {
-        let r = result(c, trigger, key).await;
-        if r.outcome != "pending" {
-            return r;
-        }
-        assert!(
-            Instant::now() < end,
-            "no result for {key} within {limit:?}; broker log:\n{}",
-            dir.map(|d| std::fs::read_to_string(d.join("broker.log")).unwrap_or_default())
-                .unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Checks an ok result: signed by the bubble (key `pk`) over the original
-/// call (`aw.<function>` with `input`), output `want`.
-fn verify(pk: &[u8; 32], r: &pb::EventResult, function: &str, input: &[u8], want: &[u8]) {
-    assert_eq!(r.outcome, "ok", "{r:?}");
-    let frame = bubble_abi::ops::PortionCall {
-        portion: "aw",
-        function,
-        input,
-    }
-    .encode()
-    .unwrap();
-    let plain = bubble_keys::verify_and_open_result(
-        pk,
-        &r.bubble_id,
-        r.call_id,
-        &frame,
-        &r.output,
-        &r.signature,
-        None,
-    )
-    .expect("the resumed result's signature verifies");
-    assert_eq!(plain.expose(), want);
-}
-
-/// Waits until `bubble` is SUSPENDED and no VMM runs under `dir`.
-async fn wait_frozen(c: &mut Client, dir: &Path, bubble: &str) {
-    wait_for(c, bubble, LIMIT, |b| b.state == SUSPENDED).await;
-    assert!(
-        no_vmms_within(dir, LIMIT).await,
-        "the awaiting bubble's VMM still runs"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn await_freezes_and_an_event_resumes_the_same_call() {
@@ -221,76 +74,18 @@ async fn await_times_out_with_an_error_code() {
     // The portion saw await_event's timeout code (-4), after its timeout.
     verify(&pk, &r, "pay_short", b"cap-2", b"cap-2|timeout");
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    // A late event with the ended await's key is dropped (acked, no run,
-    // no result): the next event, published after it on the same subject
-    // and run after it by the one worker, is the one that awaits.
+    // A late event with the ended await's key runs nothing and gets a
+    // typed failure (the await ended): the next event, published after it
+    // on the same subject and run after it by the one worker, is the one
+    // that awaits.
     assert!(publish(&mut a, "pay", "cap-2", b"late").await);
     assert!(publish(&mut a, "pay", "order-5", b"cap-5").await);
+    let late = wait_result(&mut a, &t, "cap-2", LIMIT).await;
+    assert_eq!(late.outcome, "failed", "{late:?}");
+    assert!(late.reason.contains("has ended"), "{late:?}");
+    assert!(late.output.is_empty() && late.signature.is_empty());
     wait_frozen(&mut a, dir.path(), &bubble).await;
-    assert_eq!(result(&mut a, &t, "cap-2").await.outcome, "pending");
     assert_eq!(result(&mut a, &t, "order-5").await.outcome, "pending");
-}
-
-/// A moto S3 server with bucket `awaits`, or `None` after reporting the
-/// missing dependency.
-fn moto() -> Option<(Moto, u16)> {
-    match start_moto() {
-        Ok((m, port)) => {
-            let created = http(port, "PUT", "/awaits").unwrap_or_default();
-            assert!(created.starts_with("HTTP/1.1 200"), "{created}");
-            Some((m, port))
-        }
-        Err(e) => {
-            missing_dependency(&format!("no S3-compatible server: {e}"));
-            None
-        }
-    }
-}
-
-/// Two brokers on one moto store, sharing the key-encryption key (B gets a
-/// copy of A's), each with the same trigger on `pay` (B's on a bubble of
-/// its own, which never sees the await).
-struct Pair {
-    _moto: Moto,
-    dirs: [tempfile::TempDir; 2],
-    brokers: [BrokerProc; 2],
-    /// How to start either broker again (no fault point).
-    opts: Opts,
-}
-
-fn pair() -> Option<Pair> {
-    pair_with(None)
-}
-
-/// [`pair`], broker A pausing at fault point `pause_a` (`point=ms`).
-fn pair_with(pause_a: Option<&str>) -> Option<Pair> {
-    let (moto, port) = moto()?;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let opts = || Opts {
-        args: vec![
-            "--store".into(),
-            format!("s3://awaits/shared?endpoint=http://127.0.0.1:{port}"),
-        ],
-        env: s3_env(),
-        config: Some("claim_lease_ms = 3000\n".into()),
-        ..Default::default()
-    };
-    let mut oa = opts();
-    if let Some(p) = pause_a {
-        oa.env.push(("BUBBLED_TEST_PAUSE".into(), p.into()));
-    }
-    let a = BrokerProc::start_with(dirs[0].path(), oa);
-    let kek = dirs[1].path().join("kek");
-    std::fs::copy(dirs[0].path().join("kek"), &kek).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let b = BrokerProc::start_with(dirs[1].path(), opts());
-    Some(Pair {
-        _moto: moto,
-        dirs,
-        brokers: [a, b],
-        opts: opts(),
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,17 +136,24 @@ async fn another_broker_resumes_exactly_once_even_with_eight_racing_events() {
     let loser = 1 - winner;
     let running = |i: usize| vmm_pids_under(p.dirs[i].path()).len();
     // The winner runs the resumed bubble (and B its own trigger bubble);
-    // the loser started no VMM for it.
+    // the loser started no VMM for it. If B won, A (whose trigger started
+    // the call) gets the same result, relayed through the store; if A
+    // won, B has none.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ta_, tb_) = (ta.clone(), tb.clone());
     let mut cs = [a, b];
     let trig = [ta_, tb_];
-    assert_eq!(
-        result(&mut cs[loser], &trig[loser], "order-3")
-            .await
-            .outcome,
-        "pending"
-    );
+    if loser == 0 {
+        let relayed = wait_result(&mut cs[0], &trig[0], "order-3", LIMIT).await;
+        assert_eq!(relayed, r);
+    } else {
+        assert_eq!(
+            result(&mut cs[loser], &trig[loser], "order-3")
+                .await
+                .outcome,
+            "pending"
+        );
+    }
     assert_eq!(
         running(0) + running(1),
         2,
@@ -440,15 +242,18 @@ async fn payments_authorize_on_one_broker_and_settle_on_another() {
     let id = bubble.id().to_string();
     let mut a = p.brokers[0].client().await;
     let mut b = p.brokers[1].client().await;
-    a.create_trigger(pb::CreateTriggerRequest {
-        subject: "orders".into(),
-        bubble_id: id.clone(),
-        portion: "payments".into(),
-        function: "authorize_capture".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let ta = a
+        .create_trigger(pb::CreateTriggerRequest {
+            subject: "orders".into(),
+            bubble_id: id.clone(),
+            portion: "payments".into(),
+            function: "authorize_capture".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trigger_id;
     // B consumes the same subject (any bubble of its own: the capture
     // notification resumes the frozen call before anything runs there).
     let b_bubble = await_bubble(&mut b).await;
@@ -472,20 +277,10 @@ async fn payments_authorize_on_one_broker_and_settle_on_another() {
         r.output, want,
         "authorisation ‖ settlement, by the gateway key"
     );
-}
-
-/// The first line of the broker log on `dir` with every one of `words`;
-/// waits for it (fails the test after 30 s).
-async fn log_line(dir: &Path, words: &[&str]) -> String {
-    let until = Instant::now() + LIMIT;
-    loop {
-        let log = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
-            return l.to_string();
-        }
-        assert!(Instant::now() < until, "the broker never logged {words:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The owner reads the settlement on A too, where its trigger is
+    // (relayed through the moto store).
+    let ra = wait_result_in(&mut a, &ta, "auth-77", LIMIT, Some(p.dirs[0].path())).await;
+    assert_eq!(ra, r);
 }
 
 /// Broker A dies right after committing the freeze, still holding the

@@ -171,7 +171,7 @@ impl BrokerApi for BrokerService {
         validate_bubble_id(id)?;
         let rec = self
             .broker
-            .delete(&parent, id)
+            .delete_ending_awaits(&parent, id)
             .await
             .map_err(|e| self.deny(&parent, id, e))?;
         Ok(Response::new(bubble_to_pb(&rec)))
@@ -287,7 +287,7 @@ impl BrokerApi for BrokerService {
         let cmd = convert::restore(req)?;
         let r = self
             .broker
-            .restore(&parent, cmd)
+            .restore_ending_awaits(&parent, cmd)
             .instrument(span)
             .await
             .map_err(|e| self.deny(&parent, &id, e))?;
@@ -381,15 +381,14 @@ impl BrokerApi for BrokerService {
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::EventResult>, Status> {
-        let parent = self.parent(&request)?;
-        let req = request.into_inner();
-        triggers::validate_trigger_id(&req.trigger_id)?;
-        let r = self
-            .broker
-            .event_result(&parent, &req.trigger_id, &req.key)
-            .await
-            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
-        Ok(Response::new(triggers::result_to_pb(req.key, r)))
+        self.get_result_rpc(request).await
+    }
+
+    async fn get_await_result(
+        &self,
+        request: Request<pb::GetAwaitResultRequest>,
+    ) -> Result<Response<pb::EventResult>, Status> {
+        self.await_result_rpc(request).await
     }
 
     async fn list_dead_letters(

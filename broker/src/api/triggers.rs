@@ -218,4 +218,39 @@ impl super::BrokerService {
         out.pending = self.broker.trigger_pending(t).await?;
         Ok(out)
     }
+
+    /// `GetResult`: the result of one event of the caller's trigger.
+    pub(super) async fn get_result_rpc(
+        &self,
+        request: tonic::Request<pb::GetResultRequest>,
+    ) -> Result<tonic::Response<pb::EventResult>, tonic::Status> {
+        let parent = self.parent(&request)?;
+        let req = request.into_inner();
+        validate_trigger_id(&req.trigger_id)?;
+        let r = self
+            .broker
+            .event_result(&parent, &req.trigger_id, &req.key)
+            .await
+            .map_err(|e| self.deny(&parent, &req.trigger_id, e))?;
+        Ok(tonic::Response::new(result_to_pb(req.key, r)))
+    }
+
+    /// `GetAwaitResult`: the kept answer of the caller's direct call that
+    /// awaited a key.
+    pub(super) async fn await_result_rpc(
+        &self,
+        request: tonic::Request<pb::GetAwaitResultRequest>,
+    ) -> Result<tonic::Response<pb::EventResult>, tonic::Status> {
+        let parent = self.parent(&request)?;
+        let key = request.into_inner().key;
+        if !bubble_abi::awaits::is_valid_await_key(key.as_bytes()) {
+            return Err(invalid("key", "not a valid await key").into());
+        }
+        let r = self
+            .broker
+            .await_result(&parent, &key)
+            .await
+            .map_err(|e| self.deny(&parent, &key, e))?;
+        Ok(tonic::Response::new(result_to_pb(key, r)))
+    }
 }

@@ -60,7 +60,7 @@ pub(crate) fn await_id(owner: &str, key: &str) -> String {
 pub(crate) struct Resuming(parking_lot::Mutex<HashSet<String>>);
 
 /// Holds an await id in [`Resuming`] until dropped.
-struct Held<'a>(&'a Resuming, String);
+pub(super) struct Held<'a>(&'a Resuming, String);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
@@ -69,7 +69,7 @@ impl Drop for Held<'_> {
 }
 
 impl Resuming {
-    fn hold(&self, id: &str) -> Option<Held<'_>> {
+    pub(super) fn hold(&self, id: &str) -> Option<Held<'_>> {
         self.0
             .lock()
             .insert(id.to_string())
@@ -89,10 +89,13 @@ pub(crate) enum Resumed {
     Done(Outcome),
     /// Resumed here, and the portion awaits again (frozen again).
     AwaitsAgain,
+    /// The await on the key has ended (resumed, timed out or cancelled):
+    /// the event resumes nothing and gets this typed outcome.
+    Ended(Outcome),
 }
 
 /// A reason cut to what a result may hold.
-fn cut(e: &BrokerError) -> String {
+pub(super) fn cut(e: &BrokerError) -> String {
     let mut s = e.to_string();
     let mut n = s.len().min(MAX_REASON_LEN.min(255));
     while !s.is_char_boundary(n) {
@@ -102,19 +105,21 @@ fn cut(e: &BrokerError) -> String {
     s
 }
 
-/// The outcome a call's end is published as.
-pub(super) fn outcome_of(bubble_id: &str, r: Result<CallOutput, BrokerError>) -> Outcome {
+/// The outcome a call's end is published as; `signed_as`: whether the
+/// bubble sealed the output, and the digest of the frame it signed.
+pub(super) fn outcome_of(
+    bubble_id: &str,
+    signed_as: (bool, [u8; 32]),
+    r: Result<CallOutput, BrokerError>,
+) -> Outcome {
     match r {
         Ok(o) => {
             let (call_id, signature) = o.signed.unwrap_or_default();
+            let (sealed, input_sha256) = signed_as;
             Outcome::Ok(
-                // The resumed call's frame is not kept with the await, so
-                // its digest is unknown (all zero, as in results stored
-                // before it was kept), and a sealed output is not marked
-                // (see docs/events.md, "Not done").
                 SignedOutput {
-                    sealed: false,
-                    input_sha256: [0; 32],
+                    sealed,
+                    input_sha256,
                     bubble_id: bubble_id.to_string(),
                     call_id,
                     signature,
@@ -134,13 +139,13 @@ pub enum CallEnd {
     /// The call ended (its freeze failed, so it was timed out at once).
     Done(CallOutput),
     /// The bubble is frozen with the call pending.
-    Frozen(AwaitRecord),
+    Frozen(Box<AwaitRecord>),
 }
 
 impl Broker {
     /// A parent's direct call awaits: freezes the bubble with the call
-    /// pending (its answer, once resumed, is not kept: see
-    /// docs/events.md); if that fails, ends the call as timed out and
+    /// pending (its answer, once resumed, is kept for `GetAwaitResult`:
+    /// see docs/awaits.md); if that fails, ends the call as timed out and
     /// returns how it ended.
     pub async fn call_awaits(
         self: &Arc<Self>,
@@ -161,13 +166,18 @@ impl Broker {
             )
             .await
         {
-            Ok(a) => Ok(CallEnd::Frozen(a)),
+            Ok(a) => Ok(CallEnd::Frozen(Box::new(a))),
             Err(e) => {
                 warn!(bubble = %bubble_id, error = %e, "an awaiting call could not be frozen; timing it out");
-                match self
+                let ended = self
                     .send_resume(parent, bubble_id, Resume::Timeout, signed)
-                    .await
-                {
+                    .await;
+                // Over the cap: the call is ended (timed out) so that the
+                // bubble takes calls again, and the caller is told why.
+                if let BrokerError::AwaitLimit { .. } = e {
+                    return Err(e);
+                }
+                match ended {
                     Ok(o) => Ok(CallEnd::Done(o)),
                     Err(BrokerError::Awaiting { .. }) => Err(BrokerError::GuestRefused(
                         "the portion awaited again after a failed freeze".into(),
@@ -199,6 +209,7 @@ impl Broker {
         if permit.rec.parent_keyed {
             return Err(BrokerError::ParentKeyedAwait(bubble_id.to_string()));
         }
+        let slot = self.reserve_await(owner)?;
         let now = now_ms();
         let mut a = AwaitRecord {
             id: await_id(owner, key),
@@ -213,6 +224,7 @@ impl Broker {
             broker: self.broker_id.clone(),
             created_at_ms: now,
             phase: AwaitPhase::Freezing,
+            ended_at_ms: 0,
         };
         match self.frozen.put_await(&a).await {
             Ok(()) => {}
@@ -222,12 +234,15 @@ impl Broker {
         let end = |a: &AwaitRecord| {
             let mut e = a.clone();
             e.phase = AwaitPhase::Ended;
+            e.ended_at_ms = now_ms();
             e
         };
         if let Err(e) = self.registry.put_await(&a) {
             let _ = self.frozen.update_await(&end(&a)).await;
             return Err(e.into());
         }
+        // Counted in the registry from here.
+        drop(slot);
         if let Err(e) = self.suspend_held(permit, None).await {
             let _ = self.frozen.update_await(&end(&a)).await;
             let _ = self
@@ -316,7 +331,9 @@ impl Broker {
         resume: Resume<'_>,
     ) -> Result<Resumed, BrokerError> {
         if a.phase == AwaitPhase::Ended {
-            return Ok(Resumed::Elsewhere);
+            return Ok(Resumed::Ended(Outcome::Failed(cut(
+                &BrokerError::AwaitEnded(a.key.clone()),
+            ))));
         }
         // FREEZING: the freezing broker may have stored and committed the
         // copy and died before marking the await FROZEN, so the restore is
@@ -326,6 +343,16 @@ impl Broker {
         let Some(_held) = self.awaits.hold(&a.id) else {
             return Ok(Resumed::Elsewhere);
         };
+        // This broker already restored the copy for this await (it died
+        // before RESUME and re-adopted the bubble on restart, or the
+        // owner restored it): the call is pending in the running bubble.
+        if self.restored_here(&a) {
+            info!(bubble = %a.bubble_id, parent = %a.owner, "an await's bubble runs here, restored and not resumed; resuming its call");
+            let ended = self
+                .send_resume(&a.owner, &a.bubble_id, resume, a.signed)
+                .await;
+            return self.settle(a, ended).await;
+        }
         let restored = self
             .restore(
                 &a.owner,
@@ -372,6 +399,8 @@ impl Broker {
             Err(e) => return Err(e),
         }
         info!(bubble = %a.bubble_id, parent = %a.owner, timeout = matches!(resume, Resume::Timeout), "frozen await restored; resuming its call");
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("await.restored").await;
         let ended = self
             .send_resume(&a.owner, &a.bubble_id, resume, a.signed)
             .await;
@@ -380,7 +409,7 @@ impl Broker {
 
     /// The resumed call of `a` ended (`ended`): publishes its outcome,
     /// or freezes it again if it awaits again; ends the await.
-    async fn settle(
+    pub(super) async fn settle(
         self: &Arc<Self>,
         a: AwaitRecord,
         ended: Result<CallOutput, BrokerError>,
@@ -423,8 +452,9 @@ impl Broker {
             }
             r => r,
         };
-        let outcome = outcome_of(&a.bubble_id, ended);
+        let outcome = outcome_of(&a.bubble_id, a.origin.signed_as(), ended);
         self.publish_origin(&a, &outcome).await;
+        self.relay_result(&a, &outcome).await;
         self.end_await(&done).await;
         if matches!(a.origin, AwaitOrigin::Event { pool: true, .. }) {
             if let Err(e) = self.delete(&a.owner, &a.bubble_id).await {
@@ -435,7 +465,10 @@ impl Broker {
     }
 
     /// Marks `done` (phase ENDED) in the store and forgets it here.
-    async fn end_await(&self, done: &AwaitRecord) {
+    pub(super) async fn end_await(&self, done: &AwaitRecord) {
+        let mut done = done.clone();
+        done.ended_at_ms = now_ms();
+        let done = &done;
         if let Err(e) = self.frozen.update_await(done).await {
             warn!(bubble = %done.bubble_id, error = %e, "could not mark an await ended in the store");
         }
@@ -446,7 +479,7 @@ impl Broker {
 
     /// Publishes the outcome of `a`'s call where its origin's results go
     /// (once per key: a second publish stores nothing).
-    async fn publish_origin(&self, a: &AwaitRecord, outcome: &Outcome) {
+    pub(super) async fn publish_origin(&self, a: &AwaitRecord, outcome: &Outcome) {
         let AwaitOrigin::Event {
             subject,
             source,

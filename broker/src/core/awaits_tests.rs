@@ -15,6 +15,7 @@ fn await_ids_are_per_owner_and_key() {
 fn outcomes_carry_the_signed_output_or_the_reason() {
     let ok = outcome_of(
         "b-1",
+        (true, [9; 32]),
         Ok(CallOutput {
             output: b"settled".to_vec(),
             vmm_us: 1,
@@ -27,12 +28,19 @@ fn outcomes_carry_the_signed_output_or_the_reason() {
         (s.bubble_id.as_str(), s.call_id, s.output.as_slice()),
         ("b-1", 7, &b"settled"[..])
     );
+    // The resumed result says it is sealed and carries the frame digest.
+    assert!(s.sealed);
+    assert_eq!(s.input_sha256, [9; 32]);
     assert!(matches!(
-        outcome_of("b", Err(BrokerError::GuestRefused("no".into()))),
+        outcome_of(
+            "b",
+            (false, [0; 32]),
+            Err(BrokerError::GuestRefused("no".into()))
+        ),
         Outcome::Refused(_)
     ));
     let long = BrokerError::BubbleFailed("x".repeat(4000));
-    let Outcome::Failed(r) = outcome_of("b", Err(long)) else {
+    let Outcome::Failed(r) = outcome_of("b", (false, [0; 32]), Err(long)) else {
         unreachable!()
     };
     assert!(r.len() <= MAX_REASON_LEN.min(255));

@@ -17,7 +17,10 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod await_ends;
 mod await_hooks;
+mod await_limits;
+mod await_relay;
 mod awaits;
 mod calls;
 mod create;
@@ -158,6 +161,8 @@ pub struct Broker {
     triggers: parking_lot::Mutex<std::collections::HashMap<String, triggers::Running>>,
     /// Awaits this broker is resuming now (`awaits`).
     awaits: awaits::Resuming,
+    /// Await slots reserved per owner (the per-owner cap).
+    await_slots: await_limits::AwaitSlots,
 }
 
 /// Refuses to start on an empty registry beside bubble directories: the
@@ -361,6 +366,7 @@ impl Broker {
             queue,
             triggers: Default::default(),
             awaits: Default::default(),
+            await_slots: Default::default(),
             health: tokio::sync::watch::channel(Default::default()).0,
             probes: Default::default(),
             ledger: parking_lot::Mutex::new(ledger),

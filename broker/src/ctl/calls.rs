@@ -125,7 +125,20 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
         );
     }
     let ans = if a.sign || a.seal || a.sealed_input || a.seal_to.is_some() {
-        verified_call(conn, &a, &input).await?
+        match verified_call(conn, &a, &input).await {
+            Ok(ans) => ans,
+            Err(e) => match e.downcast_ref::<bubble_client::ClientError>() {
+                Some(bubble_client::ClientError::Awaiting {
+                    key,
+                    deadline_ms,
+                    generation,
+                }) => {
+                    print_awaiting(key, *generation, *deadline_ms, j);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                _ => return Err(e),
+            },
+        }
     } else {
         let mut c = conn.connect().await?;
         let r = c
@@ -141,19 +154,7 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
             .map_err(status_err)?
             .into_inner();
         if let Some(w) = r.awaiting {
-            // The portion awaits an event: the bubble is frozen with the
-            // call pending (docs/events.md).
-            if j {
-                println!(
-                    "{}",
-                    json!({"awaiting": {"key": w.key, "deadline_ms": w.deadline_ms, "generation": w.generation}})
-                );
-            } else {
-                println!(
-                    "awaiting {} (frozen at generation {}; times out at {} ms)",
-                    w.key, w.generation, w.deadline_ms
-                );
-            }
+            print_awaiting(&w.key, w.generation, w.deadline_ms, j);
             return Ok(ExitCode::SUCCESS);
         }
         Answer {
@@ -177,6 +178,21 @@ pub(super) async fn call(conn: &Conn, a: CallArgs, j: bool) -> anyhow::Result<Ex
         write_output(&ans.output, a.output)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The portion awaits an event: the bubble is frozen with the call
+/// pending (docs/awaits.md).
+fn print_awaiting(key: &str, generation: u64, deadline_ms: u64, j: bool) {
+    if j {
+        println!(
+            "{}",
+            json!({"awaiting": {"key": key, "deadline_ms": deadline_ms, "generation": generation}})
+        );
+    } else {
+        println!(
+            "awaiting {key} (frozen at generation {generation}; times out at {deadline_ms} ms)"
+        );
+    }
 }
 
 /// A signed (and optionally sealed) call through the client library,

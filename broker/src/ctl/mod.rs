@@ -189,6 +189,9 @@ enum Cmd {
     Publish(triggers::PublishArgs),
     /// The result of one event of one of your triggers.
     Results(triggers::ResultsArgs),
+    /// The answer of one of your direct calls that awaited a key (kept
+    /// once the await ended; pending before).
+    AwaitResult(triggers::AwaitResultArgs),
 }
 
 // The one argument of commands that name a bubble and nothing else.
@@ -263,6 +266,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         Cmd::Trigger(c) => triggers::trigger(conn, c, j).await,
         Cmd::Publish(a) => triggers::publish(conn, a, j).await,
         Cmd::Results(a) => triggers::results(conn, a, j).await,
+        Cmd::AwaitResult(a) => triggers::await_result(conn, a, j).await,
         Cmd::Keygen(a) => sealed::keygen(a, j),
         Cmd::Open(a) => sealed::open(a),
         Cmd::Admin(c) => admin::run(conn, c, j).await,
@@ -363,6 +367,7 @@ mod tests {
             &["trigger", "delete", "t-1"],
             &["publish", "orders", "--key", "k", "--file", "f"],
             &["results", "t-1", "k", "--output", "hex"],
+            &["await-result", "k", "--output", "hex"],
             &[
                 "call",
                 "b-1",

@@ -111,6 +111,15 @@ pub(super) struct ResultsArgs {
     key_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub(super) struct AwaitResultArgs {
+    /// The key the direct call's portion awaited.
+    key: String,
+    /// How to print the output: text, hex, or raw bytes.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
 /// The X25519 key pair in a private key file (32 bytes or 64 hex digits).
 fn seal_key(p: &std::path::Path) -> anyhow::Result<bubble_keys::KemKeyPair> {
     let raw = crate::kek_input::read_private_file(p, "sealing key")?;
@@ -315,7 +324,7 @@ pub(super) async fn publish(conn: &Conn, a: PublishArgs, j: bool) -> anyhow::Res
 pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Result<ExitCode> {
     let key = a.key_file.as_deref().map(seal_key).transpose()?;
     let mut c = conn.connect().await?;
-    let mut r = c
+    let r = c
         .get_result(pb::GetResultRequest {
             trigger_id: a.trigger,
             key: a.key,
@@ -323,9 +332,35 @@ pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Res
         .await
         .map_err(status_err)?
         .into_inner();
+    show_result(r, key.as_ref(), a.output, j)
+}
+
+/// `await-result`: the kept answer of one of your direct calls that
+/// awaited a key.
+pub(super) async fn await_result(
+    conn: &Conn,
+    a: AwaitResultArgs,
+    j: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut c = conn.connect().await?;
+    let r = c
+        .get_await_result(pb::GetAwaitResultRequest { key: a.key })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    show_result(r, None, a.output, j)
+}
+
+/// Prints a result (opening a sealed one with `key`).
+fn show_result(
+    mut r: pb::EventResult,
+    key: Option<&bubble_keys::KemKeyPair>,
+    output: OutputFormat,
+    j: bool,
+) -> anyhow::Result<ExitCode> {
     // A sealed output opens here only, with the parent's key.
     let mut opened = false;
-    if let (true, Some(kem)) = (r.sealed, &key) {
+    if let (true, Some(kem)) = (r.sealed, key) {
         let input_sha256: [u8; 32] = r
             .input_sha256
             .as_slice()
@@ -363,7 +398,7 @@ pub(super) async fn results(conn: &Conn, a: ResultsArgs, j: bool) -> anyhow::Res
                     _ => "",
                 }
             );
-            write_output(&r.output, a.output)?;
+            write_output(&r.output, output)?;
         }
         other => println!(
             "{other}{}{}",

@@ -17,6 +17,8 @@
 //! its registry) but not forge or alter one. Brokers that do not share
 //! the key cannot read each other's awaits.
 
+use std::collections::HashMap;
+
 use object_store::path::Path as ObjPath;
 use object_store::ObjectStoreExt;
 
@@ -72,6 +74,13 @@ impl FrozenStore {
         m.verify_slice(tag).ok()?;
         serde_json::from_slice(json).ok()
     }
+}
+
+/// What a sweeper has read of the index: per object id, the version it
+/// read and the record it held (none: not a valid entry).
+#[derive(Default)]
+pub struct IndexCache {
+    seen: HashMap<String, (String, Option<AwaitRecord>)>,
 }
 
 fn index_path(id: &str) -> ObjPath {
@@ -154,6 +163,46 @@ impl FrozenStore {
         }
     }
 
+    /// The index as it is now, reading only the objects that are new or
+    /// changed (by the listing's version: e-tag, else time and size)
+    /// since `cache` last saw them: one listing, and reads for what
+    /// changed. Returns the records and how many objects were read.
+    pub async fn scan_awaits(
+        &self,
+        cache: &mut IndexCache,
+    ) -> Result<(Vec<AwaitRecord>, usize), BrokerError> {
+        use futures::TryStreamExt;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&ObjPath::from("awaits")))
+            .try_collect()
+            .await
+            .map_err(store_err)?;
+        let mut reads = 0;
+        let mut next = HashMap::with_capacity(metas.len());
+        for m in metas {
+            let id = m.location.filename().unwrap_or_default().to_string();
+            let version = m.e_tag.clone().unwrap_or_else(|| {
+                format!(
+                    "{}:{}",
+                    m.last_modified.timestamp_nanos_opt().unwrap_or_default(),
+                    m.size
+                )
+            });
+            let entry = match cache.seen.remove(&id) {
+                Some((v, rec)) if v == version => (v, rec),
+                _ => {
+                    reads += 1;
+                    (version, self.get_await(&id).await?)
+                }
+            };
+            next.insert(id, entry);
+        }
+        cache.seen = next;
+        let out = cache.seen.values().filter_map(|(_, r)| r.clone()).collect();
+        Ok((out, reads))
+    }
+
     /// Every indexed await (for the deadline sweeper).
     pub async fn list_awaits(&self) -> Result<Vec<AwaitRecord>, BrokerError> {
         use futures::TryStreamExt;
@@ -192,6 +241,7 @@ mod tests {
             broker: "x".into(),
             created_at_ms: 0,
             phase: AwaitPhase::Frozen,
+            ended_at_ms: 0,
         }
     }
 
@@ -246,6 +296,39 @@ mod tests {
             .await
             .unwrap_or_else(|_| unreachable!())
             .is_empty());
+    }
+
+    /// The sweeper's scan reads only new or changed entries.
+    #[tokio::test]
+    async fn a_scan_reads_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        for i in 0..5 {
+            s.put_await(&rec(&format!("a{i}"), 1))
+                .await
+                .unwrap_or_else(|_| unreachable!());
+        }
+        let mut cache = IndexCache::default();
+        async fn scan(s: &FrozenStore, c: &mut IndexCache) -> (Vec<AwaitRecord>, usize) {
+            let (mut v, n) = s.scan_awaits(c).await.unwrap_or_else(|_| unreachable!());
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+            (v, n)
+        }
+        let (v, n) = scan(&s, &mut cache).await;
+        assert_eq!((v.len(), n), (5, 5));
+        let (v, n) = scan(&s, &mut cache).await;
+        assert_eq!((v.len(), n), (5, 0), "nothing changed: nothing read");
+        let mut ended = rec("a3", 1);
+        ended.phase = AwaitPhase::Ended;
+        assert!(s.update_await(&ended).await.unwrap_or(false));
+        s.delete_await(&rec("a0", 1))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        let (v, n) = scan(&s, &mut cache).await;
+        assert_eq!(n, 1, "only the changed entry is read");
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[2].phase, AwaitPhase::Ended);
     }
 
     /// Someone who can write to the store but lacks the key cannot forge

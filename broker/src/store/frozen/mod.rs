@@ -17,6 +17,7 @@
 //! running, the chunks are garbage) or a complete frozen bubble.
 //! See `docs/frozen-format.md`.
 
+pub(crate) mod await_results;
 pub(crate) mod awaits;
 mod cas;
 mod claim;

@@ -29,9 +29,32 @@ pub enum AwaitOrigin {
         /// Whether the bubble came from the trigger's pool (deleted once
         /// the call ends).
         pool: bool,
+        /// Whether the call's result is sealed (the trigger's `seal_to`;
+        /// the bubble seals the resumed call's answer to it).
+        #[serde(default)]
+        sealed: bool,
+        /// SHA-256 of the portion-call frame the bubble signs (and the
+        /// sealed box's AAD): kept so the resumed result carries it.
+        #[serde(default)]
+        input_sha256: [u8; 32],
     },
     /// A parent's `Call`: the call's answer was "awaiting".
     Call,
+}
+
+impl AwaitOrigin {
+    /// Whether the call's result is sealed, and the digest of the frame
+    /// the bubble signed (unknown for a direct call: zero).
+    pub fn signed_as(&self) -> (bool, [u8; 32]) {
+        match self {
+            AwaitOrigin::Event {
+                sealed,
+                input_sha256,
+                ..
+            } => (*sealed, *input_sha256),
+            AwaitOrigin::Call => (false, [0; 32]),
+        }
+    }
 }
 
 /// Where an await is in its life.
@@ -71,6 +94,11 @@ pub struct AwaitRecord {
     pub created_at_ms: u64,
     /// Where it is.
     pub phase: AwaitPhase,
+    /// When it ended (ENDED), Unix ms: the index entry is collected a
+    /// retention after this (0 in entries written before it was kept:
+    /// collected at the next sweep).
+    #[serde(default)]
+    pub ended_at_ms: u64,
 }
 
 impl Registry {
@@ -155,10 +183,13 @@ mod tests {
                 source: TriggerSource::Embedded,
                 key: "order-1".into(),
                 pool: false,
+                sealed: true,
+                input_sha256: [3; 32],
             },
             broker: "b".into(),
             created_at_ms: 1,
             phase: AwaitPhase::Frozen,
+            ended_at_ms: 0,
         }
     }
 

@@ -1,0 +1,120 @@
+//! Results of awaits resumed on another broker reach the broker whose
+//! trigger started the call: the resuming broker publishes the outcome
+//! in its own queue (under the originating key) and also stores it,
+//! encrypted, in the shared store (`store::frozen::await_results`) before
+//! it marks the await ENDED; the originating broker's sweeper, finding
+//! an ENDED await it froze with no result in its queue, copies that
+//! outcome into its queue (once per key), so the owner reads it with
+//! `GetResult` on the trigger it created. NATS triggers need none of
+//! this: their results stream is shared. A direct call's answer is kept
+//! the same way, read with `GetAwaitResult` by its owner's key.
+
+use bubble_events::{Outcome, Results};
+use tracing::{debug, info, warn};
+
+use super::awaits::await_id;
+use super::triggers::{queue_key, EventResult, SignedOutput};
+use super::Broker;
+use crate::error::BrokerError;
+use crate::store::registry::awaits::{AwaitOrigin, AwaitPhase, AwaitRecord};
+use crate::store::registry::triggers::TriggerSource;
+
+/// The embedded origin of `a`: (subject, key), if it has one.
+fn embedded_origin(a: &AwaitRecord) -> Option<(&str, &str)> {
+    match &a.origin {
+        AwaitOrigin::Event {
+            subject,
+            source: TriggerSource::Embedded,
+            key,
+            ..
+        } => Some((subject, key)),
+        _ => None,
+    }
+}
+
+impl Broker {
+    /// Before ending await `a` resumed here: if another broker froze it
+    /// from an embedded trigger, stores its outcome for that broker.
+    /// A direct call's answer is always stored there (read with
+    /// [`Broker::await_result`] from any broker).
+    pub(super) async fn relay_result(&self, a: &AwaitRecord, outcome: &Outcome) {
+        let direct = matches!(a.origin, AwaitOrigin::Call);
+        if !direct && (a.broker == self.broker_id || embedded_origin(a).is_none()) {
+            return;
+        }
+        if let Err(e) = self.frozen.put_await_result(&a.id, &outcome.encode()).await {
+            warn!(bubble = %a.bubble_id, error = %e, "could not relay a resumed call's result to its broker");
+        }
+    }
+
+    /// Sweeper: `a` is ENDED in the index. If this broker froze it from an
+    /// embedded trigger and its queue has no result under the originating
+    /// key, copies the relayed outcome there.
+    pub(super) async fn collect_relayed(&self, a: &AwaitRecord) {
+        if a.broker != self.broker_id {
+            return;
+        }
+        let Some((subject, key)) = embedded_origin(a) else {
+            return;
+        };
+        let Ok(q) = queue_key(&a.owner, subject, key) else {
+            return;
+        };
+        match self.queue.result(&q).await {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(e) => {
+                debug!(error = %e, "reading a result failed");
+                return;
+            }
+        }
+        let relayed = match self.frozen.get_await_result(&a.id).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "reading a relayed result failed");
+                return;
+            }
+        };
+        match Outcome::decode(&relayed) {
+            Ok(o) => match self.queue.publish_result(&q, &o).await {
+                Ok(_) => {
+                    info!(bubble = %a.bubble_id, parent = %a.owner, "the result of an await resumed on another broker is in this broker's queue")
+                }
+                Err(e) => {
+                    warn!(bubble = %a.bubble_id, error = %e, "storing a relayed result failed")
+                }
+            },
+            Err(e) => warn!(bubble = %a.bubble_id, error = %e, "a relayed result does not decode"),
+        }
+    }
+
+    /// The answer of `parent`'s direct call that awaited `key`: pending
+    /// while the await is live, the kept outcome once it ended.
+    pub async fn await_result(&self, parent: &str, key: &str) -> Result<EventResult, BrokerError> {
+        let id = await_id(parent, key);
+        let live = self.find_await(parent, key).await?;
+        if let Some(a) = &live {
+            if !matches!(a.origin, AwaitOrigin::Call) {
+                return Err(BrokerError::NotAccessible(key.to_string()));
+            }
+            if a.phase != AwaitPhase::Ended {
+                return Ok(EventResult::Pending);
+            }
+        }
+        match self.frozen.get_await_result(&id).await? {
+            Some(b) => Ok(match Outcome::decode(&b)? {
+                Outcome::Ok(b) => EventResult::Ok(
+                    SignedOutput::decode(&b)
+                        .ok_or(bubble_events::EventError::Corrupt("kept result"))?,
+                ),
+                Outcome::Refused(r) => EventResult::Refused(r),
+                Outcome::Failed(r) => EventResult::Failed(r),
+            }),
+            // Ended a moment ago (the result is written before ENDED, so
+            // this is a live await ending now) or unknown.
+            None if live.is_some() => Ok(EventResult::Pending),
+            None => Err(BrokerError::NotAccessible(key.to_string())),
+        }
+    }
+}
