@@ -8,7 +8,8 @@
 //! `suspend.committed` (registry SUSPENDED, VMM not yet stopped),
 //! `restore.claimed` (the frozen copy's claim taken, nothing started) and
 //! `restore.loaded` (the copy is in a new VMM, whose pid the log line
-//! names; the claim is not yet committed), `await.restored` (an await's
+//! names; the claim is not yet committed), `restore.committed` (the
+//! claim committed, the registry not yet READY), `await.restored` (an await's
 //! frozen copy restored and READY here, RESUME not yet sent).
 //!
 //! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead

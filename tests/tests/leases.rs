@@ -18,6 +18,10 @@
 //! - A broker SIGKILLed there: the other broker is refused past the
 //!   lease, the restarted suspender re-adopts the still running VMM (the
 //!   bubble runs on, once), and its next suspend moves.
+//! - A broker SIGKILLed after committing its restore claim, before
+//!   recording READY: its registry (SUSPENDED) decides. Restarted, it
+//!   stops the VMM it never recorded and gives the committed claim back;
+//!   the copy then restores once (on the other broker here), not stuck.
 //! - A suspender whose claim is rewritten under it (another broker that
 //!   broke the rules) does not record SUSPENDED: its bubble is FAILED with
 //!   its VMM stopped, and the stored copy restores elsewhere once the
@@ -398,4 +402,44 @@ async fn a_suspend_whose_claim_is_rewritten_fails_cleanly_local() {
     // (the bubble as it was), once.
     restore_when_free(&mut cb, &id, 1, Duration::from_secs(30)).await;
     runs_once(&mut cb, &id, &keys).await;
+}
+
+async fn killed_after_committing_a_restore(store: Store) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = BrokerProc::start_with(da.path(), store.opts(Some("restore.committed=60000")));
+    let b = BrokerProc::start_with(db.path(), store.opts(None));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (id, keys) = running_bubble(&mut ca).await;
+    let s = ca.suspend_bubble(suspend_req(&id, &KEK)).await.unwrap();
+    assert_eq!(s.into_inner().generation, 1);
+    let mut ca2 = ca.clone();
+    let rid = id.clone();
+    let restore = tokio::spawn(async move { ca2.restore_bubble(restore_req(&rid, &KEK, 0)).await });
+    log_line(da.path(), &["fault point reached", "restore.committed"]).await;
+    a.kill();
+    assert!(restore.await.unwrap().is_err(), "A died mid-restore");
+    // The claim is committed: nobody may take it while A is down.
+    refused_throughout(&mut cb, &id, 1, Duration::from_millis(500)).await;
+    let a = BrokerProc::start_with(da.path(), store.opts(None));
+    let mut ca = a.client().await;
+    let rec = describe(&mut ca, &id).await;
+    assert_eq!(rec.state, pb::BubbleState::Suspended as i32, "{rec:?}");
+    // A stopped the VMM it loaded but never recorded, then gave the claim
+    // back: B restores the bubble, which runs exactly once.
+    wait_bubble_vmms(da.path(), 0, Duration::from_secs(10)).await;
+    restore_when_free(&mut cb, &id, 1, Duration::from_secs(30)).await;
+    runs_once(&mut cb, &id, &keys).await;
+    assert!(ca.restore_bubble(restore_req(&id, &KEK, 0)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restorer_killed_after_committing_gives_the_copy_back_local() {
+    killed_after_committing_a_restore(Store::local()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restorer_killed_after_committing_gives_the_copy_back_s3() {
+    if let Some(s) = Store::s3() {
+        killed_after_committing_a_restore(s).await;
+    }
 }

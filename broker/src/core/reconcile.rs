@@ -80,15 +80,18 @@ impl Broker {
         }
         self.stop_strays().await;
         self.date_ended_records();
-        self.release_suspend_claims();
+        self.release_own_claims();
         Ok(())
     }
 
-    /// Gives back the suspend claims this broker still holds on copies its
-    /// registry records as SUSPENDED (it died between recording a suspend
-    /// and giving the claim back), so that other brokers can restore them.
+    /// Gives back the claims this broker still holds on copies its
+    /// registry records as SUSPENDED: a suspend claim (it died between
+    /// recording a suspend and giving the claim back) or a committed
+    /// restore claim (it died between committing and recording READY; the
+    /// VMM it loaded was stopped above, with the other strays), so that
+    /// any broker can restore them.
     /// In the background: a slow store does not hold up the start.
-    fn release_suspend_claims(self: &Arc<Self>) {
+    fn release_own_claims(self: &Arc<Self>) {
         let suspended: Vec<(String, u64)> = self.table.with(|t| {
             t.records()
                 .filter(|r| r.state == State::Suspended)

@@ -195,6 +195,8 @@ impl Broker {
             }
         }
         let t_commit = t0.elapsed();
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("restore.committed").await;
         let (r, live) = match self.resume(&id, vmm).await {
             Ok(x) => x,
             Err(e) => {

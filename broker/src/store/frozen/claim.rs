@@ -311,10 +311,13 @@ impl FrozenStore {
         }
     }
 
-    /// Gives back this broker's suspend claim on a generation its registry
-    /// records as SUSPENDED (a broker that died after recording the
-    /// suspend, before giving the claim back): the copy is the bubble's
-    /// state now, restorable anywhere. Any other claim is left as it is.
+    /// Gives back this broker's claim on a generation its registry records
+    /// as SUSPENDED, for a restarted broker (after it stopped every VMM its
+    /// registry does not run): a suspend claim still held (it died after
+    /// recording the suspend, before giving the claim back) or a restore
+    /// claim it committed (it died before recording READY). The copy is
+    /// the bubble's state now, restorable anywhere. Any other claim is
+    /// left as it is.
     pub async fn release_suspended(
         &self,
         id: &str,
@@ -325,10 +328,13 @@ impl FrozenStore {
         let Some((body, version)) = self.read_claim(&path).await? else {
             return Ok(());
         };
-        if body.broker != broker
-            || body.state != ClaimState::Held
-            || body.purpose != Purpose::Suspend
-        {
+        // Its own suspend claim still held (died between recording the
+        // suspend and giving the claim back), or its own restore claim
+        // committed (died between committing and recording READY: the VMM
+        // it loaded was never recorded, and the restart stopped it).
+        let own_suspend = body.state == ClaimState::Held && body.purpose == Purpose::Suspend;
+        let own_restore = body.state == ClaimState::Committed && body.purpose == Purpose::Restore;
+        if body.broker != broker || !(own_suspend || own_restore) {
             return Ok(());
         }
         let mut claim = Claim {
