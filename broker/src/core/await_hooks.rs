@@ -18,6 +18,20 @@ use crate::store::frozen::awaits::IndexCache;
 use crate::store::registry::awaits::{AwaitOrigin, AwaitPhase, AwaitRecord};
 use crate::store::registry::triggers::{TriggerRecord, TriggerTarget};
 
+/// Publishes an event's outcome and acks the event, or has it delivered
+/// again shortly if the result could not be stored.
+async fn settle<D: Delivery, R: Results>(d: D, results: &R, outcome: &Outcome) {
+    if results
+        .publish_result(&d.event().key, outcome)
+        .await
+        .is_ok()
+    {
+        let _ = d.ack().await;
+    } else {
+        let _ = d.retry(FREEZING_RETRY).await;
+    }
+}
+
 impl Broker {
     /// The dispatcher's hook before an event runs: if its key is awaited,
     /// the event resumes that await (and is settled here: `None`);
@@ -46,15 +60,7 @@ impl Broker {
                 Ok(Resumed::Ended(outcome)) => {
                     // Published once per key: a duplicate of the event
                     // that resumed the await keeps that event's result.
-                    if results
-                        .publish_result(&d.event().key, &outcome)
-                        .await
-                        .is_ok()
-                    {
-                        let _ = d.ack().await;
-                    } else {
-                        let _ = d.retry(FREEZING_RETRY).await;
-                    }
+                    settle(d, results, &outcome).await;
                     return None;
                 }
                 Ok(Resumed::Elsewhere | Resumed::AwaitsAgain) => {
@@ -131,15 +137,7 @@ impl Broker {
                     }
                     r => outcome_of(&bubble_id, signed_as, r),
                 };
-                if results
-                    .publish_result(&d.event().key, &outcome)
-                    .await
-                    .is_ok()
-                {
-                    let _ = d.ack().await;
-                } else {
-                    let _ = d.retry(FREEZING_RETRY).await;
-                }
+                settle(d, results, &outcome).await;
             }
         }
     }
