@@ -155,7 +155,9 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         }
     };
     let built = started.elapsed();
+    let steps = vm.build_steps();
     let dog = Watchdog::start(&mut vm);
+    let dogged = started.elapsed();
     let mut guest = Guest {
         bubble: Bubble::new(vm),
         dog,
@@ -178,10 +180,20 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     match booted {
         Ok(_) => {
             let boot_us = started.elapsed().as_micros() as u64;
+            // Per step, in µs from the vCPU thread's start (a spare's
+            // CONFIGURE arrived `configured` µs before it).
             eprintln!(
-                "bubble-vmm: boot_us={boot_us} (VM built at {} µs, sealed at {} µs)",
+                "bubble-vmm: boot_us={boot_us} (VM built at {} µs: load {} + shell {} + setup {}; \
+                 watchdog at {} µs, sealed at {} µs; configured {} µs before)",
                 built.as_micros(),
-                sealed.as_micros()
+                steps.load.as_micros(),
+                steps.shell.as_micros(),
+                steps.setup.as_micros(),
+                dogged.as_micros(),
+                sealed.as_micros(),
+                spare::CONFIGURED
+                    .get()
+                    .map_or(0, |c| started.saturating_duration_since(*c).as_micros()),
             );
             {
                 let mut s = shared.status.lock();

@@ -62,6 +62,9 @@ impl SpareArgs {
     }
 }
 
+/// When this spare's CONFIGURE was read (for the VMM's step log).
+pub(super) static CONFIGURED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// Most descriptors a CONFIGURE frame may carry: one cgroup `tasks` file
 /// per cgroup v1 controller the broker limits (memory, pids, cpu).
 pub const MAX_CONFIGURE_FDS: usize = 4;
@@ -128,6 +131,7 @@ pub(super) fn wait_as_spare(listener: &UnixListener) -> Result<Configured, Strin
         fds: None,
     };
     let head = Head::read(&mut r).map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    let _ = CONFIGURED.set(std::time::Instant::now());
     let body = head
         .read_body(&mut r)
         .map_err(|e| format!("reading CONFIGURE: {e}"))?;
