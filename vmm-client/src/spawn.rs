@@ -164,6 +164,11 @@ impl Spawner {
         }
     }
 
+    /// The bubbles' cgroups, if this broker has them.
+    pub(crate) fn cgroups(&self) -> Option<&Arc<Cgroups>> {
+        self.jail.cgroups.as_ref()?.as_ref().ok()
+    }
+
     /// Spares ready now, and how many are wanted.
     pub fn spares(&self) -> (usize, usize) {
         (self.spares.lock().len(), self.want)
