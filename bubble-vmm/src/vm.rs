@@ -55,6 +55,27 @@ pub struct VmShell {
     vcpu: VcpuFd,
 }
 
+/// A VM and its vCPU made ahead of need by a spare (see [`prepare_shell`]).
+static PREPARED_SHELL: parking_lot::Mutex<Option<VmShell>> = parking_lot::Mutex::new(None);
+
+/// Creates the KVM VM and its vCPU (CPUID set: `KVM_CREATE_VM`,
+/// `KVM_CREATE_VCPU`, `KVM_SET_CPUID2`) for the next [`VmShell::new`] of
+/// this process. A spare VMM process does this while it waits for its
+/// bubble: none of it depends on the request (no guest memory exists, no
+/// register is set, the vCPU never ran), so the guest still executes no
+/// instruction before the request arrives. What the kernel allocates for
+/// the VM here is charged to the cgroup the spare is in then (the
+/// broker's), not the bubble's; guest memory and the MMU's pages are
+/// allocated after CONFIGURE, in the bubble's.
+pub fn prepare_shell() -> Result<(), VmError> {
+    if PREPARED_SHELL.lock().is_some() {
+        return Ok(());
+    }
+    let shell = VmShell::new()?;
+    *PREPARED_SHELL.lock() = Some(shell);
+    Ok(())
+}
+
 /// `/dev/kvm` opened and the host's supported CPUID queried ahead of need
 /// (see [`prepare_kvm`]).
 static PREPARED: parking_lot::Mutex<Option<(Kvm, kvm_bindings::CpuId)>> =
@@ -88,9 +109,13 @@ fn open_kvm() -> Result<(Kvm, kvm_bindings::CpuId), VmError> {
 }
 
 impl VmShell {
-    /// Creates the VM and its vCPU (with `/dev/kvm` and the supported CPUID
-    /// from [`prepare_kvm`] if this process prepared them, else fresh).
+    /// The VM and its vCPU [`prepare_shell`] made, else new ones (with
+    /// `/dev/kvm` and the supported CPUID from [`prepare_kvm`] if this
+    /// process prepared them, else fresh).
     pub fn new() -> Result<Self, VmError> {
+        if let Some(shell) = PREPARED_SHELL.lock().take() {
+            return Ok(shell);
+        }
         let prepared = PREPARED.lock().take();
         let (kvm_fd, cpuid) = match prepared {
             Some(p) => p,

@@ -121,7 +121,9 @@ impl Read for FirstRead<'_> {
 /// bubble does not wait for a process to start. It waits for one
 /// connection carrying a `CONFIGURE` frame (the normal arguments, and
 /// the bubble's cgroup files as descriptors), then becomes that bubble's
-/// VMM: the VM is created only then, cold, as for any bubble. An unused
+/// VMM. Its KVM VM and vCPU exist already (see [`prewarm`]); its guest
+/// memory, image, measurement and vCPU registers are made only then, and
+/// its guest runs only then, cold, as for any bubble. An unused
 /// spare dies with its broker (`PR_SET_PDEATHSIG`, set by the main thread
 /// before this runs).
 pub(super) fn wait_as_spare(listener: &UnixListener) -> Result<Configured, String> {
@@ -277,14 +279,15 @@ pub(super) fn run(
     Ok((a, listener))
 }
 
-/// Work a spare does before it is needed: open /dev/kvm and query the
-/// supported CPUID, fault in the embedded guest image and the code paths
-/// that check it, so that the bubble's VM (still created only after
+/// Work a spare does before it is needed: create the KVM VM and its vCPU
+/// (no memory, no registers: see [`vm::prepare_shell`]), fault in the
+/// embedded guest image and the code paths that check it, so that the
+/// bubble's VM (its memory loaded and measured, its vCPU set up only after
 /// CONFIGURE) is built without those process-level and first-touch costs.
 fn prewarm() {
-    // Failure is not fatal here: VM creation opens /dev/kvm again and
-    // reports the error.
-    let _ = vm::prepare_kvm();
+    // Failure is not fatal here: VM creation tries again after CONFIGURE
+    // and reports the error.
+    let _ = vm::prepare_shell();
     jail::seccomp::precompile();
     let _ = crate::layout::Image::parse_bounds(images::SHIM_ELF);
     let sum = images::SHIM_ELF
