@@ -49,10 +49,6 @@ pub struct Cgroups {
     parent_memory: u64,
     /// This broker's claim on its hierarchy name (see [`sweep`]).
     _claim: Option<sweep::HierarchyClaim>,
-    /// Parents whose cgroup (and this broker's) this broker made and set
-    /// up already: kept while it runs (see [`remove`]), so a create
-    /// makes only its bubble's.
-    ready_parents: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
@@ -119,7 +115,6 @@ impl Cgroups {
             layout,
             parent_memory,
             _claim: claim,
-            ready_parents: Default::default(),
         };
         if claimed {
             for base in cg.bases() {
@@ -207,8 +202,7 @@ impl Cgroups {
 
     /// Creates (or reuses) the cgroups of `parent` and of its `bubble`
     /// with their limits; returns the files a VMM's pid is written to
-    /// (see [`place`]). A parent's cgroup is made and limited once while
-    /// this broker runs (it is kept: see [`remove`]); a bubble's each time.
+    /// (see [`place`]).
     pub fn prepare(
         &self,
         parent: &str,
@@ -221,26 +215,7 @@ impl Cgroups {
         static INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (p, b) = (parent_name(parent), format!("{}.v{n}", bubble_name(bubble)));
-        if !self.ready_parents.lock().contains(&p) {
-            self.prepare_parent(&p)?;
-            self.ready_parents.lock().insert(p.clone());
-        }
-        match self.prepare_bubble(&p, &b, guest_memory) {
-            // The parent's cgroup is gone (removed from outside): made
-            // again, once.
-            Err(CgroupError::Write { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                self.prepare_parent(&p)?;
-                self.prepare_bubble(&p, &b, guest_memory)
-            }
-            other => other,
-        }
-    }
-
-    /// Makes this broker's cgroup and parent cgroup `p` (named by
-    /// [`parent_name`]), with the parent's limits.
-    fn prepare_parent(&self, p: &str) -> Result<(), CgroupError> {
+        let memory = guest_memory + VMM_OVERHEAD;
         match &self.layout {
             Layout::V2(base) => {
                 let enable = "+memory +pids +cpu";
@@ -249,36 +224,11 @@ impl Cgroups {
                 }
                 mkdir(base)?;
                 write(&base.join("cgroup.subtree_control"), enable)?;
-                let pdir = base.join(p);
+                let pdir = base.join(&p);
                 mkdir(&pdir)?;
                 write(&pdir.join("memory.max"), &self.parent_memory.to_string())?;
-                write(&pdir.join("cgroup.subtree_control"), enable)
-            }
-            Layout::V1 { memory, pids, cpu } => {
-                for base in [memory, pids, cpu] {
-                    mkdir(base)?;
-                    mkdir(&base.join(p))?;
-                }
-                write(
-                    &memory.join(p).join("memory.limit_in_bytes"),
-                    &self.parent_memory.to_string(),
-                )
-            }
-        }
-    }
-
-    /// Makes bubble cgroup `b` under parent cgroup `p`, with its limits;
-    /// its `cgroup.procs` files (memory controller first).
-    fn prepare_bubble(
-        &self,
-        p: &str,
-        b: &str,
-        guest_memory: u64,
-    ) -> Result<Vec<PathBuf>, CgroupError> {
-        let memory = guest_memory + VMM_OVERHEAD;
-        match &self.layout {
-            Layout::V2(base) => {
-                let bdir = base.join(p).join(b);
+                write(&pdir.join("cgroup.subtree_control"), enable)?;
+                let bdir = pdir.join(&b);
                 mkdir(&bdir)?;
                 write(&bdir.join("memory.max"), &memory.to_string())?;
                 write(&bdir.join("pids.max"), &PIDS_MAX.to_string())?;
@@ -291,14 +241,26 @@ impl Cgroups {
                 cpu,
             } => {
                 let mut procs = Vec::new();
-                for (base, file, value) in [
-                    (m, "memory.limit_in_bytes", memory.to_string()),
-                    (pids, "pids.max", PIDS_MAX.to_string()),
-                    (cpu, "cpu.shares", "1024".to_string()),
+                for (base, parent_file, files) in [
+                    (
+                        m,
+                        Some(("memory.limit_in_bytes", self.parent_memory.to_string())),
+                        vec![("memory.limit_in_bytes", memory.to_string())],
+                    ),
+                    (pids, None, vec![("pids.max", PIDS_MAX.to_string())]),
+                    (cpu, None, vec![("cpu.shares", "1024".to_string())]),
                 ] {
-                    let bdir = base.join(p).join(b);
+                    mkdir(base)?;
+                    let pdir = base.join(&p);
+                    mkdir(&pdir)?;
+                    if let Some((f, v)) = parent_file {
+                        write(&pdir.join(f), &v)?;
+                    }
+                    let bdir = pdir.join(&b);
                     mkdir(&bdir)?;
-                    write(&bdir.join(file), &value)?;
+                    for (f, v) in files {
+                        write(&bdir.join(f), &v)?;
+                    }
                     procs.push(bdir.join("cgroup.procs"));
                 }
                 Ok(procs)
@@ -364,16 +326,15 @@ pub fn oom_killed(dir: &Path) -> bool {
     own_limit_hit && killed
 }
 
-/// Removes the bubble cgroups of `procs` once their VMM is gone (one
-/// that still has a process or a child stays). The parent's and the
-/// broker's cgroups are kept while the broker runs, for its next bubbles
-/// (making a memory cgroup costs the create path ~0.1 ms here, and
-/// removing one holds the kernel's cgroup lock that a create waits for);
-/// the broker's next start removes the empty ones (see [`sweep`]).
+/// Removes the bubble cgroups of `procs` once their VMM is gone, then
+/// its parent's and the broker's if they are left empty (a cgroup that
+/// still has a process or a child stays).
 pub fn remove(procs: &[PathBuf]) {
     for f in procs {
-        if let Some(dir) = f.parent() {
-            let _ = std::fs::remove_dir(dir);
+        for dir in f.ancestors().skip(1).take(3) {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
     }
 }
