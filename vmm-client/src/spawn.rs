@@ -257,7 +257,13 @@ impl Spawner {
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         let t0 = std::time::Instant::now();
-        let spare = self.spares.lock().pop();
+        // The oldest spare: it has had the most time to prepare (its
+        // preparation runs at low priority, and the bubble waits for it
+        // to finish; the newest was often started by the previous create).
+        let spare = {
+            let mut s = self.spares.lock();
+            (!s.is_empty()).then(|| s.remove(0))
+        };
         self.refill();
         let Some(mut sp) = spare else {
             return self.spawn_fresh(cfg).await;

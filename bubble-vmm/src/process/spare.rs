@@ -65,6 +65,11 @@ impl SpareArgs {
 /// When this spare's CONFIGURE was read (for the VMM's step log).
 pub(super) static CONFIGURED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
+/// How long this spare, given its bubble, waited for its preparation to
+/// finish (for the VMM's step log).
+pub(super) static PREWARM_WAIT: std::sync::OnceLock<std::time::Duration> =
+    std::sync::OnceLock::new();
+
 /// Most descriptors a CONFIGURE frame may carry: one cgroup `tasks` file
 /// per cgroup v1 controller the broker limits (memory, pids, cpu).
 pub const MAX_CONFIGURE_FDS: usize = 4;
@@ -264,9 +269,11 @@ pub(super) fn run(
     // The preparing thread has no seccomp filter and is outside the
     // bubble's cgroups: it must be gone before the bubble is handed on
     // (and so before any guest code runs). Normally it finished long ago.
+    let t_join = std::time::Instant::now();
     prewarming
         .join()
         .map_err(|_| fail("", &"the prewarm thread panicked"))?;
+    let _ = PREWARM_WAIT.set(t_join.elapsed());
     give.send(for_vcpu).map_err(|e| fail("", &e))?;
     // Started here, after the move: it shares this thread's cgroups.
     start_linger().map_err(|e| fail("", &e))?;
