@@ -56,7 +56,7 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 {
                     t += &format!("; {:.2} × the prepared floor", us(s.p50) / p);
                 }
-                t
+                t + &format!("; VMM steps p50 µs: {}", extra(s, "vmm_steps_p50_us"))
             }
             ("call_echo_64b", _, Some(r)) => format!(
                 "raw_exit_rtt + {:.1} µs (target ≤ +150); answer polling off: p50 {} µs",

@@ -235,6 +235,7 @@ impl Vmm {
         let client = vc::VmmClient::connect(&vc::socket_path(dir), id, |u| spawner.adopt_uid(u))
             .await
             .map_err(|e| e.to_string())?;
+        spawner.remove_cgroups_after_exit(&client);
         let st = client.status().await.map_err(|e| e.to_string())?;
         if let Some(reason) = st.failed {
             client.kill();

@@ -30,6 +30,20 @@ pub struct Vm {
     run_time: Duration,
     /// The launch measurement.
     launch: Launch,
+    /// How long building it took, step by step (for the VMM's log).
+    built: BuildSteps,
+}
+
+/// How long each step of [`Vm::new`] (and the other constructors) took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuildSteps {
+    /// Guest memory mapped, image placed, boot pages written, measured.
+    pub load: Duration,
+    /// KVM_CREATE_VM, KVM_CREATE_VCPU and CPUID (or taking a prepared
+    /// [`VmShell`]).
+    pub shell: Duration,
+    /// Memory region registered, initial vCPU registers set.
+    pub setup: Duration,
 }
 
 /// A KVM VM with its vCPU (CPUID set) and no memory yet: what can be made
@@ -39,6 +53,27 @@ pub struct VmShell {
     kvm: Kvm,
     vm: VmFd,
     vcpu: VcpuFd,
+}
+
+/// A VM and its vCPU made ahead of need by a spare (see [`prepare_shell`]).
+static PREPARED_SHELL: parking_lot::Mutex<Option<VmShell>> = parking_lot::Mutex::new(None);
+
+/// Creates the KVM VM and its vCPU (CPUID set: `KVM_CREATE_VM`,
+/// `KVM_CREATE_VCPU`, `KVM_SET_CPUID2`) for the next [`VmShell::new`] of
+/// this process. A spare VMM process does this while it waits for its
+/// bubble: none of it depends on the request (no guest memory exists, no
+/// register is set, the vCPU never ran), so the guest still executes no
+/// instruction before the request arrives. What the kernel allocates for
+/// the VM here is charged to the cgroup the spare is in then (the
+/// broker's), not the bubble's; guest memory and the MMU's pages are
+/// allocated after CONFIGURE, in the bubble's.
+pub fn prepare_shell() -> Result<(), VmError> {
+    if PREPARED_SHELL.lock().is_some() {
+        return Ok(());
+    }
+    let shell = VmShell::new()?;
+    *PREPARED_SHELL.lock() = Some(shell);
+    Ok(())
 }
 
 /// `/dev/kvm` opened and the host's supported CPUID queried ahead of need
@@ -74,9 +109,13 @@ fn open_kvm() -> Result<(Kvm, kvm_bindings::CpuId), VmError> {
 }
 
 impl VmShell {
-    /// Creates the VM and its vCPU (with `/dev/kvm` and the supported CPUID
-    /// from [`prepare_kvm`] if this process prepared them, else fresh).
+    /// The VM and its vCPU [`prepare_shell`] made, else new ones (with
+    /// `/dev/kvm` and the supported CPUID from [`prepare_kvm`] if this
+    /// process prepared them, else fresh).
     pub fn new() -> Result<Self, VmError> {
+        if let Some(shell) = PREPARED_SHELL.lock().take() {
+            return Ok(shell);
+        }
         let prepared = PREPARED.lock().take();
         let (kvm_fd, cpuid) = match prepared {
             Some(p) => p,
@@ -155,7 +194,7 @@ fn thread_cpu_time() -> Duration {
 impl Vm {
     /// Creates the VM, loads `elf` and prepares the vCPU at its entry point.
     pub fn new(elf: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        Self::start(load::load(Source::Elf(elf), mem_size, max_payload)?)
+        Self::load_and_start(Source::Elf(elf), mem_size, max_payload)
     }
 
     /// Creates the VM with `image` mapped copy-on-write (see
@@ -167,22 +206,37 @@ impl Vm {
         mem_size: u64,
         max_payload: u64,
     ) -> Result<Self, VmError> {
-        Self::start(load::load(Source::Shared(image), mem_size, max_payload)?)
+        Self::load_and_start(Source::Shared(image), mem_size, max_payload)
     }
 
     /// A VM running raw machine code at [`crate::layout::IMAGE_BASE`] (floors and
     /// hostile test guests).
     pub fn with_code(code: &[u8], mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
-        Self::start(load::load(Source::Code(code), mem_size, max_payload)?)
+        Self::load_and_start(Source::Code(code), mem_size, max_payload)
     }
 
-    /// Puts loaded memory into a new VM and its vCPU at the initial state;
-    /// the VM keeps the launch record.
-    fn start(l: load::Loaded) -> Result<Self, VmError> {
-        let mut vm = Self::from_shell(VmShell::new()?, l.mem, &l.layout)?;
+    /// Loads `src` into new guest memory, then puts it into a new VM and
+    /// its vCPU at the initial state; the VM keeps the launch record.
+    fn load_and_start(src: Source<'_>, mem_size: u64, max_payload: u64) -> Result<Self, VmError> {
+        let t = std::time::Instant::now();
+        let l = load::load(src, mem_size, max_payload)?;
+        let loaded = t.elapsed();
+        let shell = VmShell::new()?;
+        let shelled = t.elapsed();
+        let mut vm = Self::from_shell(shell, l.mem, &l.layout)?;
         vm.setup_vcpu(&l.vcpu)?;
         vm.launch = Launch::Measured(l.log);
+        vm.built = BuildSteps {
+            load: loaded,
+            shell: shelled - loaded,
+            setup: t.elapsed() - shelled,
+        };
         Ok(vm)
+    }
+
+    /// How long building this VM took, step by step.
+    pub fn build_steps(&self) -> BuildSteps {
+        self.built
     }
 
     /// Puts `mem` (guest-physical 0..) into the VM `shell`; the vCPU is not
@@ -220,6 +274,7 @@ impl Vm {
             layout: *layout,
             run_time: Duration::ZERO,
             launch: Launch::Unknown,
+            built: BuildSteps::default(),
         })
     }
 

@@ -14,6 +14,7 @@
 //! - [`VmmExit`], [`VmmError`], [`CallError`]: how a VMM ended and what
 //!   failed, typed.
 
+mod adopted;
 mod body;
 pub mod cgroups;
 mod client;

@@ -164,6 +164,11 @@ impl Spawner {
         }
     }
 
+    /// The bubbles' cgroups, if this broker has them.
+    pub(crate) fn cgroups(&self) -> Option<&Arc<Cgroups>> {
+        self.jail.cgroups.as_ref()?.as_ref().ok()
+    }
+
     /// Spares ready now, and how many are wanted.
     pub fn spares(&self) -> (usize, usize) {
         (self.spares.lock().len(), self.want)
@@ -251,7 +256,14 @@ impl Spawner {
 
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-        let spare = self.spares.lock().pop();
+        let t0 = std::time::Instant::now();
+        // The oldest spare: it has had the most time to prepare (its
+        // preparation runs at low priority, and the bubble waits for it
+        // to finish; the newest was often started by the previous create).
+        let spare = {
+            let mut s = self.spares.lock();
+            (!s.is_empty()).then(|| s.remove(0))
+        };
         self.refill();
         let Some(mut sp) = spare else {
             return self.spawn_fresh(cfg).await;
@@ -286,6 +298,7 @@ impl Spawner {
         // Into its bubble's cgroups before its guest memory is touched:
         // on cgroup v1 the spare moves itself with the files sent along
         // with CONFIGURE, else it is placed from here.
+        let t_cgroup = t0.elapsed();
         let (warning, tasks) = match self.jail.cgroup_for(cfg) {
             Ok(procs) if !procs.is_empty() => match cgroups::open_tasks(&procs) {
                 Ok(Some(tasks)) => {
@@ -302,6 +315,7 @@ impl Spawner {
         }
         .frame(0)
         .map_err(|e| VmmError::Spawn(format!("CONFIGURE: {e}")))?;
+        let t_send = t0.elapsed();
         if crate::fds::send_with(&mut sp.stream, &frame, &tasks)
             .await
             .is_err()
@@ -310,8 +324,16 @@ impl Spawner {
             return self.spawn_fresh(cfg).await;
         }
         drop(tasks);
+        let t_sent = t0.elapsed();
         let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
         c.jail_warning = warning;
+        tracing::debug!(
+            dir_us = t_cgroup.as_micros() as u64,
+            cgroup_us = (t_send - t_cgroup).as_micros() as u64,
+            configure_us = (t_sent - t_send).as_micros() as u64,
+            handshake_us = (t0.elapsed() - t_sent).as_micros() as u64,
+            "spare given its bubble"
+        );
         Ok(c)
     }
 

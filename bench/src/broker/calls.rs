@@ -1,5 +1,6 @@
 //! Create, call, attestation and warm-attach latencies.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bubble_proto::v1 as pb;
@@ -19,6 +20,7 @@ pub(crate) async fn create_to_ready(
         wait_pool(&x.broker, 4).await;
     }
     let mut v = Vec::new();
+    let mut steps: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     for _ in 0..n {
         let t = Instant::now();
         let b = x.c.create_bubble(x.create.clone()).await?.into_inner();
@@ -28,12 +30,35 @@ pub(crate) async fn create_to_ready(
             "{}",
             b.failure_reason
         );
+        // The VMM logs its steps before it reports READY.
+        let log = x.dir.join("bubbles").join(&b.bubble_id).join("vmm.log");
+        for (k, us) in vmm_steps(&std::fs::read_to_string(log).unwrap_or_default()) {
+            steps.entry(k).or_default().push(Duration::from_micros(us));
+        }
         x.c.delete_bubble(pb::BubbleRef {
             bubble_id: b.bubble_id,
         })
         .await?;
     }
-    Ok(stat(v))
+    let mut s = stat(v);
+    let p50s: serde_json::Map<String, serde_json::Value> = steps
+        .into_iter()
+        .map(|(k, v)| (k, json!(round(us(stat(v).p50)))))
+        .collect();
+    s.extra.insert("vmm_steps_p50_us".into(), p50s.into());
+    Ok(s)
+}
+
+/// The `key_us=value` steps of the VMM's `boot_us=... steps: ...` log line.
+fn vmm_steps(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|l| l.split_once(" steps: "))
+        .flat_map(|(_, rest)| rest.split_whitespace())
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 /// `n` Call round trips of a 64-byte echo, with the same calls with the

@@ -110,7 +110,15 @@ impl Broker {
         let insert = {
             let b = self.clone();
             let r = rec.clone();
-            tokio::task::spawn_blocking(move || b.registry.insert_new(&r))
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let inserted = b.registry.insert_new(&r);
+                tracing::debug!(
+                    insert_us = t.elapsed().as_micros() as u64,
+                    "bubble record inserted"
+                );
+                inserted
+            })
         };
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
@@ -185,9 +193,11 @@ impl Broker {
                 .wait_ready(self.cfg.boot_timeout)
                 .await
                 .map_err(|e| (false, e))?;
-            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us))
+            let vmm_ready_us = t0.elapsed().as_micros() as u64;
+            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us))
         };
         let (inserted, booted) = tokio::join!(insert, booting);
+        let joined_us = t0.elapsed().as_micros() as u64;
         let inserted = inserted
             .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))
             .and_then(|r| r.map_err(BrokerError::from));
@@ -207,7 +217,7 @@ impl Broker {
             drop(permit);
             return self.await_settled(&other?).await;
         }
-        let (live, boot_us, spawn_us) = match booted {
+        let (live, boot_us, spawn_us, vmm_ready_us) = match booted {
             Ok(x) => x,
             Err((spawn_failed, reason)) => {
                 self.fail(&id, &reason);
@@ -249,9 +259,13 @@ impl Broker {
             Err(BrokerError::WrongState { .. }) => return Ok(self.table.get(&id).unwrap_or(rec)),
             Err(e) => return Err(e),
         };
+        let applied_us = t0.elapsed().as_micros() as u64;
         info!(
             boot_us,
             spawn_us,
+            vmm_ready_us,
+            joined_us,
+            applied_us,
             ready_us = t0.elapsed().as_micros() as u64,
             pid,
             instance = live.instance,

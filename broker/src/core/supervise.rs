@@ -86,9 +86,14 @@ impl Broker {
             Step::CallBegan | Step::CallEnded => {
                 self.dirty.lock().insert(id.to_string());
             }
-            // Re-derived by reconciliation after a crash: no need to wait
-            // for the disk on the create path.
-            Step::Booted => self.registry.put_lazy(&rec)?,
+            // Re-derived by reconciliation after a crash (a BOOTING
+            // record with a live VMM is re-adopted, one without is
+            // failed): not written on the create path at all, only marked
+            // for the next flush, as a call's counters are. (It was a
+            // non-durable commit before, lost in a crash just the same.)
+            Step::Booted => {
+                self.dirty.lock().insert(id.to_string());
+            }
             _ => self.registry.put(&rec)?,
         }
         if !transient {

@@ -380,24 +380,6 @@ impl Registry {
         })
     }
 
-    /// Writes a record without waiting for the disk. Use only for changes
-    /// that reconciliation re-derives after a crash (e.g. BOOTING → READY:
-    /// a restarted broker re-adopts the running VMM and marks it READY);
-    /// the next durable commit persists it anyway.
-    pub fn put_lazy(&self, rec: &BubbleRecord) -> Result<(), RegistryError> {
-        self.write(|db| {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| RegistryError::Db(e.to_string()))?;
-            {
-                let mut bubbles = txn.open_table(BUBBLES)?;
-                bubbles.insert(rec.id.as_str(), encode(rec).as_slice())?;
-            }
-            txn.commit()?;
-            Ok(())
-        })
-    }
-
     /// Reads one record.
     pub fn get(&self, id: &str) -> Result<Option<BubbleRecord>, RegistryError> {
         let txn = self.handle()?.begin_read()?;

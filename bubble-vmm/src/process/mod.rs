@@ -155,7 +155,9 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         }
     };
     let built = started.elapsed();
+    let steps = vm.build_steps();
     let dog = Watchdog::start(&mut vm);
+    let dogged = started.elapsed();
     let mut guest = Guest {
         bubble: Bubble::new(vm),
         dog,
@@ -178,10 +180,24 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     match booted {
         Ok(_) => {
             let boot_us = started.elapsed().as_micros() as u64;
+            // Each step's own duration, in µs (`configured`: from a
+            // spare's CONFIGURE to this thread's start, of which
+            // `prewarm_wait` waiting for its preparation; `guest`: the first
+            // KVM_RUN to the guest's READY). `bubble-bench` reads this line.
+            let us = |d: Duration| d.as_micros();
             eprintln!(
-                "bubble-vmm: boot_us={boot_us} (VM built at {} µs, sealed at {} µs)",
-                built.as_micros(),
-                sealed.as_micros()
+                "bubble-vmm: boot_us={boot_us} steps: configured_us={} prewarm_wait_us={} \
+                 load_us={} shell_us={} setup_us={} watchdog_us={} seal_us={} guest_us={}",
+                spare::CONFIGURED
+                    .get()
+                    .map_or(0, |c| us(started.saturating_duration_since(*c))),
+                spare::PREWARM_WAIT.get().map_or(0, |d| us(*d)),
+                us(steps.load),
+                us(steps.shell),
+                us(steps.setup),
+                us(dogged - built),
+                us(sealed - dogged),
+                us(started.elapsed() - sealed),
             );
             {
                 let mut s = shared.status.lock();

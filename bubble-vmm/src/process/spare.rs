@@ -62,6 +62,14 @@ impl SpareArgs {
     }
 }
 
+/// When this spare's CONFIGURE was read (for the VMM's step log).
+pub(super) static CONFIGURED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// How long this spare, given its bubble, waited for its preparation to
+/// finish (for the VMM's step log).
+pub(super) static PREWARM_WAIT: std::sync::OnceLock<std::time::Duration> =
+    std::sync::OnceLock::new();
+
 /// Most descriptors a CONFIGURE frame may carry: one cgroup `tasks` file
 /// per cgroup v1 controller the broker limits (memory, pids, cpu).
 pub const MAX_CONFIGURE_FDS: usize = 4;
@@ -118,7 +126,9 @@ impl Read for FirstRead<'_> {
 /// bubble does not wait for a process to start. It waits for one
 /// connection carrying a `CONFIGURE` frame (the normal arguments, and
 /// the bubble's cgroup files as descriptors), then becomes that bubble's
-/// VMM: the VM is created only then, cold, as for any bubble. An unused
+/// VMM. Its KVM VM and vCPU exist already (see [`prewarm`]); its guest
+/// memory, image, measurement and vCPU registers are made only then, and
+/// its guest runs only then, cold, as for any bubble. An unused
 /// spare dies with its broker (`PR_SET_PDEATHSIG`, set by the main thread
 /// before this runs).
 pub(super) fn wait_as_spare(listener: &UnixListener) -> Result<Configured, String> {
@@ -128,6 +138,7 @@ pub(super) fn wait_as_spare(listener: &UnixListener) -> Result<Configured, Strin
         fds: None,
     };
     let head = Head::read(&mut r).map_err(|e| format!("reading CONFIGURE: {e}"))?;
+    let _ = CONFIGURED.set(std::time::Instant::now());
     let body = head
         .read_body(&mut r)
         .map_err(|e| format!("reading CONFIGURE: {e}"))?;
@@ -258,9 +269,11 @@ pub(super) fn run(
     // The preparing thread has no seccomp filter and is outside the
     // bubble's cgroups: it must be gone before the bubble is handed on
     // (and so before any guest code runs). Normally it finished long ago.
+    let t_join = std::time::Instant::now();
     prewarming
         .join()
         .map_err(|_| fail("", &"the prewarm thread panicked"))?;
+    let _ = PREWARM_WAIT.set(t_join.elapsed());
     give.send(for_vcpu).map_err(|e| fail("", &e))?;
     // Started here, after the move: it shares this thread's cgroups.
     start_linger().map_err(|e| fail("", &e))?;
@@ -273,14 +286,15 @@ pub(super) fn run(
     Ok((a, listener))
 }
 
-/// Work a spare does before it is needed: open /dev/kvm and query the
-/// supported CPUID, fault in the embedded guest image and the code paths
-/// that check it, so that the bubble's VM (still created only after
+/// Work a spare does before it is needed: create the KVM VM and its vCPU
+/// (no memory, no registers: see [`vm::prepare_shell`]), fault in the
+/// embedded guest image and the code paths that check it, so that the
+/// bubble's VM (its memory loaded and measured, its vCPU set up only after
 /// CONFIGURE) is built without those process-level and first-touch costs.
 fn prewarm() {
-    // Failure is not fatal here: VM creation opens /dev/kvm again and
-    // reports the error.
-    let _ = vm::prepare_kvm();
+    // Failure is not fatal here: VM creation tries again after CONFIGURE
+    // and reports the error.
+    let _ = vm::prepare_shell();
     jail::seccomp::precompile();
     let _ = crate::layout::Image::parse_bounds(images::SHIM_ELF);
     let sum = images::SHIM_ELF

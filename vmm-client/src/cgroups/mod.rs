@@ -162,6 +162,44 @@ impl Cgroups {
         sweep::sweep_stale(&roots, own)
     }
 
+    /// The bubble cgroups of this broker's hierarchy that process `pid`
+    /// runs in, as the `cgroup.procs` files [`remove`] takes (memory
+    /// controller first, as [`Cgroups::prepare`] returns them). Only
+    /// cgroups exactly two levels below this broker's (`<parent>/<VMM>`)
+    /// are named, never another broker's or a parent's.
+    pub fn of_process(&self, pid: u32) -> Vec<PathBuf> {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return Vec::new();
+        };
+        // `ID:CONTROLLERS:PATH`; v2's line is `0::PATH`.
+        let path_of = |ctl: &str| {
+            text.lines().find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+                ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
+            })
+        };
+        let wanted = match &self.layout {
+            Layout::V2(base) => vec![(base, path_of(""))],
+            Layout::V1 { memory, pids, cpu } => vec![
+                (memory, path_of("memory")),
+                (pids, path_of("pids")),
+                (cpu, path_of("cpu")),
+            ],
+        };
+        wanted
+            .into_iter()
+            .filter_map(|(base, path)| {
+                let dir = base.parent()?.join(path?.trim_start_matches('/'));
+                let below = dir.strip_prefix(base).ok()?.components();
+                let normal = below
+                    .map(|c| matches!(c, std::path::Component::Normal(_)))
+                    .collect::<Vec<_>>();
+                (normal.len() == 2 && normal.iter().all(|n| *n)).then(|| dir.join("cgroup.procs"))
+            })
+            .collect()
+    }
+
     /// Creates (or reuses) the cgroups of `parent` and of its `bubble`
     /// with their limits; returns the files a VMM's pid is written to
     /// (see [`place`]).
