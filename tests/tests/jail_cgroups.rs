@@ -68,9 +68,10 @@ async fn a_bubble_is_limited_by_its_own_cgroup_under_its_parents() {
         // touched to boot (page tables, stacks, mailbox: ~0.5 MiB) are
         // charged here. (When the broker moved a spare in from outside,
         // pages touched before the move stayed charged elsewhere and a
-        // fresh bubble could show 0 bytes.)
+        // fresh bubble could show 0 bytes.) 252 KiB was seen once, so
+        // the floor is half of what a boot usually charges.
         let used = read(&mem, "memory.usage_in_bytes");
-        assert!(used >= 256 << 10, "{} bytes charged to {mem:?}", used);
+        assert!(used >= 128 << 10, "{} bytes charged to {mem:?}", used);
         // Every thread is in the bubble's pids and cpu cgroups (the
         // memory one charges by process).
         let pids_path = cgroup_of(b.vmm_pid, "pids").expect("pids cgroup");
