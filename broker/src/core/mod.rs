@@ -29,6 +29,7 @@ mod logs;
 mod maintenance;
 mod meter;
 mod owners;
+mod pool_policy;
 mod pools;
 mod probes;
 mod query;
@@ -291,6 +292,12 @@ impl Broker {
     /// warm-pool refillers, the idle-policy ticker and the owner flusher.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
         raise_fd_limit();
+        // A pool policy a parent could not ask for refuses the start.
+        for p in &cfg.pools {
+            pool_policy::profile_policy(p, cfg.max_payload).map_err(|e| {
+                crate::error::invalid("pool.policy", format!("pool {:?}: {e}", p.name))
+            })?;
+        }
         bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
