@@ -13,14 +13,17 @@
 pub mod log;
 pub mod page;
 pub mod record;
+pub mod staged;
 pub mod verify;
+mod writer;
 
-pub use log::{AuditError, AuditLog, CheckpointSigner, Options, Pin, PinSink, RECOVERED};
+pub use log::{AuditError, AuditLog, CheckpointSigner, Options, Pin, PinSink, RECOVERED, RESTORED};
 pub use page::{Page, STRIDE};
 pub use record::{
     checkpoint_message, decode_frame, CredentialAction, DecodeError, Entry, Frame, Outcome, Record,
     What,
 };
+pub use staged::{PinStore, Staged};
 pub use verify::{records, verify, Problem, Summary, VerifyError};
 
 #[cfg(test)]

@@ -4,18 +4,20 @@
 //! and in every write that holds a security-relevant record
 //! ([`What::checkpoint_at_once`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::record::{checkpoint_message, frame_hash, Entry, Record, What};
+use crate::record::{Entry, Record, What};
+use crate::staged::{PinStore, Staged};
 use crate::verify::{records, VerifyError};
+use crate::writer::Writer;
 
 /// Signs checkpoints (the broker's usage-signing key).
 pub trait CheckpointSigner: Send + Sync + 'static {
@@ -113,6 +115,11 @@ pub struct Pin {
 /// Called by the writer thread with each checkpoint once it is durable.
 pub type PinSink = Box<dyn Fn(Pin) + Send>;
 
+/// The `state` of the lifecycle record written at open when records staged
+/// outside the log were missing from it and were appended back
+/// (`crate::staged`); its reason says how many.
+pub const RESTORED: &str = "restored";
+
 /// The `state` of the lifecycle record written, before a checkpoint, when
 /// a log is opened with records after its last checkpoint (a crash before
 /// they were signed); its reason says how many.
@@ -138,7 +145,7 @@ fn check_pin(path: &Path, recs: &[crate::verify::Located], pin: Pin) -> Result<(
     Ok(())
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Entry(Entry, What),
     /// Acknowledge once written; with `true`, sign a checkpoint first.
     Flush(SyncSender<()>, bool),
@@ -153,26 +160,7 @@ pub struct AuditLog {
     writer: Option<JoinHandle<()>>,
 }
 
-struct Writer {
-    index: crate::page::Index,
-    /// Offsets of indexed records in the batch being written.
-    pending_index: Vec<u64>,
-    pin_sink: PinSink,
-    /// A checkpoint in the batch being written, pinned once it is durable.
-    pending_pin: Option<Pin>,
-    file: File,
-    path: PathBuf,
-    len: u64,
-    seq: u64,
-    head: [u8; 32],
-    unsigned: u64,
-    oldest_unsigned: Option<Instant>,
-    signer: Arc<dyn CheckpointSigner>,
-    opts: Options,
-    lost: Arc<AtomicU64>,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
     move |source| AuditError::Io {
         path: path.to_path_buf(),
         source,
@@ -181,7 +169,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
 
 /// The next sequence number, the chain head and the records since the
 /// last checkpoint, of a decoded log.
-fn chain_tail(recs: &[crate::verify::Located]) -> (u64, [u8; 32], u64) {
+pub(crate) fn chain_tail(recs: &[crate::verify::Located]) -> (u64, [u8; 32], u64) {
     let unsigned = recs
         .iter()
         .rev()
@@ -218,6 +206,25 @@ impl AuditLog {
         pinned: Option<Pin>,
         pin_sink: PinSink,
     ) -> Result<Self, AuditError> {
+        let store = Box::new(crate::staged::SinkOnly(pin_sink));
+        Self::open_staged(path, signer, opts, pinned, None, store)
+    }
+
+    /// [`AuditLog::open_pinned`] with write-ahead staging
+    /// (`crate::staged`): every batch holding a checkpoint is handed to
+    /// `store` before it is written; at open, records of `staged` that the
+    /// log lacks are appended back from it (followed by a [`RESTORED`]
+    /// lifecycle record saying how many), a log holding other records where
+    /// they belong is refused, and the last checkpoint the log then holds
+    /// is pinned at once (`store.stage(Some(it), None)`).
+    pub fn open_staged(
+        path: &Path,
+        signer: Arc<dyn CheckpointSigner>,
+        opts: Options,
+        pinned: Option<Pin>,
+        staged: Option<Staged>,
+        store: Box<dyn PinStore>,
+    ) -> Result<Self, AuditError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -232,8 +239,8 @@ impl AuditLog {
             .map_err(io(path))?;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io(path))?;
-        let bytes = std::fs::read(path).map_err(io(path))?;
-        let (recs, torn) = records(&bytes).map_err(|source| AuditError::Broken {
+        let mut bytes = std::fs::read(path).map_err(io(path))?;
+        let (mut recs, torn) = records(&bytes).map_err(|source| AuditError::Broken {
             path: path.to_path_buf(),
             source,
         })?;
@@ -254,6 +261,45 @@ impl AuditLog {
             file.set_len(len).map_err(io(path))?;
             file.sync_all().map_err(io(path))?;
         }
+        bytes.truncate(len as usize);
+        let mut restored = 0u64;
+        if let Some(s) = &staged {
+            let tail = crate::staged::missing_tail(path, &recs, s)?;
+            if !tail.is_empty() {
+                bytes.extend_from_slice(&tail);
+                let broken = |source| AuditError::Broken {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                crate::verify::verify(&bytes, Some(signer.public_key())).map_err(broken)?;
+                let before = recs.len() as u64;
+                recs = records(&bytes).map_err(broken)?.0;
+                restored = recs.len() as u64 - before;
+                (&file)
+                    .write_all(&tail)
+                    .and_then(|()| file.sync_data())
+                    .map_err(io(path))?;
+                tracing::warn!(path = %path.display(), records = restored,
+                    "audit log: records staged in the registry were missing from the log; restored");
+            }
+        }
+        let len = bytes.len() as u64;
+        let durable = recs
+            .iter()
+            .rev()
+            .find(|(_, r, _)| matches!(r.what, What::Checkpoint { .. }))
+            .map(|(_, r, h)| Pin {
+                seq: r.seq,
+                hash: *h,
+            });
+        // Verify-and-repin: whatever checkpoint the log holds past the pin
+        // (a crash between its fsync and the pin's commit) is pinned now,
+        // and the staged batch, now in the log, is dropped.
+        if let Some(d) = durable {
+            if staged.is_some() || pinned.is_none_or(|p| p.seq < d.seq) {
+                store.stage(Some(d), None);
+            }
+        }
         let (seq, head, unsigned) = chain_tail(&recs);
         let index = crate::page::Index::default();
         index.extend(
@@ -267,8 +313,10 @@ impl AuditLog {
         let mut w = Writer {
             index: index.clone(),
             pending_index: Vec::new(),
-            pin_sink,
+            store,
             pending_pin: None,
+            durable,
+            batch_from: seq,
             file,
             path: path.to_path_buf(),
             len,
@@ -280,10 +328,24 @@ impl AuditLog {
             opts,
             lost: lost.clone(),
         };
+        let mut buf = Vec::new();
+        if restored > 0 {
+            w.push(
+                &mut buf,
+                Entry::default(),
+                What::Lifecycle {
+                    state: RESTORED.into(),
+                    reason: format!(
+                        "{restored} records staged in the registry were missing from the log \
+                         at open (a crash before they were written, or a cut) and were \
+                         appended back"
+                    ),
+                },
+            );
+        }
         if unsigned > 0 {
             tracing::warn!(path = %path.display(), records = unsigned,
                 "audit log: records from before a crash were not signed; marking them recovered");
-            let mut buf = Vec::new();
             w.push(
                 &mut buf,
                 Entry::default(),
@@ -295,6 +357,8 @@ impl AuditLog {
                     ),
                 },
             );
+        }
+        if !buf.is_empty() {
             w.checkpoint(&mut buf);
             w.write(&buf);
             if w.lost.load(Ordering::Relaxed) > 0 {
@@ -407,159 +471,6 @@ impl Drop for AuditLog {
         self.tx = None;
         if let Some(w) = self.writer.take() {
             let _ = w.join();
-        }
-    }
-}
-
-impl Writer {
-    fn run(&mut self, rx: Receiver<Msg>) {
-        loop {
-            let first = match rx.recv_timeout(self.opts.checkpoint_interval) {
-                Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut buf = Vec::new();
-            let mut flushes = Vec::new();
-            let mut sign = false;
-            let mut take = |m: Msg, buf: &mut Vec<u8>, w: &mut Writer| match m {
-                Msg::Entry(e, what) => {
-                    sign |= what.checkpoint_at_once();
-                    w.push(buf, e, what)
-                }
-                Msg::Flush(done, s) => {
-                    sign |= s;
-                    flushes.push(done)
-                }
-            };
-            if let Some(m) = first {
-                take(m, &mut buf, self);
-                // Everything already queued goes in the same write.
-                while let Ok(m) = rx.try_recv() {
-                    take(m, &mut buf, self);
-                    if buf.len() > 1 << 20 {
-                        break;
-                    }
-                }
-            }
-            let due = self
-                .oldest_unsigned
-                .is_some_and(|t| t.elapsed() >= self.opts.checkpoint_interval);
-            if self.unsigned > 0 && (sign || due || self.unsigned >= self.opts.checkpoint_every) {
-                self.checkpoint(&mut buf);
-            }
-            self.write(&buf);
-            for f in flushes {
-                let _ = f.send(());
-            }
-        }
-        let mut buf = Vec::new();
-        if self.unsigned > 0 {
-            self.checkpoint(&mut buf);
-        }
-        self.write(&buf);
-    }
-
-    /// Notes the offset of the record about to be added to `buf`, if it
-    /// is one the index keeps.
-    fn note_offset(&mut self, buf: &[u8]) {
-        if self.seq.is_multiple_of(crate::page::STRIDE) {
-            self.pending_index.push(self.len + buf.len() as u64);
-        }
-    }
-
-    fn push(&mut self, buf: &mut Vec<u8>, entry: Entry, what: What) {
-        self.note_offset(buf);
-        let frame = Record {
-            seq: self.seq,
-            prev: self.head,
-            entry,
-            what,
-        }
-        .encode();
-        self.head = frame_hash(&frame);
-        self.seq += 1;
-        buf.extend_from_slice(&frame);
-        self.unsigned += 1;
-        self.oldest_unsigned.get_or_insert_with(Instant::now);
-        if self.unsigned >= self.opts.checkpoint_every {
-            self.checkpoint(buf);
-        }
-    }
-
-    fn checkpoint(&mut self, buf: &mut Vec<u8>) {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let signature = self
-            .signer
-            .sign(&checkpoint_message(self.seq, &self.head, at_ms));
-        let what = What::Checkpoint {
-            key: self.signer.public_key(),
-            signature,
-        };
-        self.note_offset(buf);
-        let frame = Record {
-            seq: self.seq,
-            prev: self.head,
-            entry: Entry {
-                at_ms,
-                ..Entry::default()
-            },
-            what,
-        }
-        .encode();
-        self.head = frame_hash(&frame);
-        self.pending_pin = Some(Pin {
-            seq: self.seq,
-            hash: self.head,
-        });
-        self.seq += 1;
-        buf.extend_from_slice(&frame);
-        self.unsigned = 0;
-        self.oldest_unsigned = None;
-    }
-
-    /// Appends `buf` and fsyncs. On an error the file is cut back to its
-    /// last good length and the chain head rewound, so the records of this
-    /// batch are lost (counted) but the chain stays whole.
-    fn write(&mut self, buf: &[u8]) {
-        if buf.is_empty() {
-            return;
-        }
-        let r = self
-            .file
-            .write_all(buf)
-            .and_then(|()| self.file.sync_data());
-        match r {
-            Ok(()) => {
-                self.len += buf.len() as u64;
-                self.index.extend(self.pending_index.drain(..));
-                if let Some(pin) = self.pending_pin.take() {
-                    (self.pin_sink)(pin);
-                }
-            }
-            Err(e) => {
-                self.pending_pin = None;
-                self.pending_index.clear();
-                tracing::error!(path = %self.path.display(), error = %e, "audit log write failed");
-                let _ = self.file.set_len(self.len);
-                self.rewind();
-                let n = crate::verify::records(buf)
-                    .map(|(r, _)| r.len() as u64)
-                    .unwrap_or(0);
-                self.lost.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Re-reads the chain head from the file (after a failed write).
-    fn rewind(&mut self) {
-        if let Ok(bytes) = std::fs::read(&self.path) {
-            if let Ok((recs, _)) = records(&bytes) {
-                (self.seq, self.head, self.unsigned) = chain_tail(&recs);
-            }
         }
     }
 }

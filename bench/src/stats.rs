@@ -77,6 +77,9 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 })
                 .unwrap_or_default(),
             ("attach_warm" | "attach_warm_policy", _, _) => "target p50 ≤ 300 µs".to_string(),
+            ("attach_warm_policy_cold", _, _) => {
+                "the policy installed at attach (pool without one)".to_string()
+            }
             ("suspend_64m" | "restore_64m" | "suspend_512m" | "restore_512m", _, _) => format!(
                 "{} MB frozen, {} MB/s{}",
                 extra(s, "frozen_mb"),

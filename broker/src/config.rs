@@ -267,6 +267,61 @@ pub struct PoolProfile {
     /// Idle action (`stay`, `suspend`, `delete`).
     #[serde(default)]
     pub idle_action: IdleActionName,
+    /// The security policy every bubble of this pool is booted with
+    /// (installed by the refiller before the bubble is offered). An attach
+    /// takes from the pool only when it asks for exactly this policy (same
+    /// canonical bytes); absent: the default policy, and an attach with
+    /// another policy installs its own in a pooled bubble.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+}
+
+/// A security policy written in the configuration (a pool profile's): the
+/// keys of `bubblectl`'s policy file; 0 or absent means the broker's
+/// default.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Wasm fuel per portion call.
+    #[serde(default)]
+    pub fuel_per_call: u64,
+    /// A portion's linear memory limit, bytes.
+    #[serde(default)]
+    pub memory_limit_bytes: u32,
+    /// Wall-clock deadline per portion call, ms.
+    #[serde(default)]
+    pub call_deadline_ms: u32,
+    /// Largest output, bytes.
+    #[serde(default)]
+    pub max_output_bytes: u32,
+    /// Credential grants, in order (the order is part of the policy's
+    /// bytes and so of its digest).
+    #[serde(default)]
+    pub grants: Vec<GrantConfig>,
+    /// Uses per second and burst of each credential (absent: no limit).
+    #[serde(default)]
+    pub credential_rate: Option<RateConfig>,
+}
+
+/// One grant of a [`PolicyConfig`].
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// The portion name.
+    pub portion: String,
+    /// Credentials it may use.
+    #[serde(default)]
+    pub credentials: Vec<String>,
+}
+
+/// A credential rate of a [`PolicyConfig`].
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Uses per second.
+    pub per_sec: u32,
+    /// Burst.
+    pub burst: u32,
 }
 
 fn default_image() -> String {

@@ -128,7 +128,33 @@ pub async fn run(bubbles: usize, calls: usize) -> anyhow::Result<()> {
     println!("bubbled demo: broker data dir {}", dir.path().display());
     // The broker gets threads of its own, as the `bubbled` daemon has;
     // this demo's client keeps the caller's.
-    let broker = EmbeddedBroker::start(BrokerConfig::new(dir.path().to_path_buf())?).await?;
+    let mut cfg = BrokerConfig::new(dir.path().to_path_buf())?;
+    // The payments flow attaches from a warm pool whose bubbles carry its
+    // policy (installed when they boot): no guest call at attach.
+    cfg.pools = vec![crate::config::PoolProfile {
+        name: PAYMENTS_POOL.into(),
+        memory_mib: 32,
+        size: 1,
+        image: "shim".into(),
+        idle_timeout_s: 0,
+        idle_action: Default::default(),
+        policy: Some(crate::config::PolicyConfig {
+            fuel_per_call: 1_000_000,
+            max_output_bytes: 1024,
+            grants: vec![crate::config::GrantConfig {
+                portion: "payments".into(),
+                credentials: vec!["tokenization_key".into(), "gateway_key".into()],
+            }],
+            ..Default::default()
+        }),
+    }];
+    let broker = EmbeddedBroker::start(cfg).await?;
+    // Let the pool boot before the creates are timed (they would compete).
+    let ready = format!("bubbled_pool_depth{{profile=\"{PAYMENTS_POOL}\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.broker.scrape().contains(&ready) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut c = client::connect_unix(&broker.socket).await?;
 
     let mut creates = Vec::new();
@@ -241,7 +267,11 @@ struct PaymentTimes {
 
 pub(crate) const PAYMENTS_WAT: &str = include_str!("../../examples/payments/payments.wat");
 
-/// The payments flow: a bubble with a security policy loads the payments
+/// The warm pool the payments flow attaches from.
+const PAYMENTS_POOL: &str = "payments";
+
+/// The payments flow: a bubble with a security policy (attached from a
+/// warm pool whose bubbles carry exactly that policy) loads the payments
 /// portion and is attested (which freezes its code), a key custodian seals
 /// two credentials to it and that code, and the parent tokenizes a card
 /// (sealed to the bubble: the broker sees ciphertext only) and gets a
@@ -257,9 +287,10 @@ async fn payments(
     println!("payments: a bubble holds the tokenization and gateway keys; the parent never does");
     let mut grpc = c.clone();
     let b = grpc
-        .create_bubble(pb::CreateBubbleRequest {
-            memory_mib: 32,
-            vcpus: 1,
+        .attach_bubble(pb::AttachBubbleRequest {
+            profile: PAYMENTS_POOL.into(),
+            // Booted at start; a miss would boot one with the policy.
+            wait_ms: 10_000,
             policy: Some(pb::SecurityPolicy {
                 credential_rate: None,
                 fuel_per_call: 1_000_000,
@@ -278,6 +309,10 @@ async fn payments(
         b.state == pb::BubbleState::Ready as i32,
         "{}",
         b.failure_reason
+    );
+    println!(
+        "attached {} from warm pool {:?} (its policy installed when it booted)",
+        b.bubble_id, b.profile
     );
     let parent = bubble_client::Parent::from_client(c.clone());
     let mut bubble = parent.bubble(&b.bubble_id);

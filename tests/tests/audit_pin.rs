@@ -29,18 +29,38 @@ async fn run_once(dir: &std::path::Path) {
 /// Starts `bubbled` on `dir` directly; its exit status and stderr when it
 /// refuses (a broker that starts is stopped and reported as started).
 fn start_refused(dir: &std::path::Path) -> String {
-    let out = std::process::Command::new(broker_bin())
+    use std::io::Read;
+    let mut child = std::process::Command::new(broker_bin())
         .arg("--data-dir")
         .arg(dir)
         .arg("--allow-test-images")
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(
-        !out.status.success(),
-        "the broker ran on a cut log: {out:?}"
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    // A broker that starts never exits by itself: fail, do not hang.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the broker ran on a cut log");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "the broker ran on a cut log: {err}");
+    err
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,12 +87,7 @@ async fn a_broker_refuses_an_audit_log_cut_back_before_its_pinned_checkpoint() {
     let end_of = |i: usize| recs.get(i + 1).map_or(good.len(), |r| r.0 as usize);
     let first_cp = checkpoints[checkpoints.len() - 2];
     let last_cp = checkpoints[checkpoints.len() - 1];
-    for cut in [
-        end_of(first_cp),
-        recs[last_cp].0 as usize,
-        end_of(recs.len() / 2),
-        0,
-    ] {
+    for cut in [end_of(first_cp), end_of(recs.len() / 2), 0] {
         bubble_audit::verify(&good[..cut], None).unwrap();
         std::fs::write(&log, &good[..cut]).unwrap();
         let err = start_refused(dir.path());
@@ -81,6 +96,20 @@ async fn a_broker_refuses_an_audit_log_cut_back_before_its_pinned_checkpoint() {
             "cut at byte {cut}: {err}"
         );
     }
+    // Just before the last checkpoint: that batch (the clean stop's) was
+    // staged in the registry before it was written, so it is appended
+    // back, marked `restored`, instead of refused.
+    std::fs::write(&log, &good[..recs[last_cp].0 as usize]).unwrap();
+    let mut broker = BrokerProc::start(dir.path(), false);
+    assert!(broker.terminate().unwrap().success());
+    let good = std::fs::read(&log).unwrap();
+    let (back, _) = bubble_audit::records(&good).unwrap();
+    assert_eq!(
+        back[last_cp].2, recs[last_cp].2,
+        "the same checkpoint, back"
+    );
+    assert!(back.iter().any(|(_, r, _)| matches!(&r.what,
+        bubble_audit::What::Lifecycle { state, .. } if state == bubble_audit::RESTORED)));
     std::fs::remove_file(&log).unwrap();
     let err = start_refused(dir.path());
     assert!(err.contains("truncated or replaced"), "deleted: {err}");
@@ -191,4 +220,71 @@ async fn a_cut_security_record_is_refused_at_start() {
                 .any(|seq| err.contains(&format!("pins checkpoint {seq},"))),
         "{err}"
     );
+}
+
+/// The security records of a log, and whether it holds a `restored` mark.
+fn security_and_restored(log: &std::path::Path) -> (usize, bool) {
+    let bytes = std::fs::read(log).unwrap();
+    let (recs, _) = bubble_audit::records(&bytes).unwrap();
+    let sec = recs
+        .iter()
+        .filter(|(_, r, _)| matches!(&r.what, bubble_audit::What::Security { kind } if kind == "foreign_access"))
+        .count();
+    let restored = recs.iter().any(|(_, r, _)| {
+        matches!(&r.what, bubble_audit::What::Lifecycle { state, .. }
+            if state == bubble_audit::RESTORED)
+    });
+    (sec, restored)
+}
+
+/// A kill at each step of a security record's write loses nothing: the
+/// broker dies (abort, fault injection) after the batch holding it was
+/// staged in the registry but before the log got it, and after the log's
+/// fsync but before the pin moved; each time the log is also cut back to
+/// before the record while the broker is down (what an attacker with the
+/// disk could do in that window). The next broker appends the record back
+/// from the registry (marked `restored`), the log verifies, and from then
+/// on cutting the record off is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_at_each_step_of_a_security_write_loses_nothing() {
+    use std::time::Duration;
+    for point in ["audit.die_after_stage", "audit.die_after_fsync"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit").join("audit.log");
+        let mut broker = BrokerProc::start_with(
+            dir.path(),
+            Opts {
+                tls: true,
+                env: vec![("BUBBLED_TEST_FAIL".into(), point.into())],
+                ..Opts::default()
+            },
+        );
+        let before = std::fs::read(&log).unwrap_or_default();
+        let mut m = broker.tls_client("parent-b").await;
+        let probe = bubble_proto::v1::BubbleRef {
+            bubble_id: format!("b-{:032x}", 0xdead_beefu64),
+        };
+        // The answer may or may not come before the broker dies.
+        let _ = m.describe_bubble(probe).await;
+        wait_pid_gone(broker.pid() as i32, Duration::from_secs(10)).await;
+        broker.kill();
+        let (sec, _) = security_and_restored(&log);
+        assert_eq!(
+            sec,
+            usize::from(point == "audit.die_after_fsync"),
+            "{point}: the log before the restart"
+        );
+        // Cut back to before the record while the broker is down.
+        std::fs::write(&log, &before).unwrap();
+        let mut broker = BrokerProc::start(dir.path(), false);
+        let (sec, restored) = security_and_restored(&log);
+        assert_eq!((sec, restored), (1, true), "{point}: restored at start");
+        let summary = bubble_audit::verify(&std::fs::read(&log).unwrap(), None).unwrap();
+        assert_eq!(summary.unsigned_tail, 0, "{point}: {summary:?}");
+        assert!(broker.terminate().unwrap().success());
+        // Now pinned: the same cut is refused.
+        std::fs::write(&log, &before).unwrap();
+        let err = start_refused(dir.path());
+        assert!(err.contains("truncated or replaced"), "{point}: {err}");
+    }
 }

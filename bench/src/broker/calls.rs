@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bubble_proto::v1 as pb;
 use serde_json::json;
 
-use super::helpers::{metric_value, time_calls, wait_pool};
+use super::helpers::{metric_value, time_calls, wait_pool, wait_pool_of};
 use super::Ctx;
 use crate::stats::{round, stat, us, Stat};
 
@@ -132,31 +132,60 @@ pub(crate) async fn get_attestation(x: &mut Ctx) -> anyhow::Result<Stat> {
 /// 100 warm attaches from a refilled pool, with the broker's side and the
 /// first RPC after an idle spell as extras.
 pub(crate) async fn attach_warm(x: &mut Ctx) -> anyhow::Result<Stat> {
-    attach_warm_with(x, None).await
+    attach_warm_with(x, "warm", None).await
 }
 
-/// [`attach_warm`] with a security policy (one grant, as the payments
-/// flow uses), which the broker installs in the pooled bubble before it
-/// hands it over.
-pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
-    let policy = pb::SecurityPolicy {
+/// The pool whose bubbles carry the payments policy.
+pub(crate) const PAY_POOL: &str = "pay";
+
+/// The payments policy (one grant) as the `pay` pool carries it.
+pub(crate) fn pay_pool_policy() -> bubbled::config::PolicyConfig {
+    bubbled::config::PolicyConfig {
+        grants: vec![bubbled::config::GrantConfig {
+            portion: "payments".into(),
+            credentials: vec!["tokenization_key".into(), "gateway_key".into()],
+        }],
+        ..Default::default()
+    }
+}
+
+/// The same payments policy as a parent asks for it.
+fn pay_policy() -> pb::SecurityPolicy {
+    pb::SecurityPolicy {
         credential_rate: None,
         grants: vec![pb::CredentialGrant {
             portion: "payments".into(),
             credentials: vec!["tokenization_key".into(), "gateway_key".into()],
         }],
         ..Default::default()
-    };
-    attach_warm_with(x, Some(policy)).await
+    }
 }
 
-async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> anyhow::Result<Stat> {
+/// [`attach_warm`] with a security policy (one grant, as the payments
+/// flow uses) from a pool whose bubbles the refiller booted with it: no
+/// call into the guest at attach.
+pub(crate) async fn attach_warm_policy(x: &mut Ctx) -> anyhow::Result<Stat> {
+    attach_warm_with(x, PAY_POOL, Some(pay_policy())).await
+}
+
+/// The same policy from the policy-less pool: the broker installs it in
+/// the pooled bubble (a `set_policy` call) before it hands it over.
+pub(crate) async fn attach_warm_policy_cold(x: &mut Ctx) -> anyhow::Result<Stat> {
+    attach_warm_with(x, "warm", Some(pay_policy())).await
+}
+
+async fn attach_warm_with(
+    x: &mut Ctx,
+    profile: &str,
+    policy: Option<pb::SecurityPolicy>,
+) -> anyhow::Result<Stat> {
     let mut v = Vec::new();
     let mut idle_first = Vec::new();
     let (mut first_call, mut second_call) = (Vec::new(), Vec::new());
+    let before = x.broker.scrape();
     for _ in 0..100 {
         // Let the pool refill so that every sample is a warm attach.
-        wait_pool(&x.broker, 4).await;
+        wait_pool_of(&x.broker, profile, 4).await;
         let t0 = Instant::now();
         x.c.list_bubbles(pb::ListBubblesRequest {
             include_deleted: false,
@@ -167,7 +196,7 @@ async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> an
         let t = Instant::now();
         let b =
             x.c.attach_bubble(pb::AttachBubbleRequest {
-                profile: "warm".into(),
+                profile: profile.into(),
                 policy: policy.clone(),
                 ..Default::default()
             })
@@ -195,12 +224,14 @@ async fn attach_warm_with(x: &mut Ctx, policy: Option<pb::SecurityPolicy>) -> an
     }
     let mut s = stat(v);
     let m = x.broker.scrape();
+    // This run's alone (the counters are the broker's since it started).
+    let delta = |k: &str| metric_value(&m, k) - metric_value(&before, k);
     s.extra.insert(
         "pool_misses".into(),
-        json!(metric_value(&m, "bubbled_pool_misses_total")),
+        json!(delta("bubbled_pool_misses_total")),
     );
-    let server_mean = metric_value(&m, "bubbled_attach_seconds_sum")
-        / metric_value(&m, "bubbled_attach_seconds_count").max(1.0);
+    let server_mean =
+        delta("bubbled_attach_seconds_sum") / delta("bubbled_attach_seconds_count").max(1.0);
     s.extra.insert(
         "broker_side_mean_us".into(),
         json!(round(server_mean * 1e6)),

@@ -101,9 +101,15 @@ pub(crate) fn metric_value(text: &str, name: &str) -> f64 {
 /// for the spare VMM processes, so that nothing else runs, made attach
 /// slower on this VM: idle vCPUs wake up slowly. See docs/performance.md.)
 pub(crate) async fn wait_pool(broker: &Broker, depth: usize) {
+    wait_pool_of(broker, "warm", depth).await
+}
+
+/// [`wait_pool`] for the pool `profile`.
+pub(crate) async fn wait_pool_of(broker: &Broker, profile: &str, depth: usize) {
+    let key = format!("bubbled_pool_depth{{profile=\"{profile}\"}}");
     for _ in 0..2000 {
         let m = broker.scrape();
-        if metric_value(&m, "bubbled_pool_depth{profile=\"warm\"}") >= depth as f64 {
+        if metric_value(&m, &key) >= depth as f64 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

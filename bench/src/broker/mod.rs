@@ -52,6 +52,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "tokenize_4_parents",
     "attach_warm",
     "attach_warm_policy",
+    "attach_warm_policy_cold",
     "density_1000",
     "suspend_64m",
     "restore_64m",
@@ -89,7 +90,7 @@ pub(crate) async fn through_broker(
         memory_mib: 16,
         size: if want("health_probe_cost") {
             probes::POOL as u32
-        } else if want("attach_warm") || want("attach_warm_policy") {
+        } else if want("attach_warm") || want("attach_warm_policy_cold") {
             4
         } else {
             0
@@ -97,7 +98,20 @@ pub(crate) async fn through_broker(
         image: "shim".into(),
         idle_timeout_s: 0,
         idle_action: Default::default(),
+        policy: None,
     }];
+    if want("attach_warm_policy") {
+        // The payments policy installed ahead of need by the refiller.
+        cfg.pools.push(bubbled::config::PoolProfile {
+            name: calls::PAY_POOL.into(),
+            memory_mib: 16,
+            size: 4,
+            image: "shim".into(),
+            idle_timeout_s: 0,
+            idle_action: Default::default(),
+            policy: Some(calls::pay_pool_policy()),
+        });
+    }
     let answer_poll_us = cfg.answer_poll_us;
     let embedded = bubbled::demo::EmbeddedBroker::start(cfg).await?;
     let mut x = Ctx {
@@ -135,6 +149,10 @@ pub(crate) async fn through_broker(
     if want("attach_warm_policy") {
         let s = calls::attach_warm_policy(&mut x).await?;
         results.insert("attach_warm_policy", s);
+    }
+    if want("attach_warm_policy_cold") {
+        let s = calls::attach_warm_policy_cold(&mut x).await?;
+        results.insert("attach_warm_policy_cold", s);
     }
     freeze::suspend_restore(&mut x, want, opts, results).await?;
     if want("restore_refusal") {

@@ -67,6 +67,7 @@ pub fn bubble_to_pb(r: &BubbleRecord) -> pb::Bubble {
         generation: r.generation,
         health: String::new(),
         jail_warning: r.jail_warning.clone(),
+        policy_digest: r.policy.wire().digest().to_vec(),
     }
 }
 

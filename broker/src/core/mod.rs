@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod attest;
 mod audit;
+mod audit_open;
 mod await_ends;
 mod await_hooks;
 mod await_limits;
@@ -32,6 +33,7 @@ mod logs;
 mod maintenance;
 mod meter;
 mod owners;
+mod pool_policy;
 mod pools;
 mod probes;
 mod query;
@@ -227,75 +229,18 @@ fn raise_fd_limit() {
     }
 }
 
-/// Opens the audit log, refusing one that does not reach the checkpoint
-/// pinned in the registry (cut back, replaced or deleted); each new durable
-/// checkpoint is pinned there in turn.
-fn open_audit(
-    cfg: &BrokerConfig,
-    registry: &Arc<Registry>,
-    signer: &UsageSigner,
-) -> Result<bubble_audit::AuditLog, BrokerError> {
-    let mut pinned = registry
-        .audit_pin()?
-        .map(|(seq, hash)| bubble_audit::Pin { seq, hash });
-    let path = cfg.audit_path();
-    let mut replaced = None;
-    if cfg.audit_new_log {
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len > 0 {
-            return Err(BrokerError::Spawn(format!(
-                "--audit-new-log: {} is not empty; move it aside first",
-                path.display()
-            )));
-        }
-        replaced = pinned.take();
-    }
-    let reg = registry.clone();
-    if replaced.is_some() {
-        registry.clear_audit_pin()?;
-    }
-    let log = bubble_audit::AuditLog::open_pinned(
-        &path,
-        Arc::new(signer.checkpoint_signer()),
-        bubble_audit::Options::default(),
-        pinned,
-        Box::new(move |p| {
-            if let Err(e) = reg.set_audit_pin(p.seq, &p.hash) {
-                tracing::error!(error = %e, seq = p.seq, "audit checkpoint not pinned in the registry");
-            }
-        }),
-    )
-    .map_err(|e| BrokerError::Spawn(e.to_string()))?;
-    if let Some(old) = replaced {
-        warn!(
-            seq = old.seq,
-            "a new audit log replaces one whose checkpoint was pinned"
-        );
-        log.append(
-            bubble_audit::Entry::default(),
-            bubble_audit::What::Lifecycle {
-                state: "audit_log_replaced".into(),
-                reason: format!(
-                    "started with --audit-new-log; the previous log's pinned checkpoint was \
-                     seq {} (frame SHA-256 {})",
-                    old.seq,
-                    hex::encode(old.hash)
-                ),
-            },
-        );
-        // Pinned by the first checkpoint, which signs this record.
-        log.checkpoint()
-            .map_err(|e| BrokerError::Spawn(e.to_string()))?;
-    }
-    Ok(log)
-}
-
 impl Broker {
     /// Opens the registry in `cfg.data_dir`, reconciles it with the VMM
     /// processes that still run (see [`Broker::reconcile`]) and starts the
     /// warm-pool refillers, the idle-policy ticker and the owner flusher.
     pub async fn open(cfg: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
         raise_fd_limit();
+        // A pool policy a parent could not ask for refuses the start.
+        for p in &cfg.pools {
+            pool_policy::profile_policy(p, cfg.max_payload).map_err(|e| {
+                crate::error::invalid("pool.policy", format!("pool {:?}: {e}", p.name))
+            })?;
+        }
         bubble_vmm_client::set_answer_poll(Duration::from_micros(u64::from(cfg.answer_poll_us)));
         std::fs::create_dir_all(cfg.data_dir.join("bubbles"))
             .map_err(|e| BrokerError::Spawn(format!("data dir {:?}: {e}", cfg.data_dir)))?;
@@ -350,7 +295,7 @@ impl Broker {
             .map_err(|e| BrokerError::Store(format!("key-encryption key: {e}")))?;
         frozen.set_index_key(kek.derive(crate::store::frozen::awaits::INDEX_KEY_LABEL));
         let broker_id = load_or_create_id(&cfg.data_dir.join("broker-id"))?;
-        let audit = open_audit(&cfg, &registry, &usage_signer)?;
+        let audit = audit_open::open_audit(&cfg, &registry, &usage_signer)?;
         let queue = bubble_events::embedded::EmbeddedQueue::open(
             &cfg.events_path(),
             bubble_events::embedded::QueueConfig {

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use super::commands::Attach;
 use super::lifecycle::State;
+use super::pool_policy::{check_policy, profile_policy, route, PoolRoute};
 use super::{now_ms, Broker};
 use crate::config::{self, PoolProfile};
 use crate::error::{invalid, BrokerError};
@@ -20,39 +21,14 @@ use crate::vmm::{CallFailure, FailureKind, FailureReason, ImageSpec};
 /// must not drain a whole pool for one request.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 2;
 
-/// Refuses a policy that the guest would refuse (its own decoder must give
-/// it back unchanged) or that breaks the broker's rules on names and
-/// counts, before any pooled bubble is touched (INVALID_ARGUMENT). The
-/// default policy is never installed, so it needs no check.
-fn check_policy(p: &PortionPolicy) -> Result<(), BrokerError> {
-    if *p == PortionPolicy::default() {
-        return Ok(());
-    }
-    let name = |s: &str| bubble_abi::is_valid_name(s, bubble_abi::MAX_NAME_LEN);
-    let names_ok = p.grants.len() <= 16
-        && p.grants
-            .iter()
-            .all(|(n, c)| name(n) && c.len() <= 16 && c.iter().all(|c| name(c)));
-    if !names_ok {
-        return Err(invalid(
-            "policy.grants",
-            "at most 16 grants of at most 16 credentials, names of 1 to 64 characters of \
-             A-Z a-z 0-9 . _ -",
-        ));
-    }
-    let wire = p.wire();
-    if bubble_abi::SecurityPolicy::decode(&wire.encode()).ok() != Some(wire) {
-        return Err(invalid(
-            "policy",
-            "the bubble's guest would refuse this policy",
-        ));
-    }
-    Ok(())
-}
-
 impl Broker {
     fn profile(&self, name: &str) -> Option<&PoolProfile> {
         self.cfg.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The policy `profile`'s pooled bubbles carry (checked at start).
+    pub(super) fn pool_policy(&self, profile: &PoolProfile) -> Result<PortionPolicy, BrokerError> {
+        profile_policy(profile, self.cfg.max_payload)
     }
 
     /// Ready and booting pooled bubbles of a profile.
@@ -77,6 +53,16 @@ impl Broker {
                 return;
             }
         };
+        // Installed at boot (as a create's is), before the bubble is READY
+        // and so before any attach can see it.
+        let policy = match broker.upgrade().map(|b| b.pool_policy(&p)) {
+            Some(Ok(policy)) => policy,
+            Some(Err(e)) => {
+                warn!(profile = %p.name, error = %e, "pool disabled: bad policy");
+                return;
+            }
+            None => return,
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
             let Some(b) = broker.upgrade() else { return };
@@ -85,7 +71,8 @@ impl Broker {
             }
             let (ready, booting) = b.pool_counts(&p.name);
             if ready + booting < p.size as usize {
-                let rec = b.new_record("", "", p.memory_mib, &image, &p.name, p.idle_rule());
+                let mut rec = b.new_record("", "", p.memory_mib, &image, &p.name, p.idle_rule());
+                rec.policy = policy.clone();
                 let failed = match b.start(rec, image.clone()).await {
                     Ok(r) if r.state == State::Ready => None,
                     Ok(r) => Some(format!("pool bubble failed: {}", r.failure_reason)),
@@ -128,6 +115,8 @@ impl Broker {
         // A policy the guest would refuse fails here, before any pooled
         // bubble is touched.
         check_policy(&cmd.policy)?;
+        let pooled_policy = self.pool_policy(&profile)?;
+        let route = route(&pooled_policy, &cmd.policy);
         let idle = cmd.idle.unwrap_or_else(|| profile.idle_rule());
         let request_id = cmd.client_request_id.as_str();
         let image = ImageSpec::parse(&profile.image, true).map_err(|e| invalid("profile", e))?;
@@ -156,11 +145,23 @@ impl Broker {
         let deadline = Instant::now() + cmd.wait;
         loop {
             let notified = self.pool_changed.notified();
-            let taken = if cmd.policy == PortionPolicy::default() {
-                self.take_pooled(parent, &profile, idle, request_id, None)?
-            } else {
-                self.take_pooled_with_policy(parent, &profile, idle, request_id, &cmd.policy)
+            let taken = match route {
+                // No pooled bubble may be handed over: boot one at once.
+                PoolRoute::Boot => break,
+                PoolRoute::Take => {
+                    self.take_pooled(parent, &profile, idle, request_id, &cmd.policy, None)?
+                }
+                PoolRoute::Install => {
+                    self.take_pooled_with_policy(
+                        parent,
+                        &profile,
+                        idle,
+                        request_id,
+                        &pooled_policy,
+                        &cmd.policy,
+                    )
                     .await?
+                }
             };
             if let Some(r) = taken {
                 let r = self.unbill_pool_vcpu(r).await;
@@ -225,28 +226,39 @@ impl Broker {
         updated.unwrap_or(rec)
     }
 
-    /// The oldest READY pooled bubble of `profile`.
-    fn pick_pooled(&self, profile: &PoolProfile) -> Option<String> {
+    /// The oldest READY pooled bubble of `profile` carrying `carries`.
+    fn pick_pooled(&self, profile: &PoolProfile, carries: &[u8]) -> Option<String> {
         self.table.with(|t| {
             t.records()
                 .filter(|r| {
-                    r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+                    r.owner.is_empty()
+                        && r.profile == profile.name
+                        && r.state == State::Ready
+                        && r.policy.encode() == carries
                 })
                 .min_by_key(|r| (r.created_at_ms, r.id.clone()))
                 .map(|r| r.id.clone())
         })
     }
 
-    /// Assigns the oldest READY pooled bubble of `profile` to `parent`
-    /// (with `only`, that bubble if it is still pooled and READY).
+    /// Assigns the oldest READY pooled bubble of `profile` carrying
+    /// exactly the policy `policy` to `parent`; with `only`, that bubble
+    /// (if it is still pooled and READY), which carries the default policy
+    /// and has just had `policy` installed.
     fn take_pooled(
         &self,
         parent: &str,
         profile: &PoolProfile,
         idle: IdleRule,
         client_request_id: &str,
-        only: Option<(&str, &PortionPolicy)>,
+        policy: &PortionPolicy,
+        only: Option<&str>,
     ) -> Result<Option<BubbleRecord>, BrokerError> {
+        let wanted = policy.encode();
+        let carries = match only {
+            Some(_) => PortionPolicy::default().encode(),
+            None => wanted.clone(),
+        };
         let taken = self.table.with(|t| {
             // A concurrent retry of the same attach already got one.
             if !client_request_id.is_empty() {
@@ -254,14 +266,20 @@ impl Broker {
                     .records()
                     .find(|r| r.owner == parent && r.client_request_id == client_request_id)
                 {
+                    if r.policy.encode() != wanted {
+                        return Err(BrokerError::RequestIdReused { field: "policy" });
+                    }
                     return Ok(Some((r.clone(), false)));
                 }
             }
             let pooled = |r: &BubbleRecord| {
-                r.owner.is_empty() && r.profile == profile.name && r.state == State::Ready
+                r.owner.is_empty()
+                    && r.profile == profile.name
+                    && r.state == State::Ready
+                    && r.policy.encode() == carries
             };
             let id = match only {
-                Some((id, _)) => t.record(id).filter(|r| pooled(r)).map(|r| r.id.clone()),
+                Some(id) => t.record(id).filter(|r| pooled(r)).map(|r| r.id.clone()),
                 None => t
                     .records()
                     .filter(|r| pooled(r))
@@ -289,7 +307,7 @@ impl Broker {
             // calls) is not the new owner's.
             r.usage.attached(now);
             r.calls = 0;
-            if let Some((_, policy)) = only {
+            if only.is_some() {
                 r.policy = policy.clone();
             }
             Ok::<_, BrokerError>(Some((r.clone(), true)))
@@ -330,16 +348,27 @@ impl Broker {
         profile: &PoolProfile,
         idle: IdleRule,
         client_request_id: &str,
+        pooled: &PortionPolicy,
         policy: &PortionPolicy,
     ) -> Result<Option<BubbleRecord>, BrokerError> {
         let mut attempts = 0u32;
+        let carries = pooled.encode();
+        // The install path only ever starts from the default policy.
+        if carries != PortionPolicy::default().encode() {
+            return Ok(None);
+        }
         loop {
             if !client_request_id.is_empty() {
                 if let Some(id) = self.request_in_memory(parent, client_request_id) {
-                    return Ok(self.table.get(&id));
+                    return match self.table.get(&id) {
+                        Some(r) if r.policy.encode() != policy.encode() => {
+                            Err(BrokerError::RequestIdReused { field: "policy" })
+                        }
+                        other => Ok(other),
+                    };
                 }
             }
-            let Some(id) = self.pick_pooled(profile) else {
+            let Some(id) = self.pick_pooled(profile, &carries) else {
                 return Ok(None);
             };
             let Some(permit) = self.table.permit(&id).await else {
@@ -347,7 +376,9 @@ impl Broker {
             };
             let (Some(live), true) = (
                 permit.live.clone(),
-                permit.rec.owner.is_empty() && permit.rec.state == State::Ready,
+                permit.rec.owner.is_empty()
+                    && permit.rec.state == State::Ready
+                    && permit.rec.policy.encode() == carries,
             ) else {
                 // Taken, probed unhealthy or gone meanwhile: the next one.
                 continue;
@@ -387,13 +418,7 @@ impl Broker {
                 }
                 continue;
             }
-            match self.take_pooled(
-                parent,
-                profile,
-                idle,
-                client_request_id,
-                Some((&id, policy)),
-            ) {
+            match self.take_pooled(parent, profile, idle, client_request_id, policy, Some(&id)) {
                 Ok(Some(r)) if r.id == id => return Ok(Some(r)),
                 other => {
                     let reason = FailureReason::new(
@@ -422,67 +447,5 @@ impl Broker {
                 .find(|r| r.owner == parent && r.client_request_id == client_request_id)
                 .map(|r| r.id.clone())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The core refuses what the guest would (not only the API layer):
-    /// bad names, too many grants or credentials, zero limits.
-    #[test]
-    fn policies_the_guest_would_refuse_are_invalid_arguments() {
-        let ok = PortionPolicy {
-            grants: vec![("payments".into(), vec!["k".into()])],
-            ..PortionPolicy::default()
-        };
-        assert!(check_policy(&ok).is_ok());
-        assert!(check_policy(&PortionPolicy::default()).is_ok());
-        let bad = [
-            PortionPolicy {
-                grants: vec![("no spaces".into(), vec![])],
-                ..ok.clone()
-            },
-            PortionPolicy {
-                grants: vec![("p".into(), vec!["x".repeat(65)])],
-                ..ok.clone()
-            },
-            PortionPolicy {
-                grants: (0..17).map(|i| (format!("p{i}"), vec![])).collect(),
-                ..ok.clone()
-            },
-            PortionPolicy {
-                grants: vec![("p".into(), (0..17).map(|i| format!("c{i}")).collect())],
-                ..ok.clone()
-            },
-            PortionPolicy {
-                fuel_per_call: 0,
-                ..ok.clone()
-            },
-            PortionPolicy {
-                max_output_bytes: 0,
-                ..ok.clone()
-            },
-            PortionPolicy {
-                credential_rate: Some((0, 1)),
-                ..ok.clone()
-            },
-            PortionPolicy {
-                credential_rate: Some((1, 0)),
-                ..ok.clone()
-            },
-        ];
-        assert!(check_policy(&PortionPolicy {
-            credential_rate: Some((1, 1)),
-            ..ok.clone()
-        })
-        .is_ok());
-        for p in bad {
-            assert!(
-                matches!(check_policy(&p), Err(BrokerError::InvalidArgument { .. })),
-                "{p:?}"
-            );
-        }
     }
 }
