@@ -147,6 +147,9 @@ async fn pool_time_is_not_billed_and_attach_is_watched() {
         u.memory_mib_seconds
     );
     assert_eq!((u.calls, u.bytes_in, u.bytes_out), (0, 0, 0), "{u:?}");
+    // Its boot and health probes in the pool (over a millisecond of vCPU
+    // time) are not billed; at most part of a probe racing the attach is.
+    assert!(u.vcpu_us < 300, "pool vCPU time billed: {u:?}");
     // The attach is an event for the new owner.
     let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
         .await

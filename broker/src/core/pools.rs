@@ -74,7 +74,10 @@ impl Broker {
                 let mut rec = b.new_record("", "", p.memory_mib, &image, &p.name, p.idle_rule());
                 rec.policy = policy.clone();
                 let failed = match b.start(rec, image.clone()).await {
-                    Ok(r) if r.state == State::Ready => None,
+                    Ok(r) if r.state == State::Ready => {
+                        b.note_pool_vcpu(&r.id).await;
+                        None
+                    }
                     Ok(r) => Some(format!("pool bubble failed: {}", r.failure_reason)),
                     Err(e) => Some(format!("pool refill refused: {e}")),
                 };
@@ -200,8 +203,37 @@ impl Broker {
         r
     }
 
+    /// Notes a pooled bubble's vCPU time so far (its boot, the health
+    /// probes) as time not to bill, ahead of any attach, so that an attach
+    /// needs no round trip to the VMM for it ([`Self::unbill_pool_vcpu`]
+    /// uses it). Noted again after every health probe; whatever the idle
+    /// guest uses after the last note (nothing, or part of a probe racing
+    /// the attach: microseconds) is billed to the owner, never the
+    /// reverse. Nothing is noted for a bubble no longer pooled.
+    pub(super) async fn note_pool_vcpu(&self, id: &str) {
+        let Some(live) = self.table.live_of(id) else {
+            return;
+        };
+        let Some(v) = live.vmm.vcpu_us().await else {
+            return;
+        };
+        let noted = self.table.with(|t| {
+            t.record_mut(id).is_some_and(|r| {
+                let pooled = r.owner.is_empty() && r.state == State::Ready;
+                if pooled && v > r.usage.vcpu_us_unbilled {
+                    r.usage.vcpu_us_unbilled = v;
+                }
+                pooled
+            })
+        });
+        if noted {
+            self.dirty.lock().insert(id.to_string());
+        }
+    }
+
     /// Records the vCPU time an attached bubble's VMM used in the pool, so
-    /// that it is not billed to its new owner. (A call the owner makes
+    /// that it is not billed to its new owner, if no note was taken before
+    /// the attach ([`Self::note_pool_vcpu`]). (A call the owner makes
     /// between the assignment and this status answer is not billed either:
     /// microseconds at most.)
     async fn unbill_pool_vcpu(&self, rec: BubbleRecord) -> BubbleRecord {

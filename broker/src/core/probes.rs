@@ -110,8 +110,12 @@ impl Broker {
                 Err(_) => format!("no answer to an echo within {:?}", PROBE_DEADLINE * 2),
             }
         };
-        drop(permit);
         let healthy = problem.is_empty();
+        if healthy {
+            // The probe's own vCPU time is the pool's, not the next owner's.
+            self.note_pool_vcpu(id).await;
+        }
+        drop(permit);
         let result = if healthy { "healthy" } else { "unhealthy" };
         self.metrics
             .pool_probes
