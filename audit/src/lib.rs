@@ -26,14 +26,16 @@ pub use record::{
 pub use staged::{PinStore, Staged};
 pub use verify::{records, verify, Problem, Summary, VerifyError};
 
+/// The checkpoint signer of the unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod test_key {
     use ed25519_dalek::{Signer, SigningKey};
-    use std::sync::Arc;
-    use std::time::Duration;
 
-    struct Key(SigningKey);
+    use crate::log::CheckpointSigner;
+
+    /// An Ed25519 key signing checkpoints.
+    pub(crate) struct Key(pub(crate) SigningKey);
+
     impl CheckpointSigner for Key {
         fn public_key(&self) -> [u8; 32] {
             self.0.verifying_key().to_bytes()
@@ -42,6 +44,16 @@ mod tests {
             self.0.sign(msg).to_bytes()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::test_key::Key;
 
     fn key(b: u8) -> Arc<Key> {
         Arc::new(Key(SigningKey::from_bytes(&[b; 32])))

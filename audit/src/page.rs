@@ -128,20 +128,12 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::{CheckpointSigner, Options};
+    use crate::log::Options;
     use crate::record::{Entry, What};
-    use ed25519_dalek::{Signer, SigningKey};
+    use ed25519_dalek::SigningKey;
     use std::time::Duration;
 
-    struct Key(SigningKey);
-    impl CheckpointSigner for Key {
-        fn public_key(&self) -> [u8; 32] {
-            self.0.verifying_key().to_bytes()
-        }
-        fn sign(&self, msg: &[u8]) -> [u8; 64] {
-            self.0.sign(msg).to_bytes()
-        }
-    }
+    use crate::test_key::Key;
 
     fn open(p: &std::path::Path) -> AuditLog {
         let o = Options {

@@ -126,22 +126,14 @@ pub(crate) fn missing_tail(
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use ed25519_dalek::{Signer, SigningKey};
+    use ed25519_dalek::SigningKey;
 
     use super::*;
-    use crate::log::{AuditLog, CheckpointSigner, Options, RESTORED};
+    use crate::log::{AuditLog, Options, RESTORED};
     use crate::record::{Entry, What};
     use crate::verify::verify;
 
-    struct Key(SigningKey);
-    impl CheckpointSigner for Key {
-        fn public_key(&self) -> [u8; 32] {
-            self.0.verifying_key().to_bytes()
-        }
-        fn sign(&self, msg: &[u8]) -> [u8; 64] {
-            self.0.sign(msg).to_bytes()
-        }
-    }
+    use crate::test_key::Key;
 
     /// The registry, in memory: the pin and the staged batch.
     #[derive(Clone, Default)]
