@@ -11,17 +11,6 @@ use bubble_proto::v1 as pb;
 
 const READY: i32 = pb::BubbleState::Ready as i32;
 
-/// The cgroup line of process `pid` for controller `ctl` (v1), or the
-/// unified one ("0::").
-fn cgroup_of(pid: u32, ctl: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
-        ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
-    })
-}
-
 /// A bubble's VMM runs in a cgroup of its own, nested in its parent's:
 /// memory limited to guest memory + 64 MiB, at most 16
 /// tasks, the default CPU weight. Where cgroups can be written (v1 here;

@@ -11,17 +11,6 @@ use bubble_proto::v1 as pb;
 
 const READY: i32 = pb::BubbleState::Ready as i32;
 
-/// The cgroup path of process `pid` for controller `ctl` (v1), or the
-/// unified one ("").
-fn cgroup_of(pid: u32, ctl: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
-        ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
-    })
-}
-
 /// A re-adopted VMM's cgroups are removed when it exits, not only at the
 /// broker's next start: a broker is restarted under two running bubbles;
 /// one is deleted, the other's VMM is killed from outside; each one's
