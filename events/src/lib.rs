@@ -24,6 +24,6 @@ pub mod embedded;
 pub mod nats;
 
 pub use event::{
-    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
     SourceEvent, MAX_KEY_LEN, MAX_PAYLOAD, MAX_REASON_LEN,
 };

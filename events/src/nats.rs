@@ -29,7 +29,7 @@ use futures::StreamExt;
 use zeroize::Zeroizing;
 
 use crate::event::{
-    check_event, check_subject, Delivery, EventError, EventKey, Outcome, Published, Results,
+    check_event, check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published, Results,
     Source, SourceEvent, MAX_PAYLOAD,
 };
 
@@ -306,6 +306,17 @@ impl Delivery for NatsDelivery {
         self.source
             .to_dead_letter(&self.msg, &self.event.key, reason)
             .await
+    }
+
+    /// The result (a conditional publish to the results stream, confirmed)
+    /// and then the ack (confirmed): two server round trips.
+    async fn complete(self, outcome: &Outcome) -> Result<Completed, (Self, EventError)> {
+        let result = match self.source.publish_result(&self.event.key, outcome).await {
+            Ok(r) => r,
+            Err(e) => return Err((self, e)),
+        };
+        let acked = self.msg.double_ack().await.is_ok();
+        Ok(Completed { result, acked })
     }
 }
 

@@ -266,6 +266,7 @@ impl Broker {
                 output: raw,
                 vmm_us,
                 signed: None,
+                started: None,
             });
         }
         let r = SignedResult::decode(&raw).map_err(|e| {
@@ -277,6 +278,7 @@ impl Broker {
             output: r.output.to_vec(),
             vmm_us,
             signed: Some((r.call_id, r.signature.to_vec())),
+            started: None,
         })
     }
 

@@ -161,6 +161,13 @@ impl Broker {
         }
     }
 
+    /// The key of the last event of trigger `id` whose portion call
+    /// started on this broker, and when the CALL went to the VMM client
+    /// (monotonic: comparable with `Instant`s of this process only).
+    pub fn trigger_last_start(&self, id: &str) -> Option<(String, std::time::Instant)> {
+        self.triggers.lock().get(id)?.last_start.clone()
+    }
+
     /// The bubble that runs `t`'s next event.
     async fn trigger_bubble(
         self: &Arc<Self>,
@@ -237,6 +244,11 @@ impl Broker {
         };
         let outcome = match ran {
             Ok((bubble_id, o)) => {
+                if let Some(at) = o.started {
+                    if let Some(r) = self.triggers.lock().get_mut(&t.id) {
+                        r.last_start = Some((key.to_string(), at));
+                    }
+                }
                 let (call_id, signature) = o.signed.unwrap_or_default();
                 // What the bubble signed: the portion-call frame's digest
                 // (also the sealed box's AAD, so the owner can open it).
@@ -291,19 +303,19 @@ impl Broker {
                 return self.dead_letter(t, bubble, d, &why, results).await;
             }
         };
-        // Durable result first, then the ack (see the module's docs).
-        match results.publish_result(&key, &outcome).await {
-            Ok(_) => {
-                if let Err(e) = d.ack().await {
-                    warn!(trigger = %t.id, key = %key, error = %e, "ack refused");
-                }
+        // An output too large to store never will be: give it up now.
+        if outcome.check().is_err() {
+            let why = "the result is over the queue's size limit";
+            return self.dead_letter(t, bubble, d, why, results).await;
+        }
+        // Durable result first, then the ack (see the module's docs); the
+        // embedded queue commits both at once.
+        match d.complete(&outcome).await {
+            Ok(done) if !done.acked => {
+                warn!(trigger = %t.id, key = %key, "ack refused (the event was delivered again, or the source did not confirm it)");
             }
-            // An output too large to store never will be: give it up now.
-            Err(bubble_events::EventError::TooLarge) => {
-                let why = "the result is over the queue's size limit";
-                self.dead_letter(t, bubble, d, why, results).await;
-            }
-            Err(e) => {
+            Ok(_) => {}
+            Err((d, e)) => {
                 warn!(trigger = %t.id, key = %key, error = %e, "storing the result failed; retrying");
                 let _ = d.retry(Duration::from_millis(200)).await;
             }

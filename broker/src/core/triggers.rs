@@ -201,6 +201,9 @@ pub(crate) struct Running {
     pub(crate) rec: TriggerRecord,
     stop: watch::Sender<bool>,
     nats: Arc<tokio::sync::OnceCell<NatsSource>>,
+    /// The last event whose portion call started here: its key and when
+    /// the CALL went to the VMM (`event_to_start`).
+    pub(crate) last_start: Option<(String, std::time::Instant)>,
 }
 
 /// The JetStream layout of `owner`'s `subject`: its own events stream
@@ -305,6 +308,7 @@ impl Broker {
                     rec: rec.clone(),
                     stop: watch::channel(true).0,
                     nats: Default::default(),
+                    last_start: None,
                 },
             );
         }
@@ -332,6 +336,7 @@ impl Broker {
                 rec: rec.clone(),
                 stop,
                 nats: nats.clone(),
+                last_start: None,
             },
         );
         tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped, nats));
