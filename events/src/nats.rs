@@ -29,8 +29,8 @@ use futures::StreamExt;
 use zeroize::Zeroizing;
 
 use crate::event::{
-    check_event, check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published, Results,
-    Source, SourceEvent, MAX_PAYLOAD,
+    check_event, check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published,
+    Results, Source, SourceEvent, MAX_PAYLOAD,
 };
 
 /// Header carrying a dead letter's reason.

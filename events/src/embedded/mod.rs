@@ -376,9 +376,7 @@ impl EmbeddedQueue {
             arrived.as_mut().enable();
             let max = max.max(1);
             let only = subject.clone();
-            let (taken, next_due) = self
-                .blocking(move |q| q.take(max, only.as_deref()))
-                .await?;
+            let (taken, next_due) = self.blocking(move |q| q.take(max, only.as_deref())).await?;
             if !taken.is_empty() {
                 return Ok(taken
                     .into_iter()
