@@ -21,6 +21,7 @@
 //! Times are wall-clock milliseconds, so leases survive a restart: events
 //! a crashed broker held come back when their lease ends.
 
+mod dead;
 mod handoff;
 mod record;
 
@@ -28,7 +29,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use tokio::sync::Notify;
 
 use crate::event::{
@@ -151,6 +152,7 @@ impl EmbeddedQueue {
         }
         txn.open_table(ORDER).map_err(storage("create tables"))?;
         ops::count_depths(&txn)?;
+        dead::index_once(&txn)?;
         txn.commit().map_err(storage("commit"))?;
         Ok(EmbeddedQueue {
             inner: Arc::new(Inner {
@@ -268,27 +270,7 @@ impl EmbeddedQueue {
     ) -> Result<Vec<DeadLetter>, EventError> {
         self.blocking(move |q| {
             let txn = q.db.begin_read().map_err(storage("begin"))?;
-            let t = txn.open_table(DEAD).map_err(storage("open"))?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(storage("scan"))? {
-                let (_, v) = row.map_err(storage("scan"))?;
-                let v = v.value();
-                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
-                let (reason, rec) = rest
-                    .split_at_checked(usize::from(*len))
-                    .ok_or(EventError::Corrupt("dead letter"))?;
-                let rec = Record::decode(rec)?;
-                if subject.as_ref().is_some_and(|s| *s != rec.subject) {
-                    continue;
-                }
-                out.push(DeadLetter {
-                    key: rec.key,
-                    subject: rec.subject,
-                    attempts: rec.attempts,
-                    reason: String::from_utf8_lossy(reason).into_owned(),
-                });
-            }
-            Ok(out)
+            dead::list(&txn, subject.as_deref())
         })
         .await
     }

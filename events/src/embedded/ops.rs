@@ -4,11 +4,12 @@
 use redb::ReadableTable;
 use zeroize::Zeroizing;
 
+use super::dead;
 use super::handoff::Waiters;
 use super::record::{decode_seen, encode_seen, Record};
 use super::{
-    ms, now_ms, storage, Inner, DEAD, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ,
-    ORDER, RESULTS, SEEN,
+    ms, now_ms, storage, Inner, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ, ORDER,
+    RESULTS, SEEN,
 };
 use crate::event::{Completed, EventError, EventKey, Outcome, Published, SourceEvent};
 
@@ -104,15 +105,6 @@ fn result_in(
             }
         }
     })
-}
-
-fn dead_row(reason: &[u8], rec: &[u8]) -> Vec<u8> {
-    let len = reason.len().min(255);
-    let mut v = Vec::with_capacity(1 + len + rec.len());
-    v.push(u8::try_from(len).unwrap_or(u8::MAX));
-    v.extend(&reason[..len]);
-    v.extend(rec);
-    v
 }
 
 impl Inner {
@@ -236,7 +228,6 @@ impl Inner {
         let mut changed = false;
         {
             let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
-            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
             let mut updates: Vec<(u64, Zeroizing<Vec<u8>>)> = Vec::new();
             let mut gone: Vec<(u64, Vec<u8>, String)> = Vec::new();
             for row in events.iter().map_err(storage("scan"))? {
@@ -253,11 +244,7 @@ impl Inner {
                     continue;
                 }
                 if rec.attempts >= self.cfg.max_deliver {
-                    gone.push((
-                        pos.value(),
-                        dead_row(b"max deliveries reached", v.value()),
-                        rec.subject.clone(),
-                    ));
+                    gone.push((pos.value(), v.value().to_vec(), rec.subject.clone()));
                     continue;
                 }
                 rec.attempts += 1;
@@ -278,11 +265,10 @@ impl Inner {
                 changed = true;
             }
             let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
-            for (pos, row, subject) in gone {
+            for (pos, rec, subject) in gone {
                 count(&mut depth, &subject, false)?;
                 events.remove(pos).map_err(storage("dead-letter"))?;
-                dead.insert(pos, row.as_slice())
-                    .map_err(storage("dead-letter"))?;
+                dead::put(&txn, pos, &subject, b"max deliveries reached", &rec)?;
                 changed = true;
             }
         }
@@ -338,9 +324,7 @@ impl Inner {
                     events.remove(position).map_err(storage("dead-letter"))?;
                     let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
                     count(&mut depth, &rec.subject, false)?;
-                    let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
-                    dead.insert(position, dead_row(&reason, &bytes).as_slice())
-                        .map_err(storage("dead-letter"))?;
+                    dead::put(&txn, position, &rec.subject, &reason, &bytes)?;
                 }
             }
         }
@@ -399,26 +383,10 @@ impl Inner {
     pub(super) fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
         let txn = self.db.begin_write().map_err(storage("begin"))?;
         let out = {
-            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
-            let mut found = None;
-            for row in dead.iter().map_err(storage("scan"))? {
-                let (pos, v) = row.map_err(storage("scan"))?;
-                let v = v.value();
-                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
-                let (_, rec) = rest
-                    .split_at_checked(usize::from(*len))
-                    .ok_or(EventError::Corrupt("dead letter"))?;
-                let rec = Record::decode(rec)?;
-                if rec.subject == subject && rec.key == *key {
-                    found = Some((pos.value(), rec));
-                    break;
-                }
-            }
-            let Some((pos, mut rec)) = found else {
+            let Some(mut rec) = dead::take(&txn, subject, key)? else {
                 // Dropping the transaction aborts it.
                 return Ok(None);
             };
-            dead.remove(pos).map_err(storage("replay"))?;
             rec.attempts = 0;
             rec.not_before = 0;
             let mut meta = txn.open_table(META).map_err(storage("open"))?;
