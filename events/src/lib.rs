@@ -22,6 +22,9 @@ mod event;
 
 pub mod embedded;
 pub mod nats;
+mod nats_dead;
+
+pub use nats_dead::{NatsDeadLetter, MAX_LISTED};
 
 pub use event::{
     check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published, Results, Source,

@@ -35,8 +35,10 @@ use crate::event::{
 
 /// Header carrying a dead letter's reason.
 pub const REASON_HEADER: &str = "Bubble-Dead-Reason";
-/// Header carrying a dead letter's key.
+/// Header carrying a dead letter's key (and a replayed event's).
 pub const KEY_HEADER: &str = "Bubble-Event-Key";
+/// Header carrying a dead letter's deliveries.
+pub const ATTEMPTS_HEADER: &str = "Bubble-Dead-Attempts";
 
 /// Where the stream, consumer and results live.
 #[derive(Clone, Debug)]
@@ -61,6 +63,12 @@ pub struct NatsConfig {
     pub results_prefix: String,
     /// How long the events stream drops a repeated `Nats-Msg-Id`.
     pub dedup_window: Duration,
+}
+
+pub(crate) fn nats_err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    op: &'static str,
+) -> impl FnOnce(E) -> EventError {
+    nats(op)
 }
 
 fn nats<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
@@ -89,6 +97,22 @@ impl std::fmt::Debug for NatsSource {
 }
 
 impl NatsSource {
+    pub(crate) fn js(&self) -> &Context {
+        &self.js
+    }
+
+    pub(crate) fn config(&self) -> &NatsConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.cfg.stream)
+    }
+
+    pub(crate) fn result_subject(&self, key: &EventKey) -> String {
+        format!("{}.{}", self.cfg.results_prefix, key)
+    }
+
     /// Connects and makes sure the events stream, the dead-letter and
     /// results streams and the durable consumer exist (idempotent: every
     /// broker calls it with the same configuration).
@@ -196,12 +220,17 @@ impl NatsSource {
         key: &EventKey,
         reason: &str,
     ) -> Result<(), EventError> {
+        let (seq, attempts) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered))
+            .unwrap_or((0, 0));
         let mut h = HeaderMap::new();
         h.insert(KEY_HEADER, key.as_str());
         h.insert(REASON_HEADER, reason);
+        h.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
         // Dead-lettering the same event twice (a retry after a lost ack)
-        // stores it once.
-        h.insert(NATS_MESSAGE_ID, format!("dead:{key}").as_str());
+        // stores it once; a replayed copy (another sequence) again.
+        h.insert(NATS_MESSAGE_ID, format!("dead:{key}:{seq}").as_str());
         self.js
             .publish_with_headers(
                 self.cfg.dead_letter_subject.clone(),
@@ -219,10 +248,10 @@ impl NatsSource {
 }
 
 fn key_of(msg: &jetstream::Message, seq: u64) -> EventKey {
-    msg.message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(NATS_MESSAGE_ID))
+    let h = msg.message.headers.as_ref();
+    // A replayed event carries its key in KEY_HEADER (its message id is
+    // the replay's own).
+    h.and_then(|h| h.get(KEY_HEADER).or_else(|| h.get(NATS_MESSAGE_ID)))
         .and_then(|v| EventKey::new(v.as_str()).ok())
         .unwrap_or_else(|| {
             EventKey::new(&format!("seq-{seq}")).unwrap_or_else(|_| unreachable!("a valid key"))
