@@ -63,6 +63,11 @@ pub struct NatsConfig {
     pub results_prefix: String,
     /// How long the events stream drops a repeated `Nats-Msg-Id`.
     pub dedup_window: Duration,
+    /// Most events the stream holds unsettled (published, not yet acked
+    /// or dead-lettered): the server refuses a publish beyond it
+    /// ([`EventError::Backlog`]). `None` leaves an existing stream's limit
+    /// as it is (a new stream: unlimited).
+    pub max_pending: Option<u64>,
 }
 
 pub(crate) fn nats_err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
@@ -125,16 +130,37 @@ impl NatsSource {
             .await
             .map_err(nats("connect"))?;
         let js = jetstream::new(client);
+        // A work queue: an event leaves the stream when it is acked or
+        // dead-lettered, so the stream's message count is the events
+        // pending, and `max_messages` with `DiscardPolicy::New` makes the
+        // server refuse a publish beyond the limit, exactly, whichever
+        // broker publishes.
+        let events_cfg = stream::Config {
+            name: cfg.stream.clone(),
+            subjects: cfg.subjects.clone(),
+            duplicate_window: cfg.dedup_window,
+            max_message_size: i32::try_from(MAX_PAYLOAD).unwrap_or(i32::MAX),
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            max_messages: cfg
+                .max_pending
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            ..Default::default()
+        };
         let events = js
-            .get_or_create_stream(stream::Config {
-                name: cfg.stream.clone(),
-                subjects: cfg.subjects.clone(),
-                duplicate_window: cfg.dedup_window,
-                max_message_size: i32::try_from(MAX_PAYLOAD).unwrap_or(i32::MAX),
-                ..Default::default()
-            })
+            .get_or_create_stream(events_cfg.clone())
             .await
             .map_err(nats("events stream"))?;
+        if let Some(limit) = cfg.max_pending {
+            let have = events.cached_info().config.max_messages;
+            if have != i64::try_from(limit).unwrap_or(i64::MAX) {
+                // Another trigger (or broker) made it with another limit:
+                // the last one set holds for all.
+                js.update_stream(events_cfg)
+                    .await
+                    .map_err(nats("events stream limit"))?;
+            }
+        }
         js.get_or_create_stream(stream::Config {
             name: format!("{}_DEAD", cfg.stream),
             subjects: vec![cfg.dead_letter_subject.clone()],
@@ -167,7 +193,9 @@ impl NatsSource {
         Ok(NatsSource { js, consumer, cfg })
     }
 
-    /// Publishes an event with its key as `Nats-Msg-Id`.
+    /// Publishes an event with its key as `Nats-Msg-Id`; refused with
+    /// [`EventError::Backlog`] (nothing stored) when the stream holds
+    /// `max_pending` events already.
     pub async fn publish(
         &self,
         subject: &str,
@@ -177,13 +205,23 @@ impl NatsSource {
         check_event(subject, payload)?;
         let mut h = HeaderMap::new();
         h.insert(NATS_MESSAGE_ID, key.as_str());
-        let ack = self
+        let sent = self
             .js
             .publish_with_headers(subject.to_owned(), h, payload.to_vec().into())
             .await
             .map_err(nats("publish"))?
-            .await
-            .map_err(nats("publish ack"))?;
+            .await;
+        let ack = match sent {
+            Ok(a) => a,
+            Err(e) if is_full(&e) => {
+                let limit = self.cfg.max_pending.unwrap_or(0);
+                return Err(EventError::Backlog {
+                    pending: limit,
+                    limit,
+                });
+            }
+            Err(e) => return Err(nats("publish ack")(e)),
+        };
         Ok(Published {
             position: ack.sequence,
             duplicate: ack.duplicate,
@@ -245,6 +283,19 @@ impl NatsSource {
             .await
             .map_err(nats("term"))
     }
+}
+
+/// Whether a publish was refused because the stream is at its message
+/// limit (JetStream error 10077, "maximum messages exceeded", with
+/// `DiscardPolicy::New`).
+fn is_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.kind() == PublishErrorKind::Other
+        && e.source()
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|j| {
+                j.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED
+            })
 }
 
 fn key_of(msg: &jetstream::Message, seq: u64) -> EventKey {

@@ -225,6 +225,7 @@ pub(crate) fn nats_config(url: &str, owner: &str, subject: &str, ack_wait: Durat
         results_stream: format!("BUBBLE_RES_{ns}"),
         results_prefix: format!("bubble.res.{ns}"),
         dedup_window: Duration::from_secs(120),
+        max_pending: None,
     }
 }
 
@@ -354,7 +355,14 @@ impl Broker {
             if self.closing() || !self.trigger_alive(&t.id) {
                 return None;
             }
-            match NatsSource::connect(nats_config(&url, &t.owner, &t.subject, ack_wait)).await {
+            let cfg = NatsConfig {
+                max_pending: Some(match t.max_pending {
+                    0 => self.cfg.events.max_pending.max(1),
+                    n => n,
+                }),
+                ..nats_config(&url, &t.owner, &t.subject, ack_wait)
+            };
+            match NatsSource::connect(cfg).await {
                 Ok(s) => return Some(cell.get_or_init(|| async { s }).await.clone()),
                 Err(e) => {
                     tracing::warn!(trigger = %t.id, error = %e, "connecting to NATS failed; retrying");
@@ -456,9 +464,19 @@ impl Broker {
                 .get()
                 .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?;
             let key = EventKey::new(key)?;
-            return Ok(src
+            return match src
                 .publish(&nats_subject(parent, subject), &key, payload)
-                .await?);
+                .await
+            {
+                Err(bubble_events::EventError::Backlog { pending, limit }) => {
+                    Err(BrokerError::Backlog {
+                        pending,
+                        limit,
+                        retry_after_ms: self.cfg.events.target_latency_ms,
+                    })
+                }
+                r => Ok(r?),
+            };
         }
         let limit = match max_pending {
             0 => self.cfg.events.max_pending.max(1),
