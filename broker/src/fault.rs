@@ -8,7 +8,9 @@
 //! `suspend.committed` (registry SUSPENDED, VMM not yet stopped),
 //! `restore.claimed` (the frozen copy's claim taken, nothing started) and
 //! `restore.loaded` (the copy is in a new VMM, whose pid the log line
-//! names; the claim is not yet committed).
+//! names; the claim is not yet committed), `event.taken` (a trigger's
+//! worker holds an event, fetched or handed over by its publish, and has
+//! run nothing of it).
 //!
 //! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead
 //! ([`fails`]): `attach.set_policy` (installing an attaching parent's

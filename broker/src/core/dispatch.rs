@@ -218,6 +218,10 @@ impl Broker {
         d: D,
         results: &R,
     ) {
+        // The event is the worker's (fetched, or handed over leased by
+        // its publish), nothing of it has run.
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("event.taken").await;
         // An event whose key a frozen portion awaits resumes it (`awaits`).
         let Some(d) = self.resume_by_event(t, d, results).await else {
             return;
