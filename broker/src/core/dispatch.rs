@@ -5,10 +5,12 @@
 //! not yet acked when a bubble or the broker fails are handed out again
 //! (after a retry delay, or when their lease ends), never the acked ones.
 //!
-//! Ordering per event: the result is durable (a committed redb
-//! transaction) before the ack; a crash in between redelivers the event,
-//! the portion may run again, and the second result is refused by the
-//! once-per-key results table, so each key has exactly one result.
+//! Ordering per event: the result is durable before the ack
+//! (`Delivery::complete`: on the embedded queue both in one committed
+//! redb transaction; on NATS the confirmed result, then the ack); an event
+//! whose ack was lost is redelivered, the portion may run again, and the
+//! second result is refused by the once-per-key results, so each key has
+//! exactly one result.
 //! An event that fails `max_deliver` times gets a `failed` result, goes
 //! to the dead-letter table and raises a `dead_letter` security event
 //! (streamed to the owner, counted, written to the audit log).
