@@ -123,7 +123,19 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 r.map(|r| format!("; raw_exit_rtt + {:.1} µs", us(s.p50) - us(r)))
                     .unwrap_or_default()
             ),
-            ("events_per_sec", _, _) => format!(
+            ("event_to_start" | "event_to_start_nats", f, r) => format!(
+                "{}{}{}: sent → CALL to the VMM; PublishEvent p50/p99 {}/{} µs; result p50/p99 {}/{} µs",
+                extra(s, "source"),
+                r.map(|r| format!(", {:.1} × raw_exit_rtt", us(s.p50) / us(r)))
+                    .unwrap_or_default(),
+                f.map(|f| format!(", {:.2} × raw_kvm_floor", us(s.p50) / us(f)))
+                    .unwrap_or_default(),
+                extra(s, "publish_p50_us"),
+                extra(s, "publish_p99_us"),
+                extra(s, "result_p50_us"),
+                extra(s, "result_p99_us")
+            ),
+            ("events_per_sec" | "events_per_sec_nats", _, _) => format!(
                 "{} events/s with {} bubbles (stat: PublishEvent round trip)",
                 extra(s, "per_sec"),
                 extra(s, "bubbles")

@@ -190,9 +190,6 @@ pub enum BrokerError {
     /// The trigger has no dead letter with this key.
     #[error("no dead letter with key {0:?} on this trigger")]
     NoDeadLetter(String),
-    /// An operation the trigger's source does not offer here.
-    #[error("{0} is only for triggers on the embedded source")]
-    EmbeddedOnly(&'static str),
     /// The trigger's source is not configured on this broker.
     #[error("event source {0:?} is not configured on this broker")]
     SourceNotConfigured(&'static str),
@@ -275,7 +272,6 @@ impl From<BrokerError> for Status {
             | BrokerError::AwaitLimit { .. } => Code::ResourceExhausted,
             BrokerError::Spawn(_) | BrokerError::PolicyNotApplied(_) => Code::Unavailable,
             BrokerError::NotQuarantined(_) | BrokerError::NoDeadLetter(_) => Code::NotFound,
-            BrokerError::EmbeddedOnly(_) => Code::FailedPrecondition,
             BrokerError::Registry(_) | BrokerError::AuditUnavailable(_) => Code::Internal,
             BrokerError::TriggerExists(..) => Code::AlreadyExists,
             BrokerError::SourceNotConfigured(_)

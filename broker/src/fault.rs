@@ -9,7 +9,9 @@
 //! `restore.claimed` (the frozen copy's claim taken, nothing started) and
 //! `restore.loaded` (the copy is in a new VMM, whose pid the log line
 //! names; the claim is not yet committed), `restore.committed` (the
-//! claim committed, the registry not yet READY), `await.restored` (an await's
+//! claim committed, the registry not yet READY), `event.taken` (a
+//! trigger's worker holds an event, fetched or handed over by its
+//! publish, and has run nothing of it), `await.restored` (an await's
 //! frozen copy restored and READY here, RESUME not yet sent).
 //!
 //! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead

@@ -118,7 +118,9 @@ impl Outcome {
         }
     }
 
-    pub(crate) fn check(&self) -> Result<(), EventError> {
+    /// Refuses an outcome whose output or reason is over its size limit
+    /// ([`EventError::TooLarge`]).
+    pub fn check(&self) -> Result<(), EventError> {
         let too_long = match self {
             Outcome::Ok(b) => b.len() > MAX_PAYLOAD,
             Outcome::Refused(r) | Outcome::Failed(r) => r.len() > MAX_REASON_LEN,
@@ -138,6 +140,18 @@ pub struct Published {
     pub position: u64,
     /// The key was already there: nothing new was stored.
     pub duplicate: bool,
+}
+
+/// What [`Delivery::complete`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completed {
+    /// The result's position; `duplicate` if the key had one already (the
+    /// first stays).
+    pub result: Published,
+    /// Whether the event was acked: false if this delivery had gone stale
+    /// (the event was handed out again or settled); the result was still
+    /// stored (or found) first.
+    pub acked: bool,
 }
 
 /// Why a source operation failed.
@@ -245,6 +259,17 @@ pub trait Delivery: Send + Sized {
     /// Poison: move it to the dead-letter place with `reason`; it is never
     /// delivered again.
     fn dead_letter(self, reason: &str) -> impl Future<Output = Result<(), EventError>> + Send;
+
+    /// Stores `outcome` as the event's result in its source's results
+    /// (once per key: a key with a result keeps the first) and then acks
+    /// the event; the result is durable before the ack. The embedded
+    /// queue does both in one committed transaction. An error hands the
+    /// delivery back, not acked (retry or drop it); the result may or may
+    /// not be stored.
+    fn complete(
+        self,
+        outcome: &Outcome,
+    ) -> impl Future<Output = Result<Completed, (Self, EventError)>> + Send;
 }
 
 /// Where results go: once per event key.

@@ -22,8 +22,11 @@ mod event;
 
 pub mod embedded;
 pub mod nats;
+mod nats_dead;
+
+pub use nats_dead::{NatsDeadLetter, MAX_LISTED};
 
 pub use event::{
-    check_subject, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
     SourceEvent, MAX_KEY_LEN, MAX_PAYLOAD, MAX_REASON_LEN,
 };

@@ -29,14 +29,16 @@ use futures::StreamExt;
 use zeroize::Zeroizing;
 
 use crate::event::{
-    check_event, check_subject, Delivery, EventError, EventKey, Outcome, Published, Results,
-    Source, SourceEvent, MAX_PAYLOAD,
+    check_event, check_subject, Completed, Delivery, EventError, EventKey, Outcome, Published,
+    Results, Source, SourceEvent, MAX_PAYLOAD,
 };
 
 /// Header carrying a dead letter's reason.
 pub const REASON_HEADER: &str = "Bubble-Dead-Reason";
-/// Header carrying a dead letter's key.
+/// Header carrying a dead letter's key (and a replayed event's).
 pub const KEY_HEADER: &str = "Bubble-Event-Key";
+/// Header carrying a dead letter's deliveries.
+pub const ATTEMPTS_HEADER: &str = "Bubble-Dead-Attempts";
 
 /// Where the stream, consumer and results live.
 #[derive(Clone, Debug)]
@@ -61,6 +63,17 @@ pub struct NatsConfig {
     pub results_prefix: String,
     /// How long the events stream drops a repeated `Nats-Msg-Id`.
     pub dedup_window: Duration,
+    /// Most events the stream holds unsettled (published, not yet acked
+    /// or dead-lettered): the server refuses a publish beyond it
+    /// ([`EventError::Backlog`]). `None` leaves an existing stream's limit
+    /// as it is (a new stream: unlimited).
+    pub max_pending: Option<u64>,
+}
+
+pub(crate) fn nats_err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    op: &'static str,
+) -> impl FnOnce(E) -> EventError {
+    nats(op)
 }
 
 fn nats<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
@@ -89,6 +102,22 @@ impl std::fmt::Debug for NatsSource {
 }
 
 impl NatsSource {
+    pub(crate) fn js(&self) -> &Context {
+        &self.js
+    }
+
+    pub(crate) fn config(&self) -> &NatsConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.cfg.stream)
+    }
+
+    pub(crate) fn result_subject(&self, key: &EventKey) -> String {
+        format!("{}.{}", self.cfg.results_prefix, key)
+    }
+
     /// Connects and makes sure the events stream, the dead-letter and
     /// results streams and the durable consumer exist (idempotent: every
     /// broker calls it with the same configuration).
@@ -101,16 +130,37 @@ impl NatsSource {
             .await
             .map_err(nats("connect"))?;
         let js = jetstream::new(client);
+        // A work queue: an event leaves the stream when it is acked or
+        // dead-lettered, so the stream's message count is the events
+        // pending, and `max_messages` with `DiscardPolicy::New` makes the
+        // server refuse a publish beyond the limit, exactly, whichever
+        // broker publishes.
+        let events_cfg = stream::Config {
+            name: cfg.stream.clone(),
+            subjects: cfg.subjects.clone(),
+            duplicate_window: cfg.dedup_window,
+            max_message_size: i32::try_from(MAX_PAYLOAD).unwrap_or(i32::MAX),
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            max_messages: cfg
+                .max_pending
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            ..Default::default()
+        };
         let events = js
-            .get_or_create_stream(stream::Config {
-                name: cfg.stream.clone(),
-                subjects: cfg.subjects.clone(),
-                duplicate_window: cfg.dedup_window,
-                max_message_size: i32::try_from(MAX_PAYLOAD).unwrap_or(i32::MAX),
-                ..Default::default()
-            })
+            .get_or_create_stream(events_cfg.clone())
             .await
             .map_err(nats("events stream"))?;
+        if let Some(limit) = cfg.max_pending {
+            let have = events.cached_info().config.max_messages;
+            if have != i64::try_from(limit).unwrap_or(i64::MAX) {
+                // Another trigger (or broker) made it with another limit:
+                // the last one set holds for all.
+                js.update_stream(events_cfg)
+                    .await
+                    .map_err(nats("events stream limit"))?;
+            }
+        }
         js.get_or_create_stream(stream::Config {
             name: format!("{}_DEAD", cfg.stream),
             subjects: vec![cfg.dead_letter_subject.clone()],
@@ -143,7 +193,9 @@ impl NatsSource {
         Ok(NatsSource { js, consumer, cfg })
     }
 
-    /// Publishes an event with its key as `Nats-Msg-Id`.
+    /// Publishes an event with its key as `Nats-Msg-Id`; refused with
+    /// [`EventError::Backlog`] (nothing stored) when the stream holds
+    /// `max_pending` events already.
     pub async fn publish(
         &self,
         subject: &str,
@@ -153,13 +205,23 @@ impl NatsSource {
         check_event(subject, payload)?;
         let mut h = HeaderMap::new();
         h.insert(NATS_MESSAGE_ID, key.as_str());
-        let ack = self
+        let sent = self
             .js
             .publish_with_headers(subject.to_owned(), h, payload.to_vec().into())
             .await
             .map_err(nats("publish"))?
-            .await
-            .map_err(nats("publish ack"))?;
+            .await;
+        let ack = match sent {
+            Ok(a) => a,
+            Err(e) if is_full(&e) => {
+                let limit = self.cfg.max_pending.unwrap_or(0);
+                return Err(EventError::Backlog {
+                    pending: limit,
+                    limit,
+                });
+            }
+            Err(e) => return Err(nats("publish ack")(e)),
+        };
         Ok(Published {
             position: ack.sequence,
             duplicate: ack.duplicate,
@@ -196,12 +258,17 @@ impl NatsSource {
         key: &EventKey,
         reason: &str,
     ) -> Result<(), EventError> {
+        let (seq, attempts) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered))
+            .unwrap_or((0, 0));
         let mut h = HeaderMap::new();
         h.insert(KEY_HEADER, key.as_str());
         h.insert(REASON_HEADER, reason);
+        h.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
         // Dead-lettering the same event twice (a retry after a lost ack)
-        // stores it once.
-        h.insert(NATS_MESSAGE_ID, format!("dead:{key}").as_str());
+        // stores it once; a replayed copy (another sequence) again.
+        h.insert(NATS_MESSAGE_ID, format!("dead:{key}:{seq}").as_str());
         self.js
             .publish_with_headers(
                 self.cfg.dead_letter_subject.clone(),
@@ -218,11 +285,24 @@ impl NatsSource {
     }
 }
 
+/// Whether a publish was refused because the stream is at its message
+/// limit (JetStream error 10077, "maximum messages exceeded", with
+/// `DiscardPolicy::New`).
+fn is_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.kind() == PublishErrorKind::Other
+        && e.source()
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|j| {
+                j.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED
+            })
+}
+
 fn key_of(msg: &jetstream::Message, seq: u64) -> EventKey {
-    msg.message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(NATS_MESSAGE_ID))
+    let h = msg.message.headers.as_ref();
+    // A replayed event carries its key in KEY_HEADER (its message id is
+    // the replay's own).
+    h.and_then(|h| h.get(KEY_HEADER).or_else(|| h.get(NATS_MESSAGE_ID)))
         .and_then(|v| EventKey::new(v.as_str()).ok())
         .unwrap_or_else(|| {
             EventKey::new(&format!("seq-{seq}")).unwrap_or_else(|_| unreachable!("a valid key"))
@@ -306,6 +386,17 @@ impl Delivery for NatsDelivery {
         self.source
             .to_dead_letter(&self.msg, &self.event.key, reason)
             .await
+    }
+
+    /// The result (a conditional publish to the results stream, confirmed)
+    /// and then the ack (confirmed): two server round trips.
+    async fn complete(self, outcome: &Outcome) -> Result<Completed, (Self, EventError)> {
+        let result = match self.source.publish_result(&self.event.key, outcome).await {
+            Ok(r) => r,
+            Err(e) => return Err((self, e)),
+        };
+        let acked = self.msg.double_ack().await.is_ok();
+        Ok(Completed { result, acked })
     }
 }
 

@@ -88,6 +88,7 @@ fn cfg(url: &str, ack_wait: Duration, max_deliver: u32) -> NatsConfig {
         results_stream: "RESULTS".into(),
         results_prefix: "result.pay".into(),
         dedup_window: Duration::from_secs(120),
+        max_pending: None,
     }
 }
 

@@ -259,9 +259,21 @@ async fn rate_matching_scales_up_within_the_quota_and_back_down() {
         .await
         .unwrap()
         .into_inner();
-    let keys: Vec<String> = (0..200).map(|i| format!("l-{i}")).collect();
-    for k in &keys {
-        assert!(publish(&mut c, "load", k, k.as_bytes()).await);
+    // A backlog: 600 events from four concurrent publishers (a fetch now
+    // costs no commit of its own, so one publisher alone may not outrun
+    // one worker for long).
+    let keys: Vec<String> = (0..600).map(|i| format!("l-{i}")).collect();
+    let mut pubs = Vec::new();
+    for part in keys.chunks(150) {
+        let (mut c, part) = (c.clone(), part.to_vec());
+        pubs.push(tokio::spawn(async move {
+            for k in &part {
+                assert!(publish(&mut c, "load", k, k.as_bytes()).await);
+            }
+        }));
+    }
+    for p in pubs {
+        p.await.unwrap();
     }
     async fn live(c: &mut Client) -> usize {
         c.list_bubbles(pb::ListBubblesRequest::default())

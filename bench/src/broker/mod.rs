@@ -9,6 +9,7 @@ mod events;
 mod freeze;
 mod helpers;
 mod load;
+mod nats;
 mod probes;
 mod refusal;
 mod tokenize;
@@ -63,8 +64,11 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "call_echo_64b",
     "load_8_parents",
     "health_probe_cost",
+    "event_to_start",
     "event_to_result",
     "events_per_sec",
+    "event_to_start_nats",
+    "events_per_sec_nats",
     "await_resume",
     "security_accounting",
 ];
@@ -112,6 +116,15 @@ pub(crate) async fn through_broker(
             policy: Some(calls::pay_pool_policy()),
         });
     }
+    // NATS metrics run against a nats-server of their own (killed with
+    // the bench); it must be installed.
+    let nats = if want("event_to_start_nats") || want("events_per_sec_nats") {
+        let n = nats::NatsServer::start(dir.path())?;
+        cfg.events.nats_url = Some(n.url.clone());
+        Some(n)
+    } else {
+        None
+    };
     let answer_poll_us = cfg.answer_poll_us;
     let embedded = bubbled::demo::EmbeddedBroker::start(cfg).await?;
     let mut x = Ctx {
@@ -168,6 +181,14 @@ pub(crate) async fn through_broker(
         let s = probes::health_probe_cost(&mut x).await?;
         results.insert("health_probe_cost", s);
     }
+    if want("event_to_start") {
+        let s = events::event_to_start(&mut x, opts.calls.min(2000), "embedded").await?;
+        results.insert("event_to_start", s);
+    }
+    if want("event_to_start_nats") {
+        let s = events::event_to_start(&mut x, opts.calls.min(2000), "nats").await?;
+        results.insert("event_to_start_nats", s);
+    }
     if want("event_to_result") {
         let s = events::event_to_result(&mut x, opts.calls.min(2000)).await?;
         results.insert("event_to_result", s);
@@ -175,7 +196,13 @@ pub(crate) async fn through_broker(
     if want("events_per_sec") {
         results.insert(
             "events_per_sec",
-            events::events_per_sec(&mut x, 4000).await?,
+            events::events_per_sec(&mut x, 4000, "embedded").await?,
+        );
+    }
+    if want("events_per_sec_nats") {
+        results.insert(
+            "events_per_sec_nats",
+            events::events_per_sec(&mut x, 4000, "nats").await?,
         );
     }
     if want("security_accounting") {
@@ -185,5 +212,7 @@ pub(crate) async fn through_broker(
     if want("load_8_parents") {
         results.insert("load_8_parents", load::load_8_parents(&x).await?);
     }
-    embedded.stop().await
+    let stopped = embedded.stop().await;
+    drop(nats);
+    stopped
 }

@@ -96,14 +96,10 @@ pub fn create(
     }
     validate_op(&req.function).map_err(|_| invalid("function", NAME_RULE))?;
     let ceiling = cfg.events.max_pending.max(1);
-    let max_pending = match (source, req.max_pending) {
-        (TriggerSource::Nats, 0) => 0,
-        (TriggerSource::Nats, _) => {
-            return Err(invalid("max_pending", "only for the embedded source"))
-        }
-        (TriggerSource::Embedded, 0) => ceiling,
-        (TriggerSource::Embedded, n) if n <= ceiling => n,
-        (TriggerSource::Embedded, _) => {
+    let max_pending = match req.max_pending {
+        0 => ceiling,
+        n if n <= ceiling => n,
+        _ => {
             return Err(invalid(
                 "max_pending",
                 format!("must be 0 (default {ceiling}) to {ceiling}"),

@@ -281,6 +281,7 @@ impl Broker {
                 output: raw,
                 vmm_us,
                 signed: None,
+                started: None,
             });
         }
         let r = SignedResult::decode(&raw).map_err(|e| {
@@ -292,6 +293,7 @@ impl Broker {
             output: r.output.to_vec(),
             vmm_us,
             signed: Some((r.call_id, r.signature.to_vec())),
+            started: None,
         })
     }
 

@@ -20,6 +20,7 @@ fn outcomes_carry_the_signed_output_or_the_reason() {
             output: b"settled".to_vec(),
             vmm_us: 1,
             signed: Some((7, vec![1; 64])),
+            started: None,
         }),
     );
     let Outcome::Ok(b) = ok else { unreachable!() };

@@ -94,14 +94,16 @@ impl Broker {
             input: &call_input,
         };
         if sign.is_none() {
-            let (output, vmm_us) = self.invoke(permit, &call, deadline).await?;
+            let (output, vmm_us, started) =
+                self.invoke_then(permit, &call, deadline, |_, _| {}).await?;
             return Ok(CallOutput {
                 output,
                 vmm_us,
                 signed: None,
+                started: Some(started),
             });
         }
-        let (raw, vmm_us) = self.invoke(permit, &call, deadline).await?;
+        let (raw, vmm_us, started) = self.invoke_then(permit, &call, deadline, |_, _| {}).await?;
         let r = SignedResult::decode(&raw).map_err(|e| {
             BrokerError::GuestRejected(format!(
                 "the bubble returned a malformed signed result: {e}"
@@ -111,6 +113,7 @@ impl Broker {
             output: r.output.to_vec(),
             vmm_us,
             signed: Some((r.call_id, r.signature.to_vec())),
+            started: Some(started),
         })
     }
 
@@ -159,7 +162,7 @@ impl Broker {
             return Err(BrokerError::Quarantined(why));
         }
         let name = cmd.name.clone();
-        let (digest, _) = self
+        let (digest, _, _) = self
             .invoke_then(permit, &call, deadline, |out, r| {
                 // Recorded with the call's own state change, while the
                 // permit is held: the list follows the guest's.
@@ -194,18 +197,20 @@ impl Broker {
         call: &abi::Call<'_>,
         deadline: Duration,
     ) -> Result<(Vec<u8>, u64), BrokerError> {
-        self.invoke_then(permit, call, deadline, |_, _| {}).await
+        let (out, vmm_us, _) = self.invoke_then(permit, call, deadline, |_, _| {}).await?;
+        Ok((out, vmm_us))
     }
 
     /// Like [`Broker::invoke`], and updates the record with the output
-    /// when the call succeeds (in the same state change as READY).
+    /// when the call succeeds (in the same state change as READY); also
+    /// answers when the CALL went to the VMM client.
     async fn invoke_then(
         self: &Arc<Self>,
         permit: Permit,
         call: &abi::Call<'_>,
         deadline: Duration,
         on_ok: impl FnOnce(&[u8], &mut BubbleRecord),
-    ) -> Result<(Vec<u8>, u64), BrokerError> {
+    ) -> Result<(Vec<u8>, u64, Instant), BrokerError> {
         let started = Instant::now();
         let id = permit.rec.id.clone();
         let live = match (permit.rec.state, permit.live.clone()) {
@@ -249,7 +254,7 @@ impl Broker {
                     count(r, n);
                     on_ok(&out, r);
                 })?;
-                Ok((out, vmm_us))
+                Ok((out, vmm_us, vmm_started))
             }
             Err(CallFailure::Rejected(code, msg)) => {
                 self.apply(&id, Step::CallEnded, "", |r| count(r, 0))?;

@@ -98,6 +98,10 @@ pub struct CallOutput {
     pub vmm_us: u64,
     /// The bubble's call counter and signature, for signed calls.
     pub signed: Option<(u64, Vec<u8>)>,
+    /// When the broker handed the CALL to the VMM client, which writes
+    /// its frame to the VMM's socket at once (monotonic; None where not
+    /// recorded): the start `event_to_start` measures.
+    pub started: Option<std::time::Instant>,
 }
 
 /// Hand a sealed credential to a bubble.

@@ -1,7 +1,8 @@
 //! Dead letters of a trigger, for its owner: list them, and put one back
 //! into the queue (after fixing what poisoned it, or to run it again).
-//! Embedded source only; a NATS trigger's dead letters are in its
-//! `BUBBLE_EV_<NS>_DEAD` stream.
+//! Embedded triggers read the queue's dead letters of their subject (an
+//! index by subject: never another tenant's rows); NATS triggers their
+//! `BUBBLE_EV_<NS>_DEAD` stream (one per owner and subject).
 
 use tracing::info;
 
@@ -21,13 +22,6 @@ pub struct DeadLetterInfo {
     pub reason: String,
 }
 
-fn embedded(t: &TriggerRecord, what: &'static str) -> Result<(), BrokerError> {
-    match t.source {
-        TriggerSource::Embedded => Ok(()),
-        TriggerSource::Nats => Err(BrokerError::EmbeddedOnly(what)),
-    }
-}
-
 impl Broker {
     /// The dead letters of one of `parent`'s triggers, oldest first.
     pub async fn dead_letters(
@@ -36,7 +30,19 @@ impl Broker {
         trigger_id: &str,
     ) -> Result<Vec<DeadLetterInfo>, BrokerError> {
         let t = self.owned_trigger(parent, trigger_id)?;
-        embedded(&t, "listing dead letters")?;
+        if t.source == TriggerSource::Nats {
+            let src = self.nats_connection(&t)?;
+            return Ok(src
+                .dead_letters()
+                .await?
+                .into_iter()
+                .map(|d| DeadLetterInfo {
+                    key: d.key.to_string(),
+                    attempts: d.attempts,
+                    reason: d.reason,
+                })
+                .collect());
+        }
         let prefix = format!("{}:", namespace(&t.owner, &t.subject));
         Ok(self
             .queue
@@ -65,7 +71,15 @@ impl Broker {
         key: &str,
     ) -> Result<u64, BrokerError> {
         let t = self.owned_trigger(parent, trigger_id)?;
-        embedded(&t, "replaying dead letters")?;
+        if t.source == TriggerSource::Nats {
+            let src = self.nats_connection(&t)?;
+            let position = src
+                .replay(&bubble_events::EventKey::new(key)?)
+                .await?
+                .ok_or_else(|| BrokerError::NoDeadLetter(key.to_string()))?;
+            info!(trigger = %t.id, key = %key, "dead letter replayed (NATS)");
+            return Ok(position);
+        }
         let qkey = queue_key(&t.owner, &t.subject, key)?;
         let position = self
             .queue
@@ -74,5 +88,16 @@ impl Broker {
             .ok_or_else(|| BrokerError::NoDeadLetter(key.to_string()))?;
         info!(trigger = %t.id, key = %key, "dead letter replayed");
         Ok(position)
+    }
+}
+
+impl Broker {
+    /// The connection of NATS trigger `t` (UNAVAILABLE until connected).
+    fn nats_connection(
+        &self,
+        t: &TriggerRecord,
+    ) -> Result<bubble_events::nats::NatsSource, BrokerError> {
+        self.nats_of(&t.owner, &t.subject)
+            .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))
     }
 }

@@ -5,10 +5,12 @@
 //! not yet acked when a bubble or the broker fails are handed out again
 //! (after a retry delay, or when their lease ends), never the acked ones.
 //!
-//! Ordering per event: the result is durable (a committed redb
-//! transaction) before the ack; a crash in between redelivers the event,
-//! the portion may run again, and the second result is refused by the
-//! once-per-key results table, so each key has exactly one result.
+//! Ordering per event: the result is durable before the ack
+//! (`Delivery::complete`: on the embedded queue both in one committed
+//! redb transaction; on NATS the confirmed result, then the ack); an event
+//! whose ack was lost is redelivered, the portion may run again, and the
+//! second result is refused by the once-per-key results, so each key has
+//! exactly one result.
 //! An event that fails `max_deliver` times gets a `failed` result, goes
 //! to the dead-letter table and raises a `dead_letter` security event
 //! (streamed to the owner, counted, written to the audit log).
@@ -161,6 +163,13 @@ impl Broker {
         }
     }
 
+    /// The key of the last event of trigger `id` whose portion call
+    /// started on this broker, and when the CALL went to the VMM client
+    /// (monotonic: comparable with `Instant`s of this process only).
+    pub fn trigger_last_start(&self, id: &str) -> Option<(String, std::time::Instant)> {
+        self.triggers.lock().get(id)?.last_start.clone()
+    }
+
     /// The bubble that runs `t`'s next event.
     async fn trigger_bubble(
         self: &Arc<Self>,
@@ -211,6 +220,10 @@ impl Broker {
         d: D,
         results: &R,
     ) {
+        // The event is the worker's (fetched, or handed over leased by
+        // its publish), nothing of it has run.
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("event.taken").await;
         // An event whose key a frozen portion awaits resumes it (`awaits`).
         let Some(d) = self.resume_by_event(t, d, results).await else {
             return;
@@ -237,6 +250,11 @@ impl Broker {
         };
         let outcome = match ran {
             Ok((bubble_id, o)) => {
+                if let Some(at) = o.started {
+                    if let Some(r) = self.triggers.lock().get_mut(&t.id) {
+                        r.last_start = Some((key.to_string(), at));
+                    }
+                }
                 let (call_id, signature) = o.signed.unwrap_or_default();
                 // What the bubble signed: the portion-call frame's digest
                 // (also the sealed box's AAD, so the owner can open it).
@@ -291,19 +309,19 @@ impl Broker {
                 return self.dead_letter(t, bubble, d, &why, results).await;
             }
         };
-        // Durable result first, then the ack (see the module's docs).
-        match results.publish_result(&key, &outcome).await {
-            Ok(_) => {
-                if let Err(e) = d.ack().await {
-                    warn!(trigger = %t.id, key = %key, error = %e, "ack refused");
-                }
+        // An output too large to store never will be: give it up now.
+        if outcome.check().is_err() {
+            let why = "the result is over the queue's size limit";
+            return self.dead_letter(t, bubble, d, why, results).await;
+        }
+        // Durable result first, then the ack (see the module's docs); the
+        // embedded queue commits both at once.
+        match d.complete(&outcome).await {
+            Ok(done) if !done.acked => {
+                warn!(trigger = %t.id, key = %key, "ack refused (the event was delivered again, or the source did not confirm it)");
             }
-            // An output too large to store never will be: give it up now.
-            Err(bubble_events::EventError::TooLarge) => {
-                let why = "the result is over the queue's size limit";
-                self.dead_letter(t, bubble, d, why, results).await;
-            }
-            Err(e) => {
+            Ok(_) => {}
+            Err((d, e)) => {
                 warn!(trigger = %t.id, key = %key, error = %e, "storing the result failed; retrying");
                 let _ = d.retry(Duration::from_millis(200)).await;
             }

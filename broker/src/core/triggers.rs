@@ -201,6 +201,9 @@ pub(crate) struct Running {
     pub(crate) rec: TriggerRecord,
     stop: watch::Sender<bool>,
     nats: Arc<tokio::sync::OnceCell<NatsSource>>,
+    /// The last event whose portion call started here: its key and when
+    /// the CALL went to the VMM (`event_to_start`).
+    pub(crate) last_start: Option<(String, std::time::Instant)>,
 }
 
 /// The JetStream layout of `owner`'s `subject`: its own events stream
@@ -222,6 +225,7 @@ pub(crate) fn nats_config(url: &str, owner: &str, subject: &str, ack_wait: Durat
         results_stream: format!("BUBBLE_RES_{ns}"),
         results_prefix: format!("bubble.res.{ns}"),
         dedup_window: Duration::from_secs(120),
+        max_pending: None,
     }
 }
 
@@ -305,6 +309,7 @@ impl Broker {
                     rec: rec.clone(),
                     stop: watch::channel(true).0,
                     nats: Default::default(),
+                    last_start: None,
                 },
             );
         }
@@ -332,6 +337,7 @@ impl Broker {
                 rec: rec.clone(),
                 stop,
                 nats: nats.clone(),
+                last_start: None,
             },
         );
         tokio::spawn(Self::scale_loop(Arc::downgrade(self), rec, stopped, nats));
@@ -349,7 +355,14 @@ impl Broker {
             if self.closing() || !self.trigger_alive(&t.id) {
                 return None;
             }
-            match NatsSource::connect(nats_config(&url, &t.owner, &t.subject, ack_wait)).await {
+            let cfg = NatsConfig {
+                max_pending: Some(match t.max_pending {
+                    0 => self.cfg.events.max_pending.max(1),
+                    n => n,
+                }),
+                ..nats_config(&url, &t.owner, &t.subject, ack_wait)
+            };
+            match NatsSource::connect(cfg).await {
                 Ok(s) => return Some(cell.get_or_init(|| async { s }).await.clone()),
                 Err(e) => {
                     tracing::warn!(trigger = %t.id, error = %e, "connecting to NATS failed; retrying");
@@ -451,9 +464,19 @@ impl Broker {
                 .get()
                 .ok_or(BrokerError::Unavailable("not connected to NATS yet".into()))?;
             let key = EventKey::new(key)?;
-            return Ok(src
+            return match src
                 .publish(&nats_subject(parent, subject), &key, payload)
-                .await?);
+                .await
+            {
+                Err(bubble_events::EventError::Backlog { pending, limit }) => {
+                    Err(BrokerError::Backlog {
+                        pending,
+                        limit,
+                        retry_after_ms: self.cfg.events.target_latency_ms,
+                    })
+                }
+                r => Ok(r?),
+            };
         }
         let limit = match max_pending {
             0 => self.cfg.events.max_pending.max(1),

@@ -23,7 +23,7 @@ pub(super) enum TriggerCmd {
         /// Trigger id.
         trigger: String,
     },
-    /// List a trigger's dead-lettered events (embedded source).
+    /// List a trigger's dead-lettered events.
     DeadLetters {
         /// Trigger id.
         trigger: String,
@@ -71,7 +71,8 @@ pub(super) struct CreateArgs {
     #[arg(long)]
     policy_file: Option<PathBuf>,
     /// Most events pending at once; a publish beyond it is refused
-    /// (0: the broker's default, also its ceiling; embedded source only).
+    /// (0: the broker's default, also its ceiling; on NATS the stream's
+    /// limit, shared by every broker on it).
     #[arg(long, default_value_t = 0)]
     max_pending: u64,
     /// Seal every result to the X25519 key in this file (32 bytes or 64

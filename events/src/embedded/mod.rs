@@ -21,20 +21,22 @@
 //! Times are wall-clock milliseconds, so leases survive a restart: events
 //! a crashed broker held come back when their lease ends.
 
+mod dead;
+mod handoff;
 mod record;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use tokio::sync::Notify;
-use zeroize::Zeroizing;
 
 use crate::event::{
-    check_event, Delivery, EventError, EventKey, Outcome, Published, Results, Source, SourceEvent,
-    MAX_REASON_LEN,
+    check_event, Completed, Delivery, EventError, EventKey, Outcome, Published, Results, Source,
+    SourceEvent, MAX_REASON_LEN,
 };
+use handoff::Waiters;
 use record::Record;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events_v1");
@@ -109,6 +111,8 @@ struct Inner {
     db: Database,
     cfg: QueueConfig,
     arrived: Notify,
+    /// Fetches waiting for an event (see `handoff`).
+    waiters: std::sync::Mutex<Waiters>,
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -148,12 +152,14 @@ impl EmbeddedQueue {
         }
         txn.open_table(ORDER).map_err(storage("create tables"))?;
         ops::count_depths(&txn)?;
+        dead::index_once(&txn)?;
         txn.commit().map_err(storage("commit"))?;
         Ok(EmbeddedQueue {
             inner: Arc::new(Inner {
                 db,
                 cfg,
                 arrived: Notify::new(),
+                waiters: Default::default(),
             }),
         })
     }
@@ -198,11 +204,8 @@ impl EmbeddedQueue {
             subject: subject.to_owned(),
             payload: payload.to_vec(),
         };
-        let bytes = Zeroizing::new(rec.encode());
-        let published = self
-            .blocking(move |q| q.publish(&rec.key, &rec.subject, rec.published, &bytes, limit))
-            .await?;
-        if !published.duplicate {
+        let (published, wake) = self.blocking(move |q| q.publish(rec, limit)).await?;
+        if wake {
             self.inner.arrived.notify_waiters();
         }
         Ok(published)
@@ -216,6 +219,12 @@ impl EmbeddedQueue {
             t.len().map_err(storage("count"))
         })
         .await
+    }
+
+    /// How many fetches are waiting for an event now (each is handed the
+    /// next event of its subject directly).
+    pub fn waiting(&self) -> usize {
+        Waiters::count(&self.inner.waiters)
     }
 
     /// Events of one subject waiting or in flight: one lookup of its
@@ -261,27 +270,7 @@ impl EmbeddedQueue {
     ) -> Result<Vec<DeadLetter>, EventError> {
         self.blocking(move |q| {
             let txn = q.db.begin_read().map_err(storage("begin"))?;
-            let t = txn.open_table(DEAD).map_err(storage("open"))?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(storage("scan"))? {
-                let (_, v) = row.map_err(storage("scan"))?;
-                let v = v.value();
-                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
-                let (reason, rec) = rest
-                    .split_at_checked(usize::from(*len))
-                    .ok_or(EventError::Corrupt("dead letter"))?;
-                let rec = Record::decode(rec)?;
-                if subject.as_ref().is_some_and(|s| *s != rec.subject) {
-                    continue;
-                }
-                out.push(DeadLetter {
-                    key: rec.key,
-                    subject: rec.subject,
-                    attempts: rec.attempts,
-                    reason: String::from_utf8_lossy(reason).into_owned(),
-                });
-            }
-            Ok(out)
+            dead::list(&txn, subject.as_deref())
         })
         .await
     }
@@ -368,10 +357,8 @@ impl EmbeddedQueue {
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             let max = max.max(1);
-            let subject = subject.clone();
-            let (taken, next_due) = self
-                .blocking(move |q| q.take(max, subject.as_deref()))
-                .await?;
+            let only = subject.clone();
+            let (taken, next_due) = self.blocking(move |q| q.take(max, only.as_deref())).await?;
             if !taken.is_empty() {
                 return Ok(taken
                     .into_iter()
@@ -390,10 +377,90 @@ impl EmbeddedQueue {
                 let in_ms = due.saturating_sub(now_ms());
                 until = until.min(now + Duration::from_millis(in_ms));
             }
+            // Nothing ready: wait as a waiter, so the next publish on the
+            // subject hands its event straight here (`handoff`).
+            let mut wait = WaitGuard::new(self, subject.clone());
             tokio::select! {
+                got = wait.recv() => {
+                    if let Some(event) = got {
+                        return Ok(vec![self.delivery(event)]);
+                    }
+                }
                 () = &mut arrived => {}
                 () = tokio::time::sleep_until(until) => {}
             }
+            if let Some(event) = wait.finish() {
+                return Ok(vec![self.delivery(event)]);
+            }
+        }
+    }
+
+    fn delivery(&self, event: SourceEvent) -> EmbeddedDelivery {
+        EmbeddedDelivery {
+            queue: self.clone(),
+            event,
+        }
+    }
+}
+
+/// A registered waiter; dropping it unregisters it, and releases an event
+/// handed to it that nobody took (a fetch dropped mid-wait).
+struct WaitGuard {
+    queue: EmbeddedQueue,
+    id: u64,
+    rx: Option<tokio::sync::oneshot::Receiver<SourceEvent>>,
+}
+
+impl WaitGuard {
+    fn new(queue: &EmbeddedQueue, subject: Option<Arc<str>>) -> Self {
+        let (id, rx) = Waiters::register(&queue.inner.waiters, subject);
+        WaitGuard {
+            queue: queue.clone(),
+            id,
+            rx: Some(rx),
+        }
+    }
+
+    /// The event handed over (None: the publisher could not commit it).
+    async fn recv(&mut self) -> Option<SourceEvent> {
+        let rx = self.rx.as_mut()?;
+        let got = rx.await.ok();
+        self.rx = None;
+        got
+    }
+
+    /// Unregisters; an event handed over meanwhile.
+    fn finish(&mut self) -> Option<SourceEvent> {
+        Waiters::remove(&self.queue.inner.waiters, self.id);
+        let mut rx = self.rx.take()?;
+        // After close, a publisher that still holds the slot finds it gone
+        // and releases its event itself; one sent before is here.
+        rx.close();
+        rx.try_recv().ok()
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(event) = self.finish() else { return };
+        let (position, attempt) = (event.position, event.attempt);
+        drop(event);
+        let queue = self.queue.clone();
+        let release = move || {
+            // Best effort: if this fails, the lease runs out instead.
+            if queue
+                .inner
+                .settle(position, attempt, ops::Settle::Release)
+                .is_ok()
+            {
+                queue.inner.arrived.notify_waiters();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(release);
+            }
+            Err(_) => release(),
         }
     }
 }
@@ -447,6 +514,30 @@ impl Delivery for EmbeddedDelivery {
         let mut reason = reason.as_bytes().to_vec();
         reason.truncate(MAX_REASON_LEN.min(255));
         self.settle(ops::Settle::Dead(reason))
+    }
+
+    /// The result and the ack in one committed transaction.
+    fn complete(
+        self,
+        outcome: &Outcome,
+    ) -> impl std::future::Future<Output = Result<Completed, (Self, EventError)>> + Send {
+        let checked = outcome.check().map(|()| outcome.encode());
+        async move {
+            let bytes = match checked {
+                Ok(b) => b,
+                Err(e) => return Err((self, e)),
+            };
+            let (position, attempt) = (self.event.position, self.event.attempt);
+            let key = self.event.key.clone();
+            match self
+                .queue
+                .blocking(move |q| q.complete(position, attempt, &key, &bytes))
+                .await
+            {
+                Ok(done) => Ok(done),
+                Err(e) => Err((self, e)),
+            }
+        }
     }
 }
 

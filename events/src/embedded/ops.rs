@@ -4,12 +4,14 @@
 use redb::ReadableTable;
 use zeroize::Zeroizing;
 
+use super::dead;
+use super::handoff::Waiters;
 use super::record::{decode_seen, encode_seen, Record};
 use super::{
-    ms, now_ms, storage, Inner, DEAD, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ,
-    ORDER, RESULTS, SEEN,
+    ms, now_ms, storage, Inner, DEPTH, DEPTH_COUNTED, EVENTS, META, NEXT_RESULT, NEXT_SEQ, ORDER,
+    RESULTS, SEEN,
 };
-use crate::event::{EventError, EventKey, Outcome, Published, SourceEvent};
+use crate::event::{Completed, EventError, EventKey, Outcome, Published, SourceEvent};
 
 /// How a delivery is settled.
 #[derive(Debug)]
@@ -20,6 +22,9 @@ pub(super) enum Settle {
     Retry(u64),
     /// To the dead-letter table, with this reason.
     Dead(Vec<u8>),
+    /// Handed over but never taken (`handoff`): ready again at once, the
+    /// delivery not counted.
+    Release,
 }
 
 fn next(meta: &mut redb::Table<'_, &str, u64>, name: &str) -> Result<u64, EventError> {
@@ -70,27 +75,52 @@ pub(super) fn count_depths(txn: &redb::WriteTransaction) -> Result<(), EventErro
     Ok(())
 }
 
-fn dead_row(reason: &[u8], rec: &[u8]) -> Vec<u8> {
-    let len = reason.len().min(255);
-    let mut v = Vec::with_capacity(1 + len + rec.len());
-    v.push(u8::try_from(len).unwrap_or(u8::MAX));
-    v.extend(&reason[..len]);
-    v.extend(rec);
-    v
+/// Stores `outcome` for `key` in `txn` unless the key has a result.
+fn result_in(
+    txn: &redb::WriteTransaction,
+    key: &EventKey,
+    outcome: &[u8],
+) -> Result<Published, EventError> {
+    let mut results = txn.open_table(RESULTS).map_err(storage("open"))?;
+    let existing = results
+        .get(key.as_str())
+        .map_err(storage("read"))?
+        .map(|v| v.value().get(..8).map(super::record_position));
+    Ok(match existing {
+        Some(pos) => Published {
+            position: pos.ok_or(EventError::Corrupt("result"))?,
+            duplicate: true,
+        },
+        None => {
+            let mut meta = txn.open_table(META).map_err(storage("open"))?;
+            let position = next(&mut meta, NEXT_RESULT)?;
+            let mut row = position.to_le_bytes().to_vec();
+            row.extend(outcome);
+            results
+                .insert(key.as_str(), row.as_slice())
+                .map_err(storage("insert"))?;
+            Published {
+                position,
+                duplicate: false,
+            }
+        }
+    })
 }
 
 impl Inner {
+    /// Stores `rec` (unless its key is a duplicate, or `limit` events of
+    /// its subject are pending), leased to a waiting fetch if there is
+    /// one, and hands it to that fetch once committed. Also answers
+    /// whether other fetches should be woken (a new event nobody took).
     pub(super) fn publish(
         &self,
-        key: &EventKey,
-        subject: &str,
-        published: u64,
-        rec: &[u8],
+        mut rec: Record,
         limit: Option<u64>,
-    ) -> Result<Published, EventError> {
+    ) -> Result<(Published, bool), EventError> {
         let window = ms(self.cfg.dedup_window);
+        let (key, subject, published) = (rec.key.clone(), rec.subject.clone(), rec.published);
         let txn = self.db.begin_write().map_err(storage("begin"))?;
-        let out = {
+        let (out, slot) = {
             let mut seen = txn.open_table(SEEN).map_err(storage("open"))?;
             let mut order = txn.open_table(ORDER).map_err(storage("open"))?;
             // Forget keys older than the window (oldest first).
@@ -119,38 +149,66 @@ impl Inner {
                 None => None,
             };
             if let Some(position) = prior {
-                Published {
+                let dup = Published {
                     position,
                     duplicate: true,
-                }
+                };
+                (dup, None)
             } else {
                 let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
                 let pending = depth
-                    .get(subject)
+                    .get(subject.as_str())
                     .map_err(storage("read count"))?
                     .map_or(0, |v| v.value());
                 if let Some(limit) = limit.filter(|l| pending >= *l) {
                     // Dropping the transaction aborts it: nothing stored.
                     return Err(EventError::Backlog { pending, limit });
                 }
-                count(&mut depth, subject, true)?;
+                count(&mut depth, &subject, true)?;
                 let mut meta = txn.open_table(META).map_err(storage("open"))?;
                 let position = next(&mut meta, NEXT_SEQ)?;
+                // A fetch is waiting: store the event leased to it (its
+                // first delivery), as `take` would have.
+                let slot = Waiters::take(&self.waiters, &subject);
+                if slot.is_some() {
+                    rec.attempts = 1;
+                    rec.not_before = now_ms().saturating_add(ms(self.cfg.ack_wait));
+                }
+                let bytes = Zeroizing::new(rec.encode());
                 let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
-                events.insert(position, rec).map_err(storage("insert"))?;
+                events
+                    .insert(position, bytes.as_slice())
+                    .map_err(storage("insert"))?;
                 seen.insert(key.as_str(), &encode_seen(position, published)[..])
                     .map_err(storage("insert"))?;
                 order
                     .insert(position, key.as_str())
                     .map_err(storage("insert"))?;
-                Published {
+                let new = Published {
                     position,
                     duplicate: false,
-                }
+                };
+                (new, slot)
             }
         };
+        // An error here drops the slot: the waiting fetch looks again.
         txn.commit().map_err(storage("commit"))?;
-        Ok(out)
+        let Some(slot) = slot else {
+            return Ok((out, !out.duplicate));
+        };
+        let event = SourceEvent {
+            key,
+            subject,
+            payload: Zeroizing::new(std::mem::take(&mut rec.payload)),
+            attempt: 1,
+            position: out.position,
+        };
+        if slot.hand(event).is_err() {
+            // The fetch went away: make the event ready again now.
+            self.settle(out.position, 1, Settle::Release)?;
+            return Ok((out, true));
+        }
+        Ok((out, false))
     }
 
     /// Takes up to `max` ready events (oldest first), counting an attempt
@@ -170,7 +228,6 @@ impl Inner {
         let mut changed = false;
         {
             let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
-            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
             let mut updates: Vec<(u64, Zeroizing<Vec<u8>>)> = Vec::new();
             let mut gone: Vec<(u64, Vec<u8>, String)> = Vec::new();
             for row in events.iter().map_err(storage("scan"))? {
@@ -187,11 +244,7 @@ impl Inner {
                     continue;
                 }
                 if rec.attempts >= self.cfg.max_deliver {
-                    gone.push((
-                        pos.value(),
-                        dead_row(b"max deliveries reached", v.value()),
-                        rec.subject.clone(),
-                    ));
+                    gone.push((pos.value(), v.value().to_vec(), rec.subject.clone()));
                     continue;
                 }
                 rec.attempts += 1;
@@ -212,11 +265,10 @@ impl Inner {
                 changed = true;
             }
             let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
-            for (pos, row, subject) in gone {
+            for (pos, rec, subject) in gone {
                 count(&mut depth, &subject, false)?;
                 events.remove(pos).map_err(storage("dead-letter"))?;
-                dead.insert(pos, row.as_slice())
-                    .map_err(storage("dead-letter"))?;
+                dead::put(&txn, pos, &subject, b"max deliveries reached", &rec)?;
                 changed = true;
             }
         }
@@ -260,13 +312,19 @@ impl Inner {
                         .insert(position, b.as_slice())
                         .map_err(storage("retry"))?;
                 }
+                Settle::Release => {
+                    rec.attempts = rec.attempts.saturating_sub(1);
+                    rec.not_before = 0;
+                    let b = Zeroizing::new(rec.encode());
+                    events
+                        .insert(position, b.as_slice())
+                        .map_err(storage("release"))?;
+                }
                 Settle::Dead(reason) => {
                     events.remove(position).map_err(storage("dead-letter"))?;
                     let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
                     count(&mut depth, &rec.subject, false)?;
-                    let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
-                    dead.insert(position, dead_row(&reason, &bytes).as_slice())
-                        .map_err(storage("dead-letter"))?;
+                    dead::put(&txn, position, &rec.subject, &reason, &bytes)?;
                 }
             }
         }
@@ -280,60 +338,55 @@ impl Inner {
         outcome: &[u8],
     ) -> Result<Published, EventError> {
         let txn = self.db.begin_write().map_err(storage("begin"))?;
-        let out = {
-            let mut results = txn.open_table(RESULTS).map_err(storage("open"))?;
-            let existing = results
-                .get(key.as_str())
-                .map_err(storage("read"))?
-                .map(|v| v.value().get(..8).map(super::record_position));
-            match existing {
-                Some(pos) => Published {
-                    position: pos.ok_or(EventError::Corrupt("result"))?,
-                    duplicate: true,
-                },
-                None => {
-                    let mut meta = txn.open_table(META).map_err(storage("open"))?;
-                    let position = next(&mut meta, NEXT_RESULT)?;
-                    let mut row = position.to_le_bytes().to_vec();
-                    row.extend(outcome);
-                    results
-                        .insert(key.as_str(), row.as_slice())
-                        .map_err(storage("insert"))?;
-                    Published {
-                        position,
-                        duplicate: false,
-                    }
+        let out = result_in(&txn, key, outcome)?;
+        txn.commit().map_err(storage("commit"))?;
+        Ok(out)
+    }
+
+    /// Stores the result of the delivery `attempt` of the event at
+    /// `position` (once per key) and acks it, in one transaction; a stale
+    /// delivery still stores its result (as `put_result` then a refused
+    /// ack would) and says it did not ack.
+    pub(super) fn complete(
+        &self,
+        position: u64,
+        attempt: u32,
+        key: &EventKey,
+        outcome: &[u8],
+    ) -> Result<Completed, EventError> {
+        let txn = self.db.begin_write().map_err(storage("begin"))?;
+        let result = result_in(&txn, key, outcome)?;
+        let acked = {
+            let mut events = txn.open_table(EVENTS).map_err(storage("open"))?;
+            let current = match events.get(position).map_err(storage("read"))? {
+                Some(v) => {
+                    let rec = Record::decode(v.value())?;
+                    (rec.attempts == attempt).then_some(rec.subject)
                 }
+                None => None,
+            };
+            match current {
+                Some(subject) => {
+                    events.remove(position).map_err(storage("ack"))?;
+                    let mut depth = txn.open_table(DEPTH).map_err(storage("open"))?;
+                    count(&mut depth, &subject, false)?;
+                    true
+                }
+                None => false,
             }
         };
         txn.commit().map_err(storage("commit"))?;
-        Ok(out)
+        Ok(Completed { result, acked })
     }
 
     /// See [`super::EmbeddedQueue::replay`].
     pub(super) fn replay(&self, subject: &str, key: &EventKey) -> Result<Option<u64>, EventError> {
         let txn = self.db.begin_write().map_err(storage("begin"))?;
         let out = {
-            let mut dead = txn.open_table(DEAD).map_err(storage("open"))?;
-            let mut found = None;
-            for row in dead.iter().map_err(storage("scan"))? {
-                let (pos, v) = row.map_err(storage("scan"))?;
-                let v = v.value();
-                let (len, rest) = v.split_first().ok_or(EventError::Corrupt("dead letter"))?;
-                let (_, rec) = rest
-                    .split_at_checked(usize::from(*len))
-                    .ok_or(EventError::Corrupt("dead letter"))?;
-                let rec = Record::decode(rec)?;
-                if rec.subject == subject && rec.key == *key {
-                    found = Some((pos.value(), rec));
-                    break;
-                }
-            }
-            let Some((pos, mut rec)) = found else {
+            let Some(mut rec) = dead::take(&txn, subject, key)? else {
                 // Dropping the transaction aborts it.
                 return Ok(None);
             };
-            dead.remove(pos).map_err(storage("replay"))?;
             rec.attempts = 0;
             rec.not_before = 0;
             let mut meta = txn.open_table(META).map_err(storage("open"))?;
