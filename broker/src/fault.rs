@@ -10,7 +10,8 @@
 //! `restore.loaded` (the copy is in a new VMM, whose pid the log line
 //! names; the claim is not yet committed), `restore.committed` (the
 //! claim committed, the registry not yet READY), `await.restored` (an await's
-//! frozen copy restored and READY here, RESUME not yet sent).
+//! frozen copy restored and READY here, RESUME not yet sent), `await.read`
+//! (an event read its key's await, before it takes the await here).
 //!
 //! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead
 //! ([`fails`]): `attach.set_policy` (installing an attaching parent's
