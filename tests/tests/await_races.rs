@@ -1,7 +1,9 @@
 //! Races on one await, on real KVM: two events on the same key read the
 //! await as FROZEN at once; the first resumes it and its answer is kept;
 //! the second, taking the await after the first ended it, must not send
-//! RESUME to the (now idle) bubble nor replace the kept answer.
+//! RESUME to the (now idle) bubble nor replace the kept answer. And a
+//! bubble restored after a crash on another broker than the freezer,
+//! then deleted, ends its await (two brokers, local store and moto).
 
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -94,4 +96,64 @@ async fn a_second_event_on_a_resumed_key_keeps_the_first_answer() {
     a.call(call_req(&bubble, "echo", b"hi"))
         .await
         .expect("the bubble takes calls");
+}
+
+/// Broker B restores the bubble A froze and is SIGKILLed before RESUME
+/// (`await.restored`); restarted, B runs the bubble (re-adopted, READY,
+/// call pending) while the await is FROZEN in the index and only in A's
+/// registry. The owner deletes the bubble on B before the event comes
+/// back (60 s ack wait): the await must end (origin told "deleted"), not
+/// stay FROZEN forever.
+async fn deleting_a_bubble_restored_after_a_crash(s3: bool) {
+    let Some(mut p) = pair_on(
+        s3,
+        [None, Some("await.restored=60000")],
+        "[events]\nack_wait_ms = 60000\n",
+    ) else {
+        return;
+    };
+    let mut a = p.brokers[0].client().await;
+    let mut b = p.brokers[1].client().await;
+    let bubble = await_bubble(&mut a).await;
+    trigger(&mut a, "pay", &bubble, "pay").await;
+    let b_bubble = await_bubble(&mut b).await;
+    let tb = trigger(&mut b, "pay", &b_bubble, "pay").await;
+
+    assert!(publish(&mut a, "pay", "order-31", b"cap-31").await);
+    wait_frozen(&mut a, p.dirs[0].path(), &bubble).await;
+    assert!(publish(&mut b, "pay", "cap-31", b"captured").await);
+    log_line(p.dirs[1].path(), &["fault point reached", "await.restored"]).await;
+    p.brokers[1].kill();
+    let old = std::mem::replace(
+        &mut p.brokers[1],
+        BrokerProc::start_with(p.dirs[1].path(), p.opts.clone()),
+    );
+    std::mem::forget(old);
+    let mut b = p.brokers[1].client().await;
+    assert_eq!(
+        describe(&mut b, &bubble).await.state,
+        pb::BubbleState::Ready as i32
+    );
+    b.delete_bubble(pb::BubbleRef {
+        bubble_id: bubble.clone(),
+    })
+    .await
+    .expect("delete");
+    // The origin's result (published on B, relayed to A) says why.
+    let r = wait_result_in(&mut b, &tb, "order-31", LIMIT, Some(p.dirs[1].path())).await;
+    assert_eq!(r.outcome, "failed", "{r:?}");
+    assert!(
+        r.reason.contains("was deleted before its call was resumed"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_bubble_restored_after_a_crash_ends_its_await_local_store() {
+    deleting_a_bubble_restored_after_a_crash(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_bubble_restored_after_a_crash_ends_its_await_moto_store() {
+    deleting_a_bubble_restored_after_a_crash(true).await;
 }
