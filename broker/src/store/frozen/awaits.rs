@@ -404,6 +404,34 @@ mod tests {
         assert_eq!(v[2].phase, AwaitPhase::Ended);
     }
 
+    /// One entry that cannot be read (here a directory where the entry's
+    /// object would be) does not fail the scan or listing of the others.
+    #[tokio::test]
+    async fn an_unreadable_entry_is_skipped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        s.put_await(&rec("a1", 1))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        // Listed as awaits/y/y, read as awaits/y: a directory.
+        std::fs::create_dir_all(dir.path().join("awaits/y")).unwrap_or_default();
+        std::fs::write(dir.path().join("awaits/y/y"), b"x").unwrap_or_default();
+        assert!(s.get_await("y").await.is_err());
+        let mut cache = IndexCache::default();
+        let (v, _) = s
+            .scan_awaits(&mut cache)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(v, vec![rec("a1", 1)]);
+        let (_, reads) = s
+            .scan_awaits(&mut cache)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(reads, 1, "the unreadable entry is read again");
+        assert_eq!(s.list_awaits().await.ok(), Some(vec![rec("a1", 1)]));
+    }
+
     /// Someone who can write to the store but lacks the key cannot forge
     /// an entry, alter one, or read entries as another key's broker.
     #[tokio::test]
