@@ -12,7 +12,8 @@
 //! claim committed, the registry not yet READY), `event.taken` (a
 //! trigger's worker holds an event, fetched or handed over by its
 //! publish, and has run nothing of it), `await.restored` (an await's
-//! frozen copy restored and READY here, RESUME not yet sent).
+//! frozen copy restored and READY here, RESUME not yet sent), `await.read`
+//! (an event read its key's await, before it takes the await here).
 //!
 //! `BUBBLED_TEST_FAIL=point[,point…]` makes a step fail instead
 //! ([`fails`]): `attach.set_policy` (installing an attaching parent's

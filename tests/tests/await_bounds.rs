@@ -149,3 +149,77 @@ async fn an_ended_await_is_collected_after_the_retention() {
         "collected before its retention"
     );
 }
+
+/// On a moto store (no conditional DELETE: the e-tag is checked right
+/// before it): a direct call's await times out, its answer is kept, and
+/// after the retention both its index entry and its kept answer are
+/// collected (the answer only because the entry was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_direct_await_and_its_answer_are_collected_on_moto() {
+    let Some((_moto, port)) = moto() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            args: vec![
+                "--store".into(),
+                format!("s3://awaits/shared?endpoint=http://127.0.0.1:{port}"),
+            ],
+            env: bubble_e2e_tests::moto::s3_env(),
+            config: Some("[events]\nawait_retention_ms = 1500\n".into()),
+            ..Default::default()
+        },
+    );
+    let mut a = broker.client().await;
+    let bubble = await_bubble(&mut a).await;
+    let pk = sig_pk(&mut a, &bubble).await;
+    let r = a
+        .call(pb::CallRequest {
+            portion: "aw".into(),
+            sign: true,
+            ..call_req(&bubble, "pay_short", b"cap-41")
+        })
+        .await
+        .expect("call")
+        .into_inner();
+    assert_eq!(r.awaiting.expect("awaiting").key, "cap-41");
+    let objects = || {
+        bubble_e2e_tests::moto::http(port, "GET", "/awaits?list-type=2&prefix=shared/await")
+            .unwrap_or_default()
+    };
+    let get = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.get_await_result(pb::GetAwaitResultRequest {
+                key: "cap-41".into(),
+            })
+            .await
+        }
+    };
+    // Timed out (1.5 s): the signed answer is kept, in the store.
+    let end = Instant::now() + LIMIT;
+    let kept = loop {
+        let r = get(&mut a).await.expect("get await result").into_inner();
+        if r.outcome != "pending" {
+            break r;
+        }
+        assert!(Instant::now() < end, "no answer kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    verify(&pk, &kept, "pay_short", b"cap-41", b"cap-41|timeout");
+    assert!(objects().contains("shared/await-results/"), "{}", objects());
+    // Collected after the retention: the entry and the answer.
+    let end = Instant::now() + LIMIT;
+    while objects().contains("<Key>") {
+        assert!(
+            Instant::now() < end,
+            "the ended await was never collected: {}",
+            objects()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = get(&mut a).await.expect_err("collected");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}

@@ -65,15 +65,23 @@ impl Broker {
         parent: &str,
         id: &str,
     ) -> Result<BubbleRecord, BrokerError> {
-        let was_frozen = self
-            .table
-            .get(id)
-            .is_some_and(|r| r.state == State::Suspended);
         let rec = self.delete(parent, id).await?;
-        for a in self.awaits_of(parent, id, was_frozen).await {
+        // The index is always consulted: an await of this bubble may be
+        // known only there (another broker froze it, this one restored it
+        // after a crash and holds it running, not frozen).
+        for a in self.awaits_of(parent, id, true).await {
             // A resume of it in flight here ends it itself.
             let Some(_held) = self.awaits.hold(&a.id) else {
                 continue;
+            };
+            // Read before the hold: a resume here may have ended it since.
+            let a = match self.find_await(&a.owner, &a.key).await {
+                Ok(Some(now))
+                    if super::awaits::same_instance(&now, &a) && now.phase != AwaitPhase::Ended =>
+                {
+                    now
+                }
+                _ => continue,
             };
             let outcome = Outcome::Failed(super::awaits::cut(&BrokerError::AwaitCancelled(
                 id.to_string(),

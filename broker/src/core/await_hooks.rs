@@ -176,10 +176,15 @@ impl Broker {
         for a in &index {
             if a.phase == AwaitPhase::Ended {
                 if a.ended_at_ms.saturating_add(retention) <= now {
-                    if let Err(e) = self.frozen.delete_await(a).await {
-                        debug!(error = %e, "collecting an ended await failed");
+                    // Only the entry read (this ended instance), and its
+                    // result only if the entry went.
+                    match self.frozen.delete_await(a).await {
+                        Ok(true) => {
+                            let _ = self.frozen.delete_await_result(a).await;
+                        }
+                        Ok(false) => {}
+                        Err(e) => debug!(error = %e, "collecting an ended await failed"),
                     }
-                    let _ = self.frozen.delete_await_result(&a.id).await;
                 } else {
                     self.collect_relayed(a).await;
                 }

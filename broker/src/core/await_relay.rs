@@ -12,12 +12,16 @@
 use bubble_events::{Outcome, Results};
 use tracing::{debug, info, warn};
 
-use super::awaits::await_id;
 use super::triggers::{queue_key, EventResult, SignedOutput};
 use super::Broker;
 use crate::error::BrokerError;
 use crate::store::registry::awaits::{AwaitOrigin, AwaitPhase, AwaitRecord};
 use crate::store::registry::triggers::TriggerSource;
+
+/// How often storing a result is tried before the await ends without it.
+const RELAY_ATTEMPTS: u32 = 3;
+/// The pause between those tries.
+const RELAY_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The embedded origin of `a`: (subject, key), if it has one.
 fn embedded_origin(a: &AwaitRecord) -> Option<(&str, &str)> {
@@ -42,8 +46,25 @@ impl Broker {
         if !direct && (a.broker == self.broker_id || embedded_origin(a).is_none()) {
             return;
         }
-        if let Err(e) = self.frozen.put_await_result(&a.id, &outcome.encode()).await {
-            warn!(bubble = %a.bubble_id, error = %e, "could not relay a resumed call's result to its broker");
+        // The await is marked ENDED after this: a store error is retried
+        // a few times first (the reader of an ENDED await without its
+        // result gets a typed failure, never another await's answer).
+        let body = outcome.encode();
+        for attempt in 0..RELAY_ATTEMPTS {
+            match self.frozen.put_await_result(a, &body).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    warn!(bubble = %a.bubble_id, "an await's result was kept already; the first stays");
+                    return;
+                }
+                Err(e) if attempt + 1 == RELAY_ATTEMPTS => {
+                    warn!(bubble = %a.bubble_id, error = %e, "could not relay a resumed call's result to its broker")
+                }
+                Err(e) => {
+                    debug!(bubble = %a.bubble_id, error = %e, "relaying a result failed; retrying");
+                    tokio::time::sleep(RELAY_RETRY).await;
+                }
+            }
         }
     }
 
@@ -68,7 +89,7 @@ impl Broker {
                 return;
             }
         }
-        let relayed = match self.frozen.get_await_result(&a.id).await {
+        let relayed = match self.frozen.get_await_result(a).await {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
@@ -92,17 +113,17 @@ impl Broker {
     /// The answer of `parent`'s direct call that awaited `key`: pending
     /// while the await is live, the kept outcome once it ended.
     pub async fn await_result(&self, parent: &str, key: &str) -> Result<EventResult, BrokerError> {
-        let id = await_id(parent, key);
-        let live = self.find_await(parent, key).await?;
-        if let Some(a) = &live {
-            if !matches!(a.origin, AwaitOrigin::Call) {
-                return Err(BrokerError::NotAccessible(key.to_string()));
-            }
-            if a.phase != AwaitPhase::Ended {
-                return Ok(EventResult::Pending);
-            }
+        let Some(a) = self.find_await(parent, key).await? else {
+            return Err(BrokerError::NotAccessible(key.to_string()));
+        };
+        if !matches!(a.origin, AwaitOrigin::Call) {
+            return Err(BrokerError::NotAccessible(key.to_string()));
         }
-        match self.frozen.get_await_result(&id).await? {
+        if a.phase != AwaitPhase::Ended {
+            return Ok(EventResult::Pending);
+        }
+        // The answer of exactly this (ended) instance.
+        match self.frozen.get_await_result(&a).await? {
             Some(b) => Ok(match Outcome::decode(&b)? {
                 Outcome::Ok(b) => EventResult::Ok(
                     SignedOutput::decode(&b)
@@ -111,10 +132,11 @@ impl Broker {
                 Outcome::Refused(r) => EventResult::Refused(r),
                 Outcome::Failed(r) => EventResult::Failed(r),
             }),
-            // Ended a moment ago (the result is written before ENDED, so
-            // this is a live await ending now) or unknown.
-            None if live.is_some() => Ok(EventResult::Pending),
-            None => Err(BrokerError::NotAccessible(key.to_string())),
+            // The answer is written before the await is marked ENDED: it
+            // could not be written, or the store lost it.
+            None => Ok(EventResult::Failed(
+                "the answer of the awaited call was not kept".into(),
+            )),
         }
     }
 }

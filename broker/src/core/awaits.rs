@@ -54,6 +54,12 @@ pub(crate) fn await_id(owner: &str, key: &str) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// Whether `x` and `y` are the same await instance (the id, the frozen
+/// generation and the creation time; the phase may differ).
+pub(super) fn same_instance(x: &AwaitRecord, y: &AwaitRecord) -> bool {
+    x.id == y.id && x.generation == y.generation && x.created_at_ms == y.created_at_ms
+}
+
 /// Awaits this broker is resuming right now (one task per await here;
 /// across brokers, the frozen copy's claim decides).
 #[derive(Default)]
@@ -322,7 +328,11 @@ impl Broker {
     ) -> Result<Resumed, BrokerError> {
         match self.find_await(owner, key).await? {
             None => Ok(Resumed::NotAwaited),
-            Some(a) => self.resume_record(a, resume).await,
+            Some(a) => {
+                #[cfg(feature = "fault-injection")]
+                crate::fault::pause("await.read").await;
+                self.resume_record(a, resume).await
+            }
         }
     }
 
@@ -332,19 +342,33 @@ impl Broker {
         a: AwaitRecord,
         resume: Resume<'_>,
     ) -> Result<Resumed, BrokerError> {
-        if a.phase == AwaitPhase::Ended {
-            return Ok(Resumed::Ended(Outcome::Failed(cut(
+        let ended = |a: &AwaitRecord| {
+            Ok(Resumed::Ended(Outcome::Failed(cut(
                 &BrokerError::AwaitEnded(a.key.clone()),
-            ))));
+            ))))
+        };
+        if a.phase == AwaitPhase::Ended {
+            return ended(&a);
+        }
+        let Some(_held) = self.awaits.hold(&a.id) else {
+            return Ok(Resumed::Elsewhere);
+        };
+        // `a` was read before the hold: another task here may have resumed
+        // and ended it since (and dropped the hold). Go on only with the
+        // same await instance, not ended, as the index has it now.
+        let a = match self.find_await(&a.owner, &a.key).await? {
+            Some(now) if same_instance(&now, &a) => now,
+            // Gone, or another await on the key now: not this one to resume.
+            _ => return Ok(Resumed::Elsewhere),
+        };
+        if a.phase == AwaitPhase::Ended {
+            return ended(&a);
         }
         // FREEZING: the freezing broker may have stored and committed the
         // copy and died before marking the await FROZEN, so the restore is
         // tried; until it works (the copy is not stored yet, or is still
         // claimed by the freezer), every failure means "try again later".
         let freezing = a.phase == AwaitPhase::Freezing;
-        let Some(_held) = self.awaits.hold(&a.id) else {
-            return Ok(Resumed::Elsewhere);
-        };
         // This broker already restored the copy for this await (it died
         // before RESUME and re-adopted the bubble on restart, or the
         // owner restored it): the call is pending in the running bubble.

@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 
 use object_store::path::Path as ObjPath;
-use object_store::ObjectStoreExt;
 
 use super::cas::CasError;
 use super::{store_err, FrozenStore};
@@ -105,15 +104,26 @@ impl FrozenStore {
     pub async fn put_await(&self, a: &AwaitRecord) -> Result<(), IndexError> {
         let body = self.seal_index(a)?;
         let path = index_path(&a.id);
+        let mut replaced = None;
         let expect = match self.cas_read(&path).await? {
             None => None,
             Some((b, v)) => match self.open_index(&b) {
                 Some(now) if now.phase != AwaitPhase::Ended => return Err(IndexError::Taken),
-                _ => Some(v),
+                now => {
+                    replaced = now;
+                    Some(v)
+                }
             },
         };
         match self.cas_write(&path, expect.as_ref(), body).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // The ended await this one replaces: its kept result goes
+                // (nobody can name that instance any more).
+                if let Some(old) = replaced {
+                    let _ = self.delete_await_result(&old).await;
+                }
+                Ok(())
+            }
             Err(CasError::Conflict) => Err(IndexError::Taken),
             Err(CasError::Store(e)) => Err(IndexError::Store(e)),
         }
@@ -150,17 +160,23 @@ impl FrozenStore {
         Ok(self.open_index(&b).filter(|a| a.id == id))
     }
 
-    /// Removes the index of `a` if it still names the same bubble and
-    /// generation.
-    pub async fn delete_await(&self, a: &AwaitRecord) -> Result<(), BrokerError> {
-        match self.get_await(&a.id).await? {
-            Some(now) if now.bubble_id == a.bubble_id && now.generation == a.generation => {}
-            _ => return Ok(()),
+    /// Removes the index entry of `a` only if it is exactly `a` (every
+    /// field: the same await instance, still ENDED at the same time) and
+    /// `a` is ENDED; true if it was removed. The version read is the one
+    /// deleted ([`FrozenStore::cas_delete`]), so an entry that a new await
+    /// on the key (or a late phase change) replaced is left alone.
+    pub async fn delete_await(&self, a: &AwaitRecord) -> Result<bool, BrokerError> {
+        if a.phase != AwaitPhase::Ended {
+            return Ok(false);
         }
-        match self.store.delete(&index_path(&a.id)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err(e)),
+        let path = index_path(&a.id);
+        let Some((b, v)) = self.cas_read(&path).await? else {
+            return Ok(false);
+        };
+        if self.open_index(&b).as_ref() != Some(a) {
+            return Ok(false);
         }
+        self.cas_delete(&path, &v).await
     }
 
     /// The index as it is now, reading only the objects that are new or
@@ -193,7 +209,15 @@ impl FrozenStore {
                 Some((v, rec)) if v == version => (v, rec),
                 _ => {
                     reads += 1;
-                    (version, self.get_await(&id).await?)
+                    match self.get_await(&id).await {
+                        Ok(r) => (version, r),
+                        // One unreadable entry does not stop the sweep of
+                        // the others; it is read again next time.
+                        Err(e) => {
+                            tracing::warn!(await_id = %id, error = %e, "reading an await index entry failed; skipped");
+                            (String::new(), None)
+                        }
+                    }
                 }
             };
             next.insert(id, entry);
@@ -215,8 +239,12 @@ impl FrozenStore {
             .map_err(store_err)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(a) = self.get_await(&id).await? {
-                out.push(a);
+            match self.get_await(&id).await {
+                Ok(Some(a)) => out.push(a),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(await_id = %id, error = %e, "reading an await index entry failed; skipped")
+                }
             }
         }
         Ok(out)
@@ -245,6 +273,52 @@ mod tests {
         }
     }
 
+    fn ended_(mut a: AwaitRecord) -> AwaitRecord {
+        a.phase = AwaitPhase::Ended;
+        a.ended_at_ms = 50;
+        a
+    }
+
+    /// The retention sweep deletes only the ended instance it read: not
+    /// a newer await indexed since at the same bubble and generation (a
+    /// failed freeze ends at g+1 while the bubble stays at g, so the next
+    /// await is indexed at g+1 again), and not the newer await's result.
+    #[tokio::test]
+    async fn retention_deletes_only_the_ended_instance_read() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        let mut old = rec("a1", 3);
+        old.created_at_ms = 10;
+        s.put_await(&old).await.unwrap_or_else(|_| unreachable!());
+        let old = ended_(old);
+        assert!(s.update_await(&old).await.unwrap_or(false));
+        assert!(s.put_await_result(&old, b"old").await.unwrap_or(false));
+        // What the sweeper read: `old`, ENDED. A new await on the key
+        // (same bubble, same generation) is indexed before it deletes.
+        let mut new = rec("a1", 3);
+        new.created_at_ms = 20;
+        s.put_await(&new).await.unwrap_or_else(|_| unreachable!());
+        // The replaced instance's result went with it.
+        assert_eq!(s.get_await_result(&old).await.ok().flatten(), None);
+        assert!(!s.delete_await(&old).await.unwrap_or(true));
+        assert_eq!(s.get_await("a1").await.ok().flatten(), Some(new.clone()));
+        // The new await ends with a kept answer; a stale ENDED copy of it
+        // (ended at another time) deletes nothing either.
+        let new = ended_(new);
+        assert!(s.update_await(&new).await.unwrap_or(false));
+        assert!(s.put_await_result(&new, b"new").await.unwrap_or(false));
+        let mut stale = new.clone();
+        stale.ended_at_ms = 49;
+        assert!(!s.delete_await(&stale).await.unwrap_or(true));
+        assert_eq!(
+            s.get_await_result(&new).await.ok().flatten().as_deref(),
+            Some(&b"new"[..])
+        );
+        assert!(s.delete_await(&new).await.unwrap_or(false));
+        assert!(!s.delete_await(&new).await.unwrap_or(true));
+    }
+
     #[tokio::test]
     async fn one_index_per_id_and_stale_deletes_do_nothing() {
         let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
@@ -267,10 +341,9 @@ mod tests {
             s.list_awaits().await.unwrap_or_default(),
             vec![rec("a1", 2)]
         );
-        // A delete for another generation leaves it.
-        s.delete_await(&rec("a1", 1))
-            .await
-            .unwrap_or_else(|_| unreachable!());
+        // A delete for another generation, or of a live await, leaves it.
+        assert!(!s.delete_await(&ended_(rec("a1", 1))).await.unwrap_or(true));
+        assert!(!s.delete_await(&rec("a1", 2)).await.unwrap_or(true));
         assert!(s.get_await("a1").await.ok().flatten().is_some());
         // Phases move by conditional replaces; an ended await frees the key.
         let mut ended = rec("a1", 2);
@@ -279,9 +352,9 @@ mod tests {
         assert!(s.update_await(&ended).await.unwrap_or(false));
         assert!(!s.update_await(&ended).await.unwrap_or(true));
         assert!(s.put_await(&rec("a1", 4)).await.is_ok());
-        s.delete_await(&rec("a1", 4))
-            .await
-            .unwrap_or_else(|_| unreachable!());
+        let four = ended_(rec("a1", 4));
+        assert!(s.update_await(&four).await.unwrap_or(false));
+        assert!(s.delete_await(&four).await.unwrap_or(false));
         assert!(s.get_await("a1").await.ok().flatten().is_none());
         // Garbage in the store names nothing.
         std::fs::create_dir_all(dir.path().join("awaits")).unwrap_or_default();
@@ -322,13 +395,41 @@ mod tests {
         let mut ended = rec("a3", 1);
         ended.phase = AwaitPhase::Ended;
         assert!(s.update_await(&ended).await.unwrap_or(false));
-        s.delete_await(&rec("a0", 1))
-            .await
-            .unwrap_or_else(|_| unreachable!());
+        let a0 = ended_(rec("a0", 1));
+        assert!(s.update_await(&a0).await.unwrap_or(false));
+        assert!(s.delete_await(&a0).await.unwrap_or(false));
         let (v, n) = scan(&s, &mut cache).await;
-        assert_eq!(n, 1, "only the changed entry is read");
+        assert_eq!(n, 1, "only the changed entry is read (a0 went)");
         assert_eq!(v.len(), 4);
         assert_eq!(v[2].phase, AwaitPhase::Ended);
+    }
+
+    /// One entry that cannot be read (here a directory where the entry's
+    /// object would be) does not fail the scan or listing of the others.
+    #[tokio::test]
+    async fn an_unreadable_entry_is_skipped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|_| unreachable!());
+        let s = FrozenStore::local(dir.path()).unwrap_or_else(|_| unreachable!());
+        s.set_index_key(zeroize::Zeroizing::new([7; 32]));
+        s.put_await(&rec("a1", 1))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        // Listed as awaits/y/y, read as awaits/y: a directory.
+        std::fs::create_dir_all(dir.path().join("awaits/y")).unwrap_or_default();
+        std::fs::write(dir.path().join("awaits/y/y"), b"x").unwrap_or_default();
+        assert!(s.get_await("y").await.is_err());
+        let mut cache = IndexCache::default();
+        let (v, _) = s
+            .scan_awaits(&mut cache)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(v, vec![rec("a1", 1)]);
+        let (_, reads) = s
+            .scan_awaits(&mut cache)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(reads, 1, "the unreadable entry is read again");
+        assert_eq!(s.list_awaits().await.ok(), Some(vec![rec("a1", 1)]));
     }
 
     /// Someone who can write to the store but lacks the key cannot forge

@@ -114,6 +114,60 @@ impl FrozenStore {
     }
 }
 
+impl FrozenStore {
+    /// Deletes the object at `path` only if it is still `expect`; true if
+    /// it was deleted. A local store compares and removes under the claim
+    /// lock (atomic among brokers sharing the directory). S3 has no
+    /// conditional DELETE: the object is read again right before the
+    /// DELETE and removed only if its e-tag is still `expect`'s, which
+    /// narrows the window to one round trip but does not close it.
+    pub(super) async fn cas_delete(
+        &self,
+        path: &ObjPath,
+        expect: &Version,
+    ) -> Result<bool, BrokerError> {
+        if let Some(root) = self.local_root.clone() {
+            let Version::Bytes(expect) = expect.clone() else {
+                return Ok(false);
+            };
+            let rel = path.as_ref().to_string();
+            return tokio::task::spawn_blocking(move || local_cas_delete(&root, &rel, &expect))
+                .await
+                .map_err(|e| BrokerError::Store(e.to_string()))?;
+        }
+        let Version::Tag(want) = expect else {
+            return Ok(false);
+        };
+        match self.store.head(path).await {
+            Ok(m) if m.e_tag.is_some() && m.e_tag == want.e_tag => {}
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(store_err(e)),
+        }
+        match self.store.delete(path).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+}
+
+/// The local store's compare-and-delete, under the store-wide claim lock.
+fn local_cas_delete(root: &Path, rel: &str, expect: &[u8]) -> Result<bool, BrokerError> {
+    let io = |p: &Path, e: std::io::Error| BrokerError::Store(format!("{}: {e}", p.display()));
+    let lock = lock_local(root).map_err(|e| io(&root.join(".claims.lock"), e))?;
+    let file = root.join(rel);
+    let same = match std::fs::read(&file) {
+        Ok(b) => b == expect,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io(&file, e)),
+    };
+    if same {
+        std::fs::remove_file(&file).map_err(|e| io(&file, e))?;
+    }
+    drop(lock);
+    Ok(same)
+}
+
 /// Opens and locks the store-wide claim lock of a local store.
 fn lock_local(root: &Path) -> std::io::Result<std::fs::File> {
     let lock = std::fs::OpenOptions::new()
