@@ -4,6 +4,8 @@
 //! exactly that step.
 //!
 //! `BUBBLED_TEST_PAUSE=point=ms[,point=ms…]`; the points are
+//! `create.booted` (a create's record durable and its guest READY, its
+//! security policy not yet installed),
 //! `suspend.stored` (frozen copy durable, registry not yet SUSPENDED) and
 //! `suspend.committed` (registry SUSPENDED, VMM not yet stopped),
 //! `restore.claimed` (the frozen copy's claim taken, nothing started) and

@@ -335,3 +335,95 @@ fn a_pool_policy_a_request_could_not_carry_refuses_the_start() {
         "{err}"
     );
 }
+
+/// Concurrent creates with one request id and policies one byte apart
+/// (none on disk yet when they start): each answer carries the policy its
+/// own request asked for, or is refused with ALREADY_EXISTS; exactly one
+/// bubble is made. (The loser of the record insert used to be handed the
+/// winner's bubble without any comparison.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_with_one_request_id_never_swap_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start(dir.path(), false);
+    let c = broker.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let mut c = c.clone();
+        let fuel = FUEL + i % 2;
+        tasks.push(tokio::spawn(async move {
+            let mut req = create_req(16);
+            req.client_request_id = "same-id".into();
+            req.policy = Some(policy(fuel));
+            (fuel, c.create_bubble(req).await)
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (fuel, r) = t.await.unwrap();
+        match r {
+            Ok(b) => {
+                let b = b.into_inner();
+                assert_eq!(b.policy_digest.to_vec(), digest(Some(fuel)), "{b:?}");
+                ids.insert(b.bubble_id);
+            }
+            Err(st) => assert_eq!(st.code(), Code::AlreadyExists, "{st:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one bubble for one request id: {ids:?}");
+    let mut c = c;
+    let id = ids.into_iter().next().unwrap();
+    let b = describe(&mut c, &id).await;
+    assert_eq!(attested_digest(&mut c, &id).await, b.policy_digest.to_vec());
+}
+
+/// A broker killed between a created bubble's guest READY and the
+/// installation of its policy (the record, with the policy, is on disk;
+/// READY is not): restarted, it re-adopts the bubble only with the policy
+/// its record names installed, so the retried create's answer, its
+/// DescribeBubble and its attestation agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bubble_readopted_before_its_policy_was_installed_runs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |pause: bool| Opts {
+        env: if pause {
+            vec![("BUBBLED_TEST_PAUSE".into(), "create.booted=60000".into())]
+        } else {
+            Vec::new()
+        },
+        ..Opts::default()
+    };
+    let req = || {
+        let mut r = create_req(16);
+        r.client_request_id = "paid".into();
+        r.policy = Some(policy(FUEL));
+        r
+    };
+    let mut broker = BrokerProc::start_with(dir.path(), opts(true));
+    let mut c = broker.client().await;
+    let mut c2 = c.clone();
+    let create = tokio::spawn(async move { c2.create_bubble(req()).await });
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(dir.path().join("broker.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("fault point reached") && l.contains("create.booted"))
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "never reached create.booted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    broker.kill();
+    assert!(create.await.unwrap().is_err(), "the broker died mid-create");
+    drop(c);
+    let broker = BrokerProc::start_with(dir.path(), opts(false));
+    c = broker.client().await;
+    let b = c.create_bubble(req()).await.unwrap().into_inner();
+    assert_eq!(b.state, pb::BubbleState::Ready as i32, "{b:?}");
+    assert_eq!(b.policy_digest.to_vec(), digest(Some(FUEL)));
+    assert_eq!(
+        attested_digest(&mut c, &b.bubble_id).await,
+        digest(Some(FUEL))
+    );
+}

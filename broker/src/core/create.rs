@@ -215,7 +215,10 @@ impl Broker {
             let _ = std::fs::remove_dir_all(&dir);
             self.table.remove(std::slice::from_ref(&id));
             drop(permit);
-            return self.await_settled(&other?).await;
+            // The same checks as a retry's: a concurrent request with
+            // this id but other parameters (a policy) is refused, never
+            // handed the other's bubble.
+            return self.settled_same(&other?, &rec).await;
         }
         let (live, boot_us, spawn_us, vmm_ready_us) = match booted {
             Ok(x) => x,
@@ -228,6 +231,8 @@ impl Broker {
             }
         };
         let pid = live.vmm.pid();
+        #[cfg(feature = "fault-injection")]
+        crate::fault::pause("create.booted").await;
         if rec.policy != PortionPolicy::default() {
             // Fix the security policy before anyone can load a portion.
             let set = live

@@ -38,7 +38,17 @@ impl Broker {
                 }
                 continue;
             }
-            match Vmm::adopt(&self.spawner, &dir, &rec.id).await {
+            let adopted = match Vmm::adopt(&self.spawner, &dir, &rec.id).await {
+                Ok((vmm, true)) => match policy_installed(&vmm, &rec).await {
+                    Ok(()) => Ok((vmm, true)),
+                    Err(why) => {
+                        vmm.shutdown().await;
+                        Err(why)
+                    }
+                },
+                other => other,
+            };
+            match adopted {
                 Ok((vmm, true)) => {
                     let pid = vmm.pid();
                     // READY first: a VMM that fails at once is then failed
@@ -161,6 +171,38 @@ impl Broker {
 }
 
 /// Stops the VMM serving `dir`, if one answers there.
+/// Makes sure a re-adopted bubble runs the security policy its record
+/// names. Its READY is not written on the create path, so a bubble
+/// recorded BOOTING may have been stopped between its guest's READY and
+/// the policy's installation: installing it now is the create's last
+/// step. A guest that refuses because a policy is already set (or a
+/// portion is loaded, the code frozen, a call awaiting: all after the
+/// create installed it and answered) runs the recorded one: only the
+/// create sets a policy, before anyone can reach the bubble.
+async fn policy_installed(vmm: &Vmm, rec: &BubbleRecord) -> Result<(), String> {
+    use bubble_abi::code;
+    if rec.state != State::Booting || rec.policy == crate::store::registry::PortionPolicy::default()
+    {
+        return Ok(());
+    }
+    let set = vmm
+        .call(
+            bubble_abi::ops::OP_SET_POLICY,
+            &rec.policy.encode(),
+            crate::config::DEFAULT_CALL_DEADLINE,
+        )
+        .await;
+    match set {
+        Ok(_) => Ok(()),
+        Err(crate::vmm::CallFailure::Rejected(c, _))
+            if [code::STATE, code::FROZEN, code::AWAITING].contains(&c) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("could not apply the security policy: {e:?}")),
+    }
+}
+
 async fn stop_vmm_in(spawner: &bubble_vmm_client::Spawner, dir: &Path, id: &str) {
     if let Ok((vmm, _)) = Vmm::adopt(spawner, dir, id).await {
         vmm.shutdown().await;

@@ -47,12 +47,14 @@ impl Meter {
     }
 
     /// Starts billing a pooled bubble's new owner at `now_ms`: memory time
-    /// and bytes of the pool period are dropped (the caller then records
-    /// the VMM's vCPU counter in `vcpu_us_unbilled`).
+    /// and bytes of the pool period are dropped; the VMM's vCPU counter as
+    /// noted in the pool (`vcpu_us_unbilled`, 0 if never noted: the caller
+    /// then asks the VMM) stays unbilled.
     pub fn attached(&mut self, now_ms: u64) {
         *self = Meter {
             running_since_ms: if self.running_since_ms > 0 { now_ms } else { 0 },
             billed_from_ms: now_ms,
+            vcpu_us_unbilled: self.vcpu_us_unbilled,
             ..Meter::default()
         };
     }
@@ -71,5 +73,27 @@ impl Meter {
     pub fn stop_running(&mut self, memory_mib: u32, now_ms: u64) {
         self.memory_mib_seconds = self.memory_mib_seconds_at(memory_mib, now_ms);
         self.running_since_ms = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attach_keeps_the_pools_noted_vcpu_time_unbilled() {
+        let mut m = Meter {
+            bytes_in: 7,
+            running_since_ms: 1_000,
+            memory_mib_seconds: 3.0,
+            vcpu_us_unbilled: 1_100,
+            ..Meter::default()
+        };
+        m.attached(5_000);
+        assert_eq!(m.vcpu_us_unbilled, 1_100);
+        assert_eq!((m.bytes_in, m.memory_mib_seconds), (0, 0.0));
+        assert_eq!((m.running_since_ms, m.billed_from_ms), (5_000, 5_000));
+        // The owner pays what the VMM used after the note, only.
+        assert_eq!(m.billed_vcpu(1_150), 50);
     }
 }
