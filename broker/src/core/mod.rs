@@ -27,6 +27,7 @@ mod calls;
 mod create;
 mod dead_letters;
 mod dispatch;
+mod event_result;
 mod freeze;
 mod ledger;
 mod logs;
