@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use bubble_proto::v1 as pb;
 
-use crate::Client;
+use tonic::Code;
+
+use crate::{describe, Client};
 
 /// The events portion: `echo` writes the payload back, except a payload
 /// starting with `poison` (traps: unreachable) or `refuse` (returns 1);
@@ -237,4 +239,75 @@ pub async fn any_pending(c: &mut Client, trigger: &str, keys: &[String]) -> bool
         }
     }
     false
+}
+
+/// A trigger's dead letters, as its owner lists them.
+pub async fn dead_letters(c: &mut Client, t: &str) -> Vec<pb::DeadLetter> {
+    c.list_dead_letters(pb::TriggerRef {
+        trigger_id: t.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .dead_letters
+}
+
+/// After `bad-1` (poison) and `good-1` were published to `trigger` (on
+/// `bubble`, `before` calls, `max_deliver` 2): `bad-1` failed and is the
+/// one dead letter (2 attempts), `good-1` is ok; parent `b` is refused
+/// listing and replaying exactly as for an unknown trigger id, and
+/// changes nothing; a key that is not dead is NOT_FOUND to replay.
+pub async fn poison_dead_lettered_for_its_owner_only(
+    a: &mut Client,
+    b: &mut Client,
+    trigger: &str,
+    bubble: &str,
+    before: u64,
+    limit: Duration,
+) {
+    let keys = ["bad-1".to_string(), "good-1".to_string()];
+    let r = results(a, trigger, &keys, limit).await;
+    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
+    assert_eq!(r[1].outcome, "ok", "{:?}", r[1]);
+    let d = dead_letters(a, trigger).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].key.as_str(), d[0].attempts), ("bad-1", 2));
+    assert!(!d[0].reason.is_empty());
+    assert_eq!(describe(a, bubble).await.calls, before + 3);
+
+    // Parent b: refused exactly as for an unknown trigger id.
+    let unknown = format!("t-{}", "0".repeat(32));
+    for id in [trigger, unknown.as_str()] {
+        let e = b
+            .list_dead_letters(pb::TriggerRef {
+                trigger_id: id.to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert_eq!(
+            e.message().replace(id, "ID"),
+            "bubble ID is not accessible to this parent",
+        );
+        let e = b
+            .replay_dead_letter(pb::ReplayDeadLetterRequest {
+                trigger_id: id.to_string(),
+                key: "bad-1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    // Nothing of b's touched it.
+    assert_eq!(dead_letters(a, trigger).await.len(), 1);
+
+    // Only a dead letter can be replayed.
+    let e = a
+        .replay_dead_letter(pb::ReplayDeadLetterRequest {
+            trigger_id: trigger.to_string(),
+            key: "good-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }

@@ -14,19 +14,8 @@ use std::time::{Duration, Instant};
 use bubble_e2e_tests::triggers::*;
 use bubble_e2e_tests::*;
 use bubble_proto::v1 as pb;
-use tonic::Code;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-async fn dead(c: &mut Client, t: &str) -> Vec<pb::DeadLetter> {
-    c.list_dead_letters(pb::TriggerRef {
-        trigger_id: t.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .dead_letters
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_events_are_listed_replayed_by_their_owner_only_and_counted_again() {
@@ -54,50 +43,8 @@ async fn poison_events_are_listed_replayed_by_their_owner_only_and_counted_again
     assert!(publish(&mut a, "orders", "bad-1", b"poison").await);
     assert!(publish(&mut a, "orders", "good-1", b"fine").await);
     let keys = ["bad-1".to_string(), "good-1".to_string()];
-    let r = results(&mut a, &t.trigger_id, &keys, LIMIT).await;
-    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
-    assert_eq!(r[1].outcome, "ok", "{:?}", r[1]);
-    let d = dead(&mut a, &t.trigger_id).await;
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!((d[0].key.as_str(), d[0].attempts), ("bad-1", 2));
-    assert!(!d[0].reason.is_empty());
-    assert_eq!(describe(&mut a, &bubble).await.calls, before + 3);
-
-    // Parent b: refused exactly as for an unknown trigger id.
-    let unknown = format!("t-{}", "0".repeat(32));
-    for id in [&t.trigger_id, &unknown] {
-        let e = b
-            .list_dead_letters(pb::TriggerRef {
-                trigger_id: id.clone(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-        assert_eq!(
-            e.message().replace(id.as_str(), "ID"),
-            "bubble ID is not accessible to this parent",
-        );
-        let e = b
-            .replay_dead_letter(pb::ReplayDeadLetterRequest {
-                trigger_id: id.clone(),
-                key: "bad-1".into(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    }
-    // Nothing of b's touched it.
-    assert_eq!(dead(&mut a, &t.trigger_id).await.len(), 1);
-
-    // Only a dead letter can be replayed.
-    let e = a
-        .replay_dead_letter(pb::ReplayDeadLetterRequest {
-            trigger_id: t.trigger_id.clone(),
-            key: "good-1".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    poison_dead_lettered_for_its_owner_only(&mut a, &mut b, &t.trigger_id, &bubble, before, LIMIT)
+        .await;
 
     // The owner replays it (through the CLI, over its TLS identity): it
     // runs max_deliver times again and is dead-lettered again.
@@ -121,7 +68,7 @@ async fn poison_events_are_listed_replayed_by_their_owner_only_and_counted_again
     assert_eq!(replayed["key"], "bad-1", "{replayed}");
     let end = Instant::now() + LIMIT;
     loop {
-        let d = dead(&mut a, &t.trigger_id).await;
+        let d = dead_letters(&mut a, &t.trigger_id).await;
         let r = results(&mut a, &t.trigger_id, &keys[..1], LIMIT).await;
         if d.len() == 1 && r[0].outcome == "failed" {
             assert_eq!(d[0].attempts, 2, "{d:?}");

@@ -18,16 +18,6 @@ use tonic::Code;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-async fn dead(c: &mut Client, t: &str) -> Vec<pb::DeadLetter> {
-    c.list_dead_letters(pb::TriggerRef {
-        trigger_id: t.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .dead_letters
-}
-
 /// Publishes, waiting (with a deadline) until the trigger's NATS
 /// connection is up.
 async fn publish_nats(c: &mut Client, key: &str, payload: &[u8]) {
@@ -83,49 +73,8 @@ async fn nats_dead_letters_are_listed_and_replayed_by_their_owner_only() {
     publish_nats(&mut a, "bad-1", b"poison").await;
     publish_nats(&mut a, "good-1", b"fine").await;
     let keys = ["bad-1".to_string(), "good-1".to_string()];
-    let r = results(&mut a, &t.trigger_id, &keys, LIMIT).await;
-    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
-    assert_eq!(r[1].outcome, "ok", "{:?}", r[1]);
-    let d = dead(&mut a, &t.trigger_id).await;
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!((d[0].key.as_str(), d[0].attempts), ("bad-1", 2));
-    assert!(!d[0].reason.is_empty());
-    assert_eq!(describe(&mut a, &bubble).await.calls, before + 3);
-
-    // Parent b: refused exactly as for an unknown trigger id.
-    let unknown = format!("t-{}", "0".repeat(32));
-    for id in [&t.trigger_id, &unknown] {
-        let e = b
-            .list_dead_letters(pb::TriggerRef {
-                trigger_id: id.clone(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-        assert_eq!(
-            e.message().replace(id.as_str(), "ID"),
-            "bubble ID is not accessible to this parent",
-        );
-        let e = b
-            .replay_dead_letter(pb::ReplayDeadLetterRequest {
-                trigger_id: id.clone(),
-                key: "bad-1".into(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    }
-    assert_eq!(dead(&mut a, &t.trigger_id).await.len(), 1);
-
-    // Only a dead letter can be replayed.
-    let e = a
-        .replay_dead_letter(pb::ReplayDeadLetterRequest {
-            trigger_id: t.trigger_id.clone(),
-            key: "good-1".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    poison_dead_lettered_for_its_owner_only(&mut a, &mut b, &t.trigger_id, &bubble, before, LIMIT)
+        .await;
 
     // The owner replays it: it runs max_deliver (2) more times and is
     // dead-lettered again, once.
@@ -141,7 +90,7 @@ async fn nats_dead_letters_are_listed_and_replayed_by_their_owner_only() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     loop {
-        let d = dead(&mut a, &t.trigger_id).await;
+        let d = dead_letters(&mut a, &t.trigger_id).await;
         let r = results(&mut a, &t.trigger_id, &keys[..1], LIMIT).await;
         if d.len() == 1 && r[0].outcome == "failed" {
             assert_eq!((d[0].key.as_str(), d[0].attempts), ("bad-1", 2), "{d:?}");
