@@ -73,6 +73,26 @@ pub async fn await_bubble(c: &mut Client) -> String {
     b.bubble_id
 }
 
+/// A signed direct call of the await portion's `function` with input
+/// `key`, which must answer that it awaits `key`: the call's response.
+pub async fn signed_await(
+    c: &mut Client,
+    bubble: &str,
+    function: &str,
+    key: &str,
+) -> pb::CallResponse {
+    let r = c
+        .call(pb::CallRequest {
+            portion: "aw".into(),
+            sign: true,
+            ..call_req(bubble, function, key.as_bytes())
+        })
+        .await
+        .expect("call")
+        .into_inner();
+    assert_eq!(r.awaiting.as_ref().expect("awaiting").key, key);
+    r
+}
 /// A trigger on `subject` running `aw.<function>` in `bubble`.
 pub async fn trigger(c: &mut Client, subject: &str, bubble: &str, function: &str) -> String {
     c.create_trigger(pb::CreateTriggerRequest {

@@ -175,16 +175,7 @@ async fn an_ended_direct_await_and_its_answer_are_collected_on_moto() {
     let mut a = broker.client().await;
     let bubble = await_bubble(&mut a).await;
     let pk = sig_pk(&mut a, &bubble).await;
-    let r = a
-        .call(pb::CallRequest {
-            portion: "aw".into(),
-            sign: true,
-            ..call_req(&bubble, "pay_short", b"cap-41")
-        })
-        .await
-        .expect("call")
-        .into_inner();
-    assert_eq!(r.awaiting.expect("awaiting").key, "cap-41");
+    signed_await(&mut a, &bubble, "pay_short", "cap-41").await;
     let objects = || {
         bubble_e2e_tests::moto::http(port, "GET", "/awaits?list-type=2&prefix=shared/await")
             .unwrap_or_default()

@@ -160,16 +160,7 @@ async fn a_timed_out_direct_await_keeps_its_answer_for_its_owner() {
     let mut b = broker.tls_client("parent-b").await;
     let bubble = await_bubble(&mut a).await;
     let pk = sig_pk(&mut a, &bubble).await;
-    let r = a
-        .call(pb::CallRequest {
-            portion: "aw".into(),
-            sign: true,
-            ..call_req(&bubble, "pay_short", b"cap-16")
-        })
-        .await
-        .expect("call")
-        .into_inner();
-    assert_eq!(r.awaiting.expect("awaiting").key, "cap-16");
+    signed_await(&mut a, &bubble, "pay_short", "cap-16").await;
     let get = |c: &mut Client, key: &str| {
         let mut c = c.clone();
         let key = key.to_string();

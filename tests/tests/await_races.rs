@@ -38,16 +38,7 @@ async fn a_second_event_on_a_resumed_key_keeps_the_first_answer() {
     let bubble = await_bubble(&mut a).await;
     let pk = sig_pk(&mut a, &bubble).await;
     // A direct call awaits key cap-30 (60 s): its answer is kept.
-    let r = a
-        .call(pb::CallRequest {
-            portion: "aw".into(),
-            sign: true,
-            ..call_req(&bubble, "pay", b"cap-30")
-        })
-        .await
-        .expect("call")
-        .into_inner();
-    assert_eq!(r.awaiting.expect("awaiting").key, "cap-30");
+    signed_await(&mut a, &bubble, "pay", "cap-30").await;
     wait_frozen(&mut a, dir.path(), &bubble).await;
     let other = await_bubble(&mut a).await;
     let t1 = trigger(&mut a, "pay", &other, "pay").await;

@@ -190,15 +190,7 @@ async fn a_direct_call_that_awaits_answers_awaiting_and_freezes() {
     let mut a = broker.client().await;
     let bubble = await_bubble(&mut a).await;
     let pk = sig_pk(&mut a, &bubble).await;
-    let r = a
-        .call(pb::CallRequest {
-            portion: "aw".into(),
-            sign: true,
-            ..call_req(&bubble, "pay", b"cap-6")
-        })
-        .await
-        .expect("call")
-        .into_inner();
+    let r = signed_await(&mut a, &bubble, "pay", "cap-6").await;
     let w = r.awaiting.expect("an awaiting outcome");
     assert_eq!(w.key, "cap-6");
     assert!(r.output.is_empty() && r.signature.is_empty());
