@@ -54,11 +54,17 @@ impl From<tonic::Status> for BrokerStatus {
         // past the per-uid cap, or it went away) comes back UNKNOWN from
         // tonic; it says nothing about the request: the broker was not
         // reachable.
-        let code = if s.code() == Code::Unknown && transport_lost(&s) {
-            Code::Unavailable
-        } else {
-            s.code()
+        let lost = match s.code() {
+            Code::Unknown => transport_lost(&s),
+            // bubblectl never cancels a request: a CANCELLED with a local
+            // cause is the connection closed under it (hyper's "operation
+            // was canceled"), as likely as the UNKNOWN above when the
+            // broker closes a connection past the cap. A CANCELLED the
+            // broker sent has no cause.
+            Code::Cancelled => std::error::Error::source(&s).is_some(),
+            _ => false,
         };
+        let code = if lost { Code::Unavailable } else { s.code() };
         Self {
             code,
             message: s.message().to_string(),
@@ -200,6 +206,17 @@ pub fn report(e: &anyhow::Error, json_out: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_cancelled_under_it_is_the_broker_unreachable() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "closed");
+        let mut lost = tonic::Status::cancelled("operation was canceled");
+        lost.set_source(std::sync::Arc::new(io));
+        assert_eq!(BrokerStatus::from(lost).code, Code::Unavailable);
+        // One the broker sent (no local cause) stays what it is.
+        let sent = tonic::Status::cancelled("stopped");
+        assert_eq!(BrokerStatus::from(sent).code, Code::Cancelled);
+    }
 
     #[test]
     fn a_request_the_transport_lost_is_the_broker_unreachable() {
