@@ -179,11 +179,16 @@ pub fn verify(pk: &[u8; 32], r: &pb::EventResult, function: &str, input: &[u8], 
 
 /// Waits until `bubble` is SUSPENDED and no VMM runs under `dir`.
 pub async fn wait_frozen(c: &mut Client, dir: &Path, bubble: &str) {
-    wait_for(c, bubble, LIMIT, |b| b.state == SUSPENDED).await;
+    let b = wait_for(c, bubble, LIMIT, |b| b.state == SUSPENDED).await;
     assert!(
         no_vmms_within(dir, LIMIT).await,
         "the awaiting bubble's VMM still runs"
     );
+    // The suspend is over once its claim is given back (logged right
+    // after): a broker killed before that keeps the copy its own until it
+    // restarts (a suspend claim never expires for other brokers).
+    let generation = format!("generation={}", b.generation);
+    log_line(dir, &["bubble suspended", bubble, &generation]).await;
 }
 
 /// A moto S3 server with bucket `awaits`, or `None` after reporting the
