@@ -90,31 +90,22 @@ pub async fn wait_bubble_vmms(dir: &Path, n: usize, limit: Duration) {
     }
 }
 
-/// Nice values of the threads of process `pid` named `comm`.
-pub fn thread_nices(pid: u32, comm: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != comm {
-            continue;
-        }
-        // Fields after the name start with the 3rd (state); nice is the 19th.
-        if let Some(n) = stat[close + 1..].split_whitespace().nth(16) {
-            if let Ok(n) = n.parse() {
-                out.push(n);
-            }
-        }
-    }
-    out
+/// The task directory of a VMM's vCPU thread: the process's leading
+/// thread (see `bubble-vmm`'s `process` module).
+pub fn vcpu_task(pid: u32) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/{pid}/task/{pid}"))
+}
+
+/// The nice value of a VMM's vCPU thread, if it is alive.
+pub fn vcpu_nice(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(vcpu_task(pid).join("stat")).ok()?;
+    stat_field(&stat[stat.rfind(')')? + 1..], 19)
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `stat` line, given the part
+/// after the command name's closing parenthesis (which starts at field 3).
+fn stat_field<T: std::str::FromStr>(after_name: &str, n: usize) -> Option<T> {
+    after_name.split_whitespace().nth(n - 3)?.parse().ok()
 }
 
 /// Whether a VMM process is an idle spare: its spare socket exists (a

@@ -190,17 +190,7 @@ async fn quotas_refuse_with_numbers() {
 /// User+system CPU time of a VMM's vCPU thread, µs (from /proc; 10 ms
 /// ticks), measured independently of the VMM's own accounting.
 fn vcpu_thread_cpu_us(pid: u32) -> u64 {
-    let task = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .unwrap_or_default()
-                .trim()
-                == "vcpu0"
-        })
-        .expect("vcpu0 thread");
-    let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+    let stat = std::fs::read_to_string(vcpu_task(pid).join("stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();

@@ -1,6 +1,7 @@
 //! The linger thread (ends a failed VMM after a grace period) and the
 //! vCPU thread's seal.
 
+use std::fs::File;
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -12,8 +13,10 @@ use crate::jail;
 /// thread needs no right to create threads.
 pub(super) static LINGER: std::sync::OnceLock<mpsc::Sender<()>> = std::sync::OnceLock::new();
 
-/// Starts the linger thread; it seals itself first thing.
-pub(super) fn start_linger() -> Result<(), String> {
+/// Starts the linger thread; it seals itself first thing. A spare's is
+/// started ahead of need and first waits for the bubble's cgroup files
+/// (`cgroups`), moving itself into them (see [`super::spare::move_into`]).
+pub(super) fn start_linger(cgroups: Option<mpsc::Receiver<Vec<File>>>) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<()>();
     // Set before the thread seals itself: the vCPU thread runs the guest
     // only once it has, and a failure from then on must find it.
@@ -23,6 +26,9 @@ pub(super) fn start_linger() -> Result<(), String> {
     std::thread::Builder::new()
         .name("linger".into())
         .spawn(move || {
+            if let Some(files) = cgroups {
+                join_cgroups(&files);
+            }
             if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Linger) {
                 eprintln!("bubble-vmm: {e}");
                 std::process::exit(2);
@@ -34,6 +40,22 @@ pub(super) fn start_linger() -> Result<(), String> {
         })
         .map_err(|e| format!("cannot start the linger thread: {e}"))?;
     Ok(())
+}
+
+/// Waits for the bubble's cgroup files and moves the calling (non-leader)
+/// thread into them; ends the process if it cannot. Returns at once if the
+/// spare is never given a bubble (its broker is gone: it dies with it).
+pub(super) fn join_cgroups(files: &mpsc::Receiver<Vec<File>>) {
+    let Ok(files) = files.recv() else {
+        // Never configured: block until the process ends.
+        loop {
+            std::thread::park();
+        }
+    };
+    if let Err(e) = super::spare::move_into(&files, false) {
+        eprintln!("bubble-vmm: cannot enter the bubble's cgroups: {e}");
+        std::process::exit(2);
+    }
 }
 
 /// Seals the vCPU thread (the calling one) once every other thread has

@@ -284,72 +284,83 @@ pub fn run_from_args(args: impl Iterator<Item = String>) -> i32 {
     };
     vm::install_kick_handler();
     let (tx, rx) = mpsc::channel();
-    let vcpu = std::thread::Builder::new().name("vcpu0".into());
-    let (args, listener) = if args.first().map(String::as_str) == Some("--spare") {
-        match spare::run(&args[1..], jail_args.as_ref(), vcpu, tx.clone(), rx) {
-            Ok(x) => x,
-            Err(code) => return code,
-        }
-    } else {
-        let a = match VmmArgs::parse(args.into_iter()) {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("bubble-vmm: {e}");
-                return 2;
-            }
-        };
-        let t_jail = Instant::now();
-        let jailed = jail::enter(
-            &[
-                a.image_fd.unwrap_or(-1),
-                jail_args.as_ref().and_then(|j| j.hold_fd).unwrap_or(-1),
-            ],
-            &a.socket,
-            jail_args.as_ref(),
-            a.parent_pid,
-        );
-        let listener = match jailed {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("bubble-vmm: {e}");
-                return 2;
-            }
-        };
-        jail::set_title(&jail::bubble_title(&a.bubble_id));
-        if let Err(e) = start_linger() {
+    if args.first().map(String::as_str) == Some("--spare") {
+        return spare::run(&args[1..], jail_args.as_ref(), tx, rx);
+    }
+    let a = match VmmArgs::parse(args.into_iter()) {
+        Ok(a) => a,
+        Err(e) => {
             eprintln!("bubble-vmm: {e}");
             return 2;
         }
-        eprintln!(
-            "bubble-vmm: jail_setup_us={} (socket, {}hygiene, parent death, linger thread)",
-            t_jail.elapsed().as_micros(),
-            if jail_args.is_some() {
-                "/dev/kvm, namespaces, fork, pivot_root, identity, "
-            } else {
-                ""
-            }
-        );
-        let (a2, shared) = (a.clone(), Shared::new(&a));
-        if let Err(e) = vcpu.spawn(move || vcpu_thread(a2, shared, rx)) {
-            eprintln!("bubble-vmm: cannot start the vCPU thread: {e}");
+    };
+    let t_jail = Instant::now();
+    let jailed = jail::enter(
+        &[
+            a.image_fd.unwrap_or(-1),
+            jail_args.as_ref().and_then(|j| j.hold_fd).unwrap_or(-1),
+        ],
+        &a.socket,
+        jail_args.as_ref(),
+        a.parent_pid,
+    );
+    let listener = match jailed {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bubble-vmm: {e}");
             return 2;
         }
-        (a, listener)
     };
-    drop(args);
-    if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Control) {
+    jail::set_title(&jail::bubble_title(&a.bubble_id));
+    if let Err(e) = start_linger(None).and_then(|()| start_control(listener, tx, None)) {
         eprintln!("bubble-vmm: {e}");
         return 2;
     }
-    for conn in listener.incoming() {
-        match conn {
-            Ok(s) => {
-                if tx.send(s).is_err() {
-                    return 3;
+    eprintln!(
+        "bubble-vmm: jail_setup_us={} (socket, {}hygiene, parent death, linger and control threads)",
+        t_jail.elapsed().as_micros(),
+        if jail_args.is_some() {
+            "/dev/kvm, namespaces, fork, pivot_root, identity, "
+        } else {
+            ""
+        }
+    );
+    // This (the leading) thread runs the vCPU, as in a spare.
+    let shared = Shared::new(&a);
+    vcpu_thread(a, shared, rx);
+    0
+}
+
+/// Starts the control thread: it accepts broker connections (a restarted
+/// broker's) and hands them to the vCPU thread, sealed with its own
+/// filter. A spare's is started ahead of need and first waits for the
+/// bubble's cgroup files (`cgroups`), moving itself into them.
+fn start_control(
+    listener: std::os::unix::net::UnixListener,
+    conns: mpsc::Sender<UnixStream>,
+    cgroups: Option<mpsc::Receiver<Vec<std::fs::File>>>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            if let Some(files) = cgroups {
+                linger::join_cgroups(&files);
+            }
+            if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Control) {
+                eprintln!("bubble-vmm: {e}");
+                std::process::exit(2);
+            }
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        if conns.send(s).is_err() {
+                            std::process::exit(3);
+                        }
+                    }
+                    Err(e) => eprintln!("bubble-vmm: accept: {e}"),
                 }
             }
-            Err(e) => eprintln!("bubble-vmm: accept: {e}"),
-        }
-    }
-    0
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the control thread: {e}"))
 }

@@ -188,24 +188,29 @@ fn dup_all(files: &[File]) -> io::Result<Vec<File>> {
 }
 
 /// The spare's main: enters the jail, prepares at low priority on a
-/// thread of its own, waits for CONFIGURE on this (the leader) thread,
-/// moves into the bubble's cgroups and hands the bubble to the vCPU
-/// thread `vcpu`; returns the bubble's arguments and the listener for the
-/// control loop, or the exit code.
+/// thread of its own, waits for CONFIGURE, moves into the bubble's
+/// cgroups and then runs the bubble's vCPU itself (this thread leads the
+/// process, whose memory is charged where its leader is). The control and
+/// linger threads exist ahead of need and each moves itself into the
+/// bubble's cgroups when given their files, then seals itself, while this
+/// thread builds the VM: nothing on the way from CONFIGURE to the guest
+/// waits for another thread to wake up. Returns the exit code.
 pub(super) fn run(
     args: &[String],
     jail_args: Option<&crate::jail::JailArgs>,
-    vcpu: std::thread::Builder,
     conns: mpsc::Sender<UnixStream>,
     rx: mpsc::Receiver<UnixStream>,
-) -> Result<(VmmArgs, UnixListener), i32> {
+) -> i32 {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         eprintln!("bubble-vmm: spare: {what}{e}");
         2
     };
-    let sa = SpareArgs::parse(args).map_err(|e| fail("", &e))?;
+    let sa = match SpareArgs::parse(args) {
+        Ok(a) => a,
+        Err(e) => return fail("", &e),
+    };
     // A spare always dies with its broker: nobody could adopt it.
-    let listener = jail::enter(
+    let listener = match jail::enter(
         &[
             sa.image_fd.unwrap_or(-1),
             jail_args.and_then(|j| j.hold_fd).unwrap_or(-1),
@@ -213,77 +218,85 @@ pub(super) fn run(
         std::path::Path::new(&sa.socket),
         jail_args,
         Some(sa.parent_pid),
-    )
-    .map_err(|e| fail("", &e))?;
+    ) {
+        Ok(l) => l,
+        Err(e) => return fail("", &e),
+    };
     jail::set_title("vmm:spare");
     // Preparation runs at low priority on a thread of its own, so that a
     // spare starting up does not slow down a bubble booting next to it;
     // a bubble that arrives first simply finds less prepared.
-    let prewarming = std::thread::Builder::new()
+    let prewarming = match std::thread::Builder::new()
         .name("prewarm".into())
         .spawn(|| {
             priority::set_nice(0, priority::BACKGROUND_NICE);
             prewarm();
-        })
-        .map_err(|e| fail("prewarm thread: ", &e))?;
-    // The vCPU thread waits for its bubble; this thread reads CONFIGURE
-    // (the socket stays the bubble's, for a restarted broker to
-    // reconnect).
-    let (give, given) = mpsc::sync_channel::<Configured>(1);
-    vcpu.spawn(move || {
-        let Ok(Configured {
-            args,
-            conn,
-            cgroups,
-        }) = given.recv()
-        else {
-            return;
-        };
-        if let Err(e) = move_into(&cgroups, false) {
-            eprintln!("bubble-vmm: cannot enter the bubble's cgroups: {e}");
-            std::process::exit(2);
-        }
-        // Closed before the guest runs: opened by the broker, these files
-        // would let whoever holds them move any process.
-        drop(cgroups);
-        let shared = Shared::new(&args);
-        if conns.send(conn).is_err() {
-            return;
-        }
-        vcpu_thread(args, shared, rx)
-    })
-    .map_err(|e| fail("cannot start the vCPU thread: ", &e))?;
+        }) {
+        Ok(t) => t,
+        Err(e) => return fail("prewarm thread: ", &e),
+    };
+    // The control thread accepts later connections (a restarted broker's)
+    // on a second handle of the listener; the socket stays the bubble's.
+    let (ctl_go, ctl_files) = mpsc::sync_channel::<Vec<File>>(1);
+    let started = listener
+        .try_clone()
+        .map_err(|e| e.to_string())
+        .and_then(|l| super::start_control(l, conns.clone(), Some(ctl_files)));
+    if let Err(e) = started {
+        return fail("", &e);
+    }
+    let (linger_go, linger_files) = mpsc::sync_channel::<Vec<File>>(1);
+    if let Err(e) = start_linger(Some(linger_files)) {
+        return fail("", &e);
+    }
     let Configured {
         args: a,
         conn,
         cgroups,
-    } = wait_as_spare(&listener).map_err(|e| fail("", &e))?;
-    move_into(&cgroups, true).map_err(|e| fail("cannot enter the bubble's cgroups: ", &e))?;
-    let for_vcpu = Configured {
-        args: a.clone(),
-        conn,
-        cgroups: dup_all(&cgroups).map_err(|e| fail("", &e))?,
+    } = match wait_as_spare(&listener) {
+        Ok(c) => c,
+        Err(e) => return fail("", &e),
     };
-    // Closed before the guest runs (see the vCPU thread's).
+    if let Err(e) = move_into(&cgroups, true) {
+        return fail("cannot enter the bubble's cgroups: ", &e);
+    }
+    // The broker's connection is served first, before any the control
+    // thread may accept.
+    if conns.send(conn).is_err() {
+        return 3;
+    }
+    for go in [ctl_go, linger_go] {
+        let files = match dup_all(&cgroups) {
+            Ok(f) => f,
+            Err(e) => return fail("", &e),
+        };
+        if go.send(files).is_err() {
+            return fail("", &"a thread of the spare is gone");
+        }
+    }
+    // Closed before the guest runs: opened by the broker, these files
+    // would let whoever holds them move any process.
     drop(cgroups);
+    drop(listener);
     // The preparing thread has no seccomp filter and is outside the
-    // bubble's cgroups: it must be gone before the bubble is handed on
-    // (and so before any guest code runs). Normally it finished long ago.
+    // bubble's cgroups: it must be gone before the guest runs. Normally
+    // it finished long ago.
     let t_join = std::time::Instant::now();
-    prewarming
-        .join()
-        .map_err(|_| fail("", &"the prewarm thread panicked"))?;
+    if prewarming.join().is_err() {
+        return fail("", &"the prewarm thread panicked");
+    }
     let _ = PREWARM_WAIT.set(t_join.elapsed());
-    give.send(for_vcpu).map_err(|e| fail("", &e))?;
-    // Started here, after the move: it shares this thread's cgroups.
-    start_linger().map_err(|e| fail("", &e))?;
     // This thread set the parent-death signal: it clears it for a bubble
     // that must outlive its broker.
     if a.parent_pid.is_none() {
-        jail::survive_parent().map_err(|e| fail("", &e))?;
+        if let Err(e) = jail::survive_parent() {
+            return fail("", &e);
+        }
     }
     jail::set_title(&jail::bubble_title(&a.bubble_id));
-    Ok((a, listener))
+    let shared = Shared::new(&a);
+    vcpu_thread(a, shared, rx);
+    0
 }
 
 /// Work a spare does before it is needed: create the KVM VM and its vCPU
