@@ -174,6 +174,19 @@ fn rules(thread: Thread) -> Result<Rules, JailError> {
             );
         }
         Thread::Linger => {
+            // A spare's: closing the bubble's cgroup files once joined
+            // (see `seal_ahead`), and std's check that a descriptor it
+            // closes is open.
+            r.insert(libc::SYS_close, vec![]);
+            r.insert(
+                libc::SYS_fcntl,
+                vec![rule(vec![cond(
+                    1,
+                    Len::Dword,
+                    Op::Eq,
+                    libc::F_GETFD as u64,
+                )?])?],
+            );
             // Waiting out the grace period before exiting.
             r.insert(libc::SYS_clock_nanosleep, vec![]);
             r.insert(libc::SYS_nanosleep, vec![]);
@@ -258,8 +271,21 @@ pub fn precompile() {
 }
 
 /// Installs `thread`'s filter on the calling thread (it stays for the
-/// thread's life and is inherited by threads it creates).
+/// thread's life and is inherited by threads it creates) and, but for the
+/// vCPU thread, counts the thread as settled (see [`wait_sealed`]).
 pub fn seal(thread: Thread) -> Result<(), JailError> {
+    seal_ahead(thread)?;
+    if thread != Thread::Vcpu {
+        settled();
+    }
+    Ok(())
+}
+
+/// [`seal`] without counting the thread as settled: a spare's control and
+/// linger threads seal themselves ahead of need, then join the bubble's
+/// cgroups and close their cgroup files when it arrives (which their
+/// filters allow: `write`, `close`), and only then call [`settled`].
+pub fn seal_ahead(thread: Thread) -> Result<(), JailError> {
     let compiled = match COMPILED.get() {
         Some(c) => c,
         None => {
@@ -274,12 +300,14 @@ pub fn seal(thread: Thread) -> Result<(), JailError> {
         .map(|(_, p)| p)
         .ok_or_else(|| JailError::Seccomp(format!("no filter for {thread:?}")))?;
     seccompiler::apply_filter(&compiled.no_files).map_err(|e| JailError::Seccomp(e.to_string()))?;
-    seccompiler::apply_filter(prog).map_err(|e| JailError::Seccomp(e.to_string()))?;
-    if thread != Thread::Vcpu {
-        *SEALED.lock() += 1;
-        SEALED_CV.notify_all();
-    }
-    Ok(())
+    seccompiler::apply_filter(prog).map_err(|e| JailError::Seccomp(e.to_string()))
+}
+
+/// Counts the calling thread as sealed and done with everything that must
+/// happen before the guest runs.
+pub fn settled() {
+    *SEALED.lock() += 1;
+    SEALED_CV.notify_all();
 }
 
 /// Threads other than the vCPU's that seal themselves: control, linger,
@@ -287,8 +315,8 @@ pub fn seal(thread: Thread) -> Result<(), JailError> {
 pub const OTHER_THREADS: u32 = 3;
 
 /// Waits until `n` threads other than the calling one have sealed
-/// themselves (they do so first thing, or right after the few
-/// privileged steps they take before the guest runs).
+/// themselves and settled (they do so first thing, or right after the few
+/// steps they take before the guest runs).
 pub fn wait_sealed(n: u32) {
     let mut g = SEALED.lock();
     while *g < n {

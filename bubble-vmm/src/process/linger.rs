@@ -26,13 +26,7 @@ pub(super) fn start_linger(cgroups: Option<mpsc::Receiver<Vec<File>>>) -> Result
     std::thread::Builder::new()
         .name("linger".into())
         .spawn(move || {
-            if let Some(files) = cgroups {
-                join_cgroups(&files);
-            }
-            if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Linger) {
-                eprintln!("bubble-vmm: {e}");
-                std::process::exit(2);
-            }
+            seal_then_join(jail::seccomp::Thread::Linger, cgroups);
             if rx.recv().is_ok() {
                 std::thread::sleep(FAILED_LINGER);
                 std::process::exit(3);
@@ -42,10 +36,33 @@ pub(super) fn start_linger(cgroups: Option<mpsc::Receiver<Vec<File>>>) -> Result
     Ok(())
 }
 
+/// Seals the calling thread as `thread`; a spare's (`cgroups` given)
+/// ahead of need, then waits for the bubble's cgroup files, moves itself
+/// into them and closes them before it counts as settled (the guest runs
+/// only once every other thread has). Ends the process if it cannot.
+pub(super) fn seal_then_join(
+    thread: jail::seccomp::Thread,
+    cgroups: Option<mpsc::Receiver<Vec<File>>>,
+) {
+    let Some(files) = cgroups else {
+        if let Err(e) = jail::seccomp::seal(thread) {
+            eprintln!("bubble-vmm: {e}");
+            std::process::exit(2);
+        }
+        return;
+    };
+    if let Err(e) = jail::seccomp::seal_ahead(thread) {
+        eprintln!("bubble-vmm: {e}");
+        std::process::exit(2);
+    }
+    join_cgroups(&files);
+    jail::seccomp::settled();
+}
+
 /// Waits for the bubble's cgroup files and moves the calling (non-leader)
-/// thread into them; ends the process if it cannot. Returns at once if the
-/// spare is never given a bubble (its broker is gone: it dies with it).
-pub(super) fn join_cgroups(files: &mpsc::Receiver<Vec<File>>) {
+/// thread into them, closing them; ends the process if it cannot. Never
+/// returns if the spare is never given a bubble (it dies with its broker).
+fn join_cgroups(files: &mpsc::Receiver<Vec<File>>) {
     let Ok(files) = files.recv() else {
         // Never configured: block until the process ends.
         loop {

@@ -3,11 +3,14 @@
 //! Unix socket, one connection at a time, so that a restarted broker can
 //! reconnect to a running bubble.
 //!
-//! Threads: the main thread accepts connections and reads requests; the
-//! vCPU thread owns the VM and runs calls; a watchdog thread stops the vCPU
+//! Threads: the main (leading) thread owns the VM, runs the vCPU and
+//! serves requests, so that a call runs the guest without a thread
+//! hand-off; the control thread accepts connections (a restarted
+//! broker's) and hands them to it; a watchdog thread stops the vCPU
 //! (signal + `immediate_exit`) when a call or the boot overruns its
-//! deadline. Any guest misbehaviour fails the bubble: the VMM reports the
-//! reason, then exits, freeing guest memory.
+//! deadline; the linger thread ends a failed VMM after a grace period.
+//! Any guest misbehaviour fails the bubble: the VMM reports the reason,
+//! then exits, freeing guest memory.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -343,13 +346,7 @@ fn start_control(
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            if let Some(files) = cgroups {
-                linger::join_cgroups(&files);
-            }
-            if let Err(e) = jail::seccomp::seal(jail::seccomp::Thread::Control) {
-                eprintln!("bubble-vmm: {e}");
-                std::process::exit(2);
-            }
+            linger::seal_then_join(jail::seccomp::Thread::Control, cgroups);
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => {
