@@ -102,6 +102,22 @@ fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, JailError> {
     SeccompRule::new(conds).map_err(|e| JailError::Seccomp(e.to_string()))
 }
 
+/// Closing descriptors: `close`, and `fcntl(F_GETFD)` (std's check that a
+/// descriptor it closes is open).
+fn closing(r: &mut Rules) -> Result<(), JailError> {
+    r.insert(libc::SYS_close, vec![]);
+    r.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![cond(
+            1,
+            Len::Dword,
+            Op::Eq,
+            libc::F_GETFD as u64,
+        )?])?],
+    );
+    Ok(())
+}
+
 /// The rules of one thread.
 fn rules(thread: Thread) -> Result<Rules, JailError> {
     let mut r = Rules::new();
@@ -152,6 +168,9 @@ fn rules(thread: Thread) -> Result<Rules, JailError> {
             }
         }
         Thread::Watchdog => {
+            // A spare's: closing the bubble's cgroup files once joined
+            // (see `seal_ahead`).
+            closing(&mut r)?;
             // Kicking the vCPU thread (`pthread_kill`).
             r.insert(libc::SYS_tgkill, vec![]);
             r.insert(libc::SYS_getpid, vec![]);
@@ -161,32 +180,12 @@ fn rules(thread: Thread) -> Result<Rules, JailError> {
             // New broker connections (reconnection after a broker restart).
             r.insert(libc::SYS_accept4, vec![]);
             r.insert(libc::SYS_accept, vec![]);
-            r.insert(libc::SYS_close, vec![]);
-            // std's check that a descriptor it closes is open.
-            r.insert(
-                libc::SYS_fcntl,
-                vec![rule(vec![cond(
-                    1,
-                    Len::Dword,
-                    Op::Eq,
-                    libc::F_GETFD as u64,
-                )?])?],
-            );
+            closing(&mut r)?;
         }
         Thread::Linger => {
             // A spare's: closing the bubble's cgroup files once joined
-            // (see `seal_ahead`), and std's check that a descriptor it
-            // closes is open.
-            r.insert(libc::SYS_close, vec![]);
-            r.insert(
-                libc::SYS_fcntl,
-                vec![rule(vec![cond(
-                    1,
-                    Len::Dword,
-                    Op::Eq,
-                    libc::F_GETFD as u64,
-                )?])?],
-            );
+            // (see `seal_ahead`).
+            closing(&mut r)?;
             // Waiting out the grace period before exiting.
             r.insert(libc::SYS_clock_nanosleep, vec![]);
             r.insert(libc::SYS_nanosleep, vec![]);

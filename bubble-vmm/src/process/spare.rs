@@ -190,9 +190,9 @@ fn dup_all(files: &[File]) -> io::Result<Vec<File>> {
 /// The spare's main: enters the jail, prepares at low priority on a
 /// thread of its own, waits for CONFIGURE, moves into the bubble's
 /// cgroups and then runs the bubble's vCPU itself (this thread leads the
-/// process, whose memory is charged where its leader is). The control and
-/// linger threads exist ahead of need and each moves itself into the
-/// bubble's cgroups when given their files, then seals itself, while this
+/// process, whose memory is charged where its leader is). The control,
+/// linger and watchdog threads exist ahead of need, sealed, and each moves
+/// itself into the bubble's cgroups when given their files, while this
 /// thread builds the VM: nothing on the way from CONFIGURE to the guest
 /// waits for another thread to wake up. Returns the exit code.
 pub(super) fn run(
@@ -249,6 +249,10 @@ pub(super) fn run(
     if let Err(e) = start_linger(Some(linger_files)) {
         return fail("", &e);
     }
+    let (dog_go, dog_files) = mpsc::sync_channel::<Vec<File>>(1);
+    if let Err(e) = super::Watchdog::ahead(dog_files) {
+        return fail("", &e);
+    }
     let Configured {
         args: a,
         conn,
@@ -265,7 +269,7 @@ pub(super) fn run(
     if conns.send(conn).is_err() {
         return 3;
     }
-    for go in [ctl_go, linger_go] {
+    for go in [ctl_go, linger_go, dog_go] {
         let files = match dup_all(&cgroups) {
             Ok(f) => f,
             Err(e) => return fail("", &e),

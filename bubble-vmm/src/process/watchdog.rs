@@ -1,7 +1,8 @@
 //! The watchdog thread: stops the vCPU when a deadline passes.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -28,7 +29,12 @@ struct DogState {
     deadline: Option<Instant>,
     /// When the watchdog thread wakes on its own (`None`: only when told).
     wakes_at: Option<Instant>,
+    /// The vCPU to stop and its thread (set before any deadline is armed).
+    target: Option<(Kicker, libc::pthread_t)>,
 }
+
+/// A spare's watchdog, started ahead of need (see [`Watchdog::ahead`]).
+static AHEAD: Mutex<Option<Arc<Watchdog>>> = Mutex::new(None);
 
 impl Watchdog {
     pub(super) fn arm(&self, d: Duration) {
@@ -45,22 +51,49 @@ impl Watchdog {
         }
     }
 
-    /// A watchdog for the calling thread, which runs `vm`'s vCPU.
-    pub(super) fn start(vm: &mut Vm) -> Arc<Self> {
-        let dog = Arc::new(Watchdog {
+    fn new() -> Arc<Self> {
+        Arc::new(Watchdog {
             state: Mutex::new(DogState {
                 deadline: None,
                 wakes_at: None,
+                target: None,
             }),
             cv: Condvar::new(),
             fired: AtomicBool::new(false),
-        });
+        })
+    }
+
+    /// A watchdog for the calling thread, which runs `vm`'s vCPU: the one
+    /// a spare started ahead of need if there is one, else a new one.
+    pub(super) fn start(vm: &mut Vm) -> Arc<Self> {
         let kicker = vm.kicker();
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
+        if let Some(dog) = AHEAD.lock().take() {
+            dog.state.lock().target = Some((kicker, me));
+            return dog;
+        }
+        let dog = Self::new();
+        dog.state.lock().target = Some((kicker, me));
         let d = dog.clone();
-        std::thread::spawn(move || d.run(kicker, me));
+        std::thread::spawn(move || d.run(None));
         dog
+    }
+
+    /// Starts a spare's watchdog thread ahead of need: it seals itself
+    /// at once, joins the bubble's cgroups when given their files and
+    /// only then counts as settled (see [`super::linger::seal_then_join`]);
+    /// [`Watchdog::start`] then hands it its vCPU. Saves the thread's start
+    /// and seal on the way from CONFIGURE to the guest.
+    pub(super) fn ahead(cgroups: mpsc::Receiver<Vec<File>>) -> Result<(), String> {
+        let dog = Self::new();
+        let d = dog.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || d.run(Some(cgroups)))
+            .map_err(|e| format!("cannot start the watchdog thread: {e}"))?;
+        *AHEAD.lock() = Some(dog);
+        Ok(())
     }
 
     /// Disarms; the sleeping thread is not woken (it finds nothing armed
@@ -69,12 +102,9 @@ impl Watchdog {
         self.state.lock().deadline = None;
     }
 
-    fn run(self: Arc<Self>, kicker: Kicker, thread: libc::pthread_t) {
-        if let Err(e) = crate::jail::seccomp::seal(crate::jail::seccomp::Thread::Watchdog) {
-            // The vCPU thread waits for this seal before the guest runs.
-            eprintln!("bubble-vmm: {e}");
-            std::process::exit(2);
-        }
+    fn run(self: Arc<Self>, cgroups: Option<mpsc::Receiver<Vec<File>>>) {
+        // The vCPU thread waits for this seal before the guest runs.
+        super::linger::seal_then_join(crate::jail::seccomp::Thread::Watchdog, cgroups);
         let mut g = self.state.lock();
         loop {
             let now = Instant::now();
@@ -84,7 +114,9 @@ impl Watchdog {
                 Some(_) => {
                     // Overrun: kick until the vCPU thread disarms us.
                     self.fired.store(true, Ordering::SeqCst);
-                    kicker.kick(thread);
+                    if let Some((kicker, thread)) = &g.target {
+                        kicker.kick(*thread);
+                    }
                     Some(Duration::from_millis(2))
                 }
             };
