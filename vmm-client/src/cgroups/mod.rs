@@ -387,3 +387,6 @@ pub fn remove(procs: &[PathBuf]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{remove_patiently, Cgroups};
+use super::{remove, Cgroups};
 
 /// What [`Cgroups::kill_strays`] did.
 #[derive(Debug, Default)]
@@ -141,17 +141,25 @@ impl Cgroups {
             .filter(|(_, fd)| !exited(fd))
             .map(|(p, _)| *p)
             .collect();
-        let left_patience = deadline.saturating_duration_since(Instant::now());
-        for leaf in leaves {
-            if remove_patiently(
-                &[leaf.join("cgroup.procs")],
-                left_patience.max(Duration::from_millis(200)),
-            ) {
-                out.removed.push(leaf);
-            } else {
-                out.left.push(leaf);
+        // One deadline for all (at least a moment after the kills): the
+        // kernel may still count a task that has just been killed.
+        let deadline = deadline.max(Instant::now() + Duration::from_millis(200));
+        let mut pending = leaves;
+        loop {
+            pending.retain(|leaf| {
+                remove(&[leaf.join("cgroup.procs")]);
+                let gone = !leaf.exists();
+                if gone {
+                    out.removed.push(leaf.clone());
+                }
+                !gone
+            });
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        out.left = pending;
         out
     }
 }
