@@ -51,10 +51,7 @@ impl Spawner {
             Ok::<_, CgroupError>(moved.warning)
         })
         .await
-        .map_err(|e| CgroupError::Write {
-            path: std::path::PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        .map_err(|e| CgroupError::Task(e.to_string()))??;
         Ok(moved)
     }
 }

@@ -21,6 +21,10 @@ use crate::vmm::{CallFailure, FailureKind, FailureReason, ImageSpec};
 /// must not drain a whole pool for one request.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 2;
 
+/// How long after an attach its bubble's VMM is moved to its new owner's
+/// cgroup (see [`Broker::charge_to_owner`]).
+const CHARGE_DELAY: Duration = Duration::from_millis(5);
+
 impl Broker {
     fn profile(&self, name: &str) -> Option<&PoolProfile> {
         self.cfg.pools.iter().find(|p| p.name == name)
@@ -488,6 +492,11 @@ impl Broker {
         let broker = Arc::downgrade(self);
         let (id, owner, memory_mib) = (rec.id.clone(), rec.owner.clone(), rec.memory_mib);
         tokio::spawn(async move {
+            // After the attach's answer has gone out (and usually the
+            // owner's first call): making the cgroups and moving a whole
+            // process competes for the same cores (measured: it doubled
+            // the broker's side of an attach when started at once).
+            tokio::time::sleep(CHARGE_DELAY).await;
             let spawner = match broker.upgrade() {
                 Some(b) => b.spawner.clone(),
                 None => return,
@@ -497,7 +506,7 @@ impl Broker {
                 .move_to_parent(&spawner, &owner, &id, memory_mib)
                 .await;
             let Some(b) = broker.upgrade() else { return };
-            info!(bubble = %id, parent = %owner, pid = live.vmm.pid(), warning = warning.as_deref().unwrap_or(""), "attached bubble's VMM moved to its parent's cgroup");
+            info!(bubble = %id, parent = %owner, pid = live.vmm.pid(), warning = warning.as_deref().unwrap_or(""), "attached bubble's VMM charged to its parent (the warning says what could not be)");
             let Some(warning) = warning else { return };
             let noted = b.table.with(|t| {
                 t.record_mut(&id).is_some_and(|r| {

@@ -26,6 +26,9 @@ pub enum CgroupError {
     /// No cgroup file system with a memory controller is mounted.
     #[error("no cgroup memory controller is mounted (neither v2 nor v1)")]
     NotMounted,
+    /// The blocking task that moved a process did not finish.
+    #[error("the cgroup move did not finish: {0}")]
+    Task(String),
     /// The process to move had exited.
     #[error("the VMM exited before it could be moved")]
     Gone,
