@@ -260,3 +260,81 @@ async fn an_attached_pooled_bubble_is_charged_to_its_parent() {
     )
     .await;
 }
+
+/// Attaches deleted at once, or around the moment their VMM is moved
+/// (the move starts 5 ms after the attach; the delete here comes 0–9 ms
+/// after it): whichever wins, no cgroup of those bubbles is left in any
+/// controller, under the pool's parent or the attaching one, and no VMM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaches_deleted_during_their_move_leave_no_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some("[[pool]]\nname = \"small\"\nmemory_mib = 16\nsize = 2\n".into()),
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    // The broker's hierarchy, in each controller, from a bubble of its own.
+    let own = c.create_bubble(create_req(16)).await.unwrap().into_inner();
+    let ctls: &[&str] = if v1() {
+        &["memory", "pids", "cpu"]
+    } else {
+        &["memory"]
+    };
+    let bases: Vec<PathBuf> = ctls
+        .iter()
+        .map(|ctl| {
+            let d = cgroup_dir(own.vmm_pid, ctl);
+            d.parent().unwrap().parent().unwrap().to_path_buf()
+        })
+        .collect();
+    let mut attached = Vec::new();
+    for i in 0..10u64 {
+        let b = c
+            .attach_bubble(pb::AttachBubbleRequest {
+                profile: "small".into(),
+                wait_ms: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(b.state, READY, "{}", b.failure_reason);
+        // Schedule variation around the move, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(i)).await;
+        c.delete_bubble(pb::BubbleRef {
+            bubble_id: b.bubble_id.clone(),
+        })
+        .await
+        .unwrap();
+        attached.push((b.bubble_id, b.vmm_pid));
+    }
+    for (_, pid) in &attached {
+        wait_pid_gone(*pid as i32, Duration::from_secs(20)).await;
+    }
+    let left = || {
+        let mut found = Vec::new();
+        for base in &bases {
+            for p in std::fs::read_dir(base).into_iter().flatten().flatten() {
+                for b in std::fs::read_dir(p.path()).into_iter().flatten().flatten() {
+                    let name = b.file_name().to_string_lossy().into_owned();
+                    if attached.iter().any(|(id, _)| name.starts_with(id.as_str())) {
+                        found.push(b.path());
+                    }
+                }
+            }
+        }
+        found
+    };
+    wait_until(
+        "the attached bubbles' cgroups to be removed",
+        Duration::from_secs(10),
+        left,
+        Vec::is_empty,
+    )
+    .await;
+    // The broker's own bubble is untouched.
+    assert!(cgroup_dir(own.vmm_pid, "memory").exists());
+}
