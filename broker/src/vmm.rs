@@ -151,6 +151,27 @@ impl Vmm {
         self.client.jail_warning().unwrap_or_default().to_string()
     }
 
+    /// Moves this VMM (a pooled bubble's) under `parent`'s cgroup, see
+    /// [`vc::Spawner::move_to_parent`]: what could not follow it, as a
+    /// jail warning (None: nothing to say).
+    pub async fn move_to_parent(
+        &self,
+        spawner: &vc::Spawner,
+        parent: &str,
+        bubble: &str,
+        memory_mib: u32,
+    ) -> Option<String> {
+        match spawner
+            .move_to_parent(&self.client, parent, bubble, u64::from(memory_mib) << 20)
+            .await
+        {
+            Ok(warning) => warning,
+            // Gone: nothing is charged to anyone any more.
+            Err(vc::cgroups::CgroupError::Gone) => None,
+            Err(e) => Some(format!("not moved to its parent's cgroup: {e}")),
+        }
+    }
+
     /// Captures the VM (vCPU state and non-zero pages) at a safe point,
     /// as a stream of pieces: each due within a minute of the last, the
     /// whole snapshot within a minute plus a second per 16 MiB of guest

@@ -1,5 +1,6 @@
 //! The cgroups of a re-adopted VMM (one a previous broker on this data
-//! directory started): removed once it exits, as a spawned VMM's are.
+//! directory started): removed once it exits, as a spawned VMM's are;
+//! the VMMs it could not re-adopt killed by their cgroups.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,23 +47,30 @@ impl Spawner {
     }
 }
 
-/// [`cgroups::remove`], retried for a short while until the bubble's
-/// cgroups are gone (the kernel may still count an exiting task).
+/// How long a restarted broker waits for the VMMs it kills by their
+/// cgroup to exit before it removes their cgroups.
+const KILL_PATIENCE: Duration = Duration::from_secs(5);
+
+impl Spawner {
+    /// Kills, by their cgroups, the VMMs a previous broker on this data
+    /// directory left that this one did not re-adopt (`keep`: the pids of
+    /// those it did), and removes their cgroups: see
+    /// [`cgroups::Cgroups::kill_strays`]. Run once at start, after
+    /// re-adoption and before any VMM is placed in a bubble cgroup.
+    pub async fn kill_stray_vmms(&self, keep: Vec<u32>) -> cgroups::Strays {
+        let Some(cg) = self.cgroups().cloned() else {
+            return cgroups::Strays::default();
+        };
+        tokio::task::spawn_blocking(move || cg.kill_strays(&keep, KILL_PATIENCE))
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// Removes the bubble cgroups of `procs`, retrying while the kernel still
+/// counts the exiting task.
 fn remove_when_empty(procs: &[PathBuf]) {
-    let deadline = std::time::Instant::now() + REMOVE_PATIENCE;
-    loop {
-        cgroups::remove(procs);
-        let left = procs
-            .iter()
-            .filter_map(|f| f.parent())
-            .any(std::path::Path::exists);
-        if !left {
-            return;
-        }
-        if std::time::Instant::now() >= deadline {
-            tracing::warn!(cgroups = ?procs, "a re-adopted VMM's cgroup is still busy after it exited; left for the next start");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !cgroups::remove_patiently(procs, REMOVE_PATIENCE) {
+        tracing::warn!(cgroups = ?procs, "a re-adopted VMM's cgroup is still busy after it exited; left for the next start");
     }
 }

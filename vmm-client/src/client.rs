@@ -92,6 +92,9 @@ pub struct VmmClient {
     pub(crate) suspending: Arc<AtomicBool>,
     /// What of the jail could not be set up (e.g. its cgroup).
     pub(crate) jail_warning: Option<String>,
+    /// The bubble cgroups a VMM this broker spawned runs in (`None` for a
+    /// re-adopted one).
+    pub(crate) cgroups: Option<crate::exit::MemcgSlot>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -306,6 +309,7 @@ impl VmmClient {
             exit,
             suspending,
             jail_warning: None,
+            cgroups: None,
         };
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))

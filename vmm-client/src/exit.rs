@@ -52,10 +52,35 @@ impl VmmExit {
     }
 }
 
-/// The memory cgroup directory of a spawned VMM, set once it is placed
-/// there: its reaper reads the cgroup's OOM-kill count to tell a memory
-/// limit kill from another SIGKILL.
-pub(crate) type MemcgSlot = std::sync::Arc<std::sync::OnceLock<std::path::PathBuf>>;
+/// The bubble cgroups a spawned VMM runs in (their `cgroup.procs` files,
+/// the memory controller's first), set once it is placed there: its
+/// reaper reads the memory cgroup's OOM-kill count to tell a memory limit
+/// kill from another SIGKILL, and removes them once it has exited. A
+/// pooled bubble's VMM moved under the parent that attached it has them
+/// replaced (see `cgroups::moving`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MemcgSlot(std::sync::Arc<parking_lot::Mutex<Vec<std::path::PathBuf>>>);
+
+impl MemcgSlot {
+    /// Records the cgroups the VMM now runs in; the ones it had.
+    pub(crate) fn set(&self, procs: Vec<std::path::PathBuf>) -> Vec<std::path::PathBuf> {
+        std::mem::replace(&mut *self.0.lock(), procs)
+    }
+
+    /// The cgroups the VMM runs in (empty: none).
+    pub(crate) fn procs(&self) -> Vec<std::path::PathBuf> {
+        self.0.lock().clone()
+    }
+
+    /// Its memory cgroup's directory.
+    pub(crate) fn memory_dir(&self) -> Option<std::path::PathBuf> {
+        self.0
+            .lock()
+            .first()?
+            .parent()
+            .map(std::path::Path::to_path_buf)
+    }
+}
 
 /// The exit of a spawned VMM, once its reaper has it.
 pub(crate) type ExitWatch = watch::Receiver<Option<VmmExit>>;

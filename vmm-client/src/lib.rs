@@ -17,6 +17,7 @@
 mod adopted;
 mod body;
 pub mod cgroups;
+mod charge;
 mod client;
 mod direct;
 mod exit;

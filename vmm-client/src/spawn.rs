@@ -327,6 +327,7 @@ impl Spawner {
         let t_sent = t0.elapsed();
         let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
         c.jail_warning = warning;
+        c.cgroups = Some(sp.memcg);
         tracing::debug!(
             dir_us = t_cgroup.as_micros() as u64,
             cgroup_us = (t_send - t_cgroup).as_micros() as u64,
@@ -453,8 +454,8 @@ async fn connect_child(
         // A SIGKILL from the kernel's OOM killer, told apart by its
         // cgroup's count (read before the cgroup is removed: removal
         // waits for this exit).
-        let exit = match (exit, slot.get()) {
-            (VmmExit::Signal(libc::SIGKILL), Some(dir)) if cgroups::oom_killed(dir) => {
+        let exit = match (exit, slot.memory_dir()) {
+            (VmmExit::Signal(libc::SIGKILL), Some(dir)) if cgroups::oom_killed(&dir) => {
                 VmmExit::MemoryLimit
             }
             (e, _) => e,
@@ -486,16 +487,16 @@ fn confine(
     None
 }
 
-/// Removes the cgroups of `procs` once their VMM has exited.
+/// Notes that the VMM runs in the cgroups of `procs` and removes the
+/// ones it runs in (these, or those it was moved to) once it has exited.
 fn remove_after_exit(procs: Vec<PathBuf>, exit: &ExitWatch, memcg: &MemcgSlot) {
     // The memory controller's comes first (see `Cgroups::prepare`).
-    if let Some(dir) = procs.first().and_then(|f| f.parent()) {
-        let _ = memcg.set(dir.to_path_buf());
-    }
+    memcg.set(procs);
     let mut exit = exit.clone();
+    let memcg = memcg.clone();
     tokio::spawn(async move {
         let _ = exit.wait_for(Option::is_some).await;
-        cgroups::remove(&procs);
+        cgroups::remove(&memcg.procs());
     });
 }
 
@@ -557,5 +558,6 @@ async fn spawn_jailed(
     let warning = confine(cgroup, pid, &exit, &memcg);
     let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
     c.jail_warning = warning;
+    c.cgroups = Some(memcg);
     Ok(c)
 }

@@ -21,6 +21,10 @@ use crate::vmm::{CallFailure, FailureKind, FailureReason, ImageSpec};
 /// must not drain a whole pool for one request.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 2;
 
+/// How long after an attach its bubble's VMM is moved to its new owner's
+/// cgroup (see [`Broker::charge_to_owner`]).
+const CHARGE_DELAY: Duration = Duration::from_millis(5);
+
 impl Broker {
     fn profile(&self, name: &str) -> Option<&PoolProfile> {
         self.cfg.pools.iter().find(|p| p.name == name)
@@ -166,7 +170,10 @@ impl Broker {
                     .await?
                 }
             };
-            if let Some(r) = taken {
+            if let Some((r, fresh)) = taken {
+                if fresh {
+                    self.charge_to_owner(&r);
+                }
                 let r = self.unbill_pool_vcpu(r).await;
                 // Refill in the background, after this answer has gone out:
                 // booting the replacement competes for the same cores.
@@ -276,7 +283,8 @@ impl Broker {
     /// Assigns the oldest READY pooled bubble of `profile` carrying
     /// exactly the policy `policy` to `parent`; with `only`, that bubble
     /// (if it is still pooled and READY), which carries the default policy
-    /// and has just had `policy` installed.
+    /// and has just had `policy` installed. With the record, whether this
+    /// call assigned it (not a concurrent retry of the same request).
     fn take_pooled(
         &self,
         parent: &str,
@@ -285,7 +293,7 @@ impl Broker {
         client_request_id: &str,
         policy: &PortionPolicy,
         only: Option<&str>,
-    ) -> Result<Option<BubbleRecord>, BrokerError> {
+    ) -> Result<Option<(BubbleRecord, bool)>, BrokerError> {
         let wanted = policy.encode();
         let carries = match only {
             Some(_) => PortionPolicy::default().encode(),
@@ -365,7 +373,7 @@ impl Broker {
             self.unsynced_owners.lock().insert(rec.id.clone());
             self.owners_kick.notify_one();
         }
-        Ok(Some(rec))
+        Ok(Some((rec, fresh)))
     }
 
     /// [`Broker::take_pooled`] for an attach with a security policy: the
@@ -382,7 +390,7 @@ impl Broker {
         client_request_id: &str,
         pooled: &PortionPolicy,
         policy: &PortionPolicy,
-    ) -> Result<Option<BubbleRecord>, BrokerError> {
+    ) -> Result<Option<(BubbleRecord, bool)>, BrokerError> {
         let mut attempts = 0u32;
         let carries = pooled.encode();
         // The install path only ever starts from the default policy.
@@ -396,7 +404,7 @@ impl Broker {
                         Some(r) if r.policy.encode() != policy.encode() => {
                             Err(BrokerError::RequestIdReused { field: "policy" })
                         }
-                        other => Ok(other),
+                        other => Ok(other.map(|r| (r, false))),
                     };
                 }
             }
@@ -451,7 +459,7 @@ impl Broker {
                 continue;
             }
             match self.take_pooled(parent, profile, idle, client_request_id, policy, Some(&id)) {
-                Ok(Some(r)) if r.id == id => return Ok(Some(r)),
+                Ok(Some((r, fresh))) if r.id == id => return Ok(Some((r, fresh))),
                 other => {
                     let reason = FailureReason::new(
                         FailureKind::Internal,
@@ -469,6 +477,53 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// In the background, after the attach has answered: moves an
+    /// attached pooled bubble's VMM out of the pool's cgroup into one
+    /// under its new owner's, so that its memory counts against the
+    /// owner's limit (see `docs/jail.md`), and notes in its jail warning
+    /// what could not follow (memory charged while pooled, where the
+    /// kernel does not move charges).
+    fn charge_to_owner(self: &Arc<Self>, rec: &BubbleRecord) {
+        let Some(live) = self.table.live_of(&rec.id) else {
+            return;
+        };
+        let broker = Arc::downgrade(self);
+        let (id, owner, memory_mib) = (rec.id.clone(), rec.owner.clone(), rec.memory_mib);
+        tokio::spawn(async move {
+            // After the attach's answer has gone out (and usually the
+            // owner's first call): making the cgroups and moving a whole
+            // process competes for the same cores (measured: it doubled
+            // the broker's side of an attach when started at once).
+            tokio::time::sleep(CHARGE_DELAY).await;
+            let spawner = match broker.upgrade() {
+                Some(b) => b.spawner.clone(),
+                None => return,
+            };
+            let warning = live
+                .vmm
+                .move_to_parent(&spawner, &owner, &id, memory_mib)
+                .await;
+            let Some(b) = broker.upgrade() else { return };
+            info!(bubble = %id, parent = %owner, pid = live.vmm.pid(), warning = warning.as_deref().unwrap_or(""), "attached bubble's VMM charged to its parent (the warning says what could not be)");
+            let Some(warning) = warning else { return };
+            let noted = b.table.with(|t| {
+                t.record_mut(&id).is_some_and(|r| {
+                    let same = r.owner == owner;
+                    if same {
+                        r.jail_warning = match r.jail_warning.is_empty() {
+                            true => warning.clone(),
+                            false => format!("{}; {warning}", r.jail_warning),
+                        };
+                    }
+                    same
+                })
+            });
+            if noted {
+                b.dirty.lock().insert(id);
+            }
+        });
     }
 
     /// The bubble `parent` made with this request id, if the in-memory

@@ -89,6 +89,7 @@ impl Broker {
             }
         }
         self.stop_strays().await;
+        self.kill_unreachable_vmms().await;
         self.date_ended_records();
         self.release_own_claims();
         Ok(())
@@ -141,6 +142,39 @@ impl Broker {
                     info!(bubble = %id, state = ?s, "stopped a VMM its bubble no longer uses")
                 }
             }
+        }
+    }
+
+    /// Kills, by their cgroups, the VMMs of a previous broker on this data
+    /// directory that no running bubble here re-adopted and that could not
+    /// be stopped through their socket (above): a VMM started but never
+    /// recorded whose socket is gone, a bubble lost because its VMM no
+    /// longer answers. Runs before pools refill and before the API serves,
+    /// so no VMM of this broker is in a bubble cgroup yet but the
+    /// re-adopted ones.
+    async fn kill_unreachable_vmms(&self) {
+        let keep: Vec<u32> = self
+            .table
+            .with(|t| {
+                t.records()
+                    .filter(|r| r.state.expects_vmm())
+                    .map(|r| r.id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .iter()
+            .filter_map(|id| self.table.live_of(id))
+            .map(|live| live.vmm.pid())
+            .collect();
+        let strays = self.spawner.kill_stray_vmms(keep).await;
+        if !strays.killed.is_empty() || !strays.removed.is_empty() {
+            info!(
+                killed = ?strays.killed,
+                cgroups_removed = strays.removed.len(),
+                "VMMs no bubble here owns were killed by their cgroups"
+            );
+        }
+        if !strays.surviving.is_empty() || !strays.left.is_empty() {
+            warn!(surviving = ?strays.surviving, cgroups = ?strays.left, "VMMs or their cgroups outlived the kill at start");
         }
     }
 

@@ -5,8 +5,15 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
+mod moving;
+mod strays;
 mod sweep;
+pub use moving::Moved;
+pub use strays::Strays;
 pub use sweep::HOST_CLAIMS;
+
+/// Where the host's cgroup file systems are mounted.
+const ROOT: &str = "/sys/fs/cgroup";
 
 /// Memory a VMM uses beyond its guest's (code, stacks, buffers), bytes.
 pub const VMM_OVERHEAD: u64 = 64 << 20;
@@ -19,6 +26,12 @@ pub enum CgroupError {
     /// No cgroup file system with a memory controller is mounted.
     #[error("no cgroup memory controller is mounted (neither v2 nor v1)")]
     NotMounted,
+    /// The blocking task that moved a process did not finish.
+    #[error("the cgroup move did not finish: {0}")]
+    Task(String),
+    /// The process to move had exited.
+    #[error("the VMM exited before it could be moved")]
+    Gone,
     /// A cgroup file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -49,6 +62,9 @@ pub struct Cgroups {
     parent_memory: u64,
     /// This broker's claim on its hierarchy name (see [`sweep`]).
     _claim: Option<sweep::HierarchyClaim>,
+    /// Whether what is in its hierarchy is this broker's to kill and
+    /// remove: it holds the claim (or, in unit tests, none was wanted).
+    owned: bool,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
@@ -93,7 +109,18 @@ impl Cgroups {
     /// named `name` under its root. `parent_memory`: each parent's
     /// memory limit, bytes.
     pub fn detect(name: &str, parent_memory: u64) -> Result<Self, CgroupError> {
-        let root = Path::new("/sys/fs/cgroup");
+        Self::detect_at(Path::new(ROOT), name, parent_memory, true)
+    }
+
+    /// [`Cgroups::detect`] under `root` (the unit tests give a directory
+    /// laid out as a v1 or v2 hierarchy); `claim`: take and honour the
+    /// host-wide claim on the hierarchy's name (see [`sweep`]).
+    fn detect_at(
+        root: &Path,
+        name: &str,
+        parent_memory: u64,
+        claim: bool,
+    ) -> Result<Self, CgroupError> {
         let v2 = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
         let layout = if v2.split_whitespace().any(|c| c == "memory") {
             Layout::V2(root.join(name))
@@ -109,18 +136,20 @@ impl Cgroups {
         // Claimed before anything is made in it, and cleared of what an
         // earlier broker on this data directory left (cgroups with a
         // process in them, such as a re-adoptable VMM's, stay).
-        let claim = sweep::claim(name);
+        let claim_wanted = claim;
+        let claim = if claim { sweep::claim(name) } else { None };
         let claimed = claim.is_some();
         let cg = Self {
             layout,
             parent_memory,
             _claim: claim,
+            owned: claimed || !claim_wanted,
         };
         if claimed {
             for base in cg.bases() {
                 sweep::remove_empty(&base);
             }
-        } else {
+        } else if claim_wanted {
             // Unclaimed, another broker's sweeper could take this
             // hierarchy for a dead one's: sweep nothing from here either.
             tracing::warn!(
@@ -129,6 +158,11 @@ impl Cgroups {
             );
         }
         Ok(cg)
+    }
+
+    /// Whether this is the unified (v2) hierarchy.
+    fn v2(&self) -> bool {
+        matches!(self.layout, Layout::V2(_))
     }
 
     /// This broker's hierarchy in each controller's tree.
@@ -326,6 +360,24 @@ pub fn oom_killed(dir: &Path) -> bool {
     own_limit_hit && killed
 }
 
+/// [`remove`], retried for up to `patience` until the bubble cgroups of
+/// `procs` are gone (the kernel may still count a task that has just
+/// exited or left); whether they are.
+pub fn remove_patiently(procs: &[PathBuf], patience: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        remove(procs);
+        let left = procs.iter().filter_map(|f| f.parent()).any(Path::exists);
+        if !left {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Removes the bubble cgroups of `procs` once their VMM is gone, then
 /// its parent's and the broker's if they are left empty (a cgroup that
 /// still has a process or a child stays).
@@ -338,3 +390,6 @@ pub fn remove(procs: &[PathBuf]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
