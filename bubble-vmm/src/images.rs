@@ -38,6 +38,11 @@ pub enum HostileKind {
     /// Says READY, then answers a call with an AWAITING whose key length
     /// (200) is over the limit and whose bytes are garbage.
     BadAwait,
+    /// Says READY_EARLY, then spins instead of finishing its start-up.
+    EarlySpin,
+    /// Says READY_EARLY, then writes garbage over the mailbox header and
+    /// rings the doorbell instead of saying READY.
+    EarlyGarbage,
 }
 
 impl HostileKind {
@@ -50,6 +55,8 @@ impl HostileKind {
         HostileKind::Spin,
         HostileKind::StrayMmio,
         HostileKind::BadAwait,
+        HostileKind::EarlySpin,
+        HostileKind::EarlyGarbage,
     ];
 
     /// Its name (`test:<name>` images in the broker).
@@ -62,6 +69,8 @@ impl HostileKind {
             HostileKind::Spin => "spin",
             HostileKind::StrayMmio => "stray-mmio",
             HostileKind::BadAwait => "bad-await",
+            HostileKind::EarlySpin => "early-spin",
+            HostileKind::EarlyGarbage => "early-garbage",
         }
     }
 
@@ -158,6 +167,23 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
             a.store_rax(64);
             a.mov_rax(0xdead_beef_cafe_babe);
             a.store_rax(72);
+            a.ring();
+            let l = a.here();
+            a.jmp_to(l);
+        }
+        HostileKind::EarlySpin => {
+            a.header(mb, MsgType::ReadyEarly as u16, 0);
+            a.ring();
+            let l = a.here();
+            a.jmp_to(l);
+        }
+        HostileKind::EarlyGarbage => {
+            a.header(mb, MsgType::ReadyEarly as u16, 0);
+            a.ring();
+            a.mov_rbx(mb);
+            a.mov_rax(0xdead_beef_cafe_babe);
+            a.store_rax(0);
+            a.store_rax(8);
             a.ring();
             let l = a.here();
             a.jmp_to(l);

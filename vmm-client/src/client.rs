@@ -57,6 +57,17 @@ pub struct ReadyInfo {
     pub boot_us: u64,
 }
 
+/// Whether a new client checks its VMM with a HELLO round trip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hello {
+    /// HELLO: the VMM must say it runs the expected bubble (answered once
+    /// its guest has started). Always for re-adoption.
+    Check,
+    /// None: a spare the broker connected to (peer uid checked) and just
+    /// configured with the bubble.
+    Skip,
+}
+
 /// A reply as it came: decoded, or why it did not decode.
 pub(crate) type Answer = Result<Reply, DecodeError>;
 
@@ -153,7 +164,7 @@ impl VmmClient {
             });
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        Self::handshake(stream, expected_bubble_id, pid, None).await
+        Self::handshake(stream, expected_bubble_id, pid, None, Hello::Check).await
     }
 
     pub(crate) async fn handshake(
@@ -161,6 +172,7 @@ impl VmmClient {
         bubble_id: &str,
         pid: u32,
         exit_watch: Option<ExitWatch>,
+        hello: Hello,
     ) -> Result<Self, VmmError> {
         let proc = crate::ProcHandle::of_peer(&stream, pid);
         // Registered for read readiness only: the VMM consuming a request
@@ -307,6 +319,9 @@ impl VmmClient {
             suspending,
             jail_warning: None,
         };
+        if hello == Hello::Skip {
+            return Ok(c);
+        }
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
             .await?
@@ -442,6 +457,16 @@ impl VmmClient {
             Reply::Error { text, .. } => Err(VmmError::NoMeasurement(text)),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Why the bubble is failed or its VMM gone, if it is: what a
+    /// subscriber to [`VmmClient::events`] that came late would have
+    /// missed (a failure after READY: the guest's start-up ends after it).
+    pub fn ended(&self) -> Option<FailureReason> {
+        if let Readiness::Failed(r) = &*self.readiness.borrow() {
+            return Some(r.clone());
+        }
+        self.exit.get().map(VmmExit::reason)
     }
 
     /// Waits until the guest is READY.
