@@ -103,6 +103,11 @@ pub struct VmmClient {
     pub(crate) suspending: Arc<AtomicBool>,
     /// What of the jail could not be set up (e.g. its cgroup).
     pub(crate) jail_warning: Option<String>,
+    /// When the guest's start-up must be over (its VMM's boot deadline),
+    /// for a VMM this client spawned: READY comes at the guest's
+    /// READY_EARLY, and calls made before the rest of its start-up is
+    /// over wait for it in the VMM (docs/guest-abi.md, "Start-up").
+    pub(crate) started_by: Option<Instant>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -318,6 +323,7 @@ impl VmmClient {
             exit,
             suspending,
             jail_warning: None,
+            started_by: None,
         };
         if hello == Hello::Skip {
             return Ok(c);
@@ -508,9 +514,15 @@ impl VmmClient {
             deadline_ms,
             call: *call,
         });
-        // The VMM enforces the deadline; allow it time to report.
+        // The VMM enforces the deadline; allow it time to report. A call
+        // made while the guest may still be starting waits in the VMM
+        // until the start-up is over, which its boot deadline bounds (and
+        // then reports as the failure it is).
+        let starting = self.started_by.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
         let reply = self
-            .request(&req, deadline + Duration::from_secs(5))
+            .request(&req, starting + deadline + Duration::from_secs(5))
             .await
             .map_err(|e| match e {
                 VmmError::Encode(e) => CallError::BadRequest(e.to_string()),

@@ -342,6 +342,7 @@ impl Spawner {
         let mut c =
             VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit), hello).await?;
         c.jail_warning = warning;
+        c.started_by = Some(t0 + cfg.boot_timeout);
         tracing::debug!(
             dir_us = t_cgroup.as_micros() as u64,
             cgroup_us = (t_send - t_cgroup).as_micros() as u64,
@@ -526,6 +527,7 @@ async fn spawn_jailed(
     lease: Option<UidLease>,
     cgroup: Result<Vec<PathBuf>, String>,
 ) -> Result<VmmClient, VmmError> {
+    let t0 = std::time::Instant::now();
     prepare_dir(cfg)?;
     let (jail, held) = hold_claim(jail, lease.as_ref());
     let sock = socket_path(&cfg.dir);
@@ -572,5 +574,6 @@ async fn spawn_jailed(
     let warning = confine(cgroup, pid, &exit, &memcg);
     let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit), Hello::Check).await?;
     c.jail_warning = warning;
+    c.started_by = Some(t0 + cfg.boot_timeout);
     Ok(c)
 }
