@@ -40,8 +40,9 @@ pub enum HostileKind {
     BadAwait,
     /// Says READY_EARLY, then spins instead of finishing its start-up.
     EarlySpin,
-    /// Says READY_EARLY, then writes garbage over the mailbox header and
-    /// rings the doorbell instead of saying READY.
+    /// Says READY_EARLY, then (after a busy wait of tens of ms) writes
+    /// garbage over the mailbox header and rings the doorbell instead of
+    /// saying READY.
     EarlyGarbage,
 }
 
@@ -99,6 +100,15 @@ impl Asm {
     /// mov dword [rbx], eax
     fn store_eax(&mut self) {
         self.0.extend([0x89, 0x03]);
+    }
+    /// Busy-waits `n` iterations (`mov rcx, n; 1: dec rcx; jnz 1b`).
+    fn busy(&mut self, n: u64) {
+        self.0.extend([0x48, 0xb9]);
+        self.0.extend(n.to_le_bytes());
+        let top = self.here();
+        self.0.extend([0x48, 0xff, 0xc9]);
+        let rel = top as i64 - (self.0.len() as i64 + 2);
+        self.0.extend([0x75, rel as i8 as u8]);
     }
     fn here(&self) -> usize {
         self.0.len()
@@ -180,6 +190,9 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
         HostileKind::EarlyGarbage => {
             a.header(mb, MsgType::ReadyEarly as u16, 0);
             a.ring();
+            // A while (tens of ms) after READY_EARLY, so that the broker
+            // has taken READY before the failure comes.
+            a.busy(50_000_000);
             a.mov_rbx(mb);
             a.mov_rax(0xdead_beef_cafe_babe);
             a.store_rax(0);

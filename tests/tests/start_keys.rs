@@ -173,3 +173,39 @@ async fn a_guest_that_never_finishes_its_start_up_fails_alone() {
         assert_eq!(out, kind.as_bytes());
     }
 }
+
+/// The guest fails right after READY_EARLY, while the create is still
+/// finishing (held at `create.booted`, before the broker follows the
+/// VMM's notices): the failure reported meanwhile is not lost, the
+/// bubble is FAILED with the guest's reason (not, seconds later, with its
+/// VMM's exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_between_ready_and_the_end_of_the_create_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            env: vec![("BUBBLED_TEST_PAUSE".into(), "create.booted=400".into())],
+            ..Opts::default()
+        },
+    );
+    let mut c = broker.client().await;
+    wait_spares_ready(dir.path(), 2, Duration::from_secs(30)).await;
+    let b = c
+        .create_bubble(pb::CreateBubbleRequest {
+            image: "test:early-garbage".into(),
+            ..create_req(8)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = wait_for(&mut c, &b.bubble_id, Duration::from_secs(10), |b| {
+        b.state == pb::BubbleState::Failed as i32
+    })
+    .await;
+    assert!(
+        b.failure_reason.contains("bad message magic"),
+        "{}",
+        b.failure_reason
+    );
+}
