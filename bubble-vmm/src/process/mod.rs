@@ -183,7 +183,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     let ran = started.elapsed();
     // READY (or READY_EARLY: the guest runs; it makes its keys next,
     // before any request is read) goes to the broker now.
-    let booted = booted.map(|b| {
+    if booted.is_ok() {
         let boot_us = ran.as_micros() as u64;
         {
             let mut s = shared.status.lock();
@@ -192,8 +192,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         }
         first = take_conn(&conns, &shared, first.take());
         shared.event(&Event::Ready { boot_us });
-        b
-    });
+    }
     let booted = match booted {
         Ok(Boot::Early(_)) => guest.bubble.finish_start(&mut log).map(|_| ()),
         Ok(Boot::Ready(_)) => Ok(()),
