@@ -74,12 +74,13 @@ fn main() {
     for f in ["src", "Cargo.toml", "Cargo.lock", "link.ld"] {
         println!("cargo:rerun-if-changed={}", shim.join(f).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest.join("../bubble-abi/src").display()
-    );
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest.join("../bubble-abi/Cargo.toml").display()
-    );
+    // The shim's path dependencies: a change to either must rebuild it.
+    for dep in ["../bubble-abi", "../keys"] {
+        for f in ["src", "Cargo.toml"] {
+            println!(
+                "cargo:rerun-if-changed={}",
+                manifest.join(dep).join(f).display()
+            );
+        }
+    }
 }

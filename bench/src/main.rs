@@ -8,7 +8,9 @@
 //! minimal CPL-3 guest, until its first exit) and `raw_exit_rtt` (one CPL-3
 //! exit round trip, averaged over batches, 10,000 exits in all). Through the
 //! broker (gRPC over its Unix socket): `create_to_ready` (cold
-//! CreateBubble until READY) and `call_echo_64b` (Call round trip, 64-byte
+//! CreateBubble until READY), `create_then_attest` (the same, then at once
+//! its first GetAttestation, which needs the guest's keys) and
+//! `call_echo_64b` (Call round trip, 64-byte
 //! echo; the same calls with the broker's answer polling off are the
 //! baseline in the same run). Prints p50/p99 and the ratios to the floors;
 //! `--json` writes an object keyed by metric with `p50_us`, `p99_us` and

@@ -58,6 +58,11 @@ pub(crate) fn print_results(results: &BTreeMap<&str, Stat>) {
                 }
                 t + &format!("; VMM steps p50 µs: {}", extra(s, "vmm_steps_p50_us"))
             }
+            ("create_then_attest", Some(f), _) => format!(
+                "{:.2} × raw_kvm_floor; of which the first attestation p50 {} µs",
+                s.p50.as_secs_f64() / f.as_secs_f64(),
+                extra(s, "first_attestation_p50_us")
+            ),
             ("call_echo_64b", _, Some(r)) => format!(
                 "raw_exit_rtt + {:.1} µs (target ≤ +150); answer polling off: p50 {} µs",
                 us(s.p50) - us(r),

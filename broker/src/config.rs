@@ -386,6 +386,9 @@ pub struct FileConfig {
     pub spare_vmms: Option<usize>,
     /// VMM request polling before sleeping, µs (0: off).
     pub vmm_poll_us: Option<u32>,
+    /// How long a guest may take to start, ms (default 20000, at least
+    /// 100).
+    pub boot_timeout_ms: Option<u64>,
     /// Answer polling in the broker, µs (0: off).
     pub answer_poll_us: Option<u32>,
     /// Frozen-bubble store directory.

@@ -190,6 +190,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         cfg.claim_lease = std::time::Duration::from_millis(ms.max(300));
     }
     cfg.restore_over_socket = file.restore_over_socket;
+    if let Some(ms) = file.boot_timeout_ms {
+        cfg.boot_timeout = std::time::Duration::from_millis(ms.max(100));
+    }
     if let Some(n) = file.vmm_poll_us {
         cfg.vmm_poll_us = n.min(10_000);
     }

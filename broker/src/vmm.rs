@@ -141,6 +141,7 @@ impl Vmm {
             restore,
             poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
             die_with_broker: cfg.jail.die_with_broker,
+            boot_timeout: cfg.boot_timeout,
         };
         let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
@@ -342,6 +343,13 @@ impl Vmm {
     pub fn notices(&self) -> mpsc::UnboundedReceiver<VmmNotice> {
         let mut ev = self.client.events();
         let (tx, rx) = mpsc::unbounded_channel();
+        // Subscribed first, then checked: a failure reported before this
+        // (the guest's start-up continues after READY and can fail while
+        // the create is still finishing) is not missed.
+        if let Some(r) = self.client.ended() {
+            let _ = tx.send(VmmNotice::Failed(r));
+            return rx;
+        }
         tokio::spawn(async move {
             loop {
                 let n = match ev.recv().await {

@@ -20,6 +20,9 @@ fn payload(t: MsgType) -> &'static str {
         MsgType::Awaiting => {
             "`[timeout_ms u32][key_len u8][key ≤ MAX_AWAIT_KEY_LEN]`; the CALL stays pending"
         }
+        MsgType::ReadyEarly => {
+            "greeting text; resume once with no request, then READY follows"
+        }
         MsgType::Resume => "`[status u8: 1 event, 2 timeout][event payload]`; continues the pending CALL",
         MsgType::Call => {
             "`[flags u8][op_len u8][op]` + SIGN: `[id_len u8][bubble id]` + SEAL: `[seal_to 32]` + `[input]`"

@@ -11,11 +11,12 @@ use crate::{
 };
 
 /// Message types. Guest to host: `Ready`, `Reply`, `ErrorReply`, `Log`,
-/// `Panic`, `Awaiting`; host to guest: `Call`, `Resume`.
+/// `Panic`, `Awaiting`, `ReadyEarly`; host to guest: `Call`, `Resume`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum MsgType {
-    /// The guest booted and waits for its first request.
+    /// The guest booted (its start-up finished: its key pairs exist) and
+    /// waits for its first request.
     Ready = 1,
     /// Successful answer to a CALL; payload is the output.
     Reply = 2,
@@ -28,6 +29,11 @@ pub enum MsgType {
     /// A portion of the pending CALL awaits an event: payload is a
     /// [`crate::Awaiting`]. The CALL is not answered yet.
     Awaiting = 6,
+    /// The guest runs (heap and mailbox set up) and asks to be resumed
+    /// once, with no request, to finish its start-up (make its key
+    /// pairs); it then sends `Ready`. The host may report the bubble
+    /// ready at once but sends no request before that `Ready`.
+    ReadyEarly = 7,
     /// A request: payload is a [`crate::Call`].
     Call = 0x81,
     /// Continues the CALL that answered AWAITING: payload is a
@@ -37,13 +43,14 @@ pub enum MsgType {
 
 impl MsgType {
     /// Every type, in numeric order.
-    pub const ALL: [MsgType; 8] = [
+    pub const ALL: [MsgType; 9] = [
         MsgType::Ready,
         MsgType::Reply,
         MsgType::ErrorReply,
         MsgType::Log,
         MsgType::Panic,
         MsgType::Awaiting,
+        MsgType::ReadyEarly,
         MsgType::Call,
         MsgType::Resume,
     ];
@@ -62,6 +69,7 @@ impl MsgType {
             MsgType::Log => "LOG",
             MsgType::Panic => "PANIC",
             MsgType::Awaiting => "AWAITING",
+            MsgType::ReadyEarly => "READY_EARLY",
             MsgType::Call => "CALL",
             MsgType::Resume => "RESUME",
         }

@@ -1,4 +1,4 @@
-//! A booted guest speaking the guest ABI (`bubble-abi`): READY, CALL/REPLY, LOG, PANIC, with the
+//! A booted guest speaking the guest ABI (`bubble-abi`): READY_EARLY, READY, CALL/REPLY, LOG, PANIC, with the
 //! checks that keep a misbehaving guest from hurting anything but itself.
 
 use std::time::{Duration, Instant};
@@ -27,6 +27,11 @@ pub enum BubbleError {
     /// The guest rang the doorbell too often without answering.
     #[error("exit flood: more than {FLOOD_EXITS_PER_SEC} doorbell exits within one second without an answer")]
     Flood,
+    /// The host asked too early: a request before the guest finished its
+    /// start-up (READY_EARLY without READY yet), or a start-up to finish
+    /// that was never begun. Nothing reached the guest.
+    #[error("the guest has not finished its start-up (READY_EARLY, no READY yet)")]
+    NotStarted,
 }
 
 impl BubbleError {
@@ -38,6 +43,7 @@ impl BubbleError {
             BubbleError::Protocol(_) => K::GuestAbi,
             BubbleError::Panic(_) => K::GuestPanic,
             BubbleError::Flood => K::ExitFlood,
+            BubbleError::NotStarted => K::Internal,
         }
     }
 
@@ -73,6 +79,17 @@ pub struct Bubble {
     exits_in_window: u32,
     /// LOG lines dropped by the rate limit.
     pub logs_dropped: u64,
+    /// Between READY_EARLY and READY: no request may be sent.
+    starting: bool,
+}
+
+/// How a guest's boot went as far as its first message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// READY: started, accepts calls (its greeting).
+    Ready(String),
+    /// READY_EARLY: runs, but must be resumed until READY before any call.
+    Early(String),
 }
 
 impl Bubble {
@@ -85,6 +102,7 @@ impl Bubble {
             logs_in_window: 0,
             exits_in_window: 0,
             logs_dropped: 0,
+            starting: false,
         }
     }
 
@@ -141,15 +159,54 @@ impl Bubble {
         }
     }
 
-    /// Runs the guest until READY; returns its greeting.
+    /// Runs the guest until READY (through READY_EARLY and the rest of
+    /// its start-up, if it says READY_EARLY); returns its greeting.
     pub fn boot(&mut self, log: &mut dyn FnMut(&str)) -> Result<String, BubbleError> {
+        match self.boot_early(log)? {
+            Boot::Ready(greeting) => Ok(greeting),
+            Boot::Early(_) => self.finish_start(log),
+        }
+    }
+
+    /// Runs the guest until its first message: READY, or READY_EARLY
+    /// (then it runs but must finish its start-up, [`Bubble::finish_start`],
+    /// before it is sent any request).
+    pub fn boot_early(&mut self, log: &mut dyn FnMut(&str)) -> Result<Boot, BubbleError> {
+        let m = self.next_message(log)?;
+        let early = match m.header.msg_type {
+            MsgType::Ready => false,
+            MsgType::ReadyEarly => true,
+            other => {
+                return Err(BubbleError::Protocol(format!(
+                    "expected READY or READY_EARLY at boot, got {other:?}"
+                )))
+            }
+        };
+        self.starting = early;
+        let greeting = abi::decode_text(&m.payload)
+            .map(str::to_string)
+            .map_err(|e| BubbleError::Protocol(format!("{}: {e}", m.header.msg_type.name())))?;
+        Ok(if early {
+            Boot::Early(greeting)
+        } else {
+            Boot::Ready(greeting)
+        })
+    }
+
+    /// After READY_EARLY: resumes the guest (no request in the mailbox)
+    /// until its READY; anything else breaks the ABI.
+    pub fn finish_start(&mut self, log: &mut dyn FnMut(&str)) -> Result<String, BubbleError> {
+        if !self.starting {
+            return Err(BubbleError::NotStarted);
+        }
         let m = self.next_message(log)?;
         if m.header.msg_type != MsgType::Ready {
             return Err(BubbleError::Protocol(format!(
-                "expected READY at boot, got {:?}",
+                "expected READY after READY_EARLY, got {:?}",
                 m.header.msg_type
             )));
         }
+        self.starting = false;
         abi::decode_text(&m.payload)
             .map(str::to_string)
             .map_err(|e| BubbleError::Protocol(format!("READY: {e}")))
@@ -176,6 +233,10 @@ impl Bubble {
         call: &abi::Call<'_>,
         log: &mut dyn FnMut(&str),
     ) -> Result<Answer, BubbleError> {
+        // A guest between READY_EARLY and READY never sees a request.
+        if self.starting {
+            return Err(BubbleError::NotStarted);
+        }
         self.seq += 1;
         // The broker's `resume` CALL reaches the guest as a RESUME message.
         let written = if call.op == abi::OP_RESUME {

@@ -38,6 +38,12 @@ pub enum HostileKind {
     /// Says READY, then answers a call with an AWAITING whose key length
     /// (200) is over the limit and whose bytes are garbage.
     BadAwait,
+    /// Says READY_EARLY, then spins instead of finishing its start-up.
+    EarlySpin,
+    /// Says READY_EARLY, then (after a busy wait of tens of ms) writes
+    /// garbage over the mailbox header and rings the doorbell instead of
+    /// saying READY.
+    EarlyGarbage,
 }
 
 impl HostileKind {
@@ -50,6 +56,8 @@ impl HostileKind {
         HostileKind::Spin,
         HostileKind::StrayMmio,
         HostileKind::BadAwait,
+        HostileKind::EarlySpin,
+        HostileKind::EarlyGarbage,
     ];
 
     /// Its name (`test:<name>` images in the broker).
@@ -62,6 +70,8 @@ impl HostileKind {
             HostileKind::Spin => "spin",
             HostileKind::StrayMmio => "stray-mmio",
             HostileKind::BadAwait => "bad-await",
+            HostileKind::EarlySpin => "early-spin",
+            HostileKind::EarlyGarbage => "early-garbage",
         }
     }
 
@@ -90,6 +100,15 @@ impl Asm {
     /// mov dword [rbx], eax
     fn store_eax(&mut self) {
         self.0.extend([0x89, 0x03]);
+    }
+    /// Busy-waits `n` iterations (`mov rcx, n; 1: dec rcx; jnz 1b`).
+    fn busy(&mut self, n: u64) {
+        self.0.extend([0x48, 0xb9]);
+        self.0.extend(n.to_le_bytes());
+        let top = self.here();
+        self.0.extend([0x48, 0xff, 0xc9]);
+        let rel = top as i64 - (self.0.len() as i64 + 2);
+        self.0.extend([0x75, rel as i8 as u8]);
     }
     fn here(&self) -> usize {
         self.0.len()
@@ -158,6 +177,26 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
             a.store_rax(64);
             a.mov_rax(0xdead_beef_cafe_babe);
             a.store_rax(72);
+            a.ring();
+            let l = a.here();
+            a.jmp_to(l);
+        }
+        HostileKind::EarlySpin => {
+            a.header(mb, MsgType::ReadyEarly as u16, 0);
+            a.ring();
+            let l = a.here();
+            a.jmp_to(l);
+        }
+        HostileKind::EarlyGarbage => {
+            a.header(mb, MsgType::ReadyEarly as u16, 0);
+            a.ring();
+            // A while (tens of ms) after READY_EARLY, so that the broker
+            // has taken READY before the failure comes.
+            a.busy(50_000_000);
+            a.mov_rbx(mb);
+            a.mov_rax(0xdead_beef_cafe_babe);
+            a.store_rax(0);
+            a.store_rax(8);
             a.ring();
             let l = a.here();
             a.jmp_to(l);

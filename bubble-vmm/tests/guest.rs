@@ -3,7 +3,7 @@
 // Test helpers: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bubble_vmm::bubble::{Answer, Bubble, BubbleError};
+use bubble_vmm::bubble::{Answer, Boot, Bubble, BubbleError};
 use bubble_vmm::images::{GuestImage, HostileKind};
 use bubble_vmm::launch::Launch;
 use bubble_vmm::process::build_vm;
@@ -57,6 +57,38 @@ fn shim_boots_and_computes_inside() {
     );
 }
 
+/// The shim says READY_EARLY and makes its keys only when resumed: no
+/// request reaches it before its READY, and once it is READY its keys
+/// exist (never the zero key).
+#[test]
+fn shim_starts_in_two_phases_and_takes_no_call_in_between() {
+    let vm = build_vm(&GuestImage::Shim, 16 << 20, 1 << 20, None).unwrap();
+    let mut b = Bubble::new(vm);
+    let mut nolog = |_: &str| {};
+    match b.boot_early(&mut nolog).unwrap() {
+        Boot::Early(g) => assert!(g.starts_with("bubble-guest-shim"), "{g}"),
+        other => panic!("the shim should say READY_EARLY first: {other:?}"),
+    }
+    // In the window: refused by the host side, the guest never sees it.
+    let e = b.call("keys", b"", &mut nolog).unwrap_err();
+    assert!(matches!(e, BubbleError::NotStarted), "{e}");
+    assert!(b
+        .finish_start(&mut nolog)
+        .unwrap()
+        .starts_with("bubble-guest-shim"));
+    let Answer::Output(keys) = b.call("keys", b"", &mut nolog).unwrap() else {
+        panic!("no keys")
+    };
+    assert_eq!(keys.len(), 64);
+    assert_ne!(&keys[..32], &[0u8; 32][..]);
+    assert_ne!(&keys[32..], &[0u8; 32][..]);
+    // A second finish_start is a misuse, refused.
+    assert!(matches!(
+        b.finish_start(&mut nolog),
+        Err(BubbleError::NotStarted)
+    ));
+}
+
 #[test]
 fn smallest_bubble_boots() {
     let (_b, r) = boot(GuestImage::Shim, 4);
@@ -66,6 +98,17 @@ fn smallest_bubble_boots() {
 #[test]
 fn hostile_guests_fail_precisely() {
     for &kind in HostileKind::ALL {
+        if kind == HostileKind::EarlySpin {
+            // READY_EARLY, then it never finishes its start-up: caught by
+            // the VMM's boot watchdog, tested through the process; here
+            // only READY_EARLY, and that no call reaches it.
+            let vm = build_vm(&GuestImage::Hostile(kind), 8 << 20, 1 << 20, None).unwrap();
+            let mut b = Bubble::new(vm);
+            assert!(matches!(b.boot_early(&mut |_| {}), Ok(Boot::Early(_))));
+            let e = b.call("echo", b"x", &mut |_| {}).unwrap_err();
+            assert!(matches!(e, BubbleError::NotStarted), "{e}");
+            continue;
+        }
         let (mut b, r) = boot(GuestImage::Hostile(kind), 8);
         let err = match kind {
             HostileKind::Spin => {
@@ -83,7 +126,9 @@ fn hostile_guests_fail_precisely() {
         };
         let msg = err.to_string();
         match kind {
-            HostileKind::Garbage => assert!(msg.contains("bad message magic"), "{msg}"),
+            HostileKind::Garbage | HostileKind::EarlyGarbage => {
+                assert!(msg.contains("bad message magic"), "{msg}")
+            }
             HostileKind::Oversized => assert!(msg.contains("exceeds the mailbox"), "{msg}"),
             HostileKind::Flood => assert!(matches!(err, BubbleError::Flood), "{msg}"),
             HostileKind::TripleFault => {
@@ -97,7 +142,7 @@ fn hostile_guests_fail_precisely() {
                 matches!(&err, BubbleError::Protocol(m) if m.starts_with("AWAITING")),
                 "{msg}"
             ),
-            HostileKind::Spin => unreachable!(),
+            HostileKind::Spin | HostileKind::EarlySpin => unreachable!(),
         }
         let _ = b.vm();
     }

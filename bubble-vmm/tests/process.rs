@@ -25,6 +25,7 @@ fn cfg(dir: &std::path::Path, id: &str, image: GuestImage, restore: bool) -> Spa
         restore,
         poll: bubble_vmm::process::DEFAULT_POLL,
         die_with_broker: true,
+        boot_timeout: Duration::from_secs(20),
     }
 }
 
@@ -271,4 +272,137 @@ async fn suspend_and_restore_continue_identically() {
         .unwrap_err();
     assert!(format!("{e}").contains("memory"), "{e}");
     c.kill();
+}
+
+/// A spawner with one spare ready (the path a create takes).
+async fn spawner_with_a_spare(dir: &std::path::Path) -> std::sync::Arc<bubble_vmm_client::Spawner> {
+    let sp = bubble_vmm_client::Spawner::new(
+        env!("CARGO_BIN_EXE_bubble-vmm").into(),
+        vec![],
+        dir.join("spares"),
+        1,
+        bubble_vmm_client::JailSpec::default(),
+    );
+    sp.refill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sp.spares().0 < 1 {
+        assert!(std::time::Instant::now() < deadline, "no spare started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sp
+}
+
+/// READY comes at the guest's READY_EARLY; a call sent at once is held
+/// until the guest's start-up is over, so its answer always sees the
+/// keys: from a spare (no HELLO round trip) and from a fresh process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_right_after_ready_sees_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = spawner_with_a_spare(dir.path()).await;
+    for (i, from_spare) in [true, false, true].into_iter().enumerate() {
+        let id = format!("b-k{i}");
+        let c = if from_spare {
+            sp.spawn(&cfg(dir.path(), &id, GuestImage::Shim, false))
+                .await
+                .unwrap()
+        } else {
+            spawn(&cfg(dir.path(), &id, GuestImage::Shim, false))
+                .await
+                .unwrap()
+        };
+        c.wait_ready(Duration::from_secs(10)).await.unwrap();
+        // Sent the moment READY is known, with no wait of any kind.
+        let nonce = [7u8; 32];
+        let (keys, bound) = tokio::join!(
+            c.call("keys", b"", Duration::from_secs(5)),
+            c.call("attest", &nonce, Duration::from_secs(5)),
+        );
+        let keys = keys.unwrap();
+        let b = bubble_vmm::abi::ops::AttestBinding::decode(&bound.unwrap()).unwrap();
+        assert_ne!(&keys[..32], &[0u8; 32][..], "zero KEM key");
+        assert_ne!(&keys[32..], &[0u8; 32][..], "zero signing key");
+        assert_eq!((&keys[..32], &keys[32..]), (&b.kem_pk[..], &b.sig_pk[..]));
+        let mut want_bound = nonce.to_vec();
+        want_bound.extend_from_slice(&b.portions_digest);
+        want_bound.extend_from_slice(&b.policy_digest);
+        assert_eq!(
+            b.report_data,
+            bubble_keys::report_data(&want_bound, &b.kem_pk, &b.sig_pk)
+        );
+        // Its VMM logged both phases.
+        let log = std::fs::read_to_string(dir.path().join(&id).join("vmm.log")).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("guest_us=") && l.contains("keys_us=")),
+            "{log}"
+        );
+        c.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// A guest that says READY_EARLY and never finishes its start-up: READY
+/// is reported, but a call never reaches it; the boot deadline fails it
+/// (`boot_timeout`), and the held call gets that failure. One that says
+/// READY_EARLY and then garbage fails as an ABI breach. Either way
+/// another bubble keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_does_not_finish_its_start_up_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = spawner_with_a_spare(dir.path()).await;
+    let good = spawn(&cfg(dir.path(), "b-good", GuestImage::Shim, false))
+        .await
+        .unwrap();
+    good.wait_ready(Duration::from_secs(10)).await.unwrap();
+    for (i, kind, want) in [
+        (0, HostileKind::EarlySpin, FailureKind::BootTimeout),
+        (1, HostileKind::EarlyGarbage, FailureKind::GuestAbi),
+    ] {
+        let mut c = cfg(
+            dir.path(),
+            &format!("b-e{i}"),
+            GuestImage::Hostile(kind),
+            false,
+        );
+        c.boot_timeout = Duration::from_millis(1500);
+        let h = sp.spawn(&c).await.unwrap();
+        let mut events = h.events();
+        let started = std::time::Instant::now();
+        // READY_EARLY is READY to the broker.
+        h.wait_ready(Duration::from_secs(10)).await.unwrap();
+        let e = h
+            .call("echo", b"x", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let CallError::Failed(r) = e else {
+            panic!("{kind:?}: {e:?}")
+        };
+        assert_eq!(r.kind, want, "{kind:?}: {r}");
+        if kind == HostileKind::EarlySpin {
+            // The boot deadline, not the call's (5 s).
+            assert!(r.detail.contains("within 1500 ms"), "{r}");
+            assert!(started.elapsed() < Duration::from_secs(4), "{r}");
+        }
+        // The failure was an event too, and the status says it.
+        let failed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match events.recv().await {
+                    Ok(VmmEvent::Failed(r)) => break r,
+                    Ok(_) => continue,
+                    Err(e) => panic!("no FAILED event: {e}"),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(failed.kind, want);
+        assert_eq!(h.ended().map(|r| r.kind), Some(want));
+        assert_eq!(
+            good.call("echo", b"fine", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            b"fine"
+        );
+        h.kill();
+    }
+    good.shutdown(Duration::from_secs(2)).await;
 }

@@ -2,7 +2,8 @@
 //! in 64-bit mode at CPL 3, with identity-mapped memory and no interrupts.
 //!
 //! It speaks the guest contract of the `bubble-abi` crate (ABI v2,
-//! `docs/guest-abi.md`): it announces READY, then answers each CALL with
+//! `docs/guest-abi.md`): it announces READY_EARLY, makes its key pairs
+//! when resumed, announces READY, then answers each CALL with
 //! one doorbell access that both publishes the answer and waits for the
 //! next request. Built-in ops, computed here, inside the guest: `echo`,
 //! `sha256`, `sha256_chain`; with the bubble's own keys (made at boot from
@@ -356,13 +357,15 @@ fn fault() -> ! {
     unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }
 
+/// The greeting of READY_EARLY and READY.
+const GREETING: &[u8] = b"bubble-guest-shim 0.1.0 abi 2";
+
 /// Entry point: the VMM sets RSP and jumps here at CPL 3.
 #[no_mangle]
 #[link_section = ".text._start"]
 pub extern "C" fn _start() -> ! {
     let info = boot_info();
     mem::init_heap(info.heap_start as usize, info.heap_end as usize);
-    keys::KEYS.set(keys::Keys::generate());
     let mut mb = Mailbox {
         base: info.mailbox_gpa as *mut u8,
         size: info.mailbox_size as usize,
@@ -371,7 +374,12 @@ pub extern "C" fn _start() -> ! {
     // SAFETY: single-threaded; set once, before any use, and only ever
     // copied out (see `mailbox`).
     unsafe { MAILBOX = Some(mb) };
-    mb.send_bytes(MsgType::Ready, b"bubble-guest-shim 0.1.0 abi 2");
+    // Running: the host may say so now. It resumes us with no request
+    // and serves none before READY, so no call ever finds us without
+    // keys (docs/guest-abi.md, "Start-up").
+    mb.send_bytes(MsgType::ReadyEarly, GREETING);
+    keys::KEYS.set(keys::Keys::generate());
+    mb.send_bytes(MsgType::Ready, GREETING);
     loop {
         serve(&mut mb);
     }

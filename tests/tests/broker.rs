@@ -317,7 +317,16 @@ async fn every_invalid_field_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_guests_fail_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), false);
+    // A short boot deadline: `early-spin` says READY_EARLY (READY to the
+    // broker) and never finishes its start-up, so a call to it waits for
+    // that deadline and then fails with it.
+    let broker = BrokerProc::start_with(
+        dir.path(),
+        Opts {
+            config: Some("boot_timeout_ms = 3000\n".into()),
+            ..Opts::default()
+        },
+    );
     let mut c = broker.client().await;
     let good = c.create_bubble(create_req(8)).await.unwrap().into_inner();
     assert_eq!(good.state, READY);

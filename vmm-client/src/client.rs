@@ -57,6 +57,17 @@ pub struct ReadyInfo {
     pub boot_us: u64,
 }
 
+/// Whether a new client checks its VMM with a HELLO round trip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hello {
+    /// HELLO: the VMM must say it runs the expected bubble (answered once
+    /// its guest has started). Always for re-adoption.
+    Check,
+    /// None: a spare the broker connected to (peer uid checked) and just
+    /// configured with the bubble.
+    Skip,
+}
+
 /// A reply as it came: decoded, or why it did not decode.
 pub(crate) type Answer = Result<Reply, DecodeError>;
 
@@ -95,6 +106,11 @@ pub struct VmmClient {
     /// The bubble cgroups a VMM this broker spawned runs in (`None` for a
     /// re-adopted one).
     pub(crate) cgroups: Option<crate::exit::MemcgSlot>,
+    /// When the guest's start-up must be over (its VMM's boot deadline),
+    /// for a VMM this client spawned: READY comes at the guest's
+    /// READY_EARLY, and calls made before the rest of its start-up is
+    /// over wait for it in the VMM (docs/guest-abi.md, "Start-up").
+    pub(crate) started_by: Option<Instant>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -156,7 +172,7 @@ impl VmmClient {
             });
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        Self::handshake(stream, expected_bubble_id, pid, None).await
+        Self::handshake(stream, expected_bubble_id, pid, None, Hello::Check).await
     }
 
     pub(crate) async fn handshake(
@@ -164,6 +180,7 @@ impl VmmClient {
         bubble_id: &str,
         pid: u32,
         exit_watch: Option<ExitWatch>,
+        hello: Hello,
     ) -> Result<Self, VmmError> {
         let proc = crate::ProcHandle::of_peer(&stream, pid);
         // Registered for read readiness only: the VMM consuming a request
@@ -310,7 +327,11 @@ impl VmmClient {
             suspending,
             jail_warning: None,
             cgroups: None,
+            started_by: None,
         };
+        if hello == Hello::Skip {
+            return Ok(c);
+        }
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
             .await?
@@ -448,6 +469,16 @@ impl VmmClient {
         }
     }
 
+    /// Why the bubble is failed or its VMM gone, if it is: what a
+    /// subscriber to [`VmmClient::events`] that came late would have
+    /// missed (a failure after READY: the guest's start-up ends after it).
+    pub fn ended(&self) -> Option<FailureReason> {
+        if let Readiness::Failed(r) = &*self.readiness.borrow() {
+            return Some(r.clone());
+        }
+        self.exit.get().map(VmmExit::reason)
+    }
+
     /// Waits until the guest is READY.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<ReadyInfo, VmmError> {
         let mut rx = self.readiness.clone();
@@ -487,9 +518,15 @@ impl VmmClient {
             deadline_ms,
             call: *call,
         });
-        // The VMM enforces the deadline; allow it time to report.
+        // The VMM enforces the deadline; allow it time to report. A call
+        // made while the guest may still be starting waits in the VMM
+        // until the start-up is over, which its boot deadline bounds (and
+        // then reports as the failure it is).
+        let starting = self.started_by.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
         let reply = self
-            .request(&req, deadline + Duration::from_secs(5))
+            .request(&req, starting + deadline + Duration::from_secs(5))
             .await
             .map_err(|e| match e {
                 VmmError::Encode(e) => CallError::BadRequest(e.to_string()),

@@ -16,7 +16,7 @@ use bubble_vmm::priority;
 use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
 use crate::cgroups::{self, Cgroups};
-use crate::client::{socket_path, VmmClient};
+use crate::client::{socket_path, Hello, VmmClient};
 use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
 use crate::launcher;
 use crate::uids::{UidLease, UidPool};
@@ -96,6 +96,9 @@ pub struct SpawnConfig {
     /// The VMM dies with this process (`PR_SET_PDEATHSIG`) instead of
     /// waiting to be re-adopted by a restarted broker.
     pub die_with_broker: bool,
+    /// How long the guest may take to start (both phases: to READY_EARLY
+    /// and on to READY) before its VMM fails it (`boot_timeout`).
+    pub boot_timeout: Duration,
 }
 
 /// A spare VMM process waiting for its bubble.
@@ -285,7 +288,7 @@ impl Spawner {
             image: cfg.image.clone(),
             socket: socket_path(&cfg.dir),
             max_payload: cfg.max_payload,
-            boot_timeout: Duration::from_secs(20),
+            boot_timeout: cfg.boot_timeout,
             restore: cfg.restore,
             image_fd: image_fd_for(&cfg.image),
             poll: cfg.poll,
@@ -325,9 +328,22 @@ impl Spawner {
         }
         drop(tasks);
         let t_sent = t0.elapsed();
-        let mut c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await?;
+        // No HELLO round trip for a spare that boots: its peer uid was
+        // checked when it was connected, and it runs the bubble it was
+        // just given; its READY (sent at the guest's READY_EARLY) and
+        // any failure come as events on this connection. (A HELLO would
+        // be answered only once the guest finished its start-up.) A
+        // restore still says HELLO: its VMM answers at once.
+        let hello = if cfg.restore {
+            Hello::Check
+        } else {
+            Hello::Skip
+        };
+        let mut c =
+            VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit), hello).await?;
         c.jail_warning = warning;
         c.cgroups = Some(sp.memcg);
+        c.started_by = Some(t0 + cfg.boot_timeout);
         tracing::debug!(
             dir_us = t_cgroup.as_micros() as u64,
             cgroup_us = (t_send - t_cgroup).as_micros() as u64,
@@ -512,6 +528,7 @@ async fn spawn_jailed(
     lease: Option<UidLease>,
     cgroup: Result<Vec<PathBuf>, String>,
 ) -> Result<VmmClient, VmmError> {
+    let t0 = std::time::Instant::now();
     prepare_dir(cfg)?;
     let (jail, held) = hold_claim(jail, lease.as_ref());
     let sock = socket_path(&cfg.dir);
@@ -527,7 +544,7 @@ async fn spawn_jailed(
         image: cfg.image.clone(),
         socket: sock.clone(),
         max_payload: cfg.max_payload,
-        boot_timeout: Duration::from_secs(20),
+        boot_timeout: cfg.boot_timeout,
         restore: cfg.restore,
         image_fd: image_fd_for(&cfg.image),
         poll: cfg.poll,
@@ -556,8 +573,9 @@ async fn spawn_jailed(
     // Into its cgroup as soon as it is known (it builds its VM meanwhile:
     // pages it touched before stay charged where its spawner's are).
     let warning = confine(cgroup, pid, &exit, &memcg);
-    let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
+    let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit), Hello::Check).await?;
     c.jail_warning = warning;
     c.cgroups = Some(memcg);
+    c.started_by = Some(t0 + cfg.boot_timeout);
     Ok(c)
 }

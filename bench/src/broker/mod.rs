@@ -61,6 +61,7 @@ pub(crate) const THROUGH_BROKER: &[&str] = &[
     "restore_512m",
     "restore_refusal",
     "create_to_ready",
+    "create_then_attest",
     "call_echo_64b",
     "load_8_parents",
     "health_probe_cost",
@@ -145,6 +146,10 @@ pub(crate) async fn through_broker(
     if want("create_to_ready") {
         let s = calls::create_to_ready(&mut x, opts.creates, want("attach_warm")).await?;
         results.insert("create_to_ready", s);
+    }
+    if want("create_then_attest") {
+        let s = calls::create_then_attest(&mut x, opts.creates).await?;
+        results.insert("create_then_attest", s);
     }
     if want("call_echo_64b") {
         let s = calls::call_echo_64b(&mut x, opts.calls, answer_poll_us).await?;

@@ -188,6 +188,10 @@ impl Broker {
             let live = self.table.live(vmm);
             self.table.set_live(&id, Some(live.clone()));
             let spawn_us = t0.elapsed().as_micros() as u64;
+            // READY is the guest's READY_EARLY: it runs; it makes its keys
+            // next, and its VMM serves no call before they exist (the
+            // policy install below waits for them too). A failure after
+            // it reaches `watch_vmm` (see `Vmm::notices`).
             let boot_us = live
                 .vmm
                 .wait_ready(self.cfg.boot_timeout)

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::abi::ABI_VERSION;
-use crate::bubble::{Bubble, BubbleError};
+use crate::bubble::{Boot, Bubble, BubbleError};
 use crate::control::{Event, FailureKind, FailureReason, Reply, Status};
 use crate::images::{self, GuestImage};
 use crate::jail;
@@ -142,6 +142,10 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
         return restore::restore_thread(args, shared, conns);
     }
     let started = Instant::now();
+    // The broker's first connection, if it is there already (a spare's
+    // always is: it came with CONFIGURE): the boot's events (READY,
+    // FAILED) go to it as they happen, before any request is read.
+    let mut first = take_conn(&conns, &shared, None);
     let mut vm = match build_vm(
         &args.image,
         u64::from(args.memory_mib) << 20,
@@ -154,7 +158,7 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
                 &shared,
                 FailureReason::new(FailureKind::Setup, format!("VM setup failed: {e}")),
             );
-            return serve_all(conns, None, &args.bubble_id, &shared);
+            return serve_all(first, conns, None, &args.bubble_id, &shared);
         }
     };
     let built = started.elapsed();
@@ -171,26 +175,47 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
             &shared,
             FailureReason::new(FailureKind::Jail, format!("jail: {e}")),
         );
-        return serve_all(conns, None, &args.bubble_id, &shared);
+        return serve_all(first, conns, None, &args.bubble_id, &shared);
     }
     let sealed = started.elapsed();
+    // One deadline for the whole start-up, both phases.
     guest.dog.arm(args.boot_timeout);
     let sh = shared.clone();
-    let booted = guest
-        .bubble
-        .boot(&mut |line: &str| sh.event(&Event::Log(line.to_string())));
+    let mut log = |line: &str| sh.event(&Event::Log(line.to_string()));
+    let booted = guest.bubble.boot_early(&mut log);
+    let ran = started.elapsed();
+    // READY (or READY_EARLY: the guest runs; it makes its keys next,
+    // before any request is read) goes to the broker now.
+    if booted.is_ok() {
+        let boot_us = ran.as_micros() as u64;
+        {
+            let mut s = shared.status.lock();
+            s.ready = true;
+            s.boot_us = boot_us;
+        }
+        first = take_conn(&conns, &shared, first.take());
+        shared.event(&Event::Ready { boot_us });
+    }
+    let booted = match booted {
+        Ok(Boot::Early(_)) => guest.bubble.finish_start(&mut log).map(|_| ()),
+        Ok(Boot::Ready(_)) => Ok(()),
+        Err(e) => Err(e),
+    };
     guest.dog.disarm();
     match booted {
-        Ok(_) => {
-            let boot_us = started.elapsed().as_micros() as u64;
+        Ok(()) => {
             // Each step's own duration, in µs (`configured`: from a
             // spare's CONFIGURE to this thread's start, of which
             // `prewarm_wait` waiting for its preparation; `guest`: the first
-            // KVM_RUN to the guest's READY). `bubble-bench` reads this line.
+            // KVM_RUN to the guest's READY_EARLY (or READY); `keys`: from
+            // there to READY, the guest making its key pairs).
+            // `bubble-bench` reads this line.
             let us = |d: Duration| d.as_micros();
             eprintln!(
-                "bubble-vmm: boot_us={boot_us} steps: configured_us={} prewarm_wait_us={} \
-                 load_us={} shell_us={} setup_us={} watchdog_us={} seal_us={} guest_us={}",
+                "bubble-vmm: boot_us={} steps: configured_us={} prewarm_wait_us={} \
+                 load_us={} shell_us={} setup_us={} watchdog_us={} seal_us={} guest_us={} \
+                 keys_us={}",
+                us(ran),
                 spare::CONFIGURED
                     .get()
                     .map_or(0, |c| us(started.saturating_duration_since(*c))),
@@ -200,15 +225,11 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
                 us(steps.setup),
                 us(dogged - built),
                 us(sealed - dogged),
-                us(started.elapsed() - sealed),
+                us(ran - sealed),
+                us(started.elapsed() - ran),
             );
-            {
-                let mut s = shared.status.lock();
-                s.ready = true;
-                s.boot_us = boot_us;
-                s.vcpu_us = guest.bubble.run_time().as_micros() as u64;
-            }
-            shared.event(&Event::Ready { boot_us });
+            let mut s = shared.status.lock();
+            s.vcpu_us = guest.bubble.run_time().as_micros() as u64;
         }
         Err(e) => {
             let reason = match e {
@@ -224,10 +245,28 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
                 e => FailureReason::new(e.failure_kind(), format!("boot failed: {e}")),
             };
             fail_then_exit(&shared, reason);
-            return serve_all(conns, None, &args.bubble_id, &shared);
+            return serve_all(first, conns, None, &args.bubble_id, &shared);
         }
     }
-    serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+    serve_all(first, conns, Some(&mut guest), &args.bubble_id, &shared);
+}
+
+/// `have`, or else the next broker connection if one is waiting; a
+/// connection taken here becomes the one events go to (its requests are
+/// read only once [`serve_all`] gets it).
+fn take_conn(
+    conns: &mpsc::Receiver<UnixStream>,
+    shared: &Shared,
+    have: Option<UnixStream>,
+) -> Option<UnixStream> {
+    if have.is_some() {
+        return have;
+    }
+    let conn = conns.try_recv().ok()?;
+    if let Ok(events) = conn.try_clone() {
+        *shared.conn.lock() = Some(events);
+    }
+    Some(conn)
 }
 
 /// Default deadline when a CALL carries none.

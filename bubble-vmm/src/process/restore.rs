@@ -194,13 +194,7 @@ pub(super) fn restore_thread(
         return;
     }
     // The rest of this connection, then any later ones.
-    let (tx, rx) = mpsc::channel();
-    if let Some(c) = rest {
-        let _ = tx.send(c);
-    }
-    drop(tx);
-    serve_all(rx, Some(&mut guest), &args.bubble_id, &shared);
-    serve_all(conns, Some(&mut guest), &args.bubble_id, &shared);
+    serve_all(rest, conns, Some(&mut guest), &args.bubble_id, &shared);
 }
 
 /// What fills a restoring VM's memory.

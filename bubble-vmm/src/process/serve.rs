@@ -55,15 +55,17 @@ pub const FAULT_LINGER_OP: &str = "fault-injection.ignore-shutdown";
 #[cfg(feature = "fault-injection")]
 static IGNORE_SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Serves broker connections one at a time. Without a guest (it failed),
-/// status requests report the failure until the VMM exits.
+/// Serves broker connections one at a time, `first` (taken early) first.
+/// Without a guest (it failed), status requests report the failure until
+/// the VMM exits.
 pub(super) fn serve_all(
+    first: Option<UnixStream>,
     conns: mpsc::Receiver<UnixStream>,
     mut guest: Option<&mut Guest>,
     bubble_id: &str,
     shared: &Arc<Shared>,
 ) {
-    for conn in conns {
+    for conn in first.into_iter().chain(conns) {
         if let Err(e) = serve(conn, guest.as_deref_mut(), bubble_id, shared) {
             if e.kind() != io::ErrorKind::UnexpectedEof {
                 eprintln!("bubble-vmm: connection ended: {e}");

@@ -129,11 +129,25 @@ impl KemKeyPair {
         Self { secret, public: pk }
     }
 
-    /// Generates a key pair (RFC 9180 `GenerateKeyPair`: `DeriveKeyPair` of
-    /// 32 random bytes).
+    /// Generates a key pair: the private key is 32 bytes from `rng`,
+    /// clamped as RFC 7748 says (`DeserializePrivateKey`, RFC 9180
+    /// §7.1.2), the public key computed once from it. RFC 9180 allows any
+    /// uniformly random private key; its `GenerateKeyPair` through
+    /// `DeriveKeyPair` (HKDF over the random bytes) adds nothing to a key
+    /// already drawn from a CSPRNG and costs the guest's start-up time.
     pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
-        let (secret, public) = Kem::gen_keypair_with_rng(&mut Rng010(rng));
-        Self::from_parts(secret, &public)
+        let mut sk = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut sk[..]);
+        match Self::from_secret_bytes(&sk) {
+            Ok(k) => k,
+            // Unreachable (any 32 bytes are an X25519 private key once
+            // clamped); if it ever were, the derived path still gives a
+            // fresh key.
+            Err(_) => {
+                let (secret, public) = Kem::gen_keypair_with_rng(&mut Rng010(rng));
+                Self::from_parts(secret, &public)
+            }
+        }
     }
 
     /// RFC 9180 `DeriveKeyPair(ikm)`: a deterministic key pair from at least

@@ -408,3 +408,24 @@ fn aead_ids() {
         .map(AeadId::key_len)
     );
 }
+
+#[test]
+fn generated_key_is_the_clamped_random_bytes_and_its_public_key() {
+    // The private key is the RNG's next 32 bytes, clamped; no HKDF.
+    let mut want = [0u8; 32];
+    TestRng::new(9).fill_bytes(&mut want);
+    let kp = KemKeyPair::generate(&mut TestRng::new(9));
+    assert_eq!(*kp.secret_bytes(), clamped(want));
+    // Its public key is X25519(sk, 9), as a rebuild from the bytes says.
+    let again = KemKeyPair::from_secret_bytes(&want).unwrap();
+    assert_eq!(kp.public_key(), again.public_key());
+    // And a box sealed to it opens with it.
+    let aad = credential_aad("bub-9", "k", &[0; 48], &[0; 32]);
+    let sealed = seal_sample(&mut TestRng::new(10), &kp, &aad);
+    assert_eq!(
+        open_credential(&kp, &sealed, INFO_CREDENTIAL, &aad)
+            .unwrap()
+            .expose(),
+        b"sk_live_secret"
+    );
+}
