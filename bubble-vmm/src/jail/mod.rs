@@ -19,6 +19,7 @@ use std::path::Path;
 mod ns;
 pub mod seccomp;
 pub mod socket;
+mod waiter;
 
 pub use ns::{in_jail, JailArgs};
 /// Largest number of descriptors a VMM may hold. A VMM holds about a

@@ -215,7 +215,7 @@ pub fn enter(j: &JailArgs, die_parent: Option<u32>) -> Result<(), JailError> {
                 }
             }
         }
-        wait_for_vmm(pid, alive_w, to_waiter_r);
+        super::waiter::run(pid, alive_w, to_waiter_r, die_parent);
     }
     close(alive_w);
     close(to_waiter_r);
@@ -322,68 +322,4 @@ fn pivot_into_empty_root() -> Result<(), JailError> {
         )?;
     }
     Ok(())
-}
-
-/// The waiter: holds `alive` open (the VMM dies with it), clears its own
-/// parent-death signal when the VMM asks, then reaps the VMM and ends
-/// the same way. Never returns.
-fn wait_for_vmm(vmm: libc::pid_t, alive: i32, from_vmm: i32) -> ! {
-    super::set_title("vmm:jail");
-    // Nothing but the two pipes and the log: not the VMM's socket, the
-    // shim image or /dev/kvm (never used here; the process ends without
-    // dropping what owns them).
-    for (from, to) in [
-        (3, alive.min(from_vmm) - 1),
-        (alive.min(from_vmm) + 1, alive.max(from_vmm) - 1),
-    ] {
-        if from <= to {
-            // SAFETY: closes descriptors of this process only.
-            unsafe { libc::syscall(libc::SYS_close_range, from as u32, to as u32, 0u32) };
-        }
-    }
-    // SAFETY: closes descriptors of this process only.
-    unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            (alive.max(from_vmm) + 1) as u32,
-            u32::MAX,
-            0u32,
-        )
-    };
-    let _ = super::harden(None);
-    let mut b = [0u8; 1];
-    loop {
-        // SAFETY: reads at most one byte into a local buffer.
-        let n = unsafe { libc::read(from_vmm, b.as_mut_ptr().cast(), 1) };
-        if n == 1 {
-            let _ = super::survive_parent();
-        } else if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
-    let mut status = 0;
-    loop {
-        // SAFETY: waits for our own child, writing its status to a local.
-        let r = unsafe { libc::waitpid(vmm, &mut status, 0) };
-        if r == vmm || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
-    if libc::WIFSIGNALED(status) {
-        let sig = libc::WTERMSIG(status);
-        // SAFETY: restores the default action of `sig`, unblocks it and
-        // sends it to this process, which then ends as the VMM did.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::kill(libc::getpid(), sig);
-        }
-        // SAFETY: ends the process without running destructors.
-        unsafe { libc::_exit(128 + sig) }
-    }
-    // SAFETY: ends the process without running destructors.
-    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
 }
