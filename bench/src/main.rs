@@ -39,6 +39,7 @@ mod broker;
 mod floors;
 mod guest_policy;
 mod stats;
+mod steps;
 
 use stats::{print_results, round, us};
 
@@ -70,6 +71,18 @@ struct Opts {
     /// where direct guest-memory writes are refused).
     #[arg(long)]
     restore_over_socket: bool,
+    /// When a create that took a spare VMM starts the next one: `taken`,
+    /// `configured` or `ready` (the broker's default).
+    #[arg(long, default_value = "ready")]
+    refill_after: String,
+    /// Make each parent's cgroups (and write its limit) on every create,
+    /// as before they were kept.
+    #[arg(long)]
+    no_parent_cache: bool,
+    /// Make a bubble's cgroups on the spawn path, not on a blocking
+    /// thread from admission on.
+    #[arg(long)]
+    no_cgroup_ahead: bool,
 }
 
 /// The metrics measured without a broker.
@@ -86,6 +99,8 @@ fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
     if std::env::var_os("RUST_LOG").is_some() {
         bubbled::daemon::init_logging(false);
+    } else {
+        steps::install();
     }
     let all: Vec<&str> = FLOORS
         .iter()
@@ -98,6 +113,14 @@ fn main() -> anyhow::Result<()> {
             "unknown metric {m:?}; known: {all:?}"
         );
     }
+    bubble_vmm_client::set_refill_after(match opts.refill_after.as_str() {
+        "taken" => bubble_vmm_client::RefillAfter::Taken,
+        "configured" => bubble_vmm_client::RefillAfter::Configured,
+        "ready" => bubble_vmm_client::RefillAfter::Ready,
+        other => anyhow::bail!("--refill-after {other}: taken, configured or ready"),
+    });
+    bubble_vmm_client::cgroups::parents::set_parent_cache(!opts.no_parent_cache);
+    bubble_vmm_client::set_cgroup_ahead(!opts.no_cgroup_ahead);
     let want = |m: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == m);
     let mut results: broker::Results = BTreeMap::new();
 

@@ -102,8 +102,9 @@ impl Vmm {
         dir: &Path,
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
+        ahead: vc::Ahead,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, rec, image, false).await
+        Self::start(spawner, cfg, dir, rec, image, false, ahead).await
     }
 
     /// Spawns a VMM in restore mode (it waits for [`Vmm::restore`]).
@@ -114,7 +115,7 @@ impl Vmm {
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, rec, image, true).await
+        Self::start(spawner, cfg, dir, rec, image, true, vc::Ahead::default()).await
     }
 
     async fn start(
@@ -124,6 +125,7 @@ impl Vmm {
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
         restore: bool,
+        ahead: vc::Ahead,
     ) -> Result<Self, String> {
         let spawn = vc::SpawnConfig {
             bubble_id: rec.id.clone(),
@@ -142,8 +144,21 @@ impl Vmm {
             poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
             die_with_broker: cfg.jail.die_with_broker,
         };
-        let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
+        let client = spawner
+            .spawn_with(&spawn, ahead)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Self { client })
+    }
+
+    /// When this VMM's start passed its steps (see `core::create`).
+    pub fn spawn_steps(&self) -> vc::SpawnSteps {
+        self.client.spawn_steps()
+    }
+
+    /// When READY was read from the VMM's socket, if it was.
+    pub fn ready_received_at(&self) -> Option<std::time::Instant> {
+        self.client.ready_received_at()
     }
 
     /// What of the jail could not be set up for this VMM (empty: all).

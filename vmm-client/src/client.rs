@@ -92,6 +92,24 @@ pub struct VmmClient {
     pub(crate) suspending: Arc<AtomicBool>,
     /// What of the jail could not be set up (e.g. its cgroup).
     pub(crate) jail_warning: Option<String>,
+    /// When its steps toward the bubble happened (see [`SpawnSteps`]).
+    pub(crate) steps: SpawnSteps,
+    /// When READY was read from the socket.
+    ready_at: Arc<std::sync::OnceLock<Instant>>,
+}
+
+/// When a VMM's start passed its steps (for the create path's debug
+/// breakdown; see docs/performance.md). All `None` for a re-connected VMM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpawnSteps {
+    /// A spare was taken (`None`: a fresh process was started).
+    pub taken: Option<Instant>,
+    /// The spare's socket and log were in the bubble's directory.
+    pub dir: Option<Instant>,
+    /// The bubble's cgroups were ready.
+    pub cgroup: Option<Instant>,
+    /// CONFIGURE (spare) or the process spawn (fresh) was done.
+    pub sent: Option<Instant>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -173,8 +191,10 @@ impl VmmClient {
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
         let exit = Arc::new(std::sync::OnceLock::new());
         let suspending = Arc::new(AtomicBool::new(false));
+        let ready_at = Arc::new(std::sync::OnceLock::new());
         {
             let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
+            let ready_stamp = ready_at.clone();
             let asked = suspending.clone();
             tokio::spawn(async move {
                 let reason = loop {
@@ -213,6 +233,7 @@ impl VmmClient {
                     if Kind::is_event(head.kind) {
                         match Event::decode(head.kind, &body) {
                             Ok(Event::Ready { boot_us }) => {
+                                let _ = ready_stamp.set(Instant::now());
                                 let _ = ready_tx.send(Readiness::Ready(boot_us));
                                 let _ = events.send(VmmEvent::Ready { boot_us });
                             }
@@ -234,6 +255,7 @@ impl VmmClient {
                         } else if st.ready {
                             ready_tx.send_if_modified(|v| {
                                 if *v == Readiness::Booting {
+                                    let _ = ready_stamp.set(Instant::now());
                                     *v = Readiness::Ready(st.boot_us);
                                     true
                                 } else {
@@ -306,6 +328,8 @@ impl VmmClient {
             exit,
             suspending,
             jail_warning: None,
+            steps: SpawnSteps::default(),
+            ready_at,
         };
         let st = match c
             .request(&Request::Hello { bubble_id }, Duration::from_secs(5))
@@ -534,6 +558,24 @@ impl VmmClient {
     /// What of the jail could not be set up for this VMM, if anything.
     pub fn jail_warning(&self) -> Option<&str> {
         self.jail_warning.as_deref()
+    }
+
+    /// Resolves once the guest is READY or FAILED (or the VMM is gone).
+    pub(crate) fn settled(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.readiness.clone();
+        async move {
+            let _ = rx.wait_for(|r| *r != Readiness::Booting).await;
+        }
+    }
+
+    /// When this VMM's start passed its steps.
+    pub fn spawn_steps(&self) -> SpawnSteps {
+        self.steps
+    }
+
+    /// When READY was read from the VMM's socket, if it was.
+    pub fn ready_received_at(&self) -> Option<Instant> {
+        self.ready_at.get().copied()
     }
 
     /// Kills the VMM process (if it still runs), through the pidfd held

@@ -21,6 +21,7 @@ mod client;
 mod direct;
 mod exit;
 mod fds;
+mod fresh;
 mod inflight;
 mod launcher;
 mod linger;
@@ -34,12 +35,16 @@ mod vmm_error;
 
 pub use bubble_vmm::control::{FailureKind, FailureReason, GuestSpan, LaunchMeasurement, Status};
 pub use bubble_vmm::images::{GuestImage, HostileKind};
-pub use client::{set_answer_poll, socket_path, ReadyInfo, VmmClient, VmmEvent};
+pub use client::{set_answer_poll, socket_path, ReadyInfo, SpawnSteps, VmmClient, VmmEvent};
 pub use exit::VmmExit;
+pub use fresh::spawn;
 pub use paged::PageWriter;
 pub use procmem::ProcHandle;
 pub use procmem::WriteError;
-pub use spawn::{spawn, JailSpec, SpawnConfig, Spawner};
+pub use spawn::{
+    set_cgroup_ahead, set_refill_after, Ahead, CgroupAhead, JailSpec, OnSent, RefillAfter,
+    SpawnConfig, Spawner, REFILL_WAIT,
+};
 pub use stream::SnapshotStream;
 pub use uids::{UidLease, UidPool};
 pub use upload::RestoreUpload;

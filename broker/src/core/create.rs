@@ -34,7 +34,7 @@ impl Broker {
             cmd.idle,
         );
         rec.policy = cmd.policy;
-        let r = self.start(rec, cmd.image).await;
+        let r = self.start(rec, cmd.image, started).await;
         self.metrics
             .create_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -89,6 +89,7 @@ impl Broker {
         self: &Arc<Self>,
         rec: BubbleRecord,
         image: ImageSpec,
+        received: Instant,
     ) -> Result<BubbleRecord, BrokerError> {
         if self.closing() {
             return Err(BrokerError::Spawn("the broker is shutting down".into()));
@@ -103,26 +104,19 @@ impl Broker {
             t.insert_held(rec.clone())
                 .ok_or_else(|| BrokerError::Spawn("bubble id collision".into()))
         })?;
-        // The record reaches the disk while the VMM starts and the guest
-        // boots; the bubble is reported only once both are done. A crash in
-        // between leaves a VMM without a record, which the next start
-        // stops (see `reconcile`).
-        let insert = {
-            let b = self.clone();
-            let r = rec.clone();
-            tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                let inserted = b.registry.insert_new(&r);
-                tracing::debug!(
-                    insert_us = t.elapsed().as_micros() as u64,
-                    "bubble record inserted"
-                );
-                inserted
-            })
-        };
+        let admitted = Instant::now();
+        // The bubble's cgroups are made on a blocking thread while a
+        // spare is taken; its VMM is given them before its guest's memory
+        // is touched, as ever.
+        let ahead = self
+            .spawner
+            .cgroup_ahead(&rec.owner, &rec.id, rec.memory_mib);
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
-        self.boot(permit, image, insert).instrument(span).await
+        let stamps = Stamps { received, admitted };
+        self.boot(permit, image, stamps, ahead)
+            .instrument(span)
+            .await
     }
 
     /// The bubble an idempotency key already made, once settled, if it was
@@ -158,28 +152,72 @@ impl Broker {
         }
     }
 
+    /// Starts the insert of `rec`'s record on a blocking thread.
+    fn insert_record(self: &Arc<Self>, rec: &BubbleRecord) -> Insert {
+        let b = self.clone();
+        let r = rec.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let inserted = b.registry.insert_new(&r);
+            tracing::debug!(
+                insert_us = t.elapsed().as_micros() as u64,
+                "bubble record inserted"
+            );
+            inserted
+        })
+    }
+
     async fn boot(
         self: &Arc<Self>,
         permit: Permit,
         image: ImageSpec,
-        insert: Insert,
+        stamps: Stamps,
+        ahead: Option<bubble_vmm_client::CgroupAhead>,
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = permit.rec.clone();
         let id = rec.id.clone();
-        let ev = Event {
-            owner: rec.owner.clone(),
-            bubble_id: id.clone(),
-            state: State::Booting,
-            reason: String::new(),
-            at_ms: now_ms(),
-            security: None,
+        // Once the VMM has its bubble (so none of it delays the VMM): the
+        // record's fsynced insert starts, and BOOTING is audited and
+        // emitted. The record reaches the disk while the guest boots; the
+        // bubble is reported only once both are done. A crash in between
+        // leaves a VMM without a record, which the next start stops (see
+        // `reconcile`). A VMM that never got its bubble has them done
+        // below instead.
+        let started: Arc<parking_lot::Mutex<Option<Insert>>> = Arc::default();
+        let announce = {
+            let (b, r, started) = (self.clone(), rec.clone(), started.clone());
+            move || {
+                let insert = b.insert_record(&r);
+                *started.lock() = Some(insert);
+                let ev = Event {
+                    owner: r.owner.clone(),
+                    bubble_id: r.id.clone(),
+                    state: State::Booting,
+                    reason: String::new(),
+                    at_ms: now_ms(),
+                    security: None,
+                };
+                b.audit_state(&ev);
+                b.emit(ev);
+            }
         };
-        self.audit_state(&ev);
-        self.emit(ev);
+        let announce = Arc::new(parking_lot::Mutex::new(Some(announce)));
+        let on_sent = {
+            let announce = announce.clone();
+            Box::new(move || {
+                if let Some(f) = announce.lock().take() {
+                    f();
+                }
+            })
+        };
+        let ahead = bubble_vmm_client::Ahead {
+            cgroup: ahead,
+            on_sent: Some(on_sent),
+        };
         let dir = self.cfg.bubble_dir(&id);
         let t0 = Instant::now();
         let booting = async {
-            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &rec, &image)
+            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &rec, &image, ahead)
                 .await
                 .map_err(|e| {
                     let detail = format!("VMM did not start: {e}");
@@ -193,10 +231,20 @@ impl Broker {
                 .wait_ready(self.cfg.boot_timeout)
                 .await
                 .map_err(|e| (false, e))?;
+            let woke = Instant::now();
             let vmm_ready_us = t0.elapsed().as_micros() as u64;
-            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us))
+            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us, woke))
         };
-        let (inserted, booted) = tokio::join!(insert, booting);
+        let booted = booting.await;
+        if let Some(f) = announce.lock().take() {
+            f();
+        }
+        let insert = started.lock().take();
+        let inserted = match insert {
+            Some(insert) => insert.await,
+            None => self.insert_record(&rec).await,
+        };
+        let joined = Instant::now();
         let joined_us = t0.elapsed().as_micros() as u64;
         let inserted = inserted
             .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))
@@ -220,7 +268,7 @@ impl Broker {
             // handed the other's bubble.
             return self.settled_same(&other?, &rec).await;
         }
-        let (live, boot_us, spawn_us, vmm_ready_us) = match booted {
+        let (live, boot_us, spawn_us, vmm_ready_us, woke) = match booted {
             Ok(x) => x,
             Err((spawn_failed, reason)) => {
                 self.fail(&id, &reason);
@@ -276,10 +324,52 @@ impl Broker {
             instance = live.instance,
             "bubble ready"
         );
+        let recorded = Instant::now();
         drop(permit);
         if r.owner.is_empty() {
             self.pool_changed.notify_waiters();
         }
+        stamps.log(&live.vmm, woke, joined, recorded);
         Ok(r)
+    }
+}
+
+/// When a create passed its first steps (the rest are on its VMM).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Stamps {
+    /// The request reached the broker's core.
+    pub(super) received: Instant,
+    /// It was admitted (quota) and its bubble is in the table.
+    pub(super) admitted: Instant,
+}
+
+impl Stamps {
+    /// Logs, at debug level (cheap when off), the create's steps in µs
+    /// since the request was received (docs/performance.md, "Where a
+    /// create's time goes in the broker").
+    fn log(&self, vmm: &Vmm, woke: Instant, joined: Instant, recorded: Instant) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let at = |t: Option<Instant>| {
+            t.map_or(0, |t| {
+                t.saturating_duration_since(self.received).as_micros() as u64
+            })
+        };
+        let steps = vmm.spawn_steps();
+        tracing::debug!(
+            admitted_us = at(Some(self.admitted)),
+            spare = steps.taken.is_some(),
+            taken_us = at(steps.taken),
+            dir_us = at(steps.dir),
+            cgroup_us = at(steps.cgroup),
+            configure_us = at(steps.sent),
+            ready_us = at(vmm.ready_received_at()),
+            woke_us = at(Some(woke)),
+            joined_us = at(Some(joined)),
+            recorded_us = at(Some(recorded)),
+            answered_us = at(Some(Instant::now())),
+            "create steps"
+        );
     }
 }
