@@ -79,10 +79,6 @@ struct Opts {
     /// as before they were kept.
     #[arg(long)]
     no_parent_cache: bool,
-    /// Make a bubble's cgroups on the spawn path, not on a blocking
-    /// thread from admission on.
-    #[arg(long)]
-    no_cgroup_ahead: bool,
 }
 
 /// The metrics measured without a broker.
@@ -120,7 +116,6 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("--refill-after {other}: taken, configured or ready"),
     });
     bubble_vmm_client::cgroups::parents::set_parent_cache(!opts.no_parent_cache);
-    bubble_vmm_client::set_cgroup_ahead(!opts.no_cgroup_ahead);
     let want = |m: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == m);
     let mut results: broker::Results = BTreeMap::new();
 

@@ -102,9 +102,8 @@ impl Vmm {
         dir: &Path,
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
-        ahead: vc::Ahead,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, rec, image, false, ahead).await
+        Self::start(spawner, cfg, dir, rec, image, false).await
     }
 
     /// Spawns a VMM in restore mode (it waits for [`Vmm::restore`]).
@@ -115,7 +114,7 @@ impl Vmm {
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
     ) -> Result<Self, String> {
-        Self::start(spawner, cfg, dir, rec, image, true, vc::Ahead::default()).await
+        Self::start(spawner, cfg, dir, rec, image, true).await
     }
 
     async fn start(
@@ -125,7 +124,6 @@ impl Vmm {
         rec: &crate::store::registry::BubbleRecord,
         image: &ImageSpec,
         restore: bool,
-        ahead: vc::Ahead,
     ) -> Result<Self, String> {
         let spawn = vc::SpawnConfig {
             bubble_id: rec.id.clone(),
@@ -144,10 +142,7 @@ impl Vmm {
             poll: Duration::from_micros(u64::from(cfg.vmm_poll_us)),
             die_with_broker: cfg.jail.die_with_broker,
         };
-        let client = spawner
-            .spawn_with(&spawn, ahead)
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = spawner.spawn(&spawn).await.map_err(|e| e.to_string())?;
         Ok(Self { client })
     }
 

@@ -13,7 +13,7 @@ use crate::cgroups;
 use crate::client::{socket_path, SpawnSteps, VmmClient};
 use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
 use crate::launcher;
-use crate::spawn::{confine, hold_claim, image_fd_for, prepare_dir, OnSent, SpawnConfig};
+use crate::spawn::{confine, hold_claim, image_fd_for, prepare_dir, SpawnConfig};
 use crate::uids::UidLease;
 use crate::vmm_error::VmmError;
 
@@ -101,7 +101,7 @@ pub(crate) async fn connect_child(
 /// Spawns a VMM process (not jailed in namespaces) and connects to it
 /// (READY comes later: see [`VmmClient::wait_ready`]).
 pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-    spawn_jailed(cfg, None, None, Ok(Vec::new()), None).await
+    spawn_jailed(cfg, None, None, Ok(Vec::new())).await
 }
 
 pub(crate) async fn spawn_jailed(
@@ -109,7 +109,6 @@ pub(crate) async fn spawn_jailed(
     jail: Option<JailArgs>,
     lease: Option<UidLease>,
     cgroup: Result<Vec<PathBuf>, String>,
-    on_sent: Option<OnSent>,
 ) -> Result<VmmClient, VmmError> {
     prepare_dir(cfg)?;
     let (jail, held) = hold_claim(jail, lease.as_ref());
@@ -157,9 +156,6 @@ pub(crate) async fn spawn_jailed(
     let t_sent = Instant::now();
     let warning = confine(cgroup, pid, &exit, &memcg);
     let t_cgroup = Instant::now();
-    if let Some(f) = on_sent {
-        f();
-    }
     let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit)).await?;
     c.jail_warning = warning;
     c.steps = SpawnSteps {

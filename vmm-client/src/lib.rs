@@ -41,10 +41,7 @@ pub use fresh::spawn;
 pub use paged::PageWriter;
 pub use procmem::ProcHandle;
 pub use procmem::WriteError;
-pub use spawn::{
-    set_cgroup_ahead, set_refill_after, Ahead, CgroupAhead, JailSpec, OnSent, RefillAfter,
-    SpawnConfig, Spawner, REFILL_WAIT,
-};
+pub use spawn::{set_refill_after, JailSpec, RefillAfter, SpawnConfig, Spawner, REFILL_WAIT};
 pub use stream::SnapshotStream;
 pub use uids::{UidLease, UidPool};
 pub use upload::RestoreUpload;

@@ -255,38 +255,8 @@ impl Spawner {
         })
     }
 
-    /// Starts making the cgroups of `parent`'s bubble `bubble` (guest
-    /// memory `memory_mib`) on a blocking thread, for a VMM started with
-    /// [`Spawner::spawn_with`]; `None` where this broker makes no cgroups
-    /// (or they are made on the spawn path, see [`set_cgroup_ahead`]).
-    pub fn cgroup_ahead(&self, parent: &str, bubble: &str, memory_mib: u32) -> Option<CgroupAhead> {
-        if !CGROUP_AHEAD.load(Ordering::Relaxed) {
-            return None;
-        }
-        let cg = self.cgroups()?.clone();
-        let (parent, bubble) = (parent.to_string(), bubble.to_string());
-        let memory = u64::from(memory_mib) << 20;
-        Some(CgroupAhead(Some(tokio::task::spawn_blocking(move || {
-            cg.prepare(&parent, &bubble, memory)
-                .map_err(|e| format!("no cgroup: {e}"))
-        }))))
-    }
-
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-        self.spawn_with(cfg, Ahead::default()).await
-    }
-
-    /// [`Spawner::spawn`] with what was started ahead of it (see
-    /// [`Ahead`]).
-    pub async fn spawn_with(
-        self: &Arc<Self>,
-        cfg: &SpawnConfig,
-        Ahead {
-            cgroup: ahead,
-            on_sent,
-        }: Ahead,
-    ) -> Result<VmmClient, VmmError> {
         let t0 = Instant::now();
         // The oldest spare: it has had the most time to prepare (its
         // preparation runs at low priority, and the bubble waits for it
@@ -300,7 +270,7 @@ impl Spawner {
             self.refill();
         }
         let Some(mut sp) = spare else {
-            return self.spawn_fresh(cfg, ahead, on_sent).await;
+            return self.spawn_fresh(cfg).await;
         };
         // Whatever ends this create early starts the next spare too.
         let mut refill = RefillGuard((when != RefillAfter::Taken).then(|| self.clone()));
@@ -335,11 +305,7 @@ impl Spawner {
         // on cgroup v1 the spare moves itself with the files sent along
         // with CONFIGURE, else it is placed from here.
         let t_cgroup = Instant::now();
-        let procs = match ahead {
-            Some(a) => a.get().await,
-            None => self.jail.cgroup_for(cfg),
-        };
-        let (warning, tasks) = match procs {
+        let (warning, tasks) = match self.jail.cgroup_for(cfg) {
             Ok(procs) if !procs.is_empty() => match cgroups::open_tasks(&procs) {
                 Ok(Some(tasks)) => {
                     remove_after_exit(procs, &sp.exit, &sp.memcg);
@@ -365,10 +331,7 @@ impl Spawner {
         }
         if sent.is_err() {
             // The spare died: start one the slow way.
-            return self.spawn_fresh(cfg, None, on_sent).await;
-        }
-        if let Some(f) = on_sent {
-            f();
+            return self.spawn_fresh(cfg).await;
         }
         let c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit)).await;
         if let (Some(me), Ok(c)) = (refill.0.take(), &c) {
@@ -399,73 +362,13 @@ impl Spawner {
     }
 
     /// Starts a new VMM process for `cfg`, jailed.
-    async fn spawn_fresh(
-        &self,
-        cfg: &SpawnConfig,
-        ahead: Option<CgroupAhead>,
-        on_sent: Option<OnSent>,
-    ) -> Result<VmmClient, VmmError> {
+    async fn spawn_fresh(&self, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
         let (jail, lease) = self.jail.for_vmm()?;
-        let procs = match ahead {
-            Some(a) => a.get().await,
-            None => self.jail.cgroup_for(cfg),
-        };
-        spawn_jailed(cfg, jail, lease, procs, on_sent).await
+        spawn_jailed(cfg, jail, lease, self.jail.cgroup_for(cfg)).await
     }
 }
 
 static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
-
-/// Work run once a VMM has its bubble (see [`Ahead`]).
-pub type OnSent = Box<dyn FnOnce() + Send>;
-
-/// What a create started ahead of its VMM, for [`Spawner::spawn_with`].
-#[derive(Default)]
-pub struct Ahead {
-    /// The bubble's cgroups, being made (else they are made on the
-    /// spawn path).
-    pub cgroup: Option<CgroupAhead>,
-    /// Run once the VMM has its bubble (CONFIGURE sent to a spare, or a
-    /// fresh process started), before waiting for its answer: work that
-    /// need not delay the VMM. Not run if the VMM never got that far.
-    pub on_sent: Option<OnSent>,
-}
-
-static CGROUP_AHEAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Sets, process-wide, whether [`Spawner::cgroup_ahead`] makes a
-/// bubble's cgroups on a blocking thread (the default) or leaves them to
-/// the spawn path (for the bench's comparison).
-pub fn set_cgroup_ahead(on: bool) {
-    CGROUP_AHEAD.store(on, Ordering::Relaxed);
-}
-
-/// A bubble's cgroups being made ahead of its VMM (see
-/// [`Spawner::cgroup_ahead`]); removed again if dropped unused.
-pub struct CgroupAhead(Option<tokio::task::JoinHandle<Result<Vec<PathBuf>, String>>>);
-
-impl CgroupAhead {
-    /// The cgroups' `cgroup.procs` files, or why there are none.
-    async fn get(mut self) -> Result<Vec<PathBuf>, String> {
-        match self.0.take() {
-            Some(h) => h.await.unwrap_or_else(|e| Err(format!("no cgroup: {e}"))),
-            None => Err("no cgroup: already taken".into()),
-        }
-    }
-}
-
-impl Drop for CgroupAhead {
-    fn drop(&mut self) {
-        let Some(h) = self.0.take() else { return };
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Ok(Ok(procs)) = h.await {
-                    cgroups::remove(&procs);
-                }
-            });
-        }
-    }
-}
 
 /// Starts the next spare when dropped still armed (a create that took a
 /// spare and ended before it was due to).

@@ -105,16 +105,17 @@ impl Broker {
                 .ok_or_else(|| BrokerError::Spawn("bubble id collision".into()))
         })?;
         let admitted = Instant::now();
-        // The bubble's cgroups are made on a blocking thread while a
-        // spare is taken; its VMM is given them before its guest's memory
-        // is touched, as ever.
-        let ahead = self
-            .spawner
-            .cgroup_ahead(&rec.owner, &rec.id, rec.memory_mib);
+        // The record reaches the disk while the VMM starts and the guest
+        // boots; the bubble is reported only once both are done. A crash in
+        // between leaves a VMM without a record, which the next start
+        // stops (see `reconcile`). Started here, not after CONFIGURE: there its
+        // commit competed with the VMM's boot for the CPUs (measured:
+        // docs/performance.md).
+        let insert = self.insert_record(&rec);
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
         let stamps = Stamps { received, admitted };
-        self.boot(permit, image, stamps, ahead)
+        self.boot(permit, image, insert, stamps)
             .instrument(span)
             .await
     }
@@ -171,53 +172,25 @@ impl Broker {
         self: &Arc<Self>,
         permit: Permit,
         image: ImageSpec,
+        insert: Insert,
         stamps: Stamps,
-        ahead: Option<bubble_vmm_client::CgroupAhead>,
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = permit.rec.clone();
         let id = rec.id.clone();
-        // Once the VMM has its bubble (so none of it delays the VMM): the
-        // record's fsynced insert starts, and BOOTING is audited and
-        // emitted. The record reaches the disk while the guest boots; the
-        // bubble is reported only once both are done. A crash in between
-        // leaves a VMM without a record, which the next start stops (see
-        // `reconcile`). A VMM that never got its bubble has them done
-        // below instead.
-        let started: Arc<parking_lot::Mutex<Option<Insert>>> = Arc::default();
-        let announce = {
-            let (b, r, started) = (self.clone(), rec.clone(), started.clone());
-            move || {
-                let insert = b.insert_record(&r);
-                *started.lock() = Some(insert);
-                let ev = Event {
-                    owner: r.owner.clone(),
-                    bubble_id: r.id.clone(),
-                    state: State::Booting,
-                    reason: String::new(),
-                    at_ms: now_ms(),
-                    security: None,
-                };
-                b.audit_state(&ev);
-                b.emit(ev);
-            }
+        let ev = Event {
+            owner: rec.owner.clone(),
+            bubble_id: id.clone(),
+            state: State::Booting,
+            reason: String::new(),
+            at_ms: now_ms(),
+            security: None,
         };
-        let announce = Arc::new(parking_lot::Mutex::new(Some(announce)));
-        let on_sent = {
-            let announce = announce.clone();
-            Box::new(move || {
-                if let Some(f) = announce.lock().take() {
-                    f();
-                }
-            })
-        };
-        let ahead = bubble_vmm_client::Ahead {
-            cgroup: ahead,
-            on_sent: Some(on_sent),
-        };
+        self.audit_state(&ev);
+        self.emit(ev);
         let dir = self.cfg.bubble_dir(&id);
         let t0 = Instant::now();
         let booting = async {
-            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &rec, &image, ahead)
+            let vmm = Vmm::spawn(&self.spawner, &self.cfg, &dir, &rec, &image)
                 .await
                 .map_err(|e| {
                     let detail = format!("VMM did not start: {e}");
@@ -235,15 +208,7 @@ impl Broker {
             let vmm_ready_us = t0.elapsed().as_micros() as u64;
             Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us, woke))
         };
-        let booted = booting.await;
-        if let Some(f) = announce.lock().take() {
-            f();
-        }
-        let insert = started.lock().take();
-        let inserted = match insert {
-            Some(insert) => insert.await,
-            None => self.insert_record(&rec).await,
-        };
+        let (inserted, booted) = tokio::join!(insert, booting);
         let joined = Instant::now();
         let joined_us = t0.elapsed().as_micros() as u64;
         let inserted = inserted

@@ -313,13 +313,14 @@ impl Cgroups {
         on_disk.dedup();
         self.parents.sweep(&on_disk, |p| {
             // Every controller's, even after one kept its cgroup.
-            bases
+            let kept = bases
                 .iter()
-                .map(|b| {
+                .filter(|b| {
                     let dir = b.join(p);
-                    std::fs::remove_dir(&dir).is_ok() || !dir.exists()
+                    std::fs::remove_dir(&dir).is_err() && dir.exists()
                 })
-                .fold(true, |all, gone| all && gone)
+                .count();
+            kept == 0
         })
     }
 }
