@@ -21,24 +21,24 @@ fn config(parent_mib: u64) -> Opts {
 }
 
 /// The parent memory cgroup of VMM `pid` and its limit file.
-fn parent_limit(pid: u32) -> (PathBuf, PathBuf) {
+fn parent_limit(pid: u32) -> Option<(PathBuf, PathBuf)> {
     let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
     let (ctl, mount, file) = if v1 {
         ("memory", "memory", "memory.limit_in_bytes")
     } else {
         ("", "", "memory.max")
     };
-    let path = cgroup_of(pid, ctl).expect("a memory cgroup");
+    let path = cgroup_of(pid, ctl)?;
     let dir = Path::new("/sys/fs/cgroup")
         .join(mount)
         .join(path.trim_start_matches('/'));
-    let parent = dir.parent().unwrap().to_path_buf();
+    let parent = dir.parent()?.to_path_buf();
     let limit = parent.join(file);
-    (parent, limit)
+    Some((parent, limit))
 }
 
-fn read(p: &Path) -> u64 {
-    std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+fn read(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
 /// A broker restarted with a larger parent budget under a running bubble
@@ -54,8 +54,8 @@ async fn a_parents_cgroup_limit_follows_the_config_across_a_restart() {
     let first = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(first.state, READY, "{}", first.failure_reason);
     assert_eq!(first.jail_warning, "", "cgroups are writable here");
-    let (parent, limit) = parent_limit(first.vmm_pid);
-    assert_eq!(read(&limit), (512 + 4 * 64) << 20);
+    let (parent, limit) = parent_limit(first.vmm_pid).unwrap();
+    assert_eq!(read(&limit), Some((512 + 4 * 64) << 20));
     drop(c);
     broker.terminate();
     let broker = BrokerProc::start_with(dir.path(), config(1024));
@@ -66,11 +66,15 @@ async fn a_parents_cgroup_limit_follows_the_config_across_a_restart() {
     .await;
     assert_eq!(b.vmm_pid, first.vmm_pid, "re-adopted, not restarted");
     // Kept by the running bubble, with the old limit so far.
-    assert_eq!(read(&limit), (512 + 4 * 64) << 20);
+    assert_eq!(read(&limit), Some((512 + 4 * 64) << 20));
     let second = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(second.state, READY, "{}", second.failure_reason);
-    assert_eq!(parent_limit(second.vmm_pid).0, parent, "one parent cgroup");
-    assert_eq!(read(&limit), (1024 + 4 * 64) << 20);
+    assert_eq!(
+        parent_limit(second.vmm_pid).unwrap().0,
+        parent,
+        "one parent cgroup"
+    );
+    assert_eq!(read(&limit), Some((1024 + 4 * 64) << 20));
     for id in [&first.bubble_id, &second.bubble_id] {
         c.delete_bubble(pb::BubbleRef {
             bubble_id: id.clone(),
@@ -88,6 +92,6 @@ async fn a_parents_cgroup_limit_follows_the_config_across_a_restart() {
     let third = c.create_bubble(create_req(16)).await.unwrap().into_inner();
     assert_eq!(third.state, READY, "{}", third.failure_reason);
     assert_eq!(third.jail_warning, "");
-    assert_eq!(parent_limit(third.vmm_pid).0, parent);
-    assert_eq!(read(&limit), (1024 + 4 * 64) << 20);
+    assert_eq!(parent_limit(third.vmm_pid).unwrap().0, parent);
+    assert_eq!(read(&limit), Some((1024 + 4 * 64) << 20));
 }
