@@ -310,8 +310,8 @@ pub(super) struct Stamps {
 
 impl Stamps {
     /// Logs, at debug level (cheap when off), the create's steps in µs
-    /// since the request was received (docs/performance.md, "Where a
-    /// create's time goes in the broker").
+    /// since the request was received (docs/performance.md, "The
+    /// broker's part of a create").
     fn log(&self, vmm: &Vmm, woke: Instant, joined: Instant, recorded: Instant) {
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return;
