@@ -103,6 +103,8 @@ pub struct SpawnConfig {
 struct Spare {
     stream: UnixStream,
     pid: u32,
+    /// The process group of the process spawned for it (0: unknown).
+    group: u32,
     exit: ExitWatch,
     /// Where its memory cgroup is, once it has one (see [`MemcgSlot`]).
     memcg: MemcgSlot,
@@ -243,11 +245,15 @@ impl Spawner {
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         drop(held);
+        // Its process group (the process spawned here leads it): in a jail,
+        // the waiter's (the VMM itself starts a session of its own).
+        let group = child.id().unwrap_or(0);
         let log = self.dir.join(format!("{name}.log"));
         let (stream, pid, exit, memcg) = connect_child(child, &sock, &log, lease).await?;
         Ok(Spare {
             stream,
             pid,
+            group,
             exit,
             memcg,
             sock,
@@ -300,6 +306,17 @@ impl Spawner {
         };
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
+            // Its waiter too: it must get the CPU soon to stop dying with
+            // the broker (the VMM asks it right after CONFIGURE); at nice
+            // 19 on a busy host a broker killed just after READY could
+            // take the bubble with it.
+            if sp.group != 0 {
+                // SAFETY: setpriority only changes a scheduling attribute
+                // of the processes of a group this broker spawned.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PGRP, sp.group, 0);
+                }
+            }
         }
         // Into its bubble's cgroups before its guest memory is touched:
         // on cgroup v1 the spare moves itself with the files sent along
