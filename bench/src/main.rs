@@ -41,6 +41,7 @@ mod broker;
 mod floors;
 mod guest_policy;
 mod stats;
+mod steps;
 
 use stats::{print_results, round, us};
 
@@ -72,6 +73,14 @@ struct Opts {
     /// where direct guest-memory writes are refused).
     #[arg(long)]
     restore_over_socket: bool,
+    /// When a create that took a spare VMM starts the next one: `taken`,
+    /// `configured` or `ready` (the broker's default).
+    #[arg(long, default_value = "ready")]
+    refill_after: String,
+    /// Make each parent's cgroups (and write its limit) on every create,
+    /// as before they were kept.
+    #[arg(long)]
+    no_parent_cache: bool,
 }
 
 /// The metrics measured without a broker.
@@ -88,6 +97,8 @@ fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
     if std::env::var_os("RUST_LOG").is_some() {
         bubbled::daemon::init_logging(false);
+    } else {
+        steps::install();
     }
     let all: Vec<&str> = FLOORS
         .iter()
@@ -100,6 +111,13 @@ fn main() -> anyhow::Result<()> {
             "unknown metric {m:?}; known: {all:?}"
         );
     }
+    bubble_vmm_client::set_refill_after(match opts.refill_after.as_str() {
+        "taken" => bubble_vmm_client::RefillAfter::Taken,
+        "configured" => bubble_vmm_client::RefillAfter::Configured,
+        "ready" => bubble_vmm_client::RefillAfter::Ready,
+        other => anyhow::bail!("--refill-after {other}: taken, configured or ready"),
+    });
+    bubble_vmm_client::cgroups::parents::set_parent_cache(!opts.no_parent_cache);
     let want = |m: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == m);
     let mut results: broker::Results = BTreeMap::new();
 

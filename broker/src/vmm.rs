@@ -147,6 +147,16 @@ impl Vmm {
         Ok(Self { client })
     }
 
+    /// When this VMM's start passed its steps (see `core::create`).
+    pub fn spawn_steps(&self) -> vc::SpawnSteps {
+        self.client.spawn_steps()
+    }
+
+    /// When READY was read from the VMM's socket, if it was.
+    pub fn ready_received_at(&self) -> Option<std::time::Instant> {
+        self.client.ready_received_at()
+    }
+
     /// What of the jail could not be set up for this VMM (empty: all).
     pub fn jail_warning(&self) -> String {
         self.client.jail_warning().unwrap_or_default().to_string()

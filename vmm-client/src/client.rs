@@ -111,6 +111,24 @@ pub struct VmmClient {
     /// READY_EARLY, and calls made before the rest of its start-up is
     /// over wait for it in the VMM (docs/guest-abi.md, "Start-up").
     pub(crate) started_by: Option<Instant>,
+    /// When its steps toward the bubble happened (see [`SpawnSteps`]).
+    pub(crate) steps: SpawnSteps,
+    /// When READY was read from the socket.
+    ready_at: Arc<std::sync::OnceLock<Instant>>,
+}
+
+/// When a VMM's start passed its steps (for the create path's debug
+/// breakdown; see docs/performance.md). All `None` for a re-connected VMM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpawnSteps {
+    /// A spare was taken (`None`: a fresh process was started).
+    pub taken: Option<Instant>,
+    /// The spare's socket and log were in the bubble's directory.
+    pub dir: Option<Instant>,
+    /// The bubble's cgroups were ready.
+    pub cgroup: Option<Instant>,
+    /// CONFIGURE (spare) or the process spawn (fresh) was done.
+    pub sent: Option<Instant>,
 }
 
 /// How long a request waits for its VMM's answer by polling before its
@@ -193,8 +211,10 @@ impl VmmClient {
         let (ready_tx, ready_rx) = watch::channel(Readiness::Booting);
         let exit = Arc::new(std::sync::OnceLock::new());
         let suspending = Arc::new(AtomicBool::new(false));
+        let ready_at = Arc::new(std::sync::OnceLock::new());
         {
             let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
+            let ready_stamp = ready_at.clone();
             let asked = suspending.clone();
             tokio::spawn(async move {
                 let reason = loop {
@@ -233,6 +253,7 @@ impl VmmClient {
                     if Kind::is_event(head.kind) {
                         match Event::decode(head.kind, &body) {
                             Ok(Event::Ready { boot_us }) => {
+                                let _ = ready_stamp.set(Instant::now());
                                 let _ = ready_tx.send(Readiness::Ready(boot_us));
                                 let _ = events.send(VmmEvent::Ready { boot_us });
                             }
@@ -254,6 +275,7 @@ impl VmmClient {
                         } else if st.ready {
                             ready_tx.send_if_modified(|v| {
                                 if *v == Readiness::Booting {
+                                    let _ = ready_stamp.set(Instant::now());
                                     *v = Readiness::Ready(st.boot_us);
                                     true
                                 } else {
@@ -328,6 +350,8 @@ impl VmmClient {
             jail_warning: None,
             cgroups: None,
             started_by: None,
+            steps: SpawnSteps::default(),
+            ready_at,
         };
         if hello == Hello::Skip {
             return Ok(c);
@@ -575,6 +599,24 @@ impl VmmClient {
     /// What of the jail could not be set up for this VMM, if anything.
     pub fn jail_warning(&self) -> Option<&str> {
         self.jail_warning.as_deref()
+    }
+
+    /// Resolves once the guest is READY or FAILED (or the VMM is gone).
+    pub(crate) fn settled(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.readiness.clone();
+        async move {
+            let _ = rx.wait_for(|r| *r != Readiness::Booting).await;
+        }
+    }
+
+    /// When this VMM's start passed its steps.
+    pub fn spawn_steps(&self) -> SpawnSteps {
+        self.steps
+    }
+
+    /// When READY was read from the VMM's socket, if it was.
+    pub fn ready_received_at(&self) -> Option<Instant> {
+        self.ready_at.get().copied()
     }
 
     /// Kills the VMM process (if it still runs), through the pidfd held

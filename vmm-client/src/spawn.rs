@@ -1,11 +1,11 @@
 //! Starting VMM processes: spares kept ahead of need, fresh starts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 
@@ -16,8 +16,9 @@ use bubble_vmm::priority;
 use bubble_vmm::process::{SpareArgs, VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
 use crate::cgroups::{self, Cgroups};
-use crate::client::{socket_path, Hello, VmmClient};
-use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
+use crate::client::{socket_path, Hello, SpawnSteps, VmmClient};
+use crate::exit::{ExitWatch, MemcgSlot};
+use crate::fresh::{connect_child, spawn_jailed};
 use crate::launcher;
 use crate::uids::{UidLease, UidPool};
 use crate::vmm_error::VmmError;
@@ -105,6 +106,8 @@ pub struct SpawnConfig {
 struct Spare {
     stream: UnixStream,
     pid: u32,
+    /// The process group of the process spawned for it (0: unknown).
+    group: u32,
     exit: ExitWatch,
     /// Where its memory cgroup is, once it has one (see [`MemcgSlot`]).
     memcg: MemcgSlot,
@@ -245,11 +248,15 @@ impl Spawner {
             .await
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         drop(held);
+        // Its process group (the process spawned here leads it): in a jail,
+        // the waiter's (the VMM itself starts a session of its own).
+        let group = child.id().unwrap_or(0);
         let log = self.dir.join(format!("{name}.log"));
         let (stream, pid, exit, memcg) = connect_child(child, &sock, &log, lease).await?;
         Ok(Spare {
             stream,
             pid,
+            group,
             exit,
             memcg,
             sock,
@@ -259,7 +266,7 @@ impl Spawner {
 
     /// Starts a VMM for `cfg`: a spare if one is ready, else a new process.
     pub async fn spawn(self: &Arc<Self>, cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         // The oldest spare: it has had the most time to prepare (its
         // preparation runs at low priority, and the bubble waits for it
         // to finish; the newest was often started by the previous create).
@@ -267,10 +274,15 @@ impl Spawner {
             let mut s = self.spares.lock();
             (!s.is_empty()).then(|| s.remove(0))
         };
-        self.refill();
+        let when = refill_after();
+        if when == RefillAfter::Taken || spare.is_none() {
+            self.refill();
+        }
         let Some(mut sp) = spare else {
             return self.spawn_fresh(cfg).await;
         };
+        // Whatever ends this create early starts the next spare too.
+        let mut refill = RefillGuard((when != RefillAfter::Taken).then(|| self.clone()));
         prepare_dir(cfg)?;
         // The spare's socket and log become the bubble's, moved (a jailed
         // VMM cannot reach the bubble's directory; the VMM's descriptors
@@ -297,11 +309,22 @@ impl Spawner {
         };
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
+            // Its waiter too: it must get the CPU soon to stop dying with
+            // the broker (the VMM asks it right after CONFIGURE); at nice
+            // 19 on a busy host a broker killed just after READY could
+            // take the bubble with it.
+            if sp.group != 0 {
+                // SAFETY: setpriority only changes a scheduling attribute
+                // of the processes of a group this broker spawned.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PGRP, sp.group, 0);
+                }
+            }
         }
         // Into its bubble's cgroups before its guest memory is touched:
         // on cgroup v1 the spare moves itself with the files sent along
         // with CONFIGURE, else it is placed from here.
-        let t_cgroup = t0.elapsed();
+        let t_cgroup = Instant::now();
         let (warning, tasks) = match self.jail.cgroup_for(cfg) {
             Ok(procs) if !procs.is_empty() => match cgroups::open_tasks(&procs) {
                 Ok(Some(tasks)) => {
@@ -318,16 +341,18 @@ impl Spawner {
         }
         .frame(0)
         .map_err(|e| VmmError::Spawn(format!("CONFIGURE: {e}")))?;
-        let t_send = t0.elapsed();
-        if crate::fds::send_with(&mut sp.stream, &frame, &tasks)
-            .await
-            .is_err()
-        {
+        let t_send = Instant::now();
+        let sent = crate::fds::send_with(&mut sp.stream, &frame, &tasks).await;
+        drop(tasks);
+        let t_sent = Instant::now();
+        if when == RefillAfter::Configured || sent.is_err() {
+            drop(refill);
+            refill = RefillGuard(None);
+        }
+        if sent.is_err() {
             // The spare died: start one the slow way.
             return self.spawn_fresh(cfg).await;
         }
-        drop(tasks);
-        let t_sent = t0.elapsed();
         // No HELLO round trip for a spare that boots: its peer uid was
         // checked when it was connected, and it runs the bubble it was
         // just given; its READY (sent at the guest's READY_EARLY) and
@@ -339,16 +364,31 @@ impl Spawner {
         } else {
             Hello::Skip
         };
-        let mut c =
-            VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit), hello).await?;
+        let c = VmmClient::handshake(sp.stream, &cfg.bubble_id, sp.pid, Some(sp.exit), hello).await;
+        if let (Some(me), Ok(c)) = (refill.0.take(), &c) {
+            // Once its guest is READY (or failed, or the VMM is gone),
+            // or at the latest after REFILL_WAIT.
+            let settled = c.settled();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REFILL_WAIT, settled).await;
+                me.refill();
+            });
+        }
+        let mut c = c?;
         c.jail_warning = warning;
         c.cgroups = Some(sp.memcg);
         c.started_by = Some(t0 + cfg.boot_timeout);
+        c.steps = SpawnSteps {
+            taken: Some(t0),
+            dir: Some(t_cgroup),
+            cgroup: Some(t_send),
+            sent: Some(t_sent),
+        };
         tracing::debug!(
-            dir_us = t_cgroup.as_micros() as u64,
+            dir_us = (t_cgroup - t0).as_micros() as u64,
             cgroup_us = (t_send - t_cgroup).as_micros() as u64,
             configure_us = (t_sent - t_send).as_micros() as u64,
-            handshake_us = (t0.elapsed() - t_sent).as_micros() as u64,
+            handshake_us = t_sent.elapsed().as_micros() as u64,
             "spare given its bubble"
         );
         Ok(c)
@@ -363,10 +403,56 @@ impl Spawner {
 
 static NEXT_SPARE: AtomicU64 = AtomicU64::new(0);
 
+/// Starts the next spare when dropped still armed (a create that took a
+/// spare and ended before it was due to).
+struct RefillGuard(Option<Arc<Spawner>>);
+
+impl Drop for RefillGuard {
+    fn drop(&mut self) {
+        if let Some(me) = self.0.take() {
+            me.refill();
+        }
+    }
+}
+
+/// When a create that took a spare starts the next one (see
+/// [`set_refill_after`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefillAfter {
+    /// As soon as the spare is taken: the new process's exec and VM
+    /// creation then compete with the bubble's boot for the CPUs.
+    Taken,
+    /// Once its CONFIGURE is sent.
+    Configured,
+    /// Once its guest is READY or failed (at the latest [`REFILL_WAIT`]
+    /// after CONFIGURE).
+    Ready,
+}
+
+/// The longest a create that took a spare delays starting the next one.
+pub const REFILL_WAIT: Duration = Duration::from_secs(1);
+
+static REFILL_AFTER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Sets, process-wide, when a create that took a spare starts the next
+/// one (default: [`RefillAfter::Ready`]; the bench compares them). A
+/// create that found no spare starts one at once.
+pub fn set_refill_after(when: RefillAfter) {
+    REFILL_AFTER.store(when as u8, Ordering::Relaxed);
+}
+
+fn refill_after() -> RefillAfter {
+    match REFILL_AFTER.load(Ordering::Relaxed) {
+        0 => RefillAfter::Taken,
+        1 => RefillAfter::Configured,
+        _ => RefillAfter::Ready,
+    }
+}
+
 /// `jail` with the descriptor of `lease`'s host-wide claim for the VMM to
 /// hold (see [`UidLease::inheritable`]), and that descriptor, to be
 /// dropped once the VMM is spawned.
-fn hold_claim(
+pub(crate) fn hold_claim(
     jail: Option<JailArgs>,
     lease: Option<&UidLease>,
 ) -> (Option<JailArgs>, Option<std::os::fd::OwnedFd>) {
@@ -380,14 +466,14 @@ fn hold_claim(
 }
 
 /// The shared shim descriptor for a VMM that boots the shim.
-fn image_fd_for(image: &GuestImage) -> Option<i32> {
+pub(crate) fn image_fd_for(image: &GuestImage) -> Option<i32> {
     match image {
         GuestImage::Shim => bubble_vmm::images::shared_shim_fd(),
         _ => None,
     }
 }
 
-fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
+pub(crate) fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
     use std::os::unix::fs::DirBuilderExt;
     if cfg.vcpus != 1 {
         return Err(VmmError::Spawn("only 1 vCPU is supported".into()));
@@ -401,90 +487,9 @@ fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Waits for a freshly spawned VMM's socket and connects; reaps the child
-/// in the background.
-async fn connect_child(
-    mut child: tokio::process::Child,
-    sock: &Path,
-    log_path: &Path,
-    lease: Option<UidLease>,
-) -> Result<(UnixStream, u32, ExitWatch, MemcgSlot), VmmError> {
-    let start = std::time::Instant::now();
-    // Poll quickly at first (a VMM binds its socket within a few ms), then
-    // back off: a spare starting at low priority may take much longer, and
-    // polling every 50 µs meanwhile keeps waking a broker thread.
-    let mut pause = Duration::from_micros(50);
-    let stream = loop {
-        match UnixStream::connect(sock).await {
-            Ok(s) => break s,
-            Err(e) => {
-                if let Ok(Some(st)) = child.try_wait() {
-                    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
-                    return Err(VmmError::Spawn(format!(
-                        "VMM exited ({st}) before listening: {}",
-                        tail.lines().last().unwrap_or("")
-                    )));
-                }
-                if start.elapsed() > Duration::from_secs(10) {
-                    let _ = child.start_kill();
-                    return Err(VmmError::Connect {
-                        path: sock.display().to_string(),
-                        detail: e.to_string(),
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(5));
-            }
-        }
-    };
-    // The VMM is the process that listens on the socket, as the kernel
-    // says: its host pid (in a jail, the child of the process spawned
-    // here) and the uid it was given.
-    // SAFETY: getuid has no preconditions.
-    let want = lease
-        .as_ref()
-        .map_or(unsafe { libc::getuid() }, UidLease::uid);
-    let cred = stream.peer_cred().map_err(|e| VmmError::Connect {
-        path: sock.display().to_string(),
-        detail: format!("no peer credentials: {e}"),
-    })?;
-    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-    if cred.uid() != want || pid == 0 {
-        let _ = child.start_kill();
-        return Err(VmmError::PeerUid {
-            got: cred.uid(),
-            want,
-        });
-    }
-    // Reap the child when it exits (it stays our child while we live),
-    // keeping how it ended for its client. Its uid is free again only
-    // then (a jailed VMM's spawned process waits for the VMM).
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    let memcg = MemcgSlot::default();
-    let slot = memcg.clone();
-    tokio::spawn(async move {
-        let exit = match child.wait().await {
-            Ok(st) => VmmExit::from_status(st),
-            Err(e) => VmmExit::Closed(format!("cannot wait for the VMM: {e}")),
-        };
-        // A SIGKILL from the kernel's OOM killer, told apart by its
-        // cgroup's count (read before the cgroup is removed: removal
-        // waits for this exit).
-        let exit = match (exit, slot.memory_dir()) {
-            (VmmExit::Signal(libc::SIGKILL), Some(dir)) if cgroups::oom_killed(&dir) => {
-                VmmExit::MemoryLimit
-            }
-            (e, _) => e,
-        };
-        drop(lease);
-        let _ = tx.send(Some(exit));
-    });
-    Ok((stream, pid, rx, memcg))
-}
-
 /// Moves VMM `pid` into the cgroups `procs` lists and removes them once
 /// it has exited; returns what went wrong, as the VMM's jail warning.
-fn confine(
+pub(crate) fn confine(
     procs: Result<Vec<PathBuf>, String>,
     pid: u32,
     exit: &ExitWatch,
@@ -514,68 +519,4 @@ fn remove_after_exit(procs: Vec<PathBuf>, exit: &ExitWatch, memcg: &MemcgSlot) {
         let _ = exit.wait_for(Option::is_some).await;
         cgroups::remove(&memcg.procs());
     });
-}
-
-/// Spawns a VMM process (not jailed in namespaces) and connects to it
-/// (READY comes later: see [`VmmClient::wait_ready`]).
-pub async fn spawn(cfg: &SpawnConfig) -> Result<VmmClient, VmmError> {
-    spawn_jailed(cfg, None, None, Ok(Vec::new())).await
-}
-
-async fn spawn_jailed(
-    cfg: &SpawnConfig,
-    jail: Option<JailArgs>,
-    lease: Option<UidLease>,
-    cgroup: Result<Vec<PathBuf>, String>,
-) -> Result<VmmClient, VmmError> {
-    let t0 = std::time::Instant::now();
-    prepare_dir(cfg)?;
-    let (jail, held) = hold_claim(jail, lease.as_ref());
-    let sock = socket_path(&cfg.dir);
-    let log_path = cfg.dir.join("vmm.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| VmmError::Spawn(format!("{}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let args = VmmArgs {
-        bubble_id: cfg.bubble_id.clone(),
-        memory_mib: cfg.memory_mib,
-        image: cfg.image.clone(),
-        socket: sock.clone(),
-        max_payload: cfg.max_payload,
-        boot_timeout: cfg.boot_timeout,
-        restore: cfg.restore,
-        image_fd: image_fd_for(&cfg.image),
-        poll: cfg.poll,
-        parent_pid: cfg.die_with_broker.then(std::process::id),
-        restore_deadline: DEFAULT_RESTORE_DEADLINE,
-    };
-    let mut cmd = tokio::process::Command::new(&cfg.program);
-    cmd.args(&cfg.program_args_prefix)
-        .args(args.to_args())
-        .args(jail.iter().flat_map(JailArgs::to_args))
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .kill_on_drop(false);
-    // Its own process group: signals to the broker's group (Ctrl-C, a
-    // service manager stopping the broker) do not reach the bubble, which
-    // survives a broker restart. Unlike setsid in a pre_exec hook this
-    // keeps the fast posix_spawn path.
-    cmd.process_group(0);
-    let child = launcher::launch(cmd, false)
-        .await
-        .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    drop(held);
-    let (stream, pid, exit, memcg) = connect_child(child, &sock, &log_path, lease).await?;
-    // Into its cgroup as soon as it is known (it builds its VM meanwhile:
-    // pages it touched before stay charged where its spawner's are).
-    let warning = confine(cgroup, pid, &exit, &memcg);
-    let mut c = VmmClient::handshake(stream, &cfg.bubble_id, pid, Some(exit), Hello::Check).await?;
-    c.jail_warning = warning;
-    c.cgroups = Some(memcg);
-    c.started_by = Some(t0 + cfg.boot_timeout);
-    Ok(c)
 }

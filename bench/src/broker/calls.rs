@@ -21,6 +21,7 @@ pub(crate) async fn create_to_ready(
     }
     let mut v = Vec::new();
     let mut steps: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let _ = crate::steps::take();
     for _ in 0..n {
         let t = Instant::now();
         let b = x.c.create_bubble(x.create.clone()).await?.into_inner();
@@ -47,6 +48,25 @@ pub(crate) async fn create_to_ready(
         .map(|(k, v)| (k, json!(round(us(stat(v).p50)))))
         .collect();
     s.extra.insert("vmm_steps_p50_us".into(), p50s.into());
+    // The broker's own steps (µs since it received the request), p50 of
+    // each over the creates a spare served.
+    let mut broker: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let seen = crate::steps::take();
+    let spares = seen.iter().filter(|m| m.get("spare") == Some(&1)).count();
+    for m in seen.iter().filter(|m| m.get("spare") == Some(&1)) {
+        for (k, v) in m.iter().filter(|(k, _)| k.ends_with("_us")) {
+            broker
+                .entry(k.clone())
+                .or_default()
+                .push(Duration::from_micros(*v));
+        }
+    }
+    let p50s: serde_json::Map<String, serde_json::Value> = broker
+        .into_iter()
+        .map(|(k, v)| (k, json!(round(us(stat(v).p50)))))
+        .collect();
+    s.extra.insert("broker_steps_p50_us".into(), p50s.into());
+    s.extra.insert("served_by_spares".into(), json!(spares));
     Ok(s)
 }
 

@@ -34,7 +34,7 @@ impl Broker {
             cmd.idle,
         );
         rec.policy = cmd.policy;
-        let r = self.start(rec, cmd.image).await;
+        let r = self.start(rec, cmd.image, started).await;
         self.metrics
             .create_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -89,6 +89,7 @@ impl Broker {
         self: &Arc<Self>,
         rec: BubbleRecord,
         image: ImageSpec,
+        received: Instant,
     ) -> Result<BubbleRecord, BrokerError> {
         if self.closing() {
             return Err(BrokerError::Spawn("the broker is shutting down".into()));
@@ -103,26 +104,20 @@ impl Broker {
             t.insert_held(rec.clone())
                 .ok_or_else(|| BrokerError::Spawn("bubble id collision".into()))
         })?;
+        let admitted = Instant::now();
         // The record reaches the disk while the VMM starts and the guest
         // boots; the bubble is reported only once both are done. A crash in
         // between leaves a VMM without a record, which the next start
-        // stops (see `reconcile`).
-        let insert = {
-            let b = self.clone();
-            let r = rec.clone();
-            tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                let inserted = b.registry.insert_new(&r);
-                tracing::debug!(
-                    insert_us = t.elapsed().as_micros() as u64,
-                    "bubble record inserted"
-                );
-                inserted
-            })
-        };
+        // stops (see `reconcile`). Started here, not after CONFIGURE: there its
+        // commit competed with the VMM's boot for the CPUs (measured:
+        // docs/performance.md).
+        let insert = self.insert_record(&rec);
         let span =
             info_span!("create", bubble = %rec.id, parent = %rec.owner, profile = %rec.profile);
-        self.boot(permit, image, insert).instrument(span).await
+        let stamps = Stamps { received, admitted };
+        self.boot(permit, image, insert, stamps)
+            .instrument(span)
+            .await
     }
 
     /// The bubble an idempotency key already made, once settled, if it was
@@ -158,11 +153,27 @@ impl Broker {
         }
     }
 
+    /// Starts the insert of `rec`'s record on a blocking thread.
+    fn insert_record(self: &Arc<Self>, rec: &BubbleRecord) -> Insert {
+        let b = self.clone();
+        let r = rec.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let inserted = b.registry.insert_new(&r);
+            tracing::debug!(
+                insert_us = t.elapsed().as_micros() as u64,
+                "bubble record inserted"
+            );
+            inserted
+        })
+    }
+
     async fn boot(
         self: &Arc<Self>,
         permit: Permit,
         image: ImageSpec,
         insert: Insert,
+        stamps: Stamps,
     ) -> Result<BubbleRecord, BrokerError> {
         let rec = permit.rec.clone();
         let id = rec.id.clone();
@@ -197,10 +208,12 @@ impl Broker {
                 .wait_ready(self.cfg.boot_timeout)
                 .await
                 .map_err(|e| (false, e))?;
+            let woke = Instant::now();
             let vmm_ready_us = t0.elapsed().as_micros() as u64;
-            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us))
+            Ok::<_, (bool, FailureReason)>((live, boot_us, spawn_us, vmm_ready_us, woke))
         };
         let (inserted, booted) = tokio::join!(insert, booting);
+        let joined = Instant::now();
         let joined_us = t0.elapsed().as_micros() as u64;
         let inserted = inserted
             .map_err(|e| BrokerError::Spawn(format!("registry writer: {e}")))
@@ -224,7 +237,7 @@ impl Broker {
             // handed the other's bubble.
             return self.settled_same(&other?, &rec).await;
         }
-        let (live, boot_us, spawn_us, vmm_ready_us) = match booted {
+        let (live, boot_us, spawn_us, vmm_ready_us, woke) = match booted {
             Ok(x) => x,
             Err((spawn_failed, reason)) => {
                 self.fail(&id, &reason);
@@ -280,10 +293,52 @@ impl Broker {
             instance = live.instance,
             "bubble ready"
         );
+        let recorded = Instant::now();
         drop(permit);
         if r.owner.is_empty() {
             self.pool_changed.notify_waiters();
         }
+        stamps.log(&live.vmm, woke, joined, recorded);
         Ok(r)
+    }
+}
+
+/// When a create passed its first steps (the rest are on its VMM).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Stamps {
+    /// The request reached the broker's core.
+    pub(super) received: Instant,
+    /// It was admitted (quota) and its bubble is in the table.
+    pub(super) admitted: Instant,
+}
+
+impl Stamps {
+    /// Logs, at debug level (cheap when off), the create's steps in µs
+    /// since the request was received (docs/performance.md, "The
+    /// broker's part of a create").
+    fn log(&self, vmm: &Vmm, woke: Instant, joined: Instant, recorded: Instant) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let at = |t: Option<Instant>| {
+            t.map_or(0, |t| {
+                t.saturating_duration_since(self.received).as_micros() as u64
+            })
+        };
+        let steps = vmm.spawn_steps();
+        tracing::debug!(
+            admitted_us = at(Some(self.admitted)),
+            spare = steps.taken.is_some(),
+            taken_us = at(steps.taken),
+            dir_us = at(steps.dir),
+            cgroup_us = at(steps.cgroup),
+            configure_us = at(steps.sent),
+            ready_us = at(vmm.ready_received_at()),
+            woke_us = at(Some(woke)),
+            joined_us = at(Some(joined)),
+            recorded_us = at(Some(recorded)),
+            answered_us = at(Some(Instant::now())),
+            "create steps"
+        );
     }
 }

@@ -495,18 +495,32 @@ fn jail_spec(
     let cgroups = match bubble_vmm_client::cgroups::Cgroups::detect(&name, parent_memory) {
         Ok(c) => {
             let c = std::sync::Arc::new(c);
-            // What killed brokers of this host left, off the serving path
-            // and at background priority (each rmdir waits for the kernel).
-            let sweeper = c.clone();
+            // What killed brokers of this host left, then every GRACE the
+            // parent cgroups no bubble was made in since (bubbles' exits
+            // remove their own only); off the serving path and at
+            // background priority (each rmdir waits for the kernel). Ends
+            // with the broker's cgroups.
+            let sweeper = std::sync::Arc::downgrade(&c);
             let _ = std::thread::Builder::new()
                 .name("cgroup-sweep".into())
                 .spawn(move || {
+                    use bubble_vmm_client::cgroups::parents::GRACE;
                     bubble_vmm::priority::set_nice(0, bubble_vmm::priority::BACKGROUND_NICE);
-                    let n = sweeper.sweep_stale();
+                    let Some(n) = sweeper.upgrade().map(|c| c.sweep_stale()) else {
+                        return;
+                    };
                     tracing::info!(
                         hierarchies = n,
                         "cgroup sweep done: removed the empty cgroups left by stopped brokers"
                     );
+                    loop {
+                        std::thread::sleep(GRACE);
+                        let Some(c) = sweeper.upgrade() else { return };
+                        let n = c.sweep_parents();
+                        if n > 0 {
+                            tracing::debug!(parents = n, "unused parent cgroups removed");
+                        }
+                    }
                 });
             Ok(c)
         }

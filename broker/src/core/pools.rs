@@ -77,7 +77,7 @@ impl Broker {
             if ready + booting < p.size as usize {
                 let mut rec = b.new_record("", "", p.memory_mib, &image, &p.name, p.idle_rule());
                 rec.policy = policy.clone();
-                let failed = match b.start(rec, image.clone()).await {
+                let failed = match b.start(rec, image.clone(), Instant::now()).await {
                     Ok(r) if r.state == State::Ready => {
                         b.note_pool_vcpu(&r.id).await;
                         None
@@ -203,7 +203,7 @@ impl Broker {
         self.metrics.pool_misses.inc();
         let mut rec = record();
         rec.policy = cmd.policy.clone();
-        let r = self.start(rec, image).await;
+        let r = self.start(rec, image, Instant::now()).await;
         self.metrics
             .attach_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -6,6 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 mod moving;
+pub mod parents;
 mod strays;
 mod sweep;
 pub use moving::Moved;
@@ -65,6 +66,8 @@ pub struct Cgroups {
     /// Whether what is in its hierarchy is this broker's to kill and
     /// remove: it holds the claim (or, in unit tests, none was wanted).
     owned: bool,
+    /// The parents whose cgroups are in place.
+    parents: parents::Parents,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
@@ -144,6 +147,7 @@ impl Cgroups {
             parent_memory,
             _claim: claim,
             owned: claimed || !claim_wanted,
+            parents: parents::Parents::default(),
         };
         if claimed {
             for base in cg.bases() {
@@ -234,9 +238,10 @@ impl Cgroups {
             .collect()
     }
 
-    /// Creates (or reuses) the cgroups of `parent` and of its `bubble`
-    /// with their limits; returns the files a VMM's pid is written to
-    /// (see [`place`]).
+    /// Creates the cgroups of `parent`'s `bubble` with their limits,
+    /// and the parent's own (with its limit) unless they are in place
+    /// already (see [`parents`]); returns the files a VMM's pid is
+    /// written to (see [`place`]).
     pub fn prepare(
         &self,
         parent: &str,
@@ -250,6 +255,15 @@ impl Cgroups {
         let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (p, b) = (parent_name(parent), format!("{}.v{n}", bubble_name(bubble)));
         let memory = guest_memory + VMM_OVERHEAD;
+        self.parents.with_parent(
+            &p,
+            || self.make_parent(&p),
+            || self.make_bubble(&p, &b, memory),
+        )
+    }
+
+    /// Makes `p`'s cgroups (and this broker's) with the parent's limit.
+    fn make_parent(&self, p: &str) -> Result<(), CgroupError> {
         match &self.layout {
             Layout::V2(base) => {
                 let enable = "+memory +pids +cpu";
@@ -258,12 +272,38 @@ impl Cgroups {
                 }
                 mkdir(base)?;
                 write(&base.join("cgroup.subtree_control"), enable)?;
-                let pdir = base.join(&p);
+                let pdir = base.join(p);
                 mkdir(&pdir)?;
                 write(&pdir.join("memory.max"), &self.parent_memory.to_string())?;
-                write(&pdir.join("cgroup.subtree_control"), enable)?;
-                let bdir = pdir.join(&b);
-                mkdir(&bdir)?;
+                write(&pdir.join("cgroup.subtree_control"), enable)
+            }
+            Layout::V1 { memory, pids, cpu } => {
+                for base in [memory, pids, cpu] {
+                    mkdir(base)?;
+                    mkdir(&base.join(p))?;
+                }
+                let limit = memory.join(p).join("memory.limit_in_bytes");
+                write(&limit, &self.parent_memory.to_string())
+            }
+        }
+    }
+
+    /// Makes bubble cgroup `b` in parent `p`'s (which must exist) with
+    /// its limits: `memory` bytes, [`PIDS_MAX`] tasks, the default CPU
+    /// weight.
+    fn make_bubble(&self, p: &str, b: &str, memory: u64) -> Result<Vec<PathBuf>, CgroupError> {
+        // Never mkdir -p: a parent's cgroup is made only with its limit.
+        let leaf = |dir: &Path| match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(CgroupError::Write {
+                path: dir.to_path_buf(),
+                source: e,
+            }),
+            _ => Ok(()),
+        };
+        match &self.layout {
+            Layout::V2(base) => {
+                let bdir = base.join(p).join(b);
+                leaf(&bdir)?;
                 write(&bdir.join("memory.max"), &memory.to_string())?;
                 write(&bdir.join("pids.max"), &PIDS_MAX.to_string())?;
                 write(&bdir.join("cpu.weight"), "100")?;
@@ -274,32 +314,48 @@ impl Cgroups {
                 pids,
                 cpu,
             } => {
-                let mut procs = Vec::new();
-                for (base, parent_file, files) in [
-                    (
-                        m,
-                        Some(("memory.limit_in_bytes", self.parent_memory.to_string())),
-                        vec![("memory.limit_in_bytes", memory.to_string())],
-                    ),
-                    (pids, None, vec![("pids.max", PIDS_MAX.to_string())]),
-                    (cpu, None, vec![("cpu.shares", "1024".to_string())]),
+                let mut procs = Vec::with_capacity(3);
+                for (base, file, value) in [
+                    (m, "memory.limit_in_bytes", memory.to_string()),
+                    (pids, "pids.max", PIDS_MAX.to_string()),
+                    (cpu, "cpu.shares", "1024".to_string()),
                 ] {
-                    mkdir(base)?;
-                    let pdir = base.join(&p);
-                    mkdir(&pdir)?;
-                    if let Some((f, v)) = parent_file {
-                        write(&pdir.join(f), &v)?;
-                    }
-                    let bdir = pdir.join(&b);
-                    mkdir(&bdir)?;
-                    for (f, v) in files {
-                        write(&bdir.join(f), &v)?;
-                    }
+                    let bdir = base.join(p).join(b);
+                    leaf(&bdir)?;
+                    write(&bdir.join(file), &value)?;
                     procs.push(bdir.join("cgroup.procs"));
                 }
                 Ok(procs)
             }
         }
+    }
+
+    /// Removes the parent cgroups no bubble was made in since the last
+    /// call and that are empty (run every [`parents::GRACE`]); how many
+    /// parents' cgroups went.
+    pub fn sweep_parents(&self) -> usize {
+        let bases = self.bases();
+        let mut on_disk: Vec<String> = bases
+            .iter()
+            .filter_map(|b| std::fs::read_dir(b).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("p-"))
+            .collect();
+        on_disk.sort();
+        on_disk.dedup();
+        self.parents.sweep(&on_disk, |p| {
+            // Every controller's, even after one kept its cgroup.
+            let kept = bases
+                .iter()
+                .filter(|b| {
+                    let dir = b.join(p);
+                    std::fs::remove_dir(&dir).is_err() && dir.exists()
+                })
+                .count();
+            kept == 0
+        })
     }
 }
 
@@ -378,15 +434,14 @@ pub fn remove_patiently(procs: &[PathBuf], patience: std::time::Duration) -> boo
     }
 }
 
-/// Removes the bubble cgroups of `procs` once their VMM is gone, then
-/// its parent's and the broker's if they are left empty (a cgroup that
-/// still has a process or a child stays).
+/// Removes the bubble cgroups of `procs` once their VMM is gone. Its
+/// parent's stay for the next bubble of that parent, until
+/// [`Cgroups::sweep_parents`] finds them unused; the broker's stay while
+/// it runs (a broker's next start removes them if empty).
 pub fn remove(procs: &[PathBuf]) {
     for f in procs {
-        for dir in f.ancestors().skip(1).take(3) {
-            if std::fs::remove_dir(dir).is_err() {
-                break;
-            }
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
