@@ -9,22 +9,18 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use bubble_vmm::control::{
-    Call, CallErr, DecodeError, Event, FailureReason, Head, Kind, LaunchMeasurement, Reply,
-    Request, Status, COALESCE_MAX, HEAD_LEN, SNAPSHOT_PIECE,
+    Call, CallErr, DecodeError, FailureReason, Kind, LaunchMeasurement, Reply, Request, Status,
+    COALESCE_MAX, HEAD_LEN, SNAPSHOT_PIECE,
 };
 
-use crate::body::{read_body, MAX_SMALL_FRAME};
 use crate::exit::{ExitWatch, VmmExit};
 use crate::inflight::InFlight;
 use crate::vmm_error::{CallError, VmmError};
-
-/// How long a closed connection waits for its process's exit status.
-const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Something the VMM reported on its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +40,7 @@ pub enum VmmEvent {
 
 /// Readiness as seen by the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Readiness {
+pub(crate) enum Readiness {
     Booting,
     Ready(u64),
     Failed(FailureReason),
@@ -203,7 +199,7 @@ impl VmmClient {
         let proc = crate::ProcHandle::of_peer(&stream, pid);
         // Registered for read readiness only: the VMM consuming a request
         // must not wake the broker's thread (see bubble-uds).
-        let (mut rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
+        let (rd, wr) = bubble_uds::UnixConn::from_tokio(stream)
             .map_err(|e| VmmError::Protocol(format!("cannot register the VMM socket: {e}")))?
             .into_split();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
@@ -212,129 +208,18 @@ impl VmmClient {
         let exit = Arc::new(std::sync::OnceLock::new());
         let suspending = Arc::new(AtomicBool::new(false));
         let ready_at = Arc::new(std::sync::OnceLock::new());
-        {
-            let (pending, events, exit) = (pending.clone(), events.clone(), exit.clone());
-            let ready_stamp = ready_at.clone();
-            let asked = suspending.clone();
-            tokio::spawn(async move {
-                let reason = loop {
-                    let mut h = [0u8; HEAD_LEN];
-                    if rd.read_exact(&mut h).await.is_err() {
-                        break "VMM connection closed".to_string();
-                    }
-                    let head = match Head::parse(&h) {
-                        Ok(x) => x,
-                        Err(e) => break format!("VMM sent a bad frame: {e}"),
-                    };
-                    // A snapshot comes in pieces of at most SNAPSHOT_PIECE
-                    // bytes, and only while a suspend asked for one;
-                    // anything else is a hostile or broken VMM.
-                    let piece = head.kind == Kind::Snapshot as u8;
-                    if piece && !asked.load(Ordering::SeqCst) {
-                        break "VMM sent a snapshot no suspend asked for".to_string();
-                    }
-                    let limit = if piece {
-                        SNAPSHOT_PIECE
-                    } else {
-                        MAX_SMALL_FRAME
-                    };
-                    if head.body_len > limit {
-                        break format!(
-                            "VMM sent a {}-byte frame of kind {:#04x} (at most {limit})",
-                            head.body_len, head.kind
-                        );
-                    }
-                    // The body is read once, into its own buffer, which
-                    // grows only as bytes arrive: a length announced but
-                    // not sent costs the broker no memory.
-                    let Ok(body) = read_body(&mut rd, head.body_len, piece).await else {
-                        break "VMM connection closed".to_string();
-                    };
-                    if Kind::is_event(head.kind) {
-                        match Event::decode(head.kind, &body) {
-                            Ok(Event::Ready { boot_us }) => {
-                                let _ = ready_stamp.set(Instant::now());
-                                let _ = ready_tx.send(Readiness::Ready(boot_us));
-                                let _ = events.send(VmmEvent::Ready { boot_us });
-                            }
-                            Ok(Event::Log(l)) => {
-                                let _ = events.send(VmmEvent::Log(l));
-                            }
-                            Ok(Event::Failed(r)) => {
-                                let _ = ready_tx.send(Readiness::Failed(r.clone()));
-                                let _ = events.send(VmmEvent::Failed(r));
-                            }
-                            Err(e) => break format!("VMM sent a bad event: {e}"),
-                        }
-                        continue;
-                    }
-                    let answer = Reply::decode(head.kind, body);
-                    if let Ok(Reply::StatusOk(st)) = &answer {
-                        if let Some(r) = &st.failed {
-                            let _ = ready_tx.send(Readiness::Failed(r.clone()));
-                        } else if st.ready {
-                            ready_tx.send_if_modified(|v| {
-                                if *v == Readiness::Booting {
-                                    let _ = ready_stamp.set(Instant::now());
-                                    *v = Readiness::Ready(st.boot_us);
-                                    true
-                                } else {
-                                    false
-                                }
-                            });
-                        }
-                    }
-                    // A piece goes to its stream and keeps it open; any
-                    // other answer is the last one to its request.
-                    let waiter = {
-                        let mut p = pending.lock();
-                        match (piece && answer.is_ok(), p.get(&head.id)) {
-                            (true, Some(Waiter::Stream(tx))) => Some(Waiter::Stream(tx.clone())),
-                            (true, _) => None,
-                            (false, _) => p.remove(&head.id),
-                        }
-                    };
-                    match waiter {
-                        Some(Waiter::One(tx)) => {
-                            let _ = tx.send(answer);
-                        }
-                        Some(Waiter::Stream(tx)) => {
-                            if let Err(mpsc::error::SendError(a)) = tx.send(answer).await {
-                                // The receiver gave up: drop the rest.
-                                pending.lock().remove(&head.id);
-                                crate::stream::wipe(a);
-                            }
-                        }
-                        None => crate::stream::wipe(answer),
-                    }
-                };
-                // A process we spawned: say how it ended (a seccomp kill
-                // above all) before waking anyone waiting on it.
-                let cause = match exit_watch {
-                    Some(mut rx) => tokio::time::timeout(EXIT_GRACE, rx.wait_for(Option::is_some))
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok().and_then(|v| v.clone())),
-                    None => None,
-                };
-                let cause = cause.unwrap_or(VmmExit::Closed(reason));
-                let _ = exit.set(cause.clone());
-                let reason = cause.reason();
-                {
-                    let mut p = pending.lock();
-                    p.clear();
-                }
-                ready_tx.send_if_modified(|v| {
-                    if *v == Readiness::Booting {
-                        *v = Readiness::Failed(reason.clone());
-                        true
-                    } else {
-                        false
-                    }
-                });
-                let _ = events.send(VmmEvent::Exited(cause));
-            });
-        }
+        tokio::spawn(crate::reader::read_frames(
+            rd,
+            crate::reader::Reader {
+                pending: pending.clone(),
+                events: events.clone(),
+                exit: exit.clone(),
+                ready_stamp: ready_at.clone(),
+                asked: suspending.clone(),
+                ready_tx,
+                exit_watch,
+            },
+        ));
         let c = VmmClient {
             poll_handle: wr.poll_handle(),
             last_answer_us: AtomicU64::new(0),

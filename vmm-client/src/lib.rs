@@ -28,6 +28,7 @@ mod launcher;
 mod linger;
 mod paged;
 mod procmem;
+mod reader;
 mod spawn;
 mod stream;
 mod uids;
