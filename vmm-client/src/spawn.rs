@@ -111,10 +111,8 @@ struct Spare {
     exit: ExitWatch,
     /// Where its memory cgroup is, once it has one (see [`MemcgSlot`]).
     memcg: MemcgSlot,
-    /// Its socket and log, moved into the bubble's directory when it is
-    /// given one (a jailed VMM cannot reach that directory).
-    sock: PathBuf,
-    log: PathBuf,
+    /// Its own directory with its socket and log (see [`give_dir`]).
+    dir: PathBuf,
 }
 
 /// Starts VMM processes, keeping a few spares started ahead of need so that
@@ -218,8 +216,15 @@ impl Spawner {
             "spare-{}",
             std::process::id() as u64 * 1_000_000 + NEXT_SPARE.fetch_add(1, Ordering::Relaxed)
         );
-        let sock = self.dir.join(format!("{name}.sock"));
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+        // A directory of its own, which becomes the bubble's directory
+        // in one rename when the spare is given a new bubble.
+        let own = self.dir.join(&name);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&own)
+            .map_err(|e| VmmError::Spawn(format!("{}: {e}", own.display())))?;
+        let sock = socket_path(&own);
+        let log = std::fs::File::create(own.join("vmm.log"))
             .map_err(|e| VmmError::Spawn(e.to_string()))?;
         let log2 = log
             .try_clone()
@@ -251,7 +256,7 @@ impl Spawner {
         // Its process group (the process spawned here leads it): in a jail,
         // the waiter's (the VMM itself starts a session of its own).
         let group = child.id().unwrap_or(0);
-        let log = self.dir.join(format!("{name}.log"));
+        let log = own.join("vmm.log");
         let (stream, pid, exit, memcg) = connect_child(child, &sock, &log, lease).await?;
         Ok(Spare {
             stream,
@@ -259,8 +264,7 @@ impl Spawner {
             group,
             exit,
             memcg,
-            sock,
-            log,
+            dir: own,
         })
     }
 
@@ -283,17 +287,7 @@ impl Spawner {
         };
         // Whatever ends this create early starts the next spare too.
         let mut refill = RefillGuard((when != RefillAfter::Taken).then(|| self.clone()));
-        prepare_dir(cfg)?;
-        // The spare's socket and log become the bubble's, moved (a jailed
-        // VMM cannot reach the bubble's directory; the VMM's descriptors
-        // follow the files).
-        for (from, to) in [
-            (&sp.sock, socket_path(&cfg.dir)),
-            (&sp.log, cfg.dir.join("vmm.log")),
-        ] {
-            std::fs::rename(from, &to)
-                .map_err(|e| VmmError::Spawn(format!("moving {}: {e}", to.display())))?;
-        }
+        give_dir(&sp.dir, cfg)?;
         let args = VmmArgs {
             bubble_id: cfg.bubble_id.clone(),
             memory_mib: cfg.memory_mib,
@@ -471,6 +465,40 @@ pub(crate) fn image_fd_for(image: &GuestImage) -> Option<i32> {
         GuestImage::Shim => bubble_vmm::images::shared_shim_fd(),
         _ => None,
     }
+}
+
+/// Gives a spare's directory (its socket and log) to the bubble of `cfg`
+/// (a jailed VMM cannot reach the bubble's directory; the VMM's
+/// descriptors follow the files): one rename for a new bubble, whose
+/// directory does not exist yet; else (a restore, into the bubble's
+/// existing directory) a rename of each file.
+fn give_dir(spare: &std::path::Path, cfg: &SpawnConfig) -> Result<(), VmmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if cfg.vcpus != 1 {
+        return Err(VmmError::Spawn("only 1 vCPU is supported".into()));
+    }
+    let whole = std::fs::rename(spare, &cfg.dir).or_else(|e| match cfg.dir.parent() {
+        // The first bubble: its parent directory is made first.
+        Some(up) if e.kind() == std::io::ErrorKind::NotFound && spare.exists() => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(up)?;
+            std::fs::rename(spare, &cfg.dir)
+        }
+        _ => Err(e),
+    });
+    if whole.is_ok() {
+        return Ok(());
+    }
+    prepare_dir(cfg)?;
+    for name in ["vmm.sock", "vmm.log"] {
+        let to = cfg.dir.join(name);
+        std::fs::rename(spare.join(name), &to)
+            .map_err(|e| VmmError::Spawn(format!("moving {}: {e}", to.display())))?;
+    }
+    let _ = std::fs::remove_dir(spare);
+    Ok(())
 }
 
 pub(crate) fn prepare_dir(cfg: &SpawnConfig) -> Result<(), VmmError> {
