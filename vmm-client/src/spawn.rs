@@ -306,8 +306,11 @@ impl Spawner {
             // Its waiter too: it must get the CPU soon to stop dying with
             // the broker (the VMM asks it right after CONFIGURE); at nice
             // 19 on a busy host a broker killed just after READY could
-            // take the bubble with it.
-            if sp.group != 0 {
+            // take the bubble with it (now only a matter of promptness:
+            // the waiter reads the VMM's request before it dies with the
+            // broker). Not if the spare is known to be gone: its group id
+            // could be reused by then.
+            if sp.group != 0 && sp.exit.borrow().is_none() {
                 // SAFETY: setpriority only changes a scheduling attribute
                 // of the processes of a group this broker spawned.
                 unsafe {

@@ -469,7 +469,7 @@ impl Broker {
 
 /// How VMMs are jailed under `[jail]`: a uid each from its range when the
 /// broker is root, else (or when forced) the user-namespace path.
-/// Bubble cgroups go under `bubbled-<hash of data_dir>`, a parent's
+/// Bubble cgroups go under `bubbled-<id of data_dir>`, a parent's
 /// memory limited to `parent_memory` bytes.
 fn jail_spec(
     j: &crate::config::JailConfig,
@@ -484,14 +484,9 @@ fn jail_spec(
     } else {
         None
     };
-    // One hierarchy per data directory (brokers on other directories
-    // keep their own).
-    let name = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        data_dir.hash(&mut h);
-        format!("bubbled-{:016x}", h.finish())
-    };
+    // One hierarchy per data directory (see `cgroup_hierarchy`).
+    let name = crate::datadir::cgroup_hierarchy(data_dir)
+        .map_err(|e| BrokerError::Spawn(format!("the cgroup hierarchy's id: {e}")))?;
     let cgroups = match bubble_vmm_client::cgroups::Cgroups::detect(&name, parent_memory) {
         Ok(c) => {
             let c = std::sync::Arc::new(c);

@@ -90,14 +90,23 @@ pub(super) fn run(vmm: libc::pid_t, alive: i32, from_vmm: i32, die_parent: Optio
             break;
         }
         match read_byte(from_vmm, &mut b) {
-            1 => {
+            // Only `S` asks to outlive the broker; any other byte is
+            // ignored.
+            1 if b[0] == b'S' => {
                 survive = true;
                 let _ = super::survive_parent();
             }
+            1 => {}
             n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            // The VMM closed its end (it exited), or the pipe broke.
+            // The VMM closed its end (it exited, or a compromised VMM
+            // closed it), or the pipe broke.
             _ => break,
         }
+    }
+    if die_parent.is_some() && !survive {
+        // Still bound to the broker: a VMM that closed its pipe without
+        // asking must not outlive it either.
+        wait_exit_or_parent(vmm, &waiting);
     }
     let mut status = 0;
     loop {
@@ -150,6 +159,35 @@ fn catch_parent_death(parent: u32, waiting: &mut libc::sigset_t) {
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } as u32 != parent {
         PARENT_GONE.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits until VMM `vmm` has exited (then returns, to reap it) or the
+/// broker is gone (then ends this process, and the VMM with it).
+fn wait_exit_or_parent(vmm: libc::pid_t, waiting: &libc::sigset_t) {
+    // SAFETY: pidfd_open of our own child; the descriptor is ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, vmm, 0) } as i32;
+    loop {
+        if PARENT_GONE.load(Ordering::SeqCst) {
+            // SAFETY: ends the process; the VMM gets its parent-death
+            // signal (SIGKILL).
+            unsafe { libc::_exit(0) }
+        }
+        if pidfd < 0 {
+            // No pidfd (the child is gone already, or an old kernel):
+            // reap it at once.
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own, no timeout, a signal mask we built.
+        let r = unsafe { libc::ppoll(&mut p, 1, std::ptr::null(), waiting) };
+        if r > 0 || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
+            return;
+        }
     }
 }
 
