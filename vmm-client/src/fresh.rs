@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 
 use bubble_vmm::jail::JailArgs;
-use bubble_vmm::process::{VmmArgs, DEFAULT_RESTORE_DEADLINE};
 
 use crate::cgroups;
 use crate::client::{socket_path, Hello, SpawnSteps, VmmClient};
 use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
 use crate::launcher;
-use crate::spawn::{confine, hold_claim, image_fd_for, prepare_dir, SpawnConfig};
+use crate::spawn::{confine, hold_claim, prepare_dir, SpawnConfig};
 use crate::uids::UidLease;
 use crate::vmm_error::VmmError;
 
@@ -120,19 +119,7 @@ pub(crate) async fn spawn_jailed(
     let log2 = log
         .try_clone()
         .map_err(|e| VmmError::Spawn(e.to_string()))?;
-    let args = VmmArgs {
-        bubble_id: cfg.bubble_id.clone(),
-        memory_mib: cfg.memory_mib,
-        image: cfg.image.clone(),
-        socket: sock.clone(),
-        max_payload: cfg.max_payload,
-        boot_timeout: cfg.boot_timeout,
-        restore: cfg.restore,
-        image_fd: image_fd_for(&cfg.image),
-        poll: cfg.poll,
-        parent_pid: cfg.die_with_broker.then(std::process::id),
-        restore_deadline: DEFAULT_RESTORE_DEADLINE,
-    };
+    let args = cfg.vmm_args();
     let mut cmd = tokio::process::Command::new(&cfg.program);
     cmd.args(&cfg.program_args_prefix)
         .args(args.to_args())

@@ -102,6 +102,25 @@ pub struct SpawnConfig {
     pub boot_timeout: Duration,
 }
 
+impl SpawnConfig {
+    /// The VMM's arguments for this bubble (its socket in its directory).
+    pub(crate) fn vmm_args(&self) -> VmmArgs {
+        VmmArgs {
+            bubble_id: self.bubble_id.clone(),
+            memory_mib: self.memory_mib,
+            image: self.image.clone(),
+            socket: socket_path(&self.dir),
+            max_payload: self.max_payload,
+            boot_timeout: self.boot_timeout,
+            restore: self.restore,
+            image_fd: image_fd_for(&self.image),
+            poll: self.poll,
+            parent_pid: self.die_with_broker.then(std::process::id),
+            restore_deadline: DEFAULT_RESTORE_DEADLINE,
+        }
+    }
+}
+
 /// A spare VMM process waiting for its bubble.
 struct Spare {
     stream: UnixStream,
@@ -288,19 +307,7 @@ impl Spawner {
         // Whatever ends this create early starts the next spare too.
         let mut refill = RefillGuard((when != RefillAfter::Taken).then(|| self.clone()));
         give_dir(&sp.dir, cfg)?;
-        let args = VmmArgs {
-            bubble_id: cfg.bubble_id.clone(),
-            memory_mib: cfg.memory_mib,
-            image: cfg.image.clone(),
-            socket: socket_path(&cfg.dir),
-            max_payload: cfg.max_payload,
-            boot_timeout: cfg.boot_timeout,
-            restore: cfg.restore,
-            image_fd: image_fd_for(&cfg.image),
-            poll: cfg.poll,
-            parent_pid: cfg.die_with_broker.then(std::process::id),
-            restore_deadline: DEFAULT_RESTORE_DEADLINE,
-        };
+        let args = cfg.vmm_args();
         if self.low_start {
             priority::set_process_nice(Some(sp.pid), 0);
             // Its waiter too: it must get the CPU soon to stop dying with
@@ -463,7 +470,7 @@ pub(crate) fn hold_claim(
 }
 
 /// The shared shim descriptor for a VMM that boots the shim.
-pub(crate) fn image_fd_for(image: &GuestImage) -> Option<i32> {
+fn image_fd_for(image: &GuestImage) -> Option<i32> {
     match image {
         GuestImage::Shim => bubble_vmm::images::shared_shim_fd(),
         _ => None,
