@@ -98,7 +98,7 @@ fn v2_prepare_enables_controllers_and_writes_the_limits() {
 }
 
 #[test]
-fn v2_removal_takes_the_bubble_then_the_parent_when_empty() {
+fn v2_removal_takes_the_bubble_and_the_sweep_the_unused_parent() {
     let root = v2_root();
     let cg = Cgroups::detect_at(root.path(), "bubbled-unit", 1 << 30, false).unwrap();
     let first = cg.prepare("shop", "b-1", 16 << 20).unwrap();
@@ -112,8 +112,13 @@ fn v2_removal_takes_the_bubble_then_the_parent_when_empty() {
     assert!(pdir.exists(), "the parent still has a bubble");
     remove(&second);
     assert!(!d2.exists());
-    assert!(!pdir.exists(), "the parent went with its last bubble");
-    assert!(!root.path().join("bubbled-unit").exists());
+    // A parent's cgroup stays for its next bubble; the sweep removes it
+    // once unused since the sweep before.
+    assert!(pdir.exists(), "the parent went with its last bubble");
+    kernel_rmdir_ready(&pdir, root.path());
+    let swept: usize = (0..2).map(|_| cg.sweep_parents()).sum();
+    assert_eq!(swept, 1);
+    assert!(!pdir.exists(), "the unused parent was not swept");
     assert!(root.path().exists(), "never above the broker's hierarchy");
 }
 
