@@ -205,21 +205,19 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
     match booted {
         Ok(()) => {
             // Each step's own duration, in µs (`configured`: from a
-            // spare's CONFIGURE to this thread's start, of which
-            // `prewarm_wait` waiting for its preparation; `guest`: the first
+            // spare's CONFIGURE to the VM build's start; `guest`: the first
             // KVM_RUN to the guest's READY_EARLY (or READY); `keys`: from
             // there to READY, the guest making its key pairs).
             // `bubble-bench` reads this line.
             let us = |d: Duration| d.as_micros();
             eprintln!(
-                "bubble-vmm: boot_us={} steps: configured_us={} prewarm_wait_us={} \
+                "bubble-vmm: boot_us={} steps: configured_us={} \
                  load_us={} shell_us={} setup_us={} watchdog_us={} seal_us={} guest_us={} \
                  keys_us={}",
                 us(ran),
                 spare::CONFIGURED
                     .get()
                     .map_or(0, |c| us(started.saturating_duration_since(*c))),
-                spare::PREWARM_WAIT.get().map_or(0, |d| us(*d)),
                 us(steps.load),
                 us(steps.shell),
                 us(steps.setup),
@@ -230,6 +228,13 @@ fn vcpu_thread(args: VmmArgs, shared: Arc<Shared>, conns: mpsc::Receiver<UnixStr
             );
             let mut s = shared.status.lock();
             s.vcpu_us = guest.bubble.run_time().as_micros() as u64;
+            drop(s);
+            // What building the VM allocated and freed goes back to the
+            // kernel (a bubble's footprint: `density_1000`); after READY,
+            // off the create's path.
+            // SAFETY: malloc_trim only returns free heap memory to the
+            // kernel (madvise, brk: allowed by this thread's filter).
+            unsafe { libc::malloc_trim(0) };
         }
         Err(e) => {
             let reason = match e {

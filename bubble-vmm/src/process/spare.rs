@@ -65,11 +65,6 @@ impl SpareArgs {
 /// When this spare's CONFIGURE was read (for the VMM's step log).
 pub(super) static CONFIGURED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
-/// How long this spare, given its bubble, waited for its preparation to
-/// finish (for the VMM's step log).
-pub(super) static PREWARM_WAIT: std::sync::OnceLock<std::time::Duration> =
-    std::sync::OnceLock::new();
-
 /// Most descriptors a CONFIGURE frame may carry: one cgroup `tasks` file
 /// per cgroup v1 controller the broker limits (memory, pids, cpu).
 pub const MAX_CONFIGURE_FDS: usize = 4;
@@ -235,6 +230,14 @@ pub(super) fn run(
         Ok(t) => t,
         Err(e) => return fail("prewarm thread: ", &e),
     };
+    // The preparing thread has no seccomp filter and would be outside
+    // the bubble's cgroups: it is gone before anything else starts (a
+    // CONFIGURE arriving meanwhile waits in the socket's backlog, as it
+    // would wait for the preparation anyway), and the next thread reuses
+    // its stack (one thread's dirty stack less per bubble).
+    if prewarming.join().is_err() {
+        return fail("", &"the prewarm thread panicked");
+    }
     // The control thread accepts later connections (a restarted broker's)
     // on a second handle of the listener; the socket stays the bubble's.
     let (ctl_go, ctl_files) = mpsc::sync_channel::<Vec<File>>(1);
@@ -282,14 +285,6 @@ pub(super) fn run(
     // would let whoever holds them move any process.
     drop(cgroups);
     drop(listener);
-    // The preparing thread has no seccomp filter and is outside the
-    // bubble's cgroups: it must be gone before the guest runs. Normally
-    // it finished long ago.
-    let t_join = std::time::Instant::now();
-    if prewarming.join().is_err() {
-        return fail("", &"the prewarm thread panicked");
-    }
-    let _ = PREWARM_WAIT.set(t_join.elapsed());
     // This thread set the parent-death signal: it clears it for a bubble
     // that must outlive its broker.
     if a.parent_pid.is_none() {
