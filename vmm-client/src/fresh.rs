@@ -12,7 +12,7 @@ use crate::cgroups;
 use crate::client::{socket_path, Hello, SpawnSteps, VmmClient};
 use crate::exit::{ExitWatch, MemcgSlot, VmmExit};
 use crate::launcher;
-use crate::spawn::{confine, hold_claim, prepare_dir, SpawnConfig};
+use crate::setup::{confine, hold_claim, prepare_dir, SpawnConfig};
 use crate::uids::UidLease;
 use crate::vmm_error::VmmError;
 
