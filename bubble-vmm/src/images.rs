@@ -162,8 +162,14 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
         HostileKind::TripleFault => {
             a.0.extend([0x0f, 0x0b]); // ud2
         }
-        HostileKind::Spin => {
-            a.header(mb, MsgType::Ready as u16, 0);
+        HostileKind::Spin | HostileKind::EarlySpin => {
+            // Says READY (or READY_EARLY), then spins when resumed.
+            let said = if kind == HostileKind::Spin {
+                MsgType::Ready
+            } else {
+                MsgType::ReadyEarly
+            };
+            a.header(mb, said as u16, 0);
             a.ring();
             let l = a.here();
             a.jmp_to(l);
@@ -177,12 +183,6 @@ pub fn hostile_code(kind: HostileKind, l: &Layout) -> Vec<u8> {
             a.store_rax(64);
             a.mov_rax(0xdead_beef_cafe_babe);
             a.store_rax(72);
-            a.ring();
-            let l = a.here();
-            a.jmp_to(l);
-        }
-        HostileKind::EarlySpin => {
-            a.header(mb, MsgType::ReadyEarly as u16, 0);
             a.ring();
             let l = a.here();
             a.jmp_to(l);

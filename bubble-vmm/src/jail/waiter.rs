@@ -76,13 +76,7 @@ pub(super) fn run(vmm: libc::pid_t, alive: i32, from_vmm: i32, die_parent: Optio
             // signal (SIGKILL).
             unsafe { libc::_exit(0) }
         }
-        let mut p = libc::pollfd {
-            fd: from_vmm,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd we own, no timeout, a signal mask we built.
-        let r = unsafe { libc::ppoll(&mut p, 1, std::ptr::null(), &waiting) };
+        let r = wait_readable(from_vmm, &waiting);
         if r < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -178,17 +172,23 @@ fn wait_exit_or_parent(vmm: libc::pid_t, waiting: &libc::sigset_t) {
             // reap it at once.
             return;
         }
-        let mut p = libc::pollfd {
-            fd: pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd we own, no timeout, a signal mask we built.
-        let r = unsafe { libc::ppoll(&mut p, 1, std::ptr::null(), waiting) };
+        let r = wait_readable(pidfd, waiting);
         if r > 0 || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
             return;
         }
     }
+}
+
+/// Waits, with only the parent-death signal unblocked (`waiting`), until
+/// `fd` is readable: `ppoll`'s result (-1 with EINTR on the signal).
+fn wait_readable(fd: i32, waiting: &libc::sigset_t) -> libc::c_int {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, no timeout, a signal mask we built.
+    unsafe { libc::ppoll(&mut p, 1, std::ptr::null(), waiting) }
 }
 
 /// Whether `fd` has a byte (or end of file) to read now.
